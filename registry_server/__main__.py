@@ -1,0 +1,126 @@
+"""``python -m registry_server``: load the config and serve, with N worker processes."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from registry_server import config as config_mod
+
+
+class _JsonFormatter(logging.Formatter):
+    _SKIP = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in record.__dict__.items() if k not in self._SKIP})
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def _setup_logging(cfg: config_mod.LogConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if cfg.format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=cfg.level.upper(), handlers=[handler], force=True)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _bind(cfg: config_mod.Config) -> socket.socket:
+    family = socket.AF_INET6 if ":" in cfg.http.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((cfg.http.host, cfg.http.port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _serve(cfg: config_mod.Config, sock: socket.socket) -> None:
+    from aiohttp import web
+
+    from registry_server.app import build_app
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    app = build_app(cfg)
+    web.run_app(
+        app, sock=sock, print=None, access_log=None, shutdown_timeout=10, handle_signals=True
+    )
+
+
+def _supervise(cfg: config_mod.Config, sock: socket.socket) -> int:
+    """Fork workers that share the listening socket; restart none, stop all together."""
+    log = logging.getLogger("registry_server")
+    children: list[int] = []
+    for _ in range(cfg.http.workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _serve(cfg, sock)
+            finally:
+                os._exit(0)
+        children.append(pid)
+    log.info("workers started", extra={"workers": children})
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    while children:
+        pid, code = os.wait()
+        if pid in children:
+            children.remove(pid)
+            if code != 0:
+                status = 1
+                forward(signal.SIGTERM, None)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="berth-registry", description=__doc__)
+    parser.add_argument("--config", type=Path, default=None, help="YAML config file")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"berth-registry: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.log)
+    sock = _bind(cfg)
+    logging.getLogger("registry_server").info(
+        "listening",
+        extra={"addr": cfg.http.addr, "root": str(cfg.storage.root), "workers": cfg.http.workers},
+    )
+    if cfg.http.workers == 1:
+        _serve(cfg, sock)
+        return 0
+    return _supervise(cfg, sock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

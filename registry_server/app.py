@@ -1,0 +1,55 @@
+"""Composition root: build_app(config) wires storage, auth, services and routes."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from registry_server.auth.model import Authorizer, OpenAccess
+from registry_server.config import Config
+from registry_server.http import routes
+from registry_server.http.context import SERVICES, Services
+from registry_server.http.errors import error_middleware
+from registry_server.http.health import metrics_middleware
+from registry_server.services.blobs import BlobService
+from registry_server.services.discovery import DiscoveryService
+from registry_server.services.manifests import ManifestService
+from registry_server.storage.blobstore import BlobStore
+from registry_server.storage.filesystem import FilesystemDriver
+from registry_server.storage.sqlite_index import SqliteIndex
+
+# Large blobs arrive as streams; this bounds only bodies read whole (manifests have their own
+# limit), so it is set high enough never to cut a blob upload.
+_CLIENT_MAX_SIZE = 1 << 62
+
+
+def build_authorizer(config: Config) -> Authorizer:
+    if config.auth is None:
+        return OpenAccess()
+    from registry_server.auth import configured
+
+    return configured.build(config.auth, config.http.external_url)
+
+
+def build_app(config: Config) -> web.Application:
+    driver = FilesystemDriver(config.storage.root)
+    index = SqliteIndex(config.storage.root / "index.db")
+    store = BlobStore(driver)
+    svc = Services(
+        blobs=BlobService(store, index),
+        manifests=ManifestService(index, config.limits.max_manifest_bytes),
+        discovery=DiscoveryService(index),
+        index=index,
+        auth=build_authorizer(config),
+        max_manifest_bytes=config.limits.max_manifest_bytes,
+    )
+    app = web.Application(
+        middlewares=[metrics_middleware, error_middleware], client_max_size=_CLIENT_MAX_SIZE
+    )
+    app[SERVICES] = svc
+    routes.add_routes(app)
+
+    async def close(_: web.Application) -> None:
+        await index.close()
+
+    app.on_cleanup.append(close)
+    return app

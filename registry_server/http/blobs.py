@@ -1,0 +1,60 @@
+"""Blob GET/HEAD/DELETE: served with sendfile from local storage, honouring Range."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from registry_server.http.context import services
+from registry_server.http.errors import API_VERSION_HEADER
+from registry_server.protocol import digests, errors, ranges
+
+
+async def get_blob(request: web.Request, name: str, digest_text: str) -> web.StreamResponse:
+    svc = services(request)
+    digest = digests.parse(digest_text)
+    size = await svc.blobs.size(name, digest)
+    headers = {
+        **API_VERSION_HEADER,
+        "Docker-Content-Digest": str(digest),
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+        "ETag": f'"{digest}"',
+        "Cache-Control": "max-age=31536000",
+    }
+    start, end = 0, size
+    status = 200
+    range_header = request.headers.get("Range")
+    if range_header:
+        wanted = ranges.parse_range(range_header, size)
+        if wanted is None:
+            raise errors.RegistryError(
+                errors.RANGE_INVALID,
+                detail={"Range": range_header[:100], "size": size},
+                headers={"Content-Range": f"bytes */{size}"},
+            )
+        start, end = wanted
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
+    if request.method == "HEAD":
+        return web.Response(status=status, headers=headers)
+
+    path = svc.blobs.local_path(digest)
+    if path is not None:
+        # FileResponse serves with sendfile (zero-copy) and applies the Range itself.
+        file_headers = {
+            k: v for k, v in headers.items() if k not in ("Content-Length", "Content-Range")
+        }
+        return web.FileResponse(path, headers=file_headers)
+    response = web.StreamResponse(status=status, headers=headers)
+    await response.prepare(request)
+    async for chunk in svc.blobs.read(digest, start, end - start):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def delete_blob(request: web.Request, name: str, digest_text: str) -> web.StreamResponse:
+    svc = services(request)
+    await svc.blobs.delete(name, digests.parse(digest_text))
+    return web.Response(status=202, headers={**API_VERSION_HEADER, "Content-Length": "0"})

@@ -1,0 +1,77 @@
+"""Reading request bodies as streams, with truncation and length checks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from registry_server.protocol import errors
+
+_CHUNK = 1 << 20
+
+
+def content_length(request: web.Request) -> int | None:
+    value = request.headers.get("Content-Length")
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        raise errors.RegistryError(
+            errors.SIZE_INVALID, detail={"Content-Length": value[:30]}
+        ) from None
+    if length < 0:
+        raise errors.RegistryError(errors.SIZE_INVALID, detail={"Content-Length": value[:30]})
+    return length
+
+
+async def stream(request: web.Request, expected: int | None = None) -> AsyncIterator[bytes]:
+    """The body's chunks; raises SIZE_INVALID / BLOB_UPLOAD_INVALID when it is cut short."""
+    declared = content_length(request)
+    want = expected if expected is not None else declared
+    received = 0
+    try:
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            received += len(chunk)
+            if want is not None and received > want:
+                raise errors.RegistryError(
+                    errors.SIZE_INVALID, detail={"expected": want, "received": received}
+                )
+            yield chunk
+    except (ConnectionError, web.HTTPException) as exc:
+        raise errors.RegistryError(
+            errors.BLOB_UPLOAD_INVALID, detail={"reason": f"body read failed: {type(exc).__name__}"}
+        ) from exc
+    except Exception as exc:  # aiohttp payload errors (truncated body) have no common base
+        if isinstance(exc, errors.RegistryError):
+            raise
+        raise errors.RegistryError(
+            errors.BLOB_UPLOAD_INVALID, detail={"reason": f"body read failed: {type(exc).__name__}"}
+        ) from exc
+    if want is not None and received != want:
+        raise errors.RegistryError(
+            errors.SIZE_INVALID, detail={"expected": want, "received": received}
+        )
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """A small body (a manifest) read whole, refusing more than ``limit`` bytes early."""
+    declared = content_length(request)
+    if declared is not None and declared > limit:
+        raise errors.RegistryError(
+            errors.MANIFEST_TOO_LARGE, detail={"size": declared, "limit": limit}
+        )
+    parts: list[bytes] = []
+    total = 0
+    async for chunk in stream(request):
+        total += len(chunk)
+        if total > limit:
+            raise errors.RegistryError(
+                errors.MANIFEST_TOO_LARGE, detail={"size": total, "limit": limit}
+            )
+        parts.append(chunk)
+    return b"".join(parts)

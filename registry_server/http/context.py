@@ -1,0 +1,33 @@
+"""What handlers need, stored on the aiohttp application under typed keys."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from registry_server.auth.model import Authorizer
+from registry_server.services.blobs import BlobService
+from registry_server.services.discovery import DiscoveryService
+from registry_server.services.manifests import ManifestService
+from registry_server.storage.index import MetadataIndex
+
+
+@dataclass(frozen=True)
+class Services:
+    blobs: BlobService
+    manifests: ManifestService
+    discovery: DiscoveryService
+    index: MetadataIndex
+    auth: Authorizer
+    max_manifest_bytes: int
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+
+
+def services(request: web.Request) -> Services:
+    return request.app[SERVICES]

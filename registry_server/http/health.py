@@ -1,0 +1,45 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+from registry_server.http.context import Handler, services
+
+REQUESTS = Counter("berth_http_requests_total", "HTTP requests served", ["method", "status"])
+LATENCY = Histogram("berth_http_request_seconds", "HTTP request latency", ["method"])
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        REQUESTS.labels(request.method, str(status)).inc()
+        LATENCY.labels(request.method).observe(time.perf_counter() - start)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await services(request).index.ping()
+    except Exception as exc:  # any failure means not ready; say why
+        return web.Response(status=503, text=f"index unavailable: {type(exc).__name__}\n")
+    return web.Response(text="ok\n")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

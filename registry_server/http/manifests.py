@@ -1,0 +1,63 @@
+"""Manifest GET/HEAD/PUT/DELETE."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from registry_server.http import body
+from registry_server.http.context import services
+from registry_server.http.errors import API_VERSION_HEADER
+from registry_server.protocol import errors, manifests
+
+
+def _accept(request: web.Request) -> list[str]:
+    return [
+        part.strip()
+        for value in request.headers.getall("Accept", [])
+        for part in value.split(",")
+        if part.strip()
+    ]
+
+
+async def get_manifest(request: web.Request, name: str, reference: str) -> web.Response:
+    svc = services(request)
+    head = request.method == "HEAD"
+    record = await svc.manifests.get(name, reference, content=not head)
+    if not manifests.negotiate(record.media_type, _accept(request)):
+        raise errors.RegistryError(
+            errors.MANIFEST_UNKNOWN,
+            detail={"reason": "no acceptable media type", "mediaType": record.media_type},
+        )
+    headers = {
+        **API_VERSION_HEADER,
+        "Docker-Content-Digest": record.digest,
+        "Content-Type": record.media_type,
+        "Content-Length": str(record.size),
+        "ETag": f'"{record.digest}"',
+    }
+    if head:
+        return web.Response(status=200, headers=headers)
+    return web.Response(status=200, body=record.content, headers=headers)
+
+
+async def put_manifest(request: web.Request, name: str, reference: str) -> web.Response:
+    svc = services(request)
+    content = await body.read_limited(request, svc.max_manifest_bytes)
+    extra_tags = request.rel_url.query.getall("tag", [])
+    result = await svc.manifests.put(
+        name, reference, content, request.headers.get("Content-Type"), extra_tags
+    )
+    headers = {
+        **API_VERSION_HEADER,
+        "Location": f"/v2/{name}/manifests/{result.digest}",
+        "Docker-Content-Digest": result.digest,
+        "Content-Length": "0",
+    }
+    if result.subject:
+        headers["OCI-Subject"] = result.subject
+    return web.Response(status=201, headers=headers)
+
+
+async def delete_manifest(request: web.Request, name: str, reference: str) -> web.Response:
+    await services(request).manifests.delete(name, reference)
+    return web.Response(status=202, headers={**API_VERSION_HEADER, "Content-Length": "0"})

@@ -1,0 +1,125 @@
+"""The route table: OCI paths (names contain slashes) matched once, access checked once."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from registry_server.auth.model import CATALOG, Access, Principal
+from registry_server.http import blobs, discovery, health, manifests, uploads
+from registry_server.http.context import services
+from registry_server.http.errors import API_VERSION_HEADER, METHOD_NOT_ALLOWED, ROUTE_UNKNOWN
+from registry_server.protocol import errors, names
+
+Handler = Callable[[web.Request, "Match"], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Match:
+    name: str
+    arg: str
+    principal: Principal
+
+
+@dataclass(frozen=True)
+class Route:
+    pattern: re.Pattern[str]
+    # method -> (actions needed on the repository, handler)
+    methods: dict[str, tuple[tuple[str, ...], Handler]]
+
+
+def _r(pattern: str, **methods: tuple[tuple[str, ...], Handler]) -> Route:
+    return Route(re.compile(pattern), {m.upper(): v for m, v in methods.items()})
+
+
+PULL, PUSH, DELETE = ("pull",), ("pull", "push"), ("delete",)
+
+# Greedy names: the last occurrence of an operation segment is the operation.
+ROUTES: tuple[Route, ...] = (
+    _r(r"^(?P<name>.+)/tags/list$", get=(PULL, lambda r, m: discovery.list_tags(r, m.name))),
+    _r(
+        r"^(?P<name>.+)/manifests/(?P<arg>[^/]+)$",
+        get=(PULL, lambda r, m: manifests.get_manifest(r, m.name, m.arg)),
+        head=(PULL, lambda r, m: manifests.get_manifest(r, m.name, m.arg)),
+        put=(PUSH, lambda r, m: manifests.put_manifest(r, m.name, m.arg)),
+        delete=(DELETE, lambda r, m: manifests.delete_manifest(r, m.name, m.arg)),
+    ),
+    _r(
+        r"^(?P<name>.+)/blobs/uploads/?$",
+        post=(PUSH, lambda r, m: uploads.start_upload(r, m.name, m.principal)),
+    ),
+    _r(
+        r"^(?P<name>.+)/blobs/uploads/(?P<arg>[^/]+)$",
+        get=(PUSH, lambda r, m: uploads.upload_status(r, m.name, m.arg)),
+        patch=(PUSH, lambda r, m: uploads.patch_upload(r, m.name, m.arg)),
+        put=(PUSH, lambda r, m: uploads.put_upload(r, m.name, m.arg)),
+        delete=(PUSH, lambda r, m: uploads.cancel_upload(r, m.name, m.arg)),
+    ),
+    _r(
+        r"^(?P<name>.+)/blobs/(?P<arg>[^/]+)$",
+        get=(PULL, lambda r, m: blobs.get_blob(r, m.name, m.arg)),
+        head=(PULL, lambda r, m: blobs.get_blob(r, m.name, m.arg)),
+        delete=(DELETE, lambda r, m: blobs.delete_blob(r, m.name, m.arg)),
+    ),
+    _r(
+        r"^(?P<name>.+)/referrers/(?P<arg>[^/]+)$",
+        get=(PULL, lambda r, m: discovery.referrers(r, m.name, m.arg)),
+    ),
+)
+
+
+def _client(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+async def base(request: web.Request) -> web.StreamResponse:
+    svc = services(request)
+    await svc.auth.authorize(request.headers.get("Authorization"), _client(request), [])
+    return web.json_response({}, headers=API_VERSION_HEADER)
+
+
+async def catalog(request: web.Request) -> web.StreamResponse:
+    svc = services(request)
+    principal = await svc.auth.authorize(
+        request.headers.get("Authorization"), _client(request), [CATALOG]
+    )
+    return await discovery.catalog(request, principal)
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    path = request.match_info["tail"]
+    for route in ROUTES:
+        m = route.pattern.match(path)
+        if m is None:
+            continue
+        entry = route.methods.get(request.method)
+        if entry is None:
+            raise errors.RegistryError(
+                METHOD_NOT_ALLOWED,
+                detail={"method": request.method},
+                headers={"Allow": ", ".join(sorted(route.methods))},
+            )
+        actions, handler = entry
+        name = names.validate_name(m.group("name"))
+        svc = services(request)
+        principal = await svc.auth.authorize(
+            request.headers.get("Authorization"),
+            _client(request),
+            [Access.repository(name, *actions)],
+        )
+        return await handler(request, Match(name, m.groupdict().get("arg") or "", principal))
+    raise errors.RegistryError(ROUTE_UNKNOWN, detail={"path": request.path[:300]})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_route("GET", "/v2/", base)
+    app.router.add_route("HEAD", "/v2/", base)
+    app.router.add_route("GET", "/v2", base)
+    app.router.add_route("GET", "/v2/_catalog", catalog)
+    app.router.add_route("*", "/v2/{tail:.+}", dispatch)
+    app.router.add_route("GET", "/healthz", health.healthz)
+    app.router.add_route("GET", "/readyz", health.readyz)
+    app.router.add_route("GET", "/metrics", health.metrics)

@@ -1,0 +1,109 @@
+"""Blob upload sessions: POST (start, single-shot, mount), PATCH, PUT, GET, DELETE."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from registry_server.auth.model import Access, Principal
+from registry_server.http import body
+from registry_server.http.context import services
+from registry_server.http.errors import API_VERSION_HEADER
+from registry_server.protocol import digests, errors, names, ranges
+from registry_server.services.blobs import upload_headers
+
+
+def _accepted(name: str, upload_id: str, size: int) -> web.Response:
+    return web.Response(
+        status=202,
+        headers={
+            **API_VERSION_HEADER,
+            **upload_headers(name, upload_id, size),
+            "Content-Length": "0",
+        },
+    )
+
+
+def _created(name: str, digest: digests.Digest) -> web.Response:
+    return web.Response(
+        status=201,
+        headers={
+            **API_VERSION_HEADER,
+            "Location": f"/v2/{name}/blobs/{digest}",
+            "Docker-Content-Digest": str(digest),
+            "Content-Length": "0",
+        },
+    )
+
+
+async def start_upload(request: web.Request, name: str, principal: Principal) -> web.Response:
+    svc = services(request)
+    query = request.rel_url.query
+    mount = query.get("mount")
+    if mount is not None:
+        digest = digests.parse(mount)
+        source = query.get("from")
+        if source is not None:
+            names.validate_name(source)
+
+        async def may_pull(repo: str) -> bool:
+            return await svc.auth.allowed(principal, Access.repository(repo, "pull"))
+
+        if await svc.blobs.mount(name, digest, source, may_pull):
+            return _created(name, digest)
+    elif "digest" in query:
+        digest = digests.parse(query["digest"])
+        await svc.blobs.upload_whole(name, digest, body.stream(request))
+        return _created(name, digest)
+    upload_id = await svc.blobs.start_upload(name)
+    return _accepted(name, upload_id, 0)
+
+
+async def upload_status(request: web.Request, name: str, upload_id: str) -> web.Response:
+    info = await services(request).blobs.upload_status(name, upload_id)
+    return web.Response(
+        status=204,
+        headers={
+            **API_VERSION_HEADER,
+            **upload_headers(name, upload_id, info.size),
+            "Content-Length": "0",
+        },
+    )
+
+
+async def patch_upload(request: web.Request, name: str, upload_id: str) -> web.Response:
+    svc = services(request)
+    header = request.headers.get("Content-Range")
+    content_range = ranges.parse_content_range(header) if header else None
+    expected = None
+    if content_range is not None:
+        expected = content_range[1] - content_range[0] + 1
+        declared = body.content_length(request)
+        if declared is not None and declared != expected:
+            raise errors.RegistryError(
+                errors.RANGE_INVALID, detail={"Content-Range": header, "Content-Length": declared}
+            )
+    size = await svc.blobs.append(name, upload_id, body.stream(request, expected), content_range)
+    return _accepted(name, upload_id, size)
+
+
+async def put_upload(request: web.Request, name: str, upload_id: str) -> web.Response:
+    svc = services(request)
+    digest_text = request.rel_url.query.get("digest")
+    if not digest_text:
+        raise errors.RegistryError(errors.DIGEST_INVALID, detail={"reason": "digest missing"})
+    digest = digests.parse(digest_text)
+    header = request.headers.get("Content-Range")
+    if header:
+        ranges.parse_content_range(header)
+    has_body = (body.content_length(request) or 0) > 0 or request.headers.get(
+        "Transfer-Encoding", ""
+    ).lower() == "chunked"
+    await svc.blobs.finish_upload(
+        name, upload_id, digest, body.stream(request) if has_body else None
+    )
+    return _created(name, digest)
+
+
+async def cancel_upload(request: web.Request, name: str, upload_id: str) -> web.Response:
+    await services(request).blobs.cancel_upload(name, upload_id)
+    return web.Response(status=204, headers={**API_VERSION_HEADER, "Content-Length": "0"})

@@ -1,0 +1,1 @@
+"""Pure OCI rules: no I/O, no web framework, no storage."""

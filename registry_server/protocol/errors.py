@@ -1,0 +1,70 @@
+"""The registry error catalogue, declared once.
+
+Handlers raise these; one middleware renders them as
+``{"errors": [{"code", "message", "detail"}]}`` with the declared status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    code: str
+    message: str
+    status: int
+
+
+BLOB_UNKNOWN = ErrorCode("BLOB_UNKNOWN", "blob unknown to registry", 404)
+BLOB_UPLOAD_INVALID = ErrorCode("BLOB_UPLOAD_INVALID", "blob upload invalid", 400)
+BLOB_UPLOAD_UNKNOWN = ErrorCode("BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry", 404)
+DIGEST_INVALID = ErrorCode("DIGEST_INVALID", "provided digest did not match uploaded content", 400)
+MANIFEST_BLOB_UNKNOWN = ErrorCode(
+    "MANIFEST_BLOB_UNKNOWN", "manifest references a manifest or blob unknown to registry", 400
+)
+MANIFEST_INVALID = ErrorCode("MANIFEST_INVALID", "manifest invalid", 400)
+MANIFEST_UNKNOWN = ErrorCode("MANIFEST_UNKNOWN", "manifest unknown to registry", 404)
+NAME_INVALID = ErrorCode("NAME_INVALID", "invalid repository name", 400)
+NAME_UNKNOWN = ErrorCode("NAME_UNKNOWN", "repository name not known to registry", 404)
+SIZE_INVALID = ErrorCode("SIZE_INVALID", "provided length did not match content length", 400)
+UNAUTHORIZED = ErrorCode("UNAUTHORIZED", "authentication required", 401)
+DENIED = ErrorCode("DENIED", "requested access to the resource is denied", 403)
+UNSUPPORTED = ErrorCode("UNSUPPORTED", "the operation is unsupported", 405)
+TOO_MANY_REQUESTS = ErrorCode("TOOMANYREQUESTS", "too many requests", 429)
+# Not in the spec's list but needed for correct statuses; codes stay within the catalogue above.
+RANGE_INVALID = ErrorCode("BLOB_UPLOAD_INVALID", "invalid content range", 416)
+MANIFEST_TOO_LARGE = ErrorCode("SIZE_INVALID", "manifest exceeds the size limit", 413)
+TAG_INVALID = ErrorCode("MANIFEST_INVALID", "invalid tag", 400)
+TAG_IMMUTABLE = ErrorCode("DENIED", "tag is immutable", 409)
+PAGINATION_INVALID = ErrorCode(
+    "PAGINATION_NUMBER_INVALID", "invalid number of results requested", 400
+)
+INTERNAL = ErrorCode("UNKNOWN", "unknown error", 500)
+
+
+@dataclass
+class RegistryError(Exception):
+    """An error a client sees, in the protocol's own format."""
+
+    error: ErrorCode
+    detail: Any = None
+    message: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.error.code}: {self.message or self.error.message} ({self.detail!r})"
+
+    @property
+    def status(self) -> int:
+        return self.error.status
+
+    def body(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "code": self.error.code,
+            "message": self.message or self.error.message,
+        }
+        if self.detail is not None:
+            entry["detail"] = self.detail
+        return {"errors": [entry]}

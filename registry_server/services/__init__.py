@@ -1,0 +1,1 @@
+"""Async use cases over protocol rules and storage: push, pull, delete, discovery."""

@@ -1,0 +1,125 @@
+"""Blob pull, delete, mount and the upload session use cases."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from registry_server.protocol import digests, errors
+from registry_server.storage.blobstore import BlobStore, UploadInfo
+from registry_server.storage.index import MetadataIndex
+
+
+def _blob_unknown(digest: digests.Digest) -> errors.RegistryError:
+    return errors.RegistryError(errors.BLOB_UNKNOWN, detail={"digest": str(digest)})
+
+
+class BlobService:
+    def __init__(self, store: BlobStore, index: MetadataIndex) -> None:
+        self.store = store
+        self.index = index
+
+    # -- pull ----------------------------------------------------------------------------
+
+    async def size(self, repo: str, digest: digests.Digest) -> int:
+        size = await self.index.blob_size(repo, str(digest))
+        if size is None:
+            raise _blob_unknown(digest)
+        return size
+
+    def local_path(self, digest: digests.Digest) -> Path | None:
+        return self.store.local_path(digest)
+
+    def read(self, digest: digests.Digest, offset: int, length: int) -> AsyncIterator[bytes]:
+        return self.store.read(digest, offset, length)
+
+    async def delete(self, repo: str, digest: digests.Digest) -> None:
+        """Unlink a blob from a repository; the bytes go when garbage collection finds them."""
+        if not await self.index.unlink_blob(repo, str(digest)):
+            raise _blob_unknown(digest)
+
+    # -- mount ---------------------------------------------------------------------------
+
+    async def mount(
+        self,
+        repo: str,
+        digest: digests.Digest,
+        source: str | None,
+        may_pull: Callable[[str], Awaitable[bool]],
+    ) -> bool:
+        """Link a blob another repository holds; False when it cannot be mounted.
+
+        Without ``source`` any repository the caller may pull from is a candidate.
+        """
+        candidates = [source] if source else await self.index.repositories_with_blob(str(digest))
+        for candidate in candidates:
+            if candidate == repo or not await may_pull(candidate):
+                continue
+            size = await self.index.blob_size(candidate, str(digest))
+            if size is not None and await self.store.size(digest) == size:
+                await self.index.link_blob(repo, str(digest), size)
+                return True
+        return False
+
+    # -- uploads -------------------------------------------------------------------------
+
+    async def start_upload(self, repo: str) -> str:
+        return await self.store.start_upload(repo)
+
+    async def upload_status(self, repo: str, upload_id: str) -> UploadInfo:
+        return await self.store.upload_info(repo, upload_id)
+
+    async def append(
+        self,
+        repo: str,
+        upload_id: str,
+        body: AsyncIterator[bytes],
+        content_range: tuple[int, int] | None,
+    ) -> int:
+        async with self.store.lock(upload_id):
+            info = await self.store.upload_info(repo, upload_id)
+            if content_range is not None and content_range[0] != info.size:
+                raise errors.RegistryError(
+                    errors.RANGE_INVALID,
+                    detail={"offset": info.size, "range": list(content_range)},
+                    headers=_upload_headers(repo, info.upload_id, info.size),
+                )
+            return await self.store.append(info, body)
+
+    async def finish_upload(
+        self, repo: str, upload_id: str, digest: digests.Digest, body: AsyncIterator[bytes] | None
+    ) -> int:
+        async with self.store.lock(upload_id):
+            info = await self.store.upload_info(repo, upload_id)
+            if body is not None:
+                size = await self.store.append(info, body)
+                info = UploadInfo(info.upload_id, repo, info.started_at, size)
+            size = await self.store.commit(info, digest)
+        await self.index.link_blob(repo, str(digest), size)
+        return size
+
+    async def upload_whole(
+        self, repo: str, digest: digests.Digest, body: AsyncIterator[bytes]
+    ) -> int:
+        """Single POST with ``?digest=``: the whole blob in one request."""
+        upload_id = await self.store.start_upload(repo)
+        try:
+            return await self.finish_upload(repo, upload_id, digest, body)
+        except BaseException:
+            await self.store.cancel(upload_id)
+            raise
+
+    async def cancel_upload(self, repo: str, upload_id: str) -> None:
+        await self.store.upload_info(repo, upload_id)  # 404 for unknown sessions
+        await self.store.cancel(upload_id)
+
+
+def _upload_headers(repo: str, upload_id: str, size: int) -> dict[str, str]:
+    return {
+        "Location": f"/v2/{repo}/blobs/uploads/{upload_id}",
+        "Range": f"0-{max(size - 1, 0)}",
+        "Docker-Upload-UUID": upload_id,
+    }
+
+
+upload_headers = _upload_headers

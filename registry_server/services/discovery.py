@@ -1,0 +1,76 @@
+"""Tag listing, catalog and the referrers API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from registry_server.protocol import digests, errors, manifests
+from registry_server.storage.index import MetadataIndex
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[str]
+    next_last: str | None  # set when a further page may exist
+
+
+@dataclass(frozen=True)
+class Referrers:
+    body: bytes
+    filtered: bool
+
+
+class DiscoveryService:
+    def __init__(self, index: MetadataIndex) -> None:
+        self.index = index
+
+    async def tags(self, repo: str, n: int | None, last: str | None) -> Page:
+        found = await self.index.list_tags(repo, n, last)
+        if found is None:
+            raise errors.RegistryError(errors.NAME_UNKNOWN, detail={"name": repo})
+        more = n is not None and n > 0 and len(found) == n
+        return Page(found, found[-1] if more else None)
+
+    async def catalog(
+        self, n: int | None, last: str | None, visible: Callable[[str], Awaitable[bool]]
+    ) -> Page:
+        """Repositories the caller may see, paginated after filtering."""
+        out: list[str] = []
+        cursor = last
+        batch = max(n or 0, 100)
+        while n is None or len(out) < n:
+            names = await self.index.list_repositories(batch, cursor)
+            for name in names:
+                if await visible(name):
+                    out.append(name)
+                    if n is not None and len(out) == n:
+                        break
+            if len(names) < batch or (n is not None and len(out) == n):
+                break
+            cursor = names[-1]
+        more = n is not None and n > 0 and len(out) == n
+        return Page(out, out[-1] if more else None)
+
+    async def referrers(
+        self, repo: str, subject: digests.Digest, artifact_type: str | None
+    ) -> Referrers:
+        records = await self.index.referrers(repo, str(subject))
+        entries: list[dict[str, Any]] = []
+        for rec in records:
+            if artifact_type and rec.artifact_type != artifact_type:
+                continue
+            entry: dict[str, Any] = {
+                "mediaType": rec.media_type,
+                "digest": rec.digest,
+                "size": rec.size,
+            }
+            if rec.artifact_type:
+                entry["artifactType"] = rec.artifact_type
+            if rec.annotations:
+                entry["annotations"] = json.loads(rec.annotations)
+            entries.append(entry)
+        body = {"schemaVersion": 2, "mediaType": manifests.OCI_INDEX, "manifests": entries}
+        return Referrers(json.dumps(body).encode(), artifact_type is not None)

@@ -1,0 +1,105 @@
+"""Manifest push, pull and delete."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from registry_server.protocol import digests, errors, manifests, names
+from registry_server.storage.index import ManifestRecord, MetadataIndex, NewManifest
+
+# Layers that by definition live elsewhere (foreign / non-distributable) need not be pushed.
+_EXTERNAL_LAYER_HINTS = ("foreign", "nondistributable")
+
+
+@dataclass(frozen=True)
+class PushResult:
+    digest: str
+    subject: str | None
+
+
+class ManifestService:
+    def __init__(self, index: MetadataIndex, max_bytes: int) -> None:
+        self.index = index
+        self.max_bytes = max_bytes
+
+    async def put(
+        self,
+        repo: str,
+        reference: str,
+        body: bytes,
+        content_type: str | None,
+        extra_tags: Sequence[str] = (),
+    ) -> PushResult:
+        if len(body) > self.max_bytes:
+            raise errors.RegistryError(
+                errors.MANIFEST_TOO_LARGE, detail={"size": len(body), "limit": self.max_bytes}
+            )
+        ref = names.parse_reference(reference)
+        tags = [names.validate_tag(t) for t in extra_tags]
+        if isinstance(ref, digests.Digest):
+            digest = digests.of_bytes(body, ref.algorithm)
+            if digest != ref:
+                raise errors.RegistryError(
+                    errors.DIGEST_INVALID, detail={"expected": str(ref), "actual": str(digest)}
+                )
+        else:
+            digest = digests.of_bytes(body)
+            tags.insert(0, ref)
+        parsed = manifests.parse(body, content_type)
+        await self._check_references(repo, parsed)
+        subject = str(parsed.subject.digest) if parsed.subject else None
+        await self.index.put_manifest(
+            repo,
+            NewManifest(
+                digest=str(digest),
+                media_type=parsed.media_type,
+                content=body,
+                artifact_type=parsed.artifact_type,
+                subject=subject,
+                annotations=json.dumps(parsed.annotations) if parsed.annotations else None,
+                blob_refs=[str(d.digest) for d in parsed.blobs],
+                child_refs=[str(d.digest) for d in parsed.children],
+            ),
+            tags,
+        )
+        return PushResult(str(digest), subject)
+
+    async def _check_references(self, repo: str, parsed: manifests.Manifest) -> None:
+        wanted = [
+            str(d.digest)
+            for d in parsed.blobs
+            if not any(h in d.media_type for h in _EXTERNAL_LAYER_HINTS)
+        ]
+        missing = await self.index.missing_blobs(repo, list(dict.fromkeys(wanted)))
+        children = list(dict.fromkeys(str(d.digest) for d in parsed.children))
+        missing += await self.index.missing_manifests(repo, children)
+        if missing:
+            raise errors.RegistryError(
+                errors.MANIFEST_BLOB_UNKNOWN, detail={"digests": missing[:20]}
+            )
+
+    async def resolve(self, repo: str, reference: str) -> str:
+        ref = names.parse_reference(reference)
+        if isinstance(ref, digests.Digest):
+            return str(ref)
+        digest = await self.index.resolve_tag(repo, ref)
+        if digest is None:
+            raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"tag": ref})
+        return digest
+
+    async def get(self, repo: str, reference: str, content: bool = True) -> ManifestRecord:
+        digest = await self.resolve(repo, reference)
+        record = await self.index.get_manifest(repo, digest, content)
+        if record is None:
+            raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"reference": reference})
+        return record
+
+    async def delete(self, repo: str, reference: str) -> None:
+        ref = names.parse_reference(reference)
+        if isinstance(ref, digests.Digest):
+            if not await self.index.delete_manifest(repo, str(ref)):
+                raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"digest": str(ref)})
+        elif not await self.index.delete_tag(repo, ref):
+            raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"tag": ref})

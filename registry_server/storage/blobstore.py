@@ -1,0 +1,189 @@
+"""Content-addressed blobs and upload sessions on top of a storage driver.
+
+An upload session is an id, an offset and an incremental hasher. Commit verifies the
+digest, fsyncs, and moves the data into place atomically: no partial file is ever
+visible under a digest. The hasher lives in this process; after a restart (or when a
+request lands on another worker) it is rebuilt by rehashing the data written so far.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from registry_server.protocol import digests, errors
+from registry_server.storage.driver import StorageDriver, StorageNotFound, Writer
+
+
+def blob_path(digest: digests.Digest) -> str:
+    return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}/data"
+
+
+def _upload_dir(upload_id: str) -> str:
+    return f"uploads/{upload_id}"
+
+
+@dataclass
+class _HashState:
+    hasher: hashlib._Hash
+    offset: int
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    upload_id: str
+    repository: str
+    started_at: float
+    size: int
+
+
+def _valid_upload_id(upload_id: str) -> bool:
+    try:
+        return str(uuid.UUID(upload_id)) == upload_id
+    except ValueError:
+        return False
+
+
+class BlobStore:
+    def __init__(self, driver: StorageDriver) -> None:
+        self.driver = driver
+        self._hashes: dict[str, _HashState] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    async def size(self, digest: digests.Digest) -> int | None:
+        return await self.driver.stat(blob_path(digest))
+
+    def local_path(self, digest: digests.Digest) -> Path | None:
+        return self.driver.local_path(blob_path(digest))
+
+    def read(
+        self, digest: digests.Digest, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        return self.driver.reader(blob_path(digest), offset, length)
+
+    async def delete(self, digest: digests.Digest) -> None:
+        await self.driver.delete(blob_path(digest).rsplit("/", 1)[0])
+
+    async def put(self, data: bytes) -> digests.Digest:
+        """Store small content (e.g. a manifest) under its sha256 digest."""
+        digest = digests.of_bytes(data)
+        if await self.size(digest) is None:
+            await self.driver.put_content(blob_path(digest), data)
+        return digest
+
+    # -- uploads -------------------------------------------------------------------------
+
+    def lock(self, upload_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(upload_id, asyncio.Lock())
+
+    async def start_upload(self, repository: str) -> str:
+        upload_id = str(uuid.uuid4())
+        info = {"repository": repository, "started_at": time.time()}
+        await self.driver.put_content(f"{_upload_dir(upload_id)}/info", json.dumps(info).encode())
+        writer = await self.driver.writer(f"{_upload_dir(upload_id)}/data")
+        await writer.close()
+        self._hashes[upload_id] = _HashState(hashlib.sha256(), 0)
+        return upload_id
+
+    async def upload_info(self, repository: str, upload_id: str) -> UploadInfo:
+        unknown = errors.RegistryError(errors.BLOB_UPLOAD_UNKNOWN, detail={"uuid": upload_id[:80]})
+        if not _valid_upload_id(upload_id):
+            raise unknown
+        try:
+            raw = json.loads(await self.driver.get_content(f"{_upload_dir(upload_id)}/info"))
+        except (StorageNotFound, ValueError):
+            raise unknown from None
+        if raw.get("repository") != repository:
+            raise unknown
+        size = await self.driver.stat(f"{_upload_dir(upload_id)}/data")
+        if size is None:
+            raise unknown
+        return UploadInfo(upload_id, repository, float(raw["started_at"]), size)
+
+    async def _hash_state(self, upload_id: str, size: int) -> _HashState:
+        state = self._hashes.get(upload_id)
+        if state is not None and state.offset == size:
+            return state
+        # Rebuild: another process wrote part of this upload, or we restarted.
+        hasher = hashlib.sha256()
+        async for chunk in self.driver.reader(f"{_upload_dir(upload_id)}/data", 0, size):
+            hasher.update(chunk)
+        state = _HashState(hasher, size)
+        self._hashes[upload_id] = state
+        return state
+
+    async def append(self, info: UploadInfo, chunks: AsyncIterator[bytes]) -> int:
+        """Append a request body to the upload; returns the new size.
+
+        On a truncated or failed body the data is cut back to where it was, so the
+        session's offset stays what the client last saw.
+        """
+        state = await self._hash_state(info.upload_id, info.size)
+        path = f"{_upload_dir(info.upload_id)}/data"
+        writer: Writer = await self.driver.writer(path, append=True)
+        hasher = state.hasher.copy()
+        try:
+            async for chunk in chunks:
+                hasher.update(chunk)
+                await writer.write(chunk)
+            await writer.close()
+        except BaseException:
+            await writer.close()
+            await self.driver.truncate(path, info.size)
+            self._hashes.pop(info.upload_id, None)
+            raise
+        state.hasher = hasher
+        state.offset = writer.size
+        return writer.size
+
+    async def commit(self, info: UploadInfo, expected: digests.Digest) -> int:
+        """Verify and move the upload into place as ``expected``; returns the blob size."""
+        data_path = f"{_upload_dir(info.upload_id)}/data"
+        size = await self.driver.stat(data_path)
+        if size is None:
+            raise errors.RegistryError(errors.BLOB_UPLOAD_UNKNOWN, detail={"uuid": info.upload_id})
+        if expected.algorithm == "sha256":
+            actual = (await self._hash_state(info.upload_id, size)).hasher.hexdigest()
+        else:
+            hasher = expected.hasher()
+            async for chunk in self.driver.reader(data_path):
+                hasher.update(chunk)
+            actual = hasher.hexdigest()
+        if actual != expected.hex:
+            await self.cancel(info.upload_id)
+            raise errors.RegistryError(
+                errors.DIGEST_INVALID,
+                detail={"expected": str(expected), "actual": f"{expected.algorithm}:{actual}"},
+            )
+        # Durability first, then an atomic rename: a crash leaves either no blob or a whole one.
+        writer = await self.driver.writer(data_path, append=True)
+        await writer.commit()
+        await self.driver.move(data_path, blob_path(expected))
+        await self.cancel(info.upload_id)
+        return size
+
+    async def cancel(self, upload_id: str) -> None:
+        """Drop an upload session; safe to call twice."""
+        self._hashes.pop(upload_id, None)
+        self._locks.pop(upload_id, None)
+        await self.driver.delete(_upload_dir(upload_id))
+
+    async def stale_uploads(self, older_than: float) -> list[str]:
+        stale = []
+        for upload_id in await self.driver.list("uploads"):
+            try:
+                raw = json.loads(await self.driver.get_content(f"uploads/{upload_id}/info"))
+                started = float(raw["started_at"])
+            except (StorageNotFound, ValueError, KeyError):
+                started = 0.0
+            if started < older_than:
+                stale.append(upload_id)
+        return stale

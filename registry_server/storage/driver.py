@@ -1,0 +1,65 @@
+"""The storage driver interface: small, file-like, and ignorant of OCI.
+
+A driver stores opaque files under slash-separated paths. Blob layout, digests and
+upload sessions live one layer up (``blobstore``), so an object-store backend only has to
+implement these few operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Protocol
+
+
+class StorageNotFound(Exception):
+    """The path does not exist."""
+
+
+class Writer(Protocol):
+    """An append-only file being written. Not visible to readers until moved into place."""
+
+    @property
+    def size(self) -> int: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def commit(self) -> None:
+        """Flush to durable storage and close."""
+
+    async def close(self) -> None:
+        """Close without the durability guarantee (the data stays for a later append)."""
+
+
+class StorageDriver(Protocol):
+    name: str
+
+    async def stat(self, path: str) -> int | None:
+        """Size of the file at ``path``, or None when absent."""
+
+    async def get_content(self, path: str) -> bytes:
+        """Whole content of a small file; raises StorageNotFound."""
+
+    async def put_content(self, path: str, data: bytes) -> None:
+        """Write a small file atomically (readers see the old or the new content)."""
+
+    def local_path(self, path: str) -> Path | None:
+        """A local file for zero-copy serving (sendfile), or None for remote backends."""
+
+    def reader(self, path: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """Stream a file's bytes from ``offset``; raises StorageNotFound."""
+
+    async def writer(self, path: str, append: bool = False) -> Writer:
+        """Open a file for appending (``append``) or truncating."""
+
+    async def move(self, src: str, dst: str) -> None:
+        """Atomically move ``src`` over ``dst``; raises StorageNotFound if src is missing."""
+
+    async def truncate(self, path: str, size: int) -> None:
+        """Cut a file being written back to ``size`` bytes (undo a failed append)."""
+
+    async def delete(self, path: str) -> None:
+        """Delete a file or a whole subtree; a missing path is not an error."""
+
+    async def list(self, prefix: str) -> list[str]:
+        """Immediate children (names, not paths) of the directory ``prefix``."""
