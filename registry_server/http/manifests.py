@@ -53,6 +53,8 @@ async def put_manifest(request: web.Request, name: str, reference: str) -> web.R
         "Docker-Content-Digest": result.digest,
         "Content-Length": "0",
     }
+    if extra_tags:
+        headers["OCI-Tag"] = ", ".join(extra_tags)
     if result.subject:
         headers["OCI-Subject"] = result.subject
     return web.Response(status=201, headers=headers)

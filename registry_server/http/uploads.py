@@ -93,13 +93,12 @@ async def put_upload(request: web.Request, name: str, upload_id: str) -> web.Res
         raise errors.RegistryError(errors.DIGEST_INVALID, detail={"reason": "digest missing"})
     digest = digests.parse(digest_text)
     header = request.headers.get("Content-Range")
-    if header:
-        ranges.parse_content_range(header)
+    content_range = ranges.parse_content_range(header) if header else None
     has_body = (body.content_length(request) or 0) > 0 or request.headers.get(
         "Transfer-Encoding", ""
     ).lower() == "chunked"
     await svc.blobs.finish_upload(
-        name, upload_id, digest, body.stream(request) if has_body else None
+        name, upload_id, digest, body.stream(request) if has_body else None, content_range
     )
     return _created(name, digest)
 

@@ -69,6 +69,16 @@ class BlobService:
     async def upload_status(self, repo: str, upload_id: str) -> UploadInfo:
         return await self.store.upload_info(repo, upload_id)
 
+    @staticmethod
+    def _check_range(repo: str, info: UploadInfo, content_range: tuple[int, int] | None) -> None:
+        """A chunk must start where the session is; otherwise 416 with the real offset."""
+        if content_range is not None and content_range[0] != info.size:
+            raise errors.RegistryError(
+                errors.RANGE_INVALID,
+                detail={"offset": info.size, "range": list(content_range)},
+                headers=_upload_headers(repo, info.upload_id, info.size),
+            )
+
     async def append(
         self,
         repo: str,
@@ -78,19 +88,20 @@ class BlobService:
     ) -> int:
         async with self.store.lock(upload_id):
             info = await self.store.upload_info(repo, upload_id)
-            if content_range is not None and content_range[0] != info.size:
-                raise errors.RegistryError(
-                    errors.RANGE_INVALID,
-                    detail={"offset": info.size, "range": list(content_range)},
-                    headers=_upload_headers(repo, info.upload_id, info.size),
-                )
+            self._check_range(repo, info, content_range)
             return await self.store.append(info, body)
 
     async def finish_upload(
-        self, repo: str, upload_id: str, digest: digests.Digest, body: AsyncIterator[bytes] | None
+        self,
+        repo: str,
+        upload_id: str,
+        digest: digests.Digest,
+        body: AsyncIterator[bytes] | None,
+        content_range: tuple[int, int] | None = None,
     ) -> int:
         async with self.store.lock(upload_id):
             info = await self.store.upload_info(repo, upload_id)
+            self._check_range(repo, info, content_range)
             if body is not None:
                 size = await self.store.append(info, body)
                 info = UploadInfo(info.upload_id, repo, info.started_at, size)
