@@ -1,0 +1,139 @@
+"""One test suite for every metadata index backend (today: SQLite)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from registry_server.storage.index import MetadataIndex, NewManifest
+from registry_server.storage.sqlite_index import SqliteIndex
+
+INDEXES: dict[str, Callable[[Path], MetadataIndex]] = {
+    "sqlite": lambda root: SqliteIndex(root / "index.db"),
+}
+
+D1, D2, D3 = ("sha256:" + c * 64 for c in "123")
+B1, B2 = ("sha256:" + c * 64 for c in "ab")
+
+
+@pytest.fixture(params=sorted(INDEXES))
+async def index(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataIndex]:
+    idx = INDEXES[request.param](tmp_path)
+    yield idx
+    await idx.close()
+
+
+def manifest(
+    digest: str,
+    *,
+    subject: str | None = None,
+    artifact_type: str | None = None,
+    blobs: tuple[str, ...] = (),
+    children: tuple[str, ...] = (),
+) -> NewManifest:
+    return NewManifest(
+        digest=digest,
+        media_type="application/vnd.oci.image.manifest.v1+json",
+        content=b"{}" + digest.encode(),
+        artifact_type=artifact_type,
+        subject=subject,
+        annotations=None,
+        blob_refs=blobs,
+        child_refs=children,
+    )
+
+
+async def test_manifest_and_tags(index: MetadataIndex) -> None:
+    await index.put_manifest("r", manifest(D1), ["v1", "latest"])
+    assert await index.resolve_tag("r", "v1") == D1
+    rec = await index.get_manifest("r", D1)
+    assert rec is not None and rec.content == b"{}" + D1.encode()
+    assert rec.size == len(rec.content)
+    head = await index.get_manifest("r", D1, content=False)
+    assert head is not None and head.content is None
+    assert await index.get_manifest("other", D1) is None
+    # Moving a tag.
+    await index.put_manifest("r", manifest(D2), ["latest"])
+    assert await index.resolve_tag("r", "latest") == D2
+    assert await index.list_tags("r", None, None) == ["latest", "v1"]
+
+
+async def test_tag_pagination(index: MetadataIndex) -> None:
+    await index.put_manifest("r", manifest(D1), [f"t{i:03d}" for i in range(50)])
+    assert await index.list_tags("r", 3, None) == ["t000", "t001", "t002"]
+    assert await index.list_tags("r", 2, "t047") == ["t048", "t049"]
+    assert await index.list_tags("r", 0, None) == []
+    assert await index.list_tags("unknown", None, None) is None
+
+
+async def test_delete_manifest_removes_its_tags(index: MetadataIndex) -> None:
+    await index.put_manifest("r", manifest(D1), ["a", "b"])
+    await index.put_manifest("r", manifest(D2), ["c"])
+    assert await index.delete_manifest("r", D1)
+    assert not await index.delete_manifest("r", D1)
+    assert await index.list_tags("r", None, None) == ["c"]
+    assert await index.get_manifest("r", D1) is None
+
+
+async def test_delete_tag_keeps_manifest(index: MetadataIndex) -> None:
+    await index.put_manifest("r", manifest(D1), ["a"])
+    assert await index.delete_tag("r", "a")
+    assert not await index.delete_tag("r", "a")
+    assert await index.get_manifest("r", D1) is not None
+
+
+async def test_catalog_order_and_pagination(index: MetadataIndex) -> None:
+    for name in ["b/x", "a", "c", "a/y"]:
+        await index.link_blob(name, B1, 10)
+    assert await index.list_repositories(None, None) == ["a", "a/y", "b/x", "c"]
+    assert await index.list_repositories(2, "a/y") == ["b/x", "c"]
+
+
+async def test_referrers(index: MetadataIndex) -> None:
+    await index.put_manifest("r", manifest(D1), [])
+    await index.put_manifest("r", manifest(D2, subject=D1, artifact_type="sig"), [])
+    await index.put_manifest("r", manifest(D3, subject=D1, artifact_type="sbom"), [])
+    found = await index.referrers("r", D1)
+    assert [(m.digest, m.artifact_type) for m in found] == [(D2, "sig"), (D3, "sbom")]
+    assert await index.referrers("other", D1) == []
+
+
+async def test_blob_links(index: MetadataIndex) -> None:
+    await index.link_blob("r", B1, 42)
+    assert await index.blob_size("r", B1) == 42
+    assert await index.blob_size("s", B1) is None
+    assert await index.missing_blobs("r", [B1, B2]) == [B2]
+    assert await index.repositories_with_blob(B1) == ["r"]
+    assert await index.unlink_blob("r", B1)
+    assert not await index.unlink_blob("r", B1)
+    assert await index.blob_size("r", B1) is None
+
+
+async def test_missing_manifests(index: MetadataIndex) -> None:
+    await index.put_manifest("r", manifest(D1), [])
+    assert await index.missing_manifests("r", [D1, D2]) == [D2]
+    assert await index.missing_manifests("nope", [D1]) == [D1]
+
+
+async def test_unreferenced_blobs(index: MetadataIndex) -> None:
+    await index.link_blob("r", B1, 1)
+    await index.link_blob("r", B2, 1)
+    await index.put_manifest("r", manifest(D1, blobs=(B2,)), [])
+    await index.unlink_blob("r", B1)
+    await index.unlink_blob("r", B2)
+    # B2 is still referenced by a manifest; B1 is garbage.
+    assert await index.unreferenced_blobs(older_than=1e12) == [B1]
+    assert await index.unreferenced_blobs(older_than=0) == []
+    assert await index.forget_blob(B1)
+    assert not await index.forget_blob(B2)
+
+
+async def test_persists_across_reopen(tmp_path: Path) -> None:
+    first = SqliteIndex(tmp_path / "i.db")
+    await first.put_manifest("r", manifest(D1), ["v1"])
+    await first.close()
+    second = SqliteIndex(tmp_path / "i.db")
+    assert await second.resolve_tag("r", "v1") == D1
+    await second.close()

@@ -1,0 +1,207 @@
+"""One conformance suite for every storage driver (today: filesystem).
+
+A new backend (S3, ...) joins by adding a factory to DRIVERS; every test then runs on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from registry_server.protocol import digests, errors
+from registry_server.storage.blobstore import BlobStore, blob_path
+from registry_server.storage.driver import StorageDriver, StorageNotFound
+from registry_server.storage.filesystem import FilesystemDriver
+
+DRIVERS: dict[str, Callable[[Path], StorageDriver]] = {
+    "filesystem": FilesystemDriver,
+}
+
+
+@pytest.fixture(params=sorted(DRIVERS))
+def driver(request: pytest.FixtureRequest, tmp_path: Path) -> StorageDriver:
+    return DRIVERS[request.param](tmp_path / "store")
+
+
+async def _collect(it: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in it])
+
+
+async def _chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def test_put_get_stat(driver: StorageDriver) -> None:
+    assert await driver.stat("a/b/c") is None
+    await driver.put_content("a/b/c", b"hello")
+    assert await driver.get_content("a/b/c") == b"hello"
+    assert await driver.stat("a/b/c") == 5
+    await driver.put_content("a/b/c", b"bye")  # replace
+    assert await driver.get_content("a/b/c") == b"bye"
+
+
+async def test_missing_content_raises(driver: StorageDriver) -> None:
+    with pytest.raises(StorageNotFound):
+        await driver.get_content("nope")
+    with pytest.raises(StorageNotFound):
+        await _collect(driver.reader("nope"))
+    with pytest.raises(StorageNotFound):
+        await driver.move("nope", "elsewhere")
+
+
+async def test_reader_offset_and_length(driver: StorageDriver) -> None:
+    data = bytes(range(256)) * 10_000
+    await driver.put_content("big", data)
+    assert await _collect(driver.reader("big")) == data
+    assert await _collect(driver.reader("big", 1000)) == data[1000:]
+    assert await _collect(driver.reader("big", 1000, 50)) == data[1000:1050]
+
+
+async def test_writer_append_and_truncate(driver: StorageDriver) -> None:
+    w = await driver.writer("up/data")
+    await w.write(b"abc")
+    await w.close()
+    w = await driver.writer("up/data", append=True)
+    assert w.size == 3
+    await w.write(b"def")
+    await w.commit()
+    assert await driver.get_content("up/data") == b"abcdef"
+    await driver.truncate("up/data", 2)
+    assert await driver.get_content("up/data") == b"ab"
+
+
+async def test_move_replaces_atomically(driver: StorageDriver) -> None:
+    await driver.put_content("src", b"new")
+    await driver.put_content("dst/x", b"old")
+    await driver.move("src", "dst/x")
+    assert await driver.get_content("dst/x") == b"new"
+    assert await driver.stat("src") is None
+
+
+async def test_delete_file_and_tree_idempotent(driver: StorageDriver) -> None:
+    await driver.put_content("t/a", b"1")
+    await driver.put_content("t/b/c", b"2")
+    await driver.delete("t/a")
+    assert await driver.stat("t/a") is None
+    await driver.delete("t")
+    assert await driver.stat("t/b/c") is None
+    await driver.delete("t")  # twice is fine
+
+
+async def test_list(driver: StorageDriver) -> None:
+    assert await driver.list("dir") == []
+    await driver.put_content("dir/b", b"")
+    await driver.put_content("dir/a/x", b"")
+    assert await driver.list("dir") == ["a", "b"]
+
+
+@pytest.mark.parametrize("path", ["../escape", "/abs", "a/../../b"])
+async def test_refuses_escaping_paths(driver: StorageDriver, path: str) -> None:
+    with pytest.raises(ValueError):
+        await driver.put_content(path, b"x")
+
+
+# -- the blob store on top of each driver ------------------------------------------------
+
+
+async def test_upload_commit_and_read(driver: StorageDriver) -> None:
+    store = BlobStore(driver)
+    data = b"x" * 3_000_000
+    digest = digests.of_bytes(data)
+    upload = await store.start_upload("repo")
+    info = await store.upload_info("repo", upload)
+    await store.append(info, _chunks(data[:1000], data[1000:]))
+    info = await store.upload_info("repo", upload)
+    assert info.size == len(data)
+    assert await store.commit(info, digest) == len(data)
+    assert await store.size(digest) == len(data)
+    assert await _collect(store.read(digest)) == data
+    with pytest.raises(errors.RegistryError):
+        await store.upload_info("repo", upload)  # gone after commit
+
+
+async def test_digest_mismatch_leaves_nothing(driver: StorageDriver) -> None:
+    store = BlobStore(driver)
+    upload = await store.start_upload("repo")
+    await store.append(await store.upload_info("repo", upload), _chunks(b"abc"))
+    wrong = digests.of_bytes(b"abd")
+    with pytest.raises(errors.RegistryError) as exc:
+        await store.commit(await store.upload_info("repo", upload), wrong)
+    assert exc.value.error is errors.DIGEST_INVALID
+    assert await store.size(wrong) is None
+    assert await driver.stat(blob_path(digests.of_bytes(b"abc"))) is None
+
+
+async def test_failed_append_rolls_back_to_offset(driver: StorageDriver) -> None:
+    store = BlobStore(driver)
+    upload = await store.start_upload("repo")
+    await store.append(await store.upload_info("repo", upload), _chunks(b"good"))
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"partial"
+        raise ConnectionResetError
+
+    with pytest.raises(ConnectionResetError):
+        await store.append(await store.upload_info("repo", upload), broken())
+    info = await store.upload_info("repo", upload)
+    assert info.size == 4
+    await store.append(info, _chunks(b"more"))
+    info = await store.upload_info("repo", upload)
+    assert await store.commit(info, digests.of_bytes(b"goodmore")) == 8
+
+
+async def test_resume_after_restart_rehashes(driver: StorageDriver) -> None:
+    first = BlobStore(driver)
+    upload = await first.start_upload("repo")
+    await first.append(await first.upload_info("repo", upload), _chunks(b"part1-"))
+    second = BlobStore(driver)  # a new process: no in-memory hash state
+    info = await second.upload_info("repo", upload)
+    await second.append(info, _chunks(b"part2"))
+    info = await second.upload_info("repo", upload)
+    expected = hashlib.sha256(b"part1-part2").hexdigest()
+    assert await second.commit(info, digests.Digest("sha256", expected)) == 11
+
+
+async def test_upload_of_other_repository_is_unknown(driver: StorageDriver) -> None:
+    store = BlobStore(driver)
+    upload = await store.start_upload("repo-a")
+    with pytest.raises(errors.RegistryError) as exc:
+        await store.upload_info("repo-b", upload)
+    assert exc.value.error is errors.BLOB_UPLOAD_UNKNOWN
+    for bogus in ("../../etc", "not-a-uuid"):
+        with pytest.raises(errors.RegistryError):
+            await store.upload_info("repo-a", bogus)
+
+
+async def test_cancel_twice_is_safe(driver: StorageDriver) -> None:
+    store = BlobStore(driver)
+    upload = await store.start_upload("repo")
+    await store.cancel(upload)
+    await store.cancel(upload)
+
+
+async def test_concurrent_commits_of_same_blob(driver: StorageDriver) -> None:
+    store = BlobStore(driver)
+    data = b"same" * 100_000
+    digest = digests.of_bytes(data)
+
+    async def one() -> int:
+        upload = await store.start_upload("repo")
+        await store.append(await store.upload_info("repo", upload), _chunks(data))
+        return await store.commit(await store.upload_info("repo", upload), digest)
+
+    sizes = await asyncio.gather(*(one() for _ in range(8)))
+    assert sizes == [len(data)] * 8
+    assert await _collect(store.read(digest)) == data
+
+
+async def test_stale_uploads(driver: StorageDriver) -> None:
+    store = BlobStore(driver)
+    upload = await store.start_upload("repo")
+    assert await store.stale_uploads(older_than=0) == []
+    assert await store.stale_uploads(older_than=1e12) == [upload]
