@@ -50,6 +50,42 @@ class AuthConfig:
     policy: Path | None = None
     signing_key: Path | None = None
     token_ttl_seconds: int = 300
+    refresh_token_ttl_seconds: int = 30 * 24 * 3600
+    reload_interval_seconds: float = 1.0
+    credential_cache_seconds: float = 60.0
+    failure_limit: int = 10
+    failure_window_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Another registry this instance replicates to."""
+
+    name: str
+    url: str
+    kind: str = "berth"  # "berth" (two-way, versioned) or "oci" (any registry, one-way push)
+    username: str = ""
+    password: str = ""
+    password_file: Path | None = None  # preferred over an inline password (mounted Secret)
+    ca_file: Path | None = None
+    tls_verify: bool = True
+    concurrency: int = 4
+    bandwidth_limit_mbps: float = 0.0  # 0: unlimited
+    chunk_size_mb: int = 32
+
+    def secret(self) -> str:
+        if self.password_file is not None:
+            return self.password_file.read_text().strip()
+        return self.password
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    region: str = ""
+    peers: tuple[PeerConfig, ...] = ()
+    anti_entropy_interval_seconds: float = 60.0
+    tombstone_ttl_seconds: float = 7 * 24 * 3600
+    retry_max_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +100,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig | None = None
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -74,6 +111,8 @@ _ENV: dict[str, tuple[str, str, type]] = {
     "BERTH_STORAGE_ROOT": ("storage", "root", Path),
     "BERTH_MAX_MANIFEST_BYTES": ("limits", "max_manifest_bytes", int),
     "BERTH_LOG_LEVEL": ("log", "level", str),
+    "BERTH_LOG_FORMAT": ("log", "format", str),
+    "BERTH_REGION": ("replication", "region", str),
 }
 
 _SECTIONS: dict[str, type] = {
@@ -112,6 +151,67 @@ def _section(name: str, cls: type, raw: Any) -> Any:
     return cls(**values)
 
 
+_PEER_FIELDS = {f.name: f for f in dataclasses.fields(PeerConfig)}
+
+
+def _peer(index: int, raw: Any) -> PeerConfig:
+    where = f"replication.peers[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    unknown = set(raw) - set(_PEER_FIELDS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    for key in ("name", "url"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ConfigError(f"{where}.{key} is required")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("password_file", "ca_file"):
+            values[key] = Path(str(value)) if value else None
+        elif key == "tls_verify":
+            values[key] = bool(value)
+        elif key in ("concurrency", "chunk_size_mb"):
+            values[key] = int(value)
+        elif key == "bandwidth_limit_mbps":
+            values[key] = float(value)
+        else:
+            values[key] = str(value)
+    peer = PeerConfig(**values)
+    if peer.kind not in ("berth", "oci"):
+        raise ConfigError(f"{where}.kind must be 'berth' or 'oci', got {peer.kind!r}")
+    if not peer.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.url must start with http:// or https://")
+    if peer.concurrency < 1 or peer.chunk_size_mb < 1:
+        raise ConfigError(f"{where}: concurrency and chunk_size_mb must be >= 1")
+    return peer
+
+
+def _replication(raw: Any) -> ReplicationConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("replication: expected a mapping")
+    known = {f.name for f in dataclasses.fields(ReplicationConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"replication: unknown keys {sorted(unknown)}")
+    peers_raw = raw.get("peers") or []
+    if not isinstance(peers_raw, list):
+        raise ConfigError("replication.peers: expected a list")
+    peers = tuple(_peer(i, p) for i, p in enumerate(peers_raw))
+    names = [p.name for p in peers]
+    if len(set(names)) != len(names):
+        raise ConfigError("replication.peers: peer names must be unique")
+    try:
+        return ReplicationConfig(
+            region=str(raw.get("region") or ""),
+            peers=peers,
+            anti_entropy_interval_seconds=float(raw.get("anti_entropy_interval_seconds", 60)),
+            tombstone_ttl_seconds=float(raw.get("tombstone_ttl_seconds", 7 * 24 * 3600)),
+            retry_max_seconds=float(raw.get("retry_max_seconds", 30)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"replication: {exc}") from None
+
+
 def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
     env = dict(os.environ) if env is None else env
     raw: dict[str, Any] = {}
@@ -123,7 +223,7 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         raw = loaded
-    unknown = set(raw) - set(_SECTIONS)
+    unknown = set(raw) - set(_SECTIONS) - {"replication"}
     if unknown:
         raise ConfigError(f"unknown sections {sorted(unknown)}")
     sections = {
@@ -131,6 +231,8 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
         for name, cls in _SECTIONS.items()
         if name in raw and raw[name] is not None
     }
+    if raw.get("replication") is not None:
+        sections["replication"] = _replication(raw["replication"])
     config = Config(**sections)
     for var, (section, key, kind) in _ENV.items():
         if var in env and env[var] != "":
@@ -154,5 +256,20 @@ def _validate(config: Config) -> None:
         raise ConfigError("http.workers must be >= 1")
     if config.storage.index != "sqlite":
         raise ConfigError(f"storage.index: unknown index backend {config.storage.index!r}")
+    if config.replication.peers and not config.replication.region:
+        raise ConfigError("replication.region is required when peers are configured")
     if config.limits.max_manifest_bytes < 1024:
         raise ConfigError("limits.max_manifest_bytes must be at least 1024")
+    if config.auth is not None:
+        _validate_auth(config.auth, config.http.workers)
+
+
+def _validate_auth(auth: AuthConfig, workers: int) -> None:
+    if auth.signing_key is None and workers > 1:
+        raise ConfigError("auth.signing_key is required when http.workers > 1")
+    if auth.token_ttl_seconds < 1 or auth.refresh_token_ttl_seconds < 1:
+        raise ConfigError("auth token lifetimes must be at least one second")
+    if auth.reload_interval_seconds <= 0:
+        raise ConfigError("auth.reload_interval_seconds must be positive")
+    if auth.failure_limit < 0 or auth.failure_window_seconds < 0:
+        raise ConfigError("auth.failure_limit and auth.failure_window_seconds must be >= 0")

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from registry_server.protocol.versions import Stamp
+
 
 @dataclass(frozen=True)
 class ManifestRecord:
@@ -36,6 +38,34 @@ class NewManifest:
     child_refs: Sequence[str]
 
 
+@dataclass(frozen=True)
+class TagState:
+    """A tag's replicated state; ``digest`` is None for a tombstone (a replicated delete)."""
+
+    name: str
+    digest: str | None
+    version: int
+    origin: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the replication log, delivered to every peer in ``seq`` order.
+
+    ``op`` is "tag" (tag -> digest), "manifest" (an untagged manifest such as a referrer),
+    "delete_tag" or "delete_manifest".
+    """
+
+    seq: int
+    repo: str
+    op: str
+    tag: str | None
+    digest: str | None
+    version: int
+    origin: str
+    created: float
+
+
 class MetadataIndex(Protocol):
     async def close(self) -> None: ...
 
@@ -43,13 +73,24 @@ class MetadataIndex(Protocol):
         """Raise if the index cannot be read (readiness)."""
 
     # manifests and tags
-    async def put_manifest(self, repo: str, manifest: NewManifest, tags: Sequence[str]) -> None: ...
+    async def put_manifest(
+        self, repo: str, manifest: NewManifest, tags: Sequence[str], stamp: Stamp | None = None
+    ) -> list[str]:
+        """Store a manifest and point ``tags`` at it; returns the tags actually moved.
+
+        Without ``stamp`` this is a local push: it gets the next clock version and is
+        logged for every peer in the same transaction. With a ``stamp`` it is a replicated
+        change, applied per tag only where it wins (last writer wins) and not logged again.
+        """
+
     async def get_manifest(
         self, repo: str, digest: str, content: bool = True
     ) -> ManifestRecord | None: ...
     async def resolve_tag(self, repo: str, tag: str) -> str | None: ...
-    async def delete_manifest(self, repo: str, digest: str) -> bool: ...
-    async def delete_tag(self, repo: str, tag: str) -> bool: ...
+    async def delete_manifest(self, repo: str, digest: str, stamp: Stamp | None = None) -> bool:
+        """Delete a manifest and tombstone its tags (a replicated delete spares newer tags)."""
+
+    async def delete_tag(self, repo: str, tag: str, stamp: Stamp | None = None) -> bool: ...
     async def list_tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
         """Tags in lexical order after ``last``; None when the repository is unknown."""
 
@@ -68,3 +109,16 @@ class MetadataIndex(Protocol):
     async def unreferenced_blobs(self, older_than: float) -> list[str]: ...
     async def forget_blob(self, digest: str) -> bool:
         """Remove a blob's global record if still unreferenced; True when removed."""
+
+    # replication
+    async def pending_changes(self, peer: str, limit: int) -> list[Change]: ...
+    async def ack_change(self, peer: str, seq: int) -> None: ...
+    async def queue_stats(self, peer: str) -> tuple[int, float | None]:
+        """(number of undelivered changes, creation time of the oldest one)."""
+
+    async def repository_hashes(self, after: str, limit: int) -> list[tuple[str, str]]:
+        """(repository, hash of its tag states and referrers), by name, for anti-entropy."""
+
+    async def tag_states(self, repo: str) -> list[TagState]: ...
+    async def referrer_digests(self, repo: str) -> list[str]: ...
+    async def expire_tombstones(self, older_than: float) -> int: ...

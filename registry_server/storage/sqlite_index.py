@@ -9,6 +9,7 @@ another worker process never blocks the loop.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -16,7 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from registry_server.storage.index import ManifestRecord, NewManifest
+from registry_server.protocol import versions
+from registry_server.protocol.versions import Stamp
+from registry_server.storage.index import Change, ManifestRecord, NewManifest, TagState
 
 T = TypeVar("T")
 
@@ -64,9 +67,35 @@ CREATE TABLE IF NOT EXISTS tags (
     name TEXT NOT NULL,
     digest TEXT NOT NULL,
     updated REAL NOT NULL,
+    version INTEGER NOT NULL,
+    origin TEXT NOT NULL,
     PRIMARY KEY (repo_id, name)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tags_digest ON tags(repo_id, digest);
+-- A replicated delete: remembered so an older write arriving later cannot resurrect the tag.
+CREATE TABLE IF NOT EXISTS tombstones (
+    repo_id INTEGER NOT NULL REFERENCES repositories(id),
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    deleted REAL NOT NULL,
+    PRIMARY KEY (repo_id, name)
+) WITHOUT ROWID;
+-- The hybrid logical clock, shared by every worker process through the database.
+CREATE TABLE IF NOT EXISTS clock (id INTEGER PRIMARY KEY CHECK (id = 0), last INTEGER NOT NULL);
+INSERT OR IGNORE INTO clock(id, last) VALUES (0, 0);
+-- The replication log: written in the same transaction as the change it records.
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    repo TEXT NOT NULL,
+    op TEXT NOT NULL,
+    tag TEXT,
+    digest TEXT,
+    version INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS peer_cursors (peer TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
 
 
@@ -80,13 +109,22 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class SqliteIndex:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, region: str = "", peers: Sequence[str] = ()) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.region = region
+        self.peers = tuple(peers)
         self._writer = _connect(path)
         self._writer.executescript(_SCHEMA)
         # FULL on the writer: a committed tag survives power loss, not just a process kill.
         self._writer.execute("PRAGMA synchronous=FULL")
+        for peer in self.peers:
+            # A new peer starts at the end of the log; anti-entropy backfills what came before.
+            self._writer.execute(
+                "INSERT OR IGNORE INTO peer_cursors(peer, seq)"
+                " SELECT ?, COALESCE(MAX(seq), 0) FROM changes",
+                (peer,),
+            )
         self._reader = _connect(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
 
@@ -131,11 +169,71 @@ class SqliteIndex:
 
     # -- manifests and tags --------------------------------------------------------------
 
-    async def put_manifest(self, repo: str, manifest: NewManifest, tags: Sequence[str]) -> None:
-        def tx(conn: sqlite3.Connection) -> None:
-            repo_id = self._repo_id(conn, repo, create=True)
-            now = time.time()
+    # -- versions and the replication log ------------------------------------------------
+
+    @staticmethod
+    def _tick(conn: sqlite3.Connection) -> int:
+        last = conn.execute("SELECT last FROM clock WHERE id = 0").fetchone()[0]
+        version = versions.tick(int(last), int(time.time() * 1000))
+        conn.execute("UPDATE clock SET last = ? WHERE id = 0", (version,))
+        return version
+
+    @staticmethod
+    def _observe(conn: sqlite3.Connection, version: int) -> None:
+        conn.execute("UPDATE clock SET last = MAX(last, ?) WHERE id = 0", (version,))
+
+    def _stamp(self, conn: sqlite3.Connection, stamp: Stamp | None) -> Stamp:
+        if stamp is None:
+            return Stamp(self._tick(conn), self.region)
+        self._observe(conn, stamp.version)
+        return stamp
+
+    @staticmethod
+    def _current(conn: sqlite3.Connection, repo_id: int, tag: str) -> Stamp | None:
+        row = conn.execute(
+            "SELECT version, origin FROM tags WHERE repo_id = ? AND name = ?"
+            " UNION ALL SELECT version, origin FROM tombstones WHERE repo_id = ? AND name = ?",
+            (repo_id, tag, repo_id, tag),
+        ).fetchall()
+        return max((Stamp(int(v), str(o)) for v, o in row), default=None)
+
+    def _log(
+        self,
+        conn: sqlite3.Connection,
+        repo: str,
+        op: str,
+        tag: str | None,
+        digest: str | None,
+        stamp: Stamp,
+    ) -> None:
+        if self.peers:
             conn.execute(
+                "INSERT INTO changes(repo, op, tag, digest, version, origin, created)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (repo, op, tag, digest, stamp.version, stamp.origin, time.time()),
+            )
+
+    def _tombstone(self, conn: sqlite3.Connection, repo_id: int, tag: str, stamp: Stamp) -> None:
+        conn.execute("DELETE FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag))
+        conn.execute(
+            "INSERT INTO tombstones(repo_id, name, version, origin, deleted) VALUES (?,?,?,?,?)"
+            " ON CONFLICT(repo_id, name) DO UPDATE SET version=excluded.version,"
+            " origin=excluded.origin, deleted=excluded.deleted",
+            (repo_id, tag, stamp.version, stamp.origin, time.time()),
+        )
+
+    # -- manifests and tags --------------------------------------------------------------
+
+    async def put_manifest(
+        self, repo: str, manifest: NewManifest, tags: Sequence[str], stamp: Stamp | None = None
+    ) -> list[str]:
+        local = stamp is None
+
+        def tx(conn: sqlite3.Connection) -> list[str]:
+            repo_id = self._repo_id(conn, repo, create=True)
+            assert repo_id is not None
+            now = time.time()
+            cur = conn.execute(
                 "INSERT OR IGNORE INTO manifests(repo_id, digest, media_type, size, content,"
                 " artifact_type, subject, annotations, created) VALUES (?,?,?,?,?,?,?,?,?)",
                 (
@@ -156,14 +254,29 @@ class SqliteIndex:
                 [(repo_id, manifest.digest, d, "blob") for d in manifest.blob_refs]
                 + [(repo_id, manifest.digest, d, "manifest") for d in manifest.child_refs],
             )
-            conn.executemany(
-                "INSERT INTO tags(repo_id, name, digest, updated) VALUES (?,?,?,?)"
-                " ON CONFLICT(repo_id, name) DO UPDATE SET digest=excluded.digest,"
-                " updated=excluded.updated",
-                [(repo_id, t, manifest.digest, now) for t in tags],
-            )
+            version = self._stamp(conn, stamp)
+            applied: list[str] = []
+            for tag in tags:
+                if not local and not versions.wins(version, self._current(conn, repo_id, tag)):
+                    continue
+                conn.execute(
+                    "DELETE FROM tombstones WHERE repo_id = ? AND name = ?", (repo_id, tag)
+                )
+                conn.execute(
+                    "INSERT INTO tags(repo_id, name, digest, updated, version, origin)"
+                    " VALUES (?,?,?,?,?,?) ON CONFLICT(repo_id, name) DO UPDATE SET"
+                    " digest=excluded.digest, updated=excluded.updated,"
+                    " version=excluded.version, origin=excluded.origin",
+                    (repo_id, tag, manifest.digest, now, version.version, version.origin),
+                )
+                applied.append(tag)
+                if local:
+                    self._log(conn, repo, "tag", tag, manifest.digest, version)
+            if local and not tags and cur.rowcount > 0:
+                self._log(conn, repo, "manifest", None, manifest.digest, version)
+            return applied
 
-        await self._write(tx)
+        return await self._write(tx)
 
     async def get_manifest(
         self, repo: str, digest: str, content: bool = True
@@ -185,31 +298,67 @@ class SqliteIndex:
         ).fetchone()
         return str(row[0]) if row else None
 
-    async def delete_manifest(self, repo: str, digest: str) -> bool:
+    async def delete_manifest(self, repo: str, digest: str, stamp: Stamp | None = None) -> bool:
+        local = stamp is None
+
         def tx(conn: sqlite3.Connection) -> bool:
             repo_id = self._repo_id(conn, repo, create=False)
             if repo_id is None:
                 return False
-            cur = conn.execute(
+            if (
+                conn.execute(
+                    "SELECT 1 FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest)
+                ).fetchone()
+                is None
+            ):
+                return False
+            version = self._stamp(conn, stamp)
+            tags = conn.execute(
+                "SELECT name, version, origin FROM tags WHERE repo_id = ? AND digest = ?",
+                (repo_id, digest),
+            ).fetchall()
+            surviving = False
+            for name, tag_version, tag_origin in tags:
+                if versions.wins(version, Stamp(int(tag_version), str(tag_origin))):
+                    self._tombstone(conn, repo_id, name, version)
+                else:
+                    surviving = True  # a newer tag elsewhere still wants this manifest
+            if surviving:
+                return True
+            conn.execute(
                 "DELETE FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest)
             )
-            if cur.rowcount == 0:
-                return False
             conn.execute(
                 "DELETE FROM manifest_refs WHERE repo_id = ? AND digest = ?", (repo_id, digest)
             )
-            conn.execute("DELETE FROM tags WHERE repo_id = ? AND digest = ?", (repo_id, digest))
+            if local:
+                self._log(conn, repo, "delete_manifest", None, digest, version)
             return True
 
         return await self._write(tx)
 
-    async def delete_tag(self, repo: str, tag: str) -> bool:
+    async def delete_tag(self, repo: str, tag: str, stamp: Stamp | None = None) -> bool:
+        local = stamp is None
+
         def tx(conn: sqlite3.Connection) -> bool:
-            repo_id = self._repo_id(conn, repo, create=False)
+            repo_id = self._repo_id(conn, repo, create=stamp is not None)
             if repo_id is None:
                 return False
-            cur = conn.execute("DELETE FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag))
-            return cur.rowcount > 0
+            exists = (
+                conn.execute(
+                    "SELECT 1 FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag)
+                ).fetchone()
+                is not None
+            )
+            if local and not exists:
+                return False
+            version = self._stamp(conn, stamp)
+            if not local and not versions.wins(version, self._current(conn, repo_id, tag)):
+                return exists
+            self._tombstone(conn, repo_id, tag, version)
+            if local:
+                self._log(conn, repo, "delete_tag", tag, None, version)
+            return True
 
         return await self._write(tx)
 
@@ -330,5 +479,92 @@ class SqliteIndex:
                 (digest, digest, digest),
             )
             return cur.rowcount > 0
+
+        return await self._write(tx)
+
+    # -- replication ---------------------------------------------------------------------
+
+    async def pending_changes(self, peer: str, limit: int) -> list[Change]:
+        rows = self._reader.execute(
+            "SELECT c.seq, c.repo, c.op, c.tag, c.digest, c.version, c.origin, c.created"
+            " FROM changes c JOIN peer_cursors p ON p.peer = ? WHERE c.seq > p.seq"
+            " ORDER BY c.seq LIMIT ?",
+            (peer, limit),
+        ).fetchall()
+        return [Change(*r) for r in rows]
+
+    async def ack_change(self, peer: str, seq: int) -> None:
+        peers = self.peers
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE peer_cursors SET seq = MAX(seq, ?) WHERE peer = ?", (seq, peer))
+            # Entries every configured peer has are no longer needed.
+            marks = ",".join("?" * len(peers))
+            conn.execute(
+                f"DELETE FROM changes WHERE seq <= (SELECT MIN(seq) FROM peer_cursors"
+                f" WHERE peer IN ({marks}))",
+                peers,
+            )
+
+        await self._write(tx)
+
+    async def queue_stats(self, peer: str) -> tuple[int, float | None]:
+        row = self._reader.execute(
+            "SELECT COUNT(*), MIN(c.created) FROM changes c JOIN peer_cursors p ON p.peer = ?"
+            " WHERE c.seq > p.seq",
+            (peer,),
+        ).fetchone()
+        return int(row[0]), (float(row[1]) if row[1] is not None else None)
+
+    async def repository_hashes(self, after: str, limit: int) -> list[tuple[str, str]]:
+        repos = self._reader.execute(
+            "SELECT id, name FROM repositories WHERE name > ? ORDER BY name LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        out = []
+        for repo_id, name in repos:
+            h = hashlib.sha256()
+            for row in self._reader.execute(
+                "SELECT name, digest, version, origin FROM tags WHERE repo_id = ?"
+                " UNION ALL SELECT name, NULL, version, origin FROM tombstones WHERE repo_id = ?"
+                " ORDER BY 1",
+                (repo_id, repo_id),
+            ):
+                h.update(repr(tuple(row)).encode())
+            for (digest,) in self._reader.execute(
+                "SELECT digest FROM manifests WHERE repo_id = ? AND subject IS NOT NULL"
+                " ORDER BY digest",
+                (repo_id,),
+            ):
+                h.update(digest.encode())
+            out.append((str(name), h.hexdigest()))
+        return out
+
+    async def tag_states(self, repo: str) -> list[TagState]:
+        repo_id = self._read_repo_id(repo)
+        if repo_id is None:
+            return []
+        rows = self._reader.execute(
+            "SELECT name, digest, version, origin FROM tags WHERE repo_id = ?"
+            " UNION ALL SELECT name, NULL, version, origin FROM tombstones WHERE repo_id = ?"
+            " ORDER BY 1",
+            (repo_id, repo_id),
+        ).fetchall()
+        return [TagState(str(n), d, int(v), str(o)) for n, d, v, o in rows]
+
+    async def referrer_digests(self, repo: str) -> list[str]:
+        repo_id = self._read_repo_id(repo)
+        if repo_id is None:
+            return []
+        rows = self._reader.execute(
+            "SELECT digest FROM manifests WHERE repo_id = ? AND subject IS NOT NULL"
+            " ORDER BY digest",
+            (repo_id,),
+        ).fetchall()
+        return [str(r[0]) for r in rows]
+
+    async def expire_tombstones(self, older_than: float) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM tombstones WHERE deleted < ?", (older_than,)).rowcount
 
         return await self._write(tx)
