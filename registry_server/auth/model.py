@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,65 @@ class OpenAccess:
 
     async def allowed(self, principal: Principal, access: Access) -> bool:
         return True
+
+
+# --- the token endpoint and the request context (optional parts of an Authorizer) ----------
+
+# "scheme://host[:port]" of the request being served, set by the HTTP layer, so that a
+# challenge's realm can point back at this server when no external URL is configured.
+REQUEST_ORIGIN: ContextVar[str] = ContextVar("berth_request_origin", default="")
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """A request to the token endpoint, already taken apart by the HTTP layer."""
+
+    client: str
+    scopes: tuple[str, ...] = ()
+    service: str | None = None
+    authorization: str | None = None  # GET: the Authorization header (Basic or none)
+    grant_type: str | None = None  # POST: "password" | "refresh_token"
+    username: str | None = None
+    password: str | None = None
+    refresh_token: str | None = None
+    offline: bool = False  # also return a refresh token
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str
+    expires_in: int
+    issued_at: str  # RFC 3339
+    scope: str  # what was granted, in scope syntax
+    refresh_token: str | None = None
+
+
+class TokenError(Exception):
+    """The token endpoint refuses a request; rendered as an OAuth2 error body."""
+
+    def __init__(
+        self, status: int, error: str, description: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(f"{error}: {description}")
+        self.status = status
+        self.error = error
+        self.description = description
+        self.headers = dict(headers or {})
+
+
+@runtime_checkable
+class TokenIssuer(Protocol):
+    async def issue_token(self, request: TokenRequest) -> IssuedToken:
+        """Authenticate the request and issue a token for what policy allows of its scopes.
+
+        Raises TokenError (bad request, bad credentials) or RegistryError TOO_MANY_REQUESTS.
+        """
+
+
+@runtime_checkable
+class Background(Protocol):
+    """An Authorizer with work of its own (file watching) around the server's lifetime."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...

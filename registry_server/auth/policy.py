@@ -1,0 +1,253 @@
+"""The access policy file: users, robots, admins and per-repository rules (pure: no I/O).
+
+The format is described in docs/auth.md. Parsing is strict (unknown keys, duplicate names
+and non-bcrypt hashes are errors) so that a typo never silently grants or removes access;
+the caller keeps the previous policy when parsing fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from registry_server.auth import htpasswd, scopes
+
+ANY_ACCOUNT = "*"  # in a rule's pull/push/delete lists: every authenticated account
+
+
+class PolicyError(ValueError):
+    """The policy document is invalid; the message names the entry and the reason."""
+
+
+@dataclass(frozen=True)
+class Account:
+    """Someone who can log in: a user (people) or a robot (machines)."""
+
+    name: str
+    kind: str  # "user" | "robot"
+    secret_hash: str  # bcrypt
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Actions on the repositories matching a pattern."""
+
+    repository: str
+    actions: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    repository: str
+    pull: frozenset[str] = frozenset()
+    push: frozenset[str] = frozenset()
+    delete: frozenset[str] = frozenset()
+    anonymous_pull: bool = False
+
+    def actions_for(self, name: str | None) -> set[str]:
+        found: set[str] = set()
+        if name is None:
+            if self.anonymous_pull:
+                found.add("pull")
+            return found
+        for action, who in (("pull", self.pull), ("push", self.push), ("delete", self.delete)):
+            if name in who or ANY_ACCOUNT in who:
+                found.add(action)
+        if self.anonymous_pull:
+            found.add("pull")  # what anyone may do, an account may do too
+        return found
+
+
+@dataclass(frozen=True)
+class Policy:
+    admins: frozenset[str] = frozenset()
+    accounts: Mapping[str, Account] = field(default_factory=dict)
+    robot_access: Mapping[str, tuple[Grant, ...]] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
+
+    def actions(self, name: str | None, repository: str) -> frozenset[str]:
+        """What ``name`` (None: anonymous) may do on ``repository``.
+
+        Grants add up; there are no deny rules. ``push`` includes ``pull``: every push
+        starts by reading what is already there.
+        """
+        if name is not None and name in self.admins:
+            return scopes.REPOSITORY_ACTIONS
+        found: set[str] = set()
+        for rule in self.rules:
+            if scopes.matches(rule.repository, repository):
+                found |= rule.actions_for(name)
+        if name is not None:
+            for grant in self.robot_access.get(name, ()):
+                if scopes.matches(grant.repository, repository):
+                    found |= grant.actions
+        if "push" in found:
+            found.add("pull")
+        return frozenset(found)
+
+    def catalog(self, name: str | None) -> bool:
+        """Whether ``name`` may list the catalog (filtered to what it may pull)."""
+        if name is not None:
+            return True
+        return any(rule.anonymous_pull for rule in self.rules)
+
+
+# Without a policy file every account that can log in may do everything, and anonymous
+# callers nothing: the behaviour of an htpasswd-only registry.
+AUTHENTICATED_FULL_ACCESS = Policy(
+    rules=(
+        Rule(
+            "**",
+            pull=frozenset({ANY_ACCOUNT}),
+            push=frozenset({ANY_ACCOUNT}),
+            delete=frozenset({ANY_ACCOUNT}),
+        ),
+    )
+)
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+_TOP = {"version", "admins", "users", "robots", "rules"}
+
+
+def _mapping(value: Any, where: str, allowed: set[str], required: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PolicyError(f"{where}: expected a mapping")
+    unknown = set(value) - allowed
+    if unknown:
+        raise PolicyError(f"{where}: unknown keys {sorted(map(str, unknown))}")
+    missing = required - set(value)
+    if missing:
+        raise PolicyError(f"{where}: missing keys {sorted(missing)}")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PolicyError(f"{where}: expected a list")
+    return value
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value or value != value.strip() or ":" in value:
+        raise PolicyError(f"{where}: expected a non-empty name without ':' or outer spaces")
+    return value
+
+
+def _names(value: Any, where: str) -> frozenset[str]:
+    items = _list(value, where)
+    return frozenset(
+        item if item == ANY_ACCOUNT else _name(item, f"{where}[{i}]")
+        for i, item in enumerate(items)
+    )
+
+
+def _pattern(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise PolicyError(f"{where}: expected a repository name or pattern")
+    try:
+        scopes.compile_pattern(value)
+    except scopes.PatternError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
+    return value
+
+
+def _hash(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not htpasswd.is_bcrypt(value):
+        raise PolicyError(f"{where}: expected a bcrypt hash ($2a$, $2b$ or $2y$)")
+    return value
+
+
+def _actions(value: Any, where: str) -> frozenset[str]:
+    items = _list(value, where)
+    actions: set[str] = set()
+    for i, item in enumerate(items):
+        if item == "*":
+            actions |= scopes.REPOSITORY_ACTIONS
+        elif item in scopes.REPOSITORY_ACTIONS:
+            actions.add(item)
+        else:
+            raise PolicyError(f"{where}[{i}]: expected one of pull, push, delete, *")
+    if not actions:
+        raise PolicyError(f"{where}: expected at least one action")
+    return frozenset(actions)
+
+
+def _add_account(accounts: dict[str, Account], account: Account, where: str) -> None:
+    if account.name in accounts:
+        raise PolicyError(f"{where}: the name {account.name!r} is used twice")
+    accounts[account.name] = account
+
+
+def parse(document: Any) -> Policy:
+    """A policy from a decoded YAML/JSON document."""
+    top = _mapping(document, "policy", _TOP, set())
+    version = top.get("version", 1)
+    if version != 1:
+        raise PolicyError(f"version: unsupported version {version!r} (expected 1)")
+    accounts: dict[str, Account] = {}
+    robot_access: dict[str, tuple[Grant, ...]] = {}
+    for i, raw in enumerate(_list(top.get("users"), "users")):
+        where = f"users[{i}]"
+        entry = _mapping(raw, where, {"name", "password_hash"}, {"name", "password_hash"})
+        account = Account(
+            _name(entry["name"], f"{where}.name"),
+            "user",
+            _hash(entry["password_hash"], f"{where}.password_hash"),
+        )
+        _add_account(accounts, account, where)
+    for i, raw in enumerate(_list(top.get("robots"), "robots")):
+        where = f"robots[{i}]"
+        entry = _mapping(raw, where, {"name", "secret_hash", "access"}, {"name", "secret_hash"})
+        account = Account(
+            _name(entry["name"], f"{where}.name"),
+            "robot",
+            _hash(entry["secret_hash"], f"{where}.secret_hash"),
+        )
+        _add_account(accounts, account, where)
+        grants = []
+        for j, graw in enumerate(_list(entry.get("access"), f"{where}.access")):
+            gwhere = f"{where}.access[{j}]"
+            g = _mapping(graw, gwhere, {"repository", "actions"}, {"repository", "actions"})
+            grants.append(
+                Grant(
+                    _pattern(g["repository"], f"{gwhere}.repository"),
+                    _actions(g["actions"], f"{gwhere}.actions"),
+                )
+            )
+        robot_access[account.name] = tuple(grants)
+    rules = []
+    for i, raw in enumerate(_list(top.get("rules"), "rules")):
+        where = f"rules[{i}]"
+        entry = _mapping(
+            raw, where, {"repository", "pull", "push", "delete", "anonymous_pull"}, {"repository"}
+        )
+        anonymous = entry.get("anonymous_pull", False)
+        if not isinstance(anonymous, bool):
+            raise PolicyError(f"{where}.anonymous_pull: expected true or false")
+        rules.append(
+            Rule(
+                _pattern(entry["repository"], f"{where}.repository"),
+                pull=_names(entry.get("pull"), f"{where}.pull"),
+                push=_names(entry.get("push"), f"{where}.push"),
+                delete=_names(entry.get("delete"), f"{where}.delete"),
+                anonymous_pull=anonymous,
+            )
+        )
+    admins = _names(top.get("admins"), "admins")
+    if ANY_ACCOUNT in admins:
+        raise PolicyError("admins: '*' is not allowed; name each admin")
+    return Policy(admins=admins, accounts=accounts, robot_access=robot_access, rules=tuple(rules))
+
+
+def names_in(policy: Policy) -> Iterable[str]:
+    """Every account name the policy refers to (for warnings about unknown names)."""
+    seen = set(policy.admins)
+    for rule in policy.rules:
+        seen |= rule.pull | rule.push | rule.delete
+    seen.discard(ANY_ACCOUNT)
+    return sorted(seen)

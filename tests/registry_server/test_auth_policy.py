@@ -1,0 +1,186 @@
+"""The policy file format and what it grants (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from registry_server.auth import policy
+from registry_server.auth.directory import Directory
+from registry_server.auth.model import CATALOG, Access
+
+HASH = "$2b$05$" + "b" * 53
+
+DOCUMENT: dict[str, Any] = {
+    "version": 1,
+    "admins": ["root"],
+    "users": [
+        {"name": "alice", "password_hash": HASH},
+        {"name": "root", "password_hash": HASH},
+    ],
+    "robots": [
+        {
+            "name": "team-a-puller",
+            "secret_hash": HASH,
+            "access": [{"repository": "team-a/api", "actions": ["pull"]}],
+        },
+        {
+            "name": "ci",
+            "secret_hash": HASH,
+            "access": [{"repository": "team-a/**", "actions": ["push"]}],
+        },
+    ],
+    "rules": [
+        {"repository": "team-a/*", "pull": ["alice"], "delete": ["alice"]},
+        {"repository": "public/*", "anonymous_pull": True, "push": ["alice"]},
+        {"repository": "shared", "pull": ["*"]},
+    ],
+}
+
+
+def test_parse_full_document() -> None:
+    p = policy.parse(DOCUMENT)
+    assert p.admins == {"root"}
+    assert {n: a.kind for n, a in p.accounts.items()} == {
+        "alice": "user",
+        "root": "user",
+        "team-a-puller": "robot",
+        "ci": "robot",
+    }
+    assert p.robot_access["ci"] == (policy.Grant("team-a/**", frozenset({"push"})),)
+    assert len(p.rules) == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "repository", "expected"),
+    [
+        ("root", "anything/at/all", {"pull", "push", "delete"}),  # admin
+        ("alice", "team-a/api", {"pull", "delete"}),
+        ("alice", "team-a/x/y", set()),  # '*' stays within one component
+        ("alice", "public/tool", {"pull", "push"}),
+        ("alice", "shared", {"pull"}),  # '*' in a list: every account
+        ("team-a-puller", "team-a/api", {"pull"}),
+        ("team-a-puller", "team-a/web", set()),
+        ("team-a-puller", "public/x", {"pull"}),  # anonymous pull applies to accounts too
+        ("ci", "team-a/x/y", {"pull", "push"}),  # push includes pull
+        (None, "public/tool", {"pull"}),
+        (None, "team-a/api", set()),
+        (None, "shared", set()),  # '*' means authenticated accounts, not anonymous
+        ("stranger", "team-a/api", set()),
+    ],
+)
+def test_actions(name: str | None, repository: str, expected: set[str]) -> None:
+    assert policy.parse(DOCUMENT).actions(name, repository) == expected
+
+
+def test_catalog_access() -> None:
+    p = policy.parse(DOCUMENT)
+    assert p.catalog("alice")
+    assert p.catalog(None)  # some repository allows anonymous pull
+    closed = policy.parse({"rules": [{"repository": "a", "pull": ["alice"]}]})
+    assert not closed.catalog(None)
+
+
+def _with(**changes: Any) -> dict[str, Any]:
+    return {**DOCUMENT, **changes}
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ([], "expected a mapping"),
+        (_with(extra=1), "unknown keys"),
+        (_with(version=2), "unsupported version"),
+        (_with(users=[{"name": "x"}]), "missing keys"),
+        (_with(users=[{"name": "x", "password_hash": "$apr1$x$y"}]), "bcrypt"),
+        (_with(users=[{"name": "x", "password_hash": HASH, "pasword": 1}]), "unknown keys"),
+        (_with(users=[{"name": "", "password_hash": HASH}]), "non-empty name"),
+        (_with(users=[{"name": "a:b", "password_hash": HASH}]), "non-empty name"),
+        (
+            _with(users=[{"name": "ci", "password_hash": HASH}]),
+            "used twice",
+        ),  # clashes with a robot
+        (_with(robots=[{"name": "r", "secret_hash": "plain"}]), "bcrypt"),
+        (
+            _with(
+                robots=[
+                    {
+                        "name": "r",
+                        "secret_hash": HASH,
+                        "access": [{"repository": "a", "actions": ["fly"]}],
+                    }
+                ]
+            ),
+            "one of pull, push, delete",
+        ),
+        (
+            _with(
+                robots=[
+                    {
+                        "name": "r",
+                        "secret_hash": HASH,
+                        "access": [{"repository": "a", "actions": []}],
+                    }
+                ]
+            ),
+            "at least one action",
+        ),
+        (_with(rules=[{"pull": ["alice"]}]), "missing keys"),
+        (_with(rules=[{"repository": "Team/A"}]), "invalid repository pattern"),
+        (_with(rules=[{"repository": "a", "anonymous_pull": "yes"}]), "true or false"),
+        (_with(rules=[{"repository": "a", "pull": "alice"}]), "expected a list"),
+        (_with(rules=[{"repository": "a", "pul": ["alice"]}]), "unknown keys"),
+        (_with(admins=["*"]), "not allowed"),
+    ],
+)
+def test_invalid_documents(document: Any, message: str) -> None:
+    with pytest.raises(policy.PolicyError, match=message):
+        policy.parse(document)
+
+
+def test_empty_policy_grants_nothing() -> None:
+    p = policy.parse({})
+    assert p.actions("alice", "a") == frozenset()
+    assert p.actions(None, "a") == frozenset()
+
+
+# --- the directory: accounts from both files, grants as intersections -----------------
+
+
+def test_directory_without_policy_gives_accounts_everything() -> None:
+    d = Directory.build({"bob": HASH}, None)
+    assert d.permits("bob", Access.repository("any/repo", "pull", "push", "delete"))
+    assert not d.permits(None, Access.repository("any/repo", "pull"))
+    assert d.principal("bob").kind == "user"
+
+
+def test_directory_policy_accounts_win_over_htpasswd() -> None:
+    other = "$2b$05$" + "c" * 53
+    d = Directory.build({"alice": other, "hank": other}, policy.parse(DOCUMENT))
+    assert d.accounts["alice"].secret_hash == HASH
+    assert d.accounts["hank"].secret_hash == other
+    assert d.principal("root").kind == "admin"
+    assert d.principal("team-a-puller").kind == "robot"
+    assert d.principal(None).kind == "anonymous"
+
+
+def test_grant_is_the_intersection() -> None:
+    d = Directory.build({}, policy.parse(DOCUMENT))
+    asked = [
+        Access.repository("team-a/api", "pull", "push"),
+        Access.repository("team-b/api", "pull"),
+        Access.repository("public/tool", "*"),
+        Access.repository("Not_Valid", "pull"),
+        Access("registry", "catalog", frozenset({"*"})),
+        Access("registry", "other", frozenset({"*"})),
+    ]
+    assert d.grant("alice", asked) == [
+        Access.repository("team-a/api", "pull"),
+        Access.repository("public/tool", "pull", "push"),
+        CATALOG,
+    ]
+    assert d.grant(None, asked) == [Access.repository("public/tool", "pull"), CATALOG]
+    assert d.grant("root", [Access.repository("x", "*")]) == [
+        Access.repository("x", "pull", "push", "delete")
+    ]
