@@ -52,7 +52,7 @@ def _bind(cfg: config_mod.Config) -> socket.socket:
     return sock
 
 
-def _serve(cfg: config_mod.Config, sock: socket.socket) -> None:
+def _serve(cfg: config_mod.Config, sock: socket.socket, worker_id: int = 0) -> None:
     from aiohttp import web
 
     from registry_server.app import build_app
@@ -63,7 +63,7 @@ def _serve(cfg: config_mod.Config, sock: socket.socket) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
-    app = build_app(cfg)
+    app = build_app(cfg, worker_id)
     web.run_app(
         app, sock=sock, print=None, access_log=None, shutdown_timeout=10, handle_signals=True
     )
@@ -73,11 +73,11 @@ def _supervise(cfg: config_mod.Config, sock: socket.socket) -> int:
     """Fork workers that share the listening socket; restart none, stop all together."""
     log = logging.getLogger("registry_server")
     children: list[int] = []
-    for _ in range(cfg.http.workers):
+    for worker_id in range(cfg.http.workers):
         pid = os.fork()
         if pid == 0:
             try:
-                _serve(cfg, sock)
+                _serve(cfg, sock, worker_id)
             finally:
                 os._exit(0)
         children.append(pid)

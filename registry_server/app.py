@@ -6,7 +6,8 @@ from aiohttp import web
 
 from registry_server.auth.model import Authorizer, OpenAccess
 from registry_server.config import Config
-from registry_server.http import routes
+from registry_server.events.replicator import Replicator
+from registry_server.http import replication, routes, token
 from registry_server.http.context import SERVICES, Services
 from registry_server.http.errors import error_middleware
 from registry_server.http.health import metrics_middleware
@@ -30,26 +31,44 @@ def build_authorizer(config: Config) -> Authorizer:
     return configured.build(config.auth, config.http.external_url)
 
 
-def build_app(config: Config) -> web.Application:
+def build_app(config: Config, worker_id: int = 0) -> web.Application:
+    """The application for one worker process; worker 0 also runs replication."""
     driver = FilesystemDriver(config.storage.root)
-    index = SqliteIndex(config.storage.root / "index.db")
+    rep = config.replication
+    index = SqliteIndex(config.storage.root / "index.db", rep.region, [p.name for p in rep.peers])
     store = BlobStore(driver)
+    replicator = Replicator(rep, index, store) if rep.peers and worker_id == 0 else None
     svc = Services(
         blobs=BlobService(store, index),
-        manifests=ManifestService(index, config.limits.max_manifest_bytes),
+        manifests=ManifestService(
+            index,
+            config.limits.max_manifest_bytes,
+            on_change=replicator.wake if replicator is not None else None,
+        ),
         discovery=DiscoveryService(index),
         index=index,
         auth=build_authorizer(config),
         max_manifest_bytes=config.limits.max_manifest_bytes,
+        replicator=replicator,
+        region=rep.region,
     )
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware], client_max_size=_CLIENT_MAX_SIZE
     )
     app[SERVICES] = svc
     routes.add_routes(app)
+    token.setup(app)
+    replication.add_routes(app)
+
+    async def start(_: web.Application) -> None:
+        if replicator is not None:
+            await replicator.start()
 
     async def close(_: web.Application) -> None:
+        if replicator is not None:
+            await replicator.stop()
         await index.close()
 
+    app.on_startup.append(start)
     app.on_cleanup.append(close)
     return app

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from registry_server.auth.model import Authorizer
+from registry_server.events.replicator import Replicator
 from registry_server.services.blobs import BlobService
 from registry_server.services.discovery import DiscoveryService
 from registry_server.services.manifests import ManifestService
@@ -22,6 +23,8 @@ class Services:
     index: MetadataIndex
     auth: Authorizer
     max_manifest_bytes: int
+    replicator: Replicator | None = None
+    region: str = ""
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

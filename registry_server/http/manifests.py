@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from registry_server.auth.model import Principal
 from registry_server.http import body
 from registry_server.http.context import services
 from registry_server.http.errors import API_VERSION_HEADER
-from registry_server.protocol import errors, manifests
+from registry_server.http.replication import REPLICATION
+from registry_server.protocol import errors, manifests, versions
 
 
 def _accept(request: web.Request) -> list[str]:
@@ -40,12 +42,29 @@ async def get_manifest(request: web.Request, name: str, reference: str) -> web.R
     return web.Response(status=200, body=record.content, headers=headers)
 
 
-async def put_manifest(request: web.Request, name: str, reference: str) -> web.Response:
+async def _stamp(request: web.Request, principal: Principal) -> versions.Stamp | None:
+    """A replicated change's version, accepted only from principals allowed to replicate."""
+    stamp = versions.from_headers(
+        request.headers.get(versions.VERSION_HEADER), request.headers.get(versions.ORIGIN_HEADER)
+    )
+    if stamp is not None and not await services(request).auth.allowed(principal, REPLICATION):
+        raise errors.RegistryError(errors.DENIED, detail={"reason": "replication not allowed"})
+    return stamp
+
+
+async def put_manifest(
+    request: web.Request, name: str, reference: str, principal: Principal
+) -> web.Response:
     svc = services(request)
     content = await body.read_limited(request, svc.max_manifest_bytes)
     extra_tags = request.rel_url.query.getall("tag", [])
     result = await svc.manifests.put(
-        name, reference, content, request.headers.get("Content-Type"), extra_tags
+        name,
+        reference,
+        content,
+        request.headers.get("Content-Type"),
+        extra_tags,
+        await _stamp(request, principal),
     )
     headers = {
         **API_VERSION_HEADER,
@@ -60,6 +79,8 @@ async def put_manifest(request: web.Request, name: str, reference: str) -> web.R
     return web.Response(status=201, headers=headers)
 
 
-async def delete_manifest(request: web.Request, name: str, reference: str) -> web.Response:
-    await services(request).manifests.delete(name, reference)
+async def delete_manifest(
+    request: web.Request, name: str, reference: str, principal: Principal
+) -> web.Response:
+    await services(request).manifests.delete(name, reference, await _stamp(request, principal))
     return web.Response(status=202, headers={**API_VERSION_HEADER, "Content-Length": "0"})

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from registry_server.auth.model import CATALOG, Access, Principal
-from registry_server.http import blobs, discovery, health, manifests, uploads
+from registry_server.http import blobs, discovery, health, manifests, token, uploads
 from registry_server.http.context import services
 from registry_server.http.errors import API_VERSION_HEADER, METHOD_NOT_ALLOWED, ROUTE_UNKNOWN
 from registry_server.protocol import errors, names
@@ -44,8 +44,8 @@ ROUTES: tuple[Route, ...] = (
         r"^(?P<name>.+)/manifests/(?P<arg>[^/]+)$",
         get=(PULL, lambda r, m: manifests.get_manifest(r, m.name, m.arg)),
         head=(PULL, lambda r, m: manifests.get_manifest(r, m.name, m.arg)),
-        put=(PUSH, lambda r, m: manifests.put_manifest(r, m.name, m.arg)),
-        delete=(DELETE, lambda r, m: manifests.delete_manifest(r, m.name, m.arg)),
+        put=(PUSH, lambda r, m: manifests.put_manifest(r, m.name, m.arg, m.principal)),
+        delete=(DELETE, lambda r, m: manifests.delete_manifest(r, m.name, m.arg, m.principal)),
     ),
     _r(
         r"^(?P<name>.+)/blobs/uploads/?$",
@@ -123,3 +123,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("GET", "/healthz", health.healthz)
     app.router.add_route("GET", "/readyz", health.readyz)
     app.router.add_route("GET", "/metrics", health.metrics)
+    token.add_routes(app)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from registry_server.protocol import errors
+
 _COUNTER_BITS = 16
 
 
@@ -37,3 +39,26 @@ def wins(incoming: Stamp, current: Stamp | None) -> bool:
 
 def physical_ms(version: int) -> int:
     return version >> _COUNTER_BITS
+
+
+# Headers a replicating peer sends with a manifest PUT or DELETE to carry the change's
+# version; a plain client never sends them and gets a fresh local version instead.
+VERSION_HEADER = "Berth-Replication-Version"
+ORIGIN_HEADER = "Berth-Replication-Origin"
+
+
+def from_headers(version: str | None, origin: str | None) -> Stamp | None:
+    """The stamp a replicating peer sent, None for an ordinary request."""
+    if version is None and origin is None:
+        return None
+    try:
+        value = int(version or "")
+    except ValueError:
+        raise errors.RegistryError(
+            errors.MANIFEST_INVALID, detail={VERSION_HEADER: (version or "")[:40]}
+        ) from None
+    if value < 0 or not origin or len(origin) > 63:
+        raise errors.RegistryError(
+            errors.MANIFEST_INVALID, detail={ORIGIN_HEADER: (origin or "")[:80]}
+        )
+    return Stamp(value, origin)

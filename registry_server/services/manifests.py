@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from registry_server.protocol import digests, errors, manifests, names
+from registry_server.protocol.versions import Stamp
 from registry_server.storage.index import ManifestRecord, MetadataIndex, NewManifest
 
 # Layers that by definition live elsewhere (foreign / non-distributable) need not be pushed.
@@ -20,9 +21,16 @@ class PushResult:
 
 
 class ManifestService:
-    def __init__(self, index: MetadataIndex, max_bytes: int) -> None:
+    def __init__(
+        self,
+        index: MetadataIndex,
+        max_bytes: int,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         self.index = index
         self.max_bytes = max_bytes
+        # Called after a local change is committed (and logged), to wake replication.
+        self._on_change = on_change or (lambda: None)
 
     async def put(
         self,
@@ -31,7 +39,9 @@ class ManifestService:
         body: bytes,
         content_type: str | None,
         extra_tags: Sequence[str] = (),
+        stamp: Stamp | None = None,
     ) -> PushResult:
+        """Validate and store a manifest; ``stamp`` marks a change replicated from a peer."""
         if len(body) > self.max_bytes:
             raise errors.RegistryError(
                 errors.MANIFEST_TOO_LARGE, detail={"size": len(body), "limit": self.max_bytes}
@@ -63,7 +73,10 @@ class ManifestService:
                 child_refs=[str(d.digest) for d in parsed.children],
             ),
             tags,
+            stamp,
         )
+        if stamp is None:
+            self._on_change()
         return PushResult(str(digest), subject)
 
     async def _check_references(self, repo: str, parsed: manifests.Manifest) -> None:
@@ -96,10 +109,12 @@ class ManifestService:
             raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"reference": reference})
         return record
 
-    async def delete(self, repo: str, reference: str) -> None:
+    async def delete(self, repo: str, reference: str, stamp: Stamp | None = None) -> None:
         ref = names.parse_reference(reference)
         if isinstance(ref, digests.Digest):
-            if not await self.index.delete_manifest(repo, str(ref)):
+            if not await self.index.delete_manifest(repo, str(ref), stamp):
                 raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"digest": str(ref)})
-        elif not await self.index.delete_tag(repo, ref):
+        elif not await self.index.delete_tag(repo, ref, stamp):
             raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"tag": ref})
+        if stamp is None:
+            self._on_change()

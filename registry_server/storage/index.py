@@ -116,8 +116,8 @@ class MetadataIndex(Protocol):
     async def queue_stats(self, peer: str) -> tuple[int, float | None]:
         """(number of undelivered changes, creation time of the oldest one)."""
 
-    async def repository_hashes(self, after: str, limit: int) -> list[tuple[str, str]]:
-        """(repository, hash of its tag states and referrers), by name, for anti-entropy."""
+    async def repository_hash(self, repo: str) -> str | None:
+        """Hash of a repository's tag states and referrers (anti-entropy); None if unknown."""
 
     async def tag_states(self, repo: str) -> list[TagState]: ...
     async def referrer_digests(self, repo: str) -> list[str]: ...

@@ -219,7 +219,8 @@ class SqliteIndex:
             "INSERT INTO tombstones(repo_id, name, version, origin, deleted) VALUES (?,?,?,?,?)"
             " ON CONFLICT(repo_id, name) DO UPDATE SET version=excluded.version,"
             " origin=excluded.origin, deleted=excluded.deleted",
-            (repo_id, tag, stamp.version, stamp.origin, time.time()),
+            # Expiry counts from the change's own time, so every region forgets it together.
+            (repo_id, tag, stamp.version, stamp.origin, versions.physical_ms(stamp.version) / 1000),
         )
 
     # -- manifests and tags --------------------------------------------------------------
@@ -516,29 +517,25 @@ class SqliteIndex:
         ).fetchone()
         return int(row[0]), (float(row[1]) if row[1] is not None else None)
 
-    async def repository_hashes(self, after: str, limit: int) -> list[tuple[str, str]]:
-        repos = self._reader.execute(
-            "SELECT id, name FROM repositories WHERE name > ? ORDER BY name LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        out = []
-        for repo_id, name in repos:
-            h = hashlib.sha256()
-            for row in self._reader.execute(
-                "SELECT name, digest, version, origin FROM tags WHERE repo_id = ?"
-                " UNION ALL SELECT name, NULL, version, origin FROM tombstones WHERE repo_id = ?"
-                " ORDER BY 1",
-                (repo_id, repo_id),
-            ):
-                h.update(repr(tuple(row)).encode())
-            for (digest,) in self._reader.execute(
-                "SELECT digest FROM manifests WHERE repo_id = ? AND subject IS NOT NULL"
-                " ORDER BY digest",
-                (repo_id,),
-            ):
-                h.update(digest.encode())
-            out.append((str(name), h.hexdigest()))
-        return out
+    async def repository_hash(self, repo: str) -> str | None:
+        repo_id = self._read_repo_id(repo)
+        if repo_id is None:
+            return None
+        h = hashlib.sha256()
+        for row in self._reader.execute(
+            "SELECT name, digest, version, origin FROM tags WHERE repo_id = ?"
+            " UNION ALL SELECT name, NULL, version, origin FROM tombstones WHERE repo_id = ?"
+            " ORDER BY 1",
+            (repo_id, repo_id),
+        ):
+            h.update(repr(tuple(row)).encode())
+        for (digest,) in self._reader.execute(
+            "SELECT digest FROM manifests WHERE repo_id = ? AND subject IS NOT NULL"
+            " ORDER BY digest",
+            (repo_id,),
+        ):
+            h.update(digest.encode())
+        return h.hexdigest()
 
     async def tag_states(self, repo: str) -> list[TagState]:
         repo_id = self._read_repo_id(repo)

@@ -1,0 +1,359 @@
+"""An OCI registry client for replication peers: auth (Basic or Bearer), blobs, manifests.
+
+It speaks the plain distribution API, so any OCI registry can be a one-way target, plus
+Berth's replication endpoints for two-way peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urljoin
+
+import aiohttp
+
+from registry_server.config import PeerConfig
+from registry_server.protocol import versions
+
+_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+_READ_CHUNK = 1 << 20
+
+
+class PeerError(Exception):
+    """A peer request failed. ``retryable`` says whether trying again may help."""
+
+    def __init__(self, message: str, status: int | None = None, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+def _classify(status: int, what: str, body: str) -> PeerError:
+    # 4xx other than auth, throttling and timeouts will not change by retrying.
+    retryable = status >= 500 or status in (401, 403, 404, 408, 409, 429)
+    return PeerError(f"{what}: HTTP {status}: {body[:300]}", status, retryable)
+
+
+class _Throttle:
+    """A token bucket for the optional per-peer bandwidth limit."""
+
+    def __init__(self, mbps: float) -> None:
+        self.rate = mbps * 1024 * 1024 / 8 if mbps > 0 else 0.0
+        self._allowance = self.rate
+        self._last = time.monotonic()
+
+    async def take(self, n: int) -> None:
+        if not self.rate:
+            return
+        now = time.monotonic()
+        self._allowance = min(self.rate, self._allowance + (now - self._last) * self.rate)
+        self._last = now
+        self._allowance -= n
+        if self._allowance < 0:
+            await asyncio.sleep(-self._allowance / self.rate)
+
+
+def ssl_context(peer: PeerConfig) -> ssl.SSLContext | bool:
+    if not peer.url.startswith("https://"):
+        return True
+    if not peer.tls_verify:
+        return False
+    ctx = ssl.create_default_context()
+    if peer.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(peer.ca_file))
+    return ctx
+
+
+class PeerClient:
+    def __init__(self, peer: PeerConfig, session: aiohttp.ClientSession) -> None:
+        self.peer = peer
+        self.session = session
+        self.base = peer.url.rstrip("/")
+        self._tokens: dict[str, str] = {}  # scope -> "Bearer ..." header value
+        self._throttle = _Throttle(peer.bandwidth_limit_mbps)
+        self._ssl = ssl_context(peer)
+
+    # -- transport and auth --------------------------------------------------------------
+
+    def _basic(self) -> aiohttp.BasicAuth | None:
+        if not self.peer.username:
+            return None
+        return aiohttp.BasicAuth(self.peer.username, self.peer.secret())
+
+    async def _token(self, challenge: str, scope: str) -> str:
+        params = dict(_CHALLENGE_PARAM.findall(challenge))
+        realm = params.get("realm")
+        if not realm:
+            raise PeerError(f"bearer challenge without realm: {challenge[:200]}", 401)
+        query = {"service": params.get("service", ""), "scope": scope}
+        async with self.session.get(
+            f"{realm}?{urlencode(query)}", auth=self._basic(), ssl=self._ssl
+        ) as resp:
+            if resp.status != 200:
+                raise _classify(resp.status, "token request", await resp.text())
+            payload = await resp.json()
+        token = payload.get("token") or payload.get("access_token")
+        if not token:
+            raise PeerError("token response without a token", 401)
+        return f"Bearer {token}"
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        scope: str,
+        *,
+        headers: dict[str, str] | None = None,
+        data: Any = None,
+        data_factory: Any = None,
+        expect: tuple[int, ...] = (200,),
+        what: str = "",
+    ) -> tuple[int, dict[str, str], bytes]:
+        """One request with auth handled; returns (status, headers, body).
+
+        ``data_factory`` rebuilds a streamed body for the retry after an auth challenge.
+        """
+        url = path if path.startswith("http") else f"{self.base}{path}"
+        for attempt in range(2):
+            hdrs = dict(headers or {})
+            auth = None
+            if scope in self._tokens:
+                hdrs["Authorization"] = self._tokens[scope]
+            else:
+                auth = self._basic()
+            body = data_factory() if data_factory is not None else data
+            try:
+                async with self.session.request(
+                    method,
+                    url,
+                    headers=hdrs,
+                    data=body,
+                    auth=auth,
+                    ssl=self._ssl,
+                    allow_redirects=method in ("GET", "HEAD"),
+                ) as resp:
+                    content = await resp.read()
+                    if resp.status == 401 and attempt == 0:
+                        challenge = resp.headers.get("WWW-Authenticate", "")
+                        if challenge.lower().startswith("bearer"):
+                            self._tokens[scope] = await self._token(challenge, scope)
+                            continue
+                    if resp.status not in expect:
+                        raise _classify(
+                            resp.status,
+                            what or f"{method} {path}",
+                            content.decode(errors="replace"),
+                        )
+                    return resp.status, dict(resp.headers), content
+            except aiohttp.ClientError as exc:
+                raise PeerError(f"{what or method + ' ' + path}: {exc}") from exc
+            except TimeoutError as exc:
+                raise PeerError(f"{what or method + ' ' + path}: timeout") from exc
+        raise PeerError(f"{what or method + ' ' + path}: unauthorized", 401)
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _pull(repo: str) -> str:
+        return f"repository:{repo}:pull"
+
+    @staticmethod
+    def _push(repo: str) -> str:
+        return f"repository:{repo}:pull,push"
+
+    async def blob_exists(self, repo: str, digest: str) -> bool:
+        status, _, _ = await self.request(
+            "HEAD",
+            f"/v2/{repo}/blobs/{digest}",
+            self._push(repo),
+            expect=(200, 404),
+            what="blob HEAD",
+        )
+        return status == 200
+
+    async def start_upload(self, repo: str, digest: str, source: str | None) -> str | None:
+        """Start an upload, mounting from ``source`` when given; None when mounted."""
+        query = f"?mount={digest}&from={source}" if source else ""
+        status, headers, _ = await self.request(
+            "POST",
+            f"/v2/{repo}/blobs/uploads/{query}",
+            self._push(repo),
+            expect=(201, 202),
+            what="upload start",
+        )
+        if status == 201:
+            return None
+        location = headers.get("Location")
+        if not location:
+            raise PeerError("upload start without Location", status, retryable=False)
+        return urljoin(f"{self.base}/", location)
+
+    async def _file_chunks(self, path: Path, offset: int, length: int) -> AsyncIterator[bytes]:
+        with open(path, "rb") as f:  # noqa: ASYNC230 - page-cache reads, chunked, bounded
+            f.seek(offset)
+            remaining = length
+            while remaining > 0:
+                chunk = await asyncio.to_thread(f.read, min(_READ_CHUNK, remaining))
+                if not chunk:
+                    raise PeerError(f"local blob {path} shorter than expected", retryable=False)
+                remaining -= len(chunk)
+                await self._throttle.take(len(chunk))
+                yield chunk
+
+    async def _offset(self, location: str, repo: str) -> int:
+        _, headers, _ = await self.request(
+            "GET", location, self._push(repo), expect=(204, 200), what="upload status"
+        )
+        value = headers.get("Range", "0-0")
+        end = int(value.rsplit("-", 1)[-1])
+        return end + 1 if end > 0 else 0
+
+    async def upload_blob(
+        self, repo: str, digest: str, size: int, path: Path, location: str, attempts: int = 5
+    ) -> None:
+        """Upload a local blob: one PUT when small, else chunks that resume after failures."""
+        chunk = self.peer.chunk_size_mb * 1024 * 1024
+        sep = "&" if "?" in location else "?"
+        if size <= chunk:
+            await self.request(
+                "PUT",
+                f"{location}{sep}digest={digest}",
+                self._push(repo),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                data_factory=lambda: self._file_chunks(path, 0, size),
+                expect=(201,),
+                what="blob PUT",
+            )
+            return
+        offset = 0
+        failures = 0
+        while offset < size:
+            length = min(chunk, size - offset)
+            try:
+                _, headers, _ = await self.request(
+                    "PATCH",
+                    location,
+                    self._push(repo),
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Range": f"{offset}-{offset + length - 1}",
+                        "Content-Length": str(length),
+                    },
+                    data_factory=lambda o=offset, n=length: self._file_chunks(path, o, n),
+                    expect=(202,),
+                    what="blob PATCH",
+                )
+                location = urljoin(f"{self.base}/", headers.get("Location", location))
+                offset += length
+            except PeerError as exc:
+                failures += 1
+                if failures >= attempts or not exc.retryable:
+                    raise
+                await asyncio.sleep(min(2**failures * 0.2, 5))
+                offset = await self._offset(location, repo)  # resume where the peer is
+        sep = "&" if "?" in location else "?"
+        await self.request(
+            "PUT",
+            f"{location}{sep}digest={digest}",
+            self._push(repo),
+            headers={"Content-Length": "0"},
+            expect=(201,),
+            what="blob commit",
+        )
+
+    # -- manifests -----------------------------------------------------------------------
+
+    async def manifest_digest(self, repo: str, reference: str) -> str | None:
+        status, headers, _ = await self.request(
+            "HEAD",
+            f"/v2/{repo}/manifests/{reference}",
+            self._push(repo),
+            headers={"Accept": ", ".join(_ACCEPT)},
+            expect=(200, 404),
+            what="manifest HEAD",
+        )
+        if status == 404:
+            return None
+        return headers.get("Docker-Content-Digest") or reference
+
+    async def put_manifest(
+        self, repo: str, reference: str, body: bytes, media_type: str, stamp: versions.Stamp | None
+    ) -> None:
+        headers = {"Content-Type": media_type}
+        if stamp is not None:
+            headers[versions.VERSION_HEADER] = str(stamp.version)
+            headers[versions.ORIGIN_HEADER] = stamp.origin
+        await self.request(
+            "PUT",
+            f"/v2/{repo}/manifests/{reference}",
+            self._push(repo),
+            headers=headers,
+            data=body,
+            expect=(201,),
+            what="manifest PUT",
+        )
+
+    async def delete_manifest(
+        self, repo: str, reference: str, stamp: versions.Stamp | None
+    ) -> None:
+        headers = {}
+        if stamp is not None:
+            headers[versions.VERSION_HEADER] = str(stamp.version)
+            headers[versions.ORIGIN_HEADER] = stamp.origin
+        await self.request(
+            "DELETE",
+            f"/v2/{repo}/manifests/{reference}",
+            f"repository:{repo}:delete",
+            headers=headers,
+            expect=(202, 404),
+            what="manifest DELETE",
+        )
+
+    async def tags(self, repo: str) -> list[str]:
+        out: list[str] = []
+        last = ""
+        while True:
+            query = urlencode({"n": 1000, **({"last": last} if last else {})})
+            status, _, body = await self.request(
+                "GET",
+                f"/v2/{repo}/tags/list?{query}",
+                self._pull(repo),
+                expect=(200, 404),
+                what="tag list",
+            )
+            if status == 404:
+                return out
+            page = json.loads(body).get("tags") or []
+            out.extend(page)
+            if len(page) < 1000:
+                return out
+            last = page[-1]
+
+    # -- Berth replication API -----------------------------------------------------------
+
+    async def get_json(self, path: str, payload: Any = None) -> Any:
+        method = "GET" if payload is None else "POST"
+        _, _, body = await self.request(
+            method,
+            path,
+            "registry:replication:*",
+            headers={"Content-Type": "application/json"} if payload is not None else None,
+            data=json.dumps(payload).encode() if payload is not None else None,
+            expect=(200,),
+            what=f"{method} {path}",
+        )
+        return json.loads(body)
+
+
+_ACCEPT = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)

@@ -1,0 +1,369 @@
+"""The replication worker: ships the local change log to every peer, and repairs drift.
+
+Per peer, one delivery loop reads the durable log in order (blobs before manifests,
+children before indexes, referrers after their subject), retrying with exponential
+backoff and jitter until the peer has the change, then advances the peer's cursor.
+An anti-entropy loop compares state with the peer on a schedule and at start-up and
+pushes whatever the peer lacks or has older, so a peer that was down, partitioned or
+newly added converges without any event. Each side pushes only what it holds newer;
+the peer does the same in its own loop, so two-way peers converge in both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from prometheus_client import Counter, Gauge
+
+from registry_server.config import PeerConfig, ReplicationConfig
+from registry_server.events.peer_client import PeerClient, PeerError
+from registry_server.protocol import digests, manifests
+from registry_server.protocol.versions import Stamp
+from registry_server.storage.blobstore import BlobStore
+from registry_server.storage.index import Change, ManifestRecord, MetadataIndex
+
+log = logging.getLogger("registry_server.replication")
+
+QUEUE = Gauge("berth_replication_queue_depth", "Undelivered changes", ["peer"])
+LAG = Gauge("berth_replication_lag_seconds", "Age of the oldest undelivered change", ["peer"])
+LAST_SUCCESS = Gauge("berth_replication_last_success_timestamp", "Last delivery", ["peer"])
+DELIVERED = Counter("berth_replication_delivered_total", "Changes delivered", ["peer"])
+ERRORS = Counter("berth_replication_errors_total", "Failed delivery attempts", ["peer"])
+REPAIRED = Counter("berth_replication_repaired_total", "Drift repaired by anti-entropy", ["peer"])
+
+_EXTERNAL_LAYER_HINTS = ("foreign", "nondistributable")
+_PAGE = 500
+EMPTY_REPOSITORY_HASH = hashlib.sha256().hexdigest()
+
+
+@dataclass
+class PeerStatus:
+    name: str
+    url: str
+    kind: str
+    queue_depth: int = 0
+    lag_seconds: float = 0.0
+    delivered: int = 0
+    last_success: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+    anti_entropy_last_run: float | None = None
+    anti_entropy_repaired: int = 0
+
+
+@dataclass
+class _Peer:
+    config: PeerConfig
+    client: PeerClient
+    status: PeerStatus
+    blob_slots: asyncio.Semaphore
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class Replicator:
+    def __init__(self, config: ReplicationConfig, index: MetadataIndex, store: BlobStore) -> None:
+        self.config = config
+        self.index = index
+        self.store = store
+        self._wake = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+        self._peers: list[_Peer] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+        self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+        for peer in self.config.peers:
+            state = _Peer(
+                peer,
+                PeerClient(peer, self._session),
+                PeerStatus(peer.name, peer.url, peer.kind),
+                asyncio.Semaphore(peer.concurrency),
+            )
+            self._peers.append(state)
+            self._tasks.append(asyncio.create_task(self._deliver_loop(state)))
+            self._tasks.append(asyncio.create_task(self._anti_entropy_loop(state)))
+        self._tasks.append(asyncio.create_task(self._tombstone_loop()))
+        log.info(
+            "replication started",
+            extra={"region": self.config.region, "peers": [p.name for p in self.config.peers]},
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+
+    def wake(self) -> None:
+        """A local change was logged: deliver now instead of at the next poll."""
+        self._wake.set()
+
+    async def status(self) -> dict[str, Any]:
+        for peer in self._peers:
+            await self._refresh_queue(peer)
+        return {"region": self.config.region, "peers": [asdict(p.status) for p in self._peers]}
+
+    # -- delivery ------------------------------------------------------------------------
+
+    async def _refresh_queue(self, peer: _Peer) -> None:
+        depth, oldest = await self.index.queue_stats(peer.config.name)
+        peer.status.queue_depth = depth
+        peer.status.lag_seconds = round(time.time() - oldest, 3) if oldest else 0.0
+        QUEUE.labels(peer.config.name).set(depth)
+        LAG.labels(peer.config.name).set(peer.status.lag_seconds)
+
+    async def _deliver_loop(self, peer: _Peer) -> None:
+        while True:
+            changes = await self.index.pending_changes(peer.config.name, 64)
+            await self._refresh_queue(peer)
+            if not changes:
+                self._wake.clear()
+                # Other worker processes log changes too: poll as well as wait for a wake-up.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                continue
+            for change in changes:
+                await self._deliver_with_retry(peer, change)
+                await self.index.ack_change(peer.config.name, change.seq)
+
+    async def _deliver_with_retry(self, peer: _Peer, change: Change) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._deliver(peer, change)
+            except PeerError as exc:
+                self._record_error(
+                    peer, f"{change.op} {change.repo}:{change.tag or change.digest}: {exc}"
+                )
+                if not exc.retryable:
+                    log.error(
+                        "change rejected by peer; anti-entropy will retry",
+                        extra={"peer": peer.config.name, "seq": change.seq, "error": str(exc)},
+                    )
+                    return
+            except (OSError, ValueError) as exc:
+                self._record_error(peer, f"{change.op} {change.repo}: {exc!r}")
+            else:
+                peer.status.delivered += 1
+                peer.status.last_success = time.time()
+                DELIVERED.labels(peer.config.name).inc()
+                LAST_SUCCESS.labels(peer.config.name).set(peer.status.last_success)
+                return
+            attempt += 1
+            delay = min(self.config.retry_max_seconds, 0.25 * 2 ** min(attempt, 10))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    def _record_error(self, peer: _Peer, message: str) -> None:
+        peer.status.last_error = message[:500]
+        peer.status.last_error_at = time.time()
+        ERRORS.labels(peer.config.name).inc()
+        log.warning(
+            "replication attempt failed", extra={"peer": peer.config.name, "error": message[:500]}
+        )
+
+    def _stamp(self, peer: _Peer, change: Change) -> Stamp | None:
+        return Stamp(change.version, change.origin) if peer.config.kind == "berth" else None
+
+    async def _deliver(self, peer: _Peer, change: Change) -> None:
+        if change.op in ("tag", "manifest") and change.digest:
+            record = await self.index.get_manifest(change.repo, change.digest)
+            if record is None:
+                return  # deleted since; the delete is later in the log
+            await self._ensure_content(peer, change.repo, record)
+            if change.op == "tag" and change.tag:
+                await peer.client.put_manifest(
+                    change.repo,
+                    change.tag,
+                    _content(record),
+                    record.media_type,
+                    self._stamp(peer, change),
+                )
+            else:
+                await self._ensure_manifest(peer, change.repo, record)
+            await self._ensure_referrers(peer, change.repo, record.digest)
+        elif change.op == "delete_tag" and change.tag:
+            if peer.config.kind == "berth":
+                await peer.client.delete_manifest(
+                    change.repo, change.tag, self._stamp(peer, change)
+                )
+            # Plain OCI registries cannot delete a tag alone; they receive images only.
+        elif change.op == "delete_manifest" and change.digest:
+            await peer.client.delete_manifest(change.repo, change.digest, self._stamp(peer, change))
+
+    async def _ensure_manifest(self, peer: _Peer, repo: str, record: ManifestRecord) -> None:
+        """Make the peer hold ``record`` by digest (with its content first)."""
+        if await peer.client.manifest_digest(repo, record.digest) is not None:
+            return
+        await self._ensure_content(peer, repo, record)
+        await peer.client.put_manifest(
+            repo, record.digest, _content(record), record.media_type, None
+        )
+
+    async def _ensure_content(self, peer: _Peer, repo: str, record: ManifestRecord) -> None:
+        """Children before the index, blobs before the manifest."""
+        parsed = manifests.parse(_content(record), record.media_type)
+        for child in parsed.children:
+            child_record = await self.index.get_manifest(repo, str(child.digest))
+            if child_record is None:
+                raise PeerError(f"local child manifest {child.digest} missing", retryable=False)
+            await self._ensure_manifest(peer, repo, child_record)
+        wanted = [
+            d for d in parsed.blobs if not any(h in d.media_type for h in _EXTERNAL_LAYER_HINTS)
+        ]
+        await asyncio.gather(
+            *(self._ensure_blob(peer, repo, str(d.digest)) for d in _unique(wanted))
+        )
+
+    async def _ensure_blob(self, peer: _Peer, repo: str, digest: str) -> None:
+        async with peer.blob_slots:
+            if await peer.client.blob_exists(repo, digest):
+                return
+            parsed = digests.parse(digest)
+            size = await self.store.size(parsed)
+            path = self.store.local_path(parsed)
+            if size is None or path is None:
+                raise PeerError(f"local blob {digest} missing", retryable=False)
+            # A peer usually mirrors our layout: try mounting from a sibling repository first.
+            sources = [r for r in await self.index.repositories_with_blob(digest) if r != repo]
+            location: str | None = None
+            for source in sources[:3]:
+                location = await peer.client.start_upload(repo, digest, source)
+                if location is None:
+                    return
+                break
+            if location is None:
+                location = await peer.client.start_upload(repo, digest, None)
+                if location is None:
+                    return
+            await peer.client.upload_blob(repo, digest, size, path, location)
+
+    async def _ensure_referrers(self, peer: _Peer, repo: str, subject: str) -> None:
+        for ref in await self.index.referrers(repo, subject):
+            full = await self.index.get_manifest(repo, ref.digest)
+            if full is not None:
+                await self._ensure_manifest(peer, repo, full)
+
+    # -- anti-entropy --------------------------------------------------------------------
+
+    async def _anti_entropy_loop(self, peer: _Peer) -> None:
+        while True:
+            try:
+                repaired = await self.anti_entropy(peer)
+                peer.status.anti_entropy_last_run = time.time()
+                peer.status.anti_entropy_repaired += repaired
+                if repaired:
+                    REPAIRED.labels(peer.config.name).inc(repaired)
+                    log.info(
+                        "anti-entropy repaired drift",
+                        extra={"peer": peer.config.name, "repaired": repaired},
+                    )
+            except (PeerError, OSError, ValueError, KeyError, TypeError) as exc:
+                self._record_error(peer, f"anti-entropy: {exc}")
+                await asyncio.sleep(min(5.0, self.config.anti_entropy_interval_seconds))
+                continue
+            await asyncio.sleep(self.config.anti_entropy_interval_seconds)
+
+    async def anti_entropy(self, peer: _Peer) -> int:
+        repaired = 0
+        after = ""
+        while True:
+            repos = await self.index.list_repositories(_PAGE, after)
+            if not repos:
+                return repaired
+            if peer.config.kind == "berth":
+                remote = await peer.client.get_json(
+                    "/berth/v1/replication/hashes", {"repositories": repos}
+                )
+                hashes = remote.get("hashes", {})
+                for name in repos:
+                    mine = await self.index.repository_hash(name)
+                    if hashes.get(name, EMPTY_REPOSITORY_HASH) != mine:
+                        repaired += await self._repair_berth(peer, name)
+            else:
+                for name in repos:
+                    repaired += await self._repair_oci(peer, name)
+            after = repos[-1]
+
+    async def _repair_berth(self, peer: _Peer, repo: str) -> int:
+        remote = await peer.client.get_json(
+            f"/berth/v1/replication/state?repository={quote(repo, safe='')}"
+        )
+        theirs = {
+            t["name"]: Stamp(int(t["version"]), str(t["origin"])) for t in remote.get("tags", [])
+        }
+        their_refs = set(remote.get("referrers", []))
+        repaired = 0
+        for state in await self.index.tag_states(repo):
+            mine = Stamp(state.version, state.origin)
+            current = theirs.get(state.name)
+            if current is not None and current >= mine:
+                continue
+            op = "tag" if state.digest else "delete_tag"
+            change = Change(
+                0, repo, op, state.name, state.digest, state.version, state.origin, time.time()
+            )
+            await self._deliver_with_retry(peer, change)
+            repaired += 1
+        for digest in await self.index.referrer_digests(repo):
+            if digest in their_refs:
+                continue
+            record = await self.index.get_manifest(repo, digest)
+            if record is not None:
+                await self._ensure_manifest(peer, repo, record)
+                repaired += 1
+        return repaired
+
+    async def _repair_oci(self, peer: _Peer, repo: str) -> int:
+        repaired = 0
+        for state in await self.index.tag_states(repo):
+            if state.digest is None:
+                continue
+            if await peer.client.manifest_digest(repo, state.name) == state.digest:
+                continue
+            change = Change(
+                0, repo, "tag", state.name, state.digest, state.version, state.origin, time.time()
+            )
+            await self._deliver_with_retry(peer, change)
+            repaired += 1
+        for digest in await self.index.referrer_digests(repo):
+            record = await self.index.get_manifest(repo, digest)
+            if record is not None:
+                await self._ensure_manifest(peer, repo, record)
+        return repaired
+
+    async def _tombstone_loop(self) -> None:
+        while True:
+            expired = await self.index.expire_tombstones(
+                time.time() - self.config.tombstone_ttl_seconds
+            )
+            if expired:
+                log.info("tombstones expired", extra={"count": expired})
+            await asyncio.sleep(min(3600.0, max(1.0, self.config.tombstone_ttl_seconds / 10)))
+
+
+def _content(record: ManifestRecord) -> bytes:
+    assert record.content is not None
+    return record.content
+
+
+def _unique(items: Iterable[manifests.Descriptor]) -> list[manifests.Descriptor]:
+    seen: dict[str, manifests.Descriptor] = {}
+    for item in items:
+        seen.setdefault(str(item.digest), item)
+    return list(seen.values())

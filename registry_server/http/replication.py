@@ -1,0 +1,79 @@
+"""Berth's replication endpoints: status, and state digests for anti-entropy."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from registry_server.auth.model import Access
+from registry_server.http.context import services
+from registry_server.http.errors import API_VERSION_HEADER
+from registry_server.protocol import errors, names
+
+# Peers and the operator need this; admins have it, ordinary users do not.
+REPLICATION = Access("registry", "replication", frozenset({"*"}))
+_MAX_HASH_QUERY = 1000
+
+
+async def _authorize(request: web.Request) -> None:
+    await services(request).auth.authorize(
+        request.headers.get("Authorization"), request.remote or "unknown", [REPLICATION]
+    )
+
+
+def _json(payload: object) -> web.Response:
+    return web.Response(
+        body=json.dumps(payload).encode(),
+        content_type="application/json",
+        headers=API_VERSION_HEADER,
+    )
+
+
+async def status(request: web.Request) -> web.Response:
+    await _authorize(request)
+    svc = services(request)
+    if svc.replicator is None:
+        return _json({"region": svc.region, "peers": []})
+    return _json(await svc.replicator.status())
+
+
+async def hashes(request: web.Request) -> web.Response:
+    """Hashes of the requested repositories' tag states (None where unknown)."""
+    await _authorize(request)
+    try:
+        payload = await request.json()
+        wanted = payload["repositories"]
+        if not isinstance(wanted, list) or len(wanted) > _MAX_HASH_QUERY:
+            raise ValueError
+        wanted = [names.validate_name(str(n)) for n in wanted]
+    except (ValueError, KeyError, TypeError):
+        raise errors.RegistryError(
+            errors.UNSUPPORTED, detail={"reason": "expected {repositories: [name, ...]}"}
+        ) from None
+    index = services(request).index
+    found: dict[str, str] = {}
+    for name in wanted:
+        digest = await index.repository_hash(name)
+        if digest is not None:
+            found[name] = digest
+    return _json({"hashes": found})
+
+
+async def state(request: web.Request) -> web.Response:
+    await _authorize(request)
+    repo = names.validate_name(request.rel_url.query.get("repository", ""))
+    index = services(request).index
+    tags = [
+        {"name": t.name, "digest": t.digest, "version": t.version, "origin": t.origin}
+        for t in await index.tag_states(repo)
+    ]
+    return _json(
+        {"repository": repo, "tags": tags, "referrers": await index.referrer_digests(repo)}
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_route("GET", "/berth/v1/replication/status", status)
+    app.router.add_route("POST", "/berth/v1/replication/hashes", hashes)
+    app.router.add_route("GET", "/berth/v1/replication/state", state)
