@@ -51,10 +51,10 @@ class AuthConfig:
     signing_key: Path | None = None
     token_ttl_seconds: int = 300
     refresh_token_ttl_seconds: int = 30 * 24 * 3600
-    reload_interval_seconds: float = 1.0
-    credential_cache_seconds: float = 60.0
+    reload_interval_seconds: int = 1
+    credential_cache_seconds: int = 60
     failure_limit: int = 10
-    failure_window_seconds: float = 60.0
+    failure_window_seconds: int = 60
 
 
 @dataclass(frozen=True)
