@@ -1,0 +1,101 @@
+"""`python -m registry_operator` (or `berth-operator`): run the Berth operator."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from collections.abc import Sequence
+
+import kopf
+
+from registry_operator import credentials, handlers, reconcile, settings
+from registry_operator.handlers import runtime
+from registry_operator.kube import client as kube_client
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="berth-operator", description=__doc__)
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        help="run without peering (development and tests): nothing stops a second replica",
+    )
+    parser.add_argument(
+        "--namespace",
+        dest="namespaces",
+        action="append",
+        default=[],
+        help="watch only this namespace (repeatable); default: the whole cluster",
+    )
+    parser.add_argument(
+        "--peering", default=env("BERTH_PEERING", "berth"), help="peering object name"
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority; default: random, so that exactly one replica is active",
+    )
+    parser.add_argument(
+        "--liveness",
+        default=env("BERTH_OPERATOR_LIVENESS", "http://0.0.0.0:8080/healthz"),
+        help="liveness endpoint URL; empty to disable",
+    )
+    parser.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=float(env("BERTH_RESYNC_SECONDS", "300")),
+        help="how often every Registry is reconciled even without events",
+    )
+    parser.add_argument(
+        "--registry-image",
+        default=env("BERTH_REGISTRY_IMAGE") or None,
+        help="server image for Registries that set no spec.image",
+    )
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, resync_seconds=args.resync_seconds)
+    kube = kube_client.Client.connect()
+    memo = kopf.Memo(
+        berth=runtime.Runtime(
+            kube=kube,
+            peering=None if args.standalone or args.namespaces else args.peering,
+            options=reconcile.Options(
+                image=args.registry_image, generators=credentials.Generators()
+            ),
+        )
+    )
+    # Equal priorities make every replica pause, so each replica draws its own.
+    priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
+    try:
+        kopf.run(
+            registry=registry,
+            settings=settings.build(settings.Options(peering_name=args.peering)),
+            standalone=args.standalone,
+            peering_name=None if args.standalone else args.peering,
+            priority=priority,
+            clusterwide=not args.namespaces,
+            namespaces=args.namespaces,
+            liveness_endpoint=args.liveness or None,
+            memo=memo,
+        )
+    finally:
+        kube.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

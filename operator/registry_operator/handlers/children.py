@@ -1,0 +1,45 @@
+"""Handlers for the children: any change or deletion re-reconciles the owning Registry."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from registry_operator.handlers import runtime
+from registry_operator.kube import errors
+from registry_operator.rendering import names
+
+# The watched kinds: (group, version, plural).
+WATCHED = (
+    ("", "v1", "configmaps"),
+    ("", "v1", "secrets"),
+    ("", "v1", "services"),
+    ("", "v1", "persistentvolumeclaims"),
+    ("apps", "v1", "deployments"),
+    ("networking.k8s.io", "v1", "ingresses"),
+)
+SELECTOR = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY}"
+
+
+async def child_changed(
+    *,
+    type: str | None,
+    labels: Mapping[str, str],
+    namespace: str | None,
+    memo: Any,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    if type is None or namespace is None:
+        return  # the initial listing at startup: resume handlers cover every Registry
+    registry = labels.get(names.REGISTRY_LABEL)
+    if not registry:
+        return
+    try:
+        await runtime.of(memo).reconcile(namespace, registry)
+    except errors.KubeError as exc:
+        logger.warning(
+            "reconciling %s/%s after a %s event failed: %s", namespace, registry, type, exc
+        )

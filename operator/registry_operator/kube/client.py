@@ -1,0 +1,120 @@
+"""A small, typed facade over the official client: get, list, apply, delete (sync)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import kubernetes
+import urllib3
+
+from registry_operator.kube import errors, resources
+
+Object = dict[str, Any]
+
+FIELD_MANAGER = "berth"
+APPLY = "application/apply-patch+yaml"  # a JSON body is valid YAML
+
+
+class Client:
+    """One connection pool, shared by all reconciles; safe to use from several threads."""
+
+    def __init__(self, api: Any, *, timeout: float = 30.0) -> None:
+        self._api = api
+        self._timeout = timeout
+
+    @classmethod
+    def connect(cls, kubeconfig: str | None = None) -> Client:
+        """In-cluster credentials when present, else the kubeconfig ($KUBECONFIG)."""
+        configuration = kubernetes.client.Configuration()
+        try:
+            kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration
+            )
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig or os.environ.get("KUBECONFIG"),
+                client_configuration=configuration,
+            )
+        return cls(kubernetes.client.ApiClient(configuration))
+
+    def close(self) -> None:
+        self._api.close()
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Iterable[tuple[str, str]] = (),
+        body: Any = None,
+        content_type: str | None = None,
+    ) -> tuple[int, Any]:
+        headers = {"Accept": "application/json"}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        request = self._api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=list(query),
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self._api.call_api(*request, _request_timeout=self._timeout)
+            data = response.read()
+        except kubernetes.client.exceptions.ApiException as exc:
+            raise errors.from_status(exc.status or 0, exc.body, str(exc.reason)) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise errors.Retryable(f"{method} {path}: {exc}") from exc
+        if not 200 <= response.status < 300:
+            raise errors.from_status(response.status, data, f"{method} {path}")
+        return response.status, json.loads(data) if data else None
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Object:
+        """The object; raises errors.NotFound when it does not exist."""
+        path = resources.lookup(api_version, kind).path(namespace, name)
+        return dict(self._call("GET", path)[1])
+
+    def find(self, api_version: str, kind: str, namespace: str, name: str) -> Object | None:
+        try:
+            return self.get(api_version, kind, namespace, name)
+        except errors.NotFound:
+            return None
+
+    def list(
+        self, api_version: str, kind: str, namespace: str, label_selector: str = ""
+    ) -> list[Object]:
+        path = resources.lookup(api_version, kind).path(namespace)
+        query = [("labelSelector", label_selector)] if label_selector else []
+        items = self._call("GET", path, query=query)[1].get("items") or []
+        return [dict(item) for item in items]
+
+    def apply(self, manifest: Mapping[str, Any], subresource: str | None = None) -> Object:
+        """Server-side apply as field manager "berth", taking over conflicting fields.
+
+        Forcing is deliberate: the operator is the authority over its children, and a
+        hand edit of a field it sets is drift to be repaired, not a conflict to report.
+        """
+        meta = manifest["metadata"]
+        path = resources.of(dict(manifest)).path(meta.get("namespace"), meta["name"], subresource)
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        return dict(self._call("PATCH", path, query=query, body=manifest, content_type=APPLY)[1])
+
+    def create(self, manifest: Mapping[str, Any]) -> Object:
+        """Create; raises errors.Conflict when the object already exists."""
+        resource = resources.of(dict(manifest))
+        path = resource.path(manifest["metadata"].get("namespace"))
+        query = [("fieldManager", FIELD_MANAGER)]
+        return dict(self._call("POST", path, query=query, body=manifest)[1])
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        """Delete in the background; an object already gone is not an error."""
+        path = resources.lookup(api_version, kind).path(namespace, name)
+        try:
+            self._call("DELETE", path, body={"propagationPolicy": "Background"})
+        except errors.NotFound:
+            return

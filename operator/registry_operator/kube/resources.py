@@ -1,0 +1,55 @@
+"""The API paths of the kinds the operator touches (pure)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Resource:
+    api_version: str
+    kind: str
+    plural: str
+    namespaced: bool = True
+
+    @property
+    def prefix(self) -> str:
+        return "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+
+    def path(
+        self, namespace: str | None, name: str | None = None, subresource: str | None = None
+    ) -> str:
+        scope = f"/namespaces/{namespace}" if self.namespaced else ""
+        if self.namespaced and not namespace:
+            raise ValueError(f"{self.kind} is namespaced: a namespace is required")
+        path = f"{self.prefix}{scope}/{self.plural}"
+        if name is not None:
+            path += f"/{name}"
+        if subresource is not None:
+            path += f"/{subresource}"
+        return path
+
+
+KNOWN = (
+    Resource("v1", "ConfigMap", "configmaps"),
+    Resource("v1", "Secret", "secrets"),
+    Resource("v1", "Service", "services"),
+    Resource("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
+    Resource("apps/v1", "Deployment", "deployments"),
+    Resource("networking.k8s.io/v1", "Ingress", "ingresses"),
+    Resource("berth.dev/v1alpha1", "Registry", "registries"),
+    Resource("berth.dev/v1alpha1", "Repository", "repositories"),
+    Resource("kopf.dev/v1", "ClusterKopfPeering", "clusterkopfpeerings", namespaced=False),
+)
+_BY_KIND = {(r.api_version, r.kind): r for r in KNOWN}
+
+
+def lookup(api_version: str, kind: str) -> Resource:
+    try:
+        return _BY_KIND[(api_version, kind)]
+    except KeyError:
+        raise ValueError(f"the operator does not manage {kind} ({api_version})") from None
+
+
+def of(manifest: dict[str, object]) -> Resource:
+    return lookup(str(manifest["apiVersion"]), str(manifest["kind"]))

@@ -1,0 +1,264 @@
+"""Desired versus observed for one Registry: the one place joining rendering and kube.
+
+Level-based and idempotent: every call reads the Registry afresh, renders all children,
+applies them server-side and writes the status. Calling it again changes nothing, so
+any trigger (create, update, restart, a child's watch event, the resync timer) may call
+it, and an operator killed in the middle simply runs it again.
+Synchronous (the kube client is); the handlers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from registry_operator import API_VERSION, credentials, models, rendering, status
+from registry_operator.kube import client as kube_client
+from registry_operator.kube import errors
+from registry_operator.rendering import names
+
+# Kinds that exist only for some specs and are deleted when the spec drops them.
+# PersistentVolumeClaims are deliberately absent: data is never deleted implicitly.
+PRUNABLE = (("networking.k8s.io/v1", "Ingress", names.ingress),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    type: str  # "Normal" or "Warning"
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What happened; `ref` is None when the Registry is gone (nothing to report on)."""
+
+    ref: Mapping[str, Any] | None = None
+    events: tuple[Event, ...] = ()
+    new_status: Mapping[str, Any] | None = None
+    failure: status.Failure | None = None  # set when retrying cannot help
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    image: str | None = None  # the default server image; None = this package's version
+    generators: credentials.Generators = dataclasses.field(default_factory=credentials.Generators)
+    now: Callable[[], str] = lambda: datetime.datetime.now(datetime.UTC).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+
+
+def reconcile(
+    kube: kube_client.Client, namespace: str, name: str, options: Options | None = None
+) -> Outcome:
+    options = options or Options()
+    body = kube.find(API_VERSION, models.KIND, namespace, name)
+    if body is None:
+        return Outcome()
+    meta = body.get("metadata") or {}
+    ref = {
+        "apiVersion": API_VERSION,
+        "kind": models.KIND,
+        "metadata": {"name": name, "namespace": namespace, "uid": meta.get("uid", "")},
+    }
+    if meta.get("deletionTimestamp"):
+        return Outcome(ref=ref)  # the garbage collector takes it from here
+    previous = body.get("status") or {}
+    try:
+        registry = models.parse_registry(body, image=options.image)
+    except models.InvalidSpec as exc:
+        return _invalid(kube, body, ref, previous, exc, options)
+
+    events: list[Event] = []
+    drift = previous.get("observedGeneration") == registry.generation
+    applied, failure = _apply_children(kube, registry, drift, events, options)
+    _prune(kube, registry, applied, events)
+    observed = status.Observed(
+        deployment=applied.get("Deployment"), pvc=applied.get("PersistentVolumeClaim")
+    )
+    new_status = status.build(
+        registry.owner,
+        registry.generation,
+        registry.spec,
+        observed,
+        previous,
+        options.now(),
+        failure,
+    )
+    _write_status(kube, namespace, name, previous, new_status)
+    events.extend(_transition_events(previous, new_status))
+    return Outcome(ref=ref, events=tuple(events), new_status=new_status, failure=failure)
+
+
+def _apply_children(
+    kube: kube_client.Client,
+    registry: models.Registry,
+    drift: bool,
+    events: list[Event],
+    options: Options,
+) -> tuple[dict[str, dict[str, Any]], status.Failure | None]:
+    owner = registry.owner
+    secret = kube.find("v1", "Secret", owner.namespace, names.secret(owner.name))
+    creds, generated = credentials.load_or_generate(
+        credentials.decode_secret_data((secret or {}).get("data")), options.generators
+    )
+    if generated:
+        events.append(
+            Event(
+                "Normal",
+                "CredentialsGenerated",
+                f"generated {', '.join(generated)} in Secret {names.secret(owner.name)}",
+            )
+        )
+    applied: dict[str, dict[str, Any]] = {}
+    failure = None
+    for manifest in rendering.render(registry.spec, owner, creds):
+        kind, child = manifest["kind"], manifest["metadata"]["name"]
+        before = (
+            secret
+            if kind == "Secret"
+            else kube.find(manifest["apiVersion"], kind, owner.namespace, child)
+        )
+        try:
+            after = kube.apply(manifest)
+        except errors.Rejected as exc:
+            # Keep going: one refused child (say, a PVC that cannot shrink) should not
+            # stop the others from converging.
+            failure = status.Failure("ApplyRejected", f"{kind} {child}: {exc.message}")
+            continue
+        applied[kind] = after
+        events.extend(_change_events(kind, child, before, after, manifest, drift))
+    return applied, failure
+
+
+def _change_events(
+    kind: str,
+    name: str,
+    before: Mapping[str, Any] | None,
+    after: Mapping[str, Any],
+    desired: Mapping[str, Any],
+    drift: bool,
+) -> list[Event]:
+    if before is None:
+        if drift:
+            return [Event("Normal", "Restored", f"recreated {kind} {name}, which was deleted")]
+        return [Event("Normal", "Created", f"created {kind} {name}")]
+    old = (before.get("metadata") or {}).get("resourceVersion")
+    new = (after.get("metadata") or {}).get("resourceVersion")
+    # A new resourceVersion alone may be a controller's status write racing ours.
+    if old == new or _contains(before, desired):
+        return []
+    if drift:
+        return [Event("Normal", "Repaired", f"reverted changes made to {kind} {name}")]
+    return [Event("Normal", "Updated", f"updated {kind} {name}")]
+
+
+def _contains(actual: Any, desired: Any) -> bool:
+    """Whether every field we set already had the value we set (defaults may be extra)."""
+    if isinstance(desired, Mapping):
+        return isinstance(actual, Mapping) and all(
+            key in actual and _contains(actual[key], value) for key, value in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(desired)
+            and all(_contains(a, d) for a, d in zip(actual, desired, strict=True))
+        )
+    return bool(actual == desired)
+
+
+def _prune(
+    kube: kube_client.Client,
+    registry: models.Registry,
+    applied: Mapping[str, Any],
+    events: list[Event],
+) -> None:
+    owner = registry.owner
+    for api_version, kind, name_of in PRUNABLE:
+        if kind in applied:
+            continue
+        name = name_of(owner.name)
+        found = kube.find(api_version, kind, owner.namespace, name)
+        labels = ((found or {}).get("metadata") or {}).get("labels") or {}
+        if found is not None and labels.get(names.REGISTRY_LABEL) == owner.name:
+            kube.delete(api_version, kind, owner.namespace, name)
+            events.append(Event("Normal", "Deleted", f"deleted {kind} {name}"))
+
+
+def _invalid(
+    kube: kube_client.Client,
+    body: Mapping[str, Any],
+    ref: Mapping[str, Any],
+    previous: Mapping[str, Any],
+    exc: models.InvalidSpec,
+    options: Options,
+) -> Outcome:
+    meta = body["metadata"]
+    owner = models.Owner(name=meta["name"], namespace=meta["namespace"], uid=meta.get("uid", ""))
+    observed = status.Observed(
+        deployment=kube.find(
+            "apps/v1", "Deployment", owner.namespace, names.deployment(owner.name)
+        ),
+        pvc=kube.find("v1", "PersistentVolumeClaim", owner.namespace, names.pvc(owner.name)),
+    )
+    failure = status.Failure("InvalidSpec", str(exc))
+    new_status = status.build(
+        owner, int(meta.get("generation", 0)), None, observed, previous, options.now(), failure
+    )
+    _write_status(kube, owner.namespace, owner.name, previous, new_status)
+    return Outcome(
+        ref=ref,
+        events=tuple(_transition_events(previous, new_status)),
+        new_status=new_status,
+        failure=failure,
+    )
+
+
+def _write_status(
+    kube: kube_client.Client,
+    namespace: str,
+    name: str,
+    previous: Mapping[str, Any],
+    new: Mapping[str, Any],
+) -> None:
+    if dict(previous) == dict(new):
+        return
+    try:
+        kube.apply(
+            {
+                "apiVersion": API_VERSION,
+                "kind": models.KIND,
+                "metadata": {"name": name, "namespace": namespace},
+                "status": dict(new),
+            },
+            subresource="status",
+        )
+    except errors.NotFound:
+        return  # deleted meanwhile
+
+
+def _condition(status_: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
+    for condition in status_.get("conditions") or []:
+        if condition.get("type") == type_:
+            return dict(condition)
+    return {}
+
+
+def _transition_events(previous: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
+    """Events for what an admin should notice: becoming ready, degrading, recovering."""
+    found = []
+    was_ready, ready = _condition(previous, status.READY), _condition(new, status.READY)
+    if ready.get("status") == "True" and was_ready.get("status") != "True":
+        found.append(Event("Normal", "Ready", str(ready.get("message", ""))))
+    old, degraded = _condition(previous, status.DEGRADED), _condition(new, status.DEGRADED)
+    key = ("status", "reason", "message")
+    if degraded.get("status") == "True" and [old.get(k) for k in key] != [
+        degraded.get(k) for k in key
+    ]:
+        found.append(Event("Warning", str(degraded["reason"]), str(degraded.get("message", ""))))
+    elif degraded.get("status") == "False" and old.get("status") == "True":
+        found.append(Event("Normal", "Recovered", f"no longer degraded ({old.get('reason')})"))
+    return found

@@ -1,0 +1,191 @@
+"""Render the children of one Registry from jinja2 templates (one template per kind)."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import json
+from typing import Any
+
+import jinja2
+import yaml
+
+from registry_operator import credentials as creds
+from registry_operator import models
+from registry_operator.rendering import names
+
+Manifest = dict[str, Any]
+
+# What the pod mounts from the Secret: everything the server reads, nothing more.
+MOUNTED_SECRET_KEYS = (creds.SIGNING_KEY, creds.HTPASSWD, creds.POLICY)
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("registry_operator.rendering", "templates"),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # the output is YAML, not HTML
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    # JSON is valid YAML: every value goes through this filter, so no quoting bugs.
+    env.filters["json"] = lambda value: json.dumps(value, ensure_ascii=False)
+    return env
+
+
+def _text(template: str, **context: Any) -> str:
+    return _environment().get_template(template).render(**context)
+
+
+def _manifest(template: str, **context: Any) -> Manifest:
+    loaded = yaml.safe_load(_text(template, **context))
+    if not isinstance(loaded, dict):
+        raise TypeError(f"{template} did not render a mapping")
+    return loaded
+
+
+def owner_references(owner: models.Owner) -> list[dict[str, Any]]:
+    return [
+        {
+            "apiVersion": owner.api_version,
+            "kind": owner.kind,
+            "name": owner.name,
+            "uid": owner.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+
+
+def server_config(spec: models.Spec, owner: models.Owner) -> str:
+    """The registry server's config.yaml, in the docs/configuration.md format."""
+    in_cluster = names.in_cluster_url(owner.name, owner.namespace)
+    return _text(
+        "registry-config.yaml.j2",
+        name=owner.name,
+        namespace=owner.namespace,
+        addr=f"0.0.0.0:{names.CONTAINER_PORT}",
+        external_url=spec.ingress.url if spec.ingress else in_cluster,
+        data_dir=names.DATA_DIR,
+        service=spec.ingress.host if spec.ingress else in_cluster.split("://", 1)[1],
+        htpasswd_file=f"{names.AUTH_DIR}/{creds.HTPASSWD}",
+        policy_file=f"{names.AUTH_DIR}/{creds.POLICY}",
+        signing_key_file=f"{names.AUTH_DIR}/{creds.SIGNING_KEY}",
+        log_level=spec.log_level,
+    )
+
+
+def secret_data(owner: models.Owner, credentials: creds.Credentials) -> dict[str, str]:
+    policy = _text(
+        "policy.yaml.j2",
+        name=owner.name,
+        namespace=owner.namespace,
+        admin=credentials.admin.name,
+        replicator=credentials.replication.name,
+    )
+    plain = {
+        creds.SIGNING_KEY: credentials.signing_key_pem,
+        creds.HTPASSWD: credentials.htpasswd,
+        creds.POLICY: policy,
+        creds.ADMIN_USERNAME: credentials.admin.name,
+        creds.ADMIN_PASSWORD: credentials.admin.password,
+        creds.REPLICATION_USERNAME: credentials.replication.name,
+        creds.REPLICATION_PASSWORD: credentials.replication.password,
+    }
+    return {key: base64.b64encode(value.encode()).decode("ascii") for key, value in plain.items()}
+
+
+def checksum(config_map: Manifest, secret: Manifest) -> str:
+    """A digest of everything the pod reads from its ConfigMap and Secret."""
+    content = json.dumps([config_map["data"], secret["data"]], sort_keys=True)
+    return "sha256:" + hashlib.sha256(content.encode()).hexdigest()
+
+
+def render(
+    spec: models.Spec, owner: models.Owner, credentials: creds.Credentials
+) -> list[Manifest]:
+    """All children of a Registry, in the order they should be applied."""
+    name, namespace = owner.name, owner.namespace
+    owned = owner_references(owner)
+    common: dict[str, Any] = {"namespace": namespace, "owner_references": owned}
+
+    config_map = _manifest(
+        "configmap.yaml.j2",
+        name=names.config_map(name),
+        labels=names.labels(name, "config"),
+        data={"config.yaml": server_config(spec, owner)},
+        **common,
+    )
+    secret = _manifest(
+        "secret.yaml.j2",
+        name=names.secret(name),
+        labels=names.labels(name, "credentials"),
+        data=secret_data(owner, credentials),
+        **common,
+    )
+    manifests = [config_map, secret]
+
+    storage = spec.storage
+    pvc_name = None
+    if isinstance(storage, models.PvcStorage):
+        pvc_name = names.pvc(name)
+        manifests.append(
+            _manifest(
+                "persistentvolumeclaim.yaml.j2",
+                name=pvc_name,
+                namespace=namespace,
+                labels=names.labels(name, "storage"),
+                # Data outlives its Registry unless the user asked otherwise.
+                owner_references=owned if storage.delete_on_registry_delete else [],
+                storage=storage,
+            )
+        )
+    server_labels = names.labels(name, "server")
+    manifests.append(
+        _manifest(
+            "deployment.yaml.j2",
+            name=names.deployment(name),
+            labels=server_labels,
+            selector=names.selector_labels(name),
+            spec=spec,
+            recreate=isinstance(storage, models.PvcStorage) and not storage.shared,
+            checksum_annotation=names.CHECKSUM_ANNOTATION,
+            checksum=checksum(config_map, secret),
+            run_as=names.RUN_AS,
+            port=names.CONTAINER_PORT,
+            config_file=names.CONFIG_FILE,
+            config_dir=names.CONFIG_DIR,
+            auth_dir=names.AUTH_DIR,
+            data_dir=names.DATA_DIR,
+            config_map_name=names.config_map(name),
+            secret_name=names.secret(name),
+            mounted_secret_items=[{"key": key, "path": key} for key in MOUNTED_SECRET_KEYS],
+            pvc_name=pvc_name,
+            **common,
+        )
+    )
+    manifests.append(
+        _manifest(
+            "service.yaml.j2",
+            name=names.service(name),
+            labels=server_labels,
+            selector=names.selector_labels(name),
+            port=names.CONTAINER_PORT,
+            **common,
+        )
+    )
+    if spec.ingress is not None:
+        manifests.append(
+            _manifest(
+                "ingress.yaml.j2",
+                name=names.ingress(name),
+                labels=server_labels,
+                ingress=spec.ingress,
+                service_name=names.service(name),
+                **common,
+            )
+        )
+    return manifests

@@ -1,0 +1,48 @@
+"""Kopf settings for Berth: our own prefixes, bounded watches, quiet framework events."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import kopf
+
+from registry_operator.handlers import children
+
+PREFIX = "berth.dev"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    peering_name: str = "berth"
+    watch_server_timeout: float = 300.0
+    request_timeout: float = 60.0
+
+
+def build(options: Options = Options()) -> kopf.OperatorSettings:
+    settings = kopf.OperatorSettings()
+    persistence = settings.persistence
+    persistence.finalizer = f"{PREFIX}/finalizer"
+    # Progress and the last-handled spec live in annotations, so `.status` is all ours.
+    persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+
+    # Watches end server-side well before any proxy would cut them, and a silent stream
+    # is reconnected instead of trusted forever.
+    settings.watching.server_timeout = options.watch_server_timeout
+    settings.watching.client_timeout = options.watch_server_timeout + 30
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = options.request_timeout
+    # Only our own children are listed and watched, filtered by the API server.
+    for group, version, plural in children.WATCHED:
+        settings.watching.label_selectors[(group, version, plural)] = children.SELECTOR
+
+    settings.peering.name = options.peering_name
+
+    # Our handlers post the events an admin needs; Kopf's per-handler chatter stays in logs.
+    settings.posting.level = logging.WARNING
+    settings.posting.reporting_component = "berth-operator"
+    settings.posting.event_name_prefix = "berth-"
+    return settings
