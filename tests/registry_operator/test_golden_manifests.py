@@ -1,0 +1,228 @@
+"""Golden tests: a Registry spec in, the exact manifests out.
+
+Regenerate after an intended change with `BERTH_UPDATE_GOLDEN=1 pytest tests/registry_operator`
+and review the diff of tests/registry_operator/golden/ like any other code change.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from registry_operator import credentials, models, rendering
+from registry_operator.rendering import manifests, names
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("BERTH_UPDATE_GOLDEN") == "1"
+IMAGE = "ghcr.io/berth-dev/berth:golden"
+OWNER = models.Owner(
+    name="main", namespace="registries", uid="00000000-0000-0000-0000-00000000c0de"
+)
+# Fixed stand-ins for the generated secrets: rendering never generates anything itself.
+CREDENTIALS = credentials.Credentials(
+    signing_key_pem="-----BEGIN PRIVATE KEY-----\ngolden-not-a-key\n-----END PRIVATE KEY-----\n",
+    admin=credentials.User("admin", "admin-password-golden", "$2b$12$goldenadminhash"),
+    replication=credentials.User("replicator", "replication-password-golden", "$2b$12$goldenrepl"),
+)
+
+CASES: dict[str, dict[str, Any]] = {
+    # Everything defaulted: a 10Gi RWO claim kept after deletion, one replica.
+    "defaults": {},
+    # Every optional field of the server and its claim.
+    "pvc-full": {
+        "region": "eu-west",
+        "replicas": 3,
+        "image": "registry.example.com/berth:1.2.3",
+        "imagePullPolicy": "Always",
+        "imagePullSecrets": [{"name": "pull-a"}, {"name": "pull-b"}],
+        "resources": {"requests": {"cpu": 1, "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+        "logLevel": "debug",
+        "storage": {
+            "pvc": {
+                "size": "50Gi",
+                "storageClassName": "fast-rwx",
+                "accessModes": ["ReadWriteMany"],
+                "deleteOnRegistryDelete": True,
+            }
+        },
+    },
+    "emptydir": {"storage": {"emptyDir": {"sizeLimit": "2Gi"}}},
+    "emptydir-unlimited": {"storage": {"emptyDir": {}}},
+    "ingress-tls": {
+        "ingress": {
+            "host": "registry.example.com",
+            "className": "nginx",
+            "tls": {"secretName": "registry-tls"},
+            "annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "0"},
+        }
+    },
+    "ingress-plain": {"ingress": {"host": "registry.internal"}},
+}
+
+
+def _render(raw_spec: dict[str, Any]) -> list[rendering.Manifest]:
+    spec = models.parse_spec(raw_spec, image=IMAGE)
+    return rendering.render(spec, OWNER, CREDENTIALS)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the server config) as literal blocks: readable goldens."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def _dump(documents: list[rendering.Manifest]) -> str:
+    return yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False, width=100)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case: str) -> None:
+    text = _dump(_render(CASES[case]))
+    path = GOLDEN / f"{case}.yaml"
+    if UPDATE:
+        path.write_text(text)
+    assert path.exists(), f"no golden file {path}; run with BERTH_UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"{case} differs from {path}; regenerate if intended"
+
+
+def test_no_stale_golden_files() -> None:
+    assert {p.stem for p in GOLDEN.glob("*.yaml")} == set(CASES)
+
+
+def _by_kind(documents: list[rendering.Manifest]) -> dict[str, rendering.Manifest]:
+    return {doc["kind"]: doc for doc in documents}
+
+
+def test_children_are_owned_by_the_registry_except_a_kept_claim() -> None:
+    children = _by_kind(_render({"ingress": {"host": "r.example.com"}}))
+    assert set(children) == {
+        "ConfigMap",
+        "Secret",
+        "PersistentVolumeClaim",
+        "Deployment",
+        "Service",
+        "Ingress",
+    }
+    for kind, doc in children.items():
+        refs = doc["metadata"].get("ownerReferences", [])
+        if kind == "PersistentVolumeClaim":
+            assert refs == []
+            continue
+        assert refs == [
+            {
+                "apiVersion": "berth.dev/v1alpha1",
+                "kind": "Registry",
+                "name": "main",
+                "uid": OWNER.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert doc["metadata"]["labels"][names.REGISTRY_LABEL] == "main"
+
+
+def test_claim_is_owned_when_asked_to_go_with_the_registry() -> None:
+    pvc = _by_kind(_render({"storage": {"pvc": {"deleteOnRegistryDelete": True}}}))[
+        "PersistentVolumeClaim"
+    ]
+    assert pvc["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+
+
+@pytest.mark.parametrize(
+    ("storage", "replicas", "strategy"),
+    [
+        ({"pvc": {}}, 1, "Recreate"),
+        ({"pvc": {"accessModes": ["ReadWriteOncePod"]}}, 1, "Recreate"),
+        ({"pvc": {"accessModes": ["ReadWriteMany"]}}, 2, "RollingUpdate"),
+        ({"emptyDir": {}}, 1, "RollingUpdate"),
+    ],
+)
+def test_strategy_follows_the_volume(storage: dict[str, Any], replicas: int, strategy: str) -> None:
+    deployment = _by_kind(_render({"storage": storage, "replicas": replicas}))["Deployment"]
+    assert deployment["spec"]["strategy"]["type"] == strategy
+
+
+def _checksum(raw_spec: dict[str, Any], creds: credentials.Credentials = CREDENTIALS) -> str:
+    spec = models.parse_spec(raw_spec, image=IMAGE)
+    deployment = _by_kind(rendering.render(spec, OWNER, creds))["Deployment"]
+    return str(deployment["spec"]["template"]["metadata"]["annotations"][names.CHECKSUM_ANNOTATION])
+
+
+def test_checksum_changes_with_config_and_secrets_only() -> None:
+    base = _checksum({})
+    assert base == _checksum({})  # deterministic
+    assert base == _checksum({"replicas": 0})  # not part of the pods' files
+    assert base == _checksum({"resources": {"limits": {"memory": "1Gi"}}})
+    assert base != _checksum({"logLevel": "debug"})  # config.yaml changed
+    assert base != _checksum({"ingress": {"host": "r.example.com"}})  # external_url changed
+    rotated = credentials.Credentials(
+        CREDENTIALS.signing_key_pem,
+        credentials.User("admin", "new", "$2b$12$new"),
+        CREDENTIALS.replication,
+    )
+    assert base != _checksum({}, rotated)
+
+
+def test_server_config_is_the_documented_format() -> None:
+    spec = models.parse_spec({"logLevel": "warning"}, image=IMAGE)
+    config = yaml.safe_load(manifests.server_config(spec, OWNER))
+    assert config == {
+        "http": {"addr": "0.0.0.0:5000", "external_url": "http://main.registries.svc:5000"},
+        "storage": {"root": "/var/lib/berth", "index": "sqlite"},
+        "auth": {
+            "service": "main.registries.svc:5000",
+            "issuer": "berth",
+            "htpasswd": "/etc/berth/auth/htpasswd",
+            "policy": "/etc/berth/auth/policy.yaml",
+            "signing_key": "/etc/berth/auth/token.key",
+            "token_ttl_seconds": 300,
+        },
+        "log": {"level": "warning", "format": "json"},
+    }
+
+
+def test_pod_mounts_what_the_config_refers_to() -> None:
+    children = _by_kind(_render({}))
+    pod = children["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    config = yaml.safe_load(children["ConfigMap"]["data"]["config.yaml"])
+    assert container["command"][-1] == f"{mounts['config']}/config.yaml"
+    assert volumes["config"]["configMap"]["name"] == children["ConfigMap"]["metadata"]["name"]
+    secret_items = {i["path"] for i in volumes["auth"]["secret"]["items"]}
+    for key in ("htpasswd", "policy", "signing_key"):
+        directory, _, filename = config["auth"][key].rpartition("/")
+        assert directory == mounts["auth"]
+        assert filename in secret_items
+        assert filename in children["Secret"]["data"]
+    assert config["storage"]["root"] == mounts["data"]
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "main-data"
+    # The plain passwords are in the Secret for admins, not in the pod.
+    assert "admin-password" not in secret_items
+
+
+def test_pod_security() -> None:
+    pod = _by_kind(_render({}))["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert container["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"

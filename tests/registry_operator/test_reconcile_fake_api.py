@@ -1,0 +1,281 @@
+"""reconcile() against an in-memory stand-in for the API server (fast, no processes).
+
+The integration tests run the same code against a real kube-apiserver; these pin down
+the decisions: what is applied, which events are told, what the status says.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from registry_operator import credentials, reconcile
+from registry_operator.kube import errors
+
+Key = tuple[str, str, str]
+
+
+class FakeKube:
+    """Just enough of the API: objects by (kind, namespace, name), resourceVersions."""
+
+    def __init__(self) -> None:
+        self.objects: dict[Key, dict[str, Any]] = {}
+        self.reject: dict[str, str] = {}
+        self.applied: list[str] = []
+        self._versions = itertools.count(1)
+
+    def put(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        meta.setdefault("uid", f"uid-{meta['name']}")
+        meta["resourceVersion"] = str(next(self._versions))
+        self.objects[(obj["kind"], meta["namespace"], meta["name"])] = obj
+
+    def find(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.objects.get((kind, namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    def apply(self, manifest: Mapping[str, Any], subresource: str | None = None) -> dict[str, Any]:
+        kind, meta = manifest["kind"], manifest["metadata"]
+        key = (kind, meta["namespace"], meta["name"])
+        current = self.objects.get(key)
+        if subresource == "status":
+            if current is None:
+                raise errors.NotFound("gone", 404)
+            if current.get("status") != manifest["status"]:
+                current["status"] = copy.deepcopy(manifest["status"])
+                current["metadata"]["resourceVersion"] = str(next(self._versions))
+            return copy.deepcopy(current)
+        if kind in self.reject:
+            raise errors.Rejected(self.reject[kind], 422)
+        self.applied.append(f"{kind}/{meta['name']}")
+        desired = copy.deepcopy(dict(manifest))
+        if current is None:
+            self.put(desired)
+            return copy.deepcopy(desired)
+        desired["metadata"]["uid"] = current["metadata"]["uid"]
+        desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        if "status" in current:
+            desired["status"] = current["status"]
+        if desired != current:
+            self.put(desired)
+        return copy.deepcopy(self.objects[key])
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self.objects.pop((kind, namespace, name), None)
+
+    def create(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        raise AssertionError("not used by reconcile")
+
+
+def _registry(kube: FakeKube, spec: dict[str, Any], generation: int = 1) -> None:
+    key = ("Registry", "ns", "main")
+    existing = kube.objects.get(key)
+    body: dict[str, Any] = {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "Registry",
+        "metadata": {"name": "main", "namespace": "ns", "uid": "reg-uid", "generation": generation},
+        "spec": spec,
+    }
+    if existing is not None and "status" in existing:
+        body["status"] = existing["status"]
+    kube.put(body)
+
+
+def _options() -> reconcile.Options:
+    counter = itertools.count(1)
+    return reconcile.Options(
+        image="img:test",
+        generators=credentials.Generators(
+            signing_key=credentials.generate_signing_key,
+            password=lambda: f"pw-{next(counter)}",
+            hash=lambda password: f"$2b$04$fake-{password}",
+        ),
+        now=lambda: "2026-01-01T00:00:00Z",
+    )
+
+
+def _run(kube: FakeKube) -> reconcile.Outcome:
+    return reconcile.reconcile(kube, "ns", "main", _options())  # type: ignore[arg-type]
+
+
+def _reasons(outcome: reconcile.Outcome) -> list[tuple[str, str]]:
+    return [(e.reason, e.message) for e in outcome.events]
+
+
+def _conditions(kube: FakeKube) -> dict[str, tuple[str, str]]:
+    registry = kube.objects[("Registry", "ns", "main")]
+    return {c["type"]: (c["status"], c["reason"]) for c in registry["status"]["conditions"]}
+
+
+def test_create_then_nothing_to_do() -> None:
+    kube = FakeKube()
+    _registry(kube, {})
+    outcome = _run(kube)
+    assert outcome.failure is None
+    assert _reasons(outcome) == [
+        (
+            "CredentialsGenerated",
+            "generated token.key, admin-password, htpasswd:admin, replication-password, "
+            "htpasswd:replicator in Secret main-auth",
+        ),
+        ("Created", "created ConfigMap main-config"),
+        ("Created", "created Secret main-auth"),
+        ("Created", "created PersistentVolumeClaim main-data"),
+        ("Created", "created Deployment main"),
+        ("Created", "created Service main"),
+    ]
+    assert _conditions(kube) == {
+        "Ready": ("False", "RollingOut"),
+        "Progressing": ("True", "RollingOut"),
+        "Degraded": ("False", "AsExpected"),
+        "StorageReady": ("False", "Pending"),
+    }
+    secret = kube.find("v1", "Secret", "ns", "main-auth")
+    versions = {k: o["metadata"]["resourceVersion"] for k, o in kube.objects.items()}
+
+    again = _run(kube)
+    assert again.events == ()
+    assert kube.find("v1", "Secret", "ns", "main-auth") == secret
+    assert {k: o["metadata"]["resourceVersion"] for k, o in kube.objects.items()} == versions
+
+
+def test_deployment_becoming_available_is_reported_once() -> None:
+    kube = FakeKube()
+    _registry(kube, {})
+    _run(kube)
+    deployment = kube.objects[("Deployment", "ns", "main")]
+    deployment["status"] = {
+        "observedGeneration": 1,
+        "replicas": 1,
+        "updatedReplicas": 1,
+        "availableReplicas": 1,
+        "readyReplicas": 1,
+    }
+    kube.objects[("PersistentVolumeClaim", "ns", "main-data")]["status"] = {"phase": "Bound"}
+    assert _reasons(_run(kube)) == [("Ready", "1/1 replicas available")]
+    assert _conditions(kube)["Ready"] == ("True", "Available")
+    assert _conditions(kube)["StorageReady"] == ("True", "Bound")
+    assert kube.objects[("Registry", "ns", "main")]["status"]["readyReplicas"] == 1
+    assert _run(kube).events == ()
+
+
+def test_drift_is_repaired_and_told() -> None:
+    kube = FakeKube()
+    _registry(kube, {})
+    _run(kube)
+    kube.delete("v1", "Service", "ns", "main")
+    kube.objects[("Deployment", "ns", "main")]["spec"]["replicas"] = 7
+    outcome = _run(kube)
+    assert _reasons(outcome) == [
+        ("Repaired", "reverted changes made to Deployment main"),
+        ("Restored", "recreated Service main, which was deleted"),
+    ]
+    assert kube.objects[("Deployment", "ns", "main")]["spec"]["replicas"] == 1
+
+
+def test_spec_change_updates_children_and_keeps_credentials() -> None:
+    kube = FakeKube()
+    _registry(kube, {})
+    _run(kube)
+    secret = kube.find("v1", "Secret", "ns", "main-auth")
+    old = kube.objects[("Deployment", "ns", "main")]["spec"]["template"]["metadata"]["annotations"]
+    _registry(kube, {"logLevel": "debug", "replicas": 0}, generation=2)
+    outcome = _run(kube)
+    assert _reasons(outcome) == [
+        ("Updated", "updated ConfigMap main-config"),
+        ("Updated", "updated Deployment main"),
+    ]
+    assert kube.find("v1", "Secret", "ns", "main-auth") == secret
+    new = kube.objects[("Deployment", "ns", "main")]["spec"]["template"]["metadata"]["annotations"]
+    assert new != old
+    assert kube.objects[("Registry", "ns", "main")]["status"]["observedGeneration"] == 2
+
+
+def test_deleted_secret_means_new_credentials() -> None:
+    kube = FakeKube()
+    _registry(kube, {})
+    _run(kube)
+    old = kube.find("v1", "Secret", "ns", "main-auth")
+    kube.delete("v1", "Secret", "ns", "main-auth")
+    outcome = _run(kube)
+    assert outcome.events[0].reason == "CredentialsGenerated"
+    assert kube.find("v1", "Secret", "ns", "main-auth") != old
+
+
+def test_invalid_spec_is_reported_once_and_not_applied() -> None:
+    kube = FakeKube()
+    _registry(kube, {"replicas": 3})  # no shared storage: the CRD's CEL rule would refuse it
+    outcome = _run(kube)
+    assert outcome.failure is not None
+    assert outcome.failure.reason == "InvalidSpec"
+    assert kube.applied == []
+    assert _reasons(outcome) == [
+        (
+            "InvalidSpec",
+            "spec.replicas: replicas > 1 requires shared storage "
+            "(storage.pvc with accessModes ReadWriteMany)",
+        )
+    ]
+    assert [e.type for e in outcome.events] == ["Warning"]
+    assert _conditions(kube)["Degraded"] == ("True", "InvalidSpec")
+    assert _run(kube).events == ()
+
+    _registry(kube, {"replicas": 1}, generation=2)
+    fixed = _run(kube)
+    assert fixed.failure is None
+    assert ("Recovered", "no longer degraded (InvalidSpec)") in _reasons(fixed)
+
+
+def test_a_refused_child_does_not_stop_the_others() -> None:
+    kube = FakeKube()
+    _registry(kube, {})
+    kube.reject["PersistentVolumeClaim"] = "spec: Forbidden: field is immutable"
+    outcome = _run(kube)
+    assert outcome.failure is not None
+    assert outcome.failure.message == (
+        "PersistentVolumeClaim main-data: spec: Forbidden: field is immutable"
+    )
+    assert "Deployment/main" in kube.applied
+    assert "Service/main" in kube.applied
+    assert _conditions(kube)["Degraded"] == ("True", "ApplyRejected")
+    assert ("Warning", "ApplyRejected") in [(e.type, e.reason) for e in outcome.events]
+
+
+def test_ingress_follows_the_spec() -> None:
+    kube = FakeKube()
+    _registry(kube, {"ingress": {"host": "r.example.com"}})
+    _run(kube)
+    assert kube.find("networking.k8s.io/v1", "Ingress", "ns", "main") is not None
+    _registry(kube, {}, generation=2)
+    outcome = _run(kube)
+    assert ("Deleted", "deleted Ingress main") in _reasons(outcome)
+    assert kube.find("networking.k8s.io/v1", "Ingress", "ns", "main") is None
+
+
+def test_foreign_ingress_with_the_same_name_is_left_alone() -> None:
+    kube = FakeKube()
+    _registry(kube, {})
+    kube.put(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "Ingress",
+            "metadata": {"name": "main", "namespace": "ns", "labels": {"app": "other"}},
+        }
+    )
+    _run(kube)
+    assert kube.find("networking.k8s.io/v1", "Ingress", "ns", "main") is not None
+
+
+@pytest.mark.parametrize("deleting", [False, True])
+def test_gone_or_going(deleting: bool) -> None:
+    kube = FakeKube()
+    if deleting:
+        _registry(kube, {})
+        kube.objects[("Registry", "ns", "main")]["metadata"]["deletionTimestamp"] = "now"
+    outcome = _run(kube)
+    assert kube.applied == []
+    assert outcome.events == ()
+    assert (outcome.ref is not None) == deleting

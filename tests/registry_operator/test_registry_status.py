@@ -1,0 +1,209 @@
+"""Status conditions derived from the Deployment and the claim (table-driven)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from registry_operator import models, status
+
+
+def _deployment(
+    *,
+    replicas: int = 1,
+    generation: int = 1,
+    observed: int = 1,
+    updated: int = 1,
+    available: int = 1,
+    total: int | None = None,
+    progressing: tuple[str, str] | None = ("True", "NewReplicaSetAvailable"),
+    replica_failure: bool = False,
+) -> dict[str, Any]:
+    conditions = []
+    if progressing is not None:
+        conditions.append(
+            {
+                "type": "Progressing",
+                "status": progressing[0],
+                "reason": progressing[1],
+                "message": "m",
+            }
+        )
+    if replica_failure:
+        conditions.append(
+            {
+                "type": "ReplicaFailure",
+                "status": "True",
+                "reason": "FailedCreate",
+                "message": "quota",
+            }
+        )
+    return {
+        "metadata": {"generation": generation},
+        "spec": {"replicas": replicas},
+        "status": {
+            "observedGeneration": observed,
+            "replicas": updated if total is None else total,
+            "updatedReplicas": updated,
+            "availableReplicas": available,
+            "readyReplicas": available,
+            "conditions": conditions,
+        },
+    }
+
+
+def _summary(deployment: dict[str, Any] | None) -> dict[str, tuple[str, str]]:
+    return {c.type: (c.status, c.reason) for c in status.deployment_conditions(deployment)}
+
+
+@pytest.mark.parametrize(
+    ("deployment", "ready", "progressing", "degraded"),
+    [
+        (None, ("False", "DeploymentMissing"), ("True", "Creating"), ("False", "AsExpected")),
+        (
+            _deployment(),
+            ("True", "Available"),
+            ("False", "RolloutComplete"),
+            ("False", "AsExpected"),
+        ),
+        # Just created: the controller has not looked at it yet.
+        (
+            _deployment(observed=0, updated=0, available=0, progressing=None),
+            ("False", "RollingOut"),
+            ("True", "RollingOut"),
+            ("False", "AsExpected"),
+        ),
+        # New pods created, not available yet.
+        (
+            _deployment(available=0, progressing=("True", "ReplicaSetUpdated")),
+            ("False", "RollingOut"),
+            ("True", "RollingOut"),
+            ("False", "AsExpected"),
+        ),
+        # A rolling update: old pods still there.
+        (
+            _deployment(replicas=2, updated=1, available=2, total=3),
+            ("False", "RollingOut"),
+            ("True", "RollingOut"),
+            ("False", "AsExpected"),
+        ),
+        # A spec change not yet observed by the Deployment controller.
+        (
+            _deployment(generation=2, observed=1),
+            ("False", "RollingOut"),
+            ("True", "RollingOut"),
+            ("False", "AsExpected"),
+        ),
+        # Rolled out, then a pod stopped being ready.
+        (
+            _deployment(replicas=2, updated=2, available=1),
+            ("False", "Unavailable"),
+            ("False", "RolloutComplete"),
+            ("True", "Unavailable"),
+        ),
+        (
+            _deployment(available=0, progressing=("False", "ProgressDeadlineExceeded")),
+            ("False", "ProgressDeadlineExceeded"),
+            ("False", "ProgressDeadlineExceeded"),
+            ("True", "ProgressDeadlineExceeded"),
+        ),
+        (
+            _deployment(available=0, updated=0, replica_failure=True, progressing=None),
+            ("False", "RollingOut"),
+            ("True", "RollingOut"),
+            ("True", "ReplicaFailure"),
+        ),
+        (
+            _deployment(replicas=0, updated=0, available=0),
+            ("False", "ScaledToZero"),
+            ("False", "RolloutComplete"),
+            ("False", "AsExpected"),
+        ),
+    ],
+)
+def test_deployment_conditions(
+    deployment: dict[str, Any] | None,
+    ready: tuple[str, str],
+    progressing: tuple[str, str],
+    degraded: tuple[str, str],
+) -> None:
+    assert _summary(deployment) == {
+        "Ready": ready,
+        "Progressing": progressing,
+        "Degraded": degraded,
+    }
+
+
+@pytest.mark.parametrize(
+    ("storage", "pvc", "expected"),
+    [
+        (models.PvcStorage(), None, ("False", "NotFound")),
+        (models.PvcStorage(), {"status": {"phase": "Pending"}}, ("False", "Pending")),
+        (models.PvcStorage(), {"status": {}}, ("False", "Pending")),
+        (models.PvcStorage(), {"status": {"phase": "Bound"}}, ("True", "Bound")),
+        (models.PvcStorage(), {"status": {"phase": "Lost"}}, ("False", "Lost")),
+        (models.EmptyDirStorage(), None, ("True", "EmptyDir")),
+        (None, None, ("Unknown", "InvalidSpec")),
+    ],
+)
+def test_storage_condition(
+    storage: models.Storage | None, pvc: dict[str, Any] | None, expected: tuple[str, str]
+) -> None:
+    condition = status.storage_condition(storage, pvc)
+    assert (condition.status, condition.reason) == expected
+
+
+OWNER = models.Owner("main", "ns", "uid")
+SPEC = models.parse_spec({}, image="img")
+
+
+def test_build_status_and_transition_times() -> None:
+    observed = status.Observed(deployment=_deployment(), pvc={"status": {"phase": "Bound"}})
+    first = status.build(OWNER, 4, SPEC, observed, {}, "2026-01-01T00:00:00Z")
+    assert first["observedGeneration"] == 4
+    assert first["endpoint"] == "http://main.ns.svc:5000"
+    assert first["readyReplicas"] == 1
+    assert "externalEndpoint" not in first
+    assert [c["type"] for c in first["conditions"]] == [
+        "Ready",
+        "Progressing",
+        "Degraded",
+        "StorageReady",
+    ]
+    assert all(c["observedGeneration"] == 4 for c in first["conditions"])
+    assert all(c["lastTransitionTime"] == "2026-01-01T00:00:00Z" for c in first["conditions"])
+
+    # Same statuses later: times are kept. Ready flips: only its time moves.
+    later = status.build(OWNER, 4, SPEC, observed, first, "2026-01-02T00:00:00Z")
+    assert later == first
+    degraded = status.Observed(deployment=_deployment(available=0), pvc=observed.pvc)
+    flipped = status.build(OWNER, 5, SPEC, degraded, first, "2026-01-03T00:00:00Z")
+    times = {c["type"]: c["lastTransitionTime"] for c in flipped["conditions"]}
+    assert times == {
+        "Ready": "2026-01-03T00:00:00Z",
+        "Progressing": "2026-01-01T00:00:00Z",
+        "Degraded": "2026-01-03T00:00:00Z",
+        "StorageReady": "2026-01-01T00:00:00Z",
+    }
+
+
+def test_failure_overrides_progress_and_degraded() -> None:
+    failure = status.Failure("InvalidSpec", "spec.replicas: nope")
+    built = status.build(OWNER, 2, None, status.Observed(), {}, "t", failure)
+    summary = {c["type"]: (c["status"], c["reason"], c["message"]) for c in built["conditions"]}
+    assert summary == {
+        "Ready": ("False", "InvalidSpec", "spec.replicas: nope"),
+        "Progressing": ("False", "InvalidSpec", "spec.replicas: nope"),
+        "Degraded": ("True", "InvalidSpec", "spec.replicas: nope"),
+        "StorageReady": ("Unknown", "InvalidSpec", "the storage spec is invalid"),
+    }
+    # A serving Deployment stays Ready while a later spec is refused.
+    serving = status.Observed(deployment=_deployment())
+    kept = status.build(OWNER, 2, SPEC, serving, {}, "t", failure)
+    assert kept["conditions"][0]["status"] == "True"
+
+
+def test_external_endpoint_with_ingress() -> None:
+    spec = models.parse_spec({"ingress": {"host": "r.example.com"}}, image="img")
+    built = status.build(OWNER, 1, spec, status.Observed(), {}, "t")
+    assert built["externalEndpoint"] == "http://r.example.com"
