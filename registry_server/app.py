@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from aiohttp import web
 
 from registry_server.auth.model import Authorizer, OpenAccess
@@ -13,6 +16,7 @@ from registry_server.http.errors import error_middleware
 from registry_server.http.health import metrics_middleware
 from registry_server.services.blobs import BlobService
 from registry_server.services.discovery import DiscoveryService
+from registry_server.services.gc import GarbageCollector
 from registry_server.services.manifests import ManifestService
 from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.filesystem import FilesystemDriver
@@ -60,11 +64,28 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     token.setup(app)
     replication.add_routes(app)
 
+    collector = GarbageCollector(
+        store, index, config.gc.grace_seconds, config.limits.upload_purge_after_seconds
+    )
+    background: list[asyncio.Task[None]] = []
+
+    async def collect_forever() -> None:
+        while True:
+            await asyncio.sleep(config.gc.interval_seconds)
+            try:
+                await collector.run_once()
+            except Exception:  # the collector must outlive one bad round; it logs why
+                logging.getLogger("registry_server.gc").exception("garbage collection failed")
+
     async def start(_: web.Application) -> None:
         if replicator is not None:
             await replicator.start()
+        if worker_id == 0 and config.gc.interval_seconds > 0:
+            background.append(asyncio.create_task(collect_forever()))
 
     async def close(_: web.Application) -> None:
+        for task in background:
+            task.cancel()
         if replicator is not None:
             await replicator.stop()
         await index.close()

@@ -43,6 +43,12 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class GcConfig:
+    interval_seconds: int = 3600  # 0 disables the background collector
+    grace_seconds: int = 3600  # unreferenced blobs younger than this are kept
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     service: str = "berth"
     issuer: str = "berth"
@@ -99,6 +105,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    gc: GcConfig = field(default_factory=GcConfig)
     auth: AuthConfig | None = None
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -119,6 +126,7 @@ _SECTIONS: dict[str, type] = {
     "http": HttpConfig,
     "storage": StorageConfig,
     "limits": LimitsConfig,
+    "gc": GcConfig,
     "auth": AuthConfig,
     "log": LogConfig,
 }

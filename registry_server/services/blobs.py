@@ -57,7 +57,12 @@ class BlobService:
                 continue
             size = await self.index.blob_size(candidate, str(digest))
             if size is not None and await self.store.size(digest) == size:
-                await self.index.link_blob(repo, str(digest), size)
+                try:
+                    await self.index.link_blob(
+                        repo, str(digest), size, publish=lambda: self.store.require(digest)
+                    )
+                except errors.RegistryError:
+                    continue  # collected between the check and the link
                 return True
         return False
 
@@ -105,8 +110,11 @@ class BlobService:
             if body is not None:
                 size = await self.store.append(info, body)
                 info = UploadInfo(info.upload_id, repo, info.started_at, size)
-            size = await self.store.commit(info, digest)
-        await self.index.link_blob(repo, str(digest), size)
+            size = await self.store.verify(info, digest)
+            final = info
+            await self.index.link_blob(
+                repo, str(digest), size, publish=lambda: self.store.publish(final, digest)
+            )
         return size
 
     async def upload_whole(

@@ -55,6 +55,7 @@ class BlobStore:
         self.driver = driver
         self._hashes: dict[str, _HashState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._unreadable: set[str] = set()
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -146,6 +147,13 @@ class BlobStore:
 
     async def commit(self, info: UploadInfo, expected: digests.Digest) -> int:
         """Verify and move the upload into place as ``expected``; returns the blob size."""
+        size = await self.verify(info, expected)
+        await self.publish(info, expected)
+        return size
+
+    async def verify(self, info: UploadInfo, expected: digests.Digest) -> int:
+        """Check the digest and make the data durable; returns the size. A mismatch drops
+        the session (DIGEST_INVALID) and leaves storage as it was."""
         data_path = f"{_upload_dir(info.upload_id)}/data"
         size = await self.driver.stat(data_path)
         if size is None:
@@ -163,12 +171,21 @@ class BlobStore:
                 errors.DIGEST_INVALID,
                 detail={"expected": str(expected), "actual": f"{expected.algorithm}:{actual}"},
             )
-        # Durability first, then an atomic rename: a crash leaves either no blob or a whole one.
+        # Durability first, then (in publish) an atomic rename: a crash leaves either no
+        # blob or a whole one.
         writer = await self.driver.writer(data_path, append=True)
         await writer.commit()
-        await self.driver.move(data_path, blob_path(expected))
-        await self.cancel(info.upload_id)
         return size
+
+    async def publish(self, info: UploadInfo, expected: digests.Digest) -> None:
+        """Move verified data into place under its digest and end the session."""
+        await self.driver.move(f"{_upload_dir(info.upload_id)}/data", blob_path(expected))
+        await self.cancel(info.upload_id)
+
+    async def require(self, digest: digests.Digest) -> None:
+        """Raise BLOB_UNKNOWN unless the blob's bytes are present (a mount's publish step)."""
+        if await self.size(digest) is None:
+            raise errors.RegistryError(errors.BLOB_UNKNOWN, detail={"digest": str(digest)})
 
     async def cancel(self, upload_id: str) -> None:
         """Drop an upload session; safe to call twice."""
@@ -177,13 +194,23 @@ class BlobStore:
         await self.driver.delete(_upload_dir(upload_id))
 
     async def stale_uploads(self, older_than: float) -> list[str]:
+        """Upload sessions started before ``older_than``.
+
+        A session without readable info is either being created right now or broken; it
+        counts as stale only if it was already so at the previous call.
+        """
         stale = []
+        unreadable = set()
         for upload_id in await self.driver.list("uploads"):
             try:
                 raw = json.loads(await self.driver.get_content(f"uploads/{upload_id}/info"))
                 started = float(raw["started_at"])
-            except (StorageNotFound, ValueError, KeyError):
-                started = 0.0
+            except (StorageNotFound, ValueError, KeyError, TypeError):
+                unreadable.add(upload_id)
+                if upload_id in self._unreadable:
+                    stale.append(upload_id)
+                continue
             if started < older_than:
                 stale.append(upload_id)
+        self._unreadable = unreadable
         return stale

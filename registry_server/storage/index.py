@@ -8,7 +8,7 @@ served by many stateless replicas.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -99,7 +99,16 @@ class MetadataIndex(Protocol):
     async def missing_manifests(self, repo: str, digests: Sequence[str]) -> list[str]: ...
 
     # blobs linked into repositories
-    async def link_blob(self, repo: str, digest: str, size: int) -> None: ...
+    async def link_blob(
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        publish: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Link a blob into a repository; ``publish`` (moving the file into place) runs
+        under the same lock that ``forget_blob`` takes, so GC never races an upload."""
+
     async def blob_size(self, repo: str, digest: str) -> int | None: ...
     async def unlink_blob(self, repo: str, digest: str) -> bool: ...
     async def missing_blobs(self, repo: str, digests: Sequence[str]) -> list[str]: ...
@@ -107,8 +116,11 @@ class MetadataIndex(Protocol):
 
     # garbage collection
     async def unreferenced_blobs(self, older_than: float) -> list[str]: ...
-    async def forget_blob(self, digest: str) -> bool:
-        """Remove a blob's global record if still unreferenced; True when removed."""
+    async def forget_blob(
+        self, digest: str, remove: Callable[[], Awaitable[None]] | None = None
+    ) -> bool:
+        """Remove a blob's record if still unreferenced, calling ``remove`` (delete the file)
+        under the same lock; True when removed."""
 
     # replication
     async def pending_changes(self, peer: str, limit: int) -> list[Change]: ...

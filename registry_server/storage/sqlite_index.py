@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -127,6 +127,9 @@ class SqliteIndex:
             )
         self._reader = _connect(path)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        # One transaction at a time on the writer connection, including guarded ones that
+        # span several thread hops.
+        self._lock = asyncio.Lock()
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -136,9 +139,22 @@ class SqliteIndex:
     async def ping(self) -> None:
         self._reader.execute("SELECT 1 FROM repositories LIMIT 1").fetchall()
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        before: Callable[[], Awaitable[None]] | None = None,
+        after: Callable[[T], Awaitable[None]] | None = None,
+    ) -> T:
+        """Run ``fn`` in one write transaction on the writer thread.
+
+        ``before``/``after`` are storage operations done while the transaction holds the
+        database write lock, so that publishing a blob file and linking it (or forgetting
+        a blob and deleting its file) are atomic with respect to every other process.
+        """
+        loop = asyncio.get_running_loop()
+        conn = self._writer
+
         def run() -> T:
-            conn = self._writer
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn)
@@ -148,7 +164,21 @@ class SqliteIndex:
             conn.execute("COMMIT")
             return result
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        async with self._lock:
+            if before is None and after is None:
+                return await loop.run_in_executor(self._executor, run)
+            await loop.run_in_executor(self._executor, conn.execute, "BEGIN IMMEDIATE")
+            try:
+                if before is not None:
+                    await before()
+                result = await loop.run_in_executor(self._executor, fn, conn)
+                if after is not None:
+                    await after(result)
+            except BaseException:
+                await asyncio.shield(loop.run_in_executor(self._executor, conn.execute, "ROLLBACK"))
+                raise
+            await loop.run_in_executor(self._executor, conn.execute, "COMMIT")
+            return result
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -406,18 +436,26 @@ class SqliteIndex:
 
     # -- blobs ---------------------------------------------------------------------------
 
-    async def link_blob(self, repo: str, digest: str, size: int) -> None:
+    async def link_blob(
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        publish: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         def tx(conn: sqlite3.Connection) -> None:
             repo_id = self._repo_id(conn, repo, create=True)
+            # A relink restarts the blob's grace period.
             conn.execute(
-                "INSERT OR IGNORE INTO blobs(digest, size, created) VALUES (?,?,?)",
+                "INSERT INTO blobs(digest, size, created) VALUES (?,?,?)"
+                " ON CONFLICT(digest) DO UPDATE SET created=excluded.created",
                 (digest, size, time.time()),
             )
             conn.execute(
                 "INSERT OR IGNORE INTO blob_links(repo_id, digest) VALUES (?,?)", (repo_id, digest)
             )
 
-        await self._write(tx)
+        await self._write(tx, before=publish)
 
     async def blob_size(self, repo: str, digest: str) -> int | None:
         row = self._reader.execute(
@@ -471,7 +509,9 @@ class SqliteIndex:
         ).fetchall()
         return [r[0] for r in rows]
 
-    async def forget_blob(self, digest: str) -> bool:
+    async def forget_blob(
+        self, digest: str, remove: Callable[[], Awaitable[None]] | None = None
+    ) -> bool:
         def tx(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
                 "DELETE FROM blobs WHERE digest = ?"
@@ -481,7 +521,11 @@ class SqliteIndex:
             )
             return cur.rowcount > 0
 
-        return await self._write(tx)
+        async def after(forgotten: bool) -> None:
+            if forgotten and remove is not None:
+                await remove()
+
+        return await self._write(tx, after=after)
 
     # -- replication ---------------------------------------------------------------------
 
