@@ -35,7 +35,7 @@ class PasswordVerifier:
         self._max_entries = max_entries
         self._clock = clock
         self._ok: OrderedDict[bytes, float] = OrderedDict()
-        self._inflight: dict[bytes, asyncio.Future[bool]] = {}
+        self._inflight: dict[bytes, asyncio.Task[bool]] = {}
         self._dummy: bytes | None = None
         self.computations = 0  # bcrypt checks actually run (for tests and curiosity)
 
@@ -69,20 +69,19 @@ class PasswordVerifier:
         key = self._cache_key(secret, stored_hash)
         if self._cached(key):
             return True
-        pending = self._inflight.get(key)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._compute(key, secret, stored_hash))
+            self._inflight[key] = task
+        # A caller that goes away (client disconnected) does not cancel the check that
+        # other callers with the same credentials are waiting for.
+        return await asyncio.shield(task)
+
+    async def _compute(self, key: bytes, secret: str, stored_hash: str) -> bool:
         try:
             ok = await asyncio.to_thread(self._check, secret, stored_hash)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: waiters re-raise it, nobody logs it as lost
-            raise
         finally:
             del self._inflight[key]
-        future.set_result(ok)
         if ok:
             self._remember(key)
         return ok

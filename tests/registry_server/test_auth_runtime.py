@@ -226,3 +226,18 @@ async def test_watcher_task_applies_changes(tmp_path: Path) -> None:
         assert files.directory.policy.actions("alice", "team-a/x") == {"pull", "push"}
     finally:
         await files.stop()
+
+
+async def test_verifier_survives_a_cancelled_caller() -> None:
+    slow = bcrypt.hashpw(b"pw", bcrypt.gensalt(8)).decode()
+    verifier = PasswordVerifier()
+    first = asyncio.create_task(verifier.verify("pw", slow))
+    second = asyncio.create_task(verifier.verify("pw", slow))
+    await asyncio.sleep(0.001)
+    first.cancel()
+    assert await second
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert verifier.computations == 1
+    assert await verifier.verify("pw", slow)  # remembered
+    assert verifier.computations == 1
