@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from registry_server.auth.model import Access
 from registry_server.auth.tokens import SigningKey, TokenCodec
+from tests.integration.test_clients_containerd import containerd_socket  # noqa: F401 - fixture
 from tests.support.clients import Registry, Response, run_tool, skopeo
 from tests.support.images import make_oci_layout, tagged_digest
 from tests.support.processes import RegistryProcess
@@ -293,6 +294,36 @@ def test_oras_with_credentials(auth_registry: AuthRegistry, tmp_path: Path) -> N
         check=False,
     )
     assert denied.returncode != 0
+
+
+def test_ctr_pulls_with_robot_credentials(
+    auth_registry: AuthRegistry,
+    containerd_socket: Path,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    """What a kubelet does with the pull secret the operator writes: containerd pulls."""
+    source, digest = layout(tmp_path)
+    ref = f"{auth_registry.host}/team-a/api:v1"
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        creds("ci"),
+        f"oci:{source}:v1",
+        f"docker://{ref}",
+    )
+
+    def ctr(*args: str, check: bool = True) -> Any:
+        return run_tool("ctr", "-a", containerd_socket, *args, timeout=60, check=check)
+
+    refused = ctr("images", "pull", "--plain-http", ref, check=False)
+    assert refused.returncode != 0
+    before = auth_registry.tokens_issued()
+    ctr("images", "pull", "--plain-http", "--user", creds("puller"), ref)
+    listed = ctr("images", "ls", "-q").stdout.split()
+    assert ref in listed
+    assert digest in ctr("images", "ls").stdout
+    assert auth_registry.tokens_issued() > before
 
 
 # --- refusals ---------------------------------------------------------------------------

@@ -241,3 +241,49 @@ async def test_verifier_survives_a_cancelled_caller() -> None:
     assert verifier.computations == 1
     assert await verifier.verify("pw", slow)  # remembered
     assert verifier.computations == 1
+
+
+# --- start-up checks ----------------------------------------------------------------------
+
+
+def test_config_keys_and_validation(tmp_path: Path) -> None:
+    from registry_server import config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "auth:\n  htpasswd: /x/htpasswd\n  failure_limit: 3\n  reload_interval_seconds: 2\n"
+    )
+    loaded = config.load(path, env={})
+    assert loaded.auth is not None
+    assert loaded.auth.htpasswd == Path("/x/htpasswd") and loaded.auth.failure_limit == 3
+    path.write_text("http:\n  workers: 2\nauth:\n  service: berth\n")
+    with pytest.raises(config.ConfigError, match="signing_key is required"):
+        config.load(path, env={})
+    path.write_text("auth:\n  reload_interval_seconds: 0\n")
+    with pytest.raises(config.ConfigError, match="reload_interval"):
+        config.load(path, env={})
+
+
+def test_build_refuses_unusable_files(tmp_path: Path) -> None:
+    from registry_server.auth import configured
+    from registry_server.config import AuthConfig, ConfigError
+
+    bad_key = tmp_path / "token.key"
+    bad_key.write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ConfigError, match="signing_key"):
+        configured.build(AuthConfig(signing_key=bad_key), "")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules: {}")
+    with pytest.raises(ConfigError, match="expected a list"):
+        configured.build(AuthConfig(policy=policy), "")
+
+
+def test_build_without_key_generates_one(caplog: pytest.LogCaptureFixture) -> None:
+    from registry_server.auth import configured
+    from registry_server.config import AuthConfig
+
+    with caplog.at_level(logging.WARNING, "registry_server.auth"):
+        authorizer = configured.build(AuthConfig(), "https://r.example.com")
+    assert authorizer.codec.key.algorithm == "ES256"
+    assert "tokens will not survive a restart" in caplog.text
+    assert authorizer.settings.realm() == "https://r.example.com/token"
