@@ -162,8 +162,8 @@ class ConfiguredAuthorizer:
             errors.UNAUTHORIZED, message=message, headers={"WWW-Authenticate": challenge}
         )
 
-    async def _login(self, name: str, secret: str, client: str) -> bool:
-        account = self.directory.accounts.get(name)
+    async def _login(self, directory: Directory, name: str, secret: str, client: str) -> bool:
+        account = directory.accounts.get(name)
         if account is None:
             await self.passwords.burn(secret)
             self._failed(client, "unknown_account", name)
@@ -200,9 +200,9 @@ class ConfiguredAuthorizer:
             self._failed(client, "malformed_basic")
             raise self._unauthorized(wanted)
         name, secret = pair
-        if not await self._login(name, secret, client):
+        directory = self.directory  # one snapshot for the whole decision
+        if not await self._login(directory, name, secret, client):
             raise self._unauthorized(wanted, message="invalid username or password")
-        directory = self.directory
         for access in wanted:
             if not directory.permits(name, access):
                 raise errors.RegistryError(errors.DENIED, detail={"scope": access.scope()})
@@ -241,8 +241,8 @@ class ConfiguredAuthorizer:
         if request.service is not None and request.service != self.settings.service:
             raise TokenError(400, "invalid_request", f"unknown service {request.service!r}")
         self._check_rate(request.client)
-        name = await self._token_subject(request)
-        directory = self.directory
+        directory = self.directory  # one snapshot for the whole decision
+        name = await self._token_subject(directory, request)
         granted = directory.grant(name, scopes.parse_scopes(request.scopes))
         ttl = self.settings.token_ttl_seconds
         token, claims = self.codec.issue(name or "", self.settings.service, ttl, granted)
@@ -265,7 +265,7 @@ class ConfiguredAuthorizer:
             refresh_token=refresh,
         )
 
-    async def _token_subject(self, request: TokenRequest) -> str | None:
+    async def _token_subject(self, directory: Directory, request: TokenRequest) -> str | None:
         """The authenticated account name, or None for an anonymous request."""
         grant = request.grant_type
         if grant is None:
@@ -276,19 +276,21 @@ class ConfiguredAuthorizer:
             if pair is None:
                 self._failed(request.client, "malformed_basic")
                 raise TokenError(401, "invalid_client", "expected Basic credentials")
-            return await self._token_login(*pair, request.client, status=401)
+            return await self._token_login(directory, *pair, request.client, status=401)
         if grant == GRANT_PASSWORD:
             if not request.username or request.password is None:
                 raise TokenError(400, "invalid_request", "username and password are required")
             return await self._token_login(
-                request.username, request.password, request.client, status=400
+                directory, request.username, request.password, request.client, status=400
             )
         if grant == GRANT_REFRESH:
-            return self._refresh_subject(request.refresh_token or "", request.client)
+            return self._refresh_subject(directory, request.refresh_token or "", request.client)
         raise TokenError(400, "unsupported_grant_type", f"grant_type {grant!r} is not supported")
 
-    async def _token_login(self, name: str, secret: str, client: str, status: int) -> str:
-        if not await self._login(name, secret, client):
+    async def _token_login(
+        self, directory: Directory, name: str, secret: str, client: str, status: int
+    ) -> str:
+        if not await self._login(directory, name, secret, client):
             headers = {"WWW-Authenticate": f'Basic realm="{_quote(self.settings.service)}"'}
             raise TokenError(
                 status,
@@ -298,13 +300,13 @@ class ConfiguredAuthorizer:
             )
         return name
 
-    def _refresh_subject(self, token: str, client: str) -> str:
+    def _refresh_subject(self, directory: Directory, token: str, client: str) -> str:
         try:
             claims = self.codec.verify(token, self.settings.refresh_audience)
         except TokenInvalid as exc:
             self._failed(client, "invalid_refresh_token")
             raise TokenError(400, "invalid_grant", f"invalid refresh token: {exc}") from None
-        account = self.directory.accounts.get(claims.subject)
+        account = directory.accounts.get(claims.subject)
         if account is None or claims.extra.get("cred") != secret_fingerprint(account.secret_hash):
             self._failed(client, "revoked_refresh_token", claims.subject)
             raise TokenError(400, "invalid_grant", "the refresh token has been revoked")
