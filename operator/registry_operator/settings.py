@@ -15,7 +15,7 @@ PREFIX = "berth.dev"
 @dataclasses.dataclass(frozen=True)
 class Options:
     peering_name: str = "berth"
-    watch_server_timeout: float = 300.0
+    watch_server_timeout: int = 300  # seconds; the API wants an integer
     request_timeout: float = 60.0
 
 
