@@ -112,6 +112,8 @@ def parse(body: bytes, content_type: str | None) -> Manifest:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise _invalid("body is not valid JSON") from None
+    except RecursionError:  # nesting deeper than the parser's stack: no manifest looks like that
+        raise _invalid("body is nested too deeply") from None
     if not isinstance(doc, dict):
         raise _invalid("body must be a JSON object")
     declared = doc.get("mediaType")
