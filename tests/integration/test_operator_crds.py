@@ -1,0 +1,226 @@
+"""The CRDs on a real kube-apiserver: defaults, and invalid specs refused by schema and CEL.
+
+No operator runs here: this is what `kubectl apply` answers before any controller sees
+the object. Messages are compared exactly, as a user reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tests.support.control_plane import ControlPlane
+
+pytestmark = pytest.mark.integration
+
+
+def _registry(name: str, namespace: str, spec: dict[str, Any]) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "berth.dev/v1alpha1",
+            "kind": "Registry",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+        }
+    )
+
+
+def _apply(plane: ControlPlane, document: str, *extra: str) -> tuple[int, str]:
+    result = plane.kubectl("apply", "-f", "-", *extra, input=document, check=False)
+    return result.returncode, result.stderr.strip()
+
+
+def test_defaults_are_filled_in(control_plane: ControlPlane, namespace: str) -> None:
+    code, err = _apply(control_plane, _registry("plain", namespace, {}))
+    assert code == 0, err
+    spec = control_plane.kubectl_json("get", "registry", "plain", "-n", namespace)["spec"]
+    assert spec == {
+        "replicas": 1,
+        "imagePullPolicy": "IfNotPresent",
+        "logLevel": "info",
+        "storage": {
+            "pvc": {
+                "size": "10Gi",
+                "accessModes": ["ReadWriteOnce"],
+                "deleteOnRegistryDelete": False,
+            }
+        },
+    }
+
+
+def test_short_names_and_category(control_plane: ControlPlane, namespace: str) -> None:
+    assert _apply(control_plane, _registry("short", namespace, {"region": "eu-west"}))[0] == 0
+    for resource in ("reg", "berthreg", "berth"):
+        out = control_plane.kubectl("get", resource, "-n", namespace, "-o", "name").stdout
+        assert "registry.berth.dev/short" in out
+    table = control_plane.kubectl("get", "registries", "-n", namespace).stdout.splitlines()
+    assert table[0].split() == ["NAME", "ENDPOINT", "READY", "REPLICAS", "REGION", "AGE"]
+
+
+NOT_CHECKED = (
+    "* <nil>: Invalid value: null: some validation rules were not checked because the object "
+    "was invalid; correct the existing errors to complete validation"
+)
+
+
+def _schema_error(kind: str, name: str, message: str) -> str:
+    """How the API server words a schema error: CEL rules then stay unchecked."""
+    return f'The {kind} "{name}" is invalid: \n* {message}\n{NOT_CHECKED}'
+
+
+INVALID = [
+    (
+        {"replicas": 2},
+        'The Registry "bad" is invalid: spec.replicas: Forbidden: replicas > 1 requires '
+        "shared storage: storage.s3, or storage.pvc with accessModes [ReadWriteMany]",
+    ),
+    (
+        {"replicas": 3, "storage": {"emptyDir": {}}},
+        'The Registry "bad" is invalid: spec.replicas: Forbidden: replicas > 1 requires '
+        "shared storage: storage.s3, or storage.pvc with accessModes [ReadWriteMany]",
+    ),
+    (
+        {"storage": {"pvc": {}, "emptyDir": {}}},
+        'The Registry "bad" is invalid: spec.storage: Invalid value: "object": exactly one of '
+        "storage.pvc, storage.s3 or storage.emptyDir must be set",
+    ),
+    (
+        {"storage": {"s3": {"bucket": "images"}}},
+        'The Registry "bad" is invalid: spec.storage.s3: Invalid value: "object": storage.s3 '
+        "requires credentialsSecretRef",
+    ),
+    (
+        {"imagePullPolicy": "Sometimes"},
+        _schema_error(
+            "Registry",
+            "bad",
+            'spec.imagePullPolicy: Unsupported value: "Sometimes": '
+            'supported values: "Always", "IfNotPresent", "Never"',
+        ),
+    ),
+    (
+        {"storage": {"pvc": {"size": "lots"}}},
+        # A pattern mismatch leaves the CEL rules checkable: a one-line message.
+        'The Registry "bad" is invalid: spec.storage.pvc.size: Invalid value: "lots": '
+        "spec.storage.pvc.size in body should match '^(\\+)?(([0-9]+(\\.[0-9]*)?)|"
+        "(\\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]+))?$'",
+    ),
+    (
+        {"ingress": {"className": "nginx"}},
+        _schema_error("Registry", "bad", "spec.ingress.host: Required value"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), INVALID)
+def test_invalid_specs_are_refused(
+    control_plane: ControlPlane, namespace: str, spec: dict[str, Any], message: str
+) -> None:
+    code, err = _apply(control_plane, _registry("bad", namespace, spec))
+    assert code != 0
+    assert err == message
+
+
+def test_shared_storage_allows_replicas(control_plane: ControlPlane, namespace: str) -> None:
+    spec = {"replicas": 3, "storage": {"pvc": {"accessModes": ["ReadWriteMany"]}}}
+    code, err = _apply(control_plane, _registry("rwx", namespace, spec), "--dry-run=server")
+    assert code == 0, err
+
+
+def test_name_must_fit_a_service(control_plane: ControlPlane, namespace: str) -> None:
+    code, err = _apply(control_plane, _registry("9lives", namespace, {}))
+    assert code != 0
+    assert err == (
+        'The Registry "9lives" is invalid: <nil>: Invalid value: "object": metadata.name must be '
+        "a DNS-1035 label (lowercase letters, digits and '-', starting with a letter, at most "
+        "63 characters): it names the registry's Service"
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "message"),
+    [
+        (
+            {"storageClassName": "fast"},
+            {"storageClassName": "slow"},
+            'spec.storage.pvc.storageClassName: Invalid value: "string": '
+            "storage.pvc.storageClassName is immutable",
+        ),
+        (
+            {"accessModes": ["ReadWriteOnce"]},
+            {"accessModes": ["ReadWriteMany"]},
+            'spec.storage.pvc.accessModes: Invalid value: "array": '
+            "storage.pvc.accessModes are immutable",
+        ),
+        (
+            {"size": "20Gi"},
+            {"size": "10Gi"},
+            'spec.storage.pvc.size: Invalid value: "string": storage.pvc.size cannot shrink',
+        ),
+    ],
+)
+def test_storage_transitions(
+    control_plane: ControlPlane,
+    namespace: str,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    message: str,
+) -> None:
+    code, err = _apply(control_plane, _registry("store", namespace, {"storage": {"pvc": before}}))
+    assert code == 0, err
+    code, err = _apply(control_plane, _registry("store", namespace, {"storage": {"pvc": after}}))
+    assert code != 0
+    assert err == f'The Registry "store" is invalid: {message}'
+
+
+def test_growing_the_claim_is_allowed(control_plane: ControlPlane, namespace: str) -> None:
+    for size in ("10Gi", "20Gi"):
+        spec = {"storage": {"pvc": {"size": size}}}
+        code, err = _apply(control_plane, _registry("grow", namespace, spec))
+        assert code == 0, err
+
+
+def _repository(namespace: str, spec: dict[str, Any]) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "berth.dev/v1alpha1",
+            "kind": "Repository",
+            "metadata": {"name": "api", "namespace": namespace},
+            "spec": spec,
+        }
+    )
+
+
+def test_repository_schema(control_plane: ControlPlane, namespace: str) -> None:
+    spec = {
+        "registryRef": {"name": "main"},
+        "path": "team-a/api",
+        "pullAccess": {
+            "namespaces": ["team-a"],
+            "namespaceSelector": {"matchLabels": {"berth.dev/pull": "team-a"}},
+        },
+        "retention": {"keepLast": 20, "protect": ["v*"]},
+        "immutableTags": ["v*"],
+    }
+    code, err = _apply(control_plane, _repository(namespace, spec))
+    assert code == 0, err
+    stored = control_plane.kubectl_json("get", "repo", "api", "-n", namespace)["spec"]
+    assert stored == {**spec, "visibility": "private"}
+
+    code, err = _apply(control_plane, _repository(namespace, {**spec, "path": "team-b/api"}))
+    assert code != 0
+    assert err == (
+        'The Repository "api" is invalid: spec.path: Invalid value: "string": path is immutable'
+    )
+
+
+def test_repository_path_grammar(control_plane: ControlPlane, namespace: str) -> None:
+    spec = {"registryRef": {"name": "main"}, "path": "Team/API"}
+    code, err = _apply(control_plane, _repository(namespace, spec))
+    assert code != 0
+    assert err.startswith(
+        'The Repository "api" is invalid: spec.path: Invalid value: "Team/API": '
+        "spec.path in body should match"
+    )
