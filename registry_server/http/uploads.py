@@ -70,18 +70,25 @@ async def upload_status(request: web.Request, name: str, upload_id: str) -> web.
     )
 
 
+def _chunk_range(request: web.Request) -> tuple[tuple[int, int] | None, int | None]:
+    """The chunk's Content-Range and the body length it implies; 416 when Content-Length
+    says otherwise (a body that is longer or shorter while streaming is SIZE_INVALID)."""
+    header = request.headers.get("Content-Range")
+    if not header:
+        return None, None
+    content_range = ranges.parse_content_range(header)
+    expected = content_range[1] - content_range[0] + 1
+    declared = body.content_length(request)
+    if declared is not None and declared != expected:
+        raise errors.RegistryError(
+            errors.RANGE_INVALID, detail={"Content-Range": header, "Content-Length": declared}
+        )
+    return content_range, expected
+
+
 async def patch_upload(request: web.Request, name: str, upload_id: str) -> web.Response:
     svc = services(request)
-    header = request.headers.get("Content-Range")
-    content_range = ranges.parse_content_range(header) if header else None
-    expected = None
-    if content_range is not None:
-        expected = content_range[1] - content_range[0] + 1
-        declared = body.content_length(request)
-        if declared is not None and declared != expected:
-            raise errors.RegistryError(
-                errors.RANGE_INVALID, detail={"Content-Range": header, "Content-Length": declared}
-            )
+    content_range, expected = _chunk_range(request)
     size = await svc.blobs.append(name, upload_id, body.stream(request, expected), content_range)
     return _accepted(name, upload_id, size)
 
@@ -92,13 +99,20 @@ async def put_upload(request: web.Request, name: str, upload_id: str) -> web.Res
     if not digest_text:
         raise errors.RegistryError(errors.DIGEST_INVALID, detail={"reason": "digest missing"})
     digest = digests.parse(digest_text)
-    header = request.headers.get("Content-Range")
-    content_range = ranges.parse_content_range(header) if header else None
     has_body = (body.content_length(request) or 0) > 0 or request.headers.get(
         "Transfer-Encoding", ""
     ).lower() == "chunked"
+    if has_body:  # a Content-Range on the final PUT describes its body, as on a PATCH
+        content_range, expected = _chunk_range(request)
+    else:  # without a body it only has to start where the session is
+        header = request.headers.get("Content-Range")
+        content_range, expected = (ranges.parse_content_range(header) if header else None), None
     await svc.blobs.finish_upload(
-        name, upload_id, digest, body.stream(request) if has_body else None, content_range
+        name,
+        upload_id,
+        digest,
+        body.stream(request, expected) if has_body else None,
+        content_range,
     )
     return _created(name, digest)
 
