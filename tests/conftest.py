@@ -1,0 +1,120 @@
+"""Shared fixtures: the real control plane, per-test namespaces, registry processes.
+
+See docs/testing.md. The processes' logs are files; when a test fails, the log
+tails of the registry processes it started are added to its report.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable, Generator, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from tests.support.control_plane import ControlPlane
+from tests.support.processes import ProcessStartError, RegistryKind, RegistryProcess
+
+# Processes started for the current test, for the failure report.
+_PROCESSES = pytest.StashKey[list[RegistryProcess]]()
+_USES_CONTROL_PLANE = pytest.StashKey[ControlPlane]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        for process in item.stash.get(_PROCESSES, []):
+            report.sections.append(
+                (
+                    f"{process.kind} registry log ({process.log_path})",
+                    process.log_tail(200) or "(empty)",
+                )
+            )
+        plane = item.stash.get(_USES_CONTROL_PLANE, None)
+        if plane is not None:
+            paths = "\n".join(str(p.log_path) for p in plane.processes)
+            report.sections.append(("control plane logs", paths))
+    return report
+
+
+@pytest.fixture(scope="session")
+def tools_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session-wide scratch directory for tool state (configs, caches, layouts)."""
+    return tmp_path_factory.mktemp("tools")
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    """etcd + kube-apiserver + kube-controller-manager on loopback, CRDs from crds/ applied.
+
+    Session-scoped; use `namespace` for isolation between tests.
+    """
+    plane = ControlPlane(tmp_path_factory.mktemp("control-plane"))
+    try:
+        plane.start()  # a missing tool skips (fails in CI) from here
+    except ProcessStartError as err:  # carries the failing process's log
+        logs = "\n".join(str(p.log_path) for p in plane.processes)
+        pytest.fail(f"control plane did not start: {err}\nall logs:\n{logs}", pytrace=False)
+    except Exception as err:
+        pytest.fail(f"control plane did not start: {err}\n{plane.logs_summary()}", pytrace=False)
+    try:
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture
+def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace for one test, deleted (without waiting) afterwards."""
+    request.node.stash[_USES_CONTROL_PLANE] = control_plane
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:48].strip("-")
+    name = f"{stem or 't'}-{secrets.token_hex(3)}"
+    control_plane.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        control_plane.kubectl(
+            "delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False
+        )
+
+
+RegistryFactory = Callable[..., RegistryProcess]
+
+
+@pytest.fixture
+def registry_process(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[RegistryFactory]:
+    """Factory: `registry_process("berth" | "distribution", config=..., env=...)`.
+
+    Each call starts a registry server subprocess on a free port with its own
+    storage root and returns it once `GET /v2/` answers; all are stopped after
+    the test.
+    """
+    started: list[RegistryProcess] = []
+    request.node.stash[_PROCESSES] = started
+
+    def start(
+        kind: RegistryKind = "berth",
+        *,
+        config: Mapping[str, object] | None = None,
+        env: Mapping[str, str] | None = None,
+        port: int | None = None,
+        ready_timeout: float = 30.0,
+    ) -> RegistryProcess:
+        workdir = tmp_path_factory.mktemp(f"{kind}-registry")
+        process = RegistryProcess(
+            kind, workdir, port=port, config=config, env=env, ready_timeout=ready_timeout
+        )
+        started.append(process)
+        return process.start()
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()
