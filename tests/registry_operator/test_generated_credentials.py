@@ -7,6 +7,7 @@ import itertools
 import bcrypt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from registry_operator import credentials, models
 from registry_operator.rendering import manifests
 

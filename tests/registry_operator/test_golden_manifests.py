@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from registry_operator import credentials, models, rendering
 from registry_operator.rendering import manifests, names
 

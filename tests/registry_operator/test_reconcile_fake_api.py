@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+
 from registry_operator import credentials, reconcile
 from registry_operator.kube import errors
 
