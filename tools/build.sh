@@ -69,6 +69,8 @@ build_tool() {
         return 0
     fi
     local log="$cache/$name-$version.build.log"
+    # Left by a build that was killed outright; we hold the lock, so none is live.
+    rm -rf "$cache/.$name-$version."*
     out="$(mktemp -d "$cache/.$name-$version.XXXXXX")"
     trap 'rm -rf "$out"' EXIT
     if ! (cd "$here/go/$moddir" && "$@") >"$log" 2>&1; then
