@@ -123,6 +123,10 @@ build_crane() {
 build_oras() {
     "$go" build -trimpath -ldflags="$ldflags" -o "$out/oras" oras.land/oras/cmd/oras
 }
+build_conformance_v11() {
+    "$go" test -c -trimpath -ldflags="$ldflags" -o "$out/conformance-v1.1" \
+        github.com/opencontainers/distribution-spec/conformance
+}
 build_helm() {
     "$go" build -trimpath \
         -ldflags="$ldflags -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
@@ -147,6 +151,8 @@ check_pin oras oras.land/oras "$ORAS_VERSION"
 check_pin helm helm.sh/helm/v3 "$HELM_VERSION"
 check_pin conformance github.com/opencontainers/distribution-spec/conformance \
     "$CONFORMANCE_VERSION"
+check_pin conformance-v1.1 github.com/opencontainers/distribution-spec/conformance \
+    "$CONFORMANCE_V11_VERSION"
 
 total=$EPOCHREALTIME
 build_tool etcd "$ETCD_VERSION" etcd etcd -- build_etcd
@@ -154,6 +160,8 @@ build_tool crane "$CRANE_VERSION" crane crane -- build_crane
 build_tool oras "$ORAS_VERSION" oras oras -- build_oras
 build_tool conformance "$CONFORMANCE_VERSION" conformance conformance conformance.test \
     -- build_conformance
+build_tool conformance-v1.1 "$CONFORMANCE_V11_VERSION" conformance-v1.1 conformance-v1.1 \
+    -- build_conformance_v11
 build_tool helm "$HELM_VERSION" helm helm -- build_helm
 build_tool kubernetes "$KUBERNETES_VERSION" kubernetes \
     kube-apiserver kube-controller-manager kubectl -- build_kubernetes

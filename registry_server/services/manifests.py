@@ -94,6 +94,9 @@ class ManifestService:
             )
 
     async def resolve(self, repo: str, reference: str) -> str:
+        if not digests.is_digest(reference) and not names.is_valid_tag(reference):
+            # No manifest can have this name: for a read that is "unknown", not "bad request".
+            raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"tag": reference[:200]})
         ref = names.parse_reference(reference)
         if isinstance(ref, digests.Digest):
             return str(ref)

@@ -44,6 +44,8 @@ GO_TOOLS: dict[str, GoTool] = {
     "conformance": GoTool("conformance", "CONFORMANCE_VERSION"),
     # The same suite as a `go test -c` binary (legacy OCI_ROOT_URL, OCI_NAMESPACE, ...).
     "conformance.test": GoTool("conformance", "CONFORMANCE_VERSION"),
+    # The v1.1 release line of the suite (ginkgo, OCI_ROOT_URL / OCI_TEST_*).
+    "conformance-v1.1": GoTool("conformance-v1.1", "CONFORMANCE_V11_VERSION"),
 }
 
 # Debian tools: binary name -> the package that provides it (installed by tools/apt.sh).
