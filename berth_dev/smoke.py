@@ -1,0 +1,129 @@
+"""Push a small image to a registry with skopeo and pull it back, digests compared.
+
+    python -m berth_dev.smoke HOST:PORT --username U --password-file F [--repository R]
+
+The check that the local stack's test and `make e2e-kind` share, so that both prove
+the same thing: a client with the registry's credentials pushes an image and gets the
+same bytes back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from tests.support import images
+
+
+class SmokeError(RuntimeError):
+    """The round trip failed; the message says which step."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    reference: str
+    pushed: str  # manifest digest in the local layout that was pushed
+    pulled: str  # manifest digest of what came back
+
+
+def _skopeo() -> str:
+    found = shutil.which("skopeo")
+    if found is None:
+        raise SmokeError("skopeo is missing (Debian package skopeo; `make tools` installs it)")
+    return found
+
+
+def _run(argv: Sequence[str], step: str) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    if result.returncode != 0:
+        raise SmokeError(f"{step} failed ({result.returncode}):\n{result.stderr.strip()}")
+
+
+def round_trip(
+    registry: str,
+    username: str,
+    password: str,
+    *,
+    repository: str = "team-a/api",
+    tag: str | None = None,
+    workdir: Path | None = None,
+) -> Result:
+    """Push a fresh image to `registry/repository:tag` and pull it back (plain HTTP)."""
+    tag = tag or f"smoke-{secrets.token_hex(4)}"
+    reference = f"{registry}/{repository}:{tag}"
+    creds = f"{username}:{password}"
+    with tempfile.TemporaryDirectory(prefix="berth-smoke-", dir=workdir) as scratch:
+        source, back = Path(scratch) / "source", Path(scratch) / "back"
+        pushed = images.make_oci_layout(source, tag, layers=2, layer_size=64 * 1024)
+        skopeo = _skopeo()
+        _run(
+            [
+                skopeo,
+                "copy",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+                "--dest-creds",
+                creds,
+                f"oci:{source}:{tag}",
+                f"docker://{reference}",
+            ],
+            f"push of {reference}",
+        )
+        _run(
+            [
+                skopeo,
+                "copy",
+                "--preserve-digests",
+                "--src-tls-verify=false",
+                "--src-creds",
+                creds,
+                f"docker://{reference}",
+                f"oci:{back}:{tag}",
+            ],
+            f"pull of {reference}",
+        )
+        pulled = images.tagged_digest(back, tag)
+    if pulled != pushed:
+        raise SmokeError(f"pulled {pulled} from {reference}, but pushed {pushed}")
+    return Result(reference, pushed, pulled)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m berth_dev.smoke", description=__doc__)
+    parser.add_argument("registry", help="host:port of the registry (plain HTTP)")
+    parser.add_argument("--username", required=True)
+    parser.add_argument(
+        "--password-file",
+        type=Path,
+        help="file holding the password (default: $BERTH_SMOKE_PASSWORD)",
+    )
+    parser.add_argument("--repository", default="team-a/api")
+    parser.add_argument("--tag", default=None, help="default: a fresh smoke-<random> tag")
+    args = parser.parse_args(argv)
+    if args.password_file is not None:
+        password = args.password_file.read_text().strip()
+    else:
+        password = os.environ.get("BERTH_SMOKE_PASSWORD", "")
+    if not password:
+        parser.error("give --password-file or set BERTH_SMOKE_PASSWORD")
+    try:
+        result = round_trip(
+            args.registry, args.username, password, repository=args.repository, tag=args.tag
+        )
+    except SmokeError as exc:
+        print(f"smoke: {exc}", file=sys.stderr)
+        return 1
+    print(f"smoke: pushed and pulled {result.reference} ({result.pulled})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
