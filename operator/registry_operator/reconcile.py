@@ -39,6 +39,8 @@ class Outcome:
     events: tuple[Event, ...] = ()
     new_status: Mapping[str, Any] | None = None
     failure: status.Failure | None = None  # set when retrying cannot help
+    # (kind, name) -> resourceVersion of each child as our apply left it.
+    written: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +91,13 @@ def reconcile(
     )
     _write_status(kube, namespace, name, previous, new_status)
     events.extend(_transition_events(previous, new_status))
-    return Outcome(ref=ref, events=tuple(events), new_status=new_status, failure=failure)
+    written = {
+        (kind, obj["metadata"]["name"]): str(obj["metadata"].get("resourceVersion", ""))
+        for kind, obj in applied.items()
+    }
+    return Outcome(
+        ref=ref, events=tuple(events), new_status=new_status, failure=failure, written=written
+    )
 
 
 def _apply_children(

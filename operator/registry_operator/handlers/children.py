@@ -26,8 +26,11 @@ SELECTOR = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY}"
 async def child_changed(
     *,
     type: str | None,
+    body: kopf.Body,
+    resource: kopf.Resource,
     labels: Mapping[str, str],
     namespace: str | None,
+    name: str,
     memo: Any,
     logger: kopf.Logger,
     **_: Any,
@@ -37,8 +40,14 @@ async def child_changed(
     registry = labels.get(names.REGISTRY_LABEL)
     if not registry:
         return
+    state = runtime.of(memo)
+    kind = resource.kind or ""
+    if type == "DELETED":
+        state.forget(kind, namespace, name)
+    elif state.own_write(kind, namespace, name, str(body.metadata.get("resourceVersion"))):
+        return
     try:
-        await runtime.of(memo).reconcile(namespace, registry)
+        await state.reconcile(namespace, registry)
     except errors.KubeError as exc:
         logger.warning(
             "reconciling %s/%s after a %s event failed: %s", namespace, registry, type, exc

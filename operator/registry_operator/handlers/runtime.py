@@ -22,6 +22,15 @@ class Runtime:
     queue: coalescing.Coalescer[Key, reconcile.Outcome] = dataclasses.field(
         default_factory=coalescing.Coalescer
     )
+    # (kind, namespace, name) -> resourceVersion our last apply produced.
+    written: dict[tuple[str, str, str], str] = dataclasses.field(default_factory=dict)
+
+    def own_write(self, kind: str, namespace: str, name: str, resource_version: str) -> bool:
+        """Whether a child's watch event only echoes our own apply: nothing to repair."""
+        return self.written.get((kind, namespace, name)) == resource_version
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        self.written.pop((kind, namespace, name), None)
 
     async def reconcile(self, namespace: str, name: str) -> reconcile.Outcome:
         """Reconcile one Registry (never two at once for the same one) and post its events."""
@@ -30,6 +39,8 @@ class Runtime:
             outcome = await asyncio.to_thread(
                 reconcile.reconcile, self.kube, namespace, name, self.options
             )
+            for (kind, child), version in outcome.written.items():
+                self.written[(kind, namespace, child)] = version
             # Posted here, inside the coalesced job, so callers sharing it do not repeat them.
             if outcome.ref is not None:
                 for event in outcome.events:
