@@ -1,0 +1,705 @@
+"""The operator as a process against a real control plane: a Registry's whole life.
+
+etcd, kube-apiserver and kube-controller-manager (garbage collector, Deployment and
+ReplicaSet controllers) run for real; no kubelet does. Where a kubelet would report a
+pod's state, the tests write the pod's status through the API, and the Deployment
+controller turns that into the Deployment status the operator reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from registry_operator import models
+from registry_operator.kube import client as kube_client
+from registry_operator.rendering import names
+from tests.support import podspec_runner
+from tests.support.clients import skopeo
+from tests.support.control_plane import ControlPlane
+from tests.support.images import make_oci_layout, tagged_digest
+from tests.support.processes import ManagedProcess, free_port, http_status, wait_until
+from tests.support.tools import REPO_ROOT, require_tool
+
+pytestmark = pytest.mark.integration
+
+API = "berth.dev/v1alpha1"
+CHILDREN = (
+    ("v1", "ConfigMap", names.config_map),
+    ("v1", "Secret", names.secret),
+    ("v1", "PersistentVolumeClaim", names.pvc),
+    ("apps/v1", "Deployment", names.deployment),
+    ("v1", "Service", names.service),
+)
+OWNED_KINDS = ("ConfigMap", "Secret", "Deployment", "Service", "Ingress")
+
+
+class Operator:
+    """`python -m registry_operator --standalone` on the test control plane."""
+
+    def __init__(self, plane: ControlPlane, workdir: Path) -> None:
+        self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        self.process = ManagedProcess(
+            "berth-operator",
+            [
+                sys.executable,
+                "-m",
+                "registry_operator",
+                "--standalone",
+                "--liveness",
+                self.liveness,
+                "--resync-seconds",
+                "30",
+            ],
+            workdir / "operator.log",
+            env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)},
+            cwd=REPO_ROOT,
+        )
+
+    def start(self) -> Operator:
+        self.process.start()
+        wait_until(
+            lambda: http_status(self.liveness) == 200,
+            timeout=60,
+            what="the operator's liveness endpoint",
+            process=self.process,
+        )
+        return self
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def log(self) -> str:
+        return self.process.log_tail(80)
+
+
+@pytest.fixture(scope="module")
+def operator(
+    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
+    running = Operator(control_plane, tmp_path_factory.mktemp("operator")).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def kube(control_plane: ControlPlane) -> Iterator[kube_client.Client]:
+    client = kube_client.Client.connect(str(control_plane.kubeconfig))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _wait(check: Callable[[], Any], operator: Operator, what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out waiting for {what}\n--- operator log ---\n{operator.log()}"
+            )
+        time.sleep(0.05)
+
+
+def _apply(plane: ControlPlane, name: str, namespace: str, spec: dict[str, Any]) -> None:
+    document = {"apiVersion": API, "kind": "Registry", "metadata": {"name": name}, "spec": spec}
+    plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(document))
+
+
+def _children(kube: kube_client.Client, namespace: str, name: str) -> dict[str, Any]:
+    return {
+        kind: kube.find(api_version, kind, namespace, name_of(name))
+        for api_version, kind, name_of in CHILDREN
+    }
+
+
+def _all_children(kube: kube_client.Client, namespace: str, name: str) -> dict[str, Any] | None:
+    found = _children(kube, namespace, name)
+    return found if all(found.values()) else None
+
+
+def _registry(kube: kube_client.Client, namespace: str, name: str) -> dict[str, Any]:
+    return kube.get(API, "Registry", namespace, name)
+
+
+def _conditions(kube: kube_client.Client, namespace: str, name: str) -> dict[str, tuple[str, str]]:
+    status = _registry(kube, namespace, name).get("status") or {}
+    return {c["type"]: (c["status"], c["reason"]) for c in status.get("conditions") or []}
+
+
+def _converged(kube: kube_client.Client, namespace: str, name: str) -> bool:
+    registry = _registry(kube, namespace, name)
+    status = registry.get("status") or {}
+    return status.get("observedGeneration") == registry["metadata"]["generation"]
+
+
+def _events(plane: ControlPlane, namespace: str, name: str) -> list[tuple[str, str, str]]:
+    found = plane.kubectl_json(
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.kind=Registry,involvedObject.name={name}",
+    )
+    items = sorted(found["items"], key=lambda e: e["metadata"]["creationTimestamp"])
+    return [(e["type"], e["reason"], e["message"]) for e in items]
+
+
+def _set_pods_ready(plane: ControlPlane, namespace: str, name: str, ready: bool) -> int:
+    """Do what the kubelet would: report the registry's pods (not) running and ready."""
+    pods = plane.kubectl_json(
+        "get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}"
+    )["items"]
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    flag = "True" if ready else "False"
+    status = {
+        "phase": "Running",
+        "conditions": [
+            {"type": kind, "status": flag, "lastTransitionTime": now}
+            for kind in ("Ready", "ContainersReady")
+        ],
+    }
+    for pod in pods:
+        plane.kubectl(
+            "patch",
+            "pod",
+            pod["metadata"]["name"],
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": status}),
+        )
+    return len(pods)
+
+
+def _checksum(deployment: dict[str, Any]) -> str:
+    return str(deployment["spec"]["template"]["metadata"]["annotations"][names.CHECKSUM_ANNOTATION])
+
+
+def _secret_data(kube: kube_client.Client, namespace: str, name: str) -> dict[str, str]:
+    secret = kube.get("v1", "Secret", namespace, names.secret(name))
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+# --- create ------------------------------------------------------------------------------
+
+
+def test_create_renders_every_child_owned_by_the_registry(
+    operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
+) -> None:
+    ingress = {"host": "registry.example.com", "className": "nginx", "tls": {"secretName": "t"}}
+    _apply(control_plane, "main", namespace, {"region": "eu-west", "ingress": ingress})
+    children = _wait(lambda: _all_children(kube, namespace, "main"), operator, "all children")
+    children["Ingress"] = _wait(
+        lambda: kube.find("networking.k8s.io/v1", "Ingress", namespace, "main"), operator, "Ingress"
+    )
+    registry = _registry(kube, namespace, "main")
+    owner = {
+        "apiVersion": API,
+        "kind": "Registry",
+        "name": "main",
+        "uid": registry["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    for kind, child in children.items():
+        meta = child["metadata"]
+        expected = [owner] if kind in OWNED_KINDS else None
+        assert meta.get("ownerReferences") == expected, kind
+        assert meta["labels"][names.REGISTRY_LABEL] == "main"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "berth-operator"
+        managers = {(m["manager"], m["operation"]) for m in meta["managedFields"]}
+        assert ("berth", "Apply") in managers, kind
+
+    pod = children["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == models.default_image()
+    assert container["command"] == [
+        "python",
+        "-m",
+        "registry_server",
+        "--config",
+        "/etc/berth/config/config.yaml",
+    ]
+    assert container["ports"][0]["containerPort"] == 5000
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert children["Deployment"]["spec"]["strategy"]["type"] == "Recreate"
+    assert _checksum(children["Deployment"]).startswith("sha256:")
+
+    config = yaml.safe_load(children["ConfigMap"]["data"]["config.yaml"])
+    assert config["http"]["external_url"] == "https://registry.example.com"
+    assert config["storage"]["root"] == "/var/lib/berth"
+
+    secret = _secret_data(kube, namespace, "main")
+    key = serialization.load_pem_private_key(secret["token.key"].encode(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    admin_hash = secret["htpasswd"].splitlines()[0].split(":", 1)[1]
+    assert bcrypt.checkpw(secret["admin-password"].encode(), admin_hash.encode())
+
+    assert children["Service"]["spec"]["ports"][0]["port"] == 5000
+    assert children["Service"]["spec"]["type"] == "ClusterIP"
+    assert children["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert children["Ingress"]["spec"]["tls"] == [{"hosts": [ingress["host"]], "secretName": "t"}]
+
+    _wait(lambda: _converged(kube, namespace, "main"), operator, "status")
+    status = _registry(kube, namespace, "main")["status"]
+    assert status["endpoint"] == f"http://main.{namespace}.svc:5000"
+    assert status["externalEndpoint"] == "https://registry.example.com"
+    # No volume provisioner runs here: the claim stays Pending, and says so.
+    assert _conditions(kube, namespace, "main")["StorageReady"] == ("False", "Pending")
+    _wait(
+        lambda: (
+            {e[2] for e in _events(control_plane, namespace, "main")}
+            >= {
+                "created ConfigMap main-config",
+                "created Secret main-auth",
+                "created PersistentVolumeClaim main-data",
+                "created Deployment main",
+                "created Service main",
+                "created Ingress main",
+            }
+        ),
+        operator,
+        "Created events",
+    )
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def test_status_follows_the_deployment(
+    operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
+) -> None:
+    _apply(control_plane, "st", namespace, {"storage": {"emptyDir": {}}})
+    _wait(
+        lambda: _conditions(kube, namespace, "st").get("Progressing") == ("True", "RollingOut"),
+        operator,
+        "Progressing while the pod is pending",
+    )
+    assert _conditions(kube, namespace, "st")["Ready"] == ("False", "RollingOut")
+    assert _conditions(kube, namespace, "st")["StorageReady"] == ("True", "EmptyDir")
+
+    _wait(lambda: _set_pods_ready(control_plane, namespace, "st", True), operator, "a pod")
+    _wait(
+        lambda: (
+            _conditions(kube, namespace, "st")
+            == {
+                "Ready": ("True", "Available"),
+                "Progressing": ("False", "RolloutComplete"),
+                "Degraded": ("False", "AsExpected"),
+                "StorageReady": ("True", "EmptyDir"),
+            }
+        ),
+        operator,
+        "Ready once the pod is",
+    )
+    assert _registry(kube, namespace, "st")["status"]["readyReplicas"] == 1
+    table = control_plane.kubectl("get", "registries", "-n", namespace).stdout
+    assert table.splitlines()[1].split()[:4] == [
+        "st",
+        f"http://st.{namespace}.svc:5000",
+        "True",
+        "1",
+    ]
+
+    _set_pods_ready(control_plane, namespace, "st", False)
+    _wait(
+        lambda: _conditions(kube, namespace, "st").get("Degraded") == ("True", "Unavailable"),
+        operator,
+        "Degraded when the pod stops being ready",
+    )
+    assert _conditions(kube, namespace, "st")["Ready"] == ("False", "Unavailable")
+    _set_pods_ready(control_plane, namespace, "st", True)
+    _wait(
+        lambda: _conditions(kube, namespace, "st").get("Degraded") == ("False", "AsExpected"),
+        operator,
+        "recovery",
+    )
+    wanted = {("Normal", "Ready"), ("Warning", "Unavailable"), ("Normal", "Recovered")}
+    _wait(
+        lambda: wanted <= {(e[0], e[1]) for e in _events(control_plane, namespace, "st")},
+        operator,
+        "Ready, Unavailable and Recovered events",
+    )
+
+
+def test_storage_ready_once_the_claim_is_bound(
+    operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
+) -> None:
+    _apply(control_plane, "vol", namespace, {})
+    _wait(lambda: _all_children(kube, namespace, "vol"), operator, "children")
+    _wait(
+        lambda: _conditions(kube, namespace, "vol").get("StorageReady") == ("False", "Pending"),
+        operator,
+        "StorageReady False while Pending",
+    )
+    # What the PV controller reports once a volume is bound.
+    control_plane.kubectl(
+        "patch",
+        "pvc",
+        "vol-data",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"phase": "Bound"}}),
+    )
+    _wait(
+        lambda: _conditions(kube, namespace, "vol").get("StorageReady") == ("True", "Bound"),
+        operator,
+        "StorageReady True once Bound",
+    )
+
+
+# --- update ------------------------------------------------------------------------------
+
+
+def test_update_converges_and_rolls_pods_only_for_config(
+    operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
+) -> None:
+    storage = {"pvc": {"accessModes": ["ReadWriteMany"], "storageClassName": "shared"}}
+    _apply(control_plane, "up", namespace, {"storage": storage})
+    first = _wait(lambda: _all_children(kube, namespace, "up"), operator, "children")
+    assert first["PersistentVolumeClaim"]["spec"]["storageClassName"] == "shared"
+    assert first["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert first["Deployment"]["spec"]["strategy"]["type"] == "RollingUpdate"
+    secret = _secret_data(kube, namespace, "up")
+    checksum = _checksum(first["Deployment"])
+
+    resources = {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    _apply(
+        control_plane, "up", namespace, {"storage": storage, "replicas": 3, "resources": resources}
+    )
+
+    def scaled() -> dict[str, Any] | None:
+        deployment = kube.get("apps/v1", "Deployment", namespace, "up")
+        spec = deployment["spec"]
+        ok = spec["replicas"] == 3 and spec["template"]["spec"]["containers"][0]["resources"] == (
+            resources
+        )
+        return deployment if ok else None
+
+    scaled_deployment = _wait(scaled, operator, "replicas and resources")
+    # Neither is in a file the pods read: no reason to roll them for the config.
+    assert _checksum(scaled_deployment) == checksum
+    _wait(lambda: _converged(kube, namespace, "up"), operator, "observedGeneration")
+
+    spec = {"storage": storage, "replicas": 3, "resources": resources, "logLevel": "debug"}
+    _apply(control_plane, "up", namespace, spec)
+
+    def reconfigured() -> bool:
+        config_map = kube.get("v1", "ConfigMap", namespace, "up-config")
+        return yaml.safe_load(config_map["data"]["config.yaml"])["log"]["level"] == "debug"
+
+    _wait(reconfigured, operator, "the new config")
+    _wait(
+        lambda: _checksum(kube.get("apps/v1", "Deployment", namespace, "up")) != checksum,
+        operator,
+        "the checksum annotation to change",
+    )
+    _wait(lambda: _converged(kube, namespace, "up"), operator, "observedGeneration")
+    assert _secret_data(kube, namespace, "up") == secret  # generated once, kept
+    _wait(
+        lambda: (
+            {"updated Deployment up", "updated ConfigMap up-config"}
+            <= {e[2] for e in _events(control_plane, namespace, "up") if e[1] == "Updated"}
+        ),
+        operator,
+        "Updated events",
+    )
+
+
+# --- drift -------------------------------------------------------------------------------
+
+
+def test_drift_is_repaired(
+    operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
+) -> None:
+    _apply(control_plane, "drift", namespace, {})
+    before = _wait(lambda: _all_children(kube, namespace, "drift"), operator, "children")
+    _wait(lambda: _converged(kube, namespace, "drift"), operator, "first status")
+
+    control_plane.kubectl("delete", "service", "drift", "-n", namespace)
+    restored = _wait(
+        lambda: (
+            (svc := kube.find("v1", "Service", namespace, "drift"))
+            and svc["metadata"]["uid"] != before["Service"]["metadata"]["uid"]
+            and svc
+        ),
+        operator,
+        "the Service to come back",
+    )
+    assert restored["spec"]["ports"][0]["port"] == 5000
+
+    patch = {"spec": {"replicas": 4, "template": {"spec": {"containers": [
+        {"name": "registry", "image": "example.com/evil:1"}
+    ]}}}}  # fmt: skip
+    control_plane.kubectl("patch", "deployment", "drift", "-n", namespace, "-p", json.dumps(patch))
+
+    def repaired() -> bool:
+        spec = kube.get("apps/v1", "Deployment", namespace, "drift")["spec"]
+        image = spec["template"]["spec"]["containers"][0]["image"]
+        return spec["replicas"] == 1 and image == models.default_image()
+
+    _wait(repaired, operator, "the Deployment edit to be reverted")
+
+    control_plane.kubectl("delete", "configmap", "drift-config", "-n", namespace)
+    _wait(lambda: kube.find("v1", "ConfigMap", namespace, "drift-config"), operator, "ConfigMap")
+    # Events are posted in the background: wait for them rather than race them.
+    _wait(
+        lambda: (
+            {"Restored", "Repaired"} <= {e[1] for e in _events(control_plane, namespace, "drift")}
+        ),
+        operator,
+        "Restored and Repaired events",
+    )
+
+
+# --- invalid spec ------------------------------------------------------------------------
+
+
+def test_spec_the_server_cannot_serve_is_reported_and_not_retried(
+    operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
+) -> None:
+    s3 = {"s3": {"bucket": "images", "credentialsSecretRef": {"name": "s3"}}}
+    _apply(control_plane, "s3", namespace, {"storage": s3})  # valid for the CRD
+    _wait(
+        lambda: _conditions(kube, namespace, "s3").get("Degraded") == ("True", "InvalidSpec"),
+        operator,
+        "Degraded InvalidSpec",
+    )
+    status = _registry(kube, namespace, "s3")["status"]
+    degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+    assert degraded["message"] == (
+        "spec.storage.s3: S3 storage is not supported by this server version"
+    )
+    assert _children(kube, namespace, "s3")["Deployment"] is None
+    time.sleep(3)  # a retry loop would post more events meanwhile
+    warnings = [e for e in _events(control_plane, namespace, "s3") if e[1] == "InvalidSpec"]
+    assert warnings == [("Warning", "InvalidSpec", degraded["message"])]
+
+    _apply(control_plane, "s3", namespace, {"storage": {"emptyDir": {}}})
+    _wait(lambda: _children(kube, namespace, "s3")["Deployment"], operator, "the fixed spec")
+    _wait(
+        lambda: _conditions(kube, namespace, "s3").get("Degraded") == ("False", "AsExpected"),
+        operator,
+        "Degraded cleared",
+    )
+
+
+# --- delete ------------------------------------------------------------------------------
+
+
+def test_delete_collects_owned_children_and_keeps_the_claim(
+    operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
+) -> None:
+    _apply(control_plane, "keep", namespace, {})
+    _apply(control_plane, "drop", namespace, {"storage": {"pvc": {"deleteOnRegistryDelete": True}}})
+    for name in ("keep", "drop"):
+        _wait(lambda name=name: _all_children(kube, namespace, name), operator, "children")
+    control_plane.kubectl("delete", "registry", "keep", "drop", "-n", namespace, timeout=60)
+
+    def collected() -> bool:
+        return all(
+            child is None
+            for name in ("keep", "drop")
+            for kind, child in _children(kube, namespace, name).items()
+            if kind != "PersistentVolumeClaim"
+        )
+
+    _wait(collected, operator, "garbage collection of the owned children", timeout=60)
+    kept = kube.get("v1", "PersistentVolumeClaim", namespace, "keep-data")
+    assert "deletionTimestamp" not in kept["metadata"]
+    # The owned claim is deleted too; its pvc-protection finalizer would be lifted by a
+    # controller that does not run here, so "being deleted" is as far as it gets.
+    _wait(
+        lambda: (
+            (pvc := kube.find("v1", "PersistentVolumeClaim", namespace, "drop-data")) is None
+            or "deletionTimestamp" in pvc["metadata"]
+        ),
+        operator,
+        "the owned claim to be deleted",
+        timeout=60,
+    )
+
+
+# --- restart -----------------------------------------------------------------------------
+
+
+def _block_service_creation(plane: ControlPlane, namespace: str) -> str:
+    """An admission policy refusing new Services here: it stops a reconcile half-way."""
+    name = f"block-services-{namespace}"[:63]
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE"],
+                        "resources": ["services"],
+                    }
+                ]
+            },
+            "validations": [
+                {"expression": "false", "message": "blocked by the test", "reason": "Forbidden"}
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+            },
+        },
+    }
+    for document in (policy, binding):
+        plane.kubectl("apply", "-f", "-", input=json.dumps(document))
+    probe = ["create", "service", "clusterip", "probe", "-n", namespace, "--tcp=80:80"]
+
+    def active() -> bool:
+        result = plane.kubectl(*probe, "--dry-run=server", check=False)
+        return result.returncode != 0 and "blocked by the test" in result.stderr
+
+    wait_until(active, timeout=30, what="the admission policy to take effect")
+    return name
+
+
+def test_restart_in_the_middle_of_a_reconcile_converges_without_duplicates(
+    operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
+) -> None:
+    policy = _block_service_creation(control_plane, namespace)
+    try:
+        _apply(control_plane, "rs", namespace, {})
+        # Everything before the Service is applied; the Service fails and is retried.
+        half = _wait(
+            lambda: (found := _children(kube, namespace, "rs"))["Deployment"] and found,
+            operator,
+            "the Deployment",
+        )
+        assert half["Service"] is None
+        secret = _secret_data(kube, namespace, "rs")
+        uids = {kind: obj["metadata"]["uid"] for kind, obj in half.items() if obj}
+        operator.kill()
+    finally:
+        for kind in ("validatingadmissionpolicybinding", "validatingadmissionpolicy"):
+            control_plane.kubectl("delete", kind, policy, "--ignore-not-found", check=False)
+    operator.start()
+
+    after = _wait(lambda: _all_children(kube, namespace, "rs"), operator, "the Service")
+    _wait(lambda: _converged(kube, namespace, "rs"), operator, "status")
+    assert {kind: after[kind]["metadata"]["uid"] for kind in uids} == uids
+    assert _secret_data(kube, namespace, "rs") == secret
+    selector = f"{names.REGISTRY_LABEL}=rs"
+    for api_version, kind, _ in CHILDREN:
+        assert len(kube.list(api_version, kind, namespace, selector)) == 1, kind
+    replica_sets = control_plane.kubectl_json(
+        "get", "replicasets", "-n", namespace, "-l", "app.kubernetes.io/instance=rs"
+    )["items"]
+    assert len(replica_sets) == 1  # the Deployment's pod template never changed
+
+
+# --- the rendered pod really serves ------------------------------------------------------
+
+
+def test_rendered_pod_serves_push_and_pull(
+    operator: Operator,
+    kube: kube_client.Client,
+    control_plane: ControlPlane,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    require_tool("skopeo")
+    _apply(control_plane, "served", namespace, {})
+    children = _wait(lambda: _all_children(kube, namespace, "served"), operator, "children")
+    pod = podspec_runner.start(
+        children["Deployment"], [children["ConfigMap"]], [children["Secret"]], tmp_path / "pod"
+    )
+    try:
+        secret = _secret_data(kube, namespace, "served")
+        creds = f"{secret['admin-username']}:{secret['admin-password']}"
+        source, back = tmp_path / "source", tmp_path / "back"
+        digest = make_oci_layout(source, "v1", layers=2)
+        remote = f"docker://{pod.host}/team-a/api:v1"
+        skopeo(
+            "copy", "--dest-tls-verify=false", f"--dest-creds={creds}", f"oci:{source}:v1", remote
+        )
+        skopeo("copy", "--src-tls-verify=false", f"--src-creds={creds}", remote, f"oci:{back}:v1")
+        assert tagged_digest(back, "v1") == digest
+        anonymous = skopeo("inspect", "--raw", "--tls-verify=false", remote, check=False)
+        assert anonymous.returncode != 0
+        assert "unauthorized" in anonymous.stderr.lower() or "denied" in anonymous.stderr.lower()
+        # The data landed where the pod's claim is mounted.
+        assert any(pod.mounts["/var/lib/berth"].rglob("*"))
+    except BaseException:
+        print(pod.log_tail())
+        raise
+    finally:
+        pod.stop()
+
+
+# --- how fast -----------------------------------------------------------------------------
+
+
+def test_time_from_apply_to_all_children(
+    operator: Operator,
+    kube: kube_client.Client,
+    control_plane: ControlPlane,
+    namespace: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Median over 20 Registries of `kubectl apply` -> all five children readable."""
+    samples = []
+    for i in range(20):
+        name = f"lat-{i:02d}"
+        started = time.monotonic()
+        _apply(control_plane, name, namespace, {})
+        _wait(lambda name=name: _all_children(kube, namespace, name), operator, name)
+        samples.append(time.monotonic() - started)
+    median = statistics.median(samples)
+    record_property("apply_to_children_median_seconds", round(median, 3))
+    print(
+        f"\napply -> all children: median {median:.3f}s, "
+        f"min {min(samples):.3f}s, max {max(samples):.3f}s over {len(samples)}"
+    )
+    assert median < 5.0
