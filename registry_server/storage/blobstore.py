@@ -29,6 +29,11 @@ def _upload_dir(upload_id: str) -> str:
     return f"uploads/{upload_id}"
 
 
+def _upload_unknown(upload_id: str) -> errors.RegistryError:
+    """For a session that vanished mid-request (cancelled by a DELETE, a purge, a worker)."""
+    return errors.RegistryError(errors.BLOB_UPLOAD_UNKNOWN, detail={"uuid": upload_id})
+
+
 @dataclass
 class _HashState:
     hasher: hashlib._Hash
@@ -115,11 +120,20 @@ class BlobStore:
             return state
         # Rebuild: another process wrote part of this upload, or we restarted.
         hasher = hashlib.sha256()
-        async for chunk in self.driver.reader(f"{_upload_dir(upload_id)}/data", 0, size):
-            hasher.update(chunk)
+        try:
+            async for chunk in self.driver.reader(f"{_upload_dir(upload_id)}/data", 0, size):
+                hasher.update(chunk)
+        except StorageNotFound:
+            raise _upload_unknown(upload_id) from None
         state = _HashState(hasher, size)
         self._hashes[upload_id] = state
         return state
+
+    async def _open_data(self, upload_id: str) -> Writer:
+        try:
+            return await self.driver.writer(f"{_upload_dir(upload_id)}/data", append=True)
+        except StorageNotFound:
+            raise _upload_unknown(upload_id) from None
 
     async def append(self, info: UploadInfo, chunks: AsyncIterator[bytes]) -> int:
         """Append a request body to the upload; returns the new size.
@@ -129,7 +143,7 @@ class BlobStore:
         """
         state = await self._hash_state(info.upload_id, info.size)
         path = f"{_upload_dir(info.upload_id)}/data"
-        writer: Writer = await self.driver.writer(path, append=True)
+        writer = await self._open_data(info.upload_id)
         hasher = state.hasher.copy()
         try:
             async for chunk in chunks:
@@ -162,8 +176,11 @@ class BlobStore:
             actual = (await self._hash_state(info.upload_id, size)).hasher.hexdigest()
         else:
             hasher = expected.hasher()
-            async for chunk in self.driver.reader(data_path):
-                hasher.update(chunk)
+            try:
+                async for chunk in self.driver.reader(data_path):
+                    hasher.update(chunk)
+            except StorageNotFound:
+                raise _upload_unknown(info.upload_id) from None
             actual = hasher.hexdigest()
         if actual != expected.hex:
             await self.cancel(info.upload_id)
@@ -173,13 +190,22 @@ class BlobStore:
             )
         # Durability first, then (in publish) an atomic rename: a crash leaves either no
         # blob or a whole one.
-        writer = await self.driver.writer(data_path, append=True)
+        writer = await self._open_data(info.upload_id)
+        if writer.size != size:
+            # The session was cancelled meanwhile, so opening its data created a new file:
+            # that must never be published under the digest.
+            await writer.close()
+            await self.cancel(info.upload_id)
+            raise _upload_unknown(info.upload_id)
         await writer.commit()
         return size
 
     async def publish(self, info: UploadInfo, expected: digests.Digest) -> None:
         """Move verified data into place under its digest and end the session."""
-        await self.driver.move(f"{_upload_dir(info.upload_id)}/data", blob_path(expected))
+        try:
+            await self.driver.move(f"{_upload_dir(info.upload_id)}/data", blob_path(expected))
+        except StorageNotFound:  # cancelled since verify()
+            raise _upload_unknown(info.upload_id) from None
         await self.cancel(info.upload_id)
 
     async def require(self, digest: digests.Digest) -> None:

@@ -50,7 +50,8 @@ class StorageDriver(Protocol):
         """Stream a file's bytes from ``offset``; raises StorageNotFound."""
 
     async def writer(self, path: str, append: bool = False) -> Writer:
-        """Open a file for appending (``append``) or truncating."""
+        """Open a file for appending (``append``) or truncating, creating it if needed;
+        raises StorageNotFound if its directory vanishes while it is being created."""
 
     async def move(self, src: str, dst: str) -> None:
         """Atomically move ``src`` over ``dst``; raises StorageNotFound if src is missing."""

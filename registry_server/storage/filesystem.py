@@ -148,7 +148,10 @@ class FilesystemDriver:
         return fd, os.fstat(fd).st_size
 
     async def writer(self, path: str, append: bool = False) -> FileWriter:
-        fd, size = await asyncio.to_thread(self._open_sync, path, append)
+        try:
+            fd, size = await asyncio.to_thread(self._open_sync, path, append)
+        except FileNotFoundError:  # its directory was removed between mkdir and open
+            raise StorageNotFound(path) from None
         return FileWriter(fd, size)
 
     def _move_sync(self, src: str, dst: str) -> None:
