@@ -129,8 +129,11 @@ class BlobService:
             raise
 
     async def cancel_upload(self, repo: str, upload_id: str) -> None:
-        await self.store.upload_info(repo, upload_id)  # 404 for unknown sessions
-        await self.store.cancel(upload_id)
+        # Under the session's lock: a PATCH or PUT in flight finishes first (then this is a
+        # 404), instead of writing into, or publishing, a session being deleted.
+        async with self.store.lock(upload_id):
+            await self.store.upload_info(repo, upload_id)  # 404 for unknown sessions
+            await self.store.cancel(upload_id)
 
 
 def _upload_headers(repo: str, upload_id: str, size: int) -> dict[str, str]:
