@@ -57,7 +57,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="server image for Registries that set no spec.image",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.namespaces and not args.standalone:
+        # Namespaced Kopf peering needs a KopfPeering CRD that Berth does not ship.
+        parser.error("--namespace needs --standalone (peering is cluster-wide only)")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     memo = kopf.Memo(
         berth=runtime.Runtime(
             kube=kube,
-            peering=None if args.standalone or args.namespaces else args.peering,
+            peering=None if args.standalone else args.peering,
             options=reconcile.Options(
                 image=args.registry_image, generators=credentials.Generators()
             ),

@@ -1,0 +1,59 @@
+"""The command line and the Kopf settings it runs with."""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+import pytest
+
+from registry_operator import __main__ as cli
+from registry_operator import settings
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("BERTH_PEERING", "BERTH_OPERATOR_LIVENESS", "BERTH_RESYNC_SECONDS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("BERTH_REGISTRY_IMAGE", raising=False)
+    args = cli.parse_args([])
+    assert not args.standalone
+    assert args.namespaces == []
+    assert args.peering == "berth"
+    assert args.priority is None
+    assert args.liveness == "http://0.0.0.0:8080/healthz"
+    assert args.resync_seconds == 300
+    assert args.registry_image is None
+
+
+def test_environment_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BERTH_REGISTRY_IMAGE", "mirror.example.com/berth:1")
+    monkeypatch.setenv("BERTH_RESYNC_SECONDS", "60")
+    args = cli.parse_args(
+        ["--standalone", "--namespace", "a", "--namespace", "b", "--liveness", ""]
+    )
+    assert args.registry_image == "mirror.example.com/berth:1"
+    assert args.resync_seconds == 60
+    assert args.namespaces == ["a", "b"]
+    assert args.liveness == ""
+
+
+def test_namespaces_need_standalone(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--namespace", "a"])
+    assert "--namespace needs --standalone" in capsys.readouterr().err
+
+
+def test_settings() -> None:
+    built = settings.build()
+    assert built.persistence.finalizer == "berth.dev/finalizer"
+    assert isinstance(built.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    assert isinstance(built.persistence.diffbase_storage, kopf.AnnotationsDiffBaseStorage)
+    # The API server wants whole seconds in timeoutSeconds.
+    assert built.watching.server_timeout == 300
+    assert isinstance(built.watching.server_timeout, int)
+    assert built.watching.client_timeout == 330
+    assert built.peering.name == "berth"
+    assert built.posting.level == logging.WARNING
+    selectors = dict(built.watching.label_selectors.items())
+    assert len(selectors) == 6
+    assert set(selectors.values()) == {"app.kubernetes.io/managed-by=berth-operator"}
