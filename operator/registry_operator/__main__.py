@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import random
 import sys
@@ -56,6 +55,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=env("BERTH_REGISTRY_IMAGE") or None,
         help="server image for Registries that set no spec.image",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=["full", "plain", "json"],
+        default=env("BERTH_OPERATOR_LOG_FORMAT", "full"),
+        help="log lines as text with timestamps (full), bare text (plain) or JSON",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.namespaces and not args.standalone:
@@ -66,9 +71,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    # Kopf's formatter prefixes each object's messages with [namespace/name].
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat[args.log_format.upper()],
+        log_prefix=True,
     )
     registry = kopf.OperatorRegistry()
     handlers.register(registry, resync_seconds=args.resync_seconds)
