@@ -1,0 +1,320 @@
+"""The operator's ClusterRole grants exactly what the operator's code uses.
+
+What the code needs is derived from the code, not written down a second time:
+
+- Kopf's side, from the handler registry the operator builds: every resource with
+  change handlers or timers is listed, watched and patched (annotations, finalizer);
+  resources with event handlers are listed and watched; plus what the framework does
+  with the settings the operator gives it (peering, CRD observation, events).
+- The API client's side, by running the code that calls it against a real API server
+  through a client that records every request, in scenarios that reach every call
+  site. An AST scan finds the call sites, so a new call of the client that no
+  scenario reaches fails the test instead of slipping by.
+
+The granted side is the ClusterRole in manifests/install.yaml, which the drift test
+keeps equal to the chart's. The local stack's test runs the operator with these very
+rights, so a missing grant shows up there as well (as 403s).
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import kopf
+import pytest
+import yaml
+
+from berth_dev import generate
+from registry_operator import handlers, reconcile, settings
+from registry_operator.handlers import lifecycle, runtime
+from registry_operator.kube import client as kube_client
+from tests.support.control_plane import ControlPlane
+
+pytestmark = pytest.mark.integration
+
+OPERATOR_SRC = generate.REPO_ROOT / "operator" / "registry_operator"
+KUBE_LAYER = OPERATOR_SRC / "kube"
+CLIENT_METHODS = ("get", "find", "list", "apply", "create", "delete")
+
+Permission = tuple[str, str, str]  # (API group, resource[/subresource], verb)
+
+
+# --- granted ----------------------------------------------------------------------
+
+
+def granted_rules() -> set[Permission]:
+    documents = list(yaml.safe_load_all((generate.MANIFESTS_DIR / "install.yaml").read_text()))
+    roles = [d for d in documents if d and d["kind"] in ("ClusterRole", "Role")]
+    assert [r["kind"] for r in roles] == ["ClusterRole"], "the operator has one ClusterRole"
+    granted: set[Permission] = set()
+    for rule in roles[0]["rules"]:
+        assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    assert "*" not in (group, resource, verb), f"wildcard in {rule}"
+                    granted.add((group, resource, verb))
+    return granted
+
+
+# --- Kopf's needs -----------------------------------------------------------------
+
+
+def _plural(selector: Any) -> str:
+    name = selector.plural or selector.any_name
+    assert isinstance(name, str) and name.islower(), f"selector {selector} names no plural"
+    return name
+
+
+def chart_operator_args() -> list[str]:
+    documents = yaml.safe_load_all((generate.MANIFESTS_DIR / "install.yaml").read_text())
+    deployment = next(d for d in documents if d and d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return [*container.get("command", []), *container.get("args", [])]
+
+
+def source_calls(*dotted: str) -> list[str]:
+    """Where the operator's source calls any of the `dotted` functions (module:line)."""
+    found = []
+    for path in sorted(OPERATOR_SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in dotted:
+                found.append(f"{path.relative_to(OPERATOR_SRC)}:{node.lineno}")
+    return found
+
+
+def kopf_needs() -> set[Permission]:
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, resync_seconds=60)
+    needs: set[Permission] = set()
+
+    def grant(selector: Any, *verbs: str) -> None:
+        needs.update((selector.group or "", _plural(selector), verb) for verb in verbs)
+
+    # Change handlers and timers: Kopf lists and watches the resource and patches its
+    # metadata (the last-handled annotation, progress, the timers' finalizer).
+    writers = [*registry._changing.get_all_handlers(), *registry._spawning.get_all_handlers()]
+    for writer in writers:
+        grant(writer.selector, "list", "watch", "patch")
+    # Event handlers and indexes only read the stream.
+    readers = [*registry._watching.get_all_handlers(), *registry._indexing.get_all_handlers()]
+    for reader in readers:
+        grant(reader.selector, "list", "watch")
+    assert not list(registry._webhooks.get_all_handlers()), "webhooks need more RBAC: add it"
+
+    args = chart_operator_args()
+    assert not any(a.startswith(("--standalone", "--namespace")) for a in args), args
+    operator_settings = settings.build()
+    # Cluster-wide with peering (the chart's way): Kopf watches the ClusterKopfPeering
+    # and patches its keep-alive into it.
+    needs |= {("kopf.dev", "clusterkopfpeerings", v) for v in ("list", "watch", "patch")}
+    # Kopf observes CRDs to notice resources appearing later, unless scanning is off.
+    if not operator_settings.scanning.disabled:
+        needs |= {
+            ("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")
+        }
+    # Events: Kopf posts its own (settings.posting) and the handlers post theirs.
+    if operator_settings.posting.enabled or source_calls(
+        "kopf.event", "kopf.info", "kopf.warn", "kopf.exception"
+    ):
+        needs.add(("", "events", "create"))
+    return needs
+
+
+# --- the API client's needs -------------------------------------------------------
+
+Site = tuple[str, str]  # (module path below registry_operator/, function qualname)
+
+
+class _SiteFinder(ast.NodeVisitor):
+    """Functions that use a kube client method (`kube.apply`, `state.kube.create`...)."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+        self.scope: list[str] = []
+        self.sites: set[Site] = set()
+
+    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        self.scope += [node.name, "<locals>"]
+        self.generic_visit(node)
+        del self.scope[-2:]
+
+    visit_FunctionDef = _function
+    visit_AsyncFunctionDef = _function
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self.scope.append(node.name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    def visit_Attribute(self, node: ast.Attribute) -> None:
+        receiver = ast.unparse(node.value)
+        if node.attr in CLIENT_METHODS and re.search(r"(^|\.)kube$", receiver):
+            qualname = ".".join(self.scope[:-1]) if self.scope else "<module>"
+            self.sites.add((self.module, qualname))
+        self.generic_visit(node)
+
+
+def client_call_sites() -> set[Site]:
+    sites: set[Site] = set()
+    for path in sorted(OPERATOR_SRC.rglob("*.py")):
+        if KUBE_LAYER in path.parents:
+            continue
+        finder = _SiteFinder(str(path.relative_to(OPERATOR_SRC)))
+        finder.visit(ast.parse(path.read_text()))
+        sites |= finder.sites
+    return sites
+
+
+_PATH = re.compile(
+    r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
+    r"(?:/namespaces/[^/]+)?/(?P<plural>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$"
+)
+_VERBS = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+
+
+def permissions_of(method: str, path: str, content_type: str | None) -> set[Permission]:
+    match = _PATH.match(path)
+    assert match, f"unexpected API path {path}"
+    group = "" if match["core"] else match["group"]
+    resource = match["plural"] + (f"/{match['sub']}" if match["sub"] else "")
+    verb = ("get" if match["name"] else "list") if method == "GET" else _VERBS[method]
+    found = {(group, resource, verb)}
+    # A server-side apply of an object that does not exist yet creates it, and the API
+    # server authorizes that as create (a subresource is never created this way).
+    if verb == "patch" and content_type == kube_client.APPLY and not match["sub"]:
+        found.add((group, resource, "create"))
+    return found
+
+
+class RecordingClient(kube_client.Client):
+    """The operator's client, recording each request and the operator code behind it."""
+
+    def __init__(self, api: Any) -> None:
+        super().__init__(api)
+        self.requests: list[tuple[str, str, str | None]] = []
+        self.sites: set[Site] = set()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        self.requests.append((method, path, kwargs.get("content_type")))
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None:
+            file = Path(frame.f_code.co_filename)
+            if OPERATOR_SRC in file.parents and KUBE_LAYER not in file.parents:
+                self.sites.add((str(file.relative_to(OPERATOR_SRC)), frame.f_code.co_qualname))
+                break
+            frame = frame.f_back
+        return super()._call(method, path, **kwargs)
+
+    def permissions(self) -> set[Permission]:
+        found: set[Permission] = set()
+        for method, path, content_type in self.requests:
+            found |= permissions_of(method, path, content_type)
+        return found
+
+
+@contextlib.contextmanager
+def inline_threads() -> Iterator[None]:
+    """asyncio.to_thread runs its function in place, so the calling frames stay visible."""
+
+    async def run_inline(function: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    original = asyncio.to_thread
+    asyncio.to_thread = run_inline
+    try:
+        yield
+    finally:
+        asyncio.to_thread = original
+
+
+def _registry(namespace: str, name: str, spec: Mapping[str, Any]) -> str:
+    body = {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "Registry",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": dict(spec),
+    }
+    return json.dumps(body)
+
+
+def run_scenarios(plane: ControlPlane, namespace: str, kube: RecordingClient) -> None:
+    """Drive every code path that calls the API client, against the real API server."""
+    options = reconcile.Options(image="berth:rbac-test")
+    # A Registry that does not exist (deleted before its event was handled).
+    reconcile.reconcile(kube, namespace, "absent", options)
+    # Create with every optional child, reconcile again (all exist), then drop the
+    # Ingress from the spec so it is pruned.
+    full = {"storage": {"pvc": {"size": "1Gi"}}, "ingress": {"host": "registry.example.com"}}
+    plane.kubectl("apply", "-f", "-", input=_registry(namespace, "full", full))
+    reconcile.reconcile(kube, namespace, "full", options)
+    reconcile.reconcile(kube, namespace, "full", options)
+    plane.kubectl(
+        "apply", "-f", "-", input=_registry(namespace, "full", {"storage": full["storage"]})
+    )
+    reconcile.reconcile(kube, namespace, "full", options)
+    # A spec the operator cannot serve: the status explains it, nothing is applied.
+    s3 = {"storage": {"s3": {"bucket": "images", "credentialsSecretRef": {"name": "s3"}}}}
+    plane.kubectl("apply", "-f", "-", input=_registry(namespace, "unservable", s3))
+    reconcile.reconcile(kube, namespace, "unservable", options)
+    # Operator start: the peering object is created (under a name of this test's own).
+    peering = f"rbac-scan-{secrets.token_hex(3)}"
+    memo = kopf.Memo(berth=runtime.Runtime(kube=kube, peering=peering, options=options))
+    try:
+        with inline_threads():
+            asyncio.run(lifecycle.ensure_peering(memo=memo, logger=logging.getLogger("scan")))
+    finally:
+        plane.kubectl("delete", "clusterkopfpeering", peering, "--ignore-not-found")
+
+
+def client_needs(plane: ControlPlane, namespace: str) -> tuple[set[Permission], set[Site]]:
+    kube = RecordingClient.connect(str(plane.kubeconfig))
+    assert isinstance(kube, RecordingClient)
+    try:
+        run_scenarios(plane, namespace, kube)
+    finally:
+        kube.close()
+    return kube.permissions(), kube.sites
+
+
+# --- the tests --------------------------------------------------------------------
+
+
+def _table(permissions: Iterable[Permission]) -> str:
+    return "\n".join(f"  {g or 'core'} {r} {v}" for g, r, v in sorted(permissions))
+
+
+def test_every_client_call_site_is_found_by_the_scan() -> None:
+    """The scan sees the call sites it is meant to (guards the scan itself)."""
+    sites = client_call_sites()
+    functions = {qualname for _, qualname in sites}
+    assert {"reconcile", "_apply_children", "_write_status", "ensure_peering"} <= functions
+
+
+def test_cluster_role_is_exactly_what_the_operator_uses(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    used, reached = client_needs(control_plane, namespace)
+    unreached = client_call_sites() - reached
+    assert not unreached, (
+        "operator code calls the API client where no scenario of run_scenarios() goes, "
+        f"so its permissions are not derived: {sorted(unreached)}"
+    )
+    needed = used | kopf_needs()
+    granted = granted_rules()
+    assert needed == granted, (
+        f"the operator needs but is not granted:\n{_table(needed - granted)}\n"
+        f"granted but never used:\n{_table(granted - needed)}\n"
+        "(change helm/berth/templates/clusterrole.yaml, then python -m berth_dev.generate)"
+    )
