@@ -1,0 +1,113 @@
+"""`make run` non-interactively: the local stack comes up, serves a push and a pull
+with the credentials it prints, and stops cleanly on SIGINT (what Ctrl-C sends).
+
+It runs `python -m berth_dev` as a user would, with its own control plane; the push
+and pull are berth_dev.smoke, the same check `make e2e-kind` runs against a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from berth_dev import smoke
+from berth_dev.generate import REPO_ROOT
+from tests.support.tools import require_tool
+
+pytestmark = pytest.mark.integration
+
+STARTUP_TIMEOUT = 300.0
+
+
+def wait_for_ready_file(process: subprocess.Popen[bytes], path: Path, log: Path) -> Any:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while not path.exists():
+        if process.poll() is not None:
+            pytest.fail(f"the stack exited with {process.returncode}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the stack was not up after {STARTUP_TIMEOUT:.0f}s:\n{log.read_text()}")
+        time.sleep(0.5)
+    return json.loads(path.read_text())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_after_failure(process: subprocess.Popen[bytes], ready: Path) -> None:
+    """Whatever happened, leave nothing running: ask the stack, then make sure."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+    if ready.exists():
+        for pid in json.loads(ready.read_text())["pids"]:
+            if alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+
+
+def test_local_stack_serves_push_and_pull_and_stops_cleanly(tmp_path: Path) -> None:
+    for tool in ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "skopeo"):
+        require_tool(tool)
+    ready, log = tmp_path / "ready.json", tmp_path / "stack.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "berth_dev", "--ready-file", str(ready)],
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        info = wait_for_ready_file(process, ready, log)
+        (registry,) = info["registries"]
+        assert (registry["namespace"], registry["name"]) == ("registries", "main")
+        assert registry["host"] in log.read_text(), "the endpoint is printed"
+        assert registry["password"] in log.read_text(), "the credentials are printed"
+
+        result = smoke.round_trip(
+            registry["host"], registry["username"], registry["password"], workdir=tmp_path
+        )
+        assert result.pulled == result.pushed
+
+        # Wrong credentials are refused: the pod really runs the operator's auth config.
+        with pytest.raises(smoke.SmokeError, match="push"):
+            smoke.round_trip(registry["host"], registry["username"], "wrong", workdir=tmp_path)
+
+        # The cluster side, as `kubectl get registries` shows it to the user.
+        kubectl = [info["kubectl"], f"--kubeconfig={info['kubeconfig']}"]
+        table = subprocess.run(
+            [*kubectl, "get", "registries", "-A"], capture_output=True, text=True, check=True
+        ).stdout
+        assert "main" in table and "registries" in table
+        # The operator ran with the chart's ClusterRole and was never refused.
+        operator_log = Path(info["workdir"]) / "logs" / "operator.log"
+        refused = [line for line in operator_log.read_text().splitlines() if "forbidden" in line]
+        assert not refused, "\n".join(refused)
+
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    finally:
+        stop_after_failure(process, ready)
+    assert "SIGINT: stopping" in log.read_text()
+    assert [pid for pid in info["pids"] if alive(pid)] == [], "processes left behind"
+    assert not Path(info["workdir"]).exists(), "the temporary workdir is removed"
