@@ -9,12 +9,13 @@ request lands on another worker) it is rebuilt by rehashing the data written so 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from registry_server.protocol import digests, errors
@@ -40,6 +41,12 @@ class _HashState:
     offset: int
 
 
+@dataclass
+class _SessionLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # holding or waiting
+
+
 @dataclass(frozen=True)
 class UploadInfo:
     upload_id: str
@@ -59,7 +66,7 @@ class BlobStore:
     def __init__(self, driver: StorageDriver) -> None:
         self.driver = driver
         self._hashes: dict[str, _HashState] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _SessionLock] = {}
         self._unreadable: set[str] = set()
 
     # -- blobs ---------------------------------------------------------------------------
@@ -87,8 +94,22 @@ class BlobStore:
 
     # -- uploads -------------------------------------------------------------------------
 
-    def lock(self, upload_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(upload_id, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def lock(self, upload_id: str) -> AsyncIterator[None]:
+        """Serialise the requests on one upload session (in this process).
+
+        The lock exists only while a request holds or awaits it, so ids a client makes up,
+        and sessions that ended, leave nothing behind.
+        """
+        entry = self._locks.setdefault(upload_id, _SessionLock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[upload_id]
 
     async def start_upload(self, repository: str) -> str:
         upload_id = str(uuid.uuid4())
@@ -216,7 +237,6 @@ class BlobStore:
     async def cancel(self, upload_id: str) -> None:
         """Drop an upload session; safe to call twice."""
         self._hashes.pop(upload_id, None)
-        self._locks.pop(upload_id, None)
         await self.driver.delete(_upload_dir(upload_id))
 
     async def stale_uploads(self, older_than: float) -> list[str]:

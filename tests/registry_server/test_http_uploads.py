@@ -1,0 +1,104 @@
+"""Upload sessions through the whole aiohttp app, in process: per-session state is bounded.
+
+The blob store keeps a lock (and a running hash) per upload session in memory. Requests
+naming sessions that do not exist, and sessions that end, must leave nothing behind, or
+any client could grow the server's memory without bound by inventing upload ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from registry_server.app import build_app
+from registry_server.config import Config, StorageConfig
+from registry_server.http.context import SERVICES
+from registry_server.storage.blobstore import BlobStore
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[Client]:
+    app = build_app(Config(storage=StorageConfig(root=tmp_path)))
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+def _store(client: Client) -> BlobStore:
+    store: BlobStore = client.app[SERVICES].blobs.store
+    return store
+
+
+def _per_session_state(store: BlobStore) -> dict[str, int]:
+    return {"locks": len(store._locks), "hashes": len(store._hashes)}
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def test_requests_for_unknown_sessions_leave_no_state(client: Client) -> None:
+    store = _store(client)
+    for upload_id in [str(uuid.uuid4()) for _ in range(50)] + ["not-a-uuid", "x" * 200]:
+        location = f"/v2/repo/blobs/uploads/{upload_id}"
+        for method, path, data in [
+            ("GET", location, None),
+            ("PATCH", location, b"data"),
+            ("PUT", f"{location}?digest={_digest(b'data')}", b"data"),
+            ("DELETE", location, None),
+        ]:
+            response = await client.request(method, path, data=data)
+            assert response.status == 404, (method, path, await response.text())
+            assert (await response.json())["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
+    assert _per_session_state(store) == {"locks": 0, "hashes": 0}
+
+
+async def test_finished_and_cancelled_sessions_leave_no_state(client: Client) -> None:
+    store = _store(client)
+    data = b"0123456789" * 1000
+
+    started = await client.post("/v2/repo/blobs/uploads/")
+    location = started.headers["Location"]
+    await client.patch(location, data=data[:5000], headers={"Content-Range": "0-4999"})
+    finished = await client.put(f"{location}?digest={_digest(data)}", data=data[5000:])
+    assert finished.status == 201, await finished.text()
+
+    started = await client.post("/v2/repo/blobs/uploads/")
+    location = started.headers["Location"]
+    await client.patch(location, data=data[:5000])
+    cancelled = await client.delete(location)
+    assert cancelled.status == 204
+    assert (await client.delete(location)).status == 404
+
+    single = await client.post(f"/v2/repo/blobs/uploads/?digest={_digest(b'x')}", data=b"x")
+    assert single.status == 201
+    mismatch = await client.post(f"/v2/repo/blobs/uploads/?digest={_digest(b'y')}", data=b"x")
+    assert mismatch.status == 400
+    assert _per_session_state(store) == {"locks": 0, "hashes": 0}
+
+
+async def test_requests_on_one_session_are_still_serialised(client: Client) -> None:
+    """Concurrent PATCHes with the same Content-Range: exactly one lands, the others 416."""
+    started = await client.post("/v2/repo/blobs/uploads/")
+    location = started.headers["Location"]
+    chunk = b"a" * 100_000
+    responses = await asyncio.gather(
+        *(
+            client.patch(location, data=chunk, headers={"Content-Range": f"0-{len(chunk) - 1}"})
+            for _ in range(8)
+        )
+    )
+    assert sorted(r.status for r in responses) == [202] + [416] * 7
+    status = await client.get(location)
+    assert status.headers["Range"] == f"0-{len(chunk) - 1}"
+    finished = await client.put(f"{location}?digest={_digest(chunk)}")
+    assert finished.status == 201
+    assert _per_session_state(_store(client)) == {"locks": 0, "hashes": 0}
