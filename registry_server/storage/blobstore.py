@@ -14,6 +14,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,9 +64,13 @@ def _valid_upload_id(upload_id: str) -> bool:
 
 
 class BlobStore:
+    # Running hashes are a cache (rebuilt from the data when missing), bounded because with
+    # several workers a session often ends in another process, whose cancel cannot clear it.
+    max_cached_hashes = 4096
+
     def __init__(self, driver: StorageDriver) -> None:
         self.driver = driver
-        self._hashes: dict[str, _HashState] = {}
+        self._hashes: OrderedDict[str, _HashState] = OrderedDict()
         self._locks: dict[str, _SessionLock] = {}
         self._unreadable: set[str] = set()
 
@@ -117,7 +122,7 @@ class BlobStore:
         await self.driver.put_content(f"{_upload_dir(upload_id)}/info", json.dumps(info).encode())
         writer = await self.driver.writer(f"{_upload_dir(upload_id)}/data")
         await writer.close()
-        self._hashes[upload_id] = _HashState(hashlib.sha256(), 0)
+        self._remember(upload_id, _HashState(hashlib.sha256(), 0))
         return upload_id
 
     async def upload_info(self, repository: str, upload_id: str) -> UploadInfo:
@@ -135,9 +140,16 @@ class BlobStore:
             raise unknown
         return UploadInfo(upload_id, repository, float(raw["started_at"]), size)
 
+    def _remember(self, upload_id: str, state: _HashState) -> None:
+        self._hashes[upload_id] = state
+        self._hashes.move_to_end(upload_id)
+        while len(self._hashes) > self.max_cached_hashes:
+            self._hashes.popitem(last=False)
+
     async def _hash_state(self, upload_id: str, size: int) -> _HashState:
         state = self._hashes.get(upload_id)
         if state is not None and state.offset == size:
+            self._hashes.move_to_end(upload_id)
             return state
         # Rebuild: another process wrote part of this upload, or we restarted.
         hasher = hashlib.sha256()
@@ -147,7 +159,7 @@ class BlobStore:
         except StorageNotFound:
             raise _upload_unknown(upload_id) from None
         state = _HashState(hasher, size)
-        self._hashes[upload_id] = state
+        self._remember(upload_id, state)
         return state
 
     async def _open_data(self, upload_id: str) -> Writer:

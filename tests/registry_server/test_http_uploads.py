@@ -102,3 +102,28 @@ async def test_requests_on_one_session_are_still_serialised(client: Client) -> N
     finished = await client.put(f"{location}?digest={_digest(chunk)}")
     assert finished.status == 201
     assert _per_session_state(_store(client)) == {"locks": 0, "hashes": 0}
+
+
+async def test_hash_states_stay_bounded_across_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two apps on one storage root, as two worker processes are: chunks land on one, the
+    final PUT on the other, whose cancel cannot clear the first one's cached hash state."""
+    monkeypatch.setattr(BlobStore, "max_cached_hashes", 8)
+    config = Config(storage=StorageConfig(root=tmp_path))
+    async with (
+        TestClient(TestServer(build_app(config))) as first,
+        TestClient(TestServer(build_app(config))) as second,
+    ):
+        for number in range(40):
+            data = f"blob {number} ".encode() * 100
+            started = await first.post("/v2/repo/blobs/uploads/")
+            location = started.headers["Location"]
+            patched = await second.patch(location, data=data)
+            assert patched.status == 202
+            finished = await first.put(f"{location}?digest={_digest(data)}")
+            assert finished.status == 201, await finished.text()
+            blob = await first.get(f"/v2/repo/blobs/{_digest(data)}")
+            assert await blob.read() == data
+        assert len(_store(second)._hashes) <= 8
+        assert _per_session_state(_store(first)) == {"locks": 0, "hashes": 0}
