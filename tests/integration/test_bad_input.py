@@ -59,12 +59,20 @@ def api(registry: RegistryProcess) -> Registry:
 
 @contextmanager
 def unchanged(api: Registry, root: Path, *repos: str) -> Iterator[None]:
-    """The block must leave what clients see, and the blob files, exactly as they were."""
+    """The block must leave what clients see, and the blob files, exactly as they were:
+    catalog, tags and their digests, blob HEAD in each repository, files under blobs/."""
+
+    def blob_heads() -> dict[tuple[str, str], bool]:
+        stored = [f"{p.parents[2].name}:{p.parent.name}" for p in blob_files(root)]
+        return {(r, d): api.blob_exists(r, d) for r in (SEED_REPO, *repos) for d in stored}
+
     before = api.snapshot([SEED_REPO, *repos])
     files = blob_files(root)
+    heads = blob_heads()
     yield
     assert api.snapshot([SEED_REPO, *repos]) == before
     assert blob_files(root) == files
+    assert blob_heads() == heads
     assert blob_tree_problems(root) == []
 
 
