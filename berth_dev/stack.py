@@ -185,6 +185,7 @@ class LocalStack:
         missing = missing_tools()
         if missing:
             raise StackError(f"missing tools {', '.join(missing)}: run `make tools` first")
+        (self.workdir / "pods").mkdir(parents=True, exist_ok=True)
         self.log("starting the control plane (etcd, kube-apiserver, controller manager)")
         try:
             self.plane.start()
@@ -489,7 +490,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
     else:
         workdir, remove = Path(tempfile.mkdtemp(prefix="berth-dev-")), not args.keep
-    (workdir / "pods").mkdir(exist_ok=True)
 
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", flush=True)
