@@ -37,9 +37,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import kopf
 import yaml
 
-from registry_operator import credentials
+from registry_operator import credentials, handlers
 from registry_operator.rendering import names
 from tests.support import podspec_runner, tools
 from tests.support.control_plane import ControlPlane
@@ -54,6 +55,8 @@ INSTALL_MANIFEST = REPO_ROOT / "manifests" / "install.yaml"
 RBAC_KINDS = ("Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding")
 CONTROL_PLANE_TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")
 TOKEN_DURATION = "48h"
+API_GROUP = "berth.dev"
+KINDS = {"Registry": "registries", "Repository": "repositories"}
 
 Object = dict[str, Any]
 Log = Callable[[str], None]
@@ -93,6 +96,15 @@ class Instance:
             "password": self.password,
             "log": str(self.pod.process.log_path),
         }
+
+
+def handled_kinds() -> set[str]:
+    """The kinds of our group whose changes the operator handles (from its handlers)."""
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, resync_seconds=300)
+    selectors = [h.selector for h in registry._changing.get_all_handlers() if h.selector]
+    plurals = {selector.plural or selector.any_name for selector in selectors}
+    return {kind for kind, plural in KINDS.items() if plural in plurals}
 
 
 def missing_tools() -> list[str]:
@@ -197,6 +209,13 @@ class LocalStack:
         self._install_rbac()
         self._start_operator()
         self._apply_samples()
+        # Other resources (Repositories) change what a registry serves: let the operator
+        # handle them first, so the pods start from their settled configuration.
+        handled = handled_kinds() - {"Registry"}
+        for obj in self._sample_objects():
+            if obj["kind"] in handled:
+                meta = obj["metadata"]
+                self._wait_for_status(obj["kind"], meta["namespace"], meta["name"])
         for registry in self._sample_registries():
             namespace, name = registry["metadata"]["namespace"], registry["metadata"]["name"]
             deployment = self._wait_for_reconciled(namespace, name)
@@ -253,14 +272,34 @@ class LocalStack:
         self.plane.kubectl("apply", "-f", str(self.samples))
         self.log(f"applied {self.samples}")
 
-    def _sample_registries(self) -> list[Object]:
+    def _sample_objects(self) -> list[Object]:
         documents = load_documents(sample_files(self.samples))
-        found = [d for d in documents if d.get("kind") == "Registry"]
+        for document in documents:
+            if document.get("apiVersion", "").startswith(f"{API_GROUP}/"):
+                document["metadata"].setdefault("namespace", "default")
+        return [d for d in documents if d.get("apiVersion", "").startswith(f"{API_GROUP}/")]
+
+    def _sample_registries(self) -> list[Object]:
+        found = [d for d in self._sample_objects() if d["kind"] == "Registry"]
         if not found:
             raise StackError(f"no Registry in {self.samples}")
-        for registry in found:
-            registry["metadata"].setdefault("namespace", "default")
         return found
+
+    def _wait_for_status(self, kind: str, namespace: str, name: str) -> Object:
+        """The object, once its status.observedGeneration is its generation."""
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            self._check_operator()
+            obj = self._get(kind.lower(), name, "-n", namespace)
+            if obj is not None:
+                generation = obj["metadata"].get("generation")
+                if (obj.get("status") or {}).get("observedGeneration") == generation:
+                    return obj
+            time.sleep(0.25)
+        raise StackError(
+            f"{kind} {namespace}/{name}: no status for its generation after "
+            f"{self.timeout:.0f}s; operator log {self._operator_log()}"
+        )
 
     def _get(self, *args: str) -> Object | None:
         result = self.plane.kubectl("get", *args, "-o", "json", check=False)
@@ -306,18 +345,25 @@ class LocalStack:
         )
 
     def _pod_inputs(self, namespace: str, deployment: Object) -> tuple[list[Object], list[Object]]:
+        """The ConfigMaps and Secrets the pod reads; like the kubelet, wait for them."""
         config_map_names, secret_names = referenced(deployment["spec"]["template"]["spec"])
-        config_maps: list[Object] = []
-        secrets: list[Object] = []
-        for kind, wanted, found in (
-            ("configmap", config_map_names, config_maps),
-            ("secret", secret_names, secrets),
-        ):
-            for child in sorted(wanted):
-                obj = self._get(kind, child, "-n", namespace)
-                if obj is None:
-                    raise StackError(f"{kind} {namespace}/{child} of the pod does not exist")
-                found.append(obj)
+        wanted = [("configmap", n) for n in sorted(config_map_names)]
+        wanted += [("secret", n) for n in sorted(secret_names)]
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self._check_operator()
+            found = {ref: self._get(ref[0], ref[1], "-n", namespace) for ref in wanted}
+            missing = [f"{kind} {name}" for (kind, name), obj in found.items() if obj is None]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"the pod of {namespace}/{deployment['metadata']['name']} reads "
+                    f"{', '.join(missing)}, which did not appear in {self.timeout:.0f}s"
+                )
+            time.sleep(0.25)
+        config_maps = [obj for (kind, _), obj in found.items() if kind == "configmap" and obj]
+        secrets = [obj for (kind, _), obj in found.items() if kind == "secret" and obj]
         return config_maps, secrets
 
     def _start_instance(self, namespace: str, name: str, deployment: Object) -> Instance:
