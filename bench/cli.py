@@ -1,0 +1,697 @@
+"""The benchmark run: servers up, phases measured in turn against each, results out.
+
+Every phase runs the same client job against every server, repetition by repetition,
+alternating servers, so that slow drifts of a shared machine hit both alike. The
+server's CPU and peak memory are taken around each job, from /proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench import limits, procs, report
+from bench.client import MANIFEST_ACCEPT
+
+MiB = 1 << 20
+Job = dict[str, Any]
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Settings:
+    large_bytes: int = 256 * MiB
+    small_count: int = 64
+    small_bytes: int = 1 * MiB
+    blob_concurrency: int = 8
+    manifest_requests: int = 50_000
+    manifest_concurrency: int = 32
+    tags: int = 10_000
+    repos: int = 10_000
+    list_requests: int = 5_000
+    # Request-rate phases stop after this many seconds if the count is not reached.
+    request_seconds: float = 5.0
+    list_concurrency: int = 8
+    populate_concurrency: int = 32
+    populate_measured: int = 2_000
+    reps: int = 3
+    # Blob phases are short (a pull of 256 MiB takes a fraction of a second): more samples.
+    blob_reps: int = 5
+    client_procs: int = 2
+
+
+FULL = Settings()
+QUICK = Settings(
+    large_bytes=4 * MiB,
+    small_count=8,
+    small_bytes=64 * 1024,
+    blob_concurrency=4,
+    manifest_requests=400,
+    manifest_concurrency=8,
+    tags=40,
+    repos=40,
+    list_requests=20,
+    list_concurrency=4,
+    request_seconds=1.0,
+    populate_concurrency=8,
+    populate_measured=20,
+    reps=1,
+    blob_reps=1,
+)
+
+# Phase -> phases whose data it needs.
+PHASES: dict[str, tuple[str, ...]] = {
+    "push_large": (),
+    "push_small": (),
+    "pull_large": ("push_large",),
+    "pull_small": ("push_small",),
+    "populate_tags": (),
+    "populate_repos": ("populate_tags",),
+    "manifests": ("populate_tags",),
+    "tag_list": ("populate_tags",),
+    "catalog": ("populate_repos",),
+}
+
+LARGE_REPO = "bench/large"
+SMALL_REPO = "bench/small"
+TAGS_REPO = "bench/tags"
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _percentile(values: Sequence[int], pct: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))
+    return float(ordered[index])
+
+
+def _window(results: Sequence[Result]) -> float:
+    return max(float(r["end"]) for r in results) - min(float(r["start"]) for r in results)
+
+
+def throughput(results: Sequence[Result]) -> float:
+    """MB/s (10^6 bytes) over the window that all client processes together took."""
+    return sum(int(r["bytes"]) for r in results) / _window(results) / 1e6
+
+
+def rate(results: Sequence[Result]) -> float:
+    return sum(int(r["count"]) for r in results) / _window(results)
+
+
+def p99_ms(results: Sequence[Result]) -> float:
+    merged = [lat for r in results for lat in r["latencies_us"]]
+    return _percentile(merged, 99) / 1000
+
+
+class ClientError(RuntimeError):
+    pass
+
+
+def run_clients(jobs: Sequence[Job], meter: procs.Meter | None) -> tuple[list[Result], Any]:
+    """Start one client process per job; measure the server while they all run."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(procs.REPO_ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    clients = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench.client"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=procs.REPO_ROOT,
+            env=env,
+        )
+        for _ in jobs
+    ]
+    try:
+        for client, job in zip(clients, jobs, strict=True):
+            assert client.stdin is not None
+            client.stdin.write(json.dumps(job) + "\n")
+            client.stdin.flush()
+        for client in clients:
+            assert client.stdout is not None
+            line = client.stdout.readline()
+            if line.strip() != "ready":
+                raise ClientError(f"client failed before the run: {line.strip()}")
+        if meter is not None:
+            meter.start()
+        for client in clients:
+            assert client.stdin is not None
+            client.stdin.write("go\n")
+            client.stdin.flush()
+        results: list[Result] = []
+        for client in clients:
+            assert client.stdout is not None
+            results.append(json.loads(client.stdout.readline() or '{"error": "no output"}'))
+        usage = meter.stop() if meter is not None else None
+        errors = [r["error"] for r in results if "error" in r]
+        if errors:
+            raise ClientError("; ".join(errors))
+        return results, usage
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+            client.wait()
+
+
+class Bench:
+    def __init__(
+        self,
+        settings: Settings,
+        workdir: Path,
+        servers: dict[str, procs.Server],
+        ours: str,
+        theirs: str,
+    ) -> None:
+        self.s = settings
+        self.workdir = workdir
+        self.servers = servers
+        self.ours = ours
+        self.theirs = theirs
+        self.data = workdir / "www" / "blob.bin"
+        self.rows: list[report.Row] = []
+        self.limits: list[report.Limit] = []
+        self.phases: list[dict[str, Any]] = []
+        self.large: dict[str, str] = {}  # server -> digest of a pushed large blob
+        self.small: dict[str, list[str]] = {}
+        self.nonce_counter = 0
+        self.meters = {name: procs.Meter(server.pid) for name, server in servers.items()}
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _nonce(self) -> str:
+        self.nonce_counter += 1
+        return (
+            f"berth-bench-{os.getpid()}-{self.nonce_counter}-{time.time_ns()}".encode()
+            .hex()[:64]
+            .ljust(64, "0")
+        )
+
+    def _split(self, job: Job, total: int) -> list[Job]:
+        """``total`` requests at the job's concurrency over the client processes."""
+        n = min(self.s.client_procs, job["concurrency"])
+        return [
+            {
+                **job,
+                "count": total // n + (1 if i < total % n else 0),
+                "concurrency": job["concurrency"] // n + (1 if i < job["concurrency"] % n else 0),
+            }
+            for i in range(n)
+        ]
+
+    def measure(
+        self,
+        key: str,
+        label: str,
+        jobs_for: Callable[[str, procs.Server, int], list[Job]],
+        reps: int,
+        names: Sequence[str] | None = None,
+    ) -> dict[str, list[list[Result]]]:
+        names = list(names or self.servers)
+        out: dict[str, list[list[Result]]] = {n: [] for n in names}
+        usage: dict[str, list[procs.Usage]] = {n: [] for n in names}
+        started = time.monotonic()
+        for rep in range(reps):
+            for name in names:
+                results, used = run_clients(
+                    jobs_for(name, self.servers[name], rep), self.meters[name]
+                )
+                out[name].append(results)
+                usage[name].append(used)
+        servers: dict[str, dict[str, Any]] = {}
+        for name in names:
+            cpu = [u.cpu_s for u in usage[name]]
+            client_cpu = [sum(float(r.get("cpu_s", 0.0)) for r in rs) for rs in out[name]]
+            requests = [sum(int(r.get("count", 0)) for r in rs) for rs in out[name]]
+            servers[name] = {
+                "requests": _median(requests),
+                "cpu_ms_per_request": _median(
+                    [1000 * u.cpu_s / n for u, n in zip(usage[name], requests, strict=True) if n]
+                    or [0.0]
+                ),
+                "cpu_s": _median(cpu),
+                "cpu_samples": cpu,
+                "peak_rss_mib": max(u.peak_rss_mib for u in usage[name]),
+                "client_cpu_s": _median(client_cpu),
+                "wall_s": _median([_window(rs) for rs in out[name]]),
+            }
+        self.phases.append({"key": key, "label": label, "servers": servers})
+        print(f"  {label}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+        return out
+
+    def row(
+        self,
+        key: str,
+        label: str,
+        unit: str,
+        higher: bool,
+        results: dict[str, list[list[Result]]],
+        metric: Callable[[Sequence[Result]], float],
+    ) -> None:
+        samples = {n: [metric(rs) for rs in reps] for n, reps in results.items()}
+        # Best of the repetitions: on a shared machine interference only ever slows a
+        # run down, so the best sample is the closest to what the server can do.
+        best = max if higher else min
+        values: dict[str, float | None] = {n: best(v) for n, v in samples.items()}
+        self.rows.append(report.Row(key, label, unit, higher, values, samples))
+        shown = ", ".join(f"{n} {report.fmt(v)}" for n, v in values.items())
+        print(f"    {label}: {shown} {unit}", file=sys.stderr, flush=True)
+
+    # -- limits ----------------------------------------------------------------------------
+
+    def measure_limits(self) -> None:
+        reps = max(self.s.reps, 1)
+        sha = [limits.sha256_mbps(self.data, self.s.large_bytes) for _ in range(reps)]
+        self.limits.append(
+            report.Limit("sha256", "hashlib sha256, 1 MiB updates", "MB/s", max(sha), sha)
+        )
+        disk = [
+            limits.disk_write_mbps(self.data, self.workdir / "dd.tmp", self.s.large_bytes)
+            for _ in range(reps)
+        ]
+        label = f"disk write {self.s.large_bytes // MiB} MiB + fsync (dd-like)"
+        self.limits.append(report.Limit("disk_write", label, "MB/s", max(disk), disk))
+
+    # -- phases ----------------------------------------------------------------------------
+
+    def push_large(self) -> None:
+        def jobs(name: str, server: procs.Server, rep: int) -> list[Job]:
+            return [
+                {
+                    "kind": "push",
+                    "base": server.base_url,
+                    "repo": LARGE_REPO,
+                    "data": str(self.data),
+                    "blobs": [[0, self.s.large_bytes]],
+                    "nonce": self._nonce(),
+                    "concurrency": 1,
+                }
+            ]
+
+        size = self.s.large_bytes // MiB
+        res = self.measure("push_large", f"push 1 x {size} MiB", jobs, self.s.blob_reps)
+        self.large = {n: reps[-1][0]["digests"][0] for n, reps in res.items()}
+        label = f"blob push, 1 x {size} MiB (POST+PUT)"
+        self.row("push_large", label, "MB/s", True, res, throughput)
+
+    def _small_regions(self) -> list[list[int]]:
+        return [[i * self.s.small_bytes, self.s.small_bytes] for i in range(self.s.small_count)]
+
+    def _small_label(self) -> str:
+        size = self.s.small_bytes
+        each = f"{size // MiB} MiB" if size >= MiB else f"{size // 1024} KiB"
+        return f"{self.s.small_count} x {each}, c={self.s.blob_concurrency}"
+
+    def push_small(self) -> None:
+        def jobs(name: str, server: procs.Server, rep: int) -> list[Job]:
+            return [
+                {
+                    "kind": "push",
+                    "base": server.base_url,
+                    "repo": SMALL_REPO,
+                    "data": str(self.data),
+                    "blobs": self._small_regions(),
+                    "nonce": self._nonce(),
+                    "concurrency": self.s.blob_concurrency,
+                }
+            ]
+
+        res = self.measure("push_small", f"push {self._small_label()}", jobs, self.s.blob_reps)
+        self.small = {n: reps[-1][0]["digests"] for n, reps in res.items()}
+        self.row("push_small", f"blob push, {self._small_label()}", "MB/s", True, res, throughput)
+
+    def pull_large(self, nginx: procs.Server | None) -> None:
+        size = self.s.large_bytes
+
+        def jobs(name: str, server: procs.Server, rep: int) -> list[Job]:
+            if name == "nginx":
+                url = f"{server.base_url}/{self.data.name}"
+            else:
+                url = f"{server.base_url}/v2/{LARGE_REPO}/blobs/{self.large[name]}"
+            return [{"kind": "pull", "urls": [[url, size]], "concurrency": 1}]
+
+        names = list(self.servers)
+        if nginx is not None:
+            # nginx takes its turn in the same rounds, so it sees the same conditions.
+            self.servers["nginx"] = nginx
+            self.meters["nginx"] = procs.Meter(nginx.pid)
+            names.append("nginx")
+        try:
+            res = self.measure(
+                "pull_large", f"pull 1 x {size // MiB} MiB", jobs, self.s.blob_reps, names
+            )
+        finally:
+            self.servers.pop("nginx", None)
+        ngx = res.pop("nginx", None)
+        self.row("pull_large", f"blob pull, 1 x {size // MiB} MiB", "MB/s", True, res, throughput)
+        if ngx is not None:
+            samples = [throughput(rs) for rs in ngx]
+            label = f"nginx static file over loopback, 1 x {size // MiB} MiB (same client)"
+            self.limits.append(report.Limit("nginx", label, "MB/s", max(samples), samples))
+
+    def pull_small(self) -> None:
+        size = self.s.small_bytes
+
+        def jobs(name: str, server: procs.Server, rep: int) -> list[Job]:
+            urls = [
+                [f"{server.base_url}/v2/{SMALL_REPO}/blobs/{d}", size] for d in self.small[name]
+            ]
+            return [{"kind": "pull", "urls": urls, "concurrency": self.s.blob_concurrency}]
+
+        res = self.measure("pull_small", f"pull {self._small_label()}", jobs, self.s.blob_reps)
+        self.row("pull_small", f"blob pull, {self._small_label()}", "MB/s", True, res, throughput)
+
+    def tag_names(self) -> list[str]:
+        return [f"t{i:05d}" for i in range(self.s.tags)]
+
+    def repo_names(self) -> list[str]:
+        return [f"bench/repos/r{i:05d}" for i in range(self.s.repos)]
+
+    def _populate(self, kind: str, names: list[str], label: str, unit: str) -> None:
+        """Measure the first ``populate_measured`` names on each server alone, then fill
+        in the rest on all servers at once (unmeasured) to keep the run short."""
+        measured = names[: self.s.populate_measured]
+        rest = names[self.s.populate_measured :]
+
+        def job(server: procs.Server, subset: list[str]) -> Job:
+            return {
+                "kind": kind,
+                "base": server.base_url,
+                "source": TAGS_REPO,
+                "names": subset,
+                "concurrency": self.s.populate_concurrency,
+            }
+
+        res = self.measure(
+            kind, f"{label}, first {len(measured):,}", lambda n, srv, r: [job(srv, measured)], 1
+        )
+        self.row(kind, f"{label}, first {len(measured):,}", unit, True, res, rate)
+        if rest:
+            started = time.monotonic()
+            servers = [srv for name, srv in self.servers.items() if name != "nginx"]
+            run_clients([job(srv, rest) for srv in servers], None)
+            print(
+                f"  filled {len(rest):,} more on every server at once:"
+                f" {time.monotonic() - started:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def populate_tags(self) -> None:
+        c = self.s.populate_concurrency
+        label = f"manifest PUT by new tag (to {self.s.tags:,}), c={c}"
+        self._populate("populate_tags", self.tag_names(), label, "req/s")
+
+    def populate_repos(self) -> None:
+        c = self.s.populate_concurrency
+        label = f"new repository: 2 mounts + manifest PUT (to {self.s.repos:,}), c={c}"
+        self._populate("populate_repos", self.repo_names(), label, "repos/s")
+
+    def requests_phase(
+        self,
+        key: str,
+        label: str,
+        method: str,
+        path_for: Callable[[int], str],
+        variants: int,
+        total: int,
+        concurrency: int,
+        min_bytes: int = 0,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        def jobs(name: str, server: procs.Server, rep: int) -> list[Job]:
+            requests = [
+                {"method": method, "url": server.base_url + path_for(i), "headers": headers or {}}
+                for i in range(variants)
+            ]
+            job = {
+                "kind": "requests",
+                "requests": requests,
+                "concurrency": concurrency,
+                "min_bytes": min_bytes,
+                "seconds": self.s.request_seconds,
+            }
+            return self._split(job, total)
+
+        res = self.measure(key, label, jobs, self.s.reps)
+        self.row(key, f"{label}, c={concurrency}", "req/s", True, res, rate)
+        self.row(key + "_p99", f"{label}, c={concurrency}, p99", "ms", False, res, p99_ms)
+
+    def manifests(self) -> None:
+        tags = self.tag_names()
+        variants = min(100, len(tags))
+        for method in ("GET", "HEAD"):
+            self.requests_phase(
+                f"manifest_{method.lower()}",
+                f"manifest {method} by tag",
+                method,
+                lambda i: f"/v2/{TAGS_REPO}/manifests/{tags[i]}",
+                variants,
+                self.s.manifest_requests,
+                self.s.manifest_concurrency,
+                headers={"Accept": MANIFEST_ACCEPT},
+            )
+
+    def tag_list(self) -> None:
+        self.requests_phase(
+            "tag_list",
+            f"tag list, {self.s.tags:,} tags",
+            "GET",
+            lambda i: f"/v2/{TAGS_REPO}/tags/list",
+            1,
+            self.s.list_requests,
+            self.s.list_concurrency,
+            min_bytes=self.s.tags * 9,
+        )
+
+    def catalog(self) -> None:
+        n = min(self.s.repos, 10_000)
+        self.requests_phase(
+            "catalog",
+            f"catalog, {self.s.repos:,} repos, ?n={n}",
+            "GET",
+            lambda i: f"/v2/_catalog?n={n}",
+            1,
+            self.s.list_requests,
+            self.s.list_concurrency,
+            min_bytes=n * len("bench/repos/r00000") // 2,
+        )
+        self.requests_phase(
+            "catalog_page",
+            f"catalog first page, {self.s.repos:,} repos, ?n=100",
+            "GET",
+            lambda i: "/v2/_catalog?n=100",
+            1,
+            self.s.list_requests,
+            self.s.list_concurrency,
+        )
+
+
+def machine_notes(workdir: Path) -> dict[str, str]:
+    notes: dict[str, str] = {}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        model = next(
+            (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln),
+            "?",
+        )
+    except OSError:
+        model = "?"
+    notes["cpu"] = f"{os.cpu_count()} x {model}"
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        notes["memory"] = f"{kib / 1024 / 1024:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    notes["kernel"] = platform.release()
+    notes["storage"] = _filesystem(workdir)
+    notes["python"] = platform.python_version()
+    for name, argv in {
+        "distribution": [procs.DISTRIBUTION_BINARY, "--version"],
+        "nginx": [procs.NGINX_BINARY, "-v"],
+    }.items():
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            notes[name] = (out.stdout + out.stderr).strip().splitlines()[0]
+        except (OSError, subprocess.SubprocessError, IndexError):
+            notes[name] = "?"
+    return notes
+
+
+def _filesystem(path: Path) -> str:
+    best, fs = "", "?"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            device, mount, kind = line.split()[:3]
+            if str(path).startswith(mount) and len(mount) > len(best):
+                best, fs = mount, f"{kind} on {device}"
+    except OSError:
+        pass
+    return fs
+
+
+def _with_deps(selected: Sequence[str]) -> list[str]:
+    wanted: set[str] = set()
+    todo = list(selected)
+    while todo:
+        phase = todo.pop()
+        if phase not in PHASES:
+            raise SystemExit(f"bench: unknown phase {phase!r}; known: {', '.join(PHASES)}")
+        if phase not in wanted:
+            wanted.add(phase)
+            todo.extend(PHASES[phase])
+    return [p for p in PHASES if p in wanted]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument(
+        "--workers",
+        default=os.environ.get("BENCH_BERTH_WORKERS", "1"),
+        help="Berth worker processes; a comma list runs one Berth per value (first is compared)",
+    )
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement")
+    parser.add_argument("--phases", default="", help=f"comma list of: {', '.join(PHASES)}")
+    parser.add_argument("--no-distribution", action="store_true", help="measure Berth only")
+    parser.add_argument("--json", type=Path, default=procs.REPO_ROOT / ".bench" / "results.json")
+    parser.add_argument("--markdown", type=Path, default=procs.REPO_ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--no-docs", action="store_true", help="do not update the markdown file")
+    parser.add_argument("--workdir", type=Path, default=None, help="parent of the scratch dir")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument(
+        "--server-src",
+        type=Path,
+        default=procs.REPO_ROOT,
+        help="directory holding the registry_server package to run (default: this tree)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="run Berth (1 worker) under cProfile and write the stats to this file",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    if args.reps is not None:
+        settings = replace(settings, reps=args.reps)
+    workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    if args.profile is not None and workers != [1]:
+        raise SystemExit("bench: --profile needs --workers 1")
+    phases = _with_deps([p for p in args.phases.split(",") if p]) if args.phases else list(PHASES)
+    for binary in [procs.NGINX_BINARY] + (
+        [] if args.no_distribution else [procs.DISTRIBUTION_BINARY]
+    ):
+        if not shutil.which(binary):
+            raise SystemExit(f"bench: {binary} is missing; run `make tools`")
+
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="berth-bench-", dir=args.workdir))
+    servers: dict[str, procs.Server] = {}
+    nginx: procs.Server | None = None
+    try:
+        print(f"bench: scratch directory {workdir}", file=sys.stderr, flush=True)
+        data = workdir / "www" / "blob.bin"
+        limits.make_data_file(data, settings.large_bytes)
+        for w in workers:
+            name = "berth" if len(workers) == 1 else f"berth-w{w}"
+            server = procs.berth(workdir, w, src=args.server_src.resolve())
+            if args.profile is not None:
+                server.argv[1:1] = ["-m", "cProfile", "-o", str(args.profile.resolve())]
+            servers[name] = server.start()
+        if not args.no_distribution:
+            servers["distribution"] = procs.distribution(workdir).start()
+        nginx = procs.nginx(workdir, data.parent).start()
+        ours = next(iter(servers))
+        theirs = "distribution"
+        bench = Bench(settings, workdir, servers, ours, theirs)
+        base_cpu = {n: procs.cpu_seconds(s.pid) for n, s in servers.items()}
+        print("bench: machine limits", file=sys.stderr, flush=True)
+        bench.measure_limits()
+        for phase in phases:
+            print(f"bench: {phase}", file=sys.stderr, flush=True)
+            if phase == "pull_large":
+                bench.pull_large(nginx)
+            else:
+                getattr(bench, phase)()
+        names = list(servers)
+        total_cpu: dict[str, float | None] = {
+            n: procs.cpu_seconds(servers[n].pid) - base_cpu[n] for n in names
+        }
+        peaks: dict[str, float | None] = {
+            n: max(
+                (p["servers"][n]["peak_rss_mib"] for p in bench.phases if n in p["servers"]),
+                default=None,
+            )
+            for n in names
+        }
+        bench.rows.append(report.Row("cpu_total", "server CPU, whole run", "s", False, total_cpu))
+        bench.rows.append(
+            report.Row("peak_rss", "server peak RSS (max over phases)", "MiB", False, peaks)
+        )
+        result = report.Report(
+            date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            machine=machine_notes(workdir),
+            settings={
+                **{k: v for k, v in asdict(settings).items()},
+                "berth_workers": ",".join(map(str, workers)),
+                "quick": args.quick,
+            },
+            ours=ours,
+            theirs=theirs,
+            columns=names,
+            rows=bench.rows,
+            limits=bench.limits,
+            phases=bench.phases,
+            duration_s=time.monotonic() - started,
+        )
+    except BaseException:
+        ports = [str(s.port) for s in [*servers.values(), *([nginx] if nginx else [])]]
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            sockets = subprocess.run(["ss", "-tanp"], capture_output=True, text=True).stdout
+            mine = [ln for ln in sockets.splitlines() if any(f":{p} " in ln for p in ports)]
+            print("--- sockets on the servers' ports ---", *mine[:40], sep="\n", file=sys.stderr)
+        for server in [*servers.values(), *([nginx] if nginx else [])]:
+            print(
+                f"--- {server.name} ({server.state()}) log, last lines ---\n{server.log_tail()}",
+                file=sys.stderr,
+            )
+        raise
+    finally:
+        for server in [*servers.values(), *([nginx] if nginx else [])]:
+            server.stop()
+        if args.keep:
+            print(f"bench: kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print(report.text(result))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(result.to_json())
+    print(f"bench: wrote {args.json}", file=sys.stderr)
+    if not args.no_docs:
+        report.write_markdown(args.markdown, result)
+        print(f"bench: wrote {args.markdown}", file=sys.stderr)
+    return 0
