@@ -194,6 +194,18 @@ class PeerClient:
             raise PeerError("upload start without Location", status, retryable=False)
         return urljoin(f"{self.base}/", location)
 
+    async def post_blob(self, repo: str, digest: str, size: int, path: Path) -> None:
+        """Upload a whole blob in one request (``POST ?digest=``)."""
+        await self.request(
+            "POST",
+            f"/v2/{repo}/blobs/uploads/?digest={digest}",
+            self._push(repo),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            data_factory=lambda: self._file_chunks(path, 0, size),
+            expect=(201,),
+            what="blob single POST",
+        )
+
     async def _file_chunks(self, path: Path, offset: int, length: int) -> AsyncIterator[bytes]:
         with open(path, "rb") as f:  # noqa: ASYNC230 - page-cache reads, chunked, bounded
             f.seek(offset)

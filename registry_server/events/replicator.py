@@ -43,6 +43,7 @@ REPAIRED = Counter("berth_replication_repaired_total", "Drift repaired by anti-e
 
 _EXTERNAL_LAYER_HINTS = ("foreign", "nondistributable")
 _PAGE = 500
+_SINGLE_POST_BYTES = 4 * 1024 * 1024
 EMPTY_REPOSITORY_HASH = hashlib.sha256().hexdigest()
 
 
@@ -67,7 +68,8 @@ class _Peer:
     client: PeerClient
     status: PeerStatus
     blob_slots: asyncio.Semaphore
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Set when a local change is logged; one per peer so no loop consumes another's wake-up.
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Replicator:
@@ -75,7 +77,6 @@ class Replicator:
         self.config = config
         self.index = index
         self.store = store
-        self._wake = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._peers: list[_Peer] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -112,7 +113,8 @@ class Replicator:
 
     def wake(self) -> None:
         """A local change was logged: deliver now instead of at the next poll."""
-        self._wake.set()
+        for peer in self._peers:
+            peer.wake.set()
 
     async def status(self) -> dict[str, Any]:
         for peer in self._peers:
@@ -130,13 +132,14 @@ class Replicator:
 
     async def _deliver_loop(self, peer: _Peer) -> None:
         while True:
+            # Clear before reading the log: a change logged after the read sets it again.
+            peer.wake.clear()
             changes = await self.index.pending_changes(peer.config.name, 64)
             await self._refresh_queue(peer)
             if not changes:
-                self._wake.clear()
                 # Other worker processes log changes too: poll as well as wait for a wake-up.
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+                    await asyncio.wait_for(peer.wake.wait(), timeout=1.0)
                 continue
             for change in changes:
                 await self._deliver_with_retry(peer, change)
@@ -239,19 +242,18 @@ class Replicator:
             path = self.store.local_path(parsed)
             if size is None or path is None:
                 raise PeerError(f"local blob {digest} missing", retryable=False)
-            # A peer usually mirrors our layout: try mounting from a sibling repository first.
-            sources = [r for r in await self.index.repositories_with_blob(digest) if r != repo]
-            location: str | None = None
-            for source in sources[:3]:
-                location = await peer.client.start_upload(repo, digest, source)
-                if location is None:
-                    return
-                break
-            if location is None:
-                location = await peer.client.start_upload(repo, digest, None)
-                if location is None:
-                    return
-            await peer.client.upload_blob(repo, digest, size, path, location)
+            # A peer usually mirrors our layout: try mounting from a sibling repository; a
+            # refused mount still opens the upload session (202) used below.
+            siblings = [r for r in await self.index.repositories_with_blob(digest) if r != repo]
+            if not siblings and peer.config.kind == "berth" and size <= _SINGLE_POST_BYTES:
+                # One round trip for small blobs (OCI single POST; not every registry has it).
+                await peer.client.post_blob(repo, digest, size, path)
+                return
+            location = await peer.client.start_upload(
+                repo, digest, siblings[0] if siblings else None
+            )
+            if location is not None:
+                await peer.client.upload_blob(repo, digest, size, path, location)
 
     async def _ensure_referrers(self, peer: _Peer, repo: str, subject: str) -> None:
         for ref in await self.index.referrers(repo, subject):
