@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import re
@@ -45,7 +46,12 @@ pytestmark = pytest.mark.integration
 
 OPERATOR_SRC = generate.REPO_ROOT / "operator" / "registry_operator"
 KUBE_LAYER = OPERATOR_SRC / "kube"
-CLIENT_METHODS = ("get", "find", "list", "apply", "create", "delete")
+# Every public request method of the operator's API client, whatever gets added.
+CLIENT_METHODS = frozenset(
+    name
+    for name, _ in inspect.getmembers(kube_client.Client, inspect.isfunction)
+    if not name.startswith("_") and name not in ("connect", "close")
+)
 
 Permission = tuple[str, str, str]  # (API group, resource[/subresource], verb)
 
