@@ -50,6 +50,24 @@ def tail(path: Path, lines: int = 60) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _kill_orphans(pgid: int) -> None:
+    """SIGKILL the processes left in group ``pgid`` whose leader has exited.
+
+    A process whose own id equals ``pgid`` is a new leader that reused the id, not ours.
+    """
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == pgid:
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:  # state, ppid, pgrp
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)
+
+
 class ManagedProcess:
     """One command run in the background, its stdout and stderr in `log_path`.
 
@@ -118,15 +136,19 @@ class ManagedProcess:
                 self._signal_group(signal.SIGKILL)
                 self._popen.wait(timeout)
         else:
-            # The leader is gone; make sure no child of it lingers.
-            self._signal_group(signal.SIGKILL)
+            # The leader is gone; make sure no child of it lingers. Not killpg: once the
+            # leader is reaped its id can be reused by another session's leader.
+            _kill_orphans(self._popen.pid)
         return self._popen.returncode
 
     def kill(self) -> int | None:
         """SIGKILL at once, as a crash would."""
         if self._popen is None:
             return None
-        self._signal_group(signal.SIGKILL)
+        if self._popen.poll() is None:  # not reaped yet, so the group id is still ours
+            self._signal_group(signal.SIGKILL)
+        else:
+            _kill_orphans(self._popen.pid)
         return self._popen.wait(10)
 
     def log_tail(self, lines: int = 60) -> str:
