@@ -39,12 +39,23 @@ def wait_for_ready_file(process: subprocess.Popen[bytes], path: Path, log: Path)
     return json.loads(path.read_text())
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def leftovers(workdir: str) -> list[int]:
+    """Processes that belong to the stack: their command line, environment or working
+    directory names its workdir (control plane flags, KUBECONFIG, the pods' roots).
+    Found by scanning /proc, so a process id reused by someone else is never taken."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        proc = Path("/proc") / entry
+        try:
+            texts = [(proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()]
+            texts.append(os.readlink(proc / "cwd").encode())
+        except OSError:
+            continue
+        if any(workdir.encode() in text for text in texts):
+            found.append(int(entry))
+    return found
 
 
 def stop_after_failure(process: subprocess.Popen[bytes], ready: Path) -> None:
@@ -54,14 +65,12 @@ def stop_after_failure(process: subprocess.Popen[bytes], ready: Path) -> None:
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
             process.wait(10)
     if ready.exists():
-        for pid in json.loads(ready.read_text())["pids"]:
-            if alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+        for pid in leftovers(json.loads(ready.read_text())["workdir"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_local_stack_serves_push_and_pull_and_stops_cleanly(tmp_path: Path) -> None:
@@ -109,5 +118,5 @@ def test_local_stack_serves_push_and_pull_and_stops_cleanly(tmp_path: Path) -> N
     finally:
         stop_after_failure(process, ready)
     assert "SIGINT: stopping" in log.read_text()
-    assert [pid for pid in info["pids"] if alive(pid)] == [], "processes left behind"
+    assert leftovers(info["workdir"]) == [], "processes left behind"
     assert not Path(info["workdir"]).exists(), "the temporary workdir is removed"
