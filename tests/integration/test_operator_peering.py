@@ -7,9 +7,7 @@ Runs operators without --standalone, as the chart does. (The other operator modu
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,41 +16,23 @@ from typing import Any
 import pytest
 
 from tests.support.control_plane import ControlPlane
-from tests.support.processes import ManagedProcess, free_port, http_status, wait_until
-from tests.support.tools import REPO_ROOT
+from tests.support.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.integration
 
 
 def _operator(
     plane: ControlPlane, workdir: Path, name: str, peering: str, priority: int
-) -> ManagedProcess:
-    liveness = f"http://127.0.0.1:{free_port()}/healthz"
-    process = ManagedProcess(
-        name,
-        [
-            sys.executable,
-            "-m",
-            "registry_operator",
-            f"--peering={peering}",
-            f"--priority={priority}",
-            f"--liveness={liveness}",
-            "--log-format=plain",
-        ],
-        workdir / f"{name}.log",
-        env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)},
-        cwd=REPO_ROOT,
-    )
-    process.start()
-    wait_until(lambda: http_status(liveness) == 200, timeout=60, what="liveness", process=process)
-    return process
+) -> OperatorProcess:
+    args = (f"--peering={peering}", f"--priority={priority}", "--log-format=plain")
+    return OperatorProcess(plane, workdir, args, name=name).start()
 
 
 @pytest.fixture
-def started(tmp_path: Path) -> Iterator[Callable[..., ManagedProcess]]:
-    processes: list[ManagedProcess] = []
+def started(tmp_path: Path) -> Iterator[Callable[..., OperatorProcess]]:
+    processes: list[OperatorProcess] = []
 
-    def start(*args: Any) -> ManagedProcess:
+    def start(*args: Any) -> OperatorProcess:
         process = _operator(*args)
         processes.append(process)
         return process
@@ -87,7 +67,7 @@ def test_one_replica_acts_and_the_higher_priority_wins(
     control_plane: ControlPlane,
     namespace: str,
     tmp_path: Path,
-    started: Callable[..., ManagedProcess],
+    started: Callable[..., OperatorProcess],
 ) -> None:
     peering = f"berth-test-{secrets.token_hex(3)}"
     try:
@@ -100,7 +80,7 @@ def _leader_changes(
     control_plane: ControlPlane,
     namespace: str,
     tmp_path: Path,
-    started: Callable[..., ManagedProcess],
+    started: Callable[..., OperatorProcess],
     peering: str,
 ) -> None:
     low = started(control_plane, tmp_path, "low", peering, 100)
@@ -114,8 +94,9 @@ def _leader_changes(
     _wait(lambda: _deployed(control_plane, namespace, "first"), "the active replica to act")
 
     high = started(control_plane, tmp_path, "high", peering, 200)
-    _wait(lambda: "Pausing operations" in low.log_tail(400), "the lower priority to pause")
+    _wait(lambda: "Pausing operations" in low.log(400), "the lower priority to pause")
     _apply(control_plane, namespace, "second")
     _wait(lambda: _deployed(control_plane, namespace, "second"), "the new leader to act")
-    assert f"[{namespace}/second]" in high.log_tail(400)
-    assert f"[{namespace}/second]" not in low.log_tail(400)
+    # The handler logs once its whole reconcile (children, then access) is done.
+    _wait(lambda: f"[{namespace}/second]" in high.log(400), "the new leader's log line")
+    assert f"[{namespace}/second]" not in low.log(400)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,8 +29,9 @@ from tests.support import podspec_runner
 from tests.support.clients import skopeo
 from tests.support.control_plane import ControlPlane
 from tests.support.images import make_oci_layout, tagged_digest
-from tests.support.processes import ManagedProcess, free_port, http_status, wait_until
-from tests.support.tools import REPO_ROOT, require_tool
+from tests.support.operator_process import OperatorProcess
+from tests.support.processes import wait_until
+from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -47,53 +46,18 @@ CHILDREN = (
 OWNED_KINDS = ("ConfigMap", "Secret", "Deployment", "Service", "Ingress")
 
 
-class Operator:
-    """`python -m registry_operator --standalone` on the test control plane."""
-
-    def __init__(self, plane: ControlPlane, workdir: Path) -> None:
-        self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
-        self.process = ManagedProcess(
-            "berth-operator",
-            [
-                sys.executable,
-                "-m",
-                "registry_operator",
-                "--standalone",
-                "--liveness",
-                self.liveness,
-                "--resync-seconds",
-                "30",
-            ],
-            workdir / "operator.log",
-            env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)},
-            cwd=REPO_ROOT,
-        )
-
-    def start(self) -> Operator:
-        self.process.start()
-        wait_until(
-            lambda: http_status(self.liveness) == 200,
-            timeout=60,
-            what="the operator's liveness endpoint",
-            process=self.process,
-        )
-        return self
-
-    def kill(self) -> None:
-        self.process.kill()
-
-    def stop(self) -> None:
-        self.process.stop()
-
-    def log(self) -> str:
-        return self.process.log_tail(80)
+Operator = OperatorProcess
 
 
 @pytest.fixture(scope="module")
 def operator(
     control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Operator]:
-    running = Operator(control_plane, tmp_path_factory.mktemp("operator")).start()
+    running = OperatorProcess(
+        control_plane,
+        tmp_path_factory.mktemp("operator"),
+        ("--standalone", "--resync-seconds", "30"),
+    ).start()
     try:
         yield running
     finally:
@@ -652,9 +616,16 @@ def test_rendered_pod_serves_push_and_pull(
     require_tool("skopeo")
     _apply(control_plane, "served", namespace, {})
     children = _wait(lambda: _all_children(kube, namespace, "served"), operator, "children")
-    pod = podspec_runner.start(
-        children["Deployment"], [children["ConfigMap"]], [children["Secret"]], tmp_path / "pod"
+    config_maps, secrets = _wait(
+        lambda: podspec_runner.inputs(
+            lambda kind, ns, name: kube.find("v1", kind, ns, name),
+            namespace,
+            children["Deployment"],
+        ),
+        operator,
+        "the ConfigMaps and Secrets the pod reads",
     )
+    pod = podspec_runner.start(children["Deployment"], config_maps, secrets, tmp_path / "pod")
     try:
         secret = _secret_data(kube, namespace, "served")
         creds = f"{secret['admin-username']}:{secret['admin-password']}"

@@ -4,9 +4,9 @@ No kubelet runs on these machines, so this is the honest substitute for "the pod
 take the Deployment, ConfigMaps and Secrets the operator wrote (as read back from the API
 server), and
 
-- materialise every volume into a temp dir the way the kubelet would (ConfigMap and
-  Secret keys as files, honouring `items` and `defaultMode`; PVC and emptyDir as empty
-  directories),
+- materialise every volume into a temp dir the way the kubelet would (ConfigMap, Secret
+  and projected volumes' keys as files, honouring `items` and `defaultMode`, behind the
+  kubelet's `..data` symlink; PVC and emptyDir as empty directories),
 - map each container mount path to its temp dir, and rewrite those paths wherever the pod
   refers to them: command, args, env values and the files materialised from ConfigMaps
   (a mount namespace would make the rewrite unnecessary; this is its stand-in),
@@ -16,6 +16,13 @@ server), and
 - wait until the pod's own readiness probe path answers 200, and check the liveness
   probe path too.
 
+Like the kubelet, `RunningPod.update()` (or a `follow()` thread calling it) writes new
+ConfigMap and Secret content into the same volume directories with the kubelet's atomic
+swap: the files live in a fresh `..<timestamp>` directory and the `..data` symlink is
+renamed over, so a reader never sees half of an update. Service DNS names have no
+resolver here either: `services` maps an in-cluster URL (`http://name.ns.svc:5000`) to the
+loopback URL of the process standing in for that Service, rewritten like the mount paths.
+
 What it cannot show: the image contents, the security context, resource limits.
 """
 
@@ -23,10 +30,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import itertools
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +49,172 @@ class PodSpecError(ValueError):
     """The pod template uses something this runner cannot reproduce faithfully."""
 
 
+def referenced(pod: Object) -> tuple[set[str], set[str]]:
+    """The ConfigMaps and Secrets a pod template reads (volumes, projected sources, env)."""
+    config_maps: set[str] = set()
+    secrets: set[str] = set()
+    for volume in pod.get("volumes") or []:
+        sources = [volume, *((volume.get("projected") or {}).get("sources") or [])]
+        for source in sources:
+            if "configMap" in source:
+                config_maps.add(source["configMap"]["name"])
+            if "secret" in source:
+                secret = source["secret"]
+                secrets.add(secret.get("secretName") or secret["name"])
+    for container in pod.get("containers") or []:
+        for entry in container.get("env") or []:
+            source = entry.get("valueFrom") or {}
+            if "configMapKeyRef" in source:
+                config_maps.add(source["configMapKeyRef"]["name"])
+            if "secretKeyRef" in source:
+                secrets.add(source["secretKeyRef"]["name"])
+    return config_maps, secrets
+
+
+Finder = Callable[[str, str, str], Object | None]  # (kind, namespace, name) -> the object
+
+
+def inputs(
+    find: Finder, namespace: str, deployment: Object
+) -> tuple[list[Object], list[Object]] | None:
+    """The ConfigMaps and Secrets the pod template reads; None while one is missing
+    (the kubelet would wait for it too)."""
+    config_map_names, secret_names = referenced(deployment["spec"]["template"]["spec"])
+    config_maps = [find("ConfigMap", namespace, name) for name in sorted(config_map_names)]
+    secrets = [find("Secret", namespace, name) for name in sorted(secret_names)]
+    if any(obj is None for obj in (*config_maps, *secrets)):
+        return None
+    return [o for o in config_maps if o is not None], [o for o in secrets if o is not None]
+
+
+def _by_name(objects: Sequence[Object]) -> dict[str, Object]:
+    return {obj["metadata"]["name"]: obj for obj in objects}
+
+
+Files = dict[str, tuple[bytes, int | None]]  # relative path -> (content, mode)
+_GENERATION = itertools.count(1)
+
+
+def _keys(
+    data: Mapping[str, bytes], items: Sequence[Object] | None, mode: int | None, what: str
+) -> Files:
+    if items is None:
+        selected = [(key, key, None) for key in data]
+    else:
+        selected = [(item["key"], item["path"], item.get("mode")) for item in items]
+    files: Files = {}
+    for key, relative, item_mode in selected:
+        if key not in data:
+            raise PodSpecError(f"{what}: the volume refers to key {key!r}, which it does not have")
+        files[relative] = (data[key], item_mode if item_mode is not None else mode)
+    return files
+
+
+def _config_map_data(config_map: Object) -> dict[str, bytes]:
+    data = {k: v.encode() for k, v in (config_map.get("data") or {}).items()}
+    return data | {k: base64.b64decode(v) for k, v in (config_map.get("binaryData") or {}).items()}
+
+
+def _secret_data(secret: Object) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+
+
+def _volume_files(
+    volume: Object, config_maps: Mapping[str, Object], secrets: Mapping[str, Object]
+) -> Files | None:
+    """The files of a ConfigMap, Secret or projected volume; None for PVC and emptyDir."""
+    if "configMap" in volume:
+        source = volume["configMap"]
+        config_map = config_maps.get(source["name"])
+        if config_map is None:
+            raise PodSpecError(f"ConfigMap {source['name']} was not provided")
+        return _keys(
+            _config_map_data(config_map),
+            source.get("items"),
+            source.get("defaultMode", 0o644),
+            f"ConfigMap {source['name']}",
+        )
+    if "secret" in volume:
+        source = volume["secret"]
+        secret = secrets.get(source["secretName"])
+        if secret is None:
+            raise PodSpecError(f"Secret {source['secretName']} was not provided")
+        return _keys(
+            _secret_data(secret),
+            source.get("items"),
+            source.get("defaultMode", 0o644),
+            f"Secret {source['secretName']}",
+        )
+    if "projected" in volume:
+        projected = volume["projected"]
+        default = projected.get("defaultMode", 0o644)
+        files: Files = {}
+        for source in projected.get("sources") or []:
+            if "secret" in source:
+                ref = source["secret"]
+                obj = secrets.get(ref["name"])
+                data = _secret_data(obj) if obj is not None else None
+            elif "configMap" in source:
+                ref = source["configMap"]
+                obj = config_maps.get(ref["name"])
+                data = _config_map_data(obj) if obj is not None else None
+            else:
+                raise PodSpecError(f"unsupported projected source in {source}")
+            if data is None:
+                raise PodSpecError(f"{ref['name']} (projected) was not provided")
+            files |= _keys(data, ref.get("items"), default, ref["name"])
+        return files
+    if "persistentVolumeClaim" in volume or "emptyDir" in volume:
+        return None
+    raise PodSpecError(f"unsupported volume type in {volume}")
+
+
+def _publish(directory: Path, files: Files, transform: Callable[[bytes], bytes]) -> None:
+    """Write `files` as the kubelet does: into a fresh `..<timestamp>` directory, with each
+    top-level name a symlink through `..data`, which is then swapped atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{os.getpid()}.{next(_GENERATION)}"
+    data_dir = directory / stamp
+    data_dir.mkdir()
+    for relative, (content, mode) in files.items():
+        target = data_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(transform(content))
+        if mode is not None:
+            target.chmod(mode)
+    link = directory / "..data"
+    previous = os.readlink(link) if link.is_symlink() else None
+    temporary = directory / "..data_tmp"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(stamp)
+    temporary.rename(link)  # the atomic step
+    for top in {Path(relative).parts[0] for relative in files}:
+        entry = directory / top
+        if not entry.is_symlink():
+            entry.symlink_to(Path("..data") / top)
+    if previous is not None:
+        old = directory / previous
+        for path in sorted(old.rglob("*"), reverse=True):
+            path.chmod(0o700)
+            path.rmdir() if path.is_dir() else path.unlink()
+        old.rmdir()
+
+
+def _rewrite(
+    text: str, mounts: Mapping[str, Path], services: Mapping[str, str] | None = None
+) -> str:
+    """Replace container paths by local ones in one pass (a local path may itself start
+    with a mount path, e.g. /tmp). Longest first: /etc/berth/config before /etc/berth.
+    Then Service URLs by the loopback URLs standing in for them."""
+    for service, local in (services or {}).items():
+        text = text.replace(service, local)
+    if not mounts:
+        return text
+    alternatives = "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w./-])({alternatives})(?=/|$|[^\w.-])", re.MULTILINE)
+    return pattern.sub(lambda match: str(mounts[match.group(1)]), text)
+
+
 @dataclasses.dataclass
 class RunningPod:
     url: str
@@ -47,79 +223,82 @@ class RunningPod:
     mounts: dict[str, Path]  # container mount path -> local directory
     argv: list[str]
     env: dict[str, str]
+    pod: Object = dataclasses.field(default_factory=dict)
+    services: dict[str, str] = dataclasses.field(default_factory=dict)
+    updates: int = 0
+    _stop_following: threading.Event | None = None
+    _follower: threading.Thread | None = None
 
     @property
     def host(self) -> str:
         return self.url.removeprefix("http://")
 
+    def update(self, config_maps: Sequence[Object], secrets: Sequence[Object]) -> bool:
+        """What the kubelet does when a mounted ConfigMap or Secret changes: swap in the
+        new content atomically. Returns whether anything changed."""
+        maps, secs = _by_name(config_maps), _by_name(secrets)
+        changed = False
+        for volume in self.pod.get("volumes") or []:
+            files = _volume_files(volume, maps, secs)
+            if files is None:
+                continue
+            directory = self.root / "volumes" / volume["name"]
+            rewrite = self._transform(volume)
+            current = {
+                relative: (rewrite(content), mode) for relative, (content, mode) in files.items()
+            }
+            if current == _read(directory, files):
+                continue
+            _publish(directory, files, rewrite)
+            changed = True
+        if changed:
+            self.updates += 1
+        return changed
+
+    def _transform(self, volume: Object) -> Callable[[bytes], bytes]:
+        if "configMap" not in volume:
+            return lambda content: content
+        # What a pod reads from ConfigMaps refers to container paths: point them here.
+        return lambda content: _rewrite(content.decode(), self.mounts, self.services).encode()
+
+    def follow(
+        self,
+        fetch: Callable[[], tuple[Sequence[Object], Sequence[Object]]],
+        interval: float = 0.5,
+    ) -> None:
+        """Keep the volumes current, as the kubelet's sync loop does (much more often)."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.update(*fetch())
+                except Exception as exc:  # a failed read is retried, as the kubelet does
+                    print(f"podspec_runner: update failed, retrying: {exc}", file=sys.stderr)
+
+        self._stop_following = stop
+        self._follower = threading.Thread(target=loop, name="kubelet-sync", daemon=True)
+        self._follower.start()
+
     def stop(self) -> None:
+        if self._stop_following is not None:
+            self._stop_following.set()
+        if self._follower is not None:
+            self._follower.join(timeout=10)
         self.process.stop()
 
     def log_tail(self, lines: int = 80) -> str:
         return self.process.log_tail(lines)
 
 
-def _by_name(objects: Sequence[Object]) -> dict[str, Object]:
-    return {obj["metadata"]["name"]: obj for obj in objects}
-
-
-def _write_keys(
-    directory: Path,
-    data: Mapping[str, bytes],
-    items: Sequence[Object] | None,
-    mode: int | None,
-) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    if items is None:
-        selected = [(key, key, None) for key in data]
-    else:
-        selected = [(item["key"], item["path"], item.get("mode")) for item in items]
-    for key, relative, item_mode in selected:
-        if key not in data:
-            raise PodSpecError(f"volume refers to key {key!r}, which the object does not have")
-        target = directory / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data[key])
-        chosen = item_mode if item_mode is not None else mode
-        if chosen is not None:
-            target.chmod(chosen)
-
-
-def _materialise(
-    volume: Object,
-    directory: Path,
-    config_maps: Mapping[str, Object],
-    secrets: Mapping[str, Object],
-) -> None:
-    if "configMap" in volume:
-        source = volume["configMap"]
-        config_map = config_maps.get(source["name"])
-        if config_map is None:
-            raise PodSpecError(f"ConfigMap {source['name']} was not provided")
-        data = {k: v.encode() for k, v in (config_map.get("data") or {}).items()}
-        data |= {k: base64.b64decode(v) for k, v in (config_map.get("binaryData") or {}).items()}
-        _write_keys(directory, data, source.get("items"), source.get("defaultMode", 0o644))
-    elif "secret" in volume:
-        source = volume["secret"]
-        secret = secrets.get(source["secretName"])
-        if secret is None:
-            raise PodSpecError(f"Secret {source['secretName']} was not provided")
-        data = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
-        _write_keys(directory, data, source.get("items"), source.get("defaultMode", 0o644))
-    elif "persistentVolumeClaim" in volume or "emptyDir" in volume:
-        directory.mkdir(parents=True, exist_ok=True)
-    else:
-        raise PodSpecError(f"unsupported volume type in {volume}")
-
-
-def _rewrite(text: str, mounts: Mapping[str, Path]) -> str:
-    """Replace container paths by local ones in one pass (a local path may itself start
-    with a mount path, e.g. /tmp). Longest first: /etc/berth/config before /etc/berth."""
-    if not mounts:
-        return text
-    alternatives = "|".join(re.escape(m) for m in sorted(mounts, key=len, reverse=True))
-    pattern = re.compile(rf"(?<![\w./-])({alternatives})(?=/|$|[^\w.-])", re.MULTILINE)
-    return pattern.sub(lambda match: str(mounts[match.group(1)]), text)
+def _read(directory: Path, files: Files) -> Files | None:
+    found: Files = {}
+    for relative, (_, mode) in files.items():
+        try:
+            found[relative] = ((directory / relative).read_bytes(), mode)
+        except OSError:
+            return None
+    return found
 
 
 def _env(
@@ -153,8 +332,14 @@ def start(
     *,
     container_name: str | None = None,
     ready_timeout: float = 30.0,
+    port: int | None = None,
+    services: Mapping[str, str] | None = None,
 ) -> RunningPod:
-    """Start the Deployment's container as a local process; stop() it when done."""
+    """Start the Deployment's container as a local process; stop() it when done.
+
+    `port` fixes the loopback port (so that peers can be told it before it starts);
+    `services` maps in-cluster Service URLs to the loopback URLs standing in for them.
+    """
     pod = deployment["spec"]["template"]["spec"]
     containers = pod["containers"]
     container = next((c for c in containers if container_name in (None, c["name"])), None)
@@ -163,26 +348,29 @@ def start(
     maps, secs = _by_name(config_maps), _by_name(secrets)
 
     volumes_dir = root / "volumes"
-    local: dict[str, Path] = {}
-    for volume in pod.get("volumes") or []:
-        local[volume["name"]] = volumes_dir / volume["name"]
-        _materialise(volume, local[volume["name"]], maps, secs)
-
+    local = {volume["name"]: volumes_dir / volume["name"] for volume in pod.get("volumes") or []}
     mounts: dict[str, Path] = {}
     for mount in container.get("volumeMounts") or []:
         if mount.get("subPath") or mount.get("subPathExpr"):
             raise PodSpecError("subPath mounts are not supported by the runner")
         mounts[mount["mountPath"].rstrip("/")] = local[mount["name"]]
 
-    # What a pod reads from ConfigMaps refers to container paths: point them here.
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    running = RunningPod(
+        url,
+        ManagedProcess(f"pod {deployment['metadata']['name']}", ["true"], root / "pod.log"),
+        root,
+        mounts,
+        [],
+        {},
+        pod=pod,
+        services=dict(services or {}),
+    )
     for volume in pod.get("volumes") or []:
-        if "configMap" in volume:
-            for path in local[volume["name"]].rglob("*"):
-                if path.is_file():
-                    mode = path.stat().st_mode
-                    path.chmod(mode | 0o200)
-                    path.write_text(_rewrite(path.read_text(), mounts))
-                    path.chmod(mode)
+        if _volume_files(volume, maps, secs) is None:
+            local[volume["name"]].mkdir(parents=True, exist_ok=True)
+    running.update(config_maps, secrets)
 
     argv = [*(container.get("command") or []), *(container.get("args") or [])]
     if not argv:
@@ -191,9 +379,7 @@ def start(
     if argv[0] in ("python", "python3"):
         argv[0] = sys.executable
 
-    port = free_port()
     env = {k: _rewrite(v, mounts) for k, v in _env(container, maps, secs).items()}
-    url = f"http://127.0.0.1:{port}"
     env["BERTH_HTTP_ADDR"] = f"127.0.0.1:{port}"
     # The loopback address stands in for the Service's DNS name, as the temp dirs stand
     # in for the mounts: token realms and Location headers must point at where we are.
@@ -211,8 +397,8 @@ def start(
         env=process_env,
         cwd=root,
     )
+    running.process, running.argv, running.env = process, argv, env
     process.start()
-    running = RunningPod(url, process, root, mounts, argv, env)
     try:
         readiness = (container.get("readinessProbe") or {}).get("httpGet") or {}
         liveness = (container.get("livenessProbe") or {}).get("httpGet") or {}
