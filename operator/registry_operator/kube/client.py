@@ -16,6 +16,8 @@ Object = dict[str, Any]
 
 FIELD_MANAGER = "berth"
 APPLY = "application/apply-patch+yaml"  # a JSON body is valid YAML
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 
 class Client:
@@ -86,9 +88,11 @@ class Client:
             return None
 
     def list(
-        self, api_version: str, kind: str, namespace: str, label_selector: str = ""
+        self, api_version: str, kind: str, namespace: str | None, label_selector: str = ""
     ) -> list[Object]:
-        path = resources.lookup(api_version, kind).path(namespace)
+        """Objects of a kind; `namespace` None lists a namespaced kind in all namespaces."""
+        resource = resources.lookup(api_version, kind)
+        path = resource.path(namespace, all_namespaces=namespace is None and resource.namespaced)
         query = [("labelSelector", label_selector)] if label_selector else []
         items = self._call("GET", path, query=query)[1].get("items") or []
         return [dict(item) for item in items]
@@ -103,6 +107,23 @@ class Client:
         path = resources.of(dict(manifest)).path(meta.get("namespace"), meta["name"], subresource)
         query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
         return dict(self._call("PATCH", path, query=query, body=manifest, content_type=APPLY)[1])
+
+    def patch(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        name: str,
+        body: Any,
+        content_type: str = MERGE_PATCH,
+    ) -> Object:
+        """A merge patch (or a JSON patch) of fields another party owns, such as the
+        imagePullSecrets of a ServiceAccount: server-side apply would replace that atomic
+        list as a whole. Put metadata.resourceVersion (or a JSON patch `test`) in the body
+        to make it conditional; a stale one raises errors.Conflict."""
+        path = resources.lookup(api_version, kind).path(namespace, name)
+        query = [("fieldManager", FIELD_MANAGER)]
+        return dict(self._call("PATCH", path, query=query, body=body, content_type=content_type)[1])
 
     def create(self, manifest: Mapping[str, Any]) -> Object:
         """Create; raises errors.Conflict when the object already exists."""

@@ -17,10 +17,18 @@ class Resource:
         return "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
 
     def path(
-        self, namespace: str | None, name: str | None = None, subresource: str | None = None
+        self,
+        namespace: str | None,
+        name: str | None = None,
+        subresource: str | None = None,
+        *,
+        all_namespaces: bool = False,
     ) -> str:
-        scope = f"/namespaces/{namespace}" if self.namespaced else ""
-        if self.namespaced and not namespace:
+        """The URL path; `all_namespaces` lists a namespaced kind across the cluster."""
+        scope = f"/namespaces/{namespace}" if self.namespaced and not all_namespaces else ""
+        if all_namespaces and (name is not None or not self.namespaced):
+            raise ValueError("all_namespaces only lists a namespaced kind")
+        if self.namespaced and not namespace and not all_namespaces:
             raise ValueError(f"{self.kind} is namespaced: a namespace is required")
         path = f"{self.prefix}{scope}/{self.plural}"
         if name is not None:
@@ -33,6 +41,8 @@ class Resource:
 KNOWN = (
     Resource("v1", "ConfigMap", "configmaps"),
     Resource("v1", "Secret", "secrets"),
+    Resource("v1", "ServiceAccount", "serviceaccounts"),
+    Resource("v1", "Namespace", "namespaces", namespaced=False),
     Resource("v1", "Service", "services"),
     Resource("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
     Resource("apps/v1", "Deployment", "deployments"),
