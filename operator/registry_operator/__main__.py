@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import kopf
 
-from registry_operator import credentials, handlers, reconcile, settings
+from registry_operator import access, credentials, fetching, granting, handlers, reconcile, settings
 from registry_operator.handlers import runtime
 from registry_operator.kube import client as kube_client
 
@@ -56,6 +56,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="server image for Registries that set no spec.image",
     )
     parser.add_argument(
+        "--replication-poll-seconds",
+        type=float,
+        default=float(env("BERTH_REPLICATION_POLL_SECONDS", "15")),
+        help="how often the replication status of Registries with peers is read",
+    )
+    parser.add_argument(
+        "--credential-propagation-seconds",
+        type=float,
+        default=float(env("BERTH_CREDENTIAL_PROPAGATION_SECONDS", "120")),
+        help=(
+            "during a rotation, how long to wait before handing out a new credential when "
+            "the registry server cannot be asked whether it has it"
+        ),
+    )
+    parser.add_argument(
+        "--endpoint-overrides",
+        default=env("BERTH_ENDPOINT_OVERRIDES") or None,
+        help=(
+            'JSON file mapping "namespace/name" of a Registry to the URL the operator '
+            "reaches its server at (default: the Service's cluster DNS name)"
+        ),
+    )
+    parser.add_argument(
         "--log-format",
         choices=["full", "plain", "json"],
         default=env("BERTH_OPERATOR_LOG_FORMAT", "full"),
@@ -77,18 +100,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_format=kopf.LogFormat[args.log_format.upper()],
         log_prefix=True,
     )
+    if not args.verbose:
+        settings.quiet_event_handlers()
     registry = kopf.OperatorRegistry()
-    handlers.register(registry, resync_seconds=args.resync_seconds)
-    kube = kube_client.Client.connect()
-    memo = kopf.Memo(
-        berth=runtime.Runtime(
-            kube=kube,
-            peering=None if args.standalone else args.peering,
-            options=reconcile.Options(
-                image=args.registry_image, generators=credentials.Generators()
-            ),
-        )
+    handlers.register(
+        registry,
+        resync_seconds=args.resync_seconds,
+        replication_poll_seconds=args.replication_poll_seconds,
     )
+    kube = kube_client.Client.connect()
+    state = runtime.Runtime(
+        kube=kube,
+        peering=None if args.standalone else args.peering,
+        options=reconcile.Options(image=args.registry_image, generators=credentials.Generators()),
+        endpoints=fetching.Endpoints(args.endpoint_overrides),
+    )
+    state.access_options = granting.Options(
+        settings=access.Settings(propagation=args.credential_propagation_seconds),
+        prober=state.probe,
+    )
+    memo = kopf.Memo(berth=state)
     # Equal priorities make every replica pause, so each replica draws its own.
     priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
     try:

@@ -1,4 +1,4 @@
-"""Typed, frozen views of a `Registry` custom resource. Pure: no I/O here.
+"""Typed, frozen views of the `Registry` and `Repository` custom resources. Pure: no I/O.
 
 The API server already enforces the CRD schema and CEL rules; parsing checks again so a
 body that slipped past them (an old CRD, a hand-made test body) fails with a clear
@@ -17,6 +17,10 @@ from registry_operator import API_VERSION
 
 KIND = "Registry"
 PLURAL = "registries"
+REPOSITORY_KIND = "Repository"
+REPOSITORY_PLURAL = "repositories"
+ROTATE_ANNOTATION = "berth.dev/rotate"
+DEFAULT_ROTATION_OVERLAP = 600.0  # seconds an old credential stays valid after a rotation
 DEFAULT_IMAGE_REPOSITORY = "ghcr.io/berth-dev/berth"
 DEFAULT_PVC_SIZE = "10Gi"
 DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
@@ -30,6 +34,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _QUANTITY = re.compile(
     r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
 )
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -99,6 +104,26 @@ class Ingress:
         return f"{'https' if self.tls else 'http'}://{self.host}"
 
 
+PEER_KINDS = ("berth", "oci")
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistryRef:
+    name: str
+    namespace: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """A replication peer: a Registry of this cluster, or a URL with a credentials Secret."""
+
+    name: str
+    kind: str = "berth"
+    registry: RegistryRef | None = None
+    url: str | None = None
+    credentials_secret: str | None = None  # keys `username` and `password`
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     image: str
@@ -112,6 +137,7 @@ class Spec:
     log_level: str = "info"
     storage: Storage = dataclasses.field(default_factory=PvcStorage)
     ingress: Ingress | None = None
+    peers: tuple[Peer, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +157,9 @@ def parse_registry(body: Mapping[str, Any], *, image: str | None = None) -> Regi
         uid=_str(meta.get("uid", ""), "metadata.uid"),
     )
     generation = meta.get("generation", 0)
-    spec = parse_spec(_mapping(body.get("spec", {}), "spec"), image=image)
+    spec = parse_spec(
+        _mapping(body.get("spec", {}), "spec"), image=image, namespace=owner.namespace
+    )
     return Registry(
         owner=owner,
         generation=int(generation),
@@ -140,8 +168,9 @@ def parse_registry(body: Mapping[str, Any], *, image: str | None = None) -> Regi
     )
 
 
-def parse_spec(raw: Mapping[str, Any], *, image: str | None = None) -> Spec:
-    """Parse `.spec`; `image` replaces the default server image (tests pin it)."""
+def parse_spec(raw: Mapping[str, Any], *, image: str | None = None, namespace: str = "") -> Spec:
+    """Parse `.spec`; `image` replaces the default server image (tests pin it) and
+    `namespace` is where a peer's registryRef without a namespace points."""
     replicas = raw.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         raise InvalidSpec("spec.replicas", "must be a non-negative integer")
@@ -153,6 +182,9 @@ def parse_spec(raw: Mapping[str, Any], *, image: str | None = None) -> Spec:
             "replicas > 1 requires shared storage (storage.pvc with accessModes ReadWriteMany)",
         )
     region = raw.get("region")
+    peers = _peers(raw.get("replication"), namespace)
+    if peers and region is None:
+        raise InvalidSpec("spec.region", "is required when spec.replication.peers are set")
     return Spec(
         image=_str(raw.get("image") or image or default_image(), "spec.image"),
         region=None if region is None else _str(region, "spec.region"),
@@ -171,7 +203,56 @@ def parse_spec(raw: Mapping[str, Any], *, image: str | None = None) -> Spec:
         log_level=_choice(raw.get("logLevel", "info"), LOG_LEVELS, "spec.logLevel"),
         storage=storage,
         ingress=_ingress(raw.get("ingress")),
+        peers=peers,
     )
+
+
+def _peers(raw: Any, namespace: str) -> tuple[Peer, ...]:
+    if raw is None:
+        return ()
+    data = _mapping(raw, "spec.replication")
+    peers = []
+    for i, item in enumerate(_list(data.get("peers", []), "spec.replication.peers")):
+        where = f"spec.replication.peers[{i}]"
+        entry = _mapping(item, where)
+        name = _str(entry.get("name"), f"{where}.name")
+        if not _DNS_LABEL.match(name):
+            raise InvalidSpec(f"{where}.name", f"{name!r} is not a DNS label")
+        kind = _choice(entry.get("kind", "berth"), PEER_KINDS, f"{where}.kind")
+        url, ref = entry.get("url"), entry.get("registryRef")
+        if (url is None) == (ref is None):
+            raise InvalidSpec(where, "a peer needs exactly one of url or registryRef")
+        if ref is not None:
+            ref_map = _mapping(ref, f"{where}.registryRef")
+            if kind != "berth":
+                raise InvalidSpec(f"{where}.kind", "a peer given by registryRef is a Berth peer")
+            peers.append(
+                Peer(
+                    name=name,
+                    registry=RegistryRef(
+                        name=_str(ref_map.get("name"), f"{where}.registryRef.name"),
+                        namespace=_str(
+                            ref_map.get("namespace") or namespace, f"{where}.registryRef.namespace"
+                        ),
+                    ),
+                )
+            )
+            continue
+        url = _str(url, f"{where}.url")
+        if not url.startswith(("http://", "https://")):
+            raise InvalidSpec(f"{where}.url", "must start with http:// or https://")
+        secret = _mapping(entry.get("credentialsSecretRef"), f"{where}.credentialsSecretRef")
+        peers.append(
+            Peer(
+                name=name,
+                kind=kind,
+                url=url.rstrip("/"),
+                credentials_secret=_str(secret.get("name"), f"{where}.credentialsSecretRef.name"),
+            )
+        )
+    if len({p.name for p in peers}) != len(peers):
+        raise InvalidSpec("spec.replication.peers", "peer names must be unique")
+    return tuple(peers)
 
 
 def _storage(raw: Mapping[str, Any]) -> Storage:
@@ -284,3 +365,203 @@ def _list(value: Any, field: str) -> list[Any]:
     if not isinstance(value, list | tuple):
         raise InvalidSpec(field, "must be a list")
     return list(value)
+
+
+# --- Repository --------------------------------------------------------------------------
+
+VISIBILITIES = ("private", "public")
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+# The OCI distribution-spec repository name grammar (the CRD checks it too).
+_REPOSITORY_PATH = re.compile(
+    r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$"
+)
+_DURATION = re.compile(r"^(?:[0-9]+(?:\.[0-9]+)?[hms])+$")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([hms])")
+_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(value: Any, field: str) -> float:
+    """Seconds from a duration such as 720h, 1h30m or 45s (Go's format, h/m/s only)."""
+    text = _str(value, field)
+    if not _DURATION.match(text):
+        raise InvalidSpec(field, f"{text!r} is not a duration such as 720h, 10m or 45s")
+    return sum(float(n) * _SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+    key: str
+    operator: str
+    values: tuple[str, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        if self.operator == "In":
+            return self.key in labels and labels[self.key] in self.values
+        return self.key not in labels or labels[self.key] not in self.values  # NotIn
+
+
+@dataclasses.dataclass(frozen=True)
+class Selector:
+    """A Kubernetes label selector; like Kubernetes, an empty one matches everything."""
+
+    match_labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    expressions: tuple[Requirement, ...] = ()
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.match_labels.items()) and all(
+            r.matches(labels) for r in self.expressions
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Access:
+    """Namespaces granted pull (or push), the Secret name and the ServiceAccounts."""
+
+    namespaces: tuple[str, ...] = ()
+    selector: Selector | None = None
+    service_accounts: tuple[str, ...] = ()
+    secret_name: str | None = None
+
+    def covers(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        if namespace in self.namespaces:
+            return True
+        return self.selector is not None and self.selector.matches(labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Retention:
+    keep_last: int | None = None
+    protect: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotation:
+    interval: float | None = None  # seconds between automatic rotations; None = never
+    overlap: float = DEFAULT_ROTATION_OVERLAP  # how long the old credential stays valid
+
+
+@dataclasses.dataclass(frozen=True)
+class Repository:
+    owner: Owner
+    generation: int
+    created: str  # metadata.creationTimestamp: the older of two claims keeps a path
+    registry: str
+    path: str
+    visibility: str = "private"
+    pull: Access | None = None
+    push: Access | None = None  # the Repository's own namespace is always granted push
+    retention: Retention | None = None
+    immutable_tags: tuple[str, ...] = ()
+    rotation: Rotation = dataclasses.field(default_factory=Rotation)
+    rotate_request: str | None = None  # the berth.dev/rotate annotation
+
+    @property
+    def age_key(self) -> tuple[str, str]:
+        """Orders claims of one path: the older wins, the name breaks a tie."""
+        return (self.created, self.owner.name)
+
+
+def parse_repository(body: Mapping[str, Any]) -> Repository:
+    meta = _mapping(body.get("metadata"), "metadata")
+    owner = Owner(
+        name=_str(meta.get("name"), "metadata.name"),
+        namespace=_str(meta.get("namespace"), "metadata.namespace"),
+        uid=_str(meta.get("uid", ""), "metadata.uid"),
+        kind=REPOSITORY_KIND,
+    )
+    raw = _mapping(body.get("spec", {}), "spec")
+    ref = _mapping(raw.get("registryRef"), "spec.registryRef")
+    path = _str(raw.get("path"), "spec.path")
+    if len(path) > 255 or not _REPOSITORY_PATH.match(path):
+        raise InvalidSpec("spec.path", f"{path!r} is not an OCI repository name")
+    retention = None
+    if raw.get("retention") is not None:
+        data = _mapping(raw["retention"], "spec.retention")
+        keep = data.get("keepLast")
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+            raise InvalidSpec("spec.retention.keepLast", "must be a positive integer")
+        retention = Retention(
+            keep_last=keep,
+            protect=_strings(data.get("protect", []), "spec.retention.protect"),
+        )
+    rotation = Rotation()
+    if raw.get("rotation") is not None:
+        data = _mapping(raw["rotation"], "spec.rotation")
+        rotation = Rotation(
+            interval=None
+            if data.get("interval") is None
+            else parse_duration(data["interval"], "spec.rotation.interval"),
+            overlap=DEFAULT_ROTATION_OVERLAP
+            if data.get("overlap") is None
+            else parse_duration(data["overlap"], "spec.rotation.overlap"),
+        )
+    annotations = _mapping(meta.get("annotations") or {}, "metadata.annotations")
+    request = annotations.get(ROTATE_ANNOTATION)
+    return Repository(
+        owner=owner,
+        generation=int(meta.get("generation", 0)),
+        created=str(meta.get("creationTimestamp", "")),
+        registry=_str(ref.get("name"), "spec.registryRef.name"),
+        path=path,
+        visibility=_choice(raw.get("visibility", "private"), VISIBILITIES, "spec.visibility"),
+        pull=_access(raw.get("pullAccess"), "spec.pullAccess"),
+        push=_access(raw.get("pushAccess"), "spec.pushAccess"),
+        retention=retention,
+        immutable_tags=_strings(raw.get("immutableTags", []), "spec.immutableTags"),
+        rotation=rotation,
+        rotate_request=None if request is None else str(request),
+    )
+
+
+def _access(raw: Any, field: str) -> Access | None:
+    if raw is None:
+        return None
+    data = _mapping(raw, field)
+    namespaces = _strings(data.get("namespaces", []), f"{field}.namespaces")
+    for namespace in namespaces:
+        if not _DNS_LABEL.match(namespace):
+            raise InvalidSpec(f"{field}.namespaces", f"{namespace!r} is not a namespace name")
+    selector = None
+    if data.get("namespaceSelector") is not None:
+        selector = _selector(data["namespaceSelector"], f"{field}.namespaceSelector")
+    secret_name = data.get("secretName")
+    if secret_name is not None and not _DNS_NAME.match(_str(secret_name, f"{field}.secretName")):
+        raise InvalidSpec(f"{field}.secretName", f"{secret_name!r} cannot name a Secret")
+    return Access(
+        namespaces=tuple(sorted(set(namespaces))),
+        selector=selector,
+        service_accounts=tuple(
+            sorted(set(_strings(data.get("serviceAccounts", []), f"{field}.serviceAccounts")))
+        ),
+        secret_name=secret_name,
+    )
+
+
+def _selector(raw: Any, field: str) -> Selector:
+    data = _mapping(raw, field)
+    labels = _mapping(data.get("matchLabels") or {}, f"{field}.matchLabels")
+    expressions = []
+    for i, item in enumerate(_list(data.get("matchExpressions", []), f"{field}.matchExpressions")):
+        where = f"{field}.matchExpressions[{i}]"
+        entry = _mapping(item, where)
+        operator = _choice(entry.get("operator"), SELECTOR_OPERATORS, f"{where}.operator")
+        values = _strings(entry.get("values", []), f"{where}.values")
+        if operator in ("In", "NotIn") and not values:
+            raise InvalidSpec(f"{where}.values", f"must not be empty for {operator}")
+        if operator in ("Exists", "DoesNotExist") and values:
+            raise InvalidSpec(f"{where}.values", f"must be empty for {operator}")
+        expressions.append(
+            Requirement(_str(entry.get("key"), f"{where}.key"), operator, tuple(values))
+        )
+    return Selector(
+        match_labels={_str(k, f"{field}.matchLabels"): str(v) for k, v in sorted(labels.items())},
+        expressions=tuple(expressions),
+    )
+
+
+def _strings(value: Any, field: str) -> tuple[str, ...]:
+    return tuple(_str(item, f"{field}[]") for item in _list(value, field))

@@ -14,14 +14,20 @@ import datetime
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from registry_operator import API_VERSION, credentials, models, rendering, status
+from registry_operator import API_VERSION, credentials, models, rendering, robots, status
 from registry_operator.kube import client as kube_client
 from registry_operator.kube import errors
-from registry_operator.rendering import names
+from registry_operator.rendering import manifests, names
 
 # Kinds that exist only for some specs and are deleted when the spec drops them.
 # PersistentVolumeClaims are deliberately absent: data is never deleted implicitly.
-PRUNABLE = (("networking.k8s.io/v1", "Ingress", names.ingress),)
+PRUNABLE = (
+    ("networking.k8s.io/v1", "Ingress", names.ingress),
+    ("v1", "Secret", names.replication_secret),
+)
+
+# What another reconcile should run after this one: ("registry" | "access", namespace, name).
+Wake = tuple[str, str, str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +47,7 @@ class Outcome:
     failure: status.Failure | None = None  # set when retrying cannot help
     # (kind, name) -> resourceVersion of each child as our apply left it.
     written: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    wake: tuple[Wake, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +60,13 @@ class Options:
 
 
 def reconcile(
-    kube: kube_client.Client, namespace: str, name: str, options: Options | None = None
+    kube: kube_client.Client,
+    namespace: str,
+    name: str,
+    options: Options | None = None,
+    replication: status.ReplicationObservation | None = None,
 ) -> Outcome:
+    """`replication` is the last answer of the server's replication status endpoint."""
     options = options or Options()
     body = kube.find(API_VERSION, models.KIND, namespace, name)
     if body is None:
@@ -75,10 +87,13 @@ def reconcile(
 
     events: list[Event] = []
     drift = previous.get("observedGeneration") == registry.generation
-    applied, failure = _apply_children(kube, registry, drift, events, options)
+    wired, peers, wake = _resolve_peers(kube, registry)
+    applied, failure = _apply_children(kube, registry, wired, drift, events, options)
     _prune(kube, registry, applied, events)
+    owner = registry.owner
     observed = status.Observed(
-        deployment=applied.get("Deployment"), pvc=applied.get("PersistentVolumeClaim")
+        deployment=applied.get(("Deployment", names.deployment(owner.name))),
+        pvc=applied.get(("PersistentVolumeClaim", names.pvc(owner.name))),
     )
     new_status = status.build(
         registry.owner,
@@ -88,25 +103,135 @@ def reconcile(
         previous,
         options.now(),
         failure,
+        peers=peers,
+        replication=replication,
     )
     _write_status(kube, namespace, name, previous, new_status)
     events.extend(_transition_events(previous, new_status))
     written = {
         (kind, obj["metadata"]["name"]): str(obj["metadata"].get("resourceVersion", ""))
-        for kind, obj in applied.items()
+        for (kind, _), obj in applied.items()
     }
     return Outcome(
-        ref=ref, events=tuple(events), new_status=new_status, failure=failure, written=written
+        ref=ref,
+        events=tuple(events),
+        new_status=new_status,
+        failure=failure,
+        written=written,
+        wake=tuple(wake),
     )
+
+
+def _resolve_peers(
+    kube: kube_client.Client, registry: models.Registry
+) -> tuple[manifests.Replication, list[status.PeerState], list[Wake]]:
+    """Which peers can be written into the server config, and why the others cannot.
+
+    A same-cluster peer is wired only when both Registries list each other (so that
+    nobody gets write access to a registry by naming it) and the peer's access reconcile
+    has made the account this registry replicates into it with.
+    """
+    owner = registry.owner
+    wired: list[manifests.WiredPeer] = []
+    passwords: dict[str, str] = {}
+    states: list[status.PeerState] = []
+    wake: list[Wake] = []
+    for peer in registry.spec.peers:
+        if peer.registry is not None:
+            ref = peer.registry
+            url = names.in_cluster_url(ref.name, ref.namespace)
+            body = kube.find(API_VERSION, models.KIND, ref.namespace, ref.name)
+            if body is None:
+                states.append(
+                    status.PeerState(
+                        peer.name,
+                        url,
+                        "PeerNotFound",
+                        f"Registry {ref.namespace}/{ref.name} does not exist",
+                    )
+                )
+                continue
+            try:
+                other = models.parse_registry(body)
+            except models.InvalidSpec as exc:
+                states.append(status.PeerState(peer.name, url, "PeerInvalid", str(exc)))
+                continue
+            me = models.RegistryRef(owner.name, owner.namespace)
+            if not any(p.registry == me for p in other.spec.peers):
+                states.append(
+                    status.PeerState(
+                        peer.name,
+                        url,
+                        "NotMutual",
+                        f"Registry {ref.namespace}/{ref.name} does not list this Registry "
+                        "as a peer; both must",
+                    )
+                )
+                continue
+            secret = kube.find("v1", "Secret", ref.namespace, names.robots_secret(ref.name))
+            data = credentials.decode_secret_data((secret or {}).get("data"))
+            key = robots.peer_key(owner.namespace, owner.name)
+            account = robots.load(key, data[key]) if key in data else None
+            if account is None:
+                wake.append(("access", ref.namespace, ref.name))
+                states.append(
+                    status.PeerState(
+                        peer.name,
+                        url,
+                        "WaitingForCredentials",
+                        f"waiting for Registry {ref.namespace}/{ref.name} to create the "
+                        "account this one replicates with",
+                    )
+                )
+                continue
+            passwords[peer.name] = account.current.password
+            wired.append(
+                manifests.WiredPeer(
+                    name=peer.name,
+                    url=url,
+                    kind="berth",
+                    username=account.current.name,
+                    secret=names.replication_secret(owner.name),
+                    key=peer.name,
+                )
+            )
+            states.append(status.PeerState(peer.name, url, ""))
+            continue
+        assert peer.url is not None and peer.credentials_secret is not None
+        secret = kube.find("v1", "Secret", owner.namespace, peer.credentials_secret)
+        data = credentials.decode_secret_data((secret or {}).get("data"))
+        if secret is None or not data.get("username") or not data.get("password"):
+            states.append(
+                status.PeerState(
+                    peer.name,
+                    peer.url,
+                    "CredentialsMissing",
+                    f"Secret {peer.credentials_secret} needs the keys username and password",
+                )
+            )
+            continue
+        wired.append(
+            manifests.WiredPeer(
+                name=peer.name,
+                url=peer.url,
+                kind=peer.kind,
+                username=data["username"],
+                secret=peer.credentials_secret,
+                key="password",
+            )
+        )
+        states.append(status.PeerState(peer.name, peer.url, ""))
+    return manifests.Replication(tuple(wired), passwords), states, wake
 
 
 def _apply_children(
     kube: kube_client.Client,
     registry: models.Registry,
+    replication: manifests.Replication,
     drift: bool,
     events: list[Event],
     options: Options,
-) -> tuple[dict[str, dict[str, Any]], status.Failure | None]:
+) -> tuple[dict[tuple[str, str], dict[str, Any]], status.Failure | None]:
     owner = registry.owner
     secret = kube.find("v1", "Secret", owner.namespace, names.secret(owner.name))
     creds, generated = credentials.load_or_generate(
@@ -120,13 +245,13 @@ def _apply_children(
                 f"generated {', '.join(generated)} in Secret {names.secret(owner.name)}",
             )
         )
-    applied: dict[str, dict[str, Any]] = {}
+    applied: dict[tuple[str, str], dict[str, Any]] = {}
     failure = None
-    for manifest in rendering.render(registry.spec, owner, creds):
+    for manifest in rendering.render(registry.spec, owner, creds, replication):
         kind, child = manifest["kind"], manifest["metadata"]["name"]
         before = (
             secret
-            if kind == "Secret"
+            if (kind, child) == ("Secret", names.secret(owner.name))
             else kube.find(manifest["apiVersion"], kind, owner.namespace, child)
         )
         try:
@@ -136,7 +261,7 @@ def _apply_children(
             # stop the others from converging.
             failure = status.Failure("ApplyRejected", f"{kind} {child}: {exc.message}")
             continue
-        applied[kind] = after
+        applied[(kind, child)] = after
         events.extend(_change_events(kind, child, before, after, manifest, drift))
     return applied, failure
 
@@ -181,14 +306,14 @@ def _contains(actual: Any, desired: Any) -> bool:
 def _prune(
     kube: kube_client.Client,
     registry: models.Registry,
-    applied: Mapping[str, Any],
+    applied: Mapping[tuple[str, str], Any],
     events: list[Event],
 ) -> None:
     owner = registry.owner
     for api_version, kind, name_of in PRUNABLE:
-        if kind in applied:
-            continue
         name = name_of(owner.name)
+        if (kind, name) in applied:
+            continue
         found = kube.find(api_version, kind, owner.namespace, name)
         labels = ((found or {}).get("metadata") or {}).get("labels") or {}
         if found is not None and labels.get(names.REGISTRY_LABEL) == owner.name:

@@ -46,3 +46,21 @@ def build(options: Options = Options()) -> kopf.OperatorSettings:
     settings.posting.reporting_component = "berth-operator"
     settings.posting.event_name_prefix = "berth-"
     return settings
+
+
+# Event handlers only pass a watch event on to a reconcile (which logs what matters);
+# their "succeeded" lines would be one per namespace, Secret or Deployment change.
+QUIET_HANDLERS = ("Handler 'namespace'", "Handler 'repository'", "Handler 'child-")
+
+
+class _QuietEventHandlers(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        message = record.getMessage()
+        return not (message.startswith(QUIET_HANDLERS) and message.endswith(" succeeded."))
+
+
+def quiet_event_handlers(logger: logging.Logger | None = None) -> None:
+    """Drop the per-event success lines of the watch-only handlers from Kopf's log."""
+    (logger or logging.getLogger("kopf.objects")).addFilter(_QuietEventHandlers())

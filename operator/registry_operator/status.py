@@ -8,6 +8,7 @@ when `status` flips) and the `observedGeneration` they were computed for.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,9 @@ READY = "Ready"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 STORAGE_READY = "StorageReady"
+REPLICATION_HEALTHY = "ReplicationHealthy"
+# A peer whose oldest undelivered change is older than this is lagging.
+LAG_THRESHOLD_SECONDS = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,112 @@ class Observed:
 
     deployment: Mapping[str, Any] | None = None
     pvc: Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerState:
+    """How the operator wired one peer; `reason` is empty when it is in the config."""
+
+    name: str
+    url: str
+    reason: str = ""
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicationObservation:
+    """The last answer of the server's GET /berth/v1/replication/status, or why none came."""
+
+    payload: Mapping[str, Any] | None = None
+    error: str | None = None
+
+
+def _time(value: Any) -> str | None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    return datetime.datetime.fromtimestamp(int(value), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def replication_status(
+    region: str | None,
+    peers: Sequence[PeerState],
+    observation: ReplicationObservation | None,
+) -> tuple[dict[str, Any], Condition]:
+    """`.status.replication` and the ReplicationHealthy condition."""
+    reported: dict[str, Mapping[str, Any]] = {}
+    payload = observation.payload if observation is not None else None
+    for item in (payload or {}).get("peers") or []:
+        if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            reported[item["name"]] = item
+    rows: list[dict[str, Any]] = []
+    errors: list[str] = []
+    lagging: list[str] = []
+    for peer in peers:
+        row: dict[str, Any] = {"name": peer.name, "url": peer.url, "wired": not peer.reason}
+        if peer.reason:
+            row["reason"] = peer.reason
+            row["message"] = peer.message
+        found = reported.get(peer.name)
+        if found is not None:
+            lag = float(found.get("lag_seconds") or 0.0)
+            row.update(
+                {
+                    "queueDepth": int(found.get("queue_depth") or 0),
+                    "lagSeconds": round(lag, 3),
+                    "delivered": int(found.get("delivered") or 0),
+                    "antiEntropyRepaired": int(found.get("anti_entropy_repaired") or 0),
+                }
+            )
+            for key, field in (
+                ("last_success", "lastSuccessTime"),
+                ("last_error_at", "lastErrorTime"),
+                ("anti_entropy_last_run", "antiEntropyLastRunTime"),
+            ):
+                stamp = _time(found.get(key))
+                if stamp is not None:
+                    row[field] = stamp
+            success, failed = found.get("last_success"), found.get("last_error_at")
+            if found.get("last_error") and (
+                not isinstance(success, int | float)
+                or (isinstance(failed, int | float) and failed > success)
+            ):
+                row["lastError"] = str(found["last_error"])
+                errors.append(f"{peer.name}: {found['last_error']}")
+            if lag > LAG_THRESHOLD_SECONDS:
+                lagging.append(f"{peer.name} {lag:.0f}s behind")
+        rows.append(row)
+    summary: dict[str, Any] = {"peers": rows}
+    if region is not None:
+        summary["region"] = region
+    unwired = [p for p in peers if p.reason]
+    if unwired:
+        condition = Condition(
+            REPLICATION_HEALTHY,
+            "False",
+            unwired[0].reason,
+            "; ".join(f"{p.name}: {p.message}" for p in unwired),
+        )
+    elif observation is None:
+        condition = Condition(
+            REPLICATION_HEALTHY, "Unknown", "StatusPending", "replication status not read yet"
+        )
+    elif payload is None:
+        condition = Condition(
+            REPLICATION_HEALTHY, "Unknown", "StatusUnavailable", observation.error or ""
+        )
+    elif errors:
+        condition = Condition(REPLICATION_HEALTHY, "False", "PeerErrors", "; ".join(errors))
+    elif lagging:
+        condition = Condition(REPLICATION_HEALTHY, "False", "Lagging", "; ".join(lagging))
+    else:
+        depth = sum(int(r.get("queueDepth", 0)) for r in rows)
+        condition = Condition(
+            REPLICATION_HEALTHY,
+            "True",
+            "Replicating",
+            f"{len(rows)} peers, {depth} changes queued",
+        )
+    return summary, condition
 
 
 def _conditions_by_type(obj: Mapping[str, Any] | None) -> dict[str, Mapping[str, Any]]:
@@ -184,20 +294,30 @@ def build(
     previous: Mapping[str, Any],
     now: str,
     failure: Failure | None = None,
+    *,
+    peers: Sequence[PeerState] = (),
+    replication: ReplicationObservation | None = None,
 ) -> dict[str, Any]:
     """The whole `.status` of a Registry; `spec` is None when it could not be parsed."""
     deployment_status = (observed.deployment or {}).get("status") or {}
+    found = conditions(spec, observed, failure)
+    summary = None
+    if spec is not None and spec.peers:
+        summary, healthy = replication_status(spec.region, peers, replication)
+        found.append(healthy)
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "endpoint": names.in_cluster_url(owner.name, owner.namespace),
         "readyReplicas": int(deployment_status.get("readyReplicas", 0)),
         "conditions": render_conditions(
-            conditions(spec, observed, failure),
+            found,
             previous.get("conditions") or [],
             generation,
             now,
         ),
     }
+    if summary is not None:
+        status["replication"] = summary
     if spec is not None and spec.ingress is not None:
         status["externalEndpoint"] = spec.ingress.url
     return status

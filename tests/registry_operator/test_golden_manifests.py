@@ -6,6 +6,7 @@ and review the diff of tests/registry_operator/golden/ like any other code chang
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,51 @@ CASES: dict[str, dict[str, Any]] = {
         }
     },
     "ingress-plain": {"ingress": {"host": "registry.internal"}},
+    # One peer in this cluster (its password kept by the operator), one elsewhere.
+    "replication": {
+        "region": "eu-west",
+        "storage": {"emptyDir": {}},
+        "replication": {
+            "peers": [
+                {"name": "us-east", "registryRef": {"name": "main", "namespace": "us"}},
+                {
+                    "name": "ap",
+                    "url": "https://registry.ap.example.com",
+                    "credentialsSecretRef": {"name": "ap-replicator"},
+                },
+                {
+                    "name": "mirror",
+                    "kind": "oci",
+                    "url": "https://mirror.example.com",
+                    "credentialsSecretRef": {"name": "mirror-creds"},
+                },
+            ]
+        },
+    },
 }
+# What the operator resolved for the peers of a case (see reconcile._resolve_peers).
+REPLICATION = {
+    "replication": manifests.Replication(
+        peers=(
+            manifests.WiredPeer(
+                "us-east", "http://main.us.svc:5000", "berth", "peer.registries.main.1",
+                "main-replication", "us-east",
+            ),
+            manifests.WiredPeer(
+                "ap", "https://registry.ap.example.com", "berth", "replicator",
+                "ap-replicator", "password",
+            ),
+        ),
+        passwords={"us-east": "peer-password-golden"},
+    )
+}  # fmt: skip
 
 
-def _render(raw_spec: dict[str, Any]) -> list[rendering.Manifest]:
-    spec = models.parse_spec(raw_spec, image=IMAGE)
-    return rendering.render(spec, OWNER, CREDENTIALS)
+def _render(raw_spec: dict[str, Any], case: str = "") -> list[rendering.Manifest]:
+    spec = models.parse_spec(raw_spec, image=IMAGE, namespace=OWNER.namespace)
+    return rendering.render(
+        spec, OWNER, CREDENTIALS, REPLICATION.get(case, manifests.Replication())
+    )
 
 
 class _Dumper(yaml.SafeDumper):
@@ -87,7 +127,7 @@ def _dump(documents: list[rendering.Manifest]) -> str:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden(case: str) -> None:
-    text = _dump(_render(CASES[case]))
+    text = _dump(_render(CASES[case], case))
     path = GOLDEN / f"{case}.yaml"
     if UPDATE:
         path.write_text(text)
@@ -183,7 +223,7 @@ def test_server_config_is_the_documented_format() -> None:
             "service": "main.registries.svc:5000",
             "issuer": "berth",
             "htpasswd": "/etc/berth/auth/htpasswd",
-            "policy": "/etc/berth/auth/policy.yaml",
+            "policy": "/etc/berth/policy/policy.yaml",
             "signing_key": "/etc/berth/auth/token.key",
             "token_ttl_seconds": 300,
         },
@@ -201,11 +241,20 @@ def test_pod_mounts_what_the_config_refers_to() -> None:
     assert container["command"][-1] == f"{mounts['config']}/config.yaml"
     assert volumes["config"]["configMap"]["name"] == children["ConfigMap"]["metadata"]["name"]
     secret_items = {i["path"] for i in volumes["auth"]["secret"]["items"]}
-    for key in ("htpasswd", "policy", "signing_key"):
+    for key in ("htpasswd", "signing_key"):
         directory, _, filename = config["auth"][key].rpartition("/")
         assert directory == mounts["auth"]
         assert filename in secret_items
         assert filename in children["Secret"]["data"]
+    # The policy comes from the Repositories, in a Secret of its own: changing it must
+    # not roll the pods (the server reloads it).
+    directory, _, filename = config["auth"]["policy"].rpartition("/")
+    assert directory == mounts["policy"]
+    assert volumes["policy"]["secret"] == {
+        "secretName": "main-policy",
+        "items": [{"key": filename, "path": filename}],
+        "defaultMode": 0o440,
+    }
     assert config["storage"]["root"] == mounts["data"]
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "main-data"
     # The plain passwords are in the Secret for admins, not in the pod.
@@ -227,3 +276,64 @@ def test_pod_security() -> None:
     }
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_replication_peers_are_in_the_config_with_password_files() -> None:
+    children = _render(CASES["replication"], "replication")
+    kinds = {(d["kind"], d["metadata"]["name"]): d for d in children}
+    config = yaml.safe_load(kinds[("ConfigMap", "main-config")]["data"]["config.yaml"])
+    assert config["replication"] == {
+        "region": "eu-west",
+        "peers": [
+            {
+                "name": "us-east",
+                "url": "http://main.us.svc:5000",
+                "kind": "berth",
+                "username": "peer.registries.main.1",
+                "password_file": "/etc/berth/replication/us-east",
+            },
+            {
+                "name": "ap",
+                "url": "https://registry.ap.example.com",
+                "kind": "berth",
+                "username": "replicator",
+                "password_file": "/etc/berth/replication/ap",
+            },
+        ],
+    }
+    # Passwords are files from Secrets, never inline in the ConfigMap.
+    assert "password:" not in kinds[("ConfigMap", "main-config")]["data"]["config.yaml"]
+    secret = kinds[("Secret", "main-replication")]
+    assert base64.b64decode(secret["data"]["us-east"]).decode() == "peer-password-golden"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    pod = kinds[("Deployment", "main")]["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "replication")
+    assert volume["projected"]["sources"] == [
+        {"secret": {"name": "main-replication", "items": [{"key": "us-east", "path": "us-east"}]}},
+        {"secret": {"name": "ap-replicator", "items": [{"key": "password", "path": "ap"}]}},
+    ]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "replication")
+    assert mount["mountPath"] == "/etc/berth/replication"
+
+
+def test_no_peers_no_replication_section_nor_volume() -> None:
+    children = _by_kind(_render({"region": "eu"}))
+    config = yaml.safe_load(children["ConfigMap"]["data"]["config.yaml"])
+    assert "replication" not in config
+    volumes = children["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    assert "replication" not in {v["name"] for v in volumes}
+
+
+def test_peer_checksum_ignores_passwords() -> None:
+    """The server reads peer password files on every use: a new one needs no restart."""
+
+    def checksum(password: str) -> str:
+        replication = manifests.Replication(
+            REPLICATION["replication"].peers, passwords={"us-east": password}
+        )
+        spec = models.parse_spec(CASES["replication"], image=IMAGE, namespace=OWNER.namespace)
+        deployment = _by_kind(rendering.render(spec, OWNER, CREDENTIALS, replication))
+        annotations = deployment["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+        return str(annotations[names.CHECKSUM_ANNOTATION])
+
+    assert checksum("one") == checksum("two")

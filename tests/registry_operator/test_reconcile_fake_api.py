@@ -6,69 +6,13 @@ the decisions: what is applied, which events are told, what the status says.
 
 from __future__ import annotations
 
-import copy
 import itertools
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
 from registry_operator import credentials, reconcile
-from registry_operator.kube import errors
-
-Key = tuple[str, str, str]
-
-
-class FakeKube:
-    """Just enough of the API: objects by (kind, namespace, name), resourceVersions."""
-
-    def __init__(self) -> None:
-        self.objects: dict[Key, dict[str, Any]] = {}
-        self.reject: dict[str, str] = {}
-        self.applied: list[str] = []
-        self._versions = itertools.count(1)
-
-    def put(self, obj: dict[str, Any]) -> None:
-        meta = obj["metadata"]
-        meta.setdefault("uid", f"uid-{meta['name']}")
-        meta["resourceVersion"] = str(next(self._versions))
-        self.objects[(obj["kind"], meta["namespace"], meta["name"])] = obj
-
-    def find(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        found = self.objects.get((kind, namespace, name))
-        return copy.deepcopy(found) if found is not None else None
-
-    def apply(self, manifest: Mapping[str, Any], subresource: str | None = None) -> dict[str, Any]:
-        kind, meta = manifest["kind"], manifest["metadata"]
-        key = (kind, meta["namespace"], meta["name"])
-        current = self.objects.get(key)
-        if subresource == "status":
-            if current is None:
-                raise errors.NotFound("gone", 404)
-            if current.get("status") != manifest["status"]:
-                current["status"] = copy.deepcopy(manifest["status"])
-                current["metadata"]["resourceVersion"] = str(next(self._versions))
-            return copy.deepcopy(current)
-        if kind in self.reject:
-            raise errors.Rejected(self.reject[kind], 422)
-        self.applied.append(f"{kind}/{meta['name']}")
-        desired = copy.deepcopy(dict(manifest))
-        if current is None:
-            self.put(desired)
-            return copy.deepcopy(desired)
-        desired["metadata"]["uid"] = current["metadata"]["uid"]
-        desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        if "status" in current:
-            desired["status"] = current["status"]
-        if desired != current:
-            self.put(desired)
-        return copy.deepcopy(self.objects[key])
-
-    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
-        self.objects.pop((kind, namespace, name), None)
-
-    def create(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        raise AssertionError("not used by reconcile")
+from tests.registry_operator.fake_kube import FakeKube
 
 
 def _registry(kube: FakeKube, spec: dict[str, Any], generation: int = 1) -> None:

@@ -208,3 +208,82 @@ def test_external_endpoint_with_ingress() -> None:
     spec = models.parse_spec({"ingress": {"host": "r.example.com"}}, image="img")
     built = status.build(OWNER, 1, spec, status.Observed(), {}, "t")
     assert built["externalEndpoint"] == "http://r.example.com"
+
+
+# --- replication ----------------------------------------------------------------------------
+
+PEERS = [status.PeerState("us", "http://us.us.svc:5000"), status.PeerState("ap", "https://ap")]
+
+
+def _report(**us: Any) -> status.ReplicationObservation:
+    base = {"name": "us", "queue_depth": 0, "lag_seconds": 0.0, "delivered": 3}
+    return status.ReplicationObservation(
+        payload={"region": "eu", "peers": [{**base, **us}, {"name": "ap", "delivered": 1}]}
+    )
+
+
+@pytest.mark.parametrize(
+    ("peers", "observation", "condition"),
+    [
+        (PEERS, None, ("Unknown", "StatusPending")),
+        (PEERS, status.ReplicationObservation(error="refused"), ("Unknown", "StatusUnavailable")),
+        (PEERS, _report(), ("True", "Replicating")),
+        (PEERS, _report(lag_seconds=61.0, queue_depth=4), ("False", "Lagging")),
+        (PEERS, _report(last_error="boom", last_error_at=20.0), ("False", "PeerErrors")),
+        (
+            PEERS,
+            _report(last_error="old", last_error_at=20.0, last_success=30.0),
+            ("True", "Replicating"),
+        ),
+        (
+            [status.PeerState("us", "u", "NotMutual", "us does not list this one"), PEERS[1]],
+            _report(),
+            ("False", "NotMutual"),
+        ),
+    ],
+)
+def test_replication_healthy(
+    peers: list[status.PeerState],
+    observation: status.ReplicationObservation | None,
+    condition: tuple[str, str],
+) -> None:
+    _, found = status.replication_status("eu", peers, observation)
+    assert (found.status, found.reason) == condition
+
+
+def test_replication_summary_per_peer() -> None:
+    summary, _ = status.replication_status(
+        "eu", PEERS, _report(lag_seconds=1.23456, queue_depth=2, last_success=1_800_000_000)
+    )
+    assert summary == {
+        "region": "eu",
+        "peers": [
+            {
+                "name": "us",
+                "url": "http://us.us.svc:5000",
+                "wired": True,
+                "queueDepth": 2,
+                "lagSeconds": 1.235,
+                "delivered": 3,
+                "antiEntropyRepaired": 0,
+                "lastSuccessTime": "2027-01-15T08:00:00Z",
+            },
+            {
+                "name": "ap",
+                "url": "https://ap",
+                "wired": True,
+                "queueDepth": 0,
+                "lagSeconds": 0.0,
+                "delivered": 1,
+                "antiEntropyRepaired": 0,
+            },
+        ],
+    }
+
+
+def test_no_peers_no_replication_status() -> None:
+    owner = models.Owner("main", "ns", "u")
+    spec = models.parse_spec({})
+    built = status.build(owner, 1, spec, status.Observed(), {}, "2026-01-01T00:00:00Z")
+    assert "replication" not in built
+    assert "ReplicationHealthy" not in {c["type"] for c in built["conditions"]}

@@ -130,3 +130,186 @@ def test_invalid(spec: dict[str, Any], field: str, message: str) -> None:
 def test_invalid_metadata() -> None:
     with pytest.raises(models.InvalidSpec, match=r"metadata\.namespace"):
         models.parse_registry({"metadata": {"name": "x"}})
+
+
+# --- replication peers ----------------------------------------------------------------------
+
+
+def test_peers_by_registry_ref_and_by_url() -> None:
+    spec = models.parse_registry(
+        _body(
+            {
+                "region": "eu",
+                "replication": {
+                    "peers": [
+                        {"name": "us", "registryRef": {"name": "main", "namespace": "us"}},
+                        {"name": "eu2", "registryRef": {"name": "second"}},
+                        {
+                            "name": "mirror",
+                            "kind": "oci",
+                            "url": "https://mirror.example.com/",
+                            "credentialsSecretRef": {"name": "mirror-creds"},
+                        },
+                    ]
+                },
+            }
+        )
+    ).spec
+    assert spec.peers == (
+        models.Peer("us", registry=models.RegistryRef("main", "us")),
+        models.Peer("eu2", registry=models.RegistryRef("second", "registries")),
+        models.Peer(
+            "mirror", "oci", url="https://mirror.example.com", credentials_secret="mirror-creds"
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("replication", "field", "message"),
+    [
+        (
+            {"peers": [{"name": "us", "registryRef": {"name": "x"}}]},
+            "spec.region",
+            "is required when spec.replication.peers are set",
+        ),
+        (
+            {"peers": [{"name": "us"}]},
+            "spec.replication.peers[0]",
+            "a peer needs exactly one of url or registryRef",
+        ),
+        (
+            {"peers": [{"name": "us", "kind": "oci", "registryRef": {"name": "x"}}]},
+            "spec.replication.peers[0].kind",
+            "a peer given by registryRef is a Berth peer",
+        ),
+        (
+            {"peers": [{"name": "us", "url": "ftp://x", "credentialsSecretRef": {"name": "s"}}]},
+            "spec.replication.peers[0].url",
+            "must start with http:// or https://",
+        ),
+        (
+            {"peers": [{"name": "a", "url": "https://x"}]},
+            "spec.replication.peers[0].credentialsSecretRef",
+            "must be an object",
+        ),
+        (
+            {
+                "peers": [
+                    {"name": "a", "registryRef": {"name": "x"}},
+                    {"name": "a", "registryRef": {"name": "y"}},
+                ]
+            },
+            "spec.replication.peers",
+            "peer names must be unique",
+        ),
+    ],
+)
+def test_invalid_peers(replication: dict[str, Any], field: str, message: str) -> None:
+    spec: dict[str, Any] = {"replication": replication}
+    if field != "spec.region":
+        spec["region"] = "eu"
+    with pytest.raises(models.InvalidSpec) as caught:
+        models.parse_registry(_body(spec))
+    assert (caught.value.field, caught.value.message) == (field, message)
+
+
+# --- Repository -----------------------------------------------------------------------------
+
+
+def _repository(spec: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "api",
+            "namespace": "registries",
+            "uid": "u-2",
+            "generation": 2,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            **meta,
+        },
+        "spec": {"registryRef": {"name": "main"}, "path": "team-a/api", **spec},
+    }
+
+
+def test_repository_with_every_field() -> None:
+    repository = models.parse_repository(
+        _repository(
+            {
+                "visibility": "public",
+                "pullAccess": {
+                    "namespaces": ["b", "a", "a"],
+                    "namespaceSelector": {
+                        "matchLabels": {"team": "a"},
+                        "matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["x"]}],
+                    },
+                    "serviceAccounts": ["default"],
+                    "secretName": "pull",
+                },
+                "pushAccess": {},
+                "retention": {"keepLast": 20, "protect": ["v*"]},
+                "immutableTags": ["v*"],
+                "rotation": {"interval": "720h", "overlap": "1m30s"},
+            },
+            annotations={"berth.dev/rotate": "now"},
+        )
+    )
+    assert repository.owner == models.Owner("api", "registries", "u-2", kind="Repository")
+    assert repository.registry == "main"
+    assert repository.visibility == "public"
+    assert repository.pull is not None
+    assert repository.pull.namespaces == ("a", "b")
+    assert repository.pull.covers("a", {})
+    assert repository.pull.covers("c", {"team": "a"})
+    assert not repository.pull.covers("c", {"team": "a", "env": "x"})
+    assert repository.push == models.Access()
+    assert repository.retention == models.Retention(20, ("v*",))
+    assert repository.rotation == models.Rotation(interval=720 * 3600, overlap=90)
+    assert repository.rotate_request == "now"
+
+
+@pytest.mark.parametrize(
+    ("operator", "values", "labels", "matches"),
+    [
+        ("In", ["a", "b"], {"k": "b"}, True),
+        ("In", ["a"], {}, False),
+        ("NotIn", ["a"], {}, True),
+        ("NotIn", ["a"], {"k": "a"}, False),
+        ("Exists", [], {"k": ""}, True),
+        ("DoesNotExist", [], {"k": ""}, False),
+    ],
+)
+def test_selector_operators(
+    operator: str, values: list[str], labels: dict[str, str], matches: bool
+) -> None:
+    requirement = models.Requirement("k", operator, tuple(values))
+    assert requirement.matches(labels) is matches
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"path": "Team/API"}, "spec.path"),
+        ({"visibility": "internal"}, "spec.visibility"),
+        ({"pullAccess": {"namespaces": ["Not_A_Namespace"]}}, "spec.pullAccess.namespaces"),
+        ({"rotation": {"interval": "30d"}}, "spec.rotation.interval"),
+        ({"retention": {"keepLast": 0}}, "spec.retention.keepLast"),
+        (
+            {
+                "pullAccess": {
+                    "namespaceSelector": {"matchExpressions": [{"key": "k", "operator": "In"}]}
+                }
+            },
+            "spec.pullAccess.namespaceSelector.matchExpressions[0].values",
+        ),
+    ],
+)
+def test_invalid_repositories(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(models.InvalidSpec) as caught:
+        models.parse_repository(_repository(spec))
+    assert caught.value.field == field
+
+
+def test_durations() -> None:
+    assert models.parse_duration("1h30m", "f") == 5400
+    assert models.parse_duration("0.5s", "f") == 0.5
+    with pytest.raises(models.InvalidSpec):
+        models.parse_duration("", "f")

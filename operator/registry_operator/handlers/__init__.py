@@ -5,11 +5,16 @@ from __future__ import annotations
 import kopf
 
 from registry_operator import GROUP, VERSION, models
-from registry_operator.handlers import children, lifecycle, registries
+from registry_operator.handlers import children, lifecycle, registries, repositories
 from registry_operator.rendering import names
 
 
-def register(registry: kopf.OperatorRegistry, *, resync_seconds: float) -> None:
+def register(
+    registry: kopf.OperatorRegistry,
+    *,
+    resync_seconds: float,
+    replication_poll_seconds: float = 15.0,
+) -> None:
     """Attach every handler to `registry` (nothing is registered at import time)."""
     kopf.on.login(registry=registry)(kopf.login_via_client)
     kopf.on.startup(id="ensure-peering", registry=registry)(lifecycle.ensure_peering)
@@ -21,6 +26,9 @@ def register(registry: kopf.OperatorRegistry, *, resync_seconds: float) -> None:
         on(GROUP, VERSION, models.PLURAL, id=handler_id, registry=registry)(
             registries.reconcile_registry
         )
+    kopf.on.delete(GROUP, VERSION, models.PLURAL, id="revoke-access", registry=registry)(
+        registries.delete_registry
+    )
     kopf.timer(
         GROUP,
         VERSION,
@@ -30,6 +38,21 @@ def register(registry: kopf.OperatorRegistry, *, resync_seconds: float) -> None:
         initial_delay=resync_seconds,
         registry=registry,
     )(registries.resync_registry)
+    kopf.timer(
+        GROUP,
+        VERSION,
+        models.PLURAL,
+        id="replication-status",
+        interval=replication_poll_seconds,
+        when=registries.has_peers,
+        registry=registry,
+    )(registries.poll_replication)
+    kopf.on.event(GROUP, VERSION, models.REPOSITORY_PLURAL, id="repository", registry=registry)(
+        repositories.repository_changed
+    )
+    kopf.on.event("", "v1", "namespaces", id="namespace", registry=registry)(
+        repositories.namespace_changed
+    )
     for group, version, plural in children.WATCHED:
         kopf.on.event(
             group,

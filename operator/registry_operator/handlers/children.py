@@ -1,4 +1,4 @@
-"""Handlers for the children: any change or deletion re-reconciles the owning Registry."""
+"""Handlers for the children: any change or deletion re-reconciles what wrote the child."""
 
 from __future__ import annotations
 
@@ -46,8 +46,14 @@ async def child_changed(
         state.forget(kind, namespace, name)
     elif state.own_write(kind, namespace, name, str(body.metadata.get("resourceVersion"))):
         return
+    # Secrets in granted namespaces name the registry's namespace in a label; the policy
+    # and robots Secrets live next to the Registry. Both are written by the access reconcile.
+    registry_namespace = labels.get(names.REGISTRY_NAMESPACE_LABEL, namespace)
     try:
-        await state.reconcile(namespace, registry)
+        if labels.get(names.COMPONENT_LABEL) in names.ACCESS_COMPONENTS:
+            await state.reconcile_access(registry_namespace, registry)
+        else:
+            await state.reconcile(namespace, registry)
     except errors.KubeError as exc:
         logger.warning(
             "reconciling %s/%s after a %s event failed: %s", namespace, registry, type, exc

@@ -1,17 +1,32 @@
-"""What every handler shares: the API client, the options and the per-Registry queue."""
+"""What every handler shares: the API client, the options and the per-Registry queues.
+
+Two reconciles exist per Registry: its own children (`reconcile`) and its access
+(`granting`: policy, robots, the Secrets in granted namespaces). Each has a queue that
+runs one at a time per Registry and folds bursts of triggers into one run.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+from collections.abc import Coroutine, Mapping
 from typing import Any, cast
 
 import kopf
 
-from registry_operator import coalescing, reconcile
+from registry_operator import access, coalescing, credentials, fetching, granting, reconcile
+from registry_operator import robots as robots_
+from registry_operator import status as status_
 from registry_operator.kube import client as kube_client
+from registry_operator.kube import errors
+from registry_operator.rendering import names
 
 Key = tuple[str, str]  # (namespace, name) of a Registry
+Wake = reconcile.Wake
+Event = reconcile.Event
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -19,40 +34,152 @@ class Runtime:
     kube: kube_client.Client
     peering: str | None = None  # the ClusterKopfPeering name; None when standalone
     options: reconcile.Options = dataclasses.field(default_factory=reconcile.Options)
+    access_options: granting.Options | None = None  # None: built from `endpoints`
+    endpoints: fetching.Endpoints = dataclasses.field(default_factory=fetching.Endpoints)
     queue: coalescing.Coalescer[Key, reconcile.Outcome] = dataclasses.field(
         default_factory=coalescing.Coalescer
     )
-    # (kind, namespace, name) -> resourceVersion our last apply produced.
+    access_queue: coalescing.Coalescer[Key, granting.Outcome] = dataclasses.field(
+        default_factory=coalescing.Coalescer
+    )
+    # (kind, namespace, name) -> resourceVersion our last write produced.
     written: dict[tuple[str, str, str], str] = dataclasses.field(default_factory=dict)
+    # Which namespaces each Registry's Repositories could grant (for namespace events).
+    interest: dict[Key, granting.Interest] = dataclasses.field(default_factory=dict)
+    # The labels (and whether terminating) of every namespace, as last seen.
+    namespaces: dict[str, tuple[Mapping[str, str], bool]] = dataclasses.field(default_factory=dict)
+    replication: dict[Key, status_.ReplicationObservation] = dataclasses.field(default_factory=dict)
+    _later: dict[Key, asyncio.TimerHandle] = dataclasses.field(default_factory=dict)
+    _tasks: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.access_options is None:
+            self.access_options = granting.Options(prober=self.probe)
+
+    # -- echo detection --
 
     def own_write(self, kind: str, namespace: str, name: str, resource_version: str) -> bool:
-        """Whether a child's watch event only echoes our own apply: nothing to repair."""
+        """Whether a watch event only echoes our own write: nothing to repair."""
         return self.written.get((kind, namespace, name)) == resource_version
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         self.written.pop((kind, namespace, name), None)
 
+    # -- the reconciles --
+
+    def _post(self, ref: Mapping[str, Any], event: Event) -> None:
+        kopf.event(
+            kopf.Body(cast(kopf.RawBody, dict(ref))),
+            type=event.type,
+            reason=event.reason,
+            message=event.message,
+        )
+
     async def reconcile(self, namespace: str, name: str) -> reconcile.Outcome:
-        """Reconcile one Registry (never two at once for the same one) and post its events."""
+        """Reconcile one Registry's children (never two at once) and post its events."""
 
         async def job() -> reconcile.Outcome:
             outcome = await asyncio.to_thread(
-                reconcile.reconcile, self.kube, namespace, name, self.options
+                reconcile.reconcile,
+                self.kube,
+                namespace,
+                name,
+                self.options,
+                self.replication.get((namespace, name)),
             )
             for (kind, child), version in outcome.written.items():
                 self.written[(kind, namespace, child)] = version
             # Posted here, inside the coalesced job, so callers sharing it do not repeat them.
             if outcome.ref is not None:
                 for event in outcome.events:
-                    kopf.event(
-                        kopf.Body(cast(kopf.RawBody, dict(outcome.ref))),
-                        type=event.type,
-                        reason=event.reason,
-                        message=event.message,
-                    )
+                    self._post(outcome.ref, event)
+            self._wake(outcome.wake)
             return outcome
 
         return await self.queue.run((namespace, name), job)
+
+    async def reconcile_access(self, namespace: str, name: str) -> granting.Outcome:
+        """Reconcile one Registry's access (policy, robots, distributed Secrets)."""
+
+        async def job() -> granting.Outcome:
+            outcome = await asyncio.to_thread(
+                granting.reconcile_access, self.kube, namespace, name, self.access_options
+            )
+            self.written.update(outcome.written)
+            self.interest[(namespace, name)] = outcome.interest
+            for ref, event in outcome.events:
+                self._post(ref, event)
+            if outcome.requeue_after is not None:
+                self.access_later((namespace, name), outcome.requeue_after)
+            self._wake(outcome.wake)
+            return outcome
+
+        return await self.access_queue.run((namespace, name), job)
+
+    def forget_registry(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        self.interest.pop(key, None)
+        self.replication.pop(key, None)
+        handle = self._later.pop(key, None)
+        if handle is not None:
+            handle.cancel()
+
+    # -- triggering without waiting --
+
+    def spawn(self, what: str, coroutine: Coroutine[Any, Any, Any]) -> None:
+        """Run a reconcile in the background (a wake-up, a namespace event, a timer)."""
+
+        async def guarded() -> None:
+            try:
+                await coroutine
+            except errors.KubeError as exc:
+                log.warning("%s failed, a later trigger retries: %s", what, exc)
+
+        task = asyncio.get_running_loop().create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _wake(self, wake: tuple[Wake, ...]) -> None:
+        for kind, namespace, name in wake:
+            if kind == "access":
+                self.spawn(f"access of {namespace}/{name}", self.reconcile_access(namespace, name))
+            else:
+                self.spawn(f"reconcile of {namespace}/{name}", self.reconcile(namespace, name))
+
+    def access_later(self, key: Key, delay: float) -> None:
+        """Reconcile access again after `delay` (rotation steps): the earliest request wins."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        handle = self._later.get(key)
+        if handle is not None and not handle.cancelled() and handle.when() <= when:
+            return
+        if handle is not None:
+            handle.cancel()
+
+        def fire() -> None:
+            self._later.pop(key, None)
+            self.spawn(f"access of {key[0]}/{key[1]}", self.reconcile_access(*key))
+
+        self._later[key] = loop.call_at(when, fire)
+
+    # -- the registry servers --
+
+    def _admin(self, namespace: str, name: str) -> tuple[str, str] | None:
+        secret = self.kube.find("v1", "Secret", namespace, names.secret(name))
+        data = credentials.decode_secret_data((secret or {}).get("data"))
+        user, password = data.get(credentials.ADMIN_USERNAME), data.get(credentials.ADMIN_PASSWORD)
+        return (user, password) if user and password else None
+
+    def probe(self, target: access.Target, credential: robots_.Credential) -> str:
+        url = self.endpoints.url(target.owner.namespace, target.owner.name)
+        return fetching.probe(url, credential.name, credential.password)
+
+    def fetch_replication(self, namespace: str, name: str) -> status_.ReplicationObservation:
+        """The server's replication status, read with the registry's admin credentials."""
+        admin = self._admin(namespace, name)
+        if admin is None:
+            return status_.ReplicationObservation(error="the admin credentials are not there yet")
+        return fetching.replication_status(self.endpoints.url(namespace, name), *admin)
 
 
 def of(memo: Any) -> Runtime:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import jinja2
@@ -18,7 +20,27 @@ from registry_operator.rendering import names
 Manifest = dict[str, Any]
 
 # What the pod mounts from the Secret: everything the server reads, nothing more.
-MOUNTED_SECRET_KEYS = (creds.SIGNING_KEY, creds.HTPASSWD, creds.POLICY)
+MOUNTED_SECRET_KEYS = (creds.SIGNING_KEY, creds.HTPASSWD)
+
+
+@dataclasses.dataclass(frozen=True)
+class WiredPeer:
+    """A replication peer whose credentials are known: it goes into the server config."""
+
+    name: str
+    url: str
+    kind: str
+    username: str
+    secret: str  # the Secret (in the Registry's namespace) holding the password
+    key: str  # its key
+
+
+@dataclasses.dataclass(frozen=True)
+class Replication:
+    """The peers to render and the passwords the operator keeps for same-cluster ones."""
+
+    peers: tuple[WiredPeer, ...] = ()
+    passwords: Mapping[str, str] = dataclasses.field(default_factory=dict)  # peer -> password
 
 
 @functools.cache
@@ -36,12 +58,12 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _text(template: str, **context: Any) -> str:
+def text(template: str, **context: Any) -> str:
     return _environment().get_template(template).render(**context)
 
 
-def _manifest(template: str, **context: Any) -> Manifest:
-    loaded = yaml.safe_load(_text(template, **context))
+def manifest(template: str, **context: Any) -> Manifest:
+    loaded = yaml.safe_load(text(template, **context))
     if not isinstance(loaded, dict):
         raise TypeError(f"{template} did not render a mapping")
     return loaded
@@ -60,10 +82,10 @@ def owner_references(owner: models.Owner) -> list[dict[str, Any]]:
     ]
 
 
-def server_config(spec: models.Spec, owner: models.Owner) -> str:
+def server_config(spec: models.Spec, owner: models.Owner, peers: tuple[WiredPeer, ...] = ()) -> str:
     """The registry server's config.yaml, in the docs/configuration.md format."""
     in_cluster = names.in_cluster_url(owner.name, owner.namespace)
-    return _text(
+    return text(
         "registry-config.yaml.j2",
         name=owner.name,
         namespace=owner.namespace,
@@ -72,30 +94,37 @@ def server_config(spec: models.Spec, owner: models.Owner) -> str:
         data_dir=names.DATA_DIR,
         service=spec.ingress.host if spec.ingress else in_cluster.split("://", 1)[1],
         htpasswd_file=f"{names.AUTH_DIR}/{creds.HTPASSWD}",
-        policy_file=f"{names.AUTH_DIR}/{creds.POLICY}",
+        policy_file=f"{names.POLICY_DIR}/{names.POLICY_FILE}",
         signing_key_file=f"{names.AUTH_DIR}/{creds.SIGNING_KEY}",
         log_level=spec.log_level,
+        region=spec.region,
+        peers=peers,
+        replication_dir=names.REPLICATION_DIR,
     )
+
+
+def _b64(plain: Mapping[str, str]) -> dict[str, str]:
+    return {key: base64.b64encode(value.encode()).decode("ascii") for key, value in plain.items()}
 
 
 def secret_data(owner: models.Owner, credentials: creds.Credentials) -> dict[str, str]:
-    policy = _text(
-        "policy.yaml.j2",
-        name=owner.name,
-        namespace=owner.namespace,
-        admin=credentials.admin.name,
-        replicator=credentials.replication.name,
-    )
     plain = {
         creds.SIGNING_KEY: credentials.signing_key_pem,
         creds.HTPASSWD: credentials.htpasswd,
-        creds.POLICY: policy,
         creds.ADMIN_USERNAME: credentials.admin.name,
         creds.ADMIN_PASSWORD: credentials.admin.password,
         creds.REPLICATION_USERNAME: credentials.replication.name,
         creds.REPLICATION_PASSWORD: credentials.replication.password,
     }
-    return {key: base64.b64encode(value.encode()).decode("ascii") for key, value in plain.items()}
+    return _b64(plain)
+
+
+def _replication_sources(peers: tuple[WiredPeer, ...]) -> list[dict[str, Any]]:
+    """Projected-volume sources: each peer's password as a file named like the peer."""
+    by_secret: dict[str, list[dict[str, str]]] = {}
+    for peer in peers:
+        by_secret.setdefault(peer.secret, []).append({"key": peer.key, "path": peer.name})
+    return [{"secret": {"name": name, "items": items}} for name, items in by_secret.items()]
 
 
 def checksum(config_map: Manifest, secret: Manifest) -> str:
@@ -105,21 +134,27 @@ def checksum(config_map: Manifest, secret: Manifest) -> str:
 
 
 def render(
-    spec: models.Spec, owner: models.Owner, credentials: creds.Credentials
+    spec: models.Spec,
+    owner: models.Owner,
+    credentials: creds.Credentials,
+    replication: Replication = Replication(),
 ) -> list[Manifest]:
-    """All children of a Registry, in the order they should be applied."""
+    """All children of a Registry, in the order they should be applied.
+
+    The policy Secret is not among them: it is written from the Repositories (`access`).
+    """
     name, namespace = owner.name, owner.namespace
     owned = owner_references(owner)
     common: dict[str, Any] = {"namespace": namespace, "owner_references": owned}
 
-    config_map = _manifest(
+    config_map = manifest(
         "configmap.yaml.j2",
         name=names.config_map(name),
         labels=names.labels(name, "config"),
-        data={"config.yaml": server_config(spec, owner)},
+        data={"config.yaml": server_config(spec, owner, replication.peers)},
         **common,
     )
-    secret = _manifest(
+    secret = manifest(
         "secret.yaml.j2",
         name=names.secret(name),
         labels=names.labels(name, "credentials"),
@@ -127,13 +162,23 @@ def render(
         **common,
     )
     manifests = [config_map, secret]
+    if replication.passwords:
+        manifests.append(
+            manifest(
+                "secret.yaml.j2",
+                name=names.replication_secret(name),
+                labels=names.labels(name, "replication"),
+                data=_b64(dict(sorted(replication.passwords.items()))),
+                **common,
+            )
+        )
 
     storage = spec.storage
     pvc_name = None
     if isinstance(storage, models.PvcStorage):
         pvc_name = names.pvc(name)
         manifests.append(
-            _manifest(
+            manifest(
                 "persistentvolumeclaim.yaml.j2",
                 name=pvc_name,
                 namespace=namespace,
@@ -145,7 +190,7 @@ def render(
         )
     server_labels = names.labels(name, "server")
     manifests.append(
-        _manifest(
+        manifest(
             "deployment.yaml.j2",
             name=names.deployment(name),
             labels=server_labels,
@@ -159,6 +204,11 @@ def render(
             config_file=names.CONFIG_FILE,
             config_dir=names.CONFIG_DIR,
             auth_dir=names.AUTH_DIR,
+            policy_dir=names.POLICY_DIR,
+            policy_file=names.POLICY_FILE,
+            policy_secret_name=names.policy_secret(name),
+            replication_dir=names.REPLICATION_DIR,
+            replication_sources=_replication_sources(replication.peers),
             data_dir=names.DATA_DIR,
             config_map_name=names.config_map(name),
             secret_name=names.secret(name),
@@ -168,7 +218,7 @@ def render(
         )
     )
     manifests.append(
-        _manifest(
+        manifest(
             "service.yaml.j2",
             name=names.service(name),
             labels=server_labels,
@@ -179,7 +229,7 @@ def render(
     )
     if spec.ingress is not None:
         manifests.append(
-            _manifest(
+            manifest(
                 "ingress.yaml.j2",
                 name=names.ingress(name),
                 labels=server_labels,

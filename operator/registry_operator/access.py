@@ -1,0 +1,441 @@
+"""Who may pull and push what in one registry: every Repository merged into one plan.
+
+Pure: no I/O here. `plan()` takes what the API server and the registry server said
+(the Registry, its Repositories, the namespaces, the stored robots, the answer of the
+server about the newest staged credential) and decides the registry's policy, the robot
+accounts (one per namespace and mode), the Secrets to write into granted namespaces, and
+what to tell each Repository. `statuses()` turns the plan plus what writing it achieved
+into each Repository's `.status`. `granting` does the reading and the writing.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import datetime
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from registry_operator import credentials, models, robots
+from registry_operator.rendering import names
+from registry_operator.status import Condition
+
+READY = "Ready"
+PATH_CONFLICT = "PathConflict"
+ROTATING = "Rotating"
+TAG_RULES = "TagRulesEnforced"
+
+# How the server answered the probe with the newest staged credential.
+ACCEPTED = "accepted"  # the server has the policy holding it: hand it out
+REFUSED = "refused"  # not yet (the kubelet has not updated the mounted file): wait
+UNREACHABLE = "unreachable"  # cannot ask: wait for the propagation time instead
+
+
+@dataclasses.dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: Mapping[str, str]
+    terminating: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The Registry the Repositories belong to, as far as access is concerned."""
+
+    owner: models.Owner
+    host: str  # the key of `auths` in the dockerconfigjson: what the pods pull from
+    admins: tuple[str, ...]  # accounts of the htpasswd file with every right
+    peers: tuple[str, ...] = ()  # keys of same-cluster peers allowed to replicate in
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    name: str  # the credential that was tried
+    staged_at: float
+    result: str  # ACCEPTED, REFUSED or UNREACHABLE
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    propagation: float = 120.0  # seconds until a mounted Secret surely reached the pods
+    probe_interval_max: float = 15.0  # the probe counts as a failed login on the server
+
+
+@dataclasses.dataclass(frozen=True)
+class Desired:
+    """One Secret to write into a granted namespace."""
+
+    namespace: str
+    name: str
+    mode: str
+    robot: str  # the robot's key
+    service_accounts: tuple[str, ...]
+    repositories: tuple[str, ...]  # names of the Repositories wanting it
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    repository: str
+    anonymous_pull: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The server's policy file (docs/auth.md), without formatting."""
+
+    admins: tuple[str, ...]
+    users: tuple[tuple[str, str], ...]  # (name, bcrypt hash)
+    robots: tuple[tuple[str, str, tuple[tuple[str, tuple[str, ...]], ...]], ...]
+    rules: tuple[Rule, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    robots: Mapping[str, robots.Robot]
+    policy: Policy | None  # None: the registry is gone, nothing to write
+    secrets: Mapping[tuple[str, str], Desired]
+    active: Mapping[str, models.Repository]  # by Repository name: those holding their path
+    conflicts: Mapping[str, str]  # Repository name -> the condition message
+    secret_name_clashes: Mapping[str, tuple[str, ...]]  # Repository -> "namespace/name"
+    rotations_handled: Mapping[str, str]  # Repository name -> the annotation it asked with
+    requeue_after: float | None
+
+
+def _secret_name(repository: models.Repository, mode: str, grant: models.Access) -> str:
+    return grant.secret_name or names.access_secret(
+        repository.registry, repository.owner.namespace, mode
+    )
+
+
+def _grants(
+    repository: models.Repository, namespace: Namespace
+) -> Iterable[tuple[str, models.Access]]:
+    if repository.pull is not None and repository.pull.covers(namespace.name, namespace.labels):
+        yield robots.PULL, repository.pull
+    push = repository.push
+    if push is not None and (
+        namespace.name == repository.owner.namespace
+        or push.covers(namespace.name, namespace.labels)
+    ):
+        yield robots.PUSH, push
+
+
+def holders(
+    repositories: Sequence[models.Repository],
+) -> tuple[dict[str, models.Repository], dict[str, str]]:
+    """Which Repository holds each path: the older one. Returns (active, conflicts)."""
+    by_path: dict[str, list[models.Repository]] = collections.defaultdict(list)
+    for repository in repositories:
+        by_path[repository.path].append(repository)
+    active: dict[str, models.Repository] = {}
+    conflicts: dict[str, str] = {}
+    for path, claims in sorted(by_path.items()):
+        claims.sort(key=lambda r: r.age_key)
+        winner, *others = claims
+        active[winner.owner.name] = winner
+        if not others:
+            continue
+        others_names = ", ".join(o.owner.name for o in others)
+        conflicts[winner.owner.name] = (
+            f"path {path} is also claimed by Repository {others_names} (newer); "
+            "this Repository keeps it"
+        )
+        for other in others:
+            conflicts[other.owner.name] = (
+                f"path {path} is held by Repository {winner.owner.name}, which is older; "
+                "this Repository grants nothing until one of them changes"
+            )
+    return active, conflicts
+
+
+def plan(
+    target: Target | None,
+    repositories: Sequence[models.Repository],
+    namespaces: Sequence[Namespace],
+    stored: Mapping[str, robots.Robot],
+    now: float,
+    generators: credentials.Generators,
+    probe: Probe | None = None,
+    settings: Settings = Settings(),
+) -> Plan:
+    active, conflicts = holders(repositories)
+    if target is None:
+        return Plan({}, None, {}, active, conflicts, {}, {}, None)
+
+    # Who gets what: (mode, namespace) -> the Repositories granting it.
+    granted: dict[tuple[str, str], list[models.Repository]] = collections.defaultdict(list)
+    wanted: dict[tuple[str, str], list[tuple[str, models.Repository, models.Access]]] = (
+        collections.defaultdict(list)
+    )
+    for info in sorted(namespaces, key=lambda n: n.name):
+        if info.terminating:
+            continue  # nothing can be written there any more
+        for repository in active.values():
+            for mode, grant in _grants(repository, info):
+                granted[(mode, info.name)].append(repository)
+                wanted[(info.name, _secret_name(repository, mode, grant))].append(
+                    (mode, repository, grant)
+                )
+
+    handled = {r.owner.name: r.rotate_request for r in active.values() if r.rotate_request}
+    deadlines: list[float] = []
+    state: dict[str, robots.Robot] = {}
+    for (mode, namespace), granting in sorted(granted.items()):
+        key = robots.robot_key(mode, namespace)
+        robot = stored.get(key) or robots.new(key, now, generators)
+        robot, deadline = _rotate(robot, granting, now, generators, probe, settings)
+        state[key] = robot
+        deadlines.extend(deadline)
+    for key in target.peers:
+        state[key] = stored.get(key) or robots.new(key, now, generators)
+
+    secrets: dict[tuple[str, str], Desired] = {}
+    clashes: dict[str, list[str]] = collections.defaultdict(list)
+    for (namespace, name), wants in sorted(wanted.items()):
+        modes = sorted({mode for mode, _, _ in wants})
+        mode = modes[0]  # a name wanted for pull and for push goes to pull; the push side is told
+        for other_mode, repository, _ in wants:
+            if other_mode != mode:
+                clashes[repository.owner.name].append(f"{namespace}/{name}")
+        chosen = [(r, g) for m, r, g in wants if m == mode]
+        secrets[(namespace, name)] = Desired(
+            namespace=namespace,
+            name=name,
+            mode=mode,
+            robot=robots.robot_key(mode, namespace),
+            service_accounts=tuple(sorted({sa for _, g in chosen for sa in g.service_accounts})),
+            repositories=tuple(sorted({r.owner.name for r, _ in chosen})),
+        )
+
+    policy = _policy(target, state, granted, active.values())
+    return Plan(
+        robots=state,
+        policy=policy,
+        secrets=secrets,
+        active=active,
+        conflicts=conflicts,
+        secret_name_clashes={k: tuple(v) for k, v in clashes.items()},
+        rotations_handled=handled,
+        requeue_after=max(0.5, min(deadlines) - now) if deadlines else None,
+    )
+
+
+def _rotate(
+    robot: robots.Robot,
+    granting: Sequence[models.Repository],
+    now: float,
+    generators: credentials.Generators,
+    probe: Probe | None,
+    settings: Settings,
+) -> tuple[robots.Robot, list[float]]:
+    """Advance one robot's rotation; returns it and when to look at it again."""
+    deadlines: list[float] = []
+    overlap = max(r.rotation.overlap for r in granting)
+    robot = robots.expire(robot, now)
+    if robot.staged is not None and robot.staged_at is not None:
+        accepted = (
+            probe is not None and probe.result == ACCEPTED and robot.staged_at <= probe.staged_at
+        )
+        # When the server cannot be asked, the propagation time has to do.
+        waited = (probe is None or probe.result == UNREACHABLE) and (
+            now - robot.staged_at >= settings.propagation
+        )
+        if accepted or waited:
+            robot = robots.promote(robot, now, overlap)
+    intervals = [r.rotation.interval for r in granting if r.rotation.interval is not None]
+    due = bool(intervals) and now - robot.current.created >= min(intervals)
+    if any(r.rotate_request for r in granting) or due:
+        robot = robots.stage(robot, now, generators)
+    if robot.staged is not None and robot.staged_at is not None:
+        elapsed = now - robot.staged_at
+        if probe is not None and probe.result == UNREACHABLE:
+            deadlines.append(robot.staged_at + settings.propagation)
+        else:
+            # The probe is a failed login while the server lacks the credential; back off
+            # so that it never trips the server's rate limit for the operator's address.
+            deadlines.append(now + min(settings.probe_interval_max, max(2.0, elapsed / 4)))
+    if robot.previous_until is not None:
+        deadlines.append(robot.previous_until)
+    if intervals:
+        deadlines.append(robot.current.created + min(intervals))
+    return robot, deadlines
+
+
+def _policy(
+    target: Target,
+    state: Mapping[str, robots.Robot],
+    granted: Mapping[tuple[str, str], Sequence[models.Repository]],
+    repositories: Iterable[models.Repository],
+) -> Policy:
+    peers = [state[key] for key in target.peers if key in state]
+    entries = []
+    for (mode, namespace), granting in sorted(granted.items()):
+        robot = state[robots.robot_key(mode, namespace)]
+        access = tuple((path, robots.ACTIONS[mode]) for path in sorted({r.path for r in granting}))
+        for credential in robot.accounts:
+            entries.append((credential.name, credential.hash, access))
+    return Policy(
+        admins=tuple(sorted({*target.admins, *(p.current.name for p in peers)})),
+        users=tuple(sorted((p.current.name, p.current.hash) for p in peers)),
+        robots=tuple(sorted(entries)),
+        rules=tuple(
+            Rule(r.path, anonymous_pull=True)
+            for r in sorted(repositories, key=lambda r: r.path)
+            if r.visibility == "public"
+        ),
+    )
+
+
+def newest_staged(stored: Mapping[str, robots.Robot]) -> robots.Robot | None:
+    """The robot whose staged credential was written last: if the server accepts that
+    one, it has loaded a policy holding every credential staged before it."""
+    staged = [r for r in stored.values() if r.staged is not None and r.staged_at is not None]
+    return max(staged, key=lambda r: (r.staged_at or 0.0, r.key), default=None)
+
+
+def dockerconfigjson(host: str, credential: robots.Credential) -> dict[str, Any]:
+    auth = base64.b64encode(f"{credential.name}:{credential.password}".encode()).decode()
+    return {
+        "auths": {
+            host: {"username": credential.name, "password": credential.password, "auth": auth}
+        }
+    }
+
+
+# --- statuses -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """What writing the plan achieved."""
+
+    secrets: frozenset[tuple[str, str]]  # (namespace, name) holding the current credential
+    foreign: Mapping[tuple[str, str], str]  # (namespace, name) -> why it was not written
+    missing_service_accounts: Mapping[tuple[str, str], tuple[str, ...]] = dataclasses.field(
+        default_factory=dict
+    )
+
+
+def rfc3339(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(math.floor(timestamp), datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def repository_status(
+    repository: models.Repository,
+    target: Target | None,
+    result: Plan,
+    written: Written,
+    target_reason: tuple[str, str] = ("RegistryNotFound", ""),
+) -> tuple[dict[str, Any], list[Condition]]:
+    """The status fields (without conditions' bookkeeping) and the conditions."""
+    name = repository.owner.name
+    fields: dict[str, Any] = {"observedGeneration": repository.generation}
+    found: list[Condition] = []
+    pull_name = _secret_name(repository, robots.PULL, repository.pull) if repository.pull else None
+    push_name = _secret_name(repository, robots.PUSH, repository.push) if repository.push else None
+    namespaces: dict[str, list[str]] = {robots.PULL: [], robots.PUSH: []}
+    rotated: list[float] = []
+    rotating: list[robots.Robot] = []
+    for (namespace, secret), desired in sorted(result.secrets.items()):
+        if name not in desired.repositories:
+            continue
+        if (namespace, secret) in written.secrets:
+            namespaces[desired.mode].append(namespace)
+        robot = result.robots.get(desired.robot)
+        if robot is not None:
+            rotated.append(robot.rotated_at or robot.current.created)
+            if robot.rotating:
+                rotating.append(robot)
+    fields["pullSecretNamespaces"] = namespaces[robots.PULL]
+    fields["pushSecretNamespaces"] = namespaces[robots.PUSH]
+    if pull_name:
+        fields["pullSecretName"] = pull_name
+    if push_name:
+        fields["pushSecretName"] = push_name
+    if rotated:
+        fields["credentialsRotatedAt"] = rfc3339(max(rotated))
+
+    conflict = result.conflicts.get(name)
+    holds = name in result.active
+    if conflict is None:
+        found.append(Condition(PATH_CONFLICT, "False", "NoConflict", ""))
+    else:
+        reason = "KeepsPath" if holds else "PathHeldByOther"
+        found.append(Condition(PATH_CONFLICT, "True", reason, conflict))
+
+    def mine(key: tuple[str, str]) -> bool:
+        desired = result.secrets.get(key)
+        return desired is not None and name in desired.repositories
+
+    problems = [
+        f"Secret {ns}/{secret}: {why}"
+        for (ns, secret), why in sorted(written.foreign.items())
+        if mine((ns, secret))
+    ]
+    problems += [
+        f"Secret {item} is wanted for pull by another Repository; push access there is not written"
+        for item in result.secret_name_clashes.get(name, ())
+    ]
+    missing = [
+        f"ServiceAccount {ns}/{sa} does not exist yet"
+        for (ns, secret), accounts in sorted(written.missing_service_accounts.items())
+        for sa in accounts
+        if mine((ns, secret))
+    ]
+    if target is None:
+        reason, message = target_reason
+        ready = Condition(READY, "False", reason, message)
+    elif not holds:
+        ready = Condition(READY, "False", "PathConflict", conflict or "")
+    elif problems:
+        ready = Condition(READY, "False", "SecretConflict", "; ".join(problems[:5]))
+    else:
+        counts = (
+            f"pull Secrets in {len(namespaces[robots.PULL])} namespaces, "
+            f"push Secrets in {len(namespaces[robots.PUSH])}"
+        )
+        if missing:
+            counts += "; " + "; ".join(missing[:5])
+        ready = Condition(READY, "True", "Granted", counts)
+    found.insert(0, ready)
+
+    if rotating:
+        staged = [r for r in rotating if r.staged is not None]
+        if staged:
+            found.append(
+                Condition(
+                    ROTATING,
+                    "True",
+                    "WaitingForServer",
+                    f"new credentials for {len(staged)} robots wait until the registry "
+                    "server accepts them before they are handed out",
+                )
+            )
+        else:
+            until = max(r.previous_until or 0.0 for r in rotating)
+            found.append(
+                Condition(
+                    ROTATING,
+                    "True",
+                    "OldCredentialsValid",
+                    "new credentials are handed out; the old ones stay valid until "
+                    + rfc3339(until),
+                )
+            )
+    else:
+        found.append(Condition(ROTATING, "False", "Idle", ""))
+
+    if repository.retention is not None or repository.immutable_tags:
+        found.append(
+            Condition(
+                TAG_RULES,
+                "False",
+                "NotSupportedByServer",
+                "retention and immutableTags are validated and kept, but this registry "
+                "server version does not enforce them yet",
+            )
+        )
+    return fields, found

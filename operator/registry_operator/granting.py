@@ -1,0 +1,569 @@
+"""Access for one registry, end to end: read, plan (`access`), write. Synchronous.
+
+This is the join for Repositories, as `reconcile` is for the Registry's own children:
+level-based and idempotent, so every trigger (a Repository or namespace changing, a
+distributed Secret edited or deleted, the Registry's own handlers, a rotation falling
+due) simply calls `reconcile_access`. Writes are ordered so that no credential that was
+handed out stops working early and no new credential is handed out before it is stored:
+
+1. delete the Secrets (and ServiceAccount entries) no longer wanted,
+2. store the robots (the operator's record of every credential),
+3. write the policy the server reloads,
+4. write the Secrets into granted namespaces (in parallel) and patch ServiceAccounts,
+5. clear handled `berth.dev/rotate` annotations, write the Repositories' statuses.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from registry_operator import API_VERSION, access, credentials, models, robots, status
+from registry_operator.kube import client as kube_client
+from registry_operator.kube import errors
+from registry_operator.reconcile import Event, Wake
+from registry_operator.rendering import grants, names
+
+# Asks the registry server whether it accepts a credential: access.ACCEPTED, REFUSED
+# or UNREACHABLE. The operator's runtime provides it (fetching); tests swap it.
+Prober = Callable[[access.Target, robots.Credential], str]
+SecretKey = tuple[str, str]  # (namespace, name)
+
+
+def _never_reachable(target: access.Target, credential: robots.Credential) -> str:
+    return access.UNREACHABLE
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    generators: credentials.Generators = dataclasses.field(
+        default_factory=lambda: credentials.Generators(hash=robots.hash_secret)
+    )
+    settings: access.Settings = dataclasses.field(default_factory=access.Settings)
+    prober: Prober = _never_reachable
+    clock: Callable[[], float] = time.time
+    workers: int = 8  # API calls in flight while fanning out Secrets
+
+
+@dataclasses.dataclass(frozen=True)
+class Interest:
+    """Which namespaces the registry's Repositories could grant: the namespace handler
+    uses it to decide which registries a namespace event concerns."""
+
+    names: frozenset[str] = frozenset()
+    selectors: tuple[models.Selector, ...] = ()
+    holding: frozenset[str] = frozenset()  # namespaces holding our Secrets now
+
+    def concerns(self, namespace: str, labels: Mapping[str, str] | None) -> bool:
+        if namespace in self.names or namespace in self.holding:
+            return True
+        return labels is not None and any(s.matches(labels) for s in self.selectors)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    events: tuple[tuple[Mapping[str, Any], Event], ...] = ()  # (object reference, event)
+    # (kind, namespace, name) -> resourceVersion our write left, to skip its echo.
+    written: Mapping[tuple[str, str, str], str] = dataclasses.field(default_factory=dict)
+    requeue_after: float | None = None
+    wake: tuple[Wake, ...] = ()
+    interest: Interest = dataclasses.field(default_factory=Interest)
+
+
+def reconcile_access(
+    kube: kube_client.Client, namespace: str, name: str, options: Options | None = None
+) -> Outcome:
+    options = options or Options()
+    now = options.clock()
+    body = kube.find(API_VERSION, models.KIND, namespace, name)
+    repositories, invalid = _repositories(kube, namespace, name)
+    target, reason = None, ("RegistryNotFound", f"Registry {namespace}/{name} does not exist")
+    if body is not None and (body.get("metadata") or {}).get("deletionTimestamp"):
+        reason = ("RegistryDeleting", f"Registry {namespace}/{name} is being deleted")
+    elif body is not None:
+        try:
+            registry = models.parse_registry(body)
+        except models.InvalidSpec as exc:
+            # Leave access as it is: an invalid Registry spec is not a reason to revoke.
+            message = f"Registry {namespace}/{name} has an invalid spec: {exc}"
+            return _statuses_only(kube, repositories, invalid, ("RegistryInvalid", message), now)
+        target = _target(kube, registry)
+
+    robots_secret = (
+        kube.find("v1", "Secret", namespace, names.robots_secret(name)) if target else None
+    )
+    stored = robots.load_all(credentials.decode_secret_data((robots_secret or {}).get("data")))
+    probe = None
+    newest = access.newest_staged(stored) if target is not None else None
+    if target is not None and newest is not None and newest.staged is not None:
+        probe = access.Probe(
+            newest.staged.name, newest.staged_at or 0.0, options.prober(target, newest.staged)
+        )
+    namespaces = [_namespace(obj) for obj in kube.list("v1", "Namespace", None)]
+    plan = access.plan(
+        target, repositories, namespaces, stored, now, options.generators, probe, options.settings
+    )
+
+    observed = {
+        (obj["metadata"]["namespace"], obj["metadata"]["name"]): obj
+        for obj in kube.list("v1", "Secret", None, names.access_selector(name, namespace))
+    }
+    writer = _Writer(kube, options)
+    writer.revoke(observed, plan)
+    if target is not None and plan.policy is not None:
+        writer.apply_owned(grants.robots_secret(target.owner, plan.robots), robots_secret)
+        policy_secret = kube.find("v1", "Secret", namespace, names.policy_secret(name))
+        writer.apply_owned(grants.policy_secret(target.owner, plan.policy), policy_secret)
+        writer.distribute(target, plan, observed)
+    for handled, request in plan.rotations_handled.items():
+        writer.clear_rotate_request(namespace, handled, request)
+
+    written = access.Written(
+        secrets=frozenset(writer.holding),
+        foreign=writer.refused,
+        missing_service_accounts=writer.missing_accounts,
+    )
+    events = []
+    for repository in repositories:
+        fields, found = access.repository_status(repository, target, plan, written, reason)
+        events.extend(
+            writer.write_status(repository.owner, repository.generation, fields, found, now)
+        )
+    for owner, generation, message in invalid:
+        found = [status.Condition(access.READY, "False", "InvalidSpec", message)]
+        events.extend(writer.write_status(owner, generation, {}, found, now))
+
+    requeue = plan.requeue_after
+    if writer.refused or writer.missing_accounts:
+        requeue = min(requeue or 10.0, 10.0)  # a namespace terminating, an SA still missing
+    # A peer waiting for its account here can now write it into its server config.
+    wake: list[Wake] = []
+    if target is not None:
+        wake = [("registry", *robots.peer_of(key)) for key in target.peers if key not in stored]
+    interest = Interest(
+        names=frozenset(
+            ns
+            for r in plan.active.values()
+            for grant in (r.pull, r.push)
+            if grant is not None
+            for ns in grant.namespaces
+        )
+        | frozenset(r.owner.namespace for r in plan.active.values() if r.push is not None),
+        selectors=tuple(
+            grant.selector
+            for r in plan.active.values()
+            for grant in (r.pull, r.push)
+            if grant is not None and grant.selector is not None
+        ),
+        holding=frozenset(ns for ns, _ in writer.holding),
+    )
+    return Outcome(
+        events=tuple(events),
+        written=writer.written,
+        requeue_after=requeue,
+        wake=tuple(wake),
+        interest=interest,
+    )
+
+
+# --- reading --------------------------------------------------------------------------------
+
+Invalid = tuple[models.Owner, int, str]  # a Repository that cannot be parsed, and why
+
+
+def _repositories(
+    kube: kube_client.Client, namespace: str, registry: str
+) -> tuple[list[models.Repository], list[Invalid]]:
+    parsed: list[models.Repository] = []
+    invalid: list[Invalid] = []
+    for body in kube.list(API_VERSION, models.REPOSITORY_KIND, namespace):
+        spec = body.get("spec") or {}
+        if (spec.get("registryRef") or {}).get("name") != registry:
+            continue
+        meta = body.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        try:
+            parsed.append(models.parse_repository(body))
+        except models.InvalidSpec as exc:
+            owner = models.Owner(
+                name=str(meta.get("name")),
+                namespace=namespace,
+                uid=str(meta.get("uid", "")),
+                kind=models.REPOSITORY_KIND,
+            )
+            invalid.append((owner, int(meta.get("generation", 0)), str(exc)))
+    return parsed, invalid
+
+
+def _namespace(obj: Mapping[str, Any]) -> access.Namespace:
+    meta = obj.get("metadata") or {}
+    phase = (obj.get("status") or {}).get("phase")
+    return access.Namespace(
+        name=str(meta["name"]),
+        labels=dict(meta.get("labels") or {}),
+        terminating=bool(meta.get("deletionTimestamp")) or phase == "Terminating",
+    )
+
+
+def _target(kube: kube_client.Client, registry: models.Registry) -> access.Target:
+    owner = registry.owner
+    spec = registry.spec
+    consenting = []
+    me = models.RegistryRef(owner.name, owner.namespace)
+    for peer in spec.peers:
+        ref = peer.registry
+        if ref is None:
+            continue
+        body = kube.find(API_VERSION, models.KIND, ref.namespace, ref.name)
+        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        try:
+            other = models.parse_registry(body)
+        except models.InvalidSpec:
+            continue
+        if any(p.registry == me for p in other.spec.peers):
+            consenting.append(robots.peer_key(ref.namespace, ref.name))
+    return access.Target(
+        owner=owner,
+        host=spec.ingress.host if spec.ingress else names.service_host(owner.name, owner.namespace),
+        admins=(credentials.ADMIN_USER, credentials.REPLICATION_USER),
+        peers=tuple(sorted(consenting)),
+    )
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def _split(value: str | None) -> list[str]:
+    return [item for item in (value or "").split(",") if item]
+
+
+def _contains(actual: Any, desired: Any) -> bool:
+    if isinstance(desired, Mapping):
+        return isinstance(actual, Mapping) and all(
+            key in actual and _contains(actual[key], value) for key, value in desired.items()
+        )
+    return bool(actual == desired)
+
+
+class _Writer:
+    """The writes of one access reconcile, and what they achieved."""
+
+    def __init__(self, kube: kube_client.Client, options: Options) -> None:
+        self.kube = kube
+        self.options = options
+        self.written: dict[tuple[str, str, str], str] = {}
+        self.holding: set[SecretKey] = set()  # Secrets holding the current credential
+        self.refused: dict[SecretKey, str] = {}
+        self.missing_accounts: dict[SecretKey, tuple[str, ...]] = {}
+
+    def _record(self, obj: Mapping[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        self.written[(str(obj.get("kind")), str(meta.get("namespace")), str(meta.get("name")))] = (
+            str(meta.get("resourceVersion", ""))
+        )
+
+    def _parallel(self, jobs: Sequence[Callable[[], None]]) -> None:
+        if len(jobs) <= 1:
+            for job in jobs:
+                job()
+            return
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.options.workers) as pool:
+            for future in [pool.submit(job) for job in jobs]:
+                future.result()
+
+    # -- Secrets outside the registry's namespace --
+
+    def revoke(self, observed: Mapping[SecretKey, Mapping[str, Any]], plan: access.Plan) -> None:
+        """Delete what the plan no longer wants, after taking it out of ServiceAccounts."""
+        gone = [key for key in observed if key not in plan.secrets]
+
+        def job(key: SecretKey) -> Callable[[], None]:
+            def run() -> None:
+                obj = observed[key]
+                accounts = _split(
+                    (obj["metadata"].get("annotations") or {}).get(
+                        names.SERVICE_ACCOUNTS_ANNOTATION
+                    )
+                )
+                for account in accounts:
+                    self._service_account(key[0], account, add=(), remove=(key[1],))
+                self.kube.delete("v1", "Secret", key[0], key[1])
+
+            return run
+
+        self._parallel([job(key) for key in gone])
+
+    def distribute(
+        self,
+        target: access.Target,
+        plan: access.Plan,
+        observed: Mapping[SecretKey, Mapping[str, Any]],
+    ) -> None:
+        def job(key: SecretKey, desired: access.Desired) -> Callable[[], None]:
+            def run() -> None:
+                robot = plan.robots[desired.robot]
+                paths = tuple(
+                    sorted({plan.active[r].path for r in desired.repositories if r in plan.active})
+                )
+                manifest = grants.access_secret(target, desired, robot.current, paths)
+                before = observed.get(key)
+                recorded = _split(
+                    ((before or {}).get("metadata", {}).get("annotations") or {}).get(
+                        names.SERVICE_ACCOUNTS_ANNOTATION
+                    )
+                )
+                for account in sorted(set(recorded) - set(desired.service_accounts)):
+                    self._service_account(key[0], account, add=(), remove=(key[1],))
+                if not self._write_secret(key, manifest, before):
+                    return
+                missing = []
+                for account in desired.service_accounts:
+                    if not self._service_account(key[0], account, add=(key[1],), remove=()):
+                        missing.append(account)
+                if missing:
+                    self.missing_accounts[key] = tuple(missing)
+
+            return run
+
+        self._parallel([job(key, desired) for key, desired in sorted(plan.secrets.items())])
+
+    def _write_secret(
+        self, key: SecretKey, manifest: Mapping[str, Any], before: Mapping[str, Any] | None
+    ) -> bool:
+        try:
+            if before is None:
+                try:
+                    self._record(self.kube.create(manifest))
+                except errors.Conflict:
+                    self.refused[key] = "a Secret of that name exists and Berth does not manage it"
+                    return False
+            elif before.get("type") != manifest["type"]:
+                # The type of a Secret cannot change: replace it.
+                self.kube.delete("v1", "Secret", key[0], key[1])
+                self._record(self.kube.create(manifest))
+            elif not (
+                before.get("data") == manifest["data"]
+                and _contains(
+                    before.get("metadata"),
+                    {
+                        "labels": manifest["metadata"]["labels"],
+                        "annotations": manifest["metadata"]["annotations"],
+                    },
+                )
+            ):
+                self._record(self.kube.apply(manifest))
+        except (errors.Rejected, errors.Retryable, errors.NotFound, errors.Conflict) as exc:
+            # A namespace being deleted refuses new objects (403); the next pass retries.
+            self.refused[key] = exc.message
+            return False
+        self.holding.add(key)
+        return True
+
+    def _service_account(
+        self, namespace: str, name: str, add: Sequence[str], remove: Sequence[str]
+    ) -> bool:
+        """Add/remove imagePullSecrets entries; never touch entries Berth did not add.
+
+        imagePullSecrets is an atomic list (server-side apply would replace it whole),
+        so this is a read-modify-write guarded by the resourceVersion. The entries Berth
+        added are listed in an annotation on the ServiceAccount. False: it does not exist.
+        """
+        for _ in range(5):
+            account = self.kube.find("v1", "ServiceAccount", namespace, name)
+            if account is None:
+                return False
+            meta = account.get("metadata") or {}
+            current = [e.get("name") for e in account.get("imagePullSecrets") or []]
+            added = set(
+                _split((meta.get("annotations") or {}).get(names.ADDED_PULL_SECRETS_ANNOTATION))
+            )
+            entries = list(current)
+            for secret in add:
+                if secret not in entries:
+                    entries.append(secret)
+                    added.add(secret)
+            for secret in remove:
+                if secret in added:
+                    added.discard(secret)
+                    entries = [e for e in entries if e != secret]
+            annotation = ",".join(sorted(added)) or None
+            if entries == current and annotation == (meta.get("annotations") or {}).get(
+                names.ADDED_PULL_SECRETS_ANNOTATION
+            ):
+                return True
+            patch = {
+                "metadata": {
+                    "resourceVersion": meta.get("resourceVersion"),
+                    "annotations": {names.ADDED_PULL_SECRETS_ANNOTATION: annotation},
+                },
+                "imagePullSecrets": [{"name": e} for e in entries],
+            }
+            try:
+                self.kube.patch("v1", "ServiceAccount", namespace, name, patch)
+                return True
+            except errors.Conflict:
+                continue  # changed meanwhile: read again
+            except errors.NotFound:
+                return False
+        raise errors.Retryable(f"ServiceAccount {namespace}/{name} keeps changing")
+
+    # -- the registry's own Secrets, the Repositories --
+
+    def apply_owned(self, manifest: Mapping[str, Any], before: Mapping[str, Any] | None) -> None:
+        if (
+            before is not None
+            and before.get("data") == manifest["data"]
+            and _contains(before.get("metadata"), {"labels": manifest["metadata"]["labels"]})
+        ):
+            return
+        self._record(self.kube.apply(manifest))
+
+    def clear_rotate_request(self, namespace: str, repository: str, request: str) -> None:
+        """Remove the handled annotation, unless it was set again meanwhile."""
+        path = "/metadata/annotations/" + models.ROTATE_ANNOTATION.replace("~", "~0").replace(
+            "/", "~1"
+        )
+        patch = [{"op": "test", "path": path, "value": request}, {"op": "remove", "path": path}]
+        # Changed or gone meanwhile: the next pass sees the new value.
+        with contextlib.suppress(errors.Rejected, errors.NotFound, errors.Conflict):
+            self.kube.patch(
+                API_VERSION,
+                models.REPOSITORY_KIND,
+                namespace,
+                repository,
+                patch,
+                content_type=kube_client.JSON_PATCH,
+            )
+
+    def write_status(
+        self,
+        owner: models.Owner,
+        generation: int,
+        fields: Mapping[str, Any],
+        found: Sequence[status.Condition],
+        now: float,
+    ) -> list[tuple[Mapping[str, Any], Event]]:
+        body = self.kube.find(API_VERSION, models.REPOSITORY_KIND, owner.namespace, owner.name)
+        if body is None:
+            return []
+        previous = body.get("status") or {}
+        stamp = datetime.datetime.fromtimestamp(int(now), datetime.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
+        new = {
+            **fields,
+            "observedGeneration": generation,
+            "conditions": status.render_conditions(
+                found, previous.get("conditions") or [], generation, stamp
+            ),
+        }
+        ref = {
+            "apiVersion": API_VERSION,
+            "kind": models.REPOSITORY_KIND,
+            "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid},
+        }
+        if dict(previous) != new:
+            try:
+                self._record(
+                    self.kube.apply(
+                        {
+                            "apiVersion": API_VERSION,
+                            "kind": models.REPOSITORY_KIND,
+                            "metadata": {"name": owner.name, "namespace": owner.namespace},
+                            "status": new,
+                        },
+                        subresource="status",
+                    )
+                )
+            except errors.NotFound:
+                return []
+        return [(ref, event) for event in _repository_events(previous, new)]
+
+
+def _statuses_only(
+    kube: kube_client.Client,
+    repositories: Sequence[models.Repository],
+    invalid: Sequence[Invalid],
+    reason: tuple[str, str],
+    now: float,
+) -> Outcome:
+    writer = _Writer(kube, Options())
+    events = []
+    for repository in repositories:
+        found = [status.Condition(access.READY, "False", *reason)]
+        previous = (
+            kube.find(
+                API_VERSION,
+                models.REPOSITORY_KIND,
+                repository.owner.namespace,
+                repository.owner.name,
+            )
+            or {}
+        ).get("status") or {}
+        # Keep what was granted: only the condition changes.
+        fields = {
+            k: v for k, v in previous.items() if k not in ("conditions", "observedGeneration")
+        }
+        events.extend(
+            writer.write_status(repository.owner, repository.generation, fields, found, now)
+        )
+    for owner, generation, message in invalid:
+        found = [status.Condition(access.READY, "False", "InvalidSpec", message)]
+        events.extend(writer.write_status(owner, generation, {}, found, now))
+    return Outcome(events=tuple(events), written=writer.written)
+
+
+def _summary(items: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _condition(status_: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
+    for condition in status_.get("conditions") or []:
+        if condition.get("type") == type_:
+            return dict(condition)
+    return {}
+
+
+def _repository_events(previous: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
+    """What an admin should see: grants, revocations, rotations, conflicts."""
+    found = []
+    for field, mode in (("pullSecretNamespaces", "pull"), ("pushSecretNamespaces", "push")):
+        before, after = set(previous.get(field) or []), set(new.get(field) or [])
+        if after - before:
+            found.append(
+                Event(
+                    "Normal",
+                    "Granted",
+                    f"{mode} Secret written to {_summary(sorted(after - before))}",
+                )
+            )
+        if before - after:
+            found.append(
+                Event(
+                    "Normal",
+                    "Revoked",
+                    f"{mode} Secret removed from {_summary(sorted(before - after))}",
+                )
+            )
+    rotated = new.get("credentialsRotatedAt")
+    if previous.get("credentialsRotatedAt") and rotated != previous.get("credentialsRotatedAt"):
+        found.append(Event("Normal", "Rotated", f"new credentials handed out at {rotated}"))
+    old, ready = _condition(previous, access.READY), _condition(new, access.READY)
+    key = ("status", "reason", "message")
+    if ready.get("status") == "False" and [old.get(k) for k in key] != [ready.get(k) for k in key]:
+        found.append(Event("Warning", str(ready.get("reason")), str(ready.get("message", ""))))
+    conflict = _condition(new, access.PATH_CONFLICT)
+    before_conflict = _condition(previous, access.PATH_CONFLICT)
+    if conflict.get("reason") == "KeepsPath" and before_conflict.get("message") != conflict.get(
+        "message"
+    ):
+        found.append(Event("Warning", "PathConflict", str(conflict.get("message", ""))))
+    return found

@@ -1,0 +1,79 @@
+"""Render what the access plan decided: the policy and robots Secrets of a registry and
+the pull (push) Secrets written into granted namespaces. Pure, like the rest of rendering.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+
+from registry_operator import access, models, robots
+from registry_operator.rendering import manifests, names
+
+DOCKERCONFIGJSON = "kubernetes.io/dockerconfigjson"
+DOCKERCONFIGJSON_KEY = ".dockerconfigjson"
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+def policy_text(owner: models.Owner, policy: access.Policy) -> str:
+    return manifests.text(
+        "policy.yaml.j2", name=owner.name, namespace=owner.namespace, policy=policy
+    )
+
+
+def policy_secret(owner: models.Owner, policy: access.Policy) -> manifests.Manifest:
+    return manifests.manifest(
+        "secret.yaml.j2",
+        name=names.policy_secret(owner.name),
+        namespace=owner.namespace,
+        labels=names.labels(owner.name, "policy"),
+        owner_references=manifests.owner_references(owner),
+        data={names.POLICY_FILE: _b64(policy_text(owner, policy))},
+    )
+
+
+def robots_secret(owner: models.Owner, state: Mapping[str, robots.Robot]) -> manifests.Manifest:
+    """The operator's record of every robot credential of the registry."""
+    return manifests.manifest(
+        "secret.yaml.j2",
+        name=names.robots_secret(owner.name),
+        namespace=owner.namespace,
+        labels=names.labels(owner.name, "robots"),
+        owner_references=manifests.owner_references(owner),
+        data={key: _b64(robots.dump(robot)) for key, robot in sorted(state.items())},
+    )
+
+
+def access_secret(
+    target: access.Target,
+    desired: access.Desired,
+    credential: robots.Credential,
+    paths: tuple[str, ...],
+) -> manifests.Manifest:
+    """A kubernetes.io/dockerconfigjson Secret for one granted namespace.
+
+    Not owned by the Registry (owner references cannot cross namespaces): the labels
+    name the registry, and the operator deletes what the plan no longer wants.
+    """
+    owner = target.owner
+    component = (
+        names.PULL_SECRET_COMPONENT if desired.mode == robots.PULL else names.PUSH_SECRET_COMPONENT
+    )
+    config = access.dockerconfigjson(target.host, credential)
+    return manifests.manifest(
+        "access-secret.yaml.j2",
+        name=desired.name,
+        namespace=desired.namespace,
+        labels=names.access_labels(owner.name, owner.namespace, component),
+        annotations={
+            names.ROBOT_ANNOTATION: credential.name,
+            names.REPOSITORIES_ANNOTATION: ",".join(paths),
+            names.SERVICE_ACCOUNTS_ANNOTATION: ",".join(desired.service_accounts),
+        },
+        type=DOCKERCONFIGJSON,
+        data={DOCKERCONFIGJSON_KEY: _b64(json.dumps(config, sort_keys=True))},
+    )

@@ -1,0 +1,653 @@
+"""Repositories on a real control plane, end to end with the server the operator rendered.
+
+The operator runs as a process against etcd + kube-apiserver + kube-controller-manager.
+The registry server runs from the Deployment, ConfigMap and Secrets the operator wrote
+(tests/support/podspec_runner.py), and a thread stands in for the kubelet's sync loop:
+it re-materialises changed ConfigMaps and Secrets into the same volume directories with
+the kubelet's atomic symlink swap, so the running server reloads the policy on its own,
+as in a cluster. The operator reaches the server through an endpoint overrides file (no
+Service networking here). Every credential is read from the `.dockerconfigjson` of the
+Secret the operator wrote and used with skopeo.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from registry_operator.kube import client as kube_client
+from registry_operator.rendering import names
+from tests.support import podspec_runner
+from tests.support.clients import skopeo
+from tests.support.control_plane import ControlPlane
+from tests.support.images import make_oci_layout, tagged_digest
+from tests.support.operator_process import OperatorProcess
+from tests.support.tools import require_tool
+
+pytestmark = pytest.mark.integration
+
+API = "berth.dev/v1alpha1"
+PULL_LABEL = "berth.dev/pull"
+
+
+@pytest.fixture(scope="module")
+def overrides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("endpoints") / "endpoints.json"
+    path.write_text("{}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def operator(
+    control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory, overrides: Path
+) -> Iterator[OperatorProcess]:
+    running = OperatorProcess(
+        control_plane,
+        tmp_path_factory.mktemp("operator"),
+        (
+            "--standalone",
+            "--resync-seconds=60",
+            "--credential-propagation-seconds=60",
+            f"--endpoint-overrides={overrides}",
+        ),
+    ).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def kube(control_plane: ControlPlane) -> Iterator[kube_client.Client]:
+    client = kube_client.Client.connect(str(control_plane.kubeconfig))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def pods() -> Iterator[list[podspec_runner.RunningPod]]:
+    started: list[podspec_runner.RunningPod] = []
+    try:
+        yield started
+    finally:
+        for pod in started:
+            pod.stop()
+
+
+@pytest.fixture
+def namespaces(control_plane: ControlPlane) -> Iterator[Callable[..., str]]:
+    """Factory for extra namespaces (with labels), deleted after the test."""
+    created: list[str] = []
+
+    def create(prefix: str, **labels: str) -> str:
+        name = f"{prefix}-{secrets.token_hex(3)}"
+        document = {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels},
+        }
+        control_plane.kubectl("apply", "-f", "-", input=json.dumps(document))
+        created.append(name)
+        return name
+
+    try:
+        yield create
+    finally:
+        if created:
+            control_plane.kubectl(
+                "delete", "namespace", *created, "--wait=false", "--ignore-not-found", check=False
+            )
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _wait(
+    check: Callable[[], Any], operator: OperatorProcess, what: str, timeout: float = 30
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out waiting for {what}\n--- operator log ---\n{operator.log()}"
+            )
+        time.sleep(0.05)
+
+
+def _apply(
+    plane: ControlPlane, kind: str, name: str, namespace: str, spec: dict[str, Any], **meta: Any
+) -> None:
+    document = {
+        "apiVersion": API,
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace, **meta},
+        "spec": spec,
+    }
+    plane.kubectl("apply", "-f", "-", input=json.dumps(document))
+
+
+def _registry_pod(
+    plane: ControlPlane,
+    kube: kube_client.Client,
+    operator: OperatorProcess,
+    overrides: Path,
+    namespace: str,
+    root: Path,
+    pods: list[podspec_runner.RunningPod],
+) -> podspec_runner.RunningPod:
+    """Apply a Registry `main`, start its pod as the kubelet would and keep its volumes
+    current; the operator is told where it serves."""
+    _apply(plane, "Registry", "main", namespace, {"storage": {"emptyDir": {}}})
+    deployment = _wait(
+        lambda: kube.find("apps/v1", "Deployment", namespace, "main"), operator, "Deployment"
+    )
+
+    def fetch() -> tuple[list[Any], list[Any]] | None:
+        return podspec_runner.inputs(
+            lambda kind, ns, name: kube.find("v1", kind, ns, name), namespace, deployment
+        )
+
+    config_maps, secrets_ = _wait(fetch, operator, "the pod's ConfigMaps and Secrets")
+    pod = podspec_runner.start(deployment, config_maps, secrets_, root)
+    pods.append(pod)
+    pod.follow(lambda: fetch() or ([], []), interval=0.5)
+    mapping = json.loads(overrides.read_text())
+    mapping[f"{namespace}/main"] = pod.url
+    temporary = overrides.with_suffix(".tmp")
+    temporary.write_text(json.dumps(mapping))
+    temporary.rename(overrides)
+    return pod
+
+
+def _admin(kube: kube_client.Client, namespace: str) -> str:
+    secret = kube.get("v1", "Secret", namespace, names.secret("main"))
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    return f"{data['admin-username']}:{data['admin-password']}"
+
+
+def _push(pod: podspec_runner.RunningPod, creds: str, source: Path, path: str, seed: str) -> str:
+    digest = make_oci_layout(source / seed, "v1", seed=seed)
+    skopeo(
+        "copy", "--dest-tls-verify=false", f"--dest-creds={creds}", f"oci:{source / seed}:v1",
+        f"docker://{pod.host}/{path}:v1",
+    )  # fmt: skip
+    return digest
+
+
+def _pull_secret(kube: kube_client.Client, namespace: str, name: str) -> dict[str, Any] | None:
+    return kube.find("v1", "Secret", namespace, name)
+
+
+def _credentials(secret: dict[str, Any], host: str) -> tuple[str, str]:
+    """The username and password in a dockerconfigjson Secret, for `host`."""
+    assert secret["type"] == "kubernetes.io/dockerconfigjson"
+    config = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
+    assert list(config["auths"]) == [host], "auths must be keyed by the registry's endpoint"
+    entry = config["auths"][host]
+    assert base64.b64decode(entry["auth"]).decode() == f"{entry['username']}:{entry['password']}"
+    return entry["username"], entry["password"]
+
+
+def _basic_status(pod: podspec_runner.RunningPod, user: str, password: str) -> int:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(f"{pod.url}/v2/", headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def _accepted(
+    pod: podspec_runner.RunningPod, creds: tuple[str, str], operator: OperatorProcess
+) -> None:
+    """Wait until the server accepts `creds`, without tripping its rate limit for failed
+    logins (10 a minute per client): first until the kubelet stand-in has the account in
+    the mounted policy file, then a login a second while the server reloads it."""
+    policy = pod.mounts["/etc/berth/policy"] / "policy.yaml"
+    _wait(lambda: creds[0] in policy.read_text(), operator, f"{creds[0]} in the pod's policy")
+
+    def accepted() -> bool:
+        if _basic_status(pod, *creds) == 200:
+            return True
+        time.sleep(1)
+        return False
+
+    _wait(accepted, operator, f"the server to accept {creds[0]}")
+
+
+def _pull(pod: podspec_runner.RunningPod, creds: tuple[str, str], path: str, dest: Path) -> Any:
+    return skopeo(
+        "copy", "--src-tls-verify=false", f"--src-creds={creds[0]}:{creds[1]}",
+        f"docker://{pod.host}/{path}:v1", f"oci:{dest}:v1", check=False,
+    )  # fmt: skip
+
+
+def _status(kube: kube_client.Client, namespace: str, name: str) -> dict[str, Any]:
+    return dict(kube.get(API, "Repository", namespace, name).get("status") or {})
+
+
+def _conditions(kube: kube_client.Client, namespace: str, name: str) -> dict[str, tuple[str, str]]:
+    found = _status(kube, namespace, name).get("conditions") or []
+    return {c["type"]: (c["status"], c["reason"]) for c in found}
+
+
+def _events(plane: ControlPlane, namespace: str, name: str) -> list[tuple[str, str, str]]:
+    found = plane.kubectl_json(
+        "get", "events", "-n", namespace,
+        "--field-selector", f"involvedObject.kind=Repository,involvedObject.name={name}",
+    )  # fmt: skip
+    return [(e["type"], e["reason"], e["message"]) for e in found["items"]]
+
+
+# --- the tests ----------------------------------------------------------------------------
+
+
+def test_pull_secret_grants_exactly_the_repository_and_revocation_takes_it_back(
+    operator: OperatorProcess,
+    kube: kube_client.Client,
+    control_plane: ControlPlane,
+    namespace: str,
+    namespaces: Callable[..., str],
+    overrides: Path,
+    pods: list[podspec_runner.RunningPod],
+    tmp_path: Path,
+) -> None:
+    require_tool("skopeo")
+    label = secrets.token_hex(4)
+    team_a, team_b = namespaces("team-a"), namespaces("team-b")
+    pod = _registry_pod(control_plane, kube, operator, overrides, namespace, tmp_path / "pod", pods)
+    admin = _admin(kube, namespace)
+    digest = _push(pod, admin, tmp_path / "src", "team-a/api", "api")
+    _push(pod, admin, tmp_path / "src", "team-b/web", "web")
+
+    selector = {"matchLabels": {PULL_LABEL: label}}
+    _apply(control_plane, "Repository", "team-a-api", namespace, {
+        "registryRef": {"name": "main"},
+        "path": "team-a/api",
+        "pullAccess": {"namespaces": [team_a], "namespaceSelector": selector},
+    })  # fmt: skip
+    _apply(control_plane, "Repository", "team-b-web", namespace, {
+        "registryRef": {"name": "main"},
+        "path": "team-b/web",
+        "pullAccess": {"namespaces": [team_b]},
+    })  # fmt: skip
+    secret_name = f"main-{namespace}-pull"
+    secret = _wait(lambda: _pull_secret(kube, team_a, secret_name), operator, "the pull Secret")
+    creds = _credentials(secret, f"main.{namespace}.svc:5000")
+    assert creds[0] == f"pull.{team_a}.1"
+    # The kubelet stand-in copies the new policy into the pod; the server reloads it.
+    _accepted(pod, creds, operator)
+
+    pulled = _pull(pod, creds, "team-a/api", tmp_path / "pulled")
+    assert pulled.returncode == 0, pulled.stderr
+    assert tagged_digest(tmp_path / "pulled", "v1") == digest
+    other = _pull(pod, creds, "team-b/web", tmp_path / "other")
+    assert other.returncode != 0
+    assert "unauthorized" in other.stderr.lower() or "denied" in other.stderr.lower()
+    push = skopeo(
+        "copy", "--dest-tls-verify=false", f"--dest-creds={creds[0]}:{creds[1]}",
+        f"oci:{tmp_path / 'src' / 'api'}:v1", f"docker://{pod.host}/team-a/api:v2", check=False,
+    )  # fmt: skip
+    assert push.returncode != 0
+    assert "unauthorized" in push.stderr.lower() or "denied" in push.stderr.lower()
+
+    status = _wait(
+        lambda: (
+            (s := _status(kube, namespace, "team-a-api")).get("pullSecretNamespaces") == [team_a]
+            and s
+        ),
+        operator,
+        "the Repository status",
+    )
+    assert status["pullSecretName"] == secret_name
+    assert _conditions(kube, namespace, "team-a-api")["Ready"] == ("True", "Granted")
+    table = control_plane.kubectl("get", "repositories", "-n", namespace).stdout
+    assert table.split("\n")[0].split()[:5] == ["NAME", "REGISTRY", "PATH", "VISIBILITY", "READY"]
+
+    # A namespace created later with the label gets its Secret within seconds (a watch).
+    started = time.monotonic()
+    team_c = namespaces("team-c", **{PULL_LABEL: label})
+    later = _wait(
+        lambda: _pull_secret(kube, team_c, secret_name),
+        operator,
+        "the new namespace's Secret",
+        timeout=10,
+    )
+    print(f"\nnamespace created -> pull Secret present: {time.monotonic() - started:.2f}s")
+    later_creds = _credentials(later, f"main.{namespace}.svc:5000")
+    assert later_creds[0] == f"pull.{team_c}.1" and later_creds != creds
+    _accepted(pod, later_creds, operator)
+    assert _pull(pod, later_creds, "team-a/api", tmp_path / "later").returncode == 0
+
+    # Revocation: team-a leaves the list. Its Secret goes, then the server refuses the
+    # old credential; team-c's is not disturbed.
+    _apply(control_plane, "Repository", "team-a-api", namespace, {
+        "registryRef": {"name": "main"},
+        "path": "team-a/api",
+        "pullAccess": {"namespaces": [], "namespaceSelector": selector},
+    })  # fmt: skip
+    _wait(lambda: _pull_secret(kube, team_a, secret_name) is None, operator, "the Secret to go")
+    deadline = time.monotonic() + 30
+    while _basic_status(pod, *creds) == 200:  # stops at the first refusal (rate limiting)
+        assert time.monotonic() < deadline, "the server still accepts the revoked credential"
+        time.sleep(1)
+    refused = _pull(pod, creds, "team-a/api", tmp_path / "refused")
+    assert refused.returncode != 0
+    assert (
+        _pull_secret(kube, team_c, secret_name) == later
+        or _credentials(_pull_secret(kube, team_c, secret_name) or {}, f"main.{namespace}.svc:5000")
+        == later_creds
+    )
+    assert _pull(pod, later_creds, "team-a/api", tmp_path / "still").returncode == 0
+    _wait(
+        lambda: (
+            {("Granted"), ("Revoked")}
+            <= {e[1] for e in _events(control_plane, namespace, "team-a-api")}
+        ),
+        operator,
+        "Granted and Revoked events",
+    )
+
+
+def test_rotation_keeps_every_pull_working(
+    operator: OperatorProcess,
+    kube: kube_client.Client,
+    control_plane: ControlPlane,
+    namespace: str,
+    namespaces: Callable[..., str],
+    overrides: Path,
+    pods: list[podspec_runner.RunningPod],
+    tmp_path: Path,
+) -> None:
+    """Pulls run back to back throughout a rotation, each with the credential the Secret
+    holds at that moment (as the kubelet reads it for each pull): none fails. A client
+    that keeps the old credential keeps working for the overlap, and no longer after."""
+    require_tool("skopeo")
+    team = namespaces("rot")
+    pod = _registry_pod(control_plane, kube, operator, overrides, namespace, tmp_path / "pod", pods)
+    _push(pod, _admin(kube, namespace), tmp_path / "src", "team-a/api", "api")
+    spec = {
+        "registryRef": {"name": "main"},
+        "path": "team-a/api",
+        "pullAccess": {"namespaces": [team]},
+        "rotation": {"overlap": "15s"},
+    }
+    _apply(control_plane, "Repository", "api", namespace, spec)
+    secret_name = f"main-{namespace}-pull"
+    host = f"main.{namespace}.svc:5000"
+    first = _credentials(
+        _wait(lambda: _pull_secret(kube, team, secret_name), operator, "Secret"), host
+    )
+    _accepted(pod, first, operator)
+
+    failures: list[str] = []
+    used: set[str] = set()
+    pulls = 0
+    stop = threading.Event()
+
+    def keep_pulling() -> None:
+        nonlocal pulls
+        while not stop.is_set():
+            current = _credentials(_pull_secret(kube, team, secret_name) or {}, host)
+            used.add(current[0])
+            result = _pull(pod, current, "team-a/api", tmp_path / f"pull-{pulls % 2}")
+            pulls += 1
+            if result.returncode != 0:
+                failures.append(f"{current[0]}: {result.stderr.strip()}")
+
+    puller = threading.Thread(target=keep_pulling)
+    puller.start()
+    try:
+        time.sleep(1)
+        control_plane.kubectl(
+            "annotate", "repository", "api", "-n", namespace, "berth.dev/rotate=now"
+        )
+        second = _credentials(
+            _wait(
+                lambda: (
+                    (s := _pull_secret(kube, team, secret_name))
+                    and _credentials(s, host)[0] != first[0]
+                    and s
+                ),
+                operator,
+                "the rotated credential in the Secret",
+                timeout=60,
+            ),
+            host,
+        )
+        rotated_at = time.monotonic()
+        assert second[0] == f"pull.{team}.2"
+        # Handed out only once the server had it, and the old one still works.
+        assert _basic_status(pod, *second) == 200
+        assert _basic_status(pod, *first) == 200
+        time.sleep(3)  # pulls with the new credential
+    finally:
+        stop.set()
+        puller.join(timeout=120)
+    assert failures == [], failures
+    assert {first[0], second[0]} <= used, used
+    print(f"\n{pulls} pulls during the rotation, none failed")
+
+    annotations = kube.get(API, "Repository", namespace, "api")["metadata"].get("annotations") or {}
+    assert "berth.dev/rotate" not in annotations
+    assert _status(kube, namespace, "api").get("credentialsRotatedAt")
+    # The old credential keeps working for the overlap (15 s), then the server drops it.
+    while time.monotonic() < rotated_at + 12:
+        assert _basic_status(pod, *first) == 200, "the old credential stopped before its overlap"
+        time.sleep(2)
+    deadline = time.monotonic() + 30
+    while _basic_status(pod, *first) == 200:
+        assert time.monotonic() < deadline, "the old credential was never dropped"
+        time.sleep(1)
+    assert _basic_status(pod, *second) == 200
+    _wait(
+        lambda: _conditions(kube, namespace, "api").get("Rotating") == ("False", "Idle"),
+        operator,
+        "Idle",
+    )
+    assert "Rotated" in {e[1] for e in _events(control_plane, namespace, "api")}
+
+
+def test_conflicting_paths_are_reported_on_both(
+    operator: OperatorProcess, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
+) -> None:
+    _apply(control_plane, "Registry", "main", namespace, {"storage": {"emptyDir": {}}})
+    _apply(
+        control_plane,
+        "Repository",
+        "first",
+        namespace,
+        {"registryRef": {"name": "main"}, "path": "shared/app"},
+    )
+    _wait(lambda: _conditions(kube, namespace, "first").get("Ready"), operator, "first's status")
+    time.sleep(1.1)  # creationTimestamp has one-second resolution
+    _apply(
+        control_plane,
+        "Repository",
+        "second",
+        namespace,
+        {"registryRef": {"name": "main"}, "path": "shared/app"},
+    )
+    _wait(
+        lambda: _conditions(kube, namespace, "second").get("Ready") == ("False", "PathConflict"),
+        operator,
+        "the newer claim to be refused",
+    )
+    assert _conditions(kube, namespace, "second")["PathConflict"] == ("True", "PathHeldByOther")
+    _wait(
+        lambda: _conditions(kube, namespace, "first").get("PathConflict") == ("True", "KeepsPath"),
+        operator,
+        "the older claim to be told",
+    )
+    assert _conditions(kube, namespace, "first")["Ready"] == ("True", "Granted")
+    message = next(
+        c["message"]
+        for c in _status(kube, namespace, "second")["conditions"]
+        if c["type"] == "PathConflict"
+    )
+    assert "held by Repository first, which is older" in message
+    _wait(
+        lambda: (
+            ("Warning", "PathConflict")
+            in {(e[0], e[1]) for e in _events(control_plane, namespace, "second")}
+        ),
+        operator,
+        "a Warning event",
+    )
+    # The older one goes: the other takes the path over.
+    control_plane.kubectl("delete", "repository", "first", "-n", namespace)
+    _wait(
+        lambda: _conditions(kube, namespace, "second").get("Ready") == ("True", "Granted"),
+        operator,
+        "the path to pass to the remaining claim",
+    )
+
+
+def test_service_accounts_and_registry_deletion(
+    operator: OperatorProcess,
+    kube: kube_client.Client,
+    control_plane: ControlPlane,
+    namespace: str,
+    namespaces: Callable[..., str],
+) -> None:
+    team = namespaces("sa")
+    # The serviceaccount controller creates `default`; a user adds an entry of their own.
+    _wait(lambda: kube.find("v1", "ServiceAccount", team, "default"), operator, "the default SA")
+    control_plane.kubectl(
+        "patch", "serviceaccount", "default", "-n", team, "--type=merge",
+        "-p", json.dumps({"imagePullSecrets": [{"name": "their-own"}]}),
+    )  # fmt: skip
+    _apply(control_plane, "Registry", "main", namespace, {"storage": {"emptyDir": {}}})
+    _apply(control_plane, "Repository", "api", namespace, {
+        "registryRef": {"name": "main"}, "path": "team/api",
+        "pullAccess": {
+            "namespaces": [team], "serviceAccounts": ["default"], "secretName": "registry-pull"
+        },
+    })  # fmt: skip
+
+    def entries() -> list[str]:
+        account = kube.get("v1", "ServiceAccount", team, "default")
+        return [e["name"] for e in account.get("imagePullSecrets") or []]
+
+    _wait(lambda: entries() == ["their-own", "registry-pull"], operator, "the SA entry")
+    assert _pull_secret(kube, team, "registry-pull") is not None
+
+    # Deleting the Registry removes what it wrote outside its namespace, and only that.
+    control_plane.kubectl("delete", "registry", "main", "-n", namespace, timeout=60)
+    _wait(lambda: _pull_secret(kube, team, "registry-pull") is None, operator, "the Secret to go")
+    assert entries() == ["their-own"]
+    _wait(
+        lambda: _conditions(kube, namespace, "api").get("Ready", ("", ""))[1] == "RegistryNotFound",
+        operator,
+        "the Repository to say so",
+    )
+
+
+def test_fan_out_to_200_namespaces(
+    operator: OperatorProcess,
+    kube: kube_client.Client,
+    control_plane: ControlPlane,
+    namespace: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """Time from `kubectl apply` of a Repository to a pull Secret in each of 200 labelled
+    namespaces, and the operator's memory meanwhile."""
+    count = 200
+    label = secrets.token_hex(4)
+    prefix = f"fan-{label}"
+    _apply(control_plane, "Registry", "main", namespace, {"storage": {"emptyDir": {}}})
+    _wait(
+        lambda: kube.find("v1", "Secret", namespace, names.policy_secret("main")),
+        operator,
+        "policy",
+    )
+    listing = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": f"{prefix}-{i:03d}", "labels": {PULL_LABEL: label}},
+            }
+            for i in range(count)
+        ],
+    }
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(listing), timeout=120)
+    selector = names.access_selector("main", namespace)
+    try:
+        time.sleep(2)  # let the namespace events settle: measure the fan-out, not the creation
+        rss_before, _ = operator.rss_kib()
+        peak = [rss_before]
+        sampling = threading.Event()
+
+        def sample() -> None:
+            while not sampling.wait(0.05):
+                peak[0] = max(peak[0], operator.rss_kib()[0])
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        started = time.monotonic()
+        _apply(control_plane, "Repository", "fan", namespace, {
+            "registryRef": {"name": "main"},
+            "path": "fan/out",
+            "pullAccess": {"namespaceSelector": {"matchLabels": {PULL_LABEL: label}}},
+        })  # fmt: skip
+        _wait(
+            lambda: len(kube.list("v1", "Secret", None, selector)) >= count,
+            operator,
+            f"{count} pull Secrets",
+            timeout=180,
+        )
+        elapsed = time.monotonic() - started
+        status = _wait(
+            lambda: (
+                len((s := _status(kube, namespace, "fan")).get("pullSecretNamespaces") or [])
+                == count
+                and s
+            ),
+            operator,
+            "the status to list them",
+            timeout=60,
+        )
+        sampling.set()
+        sampler.join()
+        rss_after, hwm = operator.rss_kib()
+        assert status["pullSecretNamespaces"][0] == f"{prefix}-000"
+        record_property("fan_out_200_seconds", round(elapsed, 2))
+        record_property("operator_rss_peak_mib", round(peak[0] / 1024, 1))
+        print(
+            f"\nfan-out to {count} namespaces: {elapsed:.2f}s; operator RSS "
+            f"{rss_before / 1024:.1f} MiB before, peak {peak[0] / 1024:.1f} MiB while fanning "
+            f"out, {rss_after / 1024:.1f} MiB after (process high-water mark {hwm / 1024:.1f} MiB)"
+        )
+        assert elapsed < 60
+    finally:
+        control_plane.kubectl(
+            "delete", "repository", "fan", "-n", namespace, "--ignore-not-found", check=False
+        )
+        control_plane.kubectl(
+            "delete",
+            "namespace",
+            "-l",
+            f"{PULL_LABEL}={label}",
+            "--wait=false",
+            check=False,
+            timeout=120,
+        )

@@ -1,0 +1,344 @@
+"""granting.reconcile_access() against the in-memory API: what is written, in which order,
+what is never touched, and what the Repositories are told."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+from typing import Any
+
+import yaml
+
+from registry_operator import access, credentials, granting, models, robots
+from registry_operator.rendering import names
+from tests.registry_operator.fake_kube import FakeKube
+
+NS = "registries"
+PULL = "main-registries-pull"
+
+
+def _kube() -> FakeKube:
+    kube = FakeKube()
+    kube.put(
+        {
+            "apiVersion": "berth.dev/v1alpha1",
+            "kind": "Registry",
+            "metadata": {"name": "main", "namespace": NS, "uid": "reg-uid", "generation": 1},
+            "spec": {},
+        }
+    )
+    for name, labels in (
+        (NS, {}),
+        ("team-a", {}),
+        ("team-b", {"berth.dev/pull": "yes"}),
+        ("team-c", {}),
+    ):
+        kube.namespace(name, labels)
+    return kube
+
+
+def _repository(kube: FakeKube, name: str, spec: dict[str, Any], **meta: Any) -> None:
+    kube.put(
+        {
+            "apiVersion": "berth.dev/v1alpha1",
+            "kind": "Repository",
+            "metadata": {
+                "name": name,
+                "namespace": NS,
+                "generation": 1,
+                "creationTimestamp": meta.pop("created", "2026-01-01T00:00:00Z"),
+                **meta,
+            },
+            "spec": {"registryRef": {"name": "main"}, **spec},
+        }
+    )
+
+
+def _service_account(kube: FakeKube, namespace: str, name: str, pulls: list[str]) -> None:
+    kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": name, "namespace": namespace},
+            "imagePullSecrets": [{"name": p} for p in pulls],
+        }
+    )
+
+
+class Clock:
+    """The time, and a counter for generated secrets shared by all runs of one test."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+        self.counter = itertools.count(1)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _options(clock: Clock, answer: str = access.UNREACHABLE) -> granting.Options:
+    return granting.Options(
+        generators=credentials.Generators(
+            password=lambda: f"secret-{next(clock.counter)}",
+            hash=lambda secret: "$2b$05$" + secret.rjust(53, "x"),
+        ),
+        prober=lambda target, credential: answer,
+        clock=clock,
+        workers=4,
+    )
+
+
+def _run(kube: FakeKube, options: granting.Options) -> granting.Outcome:
+    return granting.reconcile_access(kube, NS, "main", options)  # type: ignore[arg-type]
+
+
+def _dockerconfig(kube: FakeKube, namespace: str, name: str = PULL) -> dict[str, Any]:
+    secret = kube.objects[("Secret", namespace, name)]
+    assert secret["type"] == "kubernetes.io/dockerconfigjson"
+    data = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
+    return dict(data["auths"]["main.registries.svc:5000"])
+
+
+def _policy(kube: FakeKube) -> dict[str, Any]:
+    secret = kube.objects[("Secret", NS, "main-policy")]
+    return dict(yaml.safe_load(base64.b64decode(secret["data"]["policy.yaml"])))
+
+
+def _status(kube: FakeKube, name: str) -> dict[str, Any]:
+    return dict(kube.objects[("Repository", NS, name)]["status"])
+
+
+def _conditions(kube: FakeKube, name: str) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in _status(kube, name)["conditions"]}
+
+
+API = {
+    "path": "team-a/api",
+    "pullAccess": {
+        "namespaces": ["team-a"],
+        "namespaceSelector": {"matchLabels": {"berth.dev/pull": "yes"}},
+    },
+}
+
+
+def test_fan_out_writes_policy_first_then_secrets_and_status() -> None:
+    kube, clock = _kube(), Clock()
+    _repository(kube, "api", API)
+    outcome = _run(kube, _options(clock))
+    creds = _dockerconfig(kube, "team-a")
+    assert creds["username"] == "pull.team-a.1"
+    assert _dockerconfig(kube, "team-b")["username"] == "pull.team-b.1"
+    assert ("Secret", "team-c", PULL) not in kube.objects
+    labels = kube.objects[("Secret", "team-a", PULL)]["metadata"]["labels"]
+    assert labels[names.REGISTRY_NAMESPACE_LABEL] == NS
+    assert labels[names.COMPONENT_LABEL] == "pull-secret"
+
+    robots_by_name = {r["name"]: r for r in _policy(kube)["robots"]}
+    assert robots_by_name["pull.team-a.1"]["access"] == [
+        {"repository": "team-a/api", "actions": ["pull"]}
+    ]
+    order = [c for c in kube.calls if c[0] in ("apply", "create") and c[1] == "Secret"]
+    assert order[0][3] == "main-robots" and order[1][3] == "main-policy"
+
+    status = _status(kube, "api")
+    assert status["pullSecretNamespaces"] == ["team-a", "team-b"]
+    assert status["pullSecretName"] == PULL
+    assert status["credentialsRotatedAt"] == "2027-01-15T08:00:00Z"
+    assert _conditions(kube, "api")["Ready"] == ("True", "Granted")
+    assert [(e.reason, e.message) for _, e in outcome.events] == [
+        ("Granted", "pull Secret written to team-a, team-b")
+    ]
+    assert outcome.interest.concerns("team-a", {})
+    assert outcome.interest.concerns("new", {"berth.dev/pull": "yes"})
+    assert not outcome.interest.concerns("new", {})
+
+    calls = len(kube.calls)
+    again = _run(kube, _options(clock))
+    assert again.events == ()
+    assert [c for c in kube.calls[calls:] if c[0] != "apply" or c[1] != "Repository"] == []
+
+
+def test_new_and_relabelled_namespaces_gain_and_lose_their_secret() -> None:
+    kube, clock = _kube(), Clock()
+    _repository(kube, "api", API)
+    _run(kube, _options(clock))
+    team_a = _dockerconfig(kube, "team-a")
+    kube.namespace("team-d", {"berth.dev/pull": "yes"})
+    kube.namespace("team-b", {})
+    outcome = _run(kube, _options(clock))
+    assert ("Secret", "team-b", PULL) not in kube.objects
+    assert _dockerconfig(kube, "team-d")["username"] == "pull.team-d.1"
+    assert _dockerconfig(kube, "team-a") == team_a  # untouched
+    assert {r["name"] for r in _policy(kube)["robots"]} == {"pull.team-a.1", "pull.team-d.1"}
+    assert sorted((e.reason, e.message) for _, e in outcome.events) == [
+        ("Granted", "pull Secret written to team-d"),
+        ("Revoked", "pull Secret removed from team-b"),
+    ]
+
+
+def test_a_foreign_secret_is_never_overwritten() -> None:
+    kube, clock = _kube(), Clock()
+    kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": PULL, "namespace": "team-a"},
+            "type": "Opaque",
+            "data": {"mine": "eA=="},
+        }
+    )
+    _repository(kube, "api", API)
+    _run(kube, _options(clock))
+    assert kube.objects[("Secret", "team-a", PULL)]["data"] == {"mine": "eA=="}
+    assert _conditions(kube, "api")["Ready"][1] == "SecretConflict"
+    assert _status(kube, "api")["pullSecretNamespaces"] == ["team-b"]
+
+
+def test_service_accounts_get_the_secret_without_losing_their_own_entries() -> None:
+    kube, clock = _kube(), Clock()
+    _service_account(kube, "team-a", "default", ["theirs", PULL])
+    _service_account(kube, "team-b", "default", ["theirs"])
+    spec = {**API, "pullAccess": {**API["pullAccess"], "serviceAccounts": ["default", "ci"]}}
+    _repository(kube, "api", spec)
+    _run(kube, _options(clock))
+    team_b = kube.objects[("ServiceAccount", "team-b", "default")]
+    assert team_b["imagePullSecrets"] == [{"name": "theirs"}, {"name": PULL}]
+    assert team_b["metadata"]["annotations"][names.ADDED_PULL_SECRETS_ANNOTATION] == PULL
+    # Listed already before Berth: not recorded as Berth's, so never removed by it.
+    team_a = kube.objects[("ServiceAccount", "team-a", "default")]
+    assert team_a["imagePullSecrets"] == [{"name": "theirs"}, {"name": PULL}]
+    assert names.ADDED_PULL_SECRETS_ANNOTATION not in (team_a["metadata"].get("annotations") or {})
+    ready = next(c for c in _status(kube, "api")["conditions"] if c["type"] == "Ready")
+    assert "ServiceAccount team-a/ci does not exist yet" in ready["message"]
+
+    # Revoked everywhere: Berth's entries go, everyone else's stay.
+    _repository(kube, "api", {"path": "team-a/api"})
+    _run(kube, _options(clock))
+    assert ("Secret", "team-b", PULL) not in kube.objects
+    team_b = kube.objects[("ServiceAccount", "team-b", "default")]
+    assert team_b["imagePullSecrets"] == [{"name": "theirs"}]
+    team_a = kube.objects[("ServiceAccount", "team-a", "default")]
+    assert team_a["imagePullSecrets"] == [{"name": "theirs"}, {"name": PULL}]
+
+
+def test_deleting_the_repository_or_the_registry_revokes_everything() -> None:
+    kube, clock = _kube(), Clock()
+    _repository(kube, "api", API)
+    _run(kube, _options(clock))
+    del kube.objects[("Repository", NS, "api")]
+    _run(kube, _options(clock))
+    assert kube.list("v1", "Secret", None, names.access_selector("main", NS)) == []
+    assert "robots" not in _policy(kube)
+
+    _repository(kube, "api", API)
+    _run(kube, _options(clock))
+    kube.objects[("Registry", NS, "main")]["metadata"]["deletionTimestamp"] = "now"
+    _run(kube, _options(clock))
+    assert kube.list("v1", "Secret", None, names.access_selector("main", NS)) == []
+    assert _conditions(kube, "api")["Ready"] == ("False", "RegistryDeleting")
+
+
+def test_conflicting_paths_are_reported_on_both() -> None:
+    kube, clock = _kube(), Clock()
+    _repository(kube, "first", API, created="2026-01-01T00:00:00Z")
+    _repository(
+        kube,
+        "second",
+        {"path": "team-a/api", "pullAccess": {"namespaces": ["team-c"]}},
+        created="2026-03-01T00:00:00Z",
+    )
+    outcome = _run(kube, _options(clock))
+    assert _conditions(kube, "first")["PathConflict"] == ("True", "KeepsPath")
+    assert _conditions(kube, "first")["Ready"] == ("True", "Granted")
+    assert _conditions(kube, "second")["PathConflict"] == ("True", "PathHeldByOther")
+    assert _conditions(kube, "second")["Ready"] == ("False", "PathConflict")
+    assert ("Secret", "team-c", PULL) not in kube.objects
+    warnings = {
+        (ref["metadata"]["name"], e.reason) for ref, e in outcome.events if e.type == "Warning"
+    }
+    assert warnings == {("first", "PathConflict"), ("second", "PathConflict")}
+
+
+def test_invalid_repository_and_missing_registry_are_reported() -> None:
+    kube, clock = _kube(), Clock()
+    _repository(kube, "bad", {"path": "team-a/api", "rotation": {"interval": "soon"}})
+    _run(kube, _options(clock))
+    assert _conditions(kube, "bad")["Ready"] == ("False", "InvalidSpec")
+    del kube.objects[("Registry", NS, "main")]
+    _repository(kube, "api", API)
+    _run(kube, _options(clock))
+    assert _conditions(kube, "api")["Ready"] == ("False", "RegistryNotFound")
+    assert kube.list("v1", "Secret", None, names.access_selector("main", NS)) == []
+
+
+def test_rotation_never_hands_out_what_the_server_does_not_accept() -> None:
+    kube, clock = _kube(), Clock()
+    _repository(kube, "api", API)
+    _run(kube, _options(clock))
+    old = _dockerconfig(kube, "team-a")
+    _repository(
+        kube,
+        "api",
+        API,
+        annotations={models.ROTATE_ANNOTATION: "now"},
+        created="2026-01-01T00:00:00Z",
+    )
+    clock.now += 1
+    outcome = _run(kube, _options(clock, access.REFUSED))
+    # The request is taken: the annotation is gone, a new credential is in the policy...
+    annotations = kube.objects[("Repository", NS, "api")]["metadata"]["annotations"]
+    assert models.ROTATE_ANNOTATION not in annotations
+    assert {"pull.team-a.1", "pull.team-a.2"} <= {r["name"] for r in _policy(kube)["robots"]}
+    # ...but the Secret still holds the old one while the server refuses the new one.
+    assert _dockerconfig(kube, "team-a") == old
+    assert _conditions(kube, "api")["Rotating"] == ("True", "WaitingForServer")
+    assert outcome.requeue_after is not None and outcome.requeue_after <= 15
+    clock.now += 5
+    _run(kube, _options(clock, access.REFUSED))
+    assert _dockerconfig(kube, "team-a") == old
+
+    clock.now += 5
+    outcome = _run(kube, _options(clock, access.ACCEPTED))
+    new = _dockerconfig(kube, "team-a")
+    assert new["username"] == "pull.team-a.2" and new["password"] != old["password"]
+    assert {"pull.team-a.1", "pull.team-a.2"} <= {r["name"] for r in _policy(kube)["robots"]}
+    assert _conditions(kube, "api")["Rotating"] == ("True", "OldCredentialsValid")
+    assert ("Rotated",) in {(e.reason,) for _, e in outcome.events}
+
+    clock.now += 601
+    _run(kube, _options(clock))
+    assert {r["name"] for r in _policy(kube)["robots"]} == {"pull.team-a.2", "pull.team-b.2"}
+    assert _conditions(kube, "api")["Rotating"] == ("False", "Idle")
+    stored = kube.objects[("Secret", NS, "main-robots")]["data"]
+    robot = robots.load("pull.team-a", base64.b64decode(stored["pull.team-a"]).decode())
+    assert robot is not None and robot.current.name == "pull.team-a.2"
+
+
+def test_consenting_peers_get_accounts_and_are_woken() -> None:
+    kube, clock = _kube(), Clock()
+    kube.objects[("Registry", NS, "main")]["spec"] = {
+        "region": "eu",
+        "replication": {
+            "peers": [{"name": "us", "registryRef": {"name": "us", "namespace": "us"}}]
+        },
+    }
+    kube.put(
+        {
+            "apiVersion": "berth.dev/v1alpha1",
+            "kind": "Registry",
+            "metadata": {"name": "us", "namespace": "us", "generation": 1},
+            "spec": {
+                "region": "us",
+                "replication": {
+                    "peers": [{"name": "eu", "registryRef": {"name": "main", "namespace": NS}}]
+                },
+            },
+        }
+    )
+    outcome = _run(kube, _options(clock))
+    assert outcome.wake == (("registry", "us", "us"),)
+    policy = _policy(kube)
+    assert "peer.us.us.1" in policy["admins"]
+    assert [u["name"] for u in policy["users"]] == ["peer.us.us.1"]
+    assert _run(kube, _options(clock)).wake == ()
