@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 from aiohttp import web
 
+from registry_server.http import sendfile
 from registry_server.http.context import services
 from registry_server.http.errors import API_VERSION_HEADER
 from registry_server.protocol import digests, errors, ranges
@@ -38,18 +42,25 @@ async def get_blob(request: web.Request, name: str, digest_text: str) -> web.Str
     headers["Content-Length"] = str(end - start)
     if request.method == "HEAD":
         return web.Response(status=status, headers=headers)
+    if any(tag.value in (str(digest), "*") for tag in request.if_none_match or ()):
+        del headers["Content-Length"]
+        headers.pop("Content-Range", None)
+        return web.Response(status=304, headers=headers)
 
     path = svc.blobs.local_path(digest)
+    fd = None
     if path is not None:
-        # FileResponse serves with sendfile (zero-copy) and applies the Range itself.
-        file_headers = {
-            k: v for k, v in headers.items() if k not in ("Content-Length", "Content-Range")
-        }
-        return web.FileResponse(path, headers=file_headers)
+        try:
+            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise errors.RegistryError(
+                errors.BLOB_UNKNOWN, detail={"digest": str(digest)}
+            ) from None
     response = web.StreamResponse(status=status, headers=headers)
     await response.prepare(request)
-    async for chunk in svc.blobs.read(digest, start, end - start):
-        await response.write(chunk)
+    if fd is None or not await sendfile.send(request, fd, start, end - start):
+        async for chunk in svc.blobs.read(digest, start, end - start):
+            await response.write(chunk)
     await response.write_eof()
     return response
 

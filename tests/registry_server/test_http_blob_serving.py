@@ -1,0 +1,167 @@
+"""Blob GET through the whole aiohttp app, in process, on asyncio's loop and on uvloop.
+
+Bodies go out with os.sendfile (registry_server.http.sendfile): these tests check the
+bytes and the framing (keep-alive, Range, 304), a client slow enough to fill the socket
+buffer, and a client that hangs up mid-body (no descriptor left open, server still fine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from aiohttp.test_utils import TestClient, TestServer
+
+from registry_server.app import build_app
+from registry_server.config import Config, StorageConfig
+
+Client = TestClient[Any, Any]
+
+
+Run = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Run:
+    """Run a test body on asyncio's own loop, or on uvloop as the server runs in production."""
+
+    def runner(body: Coroutine[Any, Any, None]) -> None:
+        if request.param == "uvloop":
+            uvloop.run(body)
+        else:
+            asyncio.run(body)
+
+    return runner
+
+
+@contextlib.asynccontextmanager
+async def _client(root: Path) -> AsyncIterator[Client]:
+    app = build_app(Config(storage=StorageConfig(root=root)))
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def _push(client: Client, data: bytes) -> str:
+    digest = _digest(data)
+    pushed = await client.post(f"/v2/repo/blobs/uploads/?digest={digest}", data=data)
+    assert pushed.status == 201, await pushed.text()
+    return digest
+
+
+def _delete_bytes(root: Path, digest: str) -> None:
+    for path in root.glob(f"blobs/sha256/*/{digest.split(':')[1]}/data"):
+        path.unlink()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_get_serves_the_exact_bytes_with_digest_headers(tmp_path: Path, run: Run) -> None:
+    async def body() -> None:
+        async with _client(tmp_path) as client:
+            data = os.urandom(3 * 1024 * 1024 + 17)
+            digest = await _push(client, data)
+            for _ in range(3):  # several responses on one keep-alive connection
+                response = await client.get(f"/v2/repo/blobs/{digest}")
+                assert response.status == 200
+                assert response.headers["Content-Length"] == str(len(data))
+                assert response.headers["Docker-Content-Digest"] == digest
+                assert response.headers["ETag"] == f'"{digest}"'
+                assert await response.read() == data
+
+    run(body())
+
+
+def test_range_and_empty_and_not_modified(tmp_path: Path, run: Run) -> None:
+    async def body() -> None:
+        async with _client(tmp_path) as client:
+            data = os.urandom(100_000)
+            digest = await _push(client, data)
+            part = await client.get(f"/v2/repo/blobs/{digest}", headers={"Range": "bytes=10-99"})
+            assert part.status == 206
+            assert part.headers["Content-Range"] == f"bytes 10-99/{len(data)}"
+            assert await part.read() == data[10:100]
+
+            empty = await _push(client, b"")
+            response = await client.get(f"/v2/repo/blobs/{empty}")
+            assert response.status == 200
+            assert await response.read() == b""
+
+            cached = await client.get(
+                f"/v2/repo/blobs/{digest}", headers={"If-None-Match": f'"{digest}"'}
+            )
+            assert cached.status == 304
+            assert await cached.read() == b""
+            other = await client.get(
+                f"/v2/repo/blobs/{digest}", headers={"If-None-Match": '"other"'}
+            )
+            assert other.status == 200
+            assert await other.read() == data
+
+    run(body())
+
+
+def test_a_slow_reader_gets_every_byte(tmp_path: Path, run: Run) -> None:
+    async def body() -> None:
+        async with _client(tmp_path) as client:
+            data = os.urandom(24 * 1024 * 1024)
+            digest = await _push(client, data)
+            response = await client.get(f"/v2/repo/blobs/{digest}")
+            hasher, received = hashlib.sha256(), 0
+            while chunk := await response.content.read(256 * 1024):
+                hasher.update(chunk)
+                received += len(chunk)
+                if received < 4 * 1024 * 1024:
+                    await asyncio.sleep(0.01)  # long enough for the server's socket buffer to fill
+            assert received == len(data)
+            assert "sha256:" + hasher.hexdigest() == digest
+
+    run(body())
+
+
+def test_a_client_hanging_up_mid_body_leaks_nothing(tmp_path: Path, run: Run) -> None:
+    async def body() -> None:
+        async with _client(tmp_path) as client:
+            data = os.urandom(32 * 1024 * 1024)
+            digest = await _push(client, data)
+            warm = await client.get(f"/v2/repo/blobs/{digest}")
+            await warm.read()
+            before = _open_fds()
+            for _ in range(5):
+                response = await client.get(f"/v2/repo/blobs/{digest}")
+                await response.content.read(64 * 1024)
+                response.close()  # drops the connection with most of the body unsent
+            for _ in range(100):
+                if _open_fds() <= before:
+                    break
+                await asyncio.sleep(0.05)
+            assert _open_fds() <= before
+            again = await client.get(f"/v2/repo/blobs/{digest}")
+            assert await again.read() == data
+
+    run(body())
+
+
+def test_bytes_missing_from_disk_are_blob_unknown(run: Run, tmp_path: Path) -> None:
+    async def body() -> None:
+        async with _client(tmp_path) as client:
+            data = b"soon gone"
+            digest = await _push(client, data)
+            _delete_bytes(tmp_path, digest)
+            response = await client.get(f"/v2/repo/blobs/{digest}")
+            assert response.status == 404
+            assert (await response.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+
+    run(body())
