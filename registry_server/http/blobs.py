@@ -57,7 +57,12 @@ async def get_blob(request: web.Request, name: str, digest_text: str) -> web.Str
                 errors.BLOB_UNKNOWN, detail={"digest": str(digest)}
             ) from None
     response = web.StreamResponse(status=status, headers=headers)
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
     if fd is None or not await sendfile.send(request, fd, start, end - start):
         async for chunk in svc.blobs.read(digest, start, end - start):
             await response.write(chunk)
