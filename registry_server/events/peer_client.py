@@ -327,26 +327,6 @@ class PeerClient:
             what="manifest DELETE",
         )
 
-    async def tags(self, repo: str) -> list[str]:
-        out: list[str] = []
-        last = ""
-        while True:
-            query = urlencode({"n": 1000, **({"last": last} if last else {})})
-            status, _, body = await self.request(
-                "GET",
-                f"/v2/{repo}/tags/list?{query}",
-                self._pull(repo),
-                expect=(200, 404),
-                what="tag list",
-            )
-            if status == 404:
-                return out
-            page = json.loads(body).get("tags") or []
-            out.extend(page)
-            if len(page) < 1000:
-                return out
-            last = page[-1]
-
     # -- Berth replication API -----------------------------------------------------------
 
     async def get_json(self, path: str, payload: Any = None) -> Any:

@@ -421,18 +421,16 @@ class SqliteIndex:
         ).fetchall()
         return [ManifestRecord(*r) for r in rows]
 
-    async def missing_manifests(self, repo: str, digests: Sequence[str]) -> list[str]:
+    def _missing(self, table: str, repo: str, digests: Sequence[str]) -> list[str]:
+        """The digests with no row in ``table`` (manifests or blob_links) for ``repo``."""
         repo_id = self._read_repo_id(repo)
         if repo_id is None:
             return list(digests)
-        return [
-            d
-            for d in digests
-            if self._reader.execute(
-                "SELECT 1 FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, d)
-            ).fetchone()
-            is None
-        ]
+        query = f"SELECT 1 FROM {table} WHERE repo_id = ? AND digest = ?"
+        return [d for d in digests if self._reader.execute(query, (repo_id, d)).fetchone() is None]
+
+    async def missing_manifests(self, repo: str, digests: Sequence[str]) -> list[str]:
+        return self._missing("manifests", repo, digests)
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -478,17 +476,7 @@ class SqliteIndex:
         return await self._write(tx)
 
     async def missing_blobs(self, repo: str, digests: Sequence[str]) -> list[str]:
-        repo_id = self._read_repo_id(repo)
-        if repo_id is None:
-            return list(digests)
-        return [
-            d
-            for d in digests
-            if self._reader.execute(
-                "SELECT 1 FROM blob_links WHERE repo_id = ? AND digest = ?", (repo_id, d)
-            ).fetchone()
-            is None
-        ]
+        return self._missing("blob_links", repo, digests)
 
     async def repositories_with_blob(self, digest: str) -> list[str]:
         rows = self._reader.execute(
