@@ -27,6 +27,7 @@ import logging
 import re
 import secrets
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
@@ -37,9 +38,10 @@ import pytest
 import yaml
 
 from berth_dev import generate
-from registry_operator import handlers, reconcile, settings
+from registry_operator import granting, handlers, models, reconcile, settings
 from registry_operator.handlers import lifecycle, runtime
 from registry_operator.kube import client as kube_client
+from registry_operator.rendering import names
 from tests.support.control_plane import ControlPlane
 
 pytestmark = pytest.mark.integration
@@ -245,43 +247,126 @@ def inline_threads() -> Iterator[None]:
         asyncio.to_thread = original
 
 
-def _registry(namespace: str, name: str, spec: Mapping[str, Any]) -> str:
-    body = {
+def _registry(namespace: str, name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {
         "apiVersion": "berth.dev/v1alpha1",
         "kind": "Registry",
         "metadata": {"name": name, "namespace": namespace},
         "spec": dict(spec),
     }
-    return json.dumps(body)
 
 
-def run_scenarios(plane: ControlPlane, namespace: str, kube: RecordingClient) -> None:
-    """Drive every code path that calls the API client, against the real API server."""
+def _apply(plane: ControlPlane, *objects: Mapping[str, Any]) -> None:
+    document = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)})
+    result = plane.kubectl("apply", "-f", "-", input=document, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def _repository(namespace: str, name: str, registry: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "Repository",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"registryRef": {"name": registry}, "path": f"rbac/{name}", **spec},
+    }
+
+
+def registry_scenarios(plane: ControlPlane, namespace: str, kube: RecordingClient) -> None:
+    """The Registry's own children: create, re-apply, prune, refuse, peers."""
     options = reconcile.Options(image="berth:rbac-test")
     # A Registry that does not exist (deleted before its event was handled).
     reconcile.reconcile(kube, namespace, "absent", options)
     # Create with every optional child, reconcile again (all exist), then drop the
     # Ingress from the spec so it is pruned.
     full = {"storage": {"pvc": {"size": "1Gi"}}, "ingress": {"host": "registry.example.com"}}
-    plane.kubectl("apply", "-f", "-", input=_registry(namespace, "full", full))
+    _apply(plane, _registry(namespace, "full", full))
     reconcile.reconcile(kube, namespace, "full", options)
     reconcile.reconcile(kube, namespace, "full", options)
-    plane.kubectl(
-        "apply", "-f", "-", input=_registry(namespace, "full", {"storage": full["storage"]})
-    )
+    without_ingress = {"storage": full["storage"]}
+    _apply(plane, _registry(namespace, "full", without_ingress))
     reconcile.reconcile(kube, namespace, "full", options)
     # A spec the operator cannot serve: the status explains it, nothing is applied.
     s3 = {"storage": {"s3": {"bucket": "images", "credentialsSecretRef": {"name": "s3"}}}}
-    plane.kubectl("apply", "-f", "-", input=_registry(namespace, "unservable", s3))
+    _apply(plane, _registry(namespace, "unservable", s3))
     reconcile.reconcile(kube, namespace, "unservable", options)
-    # Operator start: the peering object is created (under a name of this test's own).
+    # Two Registries replicating to each other by reference: each reads the other.
+    for me, other in (("east", "west"), ("west", "east")):
+        peers = {"peers": [{"name": other, "registryRef": {"name": other}}]}
+        spec = {"region": me, "storage": {"emptyDir": {}}, "replication": peers}
+        _apply(plane, _registry(namespace, me, spec))
+    for name in ("east", "west", "east"):
+        reconcile.reconcile(kube, namespace, name, options)
+    # The replication status poll reads the admin credentials (the server is not
+    # reachable from here; that is an answer too).
+    runtime.Runtime(kube=kube).fetch_replication(namespace, "east")
+
+
+def access_scenarios(plane: ControlPlane, namespace: str, kube: RecordingClient) -> None:
+    """Repositories: grant, repair, rotate, revoke; a Registry that cannot serve."""
+    team = f"{namespace}-team"
+    plane.kubectl("create", "namespace", team)
+    try:
+        deadline = time.monotonic() + 30
+        while plane.kubectl("get", "sa", "default", "-n", team, check=False).returncode:
+            assert time.monotonic() < deadline, "no default ServiceAccount"
+            time.sleep(0.2)
+        clock = [time.time()]
+        options = granting.Options(clock=lambda: clock[0])
+        grant = {"namespaces": [team], "serviceAccounts": ["default"]}
+        _apply(plane, _repository(namespace, "app", "full", pullAccess=grant))
+        # First grant: the robot, the policy, a pull Secret and the ServiceAccount entry.
+        granting.reconcile_access(kube, namespace, "full", options)
+        # A hand-made Secret of another type in its place is replaced.
+        selector = names.access_selector("full", namespace)
+        pulled = json.loads(
+            plane.kubectl("get", "secrets", "-n", team, "-l", selector, "-o", "json").stdout
+        )["items"][0]
+        meta = pulled["metadata"]
+        plane.kubectl("delete", "secret", meta["name"], "-n", team)
+        tampered = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": meta["name"], "namespace": team, "labels": meta["labels"]},
+            "data": {"x": "eA=="},
+        }
+        _apply(plane, tampered)
+        granting.reconcile_access(kube, namespace, "full", options)
+        # Rotation on request: staged, then handed out, then the request cleared.
+        plane.kubectl(
+            "annotate", "repository", "app", "-n", namespace, f"{models.ROTATE_ANNOTATION}=now"
+        )
+        for _ in range(3):
+            granting.reconcile_access(kube, namespace, "full", options)
+            clock[0] += 3600
+        # Revocation: the ServiceAccount entry and the Secret go.
+        _apply(plane, _repository(namespace, "app", "full", pullAccess={"namespaces": []}))
+        granting.reconcile_access(kube, namespace, "full", options)
+        # A Repository of a Registry whose spec cannot be served only gets a status.
+        _apply(plane, _repository(namespace, "orphan", "unservable"))
+        granting.reconcile_access(kube, namespace, "unservable", options)
+        # Registries replicating to each other: each reads the other's spec.
+        granting.reconcile_access(kube, namespace, "east", options)
+    finally:
+        plane.kubectl("delete", "namespace", team, "--wait=false", check=False)
+
+
+def startup_scenario(plane: ControlPlane, kube: RecordingClient) -> None:
+    """Operator start: the peering object is created (under a name of this test's own)."""
     peering = f"rbac-scan-{secrets.token_hex(3)}"
-    memo = kopf.Memo(berth=runtime.Runtime(kube=kube, peering=peering, options=options))
+    memo = kopf.Memo(berth=runtime.Runtime(kube=kube, peering=peering))
     try:
         with inline_threads():
             asyncio.run(lifecycle.ensure_peering(memo=memo, logger=logging.getLogger("scan")))
     finally:
         plane.kubectl("delete", "clusterkopfpeering", peering, "--ignore-not-found")
+
+
+def run_scenarios(plane: ControlPlane, namespace: str, kube: RecordingClient) -> None:
+    """Drive every code path that calls the API client, against the real API server."""
+    registry_scenarios(plane, namespace, kube)
+    access_scenarios(plane, namespace, kube)
+    startup_scenario(plane, kube)
 
 
 def client_needs(plane: ControlPlane, namespace: str) -> tuple[set[Permission], set[Site]]:
