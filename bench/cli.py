@@ -60,7 +60,7 @@ QUICK = Settings(
     small_count=8,
     small_bytes=64 * 1024,
     blob_concurrency=4,
-    manifest_requests=400,
+    manifest_requests=200,
     manifest_concurrency=8,
     tags=40,
     repos=40,
@@ -71,6 +71,7 @@ QUICK = Settings(
     populate_measured=20,
     reps=1,
     blob_reps=1,
+    client_procs=1,
 )
 
 # Phase -> phases whose data it needs.
@@ -505,7 +506,7 @@ class Bench:
         )
 
 
-def machine_notes(workdir: Path) -> dict[str, str]:
+def machine_notes(workdir: Path, binaries: dict[str, str]) -> dict[str, str]:
     notes: dict[str, str] = {}
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -525,8 +526,8 @@ def machine_notes(workdir: Path) -> dict[str, str]:
     notes["storage"] = _filesystem(workdir)
     notes["python"] = platform.python_version()
     for name, argv in {
-        "distribution": [procs.DISTRIBUTION_BINARY, "--version"],
-        "nginx": [procs.NGINX_BINARY, "-v"],
+        "distribution": [binaries["distribution"], "--version"],
+        "nginx": [binaries["nginx"], "-v"],
     }.items():
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
@@ -577,6 +578,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-docs", action="store_true", help="do not update the markdown file")
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the scratch dir")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--distribution-bin", default=None, help="default: docker-registry")
+    parser.add_argument("--nginx-bin", default=None, help="default: nginx")
     parser.add_argument(
         "--server-src",
         type=Path,
@@ -601,13 +604,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.profile is not None and workers != [1]:
         raise SystemExit("bench: --profile needs --workers 1")
     phases = _with_deps([p for p in args.phases.split(",") if p]) if args.phases else list(PHASES)
-    for binary in [procs.NGINX_BINARY] + (
-        [] if args.no_distribution else [procs.DISTRIBUTION_BINARY]
-    ):
-        if not shutil.which(binary):
-            raise SystemExit(f"bench: {binary} is missing; run `make tools`")
+    binaries = {
+        "distribution": args.distribution_bin or procs.find_binary("docker-registry") or "",
+        "nginx": args.nginx_bin or procs.find_binary("nginx") or "",
+    }
+    for name, path in binaries.items():
+        if not path and not (name == "distribution" and args.no_distribution):
+            raise SystemExit(f"bench: {name} is not installed; run `make tools`")
 
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     workdir = Path(tempfile.mkdtemp(prefix="berth-bench-", dir=args.workdir))
     servers: dict[str, procs.Server] = {}
     nginx: procs.Server | None = None
@@ -622,8 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server.argv[1:1] = ["-m", "cProfile", "-o", str(args.profile.resolve())]
             servers[name] = server.start()
         if not args.no_distribution:
-            servers["distribution"] = procs.distribution(workdir).start()
-        nginx = procs.nginx(workdir, data.parent).start()
+            servers["distribution"] = procs.distribution(workdir, binaries["distribution"]).start()
+        nginx = procs.nginx(workdir, data.parent, binaries["nginx"]).start()
         ours = next(iter(servers))
         theirs = "distribution"
         bench = Bench(settings, workdir, servers, ours, theirs)
@@ -653,7 +659,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         result = report.Report(
             date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            machine=machine_notes(workdir),
+            machine={
+                **machine_notes(workdir, binaries),
+                # The machine may be shared: how busy it was tells how much to trust a row.
+                "load average (1 min) before / after": (
+                    f"{load_before:.1f} / {os.getloadavg()[0]:.1f}"
+                ),
+            },
             settings={
                 **{k: v for k, v in asdict(settings).items()},
                 "berth_workers": ",".join(map(str, workers)),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -249,6 +250,12 @@ def berth(
     env.update(extra_env or {})
     argv = [sys.executable, "-m", "registry_server", "--config", str(config)]
     return Server(name, argv, workdir / name, port, env=env, cwd=src)
+
+
+def find_binary(name: str) -> str | None:
+    """A program on PATH or in the sbin directories Debian puts daemons in."""
+    search = os.pathsep.join([os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"])
+    return shutil.which(name, path=search)
 
 
 DISTRIBUTION_BINARY = "/usr/bin/docker-registry"
