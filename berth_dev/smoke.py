@@ -77,23 +77,29 @@ def round_trip(
             ],
             f"push of {reference}",
         )
-        _run(
-            [
-                skopeo,
-                "copy",
-                "--preserve-digests",
-                "--src-tls-verify=false",
-                "--src-creds",
-                creds,
-                f"docker://{reference}",
-                f"oci:{back}:{tag}",
-            ],
-            f"pull of {reference}",
-        )
-        pulled = images.tagged_digest(back, tag)
+        pulled = pull(reference, username, password, back)
     if pulled != pushed:
         raise SmokeError(f"pulled {pulled} from {reference}, but pushed {pushed}")
     return Result(reference, pushed, pulled)
+
+
+def pull(reference: str, username: str, password: str, destination: Path) -> str:
+    """Pull `reference` (host:port/repository:tag) into an OCI layout; its digest."""
+    tag = reference.rpartition(":")[2]
+    _run(
+        [
+            _skopeo(),
+            "copy",
+            "--preserve-digests",
+            "--src-tls-verify=false",
+            "--src-creds",
+            f"{username}:{password}",
+            f"docker://{reference}",
+            f"oci:{destination}:{tag}",
+        ],
+        f"pull of {reference}",
+    )
+    return images.tagged_digest(destination, tag)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,12 +7,15 @@
    grants, through a token of its ServiceAccount;
 3. the operator, `python -m registry_operator`, as a subprocess;
 4. samples/ applied with kubectl, as a user would;
-5. for every Registry in the samples, once the operator has reconciled it: the
-   registry server started from the Deployment, ConfigMap and Secret the operator
-   wrote (tests/support/podspec_runner.py stands in for the kubelet);
+5. for every Registry in the samples, once the operator has reconciled it (and the
+   Repositories the samples hold): the registry server started from the Deployment,
+   ConfigMaps and Secrets the operator wrote (tests/support/podspec_runner.py stands in
+   for the kubelet: mounted files follow their ConfigMaps and Secrets, Service URLs
+   point at the local processes); each registry's port is fixed up front and handed to
+   the operator (--endpoint-overrides), which reaches the servers there;
 6. the endpoint and the admin credentials printed; then it runs until SIGINT or
-   SIGTERM (Ctrl-C), restarting a registry process when the operator changes its pod
-   template (as a rollout would), and stops everything in reverse order.
+   SIGTERM (Ctrl-C), restarting a registry process on its port when the operator
+   changes its pod template (as a rollout would), and stops everything in reverse order.
 
 `--ready-file PATH` writes the endpoints as JSON once all is up (for tests and
 scripts); `--exit-after-ready` stops right after (to time a start).
@@ -41,6 +44,7 @@ import kopf
 import yaml
 
 from registry_operator import credentials, handlers
+from registry_operator.kube import client as kube_client
 from registry_operator.rendering import names
 from tests.support import podspec_runner, tools
 from tests.support.control_plane import ControlPlane
@@ -57,6 +61,13 @@ CONTROL_PLANE_TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kub
 TOKEN_DURATION = "48h"
 API_GROUP = "berth.dev"
 KINDS = {"Registry": "registries", "Repository": "repositories"}
+API_VERSIONS = {
+    "Registry": f"{API_GROUP}/v1alpha1",
+    "Repository": f"{API_GROUP}/v1alpha1",
+    "Deployment": "apps/v1",
+    "ConfigMap": "v1",
+    "Secret": "v1",
+}
 
 Object = dict[str, Any]
 Log = Callable[[str], None]
@@ -150,25 +161,6 @@ def secret_value(secret: Mapping[str, Any], key: str) -> str:
     return base64.b64decode(raw).decode()
 
 
-def referenced(pod: Mapping[str, Any]) -> tuple[set[str], set[str]]:
-    """The ConfigMaps and Secrets a pod template reads (volumes and env)."""
-    config_maps: set[str] = set()
-    secrets: set[str] = set()
-    for volume in pod.get("volumes") or []:
-        if "configMap" in volume:
-            config_maps.add(volume["configMap"]["name"])
-        if "secret" in volume:
-            secrets.add(volume["secret"]["secretName"])
-    for container in pod.get("containers") or []:
-        for entry in container.get("env") or []:
-            source = entry.get("valueFrom") or {}
-            if "configMapKeyRef" in source:
-                config_maps.add(source["configMapKeyRef"]["name"])
-            if "secretKeyRef" in source:
-                secrets.add(source["secretKeyRef"]["name"])
-    return config_maps, secrets
-
-
 class LocalStack:
     def __init__(
         self,
@@ -189,7 +181,10 @@ class LocalStack:
         self.plane = ControlPlane(workdir / "control-plane")
         self.operator: ManagedProcess | None = None
         self.operator_kubeconfig = workdir / "operator.kubeconfig"
+        self.endpoints_file = workdir / "endpoints.json"
         self.instances: list[Instance] = []
+        self.ports: dict[tuple[str, str], int] = {}  # (namespace, registry) -> its port
+        self._reader: kube_client.Client | None = None
 
     # -- start --
 
@@ -198,6 +193,17 @@ class LocalStack:
         if missing:
             raise StackError(f"missing tools {', '.join(missing)}: run `make tools` first")
         (self.workdir / "pods").mkdir(parents=True, exist_ok=True)
+        registries = self._sample_registries()
+        # Every registry's port is known before anything starts: the operator reaches the
+        # servers there (instead of their Service names), and so do peers.
+        self.ports = {
+            (r["metadata"]["namespace"], r["metadata"]["name"]): free_port() for r in registries
+        }
+        overrides = {
+            f"{ns}/{name}": f"http://127.0.0.1:{port}" for (ns, name), port in self.ports.items()
+        }
+        self.endpoints_file.write_text(json.dumps(overrides, indent=2) + "\n")
+
         self.log("starting the control plane (etcd, kube-apiserver, controller manager)")
         try:
             self.plane.start()
@@ -206,6 +212,7 @@ class LocalStack:
                 f"the control plane did not start: {exc}\n{self.plane.logs_summary()}"
             ) from exc
         self.log(f"control plane up in {self.plane.startup_seconds:.1f}s; CRDs applied")
+        self._reader = kube_client.Client.connect(str(self.plane.kubeconfig))
         self._install_rbac()
         self._start_operator()
         self._apply_samples()
@@ -216,7 +223,7 @@ class LocalStack:
             if obj["kind"] in handled:
                 meta = obj["metadata"]
                 self._wait_for_status(obj["kind"], meta["namespace"], meta["name"])
-        for registry in self._sample_registries():
+        for registry in registries:
             namespace, name = registry["metadata"]["namespace"], registry["metadata"]["name"]
             deployment = self._wait_for_reconciled(namespace, name)
             self.instances.append(self._start_instance(namespace, name, deployment))
@@ -245,18 +252,16 @@ class LocalStack:
             p for p in (str(REPO_ROOT / "operator"), str(REPO_ROOT), env.get("PYTHONPATH")) if p
         )
         env["PYTHONUNBUFFERED"] = "1"
+        argv = [
+            sys.executable,
+            "-m",
+            "registry_operator",
+            f"--liveness={liveness}",
+            f"--endpoint-overrides={self.endpoints_file}",
+            *self.operator_args,
+        ]
         self.operator = ManagedProcess(
-            "operator",
-            [
-                sys.executable,
-                "-m",
-                "registry_operator",
-                f"--liveness={liveness}",
-                *self.operator_args,
-            ],
-            self.workdir / "logs" / "operator.log",
-            env=env,
-            cwd=REPO_ROOT,
+            "operator", argv, self.workdir / "logs" / "operator.log", env=env, cwd=REPO_ROOT
         )
         self.operator.start()
         wait_until(
@@ -274,10 +279,10 @@ class LocalStack:
 
     def _sample_objects(self) -> list[Object]:
         documents = load_documents(sample_files(self.samples))
-        for document in documents:
-            if document.get("apiVersion", "").startswith(f"{API_GROUP}/"):
-                document["metadata"].setdefault("namespace", "default")
-        return [d for d in documents if d.get("apiVersion", "").startswith(f"{API_GROUP}/")]
+        ours = [d for d in documents if str(d.get("apiVersion", "")).startswith(f"{API_GROUP}/")]
+        for document in ours:
+            document["metadata"].setdefault("namespace", "default")
+        return ours
 
     def _sample_registries(self) -> list[Object]:
         found = [d for d in self._sample_objects() if d["kind"] == "Registry"]
@@ -285,95 +290,95 @@ class LocalStack:
             raise StackError(f"no Registry in {self.samples}")
         return found
 
-    def _wait_for_status(self, kind: str, namespace: str, name: str) -> Object:
-        """The object, once its status.observedGeneration is its generation."""
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            self._check_operator()
-            obj = self._get(kind.lower(), name, "-n", namespace)
-            if obj is not None:
-                generation = obj["metadata"].get("generation")
-                if (obj.get("status") or {}).get("observedGeneration") == generation:
-                    return obj
-            time.sleep(0.25)
-        raise StackError(
-            f"{kind} {namespace}/{name}: no status for its generation after "
-            f"{self.timeout:.0f}s; operator log {self._operator_log()}"
-        )
+    # -- reading the API (as admin, in-process) --
 
-    def _get(self, *args: str) -> Object | None:
-        result = self.plane.kubectl("get", *args, "-o", "json", check=False)
-        if result.returncode != 0:
-            if "NotFound" in result.stderr:
-                return None
-            raise StackError(f"kubectl get {' '.join(args)}: {result.stderr.strip()}")
-        document: Object = json.loads(result.stdout)
-        return document
+    def find(self, kind: str, namespace: str, name: str) -> Object | None:
+        if self._reader is None:
+            raise StackError("the control plane is not running")
+        return self._reader.find(API_VERSIONS[kind], kind, namespace, name)
 
-    def _deployment_of(self, namespace: str, registry: Object) -> Object | None:
-        uid = registry["metadata"]["uid"]
-        selector = f"{names.REGISTRY_LABEL}={registry['metadata']['name']}"
-        listed = self._get("deployments", "-n", namespace, "-l", selector) or {}
-        for item in listed.get("items") or []:
-            owners = item["metadata"].get("ownerReferences") or []
-            if any(owner.get("uid") == uid and owner.get("controller") for owner in owners):
-                found: Object = item
-                return found
-        return None
-
-    def _wait_for_reconciled(self, namespace: str, name: str) -> Object:
-        """The Registry's Deployment, once the operator's status covers the current spec."""
-        deadline = time.monotonic() + self.timeout
-        state = "the Registry does not exist"
-        while time.monotonic() < deadline:
-            self._check_operator()
-            registry = self._get("registry", name, "-n", namespace)
-            if registry is not None:
-                status = registry.get("status") or {}
-                generation = registry["metadata"].get("generation")
-                deployment = self._deployment_of(namespace, registry)
-                if status.get("observedGeneration") != generation:
-                    state = f"status.observedGeneration is not {generation} yet"
-                elif deployment is None:
-                    state = "the operator has not created its Deployment"
-                else:
-                    return deployment
-            time.sleep(0.25)
-        raise StackError(
-            f"Registry {namespace}/{name}: not reconciled after {self.timeout:.0f}s "
-            f"({state}); operator log {self._operator_log()}"
-        )
-
-    def _pod_inputs(self, namespace: str, deployment: Object) -> tuple[list[Object], list[Object]]:
-        """The ConfigMaps and Secrets the pod reads; like the kubelet, wait for them."""
-        config_map_names, secret_names = referenced(deployment["spec"]["template"]["spec"])
-        wanted = [("configmap", n) for n in sorted(config_map_names)]
-        wanted += [("secret", n) for n in sorted(secret_names)]
+    def _wait(self, what: str, check: Callable[[], Any]) -> Any:
+        """Poll `check` until it returns something; fail after the timeout with `what`."""
         deadline = time.monotonic() + self.timeout
         while True:
             self._check_operator()
-            found = {ref: self._get(ref[0], ref[1], "-n", namespace) for ref in wanted}
-            missing = [f"{kind} {name}" for (kind, name), obj in found.items() if obj is None]
-            if not missing:
-                break
+            found = check()
+            if found is not None:
+                return found
             if time.monotonic() > deadline:
                 raise StackError(
-                    f"the pod of {namespace}/{deployment['metadata']['name']} reads "
-                    f"{', '.join(missing)}, which did not appear in {self.timeout:.0f}s"
+                    f"{what} after {self.timeout:.0f}s; operator log {self._operator_log()}"
                 )
             time.sleep(0.25)
-        config_maps = [obj for (kind, _), obj in found.items() if kind == "configmap" and obj]
-        secrets = [obj for (kind, _), obj in found.items() if kind == "secret" and obj]
-        return config_maps, secrets
+
+    def _wait_for_status(self, kind: str, namespace: str, name: str) -> Object:
+        """The object, once its status.observedGeneration is its generation."""
+
+        def check() -> Object | None:
+            obj = self.find(kind, namespace, name)
+            if obj is None:
+                return None
+            generation = obj["metadata"].get("generation")
+            return (
+                obj if (obj.get("status") or {}).get("observedGeneration") == generation else None
+            )
+
+        found: Object = self._wait(f"{kind} {namespace}/{name} has no status for its spec", check)
+        return found
+
+    def _wait_for_reconciled(self, namespace: str, name: str) -> Object:
+        """The Registry's Deployment, once the operator's status covers the current spec."""
+        registry = self._wait_for_status("Registry", namespace, name)
+        uid = registry["metadata"]["uid"]
+
+        def check() -> Object | None:
+            deployment = self.find("Deployment", namespace, names.deployment(name))
+            owners = ((deployment or {}).get("metadata") or {}).get("ownerReferences") or []
+            return deployment if any(o.get("uid") == uid for o in owners) else None
+
+        found: Object = self._wait(f"Registry {namespace}/{name} has no Deployment", check)
+        return found
+
+    def _pod_inputs(self, namespace: str, deployment: Object) -> tuple[list[Object], list[Object]]:
+        """The ConfigMaps and Secrets the pod reads; like the kubelet, wait for them."""
+        found: tuple[list[Object], list[Object]] = self._wait(
+            f"the pod of {namespace}/{deployment['metadata']['name']} misses a ConfigMap or Secret",
+            lambda: podspec_runner.inputs(self.find, namespace, deployment),
+        )
+        return found
+
+    def _services(self) -> dict[str, str]:
+        """In-cluster Service URLs of the registries -> the local processes' URLs."""
+        return {
+            names.in_cluster_url(name, ns): f"http://127.0.0.1:{port}"
+            for (ns, name), port in self.ports.items()
+        }
 
     def _start_instance(self, namespace: str, name: str, deployment: Object) -> Instance:
         config_maps, secrets = self._pod_inputs(namespace, deployment)
-        secret_name = names.secret(name)
-        auth = self._get("secret", secret_name, "-n", namespace)
+        auth = self.find("Secret", namespace, names.secret(name))
         if auth is None:
-            raise StackError(f"Secret {namespace}/{secret_name} does not exist")
+            raise StackError(f"Secret {namespace}/{names.secret(name)} does not exist")
         root = Path(tempfile.mkdtemp(prefix=f"{namespace}-{name}-", dir=self.workdir / "pods"))
-        pod = podspec_runner.start(deployment, config_maps, secrets, root)
+        pod = podspec_runner.start(
+            deployment,
+            config_maps,
+            secrets,
+            root,
+            port=self.ports[(namespace, name)],
+            services=self._services(),
+        )
+        Inputs = tuple[Sequence[podspec_runner.Object], Sequence[podspec_runner.Object]]
+        last: Inputs = (config_maps, secrets)
+
+        def fetch() -> Inputs:
+            # The kubelet's sync loop: current content of what the pod mounts (a missing
+            # object keeps the last content, as a running pod does).
+            nonlocal last
+            last = podspec_runner.inputs(self.find, namespace, deployment) or last
+            return last
+
+        pod.follow(fetch, interval=1.0)
         self.log(f"registry {namespace}/{name} serving at {pod.url} (pid {pod.process.pid})")
         return Instance(
             namespace=namespace,
@@ -410,10 +415,12 @@ class LocalStack:
                 )
 
     def follow(self) -> list[Instance]:
-        """Restart the registry processes whose pod template the operator changed."""
+        """Restart the registry processes whose pod template the operator changed, as a
+        rollout would (same port: the endpoint stays). Mounted ConfigMaps and Secrets
+        are kept current by each pod's own kubelet-style sync."""
         restarted = []
         for index, instance in enumerate(self.instances):
-            deployment = self._get("deployment", instance.deployment, "-n", instance.namespace)
+            deployment = self.find("Deployment", instance.namespace, instance.deployment)
             if deployment is None or deployment["spec"]["template"] == instance.template:
                 continue
             self.log(f"registry {instance.namespace}/{instance.name}: new pod template, restarting")
@@ -434,6 +441,9 @@ class LocalStack:
         if self.operator is not None:
             with contextlib.suppress(Exception):
                 self.operator.stop(timeout=15)
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                self._reader.close()
         with contextlib.suppress(Exception):
             self.plane.stop()
 

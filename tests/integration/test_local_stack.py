@@ -7,6 +7,7 @@ and pull are berth_dev.smoke, the same check `make e2e-kind` runs against a clus
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -21,6 +22,7 @@ import pytest
 
 from berth_dev import smoke
 from berth_dev.generate import REPO_ROOT
+from registry_operator.rendering import names
 from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.integration
@@ -73,6 +75,22 @@ def stop_after_failure(process: subprocess.Popen[bytes], ready: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def pull_secret_credentials(kubectl: list[str], namespace: str) -> tuple[str, str]:
+    """The robot credentials of the dockerconfigjson Secret Berth wrote into `namespace`."""
+    selector = names.access_selector("main", "registries")
+    listed = subprocess.run(
+        [*kubectl, "get", "secrets", "-n", namespace, "-l", selector, "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (secret,) = json.loads(listed.stdout)["items"]
+    assert secret["type"] == "kubernetes.io/dockerconfigjson"
+    config = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
+    (entry,) = config["auths"].values()
+    return entry["username"], entry["password"]
+
+
 def test_local_stack_serves_push_and_pull_and_stops_cleanly(tmp_path: Path) -> None:
     for tool in ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "skopeo"):
         require_tool(tool)
@@ -102,8 +120,16 @@ def test_local_stack_serves_push_and_pull_and_stops_cleanly(tmp_path: Path) -> N
         with pytest.raises(smoke.SmokeError, match="push"):
             smoke.round_trip(registry["host"], registry["username"], "wrong", workdir=tmp_path)
 
-        # The cluster side, as `kubectl get registries` shows it to the user.
+        # The sample Repository grants team-a pull access: the Secret Berth wrote there
+        # pulls team-a/api from the running server, and pushes nothing.
         kubectl = [info["kubectl"], f"--kubeconfig={info['kubeconfig']}"]
+        robot_user, robot_password = pull_secret_credentials(kubectl, "team-a")
+        pulled = smoke.pull(result.reference, robot_user, robot_password, tmp_path / "robot")
+        assert pulled == result.pushed
+        with pytest.raises(smoke.SmokeError, match="push"):
+            smoke.round_trip(registry["host"], robot_user, robot_password, workdir=tmp_path)
+
+        # The cluster side, as `kubectl get registries` shows it to the user.
         table = subprocess.run(
             [*kubectl, "get", "registries", "-A"], capture_output=True, text=True, check=True
         ).stdout
