@@ -88,6 +88,8 @@ def reconcile(
     events: list[Event] = []
     drift = previous.get("observedGeneration") == registry.generation
     wired, peers, wake = _resolve_peers(kube, registry)
+    if not drift:
+        wake.extend(_peers_to_tell(kube, registry))
     applied, failure = _apply_children(kube, registry, wired, drift, events, options)
     _prune(kube, registry, applied, events)
     owner = registry.owner
@@ -120,6 +122,30 @@ def reconcile(
         written=written,
         wake=tuple(wake),
     )
+
+
+def _peers_to_tell(kube: kube_client.Client, registry: models.Registry) -> list[Wake]:
+    """After a spec change: the Registries this one lists, and those listing it, decide
+    again whether they are wired to it (both sides consent, or neither is wired)."""
+    owner = registry.owner
+    me = models.RegistryRef(owner.name, owner.namespace)
+    mine = {p.registry for p in registry.spec.peers if p.registry is not None}
+    found: list[Wake] = []
+    for body in kube.list(API_VERSION, models.KIND, None):
+        meta = body.get("metadata") or {}
+        ref = models.RegistryRef(str(meta.get("name")), str(meta.get("namespace")))
+        if ref == me:
+            continue
+        peers = ((body.get("spec") or {}).get("replication") or {}).get("peers") or []
+        lists_me = any(
+            isinstance(p, Mapping)
+            and (p.get("registryRef") or {}).get("name") == me.name
+            and ((p.get("registryRef") or {}).get("namespace") or ref.namespace) == me.namespace
+            for p in peers
+        )
+        if lists_me or ref in mine:
+            found += [("registry", ref.namespace, ref.name), ("access", ref.namespace, ref.name)]
+    return found
 
 
 def _resolve_peers(

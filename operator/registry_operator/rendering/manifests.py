@@ -163,14 +163,17 @@ def render(
     )
     manifests = [config_map, secret]
     if replication.passwords:
-        manifests.append(
+        # Before the config that names the password files: a pod must never start with
+        # a config whose files are not there yet.
+        manifests.insert(
+            0,
             manifest(
                 "secret.yaml.j2",
                 name=names.replication_secret(name),
                 labels=names.labels(name, "replication"),
                 data=_b64(dict(sorted(replication.passwords.items()))),
                 **common,
-            )
+            ),
         )
 
     storage = spec.storage
