@@ -62,8 +62,13 @@ def text(template: str, **context: Any) -> str:
     return _environment().get_template(template).render(**context)
 
 
+# libyaml's loader when PyYAML has it: the access reconcile renders a Secret for every
+# granted namespace on every pass (to compare it with what is there), hundreds at a time.
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def manifest(template: str, **context: Any) -> Manifest:
-    loaded = yaml.safe_load(text(template, **context))
+    loaded = yaml.load(text(template, **context), Loader=_LOADER)
     if not isinstance(loaded, dict):
         raise TypeError(f"{template} did not render a mapping")
     return loaded
