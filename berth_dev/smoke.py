@@ -1,6 +1,7 @@
 """Push a small image to a registry with skopeo and pull it back, digests compared.
 
     python -m berth_dev.smoke HOST:PORT --username U --password-file F [--repository R]
+        [--puller-username P --puller-password-file G]
 
 The check that the local stack's test and `make e2e-kind` share, so that both prove
 the same thing: a client with the registry's credentials pushes an image and gets the
@@ -102,6 +103,32 @@ def pull(reference: str, username: str, password: str, destination: Path) -> str
     return images.tagged_digest(destination, tag)
 
 
+def check_puller(
+    result: Result, username: str, password: str, *, workdir: Path | None = None
+) -> None:
+    """`username` (say, the robot of a pull Secret) pulls what `result` pushed, and may
+    not push."""
+    with tempfile.TemporaryDirectory(prefix="berth-smoke-", dir=workdir) as scratch:
+        pulled = pull(result.reference, username, password, Path(scratch) / "pulled")
+    if pulled != result.pushed:
+        raise SmokeError(f"{username} pulled {pulled} from {result.reference}")
+    registry, _, rest = result.reference.partition("/")
+    repository = rest.rpartition(":")[0]
+    try:
+        round_trip(registry, username, password, repository=repository, workdir=workdir)
+    except SmokeError as exc:
+        if "push of" in str(exc):
+            return
+        raise
+    raise SmokeError(f"{username} could push to {registry}/{repository}")
+
+
+def _secret(file: Path | None, variable: str) -> str:
+    if file is not None:
+        return file.read_text().strip()
+    return os.environ.get(variable, "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m berth_dev.smoke", description=__doc__)
     parser.add_argument("registry", help="host:port of the registry (plain HTTP)")
@@ -113,21 +140,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--repository", default="team-a/api")
     parser.add_argument("--tag", default=None, help="default: a fresh smoke-<random> tag")
+    parser.add_argument(
+        "--puller-username",
+        help="also check that this account pulls the image and cannot push "
+        "(password: --puller-password-file or $BERTH_SMOKE_PULLER_PASSWORD)",
+    )
+    parser.add_argument("--puller-password-file", type=Path)
     args = parser.parse_args(argv)
-    if args.password_file is not None:
-        password = args.password_file.read_text().strip()
-    else:
-        password = os.environ.get("BERTH_SMOKE_PASSWORD", "")
+    password = _secret(args.password_file, "BERTH_SMOKE_PASSWORD")
     if not password:
         parser.error("give --password-file or set BERTH_SMOKE_PASSWORD")
+    puller_password = _secret(args.puller_password_file, "BERTH_SMOKE_PULLER_PASSWORD")
+    if args.puller_username and not puller_password:
+        parser.error("give --puller-password-file or set BERTH_SMOKE_PULLER_PASSWORD")
     try:
         result = round_trip(
             args.registry, args.username, password, repository=args.repository, tag=args.tag
         )
+        print(f"smoke: pushed and pulled {result.reference} ({result.pulled})")
+        if args.puller_username:
+            check_puller(result, args.puller_username, puller_password)
+            print(f"smoke: {args.puller_username} pulled it and could not push")
     except SmokeError as exc:
         print(f"smoke: {exc}", file=sys.stderr)
         return 1
-    print(f"smoke: pushed and pulled {result.reference} ({result.pulled})")
     return 0
 
 

@@ -9,8 +9,9 @@
 #   4. kubectl apply -f samples/; wait until Registry main is Ready
 #   5. apply the samples again: nothing may change (GitOps idempotence)
 #   6. port-forward the registry's Service, read the admin credentials from its
-#      Secret, push an image with skopeo and pull it back (python -m berth_dev.smoke,
-#      the same check as the local stack's test)
+#      Secret, push an image with skopeo and pull it back, then pull it with the robot
+#      of the pull Secret Berth wrote into team-a, which may not push
+#      (python -m berth_dev.smoke: the same checks as the local stack's test)
 #   7. delete the cluster (also on failure; BERTH_E2E_KEEP=1 keeps it)
 #
 # Needs a Docker engine, Go (to build kind when it is not on PATH), skopeo, and
@@ -133,7 +134,16 @@ secret() {
     "$kubectl" -n "$namespace" get secret "$registry-auth" -o "jsonpath={.data.$1}" | base64 -d
 }
 username="$(secret admin-username)"
+# The sample Repository grants team-a pull access: the robot in the Secret Berth wrote
+# there must pull the image and must not push.
+pull_secret="$("$kubectl" -n team-a get secrets -o name \
+    -l "app.kubernetes.io/managed-by=berth-operator,berth.dev/registry=$registry" | head -n1)"
+[[ -n $pull_secret ]] || fail "no pull Secret of $registry in namespace team-a"
+robot="$("$kubectl" -n team-a get "$pull_secret" -o 'jsonpath={.data.\.dockerconfigjson}' |
+    base64 -d | "$python" -c 'import json, sys; (e,) = json.load(sys.stdin)["auths"].values(); print(e["username"]); print(e["password"])')"
 BERTH_SMOKE_PASSWORD="$(secret admin-password)" \
-    "$python" -m berth_dev.smoke "127.0.0.1:$port" --username "$username"
+    BERTH_SMOKE_PULLER_PASSWORD="$(sed -n 2p <<<"$robot")" \
+    "$python" -m berth_dev.smoke "127.0.0.1:$port" --username "$username" \
+    --puller-username "$(sed -n 1p <<<"$robot")"
 
 step "passed"
