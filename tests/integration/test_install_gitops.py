@@ -218,6 +218,10 @@ def test_health_from_conditions(stack: dev_stack.LocalStack, tmp_path: Path) -> 
     status, message = argocd_health(main, tmp_path)
     assert status == "Progressing" and ready["reason"] in message
 
+    # The sample Repository: its pull Secret is written, so it is Healthy.
+    repository = get(stack, "repository", "team-a-api", "-n", "registries")
+    assert argocd_health(repository, tmp_path)[0] == "Healthy", repository.get("status")
+
     # A spec the operator refuses to serve is Degraded, with the reason shown.
     unservable = {
         "apiVersion": "berth.dev/v1alpha1",
