@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from registry_server.auth import policy as policy_mod
 from registry_server.auth import scopes
-from registry_server.auth.model import ANONYMOUS, CATALOG, Access, Principal
+from registry_server.auth.model import ANONYMOUS, CATALOG, REPLICATION, Access, Principal
 
 log = logging.getLogger("registry_server.auth")
 
@@ -57,6 +57,8 @@ class Directory:
         """Whether ``name`` (None: anonymous) has every action of ``access``."""
         if scopes.is_catalog(access):
             return self.policy.catalog(name)
+        if scopes.is_replication(access):
+            return self.policy.administers(name)
         if access.type != scopes.REPOSITORY:
             return False
         return access.actions <= self.policy.actions(name, access.name)
@@ -68,6 +70,9 @@ class Directory:
             if scopes.is_catalog(access):
                 if self.policy.catalog(name):
                     granted.append(CATALOG)
+            elif scopes.is_replication(access):
+                if self.policy.administers(name):
+                    granted.append(REPLICATION)
             elif access.type == scopes.REPOSITORY and scopes.valid_repository(access.name):
                 wanted = scopes.requested_repository_actions(access)
                 allowed = wanted & self.policy.actions(name, access.name)

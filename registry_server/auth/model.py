@@ -25,6 +25,8 @@ class Access:
 
 
 CATALOG = Access("registry", "catalog", frozenset({"*"}))
+# Replication status and anti-entropy state: for peers and the operator (admins only).
+REPLICATION = Access("registry", "replication", frozenset({"*"}))
 
 
 @dataclass(frozen=True)

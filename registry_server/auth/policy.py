@@ -65,6 +65,12 @@ class Policy:
     accounts: Mapping[str, Account] = field(default_factory=dict)
     robot_access: Mapping[str, tuple[Grant, ...]] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
+    # True only for the no-policy-file policy, where every account may do everything.
+    everyone_admin: bool = False
+
+    def administers(self, name: str | None) -> bool:
+        """Whether ``name`` has every right, including replication (``registry:replication:*``)."""
+        return name is not None and (self.everyone_admin or name in self.admins)
 
     def actions(self, name: str | None, repository: str) -> frozenset[str]:
         """What ``name`` (None: anonymous) may do on ``repository``.
@@ -72,7 +78,7 @@ class Policy:
         Grants add up; there are no deny rules. ``push`` includes ``pull``: every push
         starts by reading what is already there.
         """
-        if name is not None and name in self.admins:
+        if self.administers(name):
             return scopes.REPOSITORY_ACTIONS
         found: set[str] = set()
         for rule in self.rules:
@@ -96,6 +102,7 @@ class Policy:
 # Without a policy file every account that can log in may do everything, and anonymous
 # callers nothing: the behaviour of an htpasswd-only registry.
 AUTHENTICATED_FULL_ACCESS = Policy(
+    everyone_admin=True,
     rules=(
         Rule(
             "**",
@@ -103,7 +110,7 @@ AUTHENTICATED_FULL_ACCESS = Policy(
             push=frozenset({ANY_ACCOUNT}),
             delete=frozenset({ANY_ACCOUNT}),
         ),
-    )
+    ),
 )
 
 

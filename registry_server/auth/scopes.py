@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 
-from registry_server.auth.model import CATALOG, Access
+from registry_server.auth.model import CATALOG, REPLICATION, Access
 from registry_server.protocol import errors, names
 
 REPOSITORY = "repository"
@@ -72,6 +72,10 @@ def valid_repository(name: str) -> bool:
     except errors.RegistryError:
         return False
     return True
+
+
+def is_replication(access: Access) -> bool:
+    return access.type == REPLICATION.type and access.name == REPLICATION.name
 
 
 def is_catalog(access: Access) -> bool:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from registry_server.auth.model import Principal
+from registry_server.auth.model import REPLICATION, Principal
 from registry_server.http import body
 from registry_server.http.context import services
 from registry_server.http.errors import API_VERSION_HEADER
-from registry_server.http.replication import REPLICATION
 from registry_server.protocol import errors, manifests, versions
 
 

@@ -6,13 +6,11 @@ import json
 
 from aiohttp import web
 
-from registry_server.auth.model import Access
+from registry_server.auth.model import REPLICATION
 from registry_server.http.context import services
 from registry_server.http.errors import API_VERSION_HEADER
 from registry_server.protocol import errors, names
 
-# Peers and the operator need this; admins have it, ordinary users do not.
-REPLICATION = Access("registry", "replication", frozenset({"*"}))
 _MAX_HASH_QUERY = 1000
 
 
