@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
 import threading
 import time
@@ -584,28 +585,29 @@ def _namespaces(prefix: str, start: int, count: int, label: str) -> str:
         {
             "apiVersion": "v1",
             "kind": "Namespace",
-            "metadata": {"name": f"{prefix}-{i:03d}", "labels": {PULL_LABEL: label}},
+            "metadata": {"name": f"{prefix}-{i:04d}", "labels": {PULL_LABEL: label}},
         }
         for i in range(start, start + count)
     ]
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
 
 
-def test_fan_out_to_200_namespaces(
+def test_fan_out_to_namespaces(
     operator: OperatorProcess,
     kube: kube_client.Client,
     control_plane: ControlPlane,
     namespace: str,
     record_property: Callable[[str, object], None],
 ) -> None:
-    """Pull Secrets for 200 labelled namespaces, two ways, with the operator's memory:
+    """Pull Secrets for 200 labelled namespaces (BERTH_FANOUT_NAMESPACES), two ways, with
+    the operator's memory:
 
-    1. a Repository applied while the 200 namespaces exist: `kubectl apply` of the
-       Repository until all 200 Secrets exist;
-    2. 200 more namespaces created at once while the Repository exists (the namespace
-       watch): the start of their `kubectl apply` until all 400 Secrets exist.
+    1. a Repository applied while the namespaces exist: `kubectl apply` of the
+       Repository until all their Secrets exist;
+    2. as many namespaces again created at once while the Repository exists (the
+       namespace watch): the start of their `kubectl apply` until all Secrets exist.
     """
-    count = 200
+    count = int(os.environ.get("BERTH_FANOUT_NAMESPACES", "200"))
     label = secrets.token_hex(4)
     prefix = f"fan-{label}"
     _apply(control_plane, "Registry", "main", namespace, {"storage": {"emptyDir": {}}})
@@ -631,7 +633,7 @@ def test_fan_out_to_200_namespaces(
             "path": "fan/out",
             "pullAccess": {"namespaceSelector": {"matchLabels": {PULL_LABEL: label}}},
         })  # fmt: skip
-        _wait(lambda: secrets_present(count), operator, f"{count} pull Secrets", timeout=180)
+        _wait(lambda: secrets_present(count), operator, f"{count} pull Secrets", timeout=600)
         by_repository = time.monotonic() - started
         status = _wait(
             lambda: (
@@ -643,11 +645,11 @@ def test_fan_out_to_200_namespaces(
             "the status to list them",
             timeout=60,
         )
-        assert status["pullSecretNamespaces"][0] == f"{prefix}-000"
+        assert status["pullSecretNamespaces"][0] == f"{prefix}-0000"
 
         started = time.monotonic()
         control_plane.kubectl(
-            "apply", "-f", "-", input=_namespaces(prefix, count, count, label), timeout=120
+            "apply", "-f", "-", input=_namespaces(prefix, count, count, label), timeout=600
         )
         created = time.monotonic() - started
         _wait(
@@ -659,8 +661,9 @@ def test_fan_out_to_200_namespaces(
         by_watch = time.monotonic() - started
         sampler.stop()
         rss_after, hwm = operator.rss_kib()
-        record_property("fan_out_200_repository_seconds", round(by_repository, 2))
-        record_property("fan_out_200_new_namespaces_seconds", round(by_watch, 2))
+        record_property("fan_out_namespaces", count)
+        record_property("fan_out_repository_seconds", round(by_repository, 2))
+        record_property("fan_out_new_namespaces_seconds", round(by_watch, 2))
         record_property("operator_rss_peak_mib", round(sampler.peak / 1024, 1))
         print(
             f"\nRepository applied -> Secrets in {count} namespaces: {by_repository:.2f}s"
@@ -670,7 +673,7 @@ def test_fan_out_to_200_namespaces(
             f"{sampler.peak / 1024:.1f} MiB during, {rss_after / 1024:.1f} MiB after "
             f"(process high-water mark {hwm / 1024:.1f} MiB)"
         )
-        assert by_repository < 60 and by_watch < 60
+        assert by_repository < count * 0.3 and by_watch < count * 0.3
     finally:
         control_plane.kubectl(
             "delete", "repository", "fan", "-n", namespace, "--ignore-not-found", check=False
@@ -682,5 +685,5 @@ def test_fan_out_to_200_namespaces(
             f"{PULL_LABEL}={label}",
             "--wait=false",
             check=False,
-            timeout=120,
+            timeout=600,
         )
