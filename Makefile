@@ -14,15 +14,20 @@ export PATH := /usr/local/go/bin:$(PATH)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
 PYTEST_ARGS ?=
+HELM = $(BERTH_CACHE)/helm-$(shell sed -n 's/^HELM_VERSION=//p' tools/versions.env)/helm
 
-.PHONY: help install tools test unit integration lint fmt run bench crds e2e-kind clean
+.PHONY: help install tools test unit integration lint fmt run serve bench crds chart-lint image e2e-kind clean
 
 help:
 	@echo "make install     create .venv and install berth with pinned dependencies"
 	@echo "make tools       build/install test tools into $(BERTH_CACHE) (cached by version)"
 	@echo "make test        install everything needed and run all tests"
 	@echo "make lint        ruff, mypy --strict, import-linter contracts"
-	@echo "make run         run the registry server locally (127.0.0.1:5000, ./data)"
+	@echo "make run         the local stack: control plane, operator, samples, a registry (Ctrl-C stops)"
+	@echo "make serve       only the registry server on 127.0.0.1:5000 with ./data"
+	@echo "make crds        regenerate helm/berth/crds, manifests/ and docs/crd-reference.md"
+	@echo "make chart-lint  helm lint --strict and helm template of helm/berth"
+	@echo "make image       build the Berth image (needs Docker)"
 	@echo "make bench       benchmark our server against CNCF distribution 2.8"
 	@echo "make e2e-kind    cluster end-to-end test on kind (needs a Docker engine)"
 
@@ -52,18 +57,32 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/python -m berth_dev.generate --check
 
 fmt: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-run: install
+run: install tools
+	$(BIN)/python -m berth_dev
+
+serve: install
 	$(BIN)/python -m registry_server
+
+crds: install tools
+	$(BIN)/python -m berth_dev.generate
+
+chart-lint: tools
+	$(HELM) lint --strict helm/berth
+	$(HELM) template berth helm/berth --namespace berth-system >/dev/null
+
+image:
+	bash hack/image.sh
 
 bench: install tools
 	$(BIN)/python -m bench
 
-e2e-kind:
+e2e-kind: install tools
 	bash tools/e2e-kind.sh
 
 clean:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian test tools when missing: skopeo, docker-registry (CNCF
-# distribution 2.8, /usr/bin/docker-registry), nginx (benchmarks) and containerd.
+# distribution 2.8, /usr/bin/docker-registry), nginx (benchmarks), containerd, and
+# lua5.4 (runs the Argo CD health check documented in docs/gitops.md).
 # Nothing is fetched when they are all present. Package installs must not leave
 # daemons running on fixed ports (docker-registry :5000, nginx :80): tests start
 # their own instances on free ports, so service starts are denied while apt runs.
@@ -17,9 +18,10 @@ installed docker-registry || missing+=(docker-registry)
 installed nginx-light || installed nginx || installed nginx-full || missing+=(nginx-light)
 installed containerd || installed containerd.io || command -v containerd >/dev/null ||
     missing+=(containerd)
+installed lua5.4 || missing+=(lua5.4)
 
 if ((${#missing[@]} == 0)); then
-    printf '%-12s %-44s cached  %ss\n' apt "skopeo docker-registry nginx containerd" \
+    printf '%-12s %-44s cached  %ss\n' apt "skopeo docker-registry nginx containerd lua" \
         "$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
     exit 0
 fi
