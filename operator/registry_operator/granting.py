@@ -138,9 +138,12 @@ def reconcile_access(
         found = [status.Condition(access.READY, "False", "InvalidSpec", message)]
         events.extend(writer.write_status(owner, generation, {}, found, now))
 
+    # Try again: soon for what resolves itself (an SA about to be created, an API error),
+    # rarely for a Secret of someone else's that only a person can move out of the way.
+    retry = 10.0 if writer.failed or writer.missing_accounts else 60.0 if writer.refused else None
     requeue = plan.requeue_after
-    if writer.refused or writer.missing_accounts:
-        requeue = min(requeue or 10.0, 10.0)  # a namespace terminating, an SA still missing
+    if retry is not None:
+        requeue = min(requeue or retry, retry)
     # A peer waiting for its account here can now write it into its server config.
     wake: list[Wake] = []
     if target is not None:
@@ -260,7 +263,8 @@ class _Writer:
         self.options = options
         self.written: dict[tuple[str, str, str], str] = {}
         self.holding: set[SecretKey] = set()  # Secrets holding the current credential
-        self.refused: dict[SecretKey, str] = {}
+        self.refused: dict[SecretKey, str] = {}  # not written, and why
+        self.failed: set[SecretKey] = set()  # of those, the ones an API error stopped
         self.missing_accounts: dict[SecretKey, tuple[str, ...]] = {}
 
     def _record(self, obj: Mapping[str, Any]) -> None:
@@ -362,6 +366,7 @@ class _Writer:
         except (errors.Rejected, errors.Retryable, errors.NotFound, errors.Conflict) as exc:
             # A namespace being deleted refuses new objects (403); the next pass retries.
             self.refused[key] = exc.message
+            self.failed.add(key)
             return False
         self.holding.add(key)
         return True

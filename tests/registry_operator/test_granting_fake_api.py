@@ -342,3 +342,27 @@ def test_consenting_peers_get_accounts_and_are_woken() -> None:
     assert "peer.us.us.1" in policy["admins"]
     assert [u["name"] for u in policy["users"]] == ["peer.us.us.1"]
     assert _run(kube, _options(clock)).wake == ()
+
+
+def test_retry_soon_for_a_missing_service_account_rarely_for_a_foreign_secret() -> None:
+    kube, clock = _kube(), Clock()
+    _repository(
+        kube, "api", {**API, "pullAccess": {"namespaces": ["team-a"], "serviceAccounts": ["ci"]}}
+    )
+    assert _run(kube, _options(clock)).requeue_after == 10.0
+    _service_account(kube, "team-a", "ci", [])
+    assert _run(kube, _options(clock)).requeue_after is None
+    kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "theirs", "namespace": "team-c"},
+            "type": "Opaque",
+        }
+    )
+    _repository(
+        kube,
+        "other",
+        {"path": "x/y", "pullAccess": {"namespaces": ["team-c"], "secretName": "theirs"}},
+    )
+    assert _run(kube, _options(clock)).requeue_after == 60.0
