@@ -24,9 +24,6 @@ import yaml
 
 from registry_operator.kube import client as kube_client
 from registry_operator.rendering import names
-from registry_server.auth import directory as server_directory
-from registry_server.auth import model as server_model
-from registry_server.auth import policy as server_policy
 from tests.support import podspec_runner
 from tests.support.clients import skopeo
 from tests.support.control_plane import ControlPlane
@@ -38,14 +35,6 @@ from tests.support.tools import require_tool
 pytestmark = pytest.mark.integration
 
 API = "berth.dev/v1alpha1"
-
-
-def _server_lets_admins_replicate() -> bool:
-    """Whether this server version grants admins `registry:replication:*`, which the
-    replication endpoints and versioned pushes from peers require (docs/auth.md)."""
-    policy = server_policy.parse({"admins": ["peer"]})
-    directory = server_directory.Directory.build({}, policy)
-    return directory.permits("peer", server_model.Access("registry", "replication", frozenset("*")))
 
 
 @pytest.fixture(scope="module")
@@ -244,15 +233,6 @@ def test_two_registries_listing_each_other_get_wired(
     assert f"peer.{namespace}.eu.1" not in policy()["admins"]
 
 
-@pytest.mark.xfail(
-    not _server_lets_admins_replicate(),
-    reason=(
-        "the server's auth Directory never permits registry:replication:* (permits() and "
-        "grant() only know repository and catalog scopes), so no account, admins included, "
-        "may push versioned changes or read the replication endpoints with auth enabled"
-    ),
-    strict=True,
-)
 def test_wired_servers_replicate_and_the_status_shows_per_peer_lag(
     operator: OperatorProcess,
     kube: kube_client.Client,
