@@ -15,13 +15,16 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from registry_server.protocol import versions
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.index import Change, ManifestRecord, NewManifest, TagState
 
 T = TypeVar("T")
+
+# Plain writes queued while the writer is busy commit together, at most this many at once.
+_GROUP_COMMIT_MAX = 256
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repositories (
@@ -130,6 +133,9 @@ class SqliteIndex:
         # One transaction at a time on the writer connection, including guarded ones that
         # span several thread hops.
         self._lock = asyncio.Lock()
+        # Plain writes waiting for the writer (group commit, see _write).
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -145,28 +151,26 @@ class SqliteIndex:
         before: Callable[[], Awaitable[None]] | None = None,
         after: Callable[[T], Awaitable[None]] | None = None,
     ) -> T:
-        """Run ``fn`` in one write transaction on the writer thread.
+        """Run ``fn`` in a write transaction on the writer thread; returns when committed.
 
+        Plain writes queued together share one transaction (each in its own savepoint, so
+        a failing write undoes only itself): one commit, one fsync, for the whole group.
         ``before``/``after`` are storage operations done while the transaction holds the
         database write lock, so that publishing a blob file and linking it (or forgetting
         a blob and deleting its file) are atomic with respect to every other process.
         """
         loop = asyncio.get_running_loop()
         conn = self._writer
-
-        def run() -> T:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+        if before is None and after is None:
+            # Group commit: writes that arrive while the writer is busy share one
+            # transaction, so concurrent pushes pay for one fsync instead of one each.
+            done: asyncio.Future[T] = loop.create_future()
+            self._queue.append((fn, done))
+            if self._flusher is None:
+                self._flusher = loop.create_task(self._flush())
+            return await done
 
         async with self._lock:
-            if before is None and after is None:
-                return await loop.run_in_executor(self._executor, run)
             await loop.run_in_executor(self._executor, conn.execute, "BEGIN IMMEDIATE")
             try:
                 if before is not None:
@@ -179,6 +183,65 @@ class SqliteIndex:
                 raise
             await loop.run_in_executor(self._executor, conn.execute, "COMMIT")
             return result
+
+    async def _flush(self) -> None:
+        """Commit the queued plain writes, batch after batch, until none are left."""
+        loop = asyncio.get_running_loop()
+        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        try:
+            while self._queue:
+                batch = self._queue[:_GROUP_COMMIT_MAX]
+                del self._queue[: len(batch)]
+                batch = [(fn, done) for fn, done in batch if not done.cancelled()]
+                if not batch:
+                    continue
+                async with self._lock:
+                    try:
+                        outcomes = await loop.run_in_executor(
+                            self._executor, self._run_batch, [fn for fn, _ in batch]
+                        )
+                    except Exception as exc:  # BEGIN or COMMIT failed: none of it is stored
+                        outcomes = [(False, exc)] * len(batch)
+                for (_, done), (ok, value) in zip(batch, outcomes, strict=True):
+                    if done.done():
+                        continue
+                    if ok:
+                        done.set_result(value)
+                    else:
+                        done.set_exception(value)
+                batch = []
+        except BaseException as exc:  # cancelled (shutdown): nobody may wait forever
+            for _, done in [*batch, *self._queue]:
+                if not done.done():
+                    done.set_exception(exc)
+            self._queue.clear()
+            raise
+        finally:
+            self._flusher = None
+
+    def _run_batch(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        """One transaction; each write in a savepoint, so a failing one undoes only itself."""
+        conn = self._writer
+        outcomes: list[tuple[bool, Any]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for fn in fns:
+                conn.execute("SAVEPOINT write")
+                try:
+                    result = fn(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO write")
+                    conn.execute("RELEASE write")
+                    outcomes.append((False, exc))
+                else:
+                    conn.execute("RELEASE write")
+                    outcomes.append((True, result))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return outcomes
 
     # -- helpers -------------------------------------------------------------------------
 
