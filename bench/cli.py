@@ -44,13 +44,13 @@ class Settings:
     repos: int = 10_000
     list_requests: int = 5_000
     # Request-rate phases stop after this many seconds if the count is not reached.
-    request_seconds: float = 5.0
+    request_seconds: float = 4.0
     list_concurrency: int = 8
     populate_concurrency: int = 32
     populate_measured: int = 2_000
     reps: int = 3
     # Blob phases are short (a pull of 256 MiB takes a fraction of a second): more samples.
-    blob_reps: int = 5
+    blob_reps: int = 4
     client_procs: int = 2
 
 
