@@ -217,7 +217,7 @@ def test_server_config_is_the_documented_format() -> None:
     spec = models.parse_spec({"logLevel": "warning"}, image=IMAGE)
     config = yaml.safe_load(manifests.server_config(spec, OWNER))
     assert config == {
-        "http": {"addr": "0.0.0.0:5000", "external_url": "http://main.registries.svc:5000"},
+        "http": {"addr": "0.0.0.0:5000", "external_url": ""},
         "storage": {"root": "/var/lib/berth", "index": "sqlite"},
         "auth": {
             "service": "main.registries.svc:5000",

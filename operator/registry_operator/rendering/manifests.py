@@ -95,7 +95,10 @@ def server_config(spec: models.Spec, owner: models.Owner, peers: tuple[WiredPeer
         name=owner.name,
         namespace=owner.namespace,
         addr=f"0.0.0.0:{names.CONTAINER_PORT}",
-        external_url=spec.ingress.url if spec.ingress else in_cluster,
+        # Without an Ingress clients reach the server by many names (Service DNS, a
+        # port-forward, a node port); leaving this empty makes the token realm follow the
+        # address each client used.
+        external_url=spec.ingress.url if spec.ingress else "",
         data_dir=names.DATA_DIR,
         service=spec.ingress.host if spec.ingress else in_cluster.split("://", 1)[1],
         htpasswd_file=f"{names.AUTH_DIR}/{creds.HTPASSWD}",
