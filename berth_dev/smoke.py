@@ -11,6 +11,7 @@ same bytes back.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import os
 import secrets
@@ -18,6 +19,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -103,11 +107,35 @@ def pull(reference: str, username: str, password: str, destination: Path) -> str
     return images.tagged_digest(destination, tag)
 
 
+def wait_accepted(registry: str, username: str, password: str, attempts: int = 8) -> None:
+    """Wait until the server knows a credential Berth just wrote into a pull Secret.
+
+    The Secret can land before the server has reloaded its policy (about two seconds, see
+    docs/auth.md); a kubelet retries such a pull, so does this. Polls slowly: each refusal
+    counts towards the server's failed-login limit.
+    """
+    request = urllib.request.Request(f"http://{registry}/v2/")
+    token = base64.b64encode(f"{username}:{password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 401:
+                raise SmokeError(f"{username} at {registry}: HTTP {exc.code}") from exc
+        if attempt + 1 < attempts:
+            time.sleep(2)
+    raise SmokeError(f"{registry} never accepted the credentials of {username}")
+
+
 def check_puller(
     result: Result, username: str, password: str, *, workdir: Path | None = None
 ) -> None:
     """`username` (say, the robot of a pull Secret) pulls what `result` pushed, and may
     not push."""
+    wait_accepted(result.reference.partition("/")[0], username, password)
     with tempfile.TemporaryDirectory(prefix="berth-smoke-", dir=workdir) as scratch:
         pulled = pull(result.reference, username, password, Path(scratch) / "pulled")
     if pulled != result.pushed:
