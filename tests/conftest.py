@@ -10,10 +10,14 @@ import re
 import secrets
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support.control_plane import ControlPlane
+
+if TYPE_CHECKING:
+    from registry_operator.kube.client import Client as KubeClient
 from tests.support.processes import ProcessStartError, RegistryKind, RegistryProcess
 
 # Processes started for the current test, for the failure report.
@@ -65,6 +69,26 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
         yield plane
     finally:
         plane.stop()
+
+
+@pytest.fixture(scope="module")
+def kube(control_plane: ControlPlane) -> Iterator[KubeClient]:
+    """The operator's own API client, connected to the control plane (one per module)."""
+    from registry_operator.kube.client import Client
+
+    client = Client.connect(str(control_plane.kubeconfig))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def overrides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty `--endpoint-overrides` file for a module's operator; tests add URLs to it."""
+    path = tmp_path_factory.mktemp("endpoints") / "endpoints.json"
+    path.write_text("{}")
+    return path
 
 
 @pytest.fixture

@@ -64,15 +64,6 @@ def operator(
         running.stop()
 
 
-@pytest.fixture(scope="module")
-def kube(control_plane: ControlPlane) -> Iterator[kube_client.Client]:
-    client = kube_client.Client.connect(str(control_plane.kubeconfig))
-    try:
-        yield client
-    finally:
-        client.close()
-
-
 # --- helpers ---------------------------------------------------------------------------
 
 

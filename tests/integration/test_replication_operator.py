@@ -38,13 +38,6 @@ API = "berth.dev/v1alpha1"
 
 
 @pytest.fixture(scope="module")
-def overrides(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("endpoints") / "endpoints.json"
-    path.write_text("{}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def operator(
     control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory, overrides: Path
 ) -> Iterator[OperatorProcess]:
@@ -62,15 +55,6 @@ def operator(
         yield running
     finally:
         running.stop()
-
-
-@pytest.fixture(scope="module")
-def kube(control_plane: ControlPlane) -> Iterator[kube_client.Client]:
-    client = kube_client.Client.connect(str(control_plane.kubeconfig))
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture
