@@ -81,7 +81,7 @@ class BlobService:
             raise errors.RegistryError(
                 errors.RANGE_INVALID,
                 detail={"offset": info.size, "range": list(content_range)},
-                headers=_upload_headers(repo, info.upload_id, info.size),
+                headers=upload_headers(repo, info.upload_id, info.size),
             )
 
     async def append(
@@ -136,12 +136,10 @@ class BlobService:
             await self.store.cancel(upload_id)
 
 
-def _upload_headers(repo: str, upload_id: str, size: int) -> dict[str, str]:
+def upload_headers(repo: str, upload_id: str, size: int) -> dict[str, str]:
+    """Where an upload session is and how much it holds (every upload response carries it)."""
     return {
         "Location": f"/v2/{repo}/blobs/uploads/{upload_id}",
         "Range": f"0-{max(size - 1, 0)}",
         "Docker-Upload-UUID": upload_id,
     }
-
-
-upload_headers = _upload_headers

@@ -612,23 +612,24 @@ class SqliteIndex:
         ).fetchone()
         return int(row[0]), (float(row[1]) if row[1] is not None else None)
 
+    # Tag states (tombstones included) and referrer digests: what anti-entropy compares.
+    _TAG_STATES = (
+        "SELECT name, digest, version, origin FROM tags WHERE repo_id = ?"
+        " UNION ALL SELECT name, NULL, version, origin FROM tombstones WHERE repo_id = ?"
+        " ORDER BY 1"
+    )
+    _REFERRERS = (
+        "SELECT digest FROM manifests WHERE repo_id = ? AND subject IS NOT NULL ORDER BY digest"
+    )
+
     async def repository_hash(self, repo: str) -> str | None:
         repo_id = self._read_repo_id(repo)
         if repo_id is None:
             return None
         h = hashlib.sha256()
-        for row in self._reader.execute(
-            "SELECT name, digest, version, origin FROM tags WHERE repo_id = ?"
-            " UNION ALL SELECT name, NULL, version, origin FROM tombstones WHERE repo_id = ?"
-            " ORDER BY 1",
-            (repo_id, repo_id),
-        ):
+        for row in self._reader.execute(self._TAG_STATES, (repo_id, repo_id)):
             h.update(repr(tuple(row)).encode())
-        for (digest,) in self._reader.execute(
-            "SELECT digest FROM manifests WHERE repo_id = ? AND subject IS NOT NULL"
-            " ORDER BY digest",
-            (repo_id,),
-        ):
+        for (digest,) in self._reader.execute(self._REFERRERS, (repo_id,)):
             h.update(digest.encode())
         return h.hexdigest()
 
@@ -636,24 +637,14 @@ class SqliteIndex:
         repo_id = self._read_repo_id(repo)
         if repo_id is None:
             return []
-        rows = self._reader.execute(
-            "SELECT name, digest, version, origin FROM tags WHERE repo_id = ?"
-            " UNION ALL SELECT name, NULL, version, origin FROM tombstones WHERE repo_id = ?"
-            " ORDER BY 1",
-            (repo_id, repo_id),
-        ).fetchall()
+        rows = self._reader.execute(self._TAG_STATES, (repo_id, repo_id)).fetchall()
         return [TagState(str(n), d, int(v), str(o)) for n, d, v, o in rows]
 
     async def referrer_digests(self, repo: str) -> list[str]:
         repo_id = self._read_repo_id(repo)
         if repo_id is None:
             return []
-        rows = self._reader.execute(
-            "SELECT digest FROM manifests WHERE repo_id = ? AND subject IS NOT NULL"
-            " ORDER BY digest",
-            (repo_id,),
-        ).fetchall()
-        return [str(r[0]) for r in rows]
+        return [str(r[0]) for r in self._reader.execute(self._REFERRERS, (repo_id,)).fetchall()]
 
     async def expire_tombstones(self, older_than: float) -> int:
         def tx(conn: sqlite3.Connection) -> int:
