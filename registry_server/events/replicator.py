@@ -17,7 +17,6 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -41,7 +40,6 @@ DELIVERED = Counter("berth_replication_delivered_total", "Changes delivered", ["
 ERRORS = Counter("berth_replication_errors_total", "Failed delivery attempts", ["peer"])
 REPAIRED = Counter("berth_replication_repaired_total", "Drift repaired by anti-entropy", ["peer"])
 
-_EXTERNAL_LAYER_HINTS = ("foreign", "nondistributable")
 _PAGE = 500
 _SINGLE_POST_BYTES = 4 * 1024 * 1024
 EMPTY_REPOSITORY_HASH = hashlib.sha256().hexdigest()
@@ -226,11 +224,8 @@ class Replicator:
             if child_record is None:
                 raise PeerError(f"local child manifest {child.digest} missing", retryable=False)
             await self._ensure_manifest(peer, repo, child_record)
-        wanted = [
-            d for d in parsed.blobs if not any(h in d.media_type for h in _EXTERNAL_LAYER_HINTS)
-        ]
         await asyncio.gather(
-            *(self._ensure_blob(peer, repo, str(d.digest)) for d in _unique(wanted))
+            *(self._ensure_blob(peer, repo, digest) for digest in parsed.required_blobs())
         )
 
     async def _ensure_blob(self, peer: _Peer, repo: str, digest: str) -> None:
@@ -362,10 +357,3 @@ class Replicator:
 def _content(record: ManifestRecord) -> bytes:
     assert record.content is not None
     return record.content
-
-
-def _unique(items: Iterable[manifests.Descriptor]) -> list[manifests.Descriptor]:
-    seen: dict[str, manifests.Descriptor] = {}
-    for item in items:
-        seen.setdefault(str(item.digest), item)
-    return list(seen.values())

@@ -21,6 +21,7 @@ OCI_EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
 IMAGE_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 SUPPORTED_TYPES = IMAGE_TYPES | INDEX_TYPES
+_EXTERNAL_LAYER_HINTS = ("foreign", "nondistributable")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,18 @@ class Manifest:
     @property
     def is_index(self) -> bool:
         return self.media_type in INDEX_TYPES
+
+    def required_blobs(self) -> list[str]:
+        """Digests of the blobs a registry must hold for this manifest, each once.
+
+        Foreign and non-distributable layers live elsewhere by definition and are left out.
+        """
+        wanted = (
+            str(d.digest)
+            for d in self.blobs
+            if not any(hint in d.media_type for hint in _EXTERNAL_LAYER_HINTS)
+        )
+        return list(dict.fromkeys(wanted))
 
 
 def _invalid(message: str) -> errors.RegistryError:

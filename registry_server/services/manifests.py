@@ -10,9 +10,6 @@ from registry_server.protocol import digests, errors, manifests, names
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.index import ManifestRecord, MetadataIndex, NewManifest
 
-# Layers that by definition live elsewhere (foreign / non-distributable) need not be pushed.
-_EXTERNAL_LAYER_HINTS = ("foreign", "nondistributable")
-
 
 @dataclass(frozen=True)
 class PushResult:
@@ -80,12 +77,7 @@ class ManifestService:
         return PushResult(str(digest), subject)
 
     async def _check_references(self, repo: str, parsed: manifests.Manifest) -> None:
-        wanted = [
-            str(d.digest)
-            for d in parsed.blobs
-            if not any(h in d.media_type for h in _EXTERNAL_LAYER_HINTS)
-        ]
-        missing = await self.index.missing_blobs(repo, list(dict.fromkeys(wanted)))
+        missing = await self.index.missing_blobs(repo, parsed.required_blobs())
         children = list(dict.fromkeys(str(d.digest) for d in parsed.children))
         missing += await self.index.missing_manifests(repo, children)
         if missing:
