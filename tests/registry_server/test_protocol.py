@@ -278,3 +278,28 @@ def test_error_body_shape() -> None:
         ]
     }
     assert err.status == 404
+
+
+def test_required_blobs_skip_external_layers_and_repeats() -> None:
+    other = "sha256:" + "b" * 64
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifests.OCI_MANIFEST,
+            "config": _desc("application/vnd.oci.image.config.v1+json"),
+            "layers": [
+                _desc(),
+                {
+                    "mediaType": "application/vnd.oci.image.layer.nondistributable.v1.tar",
+                    "digest": other,
+                    "size": 1,
+                },
+                {
+                    "mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                    "digest": other,
+                    "size": 1,
+                },
+            ],
+        }
+    ).encode()
+    assert manifests.parse(body, None).required_blobs() == [SHA]
