@@ -300,18 +300,31 @@ def _change_events(
     desired: Mapping[str, Any],
     drift: bool,
 ) -> list[Event]:
-    if before is None:
+    if before is None or _uid(before) != _uid(after):  # a new uid: deleted meanwhile
         if drift:
             return [Event("Normal", "Restored", f"recreated {kind} {name}, which was deleted")]
         return [Event("Normal", "Created", f"created {kind} {name}")]
     old = (before.get("metadata") or {}).get("resourceVersion")
     new = (after.get("metadata") or {}).get("resourceVersion")
     # A new resourceVersion alone may be a controller's status write racing ours.
-    if old == new or _contains(before, desired):
+    if old == new or (_contains(before, desired) and not _edited_meanwhile(before, after)):
         return []
     if drift:
         return [Event("Normal", "Repaired", f"reverted changes made to {kind} {name}")]
     return [Event("Normal", "Updated", f"updated {kind} {name}")]
+
+
+def _uid(obj: Mapping[str, Any]) -> Any:
+    return (obj.get("metadata") or {}).get("uid")
+
+
+def _edited_meanwhile(before: Mapping[str, Any], after: Mapping[str, Any]) -> bool:
+    """Whether someone changed the spec between our read and our apply (which then
+    reverted it): the generation moved although our apply alone would not move it.
+    Watch events often start a reconcile just before a hand edit lands."""
+    old = (before.get("metadata") or {}).get("generation")
+    new = (after.get("metadata") or {}).get("generation")
+    return isinstance(old, int) and isinstance(new, int) and new > old
 
 
 def _contains(actual: Any, desired: Any) -> bool:

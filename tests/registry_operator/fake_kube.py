@@ -94,6 +94,11 @@ class FakeKube:
         desired["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
         if "status" in current:
             desired["status"] = current["status"]
+        generation = current["metadata"].get("generation")
+        if generation is not None:
+            # Like the API server: a spec change moves the generation.
+            changed = desired.get("spec") != current.get("spec")
+            desired["metadata"]["generation"] = generation + 1 if changed else generation
         if desired != current:
             self.put(desired)
         return copy.deepcopy(self.objects[key])

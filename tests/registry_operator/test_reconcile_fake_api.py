@@ -121,6 +121,49 @@ def test_drift_is_repaired_and_told() -> None:
     assert kube.objects[("Deployment", "ns", "main")]["spec"]["replicas"] == 1
 
 
+def test_an_edit_landing_between_read_and_apply_is_still_told() -> None:
+    """A watch event often starts a reconcile just before a hand edit lands: the edit is
+    reverted by an apply whose read predates it, and must still be reported."""
+
+    class EditDuringApply(FakeKube):
+        armed = False
+
+        def apply(self, manifest: Any, subresource: str | None = None) -> dict[str, Any]:
+            if self.armed and manifest["kind"] == "Deployment" and subresource is None:
+                current = self.objects[("Deployment", "ns", "main")]
+                current["spec"]["replicas"] = 7
+                current["metadata"]["generation"] += 1
+            return super().apply(manifest, subresource)
+
+    kube = EditDuringApply()
+    _registry(kube, {})
+    _run(kube)
+    kube.objects[("Deployment", "ns", "main")]["metadata"]["generation"] = 1
+    kube.armed = True
+    assert _reasons(_run(kube)) == [("Repaired", "reverted changes made to Deployment main")]
+    assert kube.objects[("Deployment", "ns", "main")]["spec"]["replicas"] == 1
+    assert kube.objects[("Deployment", "ns", "main")]["metadata"]["generation"] == 3
+
+
+def test_a_deletion_landing_between_read_and_apply_is_still_told() -> None:
+    class DeleteDuringApply(FakeKube):
+        armed = False
+
+        def apply(self, manifest: Any, subresource: str | None = None) -> dict[str, Any]:
+            if self.armed and manifest["kind"] == "Service":
+                self.delete("v1", "Service", "ns", "main")
+                self.armed = False
+            return super().apply(manifest, subresource)
+
+    kube = DeleteDuringApply()
+    _registry(kube, {})
+    _run(kube)
+    kube.objects[("Service", "ns", "main")]["metadata"]["uid"] = "first-service"
+    kube.armed = True
+    assert _reasons(_run(kube)) == [("Restored", "recreated Service main, which was deleted")]
+    assert kube.objects[("Service", "ns", "main")]["metadata"]["uid"] != "first-service"
+
+
 def test_spec_change_updates_children_and_keeps_credentials() -> None:
     kube = FakeKube()
     _registry(kube, {})
