@@ -7,17 +7,19 @@ import logging
 
 from aiohttp import web
 
-from registry_server.auth.model import Authorizer, OpenAccess
+from registry_server.auth.model import Authorizer, OpenAccess, TagRuleSource
 from registry_server.config import Config
 from registry_server.events.replicator import Replicator
 from registry_server.http import replication, routes, token
 from registry_server.http.context import SERVICES, Services
 from registry_server.http.errors import error_middleware
 from registry_server.http.health import metrics_middleware
+from registry_server.protocol.tag_rules import NO_RULES, TagRules
 from registry_server.services.blobs import BlobService
 from registry_server.services.discovery import DiscoveryService
 from registry_server.services.gc import GarbageCollector
 from registry_server.services.manifests import ManifestService
+from registry_server.services.retention import RetentionService
 from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.sqlite_index import SqliteIndex
@@ -42,16 +44,21 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     index = SqliteIndex(config.storage.root / "index.db", rep.region, [p.name for p in rep.peers])
     store = BlobStore(driver)
     replicator = Replicator(rep, index, store) if rep.peers and worker_id == 0 else None
+    auth = build_authorizer(config)
+
+    def tag_rules(repository: str) -> TagRules:
+        # Immutable tags and retention live in the policy file: none without one.
+        return auth.tag_rules(repository) if isinstance(auth, TagRuleSource) else NO_RULES
+
+    on_change = replicator.wake if replicator is not None else None
     svc = Services(
         blobs=BlobService(store, index),
         manifests=ManifestService(
-            index,
-            config.limits.max_manifest_bytes,
-            on_change=replicator.wake if replicator is not None else None,
+            index, config.limits.max_manifest_bytes, on_change=on_change, tag_rules=tag_rules
         ),
         discovery=DiscoveryService(index),
         index=index,
-        auth=build_authorizer(config),
+        auth=auth,
         max_manifest_bytes=config.limits.max_manifest_bytes,
         replicator=replicator,
         region=rep.region,
@@ -67,15 +74,18 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     collector = GarbageCollector(
         store, index, config.gc.grace_seconds, config.limits.upload_purge_after_seconds
     )
+    retention = RetentionService(index, tag_rules, on_change)
     background: list[asyncio.Task[None]] = []
 
     async def collect_forever() -> None:
         while True:
             await asyncio.sleep(config.gc.interval_seconds)
-            try:
-                await collector.run_once()
-            except Exception:  # the collector must outlive one bad round; it logs why
-                logging.getLogger("registry_server.gc").exception("garbage collection failed")
+            # Retention first, so the collector already sees what it untagged.
+            for name, job in (("retention", retention.run_once), ("gc", collector.run_once)):
+                try:
+                    await job()
+                except Exception:  # the loop must outlive one bad round; it logs why
+                    logging.getLogger(f"registry_server.{name}").exception(f"{name} failed")
 
     async def start(_: web.Application) -> None:
         if replicator is not None:

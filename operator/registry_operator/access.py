@@ -78,7 +78,10 @@ class Desired:
 @dataclasses.dataclass(frozen=True)
 class Rule:
     repository: str
-    anonymous_pull: bool
+    anonymous_pull: bool = False
+    immutable_tags: tuple[str, ...] = ()
+    keep_last: int | None = None  # retention; None: keep every tag
+    protect: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,10 +284,23 @@ def _policy(
         users=tuple(sorted((p.current.name, p.current.hash) for p in peers)),
         robots=tuple(sorted(entries)),
         rules=tuple(
-            Rule(r.path, anonymous_pull=True)
+            rule
             for r in sorted(repositories, key=lambda r: r.path)
-            if r.visibility == "public"
+            if (rule := _rule(r)) != Rule(r.path)
         ),
+    )
+
+
+def _rule(repository: models.Repository) -> Rule:
+    """What the server enforces for the path itself: anonymous pull and tag rules."""
+    retention = repository.retention
+    keep_last = retention.keep_last if retention is not None else None
+    return Rule(
+        repository.path,
+        anonymous_pull=repository.visibility == "public",
+        immutable_tags=repository.immutable_tags,
+        keep_last=keep_last,
+        protect=retention.protect if retention is not None and keep_last is not None else (),
     )
 
 
@@ -428,14 +444,34 @@ def repository_status(
     else:
         found.append(Condition(ROTATING, "False", "Idle", ""))
 
-    if repository.retention is not None or repository.immutable_tags:
+    rule = _rule(repository)
+    if rule.immutable_tags or rule.keep_last is not None:
+        told = []
+        if rule.immutable_tags:
+            told.append("immutable tags " + ", ".join(rule.immutable_tags))
+        if rule.keep_last is not None:
+            kept = f"retention keeps the last {rule.keep_last} tags"
+            told.append(
+                kept + (" and tags matching " + ", ".join(rule.protect) if rule.protect else "")
+            )
+        if holds and target is not None:
+            found.append(Condition(TAG_RULES, "True", "InPolicy", "; ".join(told)))
+        else:
+            found.append(
+                Condition(
+                    TAG_RULES,
+                    "False",
+                    "NotInPolicy",
+                    "not enforced: another Repository holds the path or the Registry is missing",
+                )
+            )
+    elif repository.retention is not None:
         found.append(
             Condition(
                 TAG_RULES,
                 "False",
-                "NotSupportedByServer",
-                "retention and immutableTags are validated and kept, but this registry "
-                "server version does not enforce them yet",
+                "NothingToEnforce",
+                "retention without keepLast keeps every tag; protect has no effect alone",
             )
         )
     return fields, found

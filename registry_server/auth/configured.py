@@ -35,6 +35,7 @@ from registry_server.auth.reloading import AuthFiles, LoadError
 from registry_server.auth.tokens import SigningKey, SigningKeyError, TokenCodec, TokenInvalid
 from registry_server.config import AuthConfig, ConfigError
 from registry_server.protocol import errors
+from registry_server.protocol.tag_rules import TagRules
 
 log = logging.getLogger("registry_server.auth")
 
@@ -125,6 +126,9 @@ class ConfiguredAuthorizer:
     @property
     def directory(self) -> Directory:
         return self.files.directory
+
+    def tag_rules(self, repository: str) -> TagRules:
+        return self.files.directory.policy.tag_rules(repository)
 
     # -- lifecycle --
 

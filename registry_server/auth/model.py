@@ -7,6 +7,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from registry_server.protocol.tag_rules import TagRules
+
 
 @dataclass(frozen=True)
 class Access:
@@ -124,3 +126,12 @@ class Background(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class TagRuleSource(Protocol):
+    """An Authorizer whose policy also holds per-repository tag rules (immutable tags,
+    retention); the manifest and retention services ask it on every use, so a policy
+    reload applies at once."""
+
+    def tag_rules(self, repository: str) -> TagRules: ...

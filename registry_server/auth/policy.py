@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from registry_server.auth import htpasswd, scopes
+from registry_server.protocol import tag_rules
 
 ANY_ACCOUNT = "*"  # in a rule's pull/push/delete lists: every authenticated account
 
@@ -44,6 +45,7 @@ class Rule:
     push: frozenset[str] = frozenset()
     delete: frozenset[str] = frozenset()
     anonymous_pull: bool = False
+    tags: tag_rules.TagRules = tag_rules.NO_RULES
 
     def actions_for(self, name: str | None) -> set[str]:
         found: set[str] = set()
@@ -91,6 +93,12 @@ class Policy:
         if "push" in found:
             found.add("pull")
         return frozenset(found)
+
+    def tag_rules(self, repository: str) -> tag_rules.TagRules:
+        """Immutable tags and retention for ``repository`` (every matching rule counts)."""
+        return tag_rules.combine(
+            rule.tags for rule in self.rules if scopes.matches(rule.repository, repository)
+        )
 
     def catalog(self, name: str | None) -> bool:
         """Whether ``name`` may list the catalog (filtered to what it may pull)."""
@@ -184,6 +192,37 @@ def _actions(value: Any, where: str) -> frozenset[str]:
     return frozenset(actions)
 
 
+_RULE_KEYS = {
+    "repository", "pull", "push", "delete", "anonymous_pull", "immutable_tags", "retention"
+}  # fmt: skip
+
+
+def _tag_patterns(value: Any, where: str) -> tuple[str, ...]:
+    patterns = []
+    for i, item in enumerate(_list(value, where)):
+        if not isinstance(item, str):
+            raise PolicyError(f"{where}[{i}]: expected a tag pattern")
+        try:
+            patterns.append(tag_rules.validate_pattern(item))
+        except tag_rules.TagPatternError as exc:
+            raise PolicyError(f"{where}[{i}]: {exc}") from None
+    return tuple(patterns)
+
+
+def _tag_rules(entry: Mapping[str, Any], where: str) -> tag_rules.TagRules:
+    immutable = _tag_patterns(entry.get("immutable_tags"), f"{where}.immutable_tags")
+    retention = None
+    if entry.get("retention") is not None:
+        rwhere = f"{where}.retention"
+        raw = _mapping(entry["retention"], rwhere, {"keep_last", "protect"}, {"keep_last"})
+        keep = raw["keep_last"]
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise PolicyError(f"{rwhere}.keep_last: expected a positive integer")
+        protect = _tag_patterns(raw.get("protect"), f"{rwhere}.protect")
+        retention = tag_rules.Retention(keep, protect)
+    return tag_rules.TagRules(immutable, retention)
+
+
 def _add_account(accounts: dict[str, Account], account: Account, where: str) -> None:
     if account.name in accounts:
         raise PolicyError(f"{where}: the name {account.name!r} is used twice")
@@ -230,9 +269,7 @@ def parse(document: Any) -> Policy:
     rules = []
     for i, raw in enumerate(_list(top.get("rules"), "rules")):
         where = f"rules[{i}]"
-        entry = _mapping(
-            raw, where, {"repository", "pull", "push", "delete", "anonymous_pull"}, {"repository"}
-        )
+        entry = _mapping(raw, where, _RULE_KEYS, {"repository"})
         anonymous = entry.get("anonymous_pull", False)
         if not isinstance(anonymous, bool):
             raise PolicyError(f"{where}.anonymous_pull: expected true or false")
@@ -243,6 +280,7 @@ def parse(document: Any) -> Policy:
                 push=_names(entry.get("push"), f"{where}.push"),
                 delete=_names(entry.get("delete"), f"{where}.delete"),
                 anonymous_pull=anonymous,
+                tags=_tag_rules(entry, where),
             )
         )
     admins = _names(top.get("admins"), "admins")

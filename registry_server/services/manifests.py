@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from registry_server.protocol import digests, errors, manifests, names
+from registry_server.protocol.tag_rules import NO_RULES, TagRules
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.index import ManifestRecord, MetadataIndex, NewManifest
 
@@ -23,9 +24,12 @@ class ManifestService:
         index: MetadataIndex,
         max_bytes: int,
         on_change: Callable[[], None] | None = None,
+        tag_rules: Callable[[str], TagRules] | None = None,
     ) -> None:
         self.index = index
         self.max_bytes = max_bytes
+        # The repository's immutable tags and retention, as the policy says right now.
+        self.tag_rules = tag_rules or (lambda _repo: NO_RULES)
         # Called after a local change is committed (and logged), to wake replication.
         self._on_change = on_change or (lambda: None)
 
@@ -71,10 +75,16 @@ class ManifestService:
             ),
             tags,
             stamp,
+            # A replicated change was decided where it was made: applying it keeps regions equal.
+            immutable=self._immutable(repo, tags) if stamp is None else (),
         )
         if stamp is None:
             self._on_change()
         return PushResult(str(digest), subject)
+
+    def _immutable(self, repo: str, tags: Sequence[str]) -> list[str]:
+        rules = self.tag_rules(repo)
+        return [tag for tag in tags if rules.is_immutable(tag)]
 
     async def _check_references(self, repo: str, parsed: manifests.Manifest) -> None:
         missing = await self.index.missing_blobs(repo, parsed.required_blobs())
@@ -106,6 +116,8 @@ class ManifestService:
 
     async def delete(self, repo: str, reference: str, stamp: Stamp | None = None) -> None:
         ref = names.parse_reference(reference)
+        if stamp is None:
+            await self._refuse_immutable_delete(repo, ref)
         if isinstance(ref, digests.Digest):
             if not await self.index.delete_manifest(repo, str(ref), stamp):
                 raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"digest": str(ref)})
@@ -113,3 +125,17 @@ class ManifestService:
             raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"tag": ref})
         if stamp is None:
             self._on_change()
+
+    async def _refuse_immutable_delete(self, repo: str, ref: str | digests.Digest) -> None:
+        rules = self.tag_rules(repo)
+        if not rules.immutable:
+            return
+        if isinstance(ref, str):
+            if rules.is_immutable(ref):
+                raise errors.RegistryError(errors.TAG_IMMUTABLE, detail={"tag": ref})
+            return
+        for state in await self.index.tag_states(repo):
+            if state.digest == str(ref) and rules.is_immutable(state.name):
+                raise errors.RegistryError(
+                    errors.TAG_IMMUTABLE, detail={"tag": state.name, "digest": str(ref)}
+                )

@@ -2,13 +2,13 @@
 
 Tag listing, catalog and referrers are indexed queries, not directory walks. SQLite is
 the embedded backend (its reads are sub-millisecond indexed lookups done inline; writes
-go through one writer thread); a PostgreSQL backend implements the same protocol for registries
-served by many stateless replicas.
+go through one writer thread); the protocol is shaped so that a PostgreSQL backend (not
+built yet) can implement it for registries served by many stateless replicas.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -74,13 +74,20 @@ class MetadataIndex(Protocol):
 
     # manifests and tags
     async def put_manifest(
-        self, repo: str, manifest: NewManifest, tags: Sequence[str], stamp: Stamp | None = None
+        self,
+        repo: str,
+        manifest: NewManifest,
+        tags: Sequence[str],
+        stamp: Stamp | None = None,
+        immutable: Collection[str] = (),
     ) -> list[str]:
         """Store a manifest and point ``tags`` at it; returns the tags actually moved.
 
         Without ``stamp`` this is a local push: it gets the next clock version and is
         logged for every peer in the same transaction. With a ``stamp`` it is a replicated
         change, applied per tag only where it wins (last writer wins) and not logged again.
+        A tag in ``immutable`` that already points elsewhere fails the whole push with
+        TAG_IMMUTABLE, decided in the same transaction.
         """
 
     async def get_manifest(
@@ -91,6 +98,12 @@ class MetadataIndex(Protocol):
         """Delete a manifest and tombstone its tags (a replicated delete spares newer tags)."""
 
     async def delete_tag(self, repo: str, tag: str, stamp: Stamp | None = None) -> bool: ...
+    async def expire_tag(self, repo: str, tag: str, version: int) -> bool:
+        """Retention: delete ``tag`` (logged for peers) only if it still has ``version``."""
+
+    async def delete_untagged_manifest(self, repo: str, digest: str) -> bool:
+        """Retention: delete a manifest (logged) only if no tag and no index still hold it."""
+
     async def list_tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
         """Tags in lexical order after ``last``; None when the repository is unknown."""
 

@@ -12,12 +12,12 @@ import asyncio
 import hashlib
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from registry_server.protocol import versions
+from registry_server.protocol import errors, versions
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.index import Change, ManifestRecord, NewManifest, TagState
 
@@ -319,13 +319,26 @@ class SqliteIndex:
     # -- manifests and tags --------------------------------------------------------------
 
     async def put_manifest(
-        self, repo: str, manifest: NewManifest, tags: Sequence[str], stamp: Stamp | None = None
+        self,
+        repo: str,
+        manifest: NewManifest,
+        tags: Sequence[str],
+        stamp: Stamp | None = None,
+        immutable: Collection[str] = (),
     ) -> list[str]:
         local = stamp is None
 
         def tx(conn: sqlite3.Connection) -> list[str]:
             repo_id = self._repo_id(conn, repo, create=True)
             assert repo_id is not None
+            for tag in immutable:  # checked in the transaction: two racing pushes, one wins
+                row = conn.execute(
+                    "SELECT digest FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag)
+                ).fetchone()
+                if row is not None and row[0] != manifest.digest:
+                    raise errors.RegistryError(
+                        errors.TAG_IMMUTABLE, detail={"tag": tag, "digest": row[0]}
+                    )
             now = time.time()
             cur = conn.execute(
                 "INSERT OR IGNORE INTO manifests(repo_id, digest, media_type, size, content,"
@@ -452,6 +465,49 @@ class SqliteIndex:
             self._tombstone(conn, repo_id, tag, version)
             if local:
                 self._log(conn, repo, "delete_tag", tag, None, version)
+            return True
+
+        return await self._write(tx)
+
+    async def expire_tag(self, repo: str, tag: str, version: int) -> bool:
+        def tx(conn: sqlite3.Connection) -> bool:
+            repo_id = self._repo_id(conn, repo, create=False)
+            if repo_id is None:
+                return False
+            row = conn.execute(
+                "SELECT version FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag)
+            ).fetchone()
+            if row is None or int(row[0]) != version:
+                return False  # pushed again (or deleted) since it was chosen: keep it
+            stamp = self._stamp(conn, None)
+            self._tombstone(conn, repo_id, tag, stamp)
+            self._log(conn, repo, "delete_tag", tag, None, stamp)
+            return True
+
+        return await self._write(tx)
+
+    async def delete_untagged_manifest(self, repo: str, digest: str) -> bool:
+        def tx(conn: sqlite3.Connection) -> bool:
+            repo_id = self._repo_id(conn, repo, create=False)
+            if repo_id is None:
+                return False
+            held = conn.execute(
+                "SELECT 1 FROM tags WHERE repo_id = ? AND digest = ?"
+                " UNION ALL SELECT 1 FROM manifest_refs"
+                " WHERE repo_id = ? AND child = ? AND kind = 'manifest' LIMIT 1",
+                (repo_id, digest, repo_id, digest),
+            ).fetchone()
+            if held is not None:
+                return False
+            gone = conn.execute(
+                "DELETE FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest)
+            ).rowcount
+            if not gone:
+                return False
+            conn.execute(
+                "DELETE FROM manifest_refs WHERE repo_id = ? AND digest = ?", (repo_id, digest)
+            )
+            self._log(conn, repo, "delete_manifest", None, digest, self._stamp(conn, None))
             return True
 
         return await self._write(tx)

@@ -125,6 +125,16 @@ class AuthRegistry:
 
 @pytest.fixture
 def auth_registry(registry_process: Start, tmp_path: Path) -> Iterator[AuthRegistry]:
+    yield start_auth_registry(registry_process, tmp_path)
+
+
+def start_auth_registry(
+    registry_process: Start,
+    tmp_path: Path,
+    document: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> AuthRegistry:
+    """A server with htpasswd, a policy file published like a mounted ConfigMap, tokens."""
     workdir = tmp_path / "auth"
     mount = workdir / "policy"
     mount.mkdir(parents=True)
@@ -140,7 +150,7 @@ def auth_registry(registry_process: Start, tmp_path: Path) -> Iterator[AuthRegis
     htpasswd = workdir / "htpasswd"
     htpasswd.write_text(f"alice:{HASHES['alice']}\n")
     holder = AuthRegistry(None, None, workdir, SigningKey.load(key_path))  # type: ignore[arg-type]
-    holder.set_policy(policy())
+    holder.set_policy(document or policy())
     (mount / "policy.yaml").symlink_to("..data/policy.yaml")
     process = registry_process(
         "berth",
@@ -154,11 +164,12 @@ def auth_registry(registry_process: Start, tmp_path: Path) -> Iterator[AuthRegis
                 "failure_limit": 50,
             },
             "log": {"level": "info"},
+            **(extra_config or {}),
         },
     )
     holder.process = process
     holder.api = Registry(process.url)
-    yield holder
+    return holder
 
 
 def layout(tmp_path: Path, tag: str = "v1") -> tuple[Path, str]:

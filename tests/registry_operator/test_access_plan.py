@@ -327,6 +327,40 @@ def test_rendered_policy_means_the_same_to_the_server() -> None:
     assert parsed.accounts["peer.us.main.1"].kind == "user"
 
 
+def test_tag_rules_reach_the_server_policy_and_the_status() -> None:
+    gen = credentials.Generators(password=lambda: "s3cret", hash=robots.hash_secret)
+    strict = _repo(
+        "api",
+        "team-a/api",
+        immutableTags=["v*"],
+        retention={"keepLast": 5, "protect": ["stable"]},
+    )
+    loose = _repo("web", "team-a/web", retention={"protect": ["stable"]})
+    result = access.plan(TARGET, [strict, loose], NAMESPACES, {}, NOW, gen)
+    assert result.policy is not None
+    assert result.policy.rules == (
+        access.Rule("team-a/api", immutable_tags=("v*",), keep_last=5, protect=("stable",)),
+    )
+    parsed = server_policy.parse(yaml.safe_load(grants.policy_text(OWNER, result.policy)))
+    rules = parsed.tag_rules("team-a/api")
+    assert rules.is_immutable("v1") and not rules.is_immutable("latest")
+    assert rules.retention is not None and rules.retention.keep_last == 5
+    assert parsed.tag_rules("team-a/web").retention is None
+    written = access.Written(frozenset(), {})
+
+    def condition(repository: models.Repository) -> tuple[str, str, str]:
+        _, found = access.repository_status(repository, TARGET, result, written)
+        (c,) = [c for c in found if c.type == access.TAG_RULES]
+        return c.status, c.reason, c.message
+
+    assert condition(strict) == (
+        "True",
+        "InPolicy",
+        "immutable tags v*; retention keeps the last 5 tags and tags matching stable",
+    )
+    assert condition(loose)[:2] == ("False", "NothingToEnforce")
+
+
 def test_dockerconfigjson_is_keyed_by_the_registry_host() -> None:
     credential = robots.Credential("pull.team-a.1", "h", NOW, "pw")
     config = access.dockerconfigjson("main.registries.svc:5000", credential)

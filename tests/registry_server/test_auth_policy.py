@@ -9,6 +9,7 @@ import pytest
 from registry_server.auth import policy
 from registry_server.auth.directory import Directory
 from registry_server.auth.model import CATALOG, Access
+from registry_server.protocol import tag_rules
 
 HASH = "$2b$05$" + "b" * 53
 
@@ -132,6 +133,15 @@ def _with(**changes: Any) -> dict[str, Any]:
         (_with(rules=[{"repository": "a", "pull": "alice"}]), "expected a list"),
         (_with(rules=[{"repository": "a", "pul": ["alice"]}]), "unknown keys"),
         (_with(admins=["*"]), "not allowed"),
+        (_with(rules=[{"repository": "a", "immutable_tags": ["v[0-9]"]}]), "not a tag pattern"),
+        (_with(rules=[{"repository": "a", "immutable_tags": "v*"}]), "expected a list"),
+        (_with(rules=[{"repository": "a", "retention": {"protect": ["v*"]}}]), "missing keys"),
+        (_with(rules=[{"repository": "a", "retention": {"keep_last": 0}}]), "positive integer"),
+        (_with(rules=[{"repository": "a", "retention": {"keep_last": True}}]), "positive integer"),
+        (
+            _with(rules=[{"repository": "a", "retention": {"keep_last": 1, "keep": 2}}]),
+            "unknown keys",
+        ),
     ],
 )
 def test_invalid_documents(document: Any, message: str) -> None:
@@ -184,3 +194,27 @@ def test_grant_is_the_intersection() -> None:
     assert d.grant("root", [Access.repository("x", "*")]) == [
         Access.repository("x", "pull", "push", "delete")
     ]
+
+
+def test_tag_rules_from_every_matching_rule() -> None:
+    p = policy.parse(
+        {
+            "rules": [
+                {"repository": "team-a/*", "immutable_tags": ["v*"]},
+                {
+                    "repository": "team-a/api",
+                    "pull": ["alice"],
+                    "immutable_tags": ["release-?"],
+                    "retention": {"keep_last": 3, "protect": ["stable"]},
+                },
+                {"repository": "**", "retention": {"keep_last": 10}},
+            ]
+        }
+    )
+    api = p.tag_rules("team-a/api")
+    assert api.immutable == ("v*", "release-?")
+    assert api.retention == tag_rules.Retention(10, ("stable",))  # the most generous wins
+    assert p.tag_rules("team-a/web").immutable == ("v*",)
+    assert p.tag_rules("other").immutable == ()
+    assert p.tag_rules("other").retention == tag_rules.Retention(10, ())
+    assert policy.parse({}).tag_rules("x") == tag_rules.NO_RULES

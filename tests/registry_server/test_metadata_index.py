@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from registry_server.protocol import errors
 from registry_server.storage.index import MetadataIndex, NewManifest
 from registry_server.storage.sqlite_index import SqliteIndex
 
@@ -81,6 +82,42 @@ async def test_delete_tag_keeps_manifest(index: MetadataIndex) -> None:
     await index.put_manifest("r", manifest(D1), ["a"])
     assert await index.delete_tag("r", "a")
     assert not await index.delete_tag("r", "a")
+    assert await index.get_manifest("r", D1) is not None
+
+
+async def test_immutable_tags_are_created_but_never_moved(index: MetadataIndex) -> None:
+    await index.put_manifest("r", manifest(D1), ["v1", "latest"], immutable=["v1"])
+    await index.put_manifest("r", manifest(D1), ["v1"], immutable=["v1"])  # same: fine
+    with pytest.raises(errors.RegistryError) as caught:
+        await index.put_manifest("r", manifest(D2), ["latest", "v1"], immutable=["v1"])
+    assert caught.value.error is errors.TAG_IMMUTABLE
+    # The refused push changed nothing: not the other tag, not the manifest.
+    assert await index.resolve_tag("r", "latest") == D1
+    assert await index.get_manifest("r", D2) is None
+
+
+async def test_expire_tag_only_at_the_version_seen(index: MetadataIndex) -> None:
+    await index.put_manifest("r", manifest(D1), ["a"])
+    (seen,) = await index.tag_states("r")
+    await index.put_manifest("r", manifest(D2), ["a"])  # pushed again meanwhile
+    assert not await index.expire_tag("r", "a", seen.version)
+    assert await index.resolve_tag("r", "a") == D2
+    (now,) = await index.tag_states("r")
+    assert await index.expire_tag("r", "a", now.version)
+    assert await index.resolve_tag("r", "a") is None
+    assert not await index.expire_tag("unknown", "a", now.version)
+
+
+async def test_delete_untagged_manifest_spares_what_is_still_held(index: MetadataIndex) -> None:
+    await index.put_manifest("r", manifest(D1), ["a"])
+    await index.put_manifest("r", manifest(D2), [])
+    await index.put_manifest("r", manifest(D3, children=(D2,)), [])
+    assert not await index.delete_untagged_manifest("r", D1)  # tagged
+    assert not await index.delete_untagged_manifest("r", D2)  # an index lists it
+    assert await index.delete_untagged_manifest("r", D3)
+    assert not await index.delete_untagged_manifest("r", D3)
+    assert await index.delete_untagged_manifest("r", D2)  # its index is gone now
+    assert await index.get_manifest("r", D2) is None
     assert await index.get_manifest("r", D1) is not None
 
 

@@ -1,0 +1,82 @@
+"""Retention: remove the tags a repository's rules no longer keep, then their manifests.
+
+Runs on the garbage collector's schedule, before it, so the blobs of removed images are
+freed in the same round (after the grace period). Removals are ordinary local deletes:
+logged and replicated. Every region applies the same rules to the same tag versions, so
+they choose the same tags.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import Counter
+
+from registry_server.protocol.tag_rules import TagRules
+from registry_server.storage.index import MetadataIndex
+
+log = logging.getLogger("registry_server.retention")
+
+EXPIRED = Counter("berth_retention_tags_removed_total", "Tags removed by retention rules")
+DELETED = Counter(
+    "berth_retention_manifests_deleted_total", "Manifests deleted after retention untagged them"
+)
+
+_PAGE = 500
+
+
+@dataclass(frozen=True)
+class RetentionReport:
+    tags_removed: int
+    manifests_deleted: int
+
+
+class RetentionService:
+    def __init__(
+        self,
+        index: MetadataIndex,
+        tag_rules: Callable[[str], TagRules],
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.index = index
+        self.tag_rules = tag_rules
+        self._on_change = on_change or (lambda: None)
+
+    async def run_once(self) -> RetentionReport:
+        removed = deleted = 0
+        last: str | None = None
+        while repos := await self.index.list_repositories(_PAGE, last):
+            for repo in repos:
+                r, d = await self._apply(repo, self.tag_rules(repo))
+                removed, deleted = removed + r, deleted + d
+            last = repos[-1]
+        EXPIRED.inc(removed)
+        DELETED.inc(deleted)
+        if removed or deleted:
+            self._on_change()
+            log.info("retention applied", extra={"tags": removed, "manifests": deleted})
+        return RetentionReport(removed, deleted)
+
+    async def _apply(self, repo: str, rules: TagRules) -> tuple[int, int]:
+        if rules.retention is None:
+            return 0, 0
+        live = [s for s in await self.index.tag_states(repo) if s.digest is not None]
+        expired = set(rules.expired([(s.name, s.version) for s in live]))
+        removed = 0
+        untagged: list[str] = []
+        for state in live:
+            # Conditional on the version seen: a tag pushed again meanwhile is kept.
+            if state.name in expired and await self.index.expire_tag(
+                repo, state.name, state.version
+            ):
+                removed += 1
+                assert state.digest is not None
+                untagged.append(state.digest)
+        deleted = 0
+        for digest in dict.fromkeys(untagged):
+            # Only if nothing holds it any more (another tag, an index listing it).
+            if await self.index.delete_untagged_manifest(repo, digest):
+                deleted += 1
+        return removed, deleted

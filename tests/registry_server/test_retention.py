@@ -1,0 +1,42 @@
+"""Retention over a real index: which tags and manifests go, and that removals replicate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from registry_server.protocol.tag_rules import NO_RULES, Retention, TagRules
+from registry_server.services.retention import RetentionService
+from registry_server.storage.sqlite_index import SqliteIndex
+from tests.registry_server.test_metadata_index import D1, D2, D3, manifest
+
+D4, D5 = ("sha256:" + c * 64 for c in "45")
+
+
+async def test_removes_old_tags_then_their_manifests_and_logs_both(tmp_path: Path) -> None:
+    index = SqliteIndex(tmp_path / "index.db", "eu", ["us"])
+    try:
+        await index.put_manifest("app", manifest(D1), ["v1"])
+        await index.put_manifest("app", manifest(D2), ["old", "shared"])
+        await index.put_manifest("app", manifest(D3), ["mid"])
+        await index.put_manifest("app", manifest(D2), ["shared"])  # newer: D2 stays held
+        await index.put_manifest("app", manifest(D4), ["new"])
+        await index.put_manifest("other", manifest(D5), ["x", "y", "z"])
+        rules = {"app": TagRules(retention=Retention(2, ("v*",)))}
+        woken: list[int] = []
+        service = RetentionService(
+            index, lambda repo: rules.get(repo, NO_RULES), lambda: woken.append(1)
+        )
+        assert (await service.run_once()).tags_removed == 2
+        assert await index.list_tags("app", None, None) == ["new", "shared", "v1"]
+        assert await index.get_manifest("app", D3) is None  # untagged by retention
+        assert await index.get_manifest("app", D2) is not None  # still tagged "shared"
+        assert await index.list_tags("other", None, None) == ["x", "y", "z"]
+        assert woken
+        logged = [(c.op, c.tag, c.digest) for c in await index.pending_changes("us", 100)]
+        assert sorted(logged[-3:-1]) == [("delete_tag", "mid", None), ("delete_tag", "old", None)]
+        assert logged[-1] == ("delete_manifest", None, D3)
+        # A second round finds nothing more to do.
+        report = await service.run_once()
+        assert (report.tags_removed, report.manifests_deleted) == (0, 0)
+    finally:
+        await index.close()
