@@ -1,9 +1,11 @@
 """Online garbage collection and stale-upload purging.
 
-Safe while pushes run: a blob is collected only when no repository links it and no
-manifest references it, it has been so for the grace period, and the row is removed and
-the file deleted under the index's write lock, the same lock under which an upload
-publishes its file and links it. There is no stop-the-world phase.
+Safe while pushes run: a blob is collected only when no manifest references it and no
+push has linked it for the grace period (the layers of a deleted image go; those of a
+push whose manifest is still to come stay). The row and links are removed and the file
+deleted under the index's write lock, the same lock under which an upload publishes its
+file and links it, and under which a manifest push checks its blobs are still there.
+There is no stop-the-world phase.
 """
 
 from __future__ import annotations
@@ -48,14 +50,15 @@ class GarbageCollector:
     async def run_once(self) -> GcReport:
         now = time.time()
         deleted = freed = 0
-        for text in await self.index.unreferenced_blobs(now - self.grace_seconds):
+        cutoff = now - self.grace_seconds
+        for text in await self.index.unreferenced_blobs(cutoff):
             digest = digests.parse(text)
             size = await self.store.size(digest) or 0
 
             async def remove(d: digests.Digest = digest) -> None:
                 await self.store.delete(d)
 
-            if await self.index.forget_blob(text, remove):
+            if await self.index.forget_blob(text, cutoff, remove):
                 deleted += 1
                 freed += size
         purged = 0

@@ -59,7 +59,6 @@ class ManifestService:
             digest = digests.of_bytes(body)
             tags.insert(0, ref)
         parsed = manifests.parse(body, content_type)
-        await self._check_references(repo, parsed)
         subject = str(parsed.subject.digest) if parsed.subject else None
         await self.index.put_manifest(
             repo,
@@ -77,6 +76,8 @@ class ManifestService:
             stamp,
             # A replicated change was decided where it was made: applying it keeps regions equal.
             immutable=self._immutable(repo, tags) if stamp is None else (),
+            required_blobs=parsed.required_blobs(),
+            required_manifests=list(dict.fromkeys(str(d.digest) for d in parsed.children)),
         )
         if stamp is None:
             self._on_change()
@@ -85,15 +86,6 @@ class ManifestService:
     def _immutable(self, repo: str, tags: Sequence[str]) -> list[str]:
         rules = self.tag_rules(repo)
         return [tag for tag in tags if rules.is_immutable(tag)]
-
-    async def _check_references(self, repo: str, parsed: manifests.Manifest) -> None:
-        missing = await self.index.missing_blobs(repo, parsed.required_blobs())
-        children = list(dict.fromkeys(str(d.digest) for d in parsed.children))
-        missing += await self.index.missing_manifests(repo, children)
-        if missing:
-            raise errors.RegistryError(
-                errors.MANIFEST_BLOB_UNKNOWN, detail={"digests": missing[:20]}
-            )
 
     async def resolve(self, repo: str, reference: str) -> str:
         if not digests.is_digest(reference) and not names.is_valid_tag(reference):

@@ -80,6 +80,8 @@ class MetadataIndex(Protocol):
         tags: Sequence[str],
         stamp: Stamp | None = None,
         immutable: Collection[str] = (),
+        required_blobs: Sequence[str] = (),
+        required_manifests: Sequence[str] = (),
     ) -> list[str]:
         """Store a manifest and point ``tags`` at it; returns the tags actually moved.
 
@@ -87,7 +89,8 @@ class MetadataIndex(Protocol):
         logged for every peer in the same transaction. With a ``stamp`` it is a replicated
         change, applied per tag only where it wins (last writer wins) and not logged again.
         A tag in ``immutable`` that already points elsewhere fails the whole push with
-        TAG_IMMUTABLE, decided in the same transaction.
+        TAG_IMMUTABLE, and a required blob not linked into ``repo`` (or child manifest not
+        in it) with MANIFEST_BLOB_UNKNOWN, both decided in the same transaction.
         """
 
     async def get_manifest(
@@ -128,12 +131,17 @@ class MetadataIndex(Protocol):
     async def repositories_with_blob(self, digest: str) -> list[str]: ...
 
     # garbage collection
-    async def unreferenced_blobs(self, older_than: float) -> list[str]: ...
+    async def unreferenced_blobs(self, older_than: float) -> list[str]:
+        """Blobs no manifest references, last linked before ``older_than``. Links alone
+        do not keep a blob: a layer whose image was deleted is garbage, as in distribution;
+        the grace period protects pushes whose manifest has not arrived yet."""
+
     async def forget_blob(
-        self, digest: str, remove: Callable[[], Awaitable[None]] | None = None
+        self, digest: str, older_than: float, remove: Callable[[], Awaitable[None]] | None = None
     ) -> bool:
-        """Remove a blob's record if still unreferenced, calling ``remove`` (delete the file)
-        under the same lock; True when removed."""
+        """Remove a blob's record and links if still unreferenced and not linked since
+        ``older_than``, calling ``remove`` (delete the file) under the same lock; True when
+        removed."""
 
     # replication
     async def pending_changes(self, peer: str, limit: int) -> list[Change]: ...

@@ -325,12 +325,32 @@ class SqliteIndex:
         tags: Sequence[str],
         stamp: Stamp | None = None,
         immutable: Collection[str] = (),
+        required_blobs: Sequence[str] = (),
+        required_manifests: Sequence[str] = (),
     ) -> list[str]:
         local = stamp is None
 
         def tx(conn: sqlite3.Connection) -> list[str]:
             repo_id = self._repo_id(conn, repo, create=True)
             assert repo_id is not None
+            # Checked in the transaction: GC (or a delete) cannot take a blob or child away
+            # between the check and the write and leave the manifest dangling.
+            missing = [
+                d
+                for table, wanted in (
+                    ("blob_links", required_blobs),
+                    ("manifests", required_manifests),
+                )
+                for d in wanted
+                if conn.execute(
+                    f"SELECT 1 FROM {table} WHERE repo_id = ? AND digest = ?", (repo_id, d)
+                ).fetchone()
+                is None
+            ]
+            if missing:
+                raise errors.RegistryError(
+                    errors.MANIFEST_BLOB_UNKNOWN, detail={"digests": missing[:20]}
+                )
             for tag in immutable:  # checked in the transaction: two racing pushes, one wins
                 row = conn.execute(
                     "SELECT digest FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag)
@@ -610,23 +630,25 @@ class SqliteIndex:
     async def unreferenced_blobs(self, older_than: float) -> list[str]:
         rows = self._reader.execute(
             "SELECT digest FROM blobs b WHERE created < ?"
-            " AND NOT EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = b.digest)"
             " AND NOT EXISTS (SELECT 1 FROM manifest_refs m WHERE m.child = b.digest)",
             (older_than,),
         ).fetchall()
         return [r[0] for r in rows]
 
     async def forget_blob(
-        self, digest: str, remove: Callable[[], Awaitable[None]] | None = None
+        self, digest: str, older_than: float, remove: Callable[[], Awaitable[None]] | None = None
     ) -> bool:
         def tx(conn: sqlite3.Connection) -> bool:
+            # Re-checked under the write lock: a push may have linked it again meanwhile.
             cur = conn.execute(
-                "DELETE FROM blobs WHERE digest = ?"
-                " AND NOT EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = ?)"
+                "DELETE FROM blobs WHERE digest = ? AND created < ?"
                 " AND NOT EXISTS (SELECT 1 FROM manifest_refs m WHERE m.child = ?)",
-                (digest, digest, digest),
+                (digest, older_than, digest),
             )
-            return cur.rowcount > 0
+            if cur.rowcount == 0:
+                return False
+            conn.execute("DELETE FROM blob_links WHERE digest = ?", (digest,))
+            return True
 
         async def after(forgotten: bool) -> None:
             if forgotten and remove is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from tests.integration.test_auth_clients import (
     SECRETS,
     Start,
+    basic,
     policy,
     start_auth_registry,
 )
@@ -36,7 +38,7 @@ def test_immutable_tags_refuse_overwrite_and_delete_and_retention_prunes(
         registry_process,
         tmp_path,
         policy(RULES),
-        {"gc": {"interval_seconds": 1, "grace_seconds": 0}},
+        {"gc": {"interval_seconds": 1, "grace_seconds": 3}},
     )
     env = {"DOCKER_CONFIG": str(tmp_path / "docker")}
 
@@ -74,6 +76,7 @@ def test_immutable_tags_refuse_overwrite_and_delete_and_retention_prunes(
 
     stable = push("stable")
     dev = [push(f"dev-{i}") for i in range(4)]
+    first_layer = json.loads(crane("manifest", f"{repo}@{dev[0]}").stdout)["layers"][0]["digest"]
     expected = {"v1", "stable", "dev-2", "dev-3"}  # latest and the older dev tags go
     deadline = time.monotonic() + 30
     while set(crane("ls", repo).stdout.split()) != expected:
@@ -85,3 +88,9 @@ def test_immutable_tags_refuse_overwrite_and_delete_and_retention_prunes(
     assert crane("digest", f"{repo}:stable").stdout.strip() == stable
     assert crane("digest", f"{repo}:dev-3").stdout.strip() == dev[3]
     assert crane("digest", f"{repo}:v1").stdout.strip() == v1
+    # And the collector frees their layers (after the 3 s grace), as nothing references them now.
+    blob = f"/v2/team-a/app/blobs/{first_layer}"
+    while (status := registry.api.request("HEAD", blob, headers=basic("root")).status) == 200:
+        assert time.monotonic() < deadline + 30, "the layer of a removed image was not collected"
+        time.sleep(0.3)
+    assert status == 404

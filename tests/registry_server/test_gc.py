@@ -30,7 +30,7 @@ async def test_collects_only_unreferenced_blobs(tmp_path: Path) -> None:
     store = BlobStore(FilesystemDriver(tmp_path))
     index = SqliteIndex(tmp_path / "index.db")
     blobs = BlobService(store, index)
-    kept_by_link = await _push(blobs, "r", b"linked")
+    orphan = await _push(blobs, "r", b"linked, but no manifest wants it")
     kept_by_manifest = await _push(blobs, "r", b"referenced")
     garbage = await _push(blobs, "r", b"garbage")
     await index.put_manifest(
@@ -52,10 +52,12 @@ async def test_collects_only_unreferenced_blobs(tmp_path: Path) -> None:
     report = await GarbageCollector(
         store, index, grace_seconds=-1, upload_ttl_seconds=-1
     ).run_once()
-    assert report.blobs_deleted == 1 and report.bytes_freed == len(b"garbage")
+    assert report.blobs_deleted == 2
+    assert report.bytes_freed == len(b"garbage") + len(b"linked, but no manifest wants it")
     assert report.uploads_purged == 1
     assert await store.size(garbage) is None
-    assert await store.size(kept_by_link) is not None
+    assert await store.size(orphan) is None
+    assert await index.blob_size("r", str(orphan)) is None
     assert await store.size(kept_by_manifest) is not None
     assert stale not in await store.stale_uploads(older_than=1e12)
     await index.close()

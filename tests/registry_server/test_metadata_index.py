@@ -16,7 +16,7 @@ INDEXES: dict[str, Callable[[Path], MetadataIndex]] = {
 }
 
 D1, D2, D3 = ("sha256:" + c * 64 for c in "123")
-B1, B2 = ("sha256:" + c * 64 for c in "ab")
+B1, B2, B3 = ("sha256:" + c * 64 for c in "abc")
 
 
 @pytest.fixture(params=sorted(INDEXES))
@@ -160,11 +160,30 @@ async def test_unreferenced_blobs(index: MetadataIndex) -> None:
     await index.put_manifest("r", manifest(D1, blobs=(B2,)), [])
     await index.unlink_blob("r", B1)
     await index.unlink_blob("r", B2)
-    # B2 is still referenced by a manifest; B1 is garbage.
-    assert await index.unreferenced_blobs(older_than=1e12) == [B1]
+    await index.link_blob("s", B3, 1)  # linked, but no manifest wants it
+    # B2 is still referenced by a manifest; B1 and B3 are garbage once the grace is over.
+    assert sorted(await index.unreferenced_blobs(older_than=1e12)) == [B1, B3]
     assert await index.unreferenced_blobs(older_than=0) == []
-    assert await index.forget_blob(B1)
-    assert not await index.forget_blob(B2)
+    assert not await index.forget_blob(B3, older_than=0)  # linked within the grace period
+    assert await index.blob_size("s", B3) == 1
+    assert await index.forget_blob(B1, older_than=1e12)
+    assert not await index.forget_blob(B2, older_than=1e12)
+    assert await index.forget_blob(B3, older_than=1e12)
+    assert await index.blob_size("s", B3) is None  # its link went with it
+
+
+async def test_a_manifest_needs_its_blobs_and_children_when_written(
+    index: MetadataIndex,
+) -> None:
+    await index.link_blob("r", B1, 1)
+    await index.put_manifest("r", manifest(D1, blobs=(B1,)), [], required_blobs=[B1])
+    for required in ({"required_blobs": [B1, B2]}, {"required_manifests": [D1, D2]}):
+        with pytest.raises(errors.RegistryError) as caught:
+            await index.put_manifest("r", manifest(D3), ["v1"], **required)  # type: ignore[arg-type]
+        assert caught.value.error is errors.MANIFEST_BLOB_UNKNOWN
+        assert caught.value.detail == {"digests": [B2 if "required_blobs" in required else D2]}
+    assert await index.get_manifest("r", D3) is None
+    assert await index.list_tags("r", None, None) == []
 
 
 async def test_persists_across_reopen(tmp_path: Path) -> None:
