@@ -140,10 +140,20 @@ class Replicator:
                     await asyncio.wait_for(peer.wake.wait(), timeout=1.0)
                 continue
             for change in changes:
-                await self._deliver_with_retry(peer, change)
+                delivered = await self._deliver_with_retry(peer, change)
                 await self.index.ack_change(peer.config.name, change.seq)
+                if delivered:
+                    # Counted after the ack: the status never shows a delivered change queued.
+                    self._record_success(peer)
 
-    async def _deliver_with_retry(self, peer: _Peer, change: Change) -> None:
+    def _record_success(self, peer: _Peer) -> None:
+        peer.status.delivered += 1
+        peer.status.last_success = time.time()
+        DELIVERED.labels(peer.config.name).inc()
+        LAST_SUCCESS.labels(peer.config.name).set(peer.status.last_success)
+
+    async def _deliver_with_retry(self, peer: _Peer, change: Change) -> bool:
+        """Deliver until done (True) or refused for good (False: anti-entropy's turn)."""
         attempt = 0
         while True:
             try:
@@ -157,15 +167,11 @@ class Replicator:
                         "change rejected by peer; anti-entropy will retry",
                         extra={"peer": peer.config.name, "seq": change.seq, "error": str(exc)},
                     )
-                    return
+                    return False
             except (OSError, ValueError) as exc:
                 self._record_error(peer, f"{change.op} {change.repo}: {exc!r}")
             else:
-                peer.status.delivered += 1
-                peer.status.last_success = time.time()
-                DELIVERED.labels(peer.config.name).inc()
-                LAST_SUCCESS.labels(peer.config.name).set(peer.status.last_success)
-                return
+                return True
             attempt += 1
             delay = min(self.config.retry_max_seconds, 0.25 * 2 ** min(attempt, 10))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -315,7 +321,8 @@ class Replicator:
             change = Change(
                 0, repo, op, state.name, state.digest, state.version, state.origin, time.time()
             )
-            await self._deliver_with_retry(peer, change)
+            if await self._deliver_with_retry(peer, change):
+                self._record_success(peer)
             repaired += 1
         for digest in await self.index.referrer_digests(repo):
             if digest in their_refs:
@@ -336,7 +343,8 @@ class Replicator:
             change = Change(
                 0, repo, "tag", state.name, state.digest, state.version, state.origin, time.time()
             )
-            await self._deliver_with_retry(peer, change)
+            if await self._deliver_with_retry(peer, change):
+                self._record_success(peer)
             repaired += 1
         for digest in await self.index.referrer_digests(repo):
             record = await self.index.get_manifest(repo, digest)
