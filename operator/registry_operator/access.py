@@ -253,12 +253,13 @@ def _rotate(
         robot = robots.stage(robot, now, generators)
     if robot.staged is not None and robot.staged_at is not None:
         elapsed = now - robot.staged_at
+        # The probe is a failed login while the server lacks the credential; back off so
+        # that it never trips the server's rate limit for the operator's address.
+        again = now + min(settings.probe_interval_max, max(2.0, elapsed / 4))
         if probe is not None and probe.result == UNREACHABLE:
-            deadlines.append(robot.staged_at + settings.propagation)
-        else:
-            # The probe is a failed login while the server lacks the credential; back off
-            # so that it never trips the server's rate limit for the operator's address.
-            deadlines.append(now + min(settings.probe_interval_max, max(2.0, elapsed / 4)))
+            # Unreachable may be one slow answer: ask again, and promote by time at the latest.
+            again = min(again, robot.staged_at + settings.propagation)
+        deadlines.append(again)
     if robot.previous_until is not None:
         deadlines.append(robot.previous_until)
     if intervals:

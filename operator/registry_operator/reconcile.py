@@ -50,6 +50,15 @@ class Outcome:
     wake: tuple[Wake, ...] = ()
 
 
+@dataclasses.dataclass
+class Told:
+    """Events as a reconcile makes them, for the caller to post even if it fails part-way
+    (a child already recreated is worth telling although a later apply failed)."""
+
+    ref: Mapping[str, Any] | None = None
+    events: list[Event] = dataclasses.field(default_factory=list)
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     image: str | None = None  # the default server image; None = this package's version
@@ -65,9 +74,12 @@ def reconcile(
     name: str,
     options: Options | None = None,
     replication: status.ReplicationObservation | None = None,
+    told: Told | None = None,
 ) -> Outcome:
-    """`replication` is the last answer of the server's replication status endpoint."""
+    """`replication` is the last answer of the server's replication status endpoint;
+    `told` receives the events as they are made (see Told)."""
     options = options or Options()
+    told = told if told is not None else Told()
     body = kube.find(API_VERSION, models.KIND, namespace, name)
     if body is None:
         return Outcome()
@@ -85,7 +97,8 @@ def reconcile(
     except models.InvalidSpec as exc:
         return _invalid(kube, body, ref, previous, exc, options)
 
-    events: list[Event] = []
+    told.ref = ref
+    events = told.events
     drift = previous.get("observedGeneration") == registry.generation
     wired, peers, wake = _resolve_peers(kube, registry)
     if not drift:

@@ -11,6 +11,7 @@ status into its Registry.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import secrets
 import time
@@ -119,6 +120,12 @@ def _condition(kube: kube_client.Client, namespace: str, name: str, type_: str) 
         if condition["type"] == type_:
             return condition["status"], condition["reason"]
     return "", ""
+
+
+def _mounting_replication(kube: kube_client.Client, ns: str, name: str) -> Any:
+    deployment = kube.get("apps/v1", "Deployment", ns, name)
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    return deployment if any(v["name"] == "replication" for v in volumes) else None
 
 
 def _wire(
@@ -242,7 +249,13 @@ def test_wired_servers_replicate_and_the_status_shows_per_peer_lag(
     pods: list[podspec_runner.RunningPod] = []
     try:
         for ns, name in ((eu_ns, "eu"), (us_ns, "us")):
-            deployment = kube.get("apps/v1", "Deployment", ns, name)
+            # The ConfigMap is applied before the Deployment: wait for the pod template
+            # that mounts the replication credentials too.
+            deployment = _wait(
+                functools.partial(_mounting_replication, kube, ns, name),
+                operator,
+                f"{name}'s Deployment mounting the replication credentials",
+            )
             inputs = _wait(
                 lambda ns=ns, deployment=deployment: podspec_runner.inputs(
                     lambda kind, n, o: kube.find("v1", kind, n, o), ns, deployment

@@ -262,7 +262,12 @@ def test_unreachable_server_means_waiting_for_the_propagation_time() -> None:
         [_rotating(annotation="")], NAMESPACES, dict(staged.robots), now=NOW + 60, probe=probe
     )
     assert early.robots["pull.team-a"].staged is not None
-    assert early.requeue_after == pytest.approx(60.0)  # staged + 120 s
+    # Asked again after the backoff (elapsed / 4), in case it was one slow answer.
+    assert early.requeue_after == pytest.approx(15.0)
+    near = _plan(
+        [_rotating(annotation="")], NAMESPACES, dict(staged.robots), now=NOW + 110, probe=probe
+    )
+    assert near.requeue_after == pytest.approx(10.0)  # staged + 120 s comes first
     late = _plan(
         [_rotating(annotation="")], NAMESPACES, dict(staged.robots), now=NOW + 121, probe=probe
     )

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from registry_operator import credentials, reconcile
+from registry_operator.kube import errors
 from tests.registry_operator.fake_kube import FakeKube
 
 
@@ -162,6 +163,29 @@ def test_a_deletion_landing_between_read_and_apply_is_still_told() -> None:
     kube.armed = True
     assert _reasons(_run(kube)) == [("Restored", "recreated Service main, which was deleted")]
     assert kube.objects[("Service", "ns", "main")]["metadata"]["uid"] != "first-service"
+
+
+def test_events_made_before_a_failure_are_handed_out() -> None:
+    class ServiceDown(FakeKube):
+        armed = False
+
+        def apply(self, manifest: Any, subresource: str | None = None) -> dict[str, Any]:
+            if self.armed and manifest["kind"] == "Service":
+                raise errors.Retryable("the API server is busy", 429)
+            return super().apply(manifest, subresource)
+
+    kube = ServiceDown()
+    _registry(kube, {})
+    _run(kube)
+    kube.delete("v1", "ConfigMap", "ns", "main-config")
+    kube.armed = True
+    told = reconcile.Told()
+    with pytest.raises(errors.Retryable):
+        reconcile.reconcile(kube, "ns", "main", _options(), told=told)  # type: ignore[arg-type]
+    assert told.ref is not None and told.ref["metadata"]["uid"] == "reg-uid"
+    assert [(e.reason, e.message) for e in told.events] == [
+        ("Restored", "recreated ConfigMap main-config, which was deleted")
+    ]
 
 
 def test_spec_change_updates_children_and_keeps_credentials() -> None:

@@ -79,14 +79,23 @@ class Runtime:
         """Reconcile one Registry's children (never two at once) and post its events."""
 
         async def job() -> reconcile.Outcome:
-            outcome = await asyncio.to_thread(
-                reconcile.reconcile,
-                self.kube,
-                namespace,
-                name,
-                self.options,
-                self.replication.get((namespace, name)),
-            )
+            told = reconcile.Told()
+            try:
+                outcome = await asyncio.to_thread(
+                    reconcile.reconcile,
+                    self.kube,
+                    namespace,
+                    name,
+                    self.options,
+                    self.replication.get((namespace, name)),
+                    told,
+                )
+            except BaseException:
+                # What it changed before failing is still worth telling.
+                if told.ref is not None:
+                    for event in told.events:
+                        self._post(told.ref, event)
+                raise
             for (kind, child), version in outcome.written.items():
                 self.written[(kind, namespace, child)] = version
             # Posted here, inside the coalesced job, so callers sharing it do not repeat them.
