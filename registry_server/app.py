@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 from aiohttp import web
 
 from registry_server.auth.model import Authorizer, OpenAccess, TagRuleSource
 from registry_server.config import Config
+from registry_server.events import notifier
 from registry_server.events.replicator import Replicator
 from registry_server.http import replication, routes, token
 from registry_server.http.context import SERVICES, Services
@@ -41,16 +43,29 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     """The application for one worker process; worker 0 also runs replication."""
     driver = FilesystemDriver(config.storage.root)
     rep = config.replication
-    index = SqliteIndex(config.storage.root / "index.db", rep.region, [p.name for p in rep.peers])
+    endpoints = config.notifications.endpoints
+    # The change log's consumers: each replication peer and each webhook endpoint.
+    consumers = [p.name for p in rep.peers] + [notifier.cursor_name(e) for e in endpoints]
+    index = SqliteIndex(config.storage.root / "index.db", rep.region, consumers)
     store = BlobStore(driver)
     replicator = Replicator(rep, index, store) if rep.peers and worker_id == 0 else None
+    notifications = (
+        notifier.Notifier(config.notifications, index, _source(config))
+        if endpoints and worker_id == 0
+        else None
+    )
     auth = build_authorizer(config)
 
     def tag_rules(repository: str) -> TagRules:
         # Immutable tags and retention live in the policy file: none without one.
         return auth.tag_rules(repository) if isinstance(auth, TagRuleSource) else NO_RULES
 
-    on_change = replicator.wake if replicator is not None else None
+    wakers = [w.wake for w in (replicator, notifications) if w is not None]
+
+    def on_change() -> None:
+        for wake in wakers:
+            wake()
+
     svc = Services(
         blobs=BlobService(store, index),
         manifests=ManifestService(
@@ -90,6 +105,8 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     async def start(_: web.Application) -> None:
         if replicator is not None:
             await replicator.start()
+        if notifications is not None:
+            await notifications.start()
         if worker_id == 0 and config.gc.interval_seconds > 0:
             background.append(asyncio.create_task(collect_forever()))
 
@@ -98,8 +115,17 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
             task.cancel()
         if replicator is not None:
             await replicator.stop()
+        if notifications is not None:
+            await notifications.stop()
         await index.close()
 
     app.on_startup.append(start)
     app.on_cleanup.append(close)
     return app
+
+
+def _source(config: Config) -> notifier.Source:
+    """How events name this instance: its external URL when set, else its address."""
+    addr = f"{socket.gethostname()}:{config.http.port}"
+    base = config.http.external_url.rstrip("/") or f"http://{addr}"
+    return notifier.Source(addr, config.replication.region or socket.gethostname(), base)

@@ -95,6 +95,27 @@ class ReplicationConfig:
 
 
 @dataclass(frozen=True)
+class EndpointConfig:
+    """A webhook receiving event envelopes (docs/notifications.md)."""
+
+    name: str
+    url: str
+    headers: tuple[tuple[str, str], ...] = ()  # e.g. Authorization for the receiver
+    timeout_seconds: float = 5.0
+    retry_max_seconds: float = 60.0  # backoff ceiling; delivery retries until it succeeds
+    batch: int = 32  # events per request at most
+    ignore_actions: tuple[str, ...] = ()  # "push", "delete"
+    ignore_media_types: tuple[str, ...] = ()
+    ca_file: Path | None = None
+    tls_verify: bool = True
+
+
+@dataclass(frozen=True)
+class NotificationsConfig:
+    endpoints: tuple[EndpointConfig, ...] = ()
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "json"
@@ -108,6 +129,7 @@ class Config:
     gc: GcConfig = field(default_factory=GcConfig)
     auth: AuthConfig | None = None
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -220,6 +242,73 @@ def _replication(raw: Any) -> ReplicationConfig:
         raise ConfigError(f"replication: {exc}") from None
 
 
+_ACTIONS = ("push", "delete")
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of strings")
+    return tuple(value)
+
+
+def _endpoint(index: int, raw: Any) -> EndpointConfig:
+    where = f"notifications.endpoints[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    known = {f.name for f in dataclasses.fields(EndpointConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    for key in ("name", "url"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ConfigError(f"{where}.{key} is required")
+    if not raw["url"].startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.url must start with http:// or https://")
+    headers = raw.get("headers") or {}
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ConfigError(f"{where}.headers: expected a mapping of strings")
+    ignored = _strings(raw.get("ignore_actions"), f"{where}.ignore_actions")
+    if set(ignored) - set(_ACTIONS):
+        raise ConfigError(f"{where}.ignore_actions: expected some of {', '.join(_ACTIONS)}")
+    try:
+        endpoint = EndpointConfig(
+            name=raw["name"],
+            url=raw["url"],
+            headers=tuple(sorted(headers.items())),
+            timeout_seconds=float(raw.get("timeout_seconds", 5.0)),
+            retry_max_seconds=float(raw.get("retry_max_seconds", 60.0)),
+            batch=int(raw.get("batch", 32)),
+            ignore_actions=ignored,
+            ignore_media_types=_strings(
+                raw.get("ignore_media_types"), f"{where}.ignore_media_types"
+            ),
+            ca_file=Path(str(raw["ca_file"])) if raw.get("ca_file") else None,
+            tls_verify=bool(raw.get("tls_verify", True)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if endpoint.timeout_seconds <= 0 or endpoint.retry_max_seconds <= 0 or endpoint.batch < 1:
+        raise ConfigError(f"{where}: timeouts must be positive and batch at least 1")
+    return endpoint
+
+
+def _notifications(raw: Any) -> NotificationsConfig:
+    if not isinstance(raw, dict) or set(raw) - {"endpoints"}:
+        raise ConfigError("notifications: expected a mapping with 'endpoints'")
+    listed = raw.get("endpoints") or []
+    if not isinstance(listed, list):
+        raise ConfigError("notifications.endpoints: expected a list")
+    endpoints = tuple(_endpoint(i, e) for i, e in enumerate(listed))
+    names = [e.name for e in endpoints]
+    if len(set(names)) != len(names):
+        raise ConfigError("notifications.endpoints: names must be unique")
+    return NotificationsConfig(endpoints)
+
+
 def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
     env = dict(os.environ) if env is None else env
     raw: dict[str, Any] = {}
@@ -231,7 +320,7 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         raw = loaded
-    unknown = set(raw) - set(_SECTIONS) - {"replication"}
+    unknown = set(raw) - set(_SECTIONS) - {"replication", "notifications"}
     if unknown:
         raise ConfigError(f"unknown sections {sorted(unknown)}")
     sections = {
@@ -241,6 +330,8 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
     }
     if raw.get("replication") is not None:
         sections["replication"] = _replication(raw["replication"])
+    if raw.get("notifications") is not None:
+        sections["notifications"] = _notifications(raw["notifications"])
     config = Config(**sections)
     for var, (section, key, kind) in _ENV.items():
         if var in env and env[var] != "":

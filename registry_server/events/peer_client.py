@@ -59,14 +59,15 @@ class _Throttle:
             await asyncio.sleep(-self._allowance / self.rate)
 
 
-def ssl_context(peer: PeerConfig) -> ssl.SSLContext | bool:
-    if not peer.url.startswith("https://"):
+def ssl_context(url: str, tls_verify: bool, ca_file: Path | None) -> ssl.SSLContext | bool:
+    """What aiohttp's ``ssl=`` takes: verification on unless switched off, extra CA."""
+    if not url.startswith("https://"):
         return True
-    if not peer.tls_verify:
+    if not tls_verify:
         return False
     ctx = ssl.create_default_context()
-    if peer.ca_file is not None:
-        ctx.load_verify_locations(cafile=str(peer.ca_file))
+    if ca_file is not None:
+        ctx.load_verify_locations(cafile=str(ca_file))
     return ctx
 
 
@@ -77,7 +78,7 @@ class PeerClient:
         self.base = peer.url.rstrip("/")
         self._tokens: dict[str, str] = {}  # scope -> "Bearer ..." header value
         self._throttle = _Throttle(peer.bandwidth_limit_mbps)
-        self._ssl = ssl_context(peer)
+        self._ssl = ssl_context(peer.url, peer.tls_verify, peer.ca_file)
 
     # -- transport and auth --------------------------------------------------------------
 

@@ -64,6 +64,7 @@ async def put_manifest(
         request.headers.get("Content-Type"),
         extra_tags,
         await _stamp(request, principal),
+        actor=principal.name or None,
     )
     headers = {
         **API_VERSION_HEADER,
@@ -81,5 +82,6 @@ async def put_manifest(
 async def delete_manifest(
     request: web.Request, name: str, reference: str, principal: Principal
 ) -> web.Response:
-    await services(request).manifests.delete(name, reference, await _stamp(request, principal))
+    stamp = await _stamp(request, principal)
+    await services(request).manifests.delete(name, reference, stamp, actor=principal.name or None)
     return web.Response(status=202, headers={**API_VERSION_HEADER, "Content-Length": "0"})

@@ -41,8 +41,10 @@ class ManifestService:
         content_type: str | None,
         extra_tags: Sequence[str] = (),
         stamp: Stamp | None = None,
+        actor: str | None = None,
     ) -> PushResult:
-        """Validate and store a manifest; ``stamp`` marks a change replicated from a peer."""
+        """Validate and store a manifest; ``stamp`` marks a change replicated from a peer,
+        ``actor`` is the account pushing (recorded for notifications)."""
         if len(body) > self.max_bytes:
             raise errors.RegistryError(
                 errors.MANIFEST_TOO_LARGE, detail={"size": len(body), "limit": self.max_bytes}
@@ -78,6 +80,7 @@ class ManifestService:
             immutable=self._immutable(repo, tags) if stamp is None else (),
             required_blobs=parsed.required_blobs(),
             required_manifests=list(dict.fromkeys(str(d.digest) for d in parsed.children)),
+            actor=actor,
         )
         if stamp is None:
             self._on_change()
@@ -106,14 +109,16 @@ class ManifestService:
             raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"reference": reference})
         return record
 
-    async def delete(self, repo: str, reference: str, stamp: Stamp | None = None) -> None:
+    async def delete(
+        self, repo: str, reference: str, stamp: Stamp | None = None, actor: str | None = None
+    ) -> None:
         ref = names.parse_reference(reference)
         if stamp is None:
             await self._refuse_immutable_delete(repo, ref)
         if isinstance(ref, digests.Digest):
-            if not await self.index.delete_manifest(repo, str(ref), stamp):
+            if not await self.index.delete_manifest(repo, str(ref), stamp, actor):
                 raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"digest": str(ref)})
-        elif not await self.index.delete_tag(repo, ref, stamp):
+        elif not await self.index.delete_tag(repo, ref, stamp, actor):
             raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"tag": ref})
         if stamp is None:
             self._on_change()

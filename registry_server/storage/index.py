@@ -64,6 +64,11 @@ class Change:
     version: int
     origin: str
     created: float
+    actor: str | None = None  # the account that made a local change (for notifications)
+
+
+# The actor recorded for what retention removes (account names cannot contain ':').
+RETENTION_ACTOR = "berth:retention"
 
 
 class MetadataIndex(Protocol):
@@ -82,6 +87,7 @@ class MetadataIndex(Protocol):
         immutable: Collection[str] = (),
         required_blobs: Sequence[str] = (),
         required_manifests: Sequence[str] = (),
+        actor: str | None = None,
     ) -> list[str]:
         """Store a manifest and point ``tags`` at it; returns the tags actually moved.
 
@@ -97,10 +103,14 @@ class MetadataIndex(Protocol):
         self, repo: str, digest: str, content: bool = True
     ) -> ManifestRecord | None: ...
     async def resolve_tag(self, repo: str, tag: str) -> str | None: ...
-    async def delete_manifest(self, repo: str, digest: str, stamp: Stamp | None = None) -> bool:
+    async def delete_manifest(
+        self, repo: str, digest: str, stamp: Stamp | None = None, actor: str | None = None
+    ) -> bool:
         """Delete a manifest and tombstone its tags (a replicated delete spares newer tags)."""
 
-    async def delete_tag(self, repo: str, tag: str, stamp: Stamp | None = None) -> bool: ...
+    async def delete_tag(
+        self, repo: str, tag: str, stamp: Stamp | None = None, actor: str | None = None
+    ) -> bool: ...
     async def expire_tag(self, repo: str, tag: str, version: int) -> bool:
         """Retention: delete ``tag`` (logged for peers) only if it still has ``version``."""
 

@@ -19,7 +19,13 @@ from typing import Any, TypeVar
 
 from registry_server.protocol import errors, versions
 from registry_server.protocol.versions import Stamp
-from registry_server.storage.index import Change, ManifestRecord, NewManifest, TagState
+from registry_server.storage.index import (
+    RETENTION_ACTOR,
+    Change,
+    ManifestRecord,
+    NewManifest,
+    TagState,
+)
 
 T = TypeVar("T")
 
@@ -102,6 +108,13 @@ CREATE TABLE IF NOT EXISTS peer_cursors (peer TEXT PRIMARY KEY, seq INTEGER NOT 
 """
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Columns added since a database was created (CREATE IF NOT EXISTS keeps old tables)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(changes)")}
+    if "actor" not in columns:
+        conn.execute("ALTER TABLE changes ADD COLUMN actor TEXT")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -119,6 +132,7 @@ class SqliteIndex:
         self.peers = tuple(peers)
         self._writer = _connect(path)
         self._writer.executescript(_SCHEMA)
+        _migrate(self._writer)
         # FULL on the writer: a committed tag survives power loss, not just a process kill.
         self._writer.execute("PRAGMA synchronous=FULL")
         for peer in self.peers:
@@ -298,12 +312,13 @@ class SqliteIndex:
         tag: str | None,
         digest: str | None,
         stamp: Stamp,
+        actor: str | None = None,
     ) -> None:
         if self.peers:
             conn.execute(
-                "INSERT INTO changes(repo, op, tag, digest, version, origin, created)"
-                " VALUES (?,?,?,?,?,?,?)",
-                (repo, op, tag, digest, stamp.version, stamp.origin, time.time()),
+                "INSERT INTO changes(repo, op, tag, digest, version, origin, created, actor)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (repo, op, tag, digest, stamp.version, stamp.origin, time.time(), actor),
             )
 
     def _tombstone(self, conn: sqlite3.Connection, repo_id: int, tag: str, stamp: Stamp) -> None:
@@ -327,6 +342,7 @@ class SqliteIndex:
         immutable: Collection[str] = (),
         required_blobs: Sequence[str] = (),
         required_manifests: Sequence[str] = (),
+        actor: str | None = None,
     ) -> list[str]:
         local = stamp is None
 
@@ -398,9 +414,9 @@ class SqliteIndex:
                 )
                 applied.append(tag)
                 if local:
-                    self._log(conn, repo, "tag", tag, manifest.digest, version)
+                    self._log(conn, repo, "tag", tag, manifest.digest, version, actor)
             if local and not tags and cur.rowcount > 0:
-                self._log(conn, repo, "manifest", None, manifest.digest, version)
+                self._log(conn, repo, "manifest", None, manifest.digest, version, actor)
             return applied
 
         return await self._write(tx)
@@ -425,7 +441,9 @@ class SqliteIndex:
         ).fetchone()
         return str(row[0]) if row else None
 
-    async def delete_manifest(self, repo: str, digest: str, stamp: Stamp | None = None) -> bool:
+    async def delete_manifest(
+        self, repo: str, digest: str, stamp: Stamp | None = None, actor: str | None = None
+    ) -> bool:
         local = stamp is None
 
         def tx(conn: sqlite3.Connection) -> bool:
@@ -459,12 +477,14 @@ class SqliteIndex:
                 "DELETE FROM manifest_refs WHERE repo_id = ? AND digest = ?", (repo_id, digest)
             )
             if local:
-                self._log(conn, repo, "delete_manifest", None, digest, version)
+                self._log(conn, repo, "delete_manifest", None, digest, version, actor)
             return True
 
         return await self._write(tx)
 
-    async def delete_tag(self, repo: str, tag: str, stamp: Stamp | None = None) -> bool:
+    async def delete_tag(
+        self, repo: str, tag: str, stamp: Stamp | None = None, actor: str | None = None
+    ) -> bool:
         local = stamp is None
 
         def tx(conn: sqlite3.Connection) -> bool:
@@ -484,7 +504,7 @@ class SqliteIndex:
                 return exists
             self._tombstone(conn, repo_id, tag, version)
             if local:
-                self._log(conn, repo, "delete_tag", tag, None, version)
+                self._log(conn, repo, "delete_tag", tag, None, version, actor)
             return True
 
         return await self._write(tx)
@@ -501,7 +521,7 @@ class SqliteIndex:
                 return False  # pushed again (or deleted) since it was chosen: keep it
             stamp = self._stamp(conn, None)
             self._tombstone(conn, repo_id, tag, stamp)
-            self._log(conn, repo, "delete_tag", tag, None, stamp)
+            self._log(conn, repo, "delete_tag", tag, None, stamp, RETENTION_ACTOR)
             return True
 
         return await self._write(tx)
@@ -527,7 +547,8 @@ class SqliteIndex:
             conn.execute(
                 "DELETE FROM manifest_refs WHERE repo_id = ? AND digest = ?", (repo_id, digest)
             )
-            self._log(conn, repo, "delete_manifest", None, digest, self._stamp(conn, None))
+            stamp = self._stamp(conn, None)
+            self._log(conn, repo, "delete_manifest", None, digest, stamp, RETENTION_ACTOR)
             return True
 
         return await self._write(tx)
@@ -660,8 +681,8 @@ class SqliteIndex:
 
     async def pending_changes(self, peer: str, limit: int) -> list[Change]:
         rows = self._reader.execute(
-            "SELECT c.seq, c.repo, c.op, c.tag, c.digest, c.version, c.origin, c.created"
-            " FROM changes c JOIN peer_cursors p ON p.peer = ? WHERE c.seq > p.seq"
+            "SELECT c.seq, c.repo, c.op, c.tag, c.digest, c.version, c.origin, c.created,"
+            " c.actor FROM changes c JOIN peer_cursors p ON p.peer = ? WHERE c.seq > p.seq"
             " ORDER BY c.seq LIMIT ?",
             (peer, limit),
         ).fetchall()

@@ -1,0 +1,178 @@
+"""Webhook notifications: the durable change log, delivered to each endpoint as envelopes.
+
+Every local tag push, untagged manifest push and delete is written to the change log in
+the same transaction as the change itself (the replication outbox); each endpoint has
+its own cursor in that log, so an event survives a receiver that is down and a server
+that is killed, and is delivered at least once, in order. The envelope is CNCF
+distribution's (``application/vnd.docker.distribution.events.v1+json``), so receivers
+written for ``registry:2`` work unchanged; event ids are stable across redeliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import logging
+import random
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from prometheus_client import Counter, Gauge
+
+from registry_server.config import EndpointConfig, NotificationsConfig
+from registry_server.events.peer_client import ssl_context
+from registry_server.storage.index import Change, ManifestRecord, MetadataIndex
+
+log = logging.getLogger("registry_server.notifications")
+
+ENVELOPE_MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
+
+DELIVERED = Counter(
+    "berth_notifications_delivered_total", "Events delivered to an endpoint", ["endpoint"]
+)
+FAILED = Counter(
+    "berth_notifications_errors_total", "Failed delivery attempts to an endpoint", ["endpoint"]
+)
+PENDING = Gauge("berth_notifications_pending", "Events not yet delivered", ["endpoint"])
+
+_ACTIONS = {"tag": "push", "manifest": "push", "delete_tag": "delete", "delete_manifest": "delete"}
+
+
+def cursor_name(endpoint: EndpointConfig) -> str:
+    """The endpoint's cursor in the change log (':' keeps it apart from peer names)."""
+    return f"webhook:{endpoint.name}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Which registry instance an event comes from."""
+
+    addr: str  # host:port
+    instance_id: str
+    base_url: str  # for the target's url
+
+
+def event(change: Change, manifest: ManifestRecord | None, source: Source) -> dict[str, Any]:
+    """One event of an envelope (pure). ``manifest`` is the pushed manifest, if still stored."""
+    target: dict[str, Any] = {"repository": change.repo}
+    if manifest is not None:
+        target["mediaType"] = manifest.media_type
+        target["size"] = manifest.size
+        target["length"] = manifest.size
+    if change.digest:
+        target["digest"] = change.digest
+        target["url"] = f"{source.base_url}/v2/{change.repo}/manifests/{change.digest}"
+    if change.tag:
+        target["tag"] = change.tag
+    moment = datetime.datetime.fromtimestamp(change.created, datetime.UTC)
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"berth:{source.instance_id}:{change.seq}")),
+        "timestamp": moment.isoformat().replace("+00:00", "Z"),
+        "action": _ACTIONS[change.op],
+        "target": target,
+        "actor": {"name": change.actor} if change.actor else {},
+        "source": {"addr": source.addr, "instanceID": source.instance_id},
+    }
+
+
+def wanted(endpoint: EndpointConfig, item: Mapping[str, Any]) -> bool:
+    media_type = item["target"].get("mediaType")
+    return item["action"] not in endpoint.ignore_actions and (
+        media_type is None or media_type not in endpoint.ignore_media_types
+    )
+
+
+class DeliveryError(Exception):
+    pass
+
+
+class Notifier:
+    """One delivery loop per endpoint; runs in the worker that also replicates."""
+
+    def __init__(self, config: NotificationsConfig, index: MetadataIndex, source: Source) -> None:
+        self.config = config
+        self.index = index
+        self.source = source
+        self._wakes = {e.name: asyncio.Event() for e in config.endpoints}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        for endpoint in self.config.endpoints:
+            self._tasks.append(asyncio.create_task(self._loop(endpoint)))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def wake(self) -> None:
+        """A local change was logged: deliver now instead of at the next poll."""
+        for flag in self._wakes.values():
+            flag.set()
+
+    async def _loop(self, endpoint: EndpointConfig) -> None:
+        timeout = aiohttp.ClientTimeout(total=endpoint.timeout_seconds)
+        tls = ssl_context(endpoint.url, endpoint.tls_verify, endpoint.ca_file)
+        cursor = cursor_name(endpoint)
+        wake = self._wakes[endpoint.name]
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                wake.clear()  # before reading: a change logged after the read sets it again
+                changes = await self.index.pending_changes(cursor, endpoint.batch)
+                depth, _ = await self.index.queue_stats(cursor)
+                PENDING.labels(endpoint.name).set(depth)
+                if not changes:
+                    # Other worker processes log changes too: poll as well as wait.
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(wake.wait(), timeout=1.0)
+                    continue
+                events = [e for e in [await self._event(c) for c in changes] if wanted(endpoint, e)]
+                if events:
+                    await self._deliver(session, tls, endpoint, events)
+                await self.index.ack_change(cursor, changes[-1].seq)
+
+    async def _event(self, change: Change) -> dict[str, Any]:
+        manifest = None
+        if _ACTIONS[change.op] == "push" and change.digest:
+            manifest = await self.index.get_manifest(change.repo, change.digest, content=False)
+        return event(change, manifest, self.source)
+
+    async def _deliver(
+        self,
+        session: aiohttp.ClientSession,
+        tls: Any,
+        endpoint: EndpointConfig,
+        events: list[dict[str, Any]],
+    ) -> None:
+        """Until the endpoint takes them: at least once, never skipped."""
+        body = json.dumps({"events": events}).encode()
+        headers = {**dict(endpoint.headers), "Content-Type": ENVELOPE_MEDIA_TYPE}
+        attempt = 0
+        while True:
+            try:
+                async with session.post(
+                    endpoint.url, data=body, headers=headers, ssl=tls, allow_redirects=False
+                ) as response:
+                    await response.read()
+                    # Like distribution: any 2xx or 3xx is taken as delivered.
+                    if not 200 <= response.status < 400:
+                        raise DeliveryError(f"HTTP {response.status}")
+            except (TimeoutError, aiohttp.ClientError, OSError, DeliveryError) as exc:
+                FAILED.labels(endpoint.name).inc()
+                attempt += 1
+                delay = min(endpoint.retry_max_seconds, 0.5 * 2 ** min(attempt, 10))
+                log.warning(
+                    "notification delivery failed; retrying",
+                    extra={"endpoint": endpoint.name, "error": repr(exc), "retry_in": delay},
+                )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            else:
+                DELIVERED.labels(endpoint.name).inc(len(events))
+                return
