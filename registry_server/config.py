@@ -101,6 +101,9 @@ class EndpointConfig:
     name: str
     url: str
     headers: tuple[tuple[str, str], ...] = ()  # e.g. Authorization for the receiver
+    # More headers, one file each (file name: header name), read at every delivery: a
+    # mounted Secret, so a rotated token is used without a restart.
+    headers_dir: Path | None = None
     timeout_seconds: float = 5.0
     retry_max_seconds: float = 60.0  # backoff ceiling; delivery retries until it succeeds
     batch: int = 32  # events per request at most
@@ -279,6 +282,7 @@ def _endpoint(index: int, raw: Any) -> EndpointConfig:
             name=raw["name"],
             url=raw["url"],
             headers=tuple(sorted(headers.items())),
+            headers_dir=Path(str(raw["headers_dir"])) if raw.get("headers_dir") else None,
             timeout_seconds=float(raw.get("timeout_seconds", 5.0)),
             retry_max_seconds=float(raw.get("retry_max_seconds", 60.0)),
             batch=int(raw.get("batch", 32)),

@@ -47,6 +47,9 @@ class InvalidSpec(ValueError):
         self.message = message
 
 
+WEBHOOK_ACTIONS = ("push", "delete")
+
+
 def default_image() -> str:
     """The server image matching this operator's own version."""
     try:
@@ -125,6 +128,16 @@ class Peer:
 
 
 @dataclasses.dataclass(frozen=True)
+class Webhook:
+    """A notification endpoint; its headers come from a Secret mounted into the pod."""
+
+    name: str
+    url: str
+    headers_secret: str | None = None
+    ignore_actions: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Spec:
     image: str
     region: str | None = None
@@ -138,6 +151,7 @@ class Spec:
     storage: Storage = dataclasses.field(default_factory=PvcStorage)
     ingress: Ingress | None = None
     peers: tuple[Peer, ...] = ()
+    webhooks: tuple[Webhook, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +218,45 @@ def parse_spec(raw: Mapping[str, Any], *, image: str | None = None, namespace: s
         storage=storage,
         ingress=_ingress(raw.get("ingress")),
         peers=peers,
+        webhooks=_webhooks(raw.get("notifications")),
     )
+
+
+def _webhooks(raw: Any) -> tuple[Webhook, ...]:
+    if raw is None:
+        return ()
+    data = _mapping(raw, "spec.notifications")
+    found = []
+    for i, item in enumerate(_list(data.get("endpoints", []), "spec.notifications.endpoints")):
+        where = f"spec.notifications.endpoints[{i}]"
+        entry = _mapping(item, where)
+        name = _str(entry.get("name"), f"{where}.name")
+        if not _DNS_LABEL.match(name) or len(name) > 40:
+            raise InvalidSpec(f"{where}.name", f"{name!r} is not a DNS label of 40 characters")
+        url = _str(entry.get("url"), f"{where}.url")
+        if not url.startswith(("http://", "https://")):
+            raise InvalidSpec(f"{where}.url", "must start with http:// or https://")
+        secret = entry.get("headersSecretRef")
+        ignored = tuple(
+            _choice(a, WEBHOOK_ACTIONS, f"{where}.ignoreActions[]")
+            for a in _list(entry.get("ignoreActions", []), f"{where}.ignoreActions")
+        )
+        found.append(
+            Webhook(
+                name=name,
+                url=url,
+                headers_secret=None
+                if secret is None
+                else _str(
+                    _mapping(secret, f"{where}.headersSecretRef").get("name"),
+                    f"{where}.headersSecretRef.name",
+                ),
+                ignore_actions=ignored,
+            )
+        )
+    if len({w.name for w in found}) != len(found):
+        raise InvalidSpec("spec.notifications.endpoints", "endpoint names must be unique")
+    return tuple(found)
 
 
 def _peers(raw: Any, namespace: str) -> tuple[Peer, ...]:

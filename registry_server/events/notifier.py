@@ -19,6 +19,7 @@ import random
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -91,6 +92,18 @@ class DeliveryError(Exception):
     pass
 
 
+def read_headers(directory: Path | None) -> dict[str, str]:
+    """Headers from a mounted Secret: one file per header (the kubelet's dot-entries and
+    anything not a file are skipped)."""
+    if directory is None:
+        return {}
+    return {
+        path.name: path.read_text().strip()
+        for path in sorted(directory.iterdir())
+        if not path.name.startswith(".") and path.is_file()
+    }
+
+
 class Notifier:
     """One delivery loop per endpoint; runs in the worker that also replicates."""
 
@@ -153,10 +166,14 @@ class Notifier:
     ) -> None:
         """Until the endpoint takes them: at least once, never skipped."""
         body = json.dumps({"events": events}).encode()
-        headers = {**dict(endpoint.headers), "Content-Type": ENVELOPE_MEDIA_TYPE}
         attempt = 0
         while True:
             try:
+                headers = {
+                    **dict(endpoint.headers),
+                    **read_headers(endpoint.headers_dir),
+                    "Content-Type": ENVELOPE_MEDIA_TYPE,
+                }
                 async with session.post(
                     endpoint.url, data=body, headers=headers, ssl=tls, allow_redirects=False
                 ) as response:

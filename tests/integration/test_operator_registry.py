@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from registry_operator import models
 from registry_operator.kube import client as kube_client
 from registry_operator.rendering import names
+from tests.integration.test_notifications import Receiver
 from tests.support import podspec_runner
 from tests.support.clients import skopeo
 from tests.support.control_plane import ControlPlane
@@ -618,7 +619,15 @@ def test_rendered_pod_serves_push_and_pull(
     tmp_path: Path,
 ) -> None:
     require_tool("skopeo")
-    _apply(control_plane, "served", namespace, {})
+    receiver = Receiver()  # a webhook, with a token from a Secret the pod mounts
+    control_plane.kubectl(
+        "create", "secret", "generic", "hook-headers", "-n", namespace,
+        "--from-literal=Authorization=Bearer hook-token",
+    )  # fmt: skip
+    hooks = {"endpoints": [
+        {"name": "audit", "url": receiver.url, "headersSecretRef": {"name": "hook-headers"}}
+    ]}  # fmt: skip
+    _apply(control_plane, "served", namespace, {"notifications": hooks})
     children = _wait(lambda: _all_children(kube, namespace, "served"), operator, "children")
     config_maps, secrets = _wait(
         lambda: podspec_runner.inputs(
@@ -646,11 +655,16 @@ def test_rendered_pod_serves_push_and_pull(
         assert "unauthorized" in anonymous.stderr.lower() or "denied" in anonymous.stderr.lower()
         # The data landed where the pod's claim is mounted.
         assert any(pod.mounts["/var/lib/berth"].rglob("*"))
+        (pushed,) = _wait(receiver.events, operator, "the webhook's push event")
+        assert pushed["target"]["digest"] == digest and pushed["target"]["tag"] == "v1"
+        assert pushed["actor"] == {"name": secret["admin-username"]}
+        assert receiver.envelopes[0][0]["Authorization"] == "Bearer hook-token"
     except BaseException:
         print(pod.log_tail())
         raise
     finally:
         pod.stop()
+        receiver.close()
 
 
 # --- how fast -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import yaml
 
 from registry_operator import credentials, models, rendering
 from registry_operator.rendering import manifests, names
+from registry_server import config as server_config
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("BERTH_UPDATE_GOLDEN") == "1"
@@ -52,6 +53,19 @@ CASES: dict[str, dict[str, Any]] = {
         },
     },
     "emptydir": {"storage": {"emptyDir": {"sizeLimit": "2Gi"}}},
+    # Webhooks: one with headers from a Secret (mounted), one plain and filtered.
+    "notifications": {
+        "notifications": {
+            "endpoints": [
+                {
+                    "name": "audit",
+                    "url": "https://hooks.example.com/registry",
+                    "headersSecretRef": {"name": "audit-hook"},
+                },
+                {"name": "ci", "url": "http://ci.tools.svc/hook", "ignoreActions": ["delete"]},
+            ]
+        }
+    },
     "emptydir-unlimited": {"storage": {"emptyDir": {}}},
     "ingress-tls": {
         "ingress": {
@@ -133,6 +147,20 @@ def test_golden(case: str) -> None:
         path.write_text(text)
     assert path.exists(), f"no golden file {path}; run with BERTH_UPDATE_GOLDEN=1"
     assert text == path.read_text(), f"{case} differs from {path}; regenerate if intended"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: Path) -> None:
+    """The server's own loader reads every rendered config: the two cannot drift apart."""
+    config_map = _by_kind(_render(CASES[case], case))["ConfigMap"]
+    path = tmp_path / "config.yaml"
+    path.write_text(config_map["data"]["config.yaml"])
+    loaded = server_config.load(path, env={})
+    assert loaded.http.port == names.CONTAINER_PORT
+    if case == "notifications":
+        audit, ci = loaded.notifications.endpoints
+        assert audit.headers_dir == Path(names.NOTIFICATIONS_DIR) / "audit"
+        assert ci.ignore_actions == ("delete",) and ci.headers_dir is None
 
 
 def test_no_stale_golden_files() -> None:

@@ -117,6 +117,37 @@ def test_deleting() -> None:
         ({"ingress": {"host": "a.b", "tls": {}}}, "spec.ingress.tls.secretName", "non-empty"),
         ({"imagePullSecrets": [{}]}, "spec.imagePullSecrets[].name", "non-empty"),
         ({"storage": "pvc"}, "spec.storage", "object"),
+        (
+            {"notifications": {"endpoints": [{"name": "Audit", "url": "http://x"}]}},
+            "spec.notifications.endpoints[0].name",
+            "DNS label",
+        ),
+        (
+            {"notifications": {"endpoints": [{"name": "a", "url": "x"}]}},
+            "spec.notifications.endpoints[0].url",
+            "http",
+        ),
+        (
+            {
+                "notifications": {
+                    "endpoints": [{"name": "a", "url": "http://x", "ignoreActions": ["pull"]}]
+                }
+            },
+            "spec.notifications.endpoints[0].ignoreActions[]",
+            "one of",
+        ),
+        (
+            {
+                "notifications": {
+                    "endpoints": [
+                        {"name": "a", "url": "http://x"},
+                        {"name": "a", "url": "http://y"},
+                    ]
+                }
+            },
+            "spec.notifications.endpoints",
+            "unique",
+        ),
     ],
 )
 def test_invalid(spec: dict[str, Any], field: str, message: str) -> None:
@@ -313,3 +344,20 @@ def test_durations() -> None:
     assert models.parse_duration("0.5s", "f") == 0.5
     with pytest.raises(models.InvalidSpec):
         models.parse_duration("", "f")
+
+
+def test_webhooks() -> None:
+    spec = models.parse_spec(
+        {
+            "notifications": {
+                "endpoints": [
+                    {"name": "audit", "url": "https://h", "headersSecretRef": {"name": "s"}},
+                    {"name": "ci", "url": "http://c", "ignoreActions": ["delete"]},
+                ]
+            }
+        }
+    )
+    assert spec.webhooks == (
+        models.Webhook("audit", "https://h", "s"),
+        models.Webhook("ci", "http://c", None, ("delete",)),
+    )

@@ -108,6 +108,8 @@ def server_config(spec: models.Spec, owner: models.Owner, peers: tuple[WiredPeer
         region=spec.region,
         peers=peers,
         replication_dir=names.REPLICATION_DIR,
+        webhooks=spec.webhooks,
+        notifications_dir=names.NOTIFICATIONS_DIR,
     )
 
 
@@ -220,6 +222,12 @@ def render(
             policy_secret_name=names.policy_secret(name),
             replication_dir=names.REPLICATION_DIR,
             replication_sources=_replication_sources(replication.peers),
+            webhook_volumes=[
+                {"volume": names.webhook_volume(w.name), "secret": w.headers_secret, "name": w.name}
+                for w in spec.webhooks
+                if w.headers_secret
+            ],
+            notifications_dir=names.NOTIFICATIONS_DIR,
             data_dir=names.DATA_DIR,
             config_map_name=names.config_map(name),
             secret_name=names.secret(name),

@@ -27,6 +27,7 @@ AUTH_DIR = "/etc/berth/auth"
 POLICY_DIR = "/etc/berth/policy"
 POLICY_FILE = "policy.yaml"
 REPLICATION_DIR = "/etc/berth/replication"
+NOTIFICATIONS_DIR = "/etc/berth/notifications"  # one directory of header files per webhook
 DATA_DIR = "/var/lib/berth"
 RUN_AS = 65532  # the conventional "nonroot" uid/gid of distroless-style images
 
@@ -49,6 +50,10 @@ def robots_secret(registry: str) -> str:
 
 def replication_secret(registry: str) -> str:
     return f"{registry}-replication"
+
+
+def webhook_volume(webhook: str) -> str:
+    return f"hook-{webhook}"  # webhook names are DNS labels of at most 40 characters
 
 
 def access_secret(registry: str, registry_namespace: str, mode: str) -> str:
