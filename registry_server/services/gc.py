@@ -32,6 +32,7 @@ class GcReport:
     blobs_deleted: int
     bytes_freed: int
     uploads_purged: int
+    orphans_deleted: int = 0  # files a crash left unrecorded
 
 
 class GarbageCollector:
@@ -61,16 +62,32 @@ class GarbageCollector:
             if await self.index.forget_blob(text, cutoff, remove):
                 deleted += 1
                 freed += size
+        orphans = 0
+        stored = [str(d) for d in await self.store.stored()]
+        recorded = await self.index.recorded_blobs(stored)
+        for text in stored:
+            if text in recorded:
+                continue
+            digest = digests.parse(text)
+            size = await self.store.size(digest) or 0
+
+            async def remove_file(d: digests.Digest = digest) -> None:
+                await self.store.delete(d)
+
+            if await self.index.forget_unrecorded(text, remove_file):
+                orphans += 1
+                freed += size
         purged = 0
         for upload_id in await self.store.stale_uploads(now - self.upload_ttl_seconds):
             await self.store.cancel(upload_id)
             purged += 1
-        COLLECTED.inc(deleted)
+        COLLECTED.inc(deleted + orphans)
         FREED.inc(freed)
         PURGED.inc(purged)
-        report = GcReport(deleted, freed, purged)
-        if deleted or purged:
+        report = GcReport(deleted, freed, purged, orphans)
+        if deleted or purged or orphans:
             log.info(
-                "garbage collected", extra={"blobs": deleted, "bytes": freed, "uploads": purged}
+                "garbage collected",
+                extra={"blobs": deleted, "bytes": freed, "uploads": purged, "orphans": orphans},
             )
         return report

@@ -90,6 +90,17 @@ class BlobStore:
     async def delete(self, digest: digests.Digest) -> None:
         await self.driver.delete(blob_path(digest).rsplit("/", 1)[0])
 
+    async def stored(self) -> list[digests.Digest]:
+        """Every blob with bytes in storage (a full walk: for the collector's sweep)."""
+        found = []
+        for algorithm in await self.driver.list("blobs"):
+            for prefix in await self.driver.list(f"blobs/{algorithm}"):
+                for name in await self.driver.list(f"blobs/{algorithm}/{prefix}"):
+                    text = f"{algorithm}:{name}"
+                    if digests.is_digest(text):
+                        found.append(digests.parse(text))
+        return found
+
     async def put(self, data: bytes) -> digests.Digest:
         """Store small content (e.g. a manifest) under its sha256 digest."""
         digest = digests.of_bytes(data)

@@ -153,6 +153,14 @@ class MetadataIndex(Protocol):
         ``older_than``, calling ``remove`` (delete the file) under the same lock; True when
         removed."""
 
+    async def recorded_blobs(self, digests: Sequence[str]) -> set[str]:
+        """Which of ``digests`` the index has a record of."""
+
+    async def forget_unrecorded(self, digest: str, remove: Callable[[], Awaitable[None]]) -> bool:
+        """Call ``remove`` (delete the file) under the write lock if the blob still has no
+        record: a file a crash left between being moved into place and being recorded.
+        Files are only ever published under that lock, so none is caught half-way."""
+
     # replication
     async def pending_changes(self, peer: str, limit: int) -> list[Change]: ...
     async def ack_change(self, peer: str, seq: int) -> None: ...

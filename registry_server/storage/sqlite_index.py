@@ -677,6 +677,28 @@ class SqliteIndex:
 
         return await self._write(tx, after=after)
 
+    async def recorded_blobs(self, digests: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for start in range(0, len(digests), 500):
+            batch = list(digests[start : start + 500])
+            marks = ",".join("?" * len(batch))
+            rows = self._reader.execute(
+                f"SELECT digest FROM blobs WHERE digest IN ({marks})", batch
+            ).fetchall()
+            found.update(str(r[0]) for r in rows)
+        return found
+
+    async def forget_unrecorded(self, digest: str, remove: Callable[[], Awaitable[None]]) -> bool:
+        def tx(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT 1 FROM blobs WHERE digest = ?", (digest,)).fetchone()
+            return row is None
+
+        async def after(unrecorded: bool) -> None:
+            if unrecorded:
+                await remove()
+
+        return await self._write(tx, after=after)
+
     # -- replication ---------------------------------------------------------------------
 
     async def pending_changes(self, peer: str, limit: int) -> list[Change]:

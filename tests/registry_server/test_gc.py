@@ -10,7 +10,7 @@ from pathlib import Path
 from registry_server.protocol import digests
 from registry_server.services.blobs import BlobService
 from registry_server.services.gc import GarbageCollector
-from registry_server.storage.blobstore import BlobStore
+from registry_server.storage.blobstore import BlobStore, blob_path
 from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.index import NewManifest
 from registry_server.storage.sqlite_index import SqliteIndex
@@ -78,4 +78,29 @@ async def test_gc_racing_uploads_of_the_same_blob(tmp_path: Path) -> None:
         if await index.blob_size("b", str(digest)) is not None:
             assert await store.size(digest) == len(data)
         await blobs.delete("b", digest)
+    await index.close()
+
+
+async def test_a_file_a_crash_left_unrecorded_is_swept(tmp_path: Path) -> None:
+    """Killed between moving a blob into place and recording it: the file has no row, so
+    only the sweep of stored files can find it."""
+    driver = FilesystemDriver(tmp_path)
+    store = BlobStore(driver)
+    index = SqliteIndex(tmp_path / "index.db")
+    blobs = BlobService(store, index)
+    kept = await _push(blobs, "r", b"recorded and referenced")
+    await index.put_manifest(
+        "r", NewManifest("sha256:" + "2" * 64, "x", b"{}", None, None, None, [str(kept)], []), []
+    )
+    orphan = digests.of_bytes(b"moved into place, never recorded")
+    await driver.put_content(blob_path(orphan), b"moved into place, never recorded")
+    assert set(await store.stored()) == {kept, orphan}
+
+    report = await GarbageCollector(
+        store, index, grace_seconds=3600, upload_ttl_seconds=3600
+    ).run_once()
+    assert report.orphans_deleted == 1 and report.blobs_deleted == 0
+    assert report.bytes_freed == len(b"moved into place, never recorded")
+    assert await store.size(orphan) is None
+    assert await store.size(kept) is not None
     await index.close()
