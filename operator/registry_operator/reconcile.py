@@ -23,6 +23,7 @@ from registry_operator.rendering import manifests, names
 # PersistentVolumeClaims are deliberately absent: data is never deleted implicitly.
 PRUNABLE = (
     ("networking.k8s.io/v1", "Ingress", names.ingress),
+    ("policy/v1", "PodDisruptionBudget", names.disruption_budget),
     ("v1", "Secret", names.replication_secret),
 )
 

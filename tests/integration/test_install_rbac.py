@@ -277,12 +277,13 @@ def registry_scenarios(plane: ControlPlane, namespace: str, kube: RecordingClien
     # A Registry that does not exist (deleted before its event was handled).
     reconcile.reconcile(kube, namespace, "absent", options)
     # Create with every optional child, reconcile again (all exist), then drop the
-    # Ingress from the spec so it is pruned.
-    full = {"storage": {"pvc": {"size": "1Gi"}}, "ingress": {"host": "registry.example.com"}}
+    # Ingress and the second replica (its disruption budget) from the spec: both pruned.
+    storage = {"pvc": {"size": "1Gi", "accessModes": ["ReadWriteMany"]}}
+    full = {"storage": storage, "replicas": 2, "ingress": {"host": "registry.example.com"}}
     _apply(plane, _registry(namespace, "full", full))
     reconcile.reconcile(kube, namespace, "full", options)
     reconcile.reconcile(kube, namespace, "full", options)
-    without_ingress = {"storage": full["storage"]}
+    without_ingress = {"storage": storage}
     _apply(plane, _registry(namespace, "full", without_ingress))
     reconcile.reconcile(kube, namespace, "full", options)
     # A spec the operator cannot serve: the status explains it, nothing is applied.

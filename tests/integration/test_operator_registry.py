@@ -396,6 +396,23 @@ def test_update_converges_and_rolls_pods_only_for_config(
     )
 
 
+def test_disruption_budget_follows_the_replicas(
+    operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
+) -> None:
+    shared = {"replicas": 2, "storage": {"pvc": {"accessModes": ["ReadWriteMany"]}}}
+    _apply(control_plane, "ha", namespace, shared)
+
+    def budget() -> Any:
+        return kube.find("policy/v1", "PodDisruptionBudget", namespace, "ha")
+
+    found = _wait(budget, operator, "the PodDisruptionBudget")
+    assert found["spec"]["maxUnavailable"] == 1
+    assert found["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "ha"
+    assert found["metadata"]["ownerReferences"][0]["kind"] == "Registry"
+    _apply(control_plane, "ha", namespace, {**shared, "replicas": 1})
+    _wait(lambda: budget() is None, operator, "the PodDisruptionBudget to go with one replica")
+
+
 # --- drift -------------------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ WATCHED = (
     ("", "v1", "persistentvolumeclaims"),
     ("apps", "v1", "deployments"),
     ("networking.k8s.io", "v1", "ingresses"),
+    ("policy", "v1", "poddisruptionbudgets"),
 )
 SELECTOR = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY}"
 

@@ -47,6 +47,7 @@ KNOWN = (
     Resource("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
     Resource("apps/v1", "Deployment", "deployments"),
     Resource("networking.k8s.io/v1", "Ingress", "ingresses"),
+    Resource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
     Resource("berth.dev/v1alpha1", "Registry", "registries"),
     Resource("berth.dev/v1alpha1", "Repository", "repositories"),
     Resource("kopf.dev/v1", "ClusterKopfPeering", "clusterkopfpeerings", namespaced=False),

@@ -246,6 +246,16 @@ def render(
             **common,
         )
     )
+    if spec.replicas > 1:
+        manifests.append(
+            manifest(
+                "poddisruptionbudget.yaml.j2",
+                name=names.disruption_budget(name),
+                labels=server_labels,
+                selector=names.selector_labels(name),
+                **common,
+            )
+        )
     if spec.ingress is not None:
         manifests.append(
             manifest(

@@ -82,6 +82,10 @@ def ingress(registry: str) -> str:
     return registry
 
 
+def disruption_budget(registry: str) -> str:
+    return registry
+
+
 def in_cluster_url(registry: str, namespace: str) -> str:
     return f"http://{service_host(registry, namespace)}"
 
