@@ -76,10 +76,16 @@ def _supervise(cfg: config_mod.Config, sock: socket.socket) -> int:
     for worker_id in range(cfg.http.workers):
         pid = os.fork()
         if pid == 0:
+            code = 1  # a worker that dies of an exception stops them all (then a restart)
             try:
                 _serve(cfg, sock, worker_id)
+                code = 0
+            except SystemExit as exc:
+                code = 0 if exc.code in (None, 0) else 1
+            except BaseException:
+                log.exception("worker failed", extra={"worker": worker_id})
             finally:
-                os._exit(0)
+                os._exit(code)
         children.append(pid)
     log.info("workers started", extra={"workers": children})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,15 @@ def _replication(raw: Any) -> ReplicationConfig:
 
 
 _ACTIONS = ("push", "delete")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def check_header(name: str, value: str) -> None:
+    """A header name is an HTTP token; a value has no control characters (no CR/LF)."""
+    if not _TOKEN.fullmatch(name) or any(
+        (ord(c) < 32 and c != "\t") or ord(c) == 127 for c in value
+    ):
+        raise ValueError(f"invalid header {name[:60]!r}: a token name, no control characters")
 
 
 def _strings(value: Any, where: str) -> tuple[str, ...]:
@@ -274,6 +284,11 @@ def _endpoint(index: int, raw: Any) -> EndpointConfig:
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
     ):
         raise ConfigError(f"{where}.headers: expected a mapping of strings")
+    for header, value in headers.items():
+        try:
+            check_header(header, value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.headers: {exc}") from None
     ignored = _strings(raw.get("ignore_actions"), f"{where}.ignore_actions")
     if set(ignored) - set(_ACTIONS):
         raise ConfigError(f"{where}.ignore_actions: expected some of {', '.join(_ACTIONS)}")

@@ -538,7 +538,7 @@ def parse_repository(body: Mapping[str, Any]) -> Repository:
             raise InvalidSpec("spec.retention.keepLast", "must be a positive integer")
         retention = Retention(
             keep_last=keep,
-            protect=_strings(data.get("protect", []), "spec.retention.protect"),
+            protect=_tag_patterns(data.get("protect", []), "spec.retention.protect"),
         )
     rotation = Rotation()
     if raw.get("rotation") is not None:
@@ -563,7 +563,7 @@ def parse_repository(body: Mapping[str, Any]) -> Repository:
         pull=_access(raw.get("pullAccess"), "spec.pullAccess"),
         push=_access(raw.get("pushAccess"), "spec.pushAccess"),
         retention=retention,
-        immutable_tags=_strings(raw.get("immutableTags", []), "spec.immutableTags"),
+        immutable_tags=_tag_patterns(raw.get("immutableTags", []), "spec.immutableTags"),
         rotation=rotation,
         rotate_request=None if request is None else str(request),
     )
@@ -613,6 +613,21 @@ def _selector(raw: Any, field: str) -> Selector:
         match_labels={_str(k, f"{field}.matchLabels"): str(v) for k, v in sorted(labels.items())},
         expressions=tuple(expressions),
     )
+
+
+# The registry server's tag pattern grammar (docs/auth.md): one pattern it would refuse
+# would make it refuse the whole policy file, so such a spec is invalid here already.
+_TAG_PATTERN = re.compile(r"[A-Za-z0-9_.*?-]{1,128}")
+
+
+def _tag_patterns(value: Any, field: str) -> tuple[str, ...]:
+    patterns = _strings(value, field)
+    for pattern in patterns:
+        if not _TAG_PATTERN.fullmatch(pattern):
+            raise InvalidSpec(
+                f"{field}[]", f"{pattern[:140]!r} is not a tag pattern (tag characters, * and ?)"
+            )
+    return patterns
 
 
 def _strings(value: Any, field: str) -> tuple[str, ...]:

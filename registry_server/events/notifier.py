@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 from prometheus_client import Counter, Gauge
 
-from registry_server.config import EndpointConfig, NotificationsConfig
+from registry_server.config import EndpointConfig, NotificationsConfig, check_header
 from registry_server.events.peer_client import ssl_context
 from registry_server.storage.index import Change, ManifestRecord, MetadataIndex
 
@@ -97,11 +97,14 @@ def read_headers(directory: Path | None) -> dict[str, str]:
     anything not a file are skipped)."""
     if directory is None:
         return {}
-    return {
-        path.name: path.read_text().strip()
+    found = {
+        path.name: path.read_bytes().decode("utf-8").strip()
         for path in sorted(directory.iterdir())
         if not path.name.startswith(".") and path.is_file()
     }
+    for name, value in found.items():
+        check_header(name, value)
+    return found
 
 
 class Notifier:
@@ -137,19 +140,34 @@ class Notifier:
         wake = self._wakes[endpoint.name]
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
-                wake.clear()  # before reading: a change logged after the read sets it again
-                changes = await self.index.pending_changes(cursor, endpoint.batch)
-                depth, _ = await self.index.queue_stats(cursor)
-                PENDING.labels(endpoint.name).set(depth)
-                if not changes:
-                    # Other worker processes log changes too: poll as well as wait.
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(wake.wait(), timeout=1.0)
-                    continue
-                events = [e for e in [await self._event(c) for c in changes] if wanted(endpoint, e)]
-                if events:
-                    await self._deliver(session, tls, endpoint, events)
-                await self.index.ack_change(cursor, changes[-1].seq)
+                try:
+                    await self._round(session, tls, endpoint, cursor, wake)
+                except Exception:  # the loop must outlive anything one round throws
+                    log.exception("notification loop failed", extra={"endpoint": endpoint.name})
+                    FAILED.labels(endpoint.name).inc()
+                    await asyncio.sleep(endpoint.retry_max_seconds * random.uniform(0.5, 1.0))
+
+    async def _round(
+        self,
+        session: aiohttp.ClientSession,
+        tls: Any,
+        endpoint: EndpointConfig,
+        cursor: str,
+        wake: asyncio.Event,
+    ) -> None:
+        wake.clear()  # before reading: a change logged after the read sets it again
+        changes = await self.index.pending_changes(cursor, endpoint.batch)
+        depth, _ = await self.index.queue_stats(cursor)
+        PENDING.labels(endpoint.name).set(depth)
+        if not changes:
+            # Other worker processes log changes too: poll as well as wait.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=1.0)
+            return
+        events = [e for e in [await self._event(c) for c in changes] if wanted(endpoint, e)]
+        if events:
+            await self._deliver(session, tls, endpoint, events)
+        await self.index.ack_change(cursor, changes[-1].seq)
 
     async def _event(self, change: Change) -> dict[str, Any]:
         manifest = None
@@ -181,7 +199,13 @@ class Notifier:
                     # Like distribution: any 2xx or 3xx is taken as delivered.
                     if not 200 <= response.status < 400:
                         raise DeliveryError(f"HTTP {response.status}")
-            except (TimeoutError, aiohttp.ClientError, OSError, DeliveryError) as exc:
+            except (
+                TimeoutError,
+                aiohttp.ClientError,
+                OSError,
+                ValueError,  # a header file that is not a valid header
+                DeliveryError,
+            ) as exc:
                 FAILED.labels(endpoint.name).inc()
                 attempt += 1
                 delay = min(endpoint.retry_max_seconds, 0.5 * 2 ** min(attempt, 10))

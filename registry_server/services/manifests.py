@@ -128,7 +128,8 @@ class ManifestService:
         if not rules.immutable:
             return
         if isinstance(ref, str):
-            if rules.is_immutable(ref):
+            # An unknown tag stays MANIFEST_UNKNOWN, immutable or not.
+            if rules.is_immutable(ref) and await self.index.resolve_tag(repo, ref) is not None:
                 raise errors.RegistryError(errors.TAG_IMMUTABLE, detail={"tag": ref})
             return
         for state in await self.index.tag_states(repo):

@@ -112,7 +112,12 @@ def _migrate(conn: sqlite3.Connection) -> None:
     """Columns added since a database was created (CREATE IF NOT EXISTS keeps old tables)."""
     columns = {row[1] for row in conn.execute("PRAGMA table_info(changes)")}
     if "actor" not in columns:
-        conn.execute("ALTER TABLE changes ADD COLUMN actor TEXT")
+        try:
+            conn.execute("ALTER TABLE changes ADD COLUMN actor TEXT")
+        except sqlite3.OperationalError as exc:
+            # Workers start together: another one may have added it just now.
+            if "duplicate column" not in str(exc):
+                raise
 
 
 def _connect(path: Path) -> sqlite3.Connection:

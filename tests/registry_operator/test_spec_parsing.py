@@ -323,6 +323,9 @@ def test_selector_operators(
         ({"pullAccess": {"namespaces": ["Not_A_Namespace"]}}, "spec.pullAccess.namespaces"),
         ({"rotation": {"interval": "30d"}}, "spec.rotation.interval"),
         ({"retention": {"keepLast": 0}}, "spec.retention.keepLast"),
+        # Patterns the registry server would refuse (and with them the whole policy file).
+        ({"immutableTags": ["release/*"]}, "spec.immutableTags[]"),
+        ({"retention": {"keepLast": 1, "protect": ["v[0-9]*"]}}, "spec.retention.protect[]"),
         (
             {
                 "pullAccess": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -193,3 +194,29 @@ async def test_persists_across_reopen(tmp_path: Path) -> None:
     second = SqliteIndex(tmp_path / "i.db")
     assert await second.resolve_tag("r", "v1") == D1
     await second.close()
+
+
+async def test_a_database_from_before_the_actor_column_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, repo TEXT NOT NULL,"
+        " op TEXT NOT NULL, tag TEXT, digest TEXT, version INTEGER NOT NULL,"
+        " origin TEXT NOT NULL, created REAL NOT NULL)"
+    )
+    conn.execute(
+        "INSERT INTO changes(repo, op, tag, digest, version, origin, created)"
+        " VALUES ('r', 'tag', 'v1', ?, 1, 'eu', 0)",
+        (D1,),
+    )
+    conn.commit()
+    conn.close()
+    index = SqliteIndex(path, "eu", ["us"])
+    again = SqliteIndex(path, "eu", ["us"])  # a second worker opening it: nothing to add
+    try:
+        await index.put_manifest("r", manifest(D2), ["v2"], actor="ci")
+        # The new peer starts at the end of the log; what came before is anti-entropy's.
+        assert [(c.tag, c.actor) for c in await index.pending_changes("us", 10)] == [("v2", "ci")]
+    finally:
+        await index.close()
+        await again.close()

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from registry_server.config import ConfigError, EndpointConfig, load
-from registry_server.events.notifier import Source, cursor_name, event, wanted
+from registry_server.events.notifier import Source, cursor_name, event, read_headers, wanted
 from registry_server.storage.index import Change, ManifestRecord
 
 SOURCE = Source("host-1:5000", "eu", "https://registry.example.com")
@@ -113,8 +113,27 @@ def test_endpoint_settings(tmp_path: Path) -> None:
             "unique",
         ),
         ({"hooks": []}, "expected a mapping with 'endpoints'"),
+        (
+            {"endpoints": [{"name": "a", "url": "http://x", "headers": {"X": "a\r\nEvil: 1"}}]},
+            "invalid header",
+        ),
+        (
+            {"endpoints": [{"name": "a", "url": "http://x", "headers": {"Bad Name": "v"}}]},
+            "invalid header",
+        ),
     ],
 )
 def test_invalid_endpoint_settings(tmp_path: Path, notifications: Any, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         _load(tmp_path, notifications)
+
+
+def test_headers_from_a_mounted_secret(tmp_path: Path) -> None:
+    mount = tmp_path / "hook"
+    (mount / "..2026_11_27").mkdir(parents=True)  # the kubelet's own entries are skipped
+    (mount / "Authorization").write_text("Bearer t0ken\n")
+    assert read_headers(mount) == {"Authorization": "Bearer t0ken"}
+    assert read_headers(None) == {}
+    (mount / "X-Evil").write_text("a\r\nInjected: yes")
+    with pytest.raises(ValueError, match="invalid header"):
+        read_headers(mount)
