@@ -41,7 +41,14 @@ FAILED = Counter(
 )
 PENDING = Gauge("berth_notifications_pending", "Events not yet delivered", ["endpoint"])
 
-_ACTIONS = {"tag": "push", "manifest": "push", "delete_tag": "delete", "delete_manifest": "delete"}
+_ACTIONS = {
+    "tag": "push",
+    "manifest": "push",
+    "delete_tag": "delete",
+    "delete_manifest": "delete",
+    "expire_tag": "delete",  # retention (actor berth:retention)
+    "expire_manifest": "delete",
+}
 
 
 def cursor_name(endpoint: EndpointConfig) -> str:

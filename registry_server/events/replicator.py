@@ -29,7 +29,7 @@ from registry_server.events.peer_client import PeerClient, PeerError
 from registry_server.protocol import digests, manifests
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.blobstore import BlobStore
-from registry_server.storage.index import Change, ManifestRecord, MetadataIndex
+from registry_server.storage.index import LOCAL_OPS, Change, ManifestRecord, MetadataIndex
 
 log = logging.getLogger("registry_server.replication")
 
@@ -140,6 +140,9 @@ class Replicator:
                     await asyncio.wait_for(peer.wake.wait(), timeout=1.0)
                 continue
             for change in changes:
+                if change.op in LOCAL_OPS:  # retention's removals: each region decides
+                    await self.index.ack_change(peer.config.name, change.seq)
+                    continue
                 delivered = await self._deliver_with_retry(peer, change)
                 await self.index.ack_change(peer.config.name, change.seq)
                 if delivered:

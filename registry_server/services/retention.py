@@ -1,9 +1,10 @@
 """Retention: remove the tags a repository's rules no longer keep, then their manifests.
 
-Runs on the garbage collector's schedule, before it, so the blobs of removed images are
-freed in the same round (after the grace period). Removals are ordinary local deletes:
-logged and replicated. Every region applies the same rules to the same tag versions, so
-they choose the same tags.
+Runs on the garbage collector's schedule, before it; the collector then frees the blobs
+of removed images once the grace period is over. Removals are local decisions, never
+replicated: every region applies its own rules to the same replicated tag versions (so
+with the same rules they choose the same tags), and a removal sent to a peer could also
+delete what was pushed there in the meantime. They are logged for notifications.
 """
 
 from __future__ import annotations
@@ -77,6 +78,5 @@ class RetentionService:
         deleted = 0
         for digest in dict.fromkeys(untagged):
             # Only if nothing holds it any more (another tag, an index listing it).
-            if await self.index.delete_untagged_manifest(repo, digest):
-                deleted += 1
+            deleted += await self.index.delete_untagged_manifest(repo, digest)
         return removed, deleted

@@ -53,7 +53,7 @@ class Change:
     """One entry of the replication log, delivered to every peer in ``seq`` order.
 
     ``op`` is "tag" (tag -> digest), "manifest" (an untagged manifest such as a referrer),
-    "delete_tag" or "delete_manifest".
+    "delete_tag" or "delete_manifest"; or one of LOCAL_OPS.
     """
 
     seq: int
@@ -69,6 +69,9 @@ class Change:
 
 # The actor recorded for what retention removes (account names cannot contain ':').
 RETENTION_ACTOR = "berth:retention"
+# Logged for notifications but never replicated: retention's removals. Each region applies
+# its own rules; a removal sent to a peer would also delete what was pushed there since.
+LOCAL_OPS = frozenset({"expire_tag", "expire_manifest"})
 
 
 class MetadataIndex(Protocol):
@@ -112,10 +115,13 @@ class MetadataIndex(Protocol):
         self, repo: str, tag: str, stamp: Stamp | None = None, actor: str | None = None
     ) -> bool: ...
     async def expire_tag(self, repo: str, tag: str, version: int) -> bool:
-        """Retention: delete ``tag`` (logged for peers) only if it still has ``version``."""
+        """Retention: remove ``tag`` only if it still has ``version``. The tombstone keeps
+        the tag's own version, so a peer still holding that tag does not bring it back
+        and any newer push, anywhere, wins over it. Logged as a LOCAL_OPS entry."""
 
-    async def delete_untagged_manifest(self, repo: str, digest: str) -> bool:
-        """Retention: delete a manifest (logged) only if no tag and no index still hold it."""
+    async def delete_untagged_manifest(self, repo: str, digest: str) -> int:
+        """Retention: delete a manifest no tag and no index hold any more, then each of its
+        child manifests left the same way; returns how many (logged as LOCAL_OPS)."""
 
     async def list_tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
         """Tags in lexical order after ``last``; None when the repository is unknown."""

@@ -326,14 +326,23 @@ class SqliteIndex:
                 (repo, op, tag, digest, stamp.version, stamp.origin, time.time(), actor),
             )
 
-    def _tombstone(self, conn: sqlite3.Connection, repo_id: int, tag: str, stamp: Stamp) -> None:
+    def _tombstone(
+        self,
+        conn: sqlite3.Connection,
+        repo_id: int,
+        tag: str,
+        stamp: Stamp,
+        deleted: float | None = None,
+    ) -> None:
+        # Expiry counts from the change's own time, so every region forgets it together
+        # (retention, a local decision, counts from when it removed the tag).
+        when = versions.physical_ms(stamp.version) / 1000 if deleted is None else deleted
         conn.execute("DELETE FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag))
         conn.execute(
             "INSERT INTO tombstones(repo_id, name, version, origin, deleted) VALUES (?,?,?,?,?)"
             " ON CONFLICT(repo_id, name) DO UPDATE SET version=excluded.version,"
             " origin=excluded.origin, deleted=excluded.deleted",
-            # Expiry counts from the change's own time, so every region forgets it together.
-            (repo_id, tag, stamp.version, stamp.origin, versions.physical_ms(stamp.version) / 1000),
+            (repo_id, tag, stamp.version, stamp.origin, when),
         )
 
     # -- manifests and tags --------------------------------------------------------------
@@ -520,41 +529,57 @@ class SqliteIndex:
             if repo_id is None:
                 return False
             row = conn.execute(
-                "SELECT version FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag)
+                "SELECT version, origin FROM tags WHERE repo_id = ? AND name = ?",
+                (repo_id, tag),
             ).fetchone()
             if row is None or int(row[0]) != version:
                 return False  # pushed again (or deleted) since it was chosen: keep it
-            stamp = self._stamp(conn, None)
-            self._tombstone(conn, repo_id, tag, stamp)
-            self._log(conn, repo, "delete_tag", tag, None, stamp, RETENTION_ACTOR)
+            own = Stamp(int(row[0]), str(row[1]))
+            self._tombstone(conn, repo_id, tag, own, deleted=time.time())
+            self._log(conn, repo, "expire_tag", tag, None, own, RETENTION_ACTOR)
             return True
 
         return await self._write(tx)
 
-    async def delete_untagged_manifest(self, repo: str, digest: str) -> bool:
-        def tx(conn: sqlite3.Connection) -> bool:
+    async def delete_untagged_manifest(self, repo: str, digest: str) -> int:
+        def tx(conn: sqlite3.Connection) -> int:
             repo_id = self._repo_id(conn, repo, create=False)
             if repo_id is None:
-                return False
-            held = conn.execute(
-                "SELECT 1 FROM tags WHERE repo_id = ? AND digest = ?"
-                " UNION ALL SELECT 1 FROM manifest_refs"
-                " WHERE repo_id = ? AND child = ? AND kind = 'manifest' LIMIT 1",
-                (repo_id, digest, repo_id, digest),
-            ).fetchone()
-            if held is not None:
-                return False
-            gone = conn.execute(
-                "DELETE FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest)
-            ).rowcount
-            if not gone:
-                return False
-            conn.execute(
-                "DELETE FROM manifest_refs WHERE repo_id = ? AND digest = ?", (repo_id, digest)
-            )
-            stamp = self._stamp(conn, None)
-            self._log(conn, repo, "delete_manifest", None, digest, stamp, RETENTION_ACTOR)
-            return True
+                return 0
+            deleted = 0
+            pending = [digest]
+            while pending:
+                current = pending.pop()
+                held = conn.execute(
+                    "SELECT 1 FROM tags WHERE repo_id = ? AND digest = ?"
+                    " UNION ALL SELECT 1 FROM manifest_refs"
+                    " WHERE repo_id = ? AND child = ? AND kind = 'manifest' LIMIT 1",
+                    (repo_id, current, repo_id, current),
+                ).fetchone()
+                if held is not None:
+                    continue
+                children = [
+                    str(r[0])
+                    for r in conn.execute(
+                        "SELECT child FROM manifest_refs"
+                        " WHERE repo_id = ? AND digest = ? AND kind = 'manifest'",
+                        (repo_id, current),
+                    )
+                ]
+                gone = conn.execute(
+                    "DELETE FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, current)
+                ).rowcount
+                if not gone:
+                    continue
+                conn.execute(
+                    "DELETE FROM manifest_refs WHERE repo_id = ? AND digest = ?",
+                    (repo_id, current),
+                )
+                stamp = self._stamp(conn, None)
+                self._log(conn, repo, "expire_manifest", None, current, stamp, RETENTION_ACTOR)
+                deleted += 1
+                pending.extend(children)  # an index's platforms go with it
+            return deleted
 
         return await self._write(tx)
 

@@ -113,12 +113,20 @@ async def test_delete_untagged_manifest_spares_what_is_still_held(index: Metadat
     await index.put_manifest("r", manifest(D1), ["a"])
     await index.put_manifest("r", manifest(D2), [])
     await index.put_manifest("r", manifest(D3, children=(D2,)), [])
-    assert not await index.delete_untagged_manifest("r", D1)  # tagged
-    assert not await index.delete_untagged_manifest("r", D2)  # an index lists it
-    assert await index.delete_untagged_manifest("r", D3)
-    assert not await index.delete_untagged_manifest("r", D3)
-    assert await index.delete_untagged_manifest("r", D2)  # its index is gone now
+    assert await index.delete_untagged_manifest("r", D1) == 0  # tagged
+    assert await index.delete_untagged_manifest("r", D2) == 0  # an index lists it
+    # The index goes, and with it its child that nothing else holds.
+    assert await index.delete_untagged_manifest("r", D3) == 2
+    assert await index.delete_untagged_manifest("r", D3) == 0
     assert await index.get_manifest("r", D2) is None
+    assert await index.get_manifest("r", D1) is not None
+
+
+async def test_an_index_child_still_tagged_stays(index: MetadataIndex) -> None:
+    await index.put_manifest("r", manifest(D1), ["amd64"])
+    await index.put_manifest("r", manifest(D2), [])
+    await index.put_manifest("r", manifest(D3, children=(D1, D2)), [])
+    assert await index.delete_untagged_manifest("r", D3) == 2  # D3 and D2; D1 is tagged
     assert await index.get_manifest("r", D1) is not None
 
 

@@ -1,11 +1,14 @@
-"""Retention over a real index: which tags and manifests go, and that removals replicate."""
+"""Retention over a real index: which tags and manifests go, logged for notifications
+only, and never sent to peers in a way that could delete what was pushed there since."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from registry_server.protocol.tag_rules import NO_RULES, Retention, TagRules
+from registry_server.protocol.versions import Stamp
 from registry_server.services.retention import RetentionService
+from registry_server.storage.index import LOCAL_OPS
 from registry_server.storage.sqlite_index import SqliteIndex
 from tests.registry_server.test_metadata_index import D1, D2, D3, manifest
 
@@ -33,10 +36,33 @@ async def test_removes_old_tags_then_their_manifests_and_logs_both(tmp_path: Pat
         assert await index.list_tags("other", None, None) == ["x", "y", "z"]
         assert woken
         logged = [(c.op, c.tag, c.digest) for c in await index.pending_changes("us", 100)]
-        assert sorted(logged[-3:-1]) == [("delete_tag", "mid", None), ("delete_tag", "old", None)]
-        assert logged[-1] == ("delete_manifest", None, D3)
+        assert sorted(logged[-3:-1]) == [("expire_tag", "mid", None), ("expire_tag", "old", None)]
+        assert logged[-1] == ("expire_manifest", None, D3)
         # A second round finds nothing more to do.
         report = await service.run_once()
         assert (report.tags_removed, report.manifests_deleted) == (0, 0)
+    finally:
+        await index.close()
+
+
+async def test_a_retention_tombstone_keeps_the_tags_own_version(tmp_path: Path) -> None:
+    """Another region that pushed the tag again meanwhile wins; the same push replayed by
+    a peer (or by anti-entropy) does not bring the tag back."""
+    index = SqliteIndex(tmp_path / "index.db", "eu", ["us"])
+    try:
+        await index.put_manifest("r", manifest(D1), ["old"])
+        (state,) = await index.tag_states("r")
+        assert await index.expire_tag("r", "old", state.version)
+        (tombstone,) = await index.tag_states("r")
+        assert tombstone.digest is None
+        assert (tombstone.version, tombstone.origin) == (state.version, state.origin)
+        same = Stamp(state.version, state.origin)
+        await index.put_manifest("r", manifest(D1), ["old"], stamp=same)
+        assert await index.resolve_tag("r", "old") is None
+        await index.put_manifest("r", manifest(D2), ["old"], stamp=Stamp(state.version + 1, "us"))
+        assert await index.resolve_tag("r", "old") == D2
+        ops = [c.op for c in await index.pending_changes("us", 10)]
+        assert ops == ["tag", "expire_tag"]  # the replicator skips LOCAL_OPS
+        assert set(ops) - {"tag"} <= LOCAL_OPS
     finally:
         await index.close()
