@@ -50,18 +50,23 @@ class GarbageCollector:
 
     async def run_once(self) -> GcReport:
         now = time.time()
+        await self._recover_trash()
         deleted = freed = 0
         cutoff = now - self.grace_seconds
         for text in await self.index.unreferenced_blobs(cutoff):
             digest = digests.parse(text)
             size = await self.store.size(digest) or 0
+            trashed: list[str] = []
 
-            async def remove(d: digests.Digest = digest) -> None:
-                await self.store.delete(d)
+            async def remove(d: digests.Digest = digest, into: list[str] = trashed) -> None:
+                if (name := await self.store.discard(d)) is not None:
+                    into.append(name)
 
             if await self.index.forget_blob(text, cutoff, remove):
                 deleted += 1
                 freed += size
+            for name in trashed:  # forgotten for good (committed): now the bytes can go
+                await self.store.empty_trash(name)
         orphans = 0
         stored = [str(d) for d in await self.store.stored()]
         recorded = await self.index.recorded_blobs(stored)
@@ -91,3 +96,22 @@ class GarbageCollector:
                 extra={"blobs": deleted, "bytes": freed, "uploads": purged, "orphans": orphans},
             )
         return report
+
+    async def _recover_trash(self) -> None:
+        """Blobs trashed by a round that did not commit (a crash, a failed commit): back
+        into place if the index still records them, else gone."""
+        entries = await self.store.trash()
+        if not entries:
+            return
+        recorded = await self.index.recorded_blobs([str(d) for _, d in entries])
+        for name, digest in entries:
+            if str(digest) in recorded:
+
+                async def put_back(n: str = name, d: digests.Digest = digest) -> None:
+                    if not await self.store.restore(n, d):
+                        await self.store.empty_trash(n)
+
+                await self.index.locked(put_back)
+                log.warning("blob restored from the trash", extra={"digest": str(digest)})
+            else:
+                await self.store.empty_trash(name)

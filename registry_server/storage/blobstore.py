@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -25,6 +26,13 @@ from registry_server.storage.driver import StorageDriver, StorageNotFound, Write
 
 def blob_path(digest: digests.Digest) -> str:
     return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}/data"
+
+
+def _blob_dir(digest: digests.Digest) -> str:
+    return blob_path(digest).rsplit("/", 1)[0]
+
+
+_TRASH = "trash"
 
 
 def _upload_dir(upload_id: str) -> str:
@@ -88,7 +96,40 @@ class BlobStore:
         return self.driver.reader(blob_path(digest), offset, length)
 
     async def delete(self, digest: digests.Digest) -> None:
-        await self.driver.delete(blob_path(digest).rsplit("/", 1)[0])
+        await self.driver.delete(_blob_dir(digest))
+
+    # The collector's two steps: under the index write lock a blob is moved out of sight
+    # (one atomic rename), and only once the index has forgotten it for good (committed)
+    # is it deleted. A crash or a failed commit in between leaves it in the trash, from
+    # where the next round puts it back if the index still records it.
+
+    async def discard(self, digest: digests.Digest) -> str | None:
+        """Move a blob into the trash; its trash name, or None if it had no bytes."""
+        name = f"{digest.algorithm}-{digest.hex}-{secrets.token_hex(4)}"
+        try:
+            await self.driver.move(_blob_dir(digest), f"{_TRASH}/{name}")
+        except StorageNotFound:
+            return None
+        return name
+
+    async def empty_trash(self, name: str) -> None:
+        await self.driver.delete(f"{_TRASH}/{name}")
+
+    async def trash(self) -> list[tuple[str, digests.Digest]]:
+        found = []
+        for name in await self.driver.list(_TRASH):
+            algorithm, _, rest = name.partition("-")
+            text = f"{algorithm}:{rest.rsplit('-', 1)[0]}"
+            if digests.is_digest(text):
+                found.append((name, digests.parse(text)))
+        return found
+
+    async def restore(self, name: str, digest: digests.Digest) -> bool:
+        """Put a trashed blob back (under the index write lock) unless it is there again."""
+        if await self.size(digest) is not None:
+            return False
+        await self.driver.move(f"{_TRASH}/{name}", _blob_dir(digest))
+        return True
 
     async def stored(self) -> list[digests.Digest]:
         """Every blob with bytes in storage (a full walk: for the collector's sweep)."""

@@ -159,6 +159,9 @@ class MetadataIndex(Protocol):
         ``older_than``, calling ``remove`` (delete the file) under the same lock; True when
         removed."""
 
+    async def locked(self, action: Callable[[], Awaitable[None]]) -> None:
+        """Run a storage action under the write lock (no publish or collection meanwhile)."""
+
     async def recorded_blobs(self, digests: Sequence[str]) -> set[str]:
         """Which of ``digests`` the index has a record of."""
 

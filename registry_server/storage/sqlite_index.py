@@ -707,6 +707,12 @@ class SqliteIndex:
 
         return await self._write(tx, after=after)
 
+    async def locked(self, action: Callable[[], Awaitable[None]]) -> None:
+        def nothing(conn: sqlite3.Connection) -> None:
+            return None
+
+        await self._write(nothing, before=action)
+
     async def recorded_blobs(self, digests: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for start in range(0, len(digests), 500):

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from registry_server.protocol import digests
 from registry_server.services.blobs import BlobService
@@ -103,4 +106,37 @@ async def test_a_file_a_crash_left_unrecorded_is_swept(tmp_path: Path) -> None:
     assert report.bytes_freed == len(b"moved into place, never recorded")
     assert await store.size(orphan) is None
     assert await store.size(kept) is not None
+    await index.close()
+
+
+async def test_a_collection_that_does_not_commit_loses_no_bytes(tmp_path: Path) -> None:
+    """The bytes leave only after the index forgot the blob for good: killed (or a failed
+    commit) in between, the next round puts them back."""
+    store = BlobStore(FilesystemDriver(tmp_path))
+    index = SqliteIndex(tmp_path / "index.db")
+    blobs = BlobService(store, index)
+    digest = await _push(blobs, "r", b"still recorded")
+
+    class CommitFails(SqliteIndex):
+        async def forget_blob(self, digest: str, older_than: float, remove: Any = None) -> bool:
+            await remove()  # the file is moved away under the lock ...
+            raise OSError("disk full")  # ... and the transaction rolls back
+
+    failing = CommitFails(tmp_path / "index.db")
+    with pytest.raises(OSError):
+        await GarbageCollector(store, failing, grace_seconds=-1, upload_ttl_seconds=3600).run_once()
+    await failing.close()
+    assert await store.size(digest) is None and len(await store.trash()) == 1
+
+    # The next round: recorded, so put back; then collected properly (it is unreferenced).
+    collector = GarbageCollector(store, index, grace_seconds=3600, upload_ttl_seconds=3600)
+    report = await collector.run_once()
+    assert report.blobs_deleted == 0
+    assert await store.size(digest) == len(b"still recorded")
+    assert await store.trash() == []
+    report = await GarbageCollector(
+        store, index, grace_seconds=-1, upload_ttl_seconds=3600
+    ).run_once()
+    assert report.blobs_deleted == 1
+    assert await store.size(digest) is None and await store.trash() == []
     await index.close()
