@@ -113,27 +113,21 @@ class ManifestService:
         self, repo: str, reference: str, stamp: Stamp | None = None, actor: str | None = None
     ) -> None:
         ref = names.parse_reference(reference)
-        if stamp is None:
-            await self._refuse_immutable_delete(repo, ref)
+        rules = self.tag_rules(repo)
+        local_tag = stamp is None and isinstance(ref, str)
+        # An unknown tag stays MANIFEST_UNKNOWN, immutable or not.
+        if (
+            local_tag
+            and rules.is_immutable(str(ref))
+            and await self.index.resolve_tag(repo, str(ref)) is not None
+        ):
+            raise errors.RegistryError(errors.TAG_IMMUTABLE, detail={"tag": ref})
         if isinstance(ref, digests.Digest):
-            if not await self.index.delete_manifest(repo, str(ref), stamp, actor):
+            # A replicated delete was decided where it was made (see put).
+            guard = rules.is_immutable if stamp is None and rules.immutable else None
+            if not await self.index.delete_manifest(repo, str(ref), stamp, actor, guard):
                 raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"digest": str(ref)})
         elif not await self.index.delete_tag(repo, ref, stamp, actor):
             raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"tag": ref})
         if stamp is None:
             self._on_change()
-
-    async def _refuse_immutable_delete(self, repo: str, ref: str | digests.Digest) -> None:
-        rules = self.tag_rules(repo)
-        if not rules.immutable:
-            return
-        if isinstance(ref, str):
-            # An unknown tag stays MANIFEST_UNKNOWN, immutable or not.
-            if rules.is_immutable(ref) and await self.index.resolve_tag(repo, ref) is not None:
-                raise errors.RegistryError(errors.TAG_IMMUTABLE, detail={"tag": ref})
-            return
-        for state in await self.index.tag_states(repo):
-            if state.digest == str(ref) and rules.is_immutable(state.name):
-                raise errors.RegistryError(
-                    errors.TAG_IMMUTABLE, detail={"tag": state.name, "digest": str(ref)}
-                )

@@ -107,9 +107,17 @@ class MetadataIndex(Protocol):
     ) -> ManifestRecord | None: ...
     async def resolve_tag(self, repo: str, tag: str) -> str | None: ...
     async def delete_manifest(
-        self, repo: str, digest: str, stamp: Stamp | None = None, actor: str | None = None
+        self,
+        repo: str,
+        digest: str,
+        stamp: Stamp | None = None,
+        actor: str | None = None,
+        immutable: Callable[[str], bool] | None = None,
     ) -> bool:
-        """Delete a manifest and tombstone its tags (a replicated delete spares newer tags)."""
+        """Delete a manifest and tombstone its tags (a replicated delete spares newer tags).
+
+        With ``immutable`` (a local delete), fails with TAG_IMMUTABLE if a tag it matches
+        points at the manifest or at an index listing it, decided in the transaction."""
 
     async def delete_tag(
         self, repo: str, tag: str, stamp: Stamp | None = None, actor: str | None = None

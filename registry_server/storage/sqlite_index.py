@@ -456,7 +456,12 @@ class SqliteIndex:
         return str(row[0]) if row else None
 
     async def delete_manifest(
-        self, repo: str, digest: str, stamp: Stamp | None = None, actor: str | None = None
+        self,
+        repo: str,
+        digest: str,
+        stamp: Stamp | None = None,
+        actor: str | None = None,
+        immutable: Callable[[str], bool] | None = None,
     ) -> bool:
         local = stamp is None
 
@@ -464,6 +469,8 @@ class SqliteIndex:
             repo_id = self._repo_id(conn, repo, create=False)
             if repo_id is None:
                 return False
+            if immutable is not None:
+                self._refuse_immutable(conn, repo_id, digest, immutable)
             if (
                 conn.execute(
                     "SELECT 1 FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest)
@@ -495,6 +502,34 @@ class SqliteIndex:
             return True
 
         return await self._write(tx)
+
+    @staticmethod
+    def _refuse_immutable(
+        conn: sqlite3.Connection, repo_id: int, digest: str, immutable: Callable[[str], bool]
+    ) -> None:
+        """The manifest, and every index above it, must carry no immutable tag."""
+        seen: set[str] = set()
+        frontier = [digest]
+        while frontier:
+            current = frontier.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            for (tag,) in conn.execute(
+                "SELECT name FROM tags WHERE repo_id = ? AND digest = ?", (repo_id, current)
+            ):
+                if immutable(str(tag)):
+                    raise errors.RegistryError(
+                        errors.TAG_IMMUTABLE, detail={"tag": str(tag), "digest": current}
+                    )
+            frontier.extend(
+                str(parent)
+                for (parent,) in conn.execute(
+                    "SELECT digest FROM manifest_refs"
+                    " WHERE repo_id = ? AND child = ? AND kind = 'manifest'",
+                    (repo_id, current),
+                )
+            )
 
     async def delete_tag(
         self, repo: str, tag: str, stamp: Stamp | None = None, actor: str | None = None

@@ -97,6 +97,25 @@ async def test_immutable_tags_are_created_but_never_moved(index: MetadataIndex) 
     assert await index.get_manifest("r", D2) is None
 
 
+async def test_an_immutable_tag_guards_its_manifest_and_the_children_of_its_index(
+    index: MetadataIndex,
+) -> None:
+    def guard(tag: str) -> bool:
+        return tag.startswith("v")
+
+    await index.put_manifest("r", manifest(D1), [])
+    await index.put_manifest("r", manifest(D2, children=(D1,)), ["v1"])
+    await index.put_manifest("r", manifest(D3), ["latest"])
+    for digest in (D1, D2):  # the platform manifest, and the index itself
+        with pytest.raises(errors.RegistryError) as caught:
+            await index.delete_manifest("r", digest, immutable=guard)
+        assert caught.value.error is errors.TAG_IMMUTABLE
+        assert caught.value.detail == {"tag": "v1", "digest": D2}
+    assert await index.get_manifest("r", D1) is not None
+    assert await index.delete_manifest("r", D3, immutable=guard)
+    assert await index.delete_manifest("r", D2)  # no guard: a replicated delete
+
+
 async def test_expire_tag_only_at_the_version_seen(index: MetadataIndex) -> None:
     await index.put_manifest("r", manifest(D1), ["a"])
     (seen,) = await index.tag_states("r")
