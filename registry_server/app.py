@@ -50,7 +50,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     store = BlobStore(driver)
     replicator = Replicator(rep, index, store) if rep.peers and worker_id == 0 else None
     notifications = (
-        notifier.Notifier(config.notifications, index, _source(config))
+        notifier.Notifier(config.notifications, index, _source(config, index.instance_id))
         if endpoints and worker_id == 0
         else None
     )
@@ -124,8 +124,9 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     return app
 
 
-def _source(config: Config) -> notifier.Source:
+def _source(config: Config, log_id: str) -> notifier.Source:
     """How events name this instance: its external URL when set, else its address."""
     addr = f"{socket.gethostname()}:{config.http.port}"
     base = config.http.external_url.rstrip("/") or f"http://{addr}"
-    return notifier.Source(addr, config.replication.region or socket.gethostname(), base)
+    region = config.replication.region or socket.gethostname()
+    return notifier.Source(addr, region, base, log_id)

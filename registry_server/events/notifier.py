@@ -63,6 +63,7 @@ class Source:
     addr: str  # host:port
     instance_id: str
     base_url: str  # for the target's url
+    log_id: str = ""  # the index's own id: event ids stay the same when redelivered
 
 
 def event(change: Change, manifest: ManifestRecord | None, source: Source) -> dict[str, Any]:
@@ -79,7 +80,7 @@ def event(change: Change, manifest: ManifestRecord | None, source: Source) -> di
         target["tag"] = change.tag
     moment = datetime.datetime.fromtimestamp(change.created, datetime.UTC)
     return {
-        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"berth:{source.instance_id}:{change.seq}")),
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"berth:{source.log_id}:{change.seq}")),
         "timestamp": moment.isoformat().replace("+00:00", "Z"),
         "action": _ACTIONS[change.op],
         "target": target,

@@ -75,6 +75,10 @@ LOCAL_OPS = frozenset({"expire_tag", "expire_manifest"})
 
 
 class MetadataIndex(Protocol):
+    # Made once per database: with a change's seq it names the change everywhere (a new
+    # database restarts seq, and gets a new id).
+    instance_id: str
+
     async def close(self) -> None: ...
 
     async def ping(self) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import sqlite3
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,6 +106,8 @@ CREATE TABLE IF NOT EXISTS changes (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS peer_cursors (peer TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+-- Facts about this database: its id, made once (names the change log for receivers).
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -138,6 +141,11 @@ class SqliteIndex:
         self._writer = _connect(path)
         self._writer.executescript(_SCHEMA)
         _migrate(self._writer)
+        self._writer.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('instance', ?)", (uuid.uuid4().hex,)
+        )
+        row = self._writer.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
+        self.instance_id = str(row[0])
         # FULL on the writer: a committed tag survives power loss, not just a process kill.
         self._writer.execute("PRAGMA synchronous=FULL")
         for peer in self.peers:

@@ -220,6 +220,7 @@ async def test_persists_across_reopen(tmp_path: Path) -> None:
     await first.close()
     second = SqliteIndex(tmp_path / "i.db")
     assert await second.resolve_tag("r", "v1") == D1
+    assert second.instance_id == first.instance_id != SqliteIndex(tmp_path / "j.db").instance_id
     await second.close()
 
 

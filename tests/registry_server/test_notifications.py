@@ -45,6 +45,9 @@ def test_push_event_carries_the_target_and_who() -> None:
     assert event(_change("tag", "v1", DIGEST), record, SOURCE)["id"] == pushed["id"]
     other = Change(8, "team-a/app", "tag", "v1", DIGEST, 1, "eu", 0.0)
     assert event(other, record, SOURCE)["id"] != pushed["id"]
+    # Another database (whose seq started again) names its changes differently.
+    fresh = Source(SOURCE.addr, SOURCE.instance_id, SOURCE.base_url, log_id="another")
+    assert event(_change("tag", "v1", DIGEST), record, fresh)["id"] != pushed["id"]
 
 
 def test_delete_events() -> None:
