@@ -76,8 +76,7 @@ class ManifestService:
             ),
             tags,
             stamp,
-            # A replicated change was decided where it was made: applying it keeps regions equal.
-            immutable=self._immutable(repo, tags) if stamp is None else (),
+            immutable=self._immutable(repo, tags),
             required_blobs=parsed.required_blobs(),
             required_manifests=list(dict.fromkeys(str(d.digest) for d in parsed.children)),
             actor=actor,

@@ -101,9 +101,11 @@ class MetadataIndex(Protocol):
         Without ``stamp`` this is a local push: it gets the next clock version and is
         logged for every peer in the same transaction. With a ``stamp`` it is a replicated
         change, applied per tag only where it wins (last writer wins) and not logged again.
-        A tag in ``immutable`` that already points elsewhere fails the whole push with
-        TAG_IMMUTABLE, and a required blob not linked into ``repo`` (or child manifest not
-        in it) with MANIFEST_BLOB_UNKNOWN, both decided in the same transaction.
+        A tag in ``immutable`` that already points elsewhere fails a local push with
+        TAG_IMMUTABLE; for a replicated change the earlier of the two pushes stays (every
+        region converges on the first). A required blob not linked into ``repo`` (or child
+        manifest not in it) fails it with MANIFEST_BLOB_UNKNOWN; all decided in the same
+        transaction.
         """
 
     async def get_manifest(

@@ -389,7 +389,7 @@ class SqliteIndex:
                 raise errors.RegistryError(
                     errors.MANIFEST_BLOB_UNKNOWN, detail={"digests": missing[:20]}
                 )
-            for tag in immutable:  # checked in the transaction: two racing pushes, one wins
+            for tag in immutable if local else ():  # in the transaction: of two pushes, one wins
                 row = conn.execute(
                     "SELECT digest FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag)
                 ).fetchone()
@@ -422,7 +422,9 @@ class SqliteIndex:
             version = self._stamp(conn, stamp)
             applied: list[str] = []
             for tag in tags:
-                if not local and not versions.wins(version, self._current(conn, repo_id, tag)):
+                if not local and not self._replicated_wins(
+                    conn, repo_id, tag, manifest.digest, version, tag in immutable
+                ):
                     continue
                 conn.execute(
                     "DELETE FROM tombstones WHERE repo_id = ? AND name = ?", (repo_id, tag)
@@ -510,6 +512,26 @@ class SqliteIndex:
             return True
 
         return await self._write(tx)
+
+    def _replicated_wins(
+        self,
+        conn: sqlite3.Connection,
+        repo_id: int,
+        tag: str,
+        digest: str,
+        incoming: Stamp,
+        immutable: bool,
+    ) -> bool:
+        """Whether a replicated tag change applies: the last writer wins, except that an
+        immutable tag pushed in two regions at once keeps its first push everywhere."""
+        if immutable:
+            row = conn.execute(
+                "SELECT digest, version, origin FROM tags WHERE repo_id = ? AND name = ?",
+                (repo_id, tag),
+            ).fetchone()
+            if row is not None and str(row[0]) != digest:
+                return incoming < Stamp(int(row[1]), str(row[2]))
+        return versions.wins(incoming, self._current(conn, repo_id, tag))
 
     @staticmethod
     def _refuse_immutable(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from registry_server.protocol import errors
+from registry_server.protocol.versions import Stamp
 from registry_server.storage.index import MetadataIndex, NewManifest
 from registry_server.storage.sqlite_index import SqliteIndex
 
@@ -114,6 +115,23 @@ async def test_an_immutable_tag_guards_its_manifest_and_the_children_of_its_inde
     assert await index.get_manifest("r", D1) is not None
     assert await index.delete_manifest("r", D3, immutable=guard)
     assert await index.delete_manifest("r", D2)  # no guard: a replicated delete
+
+
+async def test_an_immutable_tag_pushed_in_two_regions_keeps_the_first_push(
+    index: MetadataIndex,
+) -> None:
+    await index.put_manifest("r", manifest(D1), ["v1"], immutable=["v1"])
+    (mine,) = await index.tag_states("r")
+    later = Stamp(mine.version + 10, "us")
+    earlier = Stamp(mine.version - 10, "us")
+    # A later push elsewhere does not move it here ...
+    assert await index.put_manifest("r", manifest(D2), ["v1"], later, immutable=["v1"]) == []
+    assert await index.resolve_tag("r", "v1") == D1
+    # ... an earlier one does (the other region keeps it too): both end with the first.
+    assert await index.put_manifest("r", manifest(D2), ["v1"], earlier, immutable=["v1"]) == ["v1"]
+    assert await index.resolve_tag("r", "v1") == D2
+    # Without the rule the last writer wins, as for every other tag.
+    assert await index.put_manifest("r", manifest(D3), ["v1"], later) == ["v1"]
 
 
 async def test_expire_tag_only_at_the_version_seen(index: MetadataIndex) -> None:
