@@ -48,7 +48,13 @@ from registry_operator.kube import client as kube_client
 from registry_operator.rendering import names
 from tests.support import podspec_runner, tools
 from tests.support.control_plane import ControlPlane
-from tests.support.processes import ManagedProcess, free_port, http_status, wait_until
+from tests.support.processes import (
+    ManagedProcess,
+    ReservedPort,
+    free_port,
+    http_status,
+    wait_until,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_DIR = REPO_ROOT / "samples"
@@ -184,6 +190,8 @@ class LocalStack:
         self.endpoints_file = workdir / "endpoints.json"
         self.instances: list[Instance] = []
         self.ports: dict[tuple[str, str], int] = {}  # (namespace, registry) -> its port
+        # Each port stays held until its registry process is about to bind it.
+        self._reserved: dict[tuple[str, str], ReservedPort] = {}
         self._reader: kube_client.Client | None = None
 
     # -- start --
@@ -196,9 +204,10 @@ class LocalStack:
         registries = self._sample_registries()
         # Every registry's port is known before anything starts: the operator reaches the
         # servers there (instead of their Service names), and so do peers.
-        self.ports = {
-            (r["metadata"]["namespace"], r["metadata"]["name"]): free_port() for r in registries
+        self._reserved = {
+            (r["metadata"]["namespace"], r["metadata"]["name"]): ReservedPort() for r in registries
         }
+        self.ports = {key: reserved.port for key, reserved in self._reserved.items()}
         overrides = {
             f"{ns}/{name}": f"http://127.0.0.1:{port}" for (ns, name), port in self.ports.items()
         }
@@ -365,7 +374,7 @@ class LocalStack:
             config_maps,
             secrets,
             root,
-            port=self.ports[(namespace, name)],
+            port=self._reserved[(namespace, name)].release(),
             services=self._services(),
         )
         Inputs = tuple[Sequence[podspec_runner.Object], Sequence[podspec_runner.Object]]
@@ -435,6 +444,8 @@ class LocalStack:
 
     def stop(self) -> None:
         """Stop everything that was started, newest first; never raises."""
+        for reserved in self._reserved.values():
+            reserved.release()
         for instance in reversed(self.instances):
             with contextlib.suppress(Exception):
                 instance.pod.stop()

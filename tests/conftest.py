@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support.control_plane import ControlPlane
+from tests.support.operator_process import delete_berth_objects
 
 if TYPE_CHECKING:
     from registry_operator.kube.client import Client as KubeClient
@@ -93,7 +94,11 @@ def overrides(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace for one test, deleted (without waiting) afterwards."""
+    """A fresh namespace for one test, deleted (without waiting) afterwards.
+
+    Its Registries and Repositories are deleted first, and waited for (bounded), so that
+    a running operator processes their finalizers while the namespace is still active.
+    """
     request.node.stash[_USES_CONTROL_PLANE] = control_plane
     stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:48].strip("-")
     name = f"{stem or 't'}-{secrets.token_hex(3)}"
@@ -101,6 +106,7 @@ def namespace(control_plane: ControlPlane, request: pytest.FixtureRequest) -> It
     try:
         yield name
     finally:
+        delete_berth_objects(control_plane, name)
         control_plane.kubectl(
             "delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False
         )

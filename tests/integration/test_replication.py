@@ -17,7 +17,7 @@ import requests
 import yaml
 
 from tests.support.images import make_oci_index_layout, make_oci_layout
-from tests.support.processes import RegistryProcess, free_port
+from tests.support.processes import RegistryProcess, ReservedPort
 from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,7 @@ MANIFEST_ACCEPT = ", ".join(
 @dataclass
 class Mesh:
     start: Callable[..., RegistryProcess]
-    ports: dict[str, int]
+    ports: dict[str, ReservedPort]  # held until the region's server starts
     regions: dict[str, RegistryProcess]
 
     def config(
@@ -46,7 +46,9 @@ class Mesh:
                 "region": region,
                 "anti_entropy_interval_seconds": 2,
                 "retry_max_seconds": 1,
-                "peers": [{"name": p, "url": f"http://127.0.0.1:{self.ports[p]}"} for p in peers]
+                "peers": [
+                    {"name": p, "url": f"http://127.0.0.1:{self.ports[p].port}"} for p in peers
+                ]
                 + (extra_peers or []),
             },
             "log": {"level": "info", "format": "text"},
@@ -55,9 +57,8 @@ class Mesh:
     def launch(
         self, region: str, peers: list[str], extra_peers: list[dict[str, Any]] | None = None
     ) -> RegistryProcess:
-        proc = self.start(
-            "berth", port=self.ports[region], config=self.config(region, peers, extra_peers)
-        )
+        config = self.config(region, peers, extra_peers)
+        proc = self.start("berth", port=self.ports[region].release(), config=config)
         self.regions[region] = proc
         return proc
 
@@ -65,10 +66,14 @@ class Mesh:
 @pytest.fixture
 def mesh(registry_process: Callable[..., RegistryProcess]) -> Iterator[Mesh]:
     names = ["eu", "us", "ap", "sa"]
-    m = Mesh(registry_process, {n: free_port() for n in names}, {})
-    for region in ("eu", "us", "ap"):
-        m.launch(region, [r for r in ("eu", "us", "ap") if r != region])
-    yield m
+    m = Mesh(registry_process, {n: ReservedPort() for n in names}, {})
+    try:
+        for region in ("eu", "us", "ap"):
+            m.launch(region, [r for r in ("eu", "us", "ap") if r != region])
+        yield m
+    finally:
+        for reserved in m.ports.values():
+            reserved.release()
 
 
 def skopeo_push(

@@ -29,8 +29,8 @@ from tests.support import podspec_runner
 from tests.support.clients import skopeo
 from tests.support.control_plane import ControlPlane
 from tests.support.images import make_oci_layout
-from tests.support.operator_process import OperatorProcess
-from tests.support.processes import free_port
+from tests.support.operator_process import OperatorProcess, delete_berth_objects
+from tests.support.processes import ReservedPort
 from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.integration
@@ -65,6 +65,7 @@ def second_namespace(control_plane: ControlPlane) -> Iterator[str]:
     try:
         yield name
     finally:
+        delete_berth_objects(control_plane, name)
         control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
@@ -238,7 +239,10 @@ def test_wired_servers_replicate_and_the_status_shows_per_peer_lag(
     _wire(operator, kube, control_plane, eu_ns, us_ns)
 
     # Both servers from the rendered pods, the Services' names pointing at each other.
-    ports = {"eu": free_port(), "us": free_port()}
+    # Known before the servers start (the operator and the peers are told them); held
+    # until each server is about to bind its own.
+    reserved = {"eu": ReservedPort(), "us": ReservedPort()}
+    ports = {name: r.port for name, r in reserved.items()}
     services = {
         f"http://eu.{eu_ns}.svc:5000": f"http://127.0.0.1:{ports['eu']}",
         f"http://us.{us_ns}.svc:5000": f"http://127.0.0.1:{ports['us']}",
@@ -265,7 +269,11 @@ def test_wired_servers_replicate_and_the_status_shows_per_peer_lag(
             )
             pods.append(
                 podspec_runner.start(
-                    deployment, *inputs, tmp_path / name, port=ports[name], services=services
+                    deployment,
+                    *inputs,
+                    tmp_path / name,
+                    port=reserved[name].release(),
+                    services=services,
                 )
             )
         eu_pod, us_pod = pods
@@ -352,3 +360,5 @@ def test_wired_servers_replicate_and_the_status_shows_per_peer_lag(
     finally:
         for pod in pods:
             pod.stop()
+        for port in reserved.values():
+            port.release()

@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from tests.support import podspec_runner
 from tests.support.clients import skopeo
 from tests.support.control_plane import ControlPlane
 from tests.support.images import make_oci_layout, tagged_digest
-from tests.support.operator_process import OperatorProcess
+from tests.support.operator_process import CleanupWarning, OperatorProcess
 from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.integration
@@ -680,3 +681,12 @@ def test_fan_out_to_namespaces(
             check=False,
             timeout=600,
         )
+        # Hundreds of namespaces terminating in the background would load the control
+        # plane under the modules that follow: wait (bounded) until they are gone.
+        deleting = time.monotonic()
+        left = control_plane.wait_gone("namespaces", "-l", f"{PULL_LABEL}={label}", timeout=300)
+        if left:
+            warnings.warn(
+                f"{len(left)} fan-out namespaces still there after 300s", CleanupWarning, 1
+            )
+        print(f"{2 * count} namespaces deleted: {time.monotonic() - deleting:.1f}s")

@@ -460,6 +460,21 @@ class ControlPlane:
         """Run kubectl with `-o json` and parse its output."""
         return json.loads(self.kubectl(*args, "-o", "json").stdout)
 
+    def wait_gone(self, *get_args: str, timeout: float, interval: float = 0.5) -> list[str]:
+        """Poll `kubectl get <get_args> -o name` until it lists nothing or `timeout`
+        seconds have passed; returns the names still listed (never raises on a slow
+        deletion: the caller decides whether that matters)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                result = self.kubectl("get", *get_args, "-o", "name", timeout=60)
+                left = result.stdout.split()
+            except (subprocess.SubprocessError, OSError) as err:
+                left = [f"(kubectl get failed: {err})"]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(interval)
+
     def api_client(self) -> ApiClient:
         """A `kubernetes.client.ApiClient` for the admin kubeconfig (use it in `with`)."""
         from kubernetes import config  # the client is slow to import; only when used

@@ -41,6 +41,35 @@ def free_port() -> int:
         return port
 
 
+class ReservedPort:
+    """A free loopback port, held until `release()`: for a port that must be known
+    (told to peers, written into configs) well before its server starts.
+
+    A socket stays bound to the port (bound, never listening) until `release()`, which
+    the caller does just before starting the server that binds it. Meanwhile the kernel
+    hands the port to no other bind to port 0 (another `free_port()`, here or in another
+    test run on the machine) nor to an outgoing connection; the number from a bare
+    `free_port()` is free again at once, and bind(0) does hand it out again. `release()`
+    is idempotent; `port` stays valid after it.
+    """
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+
+    def release(self) -> int:
+        """Free the port for the server about to bind it; returns the port."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        return self.port
+
+    def __repr__(self) -> str:
+        state = "released" if self._sock is None else "held"
+        return f"ReservedPort({self.port}, {state})"
+
+
 def tail(path: Path, lines: int = 60) -> str:
     """The last `lines` lines of a log file ('' when it does not exist)."""
     try:
