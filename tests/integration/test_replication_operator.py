@@ -15,7 +15,7 @@ import functools
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from tests.support.clients import skopeo
 from tests.support.control_plane import ControlPlane
 from tests.support.images import make_oci_layout
 from tests.support.operator_process import OperatorProcess, delete_berth_objects
+from tests.support.operator_process import wait_for as _wait
 from tests.support.processes import ReservedPort
 from tests.support.tools import require_tool
 
@@ -67,21 +68,6 @@ def second_namespace(control_plane: ControlPlane) -> Iterator[str]:
     finally:
         delete_berth_objects(control_plane, name)
         control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def _wait(
-    check: Callable[[], Any], operator: OperatorProcess, what: str, timeout: float = 30
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out waiting for {what}\n--- operator log ---\n{operator.log()}"
-            )
-        time.sleep(0.1)
 
 
 def _registry(

@@ -34,6 +34,7 @@ from tests.support.clients import skopeo
 from tests.support.control_plane import ControlPlane
 from tests.support.images import make_oci_layout, tagged_digest
 from tests.support.operator_process import CleanupWarning, OperatorProcess
+from tests.support.operator_process import wait_for as _wait
 from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.integration
@@ -98,21 +99,6 @@ def namespaces(control_plane: ControlPlane) -> Iterator[Callable[..., str]]:
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def _wait(
-    check: Callable[[], Any], operator: OperatorProcess, what: str, timeout: float = 30
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out waiting for {what}\n--- operator log ---\n{operator.log()}"
-            )
-        time.sleep(0.05)
 
 
 def _apply(

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +240,20 @@ class OperatorProcess:
 
     def log(self, lines: int = 80) -> str:
         return self.process.log_tail(lines)
+
+
+def wait_for(
+    check: Callable[[], Any], operator: OperatorProcess, what: str, timeout: float = 30
+) -> Any:
+    """Poll ``check`` until it returns something truthy and return that; on timeout fail
+    with the operator's log, which is what tells why it did not happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"timed out waiting for {what}\n--- operator log ---\n{operator.log()}"
+            )
+        time.sleep(0.05)
