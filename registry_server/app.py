@@ -11,6 +11,7 @@ from aiohttp import web
 from registry_server.auth.model import Authorizer, OpenAccess, TagRuleSource
 from registry_server.config import Config
 from registry_server.events import notifier
+from registry_server.events.background import cancel_all
 from registry_server.events.replicator import Replicator
 from registry_server.http import replication, routes, token
 from registry_server.http.context import SERVICES, Services
@@ -111,8 +112,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
             background.append(asyncio.create_task(collect_forever()))
 
     async def close(_: web.Application) -> None:
-        for task in background:
-            task.cancel()
+        await cancel_all(background)
         if replicator is not None:
             await replicator.stop()
         if notifications is not None:

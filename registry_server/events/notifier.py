@@ -26,6 +26,7 @@ import aiohttp
 from prometheus_client import Counter, Gauge
 
 from registry_server.config import EndpointConfig, NotificationsConfig, check_header
+from registry_server.events.background import cancel_all
 from registry_server.events.peer_client import ssl_context
 from registry_server.storage.index import Change, ManifestRecord, MetadataIndex
 
@@ -130,11 +131,7 @@ class Notifier:
             self._tasks.append(asyncio.create_task(self._loop(endpoint)))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
 
     def wake(self) -> None:
         """A local change was logged: deliver now instead of at the next poll."""

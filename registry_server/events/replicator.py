@@ -25,6 +25,7 @@ import aiohttp
 from prometheus_client import Counter, Gauge
 
 from registry_server.config import PeerConfig, ReplicationConfig
+from registry_server.events.background import cancel_all
 from registry_server.events.peer_client import PeerClient, PeerError
 from registry_server.protocol import digests, manifests
 from registry_server.protocol.versions import Stamp
@@ -101,11 +102,7 @@ class Replicator:
         )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         if self._session is not None:
             await self._session.close()
 
