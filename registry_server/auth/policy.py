@@ -7,6 +7,7 @@ the caller keeps the previous policy when parsing fails.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,10 +95,17 @@ class Policy:
             found.add("pull")
         return frozenset(found)
 
+    @functools.cached_property
+    def _rules_with_tags(self) -> tuple[Rule, ...]:
+        # Asked on every manifest push: only the rules that carry tag rules are matched.
+        return tuple(rule for rule in self.rules if rule.tags != tag_rules.NO_RULES)
+
     def tag_rules(self, repository: str) -> tag_rules.TagRules:
         """Immutable tags and retention for ``repository`` (every matching rule counts)."""
         return tag_rules.combine(
-            rule.tags for rule in self.rules if scopes.matches(rule.repository, repository)
+            rule.tags
+            for rule in self._rules_with_tags
+            if scopes.matches(rule.repository, repository)
         )
 
     def catalog(self, name: str | None) -> bool:
