@@ -185,19 +185,24 @@ def _section(name: str, cls: type, raw: Any) -> Any:
     return cls(**values)
 
 
-_PEER_FIELDS = {f.name: f for f in dataclasses.fields(PeerConfig)}
-
-
-def _peer(index: int, raw: Any) -> PeerConfig:
-    where = f"replication.peers[{index}]"
+def _remote(raw: Any, where: str, cls: type) -> dict[str, Any]:
+    """A peer or webhook entry: a mapping of ``cls``'s keys with a name and an http(s) url."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping")
-    unknown = set(raw) - set(_PEER_FIELDS)
+    unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
     for key in ("name", "url"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise ConfigError(f"{where}.{key} is required")
+    if not raw["url"].startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.url must start with http:// or https://")
+    return raw
+
+
+def _peer(index: int, raw: Any) -> PeerConfig:
+    where = f"replication.peers[{index}]"
+    raw = _remote(raw, where, PeerConfig)
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key in ("password_file", "ca_file"):
@@ -213,8 +218,6 @@ def _peer(index: int, raw: Any) -> PeerConfig:
     peer = PeerConfig(**values)
     if peer.kind not in ("berth", "oci"):
         raise ConfigError(f"{where}.kind must be 'berth' or 'oci', got {peer.kind!r}")
-    if not peer.url.startswith(("http://", "https://")):
-        raise ConfigError(f"{where}.url must start with http:// or https://")
     if peer.concurrency < 1 or peer.chunk_size_mb < 1:
         raise ConfigError(f"{where}: concurrency and chunk_size_mb must be >= 1")
     return peer
@@ -268,17 +271,7 @@ def _strings(value: Any, where: str) -> tuple[str, ...]:
 
 def _endpoint(index: int, raw: Any) -> EndpointConfig:
     where = f"notifications.endpoints[{index}]"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping")
-    known = {f.name for f in dataclasses.fields(EndpointConfig)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-    for key in ("name", "url"):
-        if not isinstance(raw.get(key), str) or not raw[key]:
-            raise ConfigError(f"{where}.{key} is required")
-    if not raw["url"].startswith(("http://", "https://")):
-        raise ConfigError(f"{where}.url must start with http:// or https://")
+    raw = _remote(raw, where, EndpointConfig)
     headers = raw.get("headers") or {}
     if not isinstance(headers, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()

@@ -233,9 +233,7 @@ def _webhooks(raw: Any) -> tuple[Webhook, ...]:
         name = _str(entry.get("name"), f"{where}.name")
         if not _DNS_LABEL.match(name) or len(name) > 40:
             raise InvalidSpec(f"{where}.name", f"{name!r} is not a DNS label of 40 characters")
-        url = _str(entry.get("url"), f"{where}.url")
-        if not url.startswith(("http://", "https://")):
-            raise InvalidSpec(f"{where}.url", "must start with http:// or https://")
+        url = _http_url(entry.get("url"), f"{where}.url")
         secret = entry.get("headersSecretRef")
         ignored = tuple(
             _choice(a, WEBHOOK_ACTIONS, f"{where}.ignoreActions[]")
@@ -290,9 +288,7 @@ def _peers(raw: Any, namespace: str) -> tuple[Peer, ...]:
                 )
             )
             continue
-        url = _str(url, f"{where}.url")
-        if not url.startswith(("http://", "https://")):
-            raise InvalidSpec(f"{where}.url", "must start with http:// or https://")
+        url = _http_url(url, f"{where}.url")
         secret = _mapping(entry.get("credentialsSecretRef"), f"{where}.credentialsSecretRef")
         peers.append(
             Peer(
@@ -305,6 +301,13 @@ def _peers(raw: Any, namespace: str) -> tuple[Peer, ...]:
     if len({p.name for p in peers}) != len(peers):
         raise InvalidSpec("spec.replication.peers", "peer names must be unique")
     return tuple(peers)
+
+
+def _http_url(value: Any, field: str) -> str:
+    url = _str(value, field)
+    if not url.startswith(("http://", "https://")):
+        raise InvalidSpec(field, "must start with http:// or https://")
+    return url
 
 
 def _storage(raw: Mapping[str, Any]) -> Storage:
