@@ -16,6 +16,7 @@ import yaml
 from registry_operator import access, credentials, models, robots
 from registry_operator.rendering import grants
 from registry_server.auth import policy as server_policy
+from registry_server.protocol import tag_rules
 
 OWNER = models.Owner("main", "registries", "reg-uid")
 TARGET = access.Target(OWNER, "main.registries.svc:5000", ("admin", "replicator"))
@@ -373,3 +374,22 @@ def test_dockerconfigjson_is_keyed_by_the_registry_host() -> None:
     assert entry["username"] == "pull.team-a.1"
     assert entry["password"] == "pw"
     assert entry["auth"] == "cHVsbC50ZWFtLWEuMTpwdw=="  # base64 of user:password
+
+
+@pytest.mark.parametrize(
+    "pattern", ["v*", "release-?", "1.2.*", "a_b", "", "release/*", "v[0-9]", "x" * 129, "é"]
+)
+def test_operator_and_server_agree_on_tag_patterns(pattern: str) -> None:
+    """The operator cannot import the server (layers), so it keeps its own copy of the tag
+    pattern grammar: both must accept and refuse the same patterns."""
+    try:
+        tag_rules.validate_pattern(pattern)
+        server_accepts = True
+    except tag_rules.TagPatternError:
+        server_accepts = False
+    try:
+        _repo("api", "team-a/api", immutableTags=[pattern])
+        operator_accepts = True
+    except models.InvalidSpec:
+        operator_accepts = False
+    assert operator_accepts == server_accepts
