@@ -53,9 +53,8 @@ def _bind(cfg: config_mod.Config) -> socket.socket:
 
 
 def _serve(cfg: config_mod.Config, sock: socket.socket, worker_id: int = 0) -> None:
-    from aiohttp import web
-
     from registry_server.app import build_app
+    from registry_server.http import serving
 
     try:
         import uvloop
@@ -63,10 +62,7 @@ def _serve(cfg: config_mod.Config, sock: socket.socket, worker_id: int = 0) -> N
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
-    app = build_app(cfg, worker_id)
-    web.run_app(
-        app, sock=sock, print=None, access_log=None, shutdown_timeout=10, handle_signals=True
-    )
+    serving.run(build_app(cfg, worker_id), sock, shutdown_timeout=10)
 
 
 def _supervise(cfg: config_mod.Config, sock: socket.socket) -> int:

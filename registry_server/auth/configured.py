@@ -88,6 +88,10 @@ def split_authorization(header: str | None) -> tuple[str, str]:
 
 
 def decode_basic(credentials: str) -> tuple[str, str] | None:
+    # Header bytes that were not ASCII reach us as other characters (surrogate escapes for
+    # bytes that are not UTF-8): none can be base64, so they are malformed, not an error.
+    if not credentials.isascii():
+        return None
     try:
         decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
@@ -194,6 +198,7 @@ class ConfiguredAuthorizer:
         if scheme == "bearer":
             return self._authorize_bearer(credentials, client, wanted)
         self._failed(client, "unsupported_scheme")
+        scheme = scheme[:40]
         raise self._unauthorized(wanted, message=f"unsupported authorization scheme {scheme!r}")
 
     async def _authorize_basic(

@@ -183,6 +183,10 @@ class TokenCodec:
             raise TokenInvalid("not yet valid")
 
     def verify(self, token: str, audience: str) -> Claims:
+        # A JWT is ASCII; anything else (header bytes that were not ASCII) cannot be one,
+        # and a surrogate escape would fail to encode inside the JWT library.
+        if not token.isascii():
+            raise TokenInvalid("not a JWT")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:

@@ -13,8 +13,12 @@ from registry_server.protocol import errors
 log = logging.getLogger("registry_server.http")
 
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
-ROUTE_UNKNOWN = errors.ErrorCode("NOT_FOUND", "endpoint not found", 404)
-METHOD_NOT_ALLOWED = errors.ErrorCode("UNSUPPORTED", "method not allowed", 405)
+
+# aiohttp's own refusals (no route, wrong method, a body read past its limit), by status.
+_FRAMEWORK = {
+    404: errors.ROUTE_UNKNOWN,
+    405: errors.METHOD_NOT_ALLOWED,
+}
 
 
 def render(err: errors.RegistryError, head: bool = False) -> web.Response:
@@ -28,16 +32,28 @@ def render(err: errors.RegistryError, head: bool = False) -> web.Response:
     )
 
 
+def from_framework(exc: web.HTTPException) -> errors.RegistryError:
+    """An error aiohttp raised itself, as the catalogue's error for its status."""
+    code = _FRAMEWORK.get(exc.status)
+    if code is None:
+        code = errors.INTERNAL if exc.status >= 500 else errors.REQUEST_MALFORMED
+    allow = exc.headers.get("Allow")
+    return errors.RegistryError(code, headers={"Allow": allow} if allow is not None else {})
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    head = request.method == "HEAD"
     try:
         return await handler(request)
     except errors.RegistryError as err:
         if err.status >= 500:
             log.error("request failed", extra={"path": request.path, "error": str(err)})
-        return render(err, head=request.method == "HEAD")
-    except web.HTTPException:
-        raise
+        return render(err, head=head)
+    except web.HTTPException as exc:
+        if exc.status < 400:  # redirects and the like are answers, not errors
+            raise
+        return render(from_framework(exc), head=head)
     except Exception:
         log.exception("unhandled error", extra={"method": request.method, "path": request.path})
-        return render(errors.RegistryError(errors.INTERNAL), head=request.method == "HEAD")
+        return render(errors.RegistryError(errors.INTERNAL), head=head)

@@ -11,7 +11,7 @@ from aiohttp import web
 from registry_server.auth.model import CATALOG, Access, Principal
 from registry_server.http import blobs, discovery, health, manifests, token, uploads
 from registry_server.http.context import services
-from registry_server.http.errors import API_VERSION_HEADER, METHOD_NOT_ALLOWED, ROUTE_UNKNOWN
+from registry_server.http.errors import API_VERSION_HEADER
 from registry_server.protocol import errors, names
 
 Handler = Callable[[web.Request, "Match"], Awaitable[web.StreamResponse]]
@@ -31,7 +31,10 @@ class Route:
     methods: dict[str, tuple[tuple[str, ...], Handler]]
 
 
-def _r(pattern: str, **methods: tuple[tuple[str, ...], Handler]) -> Route:
+def _r(operation: str, **methods: tuple[tuple[str, ...], Handler]) -> Route:
+    # The name may be empty (or the path start at the operation) so that validation, not
+    # routing, refuses it: NAME_INVALID rather than "no such endpoint".
+    pattern = rf"^(?:(?P<name>.*)/)?{operation}$"
     return Route(re.compile(pattern), {m.upper(): v for m, v in methods.items()})
 
 
@@ -39,33 +42,35 @@ PULL, PUSH, DELETE = ("pull",), ("pull", "push"), ("delete",)
 
 # Greedy names: the last occurrence of an operation segment is the operation.
 ROUTES: tuple[Route, ...] = (
-    _r(r"^(?P<name>.+)/tags/list$", get=(PULL, lambda r, m: discovery.list_tags(r, m.name))),
+    _r(r"tags/list", get=(PULL, lambda r, m: discovery.list_tags(r, m.name))),
     _r(
-        r"^(?P<name>.+)/manifests/(?P<arg>[^/]+)$",
+        r"manifests/(?P<arg>[^/]+)",
         get=(PULL, lambda r, m: manifests.get_manifest(r, m.name, m.arg)),
         head=(PULL, lambda r, m: manifests.get_manifest(r, m.name, m.arg)),
         put=(PUSH, lambda r, m: manifests.put_manifest(r, m.name, m.arg, m.principal)),
         delete=(DELETE, lambda r, m: manifests.delete_manifest(r, m.name, m.arg, m.principal)),
     ),
     _r(
-        r"^(?P<name>.+)/blobs/uploads/?$",
+        r"blobs/uploads/?",
         post=(PUSH, lambda r, m: uploads.start_upload(r, m.name, m.principal)),
     ),
     _r(
-        r"^(?P<name>.+)/blobs/uploads/(?P<arg>[^/]+)$",
+        r"blobs/uploads/(?P<arg>[^/]+)",
         get=(PUSH, lambda r, m: uploads.upload_status(r, m.name, m.arg)),
         patch=(PUSH, lambda r, m: uploads.patch_upload(r, m.name, m.arg)),
         put=(PUSH, lambda r, m: uploads.put_upload(r, m.name, m.arg)),
         delete=(PUSH, lambda r, m: uploads.cancel_upload(r, m.name, m.arg)),
     ),
     _r(
-        r"^(?P<name>.+)/blobs/(?P<arg>[^/]+)$",
+        r"blobs/(?P<arg>[^/]+)",
         get=(PULL, lambda r, m: blobs.get_blob(r, m.name, m.arg)),
         head=(PULL, lambda r, m: blobs.get_blob(r, m.name, m.arg)),
         delete=(DELETE, lambda r, m: blobs.delete_blob(r, m.name, m.arg)),
     ),
+    # Last, and taking any argument: a path no other route serves that names referrers has
+    # a malformed digest (empty, or with a slash), which the handler refuses as such.
     _r(
-        r"^(?P<name>.+)/referrers/(?P<arg>[^/]+)$",
+        r"referrers/(?P<arg>.*)",
         get=(PULL, lambda r, m: discovery.referrers(r, m.name, m.arg)),
     ),
 )
@@ -98,12 +103,12 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         entry = route.methods.get(request.method)
         if entry is None:
             raise errors.RegistryError(
-                METHOD_NOT_ALLOWED,
+                errors.METHOD_NOT_ALLOWED,
                 detail={"method": request.method},
                 headers={"Allow": ", ".join(sorted(route.methods))},
             )
         actions, handler = entry
-        name = names.validate_name(m.group("name"))
+        name = names.validate_name(m.group("name") or "")
         svc = services(request)
         principal = await svc.auth.authorize(
             request.headers.get("Authorization"),
@@ -111,7 +116,7 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
             [Access.repository(name, *actions)],
         )
         return await handler(request, Match(name, m.groupdict().get("arg") or "", principal))
-    raise errors.RegistryError(ROUTE_UNKNOWN, detail={"path": request.path[:300]})
+    raise errors.RegistryError(errors.ROUTE_UNKNOWN, detail={"path": request.path[:300]})
 
 
 def add_routes(app: web.Application) -> None:
@@ -119,7 +124,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("HEAD", "/v2/", base)
     app.router.add_route("GET", "/v2", base)
     app.router.add_route("GET", "/v2/_catalog", catalog)
-    app.router.add_route("*", "/v2/{tail:.+}", dispatch)
+    # Not _catalog: its other methods are the router's 405, with Allow: GET.
+    app.router.add_route("*", "/v2/{tail:(?!_catalog$).+}", dispatch)
     app.router.add_route("GET", "/healthz", health.healthz)
     app.router.add_route("GET", "/readyz", health.readyz)
     app.router.add_route("GET", "/metrics", health.metrics)

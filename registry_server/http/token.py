@@ -22,7 +22,6 @@ from registry_server.auth.model import (
     TokenRequest,
 )
 from registry_server.http.context import SERVICES, Handler, services
-from registry_server.http.errors import ROUTE_UNKNOWN
 from registry_server.protocol import errors
 
 PATH = "/token"
@@ -94,7 +93,7 @@ async def token(request: web.Request) -> web.StreamResponse:
     issuer = services(request).auth
     if not isinstance(issuer, TokenIssuer):
         # No auth configured: there is nothing to hand out tokens for.
-        raise errors.RegistryError(ROUTE_UNKNOWN, detail={"path": request.path})
+        raise errors.RegistryError(errors.ROUTE_UNKNOWN, detail={"path": request.path})
     try:
         wanted = await _from_form(request) if request.method == "POST" else _from_query(request)
         issued = await issuer.issue_token(wanted)

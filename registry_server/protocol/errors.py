@@ -38,10 +38,16 @@ RANGE_INVALID = ErrorCode("BLOB_UPLOAD_INVALID", "invalid content range", 416)
 MANIFEST_TOO_LARGE = ErrorCode("SIZE_INVALID", "manifest exceeds the size limit", 413)
 TAG_INVALID = ErrorCode("MANIFEST_INVALID", "invalid tag", 400)
 TAG_IMMUTABLE = ErrorCode("DENIED", "tag is immutable", 409)
-PAGINATION_INVALID = ErrorCode(
-    "PAGINATION_NUMBER_INVALID", "invalid number of results requested", 400
-)
+# The spec's UNSUPPORTED covers "a missing implementation or invalid set of parameters".
+PAGINATION_INVALID = ErrorCode("UNSUPPORTED", "invalid number of results requested", 400)
+ROUTE_UNKNOWN = ErrorCode("UNSUPPORTED", "endpoint not found", 404)
+METHOD_NOT_ALLOWED = ErrorCode("UNSUPPORTED", "method not allowed", 405)
+# Requests the HTTP parser refuses before any route sees them.
+REQUEST_MALFORMED = ErrorCode("UNSUPPORTED", "malformed HTTP request", 400)
+METHOD_UNKNOWN = ErrorCode("UNSUPPORTED", "unknown HTTP method", 400)
+# 5xx: the server's fault, not the client's; UNKNOWN is the one code outside the spec's list.
 INTERNAL = ErrorCode("UNKNOWN", "unknown error", 500)
+TIMEOUT = ErrorCode("UNKNOWN", "the request timed out", 504)
 
 
 @dataclass

@@ -12,13 +12,11 @@ MAX_PAGE = 10_000
 def parse_n(value: str | None, default: int | None = None) -> int | None:
     if value is None or value == "":
         return default
-    try:
-        n = int(value)
-    except ValueError:
-        raise errors.RegistryError(errors.PAGINATION_INVALID, detail={"n": value[:20]}) from None
-    if n < 0:
+    # ASCII digits only: int() would also take signs, spaces, "_" and other scripts' digits.
+    if not (value.isascii() and value.isdigit()):
         raise errors.RegistryError(errors.PAGINATION_INVALID, detail={"n": value[:20]})
-    return min(n, MAX_PAGE)
+    # Any longer number is past the page limit anyway (and int() refuses thousands of digits).
+    return min(int(value[:9]) if len(value) <= 9 else MAX_PAGE, MAX_PAGE)
 
 
 def link_header(path: str, n: int, last: str, extra: dict[str, str] | None = None) -> str:

@@ -9,6 +9,7 @@ part in the same comparison.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from registry_server.protocol import errors
@@ -47,18 +48,24 @@ VERSION_HEADER = "Berth-Replication-Version"
 ORIGIN_HEADER = "Berth-Replication-Origin"
 
 
+# The index stores versions as signed 64-bit integers.
+MAX_VERSION = (1 << 63) - 1
+# ASCII digits only: int() would also take other scripts' digits, "_" and spaces.
+_VERSION = re.compile(r"[0-9]{1,19}")
+# A region name: visible ASCII, so it stores and prints as sent.
+_ORIGIN = re.compile(r"[!-~]{1,63}")
+
+
 def from_headers(version: str | None, origin: str | None) -> Stamp | None:
     """The stamp a replicating peer sent, None for an ordinary request."""
     if version is None and origin is None:
         return None
-    try:
-        value = int(version or "")
-    except ValueError:
+    if not _VERSION.fullmatch(version or "") or int(version or "") > MAX_VERSION:
         raise errors.RegistryError(
             errors.MANIFEST_INVALID, detail={VERSION_HEADER: (version or "")[:40]}
-        ) from None
-    if value < 0 or not origin or len(origin) > 63:
+        )
+    if not _ORIGIN.fullmatch(origin or ""):
         raise errors.RegistryError(
             errors.MANIFEST_INVALID, detail={ORIGIN_HEADER: (origin or "")[:80]}
         )
-    return Stamp(value, origin)
+    return Stamp(int(version or ""), origin or "")

@@ -1,0 +1,124 @@
+"""Running the application on a listening socket, with the spec's errors at every level.
+
+aiohttp answers requests its HTTP parser refuses (bad characters in the request line, an
+unknown method, a malformed header) itself, in plain text, before any middleware runs.
+The connection handler here renders those, and anything else that escapes the
+middlewares, through ``http.errors`` like every other error. ``run`` is ``web.run_app``
+for one pre-bound socket, with that handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+from aiohttp import http_exceptions, web, web_protocol, web_request, web_server
+
+from registry_server.http.errors import render
+from registry_server.protocol import errors
+
+log = logging.getLogger("registry_server.http")
+
+
+def refusal(status: int, exc: BaseException | None) -> errors.RegistryError:
+    """The catalogue's error for what the connection handler was about to answer."""
+    if isinstance(exc, http_exceptions.BadHttpMethod):
+        return errors.RegistryError(errors.METHOD_UNKNOWN)
+    if isinstance(exc, http_exceptions.HttpProcessingError) and status < 500:
+        return errors.RegistryError(errors.REQUEST_MALFORMED, detail={"reason": exc.message[:200]})
+    if status == 504:
+        return errors.RegistryError(errors.TIMEOUT)
+    return errors.RegistryError(errors.INTERNAL)
+
+
+class _Connection(web_protocol.RequestHandler):
+    def handle_error(
+        self,
+        request: web_request.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # a response is under way: only closing is left
+            return super().handle_error(request, status, exc, message)
+        err = refusal(status, exc)
+        if err.status >= 500:
+            log.error("request failed", exc_info=exc)
+        else:  # any client can send these: one line, no traceback
+            log.info("request refused by the HTTP parser", extra={"reason": str(err.detail)})
+        response = render(err)
+        # The parser's state after a refused request is unknown: no further requests on it.
+        response.force_close()
+        return response
+
+
+class _Server(web_server.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+
+class Runner(web.AppRunner):
+    """An AppRunner whose connections answer every error in the spec's format."""
+
+    async def _make_server(self) -> web_server.Server:
+        plain = await super()._make_server()
+        return _Server(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            loop=asyncio.get_running_loop(),
+            **self._kwargs,
+        )
+
+
+async def start(
+    app: web.Application,
+    sock: socket.socket,
+    *,
+    handle_signals: bool = False,
+    shutdown_timeout: float = 60.0,
+) -> Runner:
+    """Serve ``app`` on ``sock`` until the returned runner is cleaned up."""
+    runner = Runner(
+        app, handle_signals=handle_signals, shutdown_timeout=shutdown_timeout, access_log=None
+    )
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def run(app: web.Application, sock: socket.socket, shutdown_timeout: float) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully (as ``web.run_app``)."""
+
+    async def serve() -> None:
+        runner = await start(app, sock, handle_signals=True, shutdown_timeout=shutdown_timeout)
+        try:
+            await asyncio.Event().wait()  # until a signal raises GracefulExit
+        finally:
+            await runner.cleanup()
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(serve())
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not main.done():  # cancelling it runs the graceful cleanup
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    loop.run_until_complete(main)
+        finally:
+            rest = asyncio.all_tasks(loop)
+            for task in rest:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*rest, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
