@@ -48,8 +48,19 @@ def parse(value: str) -> Digest:
     return Digest(alg, hexpart)
 
 
+def looks_like_digest(reference: str) -> bool:
+    """Whether a manifest reference is meant as a digest (tags have no colon); it may
+    still be malformed, which ``parse`` then says."""
+    return ":" in reference
+
+
 def is_digest(value: str) -> bool:
-    return ":" in value
+    """Whether ``value`` is a valid, supported digest (``parse`` would accept it)."""
+    try:
+        parse(value)
+    except errors.RegistryError:
+        return False
+    return True
 
 
 def of_bytes(data: bytes, algorithm: str = "sha256") -> Digest:

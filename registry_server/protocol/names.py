@@ -35,7 +35,7 @@ def is_valid_tag(tag: str) -> bool:
 
 def parse_reference(reference: str) -> str | digests.Digest:
     """A manifest reference is a tag or a digest."""
-    if digests.is_digest(reference):
+    if digests.looks_like_digest(reference):
         return digests.parse(reference)
     if not _TAG_RE.match(reference):
         raise errors.RegistryError(

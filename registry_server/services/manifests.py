@@ -90,7 +90,7 @@ class ManifestService:
         return [tag for tag in tags if rules.is_immutable(tag)]
 
     async def resolve(self, repo: str, reference: str) -> str:
-        if not digests.is_digest(reference) and not names.is_valid_tag(reference):
+        if not digests.looks_like_digest(reference) and not names.is_valid_tag(reference):
             # No manifest can have this name: for a read that is "unknown", not "bad request".
             raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"tag": reference[:200]})
         ref = names.parse_reference(reference)

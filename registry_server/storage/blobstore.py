@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -33,6 +34,8 @@ def _blob_dir(digest: digests.Digest) -> str:
 
 
 _TRASH = "trash"
+
+log = logging.getLogger("registry_server.storage")
 
 
 def _upload_dir(upload_id: str) -> str:
@@ -62,6 +65,10 @@ class UploadInfo:
     repository: str
     started_at: float
     size: int
+
+
+def _stray(path: str) -> None:
+    log.warning("not a blob store entry, left alone: %s", path[:300])
 
 
 def _valid_upload_id(upload_id: str) -> bool:
@@ -122,6 +129,8 @@ class BlobStore:
             text = f"{algorithm}:{rest.rsplit('-', 1)[0]}"
             if digests.is_digest(text):
                 found.append((name, digests.parse(text)))
+            else:
+                _stray(f"{_TRASH}/{name}")
         return found
 
     async def restore(self, name: str, digest: digests.Digest) -> bool:
@@ -132,14 +141,19 @@ class BlobStore:
         return True
 
     async def stored(self) -> list[digests.Digest]:
-        """Every blob with bytes in storage (a full walk: for the collector's sweep)."""
+        """Every blob with bytes in storage (a full walk: for the collector's sweep).
+
+        Anything else in the tree is logged and left alone: it is not a blob, so neither
+        ours to delete nor a reason to stop the sweep."""
         found = []
         for algorithm in await self.driver.list("blobs"):
             for prefix in await self.driver.list(f"blobs/{algorithm}"):
                 for name in await self.driver.list(f"blobs/{algorithm}/{prefix}"):
                     text = f"{algorithm}:{name}"
-                    if digests.is_digest(text):
+                    if digests.is_digest(text) and name[:2] == prefix:
                         found.append(digests.parse(text))
+                    else:
+                        _stray(f"blobs/{algorithm}/{prefix}/{name}")
         return found
 
     async def put(self, data: bytes) -> digests.Digest:
@@ -312,6 +326,9 @@ class BlobStore:
         stale = []
         unreadable = set()
         for upload_id in await self.driver.list("uploads"):
+            if not _valid_upload_id(upload_id):
+                _stray(f"uploads/{upload_id}")
+                continue
             try:
                 raw = json.loads(await self.driver.get_content(f"uploads/{upload_id}/info"))
                 started = float(raw["started_at"])

@@ -32,6 +32,9 @@ class Writer(Protocol):
 
 
 class StorageDriver(Protocol):
+    """Paths are relative and slash-separated, and name something below the root: an
+    empty, absolute or ``..`` path is refused with ValueError (even by ``delete``)."""
+
     name: str
 
     async def stat(self, path: str) -> int | None:

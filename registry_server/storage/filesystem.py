@@ -85,21 +85,27 @@ class FilesystemDriver:
         self._tmp.mkdir(exist_ok=True)
 
     def _path(self, path: str) -> Path:
-        # Paths come from the blob store layer, never raw from clients; refuse escapes anyway.
-        if path.startswith("/") or ".." in path.split("/"):
+        # Paths come from the blob store layer, never raw from clients; refuse escapes anyway,
+        # and the root itself: a path names something below it (delete("") would take all).
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if path.startswith("/") or ".." in parts or not parts:
             raise ValueError(f"invalid storage path {path!r}")
-        return self.root / path
+        return self.root.joinpath(*parts)
 
-    async def stat(self, path: str) -> int | None:
+    def _stat_sync(self, path: str) -> int | None:
         try:
             return os.stat(self._path(path)).st_size
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
+    async def stat(self, path: str) -> int | None:
+        return await asyncio.to_thread(self._stat_sync, path)
+
     async def get_content(self, path: str) -> bytes:
+        target = self._path(path)
         try:
-            return await asyncio.to_thread(self._path(path).read_bytes)
-        except FileNotFoundError:
+            return await asyncio.to_thread(target.read_bytes)
+        except (FileNotFoundError, NotADirectoryError):
             raise StorageNotFound(path) from None
 
     def _put_sync(self, path: str, data: bytes) -> None:
@@ -122,9 +128,10 @@ class FilesystemDriver:
     async def reader(
         self, path: str, offset: int = 0, length: int | None = None
     ) -> AsyncIterator[bytes]:
+        target = self._path(path)
         try:
-            f = await asyncio.to_thread(open, self._path(path), "rb")
-        except FileNotFoundError:
+            f = await asyncio.to_thread(open, target, "rb")
+        except (FileNotFoundError, NotADirectoryError):
             raise StorageNotFound(path) from None
         try:
             f.seek(offset)
@@ -184,8 +191,11 @@ class FilesystemDriver:
     async def delete(self, path: str) -> None:
         await asyncio.to_thread(self._delete_sync, path)
 
-    async def list(self, prefix: str) -> list[str]:
+    def _list_sync(self, prefix: str) -> list[str]:
         try:
             return sorted(os.listdir(self._path(prefix)))
         except (FileNotFoundError, NotADirectoryError):
             return []
+
+    async def list(self, prefix: str) -> list[str]:
+        return await asyncio.to_thread(self._list_sync, prefix)

@@ -140,3 +140,50 @@ async def test_a_collection_that_does_not_commit_loses_no_bytes(tmp_path: Path) 
     assert report.blobs_deleted == 1
     assert await store.size(digest) is None and await store.trash() == []
     await index.close()
+
+
+async def test_stray_entries_in_the_tree_do_not_stop_collection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever else lies under blobs/, trash/ or uploads/ (a stray file, a copy made by
+    hand) is skipped and logged: every round still sweeps orphans and purges uploads."""
+    driver = FilesystemDriver(tmp_path)
+    store = BlobStore(driver)
+    index = SqliteIndex(tmp_path / "index.db")
+    blobs = BlobService(store, index)
+    garbage = await _push(blobs, "r", b"unreferenced")
+    orphan = digests.of_bytes(b"never recorded")
+    await driver.put_content(blob_path(orphan), b"never recorded")
+    misplaced = digests.of_bytes(b"under the wrong prefix")
+    strays = [
+        "blobs/sha256/ab/not-a-digest/data",
+        "blobs/sha256/ab/" + "A" * 64 + "/data",
+        "blobs/md5/aa/" + "a" * 32 + "/data",
+        f"blobs/sha256/zz/{misplaced.hex}/data",
+        "blobs/sha256/file-not-dir",
+        "blobs/stray-file",
+        "trash/not-a-trash-name",
+        "trash/sha256-zzz-0000",
+        "uploads/stray-file",
+        "uploads/not-an-upload-id/info",
+    ]
+    for path in strays:
+        await driver.put_content(path, b"stray")
+    stale = await store.start_upload("r")
+    await blobs.delete("r", garbage)
+
+    caplog.set_level("WARNING")
+    for _ in range(2):  # twice: an unreadable upload counts as stale only the second time
+        report = await GarbageCollector(
+            store, index, grace_seconds=-1, upload_ttl_seconds=-1
+        ).run_once()
+        if report.orphans_deleted:
+            assert report.blobs_deleted == 1
+    assert await store.size(garbage) is None
+    assert await store.size(orphan) is None
+    assert stale not in await store.stale_uploads(older_than=1e12)
+    for path in strays:  # left alone: not ours to delete
+        assert await driver.stat(path) == len(b"stray"), path
+    assert "not-a-digest" in caplog.text and "not-a-trash-name" in caplog.text
+    assert misplaced.hex in caplog.text and "not-an-upload-id" in caplog.text
+    await index.close()

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,6 +107,59 @@ async def test_list(driver: StorageDriver) -> None:
 async def test_refuses_escaping_paths(driver: StorageDriver, path: str) -> None:
     with pytest.raises(ValueError):
         await driver.put_content(path, b"x")
+
+
+@pytest.mark.parametrize("path", ["", ".", "./", "./.", "a/..", "/", "//"])
+async def test_refuses_the_root(driver: StorageDriver, path: str) -> None:
+    """A path must name something below the root: delete("") would take the whole store."""
+    await driver.put_content("keep/me", b"x")
+    operations: list[Callable[[], Awaitable[object]]] = [
+        lambda: driver.delete(path),
+        lambda: driver.stat(path),
+        lambda: driver.list(path),
+        lambda: driver.put_content(path, b"x"),
+        lambda: driver.get_content(path),
+    ]
+    for operation in operations:
+        with pytest.raises(ValueError):
+            await operation()
+    assert await driver.get_content("keep/me") == b"x"
+
+
+async def test_paths_through_a_file_are_absent(driver: StorageDriver) -> None:
+    await driver.put_content("file", b"x")
+    assert await driver.stat("file/below") is None
+    assert await driver.list("file") == []
+    assert await driver.list("file/below") == []
+    with pytest.raises(StorageNotFound):
+        await driver.get_content("file/below")
+    with pytest.raises(StorageNotFound):
+        await _collect(driver.reader("file/below"))
+
+
+async def test_stat_and_list_leave_the_event_loop_free(
+    driver: StorageDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The collector walks the whole tree with them: a slow disk must not stall requests."""
+    await driver.put_content("d/f", b"x")
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    stat, listdir, scandir = os.stat, os.listdir, os.scandir
+
+    def record(real: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            threads.append(threading.get_ident())
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(os, "stat", record(stat))
+    monkeypatch.setattr(os, "listdir", record(listdir))
+    monkeypatch.setattr(os, "scandir", record(scandir))
+    assert await driver.stat("d/f") == 1
+    assert await driver.list("d") == ["f"]
+    monkeypatch.undo()
+    assert threads and loop_thread not in threads
 
 
 # -- the blob store on top of each driver ------------------------------------------------
