@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -158,6 +160,42 @@ _SECTIONS: dict[str, type] = {
 }
 
 
+def _integer(value: Any, where: str) -> int:
+    """An integer, or its decimal text; never a bool or a float cut short."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]{1,18}", value.strip()):
+        return int(value)
+    raise ConfigError(f"{where}: expected an integer, got {_shown(value)}")
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {_shown(value)}") from None
+    else:
+        raise ConfigError(f"{where}: expected a number, got {_shown(value)}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {_shown(value)}")
+    return number
+
+
+def _flag(value: Any, where: str) -> bool:
+    # bool("false") is True: only YAML's own true/false are taken.
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _section(name: str, cls: type, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping")
@@ -178,10 +216,7 @@ def _section(name: str, cls: type, raw: Any) -> Any:
         elif isinstance(current, bool) or not isinstance(current, int):
             values[key] = value if not isinstance(current, str) else str(value)
         else:
-            try:
-                values[key] = int(value)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{name}.{key}: expected an integer") from None
+            values[key] = _integer(value, f"{name}.{key}")
     return cls(**values)
 
 
@@ -208,11 +243,11 @@ def _peer(index: int, raw: Any) -> PeerConfig:
         if key in ("password_file", "ca_file"):
             values[key] = Path(str(value)) if value else None
         elif key == "tls_verify":
-            values[key] = bool(value)
+            values[key] = _flag(value, f"{where}.{key}")
         elif key in ("concurrency", "chunk_size_mb"):
-            values[key] = int(value)
+            values[key] = _integer(value, f"{where}.{key}")
         elif key == "bandwidth_limit_mbps":
-            values[key] = float(value)
+            values[key] = _number(value, f"{where}.{key}")
         else:
             values[key] = str(value)
     peer = PeerConfig(**values)
@@ -237,16 +272,19 @@ def _replication(raw: Any) -> ReplicationConfig:
     names = [p.name for p in peers]
     if len(set(names)) != len(names):
         raise ConfigError("replication.peers: peer names must be unique")
-    try:
-        return ReplicationConfig(
-            region=str(raw.get("region") or ""),
-            peers=peers,
-            anti_entropy_interval_seconds=float(raw.get("anti_entropy_interval_seconds", 60)),
-            tombstone_ttl_seconds=float(raw.get("tombstone_ttl_seconds", 7 * 24 * 3600)),
-            retry_max_seconds=float(raw.get("retry_max_seconds", 30)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"replication: {exc}") from None
+    defaults = ReplicationConfig()
+
+    def number(key: str) -> float:
+        value = raw.get(key, getattr(defaults, key))
+        return _number(value, f"replication.{key}")
+
+    return ReplicationConfig(
+        region=str(raw.get("region") or ""),
+        peers=peers,
+        anti_entropy_interval_seconds=number("anti_entropy_interval_seconds"),
+        tombstone_ttl_seconds=number("tombstone_ttl_seconds"),
+        retry_max_seconds=number("retry_max_seconds"),
+    )
 
 
 _ACTIONS = ("push", "delete")
@@ -285,24 +323,19 @@ def _endpoint(index: int, raw: Any) -> EndpointConfig:
     ignored = _strings(raw.get("ignore_actions"), f"{where}.ignore_actions")
     if set(ignored) - set(_ACTIONS):
         raise ConfigError(f"{where}.ignore_actions: expected some of {', '.join(_ACTIONS)}")
-    try:
-        endpoint = EndpointConfig(
-            name=raw["name"],
-            url=raw["url"],
-            headers=tuple(sorted(headers.items())),
-            headers_dir=Path(str(raw["headers_dir"])) if raw.get("headers_dir") else None,
-            timeout_seconds=float(raw.get("timeout_seconds", 5.0)),
-            retry_max_seconds=float(raw.get("retry_max_seconds", 60.0)),
-            batch=int(raw.get("batch", 32)),
-            ignore_actions=ignored,
-            ignore_media_types=_strings(
-                raw.get("ignore_media_types"), f"{where}.ignore_media_types"
-            ),
-            ca_file=Path(str(raw["ca_file"])) if raw.get("ca_file") else None,
-            tls_verify=bool(raw.get("tls_verify", True)),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    endpoint = EndpointConfig(
+        name=raw["name"],
+        url=raw["url"],
+        headers=tuple(sorted(headers.items())),
+        headers_dir=Path(str(raw["headers_dir"])) if raw.get("headers_dir") else None,
+        timeout_seconds=_number(raw.get("timeout_seconds", 5.0), f"{where}.timeout_seconds"),
+        retry_max_seconds=_number(raw.get("retry_max_seconds", 60.0), f"{where}.retry_max_seconds"),
+        batch=_integer(raw.get("batch", 32), f"{where}.batch"),
+        ignore_actions=ignored,
+        ignore_media_types=_strings(raw.get("ignore_media_types"), f"{where}.ignore_media_types"),
+        ca_file=Path(str(raw["ca_file"])) if raw.get("ca_file") else None,
+        tls_verify=_flag(raw.get("tls_verify", True), f"{where}.tls_verify"),
+    )
     if endpoint.timeout_seconds <= 0 or endpoint.retry_max_seconds <= 0 or endpoint.batch < 1:
         raise ConfigError(f"{where}: timeouts must be positive and batch at least 1")
     return endpoint
@@ -371,8 +404,19 @@ def _validate(config: Config) -> None:
         raise ConfigError("replication.region is required when peers are configured")
     if config.limits.max_manifest_bytes < 1024:
         raise ConfigError("limits.max_manifest_bytes must be at least 1024")
+    _validate_log(config.log)
     if config.auth is not None:
         _validate_auth(config.auth, config.http.workers)
+
+
+def _validate_log(log: LogConfig) -> None:
+    # Checked here, not when logging is set up: a bad level must not crash the start-up.
+    levels = logging.getLevelNamesMapping()
+    if not isinstance(log.level, str) or log.level.upper() not in levels:
+        names = ", ".join(sorted(n.lower() for n in levels if n != "NOTSET"))
+        raise ConfigError(f"log.level: expected one of {names}, got {_shown(log.level)}")
+    if log.format not in ("json", "text"):
+        raise ConfigError(f"log.format: expected json or text, got {_shown(log.format)}")
 
 
 def _validate_auth(auth: AuthConfig, workers: int) -> None:

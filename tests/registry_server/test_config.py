@@ -1,0 +1,97 @@
+"""Server configuration: every invalid value is a ConfigError that names its key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from registry_server import __main__ as main
+from registry_server import config
+
+PEER = {"name": "us", "url": "http://us.example.com"}
+ENDPOINT = {"name": "audit", "url": "http://hooks.example.com"}
+
+
+def _load(tmp_path: Path, document: dict[str, Any], env: dict[str, str] | None = None) -> Any:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return config.load(path, env=env or {})
+
+
+@pytest.mark.parametrize(
+    ("document", "key"),
+    [
+        ({"peers": [{**PEER, "concurrency": "four"}]}, "replication.peers[0].concurrency"),
+        ({"peers": [{**PEER, "chunk_size_mb": [1]}]}, "replication.peers[0].chunk_size_mb"),
+        ({"peers": [{**PEER, "concurrency": 2.5}]}, "replication.peers[0].concurrency"),
+        (
+            {"peers": [{**PEER, "bandwidth_limit_mbps": "fast"}]},
+            "replication.peers[0].bandwidth_limit_mbps",
+        ),
+        ({"peers": [{**PEER, "tls_verify": "false"}]}, "replication.peers[0].tls_verify"),
+        ({"anti_entropy_interval_seconds": "often"}, "replication.anti_entropy_interval_seconds"),
+        ({"tombstone_ttl_seconds": None}, "replication.tombstone_ttl_seconds"),
+        ({"retry_max_seconds": {}}, "replication.retry_max_seconds"),
+    ],
+)
+def test_bad_numbers_in_replication_name_their_key(
+    tmp_path: Path, document: dict[str, Any], key: str
+) -> None:
+    with pytest.raises(config.ConfigError, match=f"^{re.escape(key)}"):
+        _load(tmp_path, {"replication": {"region": "eu", **document}})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("timeout_seconds", "soon"),
+        ("retry_max_seconds", [1]),
+        ("batch", "many"),
+        ("batch", 1.5),
+        ("tls_verify", "no"),
+    ],
+)
+def test_bad_numbers_in_notifications_name_their_key(
+    tmp_path: Path, field: str, value: Any
+) -> None:
+    with pytest.raises(config.ConfigError, match=rf"^notifications\.endpoints\[0\]\.{field}"):
+        _load(tmp_path, {"notifications": {"endpoints": [{**ENDPOINT, field: value}]}})
+
+
+def test_good_numbers_still_load(tmp_path: Path) -> None:
+    peer = {**PEER, "concurrency": "8", "bandwidth_limit_mbps": 1.5, "tls_verify": False}
+    loaded = _load(tmp_path, {"replication": {"region": "eu", "peers": [peer]}})
+    assert loaded.replication.peers[0].concurrency == 8
+    assert loaded.replication.peers[0].bandwidth_limit_mbps == 1.5
+    assert loaded.replication.peers[0].tls_verify is False
+
+
+@pytest.mark.parametrize("level", ["loud", "", "10", "infos"])
+def test_bad_log_level_is_a_config_error(tmp_path: Path, level: str) -> None:
+    with pytest.raises(config.ConfigError, match=r"^log\.level"):
+        _load(tmp_path, {"log": {"level": level}})
+    with pytest.raises(config.ConfigError, match=r"^log\.level"):
+        _load(tmp_path, {}, env={"BERTH_LOG_LEVEL": level or "x"})
+
+
+def test_bad_log_format_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match=r"^log\.format"):
+        _load(tmp_path, {"log": {"format": "xml"}})
+
+
+@pytest.mark.parametrize("level", ["debug", "INFO", "Warning", "error", "critical"])
+def test_log_levels_in_any_case(tmp_path: Path, level: str) -> None:
+    assert _load(tmp_path, {"log": {"level": level}}).log.level == level
+
+
+def test_start_up_with_a_bad_level_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"log": {"level": "loud"}}))
+    assert main.main(["--config", str(path)]) == 2
+    assert "log.level" in capsys.readouterr().err
