@@ -19,6 +19,7 @@ from tests.support.operator_process import delete_berth_objects
 
 if TYPE_CHECKING:
     from registry_operator.kube.client import Client as KubeClient
+    from tests.support.node import Node
 from tests.support.processes import ProcessStartError, RegistryKind, RegistryProcess
 
 # Processes started for the current test, for the failure report.
@@ -148,3 +149,42 @@ def registry_process(
     finally:
         for process in started:
             process.stop()
+
+
+class NodeCluster:
+    """A control plane with one real node (tests/support/node.py): pods really run."""
+
+    def __init__(self, plane: ControlPlane, node: Node) -> None:
+        self.plane = plane
+        self.node = node
+
+
+@pytest.fixture(scope="session")
+def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
+    """A second control plane, made for a node, with the node attached (Node Ready,
+    cluster DNS, a default StorageClass). Session-scoped and one per machine; teardown
+    fails the session if it leaves processes, mounts, rules, links or cgroups behind."""
+    from tests.support import node as node_support
+
+    reason = node_support.unavailable_reason()
+    if reason:
+        node_support.skip_or_fail(reason)
+    workdir = tmp_path_factory.mktemp("node-cluster")
+    node_support.prepare_host()
+    plane = ControlPlane(workdir / "control-plane", node_ip=node_support.NODE_IP)
+    node = node_support.Node(plane, workdir / "node")
+    try:
+        try:
+            plane.start()
+            node.start()
+        except Exception as err:
+            logs = "\n".join(str(p.log_path) for p in [*plane.processes, *node.processes])
+            pytest.fail(f"the test node did not start: {err}\nlogs:\n{logs}", pytrace=False)
+        yield NodeCluster(plane, node)
+    finally:
+        node.stop()
+        plane.stop()
+        node_support.clean_host()
+        left = node_support.leftovers()
+        if left:
+            pytest.fail(f"the test node left things behind: {left}", pytrace=False)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian test tools when missing: skopeo, docker-registry (CNCF
 # distribution 2.8, /usr/bin/docker-registry), nginx (benchmarks), containerd, and
-# lua5.4 (runs the Argo CD health check documented in docs/gitops.md).
+# lua5.4 (runs the Argo CD health check documented in docs/gitops.md), and what the
+# test node needs (runc, CNI plugins, iptables, conntrack, busybox-static).
 # Nothing is fetched when they are all present. Package installs must not leave
 # daemons running on fixed ports (docker-registry :5000, nginx :80): tests start
 # their own instances on free ports, so service starts are denied while apt runs.
@@ -19,9 +20,16 @@ installed nginx-light || installed nginx || installed nginx-full || missing+=(ng
 installed containerd || installed containerd.io || command -v containerd >/dev/null ||
     missing+=(containerd)
 installed lua5.4 || missing+=(lua5.4)
+# The test node (tests/support/node.py): containerd's runtime, pod networking with
+# kube-proxy's iptables rules, and busybox for the images the node's pods run.
+installed runc || missing+=(runc)
+installed containernetworking-plugins || missing+=(containernetworking-plugins)
+installed iptables || missing+=(iptables)
+installed conntrack || missing+=(conntrack)
+installed busybox-static || missing+=(busybox-static)
 
 if ((${#missing[@]} == 0)); then
-    printf '%-12s %-44s cached  %ss\n' apt "skopeo docker-registry nginx containerd lua" \
+    printf '%-12s %-44s cached  %ss\n' apt "skopeo docker-registry nginx containerd lua node" \
         "$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
     exit 0
 fi

@@ -113,6 +113,19 @@ build_kubernetes() {
         k8s.io/kubernetes/cmd/kube-controller-manager \
         k8s.io/kubernetes/cmd/kubectl
 }
+# The node: a kubelet, scheduler and proxy of the same version as the control plane.
+build_kubernetes_node() {
+    "$go" build -trimpath -ldflags="$(kube_ldflags)" -o "$out/" \
+        k8s.io/kubernetes/cmd/kubelet \
+        k8s.io/kubernetes/cmd/kube-scheduler \
+        k8s.io/kubernetes/cmd/kube-proxy
+}
+build_pause() {
+    "$go" build -trimpath -ldflags="$ldflags" -o "$out/pause" .
+}
+build_coredns() {
+    "$go" build -trimpath -ldflags="$ldflags" -o "$out/coredns" .
+}
 build_etcd() {
     "$go" build -trimpath -ldflags="$ldflags" -o "$out/etcd" .
 }
@@ -145,6 +158,7 @@ if ! grep -q "k8s.io/api => k8s.io/api $KUBERNETES_STAGING_VERSION\$" \
         "with $KUBERNETES_STAGING_VERSION (tools/versions.env)" >&2
     exit 1
 fi
+check_pin coredns github.com/coredns/coredns "$COREDNS_VERSION"
 check_pin etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 check_pin crane github.com/google/go-containerregistry "$CRANE_VERSION"
 check_pin oras oras.land/oras "$ORAS_VERSION"
@@ -165,6 +179,10 @@ build_tool conformance-v1.1 "$CONFORMANCE_V11_VERSION" conformance-v1.1 conforma
 build_tool helm "$HELM_VERSION" helm helm -- build_helm
 build_tool kubernetes "$KUBERNETES_VERSION" kubernetes \
     kube-apiserver kube-controller-manager kubectl -- build_kubernetes
+build_tool kubernetes-node "$KUBERNETES_VERSION" kubernetes \
+    kubelet kube-scheduler kube-proxy -- build_kubernetes_node
+build_tool coredns "$COREDNS_VERSION" coredns coredns -- build_coredns
+build_tool pause "$PAUSE_VERSION" pause pause -- build_pause
 echo "go tools: $(elapsed "$total")s"
 
 bash "$here/apt.sh"

@@ -6,6 +6,11 @@ client certificates; the admin kubeconfig authenticates as a member of
 system:masters. There is no kubelet and no scheduler: objects are stored and the
 controllers that need no node (garbage collector, namespaces, service accounts,
 deployments, replica sets) act on them, but pods never run.
+
+With `node_ip` the control plane is made for a real node (tests/support/node.py): the
+API server listens on that address (pods reach it through the `kubernetes` Service),
+publishes it as its endpoint, admits service accounts, and the controllers that nodes
+need (endpoints, daemon sets, volume binding, ...) run too.
 """
 
 from __future__ import annotations
@@ -36,9 +41,12 @@ from .tools import REPO_ROOT, require_tool
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
-SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
+# Service addresses are virtual; with a node, kube-proxy translates them. The range is
+# one that tests/support/node.py blackholes on the host, so a packet to a Service that
+# has no rule yet is dropped instead of leaving the machine.
+SERVICE_CLUSTER_IP_RANGE = "198.18.128.0/24"
 # The first address of the range: the `kubernetes` Service in `default`.
-KUBERNETES_SERVICE_IP = "10.0.0.1"
+KUBERNETES_SERVICE_IP = "198.18.128.1"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 CRD_DIR = REPO_ROOT / "crds"
 
@@ -52,6 +60,24 @@ DEFAULT_CONTROLLERS = (
     "root-ca-certificate-publisher-controller",
     "deployment-controller",
     "replicaset-controller",
+)
+# What a cluster with a node needs on top: Service endpoints for kube-proxy, daemon sets,
+# PVC binding (the node fixture provisions the volumes), pod garbage collection.
+NODE_CONTROLLERS = (
+    *DEFAULT_CONTROLLERS,
+    "endpoints-controller",
+    "endpointslice-controller",
+    "endpointslice-mirroring-controller",
+    "daemonset-controller",
+    "statefulset-controller",
+    "job-controller",
+    "persistentvolume-binder-controller",
+    "persistentvolume-protection-controller",
+    "persistentvolumeclaim-protection-controller",
+    "pod-garbage-collector-controller",
+    # Lifts the not-ready taint the kubelet registers its node with.
+    "node-lifecycle-controller",
+    "disruption-controller",
 )
 
 
@@ -218,10 +244,15 @@ class ControlPlane:
         self,
         workdir: Path,
         *,
-        controllers: Iterable[str] = DEFAULT_CONTROLLERS,
+        controllers: Iterable[str] | None = None,
         ready_timeout: float = 120.0,
+        node_ip: str | None = None,
     ) -> None:
         self.workdir = workdir
+        self.node_ip = node_ip
+        self.address = node_ip or "127.0.0.1"
+        if controllers is None:
+            controllers = NODE_CONTROLLERS if node_ip else DEFAULT_CONTROLLERS
         self.controllers = tuple(controllers)
         self.ready_timeout = ready_timeout
         self.pki = workdir / "pki"
@@ -233,10 +264,18 @@ class ControlPlane:
         self.kubectl_path = Path("kubectl")
         self.startup_seconds = 0.0
         self._pki: Pki | None = None
+        self._ca: CertificateAuthority | None = None
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
+        return f"https://{self.address}:{self.api_port}"
+
+    @property
+    def ca(self) -> CertificateAuthority:
+        """The cluster CA, to issue node components their certificates."""
+        if self._ca is None:
+            raise RuntimeError("the control plane has not been started")
+        return self._ca
 
     @property
     def ca_cert(self) -> Path:
@@ -271,7 +310,7 @@ class ControlPlane:
         return self
 
     def _write_pki(self) -> Pki:
-        ca = CertificateAuthority(self.pki)
+        ca = self._ca = CertificateAuthority(self.pki)
         serving = ca.issue(
             "apiserver",
             "kube-apiserver",
@@ -282,7 +321,7 @@ class ControlPlane:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ],
-            server_ips=["127.0.0.1", KUBERNETES_SERVICE_IP],
+            server_ips=sorted({"127.0.0.1", self.address, KUBERNETES_SERVICE_IP}),
         )
         admin = ca.issue("admin", "berth-test-admin", organizations=["system:masters"], client=True)
         # Throwaway cluster: the controller manager gets full rights too, which is
@@ -335,13 +374,28 @@ class ControlPlane:
     def _start_apiserver(self, apiserver: Path) -> None:
         pki = self.certs
         self.api_port = free_port()
+        if self.node_ip:
+            # Pods reach the API server through the `kubernetes` Service, whose endpoint
+            # the API server keeps itself; they need service account tokens; `kubectl
+            # logs/exec` reach the kubelet by its address with the admin certificate.
+            node_flags = [
+                f"--kubelet-client-certificate={pki.admin.cert}",
+                f"--kubelet-client-key={pki.admin.key}",
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
+            ]
+        else:
+            node_flags = [
+                # Like envtest: pods need no existing service account to be created.
+                "--disable-admission-plugins=ServiceAccount",
+                "--endpoint-reconciler-type=none",
+            ]
         process = ManagedProcess(
             "kube-apiserver",
             [
                 apiserver,
                 f"--etcd-servers={self.etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--secure-port={self.api_port}",
                 f"--cert-dir={self.pki}",
                 f"--tls-cert-file={pki.apiserver.cert}",
@@ -353,9 +407,7 @@ class ControlPlane:
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 "--authorization-mode=RBAC",
                 "--allow-privileged=true",
-                # Like envtest: pods need no existing service account to be created.
-                "--disable-admission-plugins=ServiceAccount",
-                "--endpoint-reconciler-type=none",
+                *node_flags,
             ],
             self.logs / "kube-apiserver.log",
         )

@@ -36,6 +36,12 @@ GO_TOOLS: dict[str, GoTool] = {
     "kube-apiserver": GoTool("kubernetes", "KUBERNETES_VERSION"),
     "kube-controller-manager": GoTool("kubernetes", "KUBERNETES_VERSION"),
     "kubectl": GoTool("kubernetes", "KUBERNETES_VERSION"),
+    # The test node (tests/support/node.py), from the same wrapper module.
+    "kubelet": GoTool("kubernetes-node", "KUBERNETES_VERSION"),
+    "kube-scheduler": GoTool("kubernetes-node", "KUBERNETES_VERSION"),
+    "kube-proxy": GoTool("kubernetes-node", "KUBERNETES_VERSION"),
+    "coredns": GoTool("coredns", "COREDNS_VERSION"),
+    "pause": GoTool("pause", "PAUSE_VERSION"),
     "etcd": GoTool("etcd", "ETCD_VERSION"),
     "crane": GoTool("crane", "CRANE_VERSION"),
     "oras": GoTool("oras", "ORAS_VERSION"),
@@ -55,6 +61,12 @@ DEBIAN_TOOLS: dict[str, str] = {
     "nginx": "nginx-light",
     "containerd": "containerd",
     "ctr": "containerd",
+    "runc": "runc",
+    "iptables": "iptables",
+    "iptables-save": "iptables",
+    "iptables-restore": "iptables",
+    "conntrack": "conntrack",
+    "busybox": "busybox-static",
 }
 
 
