@@ -27,9 +27,10 @@ from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.sqlite_index import SqliteIndex
 
-# Large blobs arrive as streams; this bounds only bodies read whole (manifests have their own
-# limit), so it is set high enough never to cut a blob upload.
-_CLIENT_MAX_SIZE = 1 << 62
+# aiohttp's own bound on request.read()/json()/post(). Nothing reads a body that way (blobs
+# stream; manifests, forms and replication messages go through http.body.read_limited with
+# limits of their own), so this is only a net, and it never applies to streamed bodies.
+_CLIENT_MAX_SIZE = 1 << 20
 
 
 def build_authorizer(config: Config) -> Authorizer:

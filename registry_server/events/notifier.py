@@ -26,6 +26,7 @@ import aiohttp
 from prometheus_client import Counter, Gauge
 
 from registry_server.config import EndpointConfig, NotificationsConfig, check_header
+from registry_server.events import replies
 from registry_server.events.background import cancel_all
 from registry_server.events.peer_client import ssl_context
 from registry_server.storage.index import Change, ManifestRecord, MetadataIndex
@@ -200,7 +201,7 @@ class Notifier:
                 async with session.post(
                     endpoint.url, data=body, headers=headers, ssl=tls, allow_redirects=False
                 ) as response:
-                    await response.read()
+                    await replies.read(response)  # nothing in it is used: a bounded drain
                     # Like distribution: any 2xx or 3xx is taken as delivered.
                     if not 200 <= response.status < 400:
                         raise DeliveryError(f"HTTP {response.status}")

@@ -19,10 +19,13 @@ from urllib.parse import urlencode, urljoin
 import aiohttp
 
 from registry_server.config import PeerConfig
+from registry_server.events import replies
 from registry_server.protocol import versions
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 _READ_CHUNK = 1 << 20
+# Anti-entropy replies list a repository's tags (a few hundred bytes each) and referrers.
+MAX_JSON_REPLY = 64 << 20
 
 
 class PeerError(Exception):
@@ -96,9 +99,15 @@ class PeerClient:
         async with self.session.get(
             f"{realm}?{urlencode(query)}", auth=self._basic(), ssl=self._ssl
         ) as resp:
+            content, cut = await replies.read(resp)
             if resp.status != 200:
-                raise _classify(resp.status, "token request", await resp.text())
-            payload = await resp.json()
+                raise _classify(resp.status, "token request", content.decode(errors="replace"))
+        try:
+            payload = json.loads(content) if not cut else None
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            raise PeerError("token response is not a JSON object", 401)
         token = payload.get("token") or payload.get("access_token")
         if not token:
             raise PeerError("token response without a token", 401)
@@ -115,11 +124,15 @@ class PeerClient:
         data_factory: Any = None,
         expect: tuple[int, ...] = (200,),
         what: str = "",
+        whole_reply: int | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         """One request with auth handled; returns (status, headers, body).
 
         ``data_factory`` rebuilds a streamed body for the retry after an auth challenge.
+        The reply's body is wanted whole only with ``whole_reply`` (its limit: a larger
+        one is an error); otherwise no more of it than an error message quotes is read.
         """
+        limit = whole_reply if whole_reply is not None else replies.SMALL
         url = path if path.startswith("http") else f"{self.base}{path}"
         for attempt in range(2):
             hdrs = dict(headers or {})
@@ -139,7 +152,7 @@ class PeerClient:
                     ssl=self._ssl,
                     allow_redirects=method in ("GET", "HEAD"),
                 ) as resp:
-                    content = await resp.read()
+                    content, cut = await replies.read(resp, limit)
                     if resp.status == 401 and attempt == 0:
                         challenge = resp.headers.get("WWW-Authenticate", "")
                         if challenge.lower().startswith("bearer"):
@@ -150,6 +163,12 @@ class PeerClient:
                             resp.status,
                             what or f"{method} {path}",
                             content.decode(errors="replace"),
+                        )
+                    if cut and whole_reply is not None:
+                        raise PeerError(
+                            f"{what or method + ' ' + path}: reply larger than {limit} bytes",
+                            resp.status,
+                            retryable=False,
                         )
                     return resp.status, dict(resp.headers), content
             except aiohttp.ClientError as exc:
@@ -340,6 +359,7 @@ class PeerClient:
             data=json.dumps(payload).encode() if payload is not None else None,
             expect=(200,),
             what=f"{method} {path}",
+            whole_reply=MAX_JSON_REPLY,
         )
         return json.loads(body)
 

@@ -58,20 +58,20 @@ async def stream(request: web.Request, expected: int | None = None) -> AsyncIter
         )
 
 
-async def read_limited(request: web.Request, limit: int) -> bytes:
-    """A small body (a manifest) read whole, refusing more than ``limit`` bytes early."""
+async def read_limited(
+    request: web.Request, limit: int, too_large: errors.ErrorCode = errors.MANIFEST_TOO_LARGE
+) -> bytes:
+    """A small body (a manifest, a form, a replication message) read whole, refusing more
+    than ``limit`` bytes before reading any when the length is declared, else as soon as
+    the limit is passed. Every body read into memory goes through here."""
     declared = content_length(request)
     if declared is not None and declared > limit:
-        raise errors.RegistryError(
-            errors.MANIFEST_TOO_LARGE, detail={"size": declared, "limit": limit}
-        )
+        raise errors.RegistryError(too_large, detail={"size": declared, "limit": limit})
     parts: list[bytes] = []
     total = 0
     async for chunk in stream(request):
         total += len(chunk)
         if total > limit:
-            raise errors.RegistryError(
-                errors.MANIFEST_TOO_LARGE, detail={"size": total, "limit": limit}
-            )
+            raise errors.RegistryError(too_large, detail={"size": total, "limit": limit})
         parts.append(chunk)
     return b"".join(parts)

@@ -18,6 +18,7 @@ API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 _FRAMEWORK = {
     404: errors.ROUTE_UNKNOWN,
     405: errors.METHOD_NOT_ALLOWED,
+    413: errors.BODY_TOO_LARGE,
 }
 
 

@@ -11,6 +11,8 @@ from registry_server.http.context import Handler, services
 
 REQUESTS = Counter("berth_http_requests_total", "HTTP requests served", ["method", "status"])
 LATENCY = Histogram("berth_http_request_seconds", "HTTP request latency", ["method"])
+# Label values come from this set only: a client inventing methods must not grow the series.
+_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
 
 
 @web.middleware
@@ -25,8 +27,9 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         raise
     finally:
-        REQUESTS.labels(request.method, str(status)).inc()
-        LATENCY.labels(request.method).observe(time.perf_counter() - start)
+        method = request.method if request.method in _METHODS else "other"
+        REQUESTS.labels(method, str(status)).inc()
+        LATENCY.labels(method).observe(time.perf_counter() - start)
 
 
 async def healthz(request: web.Request) -> web.Response:

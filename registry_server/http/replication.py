@@ -7,11 +7,14 @@ import json
 from aiohttp import web
 
 from registry_server.auth.model import REPLICATION
+from registry_server.http import body
 from registry_server.http.context import services
 from registry_server.http.errors import API_VERSION_HEADER
 from registry_server.protocol import errors, names
 
 _MAX_HASH_QUERY = 1000
+# A query of _MAX_HASH_QUERY names of at most 255 characters, with room to spare.
+MAX_MESSAGE_BYTES = 1 << 20
 
 
 async def _authorize(request: web.Request) -> None:
@@ -39,15 +42,16 @@ async def status(request: web.Request) -> web.Response:
 async def hashes(request: web.Request) -> web.Response:
     """Hashes of the requested repositories' tag states (None where unknown)."""
     await _authorize(request)
+    raw = await body.read_limited(request, MAX_MESSAGE_BYTES, errors.BODY_TOO_LARGE)
     try:
-        payload = await request.json()
+        payload = json.loads(raw)
         wanted = payload["repositories"]
         if not isinstance(wanted, list) or len(wanted) > _MAX_HASH_QUERY:
             raise ValueError
         wanted = [names.validate_name(str(n)) for n in wanted]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise errors.RegistryError(
-            errors.UNSUPPORTED, detail={"reason": "expected {repositories: [name, ...]}"}
+            errors.BODY_INVALID, detail={"reason": "expected {repositories: [name, ...]}"}
         ) from None
     index = services(request).index
     found: dict[str, str] = {}

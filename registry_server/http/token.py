@@ -21,6 +21,7 @@ from registry_server.auth.model import (
     TokenIssuer,
     TokenRequest,
 )
+from registry_server.http import body
 from registry_server.http.context import SERVICES, Handler, services
 from registry_server.protocol import errors
 
@@ -49,16 +50,16 @@ def _client(request: web.Request) -> str:
 
 
 async def _from_form(request: web.Request) -> TokenRequest:
-    if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
-        raise TokenError(413, "invalid_request", "request body too large")
-    body = await request.content.read(MAX_FORM_BYTES + 1)
-    if len(body) > MAX_FORM_BYTES:
-        raise TokenError(413, "invalid_request", "request body too large")
-    content_type = request.content_type
-    if content_type != "application/x-www-form-urlencoded":
+    if request.content_type != "application/x-www-form-urlencoded":
         raise TokenError(400, "invalid_request", "expected application/x-www-form-urlencoded")
     try:
-        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+        raw = await body.read_limited(request, MAX_FORM_BYTES, errors.BODY_TOO_LARGE)
+    except errors.RegistryError as err:
+        if err.status == 413:
+            raise TokenError(413, "invalid_request", "request body too large") from None
+        raise TokenError(400, "invalid_request", "the request body was cut short") from None
+    try:
+        form = parse_qs(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
     except UnicodeDecodeError:
         raise TokenError(400, "invalid_request", "the form is not UTF-8") from None
 
@@ -98,8 +99,8 @@ async def token(request: web.Request) -> web.StreamResponse:
         wanted = await _from_form(request) if request.method == "POST" else _from_query(request)
         issued = await issuer.issue_token(wanted)
     except TokenError as err:
-        body = {"error": err.error, "error_description": err.description}
-        return web.json_response(body, status=err.status, headers={**_NO_STORE, **err.headers})
+        refusal = {"error": err.error, "error_description": err.description}
+        return web.json_response(refusal, status=err.status, headers={**_NO_STORE, **err.headers})
     answer: dict[str, object] = {
         "access_token": issued.token,
         "expires_in": issued.expires_in,

@@ -36,10 +36,12 @@ TOO_MANY_REQUESTS = ErrorCode("TOOMANYREQUESTS", "too many requests", 429)
 # Not in the spec's list but needed for correct statuses; codes stay within the catalogue above.
 RANGE_INVALID = ErrorCode("BLOB_UPLOAD_INVALID", "invalid content range", 416)
 MANIFEST_TOO_LARGE = ErrorCode("SIZE_INVALID", "manifest exceeds the size limit", 413)
+BODY_TOO_LARGE = ErrorCode("SIZE_INVALID", "request body exceeds the size limit", 413)
 TAG_INVALID = ErrorCode("MANIFEST_INVALID", "invalid tag", 400)
 TAG_IMMUTABLE = ErrorCode("DENIED", "tag is immutable", 409)
 # The spec's UNSUPPORTED covers "a missing implementation or invalid set of parameters".
 PAGINATION_INVALID = ErrorCode("UNSUPPORTED", "invalid number of results requested", 400)
+BODY_INVALID = ErrorCode("UNSUPPORTED", "invalid request body", 400)
 ROUTE_UNKNOWN = ErrorCode("UNSUPPORTED", "endpoint not found", 404)
 METHOD_NOT_ALLOWED = ErrorCode("UNSUPPORTED", "method not allowed", 405)
 # Requests the HTTP parser refuses before any route sees them.

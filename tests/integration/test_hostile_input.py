@@ -21,7 +21,7 @@ from typing import Any
 import bcrypt
 import pytest
 
-from tests.support.clients import Registry, sha256
+from tests.support.clients import Registry, peak_rss_bytes, sha256
 from tests.support.processes import RegistryProcess
 
 pytestmark = pytest.mark.integration
@@ -317,3 +317,83 @@ def test_server_survives_hostile_input(registry: RegistryProcess) -> None:
     assert Registry(registry.url).get("/v2/").status == 200
     assert registry.running
     assert not re.search(r"Traceback", registry.log_tail(400)), registry.log_tail(400)
+
+
+# -- bodies the server does not take ---------------------------------------------------------
+
+MiB = 1 << 20
+BIG = 48 * MiB
+
+
+def send_big(registry: RegistryProcess, line: bytes, headers: list[bytes], chunked: bool) -> Reply:
+    """A request with a 48 MiB body, sent as fast as the server takes it; its reply."""
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % BIG
+    head = [line, f"Host: {registry.host}".encode(), b"Connection: close", framing, *headers]
+    chunk = b"x" * MiB
+    received = bytearray()
+    with socket.create_connection(("127.0.0.1", registry.port), 30) as sock:
+        try:
+            sock.sendall(b"\r\n".join(head) + b"\r\n\r\n")
+            for _ in range(BIG // MiB):
+                sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused and closed before the end: fine, the reply is what counts
+        try:
+            while data := sock.recv(65536):
+                received += data
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert received, f"no reply to {line!r}"
+    return Reply(bytes(received))
+
+
+def _peak_rss(registry: RegistryProcess) -> int:
+    assert registry.process.pid is not None
+    return peak_rss_bytes(registry.process.pid)
+
+
+OPEN_REFUSALS = [
+    (b"POST /berth/v1/replication/hashes HTTP/1.1", 413),  # open access: read, but bounded
+    (b"PUT /v2/big/repo/manifests/v1 HTTP/1.1", 413),
+    (b"POST /v2/_catalog HTTP/1.1", 405),
+    (b"POST /v2/big/repo/manifests/v1 HTTP/1.1", 405),
+    (b"POST /healthz HTTP/1.1", 405),
+    (b"POST /nope HTTP/1.1", 404),
+    (b"PATCH /v2/big/repo/blobs/uploads/" + b"0" * 8 + b"-0000-4000-8000-" + b"0" * 12, 404),
+]
+SECURED_REFUSALS = [
+    (b"POST /v2/big/repo/blobs/uploads/?digest=" + sha256(b"x").encode() + b" HTTP/1.1", 401),
+    (b"PUT /v2/big/repo/manifests/v1 HTTP/1.1", 401),
+    (b"POST /berth/v1/replication/hashes HTTP/1.1", 401),
+    (b"POST /token HTTP/1.1", 413),
+]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_refused_bodies_are_not_held_in_memory(
+    registry: RegistryProcess, secured: RegistryProcess, chunked: bool
+) -> None:
+    """One 48 MiB body to each endpoint that refuses it: by route, method, size or auth.
+    None is read into memory, so the server's peak memory barely moves."""
+    cases = [(registry, line, status) for line, status in OPEN_REFUSALS]
+    cases += [(secured, line, status) for line, status in SECURED_REFUSALS]
+    for server in (registry, secured):
+        assert Registry(server.url).get("/v2/").status in (200, 401)  # warm
+    before = {server.port: _peak_rss(server) for server in (registry, secured)}
+    answers = []
+    for server, line, status in cases:
+        if not line.endswith(b"HTTP/1.1"):
+            line += b" HTTP/1.1"
+        headers = [b"Content-Type: application/x-www-form-urlencoded"]
+        reply = send_big(server, line, headers, chunked)
+        answers.append((line, status, reply.status, reply))
+    grown = {
+        server.port: (_peak_rss(server) - before[server.port]) // MiB
+        for server in (registry, secured)
+    }
+    print(f"peak RSS growth (MiB) by port: {grown}")
+    assert all(growth < 16 for growth in grown.values()), grown
+    assert [a for a in answers if a[1] != a[2]] == []
+    assert Registry(registry.url).get("/v2/").status == 200
