@@ -16,7 +16,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256s
 PYTEST_ARGS ?=
 HELM = $(BERTH_CACHE)/helm-$(shell sed -n 's/^HELM_VERSION=//p' tools/versions.env)/helm
 
-.PHONY: help install tools test unit integration lint fmt run serve bench crds chart-lint image e2e-kind clean
+.PHONY: help install tools test unit integration lint fmt run serve bench crds chart-lint image image-local e2e-kind clean
 
 help:
 	@echo "make install     create .venv and install berth with pinned dependencies"
@@ -28,6 +28,7 @@ help:
 	@echo "make crds        regenerate helm/berth/crds, manifests/ and docs/crd-reference.md"
 	@echo "make chart-lint  helm lint --strict and helm template of helm/berth"
 	@echo "make image       build the Berth image (needs Docker)"
+	@echo "make image-local build the Berth image without Docker (root; an OCI archive, cached)"
 	@echo "make bench       benchmark our server against CNCF distribution 2.8"
 	@echo "make e2e-kind    cluster end-to-end test on kind (needs a Docker engine)"
 
@@ -80,6 +81,11 @@ chart-lint: tools
 
 image:
 	bash hack/image.sh
+
+# The same image from the Dockerfile's recipe over a debootstrap base, without a Docker
+# engine; prints the OCI archive's path last (berth_dev/image.py).
+image-local: install
+	$(BIN)/python -m berth_dev.image build
 
 bench: install tools
 	$(BIN)/python -m bench
