@@ -45,7 +45,9 @@ class Target:
     """The Registry the Repositories belong to, as far as access is concerned."""
 
     owner: models.Owner
-    host: str  # the key of `auths` in the dockerconfigjson: what the pods pull from
+    # The keys of `auths` in the dockerconfigjson: every address the pods' images may
+    # name (the node proxy's localhost:<port>, the Ingress host, the Service).
+    hosts: tuple[str, ...]
     admins: tuple[str, ...]  # accounts of the htpasswd file with every right
     peers: tuple[str, ...] = ()  # keys of same-cluster peers allowed to replicate in
 
@@ -312,13 +314,11 @@ def newest_staged(stored: Mapping[str, robots.Robot]) -> robots.Robot | None:
     return max(staged, key=lambda r: (r.staged_at or 0.0, r.key), default=None)
 
 
-def dockerconfigjson(host: str, credential: robots.Credential) -> dict[str, Any]:
+def dockerconfigjson(hosts: Sequence[str], credential: robots.Credential) -> dict[str, Any]:
+    """The same credential under every host: a kubelet looks the image's host up."""
     auth = base64.b64encode(f"{credential.name}:{credential.password}".encode()).decode()
-    return {
-        "auths": {
-            host: {"username": credential.name, "password": credential.password, "auth": auth}
-        }
-    }
+    entry = {"username": credential.name, "password": credential.password, "auth": auth}
+    return {"auths": {host: dict(entry) for host in hosts}}
 
 
 # --- statuses -----------------------------------------------------------------------------

@@ -23,7 +23,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from registry_operator import API_VERSION, access, credentials, models, robots, status
+from registry_operator import (
+    API_VERSION,
+    access,
+    credentials,
+    models,
+    node_access,
+    reconcile,
+    robots,
+    status,
+)
 from registry_operator.kube import client as kube_client
 from registry_operator.kube import errors
 from registry_operator.reconcile import Event, Wake
@@ -76,8 +85,14 @@ class Outcome:
 
 
 def reconcile_access(
-    kube: kube_client.Client, namespace: str, name: str, options: Options | None = None
+    kube: kube_client.Client,
+    namespace: str,
+    name: str,
+    options: Options | None = None,
+    claims: Sequence[node_access.Claim] | None = None,
 ) -> Outcome:
+    """`claims` are every Registry's node port claims (the operator's index; listed
+    here when None): whether the pull Secrets name the node proxy depends on them."""
     options = options or Options()
     now = options.clock()
     body = kube.find(API_VERSION, models.KIND, namespace, name)
@@ -92,7 +107,7 @@ def reconcile_access(
             # Leave access as it is: an invalid Registry spec is not a reason to revoke.
             message = f"Registry {namespace}/{name} has an invalid spec: {exc}"
             return _statuses_only(kube, repositories, invalid, ("RegistryInvalid", message), now)
-        target = _target(kube, registry)
+        target = _target(kube, registry, claims)
 
     robots_secret = (
         kube.find("v1", "Secret", namespace, names.robots_secret(name)) if target else None
@@ -214,7 +229,11 @@ def _namespace(obj: Mapping[str, Any]) -> access.Namespace:
     )
 
 
-def _target(kube: kube_client.Client, registry: models.Registry) -> access.Target:
+def _target(
+    kube: kube_client.Client,
+    registry: models.Registry,
+    claims: Sequence[node_access.Claim] | None,
+) -> access.Target:
     owner = registry.owner
     spec = registry.spec
     consenting = []
@@ -232,9 +251,13 @@ def _target(kube: kube_client.Client, registry: models.Registry) -> access.Targe
             continue
         if any(p.registry == me for p in other.spec.peers):
             consenting.append(robots.peer_key(ref.namespace, ref.name))
+    mine = node_access.claim(registry)
+    if claims is None:
+        claims = reconcile.list_claims(kube) if mine.port is not None else []
+    served = node_access.served_port(mine, [c for c in claims if c.ref != mine.ref])
     return access.Target(
         owner=owner,
-        host=spec.ingress.host if spec.ingress else names.service_host(owner.name, owner.namespace),
+        hosts=node_access.pull_hosts(registry, served),
         admins=(credentials.ADMIN_USER, credentials.REPLICATION_USER),
         peers=tuple(sorted(consenting)),
     )

@@ -30,6 +30,10 @@ DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# On a Registry: "true" makes it the one named in kube-public/local-registry-hosting
+# (KEP-1755), "false" keeps it out of that ConfigMap (see node_access.hosting).
+LOCAL_REGISTRY_HOSTING_ANNOTATION = "berth.dev/local-registry-hosting"
+NODE_PORT_MIN, NODE_PORT_MAX = 1024, 65535
 
 _QUANTITY = re.compile(
     r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
@@ -138,6 +142,14 @@ class Webhook:
 
 
 @dataclasses.dataclass(frozen=True)
+class NodeProxy:
+    """The node-local proxy: kubelets pull `localhost:<port>/...` on every node."""
+
+    enabled: bool = True
+    port: int | None = None  # None: derived from the Registry's namespace and name
+
+
+@dataclasses.dataclass(frozen=True)
 class Spec:
     image: str
     region: str | None = None
@@ -152,6 +164,7 @@ class Spec:
     ingress: Ingress | None = None
     peers: tuple[Peer, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
+    node_proxy: NodeProxy = dataclasses.field(default_factory=NodeProxy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +173,8 @@ class Registry:
     generation: int
     spec: Spec
     deleting: bool = False
+    created: str = ""  # metadata.creationTimestamp: the older of two keeps a node port
+    hosting: bool | None = None  # the local-registry-hosting annotation, when set
 
 
 def parse_registry(body: Mapping[str, Any], *, image: str | None = None) -> Registry:
@@ -174,11 +189,20 @@ def parse_registry(body: Mapping[str, Any], *, image: str | None = None) -> Regi
     spec = parse_spec(
         _mapping(body.get("spec", {}), "spec"), image=image, namespace=owner.namespace
     )
+    annotations = _mapping(meta.get("annotations") or {}, "metadata.annotations")
+    hosting = annotations.get(LOCAL_REGISTRY_HOSTING_ANNOTATION)
+    if hosting is not None and hosting not in ("true", "false"):
+        raise InvalidSpec(
+            f"metadata.annotations[{LOCAL_REGISTRY_HOSTING_ANNOTATION}]",
+            f'must be "true" or "false", not {hosting!r}',
+        )
     return Registry(
         owner=owner,
         generation=int(generation),
         spec=spec,
         deleting=meta.get("deletionTimestamp") is not None,
+        created=str(meta.get("creationTimestamp", "")),
+        hosting=None if hosting is None else hosting == "true",
     )
 
 
@@ -219,7 +243,27 @@ def parse_spec(raw: Mapping[str, Any], *, image: str | None = None, namespace: s
         ingress=_ingress(raw.get("ingress")),
         peers=peers,
         webhooks=_webhooks(raw.get("notifications")),
+        node_proxy=_node_proxy(raw.get("nodeProxy")),
     )
+
+
+def _node_proxy(raw: Any) -> NodeProxy:
+    if raw is None:
+        return NodeProxy()
+    data = _mapping(raw, "spec.nodeProxy")
+    enabled = data.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise InvalidSpec("spec.nodeProxy.enabled", "must be a boolean")
+    port = data.get("port")
+    if port is not None and (
+        not isinstance(port, int)
+        or isinstance(port, bool)
+        or not NODE_PORT_MIN <= port <= NODE_PORT_MAX
+    ):
+        raise InvalidSpec(
+            "spec.nodeProxy.port", f"must be a port from {NODE_PORT_MIN} to {NODE_PORT_MAX}"
+        )
+    return NodeProxy(enabled=enabled, port=port)
 
 
 def _webhooks(raw: Any) -> tuple[Webhook, ...]:

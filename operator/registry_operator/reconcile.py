@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from registry_operator import API_VERSION, credentials, models, rendering, robots, status
+from registry_operator import (
+    API_VERSION,
+    credentials,
+    models,
+    node_access,
+    rendering,
+    robots,
+    status,
+)
 from registry_operator.kube import client as kube_client
 from registry_operator.kube import errors
 from registry_operator.rendering import manifests, names
@@ -25,6 +33,7 @@ PRUNABLE = (
     ("networking.k8s.io/v1", "Ingress", names.ingress),
     ("policy/v1", "PodDisruptionBudget", names.disruption_budget),
     ("v1", "Secret", names.replication_secret),
+    ("apps/v1", "DaemonSet", names.node_proxy),
 )
 
 # What another reconcile should run after this one: ("registry" | "access", namespace, name).
@@ -46,9 +55,11 @@ class Outcome:
     events: tuple[Event, ...] = ()
     new_status: Mapping[str, Any] | None = None
     failure: status.Failure | None = None  # set when retrying cannot help
-    # (kind, name) -> resourceVersion of each child as our apply left it.
-    written: Mapping[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    # (kind, namespace, name) -> resourceVersion of each object as our write left it.
+    written: Mapping[tuple[str, str, str], str] = dataclasses.field(default_factory=dict)
     wake: tuple[Wake, ...] = ()
+    # Events for other objects (another Registry now named in local-registry-hosting).
+    elsewhere: tuple[tuple[Mapping[str, Any], Event], ...] = ()
 
 
 @dataclasses.dataclass
@@ -76,9 +87,11 @@ def reconcile(
     options: Options | None = None,
     replication: status.ReplicationObservation | None = None,
     told: Told | None = None,
+    claims: Sequence[node_access.Claim] | None = None,
 ) -> Outcome:
     """`replication` is the last answer of the server's replication status endpoint;
-    `told` receives the events as they are made (see Told)."""
+    `told` receives the events as they are made (see Told); `claims` are every
+    Registry's node port claims (the operator's index; listed here when None)."""
     options = options or Options()
     told = told if told is not None else Told()
     body = kube.find(API_VERSION, models.KIND, namespace, name)
@@ -104,8 +117,20 @@ def reconcile(
     wired, peers, wake = _resolve_peers(kube, registry)
     if not drift:
         wake.extend(_peers_to_tell(kube, registry))
-    applied, failure = _apply_children(kube, registry, wired, drift, events, options)
+    me = node_access.claim(registry)
+    everyone = [
+        c for c in (claims if claims is not None else list_claims(kube)) if c.ref != me.ref
+    ] + [me]
+    clash = node_access.conflict(me, everyone)
+    served = node_access.served_port(me, everyone)
+    # A proxy that appears because an older Registry gave up the port is new, not restored.
+    proxy_drift = drift and previous.get("pullEndpoint") is not None
+    applied, failure = _apply_children(
+        kube, registry, wired, (drift, proxy_drift), events, options, served
+    )
     _prune(kube, registry, applied, events)
+    hosting = sync_local_registry_hosting(kube, everyone)
+    events.extend(event for key, event in hosting.events if key == me.ref)
     owner = registry.owner
     observed = status.Observed(
         deployment=applied.get(("Deployment", names.deployment(owner.name))),
@@ -121,13 +146,16 @@ def reconcile(
         failure,
         peers=peers,
         replication=replication,
+        pull_endpoint=None if served is None else names.node_host(served),
+        node_port_conflict=None if clash is None else node_access.conflict_message(me, clash),
     )
     _write_status(kube, namespace, name, previous, new_status)
     events.extend(_transition_events(previous, new_status))
     written = {
-        (kind, obj["metadata"]["name"]): str(obj["metadata"].get("resourceVersion", ""))
+        (kind, namespace, obj["metadata"]["name"]): str(obj["metadata"].get("resourceVersion", ""))
         for (kind, _), obj in applied.items()
     }
+    written.update(hosting.written)
     return Outcome(
         ref=ref,
         events=tuple(events),
@@ -135,7 +163,79 @@ def reconcile(
         failure=failure,
         written=written,
         wake=tuple(wake),
+        elsewhere=tuple(
+            (hosting.refs[key], event)
+            for key, event in hosting.events
+            if key != me.ref and key in hosting.refs
+        ),
     )
+
+
+def list_claims(kube: kube_client.Client) -> list[node_access.Claim]:
+    """Every Registry's node port claim, read from the API server."""
+    found = (node_access.claim_of(body) for body in kube.list(API_VERSION, models.KIND, None))
+    return [claim for claim in found if claim is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hosting:
+    """What syncing kube-public/local-registry-hosting did."""
+
+    chosen: node_access.Claim | None = None
+    events: tuple[tuple[str, Event], ...] = ()  # ("namespace/name" of a Registry, event)
+    refs: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    written: Mapping[tuple[str, str, str], str] = dataclasses.field(default_factory=dict)
+
+
+def _registry_ref(namespace: str, name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": models.KIND,
+        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+    }
+
+
+def sync_local_registry_hosting(
+    kube: kube_client.Client, claims: Sequence[node_access.Claim]
+) -> Hosting:
+    """Make kube-public/local-registry-hosting (KEP-1755) name the Registry
+    `node_access.hosting` chooses, or delete it when none qualifies. Cluster-wide and
+    idempotent: any Registry's reconcile (and a deletion) may call it. A ConfigMap of
+    that name that Berth did not write (kind's, a cluster tool's) is left alone."""
+    chosen = node_access.hosting(claims)
+    namespace, name = names.LOCAL_REGISTRY_HOSTING_NAMESPACE, names.LOCAL_REGISTRY_HOSTING
+    current = kube.find("v1", "ConfigMap", namespace, name)
+    labels = ((current or {}).get("metadata") or {}).get("labels") or {}
+    if current is not None and labels.get(names.MANAGED_BY_LABEL) != names.MANAGED_BY:
+        return Hosting(chosen)
+    before = (
+        f"{labels.get(names.REGISTRY_NAMESPACE_LABEL)}/{labels.get(names.REGISTRY_LABEL)}"
+        if current is not None
+        else None
+    )
+    refs = {c.ref: _registry_ref(c.namespace, c.name, c.uid) for c in claims}
+    where = f"ConfigMap {namespace}/{name}"
+    if chosen is None:
+        if current is None:
+            return Hosting()
+        kube.delete("v1", "ConfigMap", namespace, name)
+        told = [] if before is None else [(before, Event("Normal", "Deleted", f"deleted {where}"))]
+        return Hosting(None, tuple(told), refs)
+    assert chosen.port is not None  # hosting() only chooses Registries with a proxy
+    desired = manifests.local_registry_hosting(
+        chosen.name, chosen.namespace, chosen.port, chosen.ingress_host
+    )
+    if current is not None and _contains(current, desired):
+        return Hosting(chosen, (), refs)
+    after = kube.apply(desired)
+    message = f"{where} names this Registry ({names.node_host(chosen.port)})"
+    told = [(chosen.ref, Event("Normal", "Published", message))]
+    if before is not None and before != chosen.ref:
+        told.append(
+            (before, Event("Normal", "Unpublished", f"{where} names Registry {chosen.ref} now"))
+        )
+    version = str((after.get("metadata") or {}).get("resourceVersion", ""))
+    return Hosting(chosen, tuple(told), refs, {("ConfigMap", namespace, name): version})
 
 
 def _peers_to_tell(kube: kube_client.Client, registry: models.Registry) -> list[Wake]:
@@ -268,9 +368,10 @@ def _apply_children(
     kube: kube_client.Client,
     registry: models.Registry,
     replication: manifests.Replication,
-    drift: bool,
+    drifts: tuple[bool, bool],  # (for the Registry's children, for its node proxy)
     events: list[Event],
     options: Options,
+    node_port: int | None,
 ) -> tuple[dict[tuple[str, str], dict[str, Any]], status.Failure | None]:
     owner = registry.owner
     secret = kube.find("v1", "Secret", owner.namespace, names.secret(owner.name))
@@ -287,7 +388,7 @@ def _apply_children(
         )
     applied: dict[tuple[str, str], dict[str, Any]] = {}
     failure = None
-    for manifest in rendering.render(registry.spec, owner, creds, replication):
+    for manifest in rendering.render(registry.spec, owner, creds, replication, node_port):
         kind, child = manifest["kind"], manifest["metadata"]["name"]
         before = (
             secret
@@ -302,6 +403,7 @@ def _apply_children(
             failure = status.Failure("ApplyRejected", f"{kind} {child}: {exc.message}")
             continue
         applied[(kind, child)] = after
+        drift = drifts[1] if kind == "DaemonSet" else drifts[0]
         events.extend(_change_events(kind, child, before, after, manifest, drift))
     return applied, failure
 

@@ -244,9 +244,16 @@ def storage_condition(storage: models.Storage | None, pvc: Mapping[str, Any] | N
 
 
 def conditions(
-    spec: models.Spec | None, observed: Observed, failure: Failure | None = None
+    spec: models.Spec | None,
+    observed: Observed,
+    failure: Failure | None = None,
+    node_port_conflict: str | None = None,
 ) -> list[Condition]:
+    """`node_port_conflict` says why the Registry gets no node proxy (Degraded: the
+    registry serves, but kubelets cannot pull from it at localhost)."""
     found = deployment_conditions(observed.deployment)
+    if node_port_conflict is not None and failure is None and found[2].status != "True":
+        found[2] = Condition(DEGRADED, "True", "NodePortConflict", node_port_conflict)
     if failure is not None:
         ready = found[0]
         if observed.deployment is None:
@@ -297,10 +304,13 @@ def build(
     *,
     peers: Sequence[PeerState] = (),
     replication: ReplicationObservation | None = None,
+    pull_endpoint: str | None = None,
+    node_port_conflict: str | None = None,
 ) -> dict[str, Any]:
-    """The whole `.status` of a Registry; `spec` is None when it could not be parsed."""
+    """The whole `.status` of a Registry; `spec` is None when it could not be parsed.
+    `pull_endpoint` is where kubelets pull from (the node proxy), when there is one."""
     deployment_status = (observed.deployment or {}).get("status") or {}
-    found = conditions(spec, observed, failure)
+    found = conditions(spec, observed, failure, node_port_conflict)
     summary = None
     if spec is not None and spec.peers:
         summary, healthy = replication_status(spec.region, peers, replication)
@@ -320,4 +330,6 @@ def build(
         status["replication"] = summary
     if spec is not None and spec.ingress is not None:
         status["externalEndpoint"] = spec.ingress.url
+    if pull_endpoint is not None:
+        status["pullEndpoint"] = pull_endpoint
     return status

@@ -277,14 +277,20 @@ def registry_scenarios(plane: ControlPlane, namespace: str, kube: RecordingClien
     # A Registry that does not exist (deleted before its event was handled).
     reconcile.reconcile(kube, namespace, "absent", options)
     # Create with every optional child, reconcile again (all exist), then drop the
-    # Ingress and the second replica (its disruption budget) from the spec: both pruned.
+    # Ingress, the second replica (its disruption budget) and the node proxy from the
+    # spec: all pruned.
     storage = {"pvc": {"size": "1Gi", "accessModes": ["ReadWriteMany"]}}
     full = {"storage": storage, "replicas": 2, "ingress": {"host": "registry.example.com"}}
     _apply(plane, _registry(namespace, "full", full))
     reconcile.reconcile(kube, namespace, "full", options)
     reconcile.reconcile(kube, namespace, "full", options)
-    without_ingress = {"storage": storage}
+    without_ingress = {"storage": storage, "nodeProxy": {"enabled": False}}
     _apply(plane, _registry(namespace, "full", without_ingress))
+    reconcile.reconcile(kube, namespace, "full", options)
+    # No Registry left with a node proxy: kube-public/local-registry-hosting goes (the
+    # next reconcile of any Registry with a proxy writes it again).
+    reconcile.sync_local_registry_hosting(kube, [])
+    _apply(plane, _registry(namespace, "full", full))
     reconcile.reconcile(kube, namespace, "full", options)
     # A spec the operator cannot serve: the status explains it, nothing is applied.
     s3 = {"storage": {"s3": {"bucket": "images", "credentialsSecretRef": {"name": "s3"}}}}

@@ -87,8 +87,10 @@ def pull_secret_credentials(kubectl: list[str], namespace: str) -> tuple[str, st
     (secret,) = json.loads(listed.stdout)["items"]
     assert secret["type"] == "kubernetes.io/dockerconfigjson"
     config = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
-    (entry,) = config["auths"].values()
-    return entry["username"], entry["password"]
+    # One credential under every host of the registry (node proxy, Service).
+    entries = list(config["auths"].values())
+    assert entries and all(entry == entries[0] for entry in entries)
+    return entries[0]["username"], entries[0]["password"]
 
 
 def test_local_stack_serves_push_and_pull_and_stops_cleanly(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ def test_defaults_are_filled_in(control_plane: ControlPlane, namespace: str) -> 
                 "deleteOnRegistryDelete": False,
             }
         },
+        "nodeProxy": {"enabled": True},
     }
 
 
@@ -56,7 +57,7 @@ def test_short_names_and_category(control_plane: ControlPlane, namespace: str) -
         out = control_plane.kubectl("get", resource, "-n", namespace, "-o", "name").stdout
         assert "registry.berth.dev/short" in out
     table = control_plane.kubectl("get", "registries", "-n", namespace).stdout.splitlines()
-    assert table[0].split() == ["NAME", "ENDPOINT", "READY", "REPLICAS", "REGION", "AGE"]
+    assert table[0].split() == ["NAME", "ENDPOINT", "PULL", "READY", "REPLICAS", "REGION", "AGE"]
 
 
 NOT_CHECKED = (
@@ -110,6 +111,18 @@ INVALID = [
     (
         {"ingress": {"className": "nginx"}},
         _schema_error("Registry", "bad", "spec.ingress.host: Required value"),
+    ),
+    (
+        {"nodeProxy": {"port": 80}},
+        # Like a pattern, a minimum leaves the CEL rules checkable: a one-line message.
+        'The Registry "bad" is invalid: spec.nodeProxy.port: Invalid value: 80: '
+        "spec.nodeProxy.port in body should be greater than or equal to 1024",
+    ),
+    (
+        {"nodeProxy": {"port": 30080}},
+        'The Registry "bad" is invalid: spec.nodeProxy.port: Forbidden: nodeProxy.port must '
+        "be outside the NodePort range 30000-32767 (kube-proxy serves NodePorts on 127.0.0.1 "
+        "too)",
     ),
 ]
 

@@ -244,7 +244,9 @@ def test_create_renders_every_child_owned_by_the_registry(
 def test_status_follows_the_deployment(
     operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
 ) -> None:
-    _apply(control_plane, "st", namespace, {"storage": {"emptyDir": {}}})
+    # A port of its own (below the default range): no other Registry here can hold it.
+    spec = {"storage": {"emptyDir": {}}, "nodeProxy": {"port": 5098}}
+    _apply(control_plane, "st", namespace, spec)
     _wait(
         lambda: _conditions(kube, namespace, "st").get("Progressing") == ("True", "RollingOut"),
         operator,
@@ -269,9 +271,10 @@ def test_status_follows_the_deployment(
     )
     assert _registry(kube, namespace, "st")["status"]["readyReplicas"] == 1
     table = control_plane.kubectl("get", "registries", "-n", namespace).stdout
-    assert table.splitlines()[1].split()[:4] == [
+    assert table.splitlines()[1].split()[:5] == [
         "st",
         f"http://st.{namespace}.svc:5000",
+        "localhost:5098",
         "True",
         "1",
     ]
@@ -399,6 +402,135 @@ def test_disruption_budget_follows_the_replicas(
     assert found["metadata"]["ownerReferences"][0]["kind"] == "Registry"
     _apply(control_plane, "ha", namespace, {**shared, "replicas": 1})
     _wait(lambda: budget() is None, operator, "the PodDisruptionBudget to go with one replica")
+
+
+# --- node access -------------------------------------------------------------------------
+
+
+def _daemonset(kube: kube_client.Client, namespace: str, name: str) -> dict[str, Any] | None:
+    return kube.find("apps/v1", "DaemonSet", namespace, names.node_proxy(name))
+
+
+def _hosting(kube: kube_client.Client) -> dict[str, Any] | None:
+    return kube.find("v1", "ConfigMap", "kube-public", "local-registry-hosting")
+
+
+def test_node_proxy_is_rendered_published_and_switched_off(
+    operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
+) -> None:
+    """The DaemonSet as the real API server stores it, the pull endpoint in the status and
+    the printer column, KEP-1755's ConfigMap, drift, and switching the proxy off."""
+    annotations = {models.LOCAL_REGISTRY_HOSTING_ANNOTATION: "true"}
+    document = {
+        "apiVersion": API,
+        "kind": "Registry",
+        "metadata": {"name": "nodes", "annotations": annotations},
+        "spec": {"storage": {"emptyDir": {}}},
+    }
+    control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(document))
+    port = names.default_node_port("nodes", namespace)
+    daemonset = _wait(lambda: _daemonset(kube, namespace, "nodes"), operator, "the DaemonSet")
+    registry = _registry(kube, namespace, "nodes")
+    assert daemonset["metadata"]["ownerReferences"][0]["uid"] == registry["metadata"]["uid"]
+    container = daemonset["spec"]["template"]["spec"]["containers"][0]
+    assert container["ports"][0]["hostPort"] == port
+    assert container["ports"][0]["hostIP"] == "127.0.0.1"
+    assert container["command"][2:] == [
+        "registry_server.node_proxy",
+        "--listen", f"0.0.0.0:{port}",
+        "--upstream", f"nodes.{namespace}.svc:5000",
+        "--drain-seconds", "10",
+    ]  # fmt: skip
+    assert container["image"] == models.default_image()
+
+    _wait(
+        lambda: (
+            _registry(kube, namespace, "nodes").get("status", {}).get("pullEndpoint")
+            == f"localhost:{port}"
+        ),
+        operator,
+        "status.pullEndpoint",
+    )
+    row = control_plane.kubectl("get", "registry", "nodes", "-n", namespace).stdout
+    assert f"localhost:{port}" in row.splitlines()[1].split()
+
+    # Annotated "true": this Registry is the one named in kube-public.
+    def published() -> dict[str, Any] | None:
+        found = _hosting(kube)
+        labels = (found or {}).get("metadata", {}).get("labels") or {}
+        ours = labels.get(names.REGISTRY_NAMESPACE_LABEL) == namespace
+        return found if ours and labels.get(names.REGISTRY_LABEL) == "nodes" else None
+
+    hosting = yaml.safe_load(
+        _wait(published, operator, "local-registry-hosting")["data"]["localRegistryHosting.v1"]
+    )
+    assert hosting["hostFromContainerRuntime"] == f"localhost:{port}"
+    assert hosting["hostFromClusterNetwork"] == f"nodes.{namespace}.svc:5000"
+
+    # Drift: a deleted DaemonSet and a deleted ConfigMap come back.
+    uid = daemonset["metadata"]["uid"]
+    control_plane.kubectl("delete", "daemonset", names.node_proxy("nodes"), "-n", namespace)
+    _wait(
+        lambda: (found := _daemonset(kube, namespace, "nodes")) and found["metadata"]["uid"] != uid,
+        operator,
+        "the DaemonSet to come back",
+    )
+    control_plane.kubectl("delete", "configmap", "local-registry-hosting", "-n", "kube-public")
+    _wait(published, operator, "local-registry-hosting to come back")
+
+    # Off: the DaemonSet and the endpoint go; the ConfigMap names someone else or goes.
+    document["spec"] = {"storage": {"emptyDir": {}}, "nodeProxy": {"enabled": False}}
+    control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(document))
+    _wait(lambda: _daemonset(kube, namespace, "nodes") is None, operator, "the DaemonSet to go")
+    _wait(
+        lambda: "pullEndpoint" not in _registry(kube, namespace, "nodes").get("status", {}),
+        operator,
+        "status.pullEndpoint to go",
+    )
+    _wait(lambda: published() is None, operator, "local-registry-hosting to move on")
+
+
+def test_a_contested_node_port_goes_to_the_older_registry(
+    operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
+) -> None:
+    """Two Registries asking for one port: the younger is Degraded without a proxy, and
+    gets the port once the older one is gone (the operator's index of Registries wakes it)."""
+    spec = {"storage": {"emptyDir": {}}, "nodeProxy": {"port": 5099}}
+    _apply(control_plane, "elder", namespace, spec)
+    _wait(lambda: _daemonset(kube, namespace, "elder"), operator, "the elder's DaemonSet")
+    time.sleep(1.1)  # creationTimestamp has a resolution of one second
+    _apply(control_plane, "junior", namespace, spec)
+    _wait(
+        lambda: (
+            _conditions(kube, namespace, "junior").get("Degraded") == ("True", "NodePortConflict")
+        ),
+        operator,
+        "NodePortConflict",
+    )
+    assert _daemonset(kube, namespace, "junior") is None
+    assert "pullEndpoint" not in _registry(kube, namespace, "junior")["status"]
+    _wait(
+        lambda: (
+            ("Warning", "NodePortConflict")
+            in {e[:2] for e in _events(control_plane, namespace, "junior")}
+        ),
+        operator,
+        "the Warning event",
+    )
+
+    started = time.monotonic()
+    control_plane.kubectl("delete", "registry", "elder", "-n", namespace)
+    _wait(lambda: _daemonset(kube, namespace, "junior"), operator, "the junior's DaemonSet")
+    # Well inside the module's 30 s resync: the deletion itself woke the junior.
+    assert time.monotonic() - started < 15
+    _wait(
+        lambda: (
+            _registry(kube, namespace, "junior")["status"].get("pullEndpoint") == "localhost:5099"
+        ),
+        operator,
+        "the junior's pull endpoint",
+    )
+    assert _conditions(kube, namespace, "junior")["Degraded"][1] != "NodePortConflict"
 
 
 # --- drift -------------------------------------------------------------------------------

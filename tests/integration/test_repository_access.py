@@ -166,11 +166,15 @@ def _pull_secret(kube: kube_client.Client, namespace: str, name: str) -> dict[st
 
 
 def _credentials(secret: dict[str, Any], host: str) -> tuple[str, str]:
-    """The username and password in a dockerconfigjson Secret, for `host`."""
+    """The username and password in a dockerconfigjson Secret, for `host` (the Service);
+    the only other key is the node proxy's localhost:<port>, with the same credential."""
     assert secret["type"] == "kubernetes.io/dockerconfigjson"
     config = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
-    assert list(config["auths"]) == [host], "auths must be keyed by the registry's endpoint"
-    entry = config["auths"][host]
+    auths = config["auths"]
+    assert host in auths, "auths must be keyed by the registry's endpoints"
+    assert all(key == host or key.startswith("localhost:") for key in auths), list(auths)
+    entry = auths[host]
+    assert all(other == entry for other in auths.values())
     assert base64.b64decode(entry["auth"]).decode() == f"{entry['username']}:{entry['password']}"
     return entry["username"], entry["password"]
 
@@ -266,6 +270,13 @@ def test_pull_secret_grants_exactly_the_repository_and_revocation_takes_it_back(
     secret = _wait(lambda: _pull_secret(kube, team_a, secret_name), operator, "the pull Secret")
     creds = _credentials(secret, f"main.{namespace}.svc:5000")
     assert creds[0] == f"pull.{team_a}.1"
+    # Kubelets pull through the node proxy: the Secret names the Registry's pull endpoint
+    # (absent only if another Registry of the cluster happened to hold the same port).
+    pull_endpoint = kube.get(API, "Registry", namespace, "main")["status"].get("pullEndpoint")
+    config = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
+    assert sorted(config["auths"]) == sorted(
+        [f"main.{namespace}.svc:5000", *([pull_endpoint] if pull_endpoint else [])]
+    )
     # The kubelet stand-in copies the new policy into the pod; the server reloads it.
     _accepted(pod, creds, operator)
 

@@ -19,7 +19,8 @@ from registry_server.auth import policy as server_policy
 from registry_server.protocol import tag_rules
 
 OWNER = models.Owner("main", "registries", "reg-uid")
-TARGET = access.Target(OWNER, "main.registries.svc:5000", ("admin", "replicator"))
+HOSTS = ("localhost:5123", "main.registries.svc:5000")
+TARGET = access.Target(OWNER, HOSTS, ("admin", "replicator"))
 NOW = 1_800_000_000.0
 
 
@@ -191,7 +192,7 @@ def test_no_registry_means_nothing_is_wanted() -> None:
 
 
 def test_peers_are_admins_with_their_own_accounts() -> None:
-    target = access.Target(OWNER, TARGET.host, TARGET.admins, peers=("peer.us.main",))
+    target = access.Target(OWNER, TARGET.hosts, TARGET.admins, peers=("peer.us.main",))
     result = _plan([], NAMESPACES, target=target)
     assert result.policy is not None
     assert result.policy.admins == ("admin", "peer.us.main.1", "replicator")
@@ -318,7 +319,7 @@ def test_rendered_policy_means_the_same_to_the_server() -> None:
     gen = credentials.Generators(password=lambda: "s3cret", hash=robots.hash_secret)
     public = _repo("docs", "public/docs", visibility="public")
     ci = _repo("ci", "team-a/ci", pushAccess={})
-    target = access.Target(OWNER, TARGET.host, TARGET.admins, peers=("peer.us.main",))
+    target = access.Target(OWNER, TARGET.hosts, TARGET.admins, peers=("peer.us.main",))
     result = access.plan(target, [API, public, ci], NAMESPACES, {}, NOW, gen)
     assert result.policy is not None
     text = grants.policy_text(OWNER, result.policy)
@@ -367,13 +368,20 @@ def test_tag_rules_reach_the_server_policy_and_the_status() -> None:
     assert condition(loose)[:2] == ("False", "NothingToEnforce")
 
 
-def test_dockerconfigjson_is_keyed_by_the_registry_host() -> None:
+def test_dockerconfigjson_is_keyed_by_every_registry_host() -> None:
     credential = robots.Credential("pull.team-a.1", "h", NOW, "pw")
-    config = access.dockerconfigjson("main.registries.svc:5000", credential)
-    entry = config["auths"]["main.registries.svc:5000"]
-    assert entry["username"] == "pull.team-a.1"
-    assert entry["password"] == "pw"
-    assert entry["auth"] == "cHVsbC50ZWFtLWEuMTpwdw=="  # base64 of user:password
+    config = access.dockerconfigjson(
+        ("localhost:5123", "registry.example.com", "main.registries.svc:5000"), credential
+    )
+    assert list(config["auths"]) == [
+        "localhost:5123",
+        "registry.example.com",
+        "main.registries.svc:5000",
+    ]
+    for entry in config["auths"].values():
+        assert entry["username"] == "pull.team-a.1"
+        assert entry["password"] == "pw"
+        assert entry["auth"] == "cHVsbC50ZWFtLWEuMTpwdw=="  # base64 of user:password
 
 
 @pytest.mark.parametrize(

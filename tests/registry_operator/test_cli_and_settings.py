@@ -55,5 +55,5 @@ def test_settings() -> None:
     assert built.peering.name == "berth"
     assert built.posting.level == logging.WARNING
     selectors = dict(built.watching.label_selectors.items())
-    assert len(selectors) == 7  # one per watched child kind
+    assert len(selectors) == 8  # one per watched child kind
     assert set(selectors.values()) == {"app.kubernetes.io/managed-by=berth-operator"}

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from registry_operator import credentials, models, rendering
+from registry_operator import credentials, models, node_access, reconcile, rendering
+from registry_operator.kube import resources
 from registry_operator.rendering import manifests, names
 from registry_server import config as server_config
 
@@ -76,6 +77,17 @@ CASES: dict[str, dict[str, Any]] = {
         }
     },
     "ingress-plain": {"ingress": {"host": "registry.internal"}},
+    # Nodes pull through an Ingress with TLS: no node proxy.
+    "node-proxy-off": {
+        "ingress": {"host": "registry.example.com", "tls": {"secretName": "registry-tls"}},
+        "nodeProxy": {"enabled": False},
+    },
+    "node-proxy-port": {
+        "nodeProxy": {"port": 5050},
+        "image": "registry.example.com/berth:1.2.3",
+        "imagePullPolicy": "Always",
+        "imagePullSecrets": [{"name": "pull-a"}],
+    },
     # One peer in this cluster (its password kept by the operator), one elsewhere.
     "replication": {
         "region": "eu-west",
@@ -119,7 +131,11 @@ REPLICATION = {
 def _render(raw_spec: dict[str, Any], case: str = "") -> list[rendering.Manifest]:
     spec = models.parse_spec(raw_spec, image=IMAGE, namespace=OWNER.namespace)
     return rendering.render(
-        spec, OWNER, CREDENTIALS, REPLICATION.get(case, manifests.Replication())
+        spec,
+        OWNER,
+        CREDENTIALS,
+        REPLICATION.get(case, manifests.Replication()),
+        node_access.port_of(spec, OWNER),
     )
 
 
@@ -163,6 +179,16 @@ def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: 
         assert ci.ignore_actions == ("delete",) and ci.headers_dir is None
 
 
+def test_every_kind_rendered_or_pruned_is_known_to_the_client() -> None:
+    """The API client builds paths from its own table: a kind missing there fails only
+    against a real API server (the in-memory one takes anything)."""
+    kinds = {(d["apiVersion"], d["kind"]) for case in CASES for d in _render(CASES[case], case)}
+    kinds |= {(api_version, kind) for api_version, kind, _ in reconcile.PRUNABLE}
+    kinds.add(("v1", "ConfigMap"))  # kube-public/local-registry-hosting
+    for api_version, kind in sorted(kinds):
+        assert resources.lookup(api_version, kind).kind == kind
+
+
 def test_no_stale_golden_files() -> None:
     assert {p.stem for p in GOLDEN.glob("*.yaml")} == set(CASES)
 
@@ -180,6 +206,7 @@ def test_children_are_owned_by_the_registry_except_a_kept_claim() -> None:
         "Deployment",
         "Service",
         "Ingress",
+        "DaemonSet",
     }
     for kind, doc in children.items():
         refs = doc["metadata"].get("ownerReferences", [])

@@ -97,7 +97,12 @@ def _dockerconfig(kube: FakeKube, namespace: str, name: str = PULL) -> dict[str,
     secret = kube.objects[("Secret", namespace, name)]
     assert secret["type"] == "kubernetes.io/dockerconfigjson"
     data = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
-    return dict(data["auths"]["main.registries.svc:5000"])
+    # Kubelets pull through the node proxy; in-cluster clients may use the Service.
+    port = names.default_node_port("main", NS)
+    assert list(data["auths"]) == [f"localhost:{port}", "main.registries.svc:5000"]
+    entry = data["auths"]["main.registries.svc:5000"]
+    assert data["auths"][f"localhost:{port}"] == entry
+    return dict(entry)
 
 
 def _policy(kube: FakeKube) -> dict[str, Any]:

@@ -72,6 +72,11 @@ def test_create_then_nothing_to_do() -> None:
         ("Created", "created PersistentVolumeClaim main-data"),
         ("Created", "created Deployment main"),
         ("Created", "created Service main"),
+        ("Created", "created DaemonSet main-node-proxy"),
+        (
+            "Published",
+            "ConfigMap kube-public/local-registry-hosting names this Registry (localhost:5871)",
+        ),
     ]
     assert _conditions(kube) == {
         "Ready": ("False", "RollingOut"),

@@ -30,6 +30,8 @@ def test_defaults() -> None:
     assert spec.resources == models.DEFAULT_RESOURCES
     assert spec.ingress is None
     assert spec.log_level == "info"
+    assert spec.node_proxy == models.NodeProxy(enabled=True, port=None)
+    assert registry.hosting is None
 
 
 def test_default_image_follows_the_package_version() -> None:
@@ -72,6 +74,55 @@ def test_every_field() -> None:
         "r.example.com", "nginx", models.Tls("t"), {"a": "1", "b": "2"}
     )
     assert spec.ingress.url == "https://r.example.com"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({}, models.NodeProxy(True, None)),
+        ({"enabled": False}, models.NodeProxy(False, None)),
+        ({"port": 5123}, models.NodeProxy(True, 5123)),
+        ({"enabled": True, "port": 1024}, models.NodeProxy(True, 1024)),
+        ({"port": 65535}, models.NodeProxy(True, 65535)),
+    ],
+)
+def test_node_proxy(raw: dict[str, Any], expected: models.NodeProxy) -> None:
+    assert models.parse_spec({"nodeProxy": raw}, image="img").node_proxy == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "message"),
+    [
+        ("on", "spec.nodeProxy", "object"),
+        ({"enabled": "yes"}, "spec.nodeProxy.enabled", "boolean"),
+        ({"port": 80}, "spec.nodeProxy.port", "1024 to 65535"),
+        ({"port": 65536}, "spec.nodeProxy.port", "1024 to 65535"),
+        ({"port": "5123"}, "spec.nodeProxy.port", "1024 to 65535"),
+        ({"port": True}, "spec.nodeProxy.port", "1024 to 65535"),
+        ({"port": 5123.5}, "spec.nodeProxy.port", "1024 to 65535"),
+    ],
+)
+def test_invalid_node_proxy(raw: Any, field: str, message: str) -> None:
+    with pytest.raises(models.InvalidSpec) as caught:
+        models.parse_spec({"nodeProxy": raw}, image="img")
+    assert caught.value.field == field
+    assert message in caught.value.message
+
+
+@pytest.mark.parametrize(("value", "expected"), [("true", True), ("false", False)])
+def test_local_registry_hosting_annotation(value: str, expected: bool) -> None:
+    annotations = {models.LOCAL_REGISTRY_HOSTING_ANNOTATION: value}
+    body = _body(annotations=annotations, creationTimestamp="2026-01-01T00:00:00Z")
+    registry = models.parse_registry(body, image="img")
+    assert registry.hosting is expected
+    assert registry.created == "2026-01-01T00:00:00Z"
+
+
+def test_invalid_local_registry_hosting_annotation() -> None:
+    body = _body(annotations={models.LOCAL_REGISTRY_HOSTING_ANNOTATION: "yes"})
+    with pytest.raises(models.InvalidSpec, match=r'must be "true" or "false"') as caught:
+        models.parse_registry(body, image="img")
+    assert caught.value.field == "metadata.annotations[berth.dev/local-registry-hosting]"
 
 
 def test_deleting() -> None:

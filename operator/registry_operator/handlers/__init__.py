@@ -18,6 +18,13 @@ def register(
     """Attach every handler to `registry` (nothing is registered at import time)."""
     kopf.on.login(registry=registry)(kopf.login_via_client)
     kopf.on.startup(id="ensure-peering", registry=registry)(lifecycle.ensure_peering)
+    kopf.on.startup(id="remember-index", registry=registry)(registries.remember_index)
+    kopf.index(GROUP, VERSION, models.PLURAL, id=registries.CLAIMS_INDEX, registry=registry)(
+        registries.index_claim
+    )
+    kopf.on.event(GROUP, VERSION, models.PLURAL, id="node-claims", registry=registry)(
+        registries.registry_changed
+    )
     for on, handler_id in (
         (kopf.on.create, "reconcile-create"),
         (kopf.on.update, "reconcile-update"),

@@ -18,6 +18,7 @@ WATCHED = (
     ("", "v1", "services"),
     ("", "v1", "persistentvolumeclaims"),
     ("apps", "v1", "deployments"),
+    ("apps", "v1", "daemonsets"),
     ("networking.k8s.io", "v1", "ingresses"),
     ("policy", "v1", "poddisruptionbudgets"),
 )
@@ -47,14 +48,16 @@ async def child_changed(
         state.forget(kind, namespace, name)
     elif state.own_write(kind, namespace, name, str(body.metadata.get("resourceVersion"))):
         return
-    # Secrets in granted namespaces name the registry's namespace in a label; the policy
-    # and robots Secrets live next to the Registry. Both are written by the access reconcile.
+    # Objects outside the registry's namespace (Secrets in granted namespaces, the
+    # kube-public/local-registry-hosting ConfigMap) name its namespace in a label; the
+    # policy and robots Secrets live next to the Registry and come from the access
+    # reconcile, like the Secrets in granted namespaces.
     registry_namespace = labels.get(names.REGISTRY_NAMESPACE_LABEL, namespace)
     try:
         if labels.get(names.COMPONENT_LABEL) in names.ACCESS_COMPONENTS:
             await state.reconcile_access(registry_namespace, registry)
         else:
-            await state.reconcile(namespace, registry)
+            await state.reconcile(registry_namespace, registry)
     except errors.KubeError as exc:
         logger.warning(
             "reconciling %s/%s after a %s event failed: %s", namespace, registry, type, exc

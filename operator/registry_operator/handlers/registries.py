@@ -1,14 +1,20 @@
-"""Handlers for Registry objects: create, update, resume, delete, and two timers."""
+"""Handlers for Registry objects: create, update, resume, delete, two timers, and the
+index of every Registry's node port claim with the event handler that watches it."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
+from registry_operator import node_access
 from registry_operator.handlers import runtime
 from registry_operator.kube import errors
+
+# Kopf's index of node port claims, by "namespace/name"; handlers get it by this name.
+CLAIMS_INDEX = "berth_node_claims"
 
 
 async def reconcile_registry(
@@ -40,6 +46,11 @@ async def delete_registry(
     state = runtime.of(memo)
     try:
         await state.reconcile_access(namespace, name)
+    except errors.KubeError as exc:
+        raise kopf.TemporaryError(f"cleanup failed, retrying: {exc}", delay=10) from exc
+    try:
+        # Its claim is marked deleting: the ConfigMap moves on or goes.
+        await state.sync_hosting()
     except errors.KubeError as exc:
         raise kopf.TemporaryError(f"cleanup failed, retrying: {exc}", delay=10) from exc
     state.forget_registry(namespace, name)
@@ -83,3 +94,49 @@ async def poll_replication(
         await state.reconcile(namespace, name)
     except errors.KubeError as exc:
         logger.warning("status of %s/%s not written, next poll retries: %s", namespace, name, exc)
+
+
+def index_claim(body: kopf.Body, **_: Any) -> dict[str, node_access.Claim] | None:
+    """Kopf keeps this index of every Registry; Kopf fills it before any handler runs,
+    so even the first reconciles after a restart see every other Registry's port."""
+    claim = node_access.claim_of(body)
+    return None if claim is None else {claim.ref: claim}
+
+
+async def remember_index(*, memo: Any, **kwargs: Any) -> None:
+    """At start-up: keep the (live) index where the reconciles look for it."""
+    index = kwargs.get(CLAIMS_INDEX)
+    if isinstance(index, Mapping):
+        runtime.of(memo).claims_index = index
+
+
+async def registry_changed(
+    *,
+    type: str | None,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    memo: Any,
+    **_: Any,
+) -> None:
+    """A Registry's node port claim changed (or it appeared, or went): the Registries
+    sharing the old or the new port decide again who holds it, and the cluster's
+    local-registry-hosting ConfigMap follows."""
+    state = runtime.of(memo)
+    key = f"{namespace}/{name}"
+    claim = None if type == "DELETED" else node_access.claim_of(body)
+    before = state.claims_seen.get(key)
+    if claim is None:
+        state.claims_seen.pop(key, None)
+    else:
+        state.claims_seen[key] = claim
+    if type is None or before == claim:
+        return  # the initial listing (resuming covers it), or nothing that matters changed
+    ports = {c.port for c in (before, claim) if c is not None and c.port is not None}
+    for other in state.claims() or []:
+        if other.ref != key and other.port in ports:
+            state.spawn(f"reconcile of {other.ref}", state.reconcile(other.namespace, other.name))
+            state.spawn(
+                f"access of {other.ref}", state.reconcile_access(other.namespace, other.name)
+            )
+    state.spawn("local-registry-hosting", state.sync_hosting())

@@ -10,12 +10,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from typing import Any, cast
 
 import kopf
 
-from registry_operator import access, coalescing, credentials, fetching, granting, reconcile
+from registry_operator import (
+    access,
+    coalescing,
+    credentials,
+    fetching,
+    granting,
+    node_access,
+    reconcile,
+)
 from registry_operator import robots as robots_
 from registry_operator import status as status_
 from registry_operator.kube import client as kube_client
@@ -49,6 +57,10 @@ class Runtime:
     # The labels (and whether terminating) of every namespace, as last seen.
     namespaces: dict[str, tuple[Mapping[str, str], bool]] = dataclasses.field(default_factory=dict)
     replication: dict[Key, status_.ReplicationObservation] = dataclasses.field(default_factory=dict)
+    # Kopf's index of every Registry's node port claim (live; set at start-up), and the
+    # claims as the Registry event handler last saw them (to notice what changed).
+    claims_index: Mapping[Any, Iterable[node_access.Claim]] | None = None
+    claims_seen: dict[str, node_access.Claim] = dataclasses.field(default_factory=dict)
     _later: dict[Key, asyncio.TimerHandle] = dataclasses.field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
 
@@ -66,6 +78,13 @@ class Runtime:
         self.written.pop((kind, namespace, name), None)
 
     # -- the reconciles --
+
+    def claims(self) -> list[node_access.Claim] | None:
+        """A snapshot of every Registry's claim; None before the index is known (the
+        reconciles then list the Registries themselves). Call it on the event loop."""
+        if self.claims_index is None:
+            return None
+        return [claim for store in self.claims_index.values() for claim in store]
 
     def _post(self, ref: Mapping[str, Any], event: Event) -> None:
         kopf.event(
@@ -89,6 +108,7 @@ class Runtime:
                     self.options,
                     self.replication.get((namespace, name)),
                     told,
+                    self.claims(),
                 )
             except BaseException:
                 # What it changed before failing is still worth telling.
@@ -96,12 +116,13 @@ class Runtime:
                     for event in told.events:
                         self._post(told.ref, event)
                 raise
-            for (kind, child), version in outcome.written.items():
-                self.written[(kind, namespace, child)] = version
+            self.written.update(outcome.written)
             # Posted here, inside the coalesced job, so callers sharing it do not repeat them.
             if outcome.ref is not None:
                 for event in outcome.events:
                     self._post(outcome.ref, event)
+            for ref, event in outcome.elsewhere:
+                self._post(ref, event)
             self._wake(outcome.wake)
             return outcome
 
@@ -112,7 +133,12 @@ class Runtime:
 
         async def job() -> granting.Outcome:
             outcome = await asyncio.to_thread(
-                granting.reconcile_access, self.kube, namespace, name, self.access_options
+                granting.reconcile_access,
+                self.kube,
+                namespace,
+                name,
+                self.access_options,
+                self.claims(),
             )
             self.written.update(outcome.written)
             self.interest[(namespace, name)] = outcome.interest
@@ -124,6 +150,20 @@ class Runtime:
             return outcome
 
         return await self.access_queue.run((namespace, name), job)
+
+    async def sync_hosting(self) -> None:
+        """Make kube-public/local-registry-hosting follow the claims (after a deletion)."""
+        claims = self.claims()
+
+        def sync() -> reconcile.Hosting:
+            found = claims if claims is not None else reconcile.list_claims(self.kube)
+            return reconcile.sync_local_registry_hosting(self.kube, found)
+
+        hosting = await asyncio.to_thread(sync)
+        self.written.update(hosting.written)
+        for key, event in hosting.events:
+            if key in hosting.refs:
+                self._post(hosting.refs[key], event)
 
     def forget_registry(self, namespace: str, name: str) -> None:
         key = (namespace, name)

@@ -46,6 +46,7 @@ KNOWN = (
     Resource("v1", "Service", "services"),
     Resource("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
     Resource("apps/v1", "Deployment", "deployments"),
+    Resource("apps/v1", "DaemonSet", "daemonsets"),
     Resource("networking.k8s.io/v1", "Ingress", "ingresses"),
     Resource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
     Resource("berth.dev/v1alpha1", "Registry", "registries"),

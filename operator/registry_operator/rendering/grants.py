@@ -63,7 +63,7 @@ def access_secret(
     component = (
         names.PULL_SECRET_COMPONENT if desired.mode == robots.PULL else names.PUSH_SECRET_COMPONENT
     )
-    config = access.dockerconfigjson(target.host, credential)
+    config = access.dockerconfigjson(target.hosts, credential)
     return manifests.manifest(
         "access-secret.yaml.j2",
         name=desired.name,

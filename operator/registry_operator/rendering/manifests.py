@@ -21,6 +21,13 @@ Manifest = dict[str, Any]
 
 # What the pod mounts from the Secret: everything the server reads, nothing more.
 MOUNTED_SECRET_KEYS = (creds.SIGNING_KEY, creds.HTPASSWD)
+# The node proxy: a relay with a thread per direction of each connection; its memory
+# is the interpreter's (~14 MiB) plus ~40 KiB per open connection (at most 256).
+NODE_PROXY_RESOURCES: Mapping[str, Mapping[str, str]] = {
+    "requests": {"cpu": "10m", "memory": "32Mi"},
+    "limits": {"memory": "128Mi"},
+}
+NODE_PROXY_DRAIN_SECONDS = 10  # open pulls get this long to finish when a proxy pod stops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,15 +150,66 @@ def checksum(config_map: Manifest, secret: Manifest) -> str:
     return "sha256:" + hashlib.sha256(content.encode()).hexdigest()
 
 
+def node_proxy(spec: models.Spec, owner: models.Owner, port: int) -> Manifest:
+    """The DaemonSet relaying `localhost:<port>` on every node to the Registry's Service."""
+    name, namespace = owner.name, owner.namespace
+    return manifest(
+        "daemonset.yaml.j2",
+        name=names.node_proxy(name),
+        namespace=namespace,
+        labels=names.node_proxy_labels(name),
+        selector=names.node_proxy_selector_labels(name),
+        owner_references=owner_references(owner),
+        spec=spec,
+        port=port,
+        upstream=names.service_host(name, namespace),
+        drain_seconds=NODE_PROXY_DRAIN_SECONDS,
+        resources=NODE_PROXY_RESOURCES,
+        run_as=names.RUN_AS,
+    )
+
+
+def local_registry_hosting_text(host: str, runtime_host: str, cluster_host: str) -> str:
+    """The KEP-1755 LocalRegistryHostingV1 document (YAML; JSON is YAML)."""
+    document = {
+        "host": host,
+        "hostFromContainerRuntime": runtime_host,
+        "hostFromClusterNetwork": cluster_host,
+        "help": names.LOCAL_REGISTRY_HOSTING_HELP,
+    }
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def local_registry_hosting(
+    registry: str, namespace: str, port: int, ingress_host: str | None = None
+) -> Manifest:
+    """kube-public/local-registry-hosting naming one Registry. Not owned (owner
+    references cannot cross namespaces): its labels name the Registry instead."""
+    runtime_host = names.node_host(port)
+    return manifest(
+        "local-registry-hosting.yaml.j2",
+        name=names.LOCAL_REGISTRY_HOSTING,
+        namespace=names.LOCAL_REGISTRY_HOSTING_NAMESPACE,
+        labels=names.access_labels(registry, namespace, names.LOCAL_REGISTRY_HOSTING_COMPONENT),
+        key=names.LOCAL_REGISTRY_HOSTING_KEY,
+        hosting=local_registry_hosting_text(
+            ingress_host or runtime_host, runtime_host, names.service_host(registry, namespace)
+        ),
+    )
+
+
 def render(
     spec: models.Spec,
     owner: models.Owner,
     credentials: creds.Credentials,
     replication: Replication = Replication(),
+    node_port: int | None = None,
 ) -> list[Manifest]:
     """All children of a Registry, in the order they should be applied.
 
     The policy Secret is not among them: it is written from the Repositories (`access`).
+    `node_port` is the port its node proxy serves (`node_access.served_port`); None
+    renders no proxy.
     """
     name, namespace = owner.name, owner.namespace
     owned = owner_references(owner)
@@ -267,4 +325,6 @@ def render(
                 **common,
             )
         )
+    if node_port is not None:
+        manifests.append(node_proxy(spec, owner, node_port))
     return manifests

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 REGISTRY_LABEL = "berth.dev/registry"
 # On objects outside the registry's namespace (pull and push Secrets): where it lives.
 REGISTRY_NAMESPACE_LABEL = "berth.dev/registry-namespace"
@@ -30,6 +32,34 @@ REPLICATION_DIR = "/etc/berth/replication"
 NOTIFICATIONS_DIR = "/etc/berth/notifications"  # one directory of header files per webhook
 DATA_DIR = "/var/lib/berth"
 RUN_AS = 65532  # the conventional "nonroot" uid/gid of distroless-style images
+
+NODE_PROXY_COMPONENT = "node-proxy"
+# The node port a Registry's proxy takes when its spec names none: one of these, by a
+# hash of namespace/name. Below the NodePort range (30000-32767) and above the ports
+# node software commonly listens on, leaving out the few in between that nodes do run
+# (a hostPort on 127.0.0.1 would capture the node's own localhost traffic to them).
+NODE_PORTS_AVOIDED = frozenset(
+    {
+        5353,  # mDNS
+        5355,  # LLMNR (systemd-resolved, TCP too)
+        5432,  # PostgreSQL
+        5433,
+        5601,  # Kibana
+        5666,  # Nagios NRPE
+        5672,  # AMQP
+        5683,  # CoAP
+        5684,
+    }
+)
+DEFAULT_NODE_PORTS = tuple(p for p in range(5100, 5900) if p not in NODE_PORTS_AVOIDED)
+# KEP-1755: the cluster's one advertisement of a local registry.
+LOCAL_REGISTRY_HOSTING_NAMESPACE = "kube-public"
+LOCAL_REGISTRY_HOSTING = "local-registry-hosting"
+LOCAL_REGISTRY_HOSTING_COMPONENT = "local-registry-hosting"
+LOCAL_REGISTRY_HOSTING_KEY = "localRegistryHosting.v1"
+LOCAL_REGISTRY_HOSTING_HELP = (
+    "https://github.com/berth-dev/berth/blob/main/docs/operator.md#node-access"
+)
 
 
 def config_map(registry: str) -> str:
@@ -84,6 +114,30 @@ def ingress(registry: str) -> str:
 
 def disruption_budget(registry: str) -> str:
     return registry
+
+
+def node_proxy(registry: str) -> str:
+    return f"{registry}-node-proxy"
+
+
+def default_node_port(registry: str, namespace: str) -> int:
+    """The node port of a Registry whose spec names none: stable for its whole life."""
+    digest = hashlib.sha256(f"{namespace}/{registry}".encode()).digest()
+    return DEFAULT_NODE_PORTS[int.from_bytes(digest[:8], "big") % len(DEFAULT_NODE_PORTS)]
+
+
+def node_host(port: int) -> str:
+    """What kubelets pull from: containerd speaks plain HTTP to localhost only."""
+    return f"localhost:{port}"
+
+
+def node_proxy_selector_labels(registry: str) -> dict[str, str]:
+    """Not the server's: the Service must never send clients to a proxy pod."""
+    return {"app.kubernetes.io/name": "berth-node-proxy", "app.kubernetes.io/instance": registry}
+
+
+def node_proxy_labels(registry: str) -> dict[str, str]:
+    return {**labels(registry, NODE_PROXY_COMPONENT), **node_proxy_selector_labels(registry)}
 
 
 def in_cluster_url(registry: str, namespace: str) -> str:
