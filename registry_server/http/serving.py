@@ -81,7 +81,11 @@ async def start(
 ) -> Runner:
     """Serve ``app`` on ``sock`` until the returned runner is cleaned up."""
     runner = Runner(
-        app, handle_signals=handle_signals, shutdown_timeout=shutdown_timeout, access_log=None
+        app,
+        handle_signals=handle_signals,
+        shutdown_timeout=shutdown_timeout,
+        access_log=None,
+        keepalive_timeout=75,  # web.run_app's default (the handler's own is an hour)
     )
     await runner.setup()
     try:
