@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from tests.integration.test_auth_clients import (
     start_auth_registry,
 )
 from tests.support.clients import run_tool
-from tests.support.images import make_oci_layout
+from tests.support.images import make_oci_layout, read_json_blob
 
 pytestmark = pytest.mark.integration
 
@@ -48,8 +47,10 @@ def test_immutable_tags_refuse_overwrite_and_delete_and_retention_prunes(
     crane("auth", "login", registry.host, "-u", "root", "-p", SECRETS["root"])
     repo = f"{registry.host}/team-a/app"
 
+    layouts: dict[str, Path] = {}
+
     def push(tag: str) -> str:
-        source = tmp_path / f"layout-{tag}-{time.monotonic_ns()}"
+        source = layouts[tag] = tmp_path / f"layout-{tag}-{time.monotonic_ns()}"
         digest = make_oci_layout(source, tag)
         crane("push", source, f"{repo}:{tag}")
         return digest
@@ -76,7 +77,8 @@ def test_immutable_tags_refuse_overwrite_and_delete_and_retention_prunes(
 
     stable = push("stable")
     dev = [push(f"dev-{i}") for i in range(4)]
-    first_layer = json.loads(crane("manifest", f"{repo}@{dev[0]}").stdout)["layers"][0]["digest"]
+    # Read from the pushed layout: retention (every second) may already have removed dev-0.
+    first_layer = read_json_blob(layouts["dev-0"], dev[0])["layers"][0]["digest"]
     expected = {"v1", "stable", "dev-2", "dev-3"}  # latest and the older dev tags go
     deadline = time.monotonic() + 30
     while set(crane("ls", repo).stdout.split()) != expected:
