@@ -53,6 +53,7 @@ import contextlib
 import fcntl
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -681,7 +682,7 @@ class _Build:
         )
 
         def build() -> Layer:
-            _ensure_debootstrap()
+            _ensure_debootstrap(self)
             work = self.tempdir("base")
             try:
                 root = work / "rootfs"
@@ -833,7 +834,7 @@ class _Build:
             def add_bytes(arcname: str, data: bytes) -> None:
                 info = tarfile.TarInfo(arcname)
                 info.size, info.mode, info.mtime = len(data), 0o644, 0
-                tar.addfile(info, _BytesReader(data))
+                tar.addfile(info, io.BytesIO(data))
 
             for directory in ("blobs", "blobs/sha256"):
                 info = tarfile.TarInfo(directory)
@@ -881,18 +882,6 @@ class _Build:
                     shutil.rmtree(tree, ignore_errors=True)
 
 
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.offset = 0
-
-    def read(self, size: int = -1) -> bytes:
-        end = len(self.data) if size < 0 else self.offset + size
-        chunk = self.data[self.offset : end]
-        self.offset += len(chunk)
-        return chunk
-
-
 def _unshare() -> list[str]:
     # A private mount namespace (mounts vanish with it) and pid namespace (so does every
     # process started inside; --kill-child if unshare itself is killed).
@@ -908,23 +897,24 @@ def _unshare() -> list[str]:
     ]
 
 
-def _ensure_debootstrap() -> None:
+def _ensure_debootstrap(build: _Build) -> None:
+    """Install Debian's debootstrap when missing, as tools/apt.sh installs the test tools
+    (waiting for a concurrent apt rather than failing on its lock)."""
     if shutil.which("debootstrap", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
         return
-    subprocess.run(
+    apt = ["apt-get", "-qq", "-o", "DPkg::Lock::Timeout=300"]
+    build.run([*apt, "update"], "apt-get update")
+    build.run(
         [
-            "apt-get",
+            "env",
+            "DEBIAN_FRONTEND=noninteractive",
+            *apt,
             "install",
             "-y",
-            "-qq",
             "--no-install-recommends",
-            "-o",
-            "DPkg::Lock::Timeout=300",
             "debootstrap",
         ],
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        stdout=subprocess.DEVNULL,
-        check=True,
+        "apt-get install debootstrap",
     )
 
 
@@ -946,7 +936,10 @@ def build(
     result in the cache.
     """
     if os.geteuid() != 0:
-        raise BuildError("building the image needs root (debootstrap, chroot, mount)")
+        raise BuildError(
+            "building the image needs root (debootstrap, chroot, mount): "
+            "run `sudo make image-local`"
+        )
     reference = reference or image_reference()
     cache = cache or cache_root()
     cache.mkdir(parents=True, exist_ok=True)
