@@ -617,9 +617,12 @@ class _Build:
         path = self.cache / "rootfs" / base.digest.removeprefix("sha256:")[:32]
         if not path.is_dir():
             work = self.tempdir("rootfs")
-            _extract(self.blob(base), work / "rootfs")
-            path.parent.mkdir(exist_ok=True)
-            (work / "rootfs").rename(path)
+            try:
+                _extract(self.blob(base), work / "rootfs")
+                path.parent.mkdir(exist_ok=True)
+                (work / "rootfs").rename(path)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
         return path
 
     def tempdir(self, name: str) -> Path:
