@@ -135,12 +135,13 @@ secret() {
 }
 username="$(secret admin-username)"
 # The sample Repository grants team-a pull access: the robot in the Secret Berth wrote
-# there must pull the image and must not push.
+# there must pull the image and must not push. The Secret has one entry per address
+# (node proxy, Ingress, Service), all holding the same credential.
 pull_secret="$("$kubectl" -n team-a get secrets -o name \
     -l "app.kubernetes.io/managed-by=berth-operator,berth.dev/registry=$registry" | head -n1)"
 [[ -n $pull_secret ]] || fail "no pull Secret of $registry in namespace team-a"
 robot="$("$kubectl" -n team-a get "$pull_secret" -o 'jsonpath={.data.\.dockerconfigjson}' |
-    base64 -d | "$python" -c 'import json, sys; (e,) = json.load(sys.stdin)["auths"].values(); print(e["username"]); print(e["password"])')"
+    base64 -d | "$python" -c 'import json, sys; e = next(iter(json.load(sys.stdin)["auths"].values())); print(e["username"]); print(e["password"])')"
 BERTH_SMOKE_PASSWORD="$(secret admin-password)" \
     BERTH_SMOKE_PULLER_PASSWORD="$(sed -n 2p <<<"$robot")" \
     "$python" -m berth_dev.smoke "127.0.0.1:$port" --username "$username" \

@@ -279,6 +279,12 @@ def prepare_host() -> None:
     _write_sysctl("net/bridge/bridge-nf-call-iptables", "1")
     _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", "lo")
     _run("ip", "route", "add", "blackhole", TEST_NET)
+    # The host itself reaches Services too (kube-proxy's rules translate them on output),
+    # but only when routing finds a way first: through the pod bridge, which CNI would
+    # otherwise create with the first pod, and never off the machine.
+    _run("ip", "link", "add", BRIDGE, "type", "bridge")
+    _run("ip", "link", "set", BRIDGE, "up")
+    _run("ip", "route", "add", SERVICE_CLUSTER_IP_RANGE, "dev", BRIDGE)
     # Pods talk to this machine only: nothing from the pod bridge is forwarded elsewhere.
     for variant in _iptables_variants()[:1]:
         _run(variant, "-N", "BERTH-NODE-EGRESS")
