@@ -42,18 +42,23 @@ def _setup_logging(cfg: config_mod.LogConfig) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def _bind(cfg: config_mod.Config) -> socket.socket:
-    family = socket.AF_INET6 if ":" in cfg.http.host else socket.AF_INET
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((cfg.http.host, cfg.http.port))
+    sock.bind((host, port))
     sock.listen(1024)
     sock.set_inheritable(True)
     return sock
 
 
-def _serve(cfg: config_mod.Config, sock: socket.socket, worker_id: int = 0) -> None:
-    from registry_server.app import build_app
+def _serve(
+    cfg: config_mod.Config,
+    sock: socket.socket,
+    metrics_sock: socket.socket | None = None,
+    worker_id: int = 0,
+) -> None:
+    from registry_server.app import build_app, build_metrics_app
     from registry_server.http import serving
 
     try:
@@ -62,10 +67,14 @@ def _serve(cfg: config_mod.Config, sock: socket.socket, worker_id: int = 0) -> N
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
-    serving.run(build_app(cfg, worker_id), sock, shutdown_timeout=10)
+    metrics = build_metrics_app(cfg)
+    extra = [(metrics, metrics_sock)] if metrics is not None and metrics_sock is not None else []
+    serving.run(build_app(cfg, worker_id), sock, shutdown_timeout=10, extra=extra)
 
 
-def _supervise(cfg: config_mod.Config, sock: socket.socket) -> int:
+def _supervise(
+    cfg: config_mod.Config, sock: socket.socket, metrics_sock: socket.socket | None
+) -> int:
     """Fork workers that share the listening socket; restart none, stop all together."""
     log = logging.getLogger("registry_server")
     children: list[int] = []
@@ -74,7 +83,7 @@ def _supervise(cfg: config_mod.Config, sock: socket.socket) -> int:
         if pid == 0:
             code = 1  # a worker that dies of an exception stops them all (then a restart)
             try:
-                _serve(cfg, sock, worker_id)
+                _serve(cfg, sock, metrics_sock, worker_id)
                 code = 0
             except SystemExit as exc:
                 code = 0 if exc.code in (None, 0) else 1
@@ -113,15 +122,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"berth-registry: invalid configuration: {exc}", file=sys.stderr)
         return 2
     _setup_logging(cfg.log)
-    sock = _bind(cfg)
+    sock = _bind(cfg.http.host, cfg.http.port)
+    # Every worker shares it, like the registry's socket; each answers with its own counters.
+    metrics_sock = (
+        _bind(cfg.http.metrics_host, cfg.http.metrics_port) if cfg.http.metrics_addr else None
+    )
     logging.getLogger("registry_server").info(
         "listening",
-        extra={"addr": cfg.http.addr, "root": str(cfg.storage.root), "workers": cfg.http.workers},
+        extra={
+            "addr": cfg.http.addr,
+            "metrics_addr": cfg.http.metrics_addr or cfg.http.addr,
+            "root": str(cfg.storage.root),
+            "workers": cfg.http.workers,
+        },
     )
     if cfg.http.workers == 1:
-        _serve(cfg, sock)
+        _serve(cfg, sock, metrics_sock)
         return 0
-    return _supervise(cfg, sock)
+    return _supervise(cfg, sock, metrics_sock)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ from registry_server.config import Config
 from registry_server.events import notifier
 from registry_server.events.background import cancel_all
 from registry_server.events.replicator import Replicator
-from registry_server.http import replication, routes, token
+from registry_server.http import accounts, replication, routes, token
+from registry_server.http.clients import ClientAddresses
 from registry_server.http.context import SERVICES, Services
 from registry_server.http.errors import error_middleware
-from registry_server.http.health import metrics_middleware
+from registry_server.http.health import metrics_app, metrics_middleware
 from registry_server.protocol.tag_rules import NO_RULES, TagRules
 from registry_server.services.blobs import BlobService
 from registry_server.services.discovery import DiscoveryService
@@ -79,14 +80,16 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
         max_manifest_bytes=config.limits.max_manifest_bytes,
         replicator=replicator,
         region=rep.region,
+        clients=ClientAddresses(config.http.trusted_proxies, config.http.forwarded_header),
     )
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware], client_max_size=_CLIENT_MAX_SIZE
     )
     app[SERVICES] = svc
-    routes.add_routes(app)
+    routes.add_routes(app, metrics=not config.http.metrics_addr)
     token.setup(app)
     replication.add_routes(app)
+    accounts.add_routes(app)
 
     collector = GarbageCollector(
         store, index, config.gc.grace_seconds, config.limits.upload_purge_after_seconds
@@ -123,6 +126,11 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     app.on_startup.append(start)
     app.on_cleanup.append(close)
     return app
+
+
+def build_metrics_app(config: Config) -> web.Application | None:
+    """The application of the separate metrics listener, when one is configured."""
+    return metrics_app() if config.http.metrics_addr else None
 
 
 def _source(config: Config, log_id: str) -> notifier.Source:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import math
 import os
@@ -18,11 +19,21 @@ class ConfigError(Exception):
     """The configuration is invalid; the message says which key and why."""
 
 
+# The headers a trusted proxy may name the client in (http.forwarded_header).
+FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     addr: str = "127.0.0.1:5000"
     external_url: str = ""
     workers: int = 1
+    # host:port of a listener serving only /metrics; empty: /metrics on `addr` instead.
+    metrics_addr: str = ""
+    # Peers (addresses or CIDR networks) whose forwarded-for header names the client;
+    # from anyone else the header is ignored, so no client can choose its own address.
+    trusted_proxies: tuple[str, ...] = ()
+    forwarded_header: str = "x-forwarded-for"  # or "forwarded" (RFC 7239)
 
     @property
     def host(self) -> str:
@@ -31,6 +42,14 @@ class HttpConfig:
     @property
     def port(self) -> int:
         return int(self.addr.rsplit(":", 1)[1])
+
+    @property
+    def metrics_host(self) -> str:
+        return self.metrics_addr.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+
+    @property
+    def metrics_port(self) -> int:
+        return int(self.metrics_addr.rsplit(":", 1)[1])
 
 
 @dataclass(frozen=True)
@@ -62,8 +81,9 @@ class AuthConfig:
     refresh_token_ttl_seconds: int = 30 * 24 * 3600
     reload_interval_seconds: int = 1
     credential_cache_seconds: int = 60
-    failure_limit: int = 10
+    failure_limit: int = 10  # per account and client
     failure_window_seconds: int = 60
+    client_failure_limit: int = 100  # per client, whatever the accounts
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,9 @@ class PeerConfig:
     username: str = ""
     password: str = ""
     password_file: Path | None = None  # preferred over an inline password (mounted Secret)
+    # Where else than the peer's own origin its Bearer challenge may send our credentials
+    # (a registry whose token service lives elsewhere): one realm URL, "" for none.
+    token_realm: str = ""
     ca_file: Path | None = None
     tls_verify: bool = True
     concurrency: int = 4
@@ -143,6 +166,7 @@ _ENV: dict[str, tuple[str, str, type]] = {
     "BERTH_HTTP_ADDR": ("http", "addr", str),
     "BERTH_EXTERNAL_URL": ("http", "external_url", str),
     "BERTH_WORKERS": ("http", "workers", int),
+    "BERTH_METRICS_ADDR": ("http", "metrics_addr", str),
     "BERTH_STORAGE_ROOT": ("storage", "root", Path),
     "BERTH_MAX_MANIFEST_BYTES": ("limits", "max_manifest_bytes", int),
     "BERTH_LOG_LEVEL": ("log", "level", str),
@@ -213,6 +237,8 @@ def _section(name: str, cls: type, raw: Any) -> Any:
             current is None and key in ("htpasswd", "policy", "signing_key")
         ):
             values[key] = Path(str(value))
+        elif isinstance(current, tuple):
+            values[key] = _strings(value, f"{name}.{key}")
         elif isinstance(current, bool) or not isinstance(current, int):
             values[key] = value if not isinstance(current, str) else str(value)
         else:
@@ -255,6 +281,12 @@ def _peer(index: int, raw: Any) -> PeerConfig:
         raise ConfigError(f"{where}.kind must be 'berth' or 'oci', got {peer.kind!r}")
     if peer.concurrency < 1 or peer.chunk_size_mb < 1:
         raise ConfigError(f"{where}: concurrency and chunk_size_mb must be >= 1")
+    if peer.token_realm:
+        if not peer.token_realm.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.token_realm must start with http:// or https://")
+        if peer.url.startswith("https://") and not peer.token_realm.startswith("https://"):
+            # The password would travel in clear to reach a peer we only talk TLS to.
+            raise ConfigError(f"{where}.token_realm must be https:// for an https:// peer")
     return peer
 
 
@@ -398,6 +430,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"http.addr has an invalid port: {config.http.addr!r}") from None
     if config.http.workers < 1:
         raise ConfigError("http.workers must be >= 1")
+    _validate_forwarding(config.http)
     if config.storage.index != "sqlite":
         raise ConfigError(f"storage.index: unknown index backend {config.storage.index!r}")
     if config.replication.peers and not config.replication.region:
@@ -407,6 +440,30 @@ def _validate(config: Config) -> None:
     _validate_log(config.log)
     if config.auth is not None:
         _validate_auth(config.auth, config.http.workers)
+
+
+def _validate_forwarding(http: HttpConfig) -> None:
+    if http.metrics_addr:
+        if ":" not in http.metrics_addr:
+            raise ConfigError(f"http.metrics_addr must be host:port, got {http.metrics_addr!r}")
+        try:
+            http.metrics_port  # noqa: B018 - validation by parsing
+        except ValueError:
+            raise ConfigError(
+                f"http.metrics_addr has an invalid port: {http.metrics_addr!r}"
+            ) from None
+    for entry in http.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError:
+            raise ConfigError(
+                f"http.trusted_proxies: {_shown(entry)} is not an IP address or network"
+            ) from None
+    if http.forwarded_header.lower() not in FORWARDED_HEADERS:
+        raise ConfigError(
+            f"http.forwarded_header: expected one of {', '.join(FORWARDED_HEADERS)}, "
+            f"got {_shown(http.forwarded_header)}"
+        )
 
 
 def _validate_log(log: LogConfig) -> None:
@@ -426,5 +483,8 @@ def _validate_auth(auth: AuthConfig, workers: int) -> None:
         raise ConfigError("auth token lifetimes must be at least one second")
     if auth.reload_interval_seconds <= 0:
         raise ConfigError("auth.reload_interval_seconds must be positive")
-    if auth.failure_limit < 0 or auth.failure_window_seconds < 0:
-        raise ConfigError("auth.failure_limit and auth.failure_window_seconds must be >= 0")
+    if auth.failure_limit < 0 or auth.failure_window_seconds < 0 or auth.client_failure_limit < 0:
+        raise ConfigError(
+            "auth.failure_limit, auth.client_failure_limit and auth.failure_window_seconds "
+            "must be >= 0"
+        )

@@ -134,6 +134,10 @@ class ConfiguredAuthorizer:
     def tag_rules(self, repository: str) -> TagRules:
         return self.files.directory.policy.tag_rules(repository)
 
+    def credential_fingerprint(self, name: str) -> str | None:
+        account = self.directory.accounts.get(name)
+        return secret_fingerprint(account.secret_hash) if account is not None else None
+
     # -- lifecycle --
 
     async def start(self) -> None:
@@ -146,14 +150,14 @@ class ConfiguredAuthorizer:
 
     def _failed(self, client: str, reason: str, account: str | None = None) -> None:
         metrics.FAILURES.labels(reason).inc()
-        self.limiter.record_failure(client)
+        self.limiter.record_failure(client, account)
         log.warning(
             "authentication failed",
             extra={"client": client, "reason": reason, "account": account or ""},
         )
 
-    def _check_rate(self, client: str) -> None:
-        wait = self.limiter.retry_after(client)
+    def _check_rate(self, client: str, account: str | None = None) -> None:
+        wait = self.limiter.retry_after(client, account)
         if wait:
             metrics.RATE_LIMITED.inc()
             raise errors.RegistryError(
@@ -171,15 +175,14 @@ class ConfiguredAuthorizer:
         )
 
     async def _login(self, directory: Directory, name: str, secret: str, client: str) -> bool:
+        self._check_rate(client, name)
         account = directory.accounts.get(name)
-        if account is None:
-            await self.passwords.burn(secret)
-            self._failed(client, "unknown_account", name)
-            return False
-        if not await self.passwords.verify(secret, account.secret_hash):
-            self._failed(client, "bad_secret", name)
-            return False
-        return True
+        # A refusal costs the same bcrypt work whether the name exists or not.
+        stored = account.secret_hash if account is not None else None
+        if await self.passwords.check(secret, stored, directory.costs):
+            return True
+        self._failed(client, "bad_secret" if account is not None else "unknown_account", name)
+        return False
 
     # -- the Authorizer protocol --
 
@@ -192,6 +195,7 @@ class ConfiguredAuthorizer:
             if wanted and all(self.directory.permits(None, a) for a in wanted):
                 return ANONYMOUS
             raise self._unauthorized(wanted)
+        # The client's own meter here; the account's, once the name is known (_login).
         self._check_rate(client)
         if scheme == "basic":
             return await self._authorize_basic(credentials, client, wanted)
@@ -361,5 +365,9 @@ def build(config: AuthConfig, external_url: str) -> ConfiguredAuthorizer:
         files,
         TokenCodec(key, config.issuer),
         PasswordVerifier(config.credential_cache_seconds),
-        FailureLimiter(config.failure_limit, config.failure_window_seconds),
+        FailureLimiter(
+            config.failure_limit,
+            config.failure_window_seconds,
+            client_limit=config.client_failure_limit,
+        ),
     )

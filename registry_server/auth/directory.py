@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from registry_server.auth import htpasswd, scopes
 from registry_server.auth import policy as policy_mod
-from registry_server.auth import scopes
-from registry_server.auth.model import ANONYMOUS, CATALOG, REPLICATION, Access, Principal
+from registry_server.auth.model import ANONYMOUS, CATALOG, Access, Principal
 
 log = logging.getLogger("registry_server.auth")
 
@@ -22,6 +22,13 @@ log = logging.getLogger("registry_server.auth")
 class Directory:
     accounts: Mapping[str, policy_mod.Account]
     policy: policy_mod.Policy
+    # Every bcrypt cost the accounts use: a refused login does one check at each
+    # (auth.passwords), so that a name's existence does not show in the time taken.
+    costs: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        costs = {htpasswd.bcrypt_cost(a.secret_hash) for a in self.accounts.values()}
+        object.__setattr__(self, "costs", frozenset(c for c in costs if c is not None))
 
     @classmethod
     def build(
@@ -57,7 +64,7 @@ class Directory:
         """Whether ``name`` (None: anonymous) has every action of ``access``."""
         if scopes.is_catalog(access):
             return self.policy.catalog(name)
-        if scopes.is_replication(access):
+        if scopes.admin_only(access) is not None:
             return self.policy.administers(name)
         if access.type != scopes.REPOSITORY:
             return False
@@ -70,9 +77,9 @@ class Directory:
             if scopes.is_catalog(access):
                 if self.policy.catalog(name):
                     granted.append(CATALOG)
-            elif scopes.is_replication(access):
+            elif (resource := scopes.admin_only(access)) is not None:
                 if self.policy.administers(name):
-                    granted.append(REPLICATION)
+                    granted.append(resource)
             elif access.type == scopes.REPOSITORY and scopes.valid_repository(access.name):
                 wanted = scopes.requested_repository_actions(access)
                 allowed = wanted & self.policy.actions(name, access.name)

@@ -18,6 +18,12 @@ def is_bcrypt(value: str) -> bool:
     return _BCRYPT.match(value) is not None
 
 
+def bcrypt_cost(value: str) -> int | None:
+    """The cost (log2 of the rounds) of a bcrypt hash; None when it is not one."""
+    match = _BCRYPT.match(value)
+    return int(match.group(1)) if match else None
+
+
 def hash_kind(value: str) -> str:
     """A short name for a hash format, for log lines (never the hash itself)."""
     if value.startswith("$apr1$"):

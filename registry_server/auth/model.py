@@ -29,6 +29,10 @@ class Access:
 CATALOG = Access("registry", "catalog", frozenset({"*"}))
 # Replication status and anti-entropy state: for peers and the operator (admins only).
 REPLICATION = Access("registry", "replication", frozenset({"*"}))
+# Which credential the server holds for an account (the operator's rotation check; admins).
+ACCOUNTS = Access("registry", "accounts", frozenset({"*"}))
+# Resources only admins have, whatever the policy's rules say.
+ADMIN_ONLY = (REPLICATION, ACCOUNTS)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,14 @@ class TokenIssuer(Protocol):
 
         Raises TokenError (bad request, bad credentials) or RegistryError TOO_MANY_REQUESTS.
         """
+
+
+@runtime_checkable
+class CredentialSource(Protocol):
+    """An Authorizer that can say which credential it holds for an account."""
+
+    def credential_fingerprint(self, name: str) -> str | None:
+        """A short digest of the account's stored secret hash; None when no such account."""
 
 
 @runtime_checkable

@@ -15,12 +15,15 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import bcrypt
 
-# Checked for unknown users so that a wrong name costs as much as a wrong password.
-_DUMMY_COST = 12
+from registry_server.auth import htpasswd
+
+# Checked for an unknown name when no account exists at all (no cost to copy).
+_DUMMY_COST = 10
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
 class PasswordVerifier:
@@ -36,7 +39,7 @@ class PasswordVerifier:
         self._clock = clock
         self._ok: OrderedDict[bytes, float] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Task[bool]] = {}
-        self._dummy: bytes | None = None
+        self._dummies: dict[int, str] = {}
         self.computations = 0  # bcrypt checks actually run (for tests and curiosity)
 
     def _cache_key(self, secret: str, stored_hash: str) -> bytes:
@@ -86,13 +89,33 @@ class PasswordVerifier:
             self._remember(key)
         return ok
 
-    async def burn(self, secret: str) -> None:
-        """Spend as long as a real check would, for a user that does not exist."""
-        if self._dummy is None:
-            self._dummy = await asyncio.to_thread(
-                bcrypt.hashpw, secrets.token_bytes(16), bcrypt.gensalt(_DUMMY_COST)
-            )
-        await asyncio.to_thread(self._check, secret, self._dummy.decode())
+    async def check(self, secret: str, stored_hash: str | None, costs: Collection[int]) -> bool:
+        """Whether ``secret`` matches ``stored_hash`` (None: the account does not exist).
+
+        A refusal does the same bcrypt work whatever the name: one check at each cost in
+        ``costs`` (every cost the accounts' hashes use), against the account's own hash at
+        its cost and against a dummy hash at the others. So a wrong secret for a robot
+        (cost 5), for the admin (cost 10) and for a name nobody has take the same time,
+        and timing does not tell which names exist. A success returns at once: it
+        tells nothing to someone who already has the secret.
+        """
+        if stored_hash is not None and await self.verify(secret, stored_hash):
+            return True
+        own = htpasswd.bcrypt_cost(stored_hash) if stored_hash is not None else None
+        for cost in sorted(costs) or [_DUMMY_COST]:
+            if cost != own:
+                await asyncio.to_thread(self._check, secret, self._dummy(cost))
+        return False
+
+    def _dummy(self, cost: int) -> str:
+        # A well-formed hash of nothing: checking it costs what the cost says, and it
+        # never matches (a random salt and digest, no password behind them).
+        dummy = self._dummies.get(cost)
+        if dummy is None:
+            salt = bcrypt.gensalt(cost).decode()
+            digest = "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(31))
+            dummy = self._dummies[cost] = salt + digest
+        return dummy
 
     def forget(self) -> None:
         self._ok.clear()

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from functools import lru_cache
 
-from registry_server.auth.model import CATALOG, REPLICATION, Access
+from registry_server.auth.model import ADMIN_ONLY, CATALOG, Access
 from registry_server.protocol import errors, names
 
 REPOSITORY = "repository"
@@ -74,8 +74,12 @@ def valid_repository(name: str) -> bool:
     return True
 
 
-def is_replication(access: Access) -> bool:
-    return access.type == REPLICATION.type and access.name == REPLICATION.name
+def admin_only(access: Access) -> Access | None:
+    """The admin-only resource ``access`` names (replication, accounts), if it names one."""
+    for resource in ADMIN_ONLY:
+        if access.type == resource.type and access.name == resource.name:
+            return resource
+    return None
 
 
 def is_catalog(access: Access) -> bool:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from registry_server.auth.model import Authorizer
 from registry_server.events.replicator import Replicator
+from registry_server.http.clients import ClientAddresses
 from registry_server.services.blobs import BlobService
 from registry_server.services.discovery import DiscoveryService
 from registry_server.services.manifests import ManifestService
@@ -25,6 +26,7 @@ class Services:
     max_manifest_bytes: int
     replicator: Replicator | None = None
     region: str = ""
+    clients: ClientAddresses = field(default_factory=ClientAddresses)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -34,3 +36,8 @@ SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
 
 def services(request: web.Request) -> Services:
     return request.app[SERVICES]
+
+
+def client_address(request: web.Request) -> str:
+    """The address the failure limiter and the logs know this request's client by."""
+    return services(request).clients.of(request)

@@ -8,6 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from registry_server.http.context import Handler, services
+from registry_server.http.errors import error_middleware
 
 REQUESTS = Counter("berth_http_requests_total", "HTTP requests served", ["method", "status"])
 LATENCY = Histogram("berth_http_request_seconds", "HTTP request latency", ["method"])
@@ -46,3 +47,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def metrics_app() -> web.Application:
+    """The listener of ``http.metrics_addr``: ``/metrics`` and nothing else, so that what
+    routes the registry's port to the world (an Ingress) never exposes it."""
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_route("GET", "/metrics", metrics)
+    return app

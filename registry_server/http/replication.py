@@ -8,7 +8,7 @@ from aiohttp import web
 
 from registry_server.auth.model import REPLICATION
 from registry_server.http import body
-from registry_server.http.context import services
+from registry_server.http.context import client_address, services
 from registry_server.http.errors import API_VERSION_HEADER
 from registry_server.protocol import errors, names
 
@@ -19,7 +19,7 @@ MAX_MESSAGE_BYTES = 1 << 20
 
 async def _authorize(request: web.Request) -> None:
     await services(request).auth.authorize(
-        request.headers.get("Authorization"), request.remote or "unknown", [REPLICATION]
+        request.headers.get("Authorization"), client_address(request), [REPLICATION]
     )
 
 

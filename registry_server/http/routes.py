@@ -10,7 +10,7 @@ from aiohttp import web
 
 from registry_server.auth.model import CATALOG, Access, Principal
 from registry_server.http import blobs, discovery, health, manifests, token, uploads
-from registry_server.http.context import services
+from registry_server.http.context import client_address, services
 from registry_server.http.errors import API_VERSION_HEADER
 from registry_server.protocol import errors, names
 
@@ -76,20 +76,16 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
-def _client(request: web.Request) -> str:
-    return request.remote or "unknown"
-
-
 async def base(request: web.Request) -> web.StreamResponse:
     svc = services(request)
-    await svc.auth.authorize(request.headers.get("Authorization"), _client(request), [])
+    await svc.auth.authorize(request.headers.get("Authorization"), client_address(request), [])
     return web.json_response({}, headers=API_VERSION_HEADER)
 
 
 async def catalog(request: web.Request) -> web.StreamResponse:
     svc = services(request)
     principal = await svc.auth.authorize(
-        request.headers.get("Authorization"), _client(request), [CATALOG]
+        request.headers.get("Authorization"), client_address(request), [CATALOG]
     )
     return await discovery.catalog(request, principal)
 
@@ -112,14 +108,15 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         svc = services(request)
         principal = await svc.auth.authorize(
             request.headers.get("Authorization"),
-            _client(request),
+            client_address(request),
             [Access.repository(name, *actions)],
         )
         return await handler(request, Match(name, m.groupdict().get("arg") or "", principal))
     raise errors.RegistryError(errors.ROUTE_UNKNOWN, detail={"path": request.path[:300]})
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, metrics: bool = True) -> None:
+    """The registry's routes; ``/metrics`` too unless it has a listener of its own."""
     app.router.add_route("GET", "/v2/", base)
     app.router.add_route("HEAD", "/v2/", base)
     app.router.add_route("GET", "/v2", base)
@@ -128,5 +125,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("*", "/v2/{tail:(?!_catalog$).+}", dispatch)
     app.router.add_route("GET", "/healthz", health.healthz)
     app.router.add_route("GET", "/readyz", health.readyz)
-    app.router.add_route("GET", "/metrics", health.metrics)
+    if metrics:
+        app.router.add_route("GET", "/metrics", health.metrics)
     token.add_routes(app)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Sequence
 
 from aiohttp import http_exceptions, web, web_protocol, web_request, web_server
 
@@ -96,15 +97,27 @@ async def start(
     return runner
 
 
-def run(app: web.Application, sock: socket.socket, shutdown_timeout: float) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully (as ``web.run_app``)."""
+def run(
+    app: web.Application,
+    sock: socket.socket,
+    shutdown_timeout: float,
+    extra: Sequence[tuple[web.Application, socket.socket]] = (),
+) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully (as ``web.run_app``).
+
+    ``extra`` are further applications on sockets of their own (the metrics listener),
+    started after the main one and stopped before it.
+    """
 
     async def serve() -> None:
-        runner = await start(app, sock, handle_signals=True, shutdown_timeout=shutdown_timeout)
+        runners = [await start(app, sock, handle_signals=True, shutdown_timeout=shutdown_timeout)]
         try:
+            for other, other_sock in extra:
+                runners.append(await start(other, other_sock, shutdown_timeout=shutdown_timeout))
             await asyncio.Event().wait()  # until a signal raises GracefulExit
         finally:
-            await runner.cleanup()
+            for runner in reversed(runners):
+                await runner.cleanup()
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

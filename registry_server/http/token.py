@@ -22,7 +22,7 @@ from registry_server.auth.model import (
     TokenRequest,
 )
 from registry_server.http import body
-from registry_server.http.context import SERVICES, Handler, services
+from registry_server.http.context import SERVICES, Handler, client_address, services
 from registry_server.protocol import errors
 
 PATH = "/token"
@@ -45,10 +45,6 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _client(request: web.Request) -> str:
-    return request.remote or "unknown"
-
-
 async def _from_form(request: web.Request) -> TokenRequest:
     if request.content_type != "application/x-www-form-urlencoded":
         raise TokenError(400, "invalid_request", "expected application/x-www-form-urlencoded")
@@ -68,7 +64,7 @@ async def _from_form(request: web.Request) -> TokenRequest:
         return values[0] if values else None
 
     return TokenRequest(
-        client=_client(request),
+        client=client_address(request),
         scopes=tuple(form.get("scope", [])),
         service=one("service"),
         grant_type=one("grant_type") or "",
@@ -82,7 +78,7 @@ async def _from_form(request: web.Request) -> TokenRequest:
 def _from_query(request: web.Request) -> TokenRequest:
     query = request.query
     return TokenRequest(
-        client=_client(request),
+        client=client_address(request),
         scopes=tuple(query.getall("scope", [])),
         service=query.get("service"),
         authorization=request.headers.get("Authorization"),

@@ -140,7 +140,14 @@ EnvFactory = Callable[..., Any]
 async def make_env(tmp_path: Path) -> AsyncIterator[EnvFactory]:
     clients: list[TestClient[Any, Any]] = []
 
-    async def make(*, external_url: str = "", policy: bool = True, **auth: Any) -> Env:
+    async def make(
+        *,
+        external_url: str = "",
+        policy: bool = True,
+        trusted_proxies: tuple[str, ...] = (),
+        forwarded_header: str = "x-forwarded-for",
+        **auth: Any,
+    ) -> Env:
         key_path = tmp_path / "token.key"
         key = ec.generate_private_key(ec.SECP256R1())
         key_path.write_bytes(
@@ -155,7 +162,11 @@ async def make_env(tmp_path: Path) -> AsyncIterator[EnvFactory]:
         policy_path = tmp_path / "policy.yaml"
         policy_path.write_text(yaml.safe_dump(policy_document()))
         config = Config(
-            http=HttpConfig(external_url=external_url),
+            http=HttpConfig(
+                external_url=external_url,
+                trusted_proxies=trusted_proxies,
+                forwarded_header=forwarded_header,
+            ),
             storage=StorageConfig(root=tmp_path / "storage"),
             auth=AuthConfig(
                 htpasswd=htpasswd,
@@ -527,6 +538,107 @@ async def test_failures_are_counted_logged_and_limited(
     assert "hunter2-wrong" not in caplog.text and SECRETS["alice"] not in caplog.text
     metrics = await (await env.client.get("/metrics")).text()
     assert 'berth_auth_failures_total{reason="bad_secret"}' in metrics
+
+
+async def test_failures_of_one_account_do_not_lock_out_another(make_env: EnvFactory) -> None:
+    # Behind an Ingress that is not configured as a trusted proxy every client has the
+    # controller's address: an attacker failing alice must not stop the robots.
+    env = await make_env(failure_limit=3, failure_window_seconds=60)
+    for _ in range(3):
+        assert (await env.client.get("/v2/", headers=basic("alice", "guess"))).status == 401
+    assert (await env.client.get("/v2/", headers=basic("alice"))).status == 429
+    assert (await env.client.get("/v2/", headers=basic("puller"))).status == 200
+    resp = await env.client.get(
+        "/token", params={"scope": "repository:team-a/api:pull"}, headers=basic("puller")
+    )
+    assert resp.status == 200
+
+
+def forwarded_for(address: str) -> dict[str, str]:
+    return {"X-Forwarded-For": f"{address}, 10.1.2.3"}  # the client, then a trusted hop
+
+
+async def test_behind_a_trusted_proxy_each_client_has_its_own_meter(
+    make_env: EnvFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await make_env(
+        failure_limit=3, failure_window_seconds=60, trusted_proxies=("127.0.0.1", "10.0.0.0/8")
+    )
+    attacker, kubelet = forwarded_for("203.0.113.9"), forwarded_for("198.51.100.7")
+    for _ in range(3):
+        resp = await env.client.get("/v2/", headers={**basic("puller", "guess"), **attacker})
+        assert resp.status == 401
+    # The attacker is locked out of the account it hammered, even with the secret ...
+    resp = await env.client.get("/v2/", headers={**basic("puller"), **attacker})
+    assert resp.status == 429
+    # ... and a kubelet behind the same proxy with the right secret is not.
+    assert (await env.client.get("/v2/", headers={**basic("puller"), **kubelet})).status == 200
+    resp = await env.client.get(
+        "/token",
+        params={"scope": "repository:team-a/api:pull"},
+        headers={**basic("puller"), **kubelet},
+    )
+    assert resp.status == 200
+    clients = {getattr(r, "client", None) for r in caplog.records}
+    assert clients == {"203.0.113.9"}  # the logs name the client, not the proxy
+
+
+async def test_forwarded_rfc7239_when_configured(make_env: EnvFactory) -> None:
+    env = await make_env(
+        failure_limit=2, trusted_proxies=("127.0.0.1",), forwarded_header="forwarded"
+    )
+
+    def via(address: str) -> dict[str, str]:
+        return {"Forwarded": f'for="{address}";proto=https'}
+
+    for _ in range(2):
+        resp = await env.client.get("/v2/", headers={**basic("ci", "x"), **via("[2001:db8::1]")})
+        assert resp.status == 401
+    resp = await env.client.get("/v2/", headers={**basic("ci"), **via("[2001:db8::1]:4711")})
+    assert resp.status == 429
+    assert (await env.client.get("/v2/", headers={**basic("ci"), **via("192.0.2.1")})).status == 200
+    # X-Forwarded-For is not the configured header: it names nobody.
+    resp = await env.client.get("/v2/", headers={**basic("ci"), **forwarded_for("192.0.2.2")})
+    assert resp.status == 200
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(make_env: EnvFactory) -> None:
+    env = await make_env(failure_limit=3)  # no trusted proxies: the header is the client's text
+    for n in range(3):
+        headers = {**basic("alice", "guess"), **forwarded_for(f"203.0.113.{n}")}
+        assert (await env.client.get("/v2/", headers=headers)).status == 401
+    headers = {**basic("alice"), **forwarded_for("203.0.113.99")}
+    assert (await env.client.get("/v2/", headers=headers)).status == 429
+
+
+async def test_a_client_spraying_names_is_limited(make_env: EnvFactory) -> None:
+    env = await make_env(failure_limit=3, client_failure_limit=5)
+    for name in ("a", "b", "c", "d", "e"):
+        assert (await env.client.get("/v2/", headers=basic(name, "Summer2026"))).status == 401
+    assert (await env.client.get("/v2/", headers=basic("alice"))).status == 429
+
+
+async def test_admins_read_which_credential_an_account_has(make_env: EnvFactory) -> None:
+    env = await make_env()
+    stored = {
+        r["name"]: r["secret_hash"] for r in yaml.safe_load(env.policy_path.read_text())["robots"]
+    }
+    path = "/berth/v1/auth/credentials"
+    resp = await env.client.get(path, params={"account": "puller"}, headers=basic("root"))
+    assert resp.status == 200
+    expected = hashlib.sha256(stored["puller"].encode()).hexdigest()[:16]
+    assert await resp.json() == {"account": "puller", "fingerprint": expected}
+    resp = await env.client.get(path, params={"account": "nobody"}, headers=basic("root"))
+    assert await resp.json() == {"account": "nobody", "fingerprint": None}
+    # Only admins, with Basic or a token for registry:accounts:*.
+    assert (await env.client.get(path, params={"account": "puller"})).status == 401
+    resp = await env.client.get(path, params={"account": "puller"}, headers=basic("alice"))
+    assert resp.status == 403
+    token = await env.token("registry:accounts:*", basic("root"))
+    resp = await env.client.get(path, params={"account": "ci"}, headers=bearer(token))
+    assert resp.status == 200 and (await resp.json())["fingerprint"]
+    alice_token = await env.token("registry:accounts:*", basic("alice"))
+    assert claims_of(alice_token)["access"] == []
 
 
 async def test_repeated_basic_requests_cost_one_bcrypt(make_env: EnvFactory) -> None:

@@ -11,7 +11,7 @@ import bcrypt
 import pytest
 
 from registry_server.auth.passwords import PasswordVerifier
-from registry_server.auth.ratelimit import FailureLimiter
+from registry_server.auth.ratelimit import FailureLimiter, FailureMeter
 from registry_server.auth.reloading import AuthFiles, LoadError, fingerprint
 
 
@@ -26,33 +26,76 @@ class Clock:
 # --- rate limiting ------------------------------------------------------------------------
 
 
-def test_limiter_blocks_after_limit_and_slides() -> None:
+def test_meter_allows_a_burst_then_one_per_interval() -> None:
     clock = Clock()
-    limiter = FailureLimiter(3, 60, clock)
+    meter = FailureMeter(3, 60, clock=clock)
     for _ in range(2):
-        limiter.record_failure("a")
-        clock.now += 10
-    assert limiter.retry_after("a") == 0
-    limiter.record_failure("a")  # third failure at t=1020
-    assert limiter.retry_after("a") == 40  # the first (t=1000) leaves the window at t=1060
-    assert limiter.retry_after("b") == 0  # per client
-    clock.now = 1060.5
-    assert limiter.retry_after("a") == 0
-    limiter.record_failure("a")  # three within the window again (1010, 1020, 1060.5)
-    assert limiter.retry_after("a") == 10
+        meter.record_failure(b"a")
+    assert meter.retry_after(b"a") == 0
+    clock.now += 5
+    meter.record_failure(b"a")  # the third of the burst, at t=1005
+    # Failures drain at 60/3 = 20 s each from t=1000, all by t=1060; another may come
+    # once only two are pending: at t=1020.
+    assert meter.retry_after(b"a") == 15
+    assert meter.retry_after(b"b") == 0  # per key
+    clock.now = 1020.5
+    assert meter.retry_after(b"a") == 0
+    meter.record_failure(b"a")  # one more is allowed, then the next interval
+    assert meter.retry_after(b"a") == 20
+    # Failures spread out drain as they come: one every 20 s never blocks.
+    clock.now += 80
+    for _ in range(10):
+        assert meter.retry_after(b"a") == 0
+        meter.record_failure(b"a")
+        clock.now += 20
+    clock.now += 60  # all drained: forgotten
+    assert meter.retry_after(b"a") == 0 and len(meter) == 0
 
 
-def test_limiter_disabled_and_bounded() -> None:
-    off = FailureLimiter(0, 60)
+def test_meter_disabled_and_bounded() -> None:
+    off = FailureMeter(0, 60)
     for _ in range(100):
-        off.record_failure("a")
-    assert off.retry_after("a") == 0
+        off.record_failure(b"a")
+    assert off.retry_after(b"a") == 0
     clock = Clock()
-    small = FailureLimiter(1, 60, clock, max_clients=2)
-    for client in ("a", "b", "c"):
-        small.record_failure(client)
-    assert small.retry_after("a") == 0  # forgotten: the oldest of three
-    assert small.retry_after("c") == 60
+    small = FailureMeter(1, 60, clock=clock, max_keys=2)
+    for key in (b"a", b"b", b"c"):
+        small.record_failure(key)
+    assert small.retry_after(b"a") == 0  # forgotten: the least recently failing of three
+    assert small.retry_after(b"c") == 60
+    assert len(small) == 2
+
+
+def test_failures_of_one_account_do_not_block_another_or_another_client() -> None:
+    clock = Clock()
+    limiter = FailureLimiter(3, 60, client_limit=10, clock=clock)
+    for _ in range(3):
+        limiter.record_failure("10.0.0.1", "robot")
+    assert limiter.retry_after("10.0.0.1", "robot") > 0
+    # The same account from another client, another account from the same client: free.
+    assert limiter.retry_after("10.0.0.2", "robot") == 0
+    assert limiter.retry_after("10.0.0.1", "admin") == 0
+    assert limiter.retry_after("10.0.0.1") == 0
+
+
+def test_a_client_spraying_names_is_stopped_by_its_own_meter() -> None:
+    clock = Clock()
+    limiter = FailureLimiter(3, 60, client_limit=10, clock=clock)
+    for n in range(10):
+        limiter.record_failure("10.0.0.1", f"user-{n}")  # one guess per name
+    assert limiter.retry_after("10.0.0.1", "user-99") > 0
+    assert limiter.retry_after("10.0.0.1") > 0
+    assert limiter.retry_after("10.0.0.2", "user-99") == 0  # others are not affected
+    for _ in range(10):
+        limiter.record_failure("10.0.0.3")  # failures naming no account (forged tokens)
+    assert limiter.retry_after("10.0.0.3") > 0
+
+
+def test_limiter_memory_is_bounded_whatever_the_names() -> None:
+    limiter = FailureLimiter(3, 60, client_limit=1000, max_keys=100)
+    for n in range(1000):
+        limiter.record_failure(f"10.0.{n // 250}.{n % 250}", "x" * 8000 + str(n))
+    assert len(limiter.per_account) == 100 and len(limiter.per_client) == 100
 
 
 # --- bcrypt off the loop, cached ------------------------------------------------------------
