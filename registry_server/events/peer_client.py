@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urljoin
+from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
 
@@ -62,6 +62,22 @@ class _Throttle:
             await asyncio.sleep(-self._allowance / self.rate)
 
 
+def origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) URL, the port filled in; None for anything else."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
+
+
+def _realm_id(url: str) -> tuple[tuple[str, str, int] | None, str]:
+    return origin(url), urlsplit(url).path or "/"
+
+
 def ssl_context(url: str, tls_verify: bool, ca_file: Path | None) -> ssl.SSLContext | bool:
     """What aiohttp's ``ssl=`` takes: verification on unless switched off, extra CA."""
     if not url.startswith("https://"):
@@ -82,6 +98,7 @@ class PeerClient:
         self._tokens: dict[str, str] = {}  # scope -> "Bearer ..." header value
         self._throttle = _Throttle(peer.bandwidth_limit_mbps)
         self._ssl = ssl_context(peer.url, peer.tls_verify, peer.ca_file)
+        self._origin = origin(self.base)
 
     # -- transport and auth --------------------------------------------------------------
 
@@ -90,11 +107,32 @@ class PeerClient:
             return None
         return aiohttp.BasicAuth(self.peer.username, self.peer.secret())
 
+    def _ours(self, url: str) -> bool:
+        """Whether ``url`` is at the peer's own origin (the only place credentials go)."""
+        return self._origin is not None and origin(url) == self._origin
+
+    def _realm_allowed(self, realm: str) -> bool:
+        # The challenge is the peer's text; whoever answers at the peer's URL (or a proxy
+        # in between) would otherwise get our credentials sent wherever it names, or in
+        # clear over http while the peer itself is https.
+        if self._ours(realm):
+            return True
+        configured = self.peer.token_realm
+        return bool(configured) and _realm_id(realm) == _realm_id(configured)
+
     async def _token(self, challenge: str, scope: str) -> str:
         params = dict(_CHALLENGE_PARAM.findall(challenge))
         realm = params.get("realm")
         if not realm:
             raise PeerError(f"bearer challenge without realm: {challenge[:200]}", 401)
+        realm = urljoin(f"{self.base}/", realm)
+        if not self._realm_allowed(realm):
+            raise PeerError(
+                f"the peer's token realm {realm[:200]!r} is not at the peer's origin "
+                f"{self.base!r}: credentials not sent (name it in the peer's token_realm "
+                "to allow it)",
+                401,
+            )
         query = {"service": params.get("service", ""), "scope": scope}
         async with self.session.get(
             f"{realm}?{urlencode(query)}", auth=self._basic(), ssl=self._ssl
@@ -137,10 +175,12 @@ class PeerClient:
         for attempt in range(2):
             hdrs = dict(headers or {})
             auth = None
-            if scope in self._tokens:
-                hdrs["Authorization"] = self._tokens[scope]
-            else:
-                auth = self._basic()
+            # Credentials go to the peer's origin only, never to a Location elsewhere.
+            if self._ours(url):
+                if scope in self._tokens:
+                    hdrs["Authorization"] = self._tokens[scope]
+                else:
+                    auth = self._basic()
             body = data_factory() if data_factory is not None else data
             try:
                 async with self.session.request(
@@ -153,7 +193,7 @@ class PeerClient:
                     allow_redirects=method in ("GET", "HEAD"),
                 ) as resp:
                     content, cut = await replies.read(resp, limit)
-                    if resp.status == 401 and attempt == 0:
+                    if resp.status == 401 and attempt == 0 and self._ours(url):
                         challenge = resp.headers.get("WWW-Authenticate", "")
                         if challenge.lower().startswith("bearer"):
                             self._tokens[scope] = await self._token(challenge, scope)
