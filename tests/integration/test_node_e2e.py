@@ -305,3 +305,73 @@ def test_pull_through_the_node_path_and_from_the_service(berth: Installed, tmp_p
         timings[name] = time.monotonic() - started
     berth.timings.update({f"pull_50MiB_{k}": v for k, v in timings.items()})
     assert (tmp_path / "node_proxy").stat().st_size == (tmp_path / "service").stat().st_size
+
+
+def region_objects(namespace: str, region: str, other: str) -> str:
+    """A Registry in its own namespace as a region peered with `other`, and a
+    Repository granting namespace team-r pull access through the default ServiceAccount."""
+    registry = {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "Registry",
+        "metadata": {"name": region, "namespace": namespace},
+        "spec": {
+            "region": region,
+            "storage": {"pvc": {"size": "1Gi"}},
+            "replication": {
+                "peers": [
+                    {"name": other, "registryRef": {"name": other, "namespace": f"region-{other}"}}
+                ]
+            },
+        },
+    }
+    repository = {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "Repository",
+        "metadata": {"name": "team-r-app", "namespace": namespace},
+        "spec": {
+            "registryRef": {"name": region},
+            "path": "team-r/app",
+            "pullAccess": {"namespaces": ["team-r"], "serviceAccounts": ["default"]},
+        },
+    }
+    return yaml.safe_dump_all([registry, repository])
+
+
+def test_two_regions_replicate_and_a_pod_pulls_in_each(berth: Installed, tmp_path: Path) -> None:
+    plane = berth.plane
+    for region in ("eu", "us"):
+        ensure_namespace(berth, f"region-{region}")
+    ensure_namespace(berth, "team-r")
+    for region, other in (("eu", "us"), ("us", "eu")):
+        plane.kubectl("apply", "-f", "-", input=region_objects(f"region-{region}", region, other))
+    for region in ("eu", "us"):
+        berth.wait_registry_ready(f"region-{region}", region)
+    eu, us = endpoint(berth, "region-eu", "eu"), endpoint(berth, "region-us", "us")
+    assert eu != us
+
+    started = time.monotonic()
+    push(berth, tmp_path, "team-r/app:v1", "hello from the eu push", "eu", "region-eu")
+    pushed = time.monotonic()
+    us_password = berth.admin_password("region-us", "us")
+
+    def replicated() -> bool:
+        result = skopeo(
+            "inspect",
+            "--tls-verify=false",
+            "--creds",
+            f"admin:{us_password}",
+            f"docker://{us}/team-r/app:v1",
+            check=False,
+        )
+        return result.returncode == 0
+
+    wait_for("team-r/app:v1 replicated to us", replicated, timeout=120, interval=0.5)
+    berth.timings["replication_push_done_to_pullable_in_us"] = time.monotonic() - pushed
+    berth.timings["replication_push_start_to_pullable_in_us"] = time.monotonic() - started
+
+    for region, host in (("eu", eu), ("us", us)):
+        run_pod(berth, "team-r", f"app-{region}", f"{host}/team-r/app:v1")
+        assert pod_outcome(berth, "team-r", f"app-{region}") == "running", pod_events(
+            berth, "team-r", f"app-{region}"
+        )
+        assert "hello from the eu push" in pod_logs(berth, "team-r", f"app-{region}")
