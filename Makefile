@@ -14,6 +14,8 @@ export PATH := /usr/local/go/bin:$(PATH)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
 
 PYTEST_ARGS ?=
+# e.g. BENCH_ARGS="--only operator" reruns one section (python -m bench --help).
+BENCH_ARGS ?=
 HELM = $(BERTH_CACHE)/helm-$(shell sed -n 's/^HELM_VERSION=//p' tools/versions.env)/helm
 
 .PHONY: help install tools test unit integration lint fmt run serve bench crds chart-lint image image-local e2e-kind clean
@@ -29,7 +31,7 @@ help:
 	@echo "make chart-lint  helm lint --strict and helm template of helm/berth"
 	@echo "make image       build the Berth image (needs Docker)"
 	@echo "make image-local build the Berth image without Docker (root; an OCI archive, cached)"
-	@echo "make bench       benchmark our server against CNCF distribution 2.8"
+	@echo "make bench       server vs CNCF distribution 2.8, operator, replication (BENCH_ARGS)"
 	@echo "make e2e-kind    cluster end-to-end test on kind (needs a Docker engine)"
 
 install: $(STAMP)
@@ -88,7 +90,7 @@ image-local: install
 	$(BIN)/python -m berth_dev.image build
 
 bench: install tools
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 e2e-kind: install tools
 	bash tools/e2e-kind.sh

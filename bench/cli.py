@@ -1,18 +1,23 @@
-"""The benchmark run: servers up, phases measured in turn against each, results out.
+"""`python -m bench`: the benchmark's sections, each saved to bench/results/<section>.json,
+and the docs' figures regenerated from the saved results (bench/docs.py).
 
-Every phase runs the same client job against every server, repetition by repetition,
-alternating servers, so that slow drifts of a shared machine hit both alike. The
-server's CPU and peak memory are taken around each job, from /proc.
+- server (this module): Berth and CNCF distribution up, phases measured in turn against
+  each. Every phase runs the same client job against every server, repetition by
+  repetition, alternating servers, so that slow drifts of a shared machine hit both
+  alike. The server's CPU and peak memory are taken around each job, from /proc.
+- operator (bench/operator_figures.py): apply -> children, fan-out, memory.
+- replication (bench/replication.py): two regions beside skopeo, from push done.
+
+`--only operator` (or a comma list) runs some of them; the others' saved results and
+figures stay as they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -24,7 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import limits, procs, report
+from bench import docs, limits, meta, operator_figures, procs, replication, report
 from bench.client import MANIFEST_ACCEPT
 
 MiB = 1 << 20
@@ -507,46 +512,10 @@ class Bench:
 
 
 def machine_notes(workdir: Path, binaries: dict[str, str]) -> dict[str, str]:
-    notes: dict[str, str] = {}
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln),
-            "?",
-        )
-    except OSError:
-        model = "?"
-    notes["cpu"] = f"{os.cpu_count()} x {model}"
-    try:
-        kib = int(Path("/proc/meminfo").read_text().split()[1])
-        notes["memory"] = f"{kib / 1024 / 1024:.0f} GiB"
-    except (OSError, ValueError, IndexError):
-        pass
-    notes["kernel"] = platform.release()
-    notes["storage"] = _filesystem(workdir)
-    notes["python"] = platform.python_version()
-    for name, argv in {
-        "distribution": [binaries["distribution"], "--version"],
-        "nginx": [binaries["nginx"], "-v"],
-    }.items():
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            notes[name] = (out.stdout + out.stderr).strip().splitlines()[0]
-        except (OSError, subprocess.SubprocessError, IndexError):
-            notes[name] = "?"
+    notes = meta.machine(workdir)
+    notes["distribution"] = meta.first_line([binaries["distribution"], "--version"])
+    notes["nginx"] = meta.first_line([binaries["nginx"], "-v"])
     return notes
-
-
-def _filesystem(path: Path) -> str:
-    best, fs = "", "?"
-    try:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            device, mount, kind = line.split()[:3]
-            if str(path).startswith(mount) and len(mount) > len(best):
-                best, fs = mount, f"{kind} on {device}"
-    except OSError:
-        pass
-    return fs
 
 
 def _with_deps(selected: Sequence[str]) -> list[str]:
@@ -562,41 +531,91 @@ def _with_deps(selected: Sequence[str]) -> list[str]:
     return [p for p in PHASES if p in wanted]
 
 
+SECTIONS = ("server", "operator", "replication")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma list of sections to run: {', '.join(SECTIONS)} (default: all)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="directory of the saved results, one JSON file per section (default:"
+        " bench/results; .bench/partial with --quick, --phases, --no-distribution, --profile)",
+    )
+    parser.add_argument(
+        "--docs-dir",
+        type=Path,
+        default=None,
+        help="regenerate the docs' figures in this directory (default: docs/, but not after a"
+        " partial run)",
+    )
+    parser.add_argument("--no-docs", action="store_true", help="do not regenerate the docs")
+    parser.add_argument("--workdir", type=Path, default=None, help="parent of the scratch dir")
+    group = parser.add_argument_group("server section")
+    group.add_argument(
         "--workers",
         default=os.environ.get("BENCH_BERTH_WORKERS", "1"),
         help="Berth worker processes; a comma list runs one Berth per value (first is compared)",
     )
-    parser.add_argument("--reps", type=int, default=None, help="repetitions per measurement")
-    parser.add_argument("--phases", default="", help=f"comma list of: {', '.join(PHASES)}")
-    parser.add_argument("--no-distribution", action="store_true", help="measure Berth only")
-    parser.add_argument("--json", type=Path, default=procs.REPO_ROOT / ".bench" / "results.json")
-    parser.add_argument("--markdown", type=Path, default=procs.REPO_ROOT / "docs" / "benchmarks.md")
-    parser.add_argument("--no-docs", action="store_true", help="do not update the markdown file")
-    parser.add_argument("--workdir", type=Path, default=None, help="parent of the scratch dir")
-    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    parser.add_argument("--distribution-bin", default=None, help="default: docker-registry")
-    parser.add_argument("--nginx-bin", default=None, help="default: nginx")
-    parser.add_argument(
+    group.add_argument("--reps", type=int, default=None, help="repetitions per measurement")
+    group.add_argument("--phases", default="", help=f"comma list of: {', '.join(PHASES)}")
+    group.add_argument("--no-distribution", action="store_true", help="measure Berth only")
+    group.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    group.add_argument("--distribution-bin", default=None, help="default: docker-registry")
+    group.add_argument("--nginx-bin", default=None, help="default: nginx")
+    group.add_argument(
         "--server-src",
         type=Path,
         default=procs.REPO_ROOT,
         help="directory holding the registry_server package to run (default: this tree)",
     )
-    parser.add_argument(
+    group.add_argument(
         "--profile",
         type=Path,
         default=None,
         help="run Berth (1 worker) under cProfile and write the stats to this file",
     )
-    return parser.parse_args(argv)
+    group = parser.add_argument_group("operator section")
+    group.add_argument(
+        "--namespaces",
+        type=int,
+        default=None,
+        help="namespaces to fan pull Secrets out to (default: $BENCH_FANOUT_NAMESPACES or"
+        f" {operator_figures.Settings.namespaces}; 1000 is the design's figure, a longer run)",
+    )
+    group.add_argument("--registries", type=int, default=None, help="Registries applied in turn")
+    group.add_argument("--repositories", type=int, default=None, help="Repositories for the RSS")
+    group = parser.add_argument_group("replication section")
+    group.add_argument("--images", type=int, default=None, help="small images pushed in turn")
+    group.add_argument("--big-mib", type=int, default=None, help="size of the large image")
+    args = parser.parse_args(argv)
+    args.sections = [s.strip() for s in str(args.only).split(",") if s.strip()]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown or not args.sections:
+        parser.error(f"--only takes {', '.join(SECTIONS)}; not {', '.join(sorted(unknown))}")
+    # A partial run's figures must not replace the saved result the docs are made from.
+    partial = args.quick or args.phases or args.no_distribution or args.profile
+    if args.results is None:
+        args.results = procs.REPO_ROOT / ".bench" / "partial" if partial else meta.RESULTS_DIR
+    if args.docs_dir is None and not partial:
+        args.docs_dir = procs.REPO_ROOT / "docs"
+    if args.docs_dir is None:
+        args.no_docs = True
+    return args
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_server(args: argparse.Namespace) -> report.Report:
     settings = QUICK if args.quick else FULL
     if args.reps is not None:
         settings = replace(settings, reps=args.reps)
@@ -613,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"bench: {name} is not installed; run `make tools`")
 
     started = time.monotonic()
-    load_before = os.getloadavg()[0]
+    load_before = meta.load()
     workdir = Path(tempfile.mkdtemp(prefix="berth-bench-", dir=args.workdir))
     servers: dict[str, procs.Server] = {}
     nginx: procs.Server | None = None
@@ -658,13 +677,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.Row("peak_rss", "server peak RSS (max over phases)", "MiB", False, peaks)
         )
         result = report.Report(
-            date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            date=meta.now(),
+            # The server measured is the one in --server-src (a checkout of its own, say).
+            commit=meta.commit(("registry_server",), args.server_src.resolve()),
             machine={
                 **machine_notes(workdir, binaries),
                 # The machine may be shared: how busy it was tells how much to trust a row.
-                "load average (1 min) before / after": (
-                    f"{load_before:.1f} / {os.getloadavg()[0]:.1f}"
-                ),
+                "load average (1 min) before / after": f"{load_before:.1f} / {meta.load():.1f}",
             },
             settings={
                 **{k: v for k, v in asdict(settings).items()},
@@ -677,6 +696,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows=bench.rows,
             limits=bench.limits,
             phases=bench.phases,
+            floor=[
+                report.Limit(f"python_{i}", label, "MiB", mib)
+                for i, (label, mib) in enumerate(limits.python_floor())
+            ],
             duration_s=time.monotonic() - started,
         )
     except BaseException:
@@ -698,12 +721,102 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench: kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-
     print(report.text(result))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(result.to_json())
-    print(f"bench: wrote {args.json}", file=sys.stderr)
+    return result
+
+
+def _envelope(
+    section: str, paths: tuple[str, ...], started: float, load_before: float, workdir: Path
+) -> dict[str, Any]:
+    """What every saved result says about its run, beside its figures; ``paths`` hold
+    the code measured."""
+    return {
+        "section": section,
+        "date": meta.now(),
+        "commit": meta.commit(paths),
+        "duration_s": round(time.monotonic() - started, 1),
+        "machine": {
+            **meta.machine(workdir),
+            "load average (1 min) before / after": f"{load_before:.1f} / {meta.load():.1f}",
+        },
+    }
+
+
+def run_operator(args: argparse.Namespace) -> dict[str, Any]:
+    settings = operator_figures.QUICK if args.quick else operator_figures.Settings()
+    namespaces = args.namespaces or operator_figures.namespaces_from_env(settings.namespaces)
+    changes = {
+        "namespaces": namespaces,
+        "registries": args.registries or settings.registries,
+        "repositories": args.repositories or settings.repositories,
+    }
+    settings = replace(settings, **changes)
+    missing = operator_figures.missing_tools()
+    if missing:
+        raise SystemExit(f"bench: {', '.join(missing)} missing; run `make tools`")
+    print(
+        f"bench: operator section: {settings.registries} Registries, fan-out to"
+        f" {settings.namespaces} namespaces, {settings.repositories} Repositories",
+        file=sys.stderr,
+        flush=True,
+    )
+    started, load_before = time.monotonic(), meta.load()
+    workdir = Path(tempfile.mkdtemp(prefix="berth-bench-operator-", dir=args.workdir))
+    try:
+        figures = operator_figures.run(settings, workdir)
+    finally:
+        if args.keep:
+            print(f"bench: kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result = _envelope("operator", ("operator", "crds", "bench"), started, load_before, workdir)
+    result["machine"].update(operator_figures.kube_versions())
+    return {**result, **figures}
+
+
+def run_replication(args: argparse.Namespace) -> dict[str, Any]:
+    settings = replication.QUICK if args.quick else replication.Settings()
+    changes = {
+        "images": args.images or settings.images,
+        "big_mib": args.big_mib or settings.big_mib,
+    }
+    settings = replace(settings, **changes)
+    print(
+        f"bench: replication section: {settings.images} small images,"
+        f" one of {settings.big_mib} MiB",
+        file=sys.stderr,
+        flush=True,
+    )
+    started, load_before = time.monotonic(), meta.load()
+    workdir = Path(tempfile.mkdtemp(prefix="berth-bench-replication-", dir=args.workdir))
+    try:
+        figures = replication.run(settings, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    paths = ("registry_server", "bench")
+    return {**_envelope("replication", paths, started, load_before, workdir), **figures}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.results.mkdir(parents=True, exist_ok=True)
+    took: dict[str, float] = {}
+    for section in args.sections:
+        started = time.monotonic()
+        path = args.results / f"{section}.json"
+        if section == "server":
+            path.write_text(run_server(args).to_json())
+        else:
+            result = run_operator(args) if section == "operator" else run_replication(args)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+        took[section] = time.monotonic() - started
+        print(f"bench: {section} took {took[section]:.0f} s; wrote {path}", file=sys.stderr)
     if not args.no_docs:
-        report.write_markdown(args.markdown, result)
-        print(f"bench: wrote {args.markdown}", file=sys.stderr)
+        for changed in docs.write(args.results, args.docs_dir):
+            print(f"bench: wrote {changed}", file=sys.stderr)
+    print(
+        "bench: " + ", ".join(f"{s} {t:.0f} s" for s, t in took.items()),
+        file=sys.stderr,
+        flush=True,
+    )
     return 0

@@ -1,11 +1,16 @@
-"""The machine's own limits, measured in the same run: hashing, disk, the data file."""
+"""The machine's own limits, measured in the same run: hashing, disk, the data file, and
+the memory a Python server starts from."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CHUNK = 1 << 20
 
@@ -55,3 +60,32 @@ def disk_write_mbps(data: Path, target: Path, total: int) -> float:
     elapsed = time.perf_counter() - start
     target.unlink()
     return total / elapsed / 1e6
+
+
+# What a Python server's memory starts from: the interpreter, the libraries, our code.
+FLOOR_STEPS = (
+    ("the interpreter alone", ""),
+    ("+ uvloop and aiohttp's server", "import uvloop, aiohttp.web"),
+    ("+ registry_server.app", "import uvloop, aiohttp.web, registry_server.app"),
+)
+
+
+def python_floor() -> list[tuple[str, float]]:
+    """VmRSS (MiB) of a fresh interpreter after each step's imports."""
+    floor = []
+    for label, imports in FLOOR_STEPS:
+        code = (
+            f"{imports}\nimport pathlib\n"
+            "print(next(ln.split()[1] for ln in pathlib.Path('/proc/self/status')"
+            ".read_text().splitlines() if ln.startswith('VmRSS:')))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO_ROOT,
+            timeout=60,
+        )
+        floor.append((label, int(out.stdout.strip()) / 1024))
+    return floor

@@ -1,11 +1,14 @@
 """Files generated from other files, so that they cannot drift from their source.
 
-    python -m berth_dev.generate [crds|docs|manifests|all] [--check]
+    python -m berth_dev.generate [crds|docs|manifests|bench|all] [--check]
 
 - `crds`: helm/berth/crds/ is a byte-for-byte copy of the canonical crds/.
 - `docs`: docs/crd-reference.md is written from the CRDs' OpenAPI schemas.
 - `manifests`: manifests/install.yaml is `helm template` of the chart with its default
   values (plus the Namespace), and manifests/kustomization.yaml lists it.
+- `bench`: the measured figures in docs/benchmarks.md, docs/operator.md and
+  docs/replication.md, between their `<!-- bench:... -->` markers, from the saved
+  results in bench/results/ (bench/docs.py; `make bench` writes both).
 
 `--check` writes nothing and exits 1 listing every file that differs from what would
 be generated (CI and the drift tests use the same functions).
@@ -261,6 +264,19 @@ def crd_reference() -> Outputs:
     return {CRD_REFERENCE: ("\n".join(lines).rstrip() + "\n").encode()}
 
 
+# --- bench figures ----------------------------------------------------------------
+
+
+def bench_figures() -> Outputs:
+    """The docs whose measured figures come from bench/results/ (see bench/docs.py)."""
+    from bench import docs
+
+    try:
+        return docs.outputs()
+    except docs.DocsError as err:
+        raise GenerateError(str(err)) from err
+
+
 # --- driving ----------------------------------------------------------------------
 
 # Directories whose every file is generated: a file there that is not generated is stale.
@@ -268,11 +284,13 @@ OWNED_DIRS: Mapping[str, tuple[Path, ...]] = {
     "crds": (CHART_CRD_DIR,),
     "docs": (),
     "manifests": (MANIFESTS_DIR,),
+    "bench": (),
 }
 GENERATORS: Mapping[str, Callable[[], Outputs]] = {
     "crds": chart_crds,
     "docs": crd_reference,
     "manifests": manifests,
+    "bench": bench_figures,
 }
 
 

@@ -1,8 +1,6 @@
-"""bench.report: ratio direction, best-of values, and the markdown section rewrite."""
+"""bench.report: ratio direction, best-of values, the markdown and the saved JSON."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from bench import cli, report
 
@@ -51,22 +49,14 @@ def test_text_marks_rows_below_one() -> None:
     assert "hashlib sha256" in out
 
 
-def test_markdown_section_replaces_only_between_markers(tmp_path: Path) -> None:
-    doc = tmp_path / "benchmarks.md"
-    doc.write_text(
-        f"# Title\n\nintro\n\n{report.START}\nold table\n{report.END}\n\n## Analysis\nkept\n"
-    )
+def test_markdown_names_the_run_and_survives_json() -> None:
     rows = [report.Row("a", "push", "MB/s", True, {"berth": 2.0, "distribution": 1.0})]
-    report.write_markdown(doc, _report(rows))
-    text = doc.read_text()
-    assert text.startswith("# Title\n\nintro\n\n" + report.START)
-    assert "old table" not in text
+    result = _report(rows)
+    result.commit = "abc1234"
+    text = report.markdown(result)
+    assert "Run of 2026-01-01 00:00 UTC, commit abc1234" in text
     assert "| push | MB/s ↑ | 2.00 | 1.00 | 2.00 |" in text
-    assert text.endswith(report.END + "\n\n## Analysis\nkept\n")
-
-    fresh = tmp_path / "new.md"
-    report.write_markdown(fresh, _report(rows))
-    assert fresh.read_text().startswith("# Benchmarks\n")
+    assert report.markdown(report.Report.from_json(result.to_json())) == text
 
 
 def test_percentile_and_rates() -> None:

@@ -1,7 +1,8 @@
 """`python -m bench --quick`: the whole benchmark harness end to end, with tiny sizes.
 
 Real processes: our server, CNCF distribution and nginx. Checks that every row gets a
-value for both servers, the limits are measured, and the JSON and markdown are written.
+value for both servers, the limits are measured, and the saved result and the docs'
+sections generated from it are written.
 """
 
 from __future__ import annotations
@@ -42,10 +43,16 @@ ROWS = {
 def test_quick_bench_fills_every_row(tmp_path: Path) -> None:
     registry = require_tool("docker-registry")
     nginx = require_tool("nginx")
-    results = tmp_path / "results.json"
-    doc = tmp_path / "benchmarks.md"
+    results = tmp_path / "results"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    doc = docs / "benchmarks.md"
     doc.write_text(
-        "# Notes kept\n\n<!-- bench:results:start -->\nold\n<!-- bench:results:end -->\n"
+        "# Notes kept\n\n"
+        + "".join(
+            f"<!-- bench:{name}:start -->\nold\n<!-- bench:{name}:end -->\n"
+            for name in ("sections", "server", "server-analysis")
+        )
     )
     run = subprocess.run(
         [
@@ -53,10 +60,12 @@ def test_quick_bench_fills_every_row(tmp_path: Path) -> None:
             "-m",
             "bench",
             "--quick",
-            "--json",
+            "--only",
+            "server",
+            "--results",
             str(results),
-            "--markdown",
-            str(doc),
+            "--docs-dir",
+            str(docs),
             "--workdir",
             str(tmp_path),
             "--distribution-bin",
@@ -72,7 +81,7 @@ def test_quick_bench_fills_every_row(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-4000:]
     assert "ratio berth/distribution" in run.stdout
 
-    report = json.loads(results.read_text())
+    report = json.loads((results / "server.json").read_text())
     assert report["columns"] == ["berth", "distribution"]
     rows = {row["key"]: row for row in report["rows"]}
     assert set(rows) == ROWS
@@ -88,7 +97,7 @@ def test_quick_bench_fills_every_row(tmp_path: Path) -> None:
 
     text = doc.read_text()
     assert text.startswith("# Notes kept\n")
-    assert "old" not in text
+    assert "\nold\n" not in text
     assert "| blob push, 1 x 4 MiB (POST+PUT) |" in text
     # The scratch directory (storage of all three servers) is removed.
     assert not list(tmp_path.glob("berth-bench-*"))

@@ -1,0 +1,200 @@
+"""The analysis under the server's table in docs/benchmarks.md, written from the same
+saved result as the table: every number in it, and every "above"/"below", is computed
+here, so the prose can never quote another run than the table above it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from bench.report import Report, fmt
+
+
+def _ratio_word(a: float, b: float) -> str:
+    """How ``a`` compares to ``b``: within 3 % is "level with"."""
+    if a > b * 1.03:
+        return "above"
+    if a < b / 1.03:
+        return "below"
+    return "level with"
+
+
+def _usage(report: Report, phase: str, server: str) -> dict[str, Any]:
+    usage: dict[str, Any] = report.phase(phase)["servers"][server]
+    return usage
+
+
+def _ms_per_request(report: Report, phase: str, server: str) -> str:
+    return f"{_usage(report, phase, server)['cpu_ms_per_request']:.2f} ms"
+
+
+def _range(values: Sequence[float]) -> str:
+    low, high = min(values), max(values)
+    return fmt(low) if fmt(low) == fmt(high) else f"{fmt(low)}-{fmt(high)}"
+
+
+def _spread(report: Report) -> tuple[float, str]:
+    """The largest best/worst ratio between the repetitions of one row, and that row."""
+    worst, label = 1.0, ""
+    for row in report.rows:
+        for samples in row.samples.values():
+            positive = [s for s in samples if s > 0]
+            if len(positive) > 1 and max(positive) / min(positive) > worst:
+                worst, label = max(positive) / min(positive), row.label
+    return worst, label
+
+
+def _summary(report: Report) -> str:
+    ours, theirs = report.ours, report.theirs
+    below = [
+        f"{row.label} ({ratio:.2f})"
+        for row in report.rows
+        if (ratio := row.ratio(ours, theirs)) is not None and ratio < 1.0
+    ]
+    load = report.machine.get("load average (1 min) before / after", "?")
+    cores = report.machine.get("cpu", "?").split(" x ")[0]
+    spread, spread_row = _spread(report)
+    verdict = (
+        f"In this run {ours} is at or ahead of {theirs} on every row."
+        if not below
+        else f"In this run {ours} is behind {theirs} on: {'; '.join(below)}."
+    )
+    return (
+        f"From the run above ({cores} cores, load average {load}; the bench itself raises"
+        f" it). {verdict} Repetitions of one row differed by up to {spread:.1f}x in this run"
+        f" ({spread_row}), which is why a row is the best of its repetitions."
+    )
+
+
+def _pull(report: Report) -> str:
+    ours, theirs = report.ours, report.theirs
+    pull = report.row("pull_large")
+    berth, dist = pull.values[ours] or 0.0, pull.values[theirs] or 0.0
+    nginx_limit = report.limit("nginx")
+    if nginx_limit is None:
+        return ""
+    nginx = nginx_limit.value
+    cpu_ours = _usage(report, "pull_large", ours)["cpu_s"]
+    cpu_theirs = _usage(report, "pull_large", theirs)["cpu_s"]
+    return (
+        f"- *Blob pull*: {ours} sends the large blob at {fmt(berth)} MB/s,"
+        f" {_ratio_word(berth, nginx)} nginx's {fmt(nginx)} MB/s for the same file through"
+        " the same client in the same run (both send from the page cache with sendfile);"
+        f" {theirs} reaches {fmt(dist)} MB/s. CPU per pull: {cpu_ours:.2f} s for {ours},"
+        f" {cpu_theirs:.2f} s for {theirs}."
+    )
+
+
+def _push(report: Report) -> str:
+    ours, theirs = report.ours, report.theirs
+    push = report.row("push_large")
+    berth, dist = push.values[ours] or 0.0, push.values[theirs] or 0.0
+    sha_limit, disk_limit = report.limit("sha256"), report.limit("disk_write")
+    if sha_limit is None or disk_limit is None:
+        return ""
+    sha, disk = sha_limit.value, disk_limit.value
+    bound = min(sha, disk)
+    return (
+        f"- *Blob push* of the large blob: {fmt(berth)} MB/s for {ours}, {fmt(dist)} for"
+        f" {theirs}, where hashing alone runs at {fmt(sha)} MB/s and the disk writes"
+        f" {fmt(disk)} MB/s: {berth / bound:.0%} of the lower of the two. In {ours} the event"
+        " loop thread reads the socket and hashes while a thread writes. Hashing off the loop"
+        " (hashlib releases the GIL) looked like the next step, but a trial with hashing and"
+        " writing on the writer thread was slower on 2 cores, where client, loop and writer"
+        " already share the machine (commit 086dc31); not kept."
+    )
+
+
+def _manifests(report: Report) -> str:
+    ours, theirs = report.ours, report.theirs
+    get = _usage(report, "manifest_get", ours)
+    client_ms = 1000 * get["client_cpu_s"] / get["requests"] if get["requests"] else 0.0
+    return (
+        f"- *Manifest GET/HEAD*: {ours} spends {_ms_per_request(report, 'manifest_get', ours)}"
+        f" of CPU per GET and {_ms_per_request(report, 'manifest_head', ours)} per HEAD,"
+        f" {theirs} {_ms_per_request(report, 'manifest_get', theirs)} and"
+        f" {_ms_per_request(report, 'manifest_head', theirs)}. On this machine the"
+        " request-rate rows are bounded by the machine as a whole: the Python load"
+        f" generator used {get['client_cpu_s']:.1f} CPU s for {get['requests']:,.0f} GETs"
+        f" ({client_ms:.2f} ms each) in the same phase, so the CPU-per-request column is the"
+        " cleaner comparison. `perf` on distribution (its stripped binary symbolised with"
+        " `go tool addr2line`) put most of its time in the Go garbage collector and in"
+        " `regexp` compilation on every request; we did not dig further."
+    )
+
+
+def _tag_list(report: Report) -> str:
+    ours, theirs = report.ours, report.theirs
+    tags = report.settings.get("tags", 0)
+    return (
+        f"- *Tag list at {tags:,} tags*: {_ms_per_request(report, 'tag_list', ours)} of CPU"
+        f" per request for {ours}, {_ms_per_request(report, 'tag_list', theirs)} for {theirs}."
+        f" Most of {ours}'s is SQLite returning the rows to Python, then the JSON encoding;"
+        " reads run inline on the event loop by design, so such a listing holds the loop"
+        " for that long."
+    )
+
+
+def _catalog(report: Report) -> str:
+    ours, theirs = report.ours, report.theirs
+    return (
+        f"- *Catalog*: {theirs} walks the storage tree on every request"
+        f" ({_ms_per_request(report, 'catalog', theirs)} of CPU for the whole catalog,"
+        f" {_ms_per_request(report, 'catalog_page', theirs)} even for the first 100 names);"
+        f" {ours} answers from its index ({_ms_per_request(report, 'catalog', ours)} and"
+        f" {_ms_per_request(report, 'catalog_page', ours)})."
+    )
+
+
+def _writes(report: Report) -> str:
+    ours, theirs = report.ours, report.theirs
+    tags = report.row("populate_tags").ratio(ours, theirs) or 0.0
+    repos = report.row("populate_repos").ratio(ours, theirs) or 0.0
+    return (
+        "- *Write paths*: a tag push is one index transaction, and concurrent ones share"
+        " a commit (group commit); a new repository is two blob mounts and a manifest PUT."
+        " Mounts stay one transaction each (the blob file check and the link happen under"
+        " the index write lock, for garbage collection), so that row gains less from group"
+        f" commit: ratio {repos:.2f} against {tags:.2f} for new tags."
+    )
+
+
+def _memory(report: Report) -> str:
+    ours, theirs = report.ours, report.theirs
+    phases = [p for p in report.phases if ours in p["servers"] and theirs in p["servers"]]
+    mine = [float(p["servers"][ours]["peak_rss_mib"]) for p in phases]
+    other = [float(p["servers"][theirs]["peak_rss_mib"]) for p in phases]
+    lower = [p["label"] for p, a, b in zip(phases, mine, other, strict=True) if b < a]
+    if not lower:
+        where = f"{theirs}'s is higher in every phase"
+    elif len(lower) == len(phases):
+        where = f"{theirs}'s is lower in every phase"
+    else:
+        where = f"{theirs}'s is lower in {len(lower)} of {len(phases)} phases ({'; '.join(lower)})"
+    peak = report.row("peak_rss")
+    text = (
+        f"- *Memory*: {ours}'s peak RSS per phase is {_range(mine)} MiB, {theirs}'s"
+        f" {_range(other)} MiB; {where}. The main table's row compares the largest phase of"
+        f" each (ratio {peak.ratio(ours, theirs) or 0.0:.2f})."
+    )
+    if len(report.floor) >= 3:
+        bare, libs, app = (fmt(f.value) for f in report.floor[:3])
+        text += (
+            f" The Python floor is most of {ours}'s: a fresh interpreter is {bare} MiB,"
+            f" importing uvloop and aiohttp's server brings it to {libs} MiB and the"
+            f" application to {app} MiB (measured in the same run)."
+        )
+    return text
+
+
+def server(report: Report) -> str:
+    """The generated analysis (markdown)."""
+    parts = [_summary(report), "", "**Where the numbers come from.**", ""]
+    for bullet in (_pull, _push, _manifests, _tag_list, _catalog, _writes, _memory):
+        try:
+            text = bullet(report)
+        except KeyError:  # a run of some phases only: no row, no sentence
+            continue
+        if text:
+            parts.append(text)
+    return "\n".join(parts) + "\n"
