@@ -43,6 +43,7 @@ from typing import Any
 import kopf
 import yaml
 
+from berth_dev import node_stack
 from registry_operator import credentials, handlers
 from registry_operator.kube import client as kube_client
 from registry_operator.rendering import names
@@ -541,6 +542,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--exit-after-ready", action="store_true", help="stop once up")
     parser.add_argument("--timeout", type=float, default=120.0, help="for each startup step")
     parser.add_argument(
+        "--mode",
+        choices=("auto", "node", "processes"),
+        default="auto",
+        help="node: Berth as pods on a local node (Linux, root); processes: the registry "
+        "started from the rendered pod spec; auto: node where it can run (default)",
+    )
+    parser.add_argument(
         "--operator-arg",
         action="append",
         default=[],
@@ -560,6 +568,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", flush=True)
+
+    if args.mode != "processes":
+        reason = node_stack.unavailable_reason()
+        if reason is None:
+            with stop_on_signals():
+                status = node_stack.run(
+                    workdir,
+                    samples=args.samples.resolve(),
+                    ready_file=args.ready_file,
+                    exit_after_ready=args.exit_after_ready,
+                    remove=remove,
+                    log=log,
+                    stop_signals=(Stop,),
+                )
+            log("stopped")
+            return status
+        if args.mode == "node":
+            print(f"berth-dev: cannot run the local node: {reason}", file=sys.stderr)
+            return 1
+        log(
+            f"no local node here ({reason}): falling back to the process stand-in; the "
+            "registry runs as a process started from the pod spec the operator rendered, "
+            "and no pod runs"
+        )
 
     stack = LocalStack(
         workdir,

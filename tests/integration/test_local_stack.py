@@ -99,7 +99,9 @@ def test_local_stack_serves_push_and_pull_and_stops_cleanly(tmp_path: Path) -> N
     ready, log = tmp_path / "ready.json", tmp_path / "stack.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "berth_dev", "--ready-file", str(ready)],
+            # The process stand-in: the node mode (the default where a node can run) is
+            # what the node tests prove, and one node per machine may be up already.
+            [sys.executable, "-m", "berth_dev", "--mode", "processes", "--ready-file", str(ready)],
             cwd=REPO_ROOT,
             stdin=subprocess.DEVNULL,
             stdout=output,

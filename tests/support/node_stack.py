@@ -67,7 +67,7 @@ def helm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 180, interval: float = 1):
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 180, interval: float = 1) -> Any:
     """Poll `check` until it returns something truthy; raise naming `what` on timeout."""
     deadline = time.monotonic() + timeout
     while True:
