@@ -188,3 +188,9 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeClust
         left = node_support.leftovers()
         if left:
             pytest.fail(f"the test node left things behind: {left}", pytrace=False)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the node run last, together: the node stays up from its first test to the
+    end of the session, and its processes would load the machine under the other tests."""
+    items.sort(key=lambda item: "node_cluster" in getattr(item, "fixturenames", ()))

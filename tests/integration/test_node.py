@@ -238,3 +238,30 @@ def test_kubelet_pulls_from_localhost_with_a_pull_secret_and_not_without(
     ).stdout
     # The token flow answers an anonymous pull with a scope it refuses.
     assert "authorization failed" in events or "401 Unauthorized" in events, events
+
+
+def test_clean_host_removes_what_a_crashed_node_left() -> None:
+    """Bring-up starts with clean_host(): the rules, links, addresses, cgroups, files and
+    sysctls a killed run left are gone after it (runs before the node tests start)."""
+    from tests.support import node as node_support
+
+    reason = node_support.unavailable_reason()
+    if reason:
+        node_support.skip_or_fail(reason)
+    assert node_support.leftovers() == [], "a node is up or was left behind"
+    forwarding = node_support._read_sysctl("net/ipv4/ip_forward")
+    node_support.prepare_host()  # what a run does before it starts anything
+    (node_support.NODE_ROOT / "containerd").mkdir()
+    for variant in node_support._iptables_variants()[:1]:
+        node_support._run(variant, "-t", "nat", "-N", "KUBE-LEFT-BEHIND")
+        node_support._run(variant, "-t", "nat", "-A", "OUTPUT", "-j", "KUBE-LEFT-BEHIND")
+    for hierarchy in ("memory", "pids"):
+        group = Path("/sys/fs/cgroup") / hierarchy / node_support.CGROUP_ROOT / "kubepods"
+        if group.parent.parent.exists():
+            group.mkdir(parents=True)
+    left = node_support.leftovers()
+    assert any("rule" in item for item in left) and any("link" in item for item in left), left
+
+    node_support.clean_host()  # as the next bring-up (or teardown) does
+    assert node_support.leftovers() == []
+    assert node_support._read_sysctl("net/ipv4/ip_forward") == forwarding
