@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import ipaddress
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -99,12 +100,24 @@ class Tls:
     secret_name: str
 
 
+# Where Ingress controllers run in most clusters (pod and node networks are private
+# ranges): their X-Forwarded-For names the client. RFC 1918, shared address space, ULA.
+DEFAULT_TRUSTED_PROXIES = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Ingress:
     host: str
     class_name: str | None = None
     tls: Tls | None = None
     annotations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    trusted_proxies: tuple[str, ...] = DEFAULT_TRUSTED_PROXIES
 
     @property
     def url(self) -> str:
@@ -407,6 +420,7 @@ def _ingress(raw: Any) -> Ingress | None:
         tls_map = _mapping(tls_raw, "spec.ingress.tls")
         tls = Tls(secret_name=_str(tls_map.get("secretName"), "spec.ingress.tls.secretName"))
     annotations = _mapping(data.get("annotations", {}), "spec.ingress.annotations")
+    proxies = data.get("trustedProxies")
     return Ingress(
         host=host,
         class_name=None if class_name is None else _str(class_name, "spec.ingress.className"),
@@ -415,7 +429,23 @@ def _ingress(raw: Any) -> Ingress | None:
             _str(k, "spec.ingress.annotations"): _str(v, f"spec.ingress.annotations.{k}")
             for k, v in sorted(annotations.items())
         },
+        trusted_proxies=(
+            DEFAULT_TRUSTED_PROXIES if proxies is None else _networks(proxies, "spec.ingress")
+        ),
     )
+
+
+def _networks(value: Any, field: str) -> tuple[str, ...]:
+    """Addresses or CIDR networks, as the server's http.trusted_proxies takes them."""
+    networks = _strings(value, f"{field}.trustedProxies")
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise InvalidSpec(
+                f"{field}.trustedProxies[]", f"{network[:60]!r} is not an IP address or network"
+            ) from None
+    return networks
 
 
 def _resources(raw: Any) -> Mapping[str, Mapping[str, str]]:

@@ -20,7 +20,7 @@ import yaml
 
 from berth_dev import generate
 from registry_operator import __main__ as operator_main
-from registry_operator import models
+from registry_operator import credentials, models, rendering
 from tests.support.control_plane import ControlPlane
 from tests.support.tools import require_tool
 
@@ -212,6 +212,7 @@ def test_without_own_service_account_or_rbac() -> None:
         ("--set=replicaCount=2", "replicaCount"),
         ("--set=operator.verbose=yes please", "verbose"),
         ("--set-string=image.digest=latest", "digest"),
+        ("--set=serviceMonitor.interval=soon", "interval"),
     ],
 )
 def test_values_schema_refuses(value: str, complaint: str) -> None:
@@ -219,6 +220,43 @@ def test_values_schema_refuses(value: str, complaint: str) -> None:
     assert refused.returncode != 0, f"{value} was accepted"
     assert "values don't meet the specifications of the schema" in refused.stderr
     assert complaint in refused.stderr
+
+
+def test_service_monitor_scrapes_the_registries_metrics_port() -> None:
+    """Off by default; when on, it selects exactly the Services the operator renders for
+    Registries, on the port that serves /metrics (and that no Ingress routes)."""
+    assert "ServiceMonitor" not in {o["kind"] for o in documents(template())}
+    objects = documents(
+        template(
+            "berth-system",
+            "--set=serviceMonitor.enabled=true",
+            "--set=serviceMonitor.namespaces[0]=registries",
+            "--set=serviceMonitor.labels.release=prometheus",
+        )
+    )
+    monitor = by_kind(objects, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["registries"]}
+    owner = models.Owner(name="main", namespace="registries", uid="uid-1")
+    spec = models.parse_spec({"ingress": {"host": "r.example.com"}}, image="berth:test")
+    admin = credentials.User("admin", "pw", "$2b$10$hash")
+    stand_in = credentials.Credentials("not-a-key", admin, admin)
+    rendered = rendering.render(spec, owner, stand_in, node_port=5605)
+    service = next(d for d in rendered if d["kind"] == "Service")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    # Not the node proxy, the only other workload of a Registry.
+    proxy = next(d for d in rendered if d["kind"] == "DaemonSet")
+    assert not selector.items() <= proxy["metadata"]["labels"].items()
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
+    ingress = next(d for d in rendered if d["kind"] == "Ingress")
+    routed = {
+        p["backend"]["service"]["port"]["name"]
+        for p in ingress["spec"]["rules"][0]["http"]["paths"]
+    }
+    assert endpoint["port"] not in routed
 
 
 def test_install_upgrade_uninstall(control_plane: ControlPlane, namespace: str) -> None:

@@ -113,6 +113,12 @@ INVALID = [
         _schema_error("Registry", "bad", "spec.ingress.host: Required value"),
     ),
     (
+        {"ingress": {"host": "r.example.com", "trustedProxies": ["ingress-nginx"]}},
+        'The Registry "bad" is invalid: spec.ingress.trustedProxies[0]: Invalid value: '
+        '"ingress-nginx": spec.ingress.trustedProxies[0] in body should match '
+        "'^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$'",
+    ),
+    (
         {"nodeProxy": {"port": 80}},
         # Like a pattern, a minimum leaves the CEL rules checkable: a one-line message.
         'The Registry "bad" is invalid: spec.nodeProxy.port: Invalid value: 80: '

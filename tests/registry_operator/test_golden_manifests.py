@@ -76,7 +76,9 @@ CASES: dict[str, dict[str, Any]] = {
             "annotations": {"nginx.ingress.kubernetes.io/proxy-body-size": "0"},
         }
     },
-    "ingress-plain": {"ingress": {"host": "registry.internal"}},
+    "ingress-plain": {
+        "ingress": {"host": "registry.internal", "trustedProxies": ["10.244.0.0/16"]}
+    },
     # Nodes pull through an Ingress with TLS: no node proxy.
     "node-proxy-off": {
         "ingress": {"host": "registry.example.com", "tls": {"secretName": "registry-tls"}},
@@ -173,6 +175,9 @@ def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: 
     path.write_text(config_map["data"]["config.yaml"])
     loaded = server_config.load(path, env={})
     assert loaded.http.port == names.CONTAINER_PORT
+    assert loaded.http.metrics_port == names.METRICS_PORT
+    # Proxies are trusted only where there is one: without an Ingress, nobody's header counts.
+    assert bool(loaded.http.trusted_proxies) == ("ingress" in CASES[case])
     if case == "notifications":
         audit, ci = loaded.notifications.endpoints
         assert audit.headers_dir == Path(names.NOTIFICATIONS_DIR) / "audit"
@@ -272,7 +277,7 @@ def test_server_config_is_the_documented_format() -> None:
     spec = models.parse_spec({"logLevel": "warning"}, image=IMAGE)
     config = yaml.safe_load(manifests.server_config(spec, OWNER))
     assert config == {
-        "http": {"addr": "0.0.0.0:5000", "external_url": ""},
+        "http": {"addr": "0.0.0.0:5000", "external_url": "", "metrics_addr": "0.0.0.0:9090"},
         "storage": {"root": "/var/lib/berth", "index": "sqlite"},
         "auth": {
             "service": "main.registries.svc:5000",
@@ -284,6 +289,50 @@ def test_server_config_is_the_documented_format() -> None:
         },
         "log": {"level": "warning", "format": "json"},
     }
+
+
+def test_metrics_have_a_port_of_their_own_that_the_ingress_does_not_route() -> None:
+    children = _by_kind(_render({"ingress": {"host": "r.example.com"}}))
+    config = yaml.safe_load(children["ConfigMap"]["data"]["config.yaml"])
+    metrics_port = int(config["http"]["metrics_addr"].rsplit(":", 1)[1])
+    container = children["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": names.CONTAINER_PORT, "metrics": metrics_port}
+    # The probes stay on the registry's port.
+    assert container["livenessProbe"]["httpGet"]["port"] == "http"
+    service_ports = {p["name"]: p for p in children["Service"]["spec"]["ports"]}
+    assert service_ports["metrics"]["targetPort"] == "metrics"
+    assert service_ports["metrics"]["port"] == metrics_port
+    backends = [
+        path["backend"]["service"]
+        for rule in children["Ingress"]["spec"]["rules"]
+        for path in rule["http"]["paths"]
+    ]
+    assert backends == [{"name": "main", "port": {"name": "http"}}]
+
+
+@pytest.mark.parametrize(
+    ("ingress", "trusted"),
+    [
+        ({"host": "r.example.com"}, list(models.DEFAULT_TRUSTED_PROXIES)),
+        ({"host": "r.example.com", "trustedProxies": ["10.244.0.0/16", "fd00::1"]},
+         ["10.244.0.0/16", "fd00::1"]),
+        ({"host": "r.example.com", "trustedProxies": []}, None),
+        (None, None),
+    ],
+)  # fmt: skip
+def test_trusted_proxies_only_with_an_ingress(
+    ingress: dict[str, Any] | None, trusted: list[str] | None
+) -> None:
+    spec = models.parse_spec({"ingress": ingress} if ingress else {}, image=IMAGE)
+    config = yaml.safe_load(manifests.server_config(spec, OWNER))
+    assert config["http"].get("trusted_proxies") == trusted
+
+
+def test_trusted_proxies_must_be_addresses() -> None:
+    raw = {"ingress": {"host": "r.example.com", "trustedProxies": ["ingress-nginx"]}}
+    with pytest.raises(models.InvalidSpec, match=r"trustedProxies\[\]: 'ingress-nginx' is not"):
+        models.parse_spec(raw, image=IMAGE)
 
 
 def test_pod_mounts_what_the_config_refers_to() -> None:

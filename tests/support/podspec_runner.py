@@ -12,7 +12,8 @@ server), and
   (a mount namespace would make the rewrite unnecessary; this is its stand-in),
 - start the container's command with its env, `python` replaced by this interpreter,
   BERTH_HTTP_ADDR pointing at a free loopback port and BERTH_EXTERNAL_URL at that port
-  (standing in for the Service's DNS name),
+  (standing in for the Service's DNS name), and BERTH_METRICS_ADDR at another when the
+  container has a port named metrics,
 - wait until the pod's own readiness probe path answers 200, and check the liveness
   probe path too.
 
@@ -233,6 +234,12 @@ class RunningPod:
     def host(self) -> str:
         return self.url.removeprefix("http://")
 
+    @property
+    def metrics_url(self) -> str | None:
+        """Where the pod's /metrics listener is, when it has one (BERTH_METRICS_ADDR)."""
+        addr = self.env.get("BERTH_METRICS_ADDR")
+        return f"http://{addr}" if addr else None
+
     def update(self, config_maps: Sequence[Object], secrets: Sequence[Object]) -> bool:
         """What the kubelet does when a mounted ConfigMap or Secret changes: swap in the
         new content atomically. Returns whether anything changed."""
@@ -381,6 +388,9 @@ def start(
 
     env = {k: _rewrite(v, mounts) for k, v in _env(container, maps, secs).items()}
     env["BERTH_HTTP_ADDR"] = f"127.0.0.1:{port}"
+    if any(p.get("name") == "metrics" for p in container.get("ports") or []):
+        # The pod's metrics port, like its registry port: a free one on loopback.
+        env["BERTH_METRICS_ADDR"] = f"127.0.0.1:{free_port()}"
     # The loopback address stands in for the Service's DNS name, as the temp dirs stand
     # in for the mounts: token realms and Location headers must point at where we are.
     env["BERTH_EXTERNAL_URL"] = url

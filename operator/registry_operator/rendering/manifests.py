@@ -102,6 +102,10 @@ def server_config(spec: models.Spec, owner: models.Owner, peers: tuple[WiredPeer
         name=owner.name,
         namespace=owner.namespace,
         addr=f"0.0.0.0:{names.CONTAINER_PORT}",
+        metrics_addr=f"0.0.0.0:{names.METRICS_PORT}",
+        # Behind the Ingress every client has the controller's address; its
+        # X-Forwarded-For names the client (the failed-login limiter keys on it).
+        trusted_proxies=list(spec.ingress.trusted_proxies) if spec.ingress else [],
         # Without an Ingress clients reach the server by many names (Service DNS, a
         # port-forward, a node port); leaving this empty makes the token realm follow the
         # address each client used.
@@ -272,6 +276,8 @@ def render(
             checksum=checksum(config_map, secret),
             run_as=names.RUN_AS,
             port=names.CONTAINER_PORT,
+            metrics_port=names.METRICS_PORT,
+            metrics_port_name=names.METRICS_PORT_NAME,
             config_file=names.CONFIG_FILE,
             config_dir=names.CONFIG_DIR,
             auth_dir=names.AUTH_DIR,
@@ -301,6 +307,8 @@ def render(
             labels=server_labels,
             selector=names.selector_labels(name),
             port=names.CONTAINER_PORT,
+            metrics_port=names.METRICS_PORT,
+            metrics_port_name=names.METRICS_PORT_NAME,
             **common,
         )
     )

@@ -23,6 +23,10 @@ MANAGED_BY = "berth-operator"
 CHECKSUM_ANNOTATION = "berth.dev/config-checksum"
 
 CONTAINER_PORT = 5000
+# The server's /metrics listener (http.metrics_addr): a port of its own, which the
+# Ingress never routes; the Service names it "metrics" for a ServiceMonitor.
+METRICS_PORT = 9090
+METRICS_PORT_NAME = "metrics"
 CONFIG_DIR = "/etc/berth/config"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 AUTH_DIR = "/etc/berth/auth"
