@@ -62,7 +62,9 @@ class Probe:
 @dataclasses.dataclass(frozen=True)
 class Settings:
     propagation: float = 120.0  # seconds until a mounted Secret surely reached the pods
-    probe_interval_max: float = 15.0  # the probe counts as a failed login on the server
+    # The probe asks which hash the server holds (no login); an older server is probed
+    # with a login, a failure there until it reloads: keep those few.
+    probe_interval_max: float = 15.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,8 +257,8 @@ def _rotate(
         robot = robots.stage(robot, now, generators)
     if robot.staged is not None and robot.staged_at is not None:
         elapsed = now - robot.staged_at
-        # The probe is a failed login while the server lacks the credential; back off so
-        # that it never trips the server's rate limit for the operator's address.
+        # Back off: a server too old to say which hash it holds is probed with a login,
+        # a failed one until it reloads, which must not trip its limiter.
         again = now + min(settings.probe_interval_max, max(2.0, elapsed / 4))
         if probe is not None and probe.result == UNREACHABLE:
             # Unreachable may be one slow answer: ask again, and promote by time at the latest.

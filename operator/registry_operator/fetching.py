@@ -1,5 +1,5 @@
 """Calls to the registry servers themselves (never the API server): whether the server
-accepts a new credential yet, and its replication status. Synchronous (urllib); callers
+has a new credential yet, and its replication status. Synchronous (urllib); callers
 run them in worker threads.
 
 The operator reaches a registry through its Service, `http://<name>.<namespace>.svc:5000`,
@@ -12,19 +12,22 @@ the cluster, the tests here, which have no Service networking), an overrides fil
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from registry_operator import access, status
+from registry_operator import access, robots, status
 from registry_operator.rendering import names
 
 TIMEOUT = 5.0
 STATUS_PATH = "/berth/v1/replication/status"
+CREDENTIALS_PATH = "/berth/v1/auth/credentials"
 
 
 class Endpoints:
@@ -70,10 +73,36 @@ def _get(url: str, username: str, password: str) -> tuple[int, bytes]:
         return int(exc.code), b""
 
 
-def probe(url: str, username: str, password: str) -> str:
-    """Whether the server at `url` accepts the credential (access.ACCEPTED/REFUSED/UNREACHABLE)."""
+def fingerprint(secret_hash: str) -> str:
+    """The server's digest of a stored hash (registry_server.auth.configured's
+    `secret_fingerprint`; the two packages do not import each other, a test pins it)."""
+    return hashlib.sha256(secret_hash.encode()).hexdigest()[:16]
+
+
+def probe(url: str, admin: tuple[str, str] | None, credential: robots.Credential) -> str:
+    """Whether the server at `url` has the credential yet (access.ACCEPTED/REFUSED/UNREACHABLE).
+
+    Asked with the admin account: which hash the server holds for the account. Trying
+    the new secret instead would be a failed login on the server until it has reloaded
+    its policy, counted by its limiter against the account and the operator's address.
+    A server too old to answer that is asked the old way.
+    """
+    if admin is not None:
+        query = urllib.parse.urlencode({"account": credential.name})
+        try:
+            code, body = _get(f"{url}{CREDENTIALS_PATH}?{query}", *admin)
+        except (OSError, ValueError):
+            return access.UNREACHABLE
+        if code == 200:
+            try:
+                held = json.loads(body).get("fingerprint")
+            except (ValueError, AttributeError):
+                return access.UNREACHABLE
+            return access.ACCEPTED if held == fingerprint(credential.hash) else access.REFUSED
+        if code != 404:
+            return access.UNREACHABLE  # the admin refused or throttled: wait instead
     try:
-        code, _ = _get(f"{url}/v2/", username, password)
+        code, _ = _get(f"{url}/v2/", credential.name, credential.password)
     except (OSError, ValueError):
         return access.UNREACHABLE
     if code == 200:

@@ -220,8 +220,9 @@ class Runtime:
         return (user, password) if user and password else None
 
     def probe(self, target: access.Target, credential: robots_.Credential) -> str:
-        url = self.endpoints.url(target.owner.namespace, target.owner.name)
-        return fetching.probe(url, credential.name, credential.password)
+        namespace, name = target.owner.namespace, target.owner.name
+        url = self.endpoints.url(namespace, name)
+        return fetching.probe(url, self._admin(namespace, name), credential)
 
     def fetch_replication(self, namespace: str, name: str) -> status_.ReplicationObservation:
         """The server's replication status, read with the registry's admin credentials."""
