@@ -119,7 +119,7 @@ async def test_a_foreign_realm_gets_nothing(serve: Serve) -> None:
     elsewhere = await serve(token_service(foreign))
     seen = Recorder()
     peer = await serve(registry(seen, lambda r: f"{url(elsewhere)}/token"))
-    with pytest.raises(PeerError, match="token realm .* is not at the peer's origin") as refused:
+    with pytest.raises(PeerError, match=r"token realm .* is not at the peer's origin") as refused:
         await blob_exists(peer_config(url(peer)))
     assert refused.value.retryable  # the peer may be fixed; the status shows the error
     assert foreign.seen == []
