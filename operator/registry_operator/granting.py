@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import datetime
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -482,9 +481,7 @@ class _Writer:
         if body is None:
             return []
         previous = body.get("status") or {}
-        stamp = datetime.datetime.fromtimestamp(int(now), datetime.UTC).strftime(
-            "%Y-%m-%dT%H:%M:%SZ"
-        )
+        stamp = status.rfc3339(now)
         new = {
             **fields,
             "observedGeneration": generation,
@@ -553,13 +550,6 @@ def _summary(items: Sequence[str], limit: int = 10) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def _condition(status_: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
-    for condition in status_.get("conditions") or []:
-        if condition.get("type") == type_:
-            return dict(condition)
-    return {}
-
-
 def _repository_events(previous: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
     """What an admin should see: grants, revocations, rotations, conflicts."""
     found = []
@@ -584,12 +574,11 @@ def _repository_events(previous: Mapping[str, Any], new: Mapping[str, Any]) -> l
     rotated = new.get("credentialsRotatedAt")
     if previous.get("credentialsRotatedAt") and rotated != previous.get("credentialsRotatedAt"):
         found.append(Event("Normal", "Rotated", f"new credentials handed out at {rotated}"))
-    old, ready = _condition(previous, access.READY), _condition(new, access.READY)
-    key = ("status", "reason", "message")
-    if ready.get("status") == "False" and [old.get(k) for k in key] != [ready.get(k) for k in key]:
+    old, ready = status.condition_of(previous, access.READY), status.condition_of(new, access.READY)
+    if ready.get("status") == "False" and status.differs(old, ready):
         found.append(Event("Warning", str(ready.get("reason")), str(ready.get("message", ""))))
-    conflict = _condition(new, access.PATH_CONFLICT)
-    before_conflict = _condition(previous, access.PATH_CONFLICT)
+    conflict = status.condition_of(new, access.PATH_CONFLICT)
+    before_conflict = status.condition_of(previous, access.PATH_CONFLICT)
     if conflict.get("reason") == "KeepsPath" and before_conflict.get("message") != conflict.get(
         "message"
     ):

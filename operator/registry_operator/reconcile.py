@@ -10,7 +10,7 @@ Synchronous (the kube client is); the handlers run it in a worker thread.
 from __future__ import annotations
 
 import dataclasses
-import datetime
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -75,9 +75,7 @@ class Told:
 class Options:
     image: str | None = None  # the default server image; None = this package's version
     generators: credentials.Generators = dataclasses.field(default_factory=credentials.Generators)
-    now: Callable[[], str] = lambda: datetime.datetime.now(datetime.UTC).strftime(
-        "%Y-%m-%dT%H:%M:%SZ"
-    )
+    now: Callable[[], str] = lambda: status.rfc3339(time.time())
 
 
 def reconcile(
@@ -98,11 +96,7 @@ def reconcile(
     if body is None:
         return Outcome()
     meta = body.get("metadata") or {}
-    ref = {
-        "apiVersion": API_VERSION,
-        "kind": models.KIND,
-        "metadata": {"name": name, "namespace": namespace, "uid": meta.get("uid", "")},
-    }
+    ref = _registry_ref(namespace, name, meta.get("uid", ""))
     if meta.get("deletionTimestamp"):
         return Outcome(ref=ref)  # the garbage collector takes it from here
     previous = body.get("status") or {}
@@ -528,24 +522,16 @@ def _write_status(
         return  # deleted meanwhile
 
 
-def _condition(status_: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
-    for condition in status_.get("conditions") or []:
-        if condition.get("type") == type_:
-            return dict(condition)
-    return {}
-
-
 def _transition_events(previous: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
     """Events for what an admin should notice: becoming ready, degrading, recovering."""
     found = []
-    was_ready, ready = _condition(previous, status.READY), _condition(new, status.READY)
+    was_ready = status.condition_of(previous, status.READY)
+    ready = status.condition_of(new, status.READY)
     if ready.get("status") == "True" and was_ready.get("status") != "True":
         found.append(Event("Normal", "Ready", str(ready.get("message", ""))))
-    old, degraded = _condition(previous, status.DEGRADED), _condition(new, status.DEGRADED)
-    key = ("status", "reason", "message")
-    if degraded.get("status") == "True" and [old.get(k) for k in key] != [
-        degraded.get(k) for k in key
-    ]:
+    old = status.condition_of(previous, status.DEGRADED)
+    degraded = status.condition_of(new, status.DEGRADED)
+    if degraded.get("status") == "True" and status.differs(old, degraded):
         found.append(Event("Warning", str(degraded["reason"]), str(degraded.get("message", ""))))
     elif degraded.get("status") == "False" and old.get("status") == "True":
         found.append(Event("Normal", "Recovered", f"no longer degraded ({old.get('reason')})"))

@@ -2,13 +2,15 @@
 
 Conditions follow the Kubernetes API conventions: `type`, `status` ("True", "False",
 "Unknown"), a CamelCase `reason`, a human `message`, `lastTransitionTime` (changed only
-when `status` flips) and the `observedGeneration` they were computed for.
+when `status` flips) and the `observedGeneration` they were computed for. The helpers
+for conditions and timestamps serve the Repositories' statuses too (`access`, `granting`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,10 +68,29 @@ class ReplicationObservation:
     error: str | None = None
 
 
+def rfc3339(timestamp: float) -> str:
+    """Seconds since the epoch as the API's timestamps write them: whole seconds, UTC."""
+    moment = datetime.datetime.fromtimestamp(math.floor(timestamp), datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition_of(status: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
+    """The condition of that type in a `.status` as the API holds it; {} when absent."""
+    for found in status.get("conditions") or []:
+        if found.get("type") == type_:
+            return dict(found)
+    return {}
+
+
+def differs(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether two conditions say something different (an event tells it again)."""
+    return any(old.get(key) != new.get(key) for key in ("status", "reason", "message"))
+
+
 def _time(value: Any) -> str | None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return None
-    return datetime.datetime.fromtimestamp(int(value), datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rfc3339(value)
 
 
 def replication_status(
