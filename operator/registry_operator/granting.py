@@ -28,6 +28,7 @@ from registry_operator import (
     credentials,
     models,
     node_access,
+    objects,
     reconcile,
     robots,
     status,
@@ -269,14 +270,6 @@ def _split(value: str | None) -> list[str]:
     return [item for item in (value or "").split(",") if item]
 
 
-def _contains(actual: Any, desired: Any) -> bool:
-    if isinstance(desired, Mapping):
-        return isinstance(actual, Mapping) and all(
-            key in actual and _contains(actual[key], value) for key, value in desired.items()
-        )
-    return bool(actual == desired)
-
-
 class _Writer:
     """The writes of one access reconcile, and what they achieved."""
 
@@ -376,7 +369,7 @@ class _Writer:
                 self._record(self.kube.create(manifest))
             elif not (
                 before.get("data") == manifest["data"]
-                and _contains(
+                and objects.contains(
                     before.get("metadata"),
                     {
                         "labels": manifest["metadata"]["labels"],
@@ -447,7 +440,7 @@ class _Writer:
         if (
             before is not None
             and before.get("data") == manifest["data"]
-            and _contains(before.get("metadata"), {"labels": manifest["metadata"]["labels"]})
+            and objects.contains(before.get("metadata"), {"labels": manifest["metadata"]["labels"]})
         ):
             return
         self._record(self.kube.apply(manifest))

@@ -19,6 +19,7 @@ from registry_operator import (
     credentials,
     models,
     node_access,
+    objects,
     rendering,
     robots,
     status,
@@ -219,7 +220,7 @@ def sync_local_registry_hosting(
     desired = manifests.local_registry_hosting(
         chosen.name, chosen.namespace, chosen.port, chosen.ingress_host
     )
-    if current is not None and _contains(current, desired):
+    if current is not None and objects.contains(current, desired):
         return Hosting(chosen, (), refs)
     after = kube.apply(desired)
     message = f"{where} names this Registry ({names.node_host(chosen.port)})"
@@ -417,7 +418,7 @@ def _change_events(
     old = (before.get("metadata") or {}).get("resourceVersion")
     new = (after.get("metadata") or {}).get("resourceVersion")
     # A new resourceVersion alone may be a controller's status write racing ours.
-    if old == new or (_contains(before, desired) and not _edited_meanwhile(before, after)):
+    if old == new or (objects.contains(before, desired) and not _edited_meanwhile(before, after)):
         return []
     if drift:
         return [Event("Normal", "Repaired", f"reverted changes made to {kind} {name}")]
@@ -435,21 +436,6 @@ def _edited_meanwhile(before: Mapping[str, Any], after: Mapping[str, Any]) -> bo
     old = (before.get("metadata") or {}).get("generation")
     new = (after.get("metadata") or {}).get("generation")
     return isinstance(old, int) and isinstance(new, int) and new > old
-
-
-def _contains(actual: Any, desired: Any) -> bool:
-    """Whether every field we set already had the value we set (defaults may be extra)."""
-    if isinstance(desired, Mapping):
-        return isinstance(actual, Mapping) and all(
-            key in actual and _contains(actual[key], value) for key, value in desired.items()
-        )
-    if isinstance(desired, list):
-        return (
-            isinstance(actual, list)
-            and len(actual) == len(desired)
-            and all(_contains(a, d) for a, d in zip(actual, desired, strict=True))
-        )
-    return bool(actual == desired)
 
 
 def _prune(
