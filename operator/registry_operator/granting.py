@@ -29,6 +29,7 @@ from registry_operator import (
     models,
     node_access,
     objects,
+    peering,
     reconcile,
     robots,
     status,
@@ -234,32 +235,19 @@ def _target(
     registry: models.Registry,
     claims: Sequence[node_access.Claim] | None,
 ) -> access.Target:
-    owner = registry.owner
-    spec = registry.spec
-    consenting = []
-    me = models.RegistryRef(owner.name, owner.namespace)
-    for peer in spec.peers:
-        ref = peer.registry
-        if ref is None:
-            continue
-        body = kube.find(API_VERSION, models.KIND, ref.namespace, ref.name)
-        if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
-            continue
-        try:
-            other = models.parse_registry(body)
-        except models.InvalidSpec:
-            continue
-        if any(p.registry == me for p in other.spec.peers):
-            consenting.append(robots.peer_key(ref.namespace, ref.name))
+    found = [
+        (ref, kube.find(API_VERSION, models.KIND, ref.namespace, ref.name))
+        for ref in peering.listed(registry)
+    ]
     mine = node_access.claim(registry)
     if claims is None:
         claims = reconcile.list_claims(kube) if mine.port is not None else []
     served = node_access.served_port(mine, [c for c in claims if c.ref != mine.ref])
     return access.Target(
-        owner=owner,
+        owner=registry.owner,
         hosts=node_access.pull_hosts(registry, served),
         admins=(credentials.ADMIN_USER, credentials.REPLICATION_USER),
-        peers=tuple(sorted(consenting)),
+        peers=peering.consenting(registry, found),
     )
 
 

@@ -20,8 +20,8 @@ from registry_operator import (
     models,
     node_access,
     objects,
+    peering,
     rendering,
-    robots,
     status,
 )
 from registry_operator.kube import client as kube_client
@@ -234,129 +234,44 @@ def sync_local_registry_hosting(
 
 
 def _peers_to_tell(kube: kube_client.Client, registry: models.Registry) -> list[Wake]:
-    """After a spec change: the Registries this one lists, and those listing it, decide
-    again whether they are wired to it (both sides consent, or neither is wired)."""
-    owner = registry.owner
-    me = models.RegistryRef(owner.name, owner.namespace)
-    mine = {p.registry for p in registry.spec.peers if p.registry is not None}
-    found: list[Wake] = []
-    for body in kube.list(API_VERSION, models.KIND, None):
-        meta = body.get("metadata") or {}
-        ref = models.RegistryRef(str(meta.get("name")), str(meta.get("namespace")))
-        if ref == me:
-            continue
-        peers = ((body.get("spec") or {}).get("replication") or {}).get("peers") or []
-        lists_me = any(
-            isinstance(p, Mapping)
-            and (p.get("registryRef") or {}).get("name") == me.name
-            and ((p.get("registryRef") or {}).get("namespace") or ref.namespace) == me.namespace
-            for p in peers
-        )
-        if lists_me or ref in mine:
-            found += [("registry", ref.namespace, ref.name), ("access", ref.namespace, ref.name)]
-    return found
+    everyone = kube.list(API_VERSION, models.KIND, None)
+    return [
+        (kind, ref.namespace, ref.name)
+        for ref in peering.to_tell(registry, everyone)
+        for kind in ("registry", "access")
+    ]
 
 
 def _resolve_peers(
     kube: kube_client.Client, registry: models.Registry
 ) -> tuple[manifests.Replication, list[status.PeerState], list[Wake]]:
-    """Which peers can be written into the server config, and why the others cannot.
-
-    A same-cluster peer is wired only when both Registries list each other (so that
-    nobody gets write access to a registry by naming it) and the peer's access reconcile
-    has made the account this registry replicates into it with.
-    """
+    """Which peers can be written into the server config, and why the others cannot
+    (`peering` decides). A peer's robots Secret is read only once its Registry consents."""
     owner = registry.owner
-    wired: list[manifests.WiredPeer] = []
-    passwords: dict[str, str] = {}
-    states: list[status.PeerState] = []
-    wake: list[Wake] = []
+    resolved: list[peering.Resolved] = []
     for peer in registry.spec.peers:
-        if peer.registry is not None:
-            ref = peer.registry
-            url = names.in_cluster_url(ref.name, ref.namespace)
-            body = kube.find(API_VERSION, models.KIND, ref.namespace, ref.name)
-            if body is None:
-                states.append(
-                    status.PeerState(
-                        peer.name,
-                        url,
-                        "PeerNotFound",
-                        f"Registry {ref.namespace}/{ref.name} does not exist",
-                    )
-                )
-                continue
-            try:
-                other = models.parse_registry(body)
-            except models.InvalidSpec as exc:
-                states.append(status.PeerState(peer.name, url, "PeerInvalid", str(exc)))
-                continue
-            me = models.RegistryRef(owner.name, owner.namespace)
-            if not any(p.registry == me for p in other.spec.peers):
-                states.append(
-                    status.PeerState(
-                        peer.name,
-                        url,
-                        "NotMutual",
-                        f"Registry {ref.namespace}/{ref.name} does not list this Registry "
-                        "as a peer; both must",
-                    )
-                )
-                continue
-            secret = kube.find("v1", "Secret", ref.namespace, names.robots_secret(ref.name))
-            data = credentials.decode_secret_data((secret or {}).get("data"))
-            key = robots.peer_key(owner.namespace, owner.name)
-            account = robots.load(key, data[key]) if key in data else None
-            if account is None:
-                wake.append(("access", ref.namespace, ref.name))
-                states.append(
-                    status.PeerState(
-                        peer.name,
-                        url,
-                        "WaitingForCredentials",
-                        f"waiting for Registry {ref.namespace}/{ref.name} to create the "
-                        "account this one replicates with",
-                    )
-                )
-                continue
-            passwords[peer.name] = account.current.password
-            wired.append(
-                manifests.WiredPeer(
-                    name=peer.name,
-                    url=url,
-                    kind="berth",
-                    username=account.current.name,
-                    secret=names.replication_secret(owner.name),
-                    key=peer.name,
-                )
-            )
-            states.append(status.PeerState(peer.name, url, ""))
+        ref = peer.registry
+        if ref is None:
+            assert peer.credentials_secret is not None
+            secret = _secret_data(kube, owner.namespace, peer.credentials_secret)
+            resolved.append(peering.by_url(peer, secret))
             continue
-        assert peer.url is not None and peer.credentials_secret is not None
-        secret = kube.find("v1", "Secret", owner.namespace, peer.credentials_secret)
-        data = credentials.decode_secret_data((secret or {}).get("data"))
-        if secret is None or not data.get("username") or not data.get("password"):
-            states.append(
-                status.PeerState(
-                    peer.name,
-                    peer.url,
-                    "CredentialsMissing",
-                    f"Secret {peer.credentials_secret} needs the keys username and password",
-                )
-            )
+        body = kube.find(API_VERSION, models.KIND, ref.namespace, ref.name)
+        refused = peering.refusal(registry, peer, body)
+        if refused is not None:
+            resolved.append(refused)
             continue
-        wired.append(
-            manifests.WiredPeer(
-                name=peer.name,
-                url=peer.url,
-                kind=peer.kind,
-                username=data["username"],
-                secret=peer.credentials_secret,
-                key="password",
-            )
-        )
-        states.append(status.PeerState(peer.name, peer.url, ""))
-    return manifests.Replication(tuple(wired), passwords), states, wake
+        peer_robots = _secret_data(kube, ref.namespace, names.robots_secret(ref.name))
+        resolved.append(peering.in_cluster(registry, peer, peer_robots))
+    wiring = peering.wiring(resolved)
+    wake: list[Wake] = [("access", ref.namespace, ref.name) for ref in wiring.waiting_on]
+    return wiring.replication, list(wiring.states), wake
+
+
+def _secret_data(kube: kube_client.Client, namespace: str, name: str) -> dict[str, str]:
+    """A Secret's decoded data; {} when it does not exist."""
+    secret = kube.find("v1", "Secret", namespace, name)
+    return credentials.decode_secret_data((secret or {}).get("data"))
 
 
 def _apply_children(
