@@ -14,17 +14,18 @@ from typing import Any
 import pytest
 
 from registry_server.storage.sqlite_index import SqliteIndex
+from registry_server.storage.sqlite_writer import SqliteWriter
 
 
 def _count_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
-    original = SqliteIndex._run_batch
+    original = SqliteWriter._run_batch
 
-    def counting(self: SqliteIndex, fns: list[Any]) -> list[tuple[bool, Any]]:
+    def counting(self: SqliteWriter, fns: list[Any]) -> list[tuple[bool, Any]]:
         sizes.append(len(fns))
         return original(self, fns)
 
-    monkeypatch.setattr(SqliteIndex, "_run_batch", counting)
+    monkeypatch.setattr(SqliteWriter, "_run_batch", counting)
     return sizes
 
 
@@ -60,7 +61,7 @@ async def test_a_failing_write_undoes_only_itself(tmp_path: Path) -> None:
     try:
         results = await asyncio.gather(
             *(index.link_blob(f"ok/{i}", "sha256:" + "b" * 64, 1) for i in range(10)),
-            index._write(half_then_fail),
+            index._writer.write(half_then_fail),
             *(index.link_blob(f"ok/{i}", "sha256:" + "b" * 64, 1) for i in range(10, 20)),
             return_exceptions=True,
         )

@@ -1,0 +1,504 @@
+"""Repositories, manifests, tags, tombstones and versions: the transactions and reads
+every SQL metadata index shares (``sqltx``; no I/O here).
+
+Writes that touch a repository's tags or manifests start with ``repository`` (found or
+created, then locked where the dialect needs it), so each check-then-write below sees
+every earlier writer of that repository committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Collection, Sequence
+
+from registry_server.protocol import errors, versions
+from registry_server.protocol.versions import Stamp
+from registry_server.storage import changelog
+from registry_server.storage.index import (
+    RETENTION_ACTOR,
+    ManifestRecord,
+    NewManifest,
+    TagState,
+)
+from registry_server.storage.sqltx import Dialect, Query, Tx, in_marks
+
+# Rows per multi-row INSERT (SQLite allows 32766 parameters per statement).
+_ROWS_PER_INSERT = 1000
+
+
+# -- repositories and the clock --------------------------------------------------------
+
+
+def repository_id(repo: str) -> Tx[int | None]:
+    row = (yield Query("SELECT id FROM repositories WHERE name = ?", (repo,))).first()
+    return None if row is None else int(row[0])
+
+
+def repository(dialect: Dialect, repo: str, create: bool) -> Tx[int | None]:
+    """The repository's id for a write (created when asked), locked where needed."""
+    repo_id = yield from repository_id(repo)
+    if repo_id is None and create:
+        inserted = yield Query(
+            "INSERT INTO repositories(name, created) VALUES (?, ?)"
+            " ON CONFLICT (name) DO NOTHING RETURNING id",
+            (repo, time.time()),
+        )
+        row = inserted.first()
+        # None: another writer created it meanwhile (and committed: it is visible now).
+        repo_id = int(row[0]) if row is not None else (yield from repository_id(repo))
+    if repo_id is not None and dialect.lock_repository:
+        yield Query(dialect.lock_repository, (repo_id,))
+    return repo_id
+
+
+def _clock(dialect: Dialect, repo_id: int) -> Query:
+    if dialect.per_repository_clock:
+        return Query("SELECT clock FROM repositories WHERE id = ?", (repo_id,))
+    return Query("SELECT last FROM clock WHERE id = 0")
+
+
+def _set_clock(dialect: Dialect, repo_id: int, version: int) -> Query:
+    if dialect.per_repository_clock:
+        return Query(
+            "UPDATE repositories SET clock = ? WHERE id = ? AND clock < ?",
+            (version, repo_id, version),
+        )
+    return Query("UPDATE clock SET last = ? WHERE id = 0 AND last < ?", (version, version))
+
+
+def stamp(dialect: Dialect, repo_id: int, region: str, given: Stamp | None) -> Tx[Stamp]:
+    """A local change's next version, or a replicated change's own (the clock observes it)."""
+    if given is None:
+        last = (yield _clock(dialect, repo_id)).first()
+        version = versions.tick(int(last[0]) if last else 0, int(time.time() * 1000))
+        yield _set_clock(dialect, repo_id, version)
+        return Stamp(version, region)
+    yield _set_clock(dialect, repo_id, given.version)
+    return given
+
+
+def current(repo_id: int, tag: str) -> Tx[Stamp | None]:
+    """A tag's state: its version, or its tombstone's."""
+    rows = (
+        yield Query(
+            "SELECT version, origin FROM tags WHERE repo_id = ? AND name = ?"
+            " UNION ALL SELECT version, origin FROM tombstones WHERE repo_id = ? AND name = ?",
+            (repo_id, tag, repo_id, tag),
+        )
+    ).rows
+    return max((Stamp(int(v), str(o)) for v, o in rows), default=None)
+
+
+def tombstone(repo_id: int, tag: str, version: Stamp, deleted: float | None = None) -> Tx[None]:
+    # Expiry counts from the change's own time, so every region forgets it together
+    # (retention, a local decision, counts from when it removed the tag).
+    when = versions.physical_ms(version.version) / 1000 if deleted is None else deleted
+    yield Query("DELETE FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag))
+    yield Query(
+        "INSERT INTO tombstones(repo_id, name, version, origin, deleted) VALUES (?,?,?,?,?)"
+        " ON CONFLICT (repo_id, name) DO UPDATE SET version = excluded.version,"
+        " origin = excluded.origin, deleted = excluded.deleted",
+        (repo_id, tag, version.version, version.origin, when),
+    )
+
+
+# -- manifests and tags ----------------------------------------------------------------
+
+
+def _missing_required(
+    dialect: Dialect,
+    repo_id: int,
+    required_blobs: Sequence[str],
+    required_manifests: Sequence[str],
+) -> Tx[list[str]]:
+    """What a manifest needs that the repository lacks. The blobs found stay locked
+    (where the dialect locks) until the transaction ends, so GC cannot take them away
+    between this check and the commit."""
+    found: set[str] = set()
+    wanted_blobs = list(dict.fromkeys(required_blobs))
+    for start in range(0, len(wanted_blobs), 500):
+        batch = wanted_blobs[start : start + 500]
+        rows = (
+            yield Query(
+                "SELECT l.digest FROM blob_links l JOIN blobs b ON b.digest = l.digest"
+                f" WHERE l.repo_id = ? AND l.digest IN ({in_marks(len(batch))})"
+                + dialect.share_blob_rows,
+                (repo_id, *batch),
+            )
+        ).rows
+        found.update(str(r[0]) for r in rows)
+    missing = [d for d in required_blobs if d not in found]
+    for digest in required_manifests:
+        row = (
+            yield Query(
+                "SELECT 1 FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest)
+            )
+        ).first()
+        if row is None:
+            missing.append(digest)
+    return missing
+
+
+def _replicated_wins(
+    repo_id: int, tag: str, digest: str, incoming: Stamp, immutable: bool
+) -> Tx[bool]:
+    """Whether a replicated tag change applies: the last writer wins, except that an
+    immutable tag pushed in two regions at once keeps its first push everywhere."""
+    if immutable:
+        row = (
+            yield Query(
+                "SELECT digest, version, origin FROM tags WHERE repo_id = ? AND name = ?",
+                (repo_id, tag),
+            )
+        ).first()
+        if row is not None and str(row[0]) != digest:
+            return incoming < Stamp(int(row[1]), str(row[2]))
+    return versions.wins(incoming, (yield from current(repo_id, tag)))
+
+
+def put_manifest(
+    dialect: Dialect,
+    region: str,
+    consumers: Sequence[str],
+    repo: str,
+    manifest: NewManifest,
+    tags: Sequence[str],
+    given: Stamp | None,
+    immutable: Collection[str],
+    required_blobs: Sequence[str],
+    required_manifests: Sequence[str],
+    actor: str | None,
+) -> Tx[list[str]]:
+    local = given is None
+    repo_id = yield from repository(dialect, repo, create=True)
+    assert repo_id is not None
+    # Checked in the transaction: GC (or a delete) cannot take a blob or child away
+    # between the check and the write and leave the manifest dangling.
+    missing = yield from _missing_required(dialect, repo_id, required_blobs, required_manifests)
+    if missing:
+        raise errors.RegistryError(errors.MANIFEST_BLOB_UNKNOWN, detail={"digests": missing[:20]})
+    for tag in immutable if local else ():  # in the transaction: of two pushes, one wins
+        row = (
+            yield Query("SELECT digest FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag))
+        ).first()
+        if row is not None and row[0] != manifest.digest:
+            raise errors.RegistryError(errors.TAG_IMMUTABLE, detail={"tag": tag, "digest": row[0]})
+    now = time.time()
+    inserted = yield Query(
+        "INSERT INTO manifests(repo_id, digest, media_type, size, content,"
+        " artifact_type, subject, annotations, created) VALUES (?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT DO NOTHING",
+        (
+            repo_id,
+            manifest.digest,
+            manifest.media_type,
+            len(manifest.content),
+            manifest.content,
+            manifest.artifact_type,
+            manifest.subject,
+            manifest.annotations,
+            now,
+        ),
+    )
+    refs = [(repo_id, manifest.digest, d, "blob") for d in manifest.blob_refs] + [
+        (repo_id, manifest.digest, d, "manifest") for d in manifest.child_refs
+    ]
+    for start in range(0, len(refs), _ROWS_PER_INSERT):
+        batch = refs[start : start + _ROWS_PER_INSERT]
+        yield Query(
+            "INSERT INTO manifest_refs(repo_id, digest, child, kind) VALUES "
+            + ",".join(["(?,?,?,?)"] * len(batch))
+            + " ON CONFLICT DO NOTHING",
+            [value for row in batch for value in row],
+        )
+    version = yield from stamp(dialect, repo_id, region, given)
+    applied: list[str] = []
+    for tag in tags:
+        if not local and not (
+            yield from _replicated_wins(repo_id, tag, manifest.digest, version, tag in immutable)
+        ):
+            continue
+        yield Query("DELETE FROM tombstones WHERE repo_id = ? AND name = ?", (repo_id, tag))
+        yield Query(
+            "INSERT INTO tags(repo_id, name, digest, updated, version, origin)"
+            " VALUES (?,?,?,?,?,?) ON CONFLICT (repo_id, name) DO UPDATE SET"
+            " digest = excluded.digest, updated = excluded.updated,"
+            " version = excluded.version, origin = excluded.origin",
+            (repo_id, tag, manifest.digest, now, version.version, version.origin),
+        )
+        applied.append(tag)
+        if local:
+            yield from changelog.record(
+                consumers, repo, "tag", tag, manifest.digest, version, actor
+            )
+    if local and not tags and inserted.rowcount > 0:
+        yield from changelog.record(
+            consumers, repo, "manifest", None, manifest.digest, version, actor
+        )
+    return applied
+
+
+def _refuse_immutable(repo_id: int, digest: str, immutable: Callable[[str], bool]) -> Tx[None]:
+    """The manifest, and every index above it, must carry no immutable tag."""
+    seen: set[str] = set()
+    frontier = [digest]
+    while frontier:
+        here = frontier.pop()
+        if here in seen:
+            continue
+        seen.add(here)
+        tags = yield Query(
+            "SELECT name FROM tags WHERE repo_id = ? AND digest = ?", (repo_id, here)
+        )
+        for (tag,) in tags.rows:
+            if immutable(str(tag)):
+                raise errors.RegistryError(
+                    errors.TAG_IMMUTABLE, detail={"tag": str(tag), "digest": here}
+                )
+        parents = yield Query(
+            "SELECT digest FROM manifest_refs"
+            " WHERE repo_id = ? AND child = ? AND kind = 'manifest'",
+            (repo_id, here),
+        )
+        frontier.extend(str(parent) for (parent,) in parents.rows)
+
+
+def delete_manifest(
+    dialect: Dialect,
+    region: str,
+    consumers: Sequence[str],
+    repo: str,
+    digest: str,
+    given: Stamp | None,
+    actor: str | None,
+    immutable: Callable[[str], bool] | None,
+) -> Tx[bool]:
+    local = given is None
+    repo_id = yield from repository(dialect, repo, create=False)
+    if repo_id is None:
+        return False
+    if immutable is not None:
+        yield from _refuse_immutable(repo_id, digest, immutable)
+    exists = yield Query(
+        "SELECT 1 FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest)
+    )
+    if exists.first() is None:
+        return False
+    version = yield from stamp(dialect, repo_id, region, given)
+    tags = yield Query(
+        "SELECT name, version, origin FROM tags WHERE repo_id = ? AND digest = ?",
+        (repo_id, digest),
+    )
+    surviving = False
+    for name, tag_version, tag_origin in tags.rows:
+        if versions.wins(version, Stamp(int(tag_version), str(tag_origin))):
+            yield from tombstone(repo_id, str(name), version)
+        else:
+            surviving = True  # a newer tag elsewhere still wants this manifest
+    if surviving:
+        return True
+    yield Query("DELETE FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest))
+    yield Query("DELETE FROM manifest_refs WHERE repo_id = ? AND digest = ?", (repo_id, digest))
+    if local:
+        yield from changelog.record(
+            consumers, repo, "delete_manifest", None, digest, version, actor
+        )
+    return True
+
+
+def delete_tag(
+    dialect: Dialect,
+    region: str,
+    consumers: Sequence[str],
+    repo: str,
+    tag: str,
+    given: Stamp | None,
+    actor: str | None,
+) -> Tx[bool]:
+    local = given is None
+    repo_id = yield from repository(dialect, repo, create=not local)
+    if repo_id is None:
+        return False
+    found = yield Query("SELECT 1 FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag))
+    exists = found.first() is not None
+    if local and not exists:
+        return False
+    version = yield from stamp(dialect, repo_id, region, given)
+    if not local and not versions.wins(version, (yield from current(repo_id, tag))):
+        return exists
+    yield from tombstone(repo_id, tag, version)
+    if local:
+        yield from changelog.record(consumers, repo, "delete_tag", tag, None, version, actor)
+    return True
+
+
+def expire_tag(
+    dialect: Dialect, consumers: Sequence[str], repo: str, tag: str, version: int
+) -> Tx[bool]:
+    repo_id = yield from repository(dialect, repo, create=False)
+    if repo_id is None:
+        return False
+    row = (
+        yield Query(
+            "SELECT version, origin FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag)
+        )
+    ).first()
+    if row is None or int(row[0]) != version:
+        return False  # pushed again (or deleted) since it was chosen: keep it
+    own = Stamp(int(row[0]), str(row[1]))
+    yield from tombstone(repo_id, tag, own, deleted=time.time())
+    yield from changelog.record(consumers, repo, "expire_tag", tag, None, own, RETENTION_ACTOR)
+    return True
+
+
+def delete_untagged_manifest(
+    dialect: Dialect, region: str, consumers: Sequence[str], repo: str, digest: str
+) -> Tx[int]:
+    repo_id = yield from repository(dialect, repo, create=False)
+    if repo_id is None:
+        return 0
+    deleted = 0
+    pending = [digest]
+    while pending:
+        here = pending.pop()
+        held = yield Query(
+            "SELECT 1 FROM tags WHERE repo_id = ? AND digest = ?"
+            " UNION ALL SELECT 1 FROM manifest_refs"
+            " WHERE repo_id = ? AND child = ? AND kind = 'manifest' LIMIT 1",
+            (repo_id, here, repo_id, here),
+        )
+        if held.first() is not None:
+            continue
+        children = yield Query(
+            "SELECT child FROM manifest_refs"
+            " WHERE repo_id = ? AND digest = ? AND kind = 'manifest'",
+            (repo_id, here),
+        )
+        gone = yield Query(
+            "DELETE FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, here)
+        )
+        if not gone.rowcount:
+            continue
+        yield Query("DELETE FROM manifest_refs WHERE repo_id = ? AND digest = ?", (repo_id, here))
+        version = yield from stamp(dialect, repo_id, region, None)
+        yield from changelog.record(
+            consumers, repo, "expire_manifest", None, here, version, RETENTION_ACTOR
+        )
+        deleted += 1
+        pending.extend(str(r[0]) for r in children.rows)  # an index's platforms go with it
+    return deleted
+
+
+def expire_tombstones(older_than: float) -> Tx[int]:
+    return (yield Query("DELETE FROM tombstones WHERE deleted < ?", (older_than,))).rowcount
+
+
+# -- reads -----------------------------------------------------------------------------
+
+
+def get_manifest(repo: str, digest: str, content: bool) -> Tx[ManifestRecord | None]:
+    column = "m.content" if content else "NULL"
+    row = (
+        yield Query(
+            f"SELECT m.digest, m.media_type, m.size, {column}, m.artifact_type, m.subject,"
+            " m.annotations FROM manifests m JOIN repositories r ON r.id = m.repo_id"
+            " WHERE r.name = ? AND m.digest = ?",
+            (repo, digest),
+        )
+    ).first()
+    return ManifestRecord(*row) if row else None
+
+
+def resolve_tag(repo: str, tag: str) -> Tx[str | None]:
+    row = (
+        yield Query(
+            "SELECT t.digest FROM tags t JOIN repositories r ON r.id = t.repo_id"
+            " WHERE r.name = ? AND t.name = ?",
+            (repo, tag),
+        )
+    ).first()
+    return str(row[0]) if row else None
+
+
+def list_tags(dialect: Dialect, repo: str, n: int | None, last: str | None) -> Tx[list[str] | None]:
+    repo_id = yield from repository_id(repo)
+    if repo_id is None:
+        return None
+    rows = yield Query(
+        "SELECT name FROM tags WHERE repo_id = ? AND name > ? ORDER BY name LIMIT ?",
+        (repo_id, last or "", dialect.limit(n)),
+    )
+    return [str(r[0]) for r in rows.rows]
+
+
+def list_repositories(dialect: Dialect, n: int | None, last: str | None) -> Tx[list[str]]:
+    rows = yield Query(
+        "SELECT name FROM repositories WHERE name > ? ORDER BY name LIMIT ?",
+        (last or "", dialect.limit(n)),
+    )
+    return [str(r[0]) for r in rows.rows]
+
+
+def referrers(repo: str, subject: str) -> Tx[list[ManifestRecord]]:
+    repo_id = yield from repository_id(repo)
+    if repo_id is None:
+        return []
+    rows = yield Query(
+        "SELECT digest, media_type, size, NULL, artifact_type, subject, annotations"
+        " FROM manifests WHERE repo_id = ? AND subject = ? ORDER BY digest",
+        (repo_id, subject),
+    )
+    return [ManifestRecord(*r) for r in rows.rows]
+
+
+def missing(table: str, repo: str, digests: Sequence[str]) -> Tx[list[str]]:
+    """The digests with no row in ``table`` (manifests or blob_links) for ``repo``."""
+    repo_id = yield from repository_id(repo)
+    if repo_id is None:
+        return list(digests)
+    query = f"SELECT 1 FROM {table} WHERE repo_id = ? AND digest = ?"
+    absent: list[str] = []
+    for digest in digests:
+        if (yield Query(query, (repo_id, digest))).first() is None:
+            absent.append(digest)
+    return absent
+
+
+# Tag states (tombstones included) and referrer digests: what anti-entropy compares.
+_TAG_STATES = (
+    "SELECT name, digest, version, origin FROM tags WHERE repo_id = ?"
+    " UNION ALL SELECT name, NULL, version, origin FROM tombstones WHERE repo_id = ?"
+    " ORDER BY 1"
+)
+_REFERRERS = (
+    "SELECT digest FROM manifests WHERE repo_id = ? AND subject IS NOT NULL ORDER BY digest"
+)
+
+
+def repository_hash(repo: str) -> Tx[str | None]:
+    repo_id = yield from repository_id(repo)
+    if repo_id is None:
+        return None
+    h = hashlib.sha256()
+    # The same text from every backend (ints, strings, None), so regions compare equal.
+    for row in (yield Query(_TAG_STATES, (repo_id, repo_id))).rows:
+        h.update(repr(tuple(row)).encode())
+    for (digest,) in (yield Query(_REFERRERS, (repo_id,))).rows:
+        h.update(str(digest).encode())
+    return h.hexdigest()
+
+
+def tag_states(repo: str) -> Tx[list[TagState]]:
+    repo_id = yield from repository_id(repo)
+    if repo_id is None:
+        return []
+    rows = yield Query(_TAG_STATES, (repo_id, repo_id))
+    return [TagState(str(n), d, int(v), str(o)) for n, d, v, o in rows.rows]
+
+
+def referrer_digests(repo: str) -> Tx[list[str]]:
+    repo_id = yield from repository_id(repo)
+    if repo_id is None:
+        return []
+    return [str(r[0]) for r in (yield Query(_REFERRERS, (repo_id,))).rows]
