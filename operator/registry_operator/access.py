@@ -4,8 +4,8 @@ Pure: no I/O here. `plan()` takes what the API server and the registry server sa
 (the Registry, its Repositories, the namespaces, the stored robots, the answer of the
 server about the newest staged credential) and decides the registry's policy, the robot
 accounts (one per namespace and mode), the Secrets to write into granted namespaces, and
-what to tell each Repository. `statuses()` turns the plan plus what writing it achieved
-into each Repository's `.status`. `granting` does the reading and the writing.
+what to tell each Repository. `repository_status()` turns the plan plus what writing it
+achieved into each Repository's `.status`. `granting` does the reading and the writing.
 """
 
 from __future__ import annotations
@@ -13,14 +13,12 @@ from __future__ import annotations
 import base64
 import collections
 import dataclasses
-import datetime
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from registry_operator import credentials, models, robots
 from registry_operator.rendering import names
-from registry_operator.status import Condition
+from registry_operator.status import Condition, rfc3339
 
 READY = "Ready"
 PATH_CONFLICT = "PathConflict"
@@ -337,24 +335,19 @@ class Written:
     )
 
 
-def rfc3339(timestamp: float) -> str:
-    moment = datetime.datetime.fromtimestamp(math.floor(timestamp), datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+@dataclasses.dataclass(frozen=True)
+class Granted:
+    """What the plan and writing it achieved for one Repository."""
+
+    namespaces: Mapping[str, tuple[str, ...]]  # mode -> namespaces holding its Secret
+    rotated_at: float | None  # the latest rotation (or creation) of its robots
+    rotating: tuple[robots.Robot, ...]  # its robots in the middle of a rotation
+    problems: tuple[str, ...]  # Secrets that could not be written, and why
+    missing: tuple[str, ...]  # ServiceAccounts to name the Secret in that do not exist yet
 
 
-def repository_status(
-    repository: models.Repository,
-    target: Target | None,
-    result: Plan,
-    written: Written,
-    target_reason: tuple[str, str] = ("RegistryNotFound", ""),
-) -> tuple[dict[str, Any], list[Condition]]:
-    """The status fields (without conditions' bookkeeping) and the conditions."""
+def granted(repository: models.Repository, result: Plan, written: Written) -> Granted:
     name = repository.owner.name
-    fields: dict[str, Any] = {"observedGeneration": repository.generation}
-    found: list[Condition] = []
-    pull_name = _secret_name(repository, robots.PULL, repository.pull) if repository.pull else None
-    push_name = _secret_name(repository, robots.PUSH, repository.push) if repository.push else None
     namespaces: dict[str, list[str]] = {robots.PULL: [], robots.PUSH: []}
     rotated: list[float] = []
     rotating: list[robots.Robot] = []
@@ -368,22 +361,6 @@ def repository_status(
             rotated.append(robot.rotated_at or robot.current.created)
             if robot.rotating:
                 rotating.append(robot)
-    fields["pullSecretNamespaces"] = namespaces[robots.PULL]
-    fields["pushSecretNamespaces"] = namespaces[robots.PUSH]
-    if pull_name:
-        fields["pullSecretName"] = pull_name
-    if push_name:
-        fields["pushSecretName"] = push_name
-    if rotated:
-        fields["credentialsRotatedAt"] = rfc3339(max(rotated))
-
-    conflict = result.conflicts.get(name)
-    holds = name in result.active
-    if conflict is None:
-        found.append(Condition(PATH_CONFLICT, "False", "NoConflict", ""))
-    else:
-        reason = "KeepsPath" if holds else "PathHeldByOther"
-        found.append(Condition(PATH_CONFLICT, "True", reason, conflict))
 
     def mine(key: tuple[str, str]) -> bool:
         desired = result.secrets.get(key)
@@ -404,49 +381,99 @@ def repository_status(
         for sa in accounts
         if mine((ns, secret))
     ]
-    if target is None:
-        reason, message = target_reason
-        ready = Condition(READY, "False", reason, message)
-    elif not holds:
-        ready = Condition(READY, "False", "PathConflict", conflict or "")
-    elif problems:
-        ready = Condition(READY, "False", "SecretConflict", "; ".join(problems[:5]))
-    else:
-        counts = (
-            f"pull Secrets in {len(namespaces[robots.PULL])} namespaces, "
-            f"push Secrets in {len(namespaces[robots.PUSH])}"
+    return Granted(
+        namespaces={mode: tuple(found) for mode, found in namespaces.items()},
+        rotated_at=max(rotated) if rotated else None,
+        rotating=tuple(rotating),
+        problems=tuple(problems),
+        missing=tuple(missing),
+    )
+
+
+def repository_status(
+    repository: models.Repository,
+    target: Target | None,
+    result: Plan,
+    written: Written,
+    target_reason: tuple[str, str] = ("RegistryNotFound", ""),
+) -> tuple[dict[str, Any], list[Condition]]:
+    """The status fields (without conditions' bookkeeping) and the conditions."""
+    name = repository.owner.name
+    done = granted(repository, result, written)
+    fields: dict[str, Any] = {
+        "observedGeneration": repository.generation,
+        "pullSecretNamespaces": list(done.namespaces[robots.PULL]),
+        "pushSecretNamespaces": list(done.namespaces[robots.PUSH]),
+    }
+    if repository.pull:
+        fields["pullSecretName"] = _secret_name(repository, robots.PULL, repository.pull)
+    if repository.push:
+        fields["pushSecretName"] = _secret_name(repository, robots.PUSH, repository.push)
+    if done.rotated_at is not None:
+        fields["credentialsRotatedAt"] = rfc3339(done.rotated_at)
+
+    conflict = result.conflicts.get(name)
+    holds = name in result.active
+    found = [
+        ready_condition(None if target is not None else target_reason, conflict, holds, done),
+        path_conflict_condition(conflict, holds),
+        rotating_condition(done.rotating),
+    ]
+    rules = tag_rules_condition(repository, enforced=holds and target is not None)
+    if rules is not None:
+        found.append(rules)
+    return fields, found
+
+
+def ready_condition(
+    unavailable: tuple[str, str] | None, conflict: str | None, holds: bool, done: Granted
+) -> Condition:
+    """`unavailable`: why the Registry cannot be granted access to (None: it can)."""
+    if unavailable is not None:
+        return Condition(READY, "False", *unavailable)
+    if not holds:
+        return Condition(READY, "False", "PathConflict", conflict or "")
+    if done.problems:
+        return Condition(READY, "False", "SecretConflict", "; ".join(done.problems[:5]))
+    counts = (
+        f"pull Secrets in {len(done.namespaces[robots.PULL])} namespaces, "
+        f"push Secrets in {len(done.namespaces[robots.PUSH])}"
+    )
+    if done.missing:
+        counts += "; " + "; ".join(done.missing[:5])
+    return Condition(READY, "True", "Granted", counts)
+
+
+def path_conflict_condition(conflict: str | None, holds: bool) -> Condition:
+    if conflict is None:
+        return Condition(PATH_CONFLICT, "False", "NoConflict", "")
+    return Condition(PATH_CONFLICT, "True", "KeepsPath" if holds else "PathHeldByOther", conflict)
+
+
+def rotating_condition(rotating: Sequence[robots.Robot]) -> Condition:
+    if not rotating:
+        return Condition(ROTATING, "False", "Idle", "")
+    staged = [r for r in rotating if r.staged is not None]
+    if staged:
+        return Condition(
+            ROTATING,
+            "True",
+            "WaitingForServer",
+            f"new credentials for {len(staged)} robots wait until the registry "
+            "server accepts them before they are handed out",
         )
-        if missing:
-            counts += "; " + "; ".join(missing[:5])
-        ready = Condition(READY, "True", "Granted", counts)
-    found.insert(0, ready)
+    until = max(r.previous_until or 0.0 for r in rotating)
+    return Condition(
+        ROTATING,
+        "True",
+        "OldCredentialsValid",
+        "new credentials are handed out; the old ones stay valid until " + rfc3339(until),
+    )
 
-    if rotating:
-        staged = [r for r in rotating if r.staged is not None]
-        if staged:
-            found.append(
-                Condition(
-                    ROTATING,
-                    "True",
-                    "WaitingForServer",
-                    f"new credentials for {len(staged)} robots wait until the registry "
-                    "server accepts them before they are handed out",
-                )
-            )
-        else:
-            until = max(r.previous_until or 0.0 for r in rotating)
-            found.append(
-                Condition(
-                    ROTATING,
-                    "True",
-                    "OldCredentialsValid",
-                    "new credentials are handed out; the old ones stay valid until "
-                    + rfc3339(until),
-                )
-            )
-    else:
-        found.append(Condition(ROTATING, "False", "Idle", ""))
 
+def tag_rules_condition(repository: models.Repository, enforced: bool) -> Condition | None:
+    """Whether the server enforces the Repository's tag rules (`enforced`: the policy
+    holds them); None when it has none."""
     rule = _rule(repository)
     if rule.immutable_tags or rule.keep_last is not None:
         told = []
@@ -457,24 +484,19 @@ def repository_status(
             told.append(
                 kept + (" and tags matching " + ", ".join(rule.protect) if rule.protect else "")
             )
-        if holds and target is not None:
-            found.append(Condition(TAG_RULES, "True", "InPolicy", "; ".join(told)))
-        else:
-            found.append(
-                Condition(
-                    TAG_RULES,
-                    "False",
-                    "NotInPolicy",
-                    "not enforced: another Repository holds the path or the Registry is missing",
-                )
-            )
-    elif repository.retention is not None:
-        found.append(
-            Condition(
-                TAG_RULES,
-                "False",
-                "NothingToEnforce",
-                "retention without keepLast keeps every tag; protect has no effect alone",
-            )
+        if enforced:
+            return Condition(TAG_RULES, "True", "InPolicy", "; ".join(told))
+        return Condition(
+            TAG_RULES,
+            "False",
+            "NotInPolicy",
+            "not enforced: another Repository holds the path or the Registry is missing",
         )
-    return fields, found
+    if repository.retention is not None:
+        return Condition(
+            TAG_RULES,
+            "False",
+            "NothingToEnforce",
+            "retention without keepLast keeps every tag; protect has no effect alone",
+        )
+    return None
