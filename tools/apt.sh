@@ -2,7 +2,8 @@
 # Install the Debian test tools when missing: skopeo, docker-registry (CNCF
 # distribution 2.8, /usr/bin/docker-registry), nginx (benchmarks), containerd, and
 # lua5.4 (runs the Argo CD health check documented in docs/gitops.md), and what the
-# test node needs (runc, CNI plugins, iptables, conntrack, busybox-static).
+# test node needs (runc, CNI plugins, iptables, conntrack, busybox-static), and
+# PostgreSQL (tests/support/postgres.py runs throwaway clusters with its initdb/pg_ctl).
 # Nothing is fetched when they are all present. Package installs must not leave
 # daemons running on fixed ports (docker-registry :5000, nginx :80): tests start
 # their own instances on free ports, so service starts are denied while apt runs.
@@ -27,9 +28,10 @@ installed containernetworking-plugins || missing+=(containernetworking-plugins)
 installed iptables || missing+=(iptables)
 installed conntrack || missing+=(conntrack)
 installed busybox-static || missing+=(busybox-static)
+installed postgresql || missing+=(postgresql)
 
 if ((${#missing[@]} == 0)); then
-    printf '%-12s %-44s cached  %ss\n' apt "skopeo docker-registry nginx containerd lua node" \
+    printf '%-12s %-44s cached  %ss\n' apt "skopeo docker-registry nginx containerd lua node pg" \
         "$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
     exit 0
 fi
@@ -49,13 +51,21 @@ if [[ ! -e $policy ]]; then
     trap 'rm -f "$policy"' EXIT
 fi
 
+# PostgreSQL's package would create (and on boot start) a cluster on :5432; the tests
+# make their own, so none is created (postgresql-common reads this drop-in).
+if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+    mkdir -p /etc/postgresql-common/createcluster.d
+    printf '# berth tools/apt.sh: tests run their own clusters\ncreate_main_cluster = false\n' \
+        >/etc/postgresql-common/createcluster.d/berth-no-main-cluster.conf
+fi
+
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 
 # On a systemd host, keep these from starting at boot as well.
 if [[ -d /run/systemd/system ]]; then
-    for unit in docker-registry nginx; do
+    for unit in docker-registry nginx postgresql; do
         systemctl disable --now "$unit" >/dev/null 2>&1 || true
     done
 fi

@@ -67,6 +67,9 @@ DEBIAN_TOOLS: dict[str, str] = {
     "iptables-restore": "iptables",
     "conntrack": "conntrack",
     "busybox": "busybox-static",
+    # PostgreSQL's cluster wrappers; initdb and pg_ctl themselves are found by
+    # tests/support/postgres.py in /usr/lib/postgresql/<version>/bin.
+    "pg_ctlcluster": "postgresql",
 }
 
 
