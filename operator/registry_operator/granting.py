@@ -19,7 +19,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from registry_operator import (
@@ -73,6 +73,19 @@ class Interest:
         if namespace in self.names or namespace in self.holding:
             return True
         return labels is not None and any(s.matches(labels) for s in self.selectors)
+
+    @classmethod
+    def of(cls, active: Iterable[models.Repository], holding: Iterable[SecretKey]) -> Interest:
+        """Of the Repositories holding their paths, and the Secrets written now. A
+        Repository with push access always grants its own namespace."""
+        repositories = list(active)
+        grants = [g for r in repositories for g in (r.pull, r.push) if g is not None]
+        return cls(
+            names=frozenset(ns for grant in grants for ns in grant.namespaces)
+            | frozenset(r.owner.namespace for r in repositories if r.push is not None),
+            selectors=tuple(grant.selector for grant in grants if grant.selector is not None),
+            holding=frozenset(ns for ns, _ in holding),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +163,7 @@ def reconcile_access(
         events.extend(
             writer.write_status(repository.owner, repository.generation, fields, found, now)
         )
-    for owner, generation, message in invalid:
-        found = [status.Condition(access.READY, "False", "InvalidSpec", message)]
-        events.extend(writer.write_status(owner, generation, {}, found, now))
+    events.extend(writer.write_invalid(invalid, now))
 
     # Try again: soon for what resolves itself (an SA about to be created, an API error),
     # rarely for a Secret of someone else's that only a person can move out of the way.
@@ -164,29 +175,12 @@ def reconcile_access(
     wake: list[Wake] = []
     if target is not None:
         wake = [("registry", *robots.peer_of(key)) for key in target.peers if key not in stored]
-    interest = Interest(
-        names=frozenset(
-            ns
-            for r in plan.active.values()
-            for grant in (r.pull, r.push)
-            if grant is not None
-            for ns in grant.namespaces
-        )
-        | frozenset(r.owner.namespace for r in plan.active.values() if r.push is not None),
-        selectors=tuple(
-            grant.selector
-            for r in plan.active.values()
-            for grant in (r.pull, r.push)
-            if grant is not None and grant.selector is not None
-        ),
-        holding=frozenset(ns for ns, _ in writer.holding),
-    )
     return Outcome(
         events=tuple(events),
         written=writer.written,
         requeue_after=requeue,
         wake=tuple(wake),
-        interest=interest,
+        interest=Interest.of(plan.active.values(), writer.holding),
     )
 
 
@@ -450,6 +444,16 @@ class _Writer:
                 content_type=kube_client.JSON_PATCH,
             )
 
+    def write_invalid(
+        self, invalid: Sequence[Invalid], now: float
+    ) -> list[tuple[Mapping[str, Any], Event]]:
+        """Statuses of Repositories that cannot be parsed: they grant nothing."""
+        events = []
+        for owner, generation, message in invalid:
+            found = [status.Condition(access.READY, "False", "InvalidSpec", message)]
+            events.extend(self.write_status(owner, generation, {}, found, now))
+        return events
+
     def write_status(
         self,
         owner: models.Owner,
@@ -520,9 +524,7 @@ def _statuses_only(
         events.extend(
             writer.write_status(repository.owner, repository.generation, fields, found, now)
         )
-    for owner, generation, message in invalid:
-        found = [status.Condition(access.READY, "False", "InvalidSpec", message)]
-        events.extend(writer.write_status(owner, generation, {}, found, now))
+    events.extend(writer.write_invalid(invalid, now))
     return Outcome(events=tuple(events), written=writer.written)
 
 
