@@ -2,8 +2,8 @@
 
 Tag listing, catalog and referrers are indexed queries, not directory walks. SQLite is
 the embedded backend (its reads are sub-millisecond indexed lookups done inline; writes
-go through one writer thread); the protocol is shaped so that a PostgreSQL backend (not
-built yet) can implement it for registries served by many stateless replicas.
+go through one writer thread); PostgreSQL (``postgres_index``) serves one database to
+many replicas. Both run the same transactions (``sql_index``).
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ class MetadataIndex(Protocol):
     # Made once per database: with a change's seq it names the change everywhere (a new
     # database restarts seq, and gets a new id).
     instance_id: str
+
+    async def open(self) -> None:
+        """Ready for use: what needs the running event loop (a connection pool)."""
 
     async def close(self) -> None: ...
 

@@ -1,29 +1,43 @@
-"""One test suite for every metadata index backend (today: SQLite)."""
+"""One test suite for every metadata index backend: SQLite, and PostgreSQL on the
+throwaway server of tests/support/postgres.py (marked integration: a real server)."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from registry_server.protocol import errors
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.index import MetadataIndex, NewManifest
+from registry_server.storage.postgres_index import PostgresIndex
 from registry_server.storage.sqlite_index import SqliteIndex
 
-INDEXES: dict[str, Callable[[Path], MetadataIndex]] = {
-    "sqlite": lambda root: SqliteIndex(root / "index.db"),
-}
+BACKENDS = [
+    pytest.param("sqlite"),
+    pytest.param("postgresql", marks=pytest.mark.integration),
+]
 
 D1, D2, D3 = ("sha256:" + c * 64 for c in "123")
 B1, B2, B3 = ("sha256:" + c * 64 for c in "abc")
 
 
-@pytest.fixture(params=sorted(INDEXES))
+async def open_index(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, *args: Any
+) -> MetadataIndex:
+    """A fresh index of ``backend`` (``args``: region, consumers)."""
+    if backend == "sqlite":
+        return SqliteIndex(tmp_path / "index.db", *args)
+    dsn = request.getfixturevalue("postgres_dsn")
+    return await PostgresIndex.connect(dsn, *args)
+
+
+@pytest.fixture(params=BACKENDS)
 async def index(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataIndex]:
-    idx = INDEXES[request.param](tmp_path)
+    idx = await open_index(request.param, request, tmp_path)
     yield idx
     await idx.close()
 
@@ -232,14 +246,60 @@ async def test_a_manifest_needs_its_blobs_and_children_when_written(
     assert await index.list_tags("r", None, None) == []
 
 
-async def test_persists_across_reopen(tmp_path: Path) -> None:
-    first = SqliteIndex(tmp_path / "i.db")
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_persists_across_reopen(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path, tmp_path_factory: Any
+) -> None:
+    first = await open_index(backend, request, tmp_path)
     await first.put_manifest("r", manifest(D1), ["v1"])
     await first.close()
-    second = SqliteIndex(tmp_path / "i.db")
+    second = await open_index(backend, request, tmp_path)  # the same database
     assert await second.resolve_tag("r", "v1") == D1
-    assert second.instance_id == first.instance_id != SqliteIndex(tmp_path / "j.db").instance_id
+    assert second.instance_id == first.instance_id
     await second.close()
+    if backend == "sqlite":  # another database, another id
+        assert (
+            SqliteIndex(tmp_path_factory.mktemp("other") / "i.db").instance_id != first.instance_id
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_the_change_log_in_order_per_consumer(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    index = await open_index(backend, request, tmp_path, "eu", ["us", "hook"])
+    try:
+        await index.put_manifest("r", manifest(D1), ["a", "b"], actor="ci")
+        await index.put_manifest("r", manifest(D2), [])  # untagged: logged as a manifest
+        await index.delete_tag("r", "a", actor="ci")
+        await index.put_manifest("s", manifest(D3), ["c"], Stamp(5, "us"))  # replicated: not
+        changes = await index.pending_changes("us", 10)
+        assert [(c.repo, c.op, c.tag, c.digest) for c in changes] == [
+            ("r", "tag", "a", D1),
+            ("r", "tag", "b", D1),
+            ("r", "manifest", None, D2),
+            ("r", "delete_tag", "a", None),
+        ]
+        seqs = [c.seq for c in changes]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 4
+        # Versions grow with the clock; a delete's beats the tag it removes.
+        assert changes[3].version > changes[0].version and changes[0].origin == "eu"
+        assert await index.queue_stats("us") == (4, changes[0].created)
+        assert [c.seq for c in await index.pending_changes("us", 2)] == seqs[:2]
+        await index.ack_change("us", seqs[1])
+        assert [c.seq for c in await index.pending_changes("us", 10)] == seqs[2:]
+        assert (await index.queue_stats("us"))[0] == 2
+        assert len(await index.pending_changes("hook", 10)) == 4  # cursors are per consumer
+        await index.ack_change("hook", seqs[3])
+        await index.ack_change("us", seqs[3])
+        assert await index.queue_stats("us") == (0, None)
+        assert await index.pending_changes("hook", 10) == []
+        # Retention's removals are logged as local operations.
+        assert await index.expire_tag("r", "b", changes[1].version)
+        (expired,) = await index.pending_changes("us", 10)
+        assert (expired.op, expired.tag, expired.seq > seqs[3]) == ("expire_tag", "b", True)
+    finally:
+        await index.close()
 
 
 async def test_a_database_from_before_the_actor_column_is_migrated(tmp_path: Path) -> None:

@@ -1,0 +1,95 @@
+"""The PostgreSQL metadata index's schema, as numbered migrations (no I/O here).
+
+A migration is applied once, in its own transaction with the others pending, and its
+number recorded in ``schema_version``; never edit one that has shipped, add the next.
+Text columns that are sorted or paged (repository and tag names, digests) use the "C"
+collation: byte order, as SQLite compares and as OCI's tag and catalog pagination
+expect, whatever locale the database was created with.
+"""
+
+from __future__ import annotations
+
+_V1 = """
+CREATE TABLE repositories (
+    id BIGSERIAL PRIMARY KEY,
+    name TEXT COLLATE "C" NOT NULL UNIQUE,
+    created DOUBLE PRECISION NOT NULL,
+    -- This repository's hybrid logical clock: only versions of one repository's tags are
+    -- ever compared, and its writers hold this row's lock anyway.
+    clock BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE blobs (
+    digest TEXT COLLATE "C" PRIMARY KEY,
+    size BIGINT NOT NULL,
+    created DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE blob_links (
+    repo_id BIGINT NOT NULL REFERENCES repositories(id),
+    digest TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (repo_id, digest)
+);
+CREATE INDEX blob_links_digest ON blob_links(digest);
+CREATE TABLE manifests (
+    repo_id BIGINT NOT NULL REFERENCES repositories(id),
+    digest TEXT COLLATE "C" NOT NULL,
+    media_type TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    content BYTEA NOT NULL,
+    artifact_type TEXT,
+    subject TEXT COLLATE "C",
+    annotations TEXT,
+    created DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (repo_id, digest)
+);
+CREATE INDEX manifests_subject ON manifests(repo_id, subject) WHERE subject IS NOT NULL;
+CREATE TABLE manifest_refs (
+    repo_id BIGINT NOT NULL,
+    digest TEXT COLLATE "C" NOT NULL,
+    child TEXT COLLATE "C" NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('blob', 'manifest')),
+    PRIMARY KEY (repo_id, digest, child)
+);
+CREATE INDEX manifest_refs_child ON manifest_refs(child);
+CREATE TABLE tags (
+    repo_id BIGINT NOT NULL REFERENCES repositories(id),
+    name TEXT COLLATE "C" NOT NULL,
+    digest TEXT COLLATE "C" NOT NULL,
+    updated DOUBLE PRECISION NOT NULL,
+    version BIGINT NOT NULL,
+    origin TEXT COLLATE "C" NOT NULL,
+    PRIMARY KEY (repo_id, name)
+);
+CREATE INDEX tags_digest ON tags(repo_id, digest);
+CREATE TABLE tombstones (
+    repo_id BIGINT NOT NULL REFERENCES repositories(id),
+    name TEXT COLLATE "C" NOT NULL,
+    version BIGINT NOT NULL,
+    origin TEXT COLLATE "C" NOT NULL,
+    deleted DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (repo_id, name)
+);
+-- The change log. An entry is inserted without a seq; changelog.number gives committed
+-- entries their seq afterwards, in the order they became visible (see changelog.py).
+CREATE TABLE changes (
+    id BIGSERIAL PRIMARY KEY,
+    seq BIGINT UNIQUE,
+    repo TEXT NOT NULL,
+    op TEXT NOT NULL,
+    tag TEXT,
+    digest TEXT,
+    version BIGINT NOT NULL,
+    origin TEXT NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
+    actor TEXT
+);
+CREATE INDEX changes_unnumbered ON changes(id) WHERE seq IS NULL;
+CREATE TABLE change_head (id INTEGER PRIMARY KEY CHECK (id = 0), last BIGINT NOT NULL);
+INSERT INTO change_head(id, last) VALUES (0, 0);
+CREATE TABLE peer_cursors (peer TEXT PRIMARY KEY, seq BIGINT NOT NULL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+# (version, SQL): applied in order, each once.
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1),)
+
+LATEST = MIGRATIONS[-1][0]
