@@ -229,10 +229,11 @@ def _target(
     registry: models.Registry,
     claims: Sequence[node_access.Claim] | None,
 ) -> access.Target:
-    found = [
-        (ref, kube.find(API_VERSION, models.KIND, ref.namespace, ref.name))
-        for ref in peering.listed(registry)
-    ]
+    found = []
+    # A loop, not a comprehension: test_install_rbac traces each API call to the
+    # function that makes it, and on Python 3.11 a comprehension is a frame of its own.
+    for ref in peering.listed(registry):
+        found.append((ref, kube.find(API_VERSION, models.KIND, ref.namespace, ref.name)))
     mine = node_access.claim(registry)
     if claims is None:
         claims = reconcile.list_claims(kube) if mine.port is not None else []
