@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from registry_server.storage import changelog, postgres_schema
@@ -163,8 +164,11 @@ class PostgresIndex(SqlIndex):
         """Migrate and register the log's consumers (blocking: call before the event loop
         runs, or through ``connect``); ``open`` then starts the connection pool."""
         super().__init__(region, peers)
-        self._dsn = dsn
         self._pool_size = pool_size
+        if "connect_timeout" not in conninfo_to_dict(dsn):
+            # libpq waits for an unreachable server forever unless told otherwise.
+            dsn = make_conninfo(dsn, connect_timeout=30)
+        self._dsn = dsn
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrate(conn)
             with conn.transaction():
