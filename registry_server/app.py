@@ -9,7 +9,7 @@ import socket
 from aiohttp import web
 
 from registry_server.auth.model import Authorizer, OpenAccess, TagRuleSource
-from registry_server.config import Config
+from registry_server.config import Config, ConfigError, StorageConfig
 from registry_server.events import notifier
 from registry_server.events.background import cancel_all
 from registry_server.events.replicator import Replicator
@@ -25,7 +25,9 @@ from registry_server.services.gc import GarbageCollector
 from registry_server.services.manifests import ManifestService
 from registry_server.services.retention import RetentionService
 from registry_server.storage.blobstore import BlobStore
+from registry_server.storage.driver import StorageDriver
 from registry_server.storage.filesystem import FilesystemDriver
+from registry_server.storage.s3 import S3Driver
 from registry_server.storage.sqlite_index import SqliteIndex
 
 # aiohttp's own bound on request.read()/json()/post(). Nothing reads a body that way (blobs
@@ -42,9 +44,35 @@ def build_authorizer(config: Config) -> Authorizer:
     return configured.build(config.auth, config.http.external_url)
 
 
+def build_driver(storage: StorageConfig) -> StorageDriver:
+    """The blob storage driver the config names; an unknown name is an error, never a
+    fallback (config validation refuses it first)."""
+    if storage.driver == "filesystem":
+        return FilesystemDriver(storage.root)
+    if storage.driver == "s3":
+        assert storage.s3 is not None
+        s3 = storage.s3
+        access_key, secret_key = s3.credentials()
+        return S3Driver(
+            bucket=s3.bucket,
+            endpoint=s3.endpoint,
+            region=s3.region,
+            prefix=s3.prefix,
+            access_key=access_key,
+            secret_key=secret_key,
+            ca_file=s3.ca_file,
+            tls_verify=s3.tls_verify,
+            path_style=s3.path_style,
+            part_size=s3.part_size,
+            redirect=s3.redirect,
+            redirect_expiry_seconds=s3.redirect_expiry_seconds,
+        )
+    raise ConfigError(f"storage.driver: unknown storage driver {storage.driver!r}")
+
+
 def build_app(config: Config, worker_id: int = 0) -> web.Application:
     """The application for one worker process; worker 0 also runs replication."""
-    driver = FilesystemDriver(config.storage.root)
+    driver = build_driver(config.storage)
     rep = config.replication
     endpoints = config.notifications.endpoints
     # The change log's consumers: each replication peer and each webhook endpoint.
@@ -122,6 +150,8 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
         if notifications is not None:
             await notifications.stop()
         await index.close()
+        if isinstance(driver, S3Driver):
+            await driver.close()
 
     app.on_startup.append(start)
     app.on_cleanup.append(close)

@@ -52,10 +52,48 @@ class HttpConfig:
         return int(self.metrics_addr.rsplit(":", 1)[1])
 
 
+STORAGE_DRIVERS = ("filesystem", "s3")
+_MIN_PART = 5 << 20  # S3's smallest multipart part
+_MAX_PART = 5 << 30  # and its largest
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """Blobs in an S3-compatible object store (``storage.driver: s3``)."""
+
+    bucket: str = ""
+    endpoint: str = ""  # empty: AWS's own endpoint for the region
+    region: str = "us-east-1"
+    prefix: str = ""  # key prefix inside the bucket, so that stores can share one
+    # Inline keys, or files holding them (a mounted Secret); with neither, botocore's own
+    # chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, web identity, instance profile).
+    access_key: str = ""
+    secret_key: str = ""
+    access_key_file: Path | None = None
+    secret_key_file: Path | None = None
+    ca_file: Path | None = None
+    tls_verify: bool = True
+    path_style: bool = True  # endpoint/bucket/key URLs; false: virtual-hosted where AWS says
+    redirect: bool = False  # blob GET answers 307 to a pre-signed URL of the object
+    redirect_expiry_seconds: int = 1200
+    part_size: int = 8 << 20  # upload segment size: the memory one upload holds at most
+
+    def credentials(self) -> tuple[str, str]:
+        """(access key, secret key); empty strings leave the choice to botocore."""
+        try:
+            access = self.access_key_file.read_text().strip() if self.access_key_file else ""
+            secret = self.secret_key_file.read_text().strip() if self.secret_key_file else ""
+        except OSError as exc:
+            raise ConfigError(f"storage.s3: cannot read a key file: {exc}") from None
+        return self.access_key or access, self.secret_key or secret
+
+
 @dataclass(frozen=True)
 class StorageConfig:
-    root: Path = Path("./data")
+    root: Path = Path("./data")  # the filesystem driver's blobs, and the SQLite index
     index: str = "sqlite"
+    driver: str = "filesystem"  # one of STORAGE_DRIVERS
+    s3: S3Config | None = None
 
 
 @dataclass(frozen=True)
@@ -290,6 +328,71 @@ def _peer(index: int, raw: Any) -> PeerConfig:
     return peer
 
 
+def _storage(raw: Any) -> StorageConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("storage: expected a mapping")
+    base: StorageConfig = _section(
+        "storage", StorageConfig, {k: v for k, v in raw.items() if k != "s3"}
+    )
+    if raw.get("s3") is None:
+        return base
+    return replace(base, s3=_s3(raw["s3"]))
+
+
+def _s3(raw: Any) -> S3Config:
+    if not isinstance(raw, dict):
+        raise ConfigError("storage.s3: expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(S3Config)}
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ConfigError(f"storage.s3: unknown keys {sorted(unknown)}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"storage.s3.{key}"
+        default = getattr(S3Config(), key)
+        if value is None:
+            continue
+        if isinstance(default, bool):
+            values[key] = _flag(value, where)
+        elif isinstance(default, int):
+            values[key] = _integer(value, where)
+        elif key.endswith("_file"):
+            values[key] = Path(str(value)) if value else None
+        elif isinstance(value, str):
+            values[key] = value
+        else:
+            raise ConfigError(f"{where}: expected a string, got {_shown(value)}")
+    return S3Config(**values)
+
+
+def _validate_storage(storage: StorageConfig) -> None:
+    if storage.index != "sqlite":
+        raise ConfigError(f"storage.index: unknown index backend {storage.index!r}")
+    if storage.driver not in STORAGE_DRIVERS:
+        raise ConfigError(
+            f"storage.driver: unknown storage driver {_shown(storage.driver)}; "
+            f"expected one of {', '.join(STORAGE_DRIVERS)}"
+        )
+    s3 = storage.s3
+    if storage.driver != "s3":
+        if s3 is not None:
+            raise ConfigError(f"storage.s3 is set but storage.driver is {storage.driver!r}")
+        return
+    if s3 is None or not s3.bucket:
+        raise ConfigError("storage.s3.bucket is required when storage.driver is s3")
+    if s3.endpoint and not s3.endpoint.startswith(("http://", "https://")):
+        raise ConfigError("storage.s3.endpoint must start with http:// or https://")
+    if not _MIN_PART <= s3.part_size <= _MAX_PART:
+        raise ConfigError(f"storage.s3.part_size must be between {_MIN_PART} and {_MAX_PART}")
+    if not 1 <= s3.redirect_expiry_seconds <= 7 * 24 * 3600:  # SigV4's limit
+        raise ConfigError("storage.s3.redirect_expiry_seconds must be between 1 and 604800")
+    if bool(s3.access_key) != bool(s3.secret_key) or bool(s3.access_key_file) != bool(
+        s3.secret_key_file
+    ):
+        raise ConfigError("storage.s3: give access and secret key together (inline or as files)")
+    s3.credentials()  # unreadable key files stop the start-up here, naming the key
+
+
 def _replication(raw: Any) -> ReplicationConfig:
     if not isinstance(raw, dict):
         raise ConfigError("replication: expected a mapping")
@@ -400,8 +503,8 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
     unknown = set(raw) - set(_SECTIONS) - {"replication", "notifications"}
     if unknown:
         raise ConfigError(f"unknown sections {sorted(unknown)}")
-    sections = {
-        name: _section(name, cls, raw[name])
+    sections: dict[str, Any] = {
+        name: _storage(raw[name]) if name == "storage" else _section(name, cls, raw[name])
         for name, cls in _SECTIONS.items()
         if name in raw and raw[name] is not None
     }
@@ -431,8 +534,7 @@ def _validate(config: Config) -> None:
     if config.http.workers < 1:
         raise ConfigError("http.workers must be >= 1")
     _validate_forwarding(config.http)
-    if config.storage.index != "sqlite":
-        raise ConfigError(f"storage.index: unknown index backend {config.storage.index!r}")
+    _validate_storage(config.storage)
     if config.replication.peers and not config.replication.region:
         raise ConfigError("replication.region is required when peers are configured")
     if config.limits.max_manifest_bytes < 1024:

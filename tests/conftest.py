@@ -226,3 +226,25 @@ def postgres_dsn(postgres: PostgresServer) -> Iterator[str]:
         yield dsn
     finally:
         postgres.drop_database(dsn)
+
+
+# -- S3 (tests/support/s3_store.py) ------------------------------------------------------
+
+from tests.support.s3_store import S3Store  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Store]:
+    """SeaweedFS's S3 gateway for the session (`weed server -s3`, built by `make tools`):
+    free loopback ports, data in a temporary directory, an identity of its own and one
+    bucket (`.bucket`); tests keep apart by prefix (`.new_prefix()`). Stopped and its data
+    removed afterwards. Missing: skipped naming `make tools` (failed in CI)."""
+    store = S3Store(tmp_path_factory.mktemp("s3-store"))
+    try:
+        store.start()  # a missing tool skips (fails in CI) from here
+    except ProcessStartError as err:  # carries the log
+        pytest.fail(f"the S3 store did not start: {err}", pytrace=False)
+    try:
+        yield store
+    finally:
+        store.stop()

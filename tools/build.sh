@@ -140,6 +140,10 @@ build_conformance_v11() {
     "$go" test -c -trimpath -ldflags="$ldflags" -o "$out/conformance-v1.1" \
         github.com/opencontainers/distribution-spec/conformance
 }
+# SeaweedFS's single `weed` binary (master, volume, filer and S3 gateway in one).
+build_seaweedfs() {
+    "$go" build -trimpath -ldflags="$ldflags" -o "$out/weed" github.com/seaweedfs/seaweedfs/weed
+}
 build_helm() {
     "$go" build -trimpath \
         -ldflags="$ldflags -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
@@ -163,6 +167,7 @@ check_pin etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION"
 check_pin crane github.com/google/go-containerregistry "$CRANE_VERSION"
 check_pin oras oras.land/oras "$ORAS_VERSION"
 check_pin helm helm.sh/helm/v3 "$HELM_VERSION"
+check_pin seaweedfs github.com/seaweedfs/seaweedfs "$SEAWEEDFS_VERSION"
 check_pin conformance github.com/opencontainers/distribution-spec/conformance \
     "$CONFORMANCE_VERSION"
 check_pin conformance-v1.1 github.com/opencontainers/distribution-spec/conformance \
@@ -183,6 +188,7 @@ build_tool kubernetes-node "$KUBERNETES_VERSION" kubernetes \
     kubelet kube-scheduler kube-proxy -- build_kubernetes_node
 build_tool coredns "$COREDNS_VERSION" coredns coredns -- build_coredns
 build_tool pause "$PAUSE_VERSION" pause pause -- build_pause
+build_tool seaweedfs "$SEAWEEDFS_VERSION" seaweedfs weed -- build_seaweedfs
 echo "go tools: $(elapsed "$total")s"
 
 bash "$here/apt.sh"

@@ -1,4 +1,5 @@
-"""Blob GET/HEAD/DELETE: served with sendfile from local storage, honouring Range."""
+"""Blob GET/HEAD/DELETE: served with sendfile from local storage (streamed from remote
+storage, or redirected to it), honouring Range."""
 
 from __future__ import annotations
 
@@ -47,6 +48,18 @@ async def get_blob(request: web.Request, name: str, digest_text: str) -> web.Str
         headers.pop("Content-Range", None)
         return web.Response(status=304, headers=headers)
 
+    # storage.s3.redirect: the client fetches the bytes (and its Range) from the store.
+    location = await svc.blobs.redirect_url(digest)
+    if location is not None:
+        return web.Response(
+            status=307,
+            headers={
+                **API_VERSION_HEADER,
+                "Docker-Content-Digest": str(digest),
+                "Location": location,
+                "Content-Length": "0",
+            },
+        )
     path = svc.blobs.local_path(digest)
     fd = None
     if path is not None:

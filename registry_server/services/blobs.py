@@ -30,6 +30,9 @@ class BlobService:
     def local_path(self, digest: digests.Digest) -> Path | None:
         return self.store.local_path(digest)
 
+    async def redirect_url(self, digest: digests.Digest) -> str | None:
+        return await self.store.redirect_url(digest)
+
     def read(self, digest: digests.Digest, offset: int, length: int) -> AsyncIterator[bytes]:
         return self.store.read(digest, offset, length)
 

@@ -97,6 +97,10 @@ class BlobStore:
     def local_path(self, digest: digests.Digest) -> Path | None:
         return self.driver.local_path(blob_path(digest))
 
+    async def redirect_url(self, digest: digests.Digest) -> str | None:
+        """Where a client may fetch the blob from the store itself, if the driver says."""
+        return await self.driver.redirect_url(blob_path(digest))
+
     def read(
         self, digest: digests.Digest, offset: int = 0, length: int | None = None
     ) -> AsyncIterator[bytes]:
@@ -321,8 +325,11 @@ class BlobStore:
         """Upload sessions started before ``older_than``.
 
         A session without readable info is either being created right now or broken; it
-        counts as stale only if it was already so at the previous call.
+        counts as stale only if it was already so at the previous call. What interrupted
+        driver writes of the same age left (an object store's incomplete multipart
+        copies) is removed on the way.
         """
+        await self.driver.purge_incomplete(older_than)
         stale = []
         unreadable = set()
         for upload_id in await self.driver.list("uploads"):

@@ -67,3 +67,12 @@ class StorageDriver(Protocol):
 
     async def list(self, prefix: str) -> list[str]:
         """Immediate children (names, not paths) of the directory ``prefix``."""
+
+    async def redirect_url(self, path: str) -> str | None:
+        """A URL where clients can GET the file themselves (pre-signed), or None to have
+        it served by the registry."""
+
+    async def purge_incomplete(self, older_than: float) -> int:
+        """Remove what interrupted writes started before ``older_than`` (a Unix time) left
+        where no path names it (temporary files, incomplete multipart uploads); returns
+        how many."""

@@ -199,3 +199,19 @@ class FilesystemDriver:
 
     async def list(self, prefix: str) -> list[str]:
         return await asyncio.to_thread(self._list_sync, prefix)
+
+    async def redirect_url(self, path: str) -> str | None:
+        return None
+
+    def _purge_sync(self, older_than: float) -> int:
+        # put_content's temp files, left by a process killed between write and rename.
+        purged = 0
+        for entry in os.scandir(self._tmp):
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file() and entry.stat().st_mtime < older_than:
+                    os.unlink(entry.path)
+                    purged += 1
+        return purged
+
+    async def purge_incomplete(self, older_than: float) -> int:
+        return await asyncio.to_thread(self._purge_sync, older_than)

@@ -46,6 +46,8 @@ GO_TOOLS: dict[str, GoTool] = {
     "crane": GoTool("crane", "CRANE_VERSION"),
     "oras": GoTool("oras", "ORAS_VERSION"),
     "helm": GoTool("helm", "HELM_VERSION"),
+    # SeaweedFS: the S3-compatible object store of the S3 storage driver's tests.
+    "weed": GoTool("seaweedfs", "SEAWEEDFS_VERSION"),
     # The conformance suite as a command (OCI_REGISTRY, OCI_REPO1, ...).
     "conformance": GoTool("conformance", "CONFORMANCE_VERSION"),
     # The same suite as a `go test -c` binary (legacy OCI_ROOT_URL, OCI_NAMESPACE, ...).

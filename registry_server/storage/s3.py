@@ -1,0 +1,582 @@
+"""S3 storage driver: blobs in any S3-compatible object store (AWS S3, SeaweedFS, MinIO, ...).
+
+Client library: aiobotocore. It is botocore (signing, retries, endpoints, the credential
+chain: inline keys, ``AWS_*`` variables, web identity) on asyncio and aiohttp, which the
+server already runs on. A blob GET streams from the store to the client chunk by chunk
+on the event loop, and a thousand transfers in flight cost sockets, not threads. boto3
+in threads would hop to the default thread pool (six threads on a 2-core pod) for every
+chunk of every transfer, so concurrent pulls would queue behind each other.
+
+Layout: path ``p`` is the object ``<prefix>/p``. S3 has no directories: a directory is
+the set of keys under ``p/``, and listing asks for common prefixes.
+
+Files being written (upload sessions) are *segmented*, because S3 cannot append, and an
+upload must be resumable by any replica and readable (the next replica rehashes what was
+written so far: the blob store keeps its running sha256 in process memory only, since
+hashlib's state cannot be saved). Their key holds a small JSON state (marked by the
+metadata ``berth-segmented``) listing the sizes of segment objects
+``<key>.segments/<n>``; every segment but the last is a full part (``part_size``, at
+least S3's 5 MiB multipart minimum). A writer keeps at most one part in memory (plus one
+being sent): full parts are PUT as they fill, and at the end of a request the partial
+last part is PUT too and the state rewritten; the next request, on any replica, reads
+that last part back (at most one part) and continues it. The recorded sizes are the
+truth: a segment object only ever grows by extension of its recorded prefix, so a writer
+that dies before rewriting the state leaves the previous state valid, and truncating
+(undoing a failed PATCH) only rewrites the state.
+
+Moves are copy + delete. A segmented file becomes one plain object by a multipart upload
+whose parts are server-side copies of the segments (UploadPartCopy: the bytes do not pass
+through the registry); a small one-segment file is read and PUT instead. The target
+appears atomically (CompleteMultipartUpload, CopyObject and PutObject replace an object
+whole), then the source is deleted. A crash in between leaves both: for an upload's
+publish, the blob in place plus the upload session (purged as stale, or the blob swept
+as unrecorded by the collector); for the collector's trash moves, the blob and its trash
+copy (the next round's trash recovery empties the trash entry when the blob is there). A
+crash during a multipart copy leaves an incomplete multipart upload, invisible to reads
+and lists, which ``purge_incomplete`` aborts once it is older than the upload purge age.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
+
+from registry_server.storage.driver import StorageNotFound
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+MIN_PART = 5 << 20  # S3's smallest multipart part (except the last)
+_MAX_COPY = 5 << 30  # the most one CopyObject or UploadPartCopy may copy
+_BIG_COPY_PIECE = 1 << 30  # piece size when a large plain object is copied in parts
+_READ_CHUNK = 1 << 20
+_SEGMENTS = ".segments"  # reserved suffix: a file's segment directory
+_MARKER = "berth-segmented"  # metadata key of a segmented file's state object
+_COPY_CONCURRENCY = 4
+_DELETE_BATCH = 1000  # DeleteObjects' limit
+_MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _range(offset: int, length: int | None) -> str | None:
+    if length is None:
+        return f"bytes={offset}-" if offset else None
+    return f"bytes={offset}-{offset + length - 1}"
+
+
+@dataclass
+class _State:
+    """A segmented file: the recorded size of each segment, in order."""
+
+    part_size: int
+    sizes: list[int] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    def encode(self) -> bytes:
+        return json.dumps({"part_size": self.part_size, "sizes": self.sizes}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> _State:
+        raw = json.loads(data)
+        return cls(int(raw["part_size"]), [int(s) for s in raw["sizes"]])
+
+
+@dataclass(frozen=True)
+class _File:
+    """What a key holds: a plain object of ``size`` bytes, or a segmented file."""
+
+    size: int
+    state: _State | None = None
+
+
+def _segment(key: str, index: int) -> str:
+    return f"{key}{_SEGMENTS}/{index:06d}"
+
+
+class S3Writer:
+    """Appends to a segmented file; see the module docstring for the layout."""
+
+    def __init__(self, driver: S3Driver, key: str, state: _State, dirty: bool) -> None:
+        self._driver = driver
+        self._key = key
+        self._part_size = state.part_size
+        self._sizes = list(state.sizes)
+        self._stored = sum(self._sizes)
+        self._buffer = bytearray()
+        self._tail_loaded = False
+        self._dirty = dirty  # the state must be written at close
+        self._sending: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._stored + len(self._buffer)
+
+    async def _load_tail(self) -> None:
+        # A partial last segment is continued, so that every segment but the last stays
+        # a full part: read it back (at most one part) and rewrite it extended.
+        self._tail_loaded = True
+        if not self._sizes or self._sizes[-1] >= self._part_size:
+            return
+        last = self._sizes[-1]
+        self._buffer = bytearray(
+            await self._driver._get_range(_segment(self._key, len(self._sizes) - 1), 0, last)
+        )
+        self._sizes.pop()
+        self._stored -= last
+
+    async def _wait_sent(self) -> None:
+        if self._sending is not None:
+            sending, self._sending = self._sending, None
+            await sending
+
+    async def _send(self, data: bytearray) -> None:
+        # One part in flight while the next fills: the client's upload and ours overlap.
+        await self._wait_sent()
+        index = len(self._sizes)
+        self._sizes.append(len(data))
+        self._stored += len(data)
+        self._sending = asyncio.ensure_future(self._driver._put(_segment(self._key, index), data))
+
+    async def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._tail_loaded:
+            await self._load_tail()
+        self._buffer += data
+        self._dirty = True
+        while len(self._buffer) >= self._part_size:
+            full, self._buffer = self._buffer, self._buffer[self._part_size :]
+            del full[self._part_size :]
+            await self._send(full)
+
+    async def commit(self) -> None:
+        # An acknowledged PUT is durable: closing is committing.
+        await self.close()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._buffer:
+                await self._send(self._buffer)
+                self._buffer = bytearray()
+            await self._wait_sent()
+        except BaseException:
+            if self._sending is not None:
+                self._sending.cancel()
+            raise
+        if self._dirty:
+            state = _State(self._part_size, self._sizes)
+            await self._driver._put(self._key, state.encode(), {_MARKER: "1"})
+
+
+class S3Driver:
+    name = "s3"
+
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        endpoint: str = "",
+        region: str = "us-east-1",
+        prefix: str = "",
+        access_key: str = "",
+        secret_key: str = "",
+        ca_file: Path | None = None,
+        tls_verify: bool = True,
+        part_size: int = 8 << 20,
+        redirect: bool = False,
+        redirect_expiry_seconds: int = 1200,
+        path_style: bool = True,
+        max_connections: int = 64,
+    ) -> None:
+        if part_size < MIN_PART:
+            raise ValueError(f"part_size must be at least {MIN_PART}")
+        self.bucket = bucket
+        self.part_size = part_size
+        self.redirect = redirect
+        self.redirect_expiry_seconds = redirect_expiry_seconds
+        self._prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self._client_args: dict[str, Any] = {
+            "endpoint_url": endpoint or None,
+            "region_name": region,
+            "aws_access_key_id": access_key or None,
+            "aws_secret_access_key": secret_key or None,
+            "verify": str(ca_file) if ca_file is not None and tls_verify else tls_verify,
+            "config": AioConfig(
+                signature_version="s3v4",
+                s3={"addressing_style": "path" if path_style else "auto"},
+                retries={"max_attempts": 5, "mode": "standard"},
+                max_pool_connections=max_connections,
+                # The newer default checksums (CRC trailers, aws-chunked bodies) are not
+                # spoken by every S3-compatible store; ask for them only where required.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                connect_timeout=10,
+                read_timeout=120,
+            ),
+        }
+        self._client: S3Client | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._opening: asyncio.Lock | None = None
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    async def _s3(self) -> S3Client:
+        # Created on first use, inside the running loop of the process that uses it (each
+        # worker forks before its loop starts).
+        if self._client is not None:
+            return self._client
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+        async with self._opening:
+            if self._client is None:
+                creator = get_session().create_client("s3", **self._client_args)
+                self._client = await self._stack.enter_async_context(creator)
+        return self._client
+
+    async def close(self) -> None:
+        self._client = None
+        await self._stack.aclose()
+
+    def _key(self, path: str) -> str:
+        # Paths come from the blob store layer; refuse escapes, the root, and our own
+        # segment directories anyway.
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if path.startswith("/") or ".." in parts or not parts:
+            raise ValueError(f"invalid storage path {path!r}")
+        if any(p.endswith(_SEGMENTS) for p in parts):
+            raise ValueError(f"storage path {path!r} uses the reserved suffix {_SEGMENTS}")
+        return self._prefix + "/".join(parts)
+
+    async def _put(
+        self, key: str, data: bytes | bytearray, metadata: dict[str, str] | None = None
+    ) -> None:
+        s3 = await self._s3()
+        # botocore takes a bytearray as it is (its stubs say bytes): no copy of a part.
+        body = cast(bytes, data)
+        await s3.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=metadata or {})
+
+    async def _get_range(self, key: str, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        s3 = await self._s3()
+        response = await s3.get_object(
+            Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + length - 1}"
+        )
+        async with response["Body"] as body:
+            data = await body.read()
+        if len(data) != length:
+            raise OSError(f"s3: {key} is shorter than its recorded size")
+        return data
+
+    async def _state(self, key: str) -> _State | None:
+        s3 = await self._s3()
+        try:
+            response = await s3.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+        async with response["Body"] as body:
+            data = await body.read()
+        if _MARKER not in response.get("Metadata", {}):
+            return None  # replaced by a plain object since the caller looked
+        return _State.decode(data)
+
+    async def _describe(self, key: str) -> _File | None:
+        s3 = await self._s3()
+        try:
+            head = await s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+        if _MARKER not in head.get("Metadata", {}):
+            return _File(head["ContentLength"])
+        state = await self._state(key)
+        return None if state is None else _File(state.size, state)
+
+    async def _keys(self, prefix: str) -> list[str]:
+        """Every key below ``prefix`` (which ends with a slash)."""
+        s3 = await self._s3()
+        keys: list[str] = []
+        async for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        ):
+            keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        return keys
+
+    async def _delete_keys(self, keys: Iterable[str]) -> None:
+        s3 = await self._s3()
+        batch = sorted(set(keys))
+        for start in range(0, len(batch), _DELETE_BATCH):
+            chunk = batch[start : start + _DELETE_BATCH]
+            response = await s3.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
+            )
+            failed = [e for e in response.get("Errors", []) if e.get("Code") not in _MISSING]
+            if failed:
+                raise OSError(f"s3: could not delete {len(failed)} objects: {failed[0]}")
+
+    async def _delete_file(self, key: str, found: _File) -> None:
+        keys = [key]
+        if found.state is not None:
+            keys += await self._keys(f"{key}{_SEGMENTS}/")
+        await self._delete_keys(keys)
+
+    # -- copies --------------------------------------------------------------------------
+
+    async def _copy_file(self, key: str, found: _File, target: str) -> None:
+        """Make ``target`` a plain object with the content of ``key`` (server-side where
+        the store can)."""
+        s3 = await self._s3()
+        if found.state is None:
+            if found.size <= _MAX_COPY:
+                await s3.copy_object(
+                    Bucket=self.bucket,
+                    Key=target,
+                    CopySource={"Bucket": self.bucket, "Key": key},
+                )
+                return
+            pieces = [
+                (key, start, min(_BIG_COPY_PIECE, found.size - start))
+                for start in range(0, found.size, _BIG_COPY_PIECE)
+            ]
+            await self._compose(target, pieces)
+            return
+        sizes = found.state.sizes
+        if len(sizes) <= 1:
+            data = await self._get_range(_segment(key, 0), 0, sizes[0]) if sizes else b""
+            await self._put(target, data)
+            return
+        await self._compose(target, [(_segment(key, i), 0, size) for i, size in enumerate(sizes)])
+
+    async def _compose(self, target: str, pieces: list[tuple[str, int, int]]) -> None:
+        """One multipart upload whose parts are server-side copies of byte ranges."""
+        s3 = await self._s3()
+        upload = await s3.create_multipart_upload(Bucket=self.bucket, Key=target)
+        upload_id = upload["UploadId"]
+        limit = asyncio.Semaphore(_COPY_CONCURRENCY)
+
+        async def copy(number: int, key: str, start: int, length: int) -> str:
+            async with limit:
+                part = await s3.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=target,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": key},
+                    CopySourceRange=f"bytes={start}-{start + length - 1}",
+                )
+            return part["CopyPartResult"]["ETag"]
+
+        copies = [asyncio.ensure_future(copy(n, *piece)) for n, piece in enumerate(pieces, start=1)]
+        try:
+            etags = await asyncio.gather(*copies)
+            await s3.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=target,
+                UploadId=upload_id,
+                MultipartUpload={
+                    "Parts": [{"PartNumber": n, "ETag": e} for n, e in enumerate(etags, 1)]
+                },
+            )
+        except BaseException:
+            for task in copies:
+                task.cancel()
+            await asyncio.gather(*copies, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await s3.abort_multipart_upload(Bucket=self.bucket, Key=target, UploadId=upload_id)
+            raise
+
+    # -- the StorageDriver interface -----------------------------------------------------
+
+    async def stat(self, path: str) -> int | None:
+        found = await self._describe(self._key(path))
+        return None if found is None else found.size
+
+    async def get_content(self, path: str) -> bytes:
+        return b"".join([chunk async for chunk in self.reader(path)])
+
+    async def put_content(self, path: str, data: bytes) -> None:
+        await self._put(self._key(path), data)
+
+    def local_path(self, path: str) -> Path | None:
+        return None
+
+    async def redirect_url(self, path: str) -> str | None:
+        if not self.redirect:
+            return None
+        s3 = await self._s3()
+        url: str = await s3.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(path)},
+            ExpiresIn=self.redirect_expiry_seconds,
+        )
+        return url
+
+    async def reader(
+        self, path: str, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        key = self._key(path)
+        if length == 0:
+            if await self._describe(key) is None:
+                raise StorageNotFound(path)
+            return
+        s3 = await self._s3()
+        wanted = _range(offset, length)
+        try:
+            if wanted is None:
+                response = await s3.get_object(Bucket=self.bucket, Key=key)
+            else:
+                response = await s3.get_object(Bucket=self.bucket, Key=key, Range=wanted)
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                raise StorageNotFound(path) from None
+            if _code(exc) == "InvalidRange":  # the offset is at or past the end
+                return
+            raise
+        async with response["Body"] as body:
+            if _MARKER not in response.get("Metadata", {}):
+                while chunk := await body.read(_READ_CHUNK):
+                    yield chunk
+                return
+        # A segmented file: the object is its state (possibly cut by our Range).
+        state = await self._state(key)
+        if state is None:
+            raise StorageNotFound(path)
+        async for chunk in self._read_segments(key, state, offset, length):
+            yield chunk
+
+    async def _read_segments(
+        self, key: str, state: _State, offset: int, length: int | None
+    ) -> AsyncIterator[bytes]:
+        s3 = await self._s3()
+        end = state.size if length is None else min(state.size, offset + length)
+        start = 0
+        for index, size in enumerate(state.sizes):
+            first, last = max(offset, start), min(end, start + size)
+            start += size
+            if first >= last:
+                continue
+            response = await s3.get_object(
+                Bucket=self.bucket,
+                Key=_segment(key, index),
+                Range=f"bytes={first - (start - size)}-{last - (start - size) - 1}",
+            )
+            async with response["Body"] as body:
+                while chunk := await body.read(_READ_CHUNK):
+                    yield chunk
+
+    async def writer(self, path: str, append: bool = False) -> S3Writer:
+        key = self._key(path)
+        found = await self._describe(key) if append else None
+        if found is None:
+            return S3Writer(self, key, _State(self.part_size), dirty=True)
+        if found.state is not None:
+            return S3Writer(self, key, found.state, dirty=False)
+        # A plain object (the blob store never appends to one): rewrite it as a
+        # segmented file, streaming it through a writer (one part in memory).
+        rewritten = S3Writer(self, key, _State(self.part_size), dirty=True)
+        async for chunk in self.reader(path):
+            await rewritten.write(chunk)
+        await rewritten.close()
+        state = await self._state(key)
+        assert state is not None
+        return S3Writer(self, key, state, dirty=False)
+
+    async def move(self, src: str, dst: str) -> None:
+        source, target = self._key(src), self._key(dst)
+        found = await self._describe(source)
+        if found is not None:
+            await self._copy_file(source, found, target)
+            await self._delete_file(source, found)
+            return
+        # A directory: move each file below it (segment objects go with their file).
+        keys = await self._keys(source + "/")
+        if not keys:
+            raise StorageNotFound(src)
+        for key in keys:
+            rest = key[len(source) + 1 :]
+            if any(p.endswith(_SEGMENTS) for p in rest.split("/")[:-1]):
+                continue
+            entry = await self._describe(key)
+            if entry is not None:
+                await self._copy_file(key, entry, f"{target}/{rest}")
+        await self._delete_keys(await self._keys(source + "/"))
+
+    async def truncate(self, path: str, size: int) -> None:
+        key = self._key(path)
+        found = await self._describe(key)
+        if found is None:
+            raise StorageNotFound(path)
+        if size >= found.size:
+            return
+        if found.state is None:
+            # Plain: rewrite segmented, then cut (the blob store never truncates these).
+            await (await self.writer(path, append=True)).close()
+            state = await self._state(key)
+            assert state is not None
+        else:
+            state = found.state
+        kept: list[int] = []
+        remaining = size
+        for segment in state.sizes:
+            if remaining <= 0:
+                break
+            kept.append(min(segment, remaining))
+            remaining -= kept[-1]
+        await self._put(key, _State(state.part_size, kept).encode(), {_MARKER: "1"})
+
+    async def delete(self, path: str) -> None:
+        key = self._key(path)
+        below = await self._keys(key + "/")
+        segments = await self._keys(f"{key}{_SEGMENTS}/")
+        await self._delete_keys([key, *below, *segments])
+
+    async def list(self, prefix: str) -> list[str]:
+        base = self._key(prefix) + "/"
+        s3 = await self._s3()
+        names: set[str] = set()
+        async for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=base, Delimiter="/"
+        ):
+            names.update(p["Prefix"][len(base) : -1] for p in page.get("CommonPrefixes", []))
+            names.update(obj["Key"][len(base) :] for obj in page.get("Contents", []))
+        return sorted(n for n in names if n and not n.endswith(_SEGMENTS))
+
+    async def purge_incomplete(self, older_than: float) -> int:
+        """Abort multipart uploads started before ``older_than`` (a copy a crash cut)."""
+        s3 = await self._s3()
+        aborted = 0
+        async for page in s3.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=self._prefix
+        ):
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"].timestamp() >= older_than:
+                    continue
+                with contextlib.suppress(ClientError):  # finished or aborted meanwhile
+                    await s3.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    aborted += 1
+        return aborted
