@@ -27,6 +27,7 @@ from registry_server.services.retention import RetentionService
 from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.driver import StorageDriver
 from registry_server.storage.filesystem import FilesystemDriver
+from registry_server.storage.index import MetadataIndex
 from registry_server.storage.s3 import S3Driver
 from registry_server.storage.sqlite_index import SqliteIndex
 
@@ -70,6 +71,18 @@ def build_driver(storage: StorageConfig) -> StorageDriver:
     raise ConfigError(f"storage.driver: unknown storage driver {storage.driver!r}")
 
 
+def build_index(config: Config, consumers: list[str]) -> MetadataIndex:
+    """The metadata index ``metadata.driver`` names (before the event loop runs: the
+    PostgreSQL one migrates its schema here, as SQLite creates its own)."""
+    region = config.replication.region
+    pg = config.metadata.postgresql
+    if config.metadata.driver == "postgresql" and pg is not None:
+        from registry_server.storage.postgres_index import PostgresIndex
+
+        return PostgresIndex(pg.connection_string(), region, consumers, pg.pool_size)
+    return SqliteIndex(config.storage.root / "index.db", region, consumers)
+
+
 def build_app(config: Config, worker_id: int = 0) -> web.Application:
     """The application for one worker process; worker 0 also runs replication."""
     driver = build_driver(config.storage)
@@ -77,7 +90,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     endpoints = config.notifications.endpoints
     # The change log's consumers: each replication peer and each webhook endpoint.
     consumers = [p.name for p in rep.peers] + [notifier.cursor_name(e) for e in endpoints]
-    index = SqliteIndex(config.storage.root / "index.db", rep.region, consumers)
+    index = build_index(config, consumers)
     store = BlobStore(driver)
     replicator = Replicator(rep, index, store) if rep.peers and worker_id == 0 else None
     notifications = (
@@ -136,6 +149,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
                     logging.getLogger(f"registry_server.{name}").exception(f"{name} failed")
 
     async def start(_: web.Application) -> None:
+        await index.open()
         if replicator is not None:
             await replicator.start()
         if notifications is not None:

@@ -96,6 +96,36 @@ class StorageConfig:
     s3: S3Config | None = None
 
 
+# The metadata index backends (metadata.driver).
+METADATA_DRIVERS = ("sqlite", "postgresql")
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    """The PostgreSQL metadata index (``metadata.driver: postgresql``)."""
+
+    dsn: str = ""  # a libpq connection string (URI or key=value)
+    dsn_file: Path | None = None  # or a file holding it: a mounted Secret, preferred
+    pool_size: int = 10  # connections per worker process
+
+    def connection_string(self) -> str:
+        if self.dsn_file is None:
+            return self.dsn
+        try:
+            text = self.dsn_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"metadata.postgresql.dsn_file: cannot read it: {exc}") from None
+        if not text:
+            raise ConfigError(f"metadata.postgresql.dsn_file: {self.dsn_file} is empty")
+        return text
+
+
+@dataclass(frozen=True)
+class MetadataConfig:
+    driver: str = "sqlite"  # sqlite: <storage.root>/index.db, one pod only
+    postgresql: PostgresConfig | None = None
+
+
 @dataclass(frozen=True)
 class LimitsConfig:
     max_manifest_bytes: int = 4 * 1024 * 1024
@@ -192,6 +222,7 @@ class LogConfig:
 class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    metadata: MetadataConfig = field(default_factory=MetadataConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     gc: GcConfig = field(default_factory=GcConfig)
     auth: AuthConfig | None = None
@@ -210,6 +241,7 @@ _ENV: dict[str, tuple[str, str, type]] = {
     "BERTH_LOG_LEVEL": ("log", "level", str),
     "BERTH_LOG_FORMAT": ("log", "format", str),
     "BERTH_REGION": ("replication", "region", str),
+    "BERTH_METADATA_DRIVER": ("metadata", "driver", str),
 }
 
 _SECTIONS: dict[str, type] = {
@@ -422,6 +454,39 @@ def _replication(raw: Any) -> ReplicationConfig:
     )
 
 
+def _metadata(raw: Any) -> MetadataConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("metadata: expected a mapping")
+    unknown = set(raw) - {"driver", "postgresql"}
+    if unknown:
+        raise ConfigError(f"metadata: unknown keys {sorted(unknown)}")
+    driver = raw.get("driver", "sqlite")
+    if not isinstance(driver, str):
+        raise ConfigError(
+            f"metadata.driver: expected one of {', '.join(METADATA_DRIVERS)}, got {_shown(driver)}"
+        )
+    pg = raw.get("postgresql")
+    if pg is None:
+        return MetadataConfig(driver, None)
+    where = "metadata.postgresql"
+    if not isinstance(pg, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    unknown = set(pg) - {f.name for f in dataclasses.fields(PostgresConfig)}
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    dsn = pg.get("dsn") or ""
+    if not isinstance(dsn, str):
+        raise ConfigError(f"{where}.dsn: expected a string")
+    return MetadataConfig(
+        driver,
+        PostgresConfig(
+            dsn=dsn,
+            dsn_file=Path(str(pg["dsn_file"])) if pg.get("dsn_file") else None,
+            pool_size=_integer(pg.get("pool_size", 10), f"{where}.pool_size"),
+        ),
+    )
+
+
 _ACTIONS = ("push", "delete")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -500,7 +565,7 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         raw = loaded
-    unknown = set(raw) - set(_SECTIONS) - {"replication", "notifications"}
+    unknown = set(raw) - set(_SECTIONS) - {"replication", "notifications", "metadata"}
     if unknown:
         raise ConfigError(f"unknown sections {sorted(unknown)}")
     sections: dict[str, Any] = {
@@ -510,6 +575,8 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
     }
     if raw.get("replication") is not None:
         sections["replication"] = _replication(raw["replication"])
+    if raw.get("metadata") is not None:
+        sections["metadata"] = _metadata(raw["metadata"])
     if raw.get("notifications") is not None:
         sections["notifications"] = _notifications(raw["notifications"])
     config = Config(**sections)
@@ -535,6 +602,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("http.workers must be >= 1")
     _validate_forwarding(config.http)
     _validate_storage(config.storage)
+    _validate_metadata(config.metadata)
     if config.replication.peers and not config.replication.region:
         raise ConfigError("replication.region is required when peers are configured")
     if config.limits.max_manifest_bytes < 1024:
@@ -566,6 +634,29 @@ def _validate_forwarding(http: HttpConfig) -> None:
             f"http.forwarded_header: expected one of {', '.join(FORWARDED_HEADERS)}, "
             f"got {_shown(http.forwarded_header)}"
         )
+
+
+def _validate_metadata(metadata: MetadataConfig) -> None:
+    if metadata.driver not in METADATA_DRIVERS:
+        raise ConfigError(
+            f"metadata.driver: expected one of {', '.join(METADATA_DRIVERS)},"
+            f" got {_shown(metadata.driver)}"
+        )
+    pg = metadata.postgresql
+    if metadata.driver != "postgresql":
+        if pg is not None:
+            raise ConfigError("metadata.postgresql is set but metadata.driver is sqlite")
+        return
+    if pg is None or (not pg.dsn and pg.dsn_file is None):
+        raise ConfigError(
+            "metadata.postgresql.dsn or metadata.postgresql.dsn_file is required"
+            " with metadata.driver: postgresql"
+        )
+    if pg.dsn and pg.dsn_file is not None:
+        raise ConfigError("metadata.postgresql: dsn or dsn_file, not both")
+    if not 1 <= pg.pool_size <= 1000:
+        raise ConfigError("metadata.postgresql.pool_size must be between 1 and 1000")
+    pg.connection_string()  # a missing or empty file stops the start-up here, by name
 
 
 def _validate_log(log: LogConfig) -> None:
