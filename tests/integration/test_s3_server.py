@@ -3,7 +3,7 @@
 Through HTTP, as clients see it: a chunked upload of 72 MiB in uneven PATCHes with the
 server's memory bounded, an upload started on one server and finished on another (one
 bucket, one index), blob GET redirected to a pre-signed URL, and skopeo round-tripping
-an image.
+an image, and the OCI conformance suite in full.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.integration.test_conformance import run_conformance
 from tests.support.clients import (
     Registry,
     digest_of_chunks,
@@ -190,3 +191,9 @@ def test_skopeo_round_trip(
     metrics = Registry(registry.url).get("/metrics").body.decode()
     redirected = 'berth_http_requests_total{method="GET",status="307"}' in metrics
     assert redirected == redirect  # skopeo followed them to the store
+
+
+def test_oci_conformance_on_s3(registry_process: Start, s3_store: S3Store, tmp_path: Path) -> None:
+    """Every category of the official suite, blobs in the object store."""
+    registry = registry_process("berth", config=_config(s3_store, s3_store.new_prefix()))
+    run_conformance(registry, tmp_path)
