@@ -16,6 +16,11 @@ class StorageNotFound(Exception):
     """The path does not exist."""
 
 
+class StorageConflict(Exception):
+    """Another writer changed the file meanwhile; this write was not applied (a store
+    whose files can be written from several processes, such as S3, checks this)."""
+
+
 class Writer(Protocol):
     """An append-only file being written. Not visible to readers until moved into place."""
 

@@ -14,26 +14,32 @@ Files being written (upload sessions) are *segmented*, because S3 cannot append,
 upload must be resumable by any replica and readable (the next replica rehashes what was
 written so far: the blob store keeps its running sha256 in process memory only, since
 hashlib's state cannot be saved). Their key holds a small JSON state (marked by the
-metadata ``berth-segmented``) listing the sizes of segment objects
-``<key>.segments/<n>``; every segment but the last is a full part (``part_size``, at
-least S3's 5 MiB multipart minimum). A writer keeps at most one part in memory (plus one
-being sent): full parts are PUT as they fill, and at the end of a request the partial
-last part is PUT too and the state rewritten; the next request, on any replica, reads
-that last part back (at most one part) and continues it. The recorded sizes are the
-truth: a segment object only ever grows by extension of its recorded prefix, so a writer
-that dies before rewriting the state leaves the previous state valid, and truncating
-(undoing a failed PATCH) only rewrites the state.
+metadata ``berth-segmented``) listing the names and sizes of segment objects
+``<key>.segments/<n>-<writer>``; every segment but the last is a full part
+(``part_size``, at least S3's 5 MiB multipart minimum). A writer keeps about one part in
+memory (the part filling, and the previous one being sent): full parts are PUT as they
+fill; at the end of a request the partial last part is PUT too and the state rewritten.
+The next request, on any replica, reads that last part back (at most one part) and
+writes it again extended, under its own name. The state is written with a conditional
+PUT on the state it read (If-Match; If-None-Match for a new file), so of two writers
+that continued one state (a PATCH retried on another replica while the first runs)
+only the first to finish wins and the other gets StorageConflict: a file is always one
+writer's history, never a mix. The recorded sizes are the truth: truncating (undoing a
+failed PATCH) only rewrites the state, and segments no state names are deleted (or go
+with the session).
 
 Moves are copy + delete. A segmented file becomes one plain object by a multipart upload
 whose parts are server-side copies of the segments (UploadPartCopy: the bytes do not pass
-through the registry); a small one-segment file is read and PUT instead. The target
-appears atomically (CompleteMultipartUpload, CopyObject and PutObject replace an object
-whole), then the source is deleted. A crash in between leaves both: for an upload's
-publish, the blob in place plus the upload session (purged as stale, or the blob swept
-as unrecorded by the collector); for the collector's trash moves, the blob and its trash
-copy (the next round's trash recovery empties the trash entry when the blob is there). A
-crash during a multipart copy leaves an incomplete multipart upload, invisible to reads
-and lists, which ``purge_incomplete`` aborts once it is older than the upload purge age.
+through the registry); a one-segment file is read and PUT instead (one request less). A
+plain object is copied with CopyObject (multipart copies of 1 GiB ranges above 5 GiB).
+The target appears atomically (CompleteMultipartUpload, CopyObject and PutObject replace
+an object whole), then the source is deleted. A crash in between leaves both: for an
+upload's publish, the blob in place plus the upload session (the session is purged as
+stale, the blob deleted as unrecorded by the collector); for the collector's trash moves,
+the blob and its trash copy (the next round's trash recovery empties the trash entry when
+the blob is there, and collects the blob if it is still garbage). A crash during a
+multipart copy leaves an incomplete multipart upload, invisible to reads and lists,
+which ``purge_incomplete`` aborts once it is older than the upload purge age.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import asyncio
 import contextlib
 import io
 import json
+import secrets
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,10 +58,11 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
-from registry_server.storage.driver import StorageNotFound
+from registry_server.storage.driver import StorageConflict, StorageNotFound
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import PutObjectRequestTypeDef
 
 MIN_PART = 5 << 20  # S3's smallest multipart part (except the last)
 _MAX_COPY = 5 << 30  # the most one CopyObject or UploadPartCopy may copy
@@ -65,6 +73,7 @@ _MARKER = "berth-segmented"  # metadata key of a segmented file's state object
 _COPY_CONCURRENCY = 4
 _DELETE_BATCH = 1000  # DeleteObjects' limit
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
+_CONFLICT = frozenset({"412", "PreconditionFailed", "409", "ConditionalRequestConflict"})
 
 
 def _code(exc: ClientError) -> str:
@@ -79,22 +88,25 @@ def _range(offset: int, length: int | None) -> str | None:
 
 @dataclass
 class _State:
-    """A segmented file: the recorded size of each segment, in order."""
+    """A segmented file: its segments' names and recorded sizes, in order."""
 
     part_size: int
-    sizes: list[int] = field(default_factory=list)
+    segments: list[tuple[str, int]] = field(default_factory=list)
+    etag: str | None = None  # of the state object this was read from
 
     @property
     def size(self) -> int:
-        return sum(self.sizes)
+        return sum(size for _, size in self.segments)
 
     def encode(self) -> bytes:
-        return json.dumps({"part_size": self.part_size, "sizes": self.sizes}).encode()
+        segments = [[name, size] for name, size in self.segments]
+        return json.dumps({"part_size": self.part_size, "segments": segments}).encode()
 
     @classmethod
-    def decode(cls, data: bytes) -> _State:
+    def decode(cls, data: bytes, etag: str | None) -> _State:
         raw = json.loads(data)
-        return cls(int(raw["part_size"]), [int(s) for s in raw["sizes"]])
+        segments = [(str(name), int(size)) for name, size in raw["segments"]]
+        return cls(int(raw["part_size"]), segments, etag)
 
 
 @dataclass(frozen=True)
@@ -105,19 +117,32 @@ class _File:
     state: _State | None = None
 
 
-def _segment(key: str, index: int) -> str:
-    return f"{key}{_SEGMENTS}/{index:06d}"
+def _segment(key: str, name: str) -> str:
+    return f"{key}{_SEGMENTS}/{name}"
+
+
+# How a writer's state write is conditioned: on the state it read (its ETag), on there
+# being none yet, or not at all (a writer that truncates).
+_CREATE = "create"
 
 
 class S3Writer:
     """Appends to a segmented file; see the module docstring for the layout."""
 
-    def __init__(self, driver: S3Driver, key: str, state: _State, dirty: bool) -> None:
+    def __init__(
+        self, driver: S3Driver, key: str, state: _State, dirty: bool, condition: str | None
+    ) -> None:
         self._driver = driver
         self._key = key
         self._part_size = state.part_size
-        self._sizes = list(state.sizes)
-        self._stored = sum(self._sizes)
+        self._segments = list(state.segments)
+        self._stored = state.size
+        self._condition = condition
+        # Segment names are this writer's own: a concurrent writer (a retried PATCH on
+        # another replica) never overwrites a segment another state refers to.
+        self._token = secrets.token_hex(4)
+        self._written: list[str] = []
+        self._superseded: list[str] = []
         # The part being filled, as the chunks received: joined once, when it is full
         # (a growing bytearray would be copied as it grows).
         self._pending: list[bytes | memoryview] = []
@@ -133,14 +158,15 @@ class S3Writer:
 
     async def _load_tail(self) -> None:
         # A partial last segment is continued, so that every segment but the last stays
-        # a full part: read it back (at most one part) and rewrite it extended.
+        # a full part: read it back (at most one part) and write it again, extended.
         self._tail_loaded = True
-        if not self._sizes or self._sizes[-1] >= self._part_size:
+        if not self._segments or self._segments[-1][1] >= self._part_size:
             return
-        last = self._sizes.pop()
+        name, last = self._segments.pop()
         self._stored -= last
-        tail = await self._driver._get_range(_segment(self._key, len(self._sizes)), 0, last)
+        tail = await self._driver._get_range(_segment(self._key, name), 0, last)
         self._pending, self._pending_size = [tail], last
+        self._superseded.append(name)
 
     async def _wait_sent(self) -> None:
         if self._sending is not None:
@@ -164,10 +190,11 @@ class S3Writer:
         del pieces
         # One part in flight while the next fills: the client's upload and ours overlap.
         await self._wait_sent()
-        index = len(self._sizes)
-        self._sizes.append(size)
+        name = f"{len(self._segments):06d}-{self._token}"
+        self._segments.append((name, size))
+        self._written.append(name)
         self._stored += size
-        self._sending = asyncio.ensure_future(self._driver._put(_segment(self._key, index), part))
+        self._sending = asyncio.ensure_future(self._driver._put(_segment(self._key, name), part))
 
     async def write(self, data: bytes) -> None:
         if not data:
@@ -196,9 +223,17 @@ class S3Writer:
             if self._sending is not None:
                 self._sending.cancel()
             raise
-        if self._dirty:
-            state = _State(self._part_size, self._sizes)
-            await self._driver._put(self._key, state.encode(), {_MARKER: "1"})
+        if not self._dirty:
+            return
+        state = _State(self._part_size, self._segments)
+        try:
+            await self._driver._put_state(self._key, state, self._condition)
+        except StorageConflict:
+            # Another writer's state won: its file stands as it wrote it. Ours goes.
+            self._driver._lost.add(self._key)
+            await self._driver._forget(self._key, self._written)
+            raise
+        await self._driver._forget(self._key, self._superseded)
 
 
 class S3Driver:
@@ -250,6 +285,9 @@ class S3Driver:
         self._client: S3Client | None = None
         self._stack = contextlib.AsyncExitStack()
         self._opening: asyncio.Lock | None = None
+        # Files whose last writer here lost a race (StorageConflict): the truncate that
+        # undoes a failed append must leave the winner's content alone.
+        self._lost: set[str] = set()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -313,7 +351,36 @@ class S3Driver:
             data = await body.read()
         if _MARKER not in response.get("Metadata", {}):
             return None  # replaced by a plain object since the caller looked
-        return _State.decode(data)
+        return _State.decode(data, response.get("ETag"))
+
+    async def _put_state(self, key: str, state: _State, condition: str | None) -> None:
+        """Write a segmented file's state: a compare-and-swap on the state read (S3's
+        conditional PUT), so of two writers that started from one state only the first
+        to finish wins; the other gets StorageConflict."""
+        s3 = await self._s3()
+        request: PutObjectRequestTypeDef = {
+            "Bucket": self.bucket,
+            "Key": key,
+            "Body": io.BytesIO(state.encode()),
+            "Metadata": {_MARKER: "1"},
+        }
+        if condition == _CREATE:
+            request["IfNoneMatch"] = "*"
+        elif condition is not None:
+            request["IfMatch"] = condition
+        try:
+            await s3.put_object(**request)
+        except ClientError as exc:
+            if _code(exc) in _CONFLICT:
+                raise StorageConflict(key) from None
+            raise
+
+    async def _forget(self, key: str, names: list[str]) -> None:
+        """Delete segments no state refers to any more (best effort: the session's
+        deletion takes whatever is left)."""
+        if names:
+            with contextlib.suppress(ClientError, OSError):
+                await self._delete_keys(_segment(key, name) for name in names)
 
     async def _describe(self, key: str) -> _File | None:
         s3 = await self._s3()
@@ -377,12 +444,16 @@ class S3Driver:
             ]
             await self._compose(target, pieces)
             return
-        sizes = found.state.sizes
-        if len(sizes) <= 1:
-            data = await self._get_range(_segment(key, 0), 0, sizes[0]) if sizes else b""
+        segments = found.state.segments
+        if len(segments) <= 1:
+            # One part at most: reading it and putting it whole is one request less.
+            data = b""
+            if segments:
+                name, size = segments[0]
+                data = await self._get_range(_segment(key, name), 0, size)
             await self._put(target, data)
             return
-        await self._compose(target, [(_segment(key, i), 0, size) for i, size in enumerate(sizes)])
+        await self._compose(target, [(_segment(key, name), 0, size) for name, size in segments])
 
     async def _compose(self, target: str, pieces: list[tuple[str, int, int]]) -> None:
         """One multipart upload whose parts are server-side copies of byte ranges."""
@@ -495,14 +566,14 @@ class S3Driver:
         s3 = await self._s3()
         end = state.size if length is None else min(state.size, offset + length)
         start = 0
-        for index, size in enumerate(state.sizes):
+        for name, size in state.segments:
             first, last = max(offset, start), min(end, start + size)
             start += size
             if first >= last:
                 continue
             response = await s3.get_object(
                 Bucket=self.bucket,
-                Key=_segment(key, index),
+                Key=_segment(key, name),
                 Range=f"bytes={first - (start - size)}-{last - (start - size) - 1}",
             )
             async with response["Body"] as body:
@@ -511,20 +582,24 @@ class S3Driver:
 
     async def writer(self, path: str, append: bool = False) -> S3Writer:
         key = self._key(path)
-        found = await self._describe(key) if append else None
+        self._lost.discard(key)
+        if not append:
+            return S3Writer(self, key, _State(self.part_size), dirty=True, condition=None)
+        found = await self._describe(key)
         if found is None:
-            return S3Writer(self, key, _State(self.part_size), dirty=True)
-        if found.state is not None:
-            return S3Writer(self, key, found.state, dirty=False)
-        # A plain object (the blob store never appends to one): rewrite it as a
-        # segmented file, streaming it through a writer (one part in memory).
-        rewritten = S3Writer(self, key, _State(self.part_size), dirty=True)
-        async for chunk in self.reader(path):
-            await rewritten.write(chunk)
-        await rewritten.close()
-        state = await self._state(key)
-        assert state is not None
-        return S3Writer(self, key, state, dirty=False)
+            return S3Writer(self, key, _State(self.part_size), dirty=True, condition=_CREATE)
+        if found.state is None:
+            # A plain object (the blob store never appends to one): rewrite it as a
+            # segmented file, streaming it through a writer (one part in memory).
+            rewritten = S3Writer(self, key, _State(self.part_size), dirty=True, condition=None)
+            async for chunk in self.reader(path):
+                await rewritten.write(chunk)
+            await rewritten.close()
+            found = await self._describe(key)
+            if found is None or found.state is None:
+                raise StorageConflict(key)
+        assert found.state is not None
+        return S3Writer(self, key, found.state, dirty=False, condition=found.state.etag)
 
     async def move(self, src: str, dst: str) -> None:
         source, target = self._key(src), self._key(dst)
@@ -548,26 +623,31 @@ class S3Driver:
 
     async def truncate(self, path: str, size: int) -> None:
         key = self._key(path)
+        if key in self._lost:
+            # Undoing an append that lost to another writer: the file is the winner's.
+            self._lost.discard(key)
+            return
         found = await self._describe(key)
         if found is None:
             raise StorageNotFound(path)
         if size >= found.size:
             return
         if found.state is None:
-            # Plain: rewrite segmented, then cut (the blob store never truncates these).
+            # Plain: rewrite it segmented first (the blob store never truncates these).
             await (await self.writer(path, append=True)).close()
-            state = await self._state(key)
-            assert state is not None
-        else:
-            state = found.state
-        kept: list[int] = []
+            found = await self._describe(key)
+            if found is None or found.state is None:
+                raise StorageConflict(key)
+        state = found.state
+        kept: list[tuple[str, int]] = []
         remaining = size
-        for segment in state.sizes:
+        for name, length in state.segments:
             if remaining <= 0:
                 break
-            kept.append(min(segment, remaining))
-            remaining -= kept[-1]
-        await self._put(key, _State(state.part_size, kept).encode(), {_MARKER: "1"})
+            kept.append((name, min(length, remaining)))
+            remaining -= kept[-1][1]
+        # Only the state changes: the segments' bytes past the recorded sizes are ignored.
+        await self._put_state(key, _State(state.part_size, kept), state.etag)
 
     async def delete(self, path: str) -> None:
         key = self._key(path)

@@ -23,6 +23,7 @@ from registry_server.protocol import digests
 from registry_server.services.blobs import BlobService
 from registry_server.services.gc import GarbageCollector
 from registry_server.storage.blobstore import BlobStore, blob_path
+from registry_server.storage.driver import StorageConflict
 from registry_server.storage.s3 import S3Driver
 from registry_server.storage.sqlite_index import SqliteIndex
 from tests.support.clients import pattern_chunks
@@ -91,11 +92,9 @@ async def test_a_writer_continued_elsewhere_then_composed(
     for chunk in _uneven(data[:cut], _cycle(MiB + 7, 3 * MiB + 1, 4096)):
         await writer.write(chunk)
     await writer.close()
-    assert sorted(s3_store.keys(prefix)) == [
-        "up/data",
-        "up/data.segments/000000",
-        "up/data.segments/000001",
-    ]
+    keys = sorted(s3_store.keys(prefix))
+    assert keys[0] == "up/data" and len(keys) == 3, keys  # the state and two segments
+    assert [k.split("/")[-1][:6] for k in keys[1:]] == ["000000", "000001"], keys
 
     # Another process takes the next request: the state lives in the store.
     writer = await second.writer("up/data", append=True)
@@ -152,6 +151,39 @@ async def test_truncate_inside_a_segment(drivers: Drivers) -> None:
     await writer.write(more)
     await writer.close()
     assert await driver.get_content("up/data") == kept + more
+
+
+async def test_of_two_writers_from_one_state_the_first_to_close_wins(
+    drivers: Drivers, s3_store: S3Store, prefix: str
+) -> None:
+    """A PATCH retried on another replica while the first still runs: both continue the
+    same state; the state write is a compare-and-swap, so the file is one writer's, never
+    a mix, and the loser's failed-append undo leaves the winner's content alone."""
+    one, two = drivers(), drivers()
+    start, a, b = _content(6 * MiB, 10), _content(7 * MiB, 11), _content(7 * MiB, 12)
+    writer = await one.writer("up/data")
+    await writer.write(start)
+    await writer.close()
+
+    first = await one.writer("up/data", append=True)
+    second = await two.writer("up/data", append=True)
+    await first.write(a)
+    await second.write(b)  # rewrites the same tail segment, under its own name
+    await first.close()
+    with pytest.raises(StorageConflict):
+        await second.close()
+    await two.truncate("up/data", len(start))  # what the blob store does after a failure
+    assert await one.get_content("up/data") == start + a
+    # Only the winner's segments are left (and the loser's and the replaced tail gone).
+    assert len(s3_store.keys(prefix)) == 1 + 3
+
+    # A truncate that races an append does not apply either.
+    third = await one.writer("up/data", append=True)
+    await third.write(b"x")
+    await two.truncate("up/data", 1)  # reads the state, then ...
+    with pytest.raises(StorageConflict):
+        await third.close()  # ... this writer's state is no longer the current one
+    assert await one.stat("up/data") == 1
 
 
 async def test_plain_objects_can_be_appended_and_truncated(drivers: Drivers) -> None:
