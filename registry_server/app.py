@@ -11,7 +11,7 @@ from aiohttp import web
 from registry_server.auth.model import Authorizer, OpenAccess, TagRuleSource
 from registry_server.config import Config, ConfigError, StorageConfig
 from registry_server.events import notifier
-from registry_server.events.background import cancel_all
+from registry_server.events.background import cancel_all, run_elected
 from registry_server.events.replicator import Replicator
 from registry_server.http import accounts, replication, routes, token
 from registry_server.http.clients import ClientAddresses
@@ -26,6 +26,7 @@ from registry_server.services.manifests import ManifestService
 from registry_server.services.retention import RetentionService
 from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.driver import StorageDriver
+from registry_server.storage.election import Election, LocalElection
 from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.index import MetadataIndex
 from registry_server.storage.s3 import S3Driver
@@ -83,8 +84,21 @@ def build_index(config: Config, consumers: list[str]) -> MetadataIndex:
     return SqliteIndex(config.storage.root / "index.db", region, consumers)
 
 
+def build_election(config: Config) -> Election:
+    """Who runs what must run once (GC, retention, each peer, each webhook endpoint):
+    with PostgreSQL, the replica elected through the database; with SQLite (one pod),
+    this process."""
+    pg = config.metadata.postgresql
+    if config.metadata.driver == "postgresql" and pg is not None:
+        from registry_server.storage.postgres_election import PostgresElection
+
+        return PostgresElection(pg.connection_string(), config.metadata.replica())
+    return LocalElection(config.metadata.replica())
+
+
 def build_app(config: Config, worker_id: int = 0) -> web.Application:
-    """The application for one worker process; worker 0 also runs replication."""
+    """The application for one worker process; worker 0 also competes for (and runs)
+    the background tasks: replication, notifications, GC and retention."""
     driver = build_driver(config.storage)
     rep = config.replication
     endpoints = config.notifications.endpoints
@@ -92,10 +106,11 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     consumers = [p.name for p in rep.peers] + [notifier.cursor_name(e) for e in endpoints]
     index = build_index(config, consumers)
     store = BlobStore(driver)
-    replicator = Replicator(rep, index, store) if rep.peers and worker_id == 0 else None
+    election = build_election(config) if worker_id == 0 else None
+    replicator = Replicator(rep, index, store, election) if rep.peers and election else None
     notifications = (
-        notifier.Notifier(config.notifications, index, _source(config, index.instance_id))
-        if endpoints and worker_id == 0
+        notifier.Notifier(config.notifications, index, _source(config, index.instance_id), election)
+        if endpoints and election
         else None
     )
     auth = build_authorizer(config)
@@ -150,12 +165,14 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
 
     async def start(_: web.Application) -> None:
         await index.open()
+        if election is not None:
+            await election.start()
         if replicator is not None:
             await replicator.start()
         if notifications is not None:
             await notifications.start()
-        if worker_id == 0 and config.gc.interval_seconds > 0:
-            background.append(asyncio.create_task(collect_forever()))
+        if election is not None and config.gc.interval_seconds > 0:
+            background.append(asyncio.create_task(run_elected(election, "gc", collect_forever)))
 
     async def close(_: web.Application) -> None:
         await cancel_all(background)
@@ -163,6 +180,8 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
             await replicator.stop()
         if notifications is not None:
             await notifications.stop()
+        if election is not None:  # last: the other replicas take over from here
+            await election.stop()
         await index.close()
         if isinstance(driver, S3Driver):
             await driver.close()

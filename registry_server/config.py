@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,12 @@ class PostgresConfig:
 class MetadataConfig:
     driver: str = "sqlite"  # sqlite: <storage.root>/index.db, one pod only
     postgresql: PostgresConfig | None = None
+    # How this replica is named to the others (election, pg_stat_activity, logs); empty:
+    # the host name, which in Kubernetes is the pod's name.
+    replica_id: str = ""
+
+    def replica(self) -> str:
+        return self.replica_id or socket.gethostname()
 
 
 @dataclass(frozen=True)
@@ -242,6 +249,7 @@ _ENV: dict[str, tuple[str, str, type]] = {
     "BERTH_LOG_FORMAT": ("log", "format", str),
     "BERTH_REGION": ("replication", "region", str),
     "BERTH_METADATA_DRIVER": ("metadata", "driver", str),
+    "BERTH_REPLICA_ID": ("metadata", "replica_id", str),
 }
 
 _SECTIONS: dict[str, type] = {
@@ -457,7 +465,7 @@ def _replication(raw: Any) -> ReplicationConfig:
 def _metadata(raw: Any) -> MetadataConfig:
     if not isinstance(raw, dict):
         raise ConfigError("metadata: expected a mapping")
-    unknown = set(raw) - {"driver", "postgresql"}
+    unknown = set(raw) - {"driver", "postgresql", "replica_id"}
     if unknown:
         raise ConfigError(f"metadata: unknown keys {sorted(unknown)}")
     driver = raw.get("driver", "sqlite")
@@ -465,9 +473,12 @@ def _metadata(raw: Any) -> MetadataConfig:
         raise ConfigError(
             f"metadata.driver: expected one of {', '.join(METADATA_DRIVERS)}, got {_shown(driver)}"
         )
+    replica_id = raw.get("replica_id") or ""
+    if not isinstance(replica_id, str):
+        raise ConfigError(f"metadata.replica_id: expected a string, got {_shown(replica_id)}")
     pg = raw.get("postgresql")
     if pg is None:
-        return MetadataConfig(driver, None)
+        return MetadataConfig(driver, None, replica_id)
     where = "metadata.postgresql"
     if not isinstance(pg, dict):
         raise ConfigError(f"{where}: expected a mapping")
@@ -484,6 +495,7 @@ def _metadata(raw: Any) -> MetadataConfig:
             dsn_file=Path(str(pg["dsn_file"])) if pg.get("dsn_file") else None,
             pool_size=_integer(pg.get("pool_size", 10), f"{where}.pool_size"),
         ),
+        replica_id,
     )
 
 
@@ -610,6 +622,12 @@ def _validate(config: Config) -> None:
     _validate_log(config.log)
     if config.auth is not None:
         _validate_auth(config.auth, config.http.workers)
+        if config.auth.signing_key is None and config.metadata.driver == "postgresql":
+            # Replicas each generating a key would refuse each other's tokens.
+            raise ConfigError(
+                "auth.signing_key is required with metadata.driver: postgresql"
+                " (every replica must verify the tokens the others sign)"
+            )
 
 
 def _validate_forwarding(http: HttpConfig) -> None:
@@ -636,7 +654,15 @@ def _validate_forwarding(http: HttpConfig) -> None:
         )
 
 
+_REPLICA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
 def _validate_metadata(metadata: MetadataConfig) -> None:
+    if metadata.replica_id and not _REPLICA_ID.fullmatch(metadata.replica_id):
+        raise ConfigError(
+            "metadata.replica_id: up to 63 letters, digits, '.', '_' or '-',"
+            f" got {_shown(metadata.replica_id)}"
+        )
     if metadata.driver not in METADATA_DRIVERS:
         raise ConfigError(
             f"metadata.driver: expected one of {', '.join(METADATA_DRIVERS)},"

@@ -6,6 +6,8 @@ its own cursor in that log, so an event survives a receiver that is down and a s
 that is killed, and is delivered at least once, in order. The envelope is CNCF
 distribution's (``application/vnd.docker.distribution.events.v1+json``), so receivers
 written for ``registry:2`` work unchanged; event ids are stable across redeliveries.
+With several replicas on one database, each endpoint is delivered to by one replica at a
+time, the one elected for its cursor's name (``storage/election.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import functools
 import json
 import logging
 import random
@@ -27,8 +30,9 @@ from prometheus_client import Counter, Gauge
 
 from registry_server.config import EndpointConfig, NotificationsConfig, check_header
 from registry_server.events import replies
-from registry_server.events.background import cancel_all
+from registry_server.events.background import cancel_all, run_elected
 from registry_server.events.peer_client import ssl_context
+from registry_server.storage.election import Election, LocalElection
 from registry_server.storage.index import Change, ManifestRecord, MetadataIndex
 
 log = logging.getLogger("registry_server.notifications")
@@ -54,7 +58,8 @@ _ACTIONS = {
 
 
 def cursor_name(endpoint: EndpointConfig) -> str:
-    """The endpoint's cursor in the change log (':' keeps it apart from peer names)."""
+    """The endpoint's cursor in the change log (':' keeps it apart from peer names), and
+    the name of its elected task."""
     return f"webhook:{endpoint.name}"
 
 
@@ -118,18 +123,28 @@ def read_headers(directory: Path | None) -> dict[str, str]:
 
 
 class Notifier:
-    """One delivery loop per endpoint; runs in the worker that also replicates."""
+    """One delivery loop per endpoint, run by the process elected for it."""
 
-    def __init__(self, config: NotificationsConfig, index: MetadataIndex, source: Source) -> None:
+    def __init__(
+        self,
+        config: NotificationsConfig,
+        index: MetadataIndex,
+        source: Source,
+        election: Election | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.source = source
+        self.election = election if election is not None else LocalElection()
         self._wakes = {e.name: asyncio.Event() for e in config.endpoints}
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         for endpoint in self.config.endpoints:
-            self._tasks.append(asyncio.create_task(self._loop(endpoint)))
+            loop = functools.partial(self._loop, endpoint)
+            self._tasks.append(
+                asyncio.create_task(run_elected(self.election, cursor_name(endpoint), loop))
+            )
 
     async def stop(self) -> None:
         await cancel_all(self._tasks)

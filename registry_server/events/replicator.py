@@ -7,12 +7,17 @@ An anti-entropy loop compares state with the peer on a schedule and at start-up 
 pushes whatever the peer lacks or has older, so a peer that was down, partitioned or
 newly added converges without any event. Each side pushes only what it holds newer;
 the peer does the same in its own loop, so two-way peers converge in both directions.
+
+With several replicas on one database, each peer's loops run in one replica at a time,
+the one elected for the task ``replication:<peer>`` (``storage/election.py``); tombstone
+expiry is the task ``replication-tombstones``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -25,11 +30,12 @@ import aiohttp
 from prometheus_client import Counter, Gauge
 
 from registry_server.config import PeerConfig, ReplicationConfig
-from registry_server.events.background import cancel_all
+from registry_server.events.background import cancel_all, run_elected
 from registry_server.events.peer_client import PeerClient, PeerError
 from registry_server.protocol import digests, manifests
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.blobstore import BlobStore
+from registry_server.storage.election import Election, LocalElection
 from registry_server.storage.index import LOCAL_OPS, Change, ManifestRecord, MetadataIndex
 
 log = logging.getLogger("registry_server.replication")
@@ -59,6 +65,9 @@ class PeerStatus:
     last_error_at: float | None = None
     anti_entropy_last_run: float | None = None
     anti_entropy_repaired: int = 0
+    # The replica running this peer's delivery (elected); the figures above that are not
+    # read from the database (delivered, last_*) are that replica's own.
+    holder: str | None = None
 
 
 @dataclass
@@ -71,11 +80,26 @@ class _Peer:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def task_name(peer: PeerConfig) -> str:
+    """The peer's elected task."""
+    return f"replication:{peer.name}"
+
+
+TOMBSTONES_TASK = "replication-tombstones"
+
+
 class Replicator:
-    def __init__(self, config: ReplicationConfig, index: MetadataIndex, store: BlobStore) -> None:
+    def __init__(
+        self,
+        config: ReplicationConfig,
+        index: MetadataIndex,
+        store: BlobStore,
+        election: Election | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.store = store
+        self.election = election if election is not None else LocalElection()
         self._session: aiohttp.ClientSession | None = None
         self._peers: list[_Peer] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -93,9 +117,14 @@ class Replicator:
                 asyncio.Semaphore(peer.concurrency),
             )
             self._peers.append(state)
-            self._tasks.append(asyncio.create_task(self._deliver_loop(state)))
-            self._tasks.append(asyncio.create_task(self._anti_entropy_loop(state)))
-        self._tasks.append(asyncio.create_task(self._tombstone_loop()))
+            self._tasks.append(
+                asyncio.create_task(
+                    run_elected(self.election, task_name(peer), functools.partial(self._run, state))
+                )
+            )
+        self._tasks.append(
+            asyncio.create_task(run_elected(self.election, TOMBSTONES_TASK, self._tombstone_loop))
+        )
         log.info(
             "replication started",
             extra={"region": self.config.region, "peers": [p.name for p in self.config.peers]},
@@ -112,11 +141,20 @@ class Replicator:
             peer.wake.set()
 
     async def status(self) -> dict[str, Any]:
+        holders = await self.election.holders([task_name(p.config) for p in self._peers])
         for peer in self._peers:
             await self._refresh_queue(peer)
+            peer.status.holder = holders.get(task_name(peer.config))
         return {"region": self.config.region, "peers": [asdict(p.status) for p in self._peers]}
 
     # -- delivery ------------------------------------------------------------------------
+
+    async def _run(self, peer: _Peer) -> None:
+        """Everything for one peer, while elected: if one loop fails, both stop (and
+        are started again together)."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._deliver_loop(peer))
+            group.create_task(self._anti_entropy_loop(peer))
 
     async def _refresh_queue(self, peer: _Peer) -> None:
         depth, oldest = await self.index.queue_stats(peer.config.name)

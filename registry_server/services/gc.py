@@ -25,6 +25,8 @@ log = logging.getLogger("registry_server.gc")
 COLLECTED = Counter("berth_gc_blobs_deleted_total", "Blobs deleted by garbage collection")
 FREED = Counter("berth_gc_bytes_freed_total", "Bytes freed by garbage collection")
 PURGED = Counter("berth_gc_uploads_purged_total", "Stale upload sessions removed")
+# Per process: with several replicas, only the one elected for "gc" runs rounds.
+ROUNDS = Counter("berth_gc_rounds_total", "Garbage collection rounds started")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class GarbageCollector:
         self.upload_ttl_seconds = upload_ttl_seconds
 
     async def run_once(self) -> GcReport:
+        ROUNDS.inc()
         now = time.time()
         await self._recover_trash()
         deleted = freed = 0

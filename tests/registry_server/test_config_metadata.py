@@ -99,3 +99,28 @@ def test_an_empty_dsn_file_is_refused(tmp_path: Path) -> None:
             tmp_path,
             {"metadata": {"driver": "postgresql", "postgresql": {"dsn_file": str(empty)}}},
         )
+
+
+def test_the_replica_id_from_the_file_the_environment_or_the_host(tmp_path: Path) -> None:
+    import socket
+
+    assert config.load(None, {}).metadata.replica() == socket.gethostname()
+    from_file = load(tmp_path, {"metadata": {"replica_id": "registry-7f9c-x2"}}).metadata
+    assert from_file.replica() == "registry-7f9c-x2"
+    from_env = config.load(None, {"BERTH_REPLICA_ID": "registry-0"}).metadata
+    assert from_env.replica() == "registry-0"
+    with pytest.raises(ConfigError, match=r"metadata\.replica_id"):
+        load(tmp_path, {"metadata": {"replica_id": "no spaces"}})
+    with pytest.raises(ConfigError, match=r"metadata\.replica_id"):
+        config.load(None, {"BERTH_REPLICA_ID": "x" * 64})
+
+
+def test_replicas_on_postgresql_need_a_shared_signing_key(tmp_path: Path) -> None:
+    """A key generated per process would make each replica refuse the others' tokens."""
+    pg = {"driver": "postgresql", "postgresql": {"dsn": "postgresql://db/berth"}}
+    with pytest.raises(ConfigError, match=r"auth\.signing_key is required with metadata\.driver"):
+        load(tmp_path, {"metadata": pg, "auth": {}})
+    key = tmp_path / "token.key"
+    key.write_text("(not read by the config)")
+    loaded = load(tmp_path, {"metadata": pg, "auth": {"signing_key": str(key)}})
+    assert loaded.auth is not None and loaded.auth.signing_key == key

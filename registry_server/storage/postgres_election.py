@@ -1,0 +1,251 @@
+"""Electing one replica per task through PostgreSQL: session-level advisory locks.
+
+Each competing process keeps one connection of its own (not the index's pool: a session
+lock belongs to the connection that took it) and, every ``check_seconds``, tries
+``pg_try_advisory_lock`` for each task it wants and does not hold. A task is held for as
+long as that session lives:
+
+- The holder is killed (SIGKILL, OOM, node lost with its kernel): the kernel closes the
+  socket, the server ends the session and frees its locks at once, and the next try of
+  another replica (within ``check_seconds``) takes the task over.
+- The holder stops gracefully: ``stop`` closes the connection; the same.
+- The session is lost while the holder lives (the server restarted, the backend was
+  terminated, the network is cut): every round also checks the connection, so the
+  holder sees the failure within ``check_seconds`` (a cut network: within
+  ``check_seconds + timeout_seconds``), sets every term's ``lost`` and reconnects to
+  compete again. A cut connection is found by the server only through TCP keepalives
+  set on the session (idle 10 s, then 3 probes 2 s apart) or ``tcp_user_timeout``:
+  later than the holder gives up, so two holders do not overlap then. When the
+  server ends the session itself, the old holder may run for up to ``check_seconds``
+  next to the new one; everything elected tolerates that (deliveries are at least
+  once, GC works under the index's per-blob locks).
+
+Lock keys are the two-``int4`` form ``(NAMESPACE, hash(task))``, a key space PostgreSQL
+keeps apart from the single-``bigint`` keys the index takes (migrations, all blobs,
+per digest). A transaction-pooling proxy (PgBouncer ``pool_mode=transaction``) does not
+keep sessions: the election needs a direct connection or session pooling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from registry_server.storage.election import Election, Term
+
+log = logging.getLogger("registry_server.election")
+
+NAMESPACE = int.from_bytes(b"brth", "big")  # the first of the two int4 lock keys
+_APP_PREFIX = "berth:"
+# The server's side of a cut connection (seconds; see the module docstring).
+_SESSION_SETTINGS = (
+    "SET tcp_keepalives_idle = 10",
+    "SET tcp_keepalives_interval = 2",
+    "SET tcp_keepalives_count = 3",
+    "SET tcp_user_timeout = 15000",
+)
+
+
+def task_key(task: str) -> int:
+    """The second lock key of ``task`` (non-negative: pg_locks shows it as an oid)."""
+    digest = hashlib.sha256(b"berth-election:" + task.encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+@dataclass(eq=False)
+class _Slot:
+    task: str
+    key: int
+    wanted: bool = False
+    term: Term | None = None
+    acquired: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class PostgresElection(Election):
+    def __init__(
+        self,
+        dsn: str,
+        replica_id: str,
+        check_seconds: float = 1.0,
+        timeout_seconds: float = 5.0,
+    ) -> None:
+        self.replica_id = replica_id
+        settings = conninfo_to_dict(dsn)
+        extra: dict[str, Any] = {
+            "application_name": (_APP_PREFIX + replica_id)[:63],
+            # The client's side: a dead server is noticed by the OS too.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+        }
+        if "connect_timeout" not in settings:
+            extra["connect_timeout"] = max(2, int(timeout_seconds))
+        self._dsn = make_conninfo(dsn, **extra)
+        self.check_seconds = check_seconds
+        self.timeout_seconds = timeout_seconds
+        self._slots: dict[str, _Slot] = {}
+        self._keys: dict[int, str] = {}
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._kick = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()  # one statement at a time on the connection
+
+    async def start(self) -> None:
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+        await self._drop()
+        for slot in self._slots.values():  # given up on purpose: nothing to log
+            if slot.term is not None:
+                slot.term.lost.set()
+                slot.term = None
+                slot.acquired.clear()
+
+    def _slot(self, task: str) -> _Slot:
+        slot = self._slots.get(task)
+        if slot is None:
+            key = task_key(task)
+            if key in self._keys:  # two names, one key: they would exclude each other
+                raise ValueError(f"election tasks {task!r} and {self._keys[key]!r} share a key")
+            slot = self._slots[task] = _Slot(task, key)
+            self._keys[key] = task
+        return slot
+
+    async def acquire(self, task: str) -> Term:
+        slot = self._slot(task)
+        slot.wanted = True
+        while True:
+            if slot.term is not None:
+                return slot.term
+            self._kick.set()  # try now, not at the next round
+            await slot.acquired.wait()
+
+    def release(self, term: Term) -> None:
+        slot = self._slots.get(term.task)
+        if slot is None or slot.term is not term:
+            return
+        slot.wanted = False
+        self._kick.set()  # the runner unlocks it
+
+    async def holders(self, tasks: Sequence[str]) -> dict[str, str]:
+        keys = {task_key(t): t for t in tasks}
+        try:
+            rows = await self._query(
+                "SELECT l.objid::int8, a.application_name FROM pg_locks l"
+                " JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2"
+                " AND l.database = (SELECT oid FROM pg_database"
+                " WHERE datname = current_database())"
+                " AND l.classid::int8 = %s AND l.objid::int8 = ANY(%s)",
+                (NAMESPACE, list(keys)),
+            )
+        except (psycopg.Error, OSError, TimeoutError):
+            return {}
+        found = {}
+        for key, name in rows:
+            if key in keys:
+                text = str(name or "")
+                found[keys[key]] = text.removeprefix(_APP_PREFIX) if text else "(unknown)"
+        return found
+
+    # -- the runner ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            self._kick.clear()
+            try:
+                await self._round()
+                failures = 0
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                failures += 1
+                self._lose_all(f"{type(exc).__name__}: {exc}")
+                await self._drop()
+                # Reconnect soon, but do not hammer a server that is down.
+                await asyncio.sleep(min(self.check_seconds * 2**failures, 30.0))
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.check_seconds)
+
+    async def _round(self) -> None:
+        """Unlock what was released, try what is wanted: one round trip that also proves
+        the session (and so every lock it holds) is still there."""
+        if not any(s.wanted or s.term is not None for s in self._slots.values()):
+            return  # nothing wanted nor held: no connection needed
+        freed = [s for s in self._slots.values() if s.term is not None and not s.wanted]
+        for slot in freed:
+            slot.term = None
+            slot.acquired.clear()
+        tried = [s for s in self._slots.values() if s.wanted and s.term is None]
+        rows = await self._query(
+            "SELECT k, CASE WHEN u THEN pg_advisory_unlock(%s, k)"
+            " ELSE pg_try_advisory_lock(%s, k) END"
+            " FROM unnest(%s::int4[], %s::bool[]) AS t(k, u)",
+            (
+                NAMESPACE,
+                NAMESPACE,
+                [s.key for s in freed] + [s.key for s in tried],
+                [True] * len(freed) + [False] * len(tried),
+            ),
+        )
+        won = {int(key) for key, ok in rows if ok}
+        for slot in tried:
+            if slot.key in won:
+                slot.term = Term(slot.task)
+                slot.acquired.set()
+                log.debug("elected", extra={"task": slot.task, "replica": self.replica_id})
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        async with self._lock:
+            if self._conn is None:
+                self._conn = await asyncio.wait_for(self._connect(), self.timeout_seconds)
+            conn = self._conn
+
+            async def run() -> list[tuple[Any, ...]]:
+                cursor = await conn.execute(sql, params)
+                return await cursor.fetchall()
+
+            return await asyncio.wait_for(run(), self.timeout_seconds)
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+        try:
+            for statement in _SESSION_SETTINGS:
+                await conn.execute(statement)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    def _lose_all(self, reason: str) -> None:
+        for slot in self._slots.values():
+            if slot.term is not None:
+                log.warning(
+                    "election lost: the database session is gone",
+                    extra={"task": slot.task, "replica": self.replica_id, "error": reason},
+                )
+                slot.term.lost.set()
+                slot.term = None
+                slot.acquired.clear()
+
+    async def _drop(self) -> None:
+        """Close the session (the server frees its locks)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
