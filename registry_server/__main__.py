@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +75,40 @@ def _serve(
     serving.run(build_app(cfg, worker_id), sock, shutdown_timeout=10, extra=extra)
 
 
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
+
+def _die_with(parent: int) -> None:
+    """Make this worker stop (SIGTERM: a graceful shutdown) when the supervisor `parent`
+    dies, even of SIGKILL: orphaned workers would keep the port and the index, so a
+    restarted server could not bind, or old code would go on serving."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: watch the parent instead
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # it died before the request above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _supervise(
     cfg: config_mod.Config, sock: socket.socket, metrics_sock: socket.socket | None
 ) -> int:
     """Fork workers that share the listening socket; restart none, stop all together."""
     log = logging.getLogger("registry_server")
     children: list[int] = []
+    supervisor = os.getpid()
     for worker_id in range(cfg.http.workers):
         pid = os.fork()
         if pid == 0:
             code = 1  # a worker that dies of an exception stops them all (then a restart)
+            _die_with(supervisor)
             try:
                 _serve(cfg, sock, metrics_sock, worker_id)
                 code = 0
