@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -31,6 +33,9 @@ from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.index import MetadataIndex
 from registry_server.storage.s3 import S3Driver
 from registry_server.storage.sqlite_index import SqliteIndex
+
+if TYPE_CHECKING:
+    from registry_server.storage.postgres_listener import ChangeListener
 
 # aiohttp's own bound on request.read()/json()/post(). Nothing reads a body that way (blobs
 # stream; manifests, forms and replication messages go through http.body.read_limited with
@@ -96,6 +101,17 @@ def build_election(config: Config) -> Election:
     return LocalElection(config.metadata.replica())
 
 
+def build_listener(config: Config, on_change: Callable[[], None]) -> ChangeListener | None:
+    """With PostgreSQL, what wakes this process's delivery loops when another replica
+    logs a change (SQLite's worker processes poll)."""
+    pg = config.metadata.postgresql
+    if config.metadata.driver != "postgresql" or pg is None:
+        return None
+    from registry_server.storage.postgres_listener import ChangeListener
+
+    return ChangeListener(pg.connection_string(), config.metadata.replica(), on_change)
+
+
 def build_app(config: Config, worker_id: int = 0) -> web.Application:
     """The application for one worker process; worker 0 also competes for (and runs)
     the background tasks: replication, notifications, GC and retention."""
@@ -124,6 +140,8 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     def on_change() -> None:
         for wake in wakers:
             wake()
+
+    listener = build_listener(config, on_change) if wakers else None
 
     svc = Services(
         blobs=BlobService(store, index),
@@ -167,6 +185,8 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
         await index.open()
         if election is not None:
             await election.start()
+        if listener is not None:
+            await listener.start()
         if replicator is not None:
             await replicator.start()
         if notifications is not None:
@@ -180,6 +200,8 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
             await replicator.stop()
         if notifications is not None:
             await notifications.stop()
+        if listener is not None:
+            await listener.stop()
         if election is not None:  # last: the other replicas take over from here
             await election.stop()
         await index.close()

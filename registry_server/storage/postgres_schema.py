@@ -89,7 +89,20 @@ CREATE TABLE peer_cursors (peer TEXT PRIMARY KEY, seq BIGINT NOT NULL);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
+# A committed change-log entry wakes the replica delivering it (postgres_listener): one
+# notification per transaction, sent at commit, instead of waiting for the next poll.
+_V2 = """
+CREATE FUNCTION berth_changes_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('berth_changes', '');
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER changes_notify AFTER INSERT ON changes
+    FOR EACH STATEMENT EXECUTE FUNCTION berth_changes_notify();
+"""
+
 # (version, SQL): applied in order, each once.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1),)
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2))
 
 LATEST = MIGRATIONS[-1][0]

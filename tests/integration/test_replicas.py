@@ -14,6 +14,7 @@ import collections
 import os
 import random
 import re
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -66,11 +67,11 @@ def holders(replicas: dict[str, RegistryProcess]) -> dict[str, list[str]]:
     return held
 
 
-def until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
+def until(check: Callable[[], Any], what: str, timeout: float = 60, poll: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while not (value := check()):
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-        time.sleep(0.1)
+        time.sleep(poll)
     return value
 
 
@@ -163,11 +164,20 @@ def test_one_replica_runs_each_task_and_another_takes_over_when_it_dies(
     # Pushes spread over the replicas: each change reaches receiver and peer once.
     names = list(region.replicas)
     pushed = []
+    latency: dict[bool, list[float]] = {True: [], False: []}  # by: pushed on the holder
     for n in range(12):
         api = region.api(names[n % 3])
         repo = f"team-{n % 2}/app"
         pushed.append((repo, f"v{n}", push(api, repo, f"v{n}", [os.urandom(512)])))
-    until(lambda: len(pushes_seen(region.receiver)) == 12, "12 push events")
+        clock = time.monotonic()
+        until(lambda n=n: len(pushes_seen(region.receiver)) == n + 1, "the event", poll=0.005)
+        latency[names[n % 3] == held[WEBHOOK_TASK]].append(time.monotonic() - clock)
+    for on_holder, times in latency.items():
+        where = "the holder" if on_holder else "another replica"
+        print(
+            f"pushed on {where}: at the webhook after {1000 * statistics.median(times):.0f} ms"
+            f" (median of {len(times)}, max {1000 * max(times):.0f} ms)"
+        )
     peer = Registry(region.peer.url)
     for repo, tag, digest in pushed:
         until(lambda r=repo, t=tag, d=digest: sha256(peer.manifest(r, t).body) == d, "the peer")

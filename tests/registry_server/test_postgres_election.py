@@ -1,6 +1,7 @@
 """Electing through PostgreSQL (storage/postgres_election.py) on a real server: one holder
 per task among several processes' elections, handed over when the holder stops, when it
-releases, and when its session is killed under it."""
+releases, and when its session is killed under it; and the wake-up another replica's
+change sends (storage/postgres_listener.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import pytest
 from registry_server.storage import postgres_index
 from registry_server.storage.election import Term
 from registry_server.storage.postgres_election import NAMESPACE, PostgresElection, task_key
+from registry_server.storage.postgres_index import PostgresIndex
+from registry_server.storage.postgres_listener import ChangeListener
+from tests.registry_server.test_postgres_index import digest, manifest
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +132,22 @@ async def test_keys_live_apart_from_the_index_locks(make: Make, postgres_dsn: st
         migrations = postgres_index._MIGRATIONS_KEY
         got = conn.execute("SELECT pg_try_advisory_lock(%s)", (migrations,)).fetchone()
         assert got == (True,)
+
+
+async def test_a_change_logged_by_another_replica_wakes_the_listener(postgres_dsn: str) -> None:
+    index = await PostgresIndex.connect(postgres_dsn, "eu", ["us"])
+    woke = asyncio.Event()
+    listener = ChangeListener(postgres_dsn, "r0", woke.set)
+    try:
+        await listener.start()
+        await asyncio.wait_for(woke.wait(), 10)  # once on connecting: what came before
+        woke.clear()
+        await asyncio.sleep(0.2)
+        assert not woke.is_set()
+        clock = time.monotonic()
+        await index.put_manifest("team/app", manifest(digest(1)), ["v1"])  # logs a change
+        await asyncio.wait_for(woke.wait(), 10)
+        print(f"woken {1000 * (time.monotonic() - clock):.1f} ms after the commit began")
+    finally:
+        await listener.stop()
+        await index.close()
