@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from registry_operator import credentials, models, robots
+from registry_operator import credentials, models, robots, status
 from registry_operator.rendering import names
 from registry_operator.status import Condition, rfc3339
 
@@ -24,11 +24,15 @@ READY = "Ready"
 PATH_CONFLICT = "PathConflict"
 ROTATING = "Rotating"
 TAG_RULES = "TagRulesEnforced"
+# On the Registry: whether the access the Repositories ask for is written for the server.
+ACCESS_APPLIED = status.ACCESS_APPLIED
 
 # How the server answered the probe with the newest staged credential.
 ACCEPTED = "accepted"  # the server has the policy holding it: hand it out
 REFUSED = "refused"  # not yet (the kubelet has not updated the mounted file): wait
 UNREACHABLE = "unreachable"  # cannot ask: wait for the propagation time instead
+
+SecretKey = tuple[str, str]  # (namespace, name) of a Secret in a granted namespace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +311,58 @@ def _rule(repository: models.Repository) -> Rule:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    """What the policy stored in the API server grants (rendering.policy.read_stored):
+    when a new one cannot be written, this one stays in force."""
+
+    accounts: Mapping[str, str] = dataclasses.field(default_factory=dict)  # name -> hash
+    grants: frozenset[tuple[str, str]] = frozenset()  # (account, path)
+    rules: frozenset[Rule] = frozenset()
+
+    def holds(self, credential: robots.Credential) -> bool:
+        return self.accounts.get(credential.name) == credential.hash
+
+
+def in_force(result: Plan, stored: Stored) -> tuple[frozenset[SecretKey], frozenset[str]]:
+    """With the stored policy in force instead of the planned one: the Secrets that may
+    still be written (their credential is in it) and the Repositories whose grants are
+    not (all) in it."""
+    writable = set()
+    missing = set()
+    for key, desired in result.secrets.items():
+        credential = result.robots[desired.robot].current
+        if stored.holds(credential):
+            writable.add(key)
+        for name in desired.repositories:
+            repository = result.active.get(name)
+            if repository is None:
+                continue
+            if not stored.holds(credential) or (credential.name, repository.path) not in (
+                stored.grants
+            ):
+                missing.add(name)
+    for name, repository in result.active.items():
+        rule = _rule(repository)
+        if rule != Rule(repository.path) and rule not in stored.rules:
+            missing.add(name)
+    return frozenset(writable), frozenset(missing)
+
+
+def access_condition(error: str | None, shards: int = 1) -> Condition:
+    """The Registry's AccessApplied: whether its policy (and robots) could be written."""
+    if error is not None:
+        return Condition(ACCESS_APPLIED, "False", "PolicyNotWritten", error)
+    # No counts that move with every Repository: a new message is a status write.
+    return Condition(
+        ACCESS_APPLIED,
+        "True",
+        "PolicyWritten",
+        "the policy holds every Repository's grants"
+        + (f" ({shards} shards)" if shards > 1 else ""),
+    )
+
+
 def newest_staged(stored: Mapping[str, robots.Robot]) -> robots.Robot | None:
     """The robot whose staged credential was written last: if the server accepts that
     one, it has loaded a policy holding every credential staged before it."""
@@ -333,6 +389,10 @@ class Written:
     missing_service_accounts: Mapping[tuple[str, str], tuple[str, ...]] = dataclasses.field(
         default_factory=dict
     )
+    # Why the policy could not be written (None: it was), and the Repositories whose
+    # grants are therefore not in force.
+    policy_error: str | None = None
+    not_in_force: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,12 +474,21 @@ def repository_status(
 
     conflict = result.conflicts.get(name)
     holds = name in result.active
+    unavailable = None if target is not None else target_reason
+    if unavailable is None and holds and name in written.not_in_force:
+        unavailable = (
+            "PolicyNotWritten",
+            "the registry's policy could not be written, so this grant is not in force: "
+            + (written.policy_error or "unknown error"),
+        )
     found = [
-        ready_condition(None if target is not None else target_reason, conflict, holds, done),
+        ready_condition(unavailable, conflict, holds, done),
         path_conflict_condition(conflict, holds),
         rotating_condition(done.rotating),
     ]
-    rules = tag_rules_condition(repository, enforced=holds and target is not None)
+    rules = tag_rules_condition(
+        repository, enforced=holds and target is not None and name not in written.not_in_force
+    )
     if rules is not None:
         found.append(rules)
     return fields, found

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -37,7 +38,7 @@ from registry_operator import (
 from registry_operator.kube import client as kube_client
 from registry_operator.kube import errors
 from registry_operator.reconcile import Event, Wake
-from registry_operator.rendering import grants, names
+from registry_operator.rendering import grants, names, policy
 
 # Asks the registry server whether it accepts a credential: access.ACCEPTED, REFUSED
 # or UNREACHABLE. The operator's runtime provides it (fetching); tests swap it.
@@ -96,6 +97,11 @@ class Outcome:
     requeue_after: float | None = None
     wake: tuple[Wake, ...] = ()
     interest: Interest = dataclasses.field(default_factory=Interest)
+    # The Registry's AccessApplied condition (None: no Registry to write access for),
+    # and the one its status holds (to tell a transition after a restart).
+    applied: status.Condition | None = None
+    previous_applied: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    registry_ref: Mapping[str, Any] | None = None  # for events on the Registry
 
 
 def reconcile_access(
@@ -144,11 +150,20 @@ def reconcile_access(
     }
     writer = _Writer(kube, options)
     writer.revoke(observed, plan)
+    error, not_in_force, applied = None, frozenset[str](), None
     if target is not None and plan.policy is not None:
-        writer.apply_owned(grants.robots_secret(target.owner, plan.robots), robots_secret)
-        policy_secret = kube.find("v1", "Secret", namespace, names.policy_secret(name))
-        writer.apply_owned(grants.policy_secret(target.owner, plan.policy), policy_secret)
-        writer.distribute(target, plan, observed)
+        stored_policy = {
+            obj["metadata"]["name"]: obj
+            for obj in kube.list("v1", "Secret", namespace, names.policy_selector(name))
+        }
+        error, shards = writer.write_policy(target, plan, robots_secret, stored_policy)
+        applied = access.access_condition(error, shards)
+        writable = None
+        if error is not None:
+            # The policy in force is the stored one: hand out only what it holds, and
+            # tell the Repositories whose grants are not in it.
+            writable, not_in_force = access.in_force(plan, policy.read_stored(stored_policy, name))
+        writer.distribute(target, plan, observed, writable)
     for handled, request in plan.rotations_handled.items():
         writer.clear_rotate_request(namespace, handled, request)
 
@@ -156,6 +171,8 @@ def reconcile_access(
         secrets=frozenset(writer.holding),
         foreign=writer.refused,
         missing_service_accounts=writer.missing_accounts,
+        policy_error=error,
+        not_in_force=not_in_force,
     )
     events = []
     for repository in repositories:
@@ -167,7 +184,13 @@ def reconcile_access(
 
     # Try again: soon for what resolves itself (an SA about to be created, an API error),
     # rarely for a Secret of someone else's that only a person can move out of the way.
-    retry = 10.0 if writer.failed or writer.missing_accounts else 60.0 if writer.refused else None
+    retry = (
+        10.0
+        if writer.failed or writer.missing_accounts or error is not None
+        else 60.0
+        if writer.refused
+        else None
+    )
     requeue = plan.requeue_after
     if retry is not None:
         requeue = min(requeue or retry, retry)
@@ -181,6 +204,9 @@ def reconcile_access(
         requeue_after=requeue,
         wake=tuple(wake),
         interest=Interest.of(plan.active.values(), writer.holding),
+        applied=applied,
+        previous_applied=_registry_condition(body, access.ACCESS_APPLIED),
+        registry_ref=_registry_ref(body),
     )
 
 
@@ -246,7 +272,26 @@ def _target(
     )
 
 
+def _registry_condition(body: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any]:
+    return status.condition_of((body or {}).get("status") or {}, type_)
+
+
+def _registry_ref(body: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    if body is None:
+        return None
+    meta = body.get("metadata") or {}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": models.KIND,
+        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid")},
+    }
+
+
 # --- writing --------------------------------------------------------------------------------
+
+
+def _name(manifest: Mapping[str, Any]) -> str:
+    return str(manifest["metadata"]["name"])
 
 
 def _split(value: str | None) -> list[str]:
@@ -307,7 +352,11 @@ class _Writer:
         target: access.Target,
         plan: access.Plan,
         observed: Mapping[SecretKey, Mapping[str, Any]],
+        writable: frozenset[SecretKey] | None = None,
     ) -> None:
+        """Write the planned Secrets; with `writable`, only those (the others' credential
+        is not in the policy in force: handing it out would fail every pull)."""
+
         def job(key: SecretKey, desired: access.Desired) -> Callable[[], None]:
             def run() -> None:
                 robot = plan.robots[desired.robot]
@@ -334,7 +383,53 @@ class _Writer:
 
             return run
 
-        self._parallel([job(key, desired) for key, desired in sorted(plan.secrets.items())])
+        self._parallel(
+            [
+                job(key, desired)
+                for key, desired in sorted(plan.secrets.items())
+                if writable is None or key in writable
+            ]
+        )
+
+    def write_policy(
+        self,
+        target: access.Target,
+        plan: access.Plan,
+        robots_secret: Mapping[str, Any] | None,
+        stored: Mapping[str, Mapping[str, Any]],
+    ) -> tuple[str | None, int]:
+        """Store the robots, then the policy's shards, then its main file; remove shards
+        no longer listed. Returns why it failed (None: written) and the shard count.
+
+        The robots first: a credential in the policy must never be one the operator
+        could lose. The main file last: it names the shards by digest, so the server
+        applies nothing before all of them are there.
+        """
+        assert plan.policy is not None
+        owner = target.owner
+        main = stored.get(names.policy_secret(owner.name))
+        rendered = policy.render(owner, plan.policy, policy.shard_count(main))
+        wanted = policy.secrets(owner, rendered)
+        try:
+            self.apply_owned(grants.robots_secret(owner, plan.robots), robots_secret)
+        except errors.KubeError as exc:
+            return f"Secret {names.robots_secret(owner.name)}: {exc.message}", len(rendered.shards)
+        try:
+            self._parallel(
+                [
+                    functools.partial(self.apply_owned, manifest, stored.get(_name(manifest)))
+                    for manifest in wanted[:-1]
+                ]
+            )
+            self.apply_owned(wanted[-1], main)
+        except errors.KubeError as exc:
+            return f"the policy Secrets: {exc.message}", len(rendered.shards)
+        keep = {_name(m) for m in wanted}
+        for secret in stored:
+            if secret not in keep:
+                with contextlib.suppress(errors.NotFound):
+                    self.kube.delete("v1", "Secret", owner.namespace, secret)
+        return None, len(rendered.shards)
 
     def _write_secret(
         self, key: SecretKey, manifest: Mapping[str, Any], before: Mapping[str, Any] | None

@@ -26,7 +26,7 @@ from registry_operator import (
 )
 from registry_operator.kube import client as kube_client
 from registry_operator.kube import errors
-from registry_operator.rendering import manifests, names
+from registry_operator.rendering import manifests, names, policy
 
 # Kinds that exist only for some specs and are deleted when the spec drops them.
 # PersistentVolumeClaims are deliberately absent: data is never deleted implicitly.
@@ -87,10 +87,12 @@ def reconcile(
     replication: status.ReplicationObservation | None = None,
     told: Told | None = None,
     claims: Sequence[node_access.Claim] | None = None,
+    access: status.Condition | None = None,
 ) -> Outcome:
     """`replication` is the last answer of the server's replication status endpoint;
     `told` receives the events as they are made (see Told); `claims` are every
-    Registry's node port claims (the operator's index; listed here when None)."""
+    Registry's node port claims (the operator's index; listed here when None);
+    `access` the access reconcile's AccessApplied (None: keep the one in the status)."""
     options = options or Options()
     told = told if told is not None else Told()
     body = kube.find(API_VERSION, models.KIND, namespace, name)
@@ -143,6 +145,7 @@ def reconcile(
         replication=replication,
         pull_endpoint=None if served is None else names.node_host(served),
         node_port_conflict=None if clash is None else node_access.conflict_message(me, clash),
+        access=access,
     )
     _write_status(kube, namespace, name, previous, new_status)
     events.extend(_transition_events(previous, new_status))
@@ -296,9 +299,12 @@ def _apply_children(
                 f"generated {', '.join(generated)} in Secret {names.secret(owner.name)}",
             )
         )
+    # As many shard Secrets mounted as the access reconcile has written (at least the slots).
+    policy_main = kube.find("v1", "Secret", owner.namespace, names.policy_secret(owner.name))
+    slots = policy.slots(policy.shard_count(policy_main))
     applied: dict[tuple[str, str], dict[str, Any]] = {}
     failure = None
-    for manifest in rendering.render(registry.spec, owner, creds, replication, node_port):
+    for manifest in rendering.render(registry.spec, owner, creds, replication, node_port, slots):
         kind, child = manifest["kind"], manifest["metadata"]["name"]
         before = (
             secret

@@ -22,6 +22,7 @@ PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 STORAGE_READY = "StorageReady"
 REPLICATION_HEALTHY = "ReplicationHealthy"
+ACCESS_APPLIED = "AccessApplied"  # written from the access reconcile's finding
 # A peer whose oldest undelivered change is older than this is lagging.
 LAG_THRESHOLD_SECONDS = 60.0
 
@@ -327,25 +328,29 @@ def build(
     replication: ReplicationObservation | None = None,
     pull_endpoint: str | None = None,
     node_port_conflict: str | None = None,
+    access: Condition | None = None,
 ) -> dict[str, Any]:
     """The whole `.status` of a Registry; `spec` is None when it could not be parsed.
-    `pull_endpoint` is where kubelets pull from (the node proxy), when there is one."""
+    `pull_endpoint` is where kubelets pull from (the node proxy), when there is one.
+    `access` is the access reconcile's AccessApplied; None keeps the one there is (the
+    access reconcile has not said anything since the operator started)."""
     deployment_status = (observed.deployment or {}).get("status") or {}
     found = conditions(spec, observed, failure, node_port_conflict)
     summary = None
     if spec is not None and spec.peers:
         summary, healthy = replication_status(spec.region, peers, replication)
         found.append(healthy)
+    if access is not None:
+        found.append(access)
+    rendered = render_conditions(found, previous.get("conditions") or [], generation, now)
+    kept = condition_of(previous, ACCESS_APPLIED)
+    if access is None and kept:
+        rendered.append(dict(kept))
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "endpoint": names.in_cluster_url(owner.name, owner.namespace),
         "readyReplicas": int(deployment_status.get("readyReplicas", 0)),
-        "conditions": render_conditions(
-            found,
-            previous.get("conditions") or [],
-            generation,
-            now,
-        ),
+        "conditions": rendered,
     }
     if summary is not None:
         status["replication"] = summary

@@ -3,12 +3,18 @@
 The format is described in docs/auth.md. Parsing is strict (unknown keys, duplicate names
 and non-bcrypt hashes are errors) so that a typo never silently grants or removes access;
 the caller keeps the previous policy when parsing fails.
+
+A policy may be split into shards: the main file lists them (`shards`, each a file name
+and the SHA-256 of its bytes) and `merge` joins the parsed parts into one Policy. The
+reader (auth.reloading) checks the digests, so a set of files written at different
+moments is never merged.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,16 +90,26 @@ class Policy:
         if self.administers(name):
             return scopes.REPOSITORY_ACTIONS
         found: set[str] = set()
-        for rule in self.rules:
+        index = self._index
+        for rule in (*index.rules_exact.get(repository, ()), *index.rules_patterns):
             if scopes.matches(rule.repository, repository):
                 found |= rule.actions_for(name)
         if name is not None:
-            for grant in self.robot_access.get(name, ()):
+            exact = index.robot_exact.get(name)
+            if exact is not None:
+                found |= exact.get(repository, frozenset())
+            for grant in index.robot_patterns.get(name, ()):
                 if scopes.matches(grant.repository, repository):
                     found |= grant.actions
         if "push" in found:
             found.add("pull")
         return frozenset(found)
+
+    @functools.cached_property
+    def _index(self) -> _Index:
+        # Built once per policy: a policy may name tens of thousands of repositories,
+        # and a request should look up its own, not scan them all.
+        return _Index.of(self)
 
     @functools.cached_property
     def _rules_with_tags(self) -> tuple[Rule, ...]:
@@ -113,6 +129,45 @@ class Policy:
         if name is not None:
             return True
         return any(rule.anonymous_pull for rule in self.rules)
+
+
+@dataclass(frozen=True)
+class _Index:
+    """Exact repository names by dictionary, patterns in a (short) list."""
+
+    rules_exact: Mapping[str, tuple[Rule, ...]]
+    rules_patterns: tuple[Rule, ...]
+    robot_exact: Mapping[str, Mapping[str, frozenset[str]]]
+    robot_patterns: Mapping[str, tuple[Grant, ...]]
+
+    @classmethod
+    def of(cls, policy: Policy) -> _Index:
+        rules_exact: dict[str, list[Rule]] = {}
+        rules_patterns = []
+        for rule in policy.rules:
+            if scopes.is_literal(rule.repository):
+                rules_exact.setdefault(rule.repository, []).append(rule)
+            else:
+                rules_patterns.append(rule)
+        robot_exact: dict[str, dict[str, frozenset[str]]] = {}
+        robot_patterns: dict[str, tuple[Grant, ...]] = {}
+        for name, grants in policy.robot_access.items():
+            exact: dict[str, frozenset[str]] = {}
+            for grant in grants:
+                if scopes.is_literal(grant.repository):
+                    exact[grant.repository] = (
+                        exact.get(grant.repository, frozenset()) | grant.actions
+                    )
+            robot_exact[name] = exact
+            patterns = tuple(g for g in grants if not scopes.is_literal(g.repository))
+            if patterns:
+                robot_patterns[name] = patterns
+        return cls(
+            {k: tuple(v) for k, v in rules_exact.items()},
+            tuple(rules_patterns),
+            robot_exact,
+            robot_patterns,
+        )
 
 
 # Without a policy file every account that can log in may do everything, and anonymous
@@ -173,7 +228,7 @@ def _pattern(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise PolicyError(f"{where}: expected a repository name or pattern")
     try:
-        scopes.compile_pattern(value)
+        scopes.validate_pattern(value)
     except scopes.PatternError as exc:
         raise PolicyError(f"{where}: {exc}") from None
     return value
@@ -235,6 +290,66 @@ def _add_account(accounts: dict[str, Account], account: Account, where: str) -> 
     if account.name in accounts:
         raise PolicyError(f"{where}: the name {account.name!r} is used twice")
     accounts[account.name] = account
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One shard file of a split policy: its name, next to the main file, and the
+    SHA-256 (hex) of its bytes as the writer meant them."""
+
+    file: str
+    sha256: str
+
+
+_SHARD_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,252}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_main(document: Any) -> tuple[Policy, tuple[ShardRef, ...]]:
+    """The main policy file: a policy whose `shards` (optional) list more files."""
+    top = _mapping(document, "policy", _TOP | {"shards"}, set())
+    shards: list[ShardRef] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(_list(top.get("shards"), "shards")):
+        where = f"shards[{i}]"
+        entry = _mapping(raw, where, {"file", "sha256"}, {"file", "sha256"})
+        name, digest = entry["file"], entry["sha256"]
+        if not isinstance(name, str) or not _SHARD_FILE.match(name) or name in seen:
+            raise PolicyError(f"{where}.file: expected a distinct file name in the same directory")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise PolicyError(f"{where}.sha256: expected 64 lowercase hex digits")
+        seen.add(name)
+        shards.append(ShardRef(name, digest))
+    return parse({k: v for k, v in top.items() if k != "shards"}), tuple(shards)
+
+
+def merge(parts: Sequence[tuple[str, Policy]]) -> Policy:
+    """One policy from the main file and its shards (`(where, policy)`, main first).
+
+    Admins and rules add up. An account may appear in several shards (a robot whose
+    grants are spread over them) only with the same kind and hash; its grants add up.
+    """
+    if len(parts) == 1:
+        return parts[0][1]
+    admins: set[str] = set()
+    accounts: dict[str, Account] = {}
+    access: dict[str, list[Grant]] = {}
+    rules: list[Rule] = []
+    for where, part in parts:
+        admins |= part.admins
+        for name, account in part.accounts.items():
+            known = accounts.setdefault(name, account)
+            if known != account:
+                raise PolicyError(f"{where}: the account {name!r} differs from another shard's")
+        for name, grants in part.robot_access.items():
+            access.setdefault(name, []).extend(grants)
+        rules.extend(part.rules)
+    return Policy(
+        admins=frozenset(admins),
+        accounts=accounts,
+        robot_access={name: tuple(grants) for name, grants in access.items()},
+        rules=tuple(rules),
+    )
 
 
 def parse(document: Any) -> Policy:

@@ -146,5 +146,24 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
+def is_literal(pattern: str) -> bool:
+    """Whether the pattern names one repository (no wildcard): matched by equality."""
+    return "*" not in pattern and "?" not in pattern
+
+
+def validate_pattern(pattern: str) -> None:
+    """Raise PatternError for a pattern that cannot be used. A literal name is only
+    checked, not compiled: a policy may name tens of thousands of them."""
+    if is_literal(pattern):
+        if not pattern or not _PATTERN_CHARS.match(pattern):
+            raise PatternError(
+                f"invalid repository pattern {pattern!r}: use lowercase names, '/', '*', '**', '?'"
+            )
+        return
+    compile_pattern(pattern)
+
+
 def matches(pattern: str, repository: str) -> bool:
+    if is_literal(pattern):
+        return pattern == repository
     return compile_pattern(pattern).match(repository) is not None

@@ -733,6 +733,7 @@ def test_restart_in_the_middle_of_a_reconcile_converges_without_duplicates(
     allowed = {kind: {name_of("rs")} for _, kind, name_of in CHILDREN}
     allowed["Secret"] |= {
         names.policy_secret("rs"),
+        names.policy_shard_secret("rs", 0),
         names.robots_secret("rs"),
         names.replication_secret("rs"),
     }

@@ -13,6 +13,7 @@ Secret the operator wrote and used with skopeo.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import os
 import secrets
@@ -189,14 +190,21 @@ def _basic_status(pod: podspec_runner.RunningPod, user: str, password: str) -> i
         return int(exc.code)
 
 
+def _mounted_policy(pod: podspec_runner.RunningPod) -> str:
+    """The mounted policy's text: the main file and its (gzipped) shards."""
+    directory = pod.mounts["/etc/berth/policy"]
+    texts = [(directory / "policy.yaml").read_text()]
+    texts += [gzip.decompress(p.read_bytes()).decode() for p in sorted(directory.glob("*.gz"))]
+    return "\n".join(texts)
+
+
 def _accepted(
     pod: podspec_runner.RunningPod, creds: tuple[str, str], operator: OperatorProcess
 ) -> None:
     """Wait until the server accepts `creds`, without tripping its rate limit for failed
     logins (10 a minute per client): first until the kubelet stand-in has the account in
     the mounted policy file, then a login a second while the server reloads it."""
-    policy = pod.mounts["/etc/berth/policy"] / "policy.yaml"
-    _wait(lambda: creds[0] in policy.read_text(), operator, f"{creds[0]} in the pod's policy")
+    _wait(lambda: creds[0] in _mounted_policy(pod), operator, f"{creds[0]} in the pod's policy")
     # The server takes a new file after two polls a second apart that agree: give it that
     # time before the first login, so that a slow reload costs no failed attempts.
     time.sleep(2.5)

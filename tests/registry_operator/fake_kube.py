@@ -83,8 +83,10 @@ class FakeKube:
                 current["status"] = copy.deepcopy(manifest["status"])
                 current["metadata"]["resourceVersion"] = str(next(self._versions))
             return copy.deepcopy(current)
-        if kind in self.reject:
-            raise errors.Rejected(self.reject[kind], 422)
+        # By kind, or one object by "Kind/name".
+        for refused in (kind, f"{kind}/{meta['name']}"):
+            if refused in self.reject:
+                raise errors.Rejected(self.reject[refused], 422)
         self.applied.append(f"{kind}/{meta['name']}")
         desired = copy.deepcopy(dict(manifest))
         if current is None:

@@ -7,14 +7,17 @@ with the registry server's own parser, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import itertools
+import json
 from typing import Any
 
 import pytest
 import yaml
 
 from registry_operator import access, credentials, models, robots
-from registry_operator.rendering import grants
+from registry_operator.rendering import policy as policy_files
 from registry_server.auth import policy as server_policy
 from registry_server.protocol import tag_rules
 
@@ -315,6 +318,23 @@ def test_robots_survive_storage_round_trip() -> None:
 # --- the rendered policy is what the server accepts ---------------------------------------
 
 
+def _server_view(policy: access.Policy, shards: int = 1) -> server_policy.Policy:
+    """What the server makes of the rendered main file and shards (digests checked)."""
+    rendered = policy_files.Rendered(
+        policy_files.shards(policy, shards),
+        "",
+    )
+    main, refs = server_policy.parse_main(
+        yaml.safe_load(policy_files.main_text(OWNER, policy, rendered.shards))
+    )
+    assert [r.file for r in refs] == [f"policy-{i}.json.gz" for i in range(shards)]
+    parts = [("main", main)]
+    for ref, data in zip(refs, rendered.shards, strict=True):
+        assert ref.sha256 == hashlib.sha256(data).hexdigest()
+        parts.append((ref.file, server_policy.parse(json.loads(gzip.decompress(data)))))
+    return server_policy.merge(parts)
+
+
 def test_rendered_policy_means_the_same_to_the_server() -> None:
     gen = credentials.Generators(password=lambda: "s3cret", hash=robots.hash_secret)
     public = _repo("docs", "public/docs", visibility="public")
@@ -322,8 +342,7 @@ def test_rendered_policy_means_the_same_to_the_server() -> None:
     target = access.Target(OWNER, TARGET.hosts, TARGET.admins, peers=("peer.us.main",))
     result = access.plan(target, [API, public, ci], NAMESPACES, {}, NOW, gen)
     assert result.policy is not None
-    text = grants.policy_text(OWNER, result.policy)
-    parsed = server_policy.parse(yaml.safe_load(text))
+    parsed = _server_view(result.policy)
     assert parsed.actions("pull.team-a.1", "team-a/api") == {"pull"}
     assert parsed.actions("pull.team-a.1", "team-b/web") == frozenset()
     assert parsed.actions("push.registries.1", "team-a/ci") == {"pull", "push"}
@@ -348,7 +367,7 @@ def test_tag_rules_reach_the_server_policy_and_the_status() -> None:
     assert result.policy.rules == (
         access.Rule("team-a/api", immutable_tags=("v*",), keep_last=5, protect=("stable",)),
     )
-    parsed = server_policy.parse(yaml.safe_load(grants.policy_text(OWNER, result.policy)))
+    parsed = _server_view(result.policy, shards=4)
     rules = parsed.tag_rules("team-a/api")
     assert rules.is_immutable("v1") and not rules.is_immutable("latest")
     assert rules.retention is not None and rules.retention.keep_last == 5

@@ -350,15 +350,21 @@ def test_pod_mounts_what_the_config_refers_to() -> None:
         assert directory == mounts["auth"]
         assert filename in secret_items
         assert filename in children["Secret"]["data"]
-    # The policy comes from the Repositories, in a Secret of its own: changing it must
-    # not roll the pods (the server reloads it).
+    # The policy comes from the Repositories, in Secrets of its own (the main file and
+    # its shards, in one projected volume): changing them must not roll the pods (the
+    # server reloads them). Shards that are not written (yet) are optional.
     directory, _, filename = config["auth"]["policy"].rpartition("/")
     assert directory == mounts["policy"]
-    assert volumes["policy"]["secret"] == {
-        "secretName": "main-policy",
-        "items": [{"key": filename, "path": filename}],
-        "defaultMode": 0o440,
+    projected = volumes["policy"]["projected"]
+    assert projected["defaultMode"] == 0o440
+    main, *shards = projected["sources"]
+    assert main == {
+        "secret": {"name": "main-policy", "items": [{"key": filename, "path": filename}]}
     }
+    assert shards == [
+        {"secret": {"name": f"main-policy-{i}", "optional": True}}
+        for i in range(names.POLICY_SHARD_SLOTS)
+    ]
     assert config["storage"]["root"] == mounts["data"]
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "main-data"
     # The plain passwords are in the Secret for admins, not in the pod.

@@ -4,6 +4,8 @@ what is never touched, and what the Repositories are told."""
 from __future__ import annotations
 
 import base64
+import gzip
+import hashlib
 import itertools
 import json
 from typing import Any
@@ -106,8 +108,26 @@ def _dockerconfig(kube: FakeKube, namespace: str, name: str = PULL) -> dict[str,
 
 
 def _policy(kube: FakeKube) -> dict[str, Any]:
+    """The main file with its shards' robots and rules merged in (a robot spread over
+    several shards once, with all its grants)."""
     secret = kube.objects[("Secret", NS, "main-policy")]
-    return dict(yaml.safe_load(base64.b64decode(secret["data"]["policy.yaml"])))
+    main = dict(yaml.safe_load(base64.b64decode(secret["data"]["policy.yaml"])))
+    robots_by_name: dict[str, dict[str, Any]] = {}
+    rules: list[dict[str, Any]] = []
+    for i, ref in enumerate(main.pop("shards")):
+        shard_secret = kube.objects[("Secret", NS, f"main-policy-{i}")]
+        raw = base64.b64decode(shard_secret["data"][ref["file"]])
+        assert hashlib.sha256(raw).hexdigest() == ref["sha256"]
+        shard = json.loads(gzip.decompress(raw))
+        for robot in shard.get("robots", []):
+            known = robots_by_name.setdefault(robot["name"], {**robot, "access": []})
+            known["access"] += robot["access"]
+        rules += shard.get("rules", [])
+    if robots_by_name:
+        main["robots"] = sorted(robots_by_name.values(), key=lambda r: r["name"])
+    if rules:
+        main["rules"] = rules
+    return main
 
 
 def _status(kube: FakeKube, name: str) -> dict[str, Any]:
@@ -144,7 +164,8 @@ def test_fan_out_writes_policy_first_then_secrets_and_status() -> None:
         {"repository": "team-a/api", "actions": ["pull"]}
     ]
     order = [c for c in kube.calls if c[0] in ("apply", "create") and c[1] == "Secret"]
-    assert order[0][3] == "main-robots" and order[1][3] == "main-policy"
+    # The robots, then the policy's shard, then its main file naming the shard by digest.
+    assert [c[3] for c in order[:3]] == ["main-robots", "main-policy-0", "main-policy"]
 
     status = _status(kube, "api")
     assert status["pullSecretNamespaces"] == ["team-a", "team-b"]
@@ -371,3 +392,49 @@ def test_retry_soon_for_a_missing_service_account_rarely_for_a_foreign_secret() 
         {"path": "x/y", "pullAccess": {"namespaces": ["team-c"], "secretName": "theirs"}},
     )
     assert _run(kube, _options(clock)).requeue_after == 60.0
+
+
+def test_a_refused_policy_is_reported_and_hands_out_nothing_it_does_not_hold() -> None:
+    """The API server refuses the policy (too large, a quota, an admission webhook): the
+    stored one stays in force. Repositories whose grants are in it stay Ready; a new one
+    is told why it is not, its new robot's credential is not handed out, the Registry
+    gets AccessApplied=False, and the pass is retried soon. Once accepted, all is well."""
+    kube, clock = _kube(), Clock()
+    _repository(kube, "api", API)
+    first = _run(kube, _options(clock))
+    assert first.applied is not None and first.applied.status == "True"
+    main_before = kube.objects[("Secret", NS, "main-policy")]["data"]
+
+    kube.reject["Secret/main-policy-0"] = 'Secret "main-policy-0" is invalid: data: Too long'
+    _repository(kube, "web", {"path": "team-c/web", "pullAccess": {"namespaces": ["team-c"]}})
+    refused = _run(kube, _options(clock))
+    assert refused.applied is not None
+    assert (refused.applied.status, refused.applied.reason) == ("False", "PolicyNotWritten")
+    assert "Too long" in refused.applied.message
+    assert kube.objects[("Secret", NS, "main-policy")]["data"] == main_before
+    assert _conditions(kube, "api")["Ready"] == ("True", "Granted")
+    assert _conditions(kube, "web")["Ready"] == ("False", "PolicyNotWritten")
+    assert "Too long" in _status(kube, "web")["conditions"][0]["message"]
+    assert ("Secret", "team-c", PULL) not in kube.objects  # its credential is not in force
+    assert ("PolicyNotWritten", "web") in [
+        (e.reason, ref["metadata"]["name"]) for ref, e in refused.events
+    ]
+    assert refused.requeue_after == 10.0
+
+    del kube.reject["Secret/main-policy-0"]
+    healed = _run(kube, _options(clock))
+    assert healed.applied is not None and healed.applied.status == "True"
+    assert _conditions(kube, "web")["Ready"] == ("True", "Granted")
+    assert _dockerconfig(kube, "team-c")["username"] == "pull.team-c.1"
+
+
+def test_a_refused_robots_secret_writes_no_policy() -> None:
+    kube, clock = _kube(), Clock()
+    kube.reject["Secret/main-robots"] = "exceeded quota"
+    _repository(kube, "api", API)
+    outcome = _run(kube, _options(clock))
+    assert outcome.applied is not None and outcome.applied.status == "False"
+    assert "main-robots" in outcome.applied.message
+    assert ("Secret", NS, "main-policy") not in kube.objects
+    assert ("Secret", "team-a", PULL) not in kube.objects
+    assert _conditions(kube, "api")["Ready"] == ("False", "PolicyNotWritten")

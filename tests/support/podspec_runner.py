@@ -50,16 +50,17 @@ class PodSpecError(ValueError):
     """The pod template uses something this runner cannot reproduce faithfully."""
 
 
-def referenced(pod: Object) -> tuple[set[str], set[str]]:
-    """The ConfigMaps and Secrets a pod template reads (volumes, projected sources, env)."""
+def referenced(pod: Object, *, optional: bool = True) -> tuple[set[str], set[str]]:
+    """The ConfigMaps and Secrets a pod template reads (volumes, projected sources, env);
+    `optional=False` leaves out the sources marked `optional: true`."""
     config_maps: set[str] = set()
     secrets: set[str] = set()
     for volume in pod.get("volumes") or []:
         sources = [volume, *((volume.get("projected") or {}).get("sources") or [])]
         for source in sources:
-            if "configMap" in source:
+            if "configMap" in source and (optional or not source["configMap"].get("optional")):
                 config_maps.add(source["configMap"]["name"])
-            if "secret" in source:
+            if "secret" in source and (optional or not source["secret"].get("optional")):
                 secret = source["secret"]
                 secrets.add(secret.get("secretName") or secret["name"])
     for container in pod.get("containers") or []:
@@ -79,13 +80,20 @@ def inputs(
     find: Finder, namespace: str, deployment: Object
 ) -> tuple[list[Object], list[Object]] | None:
     """The ConfigMaps and Secrets the pod template reads; None while one is missing
-    (the kubelet would wait for it too)."""
-    config_map_names, secret_names = referenced(deployment["spec"]["template"]["spec"])
-    config_maps = [find("ConfigMap", namespace, name) for name in sorted(config_map_names)]
-    secrets = [find("Secret", namespace, name) for name in sorted(secret_names)]
-    if any(obj is None for obj in (*config_maps, *secrets)):
+    (the kubelet would wait for it too), unless it is optional."""
+    pod = deployment["spec"]["template"]["spec"]
+    config_map_names, secret_names = referenced(pod)
+    required = referenced(pod, optional=False)
+    config_maps = {name: find("ConfigMap", namespace, name) for name in sorted(config_map_names)}
+    secrets = {name: find("Secret", namespace, name) for name in sorted(secret_names)}
+    if any(config_maps[name] is None for name in required[0]) or any(
+        secrets[name] is None for name in required[1]
+    ):
         return None
-    return [o for o in config_maps if o is not None], [o for o in secrets if o is not None]
+    return (
+        [o for o in config_maps.values() if o is not None],
+        [o for o in secrets.values() if o is not None],
+    )
 
 
 def _by_name(objects: Sequence[Object]) -> dict[str, Object]:
@@ -161,6 +169,8 @@ def _volume_files(
                 data = _config_map_data(obj) if obj is not None else None
             else:
                 raise PodSpecError(f"unsupported projected source in {source}")
+            if data is None and ref.get("optional"):
+                continue  # as the kubelet: an optional source that is absent adds nothing
             if data is None:
                 raise PodSpecError(f"{ref['name']} (projected) was not provided")
             files |= _keys(data, ref.get("items"), default, ref["name"])

@@ -61,6 +61,8 @@ class Runtime:
     # claims as the Registry event handler last saw them (to notice what changed).
     claims_index: Mapping[Any, Iterable[node_access.Claim]] | None = None
     claims_seen: dict[str, node_access.Claim] = dataclasses.field(default_factory=dict)
+    # Each Registry's AccessApplied as its access reconcile last found it.
+    applied: dict[Key, status_.Condition] = dataclasses.field(default_factory=dict)
     _later: dict[Key, asyncio.TimerHandle] = dataclasses.field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
 
@@ -109,6 +111,7 @@ class Runtime:
                     self.replication.get((namespace, name)),
                     told,
                     self.claims(),
+                    self.applied.get((namespace, name)),
                 )
             except BaseException:
                 # What it changed before failing is still worth telling.
@@ -144,12 +147,40 @@ class Runtime:
             self.interest[(namespace, name)] = outcome.interest
             for ref, event in outcome.events:
                 self._post(ref, event)
+            self._access_applied(namespace, name, outcome)
             if outcome.requeue_after is not None:
                 self.access_later((namespace, name), outcome.requeue_after)
             self._wake(outcome.wake)
             return outcome
 
         return await self.access_queue.run((namespace, name), job)
+
+    def _access_applied(self, namespace: str, name: str, outcome: granting.Outcome) -> None:
+        """The Registry's AccessApplied: one event per transition, and its status follows
+        (the Registry's own reconcile writes it, so that one writer owns its status)."""
+        key = (namespace, name)
+        new = outcome.applied
+        if new is None:
+            return
+        known = self.applied.get(key)
+        before: Mapping[str, Any] = (
+            dataclasses.asdict(known) if known is not None else outcome.previous_applied
+        )
+        self.applied[key] = new
+        if outcome.registry_ref is not None and (before.get("status"), before.get("reason")) != (
+            new.status,
+            new.reason,
+        ):
+            if new.status == "False":
+                self._post(outcome.registry_ref, Event("Warning", new.reason, new.message))
+            elif before.get("status") == "False":
+                self._post(
+                    outcome.registry_ref,
+                    Event("Normal", "AccessApplied", "the policy is written again"),
+                )
+        stored = outcome.previous_applied
+        if status_.differs(stored, dataclasses.asdict(new)):
+            self.spawn(f"reconcile of {namespace}/{name}", self.reconcile(namespace, name))
 
     async def sync_hosting(self) -> None:
         """Make kube-public/local-registry-hosting follow the claims (after a deletion)."""
@@ -169,6 +200,7 @@ class Runtime:
         key = (namespace, name)
         self.interest.pop(key, None)
         self.replication.pop(key, None)
+        self.applied.pop(key, None)
         handle = self._later.pop(key, None)
         if handle is not None:
             handle.cancel()

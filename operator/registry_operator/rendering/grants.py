@@ -1,5 +1,6 @@
-"""Render what the access plan decided: the policy and robots Secrets of a registry and
-the pull (push) Secrets written into granted namespaces. Pure, like the rest of rendering.
+"""Render what the access plan decided: the robots Secret of a registry and the pull
+(push) Secrets written into granted namespaces (the policy Secrets: `policy`). Pure, like
+the rest of rendering.
 """
 
 from __future__ import annotations
@@ -17,23 +18,6 @@ DOCKERCONFIGJSON_KEY = ".dockerconfigjson"
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode("ascii")
-
-
-def policy_text(owner: models.Owner, policy: access.Policy) -> str:
-    return manifests.text(
-        "policy.yaml.j2", name=owner.name, namespace=owner.namespace, policy=policy
-    )
-
-
-def policy_secret(owner: models.Owner, policy: access.Policy) -> manifests.Manifest:
-    return manifests.manifest(
-        "secret.yaml.j2",
-        name=names.policy_secret(owner.name),
-        namespace=owner.namespace,
-        labels=names.labels(owner.name, "policy"),
-        owner_references=manifests.owner_references(owner),
-        data={names.POLICY_FILE: _b64(policy_text(owner, policy))},
-    )
 
 
 def robots_secret(owner: models.Owner, state: Mapping[str, robots.Robot]) -> manifests.Manifest:

@@ -202,18 +202,35 @@ def local_registry_hosting(
     )
 
 
+def policy_sources(registry: str, slots: int) -> list[dict[str, Any]]:
+    """The policy volume's sources: the main file, then `slots` optional shard Secrets."""
+    main = {
+        "secret": {
+            "name": names.policy_secret(registry),
+            "items": [{"key": names.POLICY_FILE, "path": names.POLICY_FILE}],
+        }
+    }
+    shards = [
+        {"secret": {"name": names.policy_shard_secret(registry, i), "optional": True}}
+        for i in range(slots)
+    ]
+    return [main, *shards]
+
+
 def render(
     spec: models.Spec,
     owner: models.Owner,
     credentials: creds.Credentials,
     replication: Replication = Replication(),
     node_port: int | None = None,
+    policy_slots: int = names.POLICY_SHARD_SLOTS,
 ) -> list[Manifest]:
     """All children of a Registry, in the order they should be applied.
 
-    The policy Secret is not among them: it is written from the Repositories (`access`).
-    `node_port` is the port its node proxy serves (`node_access.served_port`); None
-    renders no proxy.
+    The policy Secrets are not among them: they are written from the Repositories
+    (`access`, `rendering.policy`); `policy_slots` is how many shard Secrets the pods
+    mount (`rendering.policy.slots`). `node_port` is the port its node proxy serves
+    (`node_access.served_port`); None renders no proxy.
     """
     name, namespace = owner.name, owner.namespace
     owned = owner_references(owner)
@@ -282,8 +299,7 @@ def render(
             config_dir=names.CONFIG_DIR,
             auth_dir=names.AUTH_DIR,
             policy_dir=names.POLICY_DIR,
-            policy_file=names.POLICY_FILE,
-            policy_secret_name=names.policy_secret(name),
+            policy_sources=policy_sources(name, policy_slots),
             replication_dir=names.REPLICATION_DIR,
             replication_sources=_replication_sources(replication.peers),
             webhook_volumes=[

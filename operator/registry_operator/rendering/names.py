@@ -32,6 +32,12 @@ CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 AUTH_DIR = "/etc/berth/auth"
 POLICY_DIR = "/etc/berth/policy"
 POLICY_FILE = "policy.yaml"
+POLICY_COMPONENT = "policy"
+# On the main policy Secret: how many shard Secrets the policy has now.
+POLICY_SHARDS_ANNOTATION = "berth.dev/policy-shards"
+# Shard Secrets every pod mounts (optional sources): room for ~3 MiB of compressed policy,
+# about 300,000 grants, before a larger policy needs more, which rolls the pods once.
+POLICY_SHARD_SLOTS = 8
 REPLICATION_DIR = "/etc/berth/replication"
 NOTIFICATIONS_DIR = "/etc/berth/notifications"  # one directory of header files per webhook
 DATA_DIR = "/var/lib/berth"
@@ -76,6 +82,14 @@ def secret(registry: str) -> str:
 
 def policy_secret(registry: str) -> str:
     return f"{registry}-policy"
+
+
+def policy_shard_secret(registry: str, index: int) -> str:
+    return f"{registry}-policy-{index}"
+
+
+def policy_shard_file(index: int) -> str:
+    return f"policy-{index}.json.gz"
 
 
 def robots_secret(registry: str) -> str:
@@ -165,6 +179,14 @@ def access_selector(registry: str, registry_namespace: str) -> str:
     return (
         f"{MANAGED_BY_LABEL}={MANAGED_BY},{REGISTRY_LABEL}={registry},"
         f"{REGISTRY_NAMESPACE_LABEL}={registry_namespace}"
+    )
+
+
+def policy_selector(registry: str) -> str:
+    """The main policy Secret and its shards."""
+    return (
+        f"{MANAGED_BY_LABEL}={MANAGED_BY},{REGISTRY_LABEL}={registry},"
+        f"{COMPONENT_LABEL}={POLICY_COMPONENT}"
     )
 
 
