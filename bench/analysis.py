@@ -25,7 +25,7 @@ def _usage(report: Report, phase: str, server: str) -> dict[str, Any]:
 
 
 def _ms_per_request(report: Report, phase: str, server: str) -> str:
-    return f"{_usage(report, phase, server)['cpu_ms_per_request']:.2f} ms"
+    return f"{fmt(_usage(report, phase, server)['cpu_ms_per_request'])} ms"
 
 
 def _range(values: Sequence[float]) -> str:

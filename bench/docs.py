@@ -122,19 +122,22 @@ def operator_section(result: Result) -> str:
         " while the Repository exists (the namespace watch), then single ones, one at a time.",
         "",
         _table(
-            ["measured", "time"],
+            ["from the start of the `kubectl apply` of", "until", "time"],
             [
                 [
-                    f"Repository applied → pull Secrets in all {count(n)} namespaces",
+                    "the Repository",
+                    f"pull Secrets in all {count(n)} namespaces",
                     seconds(fan["repository_to_secrets_s"]),
                 ],
                 [
-                    f"{count(n)} namespaces created at once → their Secrets",
-                    f"{seconds(fan['new_namespaces_to_secrets_s'])} (of which `kubectl apply`"
-                    f" of the namespaces: {seconds(fan['new_namespaces_kubectl_s'])})",
+                    f"{count(n)} more namespaces, in one apply",
+                    "their pull Secrets",
+                    f"{seconds(fan['new_namespaces_to_secrets_s'])} (`kubectl apply` itself:"
+                    f" {seconds(fan['new_namespaces_kubectl_s'])})",
                 ],
                 [
-                    f"one namespace created → its Secret (median of {len(singles['samples_s'])})",
+                    f"one namespace (median of {len(singles['samples_s'])})",
+                    "its pull Secret",
                     f"{seconds(singles['median_s'])} ({seconds(singles['min_s'])} to"
                     f" {seconds(singles['max_s'])})",
                 ],
@@ -261,7 +264,8 @@ def sections_table(results: Mapping[str, Result]) -> str:
         ]
         for name, result in sorted(results.items())
     ]
-    return _table(["section", "saved result", "run", "commit", "took"], rows) + "\n"
+    header = ["section", "saved result", "run ended", "commit", "measuring took"]
+    return _table(header, rows) + "\n"
 
 
 def load_results(results_dir: Path) -> dict[str, Result]:
