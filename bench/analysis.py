@@ -10,6 +10,11 @@ from typing import Any
 from bench.report import Report, fmt
 
 
+def _display(column: str) -> str:
+    """How the prose names a column: "berth" is Berth."""
+    return "B" + column[1:] if column.startswith("berth") else column
+
+
 def _ratio_word(a: float, b: float) -> str:
     """How ``a`` compares to ``b``: within 3 % is "level with"."""
     if a > b * 1.03:
@@ -46,6 +51,7 @@ def _spread(report: Report) -> tuple[float, str]:
 
 def _summary(report: Report) -> str:
     ours, theirs = report.ours, report.theirs
+    we, they = _display(ours), _display(theirs)
     below = [
         f"{row.label} ({ratio:.2f})"
         for row in report.rows
@@ -55,19 +61,21 @@ def _summary(report: Report) -> str:
     cores = report.machine.get("cpu", "?").split(" x ")[0]
     spread, spread_row = _spread(report)
     verdict = (
-        f"In this run {ours} is at or ahead of {theirs} on every row."
+        f"In this run {we} is at or ahead of {they} on every row."
         if not below
-        else f"In this run {ours} is behind {theirs} on: {'; '.join(below)}."
+        else f"In this run {we} is behind {they} on: {'; '.join(below)}."
     )
     return (
-        f"From the run above ({cores} cores, load average {load}; the bench itself raises"
-        f" it). {verdict} Repetitions of one row differed by up to {spread:.1f}x in this run"
-        f" ({spread_row}), which is why a row is the best of its repetitions."
+        f"From the run above ({cores} cores; load average before / after the run {load},"
+        f" raised by the bench itself and any other work on the machine). {verdict}"
+        f" Repetitions of one row differed by up to {spread:.1f}x in this run ({spread_row}),"
+        " which is why a row is the best of its repetitions."
     )
 
 
 def _pull(report: Report) -> str:
     ours, theirs = report.ours, report.theirs
+    we, they = _display(ours), _display(theirs)
     pull = report.row("pull_large")
     berth, dist = pull.values[ours] or 0.0, pull.values[theirs] or 0.0
     nginx_limit = report.limit("nginx")
@@ -77,16 +85,17 @@ def _pull(report: Report) -> str:
     cpu_ours = _usage(report, "pull_large", ours)["cpu_s"]
     cpu_theirs = _usage(report, "pull_large", theirs)["cpu_s"]
     return (
-        f"- *Blob pull*: {ours} sends the large blob at {fmt(berth)} MB/s,"
+        f"- *Blob pull*: {we} sends the large blob at {fmt(berth)} MB/s,"
         f" {_ratio_word(berth, nginx)} nginx's {fmt(nginx)} MB/s for the same file through"
         " the same client in the same run (both send from the page cache with sendfile);"
-        f" {theirs} reaches {fmt(dist)} MB/s. CPU per pull: {cpu_ours:.2f} s for {ours},"
-        f" {cpu_theirs:.2f} s for {theirs}."
+        f" {they} reaches {fmt(dist)} MB/s. CPU per pull: {cpu_ours:.2f} s for {we},"
+        f" {cpu_theirs:.2f} s for {they}."
     )
 
 
 def _push(report: Report) -> str:
     ours, theirs = report.ours, report.theirs
+    we, they = _display(ours), _display(theirs)
     push = report.row("push_large")
     berth, dist = push.values[ours] or 0.0, push.values[theirs] or 0.0
     sha_limit, disk_limit = report.limit("sha256"), report.limit("disk_write")
@@ -95,9 +104,9 @@ def _push(report: Report) -> str:
     sha, disk = sha_limit.value, disk_limit.value
     bound = min(sha, disk)
     return (
-        f"- *Blob push* of the large blob: {fmt(berth)} MB/s for {ours}, {fmt(dist)} for"
-        f" {theirs}, where hashing alone runs at {fmt(sha)} MB/s and the disk writes"
-        f" {fmt(disk)} MB/s: {berth / bound:.0%} of the lower of the two. In {ours} the event"
+        f"- *Blob push* of the large blob: {fmt(berth)} MB/s for {we}, {fmt(dist)} for"
+        f" {they}, where hashing alone runs at {fmt(sha)} MB/s and the disk writes"
+        f" {fmt(disk)} MB/s: {berth / bound:.0%} of the lower of the two. In {we} the event"
         " loop thread reads the socket and hashes while a thread writes. Hashing off the loop"
         " (hashlib releases the GIL) looked like the next step, but a trial with hashing and"
         " writing on the writer thread was slower on 2 cores, where client, loop and writer"
@@ -107,12 +116,13 @@ def _push(report: Report) -> str:
 
 def _manifests(report: Report) -> str:
     ours, theirs = report.ours, report.theirs
+    we, they = _display(ours), _display(theirs)
     get = _usage(report, "manifest_get", ours)
     client_ms = 1000 * get["client_cpu_s"] / get["requests"] if get["requests"] else 0.0
     return (
-        f"- *Manifest GET/HEAD*: {ours} spends {_ms_per_request(report, 'manifest_get', ours)}"
+        f"- *Manifest GET/HEAD*: {we} spends {_ms_per_request(report, 'manifest_get', ours)}"
         f" of CPU per GET and {_ms_per_request(report, 'manifest_head', ours)} per HEAD,"
-        f" {theirs} {_ms_per_request(report, 'manifest_get', theirs)} and"
+        f" {they} {_ms_per_request(report, 'manifest_get', theirs)} and"
         f" {_ms_per_request(report, 'manifest_head', theirs)}. On this machine the"
         " request-rate rows are bounded by the machine as a whole: the Python load"
         f" generator used {get['client_cpu_s']:.1f} CPU s for {get['requests']:,.0f} GETs"
@@ -125,11 +135,12 @@ def _manifests(report: Report) -> str:
 
 def _tag_list(report: Report) -> str:
     ours, theirs = report.ours, report.theirs
+    we, they = _display(ours), _display(theirs)
     tags = report.settings.get("tags", 0)
     return (
         f"- *Tag list at {tags:,} tags*: {_ms_per_request(report, 'tag_list', ours)} of CPU"
-        f" per request for {ours}, {_ms_per_request(report, 'tag_list', theirs)} for {theirs}."
-        f" Most of {ours}'s is SQLite returning the rows to Python, then the JSON encoding;"
+        f" per request for {we}, {_ms_per_request(report, 'tag_list', theirs)} for {they}."
+        f" Most of {we}'s is SQLite returning the rows to Python, then the JSON encoding;"
         " reads run inline on the event loop by design, so such a listing holds the loop"
         " for that long."
     )
@@ -137,11 +148,12 @@ def _tag_list(report: Report) -> str:
 
 def _catalog(report: Report) -> str:
     ours, theirs = report.ours, report.theirs
+    we, they = _display(ours), _display(theirs)
     return (
-        f"- *Catalog*: {theirs} walks the storage tree on every request"
+        f"- *Catalog*: {they} walks the storage tree on every request"
         f" ({_ms_per_request(report, 'catalog', theirs)} of CPU for the whole catalog,"
         f" {_ms_per_request(report, 'catalog_page', theirs)} even for the first 100 names);"
-        f" {ours} answers from its index ({_ms_per_request(report, 'catalog', ours)} and"
+        f" {we} answers from its index ({_ms_per_request(report, 'catalog', ours)} and"
         f" {_ms_per_request(report, 'catalog_page', ours)})."
     )
 
@@ -150,37 +162,42 @@ def _writes(report: Report) -> str:
     ours, theirs = report.ours, report.theirs
     tags = report.row("populate_tags").ratio(ours, theirs) or 0.0
     repos = report.row("populate_repos").ratio(ours, theirs) or 0.0
+    if repos < tags:
+        effect = f"so that row gains less from group commit: ratio {repos:.2f} against {tags:.2f}"
+    else:
+        effect = f"yet that row's ratio ({repos:.2f}) is not below the tag row's ({tags:.2f})"
     return (
         "- *Write paths*: a tag push is one index transaction, and concurrent ones share"
         " a commit (group commit); a new repository is two blob mounts and a manifest PUT."
         " Mounts stay one transaction each (the blob file check and the link happen under"
-        " the index write lock, for garbage collection), so that row gains less from group"
-        f" commit: ratio {repos:.2f} against {tags:.2f} for new tags."
+        f" the index write lock, for garbage collection), {effect}."
     )
 
 
 def _memory(report: Report) -> str:
     ours, theirs = report.ours, report.theirs
+    we, they = _display(ours), _display(theirs)
     phases = [p for p in report.phases if ours in p["servers"] and theirs in p["servers"]]
     mine = [float(p["servers"][ours]["peak_rss_mib"]) for p in phases]
     other = [float(p["servers"][theirs]["peak_rss_mib"]) for p in phases]
     lower = [p["label"] for p, a, b in zip(phases, mine, other, strict=True) if b < a]
     if not lower:
-        where = f"{theirs}'s is higher in every phase"
+        where = f"{they}'s is higher in every phase"
     elif len(lower) == len(phases):
-        where = f"{theirs}'s is lower in every phase"
+        where = f"{they}'s is lower in every phase"
     else:
-        where = f"{theirs}'s is lower in {len(lower)} of {len(phases)} phases ({'; '.join(lower)})"
+        where = f"{they}'s is lower in {len(lower)} of {len(phases)} phases ({'; '.join(lower)})"
     peak = report.row("peak_rss")
     text = (
-        f"- *Memory*: {ours}'s peak RSS per phase is {_range(mine)} MiB, {theirs}'s"
+        f"- *Memory*: {we}'s peak RSS per phase is {_range(mine)} MiB, {they}'s"
         f" {_range(other)} MiB; {where}. The main table's row compares the largest phase of"
         f" each (ratio {peak.ratio(ours, theirs) or 0.0:.2f})."
     )
     if len(report.floor) >= 3:
         bare, libs, app = (fmt(f.value) for f in report.floor[:3])
+        share = "most" if report.floor[2].value * 2 >= min(mine) else "a part"
         text += (
-            f" The Python floor is most of {ours}'s: a fresh interpreter is {bare} MiB,"
+            f" The Python floor is {share} of {we}'s: a fresh interpreter is {bare} MiB,"
             f" importing uvloop and aiohttp's server brings it to {libs} MiB and the"
             f" application to {app} MiB (measured in the same run)."
         )
