@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import random
 import time
@@ -65,9 +66,22 @@ class PeerStatus:
     last_error_at: float | None = None
     anti_entropy_last_run: float | None = None
     anti_entropy_repaired: int = 0
-    # The replica running this peer's delivery (elected); the figures above that are not
-    # read from the database (delivered, last_*) are that replica's own.
+    # The replica running this peer's delivery (elected). The figures above that are not
+    # read from the database are that replica's: published through the election, so
+    # every replica answers with the same.
     holder: str | None = None
+
+
+# The holder's own figures, which it publishes for the other replicas to show.
+_REPORTED = (
+    "delivered",
+    "last_success",
+    "last_error",
+    "last_error_at",
+    "anti_entropy_last_run",
+    "anti_entropy_repaired",
+)
+_PUBLISH_SECONDS = 1.0
 
 
 @dataclass
@@ -141,10 +155,15 @@ class Replicator:
             peer.wake.set()
 
     async def status(self) -> dict[str, Any]:
-        holders = await self.election.holders([task_name(p.config) for p in self._peers])
+        tasks = [task_name(p.config) for p in self._peers]
+        holders = await self.election.holders(tasks)
+        reports = await self.election.reports(tasks)
         for peer in self._peers:
             await self._refresh_queue(peer)
-            peer.status.holder = holders.get(task_name(peer.config))
+            task = task_name(peer.config)
+            peer.status.holder = holders.get(task)
+            if peer.status.holder != self.election.replica_id and task in reports:
+                _apply_report(peer.status, reports[task])  # another replica delivers
         return {"region": self.config.region, "peers": [asdict(p.status) for p in self._peers]}
 
     # -- delivery ------------------------------------------------------------------------
@@ -152,9 +171,28 @@ class Replicator:
     async def _run(self, peer: _Peer) -> None:
         """Everything for one peer, while elected: if one loop fails, both stop (and
         are started again together)."""
+        task = task_name(peer.config)
+        # Go on from the last holder's figures (a handover does not reset the counts).
+        report = (await self.election.reports([task])).get(task)
+        if report is not None:
+            _apply_report(peer.status, report)
         async with asyncio.TaskGroup() as group:
             group.create_task(self._deliver_loop(peer))
             group.create_task(self._anti_entropy_loop(peer))
+            group.create_task(self._publish_loop(peer, task))
+
+    async def _publish_loop(self, peer: _Peer, task: str) -> None:
+        """Publish this holder's figures when they change (at most once a second)."""
+        published = None
+        while True:
+            current = json.dumps({k: getattr(peer.status, k) for k in _REPORTED})
+            if current != published:
+                try:
+                    await self.election.publish(task, current)
+                    published = current
+                except Exception as exc:  # only the status is late: never stop delivery
+                    log.warning("could not publish the peer's status", extra={"error": repr(exc)})
+            await asyncio.sleep(_PUBLISH_SECONDS)
 
     async def _refresh_queue(self, peer: _Peer) -> None:
         depth, oldest = await self.index.queue_stats(peer.config.name)
@@ -398,6 +436,18 @@ class Replicator:
             if expired:
                 log.info("tombstones expired", extra={"count": expired})
             await asyncio.sleep(min(3600.0, max(1.0, self.config.tombstone_ttl_seconds / 10)))
+
+
+def _apply_report(status: PeerStatus, report: str) -> None:
+    """Take the reported figures (a report from another version: whatever it has)."""
+    try:
+        figures = json.loads(report)
+    except ValueError:
+        return
+    if isinstance(figures, dict):
+        for key in _REPORTED:
+            if key in figures:
+                setattr(status, key, figures[key])
 
 
 def _content(record: ManifestRecord) -> bytes:

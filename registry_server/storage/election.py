@@ -48,6 +48,15 @@ class Election(ABC):
     async def holders(self, tasks: Sequence[str]) -> dict[str, str]:
         """The replica holding each of ``tasks`` (those held by nobody are left out)."""
 
+    @abstractmethod
+    async def publish(self, task: str, report: str) -> None:
+        """Record what the holder of ``task`` reports (its figures, as text), for every
+        replica to read with ``reports``."""
+
+    @abstractmethod
+    async def reports(self, tasks: Sequence[str]) -> dict[str, str]:
+        """The last report published for each of ``tasks`` (by whichever holder)."""
+
 
 class LocalElection(Election):
     """One process decides alone: it holds every task (``holds``), or none (the other
@@ -56,6 +65,7 @@ class LocalElection(Election):
     def __init__(self, replica_id: str = "local", holds: bool = True) -> None:
         self.replica_id = replica_id
         self._holds = holds
+        self._reports: dict[str, str] = {}
 
     async def acquire(self, task: str) -> Term:
         if not self._holds:
@@ -67,3 +77,9 @@ class LocalElection(Election):
 
     async def holders(self, tasks: Sequence[str]) -> dict[str, str]:
         return {task: self.replica_id for task in tasks} if self._holds else {}
+
+    async def publish(self, task: str, report: str) -> None:
+        self._reports[task] = report
+
+    async def reports(self, tasks: Sequence[str]) -> dict[str, str]:
+        return {t: self._reports[t] for t in tasks if t in self._reports}

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,6 +164,24 @@ class PostgresElection(Election):
                 found[keys[key]] = text.removeprefix(_APP_PREFIX) if text else "(unknown)"
         return found
 
+    async def publish(self, task: str, report: str) -> None:
+        await self._query(
+            "INSERT INTO task_reports(task, holder, report, updated) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (task) DO UPDATE SET holder = excluded.holder,"
+            " report = excluded.report, updated = excluded.updated",
+            (task, self.replica_id, report, time.time()),
+            rows=False,
+        )
+
+    async def reports(self, tasks: Sequence[str]) -> dict[str, str]:
+        try:
+            rows = await self._query(
+                "SELECT task, report FROM task_reports WHERE task = ANY(%s)", (list(tasks),)
+            )
+        except (psycopg.Error, OSError, TimeoutError):
+            return {}
+        return {str(task): str(report) for task, report in rows}
+
     # -- the runner ----------------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -210,7 +229,9 @@ class PostgresElection(Election):
                 slot.acquired.set()
                 log.debug("elected", extra={"task": slot.task, "replica": self.replica_id})
 
-    async def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    async def _query(
+        self, sql: str, params: Sequence[Any], rows: bool = True
+    ) -> list[tuple[Any, ...]]:
         async with self._lock:
             if self._conn is None:
                 self._conn = await asyncio.wait_for(self._connect(), self.timeout_seconds)
@@ -218,7 +239,7 @@ class PostgresElection(Election):
 
             async def run() -> list[tuple[Any, ...]]:
                 cursor = await conn.execute(sql, params)
-                return await cursor.fetchall()
+                return await cursor.fetchall() if rows else []
 
             return await asyncio.wait_for(run(), self.timeout_seconds)
 

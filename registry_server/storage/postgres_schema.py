@@ -102,7 +102,18 @@ CREATE TRIGGER changes_notify AFTER INSERT ON changes
     FOR EACH STATEMENT EXECUTE FUNCTION berth_changes_notify();
 """
 
+# What the replica running an elected task reports (a peer's delivery figures), so that
+# every replica's status endpoint shows the same (postgres_election).
+_V3 = """
+CREATE TABLE task_reports (
+    task TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    report TEXT NOT NULL,
+    updated DOUBLE PRECISION NOT NULL
+);
+"""
+
 # (version, SQL): applied in order, each once.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2))
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2), (3, _V3))
 
 LATEST = MIGRATIONS[-1][0]

@@ -138,6 +138,15 @@ def region(
         receiver.close()
 
 
+def peer_status(proc: RegistryProcess) -> dict[str, Any]:
+    """The replication status of peer us, as this replica answers it."""
+    response = Registry(proc.url, timeout=10).get("/berth/v1/replication/status")
+    assert response.status == 200, response
+    (status,) = response.json()["peers"]
+    assert status["name"] == "us"
+    return dict(status)
+
+
 def push(api: Registry, repo: str, tag: str, layers: list[bytes]) -> str:
     config = canonical_json({"repo": repo, "tag": tag})
     for blob in (config, *layers):
@@ -189,6 +198,15 @@ def test_one_replica_runs_each_task_and_another_takes_over_when_it_dies(
         for name, proc in region.replicas.items()
     }
     assert delivered == {n: (12.0 if n == held[REPLICATION_TASK] else 0.0) for n in names}
+    # Every replica's status shows the holder's figures (the operator reads any of them).
+    until(
+        lambda: all(peer_status(p)["delivered"] == 12 for p in region.replicas.values()),
+        "the holder's figures in every replica's status",
+    )
+    for proc in region.replicas.values():
+        status = peer_status(proc)
+        assert status["holder"] == held[REPLICATION_TASK] and status["queue_depth"] == 0
+        assert status["last_success"] is not None and status["last_error"] is None
 
     # GC rounds: only the holder's count moves.
     def rounds() -> dict[str, float]:
@@ -232,6 +250,9 @@ def test_one_replica_runs_each_task_and_another_takes_over_when_it_dies(
     # At least once; a redelivery only of what was in flight at the kill, never per replica.
     assert len(seen) == 18 and max(seen.values()) <= 2, seen
     assert 18 <= peer_manifest_puts(region.peer) <= 18 + 2
+    # The count goes on from the dead holder's (published) figures.
+    until(lambda: peer_status(region.replicas[survivors[0]])["delivered"] >= 18, "the count")
+    assert peer_status(region.replicas[survivors[1]])["holder"] == after_kill[REPLICATION_TASK]
 
 
 def test_gc_rounds_between_pushes_on_every_replica_never_lose_a_needed_blob(

@@ -34,6 +34,12 @@ class ManualElection(Election):
     async def holders(self, tasks: Sequence[str]) -> dict[str, str]:
         return {}
 
+    async def publish(self, task: str, report: str) -> None:
+        pass
+
+    async def reports(self, tasks: Sequence[str]) -> dict[str, str]:
+        return {}
+
 
 async def until(check: Callable[[], bool]) -> None:
     """Poll (the work's counters have no event to wait on); at most 5 s."""
@@ -110,3 +116,5 @@ async def test_local_election_holds_everything_or_nothing() -> None:
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(other.acquire("gc"), 0.05)
     assert await other.holders(["gc"]) == {}
+    await holder.publish("gc", "figures")
+    assert await holder.reports(["gc", "webhook:a"]) == {"gc": "figures"}
