@@ -32,6 +32,7 @@ from registry_server.storage.election import Election, LocalElection
 from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.index import MetadataIndex
 from registry_server.storage.s3 import S3Driver
+from registry_server.storage.space import SpaceMonitor
 from registry_server.storage.sqlite_index import SqliteIndex
 
 if TYPE_CHECKING:
@@ -51,11 +52,21 @@ def build_authorizer(config: Config) -> Authorizer:
     return configured.build(config.auth, config.http.external_url)
 
 
-def build_driver(storage: StorageConfig) -> StorageDriver:
+def build_space(config: Config) -> SpaceMonitor:
+    """The full-volume gate over storage.root, when something is stored there (blobs, or
+    the SQLite index, which alone needs the reserve)."""
+    sqlite = config.metadata.driver != "postgresql"
+    if config.storage.driver != "filesystem" and not sqlite:
+        return SpaceMonitor(None)
+    reserve = config.storage.reserve_bytes if sqlite else 0
+    return SpaceMonitor(config.storage.root, config.storage.min_free_bytes, reserve)
+
+
+def build_driver(storage: StorageConfig, space: SpaceMonitor | None = None) -> StorageDriver:
     """The blob storage driver the config names; an unknown name is an error, never a
     fallback (config validation refuses it first)."""
     if storage.driver == "filesystem":
-        return FilesystemDriver(storage.root)
+        return FilesystemDriver(storage.root, space.note_full if space is not None else None)
     if storage.driver == "s3":
         assert storage.s3 is not None
         s3 = storage.s3
@@ -77,7 +88,9 @@ def build_driver(storage: StorageConfig) -> StorageDriver:
     raise ConfigError(f"storage.driver: unknown storage driver {storage.driver!r}")
 
 
-def build_index(config: Config, consumers: list[str]) -> MetadataIndex:
+def build_index(
+    config: Config, consumers: list[str], space: SpaceMonitor | None = None
+) -> MetadataIndex:
     """The metadata index ``metadata.driver`` names (before the event loop runs: the
     PostgreSQL one migrates its schema here, as SQLite creates its own)."""
     region = config.replication.region
@@ -86,7 +99,7 @@ def build_index(config: Config, consumers: list[str]) -> MetadataIndex:
         from registry_server.storage.postgres_index import PostgresIndex
 
         return PostgresIndex(pg.connection_string(), region, consumers, pg.pool_size)
-    return SqliteIndex(config.storage.root / "index.db", region, consumers)
+    return SqliteIndex(config.storage.root / "index.db", region, consumers, space)
 
 
 def build_election(config: Config) -> Election:
@@ -115,13 +128,14 @@ def build_listener(config: Config, on_change: Callable[[], None]) -> ChangeListe
 def build_app(config: Config, worker_id: int = 0) -> web.Application:
     """The application for one worker process; worker 0 also competes for (and runs)
     the background tasks: replication, notifications, GC and retention."""
-    driver = build_driver(config.storage)
+    space = build_space(config)
+    driver = build_driver(config.storage, space)
     rep = config.replication
     endpoints = config.notifications.endpoints
     # The change log's consumers: each replication peer and each webhook endpoint.
     consumers = [p.name for p in rep.peers] + [notifier.cursor_name(e) for e in endpoints]
-    index = build_index(config, consumers)
-    store = BlobStore(driver)
+    index = build_index(config, consumers, space)
+    store = BlobStore(driver, space)
     election = build_election(config) if worker_id == 0 else None
     replicator = Replicator(rep, index, store, election) if rep.peers and election else None
     notifications = (
@@ -146,7 +160,11 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     svc = Services(
         blobs=BlobService(store, index),
         manifests=ManifestService(
-            index, config.limits.max_manifest_bytes, on_change=on_change, tag_rules=tag_rules
+            index,
+            config.limits.max_manifest_bytes,
+            on_change=on_change,
+            tag_rules=tag_rules,
+            space=space,
         ),
         discovery=DiscoveryService(index),
         index=index,
@@ -155,6 +173,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
         replicator=replicator,
         region=rep.region,
         clients=ClientAddresses(config.http.trusted_proxies, config.http.forwarded_header),
+        space=space,
     )
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware], client_max_size=_CLIENT_MAX_SIZE
@@ -173,7 +192,13 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
 
     async def collect_forever() -> None:
         while True:
-            await asyncio.sleep(config.gc.interval_seconds)
+            # On a full volume, collect what deletes released every few seconds.
+            if await space.pressure(config.gc.interval_seconds):
+                try:
+                    await collector.run_once(sweep=False)
+                except Exception:
+                    logging.getLogger("registry_server.gc").exception("gc failed")
+                continue
             # Retention first, so the collector already sees what it untagged.
             for name, job in (("retention", retention.run_once), ("gc", collector.run_once)):
                 try:
@@ -182,6 +207,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
                     logging.getLogger(f"registry_server.{name}").exception(f"{name} failed")
 
     async def start(_: web.Application) -> None:
+        await space.start()
         await index.open()
         if election is not None:
             await election.start()
@@ -205,6 +231,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
         if election is not None:  # last: the other replicas take over from here
             await election.stop()
         await index.close()
+        await space.stop()
         if isinstance(driver, S3Driver):
             await driver.close()
 

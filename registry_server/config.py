@@ -95,6 +95,11 @@ class StorageConfig:
     index: str = "sqlite"
     driver: str = "filesystem"  # one of STORAGE_DRIVERS
     s3: S3Config | None = None
+    # Pushes are refused (507) while the volume holding root has less free than this.
+    min_free_bytes: int = 64 << 20
+    # Preallocated on that volume (root/space-reserve) and released so that deletes and
+    # collection commit to the SQLite index when the volume is full; 0: none.
+    reserve_bytes: int = 8 << 20
 
 
 # The metadata index backends (metadata.driver).
@@ -406,6 +411,8 @@ def _s3(raw: Any) -> S3Config:
 
 
 def _validate_storage(storage: StorageConfig) -> None:
+    if storage.min_free_bytes < 0 or storage.reserve_bytes < 0:
+        raise ConfigError("storage.min_free_bytes and storage.reserve_bytes must not be negative")
     if storage.index != "sqlite":
         raise ConfigError(f"storage.index: unknown index backend {storage.index!r}")
     if storage.driver not in STORAGE_DRIVERS:

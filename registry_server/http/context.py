@@ -14,6 +14,7 @@ from registry_server.services.blobs import BlobService
 from registry_server.services.discovery import DiscoveryService
 from registry_server.services.manifests import ManifestService
 from registry_server.storage.index import MetadataIndex
+from registry_server.storage.space import SpaceMonitor
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Services:
     replicator: Replicator | None = None
     region: str = ""
     clients: ClientAddresses = field(default_factory=ClientAddresses)
+    space: SpaceMonitor = field(default_factory=lambda: SpaceMonitor(None))
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from registry_server.http.context import Handler
 from registry_server.protocol import errors
+from registry_server.storage.driver import StorageFull
 
 log = logging.getLogger("registry_server.http")
 
@@ -51,6 +52,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if err.status >= 500:
             log.error("request failed", extra={"path": request.path, "error": str(err)})
         return render(err, head=head)
+    except StorageFull as exc:
+        # Expected while the volume is full: one line per refused request, no traceback.
+        log.warning(
+            "write refused: storage full",
+            extra={"method": request.method, "path": request.path, "reason": str(exc)},
+        )
+        retry = {"Retry-After": str(errors.STORAGE_FULL_RETRY_AFTER)}
+        return render(errors.RegistryError(errors.STORAGE_FULL, headers=retry), head=head)
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects and the like are answers, not errors
             raise

@@ -45,6 +45,18 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
+async def readyz_writes(request: web.Request) -> web.Response:
+    """Ready for pushes: the index answers and the volume is not full. (``/readyz`` stays
+    ready on a full volume: pulls and deletes still work.)"""
+    not_ready = await readyz(request)
+    if not_ready.status != 200:
+        return not_ready
+    space = services(request).space
+    if space.full:
+        return web.Response(status=503, text=f"{space.describe()}\n")
+    return web.Response(text="ok\n")
+
+
 async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -125,6 +125,7 @@ def add_routes(app: web.Application, metrics: bool = True) -> None:
     app.router.add_route("*", "/v2/{tail:(?!_catalog$).+}", dispatch)
     app.router.add_route("GET", "/healthz", health.healthz)
     app.router.add_route("GET", "/readyz", health.readyz)
+    app.router.add_route("GET", "/readyz/writes", health.readyz_writes)
     if metrics:
         app.router.add_route("GET", "/metrics", health.metrics)
     token.add_routes(app)

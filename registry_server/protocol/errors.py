@@ -50,6 +50,12 @@ METHOD_UNKNOWN = ErrorCode("UNSUPPORTED", "unknown HTTP method", 400)
 # 5xx: the server's fault, not the client's; UNKNOWN is the one code outside the spec's list.
 INTERNAL = ErrorCode("UNKNOWN", "unknown error", 500)
 TIMEOUT = ErrorCode("UNKNOWN", "the request timed out", 504)
+# The volume is (nearly) full: pushes wait until space is freed (deletes, GC); pulls go on.
+STORAGE_FULL = ErrorCode(
+    "UNKNOWN", "storage full: the registry's volume has no space left for writes", 507
+)
+# Seconds a client refused for a full volume is asked to wait before retrying.
+STORAGE_FULL_RETRY_AFTER = 30
 
 
 @dataclass

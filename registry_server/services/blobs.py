@@ -54,6 +54,7 @@ class BlobService:
 
         Without ``source`` any repository the caller may pull from is a candidate.
         """
+        self.store.space.require_writable()
         candidates = [source] if source else await self.index.repositories_with_blob(str(digest))
         for candidate in candidates:
             if candidate == repo or not await may_pull(candidate):

@@ -50,7 +50,9 @@ class GarbageCollector:
         self.grace_seconds = grace_seconds
         self.upload_ttl_seconds = upload_ttl_seconds
 
-    async def run_once(self) -> GcReport:
+    async def run_once(self, sweep: bool = True) -> GcReport:
+        """One round. Without ``sweep`` (the prompt rounds while the volume is full) only
+        what the index says is unreferenced is collected: no walk of the whole tree."""
         ROUNDS.inc()
         now = time.time()
         await self._recover_trash()
@@ -70,7 +72,9 @@ class GarbageCollector:
                 freed += size
             for name in trashed:  # forgotten for good (committed): now the bytes can go
                 await self.store.empty_trash(name)
-        orphans = 0
+        orphans = purged = 0
+        if not sweep:
+            return self._report(deleted, freed, purged, orphans)
         stored = [str(d) for d in await self.store.stored()]
         recorded = await self.index.recorded_blobs(stored)
         for text in stored:
@@ -85,10 +89,13 @@ class GarbageCollector:
             if await self.index.forget_unrecorded(text, remove_file):
                 orphans += 1
                 freed += size
-        purged = 0
         for upload_id in await self.store.stale_uploads(now - self.upload_ttl_seconds):
             await self.store.cancel(upload_id)
             purged += 1
+        return self._report(deleted, freed, purged, orphans)
+
+    @staticmethod
+    def _report(deleted: int, freed: int, purged: int, orphans: int) -> GcReport:
         COLLECTED.inc(deleted + orphans)
         FREED.inc(freed)
         PURGED.inc(purged)

@@ -10,6 +10,7 @@ from registry_server.protocol import digests, errors, manifests, names
 from registry_server.protocol.tag_rules import NO_RULES, TagRules
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.index import ManifestRecord, MetadataIndex, NewManifest
+from registry_server.storage.space import SpaceMonitor
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,11 @@ class ManifestService:
         max_bytes: int,
         on_change: Callable[[], None] | None = None,
         tag_rules: Callable[[str], TagRules] | None = None,
+        space: SpaceMonitor | None = None,
     ) -> None:
         self.index = index
+        # Pushes are refused while the volume is full; deletes are not (storage.space).
+        self.space = space or SpaceMonitor(None)
         self.max_bytes = max_bytes
         # The repository's immutable tags and retention, as the policy says right now.
         self.tag_rules = tag_rules or (lambda _repo: NO_RULES)
@@ -45,6 +49,7 @@ class ManifestService:
     ) -> PushResult:
         """Validate and store a manifest; ``stamp`` marks a change replicated from a peer,
         ``actor`` is the account pushing (recorded for notifications)."""
+        self.space.require_writable()
         if len(body) > self.max_bytes:
             raise errors.RegistryError(
                 errors.MANIFEST_TOO_LARGE, detail={"size": len(body), "limit": self.max_bytes}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from registry_server.protocol import digests, errors
 from registry_server.storage.driver import StorageDriver, StorageNotFound, Writer
+from registry_server.storage.space import SpaceMonitor
 
 
 def blob_path(digest: digests.Digest) -> str:
@@ -83,8 +84,10 @@ class BlobStore:
     # several workers a session often ends in another process, whose cancel cannot clear it.
     max_cached_hashes = 4096
 
-    def __init__(self, driver: StorageDriver) -> None:
+    def __init__(self, driver: StorageDriver, space: SpaceMonitor | None = None) -> None:
         self.driver = driver
+        # Pushes are refused while the volume is full (storage.space).
+        self.space = space or SpaceMonitor(None)
         self._hashes: OrderedDict[str, _HashState] = OrderedDict()
         self._locks: dict[str, _SessionLock] = {}
         self._unreadable: set[str] = set()
@@ -187,6 +190,7 @@ class BlobStore:
                 del self._locks[upload_id]
 
     async def start_upload(self, repository: str) -> str:
+        self.space.require_writable()
         upload_id = str(uuid.uuid4())
         info = {"repository": repository, "started_at": time.time()}
         await self.driver.put_content(f"{_upload_dir(upload_id)}/info", json.dumps(info).encode())
@@ -250,6 +254,8 @@ class BlobStore:
         hasher = state.hasher.copy()
         try:
             async for chunk in chunks:
+                # Checked per chunk: a stream in flight stops when the volume fills up.
+                self.space.require_writable()
                 hasher.update(chunk)
                 await writer.write(chunk)
             await writer.close()

@@ -16,6 +16,11 @@ class StorageNotFound(Exception):
     """The path does not exist."""
 
 
+class StorageFull(Exception):
+    """The volume has no space for this write (ENOSPC), or writes are refused because it
+    is nearly full (``storage.space``). Nothing half-written is left visible."""
+
+
 class StorageConflict(Exception):
     """Another writer changed the file meanwhile; this write was not applied (a store
     whose files can be written from several processes, such as S3, checks this)."""

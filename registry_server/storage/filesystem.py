@@ -11,10 +11,14 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
-from registry_server.storage.driver import StorageNotFound
+from registry_server.storage.driver import StorageFull, StorageNotFound
+from registry_server.storage.space import full_as_storage_full
+
+T = TypeVar("T")
 
 _READ_CHUNK = 1 << 20
 _WRITE_BATCH = 1 << 20
@@ -29,8 +33,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 class FileWriter:
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, on_full: Callable[[], None] | None = None) -> None:
         self._fd = fd
+        self._on_full = on_full
         self._size = size
         self._pending: list[bytes] = []
         self._pending_len = 0
@@ -40,11 +45,12 @@ class FileWriter:
         return self._size + self._pending_len
 
     def _flush_sync(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+        with full_as_storage_full():
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
 
     async def _flush(self) -> None:
         if not self._pending:
@@ -52,7 +58,12 @@ class FileWriter:
         chunks, self._pending = self._pending, []
         size = self._pending_len
         self._pending_len = 0
-        await asyncio.to_thread(self._flush_sync, chunks)
+        try:
+            await asyncio.to_thread(self._flush_sync, chunks)
+        except StorageFull:
+            if self._on_full is not None:
+                self._on_full()
+            raise
         self._size += size
 
     async def write(self, data: bytes) -> None:
@@ -63,9 +74,13 @@ class FileWriter:
         if self._pending_len >= _WRITE_BATCH:
             await self._flush()
 
+    def _fsync_sync(self) -> None:
+        with full_as_storage_full():
+            os.fsync(self._fd)
+
     async def commit(self) -> None:
         await self._flush()
-        await asyncio.to_thread(os.fsync, self._fd)
+        await asyncio.to_thread(self._fsync_sync)
         await self.close()
 
     async def close(self) -> None:
@@ -78,7 +93,9 @@ class FileWriter:
 class FilesystemDriver:
     name = "filesystem"
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, on_full: Callable[[], None] | None = None) -> None:
+        # Told when a write meets ENOSPC, so writes are refused before the next poll.
+        self.on_full = on_full
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._tmp = self.root / "_tmp"
@@ -112,15 +129,30 @@ class FilesystemDriver:
         target = self._path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._tmp / uuid.uuid4().hex
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:  # a full disk, most likely: leave no temp file taking space
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
         _fsync_dir(target.parent)
 
+    async def _full_guard(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking write in a thread; ENOSPC becomes StorageFull (and is told)."""
+        try:
+            with full_as_storage_full():
+                return await asyncio.to_thread(fn, *args)
+        except StorageFull:
+            if self.on_full is not None:
+                self.on_full()
+            raise
+
     async def put_content(self, path: str, data: bytes) -> None:
-        await asyncio.to_thread(self._put_sync, path, data)
+        await self._full_guard(self._put_sync, path, data)
 
     def local_path(self, path: str) -> Path | None:
         return self._path(path)
@@ -156,10 +188,10 @@ class FilesystemDriver:
 
     async def writer(self, path: str, append: bool = False) -> FileWriter:
         try:
-            fd, size = await asyncio.to_thread(self._open_sync, path, append)
+            fd, size = await self._full_guard(self._open_sync, path, append)
         except FileNotFoundError:  # its directory was removed between mkdir and open
             raise StorageNotFound(path) from None
-        return FileWriter(fd, size)
+        return FileWriter(fd, size, self.on_full)
 
     def _move_sync(self, src: str, dst: str) -> None:
         source, target = self._path(src), self._path(dst)
@@ -171,7 +203,7 @@ class FilesystemDriver:
         _fsync_dir(target.parent)
 
     async def move(self, src: str, dst: str) -> None:
-        await asyncio.to_thread(self._move_sync, src, dst)
+        await self._full_guard(self._move_sync, src, dst)
 
     def _truncate_sync(self, path: str, size: int) -> None:
         with open(self._path(path), "r+b") as f:

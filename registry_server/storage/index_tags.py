@@ -264,6 +264,19 @@ def _refuse_immutable(repo_id: int, digest: str, immutable: Callable[[str], bool
         frontier.extend(str(parent) for (parent,) in parents.rows)
 
 
+def _release_blobs(repo_id: int, digest: str) -> Tx[None]:
+    """Let the collector take a deleted manifest's blobs without waiting out the grace
+    period, which protects pushes in flight, not deleted content: a blob last linked
+    before the manifest was pushed belongs to no push in flight. One linked since keeps
+    its grace. (Still-referenced blobs stay: the collector checks references itself.)"""
+    yield Query(
+        "UPDATE blobs SET created = 0 WHERE digest IN (SELECT child FROM manifest_refs"
+        " WHERE repo_id = ? AND digest = ? AND kind = 'blob')"
+        " AND created <= (SELECT created FROM manifests WHERE repo_id = ? AND digest = ?)",
+        (repo_id, digest, repo_id, digest),
+    )
+
+
 def delete_manifest(
     dialect: Dialect,
     region: str,
@@ -298,6 +311,7 @@ def delete_manifest(
             surviving = True  # a newer tag elsewhere still wants this manifest
     if surviving:
         return True
+    yield from _release_blobs(repo_id, digest)
     yield Query("DELETE FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest))
     yield Query("DELETE FROM manifest_refs WHERE repo_id = ? AND digest = ?", (repo_id, digest))
     if local:
@@ -375,6 +389,7 @@ def delete_untagged_manifest(
             " WHERE repo_id = ? AND digest = ? AND kind = 'manifest'",
             (repo_id, here),
         )
+        yield from _release_blobs(repo_id, here)
         gone = yield Query(
             "DELETE FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, here)
         )

@@ -222,6 +222,7 @@ class PostgresIndex(SqlIndex):
         before: Callable[[], Awaitable[None]] | None = None,
         after: Callable[[T], Awaitable[None]] | None = None,
         blob: str | None = None,
+        frees: bool = False,  # the database's own volume is PostgreSQL's to manage
     ) -> T:
         guarded = before is not None or after is not None
         attempt = 0

@@ -4,7 +4,8 @@
 A backend provides the runners: ``_read`` (one read, no transaction needed) and
 ``_write`` (a transaction, retried or batched as the engine likes, with storage actions
 ``before``/``after`` run under the write lock for ``blob``, or under the lock of all
-blobs when ``blob`` is None), plus ``_number`` where the change log needs numbering.
+blobs when ``blob`` is None; ``frees`` marks the writes that free space), plus
+``_number`` where the change log needs numbering.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ class SqlIndex(ABC):
         before: Callable[[], Awaitable[None]] | None = None,
         after: Callable[[T], Awaitable[None]] | None = None,
         blob: str | None = None,
+        frees: bool = False,
     ) -> T:
         """Run the transaction ``tx()`` makes (perhaps more than once); returns when
-        committed."""
+        committed. ``frees``: a delete or a collection, which may spend the space reserve
+        to commit on a full volume (``storage.space``)."""
 
     async def _number(self) -> None:  # noqa: B027 - optional: SQLite needs none
         """Number committed change-log entries (engines whose log needs it)."""
@@ -103,7 +106,8 @@ class SqlIndex(ABC):
         return await self._write(
             lambda: index_tags.delete_manifest(
                 self.dialect, self.region, self.peers, repo, digest, stamp, actor, immutable
-            )
+            ),
+            frees=True,
         )
 
     async def delete_tag(
@@ -112,19 +116,22 @@ class SqlIndex(ABC):
         return await self._write(
             lambda: index_tags.delete_tag(
                 self.dialect, self.region, self.peers, repo, tag, stamp, actor
-            )
+            ),
+            frees=True,
         )
 
     async def expire_tag(self, repo: str, tag: str, version: int) -> bool:
         return await self._write(
-            lambda: index_tags.expire_tag(self.dialect, self.peers, repo, tag, version)
+            lambda: index_tags.expire_tag(self.dialect, self.peers, repo, tag, version),
+            frees=True,
         )
 
     async def delete_untagged_manifest(self, repo: str, digest: str) -> int:
         return await self._write(
             lambda: index_tags.delete_untagged_manifest(
                 self.dialect, self.region, self.peers, repo, digest
-            )
+            ),
+            frees=True,
         )
 
     async def list_tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
@@ -156,7 +163,7 @@ class SqlIndex(ABC):
         return await self._read(index_blobs.size(repo, digest))
 
     async def unlink_blob(self, repo: str, digest: str) -> bool:
-        return await self._write(lambda: index_blobs.unlink(repo, digest))
+        return await self._write(lambda: index_blobs.unlink(repo, digest), frees=True)
 
     async def missing_blobs(self, repo: str, digests: Sequence[str]) -> list[str]:
         return await self._read(index_tags.missing("blob_links", repo, digests))
@@ -177,11 +184,14 @@ class SqlIndex(ABC):
                 await remove()
 
         return await self._write(
-            lambda: index_blobs.forget(self.dialect, digest, older_than), after=after, blob=digest
+            lambda: index_blobs.forget(self.dialect, digest, older_than),
+            after=after,
+            blob=digest,
+            frees=True,
         )
 
     async def locked(self, action: Callable[[], Awaitable[None]]) -> None:
-        await self._write(_nothing, before=action)
+        await self._write(_nothing, before=action, frees=True)
 
     async def recorded_blobs(self, digests: Sequence[str]) -> set[str]:
         return await self._read(index_blobs.recorded(digests))
@@ -191,7 +201,9 @@ class SqlIndex(ABC):
             if unrecorded:
                 await remove()
 
-        return await self._write(lambda: index_blobs.unrecorded(digest), after=after, blob=digest)
+        return await self._write(
+            lambda: index_blobs.unrecorded(digest), after=after, blob=digest, frees=True
+        )
 
     # -- replication ---------------------------------------------------------------------
 
@@ -200,7 +212,7 @@ class SqlIndex(ABC):
         return await self._read(changelog.pending(peer, limit))
 
     async def ack_change(self, peer: str, seq: int) -> None:
-        await self._write(lambda: changelog.ack(self.peers, peer, seq))
+        await self._write(lambda: changelog.ack(self.peers, peer, seq), frees=True)
 
     async def queue_stats(self, peer: str) -> tuple[int, float | None]:
         return await self._read(changelog.stats(peer))
@@ -215,4 +227,4 @@ class SqlIndex(ABC):
         return await self._read(index_tags.referrer_digests(repo))
 
     async def expire_tombstones(self, older_than: float) -> int:
-        return await self._write(lambda: index_tags.expire_tombstones(older_than))
+        return await self._write(lambda: index_tags.expire_tombstones(older_than), frees=True)

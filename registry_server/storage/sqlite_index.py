@@ -9,6 +9,7 @@ transactions themselves are shared with the other SQL backends (``sql_index``).
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -16,11 +17,21 @@ from pathlib import Path
 from typing import TypeVar
 
 from registry_server.storage import changelog
+from registry_server.storage.driver import StorageFull
+from registry_server.storage.space import SpaceMonitor
 from registry_server.storage.sql_index import SqlIndex
 from registry_server.storage.sqlite_writer import SqliteWriter
 from registry_server.storage.sqltx import Dialect, Tx, run_sync
 
 T = TypeVar("T")
+
+_SQLITE_FULL = 13  # SQLITE_FULL, the primary result code of "database or disk is full"
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (code is not None and code & 0xFF == _SQLITE_FULL) or "disk is full" in str(exc)
+
 
 # One writer holds the whole database: no row locks, one clock for every repository.
 DIALECT = Dialect(
@@ -134,8 +145,17 @@ def _connect(path: Path) -> sqlite3.Connection:
 class SqliteIndex(SqlIndex):
     dialect = DIALECT
 
-    def __init__(self, path: Path, region: str = "", peers: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        path: Path,
+        region: str = "",
+        peers: Sequence[str] = (),
+        space: SpaceMonitor | None = None,
+    ) -> None:
         super().__init__(region, peers)
+        # The volume's gate and reserve: a delete that cannot commit for want of space
+        # releases the reserve and is tried again.
+        self.space = space
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         conn = _connect(path)
@@ -168,6 +188,25 @@ class SqliteIndex(SqlIndex):
         before: Callable[[], Awaitable[None]] | None = None,
         after: Callable[[T], Awaitable[None]] | None = None,
         blob: str | None = None,
+        frees: bool = False,
     ) -> T:
         # BEGIN IMMEDIATE holds the whole database: every blob's lock at once.
-        return await self._writer.write(lambda conn: run_sync(conn, tx()), before, after)
+        try:
+            return await self._writer.write(lambda conn: run_sync(conn, tx()), before, after)
+        except sqlite3.Error as exc:
+            if not _disk_full(exc):
+                raise
+            space = self.space
+            if space is not None:
+                space.note_full()
+            # Only a write that frees space may spend the reserve, once: a retried guarded
+            # write re-runs actions that are idempotent for deletes (a second discard or
+            # removal finds nothing), never a publish.
+            if not (frees and space is not None and await asyncio.to_thread(space.release_reserve)):
+                raise StorageFull(str(exc)) from None
+        try:
+            return await self._writer.write(lambda conn: run_sync(conn, tx()), before, after)
+        except sqlite3.Error as exc:
+            if _disk_full(exc):
+                raise StorageFull(str(exc)) from None
+            raise
