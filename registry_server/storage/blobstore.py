@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from registry_server.protocol import digests, errors
-from registry_server.storage.driver import StorageDriver, StorageNotFound, Writer
+from registry_server.storage.driver import StorageDriver, StorageFull, StorageNotFound, Writer
 from registry_server.storage.space import SpaceMonitor
 
 
@@ -260,7 +260,8 @@ class BlobStore:
                 await writer.write(chunk)
             await writer.close()
         except BaseException:
-            await writer.close()
+            with contextlib.suppress(StorageFull):  # what it could not flush is cut anyway
+                await writer.close()
             await self.driver.truncate(path, info.size)
             self._hashes.pop(info.upload_id, None)
             raise

@@ -84,10 +84,12 @@ class FileWriter:
         await self.close()
 
     async def close(self) -> None:
-        await self._flush()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        try:
+            await self._flush()
+        finally:  # closed even when the last flush found the disk full
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 class FilesystemDriver:
