@@ -140,6 +140,11 @@ def _supervise(
 
 
 def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in and args_in[0] in ("check", "rebuild", "backup"):
+        from registry_server import maintenance  # the index's recovery tools
+
+        return maintenance.main(args_in)
     parser = argparse.ArgumentParser(prog="berth-registry", description=__doc__)
     parser.add_argument("--config", type=Path, default=None, help="YAML config file")
     args = parser.parse_args(argv)

@@ -31,6 +31,7 @@ from registry_server.storage.driver import StorageDriver
 from registry_server.storage.election import Election, LocalElection
 from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.index import MetadataIndex
+from registry_server.storage.records import TagRecord
 from registry_server.storage.s3 import S3Driver
 from registry_server.storage.space import SpaceMonitor
 from registry_server.storage.sqlite_index import SqliteIndex
@@ -165,6 +166,8 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
             on_change=on_change,
             tag_rules=tag_rules,
             space=space,
+            # With SQLite, what `berth-registry rebuild` rebuilds the index from.
+            record=TagRecord(config.storage.root) if isinstance(index, SqliteIndex) else None,
         ),
         discovery=DiscoveryService(index),
         index=index,

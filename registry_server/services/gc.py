@@ -53,6 +53,9 @@ class GarbageCollector:
     async def run_once(self, sweep: bool = True) -> GcReport:
         """One round. Without ``sweep`` (the prompt rounds while the volume is full) only
         what the index says is unreferenced is collected: no walk of the whole tree."""
+        if await self.store.backup_running():  # no blob the backup's snapshot names may go
+            log.info("garbage collection skipped: a backup is running")
+            return GcReport(0, 0, 0)
         ROUNDS.inc()
         now = time.time()
         await self._recover_trash()

@@ -10,6 +10,7 @@ from registry_server.protocol import digests, errors, manifests, names
 from registry_server.protocol.tag_rules import NO_RULES, TagRules
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.index import ManifestRecord, MetadataIndex, NewManifest
+from registry_server.storage.records import TagRecord
 from registry_server.storage.space import SpaceMonitor
 
 
@@ -27,8 +28,11 @@ class ManifestService:
         on_change: Callable[[], None] | None = None,
         tag_rules: Callable[[str], TagRules] | None = None,
         space: SpaceMonitor | None = None,
+        record: TagRecord | None = None,
     ) -> None:
         self.index = index
+        # The durable per-repository record the index can be rebuilt from (SQLite only).
+        self.record = record
         # Pushes are refused while the volume is full; deletes are not (storage.space).
         self.space = space or SpaceMonitor(None)
         self.max_bytes = max_bytes
@@ -86,9 +90,24 @@ class ManifestService:
             required_manifests=list(dict.fromkeys(str(d.digest) for d in parsed.children)),
             actor=actor,
         )
+        if self.record is not None:
+            # After the commit, before the answer: what the client is told is recorded.
+            stamps = await self.index.tag_stamps(repo, tags)
+            await self.record.manifest(repo, str(digest), parsed.media_type, body, stamps)
         if stamp is None:
             self._on_change()
         return PushResult(str(digest), subject)
+
+    async def _tags_of(self, repo: str, digest: str) -> list[str]:
+        """The tags a manifest delete will tombstone, for the record (deletes are rare)."""
+        if self.record is None:
+            return []
+        return [t.name for t in await self.index.tag_states(repo) if t.digest == digest]
+
+    async def _record_delete(self, repo: str, digest: str | None, tags: Sequence[str]) -> None:
+        if self.record is not None:
+            stamps = await self.index.tag_stamps(repo, tags)
+            await self.record.deleted(repo, digest, stamps)
 
     def _immutable(self, repo: str, tags: Sequence[str]) -> list[str]:
         rules = self.tag_rules(repo)
@@ -129,9 +148,13 @@ class ManifestService:
         if isinstance(ref, digests.Digest):
             # A replicated delete was decided where it was made (see put).
             guard = rules.is_immutable if stamp is None and rules.immutable else None
+            tagged = await self._tags_of(repo, str(ref))
             if not await self.index.delete_manifest(repo, str(ref), stamp, actor, guard):
                 raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"digest": str(ref)})
+            await self._record_delete(repo, str(ref), tagged)
         elif not await self.index.delete_tag(repo, ref, stamp, actor):
             raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"tag": ref})
+        else:
+            await self._record_delete(repo, None, [ref])
         if stamp is None:
             self._on_change()

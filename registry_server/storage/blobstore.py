@@ -35,6 +35,9 @@ def _blob_dir(digest: digests.Digest) -> str:
 
 
 _TRASH = "trash"
+# Written by `berth-registry backup` (its start time) while it copies: no collection then.
+BACKUP_MARKER = "backup-running"
+_BACKUP_STALE = 6 * 3600  # a marker this old was left by a backup that died
 
 log = logging.getLogger("registry_server.storage")
 
@@ -169,6 +172,13 @@ class BlobStore:
         if await self.size(digest) is None:
             await self.driver.put_content(blob_path(digest), data)
         return digest
+
+    async def backup_running(self) -> bool:
+        try:
+            started = float(await self.driver.get_content(BACKUP_MARKER))
+        except (StorageNotFound, ValueError):
+            return False
+        return time.time() - started < _BACKUP_STALE
 
     # -- uploads -------------------------------------------------------------------------
 

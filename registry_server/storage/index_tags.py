@@ -481,7 +481,7 @@ def missing(table: str, repo: str, digests: Sequence[str]) -> Tx[list[str]]:
 
 
 # Tag states (tombstones included) and referrer digests: what anti-entropy compares.
-_TAG_STATES = (
+TAG_STATES = (
     "SELECT name, digest, version, origin FROM tags WHERE repo_id = ?"
     " UNION ALL SELECT name, NULL, version, origin FROM tombstones WHERE repo_id = ?"
     " ORDER BY 1"
@@ -497,7 +497,7 @@ def repository_hash(repo: str) -> Tx[str | None]:
         return None
     h = hashlib.sha256()
     # The same text from every backend (ints, strings, None), so regions compare equal.
-    for row in (yield Query(_TAG_STATES, (repo_id, repo_id))).rows:
+    for row in (yield Query(TAG_STATES, (repo_id, repo_id))).rows:
         h.update(repr(tuple(row)).encode())
     for (digest,) in (yield Query(_REFERRERS, (repo_id,))).rows:
         h.update(str(digest).encode())
@@ -508,7 +508,22 @@ def tag_states(repo: str) -> Tx[list[TagState]]:
     repo_id = yield from repository_id(repo)
     if repo_id is None:
         return []
-    rows = yield Query(_TAG_STATES, (repo_id, repo_id))
+    rows = yield Query(TAG_STATES, (repo_id, repo_id))
+    return [TagState(str(n), d, int(v), str(o)) for n, d, v, o in rows.rows]
+
+
+def tag_stamps(repo: str, names: Sequence[str]) -> Tx[list[TagState]]:
+    """The state of some tags (a tombstone for a deleted one), for the tag record."""
+    repo_id = yield from repository_id(repo)
+    if repo_id is None or not names:
+        return []
+    marks = in_marks(len(names))
+    rows = yield Query(
+        f"SELECT name, digest, version, origin FROM tags WHERE repo_id = ? AND name IN ({marks})"
+        " UNION ALL SELECT name, NULL, version, origin FROM tombstones"
+        f" WHERE repo_id = ? AND name IN ({marks})",
+        (repo_id, *names, repo_id, *names),
+    )
     return [TagState(str(n), d, int(v), str(o)) for n, d, v, o in rows.rows]
 
 

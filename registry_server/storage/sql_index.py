@@ -223,6 +223,9 @@ class SqlIndex(ABC):
     async def tag_states(self, repo: str) -> list[TagState]:
         return await self._read(index_tags.tag_states(repo))
 
+    async def tag_stamps(self, repo: str, names: Sequence[str]) -> list[TagState]:
+        return await self._read(index_tags.tag_stamps(repo, names))
+
     async def referrer_digests(self, repo: str) -> list[str]:
         return await self._read(index_tags.referrer_digests(repo))
 

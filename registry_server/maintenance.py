@@ -1,0 +1,344 @@
+"""``berth-registry check | rebuild | backup``: the SQLite index's recovery and backups.
+
+- ``check``: SQLite's integrity check, then every manifest's blobs and child manifests
+  present (blob files with their recorded size), every tag's manifest present, and the
+  tag record (``storage.records``) agreeing with the index. Exit status 1 on a problem.
+- ``rebuild`` (server stopped): a new index from what is stored: blob records from the
+  blob tree; repositories, manifests, references, links and referrers from the manifests
+  in the tag record; tags (and tombstones) from it, by version. The old index is kept
+  beside it as ``index.db.before-rebuild-<time>``.
+- ``backup DEST`` (server running): SQLite's online backup API copies a consistent
+  snapshot of the index, then the blobs it records and the tag record are copied. The
+  collector skips its rounds meanwhile (``backup-running`` marker), so no blob the
+  snapshot references is deleted before it is copied. The backup's tag record is written
+  from the snapshot (compacted), so the two agree.
+
+All three are blocking programs, run outside the server's event loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from registry_server import config as config_mod
+from registry_server.protocol import digests, manifests
+from registry_server.storage import index_blobs, index_tags
+from registry_server.storage.blobstore import BACKUP_MARKER, blob_path
+from registry_server.storage.index import NewManifest
+from registry_server.storage.records import RecordedManifest, TagRecord
+from registry_server.storage.sqlite_index import DIALECT, SqliteIndex
+from registry_server.storage.sqltx import run_sync
+
+INDEX = "index.db"
+
+
+def _stored_blobs(root: Path) -> Iterator[tuple[str, int]]:
+    base = root / "blobs"
+    if not base.is_dir():
+        return
+    for algorithm in sorted(base.iterdir()):
+        for prefix in sorted(algorithm.iterdir()):
+            for entry in sorted(prefix.iterdir()):
+                text = f"{algorithm.name}:{entry.name}"
+                data = entry / "data"
+                if digests.is_digest(text) and data.is_file():
+                    yield text, data.stat().st_size
+
+
+def _blob_file(root: Path, digest: str) -> Path:
+    return root / blob_path(digests.parse(digest))
+
+
+# -- check ----------------------------------------------------------------------------------
+
+
+def check(root: Path) -> list[str]:
+    path = root / INDEX
+    if not path.exists():
+        return [f"{path}: no index"]
+    problems: list[str] = []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        try:
+            result = [str(r[0]) for r in conn.execute("PRAGMA integrity_check")]
+        except sqlite3.DatabaseError as exc:
+            return [f"{path}: not a readable SQLite database ({exc})"]
+        if result != ["ok"]:
+            return [f"integrity: {line}" for line in result[:50]]
+        problems += [f"foreign key: {row}" for row in conn.execute("PRAGMA foreign_key_check")]
+        sizes = dict(conn.execute("SELECT digest, size FROM blobs").fetchall())
+        for repo, digest, child in conn.execute(
+            "SELECT r.name, m.digest, m.child FROM manifest_refs m"
+            " JOIN repositories r ON r.id = m.repo_id WHERE m.kind = 'blob'"
+        ):
+            if child not in sizes:
+                problems.append(f"{repo}@{digest}: blob {child} has no record")
+                continue
+            file = _blob_file(root, child)
+            if not file.is_file():
+                problems.append(f"{repo}@{digest}: blob {child} missing from storage")
+            elif file.stat().st_size != sizes[child]:
+                problems.append(f"{repo}@{digest}: blob {child} has the wrong size")
+        for repo, digest, child in conn.execute(
+            "SELECT r.name, m.digest, m.child FROM manifest_refs m"
+            " JOIN repositories r ON r.id = m.repo_id WHERE m.kind = 'manifest' AND NOT EXISTS"
+            " (SELECT 1 FROM manifests c WHERE c.repo_id = m.repo_id AND c.digest = m.child)"
+        ):
+            problems.append(f"{repo}@{digest}: child manifest {child} missing")
+        for repo, tag, digest in conn.execute(
+            "SELECT r.name, t.name, t.digest FROM tags t JOIN repositories r ON r.id = t.repo_id"
+            " WHERE NOT EXISTS (SELECT 1 FROM manifests m"
+            " WHERE m.repo_id = t.repo_id AND m.digest = t.digest)"
+        ):
+            problems.append(f"{repo}:{tag}: manifest {digest} missing")
+        record = TagRecord(root)
+        for repo in record.repositories():
+            recorded = record.replay(repo).live_tags()
+            indexed = dict(
+                conn.execute(
+                    "SELECT t.name, t.digest FROM tags t JOIN repositories r"
+                    " ON r.id = t.repo_id WHERE r.name = ?",
+                    (repo,),
+                ).fetchall()
+            )
+            for tag in sorted(set(recorded) | set(indexed)):
+                if recorded.get(tag) != indexed.get(tag):
+                    problems.append(
+                        f"{repo}:{tag}: index says {indexed.get(tag)}, record {recorded.get(tag)}"
+                    )
+    finally:
+        conn.close()
+    return problems
+
+
+# -- rebuild --------------------------------------------------------------------------------
+
+
+def _new_manifest(recorded: RecordedManifest) -> tuple[NewManifest, list[str]]:
+    parsed = manifests.parse(recorded.content, recorded.media_type)
+    manifest = NewManifest(
+        digest=recorded.digest,
+        media_type=parsed.media_type,
+        content=recorded.content,
+        artifact_type=parsed.artifact_type,
+        subject=str(parsed.subject.digest) if parsed.subject else None,
+        annotations=json.dumps(parsed.annotations) if parsed.annotations else None,
+        blob_refs=[str(d.digest) for d in parsed.blobs],
+        child_refs=[str(d.digest) for d in parsed.children],
+    )
+    return manifest, [str(d.digest) for d in parsed.children]
+
+
+def rebuild(root: Path) -> dict[str, float]:
+    """Rebuild ``root/index.db``; returns counts and the time taken."""
+    start = time.monotonic()
+    target = root / INDEX
+    fresh = root / f"{INDEX}.rebuild"
+    for leftover in (fresh, Path(f"{fresh}-wal"), Path(f"{fresh}-shm")):
+        leftover.unlink(missing_ok=True)
+    built = SqliteIndex(fresh)
+    conn = built._writer.conn
+    now = time.time()
+    counts: dict[str, float] = dict.fromkeys(
+        ("blobs", "repositories", "manifests", "tags", "missing_blobs"), 0
+    )
+    record = TagRecord(root)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        sizes = dict(_stored_blobs(root))
+        conn.executemany(
+            "INSERT INTO blobs(digest, size, created) VALUES (?,?,?)",
+            ((d, s, now) for d, s in sizes.items()),
+        )
+        counts["blobs"] = len(sizes)
+        newest = 0
+        for repo in record.repositories():
+            state = record.replay(repo)
+            counts["repositories"] += 1
+            pending = {d: _new_manifest(m) for d, m in state.manifests.items()}
+            while pending:  # an index after the manifests it lists
+                ready = [d for d, (_, kids) in pending.items() if not set(kids) & set(pending)]
+                for digest in ready or list(pending):
+                    manifest, _ = pending.pop(digest)
+                    for blob in dict.fromkeys(manifest.blob_refs):
+                        if blob in sizes:
+                            run_sync(conn, index_blobs.link(DIALECT, repo, blob, sizes[blob]))
+                        else:
+                            counts["missing_blobs"] += 1
+                    run_sync(
+                        conn,
+                        index_tags.put_manifest(
+                            DIALECT, "", (), repo, manifest, [], None, (), (), (), None
+                        ),
+                    )
+                    counts["manifests"] += 1
+            repo_id = run_sync(conn, index_tags.repository(DIALECT, repo, create=True))
+            for tag in state.tags.values():
+                newest = max(newest, tag.version)
+                if tag.digest is None:
+                    conn.execute(
+                        "INSERT INTO tombstones(repo_id, name, version, origin, deleted)"
+                        " VALUES (?,?,?,?,?)",
+                        (repo_id, tag.name, tag.version, tag.origin, now),
+                    )
+                elif tag.digest in state.manifests:
+                    conn.execute(
+                        "INSERT INTO tags(repo_id, name, digest, updated, version, origin)"
+                        " VALUES (?,?,?,?,?,?)",
+                        (repo_id, tag.name, tag.digest, now, tag.version, tag.origin),
+                    )
+                    counts["tags"] += 1
+        # New pushes must win over every recorded version (last writer wins).
+        conn.execute("UPDATE clock SET last = max(last, ?)", (newest,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    finally:
+        built._writer.close()
+        built._reader.close()
+    if target.exists():
+        kept = root / f"{INDEX}.before-rebuild-{int(now)}"
+        os.replace(target, kept)
+    for suffix in ("-wal", "-shm"):
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
+    os.replace(fresh, target)
+    counts["seconds"] = time.monotonic() - start
+    return counts
+
+
+# -- backup ---------------------------------------------------------------------------------
+
+
+def _copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(source, partial)
+    with open(partial, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, target)
+
+
+def _export_records(index: Path, record: TagRecord) -> None:
+    """The tag record of exactly the snapshot (the live one may be ahead of it already),
+    compacted: one line per manifest and per tag."""
+    shutil.rmtree(record.dir, ignore_errors=True)
+    record.dir.mkdir(parents=True)
+    conn = sqlite3.connect(index)
+    try:
+        for repo_id, repo in conn.execute("SELECT id, name FROM repositories").fetchall():
+            lines: list[dict[str, object]] = []
+            for digest, media_type, content in conn.execute(
+                "SELECT digest, media_type, content FROM manifests WHERE repo_id = ?", (repo_id,)
+            ):
+                lines.append(
+                    {
+                        "op": "manifest",
+                        "digest": digest,
+                        "media_type": media_type,
+                        "content": base64.b64encode(content).decode(),
+                    }
+                )
+            for name, digest, version, origin in conn.execute(
+                index_tags.TAG_STATES, (repo_id, repo_id)
+            ):
+                lines.append(
+                    {
+                        "op": "tag",
+                        "tag": name,
+                        "digest": digest,
+                        "version": version,
+                        "origin": origin,
+                    }
+                )
+            record._append_sync(repo, lines)
+    finally:
+        conn.close()
+
+
+def backup(root: Path, dest: Path) -> dict[str, float]:
+    """An online backup of ``root`` into ``dest`` (incremental for blobs already there)."""
+    start = time.monotonic()
+    dest.mkdir(parents=True, exist_ok=True)
+    marker = root / BACKUP_MARKER
+    marker.write_text(str(time.time()))
+    try:
+        partial = dest / f"{INDEX}.partial"
+        partial.unlink(missing_ok=True)
+        source = sqlite3.connect(root / INDEX)
+        target = sqlite3.connect(partial)
+        try:
+            source.backup(target)  # one step: a consistent snapshot of the whole index
+        finally:
+            target.close()
+            source.close()
+        snapshot = time.monotonic() - start
+        conn = sqlite3.connect(partial)
+        try:
+            recorded = conn.execute("SELECT digest, size FROM blobs").fetchall()
+        finally:
+            conn.close()
+        copied = 0
+        for digest, size in recorded:
+            source_file, target_file = _blob_file(root, digest), _blob_file(dest, digest)
+            if target_file.is_file() and target_file.stat().st_size == size:
+                continue
+            if source_file.is_file():  # a blob without bytes is garbage the check reports
+                _copy(source_file, target_file)
+                copied += 1
+        _export_records(partial, TagRecord(dest))
+        os.replace(partial, dest / INDEX)
+    finally:
+        marker.unlink(missing_ok=True)
+    return {
+        "blobs": len(recorded),
+        "copied": copied,
+        "snapshot_seconds": snapshot,
+        "seconds": time.monotonic() - start,
+    }
+
+
+# -- the command line -----------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="berth-registry", description=__doc__)
+    parser.add_argument("command", choices=["check", "rebuild", "backup"])
+    parser.add_argument("dest", nargs="?", type=Path, help="backup: the directory to write")
+    parser.add_argument("--config", type=Path, default=None, help="YAML config file")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"berth-registry: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if cfg.metadata.driver != "sqlite" or cfg.storage.driver != "filesystem":
+        print(
+            "berth-registry: check/rebuild/backup cover the SQLite index with filesystem blobs;"
+            " with PostgreSQL use its own tools (pg_dump, PITR): docs/operations.md",
+            file=sys.stderr,
+        )
+        return 2
+    root = cfg.storage.root
+    if args.command == "check":
+        problems = check(root)
+        for problem in problems:
+            print(problem)
+        print(f"{len(problems)} problem(s) in {root / INDEX}")
+        return 1 if problems else 0
+    if args.command == "rebuild":
+        print(json.dumps(rebuild(root)))
+        return 0
+    if args.dest is None:
+        parser.error("backup needs a destination directory")
+    print(json.dumps(backup(root, args.dest)))
+    return 0

@@ -1,0 +1,148 @@
+"""The tag record: a durable per-repository journal next to the blobs, from which the
+SQLite index can be rebuilt (``registry_server.maintenance``).
+
+Manifests live only in the index, and tags only there too; each repository therefore
+keeps ``<root>/records/<quoted name>.jsonl``, one JSON line per change, appended and
+fdatasync'ed after the index committed it and before the client is answered:
+
+- ``{"op": "manifest", "digest", "media_type", "content": base64}`` - a manifest stored;
+- ``{"op": "delete_manifest", "digest"}``;
+- ``{"op": "tag", "tag", "digest" (null: deleted), "version", "origin"}`` - a tag's state
+  as the index holds it after the change, with its version: replayed, the highest version
+  wins (the index's own rule), so lines of concurrent pushes may land in any order.
+
+One append per push, no read of the file. Retention's removals are not recorded: after a
+rebuild, the next retention round removes them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+from registry_server.protocol import versions
+from registry_server.protocol.versions import Stamp
+from registry_server.storage.driver import StorageFull
+from registry_server.storage.index import TagState
+from registry_server.storage.space import full_as_storage_full
+
+log = logging.getLogger("registry_server.storage")
+
+RECORDS_DIR = "records"
+_SUFFIX = ".jsonl"
+
+
+@dataclass
+class RecordedManifest:
+    digest: str
+    media_type: str
+    content: bytes
+
+
+@dataclass
+class RepositoryState:
+    """A repository as its record says: manifests, and each tag's winning state."""
+
+    manifests: dict[str, RecordedManifest] = field(default_factory=dict)
+    tags: dict[str, TagState] = field(default_factory=dict)
+
+    def live_tags(self) -> dict[str, str]:
+        return {
+            name: state.digest
+            for name, state in self.tags.items()
+            if state.digest is not None and state.digest in self.manifests
+        }
+
+
+class TagRecord:
+    def __init__(self, root: Path) -> None:
+        self.dir = root / RECORDS_DIR
+
+    def path(self, repo: str) -> Path:
+        return self.dir / (quote(repo, safe="") + _SUFFIX)
+
+    def _append_sync(self, repo: str, lines: list[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode()
+        path = self.path(repo)
+        with full_as_storage_full():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)  # one write of O_APPEND: lines of two writers never mix
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+
+    async def append(self, repo: str, lines: list[dict[str, Any]]) -> None:
+        """Append durably. A full volume does not fail a delete that is already committed:
+        it is logged, and ``check`` reports the record behind the index."""
+        try:
+            await asyncio.to_thread(self._append_sync, repo, lines)
+        except StorageFull:
+            log.warning("tag record not written: storage full", extra={"repository": repo})
+
+    async def manifest(
+        self, repo: str, digest: str, media_type: str, content: bytes, tags: Sequence[TagState]
+    ) -> None:
+        line = {
+            "op": "manifest",
+            "digest": digest,
+            "media_type": media_type,
+            "content": base64.b64encode(content).decode(),
+        }
+        await self.append(repo, [line, *(_tag_line(t) for t in tags)])
+
+    async def deleted(self, repo: str, digest: str | None, tags: Sequence[TagState]) -> None:
+        lines = [{"op": "delete_manifest", "digest": digest}] if digest is not None else []
+        await self.append(repo, lines + [_tag_line(t) for t in tags])
+
+    # -- reading (maintenance commands, blocking) ------------------------------------------
+
+    def repositories(self) -> Iterator[str]:
+        if not self.dir.is_dir():
+            return
+        for entry in sorted(self.dir.iterdir()):
+            if entry.name.endswith(_SUFFIX):
+                yield unquote(entry.name[: -len(_SUFFIX)])
+
+    def replay(self, repo: str) -> RepositoryState:
+        state = RepositoryState()
+        with open(self.path(repo), "rb") as f:
+            for raw in f:
+                try:
+                    line = json.loads(raw)
+                except ValueError:  # a torn last line (a crash mid-append): nothing acked
+                    continue
+                op = line.get("op")
+                if op == "manifest":
+                    content = base64.b64decode(line["content"])
+                    state.manifests[line["digest"]] = RecordedManifest(
+                        line["digest"], line["media_type"], content
+                    )
+                elif op == "delete_manifest":
+                    state.manifests.pop(line["digest"], None)
+                elif op == "tag":
+                    tag = TagState(line["tag"], line["digest"], line["version"], line["origin"])
+                    held = state.tags.get(tag.name)
+                    stamp = Stamp(tag.version, tag.origin)
+                    if held is None or not versions.wins(Stamp(held.version, held.origin), stamp):
+                        state.tags[tag.name] = tag
+        return state
+
+
+def _tag_line(tag: TagState) -> dict[str, Any]:
+    return {
+        "op": "tag",
+        "tag": tag.name,
+        "digest": tag.digest,
+        "version": tag.version,
+        "origin": tag.origin,
+    }

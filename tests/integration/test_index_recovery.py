@@ -1,0 +1,172 @@
+"""The index lost, damaged, backed up: `berth-registry check | rebuild | backup` on a real
+server populated by crane (an image and a multi-platform index) and referrers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support.clients import Registry, canonical_json, crane, image_manifest, sha256
+from tests.support.images import make_oci_index_layout, make_oci_layout
+from tests.support.processes import RegistryProcess
+from tests.support.tools import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[..., RegistryProcess]
+
+
+def berth(registry: RegistryProcess, *args: str, root: Path | None = None) -> tuple[int, str]:
+    env = {
+        **os.environ,
+        "BERTH_STORAGE_ROOT": str(root or registry.root),
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "registry_server", *args, "--config", str(registry.config_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def state(api: Registry) -> dict[str, object]:
+    snapshot = api.snapshot()
+    subject = snapshot["crane/app"]["v1"]  # type: ignore[index]
+    referrers = api.get(f"/v2/crane/app/referrers/{subject}").json()
+    snapshot["referrers"] = sorted(m["digest"] for m in referrers["manifests"])
+    return snapshot
+
+
+def populate(api: Registry, registry: RegistryProcess, tmp_path: Path) -> None:
+    make_oci_layout(tmp_path / "image", "v1", layers=2, layer_size=16 * 1024)
+    make_oci_index_layout(tmp_path / "multi", "v1")
+    crane("push", tmp_path / "image", f"{registry.host}/crane/app:v1")
+    crane("push", "--index", tmp_path / "multi", f"{registry.host}/crane/multi:v1")
+    crane("copy", f"{registry.host}/crane/app:v1", f"{registry.host}/crane/app:stable")
+    subject = api.head("/v2/crane/app/manifests/v1")
+    digest = subject.header("Docker-Content-Digest")
+    size = int(subject.header("Content-Length") or 0)
+    for i in range(2):  # two referrers (signatures, say) of v1
+        config = canonical_json({"sig": i})
+        api.push_blob("crane/app", config)
+        body = image_manifest(config, [])
+        manifest = canonical_json(
+            {
+                **json.loads(body),
+                "artifactType": "application/vnd.example.sig",
+                "subject": {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": digest,
+                    "size": size,
+                },
+            }
+        )
+        api.push_manifest("crane/app", sha256(manifest), manifest)
+    # A moved tag and a deleted one: the record must keep the latest state of each.
+    api.push_image("team/tools", "old", [b"layer-old"])
+    api.push_image("team/tools", "latest", [b"layer-1"])
+    api.push_image("team/tools", "latest", [b"layer-2"])
+    assert api.request("DELETE", "/v2/team/tools/manifests/old").status == 202
+
+
+def test_rebuild_after_losing_the_index(registry_process: Start, tmp_path: Path) -> None:
+    registry = registry_process("berth")
+    api = Registry(registry.url)
+    populate(api, registry, tmp_path)
+    before = state(api)
+    code, out = berth(registry, "check")
+    assert code == 0, out
+
+    registry.stop()
+    for name in ("index.db", "index.db-wal", "index.db-shm"):
+        (registry.root / name).unlink(missing_ok=True)
+    code, out = berth(registry, "rebuild")
+    assert code == 0, out
+    print(f"\nrebuild: {out.strip()}")
+    registry.start()
+    assert state(api) == before
+    assert api.tags("team/tools") == ["latest"]
+    crane("pull", "--format", "oci", f"{registry.host}/crane/multi:v1", tmp_path / "pulled")
+    code, out = berth(registry, "check")
+    assert code == 0, out
+    # New pushes win over every recorded version.
+    api.push_image("team/tools", "latest", [b"layer-3"])
+    code, out = berth(registry, "check")
+    assert code == 0, out
+
+
+def test_check_reports_a_damaged_index(registry_process: Start, tmp_path: Path) -> None:
+    registry = registry_process("berth")
+    api = Registry(registry.url)
+    populate(api, registry, tmp_path)
+    registry.stop()
+    blobs = sorted((registry.root / "blobs").rglob("data"), key=lambda p: p.stat().st_size)
+    blobs[-1].unlink()  # the largest: a layer some manifest needs
+    code, out = berth(registry, "check")
+    assert code == 1 and "missing from storage" in out, out
+
+    broken = registry.root / "index.db"
+    with open(broken, "r+b") as f:  # scribble over pages past the header
+        f.seek(4096)
+        f.write(os.urandom(8192))
+    code, out = berth(registry, "check")
+    assert code == 1, out
+    print(f"\ncheck of a scribbled index: {out.strip().splitlines()[-1]}")
+
+
+def test_backup_during_pushes_restores_a_consistent_registry(
+    registry_process: Start, tmp_path: Path
+) -> None:
+    registry = registry_process("berth")
+    api = Registry(registry.url)
+    populate(api, registry, tmp_path)
+    stop = threading.Event()
+    pushed: list[str] = []
+
+    def push() -> None:
+        i = 0
+        while not stop.is_set():
+            api.push_image("busy/app", f"t{i}", [os.urandom(64 * 1024)])
+            pushed.append(f"t{i}")
+            i += 1
+
+    pusher = threading.Thread(target=push)
+    pusher.start()
+    try:
+        while len(pushed) < 5:
+            threading.Event().wait(0.05)
+        code, out = berth(registry, "backup", str(tmp_path / "backup"))
+        assert code == 0, out
+        print(f"\nbackup during pushes: {out.strip()}")
+    finally:
+        stop.set()
+        pusher.join()
+
+    # Restore: a new root from the backup, a new server on it.
+    restored = registry_process("berth")
+    restored.stop()
+    shutil.rmtree(restored.root)
+    shutil.copytree(tmp_path / "backup", restored.root)
+    code, out = berth(restored, "check")
+    assert code == 0, out
+    restored.start()
+    copy = Registry(restored.url)
+    tags = copy.tags("busy/app") or []
+    assert len(tags) >= 5
+    for tag in tags:
+        manifest = copy.manifest("busy/app", tag)
+        assert manifest.status == 200
+        for layer in manifest.json()["layers"]:
+            assert copy.blob_exists("busy/app", layer["digest"])
+    assert copy.snapshot(["crane/app"])["crane/app"] == api.snapshot()["crane/app"]
