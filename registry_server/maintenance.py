@@ -222,9 +222,7 @@ def rebuild(root: Path) -> dict[str, float]:
 def _copy(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
-    shutil.copyfile(source, partial)
-    with open(partial, "rb") as f:
-        os.fsync(f.fileno())
+    shutil.copyfile(source, partial)  # made durable all at once (backup's sync)
     os.replace(partial, target)
 
 
@@ -296,6 +294,7 @@ def backup(root: Path, dest: Path) -> dict[str, float]:
                 _copy(source_file, target_file)
                 copied += 1
         _export_records(partial, TagRecord(dest))
+        os.sync()  # one flush for every copied file, before the index names them
         os.replace(partial, dest / INDEX)
     finally:
         marker.unlink(missing_ok=True)
