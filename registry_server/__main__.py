@@ -62,7 +62,7 @@ def _serve(
     worker_id: int = 0,
 ) -> None:
     from registry_server.app import build_app, build_metrics_app
-    from registry_server.http import serving
+    from registry_server.http import serving, tls
 
     try:
         import uvloop
@@ -72,7 +72,9 @@ def _serve(
         pass
     metrics = build_metrics_app(cfg)
     extra = [(metrics, metrics_sock)] if metrics is not None and metrics_sock is not None else []
-    serving.run(build_app(cfg, worker_id), sock, shutdown_timeout=10, extra=extra)
+    # Each worker has its own context (and watch): SSL state does not survive a fork.
+    serving_tls = tls.ServingTls(cfg.http.tls) if cfg.http.tls is not None else None
+    serving.run(build_app(cfg, worker_id), sock, shutdown_timeout=10, extra=extra, tls=serving_tls)
 
 
 _PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
@@ -154,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"berth-registry: invalid configuration: {exc}", file=sys.stderr)
         return 2
     _setup_logging(cfg.log)
+    if cfg.http.tls is not None:
+        from registry_server.http import tls
+
+        try:  # a pair that cannot serve stops the start-up here, with the reason
+            tls.read_pair(cfg.http.tls)
+        except tls.CertificateError as exc:
+            print(f"berth-registry: invalid configuration: http.tls: {exc}", file=sys.stderr)
+            return 2
     sock = _bind(cfg.http.host, cfg.http.port)
     # Every worker shares it, like the registry's socket; each answers with its own counters.
     metrics_sock = (
@@ -163,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         "listening",
         extra={
             "addr": cfg.http.addr,
+            "scheme": cfg.http.scheme,
             "metrics_addr": cfg.http.metrics_addr or cfg.http.addr,
             "root": str(cfg.storage.root),
             "workers": cfg.http.workers,

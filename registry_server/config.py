@@ -23,6 +23,25 @@ class ConfigError(Exception):
 # The headers a trusted proxy may name the client in (http.forwarded_header).
 FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
 
+# http.tls.client_auth: what a client without a certificate the client CA signed gets.
+CLIENT_AUTH_MODES = ("require", "optional")
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """HTTPS on ``http.addr`` (the metrics listener stays plain HTTP)."""
+
+    # PEM files, typically a mounted Secret's tls.crt and tls.key: re-read when they
+    # change, a bad new pair is refused and the last good one kept.
+    certificate: Path = Path()
+    key: Path = Path()
+    # Mutual TLS: clients must (require) or may (optional) show a certificate it signed.
+    client_ca: Path | None = None
+    client_auth: str = "require"
+    min_version: str = "1.2"
+    reload_interval_seconds: float = 1.0
+
 
 @dataclass(frozen=True)
 class HttpConfig:
@@ -35,6 +54,11 @@ class HttpConfig:
     # from anyone else the header is ignored, so no client can choose its own address.
     trusted_proxies: tuple[str, ...] = ()
     forwarded_header: str = "x-forwarded-for"  # or "forwarded" (RFC 7239)
+    tls: TlsConfig | None = None  # None: plain HTTP
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
     @property
     def host(self) -> str:
@@ -373,6 +397,61 @@ def _peer(index: int, raw: Any) -> PeerConfig:
     return peer
 
 
+def _http(raw: Any) -> HttpConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("http: expected a mapping")
+    base: HttpConfig = _section("http", HttpConfig, {k: v for k, v in raw.items() if k != "tls"})
+    if raw.get("tls") is None:
+        return base
+    return replace(base, tls=_tls(raw["tls"]))
+
+
+def _tls(raw: Any) -> TlsConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("http.tls: expected a mapping")
+    unknown = set(raw) - {f.name for f in dataclasses.fields(TlsConfig)}
+    if unknown:
+        raise ConfigError(f"http.tls: unknown keys {sorted(unknown)}")
+    for key in ("certificate", "key"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ConfigError(f"http.tls.{key} is required (a PEM file)")
+    client_ca = raw.get("client_ca")
+    if client_ca is not None and not isinstance(client_ca, str):
+        raise ConfigError(f"http.tls.client_ca: expected a path, got {_shown(client_ca)}")
+    return TlsConfig(
+        certificate=Path(raw["certificate"]),
+        key=Path(raw["key"]),
+        client_ca=Path(client_ca) if client_ca else None,
+        client_auth=str(raw.get("client_auth", "require")),
+        min_version=str(raw.get("min_version", "1.2")),
+        reload_interval_seconds=_number(
+            raw.get("reload_interval_seconds", 1.0), "http.tls.reload_interval_seconds"
+        ),
+    )
+
+
+def _validate_tls(tls: TlsConfig) -> None:
+    if tls.client_auth not in CLIENT_AUTH_MODES:
+        raise ConfigError(
+            f"http.tls.client_auth: expected one of {', '.join(CLIENT_AUTH_MODES)},"
+            f" got {_shown(tls.client_auth)}"
+        )
+    if tls.min_version not in TLS_VERSIONS:
+        raise ConfigError(
+            f"http.tls.min_version: expected one of {', '.join(TLS_VERSIONS)},"
+            f" got {_shown(tls.min_version)}"
+        )
+    if not 0 < tls.reload_interval_seconds <= 3600:
+        raise ConfigError("http.tls.reload_interval_seconds must be between 0 and 3600")
+    for name, path in (
+        ("certificate", tls.certificate),
+        ("key", tls.key),
+        ("client_ca", tls.client_ca),
+    ):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"http.tls.{name}: cannot read {path}")
+
+
 def _storage(raw: Any) -> StorageConfig:
     if not isinstance(raw, dict):
         raise ConfigError("storage: expected a mapping")
@@ -587,8 +666,9 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
     unknown = set(raw) - set(_SECTIONS) - {"replication", "notifications", "metadata"}
     if unknown:
         raise ConfigError(f"unknown sections {sorted(unknown)}")
+    special = {"storage": _storage, "http": _http}
     sections: dict[str, Any] = {
-        name: _storage(raw[name]) if name == "storage" else _section(name, cls, raw[name])
+        name: special[name](raw[name]) if name in special else _section(name, cls, raw[name])
         for name, cls in _SECTIONS.items()
         if name in raw and raw[name] is not None
     }
@@ -620,6 +700,8 @@ def _validate(config: Config) -> None:
     if config.http.workers < 1:
         raise ConfigError("http.workers must be >= 1")
     _validate_forwarding(config.http)
+    if config.http.tls is not None:
+        _validate_tls(config.http.tls)
     _validate_storage(config.storage)
     _validate_metadata(config.metadata)
     if config.replication.peers and not config.replication.region:

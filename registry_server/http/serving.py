@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Sequence
 
 from aiohttp import http_exceptions, web, web_protocol, web_request, web_server
 
 from registry_server.http.errors import render
+from registry_server.http.tls import ServingTls
 from registry_server.protocol import errors
 
 log = logging.getLogger("registry_server.http")
@@ -79,8 +81,10 @@ async def start(
     *,
     handle_signals: bool = False,
     shutdown_timeout: float = 60.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Runner:
-    """Serve ``app`` on ``sock`` until the returned runner is cleaned up."""
+    """Serve ``app`` on ``sock`` (over TLS with ``ssl_context``) until the returned runner
+    is cleaned up."""
     runner = Runner(
         app,
         handle_signals=handle_signals,
@@ -90,7 +94,7 @@ async def start(
     )
     await runner.setup()
     try:
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
     except BaseException:
         await runner.cleanup()
         raise
@@ -102,20 +106,34 @@ def run(
     sock: socket.socket,
     shutdown_timeout: float,
     extra: Sequence[tuple[web.Application, socket.socket]] = (),
+    tls: ServingTls | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully (as ``web.run_app``).
 
     ``extra`` are further applications on sockets of their own (the metrics listener),
-    started after the main one and stopped before it.
+    started after the main one and stopped before it. With ``tls`` the main socket
+    serves HTTPS and its certificate is reloaded when the files change.
     """
 
     async def serve() -> None:
-        runners = [await start(app, sock, handle_signals=True, shutdown_timeout=shutdown_timeout)]
+        runners = [
+            await start(
+                app,
+                sock,
+                handle_signals=True,
+                shutdown_timeout=shutdown_timeout,
+                ssl_context=tls.context if tls is not None else None,
+            )
+        ]
+        if tls is not None:
+            await tls.start()
         try:
             for other, other_sock in extra:
                 runners.append(await start(other, other_sock, shutdown_timeout=shutdown_timeout))
             await asyncio.Event().wait()  # until a signal raises GracefulExit
         finally:
+            if tls is not None:
+                await tls.stop()
             for runner in reversed(runners):
                 await runner.cleanup()
 

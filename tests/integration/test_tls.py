@@ -1,0 +1,278 @@
+"""HTTPS served by the registry itself (http.tls), on real processes and clients.
+
+Certificates come from a CA made in the test; the pair sits in a directory laid out as the
+kubelet mounts a Secret, and rotation swaps its ``..data`` link as the kubelet does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.integration.test_conformance import run_conformance
+from tests.support.clients import run_tool
+from tests.support.control_plane import CertificateAuthority, KeyPair
+from tests.support.images import make_oci_layout
+from tests.support.processes import RegistryProcess, wait_until
+from tests.support.tls import (
+    SecretVolume,
+    TlsRegistryProcess,
+    expired_pair,
+    https_status,
+    serial_of,
+    served_serial,
+    serving_pair,
+)
+
+pytestmark = pytest.mark.integration
+
+MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    directory = tmp_path / "ca"
+    directory.mkdir()
+    return CertificateAuthority(directory)
+
+
+@pytest.fixture
+def tls_registry(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., TlsRegistryProcess]]:
+    started: list[TlsRegistryProcess] = []
+
+    def start(
+        pair: KeyPair, ca_file: Path, config: dict[str, Any] | None = None, **kw: Any
+    ) -> TlsRegistryProcess:
+        workdir = tmp_path_factory.mktemp("tls-registry")
+        volume = SecretVolume(workdir / "secret", pair.cert.read_bytes(), pair.key.read_bytes())
+        process = TlsRegistryProcess(workdir, volume, ca_file, config=config, **kw)
+        started.append(process)
+        return process.start()
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()
+
+
+def _push_blob(registry: TlsRegistryProcess, repo: str, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    r = requests.post(
+        f"{registry.url}/v2/{repo}/blobs/uploads/?digest={digest}",
+        data=data,
+        headers={"Content-Type": "application/octet-stream"},
+        verify=str(registry.ca_file),
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    return digest
+
+
+def test_conformance_over_tls(
+    ca: CertificateAuthority,
+    tls_registry: Callable[..., TlsRegistryProcess],
+    tmp_path: Path,
+) -> None:
+    registry = tls_registry(serving_pair(ca, "server"), ca.cert_path)
+    # Go's crypto/x509 takes SSL_CERT_FILE as the trusted roots on Linux.
+    run_conformance(registry, tmp_path, {"OCI_TLS": "enabled", "SSL_CERT_FILE": str(ca.cert_path)})
+
+
+def test_clients_verify_the_ca(
+    ca: CertificateAuthority,
+    tls_registry: Callable[..., TlsRegistryProcess],
+    tmp_path: Path,
+) -> None:
+    registry = tls_registry(serving_pair(ca, "server"), ca.cert_path)
+    digest = make_oci_layout(tmp_path / "img", layers=2, layer_size=300_000)
+    certs = tmp_path / "certs.d"
+    certs.mkdir()
+    (certs / "ca.crt").write_bytes(ca.cert_path.read_bytes())
+    ref = f"docker://{registry.host}/team-a/api:v1"
+    # Without the CA the push is refused by the client's verification.
+    refused = run_tool("skopeo", "copy", f"oci:{tmp_path / 'img'}:v1", ref, check=False)
+    assert refused.returncode != 0
+    assert "certificate" in refused.stderr, refused.stderr
+    run_tool(
+        "skopeo", "copy", "--dest-cert-dir", certs, "--preserve-digests",
+        f"oci:{tmp_path / 'img'}:v1", ref,
+    )  # fmt: skip
+    run_tool("skopeo", "copy", "--src-cert-dir", certs, ref, f"oci:{tmp_path / 'back'}:v1")
+    trusted = {"SSL_CERT_FILE": str(ca.cert_path)}
+    out = run_tool("crane", "digest", f"{registry.host}/team-a/api:v1", env=trusted)
+    assert out.stdout.strip() == digest
+    run_tool("crane", "copy", f"{registry.host}/team-a/api:v1", f"{registry.host}/b/c:v1",
+             env=trusted)  # fmt: skip
+    untrusted = run_tool("crane", "digest", f"{registry.host}/b/c:v1", check=False)
+    assert untrusted.returncode != 0 and "certificate" in untrusted.stderr
+
+
+def test_replication_peers_verify_certificate_and_name(
+    ca: CertificateAuthority,
+    tls_registry: Callable[..., TlsRegistryProcess],
+    registry_process: Callable[..., RegistryProcess],
+    tmp_path: Path,
+) -> None:
+    other_dir = tmp_path / "other-ca"
+    other_dir.mkdir()
+    stranger = CertificateAuthority(other_dir, "someone-else")
+    target = {"replication": {"region": "t"}}
+    good = tls_registry(serving_pair(ca, "good"), ca.cert_path, config=target)
+    wrong_name = tls_registry(
+        ca.issue("wrong", "elsewhere", server_names=["elsewhere.example"]),
+        ca.cert_path,
+        config=target,
+    )
+    untrusted = tls_registry(serving_pair(stranger, "untrusted"), stranger.cert_path, config=target)
+    peers = [
+        {"name": name, "url": p.url, "ca_file": str(ca.cert_path)}
+        for name, p in (("good", good), ("wrong-name", wrong_name), ("untrusted", untrusted))
+    ]
+    source = registry_process(
+        config={
+            "replication": {
+                "region": "s",
+                "anti_entropy_interval_seconds": 2,
+                "retry_max_seconds": 1,
+                "peers": peers,
+            }
+        }
+    )
+    digest = make_oci_layout(tmp_path / "img")
+    run_tool("skopeo", "copy", "--dest-tls-verify=false", "--preserve-digests",
+             f"oci:{tmp_path / 'img'}:v1", f"docker://{source.host}/team-a/api:v1")  # fmt: skip
+
+    def at(registry: TlsRegistryProcess) -> str | None:
+        r = requests.head(
+            f"{registry.url}/v2/team-a/api/manifests/v1",
+            headers={"Accept": MANIFEST_ACCEPT},
+            verify=str(registry.ca_file),
+            timeout=5,
+        )
+        return r.headers.get("Docker-Content-Digest") if r.status_code == 200 else None
+
+    def errors() -> dict[str, str]:
+        status = requests.get(f"{source.url}/berth/v1/replication/status", timeout=5).json()
+        return {p["name"]: str(p["last_error"] or "") for p in status["peers"]}
+
+    wait_until(lambda: at(good) == digest, timeout=30, what="replication to the good peer")
+    wait_until(
+        lambda: all(errors()[n] for n in ("wrong-name", "untrusted")),
+        timeout=30,
+        what="both bad peers refused",
+    )
+    found = errors()
+    print("peer errors:", found)
+    assert not found["good"]
+    assert "hostname" in found["wrong-name"].lower() or "match" in found["wrong-name"]
+    assert "certificate" in found["untrusted"].lower()
+    # Nothing reached them (asked with their own CA, the name not checked).
+    for refused in (wrong_name, untrusted):
+        url = f"{refused.url}/v2/team-a/api/manifests/v1"
+        assert https_status(url, refused.ca_file) == 404
+
+
+def _load(
+    registry: TlsRegistryProcess, repo: str, digest: str, stop: threading.Event
+) -> tuple[list[int], list[str]]:
+    """Threads pulling the blob until ``stop``: half over kept-alive sessions, half on a new
+    connection each time. Returns (counts, failures), filled in as they go."""
+    counts = [0]
+    failures: list[str] = []
+    lock = threading.Lock()
+    url = f"{registry.url}/v2/{repo}/blobs/{digest}"
+
+    def run(keep_alive: bool) -> None:
+        session = requests.Session() if keep_alive else None
+        while not stop.is_set():
+            try:
+                getter = session.get if session is not None else requests.get
+                r = getter(url, verify=str(registry.ca_file), timeout=20)
+                ok = (
+                    r.status_code == 200
+                    and "sha256:" + hashlib.sha256(r.content).hexdigest() == digest
+                )
+                problem = "" if ok else f"HTTP {r.status_code}"
+            except requests.RequestException as exc:
+                problem = repr(exc)
+            with lock:
+                counts[0] += 1
+                if problem:
+                    failures.append(problem)
+
+    for i in range(6):
+        threading.Thread(target=run, args=(i % 2 == 0,), daemon=True).start()
+    return counts, failures
+
+
+def _serves(registry: TlsRegistryProcess, serial: int, times: int = 12) -> bool:
+    """Whether ``times`` new connections in a row (any worker) see ``serial``."""
+    return all(served_serial(registry.port, registry.ca_file) == serial for _ in range(times))
+
+
+def test_rotation_under_load_drops_nothing(
+    ca: CertificateAuthority, tls_registry: Callable[..., TlsRegistryProcess]
+) -> None:
+    first = serving_pair(ca, "first")
+    registry = tls_registry(first, ca.cert_path, config={"http": {"workers": 2}})
+    digest = _push_blob(registry, "load/blob", os.urandom(2 << 20))
+    stop = threading.Event()
+    counts, failures = _load(registry, "load/blob", digest, stop)
+    try:
+        time.sleep(1.5)
+        for n in range(3):
+            pair = serving_pair(ca, f"rotated-{n}")
+            started = time.monotonic()
+            registry.volume.swap_pair(pair)
+            wait_until(lambda p=pair: _serves(registry, serial_of(p)), timeout=15,  # type: ignore[misc]
+                       what=f"new connections see rotation {n}")  # fmt: skip
+            print(f"rotation {n}: new certificate served after {time.monotonic() - started:.2f} s")
+            time.sleep(1.0)
+    finally:
+        stop.set()
+        time.sleep(0.5)
+    print(f"requests during rotation: {counts[0]}, failed: {len(failures)}")
+    assert counts[0] > 50
+    assert failures == [], failures[:5]
+    assert registry.log_path.read_text().count("TLS certificate reloaded") >= 6  # 2 workers
+
+
+def test_bad_new_certificate_keeps_the_old_one(
+    ca: CertificateAuthority, tls_registry: Callable[..., TlsRegistryProcess], tmp_path: Path
+) -> None:
+    first = serving_pair(ca, "first")
+    registry = tls_registry(first, ca.cert_path)
+    other = serving_pair(ca, "other")
+    expired = expired_pair(ca, "old")
+    bad: list[tuple[str, bytes, bytes]] = [
+        ("key of another certificate", other.cert.read_bytes(), first.key.read_bytes()),
+        ("expired", expired.cert.read_bytes(), expired.key.read_bytes()),
+        ("not PEM", b"garbage\n", first.key.read_bytes()),
+        ("empty key", first.cert.read_bytes(), b""),
+    ]  # fmt: skip
+    for n, (what, cert, key) in enumerate(bad, start=1):
+        registry.volume.swap(cert, key)
+        wait_until(
+            lambda n=n: registry.log_path.read_text().count("new TLS certificate refused") >= n,  # type: ignore[misc]
+            timeout=10,
+            what=f"the {what} pair refused",
+        )
+        assert _serves(registry, serial_of(first), times=4), what
+        assert requests.get(f"{registry.url}/v2/", verify=str(ca.cert_path), timeout=5).ok
+    log = registry.log_path.read_text()
+    assert "expired at" in log and "refused by OpenSSL" in log
+    # A good pair afterwards is taken up.
+    fixed = serving_pair(ca, "fixed")
+    registry.volume.swap_pair(fixed)
+    wait_until(lambda: _serves(registry, serial_of(fixed), 3), timeout=10, what="good pair served")

@@ -1,0 +1,103 @@
+"""http.tls: its configuration, and the serving context's checks and reloads."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from registry_server import config
+from registry_server.http import tls
+from tests.support.control_plane import CertificateAuthority
+from tests.support.tls import SecretVolume, expired_pair, serving_pair
+
+
+def _load(tmp_path: Path, http: dict[str, Any]) -> config.Config:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"http": http}))
+    return config.load(path, env={})
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    return CertificateAuthority(tmp_path)
+
+
+def test_tls_section(tmp_path: Path, ca: CertificateAuthority) -> None:
+    pair = serving_pair(ca, "s")
+    cfg = _load(
+        tmp_path,
+        {"addr": "127.0.0.1:5443", "tls": {"certificate": str(pair.cert), "key": str(pair.key)}},
+    )
+    assert cfg.http.tls == config.TlsConfig(certificate=pair.cert, key=pair.key)
+    assert cfg.http.scheme == "https"
+    assert _load(tmp_path, {}).http.scheme == "http"
+
+
+@pytest.mark.parametrize(
+    ("tls_section", "message"),
+    [
+        ({"certificate": ""}, "http.tls.certificate is required"),
+        ({"key": ""}, "http.tls.key is required"),
+        ({"ciphers": "x"}, "unknown keys"),
+        ({"client_auth": "maybe"}, "http.tls.client_auth"),
+        ({"min_version": "1.1"}, "http.tls.min_version"),
+        ({"reload_interval_seconds": 0}, "reload_interval_seconds"),
+        ({"client_ca": "/nonexistent/ca.crt"}, "http.tls.client_ca: cannot read"),
+    ],
+)
+def test_invalid_tls_section(
+    tmp_path: Path, ca: CertificateAuthority, tls_section: dict[str, Any], message: str
+) -> None:
+    pair = serving_pair(ca, "s")
+    section = {"certificate": str(pair.cert), "key": str(pair.key), **tls_section}
+    with pytest.raises(config.ConfigError, match=message):
+        _load(tmp_path, {"tls": section})
+
+
+def test_context_defaults(ca: CertificateAuthority, tmp_path: Path) -> None:
+    pair = serving_pair(ca, "s")
+    cfg = config.TlsConfig(certificate=pair.cert, key=pair.key)
+    context = tls.ServingTls(cfg).context
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert context.verify_mode == ssl.CERT_NONE
+    ciphers = {c["name"] for c in context.get_ciphers()}
+    assert not any("CBC" in c or "RC4" in c or c.endswith("-SHA") for c in ciphers), ciphers
+    mutual = config.TlsConfig(
+        certificate=pair.cert, key=pair.key, client_ca=ca.cert_path, min_version="1.3"
+    )
+    context = tls.ServingTls(mutual).context
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+def test_start_refuses_a_bad_pair(ca: CertificateAuthority) -> None:
+    old = expired_pair(ca, "old")
+    with pytest.raises(tls.CertificateError, match="expired at"):
+        tls.ServingTls(config.TlsConfig(certificate=old.cert, key=old.key))
+    one, two = serving_pair(ca, "one"), serving_pair(ca, "two")
+    with pytest.raises(tls.CertificateError, match="KEY_VALUES_MISMATCH"):
+        tls.read_pair(config.TlsConfig(certificate=one.cert, key=two.key))
+
+
+def test_reload_waits_for_settled_files_and_keeps_the_last_good_pair(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    first, second = serving_pair(ca, "first"), serving_pair(ca, "second")
+    volume = SecretVolume(tmp_path / "secret", first.cert.read_bytes(), first.key.read_bytes())
+    serving = tls.ServingTls(config.TlsConfig(certificate=volume.cert, key=volume.key))
+    assert serving.check() is None  # unchanged
+    volume.swap(second.cert.read_bytes(), first.key.read_bytes())  # mismatched
+    assert serving.check() is None  # seen once: not settled yet
+    assert serving.check() is None  # settled, refused
+    assert serving.check() is None  # and not read again
+    volume.swap_pair(second)
+    assert serving.check() is None
+    pair = serving.check()
+    assert pair is not None and pair.cert_pem == second.cert.read_bytes()
+    serving.apply(pair)
+    assert serving.pair is pair
+    assert serving.check() is None

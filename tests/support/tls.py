@@ -1,0 +1,171 @@
+"""TLS for test registries: certificates from a test CA, the kubelet's Secret volume layout
+with its atomic ``..data`` swap, and a registry process that serves HTTPS.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .control_plane import CertificateAuthority, KeyPair
+from .processes import RegistryProcess, wait_until
+
+LOOPBACK_NAMES = ("localhost",)
+LOOPBACK_IPS = ("127.0.0.1",)
+
+
+def serving_pair(ca: CertificateAuthority, stem: str) -> KeyPair:
+    """A serving certificate for the loopback names, from ``ca``."""
+    return ca.issue(stem, "berth-registry", server_names=LOOPBACK_NAMES, server_ips=LOOPBACK_IPS)
+
+
+def expired_pair(ca: CertificateAuthority, stem: str) -> KeyPair:
+    """A serving certificate for the loopback names that expired an hour ago."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in LOOPBACK_NAMES]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in LOOPBACK_IPS]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired")]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=2))
+        .not_valid_after(now - datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    pair = KeyPair(ca.directory / f"{stem}.crt", ca.directory / f"{stem}.key")
+    pair.cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    pair.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return pair
+
+
+class SecretVolume:
+    """A directory laid out as the kubelet mounts a Secret: ``tls.crt`` and ``tls.key`` are
+    links into ``..data``, itself a link to a timestamped directory; ``swap`` replaces the
+    pair at once by renaming a new ``..data`` link over the old one."""
+
+    def __init__(self, directory: Path, cert: bytes, key: bytes) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._generation = 0
+        self.swap(cert, key)
+        for name in ("tls.crt", "tls.key"):
+            os.symlink(f"..data/{name}", directory / name)
+
+    @property
+    def cert(self) -> Path:
+        return self.directory / "tls.crt"
+
+    @property
+    def key(self) -> Path:
+        return self.directory / "tls.key"
+
+    def swap(self, cert: bytes, key: bytes) -> None:
+        self._generation += 1
+        snapshot = f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{self._generation}"
+        target = self.directory / snapshot
+        target.mkdir()
+        (target / "tls.crt").write_bytes(cert)
+        (target / "tls.key").write_bytes(key)
+        os.symlink(snapshot, self.directory / "..data_tmp")
+        os.replace(self.directory / "..data_tmp", self.directory / "..data")
+
+    def swap_pair(self, pair: KeyPair) -> None:
+        self.swap(pair.cert.read_bytes(), pair.key.read_bytes())
+
+
+def served_serial(port: int, ca_file: Path | None = None, host: str = "127.0.0.1") -> int:
+    """The serial number of the certificate a new connection to ``port`` is shown."""
+    pem = ssl.get_server_certificate((host, port), ca_certs=str(ca_file) if ca_file else None)
+    return x509.load_pem_x509_certificate(pem.encode()).serial_number
+
+
+def serial_of(pair: KeyPair) -> int:
+    return x509.load_pem_x509_certificate(pair.cert.read_bytes()).serial_number
+
+
+def client_context(ca_file: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca_file))
+
+
+def https_status(url: str, ca_file: Path, timeout: float = 2.0) -> int | None:
+    """The status of a GET over TLS, the chain verified but not the name (a readiness
+    check that also works for the servers that show a wrong name on purpose)."""
+    context = client_context(ca_file)
+    context.check_hostname = False
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return None
+
+
+class TlsRegistryProcess(RegistryProcess):
+    """Our registry serving HTTPS with ``volume``'s pair (clients trust ``ca_file``)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        volume: SecretVolume,
+        ca_file: Path,
+        *,
+        config: dict[str, object] | None = None,
+        tls: dict[str, object] | None = None,
+        port: int | None = None,
+    ) -> None:
+        merged: dict[str, object] = dict(config or {})
+        http = dict(merged.get("http") or {})  # type: ignore[call-overload]
+        http["tls"] = {
+            "certificate": str(volume.cert),
+            "key": str(volume.key),
+            "reload_interval_seconds": 0.2,
+            **(tls or {}),
+        }
+        merged["http"] = http
+        merged.setdefault("log", {"level": "info", "format": "json"})  # reasons in the log
+        super().__init__("berth", workdir, port=port, config=merged)
+        self.volume = volume
+        self.ca_file = ca_file
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}"
+
+    def start(self) -> TlsRegistryProcess:
+        self.process.start()
+        try:
+            wait_until(
+                lambda: https_status(f"{self.url}/v2/", self.ca_file) in (200, 401),
+                timeout=self.ready_timeout,
+                what=f"GET {self.url}/v2/",
+                process=self.process,
+            )
+        except BaseException:
+            self.process.stop()
+            raise
+        return self
