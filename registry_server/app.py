@@ -251,6 +251,6 @@ def build_metrics_app(config: Config) -> web.Application | None:
 def _source(config: Config, log_id: str) -> notifier.Source:
     """How events name this instance: its external URL when set, else its address."""
     addr = f"{socket.gethostname()}:{config.http.port}"
-    base = config.http.external_url.rstrip("/") or f"http://{addr}"
+    base = config.http.external_url.rstrip("/") or f"{config.http.scheme}://{addr}"
     region = config.replication.region or socket.gethostname()
     return notifier.Source(addr, region, base, log_id)
