@@ -5,20 +5,21 @@ lock belongs to the connection that took it) and, every ``check_seconds``, tries
 ``pg_try_advisory_lock`` for each task it wants and does not hold. A task is held for as
 long as that session lives:
 
-- The holder is killed (SIGKILL, OOM, node lost with its kernel): the kernel closes the
-  socket, the server ends the session and frees its locks at once, and the next try of
-  another replica (within ``check_seconds``) takes the task over.
+- The holder is killed (SIGKILL, OOM, a crash): the kernel closes the socket, the
+  server ends the session and frees its locks at once, and the next try of another
+  replica (within ``check_seconds``) takes the task over.
 - The holder stops gracefully: ``stop`` closes the connection; the same.
-- The session is lost while the holder lives (the server restarted, the backend was
-  terminated, the network is cut): every round also checks the connection, so the
-  holder sees the failure within ``check_seconds`` (a cut network: within
-  ``check_seconds + timeout_seconds``), sets every term's ``lost`` and reconnects to
-  compete again. A cut connection is found by the server only through TCP keepalives
-  set on the session (idle 10 s, then 3 probes 2 s apart) or ``tcp_user_timeout``:
-  later than the holder gives up, so two holders do not overlap then. When the
-  server ends the session itself, the old holder may run for up to ``check_seconds``
-  next to the new one; everything elected tolerates that (deliveries are at least
-  once, GC works under the index's per-blob locks).
+- The server ends the session while the holder lives (a terminated backend, a restart
+  or failover): between rounds the holder reads its idle session, so the server's
+  goodbye ends every term at once (measured: milliseconds), and the holder reconnects
+  to compete again. Only for those milliseconds can it run beside a new holder, and
+  everything elected tolerates that (deliveries are at least once, GC works under the
+  index's per-blob locks).
+- The network is cut, or the holder's node is lost (no FIN): the holder's round trip
+  fails or times out within ``check_seconds + timeout_seconds`` and it gives up; the
+  server finds the dead connection only through the TCP keepalives set on the session
+  (idle 10 s, then 3 probes 2 s apart) or ``tcp_user_timeout`` (15 s), later than
+  that, so two holders do not overlap.
 
 Lock keys are the two-``int4`` form ``(NAMESPACE, hash(task))``, a key space PostgreSQL
 keeps apart from the single-``bigint`` keys the index takes (migrations, all blobs,
@@ -53,6 +54,12 @@ _SESSION_SETTINGS = (
     "SET tcp_keepalives_count = 3",
     "SET tcp_user_timeout = 15000",
 )
+
+
+async def _drain(conn: psycopg.AsyncConnection[Any], seconds: float) -> None:
+    """Read the idle session for ``seconds``: raises as soon as the server ends it."""
+    async for _ in conn.notifies(timeout=seconds):
+        pass  # nothing LISTENs here; a notification would only be dropped
 
 
 def task_key(task: str) -> int:
@@ -98,7 +105,8 @@ class PostgresElection(Election):
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._kick = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()  # one statement at a time on the connection
+        self._lock = asyncio.Lock()  # one statement (or the idle wait) at a time
+        self._waiting = 0  # statements waiting for the connection
 
     async def start(self) -> None:
         if self._runner is None:
@@ -191,15 +199,39 @@ class PostgresElection(Election):
             try:
                 await self._round()
                 failures = 0
+                await self._idle()
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 failures += 1
                 self._lose_all(f"{type(exc).__name__}: {exc}")
                 await self._drop()
                 # Reconnect soon, but do not hammer a server that is down.
                 await asyncio.sleep(min(self.check_seconds * 2**failures, 30.0))
-                continue
+
+    async def _idle(self) -> None:
+        """Wait for the next round (``check_seconds``, or sooner when kicked), reading
+        the session meanwhile: when the server ends it, the server's goodbye arrives at
+        once, and the terms end then instead of at the next round. A statement from
+        elsewhere (``holders``, ``publish``) kicks this wait to have the connection."""
+        if self._conn is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self.check_seconds)
+            return
+        async with self._lock:  # behind the statements already waiting for it
+            conn = self._conn
+            if conn is None or self._waiting or self._kick.is_set():
+                return
+            watch = asyncio.create_task(_drain(conn, self.check_seconds))
+            kicked = asyncio.create_task(self._kick.wait())
+            try:
+                await asyncio.wait(
+                    {watch, kicked}, timeout=self.check_seconds, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for task in (watch, kicked):
+                    task.cancel()
+                await asyncio.gather(watch, kicked, return_exceptions=True)
+        if not watch.cancelled() and (failure := watch.exception()) is not None:
+            raise failure
 
     async def _round(self) -> None:
         """Unlock what was released, try what is wanted: one round trip that also proves
@@ -221,6 +253,7 @@ class PostgresElection(Election):
                 [s.key for s in freed] + [s.key for s in tried],
                 [True] * len(freed) + [False] * len(tried),
             ),
+            runner=True,
         )
         won = {int(key) for key, ok in rows if ok}
         for slot in tried:
@@ -230,9 +263,16 @@ class PostgresElection(Election):
                 log.debug("elected", extra={"task": slot.task, "replica": self.replica_id})
 
     async def _query(
-        self, sql: str, params: Sequence[Any], rows: bool = True
+        self, sql: str, params: Sequence[Any], rows: bool = True, runner: bool = False
     ) -> list[tuple[Any, ...]]:
-        async with self._lock:
+        self._waiting += 1
+        if not runner:
+            self._kick.set()  # the runner's idle wait gives the connection up
+        try:
+            await self._lock.acquire()
+        finally:
+            self._waiting -= 1
+        try:
             if self._conn is None:
                 self._conn = await asyncio.wait_for(self._connect(), self.timeout_seconds)
             conn = self._conn
@@ -242,6 +282,8 @@ class PostgresElection(Election):
                 return await cursor.fetchall() if rows else []
 
             return await asyncio.wait_for(run(), self.timeout_seconds)
+        finally:
+            self._lock.release()
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)

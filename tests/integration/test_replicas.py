@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from tests.integration.test_notifications import Receiver
@@ -323,3 +324,46 @@ def test_gc_rounds_between_pushes_on_every_replica_never_lose_a_needed_blob(
             needed = [response.json()["config"], *response.json()["layers"]]
             for blob in needed:
                 assert sha256(api.blob(repo, blob["digest"])) == blob["digest"], (name, blob)
+
+
+def test_a_holder_whose_session_is_ended_stops_and_another_takes_over(
+    region: Region, postgres_dsn: str
+) -> None:
+    """The database ends the holder's election session (a failover, an administrator):
+    the holder, still alive, notices (it reads the idle session), stops its loops and
+    competes again; the others have taken over meanwhile."""
+    held = until(region.single_holders, "one holder for every task")
+    victim = held[WEBHOOK_TASK]
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        (ended,) = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = %s",
+            (f"berth:{victim}",),
+        ).fetchone() or (0,)
+    assert ended == 1
+    clock = time.monotonic()
+
+    def moved() -> dict[str, str] | None:
+        # Not single_holders(): the victim reads its session's end within milliseconds,
+        # but a sample of its metrics may still precede that.
+        now = holders(region.replicas)
+        if all(len(names) == 1 and victim not in names for names in now.values()):
+            return {task: names[0] for task, names in now.items()}
+        return None
+
+    after = until(moved, "another replica taking the webhook over")
+    print(
+        f"session of {victim} ended: tasks held again after {time.monotonic() - clock:.2f}s:"
+        f" {after}"
+    )
+    assert region.replicas[victim].running  # alive, only its session was lost
+    assert region.single_holders() == after  # and it took nothing back
+    api = region.api(victim)  # and it still serves
+    digest = push(api, "team-0/app", "after", [os.urandom(512)])
+    until(lambda: len(pushes_seen(region.receiver)) == 1, "the push event")
+    until(
+        lambda: sha256(Registry(region.peer.url).manifest("team-0/app", "after").body) == digest,
+        "the peer",
+    )
+    time.sleep(1.5)
+    assert list(pushes_seen(region.receiver).values()) == [1]
