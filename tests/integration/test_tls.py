@@ -276,3 +276,27 @@ def test_bad_new_certificate_keeps_the_old_one(
     fixed = serving_pair(ca, "fixed")
     registry.volume.swap_pair(fixed)
     wait_until(lambda: _serves(registry, serial_of(fixed), 3), timeout=10, what="good pair served")
+
+
+def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(
+    ca: CertificateAuthority, tls_registry: Callable[..., TlsRegistryProcess], tmp_path: Path
+) -> None:
+    clients_dir = tmp_path / "clients"
+    clients_dir.mkdir()
+    clients = CertificateAuthority(clients_dir, "berth-clients")
+    relay = clients.issue("relay", "node-proxy", client=True)
+    registry = tls_registry(
+        serving_pair(ca, "server"),
+        ca.cert_path,
+        tls={"client_ca": str(clients.cert_path)},
+        client=relay,
+    )
+    url = f"{registry.url}/v2/"
+    ok = requests.get(url, verify=str(ca.cert_path), cert=(str(relay.cert), str(relay.key)))
+    assert ok.status_code == 200
+    # No certificate, or one the client CA did not sign: the handshake fails (under TLS
+    # 1.3 the client hears of it after sending its request: the connection is dropped).
+    stranger = ca.issue("stranger", "someone", client=True)
+    for cert in (None, (str(stranger.cert), str(stranger.key))):
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(url, verify=str(ca.cert_path), cert=cert, timeout=5)

@@ -110,11 +110,15 @@ def client_context(ca_file: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca_file))
 
 
-def https_status(url: str, ca_file: Path, timeout: float = 2.0) -> int | None:
+def https_status(
+    url: str, ca_file: Path, timeout: float = 2.0, client: KeyPair | None = None
+) -> int | None:
     """The status of a GET over TLS, the chain verified but not the name (a readiness
     check that also works for the servers that show a wrong name on purpose)."""
     context = client_context(ca_file)
     context.check_hostname = False
+    if client is not None:
+        context.load_cert_chain(client.cert, client.key)
     try:
         with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             status: int = response.status
@@ -137,6 +141,7 @@ class TlsRegistryProcess(RegistryProcess):
         config: dict[str, object] | None = None,
         tls: dict[str, object] | None = None,
         port: int | None = None,
+        client: KeyPair | None = None,
     ) -> None:
         merged: dict[str, object] = dict(config or {})
         http = dict(merged.get("http") or {})  # type: ignore[call-overload]
@@ -151,6 +156,7 @@ class TlsRegistryProcess(RegistryProcess):
         super().__init__("berth", workdir, port=port, config=merged)
         self.volume = volume
         self.ca_file = ca_file
+        self.client = client  # what the readiness check shows under mutual TLS
 
     @property
     def url(self) -> str:
@@ -160,7 +166,9 @@ class TlsRegistryProcess(RegistryProcess):
         self.process.start()
         try:
             wait_until(
-                lambda: https_status(f"{self.url}/v2/", self.ca_file) in (200, 401),
+                lambda: (
+                    https_status(f"{self.url}/v2/", self.ca_file, client=self.client) in (200, 401)
+                ),
                 timeout=self.ready_timeout,
                 what=f"GET {self.url}/v2/",
                 process=self.process,
