@@ -1,0 +1,257 @@
+"""Pull throughput over TLS against plain HTTP: ``python -m bench.tls``.
+
+Two Berth servers on this machine, one plain and one with ``http.tls`` (an ECDSA P-256
+certificate from a CA made here), each holding the same blob (256 MiB by default). curl
+pulls it, one stream and then several at once, each pull a new connection (handshake
+included). Printed per case: the median throughput and the server's CPU seconds per GiB
+sent (its user+system time over the pulls), which says more than MB/s on a shared machine.
+
+Plain HTTP sends blobs with sendfile(2) (no copy through Python); TLS cannot, the bytes go
+through the event loop's encryption, so the CPU per GiB is where the price shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import http.client
+import ipaddress
+import os
+import shutil
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO = "bench/tls"
+
+
+def _write_pem(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """(CA certificate, serving certificate, key) for 127.0.0.1, valid for a day."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench-ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    return (
+        _write_pem(directory / "ca.crt", ca.public_bytes(pem)),
+        _write_pem(directory / "tls.crt", leaf.public_bytes(pem)),
+        _write_pem(
+            directory / "tls.key",
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        ),
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    ca: Path | None
+
+    def context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=str(self.ca)) if self.ca else None
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start(workdir: Path, tls: tuple[Path, Path] | None, ca: Path | None) -> Server:
+    port = _free_port()
+    config: dict[str, object] = {
+        "http": {"addr": f"127.0.0.1:{port}"},
+        "storage": {"root": str(workdir / "storage")},
+        "gc": {"interval_seconds": 0},
+        "log": {"level": "warning"},
+    }
+    if tls is not None:
+        config["http"] = {
+            "addr": f"127.0.0.1:{port}",
+            "tls": {"certificate": str(tls[0]), "key": str(tls[1])},
+        }
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    log = (workdir / "server.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "registry_server", "--config", str(workdir / "config.yaml")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    server = Server(process, f"{'https' if tls else 'http'}://127.0.0.1:{port}", ca)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{server.url}/v2/", context=server.context()):
+                return server
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"server did not start: {(workdir / 'server.log').read_text()[-2000:]}")
+
+
+def _blob(size: int) -> Iterator[bytes]:
+    block = hashlib.sha256(b"berth-bench-tls").digest() * (1 << 15)  # 1 MiB
+    left = size
+    while left > 0:
+        yield block[: min(left, len(block))]
+        left -= len(block)
+
+
+def push(server: Server, size: int) -> str:
+    digest = hashlib.sha256()
+    for chunk in _blob(size):
+        digest.update(chunk)
+    ref = "sha256:" + digest.hexdigest()
+    host = server.url.split("://", 1)[1]
+    conn: http.client.HTTPConnection = (
+        http.client.HTTPSConnection(host, context=server.context())
+        if server.ca
+        else http.client.HTTPConnection(host)
+    )
+    conn.request(
+        "POST",
+        f"/v2/{REPO}/blobs/uploads/?digest={ref}",
+        body=_blob(size),
+        headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+    )
+    reply = conn.getresponse()
+    reply.read()
+    conn.close()
+    if reply.status != 201:
+        raise RuntimeError(f"push to {server.url}: HTTP {reply.status}")
+    return ref
+
+
+def _curl(server: Server, digest: str) -> float:
+    argv = ["curl", "-sS", "-o", "/dev/null", "-w", "%{speed_download}"]
+    if server.ca:
+        argv += ["--cacert", str(server.ca)]
+    out = subprocess.run(
+        [*argv, f"{server.url}/v2/{REPO}/blobs/{digest}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return float(out.stdout) / (1 << 20)
+
+
+@dataclass
+class Figures:
+    streams: int
+    mib_s: float  # median per stream
+    total_mib_s: float  # all streams together
+    cpu_s_per_gib: float
+
+
+def measure(server: Server, digest: str, size: int, streams: int, rounds: int) -> Figures:
+    speeds: list[float] = []
+    totals: list[float] = []
+    cpu_before = server.cpu_seconds()
+    with ThreadPoolExecutor(streams) as pool:
+        for _ in range(rounds):
+            started = time.monotonic()
+            got = list(pool.map(lambda _: _curl(server, digest), range(streams)))
+            totals.append(streams * size / (1 << 20) / (time.monotonic() - started))
+            speeds += got
+    cpu = server.cpu_seconds() - cpu_before
+    gib = rounds * streams * size / (1 << 30)
+    return Figures(streams, statistics.median(speeds), statistics.median(totals), cpu / gib)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.tls", description=__doc__)
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--streams", type=int, default=4, help="parallel pulls, second case")
+    args = parser.parse_args(argv)
+    if shutil.which("curl") is None:
+        print("bench.tls: curl is needed", file=sys.stderr)
+        return 2
+    size = args.size_mib << 20
+    with tempfile.TemporaryDirectory(prefix="berth-bench-tls-") as tmp:
+        root = Path(tmp)
+        (root / "certs").mkdir()
+        ca, cert, key = make_certificates(root / "certs")
+        servers: dict[str, Server] = {}
+        try:
+            for name, tls in (("plain", None), ("tls", (cert, key))):
+                (root / name).mkdir()
+                servers[name] = start(root / name, tls, ca if tls else None)
+            digests = {name: push(s, size) for name, s in servers.items()}
+            print(
+                f"pull of a {args.size_mib} MiB blob, curl, new connection per pull,"
+                f" {args.rounds} rounds, {os.cpu_count()} CPUs"
+            )
+            print(f"{'case':<6} {'streams':>7} {'MiB/s/stream':>13} {'MiB/s total':>12}"
+                  f" {'server CPU s/GiB':>17}")  # fmt: skip
+            for streams in (1, args.streams):
+                for name, server in servers.items():
+                    f = measure(server, digests[name], size, streams, args.rounds)
+                    print(f"{name:<6} {f.streams:>7} {f.mib_s:>13.0f} {f.total_mib_s:>12.0f}"
+                          f" {f.cpu_s_per_gib:>17.2f}")  # fmt: skip
+        finally:
+            for server in servers.values():
+                server.process.terminate()
+                server.process.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
