@@ -5,6 +5,8 @@ certificate from a CA made here), each holding the same blob (256 MiB by default
 pulls it, one stream and then several at once, each pull a new connection (handshake
 included). Printed per case: the median throughput and the server's CPU seconds per GiB
 sent (its user+system time over the pulls), which says more than MB/s on a shared machine.
+The "+relay" cases pull the same server through the node proxy: plain HTTP from curl to
+the relay, which splices to a plain server and originates TLS to a TLS one.
 
 Plain HTTP sends blobs with sendfile(2) (no copy through Python); TLS cannot, the bytes go
 through the event loop's encryption, so the CPU per GiB is where the price shows.
@@ -97,18 +99,52 @@ def _free_port() -> int:
         return port
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Server:
     process: subprocess.Popen[bytes]
     url: str
     ca: Path | None
+    relay: subprocess.Popen[bytes] | None = None  # a node proxy in front, pulled through
+    relay_port: int = 0
 
     def context(self) -> ssl.SSLContext | None:
         return ssl.create_default_context(cafile=str(self.ca)) if self.ca else None
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _cpu_seconds(self.process.pid)
+
+    def relay_cpu_seconds(self) -> float:
+        return _cpu_seconds(self.relay.pid) if self.relay is not None else 0.0
+
+    def pull_url(self) -> tuple[str, Path | None]:
+        """Where curl pulls from, and the CA it needs (none through a relay)."""
+        if self.relay is None:
+            return self.url, self.ca
+        return f"http://127.0.0.1:{self.relay_port}", None
+
+
+def with_relay(server: Server, workdir: Path) -> Server:
+    """The same server pulled through a node proxy (TLS to it when the server has TLS)."""
+    port = _free_port()
+    argv = [sys.executable, "-m", "registry_server.node_proxy", "--listen",
+            f"127.0.0.1:{port}", "--upstream", server.url.split("://", 1)[1]]  # fmt: skip
+    if server.ca:
+        argv += ["--upstream-ca", str(server.ca)]
+    log = (workdir / f"relay-{port}.log").open("wb")
+    relay = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/"):
+                break
+        except OSError:
+            time.sleep(0.1)
+    return Server(server.process, server.url, server.ca, relay, port)
 
 
 def start(workdir: Path, tls: tuple[Path, Path] | None, ca: Path | None) -> Server:
@@ -181,10 +217,11 @@ def push(server: Server, size: int) -> str:
 
 def _curl(server: Server, digest: str) -> float:
     argv = ["curl", "-sS", "-o", "/dev/null", "-w", "%{speed_download}"]
-    if server.ca:
-        argv += ["--cacert", str(server.ca)]
+    url, ca = server.pull_url()
+    if ca:
+        argv += ["--cacert", str(ca)]
     out = subprocess.run(
-        [*argv, f"{server.url}/v2/{REPO}/blobs/{digest}"],
+        [*argv, f"{url}/v2/{REPO}/blobs/{digest}"],
         check=True,
         capture_output=True,
         text=True,
@@ -198,12 +235,13 @@ class Figures:
     mib_s: float  # median per stream
     total_mib_s: float  # all streams together
     cpu_s_per_gib: float
+    relay_cpu_s_per_gib: float
 
 
 def measure(server: Server, digest: str, size: int, streams: int, rounds: int) -> Figures:
     speeds: list[float] = []
     totals: list[float] = []
-    cpu_before = server.cpu_seconds()
+    cpu_before, relay_before = server.cpu_seconds(), server.relay_cpu_seconds()
     with ThreadPoolExecutor(streams) as pool:
         for _ in range(rounds):
             started = time.monotonic()
@@ -211,8 +249,11 @@ def measure(server: Server, digest: str, size: int, streams: int, rounds: int) -
             totals.append(streams * size / (1 << 20) / (time.monotonic() - started))
             speeds += got
     cpu = server.cpu_seconds() - cpu_before
+    relay_cpu = server.relay_cpu_seconds() - relay_before
     gib = rounds * streams * size / (1 << 30)
-    return Figures(streams, statistics.median(speeds), statistics.median(totals), cpu / gib)
+    return Figures(
+        streams, statistics.median(speeds), statistics.median(totals), cpu / gib, relay_cpu / gib
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,21 +276,28 @@ def main(argv: list[str] | None = None) -> int:
                 (root / name).mkdir()
                 servers[name] = start(root / name, tls, ca if tls else None)
             digests = {name: push(s, size) for name, s in servers.items()}
+            # A node proxy in front of each: splice to plain HTTP, TLS origination to TLS.
+            for name in ("plain", "tls"):
+                servers[f"{name}+relay"] = with_relay(servers[name], root)
+                digests[f"{name}+relay"] = digests[name]
             print(
                 f"pull of a {args.size_mib} MiB blob, curl, new connection per pull,"
                 f" {args.rounds} rounds, {os.cpu_count()} CPUs"
             )
-            print(f"{'case':<6} {'streams':>7} {'MiB/s/stream':>13} {'MiB/s total':>12}"
-                  f" {'server CPU s/GiB':>17}")  # fmt: skip
+            print(f"{'case':<11} {'streams':>7} {'MiB/s/stream':>13} {'MiB/s total':>12}"
+                  f" {'server CPU s/GiB':>17} {'relay CPU s/GiB':>16}")  # fmt: skip
             for streams in (1, args.streams):
                 for name, server in servers.items():
                     f = measure(server, digests[name], size, streams, args.rounds)
-                    print(f"{name:<6} {f.streams:>7} {f.mib_s:>13.0f} {f.total_mib_s:>12.0f}"
-                          f" {f.cpu_s_per_gib:>17.2f}")  # fmt: skip
+                    relay = f"{f.relay_cpu_s_per_gib:>16.2f}" if server.relay else f"{'-':>16}"
+                    print(f"{name:<11} {f.streams:>7} {f.mib_s:>13.0f} {f.total_mib_s:>12.0f}"
+                          f" {f.cpu_s_per_gib:>17.2f} {relay}")  # fmt: skip
         finally:
             for server in servers.values():
-                server.process.terminate()
-                server.process.wait(10)
+                for process in (server.relay, server.process):
+                    if process is not None and process.poll() is None:
+                        process.terminate()
+                        process.wait(10)
     return 0
 
 

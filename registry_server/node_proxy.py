@@ -20,6 +20,14 @@ How it is built (see docs/architecture.md, "Node proxy", for the measurements):
 - SIGTERM (or SIGINT) stops accepting, lets open connections finish for
   ``--drain-seconds``, then cuts the rest and exits 0.
 
+With ``--upstream-ca`` the hop to the registry is TLS, verified: the relay keeps taking
+plain HTTP on 127.0.0.1 (what containerd speaks to localhost without node configuration)
+and originates TLS to the registry, checking its certificate against that CA and its name
+against ``--upstream-server-name`` (default: the upstream host). Such a connection is
+driven by one thread (an SSL object must not be used from two at once) that copies
+plaintext to and from TLS records; splice cannot apply, so it costs CPU
+(docs/architecture.md, "Node proxy"). The CA file is read again when it changes.
+
 Only the standard library is used, so the relay starts in a fraction of a second and
 stays at the interpreter's own memory (an import-linter contract keeps it so).
 """
@@ -34,6 +42,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -82,6 +91,60 @@ class _Throttled:
         log.warning("%s%s", message, f" ({count} times)" if count > 1 else "")
 
 
+class UpstreamTls:
+    """How the relay speaks TLS to the registry: the CA it trusts, the name it expects,
+    and an optional client certificate (a registry with http.tls.client_ca)."""
+
+    def __init__(
+        self,
+        ca_file: str,
+        server_name: str,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+    ) -> None:
+        self.ca_file = ca_file
+        self.server_name = server_name
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self._lock = threading.Lock()
+        self._context: ssl.SSLContext | None = None
+        self._stamp: tuple[object, ...] = ()
+        self.context()  # unreadable files stop the start-up
+
+    def _files_stamp(self) -> tuple[object, ...]:
+        stamps: list[object] = []
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            if path is None:
+                continue
+            try:
+                st = os.stat(path)  # follows the kubelet's ..data link
+            except OSError:
+                stamps.append(None)
+                continue
+            stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(stamps)
+
+    def context(self) -> ssl.SSLContext:
+        """The client context, built again when a file changed (a rotated CA)."""
+        stamp = self._files_stamp()
+        with self._lock:
+            if self._context is not None and stamp == self._stamp:
+                return self._context
+            try:
+                context = ssl.create_default_context(cafile=self.ca_file)
+                context.minimum_version = ssl.TLSVersion.TLSv1_2
+                if self.cert_file:
+                    context.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as exc:
+                if self._context is None:
+                    raise
+                log.error("upstream TLS files refused, keeping the last good ones: %s", exc)
+                self._stamp = stamp
+                return self._context
+            self._context, self._stamp = context, stamp
+            return context
+
+
 class Relay:
     """Accept on `listen`, pass every connection to `upstream` (resolved each time)."""
 
@@ -94,6 +157,7 @@ class Relay:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT,
         splice: bool = _SPLICE,
+        tls: UpstreamTls | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -102,6 +166,7 @@ class Relay:
         self.connect_timeout = connect_timeout
         self.first_byte_timeout = first_byte_timeout
         self.splice = splice
+        self.tls = tls
         self._throttled = _Throttled()
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()  # every socket of every open connection
@@ -194,7 +259,9 @@ class Relay:
             left, cut = list(self._open), self._active
         for sock in left:  # unblocks their threads, which then close them
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                # The TCP socket's own shutdown: an SSLSocket's would drop its SSL state
+                # under the thread still using it.
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
         deadline = time.monotonic() + 2.0
         while self.active and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -220,6 +287,9 @@ class Relay:
             for sock in (client, upstream):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if isinstance(upstream, ssl.SSLSocket):
+                self._relay_tls(client, upstream)
+                return
             back = threading.Thread(
                 target=self._pump, args=(upstream, client), name="relay-back", daemon=True
             )
@@ -258,8 +328,27 @@ class Relay:
         except OSError as exc:
             self._throttled.warning(f"upstream {host}:{port} unreachable: {exc}")
             return None
+        if self.tls is not None:
+            try:
+                sock = self.tls.context().wrap_socket(sock, server_hostname=self.tls.server_name)
+            except (OSError, ssl.SSLError) as exc:  # a refused certificate among them
+                sock.close()
+                self._throttled.warning(f"upstream {host}:{port} TLS handshake failed: {exc}")
+                return None
         sock.settimeout(None)
         return sock
+
+    def _relay_tls(self, client: socket.socket, upstream: ssl.SSLSocket) -> None:
+        """Both directions in this thread: plaintext from the client into TLS records to
+        the registry, and back (see ``_tls_loop`` for how each side's close is passed)."""
+        try:
+            _tls_loop(client, upstream)
+        except _PEER_ERRORS as exc:
+            if not isinstance(exc, ConnectionResetError | BrokenPipeError):
+                self._throttled.warning(f"relay failed: {exc}")
+            for sock in (client, upstream):
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def _pump(self, source: socket.socket, target: socket.socket) -> None:
         """Move bytes one way until EOF, then pass the half-close on."""
@@ -311,6 +400,100 @@ def _copy_all(source: socket.socket, target: socket.socket) -> None:
         target.sendall(view[:count])
 
 
+_TLS_BUFFER = 1 << 20  # bytes held per direction before reading that side pauses
+_TLS_RECORD = 16 * 1024  # TLS's largest record: one SSL read returns at most this
+
+
+def _tls_loop(client: socket.socket, tls: ssl.SSLSocket) -> None:
+    """Copy between ``client`` (plain) and ``tls`` until both directions ended, with both
+    sockets non-blocking and poll(2) waiting whenever no side can move. The client's
+    EOF becomes a close_notify that ends the connection; the registry's close becomes a
+    TCP half-close to the client."""
+    client.setblocking(False)
+    tls.setblocking(False)
+    up = bytearray()  # client -> registry, not yet written into TLS
+    down = bytearray()  # registry -> client, not yet sent
+    up_write = 0  # a TLS write that wanted to be retried must be retried with this length
+    client_eof = tls_eof = up_closed = down_closed = False
+    tls_wants_write = False
+    poller = select.poll()
+    while not (up_closed and down_closed):
+        moved = False
+        if not client_eof and len(up) < _TLS_BUFFER:
+            try:
+                data = client.recv(256 * 1024)
+                moved = True
+                if data:
+                    up += data
+                else:
+                    client_eof = True
+            except BlockingIOError:
+                pass
+        while not tls_eof and len(down) < _TLS_BUFFER:
+            try:
+                data = tls.recv(_TLS_RECORD)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLWantWriteError:
+                tls_wants_write = True
+                break
+            moved = True
+            if data:
+                down += data
+            else:
+                tls_eof = True
+        if up and not up_closed:
+            length = up_write or min(len(up), _TLS_RECORD * 4)
+            try:
+                sent = tls.send(up[:length])
+                del up[:sent]
+                up_write = 0
+                tls_wants_write = False
+                moved = True
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                up_write = length
+                tls_wants_write = True
+        if down and not down_closed:
+            try:
+                sent = client.send(down)
+                del down[:sent]
+                moved = True
+            except BlockingIOError:
+                pass
+        if client_eof and not up and not up_closed:
+            # The client's EOF ends the connection: TLS has no half-close OpenSSL keeps
+            # reading after (a bare TCP FIN is a truncation it answers with a fatal alert,
+            # and after its own close_notify it refuses data). HTTP clients close both
+            # ways anyway. What the registry sent so far still reaches the client.
+            try:
+                if not tls_eof:
+                    tls.unwrap()
+                up_closed = tls_eof = True
+            except ssl.SSLWantReadError:  # sent; the registry's answer is not awaited
+                up_closed = tls_eof = True
+            except ssl.SSLWantWriteError:
+                tls_wants_write = True
+        if tls_eof and not down and not down_closed:
+            down_closed = True
+            client.shutdown(socket.SHUT_WR)
+        if moved:
+            continue
+        client_events = (0 if client_eof or len(up) >= _TLS_BUFFER else select.POLLIN) | (
+            select.POLLOUT if down else 0
+        )
+        tls_events = (0 if tls_eof or len(down) >= _TLS_BUFFER else select.POLLIN) | (
+            select.POLLOUT if tls_wants_write else 0
+        )
+        # Only what is waited for is registered: a socket with no events would still
+        # report POLLHUP and turn this into a busy loop.
+        watched = [(sock, ev) for sock, ev in ((client, client_events), (tls, tls_events)) if ev]
+        for sock, events in watched:
+            poller.register(sock, events)
+        poller.poll()
+        for sock, _ in watched:
+            poller.unregister(sock)
+
+
 # --- the command ---------------------------------------------------------------------
 
 
@@ -325,6 +508,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT)
     parser.add_argument("--drain-seconds", type=float, default=DEFAULT_DRAIN_SECONDS)
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning"))
+    parser.add_argument(
+        "--upstream-ca", default=None, help="speak TLS to the upstream, trusting this CA file"
+    )
+    parser.add_argument(
+        "--upstream-server-name", default=None, help="the name its certificate must have"
+    )
+    parser.add_argument("--upstream-cert", default=None, help="client certificate (mutual TLS)")
+    parser.add_argument("--upstream-key", default=None, help="its key")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -333,13 +524,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         listen, upstream = parse_address(args.listen), parse_address(args.upstream)
+        tls = None
+        if args.upstream_ca:
+            tls = UpstreamTls(
+                args.upstream_ca,
+                args.upstream_server_name or upstream[0],
+                args.upstream_cert,
+                args.upstream_key,
+            )
+        elif args.upstream_cert or args.upstream_server_name:
+            raise ValueError("--upstream-cert and --upstream-server-name need --upstream-ca")
         relay = Relay(
             listen,
             upstream,
             max_connections=args.max_connections,
             connect_timeout=args.connect_timeout,
+            tls=tls,
         )
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ssl.SSLError) as exc:
         log.error("cannot start: %s", exc)
         return 2
 

@@ -6,8 +6,11 @@ kubelet mounts a Secret, and rotation swaps its ``..data`` link as the kubelet d
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +24,13 @@ from tests.integration.test_conformance import run_conformance
 from tests.support.clients import run_tool
 from tests.support.control_plane import CertificateAuthority, KeyPair
 from tests.support.images import make_oci_layout
-from tests.support.processes import RegistryProcess, wait_until
+from tests.support.processes import (
+    ManagedProcess,
+    RegistryProcess,
+    free_port,
+    http_status,
+    wait_until,
+)
 from tests.support.tls import (
     SecretVolume,
     TlsRegistryProcess,
@@ -31,6 +40,7 @@ from tests.support.tls import (
     served_serial,
     serving_pair,
 )
+from tests.support.tools import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -300,3 +310,61 @@ def test_mutual_tls_requires_a_client_certificate_from_the_client_ca(
     for cert in (None, (str(stranger.cert), str(stranger.key))):
         with pytest.raises(requests.exceptions.ConnectionError):
             requests.get(url, verify=str(ca.cert_path), cert=cert, timeout=5)
+
+
+def test_node_proxy_serves_plain_http_and_speaks_verified_tls_to_the_registry(
+    ca: CertificateAuthority, tls_registry: Callable[..., TlsRegistryProcess], tmp_path: Path
+) -> None:
+    registry = tls_registry(serving_pair(ca, "server"), ca.cert_path)
+    relay_port = free_port()
+    relay = ManagedProcess(
+        "node-proxy",
+        [sys.executable, "-m", "registry_server.node_proxy",
+         "--listen", f"127.0.0.1:{relay_port}", "--upstream", registry.host,
+         "--upstream-ca", ca.cert_path, "--upstream-server-name", "localhost"],
+        tmp_path / "relay.log",
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    relay.start()
+    try:
+        local = f"127.0.0.1:{relay_port}"
+        wait_until(lambda: http_status(f"http://{local}/v2/") == 200, timeout=10, what="relay",
+                   process=relay)  # fmt: skip
+        # What a kubelet does: plain HTTP to localhost; the relay's hop is TLS.
+        digest = make_oci_layout(tmp_path / "img", layers=2, layer_size=500_000)
+        run_tool("skopeo", "copy", "--dest-tls-verify=false", "--preserve-digests",
+                 f"oci:{tmp_path / 'img'}:v1", f"docker://{local}/team-a/api:v1")  # fmt: skip
+        out = run_tool("crane", "digest", "--insecure", f"{local}/team-a/api:v1")
+        assert out.stdout.strip() == digest
+        blob = os.urandom(8 << 20)
+        ref = _push_blob(registry, "big/blob", blob)
+        pulled = requests.get(f"http://{local}/v2/big/blob/blobs/{ref}", timeout=30)
+        assert pulled.status_code == 200 and pulled.content == blob
+    finally:
+        relay.stop()
+    # A relay that does not trust the registry's CA passes nothing on.
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    stranger = CertificateAuthority(other_dir, "stranger")
+    untrusting = ManagedProcess(
+        "node-proxy-untrusting",
+        [sys.executable, "-m", "registry_server.node_proxy",
+         "--listen", f"127.0.0.1:{relay_port}", "--upstream", registry.host,
+         "--upstream-ca", stranger.cert_path],
+        tmp_path / "relay2.log",
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    untrusting.start()
+    try:
+        wait_until(lambda: _listening(relay_port), timeout=10, what="relay", process=untrusting)
+        assert http_status(f"http://127.0.0.1:{relay_port}/v2/") is None
+        wait_until(lambda: "certificate verify failed" in untrusting.log_tail(), timeout=5,
+                   what="the refusal logged")  # fmt: skip
+    finally:
+        untrusting.stop()
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
