@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -15,16 +16,19 @@ from registry_server.config import Config, ConfigError, StorageConfig
 from registry_server.events import notifier
 from registry_server.events.background import cancel_all, run_elected
 from registry_server.events.replicator import Replicator
+from registry_server.events.upstream_fetching import UpstreamFetcher
 from registry_server.http import accounts, replication, routes, token
 from registry_server.http.clients import ClientAddresses
 from registry_server.http.context import SERVICES, Services
 from registry_server.http.errors import error_middleware
 from registry_server.http.health import metrics_app, metrics_middleware
 from registry_server.protocol.tag_rules import NO_RULES, TagRules
+from registry_server.protocol.upstreams import Mirror
 from registry_server.services.blobs import BlobService
 from registry_server.services.discovery import DiscoveryService
 from registry_server.services.gc import GarbageCollector
 from registry_server.services.manifests import ManifestService
+from registry_server.services.pull_through import PullThrough, Settings
 from registry_server.services.retention import RetentionService
 from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.driver import StorageDriver
@@ -126,6 +130,36 @@ def build_listener(config: Config, on_change: Callable[[], None]) -> ChangeListe
     return ChangeListener(pg.connection_string(), config.metadata.replica(), on_change)
 
 
+def build_pull_through(
+    config: Config, store: BlobStore, index: MetadataIndex, worker_id: int
+) -> PullThrough | None:
+    """The pull-through cache over the configured upstreams, if any."""
+    if not config.upstreams:
+        return None
+    mirrors = []
+    for u in config.upstreams:
+        host = (urlsplit(u.url).hostname or "").lower()
+        hosts = u.hosts or tuple(dict.fromkeys((u.prefix.lower(), host)))
+        library = u.docker_library if u.docker_library is not None else u.prefix == "docker.io"
+        mirrors.append(Mirror(u.name, u.prefix, hosts, library))
+    return PullThrough(
+        mirrors,
+        {
+            u.name: Settings(
+                u.tag_ttl_seconds, u.timeout_seconds, u.keep_last, u.max_idle_days * 86400
+            )
+            for u in config.upstreams
+        },
+        {u.name: UpstreamFetcher(u, config.limits.max_manifest_bytes) for u in config.upstreams},
+        store,
+        index,
+        config.limits.max_manifest_bytes,
+        # Pull times for eviction, per worker, next to the blobs (filesystem storage).
+        config.storage.root / "pull-through" if config.storage.driver == "filesystem" else None,
+        worker_id,
+    )
+
+
 def build_app(config: Config, worker_id: int = 0) -> web.Application:
     """The application for one worker process; worker 0 also competes for (and runs)
     the background tasks: replication, notifications, GC and retention."""
@@ -158,7 +192,9 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
 
     listener = build_listener(config, on_change) if wakers else None
 
+    pull_through = build_pull_through(config, store, index, worker_id)
     svc = Services(
+        pull_through=pull_through,
         blobs=BlobService(store, index),
         manifests=ManifestService(
             index,
@@ -202,8 +238,14 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
                 except Exception:
                     logging.getLogger("registry_server.gc").exception("gc failed")
                 continue
-            # Retention first, so the collector already sees what it untagged.
-            for name, job in (("retention", retention.run_once), ("gc", collector.run_once)):
+            # Eviction and retention first, so the collector already sees what they untagged.
+            jobs: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+                ("retention", retention.run_once),
+                ("gc", collector.run_once),
+            ]
+            if pull_through is not None:
+                jobs.insert(0, ("pull_through", pull_through.evict_once))
+            for name, job in jobs:
                 try:
                     await job()
                 except Exception:  # the loop must outlive one bad round; it logs why
@@ -233,6 +275,8 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
             await listener.stop()
         if election is not None:  # last: the other replicas take over from here
             await election.stop()
+        if pull_through is not None:
+            await pull_through.close()
         await index.close()
         await space.stop()
         if isinstance(driver, S3Driver):

@@ -216,6 +216,43 @@ class PeerConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamConfig:
+    """A registry mirrored on demand: a pull-through cache (docs/pull-through-cache.md)."""
+
+    name: str
+    url: str
+    prefix: str  # local "<prefix>/x" mirrors the upstream's "x", e.g. docker.io
+    # containerd's ?ns= values selecting this upstream; empty: the prefix and the URL's host.
+    hosts: tuple[str, ...] = ()
+    # Single-component names map to library/<name> (Docker Hub); None: only for docker.io.
+    docker_library: bool | None = None
+    username: str = ""
+    password: str = ""
+    password_file: Path | None = None
+    token_realm: str = ""  # where else its Bearer challenge may send the credentials
+    ca_file: Path | None = None
+    tls_verify: bool = True
+    tag_ttl_seconds: float = 300.0  # a cached tag is revalidated (HEAD) after this
+    timeout_seconds: float = 5.0  # bound on asking the upstream when a cached copy exists
+    keep_last: int = 0  # eviction: tags kept per repository, most recently pulled (0: all)
+    max_idle_days: float = 0.0  # eviction: tags not pulled for this long go (0: never)
+
+    def as_peer(self) -> PeerConfig:
+        """The client settings: upstreams are reached like one-way replication peers."""
+        return PeerConfig(
+            name=self.name,
+            url=self.url,
+            kind="oci",
+            username=self.username,
+            password=self.password,
+            password_file=self.password_file,
+            token_realm=self.token_realm,
+            ca_file=self.ca_file,
+            tls_verify=self.tls_verify,
+        )
+
+
+@dataclass(frozen=True)
 class ReplicationConfig:
     region: str = ""
     peers: tuple[PeerConfig, ...] = ()
@@ -264,6 +301,7 @@ class Config:
     auth: AuthConfig | None = None
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -395,6 +433,47 @@ def _peer(index: int, raw: Any) -> PeerConfig:
             # The password would travel in clear to reach a peer we only talk TLS to.
             raise ConfigError(f"{where}.token_realm must be https:// for an https:// peer")
     return peer
+
+
+def _upstream(index: int, raw: Any) -> UpstreamConfig:
+    where = f"upstreams[{index}]"
+    raw = _remote(raw, where, UpstreamConfig)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in ("password_file", "ca_file"):
+            values[key] = Path(str(value)) if value else None
+        elif key in ("tls_verify", "docker_library"):
+            values[key] = None if value is None else _flag(value, f"{where}.{key}")
+        elif key == "keep_last":
+            values[key] = _integer(value, f"{where}.{key}")
+        elif key in ("tag_ttl_seconds", "timeout_seconds", "max_idle_days"):
+            values[key] = _number(value, f"{where}.{key}")
+        elif key == "hosts":
+            values[key] = tuple(h.lower() for h in _strings(value, f"{where}.hosts"))
+        else:
+            values[key] = str(value)
+    if not isinstance(values.get("prefix"), str) or not values["prefix"].strip("/"):
+        raise ConfigError(f"{where}.prefix is required (e.g. docker.io)")
+    values["prefix"] = values["prefix"].strip("/")
+    upstream = UpstreamConfig(**values)
+    if upstream.tag_ttl_seconds < 0 or upstream.timeout_seconds <= 0:
+        raise ConfigError(f"{where}: tag_ttl_seconds >= 0 and timeout_seconds > 0")
+    if upstream.keep_last < 0 or upstream.max_idle_days < 0:
+        raise ConfigError(f"{where}: keep_last and max_idle_days must not be negative")
+    if upstream.token_realm and not upstream.token_realm.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.token_realm must start with http:// or https://")
+    return upstream
+
+
+def _upstreams(raw: Any) -> tuple[UpstreamConfig, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("upstreams: expected a list")
+    upstreams = tuple(_upstream(i, u) for i, u in enumerate(raw))
+    for what in ("name", "prefix"):
+        values = [getattr(u, what) for u in upstreams]
+        if len(set(values)) != len(values):
+            raise ConfigError(f"upstreams: each {what} must be unique")
+    return upstreams
 
 
 def _http(raw: Any) -> HttpConfig:
@@ -663,7 +742,7 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         raw = loaded
-    unknown = set(raw) - set(_SECTIONS) - {"replication", "notifications", "metadata"}
+    unknown = set(raw) - set(_SECTIONS) - {"replication", "notifications", "metadata", "upstreams"}
     if unknown:
         raise ConfigError(f"unknown sections {sorted(unknown)}")
     special = {"storage": _storage, "http": _http}
@@ -678,6 +757,8 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
         sections["metadata"] = _metadata(raw["metadata"])
     if raw.get("notifications") is not None:
         sections["notifications"] = _notifications(raw["notifications"])
+    if raw.get("upstreams") is not None:
+        sections["upstreams"] = _upstreams(raw["upstreams"])
     config = Config(**sections)
     for var, (section, key, kind) in _ENV.items():
         if var in env and env[var] != "":

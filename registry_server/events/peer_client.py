@@ -7,6 +7,7 @@ Berth's replication endpoints for two-way peers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import ssl
@@ -216,6 +217,39 @@ class PeerClient:
             except TimeoutError as exc:
                 raise PeerError(f"{what or method + ' ' + path}: timeout") from exc
         raise PeerError(f"{what or method + ' ' + path}: unauthorized", 401)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, path: str, scope: str, *, headers: dict[str, str] | None = None, what: str = ""
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A GET whose 200 reply the caller reads itself (a blob), auth handled as in
+        ``request``; anything else raises PeerError, as does a failure while reading."""
+        url = f"{self.base}{path}"
+        what = what or f"GET {path}"
+        for attempt in range(2):
+            hdrs = dict(headers or {})
+            auth = None
+            if scope in self._tokens:
+                hdrs["Authorization"] = self._tokens[scope]
+            else:
+                auth = self._basic()
+            try:
+                async with self.session.get(url, headers=hdrs, auth=auth, ssl=self._ssl) as resp:
+                    if resp.status == 401 and attempt == 0:
+                        challenge = resp.headers.get("WWW-Authenticate", "")
+                        if challenge.lower().startswith("bearer"):
+                            self._tokens[scope] = await self._token(challenge, scope)
+                            continue
+                    if resp.status != 200:
+                        content, _ = await replies.read(resp)
+                        raise _classify(resp.status, what, content.decode(errors="replace"))
+                    yield resp
+                    return
+            except aiohttp.ClientError as exc:
+                raise PeerError(f"{what}: {exc}") from exc
+            except TimeoutError as exc:
+                raise PeerError(f"{what}: timeout") from exc
+        raise PeerError(f"{what}: unauthorized", 401)
 
     # -- blobs ---------------------------------------------------------------------------
 

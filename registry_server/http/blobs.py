@@ -14,11 +14,8 @@ from registry_server.http.errors import API_VERSION_HEADER
 from registry_server.protocol import digests, errors, ranges
 
 
-async def get_blob(request: web.Request, name: str, digest_text: str) -> web.StreamResponse:
-    svc = services(request)
-    digest = digests.parse(digest_text)
-    size = await svc.blobs.size(name, digest)
-    headers = {
+def _headers(digest: digests.Digest) -> dict[str, str]:
+    return {
         **API_VERSION_HEADER,
         "Docker-Content-Digest": str(digest),
         "Accept-Ranges": "bytes",
@@ -26,6 +23,45 @@ async def get_blob(request: web.Request, name: str, digest_text: str) -> web.Str
         "ETag": f'"{digest}"',
         "Cache-Control": "max-age=31536000",
     }
+
+
+class _CacheSink:
+    """The response a pull-through fetch streams into while it stores the blob."""
+
+    def __init__(self, request: web.Request, digest: digests.Digest) -> None:
+        self.request = request
+        self.response = web.StreamResponse(status=200, headers=_headers(digest))
+
+    async def start(self, size: int) -> None:
+        self.response.headers["Content-Length"] = str(size)
+        await self.response.prepare(self.request)
+
+    async def write(self, chunk: bytes) -> None:
+        await self.response.write(chunk)
+
+
+async def get_blob(request: web.Request, name: str, digest_text: str) -> web.StreamResponse:
+    svc = services(request)
+    digest = digests.parse(digest_text)
+    if svc.pull_through is not None:
+        # A whole GET may be the one that fetches (and gets the bytes as they come);
+        # HEAD and Range wait for the blob to be stored and are served from it.
+        whole = request.method == "GET" and not request.headers.get("Range")
+        sink = _CacheSink(request, digest) if whole else None
+        try:
+            if await svc.pull_through.blob(name, digest, sink):
+                assert sink is not None
+                await sink.response.write_eof()
+                return sink.response
+        except Exception:
+            if sink is not None and sink.response.prepared:
+                # Headers are out: the only way to say "failed" is to cut the body short.
+                if request.transport is not None:
+                    request.transport.abort()
+                return sink.response
+            raise
+    size = await svc.blobs.size(name, digest)
+    headers = _headers(digest)
     start, end = 0, size
     status = 200
     range_header = request.headers.get("Range")

@@ -13,6 +13,7 @@ from registry_server.http.clients import ClientAddresses
 from registry_server.services.blobs import BlobService
 from registry_server.services.discovery import DiscoveryService
 from registry_server.services.manifests import ManifestService
+from registry_server.services.pull_through import PullThrough
 from registry_server.storage.index import MetadataIndex
 from registry_server.storage.space import SpaceMonitor
 
@@ -29,6 +30,7 @@ class Services:
     region: str = ""
     clients: ClientAddresses = field(default_factory=ClientAddresses)
     space: SpaceMonitor = field(default_factory=lambda: SpaceMonitor(None))
+    pull_through: PullThrough | None = None  # upstreams mirrored on demand
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

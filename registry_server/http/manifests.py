@@ -23,6 +23,9 @@ def _accept(request: web.Request) -> list[str]:
 async def get_manifest(request: web.Request, name: str, reference: str) -> web.Response:
     svc = services(request)
     head = request.method == "HEAD"
+    stale = None
+    if svc.pull_through is not None:
+        stale = await svc.pull_through.manifest(name, reference)
     record = await svc.manifests.get(name, reference, content=not head)
     if not manifests.negotiate(record.media_type, _accept(request)):
         raise errors.RegistryError(
@@ -36,6 +39,8 @@ async def get_manifest(request: web.Request, name: str, reference: str) -> web.R
         "Content-Length": str(record.size),
         "ETag": f'"{record.digest}"',
     }
+    if stale is not None:
+        headers["Warning"] = stale
     if head:
         return web.Response(status=200, headers=headers)
     return web.Response(status=200, body=record.content, headers=headers)

@@ -106,6 +106,11 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         actions, handler = entry
         name = names.validate_name(m.group("name") or "")
         svc = services(request)
+        if svc.pull_through is not None:
+            # containerd names the mirrored host in ?ns=; policy sees the local name.
+            name = svc.pull_through.local_name(name, request.query.get("ns"))
+            if "push" in actions:
+                svc.pull_through.require_writable(name)
         principal = await svc.auth.authorize(
             request.headers.get("Authorization"),
             client_address(request),

@@ -54,6 +54,18 @@ TIMEOUT = ErrorCode("UNKNOWN", "the request timed out", 504)
 STORAGE_FULL = ErrorCode(
     "UNKNOWN", "storage full: the registry's volume has no space left for writes", 507
 )
+# Pull-through cache (docs/pull-through-cache.md): mirrored repositories take no pushes,
+# and what the upstream could not deliver, with nothing cached, is its fault (502).
+CACHE_READ_ONLY = ErrorCode(
+    "DENIED", "repository is a pull-through cache of an upstream registry: read-only", 403
+)
+UPSTREAM_UNAVAILABLE = ErrorCode("UNKNOWN", "upstream registry unavailable", 502)
+UPSTREAM_TOO_MANY_REQUESTS = ErrorCode(
+    "TOOMANYREQUESTS", "the upstream registry refused: too many requests", 429
+)
+UPSTREAM_DIGEST_MISMATCH = ErrorCode(
+    "UNKNOWN", "upstream sent content that does not match its digest", 502
+)
 # Seconds a client refused for a full volume is asked to wait before retrying.
 STORAGE_FULL_RETRY_AFTER = 30
 

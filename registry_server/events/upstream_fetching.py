@@ -1,0 +1,95 @@
+"""Fetching manifests and blobs from an upstream registry (the pull-through cache's I/O).
+
+Auth, TLS and the token flow are the replication peer client's: an upstream is reached
+like a one-way peer, with pull scopes only. Every failure is an UpstreamFailure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from registry_server.config import UpstreamConfig
+from registry_server.events.peer_client import PeerClient, PeerError
+from registry_server.protocol.upstreams import UpstreamFailure, UpstreamManifest
+
+MANIFEST_ACCEPT = ", ".join(
+    (
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    )
+)
+_CHUNK = 1 << 20
+# A blob transfer stalls out after this long without a byte (a whole blob may take long).
+_BLOB_READ_TIMEOUT = 60.0
+
+
+class UpstreamFetcher:
+    def __init__(self, config: UpstreamConfig, max_manifest_bytes: int) -> None:
+        self.name = config.name
+        self.config = config
+        self.max_manifest_bytes = max_manifest_bytes
+        self._session: aiohttp.ClientSession | None = None
+        self._client: PeerClient | None = None
+
+    def _peer(self) -> PeerClient:
+        # Made on first use: a session belongs to the running event loop.
+        if self._client is None:
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=self.config.timeout_seconds, sock_read=_BLOB_READ_TIMEOUT
+            )
+            self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+            self._client = PeerClient(self.config.as_peer(), self._session)
+        return self._client
+
+    def _failure(self, exc: PeerError) -> UpstreamFailure:
+        return UpstreamFailure(self.name, str(exc)[:300], exc.status)
+
+    async def manifest(self, repo: str, reference: str, head: bool) -> UpstreamManifest:
+        """HEAD or GET a manifest (callers bound the time with asyncio.timeout)."""
+        try:
+            _, headers, body = await self._peer().request(
+                "HEAD" if head else "GET",
+                f"/v2/{repo}/manifests/{reference}",
+                f"repository:{repo}:pull",
+                headers={"Accept": MANIFEST_ACCEPT},
+                what=f"manifest {'HEAD' if head else 'GET'} {repo}:{reference}"[:200],
+                whole_reply=None if head else self.max_manifest_bytes,
+            )
+        except PeerError as exc:
+            raise self._failure(exc) from None
+        return UpstreamManifest(
+            headers.get("Docker-Content-Digest"),
+            (headers.get("Content-Type") or "").split(";")[0].strip() or None,
+            None if head else body,
+        )
+
+    @contextlib.asynccontextmanager
+    async def blob(
+        self, repo: str, digest: str
+    ) -> AsyncIterator[tuple[int | None, AsyncIterator[bytes]]]:
+        """The blob's size (when the upstream says it) and its bytes, as they arrive."""
+        try:
+            async with self._peer().stream(
+                f"/v2/{repo}/blobs/{digest}",
+                f"repository:{repo}:pull",
+                what=f"blob GET {repo}@{digest}"[:200],
+            ) as resp:
+                yield resp.content_length, self._chunks(resp)
+        except PeerError as exc:
+            raise self._failure(exc) from None
+
+    async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in resp.content.iter_chunked(_CHUNK):
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamFailure(self.name, f"blob transfer failed: {exc}"[:300]) from None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

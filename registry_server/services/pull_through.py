@@ -1,0 +1,473 @@
+"""The pull-through cache: pulls of mirrored repositories fill the local store from the
+upstream on a miss, revalidate tags after their TTL, and fall back to the cached copy
+when the upstream fails. One upstream fetch per manifest or blob at a time, however
+many clients ask (per process). See docs/pull-through-cache.md."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from prometheus_client import Counter
+
+from registry_server.protocol import digests, errors, manifests, names, upstreams
+from registry_server.protocol.upstreams import Mirror, Target, UpstreamFailure, UpstreamManifest
+from registry_server.storage.blobstore import BlobStore
+from registry_server.storage.index import MetadataIndex, NewManifest
+
+log = logging.getLogger("registry_server.pull_through")
+
+HITS = Counter("berth_cache_hits_total", "Pulls served from the cache", ["upstream", "kind"])
+MISSES = Counter(
+    "berth_cache_misses_total", "Pulls fetched from the upstream", ["upstream", "kind"]
+)
+UPSTREAM_ERRORS = Counter(
+    "berth_cache_upstream_errors_total", "Failed upstream requests", ["upstream", "reason"]
+)
+STALE = Counter(
+    "berth_cache_stale_served_total",
+    "Cached content served because the upstream failed",
+    ["upstream"],
+)
+BYTES = Counter("berth_cache_upstream_bytes_total", "Bytes fetched from upstreams", ["upstream"])
+EVICTED = Counter("berth_cache_evicted_tags_total", "Cached tags evicted", ["upstream"])
+
+# How long one write to the client that leads a fetch may take before it is dropped (the
+# fetch, and the clients waiting for it, go on without it).
+_SINK_TIMEOUT = 30.0
+_FLUSH_EVERY = 30.0
+_PAGE = 500
+
+T = TypeVar("T")
+
+
+class Fetcher(Protocol):
+    name: str
+
+    async def manifest(self, repo: str, reference: str, head: bool) -> UpstreamManifest: ...
+
+    def blob(
+        self, repo: str, digest: str
+    ) -> AbstractAsyncContextManager[tuple[int | None, AsyncIterator[bytes]]]: ...
+
+    async def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """The response of the client whose request started a blob fetch."""
+
+    async def start(self, size: int) -> None: ...
+    async def write(self, chunk: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class Settings:
+    tag_ttl_seconds: float
+    timeout_seconds: float
+    keep_last: int
+    max_idle_seconds: float
+
+
+@dataclass
+class _Flight:
+    task: asyncio.Task[None] | None = None
+    sink: Sink | None = None
+    started: bool = False  # the sink was told the size and got bytes
+    pending: bytes | None = None  # the last chunk, held back until the digest is verified
+
+
+def _reason(failure: UpstreamFailure) -> str:
+    if failure.status is None:
+        return "unreachable"
+    return "5xx" if failure.status >= 500 else str(failure.status)
+
+
+def _as_error(failure: UpstreamFailure, unknown: errors.ErrorCode, detail: object) -> Exception:
+    if failure.not_found:
+        return errors.RegistryError(unknown, detail=detail)
+    code = (
+        errors.UPSTREAM_TOO_MANY_REQUESTS if failure.rate_limited else errors.UPSTREAM_UNAVAILABLE
+    )
+    return errors.RegistryError(
+        code, detail={"upstream": failure.upstream, "reason": failure.reason}
+    )
+
+
+class PullThrough:
+    def __init__(
+        self,
+        mirrors: Sequence[Mirror],
+        settings: Mapping[str, Settings],
+        fetchers: Mapping[str, Fetcher],
+        store: BlobStore,
+        index: MetadataIndex,
+        max_manifest_bytes: int,
+        state_dir: Path | None = None,
+        worker_id: int = 0,
+    ) -> None:
+        self.mirrors = tuple(mirrors)
+        self.settings = settings
+        self.fetchers = fetchers
+        self.store = store
+        self.index = index
+        self.max_manifest_bytes = max_manifest_bytes
+        self._manifest_flights: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._blob_flights: dict[str, _Flight] = {}
+        self._checked: dict[tuple[str, str], float] = {}  # (repo, tag) -> monotonic
+        # (repo, tag) -> wall time of the last pull: what eviction goes by. Kept in memory
+        # and written to state_dir (one file per worker) now and then.
+        self._pulled: dict[str, dict[str, float]] = {}
+        self._state_dir = state_dir
+        self._worker = worker_id
+        self._flushed = time.monotonic()
+
+    # -- routing -------------------------------------------------------------------------
+
+    def target(self, name: str, ns: str | None = None) -> Target | None:
+        return upstreams.resolve(name, ns, self.mirrors)
+
+    def local_name(self, name: str, ns: str | None) -> str:
+        """The repository a request names, containerd's ``ns`` taken into account."""
+        target = self.target(name, ns)
+        return target.local if target is not None else name
+
+    def require_writable(self, name: str) -> None:
+        target = self.target(name)
+        if target is not None:
+            raise errors.RegistryError(
+                errors.CACHE_READ_ONLY,
+                detail={"repository": name, "upstream": target.mirror.name},
+            )
+
+    # -- manifests -----------------------------------------------------------------------
+
+    async def manifest(self, name: str, reference: str) -> str | None:
+        """Make a mirrored manifest current in the index; returns a Warning header value
+        when the cached copy is served because the upstream failed. For repositories
+        that mirror nothing, does nothing."""
+        target = self.target(name)
+        if target is None or not (
+            digests.looks_like_digest(reference) or names.is_valid_tag(reference)
+        ):
+            return None
+        upstream = target.mirror.name
+        if digests.looks_like_digest(reference):
+            if await self.index.get_manifest(target.local, reference, content=False) is not None:
+                HITS.labels(upstream, "manifest").inc()
+                return None
+            MISSES.labels(upstream, "manifest").inc()
+            await self._single(
+                self._manifest_flights,
+                (target.local, reference),
+                lambda: self._fill(target, reference),
+            )
+            return None
+        self._note_pull(target.local, reference)
+        cached = await self.index.resolve_tag(target.local, reference)
+        settings = self.settings[upstream]
+        key = (target.local, reference)
+        if cached is None:
+            MISSES.labels(upstream, "manifest").inc()
+            await self._single(self._manifest_flights, key, lambda: self._fill(target, reference))
+            return None
+        if not upstreams.needs_revalidation(
+            self._checked.get(key), time.monotonic(), settings.tag_ttl_seconds
+        ):
+            HITS.labels(upstream, "manifest").inc()
+            return None
+        try:
+            await self._single(
+                self._manifest_flights, key, lambda: self._revalidate(target, reference, cached)
+            )
+        except UpstreamFailure as failure:
+            if not upstreams.serves_stale(failure):
+                raise _as_error(failure, errors.MANIFEST_UNKNOWN, {"tag": reference}) from None
+            STALE.labels(upstream).inc()
+            log.warning("serving cached %s:%s: %s", target.local, reference, failure)
+            return upstreams.warning(failure)
+        HITS.labels(upstream, "manifest").inc()
+        return None
+
+    async def _revalidate(self, target: Target, tag: str, cached: str) -> None:
+        settings = self.settings[target.mirror.name]
+        fetcher = self.fetchers[target.mirror.name]
+        try:
+            # Bounded: a slow upstream must not hold a pull the cache can answer.
+            async with asyncio.timeout(settings.timeout_seconds):
+                head = await fetcher.manifest(target.remote, tag, True)
+                if head.digest != cached:
+                    await self._fill(target, tag, revalidating=True)
+        except TimeoutError:
+            UPSTREAM_ERRORS.labels(target.mirror.name, "timeout").inc()
+            raise UpstreamFailure(
+                target.mirror.name, f"no answer within {settings.timeout_seconds}s"
+            ) from None
+        except UpstreamFailure as failure:
+            UPSTREAM_ERRORS.labels(target.mirror.name, _reason(failure)).inc()
+            raise
+        self._checked[(target.local, tag)] = time.monotonic()
+
+    async def _fill(self, target: Target, reference: str, revalidating: bool = False) -> None:
+        """GET a manifest from the upstream, verify it, store it (tagged for a tag)."""
+        fetcher = self.fetchers[target.mirror.name]
+        try:
+            got = await fetcher.manifest(target.remote, reference, False)
+        except UpstreamFailure as failure:
+            if revalidating:
+                raise  # the caller counts it and serves the cached copy
+            UPSTREAM_ERRORS.labels(target.mirror.name, _reason(failure)).inc()
+            raise _as_error(failure, errors.MANIFEST_UNKNOWN, {"reference": reference}) from None
+        body = got.content or b""
+        BYTES.labels(target.mirror.name).inc(len(body))
+        is_digest = digests.looks_like_digest(reference)
+        expected = reference if is_digest else got.digest
+        algorithm = digests.parse(expected).algorithm if expected else "sha256"
+        digest = str(digests.of_bytes(body, algorithm))
+        if expected is not None and digest != expected:
+            UPSTREAM_ERRORS.labels(target.mirror.name, "digest").inc()
+            raise errors.RegistryError(
+                errors.UPSTREAM_DIGEST_MISMATCH,
+                detail={"upstream": target.mirror.name, "expected": expected, "actual": digest},
+            )
+        if len(body) > self.max_manifest_bytes:
+            raise errors.RegistryError(
+                errors.MANIFEST_TOO_LARGE,
+                detail={"size": len(body), "limit": self.max_manifest_bytes},
+            )
+        parsed = manifests.parse(body, got.media_type)
+        # Blobs and children are fetched when clients ask for them, so none is required.
+        await self.index.put_manifest(
+            target.local,
+            NewManifest(
+                digest=digest,
+                media_type=parsed.media_type,
+                content=body,
+                artifact_type=parsed.artifact_type,
+                subject=str(parsed.subject.digest) if parsed.subject else None,
+                annotations=json.dumps(parsed.annotations) if parsed.annotations else None,
+                blob_refs=[str(d.digest) for d in parsed.blobs],
+                child_refs=[str(d.digest) for d in parsed.children],
+            ),
+            [] if is_digest else [reference],
+            actor=f"berth:cache:{target.mirror.name}",
+        )
+        if not is_digest:
+            self._checked[(target.local, reference)] = time.monotonic()
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    async def blob(self, name: str, digest: digests.Digest, sink: Sink | None) -> bool:
+        """Make a mirrored blob present locally. With ``sink``, when this request starts
+        the upstream fetch, the bytes are streamed to it as they arrive and True is
+        returned; False means the caller serves the (now local) blob itself. A digest
+        mismatch stores nothing and raises (after the sink got all but the last chunk)."""
+        target = self.target(name)
+        if target is None:
+            return False
+        upstream = target.mirror.name
+        if await self.index.blob_size(target.local, str(digest)) is not None:
+            HITS.labels(upstream, "blob").inc()
+            return False
+        size = await self.store.size(digest)
+        if size is not None:  # another repository holds it: link it here
+            with contextlib.suppress(errors.RegistryError):
+                await self.index.link_blob(
+                    target.local, str(digest), size, publish=lambda: self.store.require(digest)
+                )
+                HITS.labels(upstream, "blob").inc()
+                return False
+        flight = self._blob_flights.get(str(digest))
+        leader = flight is None
+        if flight is None:
+            MISSES.labels(upstream, "blob").inc()
+            flight = _Flight(sink=sink)
+            task = asyncio.create_task(self._fetch_blob(target, digest, flight))
+            flight.task = task
+            self._blob_flights[str(digest)] = flight
+            task.add_done_callback(lambda _: self._blob_flights.pop(str(digest), None))
+        assert flight.task is not None
+        try:
+            # Shielded: a client that goes away does not stop the fetch the others wait for.
+            await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            flight.sink = None
+            raise
+        if leader and flight.started and flight.sink is not None and flight.pending is not None:
+            await flight.sink.write(flight.pending)
+        return leader and flight.started and flight.sink is not None
+
+    async def _fetch_blob(self, target: Target, digest: digests.Digest, flight: _Flight) -> None:
+        fetcher = self.fetchers[target.mirror.name]
+        counter = BYTES.labels(target.mirror.name)
+
+        async def tee(size: int | None, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                counter.inc(len(chunk))
+                await self._to_sink(flight, size, chunk)
+                yield chunk
+
+        try:
+            async with fetcher.blob(target.remote, str(digest)) as (size, chunks):
+                upload_id = await self.store.start_upload(target.local)
+                try:
+                    info = await self.store.upload_info(target.local, upload_id)
+                    await self.store.append(info, tee(size, chunks))
+                    try:
+                        stored = await self.store.verify(info, digest)
+                    except errors.RegistryError as exc:
+                        if exc.error is errors.DIGEST_INVALID:
+                            UPSTREAM_ERRORS.labels(target.mirror.name, "digest").inc()
+                            raise errors.RegistryError(
+                                errors.UPSTREAM_DIGEST_MISMATCH,
+                                detail={"upstream": target.mirror.name, **(exc.detail or {})},
+                            ) from None
+                        raise
+                    await self.index.link_blob(
+                        target.local,
+                        str(digest),
+                        stored,
+                        publish=lambda: self.store.publish(info, digest),
+                    )
+                except BaseException:
+                    await self.store.cancel(upload_id)
+                    raise
+        except UpstreamFailure as failure:
+            UPSTREAM_ERRORS.labels(target.mirror.name, _reason(failure)).inc()
+            raise _as_error(failure, errors.BLOB_UNKNOWN, {"digest": str(digest)}) from None
+
+    async def _to_sink(self, flight: _Flight, size: int | None, chunk: bytes) -> None:
+        """Send the previous chunk to the leading client, hold this one back."""
+        if flight.sink is None or size is None:
+            flight.sink = None
+            return
+        previous, flight.pending = flight.pending, chunk
+        try:
+            async with asyncio.timeout(_SINK_TIMEOUT):
+                if not flight.started:
+                    await flight.sink.start(size)
+                    flight.started = True
+                if previous is not None:
+                    await flight.sink.write(previous)
+        except Exception:  # the client is gone or stalled: the fetch goes on without it
+            flight.sink = None
+
+    async def _single(
+        self,
+        flights: dict[tuple[str, str], asyncio.Task[None]],
+        key: tuple[str, str],
+        start: Callable[[], Awaitable[None]],
+    ) -> None:
+        task = flights.get(key)
+        if task is None:
+
+            async def run() -> None:
+                await start()
+
+            task = asyncio.create_task(run())
+            flights[key] = task
+            task.add_done_callback(lambda _: flights.pop(key, None))
+        await asyncio.shield(task)
+
+    # -- eviction ------------------------------------------------------------------------
+
+    def _note_pull(self, repo: str, tag: str) -> None:
+        self._pulled.setdefault(repo, {})[tag] = time.time()
+        if self._state_dir is not None and time.monotonic() - self._flushed > _FLUSH_EVERY:
+            self._flushed = time.monotonic()
+            snapshot = json.dumps(self._pulled)
+            path = self._state_dir / f"pulled-{self._worker}.json"
+            task = asyncio.get_running_loop().run_in_executor(None, _write_atomic, path, snapshot)
+            task.add_done_callback(lambda f: f.exception())  # logged by nobody; retried later
+
+    async def _pull_times(self) -> dict[str, dict[str, float]]:
+        merged: dict[str, dict[str, float]] = {}
+        if self._state_dir is not None:
+            for other in await asyncio.to_thread(_read_states, self._state_dir):
+                for repo, tags in other.items():
+                    for tag, when in tags.items():
+                        merged.setdefault(repo, {})[tag] = max(
+                            when, merged.get(repo, {}).get(tag, 0)
+                        )
+        for repo, tags in self._pulled.items():
+            for tag, when in tags.items():
+                merged.setdefault(repo, {})[tag] = max(when, merged.get(repo, {}).get(tag, 0))
+        return merged
+
+    async def evict_once(self) -> int:
+        """Remove the cached tags the upstreams' eviction rules no longer keep, and the
+        manifests that leaves untagged; the garbage collector then frees their blobs."""
+        pulled = await self._pull_times()
+        now = time.time()
+        removed = 0
+        last: str | None = None
+        while repos := await self.index.list_repositories(_PAGE, last):
+            last = repos[-1]
+            for repo in repos:
+                target = self.target(repo)
+                if target is None:
+                    continue
+                settings = self.settings[target.mirror.name]
+                if not settings.keep_last and not settings.max_idle_seconds:
+                    continue
+                removed += await self._evict(repo, target, settings, pulled.get(repo, {}), now)
+        if removed:
+            log.info("cache eviction removed %d tags", removed)
+        return removed
+
+    async def _evict(
+        self, repo: str, target: Target, settings: Settings, pulled: dict[str, float], now: float
+    ) -> int:
+        live = [s for s in await self.index.tag_states(repo) if s.digest is not None]
+        # A tag with no recorded pull (cached before this process started) counts as
+        # pulled now: nothing is evicted for want of a record.
+        seen = self._pulled.setdefault(repo, {})
+        times = []
+        for state in live:
+            when = pulled.get(state.name) or seen.setdefault(state.name, now)
+            times.append((state.name, when))
+        gone = set(upstreams.evicted(times, now, settings.keep_last, settings.max_idle_seconds))
+        removed = 0
+        untagged = []
+        for state in live:
+            if state.name in gone and await self.index.expire_tag(repo, state.name, state.version):
+                removed += 1
+                untagged.append(state.digest or "")
+                seen.pop(state.name, None)
+                self._checked.pop((repo, state.name), None)
+        for digest in dict.fromkeys(untagged):
+            await self.index.delete_untagged_manifest(repo, digest)
+        EVICTED.labels(target.mirror.name).inc(removed)
+        return removed
+
+    async def close(self) -> None:
+        for fetcher in self.fetchers.values():
+            await fetcher.close()
+        if self._state_dir is not None and self._pulled:
+            path = self._state_dir / f"pulled-{self._worker}.json"
+            await asyncio.to_thread(_write_atomic, path, json.dumps(self._pulled))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _read_states(directory: Path) -> list[dict[str, dict[str, float]]]:
+    states = []
+    for path in directory.glob("pulled-*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            loaded = json.loads(path.read_text())
+            if isinstance(loaded, dict):
+                states.append(loaded)
+    return states

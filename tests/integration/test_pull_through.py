@@ -1,0 +1,222 @@
+"""The pull-through cache against real upstreams: CNCF distribution 2.8, a second Berth
+with token auth, and small fake upstreams (429 answers, wrong bytes) run in the test."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import http.client
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.support.clients import (
+    Registry,
+    blob_file,
+    canonical_json,
+    skopeo,
+)
+from tests.support.images import make_oci_layout, read_blob, read_json_blob
+from tests.support.processes import RegistryProcess, free_port
+
+pytestmark = pytest.mark.integration
+
+Start = Callable[..., RegistryProcess]
+
+
+def mirror_config(url: str, **extra: Any) -> dict[str, Any]:
+    upstream = {"name": "up", "url": url, "prefix": "mirror", "timeout_seconds": 2, **extra}
+    return {"upstreams": [upstream], "log": {"level": "info", "format": "text"}}
+
+
+def pull(host: str, ref: str, dest: Path) -> str:
+    """skopeo copy from the cache into an OCI layout; returns the copied manifest digest."""
+    skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{ref}", f"oci:{dest}:x")
+    top = json.loads((dest / "index.json").read_text())
+    digest: str = top["manifests"][0]["digest"]
+    return digest
+
+
+@pytest.fixture
+def upstream_image(registry_process: Start, tmp_path: Path) -> tuple[RegistryProcess, str, Path]:
+    dist = registry_process("distribution")
+    layout = tmp_path / "img"
+    digest = make_oci_layout(layout, layers=2, layer_size=300_000)
+    skopeo(
+        "copy", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{dist.host}/team/app:v1"
+    )
+    return dist, digest, layout
+
+
+def test_skopeo_pulls_through_distribution_and_from_cache_when_it_is_gone(
+    registry_process: Start, upstream_image: tuple[RegistryProcess, str, Path], tmp_path: Path
+) -> None:
+    dist, digest, layout = upstream_image
+    berth = registry_process("berth", config=mirror_config(dist.url, tag_ttl_seconds=0))
+    assert pull(berth.host, "mirror/team/app:v1", tmp_path / "first") == digest
+    manifest = read_json_blob(layout, digest)
+    for layer in manifest["layers"]:
+        # Stored locally, byte for byte.
+        assert blob_file(berth.root, layer["digest"]).read_bytes() == read_blob(
+            layout, layer["digest"]
+        )
+
+    dist.kill()
+    # The tag is revalidated on every pull (TTL 0): the upstream is gone, the cache answers.
+    assert pull(berth.host, "mirror/team/app:v1", tmp_path / "second") == digest
+    api = Registry(berth.url)
+    response = api.manifest("mirror/team/app", "v1")
+    assert response.status == 200
+    assert (response.header("Warning") or "").startswith("110 berth ")
+    assert api.manifest("mirror/team/app", digest).header("Warning") is None
+    # Never fetched: the upstream's trouble is the client's error, not a 404.
+    missing = api.manifest("mirror/team/other", "v1")
+    assert missing.status == 502, missing
+
+
+def test_mirrored_repositories_refuse_pushes(
+    registry_process: Start, upstream_image: tuple[RegistryProcess, str, Path]
+) -> None:
+    dist, _, _ = upstream_image
+    berth = registry_process("berth", config=mirror_config(dist.url))
+    api = Registry(berth.url)
+    response = api.request("POST", "/v2/mirror/team/app/blobs/uploads/")
+    assert response.status == 403
+    assert response.json()["errors"][0]["code"] == "DENIED"
+    assert "pull-through cache" in response.json()["errors"][0]["message"]
+    body = canonical_json({"schemaVersion": 2})
+    assert api.put_manifest("mirror/team/app", "v2", body).status == 403
+    # Other repositories take pushes as always.
+    api.push_image("local/app", "v1", [b"layer"])
+
+
+def test_twenty_concurrent_pulls_of_an_uncached_blob_fetch_it_once(
+    registry_process: Start,
+) -> None:
+    dist = registry_process("distribution")
+    upstream = Registry(dist.url)
+    data = hashlib.shake_256(b"big").digest(64 << 20)
+    digest = upstream.push_blob("big/blob", data)
+    berth = registry_process("berth", config=mirror_config(dist.url))
+    cache = Registry(berth.url, timeout=120)
+
+    def fetch(_: int) -> str:
+        response = cache.get(f"/v2/mirror/big/blob/blobs/{digest}")
+        assert response.status == 200, response
+        return hashlib.sha256(response.body).hexdigest()
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(fetch, range(20)))
+    assert results == [digest.split(":")[1]] * 20
+    log = dist.log_path.read_text(errors="replace")
+    fetches = [line for line in log.splitlines() if f'"GET /v2/big/blob/blobs/{digest}' in line]
+    assert len(fetches) == 1, fetches
+    assert blob_file(berth.root, digest).stat().st_size == len(data)
+
+
+@dataclass
+class FakeUpstream:
+    """A registry answering from a dict, in a thread: ``status`` forces every answer
+    (429, 503), ``wrong`` serves other bytes than the digest names."""
+
+    manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # ref -> (type, body)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    status: int | None = None
+    requests: list[str] = field(default_factory=list)
+    port: int = field(default_factory=free_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(f"{request.method} {request.path}")
+        if self.status is not None:
+            return web.Response(status=self.status, headers={"Retry-After": "60"})
+        if request.path == "/v2/":
+            return web.json_response({})
+        _, _, rest = request.path.partition("/v2/")
+        _name, kind, ref = rest.rsplit("/", 2)
+        if kind == "manifests" and ref in self.manifests:
+            media_type, body = self.manifests[ref]
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            headers = {"Content-Type": media_type, "Docker-Content-Digest": digest}
+            return web.Response(body=None if request.method == "HEAD" else body, headers=headers)
+        if kind == "blobs" and ref in self.blobs:
+            return web.Response(body=self.blobs[ref])
+        return web.json_response({"errors": [{"code": "NOT_FOUND"}]}, status=404)
+
+    def serve(self) -> Iterator[FakeUpstream]:
+        loop = asyncio.new_event_loop()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        runner = web.AppRunner(app)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(10)
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+
+@pytest.fixture
+def fake_upstream() -> Iterator[FakeUpstream]:
+    yield from FakeUpstream().serve()
+
+
+def _serve_layout(upstream: FakeUpstream, layout: Path, digest: str) -> None:
+    """Everything in an OCI layout, served by the fake; the manifest also as v1."""
+    for path in (layout / "blobs" / "sha256").iterdir():
+        upstream.blobs[f"sha256:{path.name}"] = path.read_bytes()
+    manifest = upstream.blobs[digest]
+    media_type = json.loads(manifest)["mediaType"]
+    upstream.manifests["v1"] = upstream.manifests[digest] = (media_type, manifest)
+
+
+def test_rate_limited_upstream_gets_the_cached_copy_served(
+    registry_process: Start, fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    digest = make_oci_layout(tmp_path / "img", layers=1, layer_size=5000)
+    _serve_layout(fake_upstream, tmp_path / "img", digest)
+    berth = registry_process("berth", config=mirror_config(fake_upstream.url, tag_ttl_seconds=0))
+    assert pull(berth.host, "mirror/app:v1", tmp_path / "first") == digest
+    fake_upstream.status = 429
+    assert pull(berth.host, "mirror/app:v1", tmp_path / "second") == digest
+    response = Registry(berth.url).manifest("mirror/app", "v1")
+    assert response.status == 200
+    assert "429" in (response.header("Warning") or ""), response.header("Warning")
+    # Nothing cached for this one: the client is told the upstream's limit.
+    assert Registry(berth.url).manifest("mirror/other", "v1").status == 429
+
+
+def test_corrupt_upstream_stores_nothing_and_the_client_gets_an_error(
+    registry_process: Start, fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    digest = make_oci_layout(tmp_path / "img", layers=1, layer_size=100_000)
+    _serve_layout(fake_upstream, tmp_path / "img", digest)
+    layer_digest = json.loads(fake_upstream.blobs[digest])["layers"][0]["digest"]
+    layer = fake_upstream.blobs[layer_digest]
+    fake_upstream.blobs[layer_digest] = bytes(reversed(layer))  # same size, other bytes
+    berth = registry_process("berth", config=mirror_config(fake_upstream.url))
+    api = Registry(berth.url)
+    assert api.manifest("mirror/app", "v1").status == 200
+    # HEAD waits for the fetch, which fails verification: an error, not the blob.
+    assert api.head(f"/v2/mirror/app/blobs/{layer_digest}").status == 502
+    # A GET that streams gets a cut body (its client sees an incomplete read).
+    with pytest.raises(http.client.IncompleteRead):
+        api.get(f"/v2/mirror/app/blobs/{layer_digest}")
+    assert not blob_file(berth.root, layer_digest).exists()
+    uploads = berth.root / "uploads"
+    assert not uploads.exists() or not any(uploads.iterdir())
