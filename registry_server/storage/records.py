@@ -2,8 +2,9 @@
 SQLite index can be rebuilt (``registry_server.maintenance``).
 
 Manifests live only in the index, and tags only there too; each repository therefore
-keeps ``<root>/records/<quoted name>.jsonl``, one JSON line per change, appended and
-fdatasync'ed after the index committed it and before the client is answered:
+keeps ``<root>/records/<sha256 of its name>.jsonl`` (a name of up to 255 characters
+would not fit a file name), one JSON line per change, each naming its repository,
+appended and fdatasync'ed after the index committed it and before the client is answered:
 
 - ``{"op": "manifest", "digest", "media_type", "content": base64}`` - a manifest stored;
 - ``{"op": "delete_manifest", "digest"}``;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +28,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
 
 from registry_server.protocol import versions
 from registry_server.protocol.versions import Stamp
@@ -67,10 +68,12 @@ class TagRecord:
         self.dir = root / RECORDS_DIR
 
     def path(self, repo: str) -> Path:
-        return self.dir / (quote(repo, safe="") + _SUFFIX)
+        return self.dir / (hashlib.sha256(repo.encode()).hexdigest() + _SUFFIX)
 
     def _append_sync(self, repo: str, lines: list[dict[str, Any]]) -> None:
-        data = "".join(json.dumps(line, separators=(",", ":")) + "\n" for line in lines).encode()
+        data = "".join(
+            json.dumps({"repo": repo, **line}, separators=(",", ":")) + "\n" for line in lines
+        ).encode()
         path = self.path(repo)
         with full_as_storage_full():
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -109,9 +112,13 @@ class TagRecord:
     def repositories(self) -> Iterator[str]:
         if not self.dir.is_dir():
             return
-        for entry in sorted(self.dir.iterdir()):
+        names = set()
+        for entry in self.dir.iterdir():
             if entry.name.endswith(_SUFFIX):
-                yield unquote(entry.name[: -len(_SUFFIX)])
+                name = _first_repository(entry)
+                if name is not None:
+                    names.add(name)
+        yield from sorted(names)
 
     def replay(self, repo: str) -> RepositoryState:
         state = RepositoryState()
@@ -136,6 +143,19 @@ class TagRecord:
                     if held is None or not versions.wins(Stamp(held.version, held.origin), stamp):
                         state.tags[tag.name] = tag
         return state
+
+
+def _first_repository(path: Path) -> str | None:
+    """The repository a record file belongs to, from its first readable line."""
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                name = json.loads(raw).get("repo")
+            except ValueError:
+                continue
+            if isinstance(name, str):
+                return name
+    return None
 
 
 def _tag_line(tag: TagState) -> dict[str, Any]:
