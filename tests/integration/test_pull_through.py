@@ -17,16 +17,23 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.integration import test_clients_containerd
 from tests.support.clients import (
     Registry,
     blob_file,
     canonical_json,
+    crane,
+    run_tool,
     skopeo,
+    wait_for,
 )
 from tests.support.images import make_oci_layout, read_blob, read_json_blob
 from tests.support.processes import RegistryProcess, free_port
 
 pytestmark = pytest.mark.integration
+
+# containerd of its own, in a temporary directory (never the node's).
+containerd_socket = test_clients_containerd.containerd_socket
 
 Start = Callable[..., RegistryProcess]
 
@@ -220,3 +227,94 @@ def test_corrupt_upstream_stores_nothing_and_the_client_gets_an_error(
     assert not blob_file(berth.root, layer_digest).exists()
     uploads = berth.root / "uploads"
     assert not uploads.exists() or not any(uploads.iterdir())
+
+
+def test_crane_pulls_through_a_berth_upstream_with_token_auth(
+    registry_process: Start, tmp_path: Path
+) -> None:
+    from tests.integration.test_auth_clients import SECRETS, creds, start_auth_registry
+
+    upstream = start_auth_registry(registry_process, tmp_path)
+    layout = tmp_path / "img"
+    digest = make_oci_layout(layout, layers=1, layer_size=50_000)
+    skopeo(
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        creds("ci"),
+        f"oci:{layout}:v1",
+        f"docker://{upstream.host}/team-a/api:v1",
+    )
+    secret = tmp_path / "upstream-secret"
+    secret.write_text(SECRETS["ci"])
+    berth = registry_process(
+        "berth",
+        config=mirror_config(upstream.process.url, username="ci", password_file=str(secret)),
+    )
+    out = crane("digest", "--insecure", f"{berth.host}/mirror/team-a/api:v1").stdout.strip()
+    assert out == digest
+    crane(
+        "pull",
+        "--insecure",
+        "--format",
+        "oci",
+        f"{berth.host}/mirror/team-a/api:v1",
+        tmp_path / "o",
+    )
+    assert upstream.tokens_issued() >= 1
+
+
+_HOSTS_TOML = """\
+server = "{server}"
+
+[host."{mirror}"]
+  capabilities = ["pull", "resolve"]
+  skip_verify = true
+"""
+
+
+def test_ctr_pulls_through_berth_named_as_mirror_in_hosts_toml(
+    registry_process: Start,
+    upstream_image: tuple[RegistryProcess, str, Path],
+    containerd_socket: Path,
+    tmp_path: Path,
+) -> None:
+    dist, digest, _ = upstream_image
+    # Berth mirrors the upstream host (containerd names it in ?ns=) under "mirror".
+    berth = registry_process("berth", config=mirror_config(dist.url, hosts=[dist.host]))
+    hosts_dir = tmp_path / "certs.d"
+    (hosts_dir / dist.host).mkdir(parents=True)
+    (hosts_dir / dist.host / "hosts.toml").write_text(
+        _HOSTS_TOML.format(server=dist.url, mirror=berth.url)
+    )
+    ref = f"{dist.host}/team/app:v1"
+
+    def ctr(*args: str | Path) -> str:
+        return run_tool("ctr", "-a", containerd_socket, *args, timeout=120).stdout
+
+    ctr("images", "pull", "--hosts-dir", hosts_dir, "--snapshotter", "native", ref)
+    # It came through the mirror: Berth holds the tag, under the prefix.
+    assert Registry(berth.url).tags("mirror/team/app") == ["v1"]
+    ctr("images", "rm", "--sync", ref)
+    dist.kill()
+    ctr("images", "pull", "--hosts-dir", hosts_dir, "--snapshotter", "native", ref)
+    listed = [line.split() for line in ctr("images", "ls").splitlines()[1:] if line.strip()]
+    assert [(row[0], row[2]) for row in listed] == [(ref, digest)]
+
+
+def test_eviction_removes_what_is_not_pulled_and_gc_frees_it(
+    registry_process: Start, upstream_image: tuple[RegistryProcess, str, Path], tmp_path: Path
+) -> None:
+    dist, digest, layout = upstream_image
+    idle_days = 3 / 86400  # three seconds
+    config = mirror_config(dist.url, max_idle_days=idle_days)
+    config["gc"] = {"interval_seconds": 1, "grace_seconds": 0}
+    berth = registry_process("berth", config=config)
+    assert pull(berth.host, "mirror/team/app:v1", tmp_path / "first") == digest
+    layers = [layer["digest"] for layer in read_json_blob(layout, digest)["layers"]]
+    assert all(blob_file(berth.root, d).exists() for d in layers)
+    api = Registry(berth.url)
+    wait_for(lambda: api.tags("mirror/team/app") == [], timeout=30)
+    wait_for(lambda: not any(blob_file(berth.root, d).exists() for d in layers), timeout=30)
+    # Pulled again: fetched again.
+    assert pull(berth.host, "mirror/team/app:v1", tmp_path / "again") == digest
