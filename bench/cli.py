@@ -531,7 +531,7 @@ def _with_deps(selected: Sequence[str]) -> list[str]:
     return [p for p in PHASES if p in wanted]
 
 
-SECTIONS = ("server", "operator", "replication")
+SECTIONS = docs.SECTIONS
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

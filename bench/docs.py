@@ -268,11 +268,19 @@ def sections_table(results: Mapping[str, Result]) -> str:
     return _table(header, rows) + "\n"
 
 
+# The sections of `python -m bench` whose saved results the docs are generated from;
+# other files in bench/results/ (other benches' results) are not read here.
+SECTIONS = ("server", "operator", "replication")
+
+
 def load_results(results_dir: Path) -> dict[str, Result]:
     found: dict[str, Result] = {}
-    for path in sorted(results_dir.glob("*.json")):
+    for name in SECTIONS:
+        path = results_dir / f"{name}.json"
+        if not path.exists():
+            continue
         try:
-            found[path.stem] = json.loads(path.read_text())
+            found[name] = json.loads(path.read_text())
         except ValueError as err:
             raise DocsError(f"{path}: {err}") from err
     return found

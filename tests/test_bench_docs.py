@@ -21,8 +21,6 @@ import pytest
 
 from bench import analysis, docs, meta, report
 
-SECTIONS = ("server", "operator", "replication")
-
 
 def _results() -> dict[str, dict[str, Any]]:
     return docs.load_results(meta.RESULTS_DIR)
@@ -38,7 +36,7 @@ def _copy_docs(tmp_path: Path) -> Path:
 
 def test_every_section_has_a_saved_result() -> None:
     results = _results()
-    assert set(results) == set(SECTIONS)
+    assert set(results) == set(docs.SECTIONS)
     for name, result in results.items():
         assert result["section"] == name
         # Which run a table comes from is part of the saved result and of the doc.
