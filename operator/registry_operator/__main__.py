@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import random
 import sys
@@ -13,6 +14,7 @@ import kopf
 from registry_operator import access, credentials, fetching, granting, handlers, reconcile, settings
 from registry_operator.handlers import runtime
 from registry_operator.kube import client as kube_client
+from registry_operator.rendering import policy
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -79,6 +81,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ),
     )
     parser.add_argument(
+        "--policy-shard-kib",
+        type=int,
+        default=int(env("BERTH_POLICY_SHARD_KIB", str(policy.SHARD_BYTES // 1024))),
+        help=(
+            "the compressed size (KiB) a shard of a registry's policy may reach before the "
+            "policy is split into more shards; a Secret holds at most 1024"
+        ),
+    )
+    parser.add_argument(
         "--log-format",
         choices=["full", "plain", "json"],
         default=env("BERTH_OPERATOR_LOG_FORMAT", "full"),
@@ -86,14 +97,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+    if not 1 <= args.policy_shard_kib <= 768:
+        parser.error("--policy-shard-kib must be between 1 and 768 (a Secret holds 1 MiB)")
     if args.namespaces and not args.standalone:
         # Namespaced Kopf peering needs a KopfPeering CRD that Berth does not ship.
         parser.error("--namespace needs --standalone (peering is cluster-wide only)")
     return args
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def fewer_malloc_arenas(arenas: int = 2) -> bool:
+    """glibc gives threads that allocate at once arenas of their own (up to 8 per core);
+    the API calls run in worker threads, and the memory they free is then spread over
+    many arenas the process keeps. Two arenas keep the RSS near what is in use (see
+    docs/operator.md, "Scale"). Done before any thread starts; False where not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_ARENA_MAX, arenas))
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    fewer_malloc_arenas()
     # Kopf's formatter prefixes each object's messages with [namespace/name].
     kopf.configure(
         verbose=args.verbose,
@@ -118,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     state.access_options = granting.Options(
         settings=access.Settings(propagation=args.credential_propagation_seconds),
         prober=state.probe,
+        policy_shard_bytes=args.policy_shard_kib * 1024,
     )
     memo = kopf.Memo(berth=state)
     # Equal priorities make every replica pause, so each replica draws its own.

@@ -110,12 +110,30 @@ class Plan:
     secret_name_clashes: Mapping[str, tuple[str, ...]]  # Repository -> "namespace/name"
     rotations_handled: Mapping[str, str]  # Repository name -> the annotation it asked with
     requeue_after: float | None
+    # Repository name -> the keys of `secrets` wanting it (sorted): its status reads
+    # these, not every Secret of the registry.
+    secrets_of: Mapping[str, tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
 
 
 def _secret_name(repository: models.Repository, mode: str, grant: models.Access) -> str:
     return grant.secret_name or names.access_secret(
         repository.registry, repository.owner.namespace, mode
     )
+
+
+def _candidates(
+    repository: models.Repository, by_name: Mapping[str, Namespace]
+) -> Iterable[Namespace]:
+    """The namespaces a Repository may grant: those it names (and its own, for push),
+    or every one when it selects by label. Asking only these keeps a plan of thousands
+    of Repositories from testing each against every namespace."""
+    grants = [g for g in (repository.pull, repository.push) if g is not None]
+    if any(g.selector is not None for g in grants):
+        return by_name.values()
+    named = {ns for g in grants for ns in g.namespaces}
+    if repository.push is not None:
+        named.add(repository.owner.namespace)
+    return [by_name[ns] for ns in sorted(named) if ns in by_name]
 
 
 def _grants(
@@ -178,10 +196,10 @@ def plan(
     wanted: dict[tuple[str, str], list[tuple[str, models.Repository, models.Access]]] = (
         collections.defaultdict(list)
     )
-    for info in sorted(namespaces, key=lambda n: n.name):
-        if info.terminating:
-            continue  # nothing can be written there any more
-        for repository in active.values():
+    # Terminating namespaces: nothing can be written there any more.
+    by_name = {n.name: n for n in namespaces if not n.terminating}
+    for repository in active.values():
+        for info in _candidates(repository, by_name):
             for mode, grant in _grants(repository, info):
                 granted[(mode, info.name)].append(repository)
                 wanted[(info.name, _secret_name(repository, mode, grant))].append(
@@ -202,6 +220,7 @@ def plan(
 
     secrets: dict[tuple[str, str], Desired] = {}
     clashes: dict[str, list[str]] = collections.defaultdict(list)
+    secrets_of: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
     for (namespace, name), wants in sorted(wanted.items()):
         modes = sorted({mode for mode, _, _ in wants})
         mode = modes[0]  # a name wanted for pull and for push goes to pull; the push side is told
@@ -217,6 +236,8 @@ def plan(
             service_accounts=tuple(sorted({sa for _, g in chosen for sa in g.service_accounts})),
             repositories=tuple(sorted({r.owner.name for r, _ in chosen})),
         )
+        for repository_name in secrets[(namespace, name)].repositories:
+            secrets_of[repository_name].append((namespace, name))
 
     policy = _policy(target, state, granted, active.values())
     return Plan(
@@ -228,6 +249,7 @@ def plan(
         secret_name_clashes={k: tuple(v) for k, v in clashes.items()},
         rotations_handled=handled,
         requeue_after=max(0.5, min(deadlines) - now) if deadlines else None,
+        secrets_of={k: tuple(v) for k, v in secrets_of.items()},
     )
 
 
@@ -411,9 +433,8 @@ def granted(repository: models.Repository, result: Plan, written: Written) -> Gr
     namespaces: dict[str, list[str]] = {robots.PULL: [], robots.PUSH: []}
     rotated: list[float] = []
     rotating: list[robots.Robot] = []
-    for (namespace, secret), desired in sorted(result.secrets.items()):
-        if name not in desired.repositories:
-            continue
+    for namespace, secret in result.secrets_of.get(name, ()):
+        desired = result.secrets[(namespace, secret)]
         if (namespace, secret) in written.secrets:
             namespaces[desired.mode].append(namespace)
         robot = result.robots.get(desired.robot)
@@ -422,14 +443,10 @@ def granted(repository: models.Repository, result: Plan, written: Written) -> Gr
             if robot.rotating:
                 rotating.append(robot)
 
-    def mine(key: tuple[str, str]) -> bool:
-        desired = result.secrets.get(key)
-        return desired is not None and name in desired.repositories
-
     problems = [
         f"Secret {ns}/{secret}: {why}"
-        for (ns, secret), why in sorted(written.foreign.items())
-        if mine((ns, secret))
+        for ns, secret in result.secrets_of.get(name, ())
+        if (why := written.foreign.get((ns, secret))) is not None
     ]
     problems += [
         f"Secret {item} is wanted for pull by another Repository; push access there is not written"
@@ -437,9 +454,8 @@ def granted(repository: models.Repository, result: Plan, written: Written) -> Gr
     ]
     missing = [
         f"ServiceAccount {ns}/{sa} does not exist yet"
-        for (ns, secret), accounts in sorted(written.missing_service_accounts.items())
-        for sa in accounts
-        if mine((ns, secret))
+        for ns, secret in result.secrets_of.get(name, ())
+        for sa in written.missing_service_accounts.get((ns, secret), ())
     ]
     return Granted(
         namespaces={mode: tuple(found) for mode, found in namespaces.items()},

@@ -59,6 +59,9 @@ class Options:
     prober: Prober = _never_reachable
     clock: Callable[[], float] = time.time
     workers: int = 8  # API calls in flight while fanning out Secrets
+    # The compressed size a policy shard may reach (rendering.policy.SHARD_BYTES); tests
+    # lower it to see a policy split at a size CI can create.
+    policy_shard_bytes: int = policy.SHARD_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +105,9 @@ class Outcome:
     applied: status.Condition | None = None
     previous_applied: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     registry_ref: Mapping[str, Any] | None = None  # for events on the Registry
+    # (namespace, name) of a Repository -> (resourceVersion, status.essence) of our status
+    # write: until the watch brings that version, the status it says is this one.
+    statuses: Mapping[tuple[str, str], tuple[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def reconcile_access(
@@ -110,13 +116,21 @@ def reconcile_access(
     name: str,
     options: Options | None = None,
     claims: Sequence[node_access.Claim] | None = None,
+    seen: Sequence[Seen] | None = None,
+    namespaces: Sequence[access.Namespace] | None = None,
 ) -> Outcome:
     """`claims` are every Registry's node port claims (the operator's index; listed
-    here when None): whether the pull Secrets name the node proxy depends on them."""
+    here when None): whether the pull Secrets name the node proxy depends on them.
+    `seen` are the registry's Repositories and `namespaces` every namespace, as the
+    operator's indexes hold them; listed here when None (tests, a first run)."""
     options = options or Options()
     now = options.clock()
     body = kube.find(API_VERSION, models.KIND, namespace, name)
-    repositories, invalid = _repositories(kube, namespace, name)
+    if seen is None:
+        seen = _list_repositories(kube, namespace, name)
+    repositories = [s.repository for s in seen if s.repository is not None]
+    invalid = [s for s in seen if s.repository is None]
+    previous = {s.owner.name: s for s in seen}
     target, reason = None, ("RegistryNotFound", f"Registry {namespace}/{name} does not exist")
     if body is not None and (body.get("metadata") or {}).get("deletionTimestamp"):
         reason = ("RegistryDeleting", f"Registry {namespace}/{name} is being deleted")
@@ -126,7 +140,7 @@ def reconcile_access(
         except models.InvalidSpec as exc:
             # Leave access as it is: an invalid Registry spec is not a reason to revoke.
             message = f"Registry {namespace}/{name} has an invalid spec: {exc}"
-            return _statuses_only(kube, repositories, invalid, ("RegistryInvalid", message), now)
+            return _statuses_only(kube, seen, ("RegistryInvalid", message), now, options)
         target = _target(kube, registry, claims)
 
     robots_secret = (
@@ -139,7 +153,8 @@ def reconcile_access(
         probe = access.Probe(
             newest.staged.name, newest.staged_at or 0.0, options.prober(target, newest.staged)
         )
-    namespaces = [_namespace(obj) for obj in kube.list("v1", "Namespace", None)]
+    if namespaces is None:
+        namespaces = [namespace_of(obj) for obj in kube.list("v1", "Namespace", None)]
     plan = access.plan(
         target, repositories, namespaces, stored, now, options.generators, probe, options.settings
     )
@@ -174,13 +189,15 @@ def reconcile_access(
         policy_error=error,
         not_in_force=not_in_force,
     )
-    events = []
+    statuses: list[tuple[Seen, Mapping[str, Any], Sequence[status.Condition]]] = []
     for repository in repositories:
         fields, found = access.repository_status(repository, target, plan, written, reason)
-        events.extend(
-            writer.write_status(repository.owner, repository.generation, fields, found, now)
-        )
-    events.extend(writer.write_invalid(invalid, now))
+        statuses.append((previous[repository.owner.name], fields, found))
+    statuses += [
+        (s, {}, [status.Condition(access.READY, "False", "InvalidSpec", s.invalid)])
+        for s in invalid
+    ]
+    events = writer.write_statuses(statuses, now)
 
     # Try again: soon for what resolves itself (an SA about to be created, an API error),
     # rarely for a Secret of someone else's that only a person can move out of the way.
@@ -201,6 +218,7 @@ def reconcile_access(
     return Outcome(
         events=tuple(events),
         written=writer.written,
+        statuses=writer.statuses,
         requeue_after=requeue,
         wake=tuple(wake),
         interest=Interest.of(plan.active.values(), writer.holding),
@@ -212,35 +230,57 @@ def reconcile_access(
 
 # --- reading --------------------------------------------------------------------------------
 
-Invalid = tuple[models.Owner, int, str]  # a Repository that cannot be parsed, and why
+
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    """A Repository as far as access needs it: parsed (None when the spec is invalid,
+    with why), and what its `.status` says (status.essence; None: it has none). Not the
+    object, not even the status: with thousands of them the operator keeps these (an
+    index). A status about to change is read when it is written (for its times)."""
+
+    owner: models.Owner
+    generation: int
+    resource_version: str
+    repository: models.Repository | None
+    invalid: str = ""
+    status: int | None = None
 
 
-def _repositories(
-    kube: kube_client.Client, namespace: str, registry: str
-) -> tuple[list[models.Repository], list[Invalid]]:
-    parsed: list[models.Repository] = []
-    invalid: list[Invalid] = []
+def see(body: Mapping[str, Any]) -> tuple[tuple[str, str], Seen] | None:
+    """(registry namespace, registry name) and the Repository as seen; None for one that
+    names no Registry or is being deleted (it grants nothing any more)."""
+    meta = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    registry = (spec.get("registryRef") or {}).get("name") if isinstance(spec, Mapping) else None
+    if not registry or meta.get("deletionTimestamp"):
+        return None
+    namespace = str(meta.get("namespace"))
+    owner = models.Owner(
+        name=str(meta.get("name")),
+        namespace=namespace,
+        uid=str(meta.get("uid", "")),
+        kind=models.REPOSITORY_KIND,
+    )
+    generation = int(meta.get("generation", 0))
+    version = str(meta.get("resourceVersion", ""))
+    status_ = status.essence(body["status"]) if body.get("status") else None
+    try:
+        parsed = models.parse_repository(body)
+    except models.InvalidSpec as exc:
+        return (namespace, str(registry)), Seen(owner, generation, version, None, str(exc), status_)
+    return (namespace, str(registry)), Seen(owner, generation, version, parsed, "", status_)
+
+
+def _list_repositories(kube: kube_client.Client, namespace: str, registry: str) -> list[Seen]:
+    found = []
     for body in kube.list(API_VERSION, models.REPOSITORY_KIND, namespace):
-        spec = body.get("spec") or {}
-        if (spec.get("registryRef") or {}).get("name") != registry:
-            continue
-        meta = body.get("metadata") or {}
-        if meta.get("deletionTimestamp"):
-            continue
-        try:
-            parsed.append(models.parse_repository(body))
-        except models.InvalidSpec as exc:
-            owner = models.Owner(
-                name=str(meta.get("name")),
-                namespace=namespace,
-                uid=str(meta.get("uid", "")),
-                kind=models.REPOSITORY_KIND,
-            )
-            invalid.append((owner, int(meta.get("generation", 0)), str(exc)))
-    return parsed, invalid
+        item = see(body)
+        if item is not None and item[0] == (namespace, registry):
+            found.append(item[1])
+    return found
 
 
-def _namespace(obj: Mapping[str, Any]) -> access.Namespace:
+def namespace_of(obj: Mapping[str, Any]) -> access.Namespace:
     meta = obj.get("metadata") or {}
     phase = (obj.get("status") or {}).get("phase")
     return access.Namespace(
@@ -309,6 +349,7 @@ class _Writer:
         self.refused: dict[SecretKey, str] = {}  # not written, and why
         self.failed: set[SecretKey] = set()  # of those, the ones an API error stopped
         self.missing_accounts: dict[SecretKey, tuple[str, ...]] = {}
+        self.statuses: dict[tuple[str, str], tuple[str, int]] = {}
 
     def _record(self, obj: Mapping[str, Any]) -> None:
         meta = obj.get("metadata") or {}
@@ -341,7 +382,7 @@ class _Writer:
                 )
                 for account in accounts:
                     self._service_account(key[0], account, add=(), remove=(key[1],))
-                self.kube.delete("v1", "Secret", key[0], key[1])
+                self._delete_secret(*key)
 
             return run
 
@@ -408,7 +449,9 @@ class _Writer:
         assert plan.policy is not None
         owner = target.owner
         main = stored.get(names.policy_secret(owner.name))
-        rendered = policy.render(owner, plan.policy, policy.shard_count(main))
+        rendered = policy.render(
+            owner, plan.policy, policy.shard_count(main), self.options.policy_shard_bytes
+        )
         wanted = policy.secrets(owner, rendered)
         try:
             self.apply_owned(grants.robots_secret(owner, plan.robots), robots_secret)
@@ -426,10 +469,12 @@ class _Writer:
             return f"the policy Secrets: {exc.message}", len(rendered.shards)
         keep = {_name(m) for m in wanted}
         for secret in stored:
-            if secret not in keep:
-                with contextlib.suppress(errors.NotFound):
-                    self.kube.delete("v1", "Secret", owner.namespace, secret)
+            if secret not in keep:  # shards the main file no longer lists
+                self._delete_secret(owner.namespace, secret)
         return None, len(rendered.shards)
+
+    def _delete_secret(self, namespace: str, name: str) -> None:
+        self.kube.delete("v1", "Secret", namespace, name)  # gone already is fine
 
     def _write_secret(
         self, key: SecretKey, manifest: Mapping[str, Any], before: Mapping[str, Any] | None
@@ -540,29 +585,46 @@ class _Writer:
                 content_type=kube_client.JSON_PATCH,
             )
 
-    def write_invalid(
-        self, invalid: Sequence[Invalid], now: float
+    def write_statuses(
+        self,
+        statuses: Sequence[tuple[Seen, Mapping[str, Any], Sequence[status.Condition]]],
+        now: float,
     ) -> list[tuple[Mapping[str, Any], Event]]:
-        """Statuses of Repositories that cannot be parsed: they grant nothing."""
-        events = []
-        for owner, generation, message in invalid:
-            found = [status.Condition(access.READY, "False", "InvalidSpec", message)]
-            events.extend(self.write_status(owner, generation, {}, found, now))
-        return events
+        """Write the statuses that say something new (in parallel); the events, in order.
+        Most say what they said: those are told apart by their essence, without a call."""
+        changed = [
+            item
+            for item in statuses
+            if item[0].status is None
+            or status.essence_of(item[1], item[2], item[0].generation) != item[0].status
+        ]
+        results: list[list[tuple[Mapping[str, Any], Event]]] = [[] for _ in changed]
+        stamp = status.rfc3339(now)
+
+        def job(i: int, seen: Seen, fields: Mapping[str, Any], found: Any) -> Callable[[], None]:
+            def run() -> None:
+                results[i] = self.write_status(seen, fields, found, stamp)
+
+            return run
+
+        self._parallel([job(i, *item) for i, item in enumerate(changed)])
+        return [event for events in results for event in events]
 
     def write_status(
         self,
-        owner: models.Owner,
-        generation: int,
+        seen: Seen,
         fields: Mapping[str, Any],
         found: Sequence[status.Condition],
-        now: float,
+        stamp: str,
     ) -> list[tuple[Mapping[str, Any], Event]]:
-        body = self.kube.find(API_VERSION, models.REPOSITORY_KIND, owner.namespace, owner.name)
-        if body is None:
-            return []
-        previous = body.get("status") or {}
-        stamp = status.rfc3339(now)
+        owner, generation = seen.owner, seen.generation
+        previous: Mapping[str, Any] = {}
+        if seen.status is not None:
+            # Its conditions' times and what it said before (for the events).
+            body = self.kube.find(API_VERSION, models.REPOSITORY_KIND, owner.namespace, owner.name)
+            if body is None:
+                return []
+            previous = body.get("status") or {}
         new = {
             **fields,
             "observedGeneration": generation,
@@ -577,51 +639,46 @@ class _Writer:
         }
         if dict(previous) != new:
             try:
-                self._record(
-                    self.kube.apply(
-                        {
-                            "apiVersion": API_VERSION,
-                            "kind": models.REPOSITORY_KIND,
-                            "metadata": {"name": owner.name, "namespace": owner.namespace},
-                            "status": new,
-                        },
-                        subresource="status",
-                    )
+                after = self.kube.apply(
+                    {
+                        "apiVersion": API_VERSION,
+                        "kind": models.REPOSITORY_KIND,
+                        "metadata": {"name": owner.name, "namespace": owner.namespace},
+                        "status": new,
+                    },
+                    subresource="status",
                 )
             except errors.NotFound:
                 return []
+            self._record(after)
+            version = str((after.get("metadata") or {}).get("resourceVersion", ""))
+            self.statuses[(owner.namespace, owner.name)] = (version, status.essence(new))
         return [(ref, event) for event in _repository_events(previous, new)]
 
 
 def _statuses_only(
     kube: kube_client.Client,
-    repositories: Sequence[models.Repository],
-    invalid: Sequence[Invalid],
+    seen: Sequence[Seen],
     reason: tuple[str, str],
     now: float,
+    options: Options,
 ) -> Outcome:
-    writer = _Writer(kube, Options())
-    events = []
-    for repository in repositories:
-        found = [status.Condition(access.READY, "False", *reason)]
-        previous = (
-            kube.find(
-                API_VERSION,
-                models.REPOSITORY_KIND,
-                repository.owner.namespace,
-                repository.owner.name,
-            )
-            or {}
-        ).get("status") or {}
-        # Keep what was granted: only the condition changes.
+    writer = _Writer(kube, options)
+    statuses: list[tuple[Seen, Mapping[str, Any], list[status.Condition]]] = []
+    for item in seen:
+        if item.repository is None:
+            found = [status.Condition(access.READY, "False", "InvalidSpec", item.invalid)]
+            statuses.append((item, {}, found))
+            continue
+        # Keep what was granted: only the condition changes (rare: read the status).
+        body = kube.find(API_VERSION, models.REPOSITORY_KIND, item.owner.namespace, item.owner.name)
+        previous = (body or {}).get("status") or {}
         fields = {
             k: v for k, v in previous.items() if k not in ("conditions", "observedGeneration")
         }
-        events.extend(
-            writer.write_status(repository.owner, repository.generation, fields, found, now)
-        )
-    events.extend(writer.write_invalid(invalid, now))
-    return Outcome(events=tuple(events), written=writer.written)
+        statuses.append((item, fields, [status.Condition(access.READY, "False", *reason)]))
+    events = writer.write_statuses(statuses, now)
+    return Outcome(events=tuple(events), written=writer.written, statuses=writer.statuses)
 
 
 def _summary(items: Sequence[str], limit: int = 10) -> str:

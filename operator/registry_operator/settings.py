@@ -10,6 +10,7 @@ import kopf
 from registry_operator.handlers import children
 
 PREFIX = "berth.dev"
+POSTING_WORKERS = 4  # Kubernetes Events posted at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,11 @@ def build(options: Options = Options()) -> kopf.OperatorSettings:
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = "berth-operator"
     settings.posting.event_name_prefix = "berth-"
+    # Kopf posts the events of different objects at once, each on a connection of its
+    # own (its connection pool has no limit), and every TLS connection holds a 256 KiB
+    # buffer: thousands of Repositories granted in a burst held hundreds of connections
+    # and megabytes each second (issue 18). A few posters keep up with a burst.
+    settings.posting.worker_limit = POSTING_WORKERS
     return settings
 
 

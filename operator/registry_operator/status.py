@@ -83,6 +83,41 @@ def condition_of(status: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
     return {}
 
 
+def _frozen(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    return value
+
+
+def essence(status: Mapping[str, Any]) -> int:
+    """A digest of what a `.status` says, without the conditions' lastTransitionTime:
+    two statuses with the same essence need no write. Kept instead of the status itself
+    for thousands of Repositories (an int, not a tree of dicts)."""
+    conditions = tuple(
+        sorted(
+            (
+                c.get("type"),
+                c.get("status"),
+                c.get("reason"),
+                c.get("message") or "",
+                c.get("observedGeneration"),
+            )
+            for c in status.get("conditions") or []
+            if isinstance(c, Mapping)
+        )
+    )
+    fields = _frozen({k: v for k, v in status.items() if k != "conditions"})
+    return hash((fields, conditions))
+
+
+def essence_of(fields: Mapping[str, Any], found: Sequence[Condition], generation: int) -> int:
+    """The essence of the status `fields` and `found` would render to (see essence)."""
+    rendered = render_conditions(found, [], generation, "")
+    return essence({**fields, "observedGeneration": generation, "conditions": rendered})
+
+
 def differs(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     """Whether two conditions say something different (an event tells it again)."""
     return any(old.get(key) != new.get(key) for key in ("status", "reason", "message"))

@@ -23,6 +23,22 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert args.liveness == "http://0.0.0.0:8080/healthz"
     assert args.resync_seconds == 300
     assert args.registry_image is None
+    assert args.policy_shard_kib == 384
+
+
+def test_policy_shard_size(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("BERTH_POLICY_SHARD_KIB", "64")
+    assert cli.parse_args([]).policy_shard_kib == 64
+    assert cli.parse_args(["--policy-shard-kib", "16"]).policy_shard_kib == 16
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--policy-shard-kib", "1024"])
+    assert "a Secret holds 1 MiB" in capsys.readouterr().err
+
+
+def test_fewer_malloc_arenas_is_harmless() -> None:
+    assert isinstance(cli.fewer_malloc_arenas(), bool)
 
 
 def test_environment_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,6 +70,8 @@ def test_settings() -> None:
     assert built.watching.client_timeout == 330
     assert built.peering.name == "berth"
     assert built.posting.level == logging.WARNING
+    # A few event posters, not one connection per object posted about (issue 18).
+    assert built.posting.worker_limit == settings.POSTING_WORKERS
     selectors = dict(built.watching.label_selectors.items())
     assert len(selectors) == 8  # one per watched child kind
     assert set(selectors.values()) == {"app.kubernetes.io/managed-by=berth-operator"}

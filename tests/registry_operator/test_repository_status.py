@@ -67,6 +67,10 @@ def _plan(
         secret_name_clashes=clashes or {},
         rotations_handled={},
         requeue_after=None,
+        secrets_of={
+            name: tuple(sorted((d.namespace, d.name) for d in secrets if name in d.repositories))
+            for name in {n for d in secrets for n in d.repositories}
+        },
     )
 
 

@@ -61,3 +61,20 @@ def test_condition_of_returns_a_copy() -> None:
 def test_differs_compares_status_reason_and_message(change: dict[str, Any], differs: bool) -> None:
     assert status.differs(READY, {**READY, **change}) is differs
     assert status.differs({}, READY) is True
+
+
+def test_the_essence_of_a_status_ignores_only_the_transition_times() -> None:
+    found = [status.Condition("Ready", "True", "Granted", "pull Secrets in 2 namespaces")]
+    fields = {"pullSecretNamespaces": ["a", "b"], "pullSecretName": "p"}
+    early = {
+        **fields,
+        "observedGeneration": 3,
+        "conditions": status.render_conditions(found, [], 3, "2026-01-01T00:00:00Z"),
+    }
+    late = {**early, "conditions": status.render_conditions(found, [], 3, "2027-01-01T00:00:00Z")}
+    assert status.essence(early) == status.essence(late) == status.essence_of(fields, found, 3)
+    assert status.essence_of(fields, found, 4) != status.essence(early)
+    moved = {**fields, "pullSecretNamespaces": ["a"]}
+    assert status.essence_of(moved, found, 3) != status.essence(early)
+    told = [status.Condition("Ready", "True", "Granted", "pull Secrets in 1 namespace")]
+    assert status.essence_of(fields, told, 3) != status.essence(early)

@@ -22,6 +22,16 @@ def register(
     kopf.index(GROUP, VERSION, models.PLURAL, id=registries.CLAIMS_INDEX, registry=registry)(
         registries.index_claim
     )
+    kopf.index(
+        GROUP,
+        VERSION,
+        models.REPOSITORY_PLURAL,
+        id=repositories.REPOSITORIES_INDEX,
+        registry=registry,
+    )(repositories.index_repository)
+    kopf.index("", "v1", "namespaces", id=repositories.NAMESPACES_INDEX, registry=registry)(
+        repositories.index_namespace
+    )
     kopf.on.event(GROUP, VERSION, models.PLURAL, id="node-claims", registry=registry)(
         registries.registry_changed
     )

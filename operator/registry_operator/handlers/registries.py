@@ -10,7 +10,7 @@ from typing import Any
 import kopf
 
 from registry_operator import node_access
-from registry_operator.handlers import runtime
+from registry_operator.handlers import repositories, runtime
 from registry_operator.kube import errors
 
 # Kopf's index of node port claims, by "namespace/name"; handlers get it by this name.
@@ -104,10 +104,17 @@ def index_claim(body: kopf.Body, **_: Any) -> dict[str, node_access.Claim] | Non
 
 
 async def remember_index(*, memo: Any, **kwargs: Any) -> None:
-    """At start-up: keep the (live) index where the reconciles look for it."""
-    index = kwargs.get(CLAIMS_INDEX)
-    if isinstance(index, Mapping):
-        runtime.of(memo).claims_index = index
+    """At start-up: keep the (live) indexes where the reconciles look for them."""
+    state = runtime.of(memo)
+    claims = kwargs.get(CLAIMS_INDEX)
+    if isinstance(claims, Mapping):
+        state.claims_index = claims
+    seen = kwargs.get(repositories.REPOSITORIES_INDEX)
+    if isinstance(seen, Mapping):
+        state.repositories_index = seen
+    namespaces = kwargs.get(repositories.NAMESPACES_INDEX)
+    if isinstance(namespaces, Mapping):
+        state.namespaces_index = namespaces
 
 
 async def registry_changed(

@@ -1,4 +1,5 @@
-"""Handlers for Repositories and namespaces: both only trigger a registry's access reconcile."""
+"""Handlers for Repositories and namespaces: both only trigger a registry's access
+reconcile, and two indexes keep what those reconciles read about them."""
 
 from __future__ import annotations
 
@@ -7,8 +8,24 @@ from typing import Any
 
 import kopf
 
-from registry_operator import models
+from registry_operator import access, granting, models
 from registry_operator.handlers import runtime
+
+# Kopf's indexes, by these names: every Repository by its Registry (what access needs of
+# it, not the object) and every namespace (name, labels, terminating). Kopf fills them
+# before any handler runs; the access reconciles read them instead of listing.
+REPOSITORIES_INDEX = "berth_repositories"
+NAMESPACES_INDEX = "berth_namespaces"
+ALL = "all"  # the namespaces index's one key
+
+
+def index_repository(body: kopf.Body, **_: Any) -> dict[tuple[str, str], granting.Seen] | None:
+    found = granting.see(body)
+    return None if found is None else {found[0]: found[1]}
+
+
+def index_namespace(body: kopf.Body, **_: Any) -> dict[str, access.Namespace]:
+    return {ALL: granting.namespace_of(body)}
 
 
 async def repository_changed(

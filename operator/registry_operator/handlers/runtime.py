@@ -63,6 +63,13 @@ class Runtime:
     claims_seen: dict[str, node_access.Claim] = dataclasses.field(default_factory=dict)
     # Each Registry's AccessApplied as its access reconcile last found it.
     applied: dict[Key, status_.Condition] = dataclasses.field(default_factory=dict)
+    # Kopf's indexes of Repositories (by Registry) and namespaces (live; set at start-up).
+    repositories_index: Mapping[Any, Iterable[granting.Seen]] | None = None
+    namespaces_index: Mapping[Any, Iterable[access.Namespace]] | None = None
+    # Repository (namespace, name) -> (resourceVersion, status essence) of our last status
+    # write, until the index has seen that version: a pass in between must not take the
+    # older status for the current one (it would read and write it again).
+    statuses: dict[Key, tuple[str, int]] = dataclasses.field(default_factory=dict)
     _later: dict[Key, asyncio.TimerHandle] = dataclasses.field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
 
@@ -78,6 +85,8 @@ class Runtime:
 
     def forget(self, kind: str, namespace: str, name: str) -> None:
         self.written.pop((kind, namespace, name), None)
+        if kind == "Repository":
+            self.statuses.pop((namespace, name), None)
 
     # -- the reconciles --
 
@@ -87,6 +96,28 @@ class Runtime:
         if self.claims_index is None:
             return None
         return [claim for store in self.claims_index.values() for claim in store]
+
+    def seen(self, namespace: str, name: str) -> list[granting.Seen] | None:
+        """A snapshot of the Registry's Repositories from the index (None before it is
+        known), with our own newer status writes in place of older ones."""
+        if self.repositories_index is None:
+            return None
+        found = []
+        for item in self.repositories_index.get((namespace, name), ()):
+            key = (item.owner.namespace, item.owner.name)
+            ours = self.statuses.get(key)
+            if ours is not None:
+                if _not_older(item.resource_version, ours[0]):
+                    del self.statuses[key]  # the index has caught up
+                else:
+                    item = dataclasses.replace(item, status=ours[1])
+            found.append(item)
+        return found
+
+    def namespaces_seen(self) -> list[access.Namespace] | None:
+        if self.namespaces_index is None:
+            return None
+        return [ns for store in self.namespaces_index.values() for ns in store]
 
     def _post(self, ref: Mapping[str, Any], event: Event) -> None:
         kopf.event(
@@ -142,8 +173,11 @@ class Runtime:
                 name,
                 self.access_options,
                 self.claims(),
+                self.seen(namespace, name),
+                self.namespaces_seen(),
             )
             self.written.update(outcome.written)
+            self.statuses.update(outcome.statuses)
             self.interest[(namespace, name)] = outcome.interest
             for ref, event in outcome.events:
                 self._post(ref, event)
@@ -262,6 +296,15 @@ class Runtime:
         if admin is None:
             return status_.ReplicationObservation(error="the admin credentials are not there yet")
         return fetching.replication_status(self.endpoints.url(namespace, name), *admin)
+
+
+def _not_older(version: str, than: str) -> bool:
+    """Whether resourceVersion `version` is at least `than`. They are opaque strings to
+    clients, but etcd's revisions underneath: compare them as numbers when they are."""
+    try:
+        return int(version) >= int(than)
+    except ValueError:
+        return version == than
 
 
 def of(memo: Any) -> Runtime:

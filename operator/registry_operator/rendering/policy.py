@@ -110,17 +110,19 @@ def shards(policy: access.Policy, count: int) -> tuple[bytes, ...]:
     return tuple(_pack(document) for document in shard_documents(policy, count))
 
 
-def choose(policy: access.Policy, previous: int = 1) -> tuple[bytes, ...]:
-    """The shards, starting from the previous count: doubled while one is too large,
-    halved while all would stay far below the limit (the margin keeps it from flapping)."""
+def choose(policy: access.Policy, previous: int = 1, limit: int | None = None) -> tuple[bytes, ...]:
+    """The shards, starting from the previous count: doubled while one is larger than
+    `limit` (SHARD_BYTES), halved while all would stay far below it (the margin keeps it
+    from flapping)."""
+    limit = limit or SHARD_BYTES
     count = max(1, previous)
     packed = shards(policy, count)
-    while max(len(s) for s in packed) > SHARD_BYTES:
+    while max(len(s) for s in packed) > limit:
         count *= 2
         packed = shards(policy, count)
-    while count > 1 and sum(len(s) for s in packed) < SHARD_BYTES * count // 8:
+    while count > 1 and sum(len(s) for s in packed) < limit * count // 8:
         smaller = shards(policy, count // 2)
-        if max(len(s) for s in smaller) > SHARD_BYTES // 2:
+        if max(len(s) for s in smaller) > limit // 2:
             break
         count, packed = count // 2, smaller
     return packed
@@ -139,8 +141,10 @@ def main_text(owner: models.Owner, policy: access.Policy, packed: Sequence[bytes
     )
 
 
-def render(owner: models.Owner, policy: access.Policy, previous: int = 1) -> Rendered:
-    packed = choose(policy, previous)
+def render(
+    owner: models.Owner, policy: access.Policy, previous: int = 1, limit: int | None = None
+) -> Rendered:
+    packed = choose(policy, previous, limit)
     return Rendered(shards=packed, main=main_text(owner, policy, packed))
 
 

@@ -1,0 +1,364 @@
+"""The operator at scale: thousands of Repositories of one Registry (issue 18).
+
+For each size, on a fresh control plane (etcd, kube-apiserver, kube-controller-manager
+from `make tools`, no kubelet) and a fresh operator subprocess (`--standalone`):
+
+1. 50 tenant namespaces, one Registry (emptyDir storage), converged, operator idle;
+2. N Repositories created through the API by 16 threads as fast as the API server takes
+   them ("the bulk apply"), each granting pull to two of the tenant namespaces (the
+   shape of issue 18: a platform team with many services);
+3. time until every one is `Ready=True` for its generation, counted from the start and
+   from the end of the creation: the moment the last one became Ready is its condition's
+   lastTransitionTime (whole seconds), read by a list every 5 s (more often would load
+   the API server the operator shares); the operator's RSS (VmRSS) sampled every 50 ms:
+   before, peak, settled;
+4. one more Repository, three times: from its creation until a GET (every 20 ms) sees
+   it Ready;
+5. the policy Secrets' sizes.
+
+`python -m bench.operator_scale --sizes 2000,10000` (default 500,2000,10000); the result
+goes to bench/results/operator_scale.json. `--timeout` bounds the wait for all Ready
+(a size that never gets there is reported with how many did).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+API = "berth.dev/v1alpha1"
+NAMESPACE = "scale"
+REGISTRY = "main"
+TENANTS = 50
+GRANTS = 2  # tenant namespaces per Repository
+CREATE_THREADS = 16
+RESULT = Path(__file__).resolve().parent / "results" / "operator_scale.json"
+
+
+def _rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Sampler:
+    """VmRSS of one process every 50 ms; `mark()` starts a new peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._peak = _rss_mib(pid)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            rss = _rss_mib(self.pid)
+            with self._lock:
+                self._peak = max(self._peak, rss)
+
+    def mark(self) -> float:
+        rss = _rss_mib(self.pid)
+        with self._lock:
+            self._peak = rss
+        return rss
+
+    @property
+    def peak(self) -> float:
+        with self._lock:
+            return max(self._peak, _rss_mib(self.pid))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _ready_at(item: dict[str, Any]) -> float | None:
+    """When the operator made the Repository Ready for its generation (the condition's
+    lastTransitionTime, whole seconds), None when it is not."""
+    status = item.get("status") or {}
+    if status.get("observedGeneration") != item["metadata"].get("generation"):
+        return None
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Ready" and condition.get("status") == "True":
+            moment = datetime.datetime.strptime(
+                condition["lastTransitionTime"], "%Y-%m-%dT%H:%M:%SZ"
+            ).replace(tzinfo=datetime.UTC)
+            return moment.timestamp()
+    return None
+
+
+def wait_all_ready(
+    kube: Any, names: set[str], timeout: float, interval: float = 5.0
+) -> tuple[bool, float | None, dict[str, int]]:
+    """Poll (every `interval`: a list of thousands of objects loads the API server) until
+    every one of `names` is Ready. Returns whether they are, the wall-clock time the
+    last became Ready (from the conditions, so the polling interval does not count), and
+    the reasons of those that are not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        items = kube.list(API, "Repository", NAMESPACE)
+        times: dict[str, float] = {}
+        reasons: dict[str, int] = {}
+        for item in items:
+            name = item["metadata"]["name"]
+            if name not in names:
+                continue
+            at = _ready_at(item)
+            if at is not None:
+                times[name] = at
+                continue
+            ready = [
+                c
+                for c in (item.get("status") or {}).get("conditions") or []
+                if c["type"] == "Ready"
+            ]
+            reason = ready[0]["reason"] if ready else "no status"
+            reasons[reason] = reasons.get(reason, 0) + 1
+        missing = len(names) - len(times) - sum(reasons.values())
+        if missing:
+            reasons["not created"] = missing
+        if len(times) == len(names):
+            return True, max(times.values()), {}
+        if time.monotonic() > deadline:
+            return False, None, reasons
+        time.sleep(interval)
+
+
+def wait_one_ready(kube: Any, name: str, timeout: float) -> float | None:
+    """Seconds on the monotonic clock when it was seen Ready (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        item = kube.find(API, "Repository", NAMESPACE, name)
+        if item is not None and _ready_at(item) is not None:
+            return time.monotonic()
+        time.sleep(0.02)
+    return None
+
+
+def repository(i: int, name: str | None = None) -> dict[str, Any]:
+    team = i % TENANTS
+    granted = sorted({f"tenant-{(team + k * 7) % TENANTS:02d}" for k in range(GRANTS)})
+    return {
+        "apiVersion": API,
+        "kind": "Repository",
+        "metadata": {"name": name or f"svc-{i:05d}", "namespace": NAMESPACE},
+        "spec": {
+            "registryRef": {"name": REGISTRY},
+            "path": f"team-{team:02d}/{name or f'svc-{i:05d}'}",
+            "pullAccess": {"namespaces": granted},
+        },
+    }
+
+
+@contextmanager
+def stack(workdir: Path, operator_args: Sequence[str]) -> Iterator[tuple[Any, Any, Any]]:
+    """A control plane, an API client and the operator process."""
+    from registry_operator.kube import client as kube_client
+    from tests.support.control_plane import ControlPlane
+    from tests.support.operator_process import OperatorProcess
+
+    plane = ControlPlane(workdir / "control-plane")
+    operator = None
+    kube = None
+    try:
+        plane.start()
+        kube = kube_client.Client.connect(str(plane.kubeconfig))
+        operator = OperatorProcess(
+            plane, workdir, ("--standalone", *operator_args), name="operator"
+        ).start()
+        yield plane, kube, operator
+    except BaseException:
+        if operator is not None:
+            print(f"--- operator log ---\n{operator.log(60)}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if operator is not None:
+            operator.stop(clean_up=False)
+        if kube is not None:
+            kube.close()
+        plane.stop()
+
+
+def settle(pid: int, quiet_cpu_s: float = 0.05, window_s: float = 1.0, most_s: float = 120) -> None:
+    """Until the operator spends less than `quiet_cpu_s` of CPU in a window."""
+    deadline = time.monotonic() + most_s
+    before = _cpu_s(pid)
+    while time.monotonic() < deadline:
+        time.sleep(window_s)
+        now = _cpu_s(pid)
+        if now - before < quiet_cpu_s:
+            return
+        before = now
+
+
+def policy_sizes(kube: Any) -> dict[str, Any]:
+    from registry_operator.rendering import names
+
+    selector = f"{names.REGISTRY_LABEL}={REGISTRY},{names.COMPONENT_LABEL}=policy"
+    found = kube.list("v1", "Secret", NAMESPACE, selector)
+    sizes = sorted(
+        sum(len(base64.b64decode(v)) for v in (s.get("data") or {}).values()) for s in found
+    )
+    return {
+        "secrets": len(sizes),
+        "largest_bytes": max(sizes, default=0),
+        "total_bytes": sum(sizes),
+    }
+
+
+def measure(
+    size: int, workdir: Path, timeout: float, operator_args: Sequence[str]
+) -> dict[str, Any]:
+    with stack(workdir, operator_args) as (plane, kube, operator):
+        namespaces = [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}}
+            for n in [NAMESPACE, *(f"tenant-{i:02d}" for i in range(TENANTS))]
+        ]
+        plane.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": namespaces}),
+        )
+        kube.create(
+            {
+                "apiVersion": API,
+                "kind": "Registry",
+                "metadata": {"name": REGISTRY, "namespace": NAMESPACE},
+                "spec": {"storage": {"emptyDir": {}}},
+            }
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            body = kube.find(API, "Registry", NAMESPACE, REGISTRY) or {}
+            if (body.get("status") or {}).get("observedGeneration") == 1:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the Registry did not converge")
+            time.sleep(0.2)
+        pid = operator.pid
+        settle(pid)
+        sampler = Sampler(pid)
+        result: dict[str, Any] = {"repositories": size, "tenant_namespaces": TENANTS}
+        try:
+            result["rss_before_mib"] = round(sampler.mark(), 1)
+            wanted = {f"svc-{i:05d}" for i in range(size)}
+            load_before = os.getloadavg()[0]
+            wall = time.time()
+            started = time.monotonic()
+            with ThreadPoolExecutor(CREATE_THREADS) as pool:
+                list(pool.map(lambda i: kube.create(repository(i)), range(size)))
+            created = time.monotonic()
+            created_wall = wall + (created - started)
+            result["create_s"] = round(created - started, 2)
+            print(f"  {size}: created in {created - started:.1f} s", file=sys.stderr, flush=True)
+            done, last, reasons = wait_all_ready(kube, wanted, timeout)
+            result["all_ready"] = done
+            if done and last is not None:
+                # lastTransitionTime has whole seconds: +/- 1 s.
+                result["all_ready_from_start_s"] = round(last - wall, 1)
+                result["all_ready_from_created_s"] = round(max(0.0, last - created_wall), 1)
+            else:
+                result["not_ready_reasons"] = reasons
+            result["rss_peak_mib"] = round(sampler.peak, 1)
+            print(
+                f"  {size}: all Ready {done}: {result.get('all_ready_from_start_s')} s from the"
+                f" start, {result.get('all_ready_from_created_s')} s after the last was created;"
+                f" RSS peak {sampler.peak:.0f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
+            settle(pid)
+            result["rss_settled_mib"] = round(_rss_mib(pid), 1)
+            one_more: list[float | None] = []
+            if done:
+                for k in range(3):
+                    name = f"extra-{k}"
+                    started = time.monotonic()
+                    kube.create(repository(k, name))
+                    seen = wait_one_ready(kube, name, 60)
+                    one_more.append(None if seen is None else round(seen - started, 2))
+                    settle(pid, window_s=0.5)
+            result["one_more_s"] = one_more
+            result["rss_end_mib"] = round(_rss_mib(pid), 1)
+            result["rss_peak_overall_mib"] = round(sampler.peak, 1)
+            result["policy"] = policy_sizes(kube)
+            result["load_average_before_after"] = [
+                round(load_before, 2),
+                round(os.getloadavg()[0], 2),
+            ]
+            print(f"  {size}: {json.dumps(result)}", file=sys.stderr, flush=True)
+        finally:
+            sampler.stop()
+        return result
+
+
+def _stop(signum: int, frame: object) -> None:
+    # SIGTERM (and SIGINT, which a background job ignores) end the run through the
+    # `finally` blocks: the control plane and the operator are stopped, not orphaned.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop)
+    parser = argparse.ArgumentParser(prog="python -m bench.operator_scale", description=__doc__)
+    parser.add_argument("--sizes", default="500,2000,10000")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for all Ready"
+    )
+    parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument("--label", default="", help="a note saved with the run (e.g. before/after)")
+    parser.add_argument("--operator-arg", action="append", default=[], help="extra operator flag")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    runs = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory(prefix="berth-operator-scale-") as tmp:
+            runs.append(measure(size, Path(tmp), args.timeout, args.operator_arg))
+    document = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "label": args.label,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    print(json.dumps(document, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
