@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -216,6 +218,23 @@ def test_revoking_stops_new_pulls_and_rotating_keeps_them_working(
     )
 
 
+def wait_serving(berth: Installed) -> None:
+    """Until the Registry answers through the node path again: its status may still say
+    Ready from before a pod was replaced, and the Service's endpoints and kube-proxy's
+    rules follow the new pod a moment after it is Ready."""
+
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"http://{endpoint(berth)}/v2/", timeout=5)
+        except urllib.error.HTTPError as err:
+            return err.code == 401
+        except OSError:
+            return False
+        return False
+
+    wait_for("the registry answering through the node proxy", answers, timeout=120)
+
+
 def registry_pod(berth: Installed) -> str:
     pods = get_json(
         berth.plane,
@@ -256,6 +275,7 @@ def test_a_config_change_rolls_the_pod_and_a_deleted_pod_loses_no_image(
         timeout=240,
     )
     berth.wait_registry_ready(NAMESPACE, REGISTRY)
+    wait_serving(berth)
     run_pod(berth, "team-a", "after-roll", image)
     assert pod_outcome(berth, "team-a", "after-roll") == "running", pod_events(
         berth, "team-a", "after-roll"
@@ -268,6 +288,7 @@ def test_a_config_change_rolls_the_pod_and_a_deleted_pod_loses_no_image(
         timeout=240,
     )
     berth.wait_registry_ready(NAMESPACE, REGISTRY)
+    wait_serving(berth)
     run_pod(berth, "team-a", "after-delete", image)
     assert pod_outcome(berth, "team-a", "after-delete") == "running", pod_events(
         berth, "team-a", "after-delete"
