@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -26,14 +27,37 @@ class Coalescer(Generic[K, T]):
         return key in self._running or key in self._queued
 
     async def run(self, key: K, job: Callable[[], Awaitable[T]]) -> T:
+        # A caller cancelled (e.g. by a handler timeout) must not cancel the shared job.
+        return await asyncio.shield(self._queue(key, job))
+
+    def request(
+        self,
+        key: K,
+        job: Callable[[], Awaitable[T]],
+        failed: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        """Ask for a run without waiting for it. While one is queued, asking again costs
+        nothing: no task, no waiter (ten thousand Repositories created in a burst made
+        ten thousand waiters, each holding the context of the event that made it).
+        `failed` is told the run's exception, if any (once, however many asked)."""
+        if key in self._queued:
+            return
+        task = self._queue(key, job)
+        if failed is not None:
+            task.add_done_callback(lambda done: _tell(done, failed))
+
+    def _queue(self, key: K, job: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
         task = self._queued.get(key)
         if task is None:
             previous = self._running.get(key)
-            task = asyncio.create_task(self._chain(key, previous, job))
+            # A fresh context: not the one of whichever handler asked first (Kopf's
+            # context holds the event's body and patch for as long as the task lives).
+            task = asyncio.get_running_loop().create_task(
+                self._chain(key, previous, job), context=contextvars.Context()
+            )
             task.add_done_callback(_consume)
             self._queued[key] = task
-        # A caller cancelled (e.g. by a handler timeout) must not cancel the shared job.
-        return await asyncio.shield(task)
+        return task
 
     async def _chain(
         self, key: K, previous: asyncio.Task[T] | None, job: Callable[[], Awaitable[T]]
@@ -49,6 +73,11 @@ class Coalescer(Generic[K, T]):
         finally:
             if self._running.get(key) is me:
                 del self._running[key]
+
+
+def _tell(task: asyncio.Task[Any], failed: Callable[[BaseException], None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        failed(cast(BaseException, task.exception()))
 
 
 def _consume(task: asyncio.Task[object]) -> None:

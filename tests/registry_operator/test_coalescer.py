@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 
 import pytest
 
@@ -96,3 +97,49 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_job() -> None:
     assert await patient == "done"
     with pytest.raises(asyncio.CancelledError):
         await impatient
+
+
+async def test_requests_share_the_queued_run_without_a_task_each() -> None:
+    """Fire and forget: thousands of requests while one run is queued add nothing, and
+    the run does not keep the context of whoever asked first."""
+    queue: coalescing.Coalescer[str, int] = coalescing.Coalescer()
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="none")
+    runs: list[str] = []
+    gate = asyncio.Event()
+
+    async def job() -> int:
+        await gate.wait()
+        runs.append(marker.get())
+        return len(runs)
+
+    marker.set("caller")
+    before = len(asyncio.all_tasks())
+    queue.request("a", job)  # starts: runs once the gate opens
+    await asyncio.sleep(0)
+    for _ in range(1000):
+        queue.request("a", job)  # the second run, queued: shared by all of these
+    assert len(asyncio.all_tasks()) - before == 2
+    gate.set()
+    await _idle(queue)
+    assert runs == ["none", "none"]
+
+
+async def test_a_failed_request_is_told_once() -> None:
+    queue: coalescing.Coalescer[str, int] = coalescing.Coalescer()
+    told: list[str] = []
+
+    async def job() -> int:
+        raise RuntimeError("boom")
+
+    for _ in range(3):
+        queue.request("a", job, lambda exc: told.append(str(exc)))
+    await _idle(queue)
+    assert told == ["boom"]
+
+
+async def _idle(queue: coalescing.Coalescer[str, int]) -> None:
+    for _ in range(500):
+        if not queue.busy("a"):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("still busy")

@@ -520,14 +520,14 @@ async def test_a_changed_claim_wakes_the_registries_sharing_its_port() -> None:
     async def reconcile_(namespace: str, name: str) -> None:
         calls.append(("registry", f"{namespace}/{name}"))
 
-    async def access_(namespace: str, name: str) -> None:
+    def access_(namespace: str, name: str) -> None:
         calls.append(("access", f"{namespace}/{name}"))
 
     async def hosting_() -> None:
         calls.append(("hosting",))
 
     state.reconcile = reconcile_  # type: ignore[method-assign,assignment]
-    state.reconcile_access = access_  # type: ignore[method-assign,assignment]
+    state.request_access = access_  # type: ignore[method-assign]
     state.sync_hosting = hosting_  # type: ignore[method-assign]
     bodies = {
         "a": _body("a", 5050, "2026-01-01T00:00:00Z"),

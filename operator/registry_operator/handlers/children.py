@@ -53,11 +53,12 @@ async def child_changed(
     # policy and robots Secrets live next to the Registry and come from the access
     # reconcile, like the Secrets in granted namespaces.
     registry_namespace = labels.get(names.REGISTRY_NAMESPACE_LABEL, namespace)
+    if labels.get(names.COMPONENT_LABEL) in names.ACCESS_COMPONENTS:
+        # Pull Secrets in many namespaces: one queued run serves all their events.
+        state.request_access(registry_namespace, registry)
+        return
     try:
-        if labels.get(names.COMPONENT_LABEL) in names.ACCESS_COMPONENTS:
-            await state.reconcile_access(registry_namespace, registry)
-        else:
-            await state.reconcile(registry_namespace, registry)
+        await state.reconcile(registry_namespace, registry)
     except errors.KubeError as exc:
         logger.warning(
             "reconciling %s/%s after a %s event failed: %s", namespace, registry, type, exc

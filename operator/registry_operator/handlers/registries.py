@@ -143,7 +143,5 @@ async def registry_changed(
     for other in state.claims() or []:
         if other.ref != key and other.port in ports:
             state.spawn(f"reconcile of {other.ref}", state.reconcile(other.namespace, other.name))
-            state.spawn(
-                f"access of {other.ref}", state.reconcile_access(other.namespace, other.name)
-            )
+            state.request_access(other.namespace, other.name)
     state.spawn("local-registry-hosting", state.sync_hosting())

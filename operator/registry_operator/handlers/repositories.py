@@ -54,9 +54,7 @@ async def repository_changed(
         state.forget(models.REPOSITORY_KIND, namespace, name)
     elif state.own_write(models.REPOSITORY_KIND, namespace, name, version):
         return  # our status write
-    state.spawn(
-        f"access of {namespace}/{registry}", state.reconcile_access(namespace, str(registry))
-    )
+    state.request_access(namespace, str(registry))
 
 
 async def namespace_changed(
@@ -82,7 +80,4 @@ async def namespace_changed(
     old_labels = before[0] if before is not None else None
     for (registry_namespace, registry), interest in list(state.interest.items()):
         if interest.concerns(name, labels) or interest.concerns(name, old_labels):
-            state.spawn(
-                f"access of {registry_namespace}/{registry}",
-                state.reconcile_access(registry_namespace, registry),
-            )
+            state.request_access(registry_namespace, registry)

@@ -8,9 +8,10 @@ runs one at a time per Registry and folds bursts of triggers into one run.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import logging
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, cast
 
 import kopf
@@ -164,7 +165,25 @@ class Runtime:
 
     async def reconcile_access(self, namespace: str, name: str) -> granting.Outcome:
         """Reconcile one Registry's access (policy, robots, distributed Secrets)."""
+        return await self.access_queue.run((namespace, name), self._access_job(namespace, name))
 
+    def request_access(self, namespace: str, name: str) -> None:
+        """Ask for an access reconcile without waiting: what event handlers do. Thousands
+        of events in a burst share the one queued run (and cost no task each)."""
+
+        def failed(exc: BaseException) -> None:
+            if isinstance(exc, errors.KubeError):
+                log.warning(
+                    "access of %s/%s failed, a later trigger retries: %s", namespace, name, exc
+                )
+            else:
+                log.error("access of %s/%s failed", namespace, name, exc_info=exc)
+
+        self.access_queue.request((namespace, name), self._access_job(namespace, name), failed)
+
+    def _access_job(
+        self, namespace: str, name: str
+    ) -> Callable[[], Coroutine[Any, Any, granting.Outcome]]:
         async def job() -> granting.Outcome:
             outcome = await asyncio.to_thread(
                 granting.reconcile_access,
@@ -187,7 +206,7 @@ class Runtime:
             self._wake(outcome.wake)
             return outcome
 
-        return await self.access_queue.run((namespace, name), job)
+        return job
 
     def _access_applied(self, namespace: str, name: str, outcome: granting.Outcome) -> None:
         """The Registry's AccessApplied: one event per transition, and its status follows
@@ -250,14 +269,15 @@ class Runtime:
             except errors.KubeError as exc:
                 log.warning("%s failed, a later trigger retries: %s", what, exc)
 
-        task = asyncio.get_running_loop().create_task(guarded())
+        # A fresh context: not the event's (Kopf's holds its body) for as long as it runs.
+        task = asyncio.get_running_loop().create_task(guarded(), context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _wake(self, wake: tuple[Wake, ...]) -> None:
         for kind, namespace, name in wake:
             if kind == "access":
-                self.spawn(f"access of {namespace}/{name}", self.reconcile_access(namespace, name))
+                self.request_access(namespace, name)
             else:
                 self.spawn(f"reconcile of {namespace}/{name}", self.reconcile(namespace, name))
 
@@ -273,7 +293,7 @@ class Runtime:
 
         def fire() -> None:
             self._later.pop(key, None)
-            self.spawn(f"access of {key[0]}/{key[1]}", self.reconcile_access(*key))
+            self.request_access(*key)
 
         self._later[key] = loop.call_at(when, fire)
 
