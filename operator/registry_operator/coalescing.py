@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar, cast
 
@@ -38,7 +37,8 @@ class Coalescer(Generic[K, T]):
     ) -> None:
         """Ask for a run without waiting for it. While one is queued, asking again costs
         nothing: no task, no waiter (ten thousand Repositories created in a burst made
-        ten thousand waiters, each holding the context of the event that made it).
+        ten thousand waiting tasks, each holding the context, with the event's body, of
+        the handler that made it).
         `failed` is told the run's exception, if any (once, however many asked)."""
         if key in self._queued:
             return
@@ -50,11 +50,9 @@ class Coalescer(Generic[K, T]):
         task = self._queued.get(key)
         if task is None:
             previous = self._running.get(key)
-            # A fresh context: not the one of whichever handler asked first (Kopf's
-            # context holds the event's body and patch for as long as the task lives).
-            task = asyncio.get_running_loop().create_task(
-                self._chain(key, previous, job), context=contextvars.Context()
-            )
+            # It inherits the context of the first caller (in a handler: Kopf's, with the
+            # event's body); one queued run per key, so one such context per key at most.
+            task = asyncio.create_task(self._chain(key, previous, job))
             task.add_done_callback(_consume)
             self._queued[key] = task
         return task

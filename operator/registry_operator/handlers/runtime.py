@@ -8,7 +8,6 @@ runs one at a time per Registry and folds bursts of triggers into one run.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -269,8 +268,7 @@ class Runtime:
             except errors.KubeError as exc:
                 log.warning("%s failed, a later trigger retries: %s", what, exc)
 
-        # A fresh context: not the event's (Kopf's holds its body) for as long as it runs.
-        task = asyncio.get_running_loop().create_task(guarded(), context=contextvars.Context())
+        task = asyncio.get_running_loop().create_task(guarded())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
