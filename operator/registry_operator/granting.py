@@ -44,6 +44,8 @@ from registry_operator.rendering import grants, names, policy
 # or UNREACHABLE. The operator's runtime provides it (fetching); tests swap it.
 Prober = Callable[[access.Target, robots.Credential], str]
 SecretKey = tuple[str, str]  # (namespace, name)
+# An event for an object, and whether it tells a Repository's first status.
+Told = tuple[Mapping[str, Any], Event, bool]
 
 
 def _never_reachable(target: access.Target, credential: robots.Credential) -> str:
@@ -197,7 +199,7 @@ def reconcile_access(
         (s, {}, [status.Condition(access.READY, "False", "InvalidSpec", s.invalid)])
         for s in invalid
     ]
-    events = writer.write_statuses(statuses, now)
+    events = _in_bulk(writer.write_statuses(statuses, now), _registry_ref(body))
 
     # Try again: soon for what resolves itself (an SA about to be created, an API error),
     # rarely for a Secret of someone else's that only a person can move out of the way.
@@ -589,7 +591,7 @@ class _Writer:
         self,
         statuses: Sequence[tuple[Seen, Mapping[str, Any], Sequence[status.Condition]]],
         now: float,
-    ) -> list[tuple[Mapping[str, Any], Event]]:
+    ) -> list[Told]:
         """Write the statuses that say something new (in parallel); the events, in order.
         Most say what they said: those are told apart by their essence, without a call."""
         changed = [
@@ -598,7 +600,7 @@ class _Writer:
             if item[0].status is None
             or status.essence_of(item[1], item[2], item[0].generation) != item[0].status
         ]
-        results: list[list[tuple[Mapping[str, Any], Event]]] = [[] for _ in changed]
+        results: list[list[Told]] = [[] for _ in changed]
         stamp = status.rfc3339(now)
 
         def job(i: int, seen: Seen, fields: Mapping[str, Any], found: Any) -> Callable[[], None]:
@@ -616,7 +618,7 @@ class _Writer:
         fields: Mapping[str, Any],
         found: Sequence[status.Condition],
         stamp: str,
-    ) -> list[tuple[Mapping[str, Any], Event]]:
+    ) -> list[Told]:
         owner, generation = seen.owner, seen.generation
         previous: Mapping[str, Any] = {}
         if seen.status is not None:
@@ -653,7 +655,8 @@ class _Writer:
             self._record(after)
             version = str((after.get("metadata") or {}).get("resourceVersion", ""))
             self.statuses[(owner.namespace, owner.name)] = (version, status.essence(new))
-        return [(ref, event) for event in _repository_events(previous, new)]
+        first = not previous  # its first status
+        return [(ref, event, first) for event in _repository_events(previous, new)]
 
 
 def _statuses_only(
@@ -677,8 +680,36 @@ def _statuses_only(
             k: v for k, v in previous.items() if k not in ("conditions", "observedGeneration")
         }
         statuses.append((item, fields, [status.Condition(access.READY, "False", *reason)]))
-    events = writer.write_statuses(statuses, now)
+    events = [(ref, event) for ref, event, _ in writer.write_statuses(statuses, now)]
     return Outcome(events=tuple(events), written=writer.written, statuses=writer.statuses)
+
+
+# More first grants than this in one pass (Repositories created in bulk) are told by one
+# event on the Registry instead of one on each: every Event is a write to the API server
+# the Repositories' statuses are waiting for, and the statuses say it already.
+BULK_GRANTS = 50
+
+
+def _in_bulk(
+    told: Sequence[tuple[Mapping[str, Any], Event, bool]], registry: Mapping[str, Any] | None
+) -> list[tuple[Mapping[str, Any], Event]]:
+    """The events to post. `told` marks the Granted events of Repositories that had no
+    status yet (their first grant): more than BULK_GRANTS of those are folded into one
+    event on the Registry. Every other event (revocations, rotations, Warnings) is
+    posted on its own Repository."""
+    first = sorted(
+        {str(ref["metadata"]["name"]) for ref, e, new in told if new and e.reason == "Granted"}
+    )
+    if len(first) <= BULK_GRANTS or registry is None:
+        return [(ref, e) for ref, e, _ in told]
+    summary = Event(
+        "Normal",
+        "Granted",
+        f"first pull/push Secrets written for {len(first)} new Repositories:"
+        f" {_summary(first, 5)} (in bulk: not told on each)",
+    )
+    kept = [(ref, e) for ref, e, new in told if not (new and e.reason == "Granted")]
+    return [*kept, (registry, summary)]
 
 
 def _summary(items: Sequence[str], limit: int = 10) -> str:

@@ -10,7 +10,7 @@ import kopf
 from registry_operator.handlers import children
 
 PREFIX = "berth.dev"
-POSTING_WORKERS = 4  # Kubernetes Events posted at once
+POSTING_WORKERS = 16  # Kubernetes Events posted at once
 
 
 @dataclasses.dataclass(frozen=True)

@@ -438,3 +438,29 @@ def test_a_refused_robots_secret_writes_no_policy() -> None:
     assert ("Secret", NS, "main-policy") not in kube.objects
     assert ("Secret", "team-a", PULL) not in kube.objects
     assert _conditions(kube, "api")["Ready"] == ("False", "PolicyNotWritten")
+
+
+def test_first_grants_in_bulk_are_told_once_on_the_registry() -> None:
+    """More than BULK_GRANTS new Repositories in one pass: one Granted event on the
+    Registry instead of one each (every Event is an API write); later changes are told
+    on each Repository again."""
+    kube, clock = _kube(), Clock()
+    count = granting.BULK_GRANTS + 5
+    for i in range(count):
+        spec = {"path": f"team-a/svc-{i:03d}", "pullAccess": {"namespaces": ["team-a"]}}
+        _repository(kube, f"svc-{i:03d}", spec)
+    outcome = _run(kube, _options(clock))
+    told = [(ref["kind"], ref["metadata"]["name"], e.reason) for ref, e in outcome.events]
+    assert told == [("Registry", "main", "Granted")]
+    (summary,) = [e for _, e in outcome.events]
+    assert f"for {count} new Repositories: svc-000, svc-001" in summary.message
+    for i in range(count):
+        assert _conditions(kube, f"svc-{i:03d}")["Ready"] == ("True", "Granted")
+    moved = kube.objects[("Repository", NS, "svc-000")]
+    moved["spec"]["pullAccess"] = {"namespaces": ["team-b"]}
+    moved["metadata"]["generation"] = 2
+    again = _run(kube, _options(clock))
+    assert sorted((ref["metadata"]["name"], e.reason) for ref, e in again.events) == [
+        ("svc-000", "Granted"),
+        ("svc-000", "Revoked"),
+    ]
