@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from registry_operator import credentials, models, robots, status
+from registry_operator import credentials, models, patterns, robots, status
 from registry_operator.rendering import names
 from registry_operator.status import Condition, rfc3339
 
@@ -152,29 +152,55 @@ def _grants(
 def holders(
     repositories: Sequence[models.Repository],
 ) -> tuple[dict[str, models.Repository], dict[str, str]]:
-    """Which Repository holds each path: the older one. Returns (active, conflicts)."""
-    by_path: dict[str, list[models.Repository]] = collections.defaultdict(list)
-    for repository in repositories:
-        by_path[repository.path].append(repository)
+    """Which Repository holds what it claims: of claims naming a common repository (the
+    same path, or patterns that overlap, `team-a/*` and `team-a/api`), the older one.
+    Returns (active, conflicts)."""
     active: dict[str, models.Repository] = {}
+    newer: dict[str, list[models.Repository]] = collections.defaultdict(list)
     conflicts: dict[str, str] = {}
-    for path, claims in sorted(by_path.items()):
-        claims.sort(key=lambda r: r.age_key)
-        winner, *others = claims
-        active[winner.owner.name] = winner
-        if not others:
-            continue
-        others_names = ", ".join(o.owner.name for o in others)
-        conflicts[winner.owner.name] = (
-            f"path {path} is also claimed by Repository {others_names} (newer); "
-            "this Repository keeps it"
-        )
-        for other in others:
-            conflicts[other.owner.name] = (
-                f"path {path} is held by Repository {winner.owner.name}, which is older; "
+    exact: dict[str, models.Repository] = {}  # held exact paths
+    # Held patterns and exact paths by their literal first component ("": a wildcard):
+    # claims under different first components never overlap, so most are not compared.
+    held_patterns: dict[str, list[models.Repository]] = collections.defaultdict(list)
+    held_exact: dict[str, list[models.Repository]] = collections.defaultdict(list)
+    for claim in sorted(repositories, key=lambda r: r.age_key):
+        first = patterns.first_component(claim.path)
+        found = [exact[claim.path]] if claim.path in exact else []
+        groups = [held_patterns[first], held_patterns[""]] if first else held_patterns.values()
+        found += [r for group in groups for r in group if patterns.overlap(r.path, claim.path)]
+        if patterns.is_pattern(claim.path):
+            near = [held_exact[first]] if first else held_exact.values()
+            found += [r for group in near for r in group if patterns.matches(claim.path, r.path)]
+        if found:
+            holder = min(found, key=lambda r: r.age_key)
+            newer[holder.owner.name].append(claim)
+            conflicts[claim.owner.name] = (
+                f"{_claim(claim, holder)} Repository {holder.owner.name}, which is older; "
                 "this Repository grants nothing until one of them changes"
             )
+            continue
+        active[claim.owner.name] = claim
+        if patterns.is_pattern(claim.path):
+            held_patterns[first].append(claim)
+        else:
+            exact[claim.path] = claim
+            held_exact[first].append(claim)
+    for name, others in newer.items():
+        holder = active[name]
+        claimed = ", ".join(
+            f"Repository {o.owner.name}" + ("" if o.path == holder.path else f" ({o.path})")
+            for o in others
+        )
+        conflicts[name] = (
+            f"path {holder.path} is also claimed by {claimed} (newer); this Repository keeps it"
+        )
     return active, conflicts
+
+
+def _claim(claim: models.Repository, holder: models.Repository) -> str:
+    if claim.path == holder.path:
+        return f"path {claim.path} is held by"
+    return f"path {claim.path} overlaps {holder.path}, held by"
 
 
 def plan(

@@ -501,9 +501,11 @@ def _list(value: Any, field: str) -> list[Any]:
 VISIBILITIES = ("private", "public")
 SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 # The OCI distribution-spec repository name grammar (the CRD checks it too).
-_REPOSITORY_PATH = re.compile(
-    r"^[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*$"
-)
+# A repository name (the OCI grammar), or a pattern of them: components that are names,
+# or hold the server's wildcards (`*` within a component, `**` across, `?` one
+# character). Kept equal to the CRD's `spec.path` pattern.
+_PATH_COMPONENT = r"([a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*|[a-z0-9._-]*[*?][a-z0-9._*?-]*)"
+_REPOSITORY_PATH = re.compile(rf"^{_PATH_COMPONENT}(/{_PATH_COMPONENT})*$")
 _DURATION = re.compile(r"^(?:[0-9]+(?:\.[0-9]+)?[hms])+$")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([hms])")
 _SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
@@ -606,7 +608,9 @@ def parse_repository(body: Mapping[str, Any]) -> Repository:
     ref = _mapping(raw.get("registryRef"), "spec.registryRef")
     path = _str(raw.get("path"), "spec.path")
     if len(path) > 255 or not _REPOSITORY_PATH.match(path):
-        raise InvalidSpec("spec.path", f"{path!r} is not an OCI repository name")
+        raise InvalidSpec(
+            "spec.path", f"{path!r} is not an OCI repository name or a pattern of them"
+        )
     retention = None
     if raw.get("retention") is not None:
         data = _mapping(raw["retention"], "spec.retention")

@@ -243,3 +243,10 @@ def test_repository_path_grammar(control_plane: ControlPlane, namespace: str) ->
         'The Repository "api" is invalid: spec.path: Invalid value: "Team/API": '
         "spec.path in body should match"
     )
+    # Patterns of names are paths too (the server's policy grammar); empty components not.
+    for pattern in ("team-a/*", "team-a/**", "team-?/api-*"):
+        code, err = _apply(control_plane, _repository(namespace, {**spec, "path": pattern}))
+        assert code == 0, err
+        control_plane.kubectl("delete", "repo", "api", "-n", namespace)
+    code, err = _apply(control_plane, _repository(namespace, {**spec, "path": "team-a//*"}))
+    assert code != 0 and "spec.path in body should match" in err
