@@ -7,6 +7,8 @@ and the docs' figures regenerated from the saved results (bench/docs.py).
   alike. The server's CPU and peak memory are taken around each job, from /proc.
 - operator (bench/operator_figures.py): apply -> children, fan-out, memory.
 - replication (bench/replication.py): two regions beside skopeo, from push done.
+- operator-scale (bench/operator_scale.py), only when named: 500 / 2,000 / 10,000
+  Repositories of one Registry, all Ready, one more, RSS (docs/operator.md, "Scale").
 
 `--only operator` (or a comma list) runs some of them; the others' saved results and
 figures stay as they are.
@@ -29,7 +31,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench import docs, limits, meta, operator_figures, procs, replication, report
+from bench import (
+    docs,
+    limits,
+    meta,
+    operator_figures,
+    operator_scale,
+    procs,
+    replication,
+    report,
+)
 from bench.client import MANIFEST_ACCEPT
 
 MiB = 1 << 20
@@ -532,6 +543,9 @@ def _with_deps(selected: Sequence[str]) -> list[str]:
 
 
 SECTIONS = docs.SECTIONS
+# Run only when named (--only operator-scale): three control planes, about 10 minutes.
+# Its figures go into docs/operator.md ("Scale"), not through bench/docs.py.
+EXTRA_SECTIONS = ("operator-scale",)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -601,9 +615,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     group.add_argument("--big-mib", type=int, default=None, help="size of the large image")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in str(args.only).split(",") if s.strip()]
-    unknown = set(args.sections) - set(SECTIONS)
+    unknown = set(args.sections) - set(SECTIONS) - set(EXTRA_SECTIONS)
     if unknown or not args.sections:
-        parser.error(f"--only takes {', '.join(SECTIONS)}; not {', '.join(sorted(unknown))}")
+        known = ", ".join((*SECTIONS, *EXTRA_SECTIONS))
+        parser.error(f"--only takes {known}; not {', '.join(sorted(unknown))}")
     # A partial run's figures must not replace the saved result the docs are made from.
     partial = args.quick or args.phases or args.no_distribution or args.profile
     if args.results is None:
@@ -806,6 +821,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = args.results / f"{section}.json"
         if section == "server":
             path.write_text(run_server(args).to_json())
+        elif section == "operator-scale":
+            docs_dir = None if args.no_docs else args.docs_dir
+            path = operator_scale.run_section(args.results, docs_dir, quick=args.quick)
         else:
             result = run_operator(args) if section == "operator" else run_replication(args)
             path.write_text(json.dumps(result, indent=2) + "\n")

@@ -17,8 +17,10 @@ from `make tools`, no kubelet) and a fresh operator subprocess (`--standalone`):
 5. the policy Secrets' sizes.
 
 `python -m bench.operator_scale --sizes 2000,10000` (default 500,2000,10000); the result
-goes to bench/results/operator_scale.json. `--timeout` bounds the wait for all Ready
-(a size that never gets there is reported with how many did).
+goes to bench/results/operator_scale.json, `--docs-only` writes its table into
+docs/operator.md (between the operator-scale markers). `--timeout` bounds the wait for
+all Ready (a size that never gets there is reported with the reasons of those that are
+not).
 """
 
 from __future__ import annotations
@@ -322,6 +324,85 @@ def measure(
         return result
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "operator.md"
+MARKERS = ("<!-- operator-scale:start -->", "<!-- operator-scale:end -->")
+
+
+def _s(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f} s"
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """The figures of a saved run, as docs/operator.md shows them."""
+    lines = [
+        f"Run of {document['date']}, commit {document['commit']}"
+        + (f" ({document['label']})" if document.get("label") else "")
+        + f", {document['machine']['cpus']} CPUs, Python {document['machine']['python']}.",
+        "",
+        "| Repositories | created in | all Ready (from the start) | after the last was created"
+        " | one more Repository Ready | operator RSS: before → peak → settled"
+        " | policy Secrets (largest) | load average before / after |",
+        "| ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for run in document["runs"]:
+        if run.get("all_ready"):
+            ready = _s(run.get("all_ready_from_start_s"))
+            after = _s(run.get("all_ready_from_created_s"))
+        else:
+            reasons = run.get("not_ready_reasons", {}).items()
+            counts = ", ".join(f"{k or 'no status'}: {v}" for k, v in reasons)
+            ready, after = f"never ({counts})", "—"
+        more = ", ".join(_s(v) for v in run.get("one_more_s") or []) or "—"
+        policy = run.get("policy") or {}
+        load = run.get("load_average_before_after") or ["?", "?"]
+        lines.append(
+            f"| {run['repositories']:,} | {_s(run.get('create_s'))} | {ready} | {after} | {more}"
+            f" | {run['rss_before_mib']:.0f} → {run['rss_peak_overall_mib']:.0f} →"
+            f" {run['rss_end_mib']:.0f} MiB | {policy.get('secrets', 0)}"
+            f" ({policy.get('largest_bytes', 0) / 1024:.0f} KiB) | {load[0]} / {load[1]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(document: dict[str, Any], path: Path = DOCS) -> None:
+    text = path.read_text()
+    start, end = text.index(MARKERS[0]), text.index(MARKERS[1])
+    path.write_text(text[: start + len(MARKERS[0])] + "\n" + markdown(document) + text[end:])
+
+
+SIZES = (500, 2000, 10_000)
+QUICK_SIZES = (100,)
+
+
+def measure_all(sizes: Sequence[int], label: str = "", timeout: float = 300.0) -> dict[str, Any]:
+    """Every size on its own control plane; the saved document."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    runs = []
+    for size in sizes:
+        with tempfile.TemporaryDirectory(prefix="berth-operator-scale-") as tmp:
+            runs.append(measure(size, Path(tmp), timeout, ()))
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "label": label,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "runs": runs,
+    }
+
+
+def run_section(results: Path, docs_dir: Path | None, quick: bool = False) -> Path:
+    """`python -m bench --only operator-scale`: measure, save, and (unless quick or no
+    docs directory) write the table into docs/operator.md."""
+    document = measure_all(QUICK_SIZES if quick else SIZES)
+    path = results / "operator_scale.json"
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    if docs_dir is not None and not quick:
+        write_docs(document, docs_dir / "operator.md")
+    return path
+
+
 def _stop(signum: int, frame: object) -> None:
     # SIGTERM (and SIGINT, which a background job ignores) end the run through the
     # `finally` blocks: the control plane and the operator are stopped, not orphaned.
@@ -338,25 +419,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULT)
     parser.add_argument("--label", default="", help="a note saved with the run (e.g. before/after)")
     parser.add_argument("--operator-arg", action="append", default=[], help="extra operator flag")
+    parser.add_argument(
+        "--docs-only",
+        action="store_true",
+        help="measure nothing: write the figures of the saved result into docs/operator.md",
+    )
     args = parser.parse_args(argv)
+    if args.docs_only:
+        write_docs(json.loads(args.out.read_text()))
+        return 0
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    runs = []
-    for size in sizes:
-        with tempfile.TemporaryDirectory(prefix="berth-operator-scale-") as tmp:
-            runs.append(measure(size, Path(tmp), args.timeout, args.operator_arg))
-    document = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
-        "label": args.label,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "runs": runs,
-    }
+    if args.operator_arg:
+        document = measure_all([], args.label, args.timeout)
+        for size in sizes:
+            with tempfile.TemporaryDirectory(prefix="berth-operator-scale-") as tmp:
+                document["runs"].append(measure(size, Path(tmp), args.timeout, args.operator_arg))
+    else:
+        document = measure_all(sizes, args.label, args.timeout)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
-    print(json.dumps(document, indent=2))
+    print(markdown(document))
     return 0
 
 

@@ -155,6 +155,8 @@ def holders(
     """Which Repository holds what it claims: of claims naming a common repository (the
     same path, or patterns that overlap, `team-a/*` and `team-a/api`), the older one.
     Returns (active, conflicts)."""
+    if not any(patterns.is_pattern(r.path) for r in repositories):
+        return _holders_of_paths(repositories)
     active: dict[str, models.Repository] = {}
     newer: dict[str, list[models.Repository]] = collections.defaultdict(list)
     conflicts: dict[str, str] = {}
@@ -194,6 +196,34 @@ def holders(
         conflicts[name] = (
             f"path {holder.path} is also claimed by {claimed} (newer); this Repository keeps it"
         )
+    return active, conflicts
+
+
+def _holders_of_paths(
+    repositories: Sequence[models.Repository],
+) -> tuple[dict[str, models.Repository], dict[str, str]]:
+    """`holders` when no claim is a pattern: claims conflict only on equal paths, which a
+    dictionary finds (thousands of Repositories are planned on every pass)."""
+    by_path: dict[str, list[models.Repository]] = collections.defaultdict(list)
+    for repository in repositories:
+        by_path[repository.path].append(repository)
+    active: dict[str, models.Repository] = {}
+    conflicts: dict[str, str] = {}
+    for claims in by_path.values():
+        winner = claims[0] if len(claims) == 1 else min(claims, key=lambda r: r.age_key)
+        active[winner.owner.name] = winner
+        if len(claims) == 1:
+            continue
+        others = sorted((c for c in claims if c is not winner), key=lambda r: r.age_key)
+        claimed = ", ".join(f"Repository {o.owner.name}" for o in others)
+        conflicts[winner.owner.name] = (
+            f"path {winner.path} is also claimed by {claimed} (newer); this Repository keeps it"
+        )
+        for other in others:
+            conflicts[other.owner.name] = (
+                f"{_claim(other, winner)} Repository {winner.owner.name}, which is older; "
+                "this Repository grants nothing until one of them changes"
+            )
     return active, conflicts
 
 
@@ -338,11 +368,18 @@ def _policy(
         admins=tuple(sorted({*target.admins, *(p.current.name for p in peers)})),
         users=tuple(sorted((p.current.name, p.current.hash) for p in peers)),
         robots=tuple(sorted(entries)),
-        rules=tuple(
-            rule
-            for r in sorted(repositories, key=lambda r: r.path)
-            if (rule := _rule(r)) != Rule(r.path)
-        ),
+        rules=tuple(_rule(r) for r in sorted(repositories, key=lambda r: r.path) if _has_rule(r)),
+    )
+
+
+def _has_rule(repository: models.Repository) -> bool:
+    """Whether the path needs a rule in the policy (cheaper than building it: asked of
+    every Repository on every pass)."""
+    retention = repository.retention
+    return (
+        repository.visibility == "public"
+        or bool(repository.immutable_tags)
+        or (retention is not None and retention.keep_last is not None)
     )
 
 
@@ -391,8 +428,7 @@ def in_force(result: Plan, stored: Stored) -> tuple[frozenset[SecretKey], frozen
             ):
                 missing.add(name)
     for name, repository in result.active.items():
-        rule = _rule(repository)
-        if rule != Rule(repository.path) and rule not in stored.rules:
+        if _has_rule(repository) and _rule(repository) not in stored.rules:
             missing.add(name)
     return frozenset(writable), frozenset(missing)
 

@@ -113,9 +113,10 @@ def essence(status: Mapping[str, Any]) -> int:
 
 
 def essence_of(fields: Mapping[str, Any], found: Sequence[Condition], generation: int) -> int:
-    """The essence of the status `fields` and `found` would render to (see essence)."""
-    rendered = render_conditions(found, [], generation, "")
-    return essence({**fields, "observedGeneration": generation, "conditions": rendered})
+    """The essence of the status `fields` and `found` would render to (see essence),
+    without rendering it: asked of every Repository on every pass."""
+    conditions = tuple(sorted((c.type, c.status, c.reason, c.message, generation) for c in found))
+    return hash((_frozen({**fields, "observedGeneration": generation}), conditions))
 
 
 def differs(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
