@@ -215,9 +215,10 @@ def _holders_of_paths(
         if len(claims) == 1:
             continue
         others = sorted((c for c in claims if c is not winner), key=lambda r: r.age_key)
-        claimed = ", ".join(f"Repository {o.owner.name}" for o in others)
+        claimed = ", ".join(o.owner.name for o in others)
         conflicts[winner.owner.name] = (
-            f"path {winner.path} is also claimed by {claimed} (newer); this Repository keeps it"
+            f"path {winner.path} is also claimed by Repository {claimed} (newer); "
+            "this Repository keeps it"
         )
         for other in others:
             conflicts[other.owner.name] = (

@@ -134,3 +134,18 @@ def test_a_pattern_grants_every_repository_it_names() -> None:
     assert view.actions("pull.team-a.1", "team-b/api") == frozenset()
     assert view.tag_rules("team-a/any").is_immutable("v1")
     assert result.secrets[("team-a", "main-registries-pull")].repositories == ("team",)
+
+
+def test_equal_paths_without_patterns_are_told_as_before() -> None:
+    a = _repo("a", "team/x", "2026-01-01T00:00:00Z")
+    b = _repo("b", "team/x", "2026-02-01T00:00:00Z")
+    c = _repo("c", "team/x", "2026-03-01T00:00:00Z")
+    active, conflicts = access.holders([c, b, a])
+    assert list(active) == ["a"]
+    assert conflicts["a"] == (
+        "path team/x is also claimed by Repository b, c (newer); this Repository keeps it"
+    )
+    assert conflicts["c"] == (
+        "path team/x is held by Repository a, which is older; "
+        "this Repository grants nothing until one of them changes"
+    )
