@@ -3,6 +3,7 @@ throwaway server of tests/support/postgres.py (marked integration: a real server
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -326,3 +327,21 @@ async def test_a_database_from_before_the_actor_column_is_migrated(tmp_path: Pat
     finally:
         await index.close()
         await again.close()
+
+
+def _open_once(path: str) -> str:
+    try:
+        SqliteIndex(Path(path))
+    except Exception as exc:  # reported to the parent, which asserts on it
+        return repr(exc)
+    return ""
+
+
+def test_workers_creating_a_new_index_together_all_start(tmp_path: Path) -> None:
+    """With `http.workers` > 1 every worker opens the same new index.db at once; switching
+    it to WAL raced ("database is locked") and killed a worker about once in 75 starts."""
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(3) as pool:
+        for round_ in range(40):
+            path = str(tmp_path / f"{round_}" / "index.db")
+            assert pool.map(_open_once, [path] * 3) == ["", "", ""]
