@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
@@ -13,6 +14,8 @@ from registry_server.http.errors import error_middleware
 REQUESTS = Counter("berth_http_requests_total", "HTTP requests served", ["method", "status"])
 LATENCY = Histogram("berth_http_request_seconds", "HTTP request latency", ["method"])
 # Label values come from this set only: a client inventing methods must not grow the series.
+# Under the kubelet's probe timeout (2 s in the operator's pod template).
+PROBE_TIMEOUT = 1.5
 _METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -38,10 +41,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    try:
-        await services(request).index.ping()
-    except Exception as exc:  # any failure means not ready; say why
-        return web.Response(status=503, text=f"index unavailable: {type(exc).__name__}\n")
+    """Ready when both back ends answer: the metadata index and the blob store (with
+    PostgreSQL and S3, a replica that cannot reach either leaves the Service)."""
+    svc = services(request)
+    for what, ping in (("index", svc.index.ping), ("blob store", svc.blobs.store.ping)):
+        try:
+            await asyncio.wait_for(ping(), PROBE_TIMEOUT)
+        except Exception as exc:  # any failure means not ready; say which and why
+            name = "Timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            return web.Response(status=503, text=f"{what} unavailable: {name}\n")
     return web.Response(text="ok\n")
 
 

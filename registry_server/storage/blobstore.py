@@ -38,6 +38,8 @@ _TRASH = "trash"
 # Written by `berth-registry backup` (its start time) while it copies: no collection then.
 BACKUP_MARKER = "backup-running"
 _BACKUP_STALE = 6 * 3600  # a marker this old was left by a backup that died
+# What the readiness probe stats: never written, so the answer is "absent" when all is well.
+PROBE_PATH = "readyz-probe"
 
 log = logging.getLogger("registry_server.storage")
 
@@ -96,6 +98,11 @@ class BlobStore:
         self._unreadable: set[str] = set()
 
     # -- blobs ---------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Raise if the store does not answer: a stat of a key that need not exist goes
+        to the store (an object store's HEAD), where credentials and the bucket count."""
+        await self.driver.stat(PROBE_PATH)
 
     async def size(self, digest: digests.Digest) -> int | None:
         return await self.driver.stat(blob_path(digest))

@@ -167,6 +167,20 @@ def test_blob_get_redirects_to_a_pre_signed_url(registry_process: Start, s3_stor
     assert missing.status == 404  # visibility is the index's, before any redirect
 
 
+def test_readiness_follows_the_store(registry_process: Start, s3_store: S3Store) -> None:
+    """/readyz asks the store too: with keys the store refuses the replica stays out of
+    its Service (and says why), while /healthz keeps the kubelet from restarting it."""
+    good = registry_process("berth", config=_config(s3_store, s3_store.new_prefix()))
+    assert Registry(good.url).get("/readyz").status == 200
+    refused = registry_process(
+        "berth", config=_config(s3_store, s3_store.new_prefix(), secret_key="not-the-key")
+    )
+    api = Registry(refused.url)
+    ready = api.get("/readyz")
+    assert ready.status == 503 and ready.body.startswith(b"blob store unavailable:"), ready
+    assert api.get("/healthz").status == 200
+
+
 @pytest.mark.parametrize("redirect", [False, True], ids=["streamed", "redirected"])
 def test_skopeo_round_trip(
     registry_process: Start, s3_store: S3Store, tmp_path: Path, redirect: bool
