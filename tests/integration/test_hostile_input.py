@@ -13,7 +13,6 @@ import http.client
 import io
 import json
 import re
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,29 +20,20 @@ from typing import Any
 import bcrypt
 import pytest
 
-from tests.support.clients import Registry, peak_rss_bytes, sha256
+from tests.support.clients import (
+    SPEC_CODES,
+    Registry,
+    peak_rss_bytes,
+    raw_connection,
+    raw_replies,
+    read_until_closed,
+    sha256,
+)
 from tests.support.processes import RegistryProcess
 
 pytestmark = pytest.mark.integration
 
 Start = Callable[..., RegistryProcess]
-
-SPEC_CODES = {
-    "BLOB_UNKNOWN",
-    "BLOB_UPLOAD_INVALID",
-    "BLOB_UPLOAD_UNKNOWN",
-    "DIGEST_INVALID",
-    "MANIFEST_BLOB_UNKNOWN",
-    "MANIFEST_INVALID",
-    "MANIFEST_UNKNOWN",
-    "NAME_INVALID",
-    "NAME_UNKNOWN",
-    "SIZE_INVALID",
-    "UNAUTHORIZED",
-    "DENIED",
-    "UNSUPPORTED",
-    "TOOMANYREQUESTS",
-}
 
 
 class Reply:
@@ -85,16 +75,9 @@ class _FakeSocket:
 
 def send(registry: RegistryProcess, data: bytes, timeout: float = 10.0) -> Reply:
     """One raw request on its own connection; the reply, read until the server closes."""
-    received = bytearray()
-    with socket.create_connection(("127.0.0.1", registry.port), timeout) as sock:
-        sock.sendall(data)
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
+    received = raw_replies(registry.url, data, timeout)
     assert received, f"no reply to {data[:200]!r}"
-    return Reply(bytes(received))
+    return Reply(received)
 
 
 def request(
@@ -330,8 +313,7 @@ def send_big(registry: RegistryProcess, line: bytes, headers: list[bytes], chunk
     framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % BIG
     head = [line, f"Host: {registry.host}".encode(), b"Connection: close", framing, *headers]
     chunk = b"x" * MiB
-    received = bytearray()
-    with socket.create_connection(("127.0.0.1", registry.port), 30) as sock:
+    with raw_connection(registry.url, 30) as sock:
         try:
             sock.sendall(b"\r\n".join(head) + b"\r\n\r\n")
             for _ in range(BIG // MiB):
@@ -340,13 +322,9 @@ def send_big(registry: RegistryProcess, line: bytes, headers: list[bytes], chunk
                 sock.sendall(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # refused and closed before the end: fine, the reply is what counts
-        try:
-            while data := sock.recv(65536):
-                received += data
-        except (ConnectionResetError, TimeoutError):
-            pass
+        received = read_until_closed(sock)
     assert received, f"no reply to {line!r}"
-    return Reply(bytes(received))
+    return Reply(received)
 
 
 def _peak_rss(registry: RegistryProcess) -> int:

@@ -26,24 +26,8 @@ from registry_server.auth.model import Access
 from registry_server.auth.tokens import SigningKey, TokenCodec, TokenInvalid
 from registry_server.config import AuthConfig, Config, StorageConfig
 from registry_server.protocol import errors, pagination, ranges, versions
+from tests.support.clients import SPEC_CODES
 
-# The error codes of the OCI distribution spec (and of Docker's registry API v2).
-SPEC_CODES = {
-    "BLOB_UNKNOWN",
-    "BLOB_UPLOAD_INVALID",
-    "BLOB_UPLOAD_UNKNOWN",
-    "DIGEST_INVALID",
-    "MANIFEST_BLOB_UNKNOWN",
-    "MANIFEST_INVALID",
-    "MANIFEST_UNKNOWN",
-    "NAME_INVALID",
-    "NAME_UNKNOWN",
-    "SIZE_INVALID",
-    "UNAUTHORIZED",
-    "DENIED",
-    "UNSUPPORTED",
-    "TOOMANYREQUESTS",
-}
 SERVER_ROOT = Path(__file__).resolve().parents[2] / "registry_server"
 CATALOGUE = SERVER_ROOT / "protocol" / "errors.py"
 

@@ -6,9 +6,11 @@
   request and sends paths exactly as given (no dot-segment normalisation), so tests can
   send names like `../x`;
 - `send_truncated` writes a request head and part of its body on a raw socket, then
-  drops the connection;
-- `assert_error` checks the spec's error shape, `blob_tree_problems` hashes every file
-  under `<root>/blobs`, `peak_rss_bytes` reads a process's high-water RSS.
+  drops the connection; `raw_replies` writes raw requests and returns all the server
+  answers until it closes (`raw_connection` and `read_until_closed` are its two halves);
+- `assert_error` checks the spec's error shape (`SPEC_CODES` are the spec's error codes),
+  `blob_tree_problems` hashes every file under `<root>/blobs`, `peak_rss_bytes` reads a
+  process's high-water RSS.
 """
 
 from __future__ import annotations
@@ -328,6 +330,27 @@ def with_query(location: str, **params: str) -> str:
     return f"{location}{separator}{urlencode(params)}"
 
 
+# The error codes of the OCI distribution spec (and of Docker's registry API v2).
+SPEC_CODES = frozenset(
+    {
+        "BLOB_UNKNOWN",
+        "BLOB_UPLOAD_INVALID",
+        "BLOB_UPLOAD_UNKNOWN",
+        "DIGEST_INVALID",
+        "MANIFEST_BLOB_UNKNOWN",
+        "MANIFEST_INVALID",
+        "MANIFEST_UNKNOWN",
+        "NAME_INVALID",
+        "NAME_UNKNOWN",
+        "SIZE_INVALID",
+        "UNAUTHORIZED",
+        "DENIED",
+        "UNSUPPORTED",
+        "TOOMANYREQUESTS",
+    }
+)
+
+
 def assert_error(
     response: Response, status: int, code: str | Iterable[str] | None = None
 ) -> dict[str, Any]:
@@ -364,9 +387,8 @@ def send_truncated(
     `headers` must declare the full Content-Length. The pause lets the server start
     reading the body before the connection goes away.
     """
-    parts = urlsplit(url)
     data = request_bytes(url, method, path, headers, partial_body)
-    with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), 10) as sock:
+    with raw_connection(url) as sock:
         sock.sendall(data)
         time.sleep(pause)
         # Abort (RST) rather than a graceful FIN: the server must not see a complete request.
@@ -375,17 +397,25 @@ def send_truncated(
 
 def raw_replies(url: str, data: bytes, timeout: float = 10.0) -> bytes:
     """Write `data` (raw requests) on a socket; everything the server sends until it closes."""
-    parts = urlsplit(url)
-    received = bytearray()
-    with socket.create_connection(
-        (parts.hostname or "127.0.0.1", parts.port or 80), timeout
-    ) as sock:
+    with raw_connection(url, timeout) as sock:
         sock.sendall(data)
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except (ConnectionResetError, TimeoutError):
-            pass
+        return read_until_closed(sock)
+
+
+def raw_connection(url: str, timeout: float = 10.0) -> socket.socket:
+    """A plain TCP connection to the server of `url`, for writing requests byte by byte."""
+    parts = urlsplit(url)
+    return socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout)
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends on `sock` until it closes it (or resets, or times out)."""
+    received = bytearray()
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
     return bytes(received)
 
 
