@@ -126,3 +126,19 @@ def replication_status(url: str, username: str, password: str) -> status.Replica
     if not isinstance(payload, dict):
         return status.ReplicationObservation(error=f"GET {url}{STATUS_PATH}: not a JSON object")
     return status.ReplicationObservation(payload=payload)
+
+
+def readiness(url: str) -> status.Readiness:
+    """GET /readyz (unauthenticated): 200 when the server reaches its index and blob
+    store; otherwise the code and the first line of its answer, or why nothing answered."""
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=TIMEOUT) as response:
+            return status.Readiness(int(response.status), _first_line(response.read()))
+    except urllib.error.HTTPError as exc:
+        return status.Readiness(int(exc.code), _first_line(exc.read()))
+    except (OSError, ValueError) as exc:
+        return status.Readiness(None, f"GET {url}/readyz: {exc}")
+
+
+def _first_line(body: bytes) -> str:
+    return body.decode("utf-8", "replace").strip().splitlines()[0][:200] if body.strip() else ""

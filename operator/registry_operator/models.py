@@ -41,6 +41,10 @@ _QUANTITY = re.compile(
 )
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# A Secret's or ConfigMap's data key.
+_CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
+# S3 bucket names: 3-63 lowercase letters, digits, dots and hyphens.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 class InvalidSpec(ValueError):
@@ -92,7 +96,45 @@ class EmptyDirStorage:
     size_limit: str | None = None
 
 
-Storage = PvcStorage | EmptyDirStorage
+@dataclasses.dataclass(frozen=True)
+class KeyRef:
+    """A key of a Secret or ConfigMap in the Registry's namespace."""
+
+    name: str
+    key: str
+
+
+# The keys a storage.s3 credentials Secret holds (distribution's and the AWS CLI's names).
+S3_ACCESS_KEY = "accessKeyID"
+S3_SECRET_KEY = "secretAccessKey"
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Storage:
+    """Blobs in an S3-compatible object store; the index is then in PostgreSQL."""
+
+    bucket: str
+    credentials_secret: str  # keys S3_ACCESS_KEY and S3_SECRET_KEY
+    endpoint: str = ""  # empty: AWS's endpoint for the region
+    region: str = "us-east-1"
+    prefix: str = ""
+    path_style: bool = True
+    redirect: bool = False
+    ca: KeyRef | None = None  # a ConfigMap key holding the store's CA bundle (PEM)
+
+
+Storage = PvcStorage | EmptyDirStorage | S3Storage
+
+
+@dataclasses.dataclass(frozen=True)
+class PostgresMetadata:
+    """The metadata index in PostgreSQL: a Secret key holding a libpq connection string."""
+
+    connection: KeyRef
+    pool_size: int = 10
+
+
+DEFAULT_DSN_KEY = "dsn"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +216,7 @@ class Spec:
     )
     log_level: str = "info"
     storage: Storage = dataclasses.field(default_factory=PvcStorage)
+    postgresql: PostgresMetadata | None = None  # None: SQLite on the data volume
     ingress: Ingress | None = None
     peers: tuple[Peer, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
@@ -226,11 +269,17 @@ def parse_spec(raw: Mapping[str, Any], *, image: str | None = None, namespace: s
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         raise InvalidSpec("spec.replicas", "must be a non-negative integer")
     storage = _storage(_mapping(raw.get("storage", {"pvc": {}}), "spec.storage"))
-    shared = isinstance(storage, PvcStorage) and storage.shared
-    if replicas > 1 and not shared:
+    postgresql = _postgresql(raw.get("metadata"))
+    if isinstance(storage, S3Storage) and postgresql is None:
+        raise InvalidSpec(
+            "spec.metadata.postgresql",
+            "storage.s3 leaves no volume for the SQLite index: set metadata.postgresql",
+        )
+    if replicas > 1 and not (isinstance(storage, S3Storage) and postgresql is not None):
+        # SQLite's WAL cannot be shared between hosts, even on a ReadWriteMany volume.
         raise InvalidSpec(
             "spec.replicas",
-            "replicas > 1 requires shared storage (storage.pvc with accessModes ReadWriteMany)",
+            "replicas > 1 requires storage.s3 and metadata.postgresql (SQLite serves one pod only)",
         )
     region = raw.get("region")
     peers = _peers(raw.get("replication"), namespace)
@@ -253,6 +302,7 @@ def parse_spec(raw: Mapping[str, Any], *, image: str | None = None, namespace: s
         resources=_resources(raw.get("resources")),
         log_level=_choice(raw.get("logLevel", "info"), LOG_LEVELS, "spec.logLevel"),
         storage=storage,
+        postgresql=postgresql,
         ingress=_ingress(raw.get("ingress")),
         peers=peers,
         webhooks=_webhooks(raw.get("notifications")),
@@ -374,9 +424,7 @@ def _storage(raw: Mapping[str, Any]) -> Storage:
             "spec.storage", "exactly one of storage.pvc, storage.s3 or storage.emptyDir must be set"
         )
     if kinds == ["s3"]:
-        # The server's configuration has no object-store driver yet; rendering a config
-        # it would reject (or silently ignore) is worse than saying so here.
-        raise InvalidSpec("spec.storage.s3", "S3 storage is not supported by this server version")
+        return _s3(_mapping(raw["s3"], "spec.storage.s3"))
     if kinds == ["emptyDir"]:
         empty = _mapping(raw["emptyDir"], "spec.storage.emptyDir")
         limit = empty.get("sizeLimit")
@@ -403,6 +451,73 @@ def _storage(raw: Mapping[str, Any]) -> Storage:
         ),
         access_modes=modes,
         delete_on_registry_delete=delete,
+    )
+
+
+def _key_ref(raw: Any, field: str, default_key: str) -> KeyRef:
+    data = _mapping(raw, field)
+    name = _str(data.get("name"), f"{field}.name")
+    if not _DNS_NAME.match(name):
+        raise InvalidSpec(f"{field}.name", f"{name!r} is not a valid object name")
+    key = _str(data.get("key", default_key), f"{field}.key")
+    if not _CONFIG_KEY.match(key):
+        raise InvalidSpec(f"{field}.key", f"{key!r} is not a valid key")
+    return KeyRef(name, key)
+
+
+def _bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidSpec(field, "must be a boolean")
+    return value
+
+
+def _s3(data: Mapping[str, Any]) -> S3Storage:
+    where = "spec.storage.s3"
+    bucket = _str(data.get("bucket"), f"{where}.bucket")
+    if not _BUCKET.match(bucket):
+        raise InvalidSpec(f"{where}.bucket", f"{bucket!r} is not an S3 bucket name")
+    endpoint = data.get("endpoint")
+    ca = data.get("caConfigMapRef")
+    return S3Storage(
+        bucket=bucket,
+        credentials_secret=_key_ref(
+            data.get("credentialsSecretRef"), f"{where}.credentialsSecretRef", S3_ACCESS_KEY
+        ).name,
+        endpoint="" if endpoint is None else _http_url(endpoint, f"{where}.endpoint").rstrip("/"),
+        region=_str(data.get("region", "us-east-1"), f"{where}.region"),
+        prefix=_prefix(data.get("prefix")),
+        path_style=_bool(data.get("pathStyle", True), f"{where}.pathStyle"),
+        redirect=_bool(data.get("redirect", False), f"{where}.redirect"),
+        ca=None if ca is None else _key_ref(ca, f"{where}.caConfigMapRef", "ca.crt"),
+    )
+
+
+def _prefix(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    prefix = _str(value, "spec.storage.s3.prefix").strip("/")
+    if any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise InvalidSpec("spec.storage.s3.prefix", f"{prefix!r} is not a key prefix")
+    return prefix
+
+
+def _postgresql(raw: Any) -> PostgresMetadata | None:
+    if raw is None:
+        return None
+    data = _mapping(raw, "spec.metadata")
+    pg = data.get("postgresql")
+    if pg is None:
+        return None
+    where = "spec.metadata.postgresql"
+    entry = _mapping(pg, where)
+    pool = entry.get("poolSize", 10)
+    if not isinstance(pool, int) or isinstance(pool, bool) or not 1 <= pool <= 100:
+        raise InvalidSpec(f"{where}.poolSize", "must be an integer from 1 to 100")
+    return PostgresMetadata(
+        connection=_key_ref(
+            entry.get("connectionSecretRef"), f"{where}.connectionSecretRef", DEFAULT_DSN_KEY
+        ),
+        pool_size=pool,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from registry_operator import (
     API_VERSION,
+    backends,
     credentials,
     models,
     node_access,
@@ -88,11 +89,13 @@ def reconcile(
     told: Told | None = None,
     claims: Sequence[node_access.Claim] | None = None,
     access: status.Condition | None = None,
+    readiness: status.Readiness | None = None,
 ) -> Outcome:
     """`replication` is the last answer of the server's replication status endpoint;
     `told` receives the events as they are made (see Told); `claims` are every
     Registry's node port claims (the operator's index; listed here when None);
-    `access` the access reconcile's AccessApplied (None: keep the one in the status)."""
+    `access` the access reconcile's AccessApplied (None: keep the one in the status);
+    `readiness` the server's last /readyz answer (Registries on S3 or PostgreSQL)."""
     options = options or Options()
     told = told if told is not None else Told()
     body = kube.find(API_VERSION, models.KIND, namespace, name)
@@ -122,8 +125,9 @@ def reconcile(
     served = node_access.served_port(me, everyone)
     # A proxy that appears because an older Registry gave up the port is new, not restored.
     proxy_drift = drift and previous.get("pullEndpoint") is not None
+    mounted = backends.check(registry.spec, _reader(kube, namespace))
     applied, failure = _apply_children(
-        kube, registry, wired, (drift, proxy_drift), events, options, served
+        kube, registry, wired, (drift, proxy_drift), events, options, served, mounted.digest
     )
     _prune(kube, registry, applied, events)
     hosting = sync_local_registry_hosting(kube, everyone)
@@ -146,6 +150,11 @@ def reconcile(
         pull_endpoint=None if served is None else names.node_host(served),
         node_port_conflict=None if clash is None else node_access.conflict_message(me, clash),
         access=access,
+        backends=(
+            status.Backends(mounted.problems, readiness)
+            if backends.external(registry.spec)
+            else None
+        ),
     )
     _write_status(kube, namespace, name, previous, new_status)
     events.extend(_transition_events(previous, new_status))
@@ -277,6 +286,20 @@ def _secret_data(kube: kube_client.Client, namespace: str, name: str) -> dict[st
     return credentials.decode_secret_data((secret or {}).get("data"))
 
 
+def _reader(kube: kube_client.Client, namespace: str) -> backends.Reader:
+    """The data of the user's Secrets and ConfigMaps in `namespace`, decoded."""
+
+    def read(kind: str, name: str) -> Mapping[str, str] | None:
+        found = kube.find("v1", kind, namespace, name)
+        if found is None:
+            return None
+        if kind == "Secret":
+            return credentials.decode_secret_data(found.get("data"))
+        return {str(k): str(v) for k, v in (found.get("data") or {}).items()}
+
+    return read
+
+
 def _apply_children(
     kube: kube_client.Client,
     registry: models.Registry,
@@ -285,6 +308,7 @@ def _apply_children(
     events: list[Event],
     options: Options,
     node_port: int | None,
+    backend_digest: str = "",
 ) -> tuple[dict[tuple[str, str], dict[str, Any]], status.Failure | None]:
     owner = registry.owner
     secret = kube.find("v1", "Secret", owner.namespace, names.secret(owner.name))
@@ -304,7 +328,10 @@ def _apply_children(
     slots = policy.slots(policy.shard_count(policy_main))
     applied: dict[tuple[str, str], dict[str, Any]] = {}
     failure = None
-    for manifest in rendering.render(registry.spec, owner, creds, replication, node_port, slots):
+    rendered = rendering.render(
+        registry.spec, owner, creds, replication, node_port, slots, backend_digest
+    )
+    for manifest in rendered:
         kind, child = manifest["kind"], manifest["metadata"]["name"]
         before = (
             secret

@@ -52,6 +52,23 @@ class Observed:
 
 
 @dataclasses.dataclass(frozen=True)
+class Readiness:
+    """The last answer of the server's GET /readyz (which asks the index and the blob
+    store), for Registries on S3 or PostgreSQL: `code` None when nothing answered."""
+
+    code: int | None
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Backends:
+    """What StorageReady knows of the external back ends (`backends.check` and the poll)."""
+
+    problems: tuple[str, ...] = ()
+    readiness: Readiness | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class PeerState:
     """How the operator wired one peer; `reason` is empty when it is in the config."""
 
@@ -282,7 +299,52 @@ def deployment_conditions(deployment: Mapping[str, Any] | None) -> list[Conditio
     return [ready, progressing, degraded]
 
 
-def storage_condition(storage: models.Storage | None, pvc: Mapping[str, Any] | None) -> Condition:
+def storage_condition(
+    spec: models.Spec | None,
+    pvc: Mapping[str, Any] | None,
+    backends: Backends | None = None,
+    ready_replicas: int = 0,
+) -> Condition:
+    """The volume's state; with S3 or PostgreSQL, also whether the server reaches them
+    (`backends`; None for a Registry without external back ends)."""
+    storage = spec.storage if spec is not None else None
+    if isinstance(storage, models.S3Storage):
+        volume = None
+    else:
+        volume = _volume_condition(storage, pvc)
+        if backends is None or volume.status != "True":
+            return volume
+    return _backends_condition(backends or Backends(), volume, ready_replicas)
+
+
+def _backends_condition(
+    backends: Backends, volume: Condition | None, ready_replicas: int
+) -> Condition:
+    if backends.problems:
+        return Condition(STORAGE_READY, "False", "SecretMissing", "; ".join(backends.problems))
+    seen = backends.readiness
+    if seen is not None and seen.code == 200:
+        message = "the server reaches its back ends (GET /readyz answers 200)"
+        if volume is not None:
+            message += f"; {volume.message}"
+        return Condition(STORAGE_READY, "True", "Connected", message)
+    if seen is not None and seen.code is not None:
+        return Condition(
+            STORAGE_READY, "False", "BackendUnavailable", f"GET /readyz: {seen.code} {seen.text}"
+        )
+    if ready_replicas == 0 and seen is not None:
+        # No ready pod behind the Service: the probe failing is the likely cause.
+        return Condition(
+            STORAGE_READY,
+            "False",
+            "NoReadyReplica",
+            "no replica is ready; one that cannot reach the object store or PostgreSQL"
+            " fails its readiness probe and logs why (kubectl logs)",
+        )
+    return Condition(STORAGE_READY, "Unknown", "Checking", "waiting for the server's /readyz")
+
+
+def _volume_condition(storage: models.Storage | None, pvc: Mapping[str, Any] | None) -> Condition:
     if storage is None and pvc is None:
         return Condition(STORAGE_READY, "Unknown", "InvalidSpec", "the storage spec is invalid")
     if isinstance(storage, models.EmptyDirStorage):
@@ -306,9 +368,11 @@ def conditions(
     observed: Observed,
     failure: Failure | None = None,
     node_port_conflict: str | None = None,
+    backends: Backends | None = None,
 ) -> list[Condition]:
     """`node_port_conflict` says why the Registry gets no node proxy (Degraded: the
-    registry serves, but kubelets cannot pull from it at localhost)."""
+    registry serves, but kubelets cannot pull from it at localhost); `backends` is what
+    is known of its S3 store and PostgreSQL database (None: it uses neither)."""
     found = deployment_conditions(observed.deployment)
     if node_port_conflict is not None and failure is None and found[2].status != "True":
         found[2] = Condition(DEGRADED, "True", "NodePortConflict", node_port_conflict)
@@ -321,7 +385,8 @@ def conditions(
             Condition(PROGRESSING, "False", failure.reason, failure.message),
             Condition(DEGRADED, "True", failure.reason, failure.message),
         ]
-    found.append(storage_condition(spec.storage if spec else None, observed.pvc))
+    replicas = int(((observed.deployment or {}).get("status") or {}).get("readyReplicas", 0))
+    found.append(storage_condition(spec, observed.pvc, backends, replicas))
     return found
 
 
@@ -365,13 +430,14 @@ def build(
     pull_endpoint: str | None = None,
     node_port_conflict: str | None = None,
     access: Condition | None = None,
+    backends: Backends | None = None,
 ) -> dict[str, Any]:
     """The whole `.status` of a Registry; `spec` is None when it could not be parsed.
     `pull_endpoint` is where kubelets pull from (the node proxy), when there is one.
     `access` is the access reconcile's AccessApplied; None keeps the one there is (the
     access reconcile has not said anything since the operator started)."""
     deployment_status = (observed.deployment or {}).get("status") or {}
-    found = conditions(spec, observed, failure, node_port_conflict)
+    found = conditions(spec, observed, failure, node_port_conflict, backends)
     summary = None
     if spec is not None and spec.peers:
         summary, healthy = replication_status(spec.region, peers, replication)

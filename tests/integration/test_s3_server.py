@@ -179,6 +179,10 @@ def test_readiness_follows_the_store(registry_process: Start, s3_store: S3Store)
     ready = api.get("/readyz")
     assert ready.status == 503 and ready.body.startswith(b"blob store unavailable:"), ready
     assert api.get("/healthz").status == 200
+    assert api.get("/readyz").status == 503
+    # The log says why, once (not at every probe), with the store's own error.
+    said = [line for line in refused.log_tail(200).splitlines() if '"not ready"' in line]
+    assert len(said) == 1 and "(403)" in said[0], said
 
 
 @pytest.mark.parametrize("redirect", [False, True], ids=["streamed", "redirected"])

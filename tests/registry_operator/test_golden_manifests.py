@@ -35,10 +35,10 @@ CREDENTIALS = credentials.Credentials(
 CASES: dict[str, dict[str, Any]] = {
     # Everything defaulted: a 10Gi RWO claim kept after deletion, one replica.
     "defaults": {},
-    # Every optional field of the server and its claim.
+    # Every optional field of the server and its claim (one replica: SQLite on the volume).
     "pvc-full": {
         "region": "eu-west",
-        "replicas": 3,
+        "replicas": 1,
         "image": "registry.example.com/berth:1.2.3",
         "imagePullPolicy": "Always",
         "imagePullSecrets": [{"name": "pull-a"}, {"name": "pull-b"}],
@@ -54,6 +54,30 @@ CASES: dict[str, dict[str, Any]] = {
         },
     },
     "emptydir": {"storage": {"emptyDir": {"sizeLimit": "2Gi"}}},
+    # Scale-out: three replicas over an object store and PostgreSQL, every S3 field.
+    "s3-postgresql": {
+        "replicas": 3,
+        "storage": {
+            "s3": {
+                "bucket": "berth-images",
+                "endpoint": "https://s3.storage.svc:8333/",
+                "region": "eu-west-1",
+                "prefix": "/registries/main/",
+                "pathStyle": False,
+                "redirect": True,
+                "credentialsSecretRef": {"name": "s3-keys"},
+                "caConfigMapRef": {"name": "store-ca", "key": "bundle.pem"},
+            }
+        },
+        "metadata": {
+            "postgresql": {"connectionSecretRef": {"name": "berth-db", "key": "uri"}, "poolSize": 4}
+        },
+    },
+    # The index in PostgreSQL, blobs on a shared volume: pods may overlap in a rollout.
+    "pvc-postgresql": {
+        "storage": {"pvc": {"accessModes": ["ReadWriteMany"], "storageClassName": "nfs"}},
+        "metadata": {"postgresql": {"connectionSecretRef": {"name": "berth-db"}}},
+    },
     # Webhooks: one with headers from a Secret (mounted), one plain and filtered.
     "notifications": {
         "notifications": {
@@ -171,13 +195,37 @@ def test_golden(case: str) -> None:
 def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: Path) -> None:
     """The server's own loader reads every rendered config: the two cannot drift apart."""
     config_map = _by_kind(_render(CASES[case], case))["ConfigMap"]
+    text = config_map["data"]["config.yaml"]
+    # The loader reads the mounted back-end Secrets: give it files where the pod has them.
+    for mount in (names.S3_CREDENTIALS_DIR, names.S3_CA_DIR, names.POSTGRESQL_DIR):
+        local = tmp_path / mount.strip("/")
+        local.mkdir(parents=True)
+        for name in (models.S3_ACCESS_KEY, models.S3_SECRET_KEY, names.POSTGRESQL_DSN_FILE):
+            (local / name).write_text("postgresql://berth@db/berth\n")
+        text = text.replace(f'"{mount}/', f'"{local}/')
     path = tmp_path / "config.yaml"
-    path.write_text(config_map["data"]["config.yaml"])
+    path.write_text(text)
     loaded = server_config.load(path, env={})
     assert loaded.http.port == names.CONTAINER_PORT
     assert loaded.http.metrics_port == names.METRICS_PORT
     # Proxies are trusted only where there is one: without an Ingress, nobody's header counts.
     assert bool(loaded.http.trusted_proxies) == ("ingress" in CASES[case])
+    if case == "s3-postgresql":
+        s3 = loaded.storage.s3
+        assert s3 is not None and loaded.storage.driver == "s3"
+        assert (s3.bucket, s3.endpoint, s3.prefix) == (
+            "berth-images",
+            "https://s3.storage.svc:8333",
+            "registries/main",
+        )
+        assert (s3.path_style, s3.redirect) == (False, True)
+        assert s3.ca_file == tmp_path / "etc/berth/s3-ca" / names.S3_CA_FILE
+    if "postgresql" in case:
+        pg = loaded.metadata.postgresql
+        assert loaded.metadata.driver == "postgresql" and pg is not None
+        assert pg.connection_string() == "postgresql://berth@db/berth"
+    else:
+        assert loaded.metadata.driver == "sqlite"
     if case == "notifications":
         audit, ci = loaded.notifications.endpoints
         assert audit.headers_dir == Path(names.NOTIFICATIONS_DIR) / "audit"
@@ -243,12 +291,20 @@ def test_claim_is_owned_when_asked_to_go_with_the_registry() -> None:
     [
         ({"pvc": {}}, 1, "Recreate"),
         ({"pvc": {"accessModes": ["ReadWriteOncePod"]}}, 1, "Recreate"),
-        ({"pvc": {"accessModes": ["ReadWriteMany"]}}, 2, "RollingUpdate"),
+        # Two pods must never share one SQLite index, even on a volume both can mount.
+        ({"pvc": {"accessModes": ["ReadWriteMany"]}}, 1, "Recreate"),
+        ({"pvc": {"accessModes": ["ReadWriteMany"]}, "pg": True}, 1, "RollingUpdate"),
+        ({"pvc": {}, "pg": True}, 1, "Recreate"),
+        ({"s3": {"bucket": "bkt", "credentialsSecretRef": {"name": "k"}}, "pg": True}, 3,
+         "RollingUpdate"),
         ({"emptyDir": {}}, 1, "RollingUpdate"),
     ],
-)
+)  # fmt: skip
 def test_strategy_follows_the_volume(storage: dict[str, Any], replicas: int, strategy: str) -> None:
-    deployment = _by_kind(_render({"storage": storage, "replicas": replicas}))["Deployment"]
+    raw: dict[str, Any] = {"storage": dict(storage), "replicas": replicas}
+    if raw["storage"].pop("pg", False):
+        raw["metadata"] = {"postgresql": {"connectionSecretRef": {"name": "db"}}}
+    deployment = _by_kind(_render(raw))["Deployment"]
     assert deployment["spec"]["strategy"]["type"] == strategy
 
 

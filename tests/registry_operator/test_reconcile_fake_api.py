@@ -6,12 +6,13 @@ the decisions: what is applied, which events are told, what the status says.
 
 from __future__ import annotations
 
+import base64
 import itertools
 from typing import Any
 
 import pytest
 
-from registry_operator import credentials, reconcile
+from registry_operator import credentials, reconcile, status
 from registry_operator.kube import errors
 from tests.registry_operator.fake_kube import FakeKube
 
@@ -224,7 +225,7 @@ def test_deleted_secret_means_new_credentials() -> None:
 
 def test_invalid_spec_is_reported_once_and_not_applied() -> None:
     kube = FakeKube()
-    _registry(kube, {"replicas": 3})  # no shared storage: the CRD's CEL rule would refuse it
+    _registry(kube, {"replicas": 3})  # SQLite: the CRD's CEL rule would refuse it
     outcome = _run(kube)
     assert outcome.failure is not None
     assert outcome.failure.reason == "InvalidSpec"
@@ -232,8 +233,8 @@ def test_invalid_spec_is_reported_once_and_not_applied() -> None:
     assert _reasons(outcome) == [
         (
             "InvalidSpec",
-            "spec.replicas: replicas > 1 requires shared storage "
-            "(storage.pvc with accessModes ReadWriteMany)",
+            "spec.replicas: replicas > 1 requires storage.s3 and metadata.postgresql "
+            "(SQLite serves one pod only)",
         )
     ]
     assert [e.type for e in outcome.events] == ["Warning"]
@@ -296,3 +297,64 @@ def test_gone_or_going(deleting: bool) -> None:
     assert kube.applied == []
     assert outcome.events == ()
     assert (outcome.ref is not None) == deleting
+
+
+SCALE_OUT = {
+    "replicas": 3,
+    "storage": {"s3": {"bucket": "images", "credentialsSecretRef": {"name": "s3-keys"}}},
+    "metadata": {"postgresql": {"connectionSecretRef": {"name": "db"}}},
+}
+
+
+def _user_secret(kube: FakeKube, name: str, **data: str) -> None:
+    kube.put(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": "ns"},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        }
+    )
+
+
+def _checksum(kube: FakeKube) -> str:
+    deployment = kube.objects[("Deployment", "ns", "main")]
+    return str(
+        deployment["spec"]["template"]["metadata"]["annotations"]["berth.dev/config-checksum"]
+    )
+
+
+def test_scale_out_back_ends_missing_secrets_are_named_then_rotation_rolls_the_pods() -> None:
+    kube = FakeKube()
+    _registry(kube, SCALE_OUT)
+    _run(kube)
+    # Applied anyway (the pods wait for their volumes), and the status says what is missing.
+    assert kube.objects[("Deployment", "ns", "main")]["spec"]["replicas"] == 3
+    assert _conditions(kube)["StorageReady"] == ("False", "SecretMissing")
+    message = next(
+        c["message"]
+        for c in kube.objects[("Registry", "ns", "main")]["status"]["conditions"]
+        if c["type"] == "StorageReady"
+    )
+    assert "Secret s3-keys (spec.storage.s3.credentialsSecretRef) does not exist" in message
+    assert "Secret db (spec.metadata.postgresql.connectionSecretRef) does not exist" in message
+
+    _user_secret(kube, "s3-keys", accessKeyID="AK", secretAccessKey="SK")
+    _user_secret(kube, "db", dsn="postgresql://db/berth")
+    _run(kube)
+    assert _conditions(kube)["StorageReady"] == ("Unknown", "Checking")
+    before = _checksum(kube)
+    ready = reconcile.reconcile(
+        kube,  # type: ignore[arg-type]
+        "ns",
+        "main",
+        _options(),
+        readiness=status.Readiness(200, "ok"),
+    )
+    assert ready.new_status is not None
+    assert _conditions(kube)["StorageReady"] == ("True", "Connected")
+    assert _checksum(kube) == before  # a status change only
+
+    _user_secret(kube, "s3-keys", accessKeyID="AK", secretAccessKey="rotated")
+    _run(kube)
+    assert _checksum(kube) != before  # the server reads the keys once: roll the pods

@@ -150,8 +150,55 @@ def test_deployment_conditions(
 def test_storage_condition(
     storage: models.Storage | None, pvc: dict[str, Any] | None, expected: tuple[str, str]
 ) -> None:
-    condition = status.storage_condition(storage, pvc)
+    spec = None if storage is None else models.Spec(image="img", storage=storage)
+    condition = status.storage_condition(spec, pvc)
     assert (condition.status, condition.reason) == expected
+
+
+S3_PG = models.Spec(
+    image="img",
+    replicas=3,
+    storage=models.S3Storage("images", "s3-keys"),
+    postgresql=models.PostgresMetadata(models.KeyRef("db", "dsn")),
+)
+PVC_PG = models.Spec(image="img", postgresql=S3_PG.postgresql)
+BOUND = {"status": {"phase": "Bound"}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "pvc", "backends", "ready", "expected"),
+    [
+        # Nothing heard yet.
+        (S3_PG, None, status.Backends(), 0, ("Unknown", "Checking")),
+        (S3_PG, None, status.Backends(("Secret db (...) does not exist",)), 3,
+         ("False", "SecretMissing")),
+        (S3_PG, None, status.Backends(readiness=status.Readiness(200, "ok")), 3,
+         ("True", "Connected")),
+        (S3_PG, None,
+         status.Backends(readiness=status.Readiness(503, "index unavailable: OperationalError")),
+         1, ("False", "BackendUnavailable")),
+        # Nothing answered and no pod is ready: the readiness probe is what fails.
+        (S3_PG, None, status.Backends(readiness=status.Readiness(None, "refused")), 0,
+         ("False", "NoReadyReplica")),
+        (S3_PG, None, status.Backends(readiness=status.Readiness(None, "refused")), 2,
+         ("Unknown", "Checking")),
+        # A volume and a database: the volume first, then the database.
+        (PVC_PG, {"status": {"phase": "Pending"}}, status.Backends(), 0, ("False", "Pending")),
+        (PVC_PG, BOUND, status.Backends(readiness=status.Readiness(200, "ok")), 1,
+         ("True", "Connected")),
+    ],
+)  # fmt: skip
+def test_storage_condition_with_external_back_ends(
+    spec: models.Spec,
+    pvc: dict[str, Any] | None,
+    backends: status.Backends,
+    ready: int,
+    expected: tuple[str, str],
+) -> None:
+    condition = status.storage_condition(spec, pvc, backends, ready)
+    assert (condition.status, condition.reason) == expected
+    if expected[1] == "Connected" and spec is PVC_PG:
+        assert "PersistentVolumeClaim is bound" in condition.message
 
 
 OWNER = models.Owner("main", "ns", "uid")

@@ -44,7 +44,7 @@ def test_every_field() -> None:
     spec = models.parse_spec(
         {
             "region": "eu-west",
-            "replicas": 2,
+            "replicas": 1,
             "image": "img:2",
             "imagePullPolicy": "Always",
             "imagePullSecrets": [{"name": "a"}],
@@ -125,6 +125,38 @@ def test_invalid_local_registry_hosting_annotation() -> None:
     assert caught.value.field == "metadata.annotations[berth.dev/local-registry-hosting]"
 
 
+S3 = {"bucket": "images", "credentialsSecretRef": {"name": "s3-keys"}}
+PG = {"metadata": {"postgresql": {"connectionSecretRef": {"name": "db"}}}}
+
+
+def test_scale_out_back_ends() -> None:
+    spec = models.parse_spec(
+        {
+            "replicas": 3,
+            "storage": {
+                "s3": {
+                    **S3,
+                    "endpoint": "http://seaweedfs.storage.svc:8333/",
+                    "prefix": "/eu/main/",
+                    "caConfigMapRef": {"name": "ca"},
+                }
+            },
+            "metadata": {"postgresql": {"connectionSecretRef": {"name": "db", "key": "uri"}}},
+        }
+    )
+    assert spec.replicas == 3
+    assert spec.storage == models.S3Storage(
+        bucket="images",
+        credentials_secret="s3-keys",
+        endpoint="http://seaweedfs.storage.svc:8333",
+        prefix="eu/main",
+        ca=models.KeyRef("ca", "ca.crt"),
+    )
+    assert spec.postgresql == models.PostgresMetadata(models.KeyRef("db", "uri"), 10)
+    # The index in PostgreSQL with blobs on a volume: valid, one replica.
+    assert models.parse_spec(PG).postgresql == models.PostgresMetadata(models.KeyRef("db", "dsn"))
+
+
 def test_deleting() -> None:
     body = _body(deletionTimestamp="2026-01-01T00:00:00Z")
     assert models.parse_registry(body).deleting
@@ -135,15 +167,37 @@ def test_deleting() -> None:
     [
         ({"replicas": -1}, "spec.replicas", "non-negative"),
         ({"replicas": "2"}, "spec.replicas", "non-negative"),
-        ({"replicas": 2}, "spec.replicas", "shared storage"),
-        ({"replicas": 2, "storage": {"emptyDir": {}}}, "spec.replicas", "shared storage"),
+        ({"replicas": 2}, "spec.replicas", "storage.s3 and metadata.postgresql"),
+        ({"replicas": 2, "storage": {"emptyDir": {}}}, "spec.replicas", "SQLite serves one"),
+        # A shared volume does not make SQLite's WAL shareable between hosts.
+        (
+            {"replicas": 2, "storage": {"pvc": {"accessModes": ["ReadWriteMany"]}}},
+            "spec.replicas",
+            "storage.s3 and metadata.postgresql",
+        ),
+        ({"replicas": 2, **PG}, "spec.replicas", "storage.s3 and metadata.postgresql"),
+        ({"replicas": 2, "storage": {"s3": S3}}, "spec.metadata.postgresql", "storage.s3"),
         ({"storage": {}}, "spec.storage", "exactly one"),
         ({"storage": {"pvc": {}, "emptyDir": {}}}, "spec.storage", "exactly one"),
-        (
-            {"storage": {"s3": {"bucket": "b", "credentialsSecretRef": {"name": "s"}}}},
-            "spec.storage.s3",
-            "not supported",
-        ),
+        ({"storage": {"s3": S3}}, "spec.metadata.postgresql", "no volume for the SQLite"),
+        ({"storage": {"s3": {**S3, "bucket": "b"}}, **PG}, "spec.storage.s3.bucket", "bucket"),
+        ({"storage": {"s3": {**S3, "bucket": "Big_Bucket"}}, **PG}, "spec.storage.s3.bucket", "S3"),
+        ({"storage": {"s3": {"bucket": "bkt"}}, **PG}, "spec.storage.s3.credentialsSecretRef",
+         "object"),
+        ({"storage": {"s3": {**S3, "endpoint": "s3.local"}}, **PG}, "spec.storage.s3.endpoint",
+         "http://"),
+        ({"storage": {"s3": {**S3, "prefix": "a/../b"}}, **PG}, "spec.storage.s3.prefix",
+         "key prefix"),
+        ({"storage": {"s3": {**S3, "redirect": "yes"}}, **PG}, "spec.storage.s3.redirect",
+         "boolean"),
+        ({"storage": {"s3": {**S3, "caConfigMapRef": {"name": "ca", "key": "a b"}}}, **PG},
+         "spec.storage.s3.caConfigMapRef.key", "valid key"),
+        ({"metadata": {"postgresql": {}}}, "spec.metadata.postgresql.connectionSecretRef",
+         "object"),
+        ({"metadata": {"postgresql": {"connectionSecretRef": {"name": "db"}, "poolSize": 0}}},
+         "spec.metadata.postgresql.poolSize", "1 to 100"),
+        ({"metadata": {"postgresql": {"connectionSecretRef": {"name": "Not/A/Name"}}}},
+         "spec.metadata.postgresql.connectionSecretRef.name", "object name"),
         ({"storage": {"pvc": {"size": "lots"}}}, "spec.storage.pvc.size", "quantity"),
         ({"storage": {"pvc": {"accessModes": []}}}, "spec.storage.pvc.accessModes", "empty"),
         (
@@ -200,7 +254,7 @@ def test_deleting() -> None:
             "unique",
         ),
     ],
-)
+)  # fmt: skip
 def test_invalid(spec: dict[str, Any], field: str, message: str) -> None:
     with pytest.raises(models.InvalidSpec) as caught:
         models.parse_spec(spec, image="img")

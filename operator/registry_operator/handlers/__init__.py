@@ -64,6 +64,15 @@ def register(
         when=registries.has_peers,
         registry=registry,
     )(registries.poll_replication)
+    kopf.timer(
+        GROUP,
+        VERSION,
+        models.PLURAL,
+        id="backends-readiness",
+        interval=replication_poll_seconds,
+        when=registries.has_external_backends,
+        registry=registry,
+    )(registries.poll_backends)
     kopf.on.event(GROUP, VERSION, models.REPOSITORY_PLURAL, id="repository", registry=registry)(
         repositories.repository_changed
     )

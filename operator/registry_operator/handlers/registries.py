@@ -96,6 +96,27 @@ async def poll_replication(
         logger.warning("status of %s/%s not written, next poll retries: %s", namespace, name, exc)
 
 
+def has_external_backends(spec: Any, **_: Any) -> bool:
+    spec = spec or {}
+    return "s3" in (spec.get("storage") or {}) or "postgresql" in (spec.get("metadata") or {})
+
+
+async def poll_backends(
+    *, namespace: str | None, name: str, memo: Any, logger: kopf.Logger, **_: Any
+) -> None:
+    """Whether the server reaches its S3 store and PostgreSQL (StorageReady)."""
+    assert namespace is not None
+    state = runtime.of(memo)
+    observed = await asyncio.to_thread(state.fetch_readiness, namespace, name)
+    if state.readiness.get((namespace, name)) == observed:
+        return
+    state.readiness[(namespace, name)] = observed
+    try:
+        await state.reconcile(namespace, name)
+    except errors.KubeError as exc:
+        logger.warning("status of %s/%s not written, next poll retries: %s", namespace, name, exc)
+
+
 def index_claim(body: kopf.Body, **_: Any) -> dict[str, node_access.Claim] | None:
     """Kopf keeps this index of every Registry; Kopf fills it before any handler runs,
     so even the first reconciles after a restart see every other Registry's port."""

@@ -57,6 +57,8 @@ class Runtime:
     # The labels (and whether terminating) of every namespace, as last seen.
     namespaces: dict[str, tuple[Mapping[str, str], bool]] = dataclasses.field(default_factory=dict)
     replication: dict[Key, status_.ReplicationObservation] = dataclasses.field(default_factory=dict)
+    # The last /readyz answer of each Registry on S3 or PostgreSQL (StorageReady).
+    readiness: dict[Key, status_.Readiness] = dataclasses.field(default_factory=dict)
     # Kopf's index of every Registry's node port claim (live; set at start-up), and the
     # claims as the Registry event handler last saw them (to notice what changed).
     claims_index: Mapping[Any, Iterable[node_access.Claim]] | None = None
@@ -143,6 +145,7 @@ class Runtime:
                     told,
                     self.claims(),
                     self.applied.get((namespace, name)),
+                    self.readiness.get((namespace, name)),
                 )
             except BaseException:
                 # What it changed before failing is still worth telling.
@@ -252,6 +255,7 @@ class Runtime:
         key = (namespace, name)
         self.interest.pop(key, None)
         self.replication.pop(key, None)
+        self.readiness.pop(key, None)
         self.applied.pop(key, None)
         handle = self._later.pop(key, None)
         if handle is not None:
@@ -307,6 +311,9 @@ class Runtime:
         namespace, name = target.owner.namespace, target.owner.name
         url = self.endpoints.url(namespace, name)
         return fetching.probe(url, self._admin(namespace, name), credential)
+
+    def fetch_readiness(self, namespace: str, name: str) -> status_.Readiness:
+        return fetching.readiness(self.endpoints.url(namespace, name))
 
     def fetch_replication(self, namespace: str, name: str) -> status_.ReplicationObservation:
         """The server's replication status, read with the registry's admin credentials."""

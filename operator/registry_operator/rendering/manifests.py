@@ -121,7 +121,73 @@ def server_config(spec: models.Spec, owner: models.Owner, peers: tuple[WiredPeer
         replication_dir=names.REPLICATION_DIR,
         webhooks=spec.webhooks,
         notifications_dir=names.NOTIFICATIONS_DIR,
+        **_backend_files(spec),
     )
+
+
+def _backend_files(spec: models.Spec) -> dict[str, Any]:
+    """The external back ends of the config, and where their mounted secrets are."""
+    s3 = spec.storage if isinstance(spec.storage, models.S3Storage) else None
+    return {
+        "s3": s3,
+        "s3_access_key_file": f"{names.S3_CREDENTIALS_DIR}/{models.S3_ACCESS_KEY}",
+        "s3_secret_key_file": f"{names.S3_CREDENTIALS_DIR}/{models.S3_SECRET_KEY}",
+        "s3_ca_file": (
+            f"{names.S3_CA_DIR}/{names.S3_CA_FILE}" if s3 is not None and s3.ca else None
+        ),
+        "postgresql": spec.postgresql,
+        "postgresql_dsn_file": f"{names.POSTGRESQL_DIR}/{names.POSTGRESQL_DSN_FILE}",
+    }
+
+
+def backend_volumes(spec: models.Spec) -> list[dict[str, Any]]:
+    """Volumes of the user's S3 and PostgreSQL Secrets (and CA): name, mount path, and
+    the volume source (`kind`: secret or configMap)."""
+    found: list[dict[str, Any]] = []
+    storage = spec.storage
+    if isinstance(storage, models.S3Storage):
+        found.append(
+            {
+                "name": "s3-credentials",
+                "path": names.S3_CREDENTIALS_DIR,
+                "kind": "secret",
+                "source": {
+                    "secretName": storage.credentials_secret,
+                    "items": [
+                        {"key": key, "path": key}
+                        for key in (models.S3_ACCESS_KEY, models.S3_SECRET_KEY)
+                    ],
+                    "defaultMode": 288,
+                },
+            }
+        )
+        if storage.ca is not None:
+            found.append(
+                {
+                    "name": "s3-ca",
+                    "path": names.S3_CA_DIR,
+                    "kind": "configMap",
+                    "source": {
+                        "name": storage.ca.name,
+                        "items": [{"key": storage.ca.key, "path": names.S3_CA_FILE}],
+                    },
+                }
+            )
+    if spec.postgresql is not None:
+        ref = spec.postgresql.connection
+        found.append(
+            {
+                "name": "postgresql",
+                "path": names.POSTGRESQL_DIR,
+                "kind": "secret",
+                "source": {
+                    "secretName": ref.name,
+                    "items": [{"key": ref.key, "path": names.POSTGRESQL_DSN_FILE}],
+                    "defaultMode": 288,
+                },
+            }
+        )
+    return found
 
 
 def _b64(plain: Mapping[str, str]) -> dict[str, str]:
@@ -148,9 +214,12 @@ def _replication_sources(peers: tuple[WiredPeer, ...]) -> list[dict[str, Any]]:
     return [{"secret": {"name": name, "items": items}} for name, items in by_secret.items()]
 
 
-def checksum(config_map: Manifest, secret: Manifest) -> str:
-    """A digest of everything the pod reads from its ConfigMap and Secret."""
-    content = json.dumps([config_map["data"], secret["data"]], sort_keys=True)
+def checksum(config_map: Manifest, secret: Manifest, backends: str = "") -> str:
+    """A digest of everything the pod reads from its ConfigMap and Secret, and of the
+    user's back-end Secrets (`backends`, their digest): the server reads those once, so
+    rotated S3 keys or a new connection string roll the pods."""
+    parts = [config_map["data"], secret["data"], *([backends] if backends else [])]
+    content = json.dumps(parts, sort_keys=True)
     return "sha256:" + hashlib.sha256(content.encode()).hexdigest()
 
 
@@ -224,13 +293,15 @@ def render(
     replication: Replication = Replication(),
     node_port: int | None = None,
     policy_slots: int = names.POLICY_SHARD_SLOTS,
+    backends: str = "",
 ) -> list[Manifest]:
     """All children of a Registry, in the order they should be applied.
 
     The policy Secrets are not among them: they are written from the Repositories
     (`access`, `rendering.policy`); `policy_slots` is how many shard Secrets the pods
     mount (`rendering.policy.slots`). `node_port` is the port its node proxy serves
-    (`node_access.served_port`); None renders no proxy.
+    (`node_access.served_port`); None renders no proxy. `backends` is a digest of the
+    S3 and PostgreSQL Secrets the pods mount (`backend_digest`).
     """
     name, namespace = owner.name, owner.namespace
     owned = owner_references(owner)
@@ -288,9 +359,13 @@ def render(
             labels=server_labels,
             selector=names.selector_labels(name),
             spec=spec,
-            recreate=isinstance(storage, models.PvcStorage) and not storage.shared,
+            # A ReadWriteOnce volume cannot be mounted by the old and the new pod at
+            # once, and two pods must never share one SQLite index, even on an RWX one.
+            recreate=isinstance(storage, models.PvcStorage)
+            and (not storage.shared or spec.postgresql is None),
+            backend_volumes=backend_volumes(spec),
             checksum_annotation=names.CHECKSUM_ANNOTATION,
-            checksum=checksum(config_map, secret),
+            checksum=checksum(config_map, secret, backends),
             run_as=names.RUN_AS,
             port=names.CONTAINER_PORT,
             metrics_port=names.METRICS_PORT,

@@ -41,6 +41,12 @@ POLICY_SHARD_SLOTS = 8
 REPLICATION_DIR = "/etc/berth/replication"
 NOTIFICATIONS_DIR = "/etc/berth/notifications"  # one directory of header files per webhook
 DATA_DIR = "/var/lib/berth"
+# The user's Secrets and ConfigMap for the external back ends, each a volume of its own.
+S3_CREDENTIALS_DIR = "/etc/berth/s3"
+S3_CA_DIR = "/etc/berth/s3-ca"
+S3_CA_FILE = "ca.crt"
+POSTGRESQL_DIR = "/etc/berth/postgresql"
+POSTGRESQL_DSN_FILE = "dsn"
 RUN_AS = 65532  # the conventional "nonroot" uid/gid of distroless-style images
 
 NODE_PROXY_COMPONENT = "node-proxy"
