@@ -75,12 +75,23 @@ INVALID = [
     (
         {"replicas": 2},
         'The Registry "bad" is invalid: spec.replicas: Forbidden: replicas > 1 requires '
-        "shared storage: storage.s3, or storage.pvc with accessModes [ReadWriteMany]",
+        "storage.s3 and metadata.postgresql (SQLite serves one pod only)",
     ),
     (
         {"replicas": 3, "storage": {"emptyDir": {}}},
         'The Registry "bad" is invalid: spec.replicas: Forbidden: replicas > 1 requires '
-        "shared storage: storage.s3, or storage.pvc with accessModes [ReadWriteMany]",
+        "storage.s3 and metadata.postgresql (SQLite serves one pod only)",
+    ),
+    # A volume every pod can mount does not make one SQLite index shareable.
+    (
+        {"replicas": 3, "storage": {"pvc": {"accessModes": ["ReadWriteMany"]}}},
+        'The Registry "bad" is invalid: spec.replicas: Forbidden: replicas > 1 requires '
+        "storage.s3 and metadata.postgresql (SQLite serves one pod only)",
+    ),
+    (
+        {"storage": {"s3": {"bucket": "images", "credentialsSecretRef": {"name": "keys"}}}},
+        'The Registry "bad" is invalid: spec.metadata.postgresql: Required value: storage.s3 '
+        "requires metadata.postgresql: no volume is left for the SQLite index",
     ),
     (
         {"storage": {"pvc": {}, "emptyDir": {}}},
@@ -88,7 +99,10 @@ INVALID = [
         "storage.pvc, storage.s3 or storage.emptyDir must be set",
     ),
     (
-        {"storage": {"s3": {"bucket": "images"}}},
+        {
+            "storage": {"s3": {"bucket": "images"}},
+            "metadata": {"postgresql": {"connectionSecretRef": {"name": "db"}}},
+        },
         'The Registry "bad" is invalid: spec.storage.s3: Invalid value: "object": storage.s3 '
         "requires credentialsSecretRef",
     ),
@@ -142,9 +156,13 @@ def test_invalid_specs_are_refused(
     assert err == message
 
 
-def test_shared_storage_allows_replicas(control_plane: ControlPlane, namespace: str) -> None:
-    spec = {"replicas": 3, "storage": {"pvc": {"accessModes": ["ReadWriteMany"]}}}
-    code, err = _apply(control_plane, _registry("rwx", namespace, spec), "--dry-run=server")
+def test_s3_and_postgresql_allow_replicas(control_plane: ControlPlane, namespace: str) -> None:
+    spec = {
+        "replicas": 3,
+        "storage": {"s3": {"bucket": "images", "credentialsSecretRef": {"name": "keys"}}},
+        "metadata": {"postgresql": {"connectionSecretRef": {"name": "db"}}},
+    }
+    code, err = _apply(control_plane, _registry("scaled", namespace, spec), "--dry-run=server")
     assert code == 0, err
 
 
