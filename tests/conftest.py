@@ -248,3 +248,19 @@ def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Store]:
         yield store
     finally:
         store.stop()
+
+
+# -- containerd (tests/support/containerd.py) --------------------------------------------
+
+from tests.support.containerd import Containerd, running_containerd  # noqa: E402
+from tests.support.tools import require_root  # noqa: E402
+
+
+@pytest.fixture
+def containerd() -> Iterator[Containerd]:
+    """A containerd of the test's own (socket, root and state in a temporary directory,
+    the CRI plugin off, images in the namespace `test`); its containers, shims, mounts and
+    directory removed afterwards. containerd needs root: without it skipped (failed in CI)."""
+    require_root("containerd needs root")
+    with running_containerd() as daemon:
+        yield daemon

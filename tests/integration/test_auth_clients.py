@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from registry_server.auth.model import Access
 from registry_server.auth.tokens import SigningKey, TokenCodec
-from tests.integration.test_clients_containerd import containerd_socket  # noqa: F401 - fixture
 from tests.support.clients import Registry, Response, run_tool, skopeo
+from tests.support.containerd import Containerd
 from tests.support.images import make_oci_layout, tagged_digest
 from tests.support.processes import RegistryProcess
 
@@ -309,7 +309,7 @@ def test_oras_with_credentials(auth_registry: AuthRegistry, tmp_path: Path) -> N
 
 def test_ctr_pulls_with_robot_credentials(
     auth_registry: AuthRegistry,
-    containerd_socket: Path,  # noqa: F811 - the fixture imported above
+    containerd: Containerd,
     tmp_path: Path,
 ) -> None:
     """What a kubelet does with the pull secret the operator writes: containerd pulls."""
@@ -325,7 +325,7 @@ def test_ctr_pulls_with_robot_credentials(
     )
 
     def ctr(*args: str, check: bool = True) -> Any:
-        return run_tool("ctr", "-a", containerd_socket, *args, timeout=60, check=check)
+        return containerd.run(*args, timeout=60, check=check)
 
     refused = ctr("images", "pull", "--plain-http", ref, check=False)
     assert refused.returncode != 0

@@ -4,9 +4,10 @@ The module builds the image with `python -m berth_dev.image build`, the command 
 the make target (cached: a few seconds when nothing changed, minutes from an empty
 cache), then checks the archive: its config says what the Dockerfile says (user,
 command, ports, labels, environment), its layers hold the user, its home and the venv.
-Last it imports the archive into a containerd of its own (socket, root and state in a
-temporary directory, the CRI plugin off, the native snapshotter) and runs the image with
-`ctr run`: the server answers /v2/ and stores an upload as uid 65532.
+Last it imports the archive into a containerd of its own (the `containerd` fixture of
+tests/conftest.py: socket, root and state in a temporary directory, the CRI plugin off;
+the native snapshotter) and runs the image with `ctr run`: the server answers /v2/ and
+stores an upload as uid 65532.
 
 Building needs root (debootstrap, chroot, mounts) and so does containerd: without root
 the module is skipped, and fails in CI, which runs as root.
@@ -14,32 +15,27 @@ the module is skipped, and fails in CI, which runs as root.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
 import json
-import os
 import re
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.clients import run_tool, wait_for
+from tests.support.clients import wait_for
+from tests.support.containerd import Containerd
 from tests.support.processes import ManagedProcess, free_port
-from tests.support.tools import REPO_ROOT, in_ci, require_tool
+from tests.support.tools import REPO_ROOT, require_root
 
 pytestmark = pytest.mark.integration
 
@@ -48,14 +44,10 @@ FINAL_STAGE = DOCKERFILE[DOCKERFILE.rindex("\nFROM ") :]
 
 
 def _needs_root() -> None:
-    if os.geteuid() != 0:
-        message = (
-            "building and running the image needs root (debootstrap, chroot, containerd): "
-            "run `sudo make image-local`, then the tests as root"
-        )
-        if in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+    require_root(
+        "building and running the image needs root (debootstrap, chroot, containerd): "
+        "run `sudo make image-local`, then the tests as root"
+    )
 
 
 @dataclass
@@ -186,84 +178,6 @@ def test_layers(archive: Archive) -> None:
 
 # -- containerd --------------------------------------------------------------------------
 
-_CONFIG = """\
-version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{socket}"
-[ttrpc]
-  address = "{socket}.ttrpc"
-[debug]
-  address = ""
-"""
-
-
-@dataclass
-class Containerd:
-    socket: Path
-
-    def ctr(self, *args: str, timeout: float = 120, check: bool = True) -> str:
-        result = run_tool(
-            "ctr", "-a", self.socket, "-n", "test", *args, timeout=timeout, check=check
-        )
-        return result.stdout
-
-
-def _mounts_under(path: Path) -> list[str]:
-    mounts = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4].replace("\\040", " ")
-        if point == str(path) or point.startswith(f"{path}/"):
-            mounts.append(point)
-    return sorted(mounts, key=len, reverse=True)
-
-
-def _processes_naming(text: str) -> list[int]:
-    """Processes whose command line holds `text` (our containerd's shims name its socket)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                if text in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(entry))
-    return found
-
-
-@pytest.fixture(scope="module")
-def containerd() -> Iterator[Containerd]:
-    _needs_root()
-    binary = require_tool("containerd")
-    require_tool("ctr")
-    # Short: unix socket paths are limited to 108 bytes.
-    workdir = Path(tempfile.mkdtemp(prefix="berth-ctrd-"))
-    socket = workdir / "c.sock"
-    config = workdir / "config.toml"
-    config.write_text(_CONFIG.format(root=workdir / "root", state=workdir / "state", socket=socket))
-    process = ManagedProcess("containerd", [binary, "--config", config], workdir / "containerd.log")
-    process.start()
-    daemon = Containerd(socket)
-    try:
-        wait_for(
-            lambda: run_tool("ctr", "-a", socket, "version", check=False).returncode == 0,
-            timeout=30,
-        )
-        yield daemon
-    finally:
-        listed = run_tool("ctr", "-a", socket, "-n", "test", "c", "ls", "-q", check=False)
-        for container in listed.stdout.split():
-            for args in (("task", "kill", "-s", "SIGKILL"), ("task", "rm", "-f"), ("c", "rm")):
-                run_tool("ctr", "-a", socket, "-n", "test", *args, container, check=False)
-        process.stop()
-        # Shims run in sessions of their own; any left names our socket.
-        for pid in _processes_naming(str(socket)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for point in _mounts_under(workdir):
-            subprocess.run(["umount", "-R", "-l", point], check=False, capture_output=True)
-        shutil.rmtree(workdir, ignore_errors=True)
-
 
 def _get(url: str) -> int:
     try:
@@ -296,12 +210,7 @@ def test_runs_under_containerd(archive: Archive, containerd: Containerd) -> None
     log = containerd.socket.parent / f"{name}.log"
     server = ManagedProcess(
         "berth in containerd",
-        [
-            require_tool("ctr"),
-            "-a",
-            containerd.socket,
-            "-n",
-            "test",
+        containerd.argv(
             "run",
             "--rm",
             "--net-host",
@@ -311,7 +220,7 @@ def test_runs_under_containerd(archive: Archive, containerd: Containerd) -> None
             f"BERTH_HTTP_ADDR=127.0.0.1:{port}",
             reference,
             name,
-        ],
+        ),
         log,
     )
     server.start()

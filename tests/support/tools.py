@@ -129,5 +129,14 @@ def require_tool(name: str) -> Path:
     pytest.skip(message)
 
 
+def require_root(message: str) -> None:
+    """Skips the test unless it runs as root (fails it in CI, which runs as root)."""
+    if os.geteuid() == 0:
+        return
+    if in_ci():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
 # The name the rest of the suite may prefer; same behaviour.
 tool_path = require_tool
