@@ -279,12 +279,28 @@ def registry_scenarios(plane: ControlPlane, namespace: str, kube: RecordingClien
     # Create with every optional child, reconcile again (all exist), then drop the
     # Ingress, the second replica (its disruption budget) and the node proxy from the
     # spec: all pruned.
-    storage = {"pvc": {"size": "1Gi", "accessModes": ["ReadWriteMany"]}}
-    full = {"storage": storage, "replicas": 2, "ingress": {"host": "registry.example.com"}}
+    # Two replicas need S3 and PostgreSQL: the user's Secrets and CA ConfigMap are read.
+    storage = {
+        "s3": {
+            "bucket": "images",
+            "credentialsSecretRef": {"name": "s3"},
+            "caConfigMapRef": {"name": "store-ca"},
+        }
+    }
+    full = {
+        "storage": storage,
+        "metadata": {"postgresql": {"connectionSecretRef": {"name": "db"}}},
+        "replicas": 2,
+        "ingress": {"host": "registry.example.com"},
+    }
     _apply(plane, _registry(namespace, "full", full))
     reconcile.reconcile(kube, namespace, "full", options)
     reconcile.reconcile(kube, namespace, "full", options)
-    without_ingress = {"storage": storage, "nodeProxy": {"enabled": False}}
+    without_ingress = {
+        "storage": storage,
+        "metadata": full["metadata"],
+        "nodeProxy": {"enabled": False},
+    }
     _apply(plane, _registry(namespace, "full", without_ingress))
     reconcile.reconcile(kube, namespace, "full", options)
     # No Registry left with a node proxy: kube-public/local-registry-hosting goes (the
@@ -292,8 +308,14 @@ def registry_scenarios(plane: ControlPlane, namespace: str, kube: RecordingClien
     reconcile.sync_local_registry_hosting(kube, [])
     _apply(plane, _registry(namespace, "full", full))
     reconcile.reconcile(kube, namespace, "full", options)
+    # One replica on a claim (created, then patched by the second reconcile).
+    volume = {"storage": {"pvc": {"size": "1Gi"}}}
+    _apply(plane, _registry(namespace, "volume", volume))
+    reconcile.reconcile(kube, namespace, "volume", options)
+    reconcile.reconcile(kube, namespace, "volume", options)
     # A spec the operator cannot serve: the status explains it, nothing is applied.
-    s3 = {"storage": {"s3": {"bucket": "images", "credentialsSecretRef": {"name": "s3"}}}}
+    # (A key prefix climbing out of its place: the CRD admits it, the parser does not.)
+    s3 = {"storage": {"s3": {**storage["s3"], "prefix": "../x"}}, "metadata": full["metadata"]}
     _apply(plane, _registry(namespace, "unservable", s3))
     reconcile.reconcile(kube, namespace, "unservable", options)
     # Two Registries replicating to each other by reference: each reads the other.
