@@ -11,7 +11,7 @@ import re
 import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -353,6 +353,35 @@ def _number(value: Any, where: str) -> float:
     return number
 
 
+_N = TypeVar("_N", int, float)
+
+
+def _bounded(
+    value: _N,
+    where: str,
+    *,
+    at_least: _N | None = None,
+    above: _N | None = None,
+    at_most: _N | None = None,
+) -> _N:
+    """`value`, checked against its bounds (inclusive `at_least`, exclusive `above`,
+    inclusive `at_most`); out of them, a ConfigError naming `where` and the bounds."""
+    low_ok = (at_least is None or value >= at_least) and (above is None or value > above)
+    if low_ok and (at_most is None or value <= at_most):
+        return value
+    if at_least is not None and at_most is not None:
+        wanted = f"must be between {at_least} and {at_most}"
+    elif above is not None and at_most is not None:
+        wanted = f"must be above {above} and at most {at_most}"
+    elif at_least is not None:
+        wanted = "must not be negative" if at_least == 0 else f"must be at least {at_least}"
+    elif above is not None:
+        wanted = "must be positive" if above == 0 else f"must be above {above}"
+    else:
+        wanted = f"must be at most {at_most}"
+    raise ConfigError(f"{where} {wanted}, got {_shown(value)}")
+
+
 def _flag(value: Any, where: str) -> bool:
     # bool("false") is True: only YAML's own true/false are taken.
     if not isinstance(value, bool):
@@ -424,8 +453,8 @@ def _peer(index: int, raw: Any) -> PeerConfig:
     peer = PeerConfig(**values)
     if peer.kind not in ("berth", "oci"):
         raise ConfigError(f"{where}.kind must be 'berth' or 'oci', got {peer.kind!r}")
-    if peer.concurrency < 1 or peer.chunk_size_mb < 1:
-        raise ConfigError(f"{where}: concurrency and chunk_size_mb must be >= 1")
+    _bounded(peer.concurrency, f"{where}.concurrency", at_least=1)
+    _bounded(peer.chunk_size_mb, f"{where}.chunk_size_mb", at_least=1)
     if peer.token_realm:
         if not peer.token_realm.startswith(("http://", "https://")):
             raise ConfigError(f"{where}.token_realm must start with http:// or https://")
@@ -456,10 +485,10 @@ def _upstream(index: int, raw: Any) -> UpstreamConfig:
         raise ConfigError(f"{where}.prefix is required (e.g. docker.io)")
     values["prefix"] = values["prefix"].strip("/")
     upstream = UpstreamConfig(**values)
-    if upstream.tag_ttl_seconds < 0 or upstream.timeout_seconds <= 0:
-        raise ConfigError(f"{where}: tag_ttl_seconds >= 0 and timeout_seconds > 0")
-    if upstream.keep_last < 0 or upstream.max_idle_days < 0:
-        raise ConfigError(f"{where}: keep_last and max_idle_days must not be negative")
+    _bounded(upstream.tag_ttl_seconds, f"{where}.tag_ttl_seconds", at_least=0)
+    _bounded(upstream.timeout_seconds, f"{where}.timeout_seconds", above=0)
+    _bounded(upstream.keep_last, f"{where}.keep_last", at_least=0)
+    _bounded(upstream.max_idle_days, f"{where}.max_idle_days", at_least=0)
     if upstream.token_realm and not upstream.token_realm.startswith(("http://", "https://")):
         raise ConfigError(f"{where}.token_realm must start with http:// or https://")
     return upstream
@@ -520,8 +549,7 @@ def _validate_tls(tls: TlsConfig) -> None:
             f"http.tls.min_version: expected one of {', '.join(TLS_VERSIONS)},"
             f" got {_shown(tls.min_version)}"
         )
-    if not 0 < tls.reload_interval_seconds <= 3600:
-        raise ConfigError("http.tls.reload_interval_seconds must be between 0 and 3600")
+    _bounded(tls.reload_interval_seconds, "http.tls.reload_interval_seconds", above=0, at_most=3600)
     for name, path in (
         ("certificate", tls.certificate),
         ("key", tls.key),
@@ -569,8 +597,8 @@ def _s3(raw: Any) -> S3Config:
 
 
 def _validate_storage(storage: StorageConfig) -> None:
-    if storage.min_free_bytes < 0 or storage.reserve_bytes < 0:
-        raise ConfigError("storage.min_free_bytes and storage.reserve_bytes must not be negative")
+    _bounded(storage.min_free_bytes, "storage.min_free_bytes", at_least=0)
+    _bounded(storage.reserve_bytes, "storage.reserve_bytes", at_least=0)
     if storage.index != "sqlite":
         raise ConfigError(f"storage.index: unknown index backend {storage.index!r}")
     if storage.driver not in STORAGE_DRIVERS:
@@ -587,10 +615,13 @@ def _validate_storage(storage: StorageConfig) -> None:
         raise ConfigError("storage.s3.bucket is required when storage.driver is s3")
     if s3.endpoint and not s3.endpoint.startswith(("http://", "https://")):
         raise ConfigError("storage.s3.endpoint must start with http:// or https://")
-    if not _MIN_PART <= s3.part_size <= _MAX_PART:
-        raise ConfigError(f"storage.s3.part_size must be between {_MIN_PART} and {_MAX_PART}")
-    if not 1 <= s3.redirect_expiry_seconds <= 7 * 24 * 3600:  # SigV4's limit
-        raise ConfigError("storage.s3.redirect_expiry_seconds must be between 1 and 604800")
+    _bounded(s3.part_size, "storage.s3.part_size", at_least=_MIN_PART, at_most=_MAX_PART)
+    _bounded(  # SigV4's limit: seven days
+        s3.redirect_expiry_seconds,
+        "storage.s3.redirect_expiry_seconds",
+        at_least=1,
+        at_most=7 * 24 * 3600,
+    )
     if bool(s3.access_key) != bool(s3.secret_key) or bool(s3.access_key_file) != bool(
         s3.secret_key_file
     ):
@@ -713,8 +744,9 @@ def _endpoint(index: int, raw: Any) -> EndpointConfig:
         ca_file=Path(str(raw["ca_file"])) if raw.get("ca_file") else None,
         tls_verify=_flag(raw.get("tls_verify", True), f"{where}.tls_verify"),
     )
-    if endpoint.timeout_seconds <= 0 or endpoint.retry_max_seconds <= 0 or endpoint.batch < 1:
-        raise ConfigError(f"{where}: timeouts must be positive and batch at least 1")
+    _bounded(endpoint.timeout_seconds, f"{where}.timeout_seconds", above=0)
+    _bounded(endpoint.retry_max_seconds, f"{where}.retry_max_seconds", above=0)
+    _bounded(endpoint.batch, f"{where}.batch", at_least=1)
     return endpoint
 
 
@@ -778,8 +810,7 @@ def _validate(config: Config) -> None:
         config.http.port  # noqa: B018 - validation by parsing
     except ValueError:
         raise ConfigError(f"http.addr has an invalid port: {config.http.addr!r}") from None
-    if config.http.workers < 1:
-        raise ConfigError("http.workers must be >= 1")
+    _bounded(config.http.workers, "http.workers", at_least=1)
     _validate_forwarding(config.http)
     if config.http.tls is not None:
         _validate_tls(config.http.tls)
@@ -787,8 +818,7 @@ def _validate(config: Config) -> None:
     _validate_metadata(config.metadata)
     if config.replication.peers and not config.replication.region:
         raise ConfigError("replication.region is required when peers are configured")
-    if config.limits.max_manifest_bytes < 1024:
-        raise ConfigError("limits.max_manifest_bytes must be at least 1024")
+    _bounded(config.limits.max_manifest_bytes, "limits.max_manifest_bytes", at_least=1024)
     _validate_log(config.log)
     if config.auth is not None:
         _validate_auth(config.auth, config.http.workers)
@@ -850,8 +880,7 @@ def _validate_metadata(metadata: MetadataConfig) -> None:
         )
     if pg.dsn and pg.dsn_file is not None:
         raise ConfigError("metadata.postgresql: dsn or dsn_file, not both")
-    if not 1 <= pg.pool_size <= 1000:
-        raise ConfigError("metadata.postgresql.pool_size must be between 1 and 1000")
+    _bounded(pg.pool_size, "metadata.postgresql.pool_size", at_least=1, at_most=1000)
     pg.connection_string()  # a missing or empty file stops the start-up here, by name
 
 
@@ -868,12 +897,9 @@ def _validate_log(log: LogConfig) -> None:
 def _validate_auth(auth: AuthConfig, workers: int) -> None:
     if auth.signing_key is None and workers > 1:
         raise ConfigError("auth.signing_key is required when http.workers > 1")
-    if auth.token_ttl_seconds < 1 or auth.refresh_token_ttl_seconds < 1:
-        raise ConfigError("auth token lifetimes must be at least one second")
-    if auth.reload_interval_seconds <= 0:
-        raise ConfigError("auth.reload_interval_seconds must be positive")
-    if auth.failure_limit < 0 or auth.failure_window_seconds < 0 or auth.client_failure_limit < 0:
-        raise ConfigError(
-            "auth.failure_limit, auth.client_failure_limit and auth.failure_window_seconds "
-            "must be >= 0"
-        )
+    _bounded(auth.token_ttl_seconds, "auth.token_ttl_seconds", at_least=1)
+    _bounded(auth.refresh_token_ttl_seconds, "auth.refresh_token_ttl_seconds", at_least=1)
+    _bounded(auth.reload_interval_seconds, "auth.reload_interval_seconds", above=0)
+    _bounded(auth.failure_limit, "auth.failure_limit", at_least=0)
+    _bounded(auth.client_failure_limit, "auth.client_failure_limit", at_least=0)
+    _bounded(auth.failure_window_seconds, "auth.failure_window_seconds", at_least=0)

@@ -95,3 +95,32 @@ def test_start_up_with_a_bad_level_says_so(
     path.write_text(yaml.safe_dump({"log": {"level": "loud"}}))
     assert main.main(["--config", str(path)]) == 2
     assert "log.level" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        ({"http": {"workers": 0}}, "http.workers must be at least 1, got 0"),
+        ({"limits": {"max_manifest_bytes": 10}}, "limits.max_manifest_bytes must be at least 1024"),
+        ({"storage": {"reserve_bytes": -1}}, "storage.reserve_bytes must not be negative"),
+        ({"auth": {"refresh_token_ttl_seconds": 0}}, "auth.refresh_token_ttl_seconds must be at"),
+        ({"auth": {"reload_interval_seconds": 0}}, "auth.reload_interval_seconds must be positive"),
+        (
+            {"replication": {"region": "eu", "peers": [{**PEER, "chunk_size_mb": 0}]}},
+            "replication.peers[0].chunk_size_mb must be at least 1",
+        ),
+        (
+            {"notifications": {"endpoints": [{**ENDPOINT, "retry_max_seconds": 0}]}},
+            "notifications.endpoints[0].retry_max_seconds must be positive",
+        ),
+        (
+            {"upstreams": [{"name": "a", "url": "http://x", "prefix": "p", "timeout_seconds": 0}]},
+            "upstreams[0].timeout_seconds must be positive",
+        ),
+    ],
+)
+def test_numbers_out_of_bounds_name_their_key_and_bounds(
+    tmp_path: Path, document: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(config.ConfigError, match=f"^{re.escape(message)}"):
+        _load(tmp_path, document)
