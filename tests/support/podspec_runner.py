@@ -351,11 +351,14 @@ def start(
     ready_timeout: float = 30.0,
     port: int | None = None,
     services: Mapping[str, str] | None = None,
+    wait_ready: bool = True,
 ) -> RunningPod:
     """Start the Deployment's container as a local process; stop() it when done.
 
     `port` fixes the loopback port (so that peers can be told it before it starts);
-    `services` maps in-cluster Service URLs to the loopback URLs standing in for them.
+    `services` maps in-cluster Service URLs to the loopback URLs standing in for them;
+    `wait_ready=False` waits for the liveness probe only (a pod that runs but is not
+    ready, as the kubelet keeps it).
     """
     pod = deployment["spec"]["template"]["spec"]
     containers = pod["containers"]
@@ -423,10 +426,12 @@ def start(
         readiness = (container.get("readinessProbe") or {}).get("httpGet") or {}
         liveness = (container.get("livenessProbe") or {}).get("httpGet") or {}
         ready_path = readiness.get("path", "/v2/")
+        if not wait_ready:
+            ready_path = liveness.get("path", "/v2/")
         wait_until(
             lambda: http_status(url + ready_path) == 200,
             timeout=ready_timeout,
-            what=f"readiness probe GET {ready_path}",
+            what=f"{'readiness' if wait_ready else 'liveness'} probe GET {ready_path}",
             process=process,
         )
         if liveness.get("path"):
