@@ -61,7 +61,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--replication-poll-seconds",
         type=float,
         default=float(env("BERTH_REPLICATION_POLL_SECONDS", "15")),
-        help="how often the replication status of Registries with peers is read",
+        help=(
+            "how often the replication status of Registries with peers, and the readiness"
+            " of those on S3 or PostgreSQL, is read"
+        ),
     )
     parser.add_argument(
         "--credential-propagation-seconds",
