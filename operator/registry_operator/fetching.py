@@ -128,16 +128,22 @@ def replication_status(url: str, username: str, password: str) -> status.Replica
     return status.ReplicationObservation(payload=payload)
 
 
+READINESS_PATH = "/readyz/writes"
+READINESS_TIMEOUT = 3.0
+
+
 def readiness(url: str) -> status.Readiness:
-    """GET /readyz (unauthenticated): 200 when the server reaches its index and blob
-    store; otherwise the code and the first line of its answer, or why nothing answered."""
+    """GET /readyz/writes (unauthenticated): 200 when the server reaches its index and
+    blob store and its volume is not full; otherwise the code and the first line of its
+    answer ("storage full: ...", "index unavailable: ..."), or why nothing answered."""
+    target = f"{url}{READINESS_PATH}"
     try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=TIMEOUT) as response:
+        with urllib.request.urlopen(target, timeout=READINESS_TIMEOUT) as response:
             return status.Readiness(int(response.status), _first_line(response.read()))
     except urllib.error.HTTPError as exc:
         return status.Readiness(int(exc.code), _first_line(exc.read()))
     except (OSError, ValueError) as exc:
-        return status.Readiness(None, f"GET {url}/readyz: {exc}")
+        return status.Readiness(None, f"GET {target}: {exc}")
 
 
 def _first_line(body: bytes) -> str:

@@ -150,11 +150,7 @@ def reconcile(
         pull_endpoint=None if served is None else names.node_host(served),
         node_port_conflict=None if clash is None else node_access.conflict_message(me, clash),
         access=access,
-        backends=(
-            status.Backends(mounted.problems, readiness)
-            if backends.external(registry.spec)
-            else None
-        ),
+        backends=status.Backends(mounted.problems, readiness, backends.external(registry.spec)),
     )
     _write_status(kube, namespace, name, previous, new_status)
     events.extend(_transition_events(previous, new_status))
@@ -469,4 +465,17 @@ def _transition_events(previous: Mapping[str, Any], new: Mapping[str, Any]) -> l
         found.append(Event("Warning", str(degraded["reason"]), str(degraded.get("message", ""))))
     elif degraded.get("status") == "False" and old.get("status") == "True":
         found.append(Event("Normal", "Recovered", f"no longer degraded ({old.get('reason')})"))
+    was_stored = status.condition_of(previous, status.STORAGE_READY)
+    stored = status.condition_of(new, status.STORAGE_READY)
+    if stored.get("reason") in STORAGE_WARNINGS and stored.get("reason") != was_stored.get(
+        "reason"
+    ):
+        found.append(Event("Warning", str(stored["reason"]), str(stored.get("message", ""))))
+    elif stored.get("status") == "True" and was_stored.get("reason") in STORAGE_WARNINGS:
+        found.append(Event("Normal", "StorageRecovered", f"{was_stored.get('reason')} is over"))
     return found
+
+
+# StorageReady reasons worth a Warning (once per transition): what a person must fix.
+# (NoReadyReplica is not one: every new Registry on S3 passes through it while starting.)
+STORAGE_WARNINGS = frozenset({status.STORAGE_FULL, "SecretMissing", "BackendUnavailable"})

@@ -53,19 +53,30 @@ class Observed:
 
 @dataclasses.dataclass(frozen=True)
 class Readiness:
-    """The last answer of the server's GET /readyz (which asks the index and the blob
-    store), for Registries on S3 or PostgreSQL: `code` None when nothing answered."""
+    """The last answer of the server's GET /readyz/writes (the index, the blob store, and
+    whether the volume is full): `code` None when nothing answered."""
 
     code: int | None
     text: str
 
+    @property
+    def storage_full(self) -> bool:
+        return self.code == 503 and self.text.startswith(STORAGE_FULL_TEXT)
+
+
+# How the server's /readyz/writes begins its answer while writes are refused.
+STORAGE_FULL_TEXT = "storage full"
+STORAGE_FULL = "StorageFull"
+
 
 @dataclasses.dataclass(frozen=True)
 class Backends:
-    """What StorageReady knows of the external back ends (`backends.check` and the poll)."""
+    """What StorageReady knows beyond the claim: the external back ends' Secrets
+    (`backends.check`), whether the Registry has any, and the server's last answer."""
 
     problems: tuple[str, ...] = ()
     readiness: Readiness | None = None
+    external: bool = True  # S3 or PostgreSQL; False: only a full volume is reported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,11 +319,15 @@ def storage_condition(
     """The volume's state; with S3 or PostgreSQL, also whether the server reaches them
     (`backends`; None for a Registry without external back ends)."""
     storage = spec.storage if spec is not None else None
+    seen = backends.readiness if backends is not None else None
+    if seen is not None and seen.storage_full:
+        # Pushes are refused (507) until space is freed; pulls and deletes still work.
+        return Condition(STORAGE_READY, "False", STORAGE_FULL, seen.text)
     if isinstance(storage, models.S3Storage):
         volume = None
     else:
         volume = _volume_condition(storage, pvc)
-        if backends is None or volume.status != "True":
+        if backends is None or not backends.external or volume.status != "True":
             return volume
     return _backends_condition(backends or Backends(), volume, ready_replicas)
 

@@ -51,6 +51,15 @@ def full_as_storage_full() -> Iterator[None]:
         raise
 
 
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
 class SpaceMonitor:
     """One per process. Without a root (nothing stored locally) the gate is always open."""
 
@@ -85,8 +94,17 @@ class SpaceMonitor:
             raise StorageFull(self.describe())
 
     def describe(self) -> str:
-        free = "unknown" if self.free_bytes is None else f"{self.free_bytes} bytes"
-        return f"storage full: {free} free on the registry's volume"
+        """What /readyz/writes and a refused push say (the operator shows it as is)."""
+        free, total = self.free_bytes, self.total_bytes
+        if free is None:
+            return "storage full: unknown free space on the registry's volume"
+        if not total:
+            return f"storage full: {_size(free)} free on the registry's volume"
+        used = 100 * (total - free) / total
+        return (
+            f"storage full: {_size(free)} free of {_size(total)} ({used:.0f}% used)"
+            " on the registry's volume"
+        )
 
     def note_full(self) -> None:
         """A write met ENOSPC: refuse writes at once (the next poll clears it if wrong)."""

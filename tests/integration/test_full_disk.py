@@ -8,10 +8,8 @@ the grace period; writes reopen by themselves and a push succeeds, with no resta
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +18,7 @@ import pytest
 
 from tests.support.clients import Registry, Response, blob_file, sha256
 from tests.support.processes import RegistryProcess
+from tests.support.volumes import fill, free_bytes, tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -29,31 +28,8 @@ MiB = 1 << 20
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
     """A 48 MiB tmpfs, unmounted after the test whatever happens."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "volume"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=48m,mode=0755", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "volume", 48) as mount:
         yield mount
-    finally:
-        for _ in range(20):
-            if subprocess.run(["umount", str(mount)], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.5)
-        else:
-            subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def free_bytes(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
 
 
 def push_image(api: Registry, repo: str, tag: str, layer: bytes) -> Response:
@@ -78,16 +54,6 @@ def metric(api: Registry, name: str) -> float:
     found = re.search(rf"^{name} (\S+)$", text, re.M)
     assert found, name
     return float(found.group(1))
-
-
-def fill(path: Path) -> None:
-    """Take every byte left on the volume, as another writer would."""
-    with open(path, "wb", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * MiB)
-    with open(path, "ab", buffering=0) as f, contextlib.suppress(OSError):
-        while True:
-            f.write(b"\0" * 4096)
 
 
 def test_a_full_volume_refuses_pushes_and_recovers_after_deletes(

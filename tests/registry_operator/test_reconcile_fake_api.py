@@ -358,3 +358,31 @@ def test_scale_out_back_ends_missing_secrets_are_named_then_rotation_rolls_the_p
     _user_secret(kube, "s3-keys", accessKeyID="AK", secretAccessKey="rotated")
     _run(kube)
     assert _checksum(kube) != before  # the server reads the keys once: roll the pods
+
+
+def test_a_full_volume_is_told_once_and_its_end_too() -> None:
+    kube = FakeKube()
+    _registry(kube, {})
+    _run(kube)
+    kube.objects[("PersistentVolumeClaim", "ns", "main-data")]["status"] = {"phase": "Bound"}
+    full = status.Readiness(503, "storage full: 10.0 MiB free of 10.0 GiB (100% used) on x")
+
+    def run(readiness: status.Readiness | None) -> reconcile.Outcome:
+        return reconcile.reconcile(
+            kube,  # type: ignore[arg-type]
+            "ns",
+            "main",
+            _options(),
+            readiness=readiness,
+        )
+
+    assert [e.reason for e in run(None).events if e.reason.startswith("Storage")] == []
+    told = run(full)
+    assert [(e.type, e.reason, e.message) for e in told.events] == [
+        ("Warning", "StorageFull", full.text)
+    ]
+    assert _conditions(kube)["StorageReady"] == ("False", "StorageFull")
+    assert [e.reason for e in run(full).events] == []  # still full: nothing new to tell
+    recovered = run(None)
+    assert [(e.type, e.reason) for e in recovered.events] == [("Normal", "StorageRecovered")]
+    assert _conditions(kube)["StorageReady"] == ("True", "Bound")

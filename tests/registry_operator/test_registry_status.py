@@ -163,6 +163,9 @@ S3_PG = models.Spec(
 )
 PVC_PG = models.Spec(image="img", postgresql=S3_PG.postgresql)
 BOUND = {"status": {"phase": "Bound"}}
+FULL = status.Readiness(
+    503, "storage full: 1.2 MiB free of 48.0 MiB (98% used) on the registry's volume"
+)
 
 
 @pytest.mark.parametrize(
@@ -186,6 +189,15 @@ BOUND = {"status": {"phase": "Bound"}}
         (PVC_PG, {"status": {"phase": "Pending"}}, status.Backends(), 0, ("False", "Pending")),
         (PVC_PG, BOUND, status.Backends(readiness=status.Readiness(200, "ok")), 1,
          ("True", "Connected")),
+        # A full volume, on a claim with SQLite (nothing external) or with PostgreSQL.
+        (models.Spec(image="img"), BOUND, status.Backends(readiness=FULL, external=False), 1,
+         ("False", "StorageFull")),
+        (PVC_PG, BOUND, status.Backends(readiness=FULL), 1, ("False", "StorageFull")),
+        (models.Spec(image="img"), BOUND, status.Backends(external=False), 1, ("True", "Bound")),
+        # Without back ends of its own, a server that does not answer says nothing of them.
+        (models.Spec(image="img"), BOUND,
+         status.Backends(readiness=status.Readiness(None, "refused"), external=False), 0,
+         ("True", "Bound")),
     ],
 )  # fmt: skip
 def test_storage_condition_with_external_back_ends(
@@ -197,6 +209,8 @@ def test_storage_condition_with_external_back_ends(
 ) -> None:
     condition = status.storage_condition(spec, pvc, backends, ready)
     assert (condition.status, condition.reason) == expected
+    if expected[1] == "StorageFull":
+        assert condition.message == FULL.text  # the usage, as the server gives it
     if expected[1] == "Connected" and spec is PVC_PG:
         assert "PersistentVolumeClaim is bound" in condition.message
 

@@ -68,11 +68,11 @@ def register(
         GROUP,
         VERSION,
         models.PLURAL,
-        id="backends-readiness",
+        id="readiness",
         interval=replication_poll_seconds,
-        when=registries.has_external_backends,
+        initial_delay=min(replication_poll_seconds, 5.0),
         registry=registry,
-    )(registries.poll_backends)
+    )(registries.poll_readiness)
     kopf.on.event(GROUP, VERSION, models.REPOSITORY_PLURAL, id="repository", registry=registry)(
         repositories.repository_changed
     )

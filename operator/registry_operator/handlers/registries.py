@@ -9,7 +9,7 @@ from typing import Any
 
 import kopf
 
-from registry_operator import node_access
+from registry_operator import node_access, status
 from registry_operator.handlers import repositories, runtime
 from registry_operator.kube import errors
 
@@ -96,21 +96,31 @@ async def poll_replication(
         logger.warning("status of %s/%s not written, next poll retries: %s", namespace, name, exc)
 
 
-def has_external_backends(spec: Any, **_: Any) -> bool:
+def _external(spec: Any) -> bool:
     spec = spec or {}
     return "s3" in (spec.get("storage") or {}) or "postgresql" in (spec.get("metadata") or {})
 
 
-async def poll_backends(
-    *, namespace: str | None, name: str, memo: Any, logger: kopf.Logger, **_: Any
+async def poll_readiness(
+    *, namespace: str | None, name: str, spec: Any, memo: Any, logger: kopf.Logger, **_: Any
 ) -> None:
-    """Whether the server reaches its S3 store and PostgreSQL (StorageReady)."""
+    """The server's /readyz/writes, for StorageReady: a full volume on any Registry, and
+    whether one on S3 or PostgreSQL reaches them. Only a change that matters reconciles
+    (a Registry on a claim that is not full has nothing to say)."""
     assert namespace is not None
     state = runtime.of(memo)
-    observed = await asyncio.to_thread(state.fetch_readiness, namespace, name)
+    loop = asyncio.get_running_loop()
+    observed: status.Readiness | None = await loop.run_in_executor(
+        state.probes, state.fetch_readiness, namespace, name
+    )
+    if not _external(spec) and observed is not None and not observed.storage_full:
+        observed = None
     if state.readiness.get((namespace, name)) == observed:
         return
-    state.readiness[(namespace, name)] = observed
+    if observed is None:
+        state.readiness.pop((namespace, name), None)
+    else:
+        state.readiness[(namespace, name)] = observed
     try:
         await state.reconcile(namespace, name)
     except errors.KubeError as exc:

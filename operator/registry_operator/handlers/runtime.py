@@ -8,6 +8,7 @@ runs one at a time per Registry and folds bursts of triggers into one run.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -57,8 +58,15 @@ class Runtime:
     # The labels (and whether terminating) of every namespace, as last seen.
     namespaces: dict[str, tuple[Mapping[str, str], bool]] = dataclasses.field(default_factory=dict)
     replication: dict[Key, status_.ReplicationObservation] = dataclasses.field(default_factory=dict)
-    # The last /readyz answer of each Registry on S3 or PostgreSQL (StorageReady).
+    # The last /readyz/writes answer worth reporting of each Registry (StorageReady).
     readiness: dict[Key, status_.Readiness] = dataclasses.field(default_factory=dict)
+    # The servers' readiness is asked on threads of its own: a thousand Registries whose
+    # servers do not answer must not hold the threads the reconciles run on.
+    probes: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(
+            4, thread_name_prefix="readiness"
+        )
+    )
     # Kopf's index of every Registry's node port claim (live; set at start-up), and the
     # claims as the Registry event handler last saw them (to notice what changed).
     claims_index: Mapping[Any, Iterable[node_access.Claim]] | None = None
