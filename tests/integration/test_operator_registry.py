@@ -13,6 +13,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,6 @@ from tests.support.control_plane import ControlPlane
 from tests.support.images import make_oci_layout, tagged_digest
 from tests.support.operator_process import OperatorProcess
 from tests.support.operator_process import wait_for as _wait
-from tests.support.processes import wait_until
 from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.integration
@@ -656,59 +656,24 @@ def test_delete_collects_owned_children_and_keeps_the_claim(
 # --- restart -----------------------------------------------------------------------------
 
 
-def _block_service_creation(plane: ControlPlane, namespace: str) -> str:
+def _blocking_service_creation(plane: ControlPlane, namespace: str) -> AbstractContextManager[str]:
     """An admission policy refusing new Services here: it stops a reconcile half-way."""
-    name = f"block-services-{namespace}"[:63]
-    policy = {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": name},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [
-                    {
-                        "apiGroups": [""],
-                        "apiVersions": ["v1"],
-                        "operations": ["CREATE"],
-                        "resources": ["services"],
-                    }
-                ]
-            },
-            "validations": [
-                {"expression": "false", "message": "blocked by the test", "reason": "Forbidden"}
-            ],
-        },
-    }
-    binding = {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": name},
-        "spec": {
-            "policyName": name,
-            "validationActions": ["Deny"],
-            "matchResources": {
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
-            },
-        },
-    }
-    for document in (policy, binding):
-        plane.kubectl("apply", "-f", "-", input=json.dumps(document))
-    probe = ["create", "service", "clusterip", "probe", "-n", namespace, "--tcp=80:80"]
-
-    def active() -> bool:
-        result = plane.kubectl(*probe, "--dry-run=server", check=False)
-        return result.returncode != 0 and "blocked by the test" in result.stderr
-
-    wait_until(active, timeout=30, what="the admission policy to take effect")
-    return name
+    return plane.refusing(
+        namespace,
+        f"block-services-{namespace}"[:63],
+        resource="services",
+        operations=["CREATE"],
+        expression="false",
+        message="blocked by the test",
+        reason="Forbidden",
+        probe=["create", "service", "clusterip", "probe", "-n", namespace, "--tcp=80:80"],
+    )
 
 
 def test_restart_in_the_middle_of_a_reconcile_converges_without_duplicates(
     operator: Operator, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
 ) -> None:
-    policy = _block_service_creation(control_plane, namespace)
-    try:
+    with _blocking_service_creation(control_plane, namespace):
         _apply(control_plane, "rs", namespace, {})
         # Everything before the Service is applied; the Service fails and is retried.
         half = _wait(
@@ -720,9 +685,6 @@ def test_restart_in_the_middle_of_a_reconcile_converges_without_duplicates(
         secret = _secret_data(kube, namespace, "rs")
         uids = {kind: obj["metadata"]["uid"] for kind, obj in half.items() if obj}
         operator.kill()
-    finally:
-        for kind in ("validatingadmissionpolicybinding", "validatingadmissionpolicy"):
-            control_plane.kubectl("delete", kind, policy, "--ignore-not-found", check=False)
     operator.start()
 
     after = _wait(lambda: _all_children(kube, namespace, "rs"), operator, "the Service")

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -105,63 +106,27 @@ def _events(plane: ControlPlane, namespace: str, kind: str, name: str) -> list[t
     return [(e["type"], e["reason"]) for e in found["items"]]
 
 
-def _refuse_secret(plane: ControlPlane, namespace: str, secret: str) -> str:
+def _refusing_secret(
+    plane: ControlPlane, namespace: str, secret: str
+) -> AbstractContextManager[str]:
     """An admission policy refusing writes of one Secret, as the API server refuses one
     that is too large: the operator sees the API's refusal, whatever its cause."""
-    name = f"refuse-{namespace}"[:63]
-    policy = {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": name},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [
-                    {
-                        "apiGroups": [""],
-                        "apiVersions": ["v1"],
-                        "operations": ["CREATE", "UPDATE"],
-                        "resources": ["secrets"],
-                    }
-                ]
-            },
-            "validations": [
-                {
-                    "expression": f"object.metadata.name != '{secret}'",
-                    "message": "refused by the test",
-                    "reason": "Invalid",
-                }
-            ],
-        },
-    }
-    binding = {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": name},
-        "spec": {
-            "policyName": name,
-            "validationActions": ["Deny"],
-            "matchResources": {
-                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
-            },
-        },
-    }
-    for document in (policy, binding):
-        plane.kubectl("apply", "-f", "-", input=json.dumps(document))
     probe = {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": secret, "namespace": namespace},
     }
-
-    def active() -> bool:
-        result = plane.kubectl(
-            "apply", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False
-        )
-        return result.returncode != 0 and "refused by the test" in result.stderr
-
-    wait_until(active, timeout=30, what="the admission policy to take effect")
-    return name
+    return plane.refusing(
+        namespace,
+        f"refuse-{namespace}"[:63],
+        resource="secrets",
+        operations=["CREATE", "UPDATE"],
+        expression=f"object.metadata.name != '{secret}'",
+        message="refused by the test",
+        reason="Invalid",
+        probe=["apply", "-f", "-"],
+        probe_input=json.dumps(probe),
+    )
 
 
 def test_a_refused_policy_secret_is_reported_once_and_recovers(
@@ -175,8 +140,7 @@ def test_a_refused_policy_secret_is_reported_once_and_recovers(
         operator,
         "the first Repository Ready",
     )
-    refusal = _refuse_secret(control_plane, namespace, "main-policy-0")
-    try:
+    with _refusing_secret(control_plane, namespace, "main-policy-0"):
         # A second Registry's robot (a push robot in the namespace) changes the shard.
         spec = {**grant, "path": "team/second", "pushAccess": {}}
         _apply(control_plane, "Repository", "second", namespace, spec)
@@ -213,9 +177,6 @@ def test_a_refused_policy_secret_is_reported_once_and_recovers(
         assert ("Warning", "PolicyNotWritten") in _events(
             control_plane, namespace, "Repository", "second"
         )
-    finally:
-        for kind in ("validatingadmissionpolicybinding", "validatingadmissionpolicy"):
-            control_plane.kubectl("delete", kind, refusal, "--ignore-not-found", check=False)
     _wait(
         lambda: (
             (_condition(kube, "Repository", namespace, "second", "Ready") or ("",))[0] == "True"

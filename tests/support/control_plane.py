@@ -15,6 +15,7 @@ need (endpoints, daemon sets, volume binding, ...) run too.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -24,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -526,6 +527,69 @@ class ControlPlane:
             if not left or time.monotonic() > deadline:
                 return left
             time.sleep(interval)
+
+    @contextlib.contextmanager
+    def refusing(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        resource: str,
+        operations: Sequence[str],
+        expression: str,
+        message: str,
+        reason: str,
+        probe: Sequence[str],
+        probe_input: str | None = None,
+    ) -> Iterator[str]:
+        """For the block, an admission policy `name` refusing `operations` on the core
+        `resource` in `namespace` where `expression` is false, with `message` and `reason`,
+        as the API server refuses a write for a cause of its own. In force once the server
+        dry run of `kubectl <probe>` is refused with `message`; deleted afterwards."""
+        policy = {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": [""],
+                            "apiVersions": ["v1"],
+                            "operations": list(operations),
+                            "resources": [resource],
+                        }
+                    ]
+                },
+                "validations": [{"expression": expression, "message": message, "reason": reason}],
+            },
+        }
+        binding = {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+                },
+            },
+        }
+
+        def active() -> bool:
+            result = self.kubectl(*probe, "--dry-run=server", input=probe_input, check=False)
+            return result.returncode != 0 and message in result.stderr
+
+        try:
+            for document in (policy, binding):
+                self.kubectl("apply", "-f", "-", input=json.dumps(document))
+            wait_until(active, timeout=30, what="the admission policy to take effect")
+            yield name
+        finally:
+            for kind in ("validatingadmissionpolicybinding", "validatingadmissionpolicy"):
+                self.kubectl("delete", kind, name, "--ignore-not-found", check=False)
 
     def api_client(self) -> ApiClient:
         """A `kubernetes.client.ApiClient` for the admin kubeconfig (use it in `with`)."""
