@@ -345,7 +345,10 @@ def _backends_condition(
         return Condition(STORAGE_READY, "True", "Connected", message)
     if seen is not None and seen.code is not None:
         return Condition(
-            STORAGE_READY, "False", "BackendUnavailable", f"GET /readyz: {seen.code} {seen.text}"
+            STORAGE_READY,
+            "False",
+            "BackendUnavailable",
+            f"the server answers {seen.code}: {seen.text}",
         )
     if ready_replicas == 0 and seen is not None:
         # No ready pod behind the Service: the probe failing is the likely cause.
