@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from registry_server import scheduled_backup
 from registry_server.auth.model import Authorizer, OpenAccess, TagRuleSource
 from registry_server.config import Config, ConfigError, StorageConfig
 from registry_server.events import notifier
@@ -264,6 +265,12 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
             await notifications.start()
         if election is not None and config.gc.interval_seconds > 0:
             background.append(asyncio.create_task(run_elected(election, "gc", collect_forever)))
+        if election is not None and config.backup.interval_seconds > 0:
+
+            async def back_up_forever() -> None:
+                await scheduled_backup.backup_forever(config.storage.root, config.backup)
+
+            background.append(asyncio.create_task(run_elected(election, "backup", back_up_forever)))
 
     async def close(_: web.Application) -> None:
         await cancel_all(background)

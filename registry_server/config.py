@@ -175,6 +175,16 @@ class GcConfig:
 
 
 @dataclass(frozen=True)
+class BackupConfig:
+    """Scheduled online backups of a filesystem registry with its SQLite index
+    (``backup``, an elected task): snapshots in ``dir``, blobs hard-linked between them."""
+
+    interval_seconds: int = 0  # 0: no scheduled backups (`berth-registry backup` by hand)
+    dir: Path = Path("./backups")  # a volume of its own, not inside storage.root
+    keep: int = 7  # complete snapshots kept; older ones are removed after a new one
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     service: str = "berth"
     issuer: str = "berth"
@@ -298,6 +308,7 @@ class Config:
     metadata: MetadataConfig = field(default_factory=MetadataConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     gc: GcConfig = field(default_factory=GcConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     auth: AuthConfig | None = None
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
@@ -324,6 +335,7 @@ _SECTIONS: dict[str, type] = {
     "storage": StorageConfig,
     "limits": LimitsConfig,
     "gc": GcConfig,
+    "backup": BackupConfig,
     "auth": AuthConfig,
     "log": LogConfig,
 }
@@ -803,6 +815,22 @@ def load(path: Path | None, env: dict[str, str] | None = None) -> Config:
     return config
 
 
+def _validate_backup(config: Config) -> None:
+    backup = config.backup
+    _bounded(backup.interval_seconds, "backup.interval_seconds", at_least=0)
+    _bounded(backup.keep, "backup.keep", at_least=1)
+    if not backup.interval_seconds:
+        return
+    if config.storage.driver != "filesystem" or config.metadata.driver != "sqlite":
+        raise ConfigError(
+            "backup: scheduled backups copy a filesystem store and its SQLite index; with"
+            " S3 or PostgreSQL use the store's and the database's own backups"
+        )
+    root, target = config.storage.root.resolve(), backup.dir.resolve()
+    if target == root or root in target.parents or target in root.parents:
+        raise ConfigError("backup.dir must be outside storage.root (and not contain it)")
+
+
 def _validate(config: Config) -> None:
     if ":" not in config.http.addr:
         raise ConfigError(f"http.addr must be host:port, got {config.http.addr!r}")
@@ -816,6 +844,7 @@ def _validate(config: Config) -> None:
         _validate_tls(config.http.tls)
     _validate_storage(config.storage)
     _validate_metadata(config.metadata)
+    _validate_backup(config)
     if config.replication.peers and not config.replication.region:
         raise ConfigError("replication.region is required when peers are configured")
     _bounded(config.limits.max_manifest_bytes, "limits.max_manifest_bytes", at_least=1024)

@@ -263,8 +263,23 @@ def _export_records(index: Path, record: TagRecord) -> None:
         conn.close()
 
 
-def backup(root: Path, dest: Path) -> dict[str, float]:
-    """An online backup of ``root`` into ``dest`` (incremental for blobs already there)."""
+def _link_or_copy(source: Path, target: Path, old: Path | None, size: int) -> bool:
+    """Hard-link the blob from the previous snapshot (`old`) when it has it whole (blobs
+    never change: snapshots share their files); otherwise copy it. True when copied."""
+    if old is not None and old.is_file() and old.stat().st_size == size:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(old, target)
+            return False
+        except OSError:
+            pass  # another filesystem, or no links there: copy instead
+    _copy(source, target)
+    return True
+
+
+def backup(root: Path, dest: Path, previous: Path | None = None) -> dict[str, float]:
+    """An online backup of ``root`` into ``dest`` (incremental for blobs already there;
+    blobs of ``previous``, an older complete snapshot, are hard-linked, not copied)."""
     start = time.monotonic()
     dest.mkdir(parents=True, exist_ok=True)
     marker = root / BACKUP_MARKER
@@ -285,14 +300,17 @@ def backup(root: Path, dest: Path) -> dict[str, float]:
             recorded = conn.execute("SELECT digest, size FROM blobs").fetchall()
         finally:
             conn.close()
-        copied = 0
+        copied = linked = 0
         for digest, size in recorded:
             source_file, target_file = _blob_file(root, digest), _blob_file(dest, digest)
             if target_file.is_file() and target_file.stat().st_size == size:
                 continue
             if source_file.is_file():  # a blob without bytes is garbage the check reports
-                _copy(source_file, target_file)
-                copied += 1
+                old = _blob_file(previous, digest) if previous is not None else None
+                if _link_or_copy(source_file, target_file, old, size):
+                    copied += 1
+                else:
+                    linked += 1
         _export_records(partial, TagRecord(dest))
         os.sync()  # one flush for every copied file, before the index names them
         os.replace(partial, dest / INDEX)
@@ -301,6 +319,7 @@ def backup(root: Path, dest: Path) -> dict[str, float]:
     return {
         "blobs": len(recorded),
         "copied": copied,
+        "linked": linked,
         "snapshot_seconds": snapshot,
         "seconds": time.monotonic() - start,
     }

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def berth(registry: RegistryProcess, *args: str, root: Path | None = None) -> tu
 
 def state(api: Registry) -> dict[str, object]:
     snapshot = api.snapshot()
-    subject = snapshot["crane/app"]["v1"]  # type: ignore[index]
+    subject = snapshot["crane/app"]["v1"]
     referrers = api.get(f"/v2/crane/app/referrers/{subject}").json()
     snapshot["referrers"] = sorted(m["digest"] for m in referrers["manifests"])
     return snapshot
@@ -171,6 +172,59 @@ def test_backup_during_pushes_restores_a_consistent_registry(
         for layer in manifest.json()["layers"]:
             assert copy.blob_exists("busy/app", layer["digest"])
     assert copy.snapshot(["crane/app"])["crane/app"] == api.snapshot()["crane/app"]
+
+
+def _snapshots(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if (p / "index.db").is_file())
+
+
+def test_scheduled_backups_link_unchanged_blobs_and_keep_the_newest(
+    registry_process: Start, tmp_path: Path
+) -> None:
+    backups = tmp_path / "backups"
+    config = {"backup": {"interval_seconds": 2, "keep": 2, "dir": str(backups)}}
+    registry = registry_process("berth", config=config)
+    api = Registry(registry.url)
+    first, _ = api.push_image("team/app", "v1", [b"layer-one" * 1000])
+    # Snapshots are named by their start (UTC, to the second).
+    after_v1 = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() + 1))
+    deadline = time.monotonic() + 60
+    while not _snapshots(backups) or _snapshots(backups)[-1].name < after_v1:
+        assert time.monotonic() < deadline, registry.log_tail()
+        time.sleep(0.2)
+    second, _ = api.push_image("team/app", "v2", [b"layer-two" * 1000])
+    after_v2 = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() + 1))
+    while not _snapshots(backups) or _snapshots(backups)[-1].name < after_v2:
+        assert time.monotonic() < deadline, registry.log_tail()
+        time.sleep(0.2)
+    older, newer = _snapshots(backups)[-2:]
+    assert older.name >= after_v1
+    # A blob both snapshots hold is one file: hard-linked, not copied again.
+    layer = sha256(b"layer-one" * 1000)
+    hexa = layer.split(":")[1]
+    relative = Path("blobs", "sha256", hexa[:2], hexa, "data")
+    assert (older / relative).stat().st_ino == (newer / relative).stat().st_ino
+    # Only the newest `keep` stay.
+    while _snapshots(backups)[0] == older:
+        assert time.monotonic() < deadline, registry.log_tail()
+        time.sleep(0.2)
+    assert len(_snapshots(backups)) == 2
+    assert "berth_backup_last_success_timestamp_seconds" in api.get("/metrics").body.decode()
+
+    # The recovery drill: the newest snapshot copied into an empty root serves both tags.
+    latest = _snapshots(backups)[-1]
+    restored = registry_process("berth")
+    restored.stop()
+    shutil.rmtree(restored.root)
+    shutil.copytree(latest, restored.root)
+    code, out = berth(restored, "check")
+    assert code == 0, out
+    restored.start()
+    copy = Registry(restored.url)
+    assert copy.manifest("team/app", "v1").header("Docker-Content-Digest") == first
+    assert copy.manifest("team/app", "v2").header("Docker-Content-Digest") == second
 
 
 def test_recovery_figures(tmp_path: Path) -> None:

@@ -124,3 +124,43 @@ def test_numbers_out_of_bounds_name_their_key_and_bounds(
 ) -> None:
     with pytest.raises(config.ConfigError, match=f"^{re.escape(message)}"):
         _load(tmp_path, document)
+
+
+def test_scheduled_backups(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    loaded = _load(
+        tmp_path,
+        {
+            "storage": {"root": str(root)},
+            "backup": {"interval_seconds": 86400, "keep": 3, "dir": str(tmp_path / "b")},
+        },
+    )
+    assert (loaded.backup.interval_seconds, loaded.backup.keep) == (86400, 3)
+    assert loaded.backup.dir == tmp_path / "b"
+    assert _load(tmp_path, {}).backup.interval_seconds == 0  # off unless asked
+
+
+@pytest.mark.parametrize(
+    ("backup", "extra", "message"),
+    [
+        ({"keep": 0}, {}, "backup.keep must be at least 1"),
+        ({"interval_seconds": 60, "dir": "{root}/backups"}, {}, "outside storage.root"),
+        ({"interval_seconds": 60, "dir": "{tmp}"}, {}, "outside storage.root"),
+        (
+            {"interval_seconds": 60},
+            {"metadata": {"driver": "postgresql", "postgresql": {"dsn": "postgresql://x/y"}}},
+            "with S3 or PostgreSQL use",
+        ),
+    ],
+)
+def test_scheduled_backups_refused(
+    tmp_path: Path, backup: dict[str, Any], extra: dict[str, Any], message: str
+) -> None:
+    root = tmp_path / "data"
+    backup = {
+        k: v.format(root=root, tmp=tmp_path) if isinstance(v, str) else v
+        for k, v in backup.items()
+    }
+    document = {"storage": {"root": str(root)}, "backup": backup, **extra}
+    with pytest.raises(config.ConfigError, match=message):
+        _load(tmp_path, document)
