@@ -158,8 +158,7 @@ def test_scheduled_backups_refused(
 ) -> None:
     root = tmp_path / "data"
     backup = {
-        k: v.format(root=root, tmp=tmp_path) if isinstance(v, str) else v
-        for k, v in backup.items()
+        k: v.format(root=root, tmp=tmp_path) if isinstance(v, str) else v for k, v in backup.items()
     }
     document = {"storage": {"root": str(root)}, "backup": backup, **extra}
     with pytest.raises(config.ConfigError, match=message):
