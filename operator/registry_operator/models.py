@@ -138,6 +138,16 @@ DEFAULT_DSN_KEY = "dsn"
 
 
 @dataclasses.dataclass(frozen=True)
+class Backup:
+    """Scheduled snapshots of a registry on a claim or emptyDir with SQLite, written by
+    its server into a claim of their own (`<name>-backup`)."""
+
+    interval_hours: int = 24
+    keep: int = 7
+    volume: PvcStorage = dataclasses.field(default_factory=PvcStorage)
+
+
+@dataclasses.dataclass(frozen=True)
 class Tls:
     secret_name: str
 
@@ -217,6 +227,7 @@ class Spec:
     log_level: str = "info"
     storage: Storage = dataclasses.field(default_factory=PvcStorage)
     postgresql: PostgresMetadata | None = None  # None: SQLite on the data volume
+    backup: Backup | None = None
     ingress: Ingress | None = None
     peers: tuple[Peer, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
@@ -281,6 +292,13 @@ def parse_spec(raw: Mapping[str, Any], *, image: str | None = None, namespace: s
             "spec.replicas",
             "replicas > 1 requires storage.s3 and metadata.postgresql (SQLite serves one pod only)",
         )
+    backup = _backup(raw.get("backup"))
+    if backup is not None and (isinstance(storage, S3Storage) or postgresql is not None):
+        raise InvalidSpec(
+            "spec.backup",
+            "scheduled backups copy a volume and its SQLite index; with S3 or PostgreSQL"
+            " back up the bucket and the database with their own tools",
+        )
     region = raw.get("region")
     peers = _peers(raw.get("replication"), namespace)
     if peers and region is None:
@@ -303,6 +321,7 @@ def parse_spec(raw: Mapping[str, Any], *, image: str | None = None, namespace: s
         log_level=_choice(raw.get("logLevel", "info"), LOG_LEVELS, "spec.logLevel"),
         storage=storage,
         postgresql=postgresql,
+        backup=backup,
         ingress=_ingress(raw.get("ingress")),
         peers=peers,
         webhooks=_webhooks(raw.get("notifications")),
@@ -489,6 +508,30 @@ def _s3(data: Mapping[str, Any]) -> S3Storage:
         path_style=_bool(data.get("pathStyle", True), f"{where}.pathStyle"),
         redirect=_bool(data.get("redirect", False), f"{where}.redirect"),
         ca=None if ca is None else _key_ref(ca, f"{where}.caConfigMapRef", "ca.crt"),
+    )
+
+
+def _backup(raw: Any) -> Backup | None:
+    if raw is None:
+        return None
+    data = _mapping(raw, "spec.backup")
+    values: dict[str, int] = {}
+    for key, default, top in (("intervalHours", 24, 720), ("keep", 7, 100)):
+        value = data.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+            raise InvalidSpec(f"spec.backup.{key}", f"must be an integer from 1 to {top}")
+        values[key] = value
+    pvc = _mapping(data.get("pvc", {}), "spec.backup.pvc")
+    class_name = pvc.get("storageClassName")
+    return Backup(
+        interval_hours=values["intervalHours"],
+        keep=values["keep"],
+        volume=PvcStorage(
+            size=_quantity(pvc.get("size", DEFAULT_PVC_SIZE), "spec.backup.pvc.size"),
+            storage_class_name=(
+                None if class_name is None else _str(class_name, "spec.backup.pvc.storageClassName")
+            ),
+        ),
     )
 
 

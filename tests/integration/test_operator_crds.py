@@ -107,6 +107,12 @@ INVALID = [
         "requires credentialsSecretRef",
     ),
     (
+        {"backup": {}, "metadata": {"postgresql": {"connectionSecretRef": {"name": "db"}}}},
+        'The Registry "bad" is invalid: spec.backup: Forbidden: backup copies a volume and its '
+        "SQLite index: with storage.s3 or metadata.postgresql, back up the bucket and the "
+        "database with their own tools",
+    ),
+    (
         {"imagePullPolicy": "Sometimes"},
         _schema_error(
             "Registry",
@@ -164,6 +170,13 @@ def test_s3_and_postgresql_allow_replicas(control_plane: ControlPlane, namespace
     }
     code, err = _apply(control_plane, _registry("scaled", namespace, spec), "--dry-run=server")
     assert code == 0, err
+
+
+def test_backup_defaults(control_plane: ControlPlane, namespace: str) -> None:
+    code, err = _apply(control_plane, _registry("saved", namespace, {"backup": {}}))
+    assert code == 0, err
+    stored = control_plane.kubectl_json("get", "registry", "saved", "-n", namespace)
+    assert stored["spec"]["backup"] == {"intervalHours": 24, "keep": 7, "pvc": {"size": "10Gi"}}
 
 
 def test_name_must_fit_a_service(control_plane: ControlPlane, namespace: str) -> None:

@@ -73,6 +73,14 @@ CASES: dict[str, dict[str, Any]] = {
             "postgresql": {"connectionSecretRef": {"name": "berth-db", "key": "uri"}, "poolSize": 4}
         },
     },
+    # Daily snapshots into a claim of their own, the last 14 kept.
+    "backup": {
+        "backup": {
+            "intervalHours": 24,
+            "keep": 14,
+            "pvc": {"size": "40Gi", "storageClassName": "slow"},
+        }
+    },
     # The index in PostgreSQL, blobs on a shared volume: pods may overlap in a rollout.
     "pvc-postgresql": {
         "storage": {"pvc": {"accessModes": ["ReadWriteMany"], "storageClassName": "nfs"}},
@@ -226,6 +234,9 @@ def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: 
         assert pg.connection_string() == "postgresql://berth@db/berth"
     else:
         assert loaded.metadata.driver == "sqlite"
+    if case == "backup":
+        assert loaded.backup.interval_seconds == 86400 and loaded.backup.keep == 14
+        assert loaded.backup.dir == Path(names.BACKUP_DIR)
     if case == "notifications":
         audit, ci = loaded.notifications.endpoints
         assert audit.headers_dir == Path(names.NOTIFICATIONS_DIR) / "audit"

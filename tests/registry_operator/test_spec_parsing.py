@@ -194,6 +194,10 @@ def test_deleting() -> None:
          "spec.storage.s3.caConfigMapRef.key", "valid key"),
         ({"metadata": {"postgresql": {}}}, "spec.metadata.postgresql.connectionSecretRef",
          "object"),
+        ({"backup": {}, **PG}, "spec.backup", "SQLite index"),
+        ({"backup": {"keep": 0}}, "spec.backup.keep", "1 to 100"),
+        ({"backup": {"intervalHours": 1000}}, "spec.backup.intervalHours", "1 to 720"),
+        ({"backup": {"pvc": {"size": "big"}}}, "spec.backup.pvc.size", "quantity"),
         ({"metadata": {"postgresql": {"connectionSecretRef": {"name": "db"}, "poolSize": 0}}},
          "spec.metadata.postgresql.poolSize", "1 to 100"),
         ({"metadata": {"postgresql": {"connectionSecretRef": {"name": "Not/A/Name"}}}},
@@ -469,3 +473,9 @@ def test_webhooks() -> None:
         models.Webhook("audit", "https://h", "s"),
         models.Webhook("ci", "http://c", None, ("delete",)),
     )
+
+
+def test_backup() -> None:
+    spec = models.parse_spec({"backup": {"keep": 3, "pvc": {"storageClassName": "slow"}}})
+    assert spec.backup == models.Backup(24, 3, models.PvcStorage(storage_class_name="slow"))
+    assert models.parse_spec({}).backup is None

@@ -136,13 +136,16 @@ def _backend_files(spec: models.Spec) -> dict[str, Any]:
             f"{names.S3_CA_DIR}/{names.S3_CA_FILE}" if s3 is not None and s3.ca else None
         ),
         "postgresql": spec.postgresql,
+        "backup": spec.backup,
+        "backup_dir": names.BACKUP_DIR,
         "postgresql_dsn_file": f"{names.POSTGRESQL_DIR}/{names.POSTGRESQL_DSN_FILE}",
     }
 
 
-def backend_volumes(spec: models.Spec) -> list[dict[str, Any]]:
-    """Volumes of the user's S3 and PostgreSQL Secrets (and CA): name, mount path, and
-    the volume source (`kind`: secret or configMap)."""
+def extra_volumes(spec: models.Spec, registry: str) -> list[dict[str, Any]]:
+    """Volumes beyond the server's own: the user's S3 and PostgreSQL Secrets (and CA),
+    read-only, and the backup claim: name, mount path, and the volume source (`kind`:
+    secret, configMap or persistentVolumeClaim)."""
     found: list[dict[str, Any]] = []
     storage = spec.storage
     if isinstance(storage, models.S3Storage):
@@ -151,6 +154,7 @@ def backend_volumes(spec: models.Spec) -> list[dict[str, Any]]:
                 "name": "s3-credentials",
                 "path": names.S3_CREDENTIALS_DIR,
                 "kind": "secret",
+                "writable": False,
                 "source": {
                     "secretName": storage.credentials_secret,
                     "items": [
@@ -167,12 +171,23 @@ def backend_volumes(spec: models.Spec) -> list[dict[str, Any]]:
                     "name": "s3-ca",
                     "path": names.S3_CA_DIR,
                     "kind": "configMap",
+                    "writable": False,
                     "source": {
                         "name": storage.ca.name,
                         "items": [{"key": storage.ca.key, "path": names.S3_CA_FILE}],
                     },
                 }
             )
+    if spec.backup is not None:
+        found.append(
+            {
+                "name": "backup",
+                "path": names.BACKUP_DIR,
+                "kind": "persistentVolumeClaim",
+                "source": {"claimName": names.backup_pvc(registry)},
+                "writable": True,
+            }
+        )
     if spec.postgresql is not None:
         ref = spec.postgresql.connection
         found.append(
@@ -180,6 +195,7 @@ def backend_volumes(spec: models.Spec) -> list[dict[str, Any]]:
                 "name": "postgresql",
                 "path": names.POSTGRESQL_DIR,
                 "kind": "secret",
+                "writable": False,
                 "source": {
                     "secretName": ref.name,
                     "items": [{"key": ref.key, "path": names.POSTGRESQL_DSN_FILE}],
@@ -351,6 +367,17 @@ def render(
                 storage=storage,
             )
         )
+    if spec.backup is not None:
+        manifests.append(
+            manifest(
+                "persistentvolumeclaim.yaml.j2",
+                name=names.backup_pvc(name),
+                namespace=namespace,
+                labels=names.labels(name, "backup"),
+                owner_references=[],  # backups outlive their Registry, like its data
+                storage=spec.backup.volume,
+            )
+        )
     server_labels = names.labels(name, "server")
     manifests.append(
         manifest(
@@ -363,7 +390,7 @@ def render(
             # once, and two pods must never share one SQLite index, even on an RWX one.
             recreate=isinstance(storage, models.PvcStorage)
             and (not storage.shared or spec.postgresql is None),
-            backend_volumes=backend_volumes(spec),
+            extra_volumes=extra_volumes(spec, name),
             checksum_annotation=names.CHECKSUM_ANNOTATION,
             checksum=checksum(config_map, secret, backends),
             run_as=names.RUN_AS,

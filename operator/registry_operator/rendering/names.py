@@ -41,6 +41,7 @@ POLICY_SHARD_SLOTS = 8
 REPLICATION_DIR = "/etc/berth/replication"
 NOTIFICATIONS_DIR = "/etc/berth/notifications"  # one directory of header files per webhook
 DATA_DIR = "/var/lib/berth"
+BACKUP_DIR = "/var/lib/berth-backup"  # spec.backup's claim, outside DATA_DIR
 # The user's Secrets and ConfigMap for the external back ends, each a volume of its own.
 S3_CREDENTIALS_DIR = "/etc/berth/s3"
 S3_CA_DIR = "/etc/berth/s3-ca"
@@ -122,6 +123,10 @@ def service_host(registry: str, namespace: str) -> str:
 
 def pvc(registry: str) -> str:
     return f"{registry}-data"
+
+
+def backup_pvc(registry: str) -> str:
+    return f"{registry}-backup"
 
 
 def deployment(registry: str) -> str:
