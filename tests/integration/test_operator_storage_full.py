@@ -138,3 +138,66 @@ def test_a_full_volume_is_reported_and_its_end_too(
             assert events.count(("Warning", "StorageFull")) == 1, (warned, events)
         finally:
             pod.stop()
+
+
+def _storage_class(plane: ControlPlane, name: str, expandable: bool) -> None:
+    document = {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": name},
+        "provisioner": "example.com/none",  # nothing provisions here: the test binds
+        "allowVolumeExpansion": expandable,
+    }
+    plane.kubectl("apply", "-f", "-", input=json.dumps(document))
+
+
+def _degraded(kube: kube_client.Client, namespace: str) -> dict[str, Any]:
+    body = kube.find(API, "Registry", namespace, "main") or {}
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == "Degraded"), {})
+
+
+@pytest.mark.parametrize("expandable", [True, False], ids=["expandable", "fixed-size"])
+def test_raising_the_size_grows_the_claim_where_the_class_allows(
+    operator: OperatorProcess,
+    kube: kube_client.Client,
+    control_plane: ControlPlane,
+    namespace: str,
+    expandable: bool,
+) -> None:
+    klass = f"{namespace[-6:]}-{'grows' if expandable else 'fixed'}"
+    _storage_class(control_plane, klass, expandable)
+    try:
+
+        def apply(size: str) -> None:
+            spec = {"storage": {"pvc": {"size": size, "storageClassName": klass}}}
+            document = {"apiVersion": API, "kind": "Registry", "metadata": {"name": "main"}}
+            document["spec"] = spec
+            control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(document))
+
+        def requested() -> str | None:
+            claim = kube.find("v1", "PersistentVolumeClaim", namespace, names.pvc("main"))
+            return None if claim is None else claim["spec"]["resources"]["requests"]["storage"]
+
+        apply("1Gi")
+        _wait(lambda: requested() == "1Gi", operator, "the claim")
+        # Bound, as a provisioner would leave it: only a bound claim can grow.
+        control_plane.kubectl(
+            "patch", "pvc", names.pvc("main"), "-n", namespace, "--subresource=status",
+            "--type=merge", "-p",
+            '{"status": {"phase": "Bound", "capacity": {"storage": "1Gi"}}}',
+        )  # fmt: skip
+        apply("3Gi")
+        if expandable:
+            _wait(lambda: requested() == "3Gi", operator, "the claim's request to grow")
+            assert _degraded(kube, namespace).get("status") == "False"
+        else:
+            refused = _wait(
+                lambda: (d := _degraded(kube, namespace)).get("reason") == "ApplyRejected" and d,
+                operator,
+                "Degraded=True, ApplyRejected, with the API server's reason",
+            )
+            assert "PersistentVolumeClaim main-data" in refused["message"], refused
+            assert requested() == "1Gi"
+    finally:
+        control_plane.kubectl("delete", "storageclass", klass, "--wait=false", check=False)

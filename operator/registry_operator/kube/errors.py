@@ -52,5 +52,15 @@ def from_status(status: int, body: Any, fallback: str = "") -> KubeError:
         return Conflict(message, status, reason)
     if status in (400, 422):
         return Rejected(message, status, reason)
-    # 401/403 are usually RBAC being installed or fixed; 429 and 5xx are transient.
+    if status == 403 and not _rbac(message):
+        # An admission plugin refused the object (a claim its class cannot resize, an
+        # exceeded quota, a webhook): asking again the same way fails the same way.
+        return Rejected(message, status, reason)
+    # 401, and 403 from RBAC, are usually RBAC being installed or fixed; 429 and 5xx
+    # are transient.
     return Retryable(message, status, reason)
+
+
+def _rbac(message: str) -> bool:
+    """Whether a 403 is the authorizer's ('User "..." cannot patch resource ...')."""
+    return " cannot " in message and " resource " in message
