@@ -17,23 +17,20 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.integration import test_clients_containerd
 from tests.support.clients import (
     Registry,
     blob_file,
     canonical_json,
     crane,
-    run_tool,
     skopeo,
     wait_for,
 )
+from tests.support.containerd import Containerd
 from tests.support.images import make_oci_layout, read_blob, read_json_blob
 from tests.support.processes import RegistryProcess, free_port
 
 pytestmark = pytest.mark.integration
 
-# containerd of its own, in a temporary directory (never the node's).
-containerd_socket = test_clients_containerd.containerd_socket
 
 Start = Callable[..., RegistryProcess]
 
@@ -276,7 +273,7 @@ server = "{server}"
 def test_ctr_pulls_through_berth_named_as_mirror_in_hosts_toml(
     registry_process: Start,
     upstream_image: tuple[RegistryProcess, str, Path],
-    containerd_socket: Path,
+    containerd: Containerd,
     tmp_path: Path,
 ) -> None:
     dist, digest, _ = upstream_image
@@ -290,7 +287,7 @@ def test_ctr_pulls_through_berth_named_as_mirror_in_hosts_toml(
     ref = f"{dist.host}/team/app:v1"
 
     def ctr(*args: str | Path) -> str:
-        return run_tool("ctr", "-a", containerd_socket, *args, timeout=120).stdout
+        return containerd.ctr(*(str(arg) for arg in args))
 
     ctr("images", "pull", "--hosts-dir", hosts_dir, "--snapshotter", "native", ref)
     # It came through the mirror: Berth holds the tag, under the prefix.
