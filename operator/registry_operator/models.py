@@ -138,6 +138,24 @@ DEFAULT_DSN_KEY = "dsn"
 
 
 @dataclasses.dataclass(frozen=True)
+class Upstream:
+    """A registry this one mirrors on demand (a pull-through cache): `<prefix>/x` here is
+    `x` there (docs/pull-through-cache.md)."""
+
+    name: str
+    url: str
+    prefix: str
+    hosts: tuple[str, ...] = ()
+    username: str = ""
+    password: KeyRef | None = None  # a Secret key, mounted; read at each use
+    ca: KeyRef | None = None  # a ConfigMap key holding extra CA certificates (PEM)
+    tag_ttl_seconds: int = 300
+    timeout_seconds: int = 5
+    keep_last: int = 0
+    max_idle_days: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class Backup:
     """Scheduled snapshots of a registry on a claim or emptyDir with SQLite, written by
     its server into a claim of their own (`<name>-backup`)."""
@@ -228,6 +246,7 @@ class Spec:
     storage: Storage = dataclasses.field(default_factory=PvcStorage)
     postgresql: PostgresMetadata | None = None  # None: SQLite on the data volume
     backup: Backup | None = None
+    upstreams: tuple[Upstream, ...] = ()
     ingress: Ingress | None = None
     peers: tuple[Peer, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
@@ -322,6 +341,7 @@ def parse_spec(raw: Mapping[str, Any], *, image: str | None = None, namespace: s
         storage=storage,
         postgresql=postgresql,
         backup=backup,
+        upstreams=_upstreams(raw.get("upstreams")),
         ingress=_ingress(raw.get("ingress")),
         peers=peers,
         webhooks=_webhooks(raw.get("notifications")),
@@ -509,6 +529,59 @@ def _s3(data: Mapping[str, Any]) -> S3Storage:
         redirect=_bool(data.get("redirect", False), f"{where}.redirect"),
         ca=None if ca is None else _key_ref(ca, f"{where}.caConfigMapRef", "ca.crt"),
     )
+
+
+_UPSTREAM_NUMBERS = (
+    ("tagTTLSeconds", "tag_ttl_seconds", 300, 1, 7 * 86400),
+    ("timeoutSeconds", "timeout_seconds", 5, 1, 300),
+    ("keepLast", "keep_last", 0, 0, 100_000),
+    ("maxIdleDays", "max_idle_days", 0, 0, 3650),
+)
+# A repository path prefix: lowercase components, dots allowed (docker.io, ghcr.io/org).
+_UPSTREAM_PREFIX = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
+
+
+def _upstreams(raw: Any) -> tuple[Upstream, ...]:
+    found: list[Upstream] = []
+    for i, item in enumerate(_list(raw or [], "spec.upstreams")):
+        where = f"spec.upstreams[{i}]"
+        entry = _mapping(item, where)
+        name = _str(entry.get("name"), f"{where}.name")
+        if not _DNS_LABEL.match(name) or len(name) > 50:  # it names volumes: upstream-<name>-ca
+            raise InvalidSpec(f"{where}.name", f"{name!r} is not a DNS label of at most 50")
+        prefix = _str(entry.get("prefix"), f"{where}.prefix").strip("/").lower()
+        if not _UPSTREAM_PREFIX.match(prefix):
+            raise InvalidSpec(f"{where}.prefix", f"{prefix!r} is not a repository path prefix")
+        numbers: dict[str, int] = {}
+        for key, field, default, low, high in _UPSTREAM_NUMBERS:
+            value = entry.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise InvalidSpec(f"{where}.{key}", f"must be an integer from {low} to {high}")
+            numbers[field] = value
+        password, ca = entry.get("passwordSecretRef"), entry.get("caConfigMapRef")
+        username = entry.get("username", "")
+        if password is not None and not username:
+            raise InvalidSpec(f"{where}.username", "is required with passwordSecretRef")
+        found.append(
+            Upstream(
+                name=name,
+                url=_http_url(entry.get("url"), f"{where}.url").rstrip("/"),
+                prefix=prefix,
+                hosts=tuple(h.lower() for h in _strings(entry.get("hosts", []), f"{where}.hosts")),
+                username="" if not username else _str(username, f"{where}.username"),
+                password=(
+                    None
+                    if password is None
+                    else _key_ref(password, f"{where}.passwordSecretRef", "password")
+                ),
+                ca=None if ca is None else _key_ref(ca, f"{where}.caConfigMapRef", "ca.crt"),
+                **numbers,
+            )
+        )
+    for what in ("name", "prefix"):
+        if len({getattr(u, what) for u in found}) != len(found):
+            raise InvalidSpec("spec.upstreams", f"each upstream's {what} must be unique")
+    return tuple(found)
 
 
 def _backup(raw: Any) -> Backup | None:

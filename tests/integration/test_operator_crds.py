@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.support.control_plane import ControlPlane
+from tests.support.tools import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -170,6 +171,14 @@ def test_s3_and_postgresql_allow_replicas(control_plane: ControlPlane, namespace
     }
     code, err = _apply(control_plane, _registry("scaled", namespace, spec), "--dry-run=server")
     assert code == 0, err
+
+
+def test_the_extra_samples_are_valid(control_plane: ControlPlane, namespace: str) -> None:
+    """samples/more/ (applied by hand): what the API server admits, in a namespace of ours."""
+    sample = (REPO_ROOT / "samples" / "more" / "pull-through-cache.yaml").read_text()
+    text = sample.replace("namespace: registries", f"namespace: {namespace}")
+    done = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=text, check=False)
+    assert done.returncode == 0, done.stderr
 
 
 def test_backup_defaults(control_plane: ControlPlane, namespace: str) -> None:

@@ -73,6 +73,28 @@ CASES: dict[str, dict[str, Any]] = {
             "postgresql": {"connectionSecretRef": {"name": "berth-db", "key": "uri"}, "poolSize": 4}
         },
     },
+    # A pull-through cache of Docker Hub (with credentials) and of a private registry.
+    "upstreams": {
+        "upstreams": [
+            {
+                "name": "docker-hub",
+                "url": "https://registry-1.docker.io",
+                "prefix": "docker.io",
+                "username": "berthmirror",
+                "passwordSecretRef": {"name": "hub-token", "key": "token"},
+                "keepLast": 10,
+                "maxIdleDays": 30,
+            },
+            {
+                "name": "corp",
+                "url": "https://registry.corp.example:8443",
+                "prefix": "corp.example/team",
+                "hosts": ["registry.corp.example:8443"],
+                "caConfigMapRef": {"name": "corp-ca"},
+                "tagTTLSeconds": 60,
+            },
+        ]
+    },
     # Daily snapshots into a claim of their own, the last 14 kept.
     "backup": {
         "backup": {
@@ -205,7 +227,12 @@ def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: 
     config_map = _by_kind(_render(CASES[case], case))["ConfigMap"]
     text = config_map["data"]["config.yaml"]
     # The loader reads the mounted back-end Secrets: give it files where the pod has them.
-    for mount in (names.S3_CREDENTIALS_DIR, names.S3_CA_DIR, names.POSTGRESQL_DIR):
+    for mount in (
+        names.S3_CREDENTIALS_DIR,
+        names.S3_CA_DIR,
+        names.POSTGRESQL_DIR,
+        f"{names.UPSTREAMS_DIR}/corp-ca",
+    ):
         local = tmp_path / mount.strip("/")
         local.mkdir(parents=True)
         for name in (models.S3_ACCESS_KEY, models.S3_SECRET_KEY, names.POSTGRESQL_DSN_FILE):
@@ -234,6 +261,17 @@ def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: 
         assert pg.connection_string() == "postgresql://berth@db/berth"
     else:
         assert loaded.metadata.driver == "sqlite"
+    if case == "upstreams":
+        hub, corp = loaded.upstreams
+        assert (hub.prefix, hub.username, hub.keep_last, hub.max_idle_days) == (
+            "docker.io",
+            "berthmirror",
+            10,
+            30.0,
+        )
+        assert hub.password_file == Path(names.UPSTREAMS_DIR) / "docker-hub" / "password"
+        assert corp.hosts == ("registry.corp.example:8443",) and corp.tag_ttl_seconds == 60
+        assert corp.ca_file == tmp_path / "etc/berth/upstreams/corp-ca/ca.crt"
     if case == "backup":
         assert loaded.backup.interval_seconds == 86400 and loaded.backup.keep == 14
         assert loaded.backup.dir == Path(names.BACKUP_DIR)

@@ -126,6 +126,7 @@ def test_invalid_local_registry_hosting_annotation() -> None:
 
 
 S3 = {"bucket": "images", "credentialsSecretRef": {"name": "s3-keys"}}
+HUB = {"name": "hub", "url": "https://registry-1.docker.io", "prefix": "docker.io"}
 PG = {"metadata": {"postgresql": {"connectionSecretRef": {"name": "db"}}}}
 
 
@@ -195,6 +196,14 @@ def test_deleting() -> None:
         ({"metadata": {"postgresql": {}}}, "spec.metadata.postgresql.connectionSecretRef",
          "object"),
         ({"backup": {}, **PG}, "spec.backup", "SQLite index"),
+        ({"upstreams": [{**HUB, "prefix": "../etc"}]}, "spec.upstreams[0].prefix", "path prefix"),
+        ({"upstreams": [{**HUB, "url": "registry-1.docker.io"}]}, "spec.upstreams[0].url",
+         "http://"),
+        ({"upstreams": [{**HUB, "passwordSecretRef": {"name": "t"}}]},
+         "spec.upstreams[0].username", "required"),
+        ({"upstreams": [{**HUB, "keepLast": -1}]}, "spec.upstreams[0].keepLast", "0 to"),
+        ({"upstreams": [{**HUB, "name": "x" * 51}]}, "spec.upstreams[0].name", "at most 50"),
+        ({"upstreams": [HUB, {**HUB, "name": "other"}]}, "spec.upstreams", "prefix must be"),
         ({"backup": {"keep": 0}}, "spec.backup.keep", "1 to 100"),
         ({"backup": {"intervalHours": 1000}}, "spec.backup.intervalHours", "1 to 720"),
         ({"backup": {"pvc": {"size": "big"}}}, "spec.backup.pvc.size", "quantity"),
@@ -479,3 +488,19 @@ def test_backup() -> None:
     spec = models.parse_spec({"backup": {"keep": 3, "pvc": {"storageClassName": "slow"}}})
     assert spec.backup == models.Backup(24, 3, models.PvcStorage(storage_class_name="slow"))
     assert models.parse_spec({}).backup is None
+
+
+def test_upstreams() -> None:
+    spec = models.parse_spec(
+        {"upstreams": [{**HUB, "prefix": "/Docker.io/", "username": "me",
+                        "passwordSecretRef": {"name": "hub-token"}}]}
+    )  # fmt: skip
+    assert spec.upstreams == (
+        models.Upstream(
+            "hub",
+            "https://registry-1.docker.io",
+            "docker.io",
+            username="me",
+            password=models.KeyRef("hub-token", "password"),
+        ),
+    )

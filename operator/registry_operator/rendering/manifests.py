@@ -138,6 +138,8 @@ def _backend_files(spec: models.Spec) -> dict[str, Any]:
         "postgresql": spec.postgresql,
         "backup": spec.backup,
         "backup_dir": names.BACKUP_DIR,
+        "upstreams": spec.upstreams,
+        "upstreams_dir": names.UPSTREAMS_DIR,
         "postgresql_dsn_file": f"{names.POSTGRESQL_DIR}/{names.POSTGRESQL_DSN_FILE}",
     }
 
@@ -175,6 +177,37 @@ def extra_volumes(spec: models.Spec, registry: str) -> list[dict[str, Any]]:
                     "source": {
                         "name": storage.ca.name,
                         "items": [{"key": storage.ca.key, "path": names.S3_CA_FILE}],
+                    },
+                }
+            )
+    for up in spec.upstreams:
+        # Optional: a missing Secret fails that upstream's fetches (with a clear error),
+        # never the registry's start.
+        if up.password is not None:
+            found.append(
+                {
+                    "name": f"upstream-{up.name}",
+                    "path": f"{names.UPSTREAMS_DIR}/{up.name}",
+                    "kind": "secret",
+                    "writable": False,
+                    "source": {
+                        "secretName": up.password.name,
+                        "items": [{"key": up.password.key, "path": "password"}],
+                        "defaultMode": 288,
+                        "optional": True,
+                    },
+                }
+            )
+        if up.ca is not None:
+            found.append(
+                {
+                    "name": f"upstream-{up.name}-ca",
+                    "path": f"{names.UPSTREAMS_DIR}/{up.name}-ca",
+                    "kind": "configMap",
+                    "writable": False,
+                    "source": {
+                        "name": up.ca.name,
+                        "items": [{"key": up.ca.key, "path": "ca.crt"}],
                     },
                 }
             )

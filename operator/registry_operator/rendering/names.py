@@ -46,6 +46,7 @@ BACKUP_DIR = "/var/lib/berth-backup"  # spec.backup's claim, outside DATA_DIR
 S3_CREDENTIALS_DIR = "/etc/berth/s3"
 S3_CA_DIR = "/etc/berth/s3-ca"
 S3_CA_FILE = "ca.crt"
+UPSTREAMS_DIR = "/etc/berth/upstreams"  # <name>/password and <name>-ca/ca.crt per upstream
 POSTGRESQL_DIR = "/etc/berth/postgresql"
 POSTGRESQL_DSN_FILE = "dsn"
 RUN_AS = 65532  # the conventional "nonroot" uid/gid of distroless-style images
