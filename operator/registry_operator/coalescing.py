@@ -18,9 +18,13 @@ T = TypeVar("T")
 
 
 class Coalescer(Generic[K, T]):
-    def __init__(self) -> None:
+    def __init__(self, pause: Callable[[K], float] | None = None) -> None:
         self._running: dict[K, asyncio.Task[T]] = {}
         self._queued: dict[K, asyncio.Task[T]] = {}
+        # Seconds a queued run waits before it starts (still sharing with later callers):
+        # the operator spaces expensive runs of one key so that a burst of triggers does
+        # not keep the CPU busy with back-to-back runs.
+        self.pause = pause
 
     def busy(self, key: K) -> bool:
         return key in self._running or key in self._queued
@@ -62,6 +66,9 @@ class Coalescer(Generic[K, T]):
     ) -> T:
         if previous is not None:
             await asyncio.wait([previous])
+        wait = self.pause(key) if self.pause is not None else 0.0
+        if wait > 0:
+            await asyncio.sleep(wait)
         me = cast("asyncio.Task[T]", asyncio.current_task())
         if self._queued.get(key) is me:
             del self._queued[key]

@@ -5,6 +5,7 @@ ones), and the Registry's AccessApplied (one event per transition, its status wo
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import kopf
@@ -126,3 +127,16 @@ async def test_access_applied_tells_each_transition_once() -> None:
     await outcome(ok, worse)
     assert posted == [("Warning", "PolicyNotWritten"), ("Normal", "AccessApplied")]
     assert woken == ["main", "main", "main", "main"]  # each time the status differs
+
+
+def test_access_passes_are_spaced_by_their_own_duration() -> None:
+    state = runtime.Runtime(kube=FakeKube())  # type: ignore[arg-type]
+    key = ("ns", "main")
+    assert state._access_pause(key) == 0.0  # never ran: at once
+    now = time.monotonic()
+    state._access_runs[key] = (0.8, now)  # took 0.8 s, just ended
+    assert 0.7 < state._access_pause(key) <= 0.8
+    state._access_runs[key] = (30.0, now)  # a huge pass: at most ACCESS_GAP_MAX
+    assert state._access_pause(key) <= runtime.ACCESS_GAP_MAX
+    state._access_runs[key] = (0.8, now - 5)  # long ago: at once
+    assert state._access_pause(key) == 0.0

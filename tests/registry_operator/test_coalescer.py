@@ -143,3 +143,29 @@ async def _idle(queue: coalescing.Coalescer[str, int]) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("still busy")
+
+
+async def test_a_pause_before_a_run_is_shared_by_the_requests_meanwhile() -> None:
+    paused: list[str] = []
+
+    def pause(key: str) -> float:
+        paused.append(key)
+        return 0.05
+
+    queue: coalescing.Coalescer[str, int] = coalescing.Coalescer(pause)
+    runs = 0
+
+    async def job() -> int:
+        nonlocal runs
+        runs += 1
+        return runs
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    queue.request("a", job)
+    await asyncio.sleep(0.01)
+    for _ in range(10):
+        queue.request("a", job)  # while it pauses: the same run
+    await _idle(queue)
+    assert runs == 1 and paused == ["a"]
+    assert loop.time() - started >= 0.05
