@@ -161,6 +161,15 @@ def build_pull_through(
     )
 
 
+def _cached_here(pull_through: PullThrough | None) -> Callable[[str], bool]:
+    """Repositories that replication leaves alone: the pull-through cache's. Each region
+    fills its own cache from the upstream (a peer mirroring the same prefix would refuse
+    the fills as pushes anyway)."""
+    if pull_through is None:
+        return lambda repo: False
+    return lambda repo: pull_through.target(repo) is not None
+
+
 def build_app(config: Config, worker_id: int = 0) -> web.Application:
     """The application for one worker process; worker 0 also competes for (and runs)
     the background tasks: replication, notifications, GC and retention."""
@@ -173,7 +182,12 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     index = build_index(config, consumers, space)
     store = BlobStore(driver, space)
     election = build_election(config) if worker_id == 0 else None
-    replicator = Replicator(rep, index, store, election) if rep.peers and election else None
+    pull_through = build_pull_through(config, store, index, worker_id)
+    replicator = (
+        Replicator(rep, index, store, election, _cached_here(pull_through))
+        if rep.peers and election
+        else None
+    )
     notifications = (
         notifier.Notifier(config.notifications, index, _source(config, index.instance_id), election)
         if endpoints and election
@@ -193,7 +207,6 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
 
     listener = build_listener(config, on_change) if wakers else None
 
-    pull_through = build_pull_through(config, store, index, worker_id)
     svc = Services(
         pull_through=pull_through,
         blobs=BlobService(store, index),

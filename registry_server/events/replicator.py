@@ -23,6 +23,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -109,8 +110,11 @@ class Replicator:
         index: MetadataIndex,
         store: BlobStore,
         election: Election | None = None,
+        stays_local: Callable[[str], bool] = lambda repo: False,
     ) -> None:
         self.config = config
+        # Repositories never sent to peers, changes nor repairs (the pull-through cache's).
+        self.stays_local = stays_local
         self.index = index
         self.store = store
         self.election = election if election is not None else LocalElection()
@@ -213,7 +217,8 @@ class Replicator:
                     await asyncio.wait_for(peer.wake.wait(), timeout=1.0)
                 continue
             for change in changes:
-                if change.op in LOCAL_OPS:  # retention's removals: each region decides
+                if change.op in LOCAL_OPS or self.stays_local(change.repo):
+                    # Retention's removals (each region decides) and cache fills.
                     await self.index.ack_change(peer.config.name, change.seq)
                     continue
                 delivered = await self._deliver_with_retry(peer, change)
@@ -362,9 +367,10 @@ class Replicator:
         repaired = 0
         after = ""
         while True:
-            repos = await self.index.list_repositories(_PAGE, after)
-            if not repos:
+            listed = await self.index.list_repositories(_PAGE, after)
+            if not listed:
                 return repaired
+            repos = [name for name in listed if not self.stays_local(name)]
             if peer.config.kind == "berth":
                 remote = await peer.client.get_json(
                     "/berth/v1/replication/hashes", {"repositories": repos}
@@ -377,7 +383,7 @@ class Replicator:
             else:
                 for name in repos:
                     repaired += await self._repair_oci(peer, name)
-            after = repos[-1]
+            after = listed[-1]
 
     async def _repair_berth(self, peer: _Peer, repo: str) -> int:
         remote = await peer.client.get_json(

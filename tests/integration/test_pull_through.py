@@ -9,6 +9,7 @@ import hashlib
 import http.client
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -315,3 +316,35 @@ def test_eviction_removes_what_is_not_pulled_and_gc_frees_it(
     wait_for(lambda: not any(blob_file(berth.root, d).exists() for d in layers), timeout=30)
     # Pulled again: fetched again.
     assert pull(berth.host, "mirror/team/app:v1", tmp_path / "again") == digest
+
+
+def test_cache_fills_stay_in_their_region(
+    registry_process: Start, upstream_image: tuple[RegistryProcess, str, Path], tmp_path: Path
+) -> None:
+    """Two regions replicating to each other, both mirroring one upstream: a pull through
+    one fills its cache only (the other fills its own from the upstream; a replicated
+    fill would be a push into its read-only mirror), while pushes still replicate."""
+    dist, digest, layout = upstream_image
+    ports = {name: free_port() for name in ("eu", "us")}
+
+    def config(region: str, other: str) -> dict[str, Any]:
+        return {
+            **mirror_config(dist.url),
+            "replication": {
+                "region": region,
+                "anti_entropy_interval_seconds": 1,
+                "retry_max_seconds": 1,
+                "peers": [{"name": other, "url": f"http://127.0.0.1:{ports[other]}"}],
+            },
+        }
+
+    eu = registry_process("berth", port=ports["eu"], config=config("eu", "us"))
+    us = registry_process("berth", port=ports["us"], config=config("us", "eu"))
+    assert pull(eu.host, "mirror/team/app:v1", tmp_path / "eu") == digest
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{eu.host}/own/app:v1")
+    # The push reaches the other region; by then the fill, logged first, was passed over.
+    wait_for(lambda: Registry(us.url).tags("own/app") == ["v1"], timeout=30)
+    time.sleep(2)  # and an anti-entropy round (every second) has run too
+    assert Registry(us.url).tags("mirror/team/app") is None
+    peers = Registry(eu.url).get("/berth/v1/replication/status").json()["peers"]
+    assert [(p["name"], p["last_error"], p["queue_depth"]) for p in peers] == [("us", None, 0)]
