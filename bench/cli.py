@@ -7,6 +7,8 @@ and the docs' figures regenerated from the saved results (bench/docs.py).
   alike. The server's CPU and peak memory are taken around each job, from /proc.
 - operator (bench/operator_figures.py): apply -> children, fan-out, memory.
 - replication (bench/replication.py): two regions beside skopeo, from push done.
+- scale-out (bench/scale_out.py): Berth on S3 + PostgreSQL, one replica and two behind a
+  balancer, beside distribution on the same object store and Berth on the filesystem.
 - operator-scale (bench/operator_scale.py), only when named: 500 / 2,000 / 10,000
   Repositories of one Registry, all Ready, one more, RSS (docs/operator.md, "Scale").
 
@@ -197,6 +199,7 @@ class Bench:
         servers: dict[str, procs.Server],
         ours: str,
         theirs: str,
+        meters: dict[str, procs.Meter] | None = None,
     ) -> None:
         self.s = settings
         self.workdir = workdir
@@ -210,7 +213,13 @@ class Bench:
         self.large: dict[str, str] = {}  # server -> digest of a pushed large blob
         self.small: dict[str, list[str]] = {}
         self.nonce_counter = 0
-        self.meters = {name: procs.Meter(server.pid) for name, server in servers.items()}
+        # By default each server's own process tree; a setup of several processes (say
+        # replicas behind a balancer) brings a meter of its own.
+        self.meters = (
+            meters
+            if meters is not None
+            else {name: procs.Meter(server.pid) for name, server in servers.items()}
+        )
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -610,6 +619,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     group.add_argument("--registries", type=int, default=None, help="Registries applied in turn")
     group.add_argument("--repositories", type=int, default=None, help="Repositories for the RSS")
+    group = parser.add_argument_group("scale-out section (also takes --reps, --keep)")
+    group.add_argument(
+        "--note", default="", help="a sentence saved with the result and shown in the docs"
+    )
     group = parser.add_argument_group("replication section")
     group.add_argument("--images", type=int, default=None, help="small images pushed in turn")
     group.add_argument("--big-mib", type=int, default=None, help="size of the large image")
@@ -818,9 +831,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     took: dict[str, float] = {}
     for section in args.sections:
         started = time.monotonic()
-        path = args.results / f"{section}.json"
+        path = args.results / docs.result_file(section)
         if section == "server":
             path.write_text(run_server(args).to_json())
+        elif section == "scale-out":
+            # Imported here: bench.scale_out builds on this module (Bench, Settings).
+            from bench import scale_out
+
+            path.write_text(json.dumps(scale_out.run_section(args), indent=2) + "\n")
         elif section == "operator-scale":
             docs_dir = None if args.no_docs else args.docs_dir
             path = operator_scale.run_section(args.results, docs_dir, quick=args.quick)

@@ -241,11 +241,18 @@ def server_analysis(result: Result) -> str:
     return analysis.server(_server_result(result))
 
 
+def scale_out_section(result: Result) -> str:
+    from bench import scale_out
+
+    return scale_out.markdown(result)
+
+
 # doc file name -> [(marker name, section whose saved result it is made from, renderer)]
 DOCS: Mapping[str, list[tuple[str, str, Renderer]]] = {
     "benchmarks.md": [
         ("server", "server", server_results),
         ("server-analysis", "server", server_analysis),
+        ("scale-out", "scale-out", scale_out_section),
     ],
     "operator.md": [("operator", "operator", operator_section)],
     "replication.md": [("replication", "replication", replication_section)],
@@ -257,7 +264,7 @@ def sections_table(results: Mapping[str, Result]) -> str:
     rows = [
         [
             f"`{name}`",
-            f"`bench/results/{name}.json`",
+            f"`bench/results/{result_file(name)}`",
             str(result["date"]),
             f"`{result['commit']}`",
             seconds(float(result["duration_s"])),
@@ -270,13 +277,18 @@ def sections_table(results: Mapping[str, Result]) -> str:
 
 # The sections of `python -m bench` whose saved results the docs are generated from;
 # other files in bench/results/ (other benches' results) are not read here.
-SECTIONS = ("server", "operator", "replication")
+SECTIONS = ("server", "operator", "replication", "scale-out")
+
+
+def result_file(section: str) -> str:
+    """The saved result's file name: scale-out -> scale_out.json."""
+    return section.replace("-", "_") + ".json"
 
 
 def load_results(results_dir: Path) -> dict[str, Result]:
     found: dict[str, Result] = {}
     for name in SECTIONS:
-        path = results_dir / f"{name}.json"
+        path = results_dir / result_file(name)
         if not path.exists():
             continue
         try:

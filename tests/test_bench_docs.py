@@ -74,7 +74,7 @@ def test_generation_is_deterministic(tmp_path: Path) -> None:
     shuffled.mkdir()
     for name, result in _results().items():
         reordered = dict(reversed(list(result.items())))
-        (shuffled / f"{name}.json").write_text(json.dumps(reordered, indent=None))
+        (shuffled / docs.result_file(name)).write_text(json.dumps(reordered, indent=None))
     again = docs.outputs(shuffled, docs.DOCS_DIR)
     assert {p.name: c for p, c in again.items()} == {p.name: c for p, c in first.items()}
 

@@ -1,0 +1,77 @@
+"""`python -m bench --quick --only scale-out`: the section end to end, tiny.
+
+Real processes: SeaweedFS, PostgreSQL, two Berth replicas behind nginx, Berth on the
+filesystem and distribution 2.8 on the same bucket. Checks that the section saves a
+result with every row and goal the docs need, that its docs section is generated from
+it while the rest of the doc is kept, and that the scratch directory is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import scale_out
+from tests.support.tools import REPO_ROOT, in_ci
+
+pytestmark = pytest.mark.integration
+
+
+def test_quick_scale_out_section(tmp_path: Path) -> None:
+    missing = scale_out.missing_tools()
+    if missing:
+        message = f"{', '.join(missing)} missing; run `make tools`"
+        if in_ci():
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    docs.mkdir()
+    markers = "".join(
+        f"<!-- bench:{name}:start -->\nold\n<!-- bench:{name}:end -->\n\n"
+        for name in ("sections", "scale-out")
+    )
+    (docs / "benchmarks.md").write_text(f"# Kept\n\n{markers}kept\n")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--quick",
+            "--only",
+            "scale-out",
+            "--results",
+            str(results),
+            "--docs-dir",
+            str(docs),
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    result = json.loads((results / "scale_out.json").read_text())
+    assert result["section"] == "scale-out" and result["commit"]
+    keys = {row["key"] for row in result["rows"]}
+    assert {"push_large", "pull_small", "manifest_get", "tag_list", "catalog"} <= keys
+    for row in result["rows"]:
+        assert set(row["values"]) == set(scale_out.COLUMNS), row["key"]
+        assert all(v is not None and v > 0 for v in row["values"].values()), row["key"]
+    goals = {goal["key"] for goal in result["goals"]}
+    assert goals == {"push_large", "push_small", "pull_large", "pull_small", "tag_list", "catalog"}
+    # Both replicas answered through the balancer.
+    spread = result["requests_per_replica_of_two"]
+    assert len(spread) == 2 and min(spread.values()) > 0, spread
+
+    text = (docs / "benchmarks.md").read_text()
+    assert "\nold\n" not in text and text.startswith("# Kept\n") and text.endswith("\nkept\n")
+    assert "distribution, S3" in text and "≥ 20 x" in text
+    assert "`bench/results/scale_out.json`" in text  # the sections table
+    assert not list(tmp_path.glob("berth-bench-*"))
