@@ -9,7 +9,7 @@ from aiohttp import web
 
 from registry_server.http.context import Handler
 from registry_server.protocol import errors
-from registry_server.storage.driver import StorageFull
+from registry_server.storage.driver import StorageConflict, StorageFull
 
 log = logging.getLogger("registry_server.http")
 
@@ -60,6 +60,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         )
         retry = {"Retry-After": str(errors.STORAGE_FULL_RETRY_AFTER)}
         return render(errors.RegistryError(errors.STORAGE_FULL, headers=retry), head=head)
+    except StorageConflict as exc:
+        # Another request (on another replica) changed the upload first: nothing of this
+        # one was applied; the client asks where the upload is and goes on from there.
+        log.warning("write lost a race", extra={"path": request.path, "key": str(exc)})
+        return render(errors.RegistryError(errors.UPLOAD_CONFLICT), head=head)
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects and the like are answers, not errors
             raise

@@ -35,6 +35,12 @@ UNSUPPORTED = ErrorCode("UNSUPPORTED", "the operation is unsupported", 405)
 TOO_MANY_REQUESTS = ErrorCode("TOOMANYREQUESTS", "too many requests", 429)
 # Not in the spec's list but needed for correct statuses; codes stay within the catalogue above.
 RANGE_INVALID = ErrorCode("BLOB_UPLOAD_INVALID", "invalid content range", 416)
+# Two requests wrote one upload at once (possible only across replicas): this one lost.
+UPLOAD_CONFLICT = ErrorCode(
+    "BLOB_UPLOAD_INVALID",
+    "the upload was written by another request meanwhile: get its status and resume",
+    416,
+)
 MANIFEST_TOO_LARGE = ErrorCode("SIZE_INVALID", "manifest exceeds the size limit", 413)
 BODY_TOO_LARGE = ErrorCode("SIZE_INVALID", "request body exceeds the size limit", 413)
 TAG_INVALID = ErrorCode("MANIFEST_INVALID", "invalid tag", 400)
