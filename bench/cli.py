@@ -9,6 +9,8 @@ and the docs' figures regenerated from the saved results (bench/docs.py).
 - replication (bench/replication.py): two regions beside skopeo, from push done.
 - scale-out (bench/scale_out.py): Berth on S3 + PostgreSQL, one replica and two behind a
   balancer, beside distribution on the same object store and Berth on the filesystem.
+- pull-through (bench/pull_through.py): pulls through Berth's cache and distribution's
+  proxy from a distribution upstream, beside direct pulls (skopeo).
 - operator-scale (bench/operator_scale.py), only when named: 500 / 2,000 / 10,000
   Repositories of one Registry, all Ready, one more, RSS (docs/operator.md, "Scale").
 
@@ -839,6 +841,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bench import scale_out
 
             path.write_text(json.dumps(scale_out.run_section(args), indent=2) + "\n")
+        elif section == "pull-through":
+            from bench import pull_through
+
+            path.write_text(json.dumps(pull_through.run_section(args), indent=2) + "\n")
         elif section == "operator-scale":
             docs_dir = None if args.no_docs else args.docs_dir
             path = operator_scale.run_section(args.results, docs_dir, quick=args.quick)

@@ -247,6 +247,12 @@ def scale_out_section(result: Result) -> str:
     return scale_out.markdown(result)
 
 
+def pull_through_section(result: Result) -> str:
+    from bench import pull_through
+
+    return pull_through.markdown(result)
+
+
 # doc file name -> [(marker name, section whose saved result it is made from, renderer)]
 DOCS: Mapping[str, list[tuple[str, str, Renderer]]] = {
     "benchmarks.md": [
@@ -256,6 +262,7 @@ DOCS: Mapping[str, list[tuple[str, str, Renderer]]] = {
     ],
     "operator.md": [("operator", "operator", operator_section)],
     "replication.md": [("replication", "replication", replication_section)],
+    "pull-through-cache.md": [("pull-through", "pull-through", pull_through_section)],
 }
 
 
@@ -277,7 +284,7 @@ def sections_table(results: Mapping[str, Result]) -> str:
 
 # The sections of `python -m bench` whose saved results the docs are generated from;
 # other files in bench/results/ (other benches' results) are not read here.
-SECTIONS = ("server", "operator", "replication", "scale-out")
+SECTIONS = ("server", "operator", "replication", "scale-out", "pull-through")
 
 
 def result_file(section: str) -> str:
