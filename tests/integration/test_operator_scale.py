@@ -36,7 +36,7 @@ from registry_operator.kube import client as kube_client
 from registry_operator.rendering import names
 from tests.support import podspec_runner
 from tests.support.control_plane import ControlPlane
-from tests.support.operator_process import OperatorProcess
+from tests.support.operator_process import OperatorProcess, operator_running
 from tests.support.operator_process import wait_for as _wait
 from tests.support.processes import wait_until
 
@@ -59,19 +59,13 @@ SHARD_KIB = 16
 def operator(
     control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory, overrides: Path
 ) -> Iterator[OperatorProcess]:
-    running = OperatorProcess(
+    with operator_running(
         control_plane,
         tmp_path_factory.mktemp("operator"),
-        (
-            "--standalone",
-            f"--endpoint-overrides={overrides}",
-            f"--policy-shard-kib={SHARD_KIB}",
-        ),
-    ).start()
-    try:
+        f"--endpoint-overrides={overrides}",
+        f"--policy-shard-kib={SHARD_KIB}",
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _apply(plane: ControlPlane, kind: str, name: str, namespace: str, spec: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from tests.support.balancer import Balancer
 from tests.support.clients import skopeo
 from tests.support.control_plane import ControlPlane
 from tests.support.images import make_oci_layout, tagged_digest
-from tests.support.operator_process import OperatorProcess
+from tests.support.operator_process import OperatorProcess, operator_running, registry_condition
 from tests.support.operator_process import wait_for as _wait
 from tests.support.s3_store import S3Store
 
@@ -37,20 +37,14 @@ REPLICAS = 3
 def operator(
     control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory, overrides: Path
 ) -> Iterator[OperatorProcess]:
-    running = OperatorProcess(
+    with operator_running(
         control_plane,
         tmp_path_factory.mktemp("operator"),
-        (
-            "--standalone",
-            "--resync-seconds=60",
-            "--replication-poll-seconds=1",  # also how often /readyz is asked
-            f"--endpoint-overrides={overrides}",
-        ),
-    ).start()
-    try:
+        "--resync-seconds=60",
+        "--replication-poll-seconds=1",  # also how often /readyz is asked
+        f"--endpoint-overrides={overrides}",
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _secret(plane: ControlPlane, namespace: str, name: str, **data: str) -> None:
@@ -63,14 +57,8 @@ def _secret(plane: ControlPlane, namespace: str, name: str, **data: str) -> None
     plane.kubectl("apply", "-f", "-", input=json.dumps(document))
 
 
-def _storage_ready(kube: kube_client.Client, namespace: str) -> dict[str, Any]:
-    body = kube.find(API, "Registry", namespace, "main") or {}
-    found = [
-        c
-        for c in (body.get("status") or {}).get("conditions") or []
-        if c.get("type") == "StorageReady"
-    ]
-    return found[0] if found else {}
+def _storage_ready(kube: kube_client.Client, namespace: str) -> Mapping[str, Any]:
+    return registry_condition(kube, namespace, "main", "StorageReady")
 
 
 def _inputs(

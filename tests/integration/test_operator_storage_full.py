@@ -9,7 +9,7 @@ tmpfs this test mounts), which another writer then fills.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from registry_operator.kube import client as kube_client
 from registry_operator.rendering import names
 from tests.support import podspec_runner
 from tests.support.control_plane import ControlPlane
-from tests.support.operator_process import OperatorProcess
+from tests.support.operator_process import OperatorProcess, operator_running, registry_condition
 from tests.support.operator_process import wait_for as _wait
 from tests.support.processes import http_status
 from tests.support.volumes import fill, tmpfs
@@ -33,26 +33,18 @@ API = "berth.dev/v1alpha1"
 def operator(
     control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory, overrides: Path
 ) -> Iterator[OperatorProcess]:
-    running = OperatorProcess(
+    with operator_running(
         control_plane,
         tmp_path_factory.mktemp("operator"),
-        (
-            "--standalone",
-            "--resync-seconds=60",
-            "--replication-poll-seconds=1",  # also how often /readyz/writes is asked
-            f"--endpoint-overrides={overrides}",
-        ),
-    ).start()
-    try:
+        "--resync-seconds=60",
+        "--replication-poll-seconds=1",  # also how often /readyz/writes is asked
+        f"--endpoint-overrides={overrides}",
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
-def _storage_ready(kube: kube_client.Client, namespace: str) -> dict[str, Any]:
-    body = kube.find(API, "Registry", namespace, "main") or {}
-    conditions = (body.get("status") or {}).get("conditions") or []
-    return next((c for c in conditions if c.get("type") == "StorageReady"), {})
+def _storage_ready(kube: kube_client.Client, namespace: str) -> Mapping[str, Any]:
+    return registry_condition(kube, namespace, "main", "StorageReady")
 
 
 def _storage_events(plane: ControlPlane, namespace: str) -> list[tuple[str, str]]:

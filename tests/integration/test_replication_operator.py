@@ -29,7 +29,11 @@ from tests.support import podspec_runner
 from tests.support.clients import skopeo
 from tests.support.control_plane import ControlPlane
 from tests.support.images import make_oci_layout
-from tests.support.operator_process import OperatorProcess, delete_berth_objects
+from tests.support.operator_process import (
+    OperatorProcess,
+    delete_berth_objects,
+    operator_running,
+)
 from tests.support.operator_process import wait_for as _wait
 from tests.support.processes import ReservedPort
 from tests.support.tools import require_tool
@@ -43,20 +47,14 @@ API = "berth.dev/v1alpha1"
 def operator(
     control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory, overrides: Path
 ) -> Iterator[OperatorProcess]:
-    running = OperatorProcess(
+    with operator_running(
         control_plane,
         tmp_path_factory.mktemp("operator"),
-        (
-            "--standalone",
-            "--resync-seconds=60",
-            "--replication-poll-seconds=1",
-            f"--endpoint-overrides={overrides}",
-        ),
-    ).start()
-    try:
+        "--resync-seconds=60",
+        "--replication-poll-seconds=1",
+        f"--endpoint-overrides={overrides}",
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

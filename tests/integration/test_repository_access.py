@@ -34,7 +34,7 @@ from tests.support import podspec_runner
 from tests.support.clients import skopeo
 from tests.support.control_plane import ControlPlane
 from tests.support.images import make_oci_layout, tagged_digest
-from tests.support.operator_process import CleanupWarning, OperatorProcess
+from tests.support.operator_process import CleanupWarning, OperatorProcess, operator_running
 from tests.support.operator_process import wait_for as _wait
 from tests.support.tools import require_tool
 
@@ -48,20 +48,14 @@ PULL_LABEL = "berth.dev/pull"
 def operator(
     control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory, overrides: Path
 ) -> Iterator[OperatorProcess]:
-    running = OperatorProcess(
+    with operator_running(
         control_plane,
         tmp_path_factory.mktemp("operator"),
-        (
-            "--standalone",
-            "--resync-seconds=60",
-            "--credential-propagation-seconds=60",
-            f"--endpoint-overrides={overrides}",
-        ),
-    ).start()
-    try:
+        "--resync-seconds=60",
+        "--credential-propagation-seconds=60",
+        f"--endpoint-overrides={overrides}",
+    ) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ keeps the first start's view of what is not ours.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +258,23 @@ def wait_for(
                 f"timed out waiting for {what}\n--- operator log ---\n{operator.log()}"
             )
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def operator_running(plane: ControlPlane, workdir: Path, *args: str) -> Iterator[OperatorProcess]:
+    """An operator (`--standalone` and `args`) for a test module, stopped afterwards."""
+    running = OperatorProcess(plane, workdir, ("--standalone", *args)).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def registry_condition(
+    kube: Any, namespace: str, name: str, condition_type: str
+) -> Mapping[str, Any]:
+    """One condition of a Registry's status as the API server has it ({} when absent);
+    `kube` is the operator's API client (registry_operator.kube.client.Client)."""
+    body = kube.find("berth.dev/v1alpha1", "Registry", namespace, name) or {}
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == condition_type), {})
