@@ -10,6 +10,7 @@ peers get an account.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -50,6 +51,19 @@ def _raw_lists(body: Body, ref: models.RegistryRef) -> bool:
         and ((p.get("registryRef") or {}).get("namespace") or namespace) == ref.namespace
         for p in peers
     )
+
+
+def peers_stub(body: Body) -> dict[str, Any]:
+    """What `to_tell` reads of a Registry: its name and its raw peers. The operator keeps
+    this of every Registry in an index, so that a spec change does not list them all."""
+    meta = body.get("metadata") or {}
+    stub: dict[str, Any] = {
+        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace")}
+    }
+    peers = ((body.get("spec") or {}).get("replication") or {}).get("peers")
+    if peers:
+        stub["spec"] = {"replication": {"peers": copy.deepcopy(peers)}}
+    return stub
 
 
 def to_tell(registry: models.Registry, everyone: Iterable[Body]) -> list[models.RegistryRef]:

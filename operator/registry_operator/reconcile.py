@@ -90,10 +90,13 @@ def reconcile(
     claims: Sequence[node_access.Claim] | None = None,
     access: status.Condition | None = None,
     readiness: status.Readiness | None = None,
+    peer_lists: Sequence[Mapping[str, Any]] | None = None,
 ) -> Outcome:
     """`replication` is the last answer of the server's replication status endpoint;
     `told` receives the events as they are made (see Told); `claims` are every
     Registry's node port claims (the operator's index; listed here when None);
+    `peer_lists` every Registry's name and peers (`peering.peers_stub`, the operator's
+    index; listed here when None, after a spec change);
     `access` the access reconcile's AccessApplied (None: keep the one in the status);
     `readiness` the server's last /readyz answer (Registries on S3 or PostgreSQL)."""
     options = options or Options()
@@ -116,7 +119,7 @@ def reconcile(
     drift = previous.get("observedGeneration") == registry.generation
     wired, peers, wake = _resolve_peers(kube, registry)
     if not drift:
-        wake.extend(_peers_to_tell(kube, registry))
+        wake.extend(_peers_to_tell(kube, registry, peer_lists))
     me = node_access.claim(registry)
     everyone = [
         c for c in (claims if claims is not None else list_claims(kube)) if c.ref != me.ref
@@ -241,8 +244,15 @@ def sync_local_registry_hosting(
     return Hosting(chosen, tuple(told), refs, {("ConfigMap", namespace, name): version})
 
 
-def _peers_to_tell(kube: kube_client.Client, registry: models.Registry) -> list[Wake]:
-    everyone = kube.list(API_VERSION, models.KIND, None)
+def _peers_to_tell(
+    kube: kube_client.Client,
+    registry: models.Registry,
+    everyone: Sequence[Mapping[str, Any]] | None = None,
+) -> list[Wake]:
+    if everyone is None:
+        # Without the index: every Registry, read whole (at a thousand Registries, a
+        # list of megabytes at each of their spec changes).
+        everyone = kube.list(API_VERSION, models.KIND, None)
     return [
         (kind, ref.namespace, ref.name)
         for ref in peering.to_tell(registry, everyone)

@@ -75,3 +75,24 @@ def test_settings() -> None:
     selectors = dict(built.watching.label_selectors.items())
     assert len(selectors) == 8  # one per watched child kind
     assert set(selectors.values()) == {"app.kubernetes.io/managed-by=berth-operator"}
+
+
+def test_the_per_event_and_per_poll_success_lines_are_dropped() -> None:
+    logger = logging.getLogger("test.quiet")
+    settings.quiet_event_handlers(logger)
+    records = []
+    for message in (
+        "Handler 'child-deployments' succeeded.",
+        "Handler 'node-claims' succeeded.",
+        "Timer 'readiness' succeeded.",
+        "Handler 'reconcile-update' succeeded.",
+        "Timer 'resync' succeeded.",
+        "Timer 'readiness' failed with an exception. Will retry.",
+    ):
+        record = logger.makeRecord("test.quiet", logging.INFO, __file__, 1, message, (), None)
+        records.append((message, logger.filter(record)))
+    assert [m for m, kept in records if kept] == [
+        "Handler 'reconcile-update' succeeded.",
+        "Timer 'resync' succeeded.",
+        "Timer 'readiness' failed with an exception. Will retry.",
+    ]

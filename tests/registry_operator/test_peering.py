@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import kopf
 import pytest
 
 from registry_operator import credentials, models, peering, robots, status
+from registry_operator.handlers import registries
 from registry_operator.rendering import manifests
 
 IMAGE = "berth:test"
@@ -108,6 +110,23 @@ def test_listed_keeps_the_spec_order_and_skips_url_peers() -> None:
 def test_to_tell(everyone: list[dict[str, Any]], expected: list[tuple[str, str]]) -> None:
     found = peering.to_tell(MAIN, everyone)
     assert [(ref.namespace, ref.name) for ref in found] == expected
+    # The operator's index keeps only a stub of each Registry: the same answer.
+    assert peering.to_tell(MAIN, [peering.peers_stub(body) for body in everyone]) == found
+
+
+def test_the_stub_keeps_the_name_and_the_peers_only() -> None:
+    body = _body("asia", "far", peers=[_ref("main"), URL_PEER])
+    body["status"] = {"observedGeneration": 3, "conditions": [{"type": "Ready"}]}
+    stub = peering.peers_stub(body)
+    assert stub == {
+        "metadata": {"name": "asia", "namespace": "far"},
+        "spec": {"replication": {"peers": [_ref("main"), URL_PEER]}},
+    }
+    body["spec"]["replication"]["peers"].clear()  # a copy, not the event's body
+    assert len(stub["spec"]["replication"]["peers"]) == 2
+    assert peering.peers_stub(_body("eu")) == {
+        "metadata": {"name": "eu", "namespace": "registries"}
+    }
 
 
 # --- which peer accounts a registry keeps -----------------------------------------------------
@@ -250,3 +269,9 @@ def test_wiring_keeps_the_order_and_the_same_cluster_passwords() -> None:
     assert wiring.states == (wired_eu.state, waiting_us.state, far.state)
     assert wiring.waiting_on == (US,)
     assert peering.wiring([]) == peering.Wiring(manifests.Replication(), (), ())
+
+
+def test_the_operator_indexes_every_registry_by_namespace_and_name() -> None:
+    body = _body("asia", "far", peers=[_ref("main")])
+    found = registries.index_peers(kopf.Body(body))
+    assert found == {"far/asia": peering.peers_stub(body)}

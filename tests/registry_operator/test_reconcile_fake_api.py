@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from registry_operator import credentials, reconcile, status
+from registry_operator import credentials, peering, reconcile, status
 from registry_operator.kube import errors
 from tests.registry_operator.fake_kube import FakeKube
 
@@ -386,3 +386,42 @@ def test_a_full_volume_is_told_once_and_its_end_too() -> None:
     recovered = run(None)
     assert [(e.type, e.reason) for e in recovered.events] == [("Normal", "StorageRecovered")]
     assert _conditions(kube)["StorageReady"] == ("True", "Bound")
+
+
+def test_a_spec_change_finds_the_peers_to_tell_in_the_index_without_listing() -> None:
+    """The operator hands the reconcile its index of every Registry's peers: a spec
+    change no longer lists every Registry of the cluster (megabytes at a thousand)."""
+    peer = {"name": "to-eu", "registryRef": {"name": "eu"}}
+    kube = FakeKube()
+    _registry(kube, {"region": "us", "replication": {"peers": [peer]}})
+    eu = {
+        "apiVersion": "berth.dev/v1alpha1",
+        "kind": "Registry",
+        "metadata": {"name": "eu", "namespace": "ns", "uid": "eu-uid", "generation": 1},
+        "spec": {"region": "eu", "replication": {"peers": [{"registryRef": {"name": "main"}}]}},
+    }
+    kube.put(eu)
+    listed = FakeKube.list
+
+    def no_registry_list(
+        self: FakeKube, api_version: str, kind: str, *args: Any, **kwargs: Any
+    ) -> list[dict[str, Any]]:
+        assert kind != "Registry", "listed every Registry"
+        return listed(self, api_version, kind, *args, **kwargs)
+
+    stubs = [peering.peers_stub(body) for body in kube.list("", "Registry", None)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FakeKube, "list", no_registry_list)
+        outcome = reconcile.reconcile(
+            kube,  # type: ignore[arg-type]
+            "ns",
+            "main",
+            _options(),
+            claims=[],
+            peer_lists=stubs,
+        )
+    assert ("registry", "ns", "eu") in outcome.wake and ("access", "ns", "eu") in outcome.wake
+    # Without the index (None), the same answer from a list.
+    _registry(kube, {"region": "us", "replication": {"peers": [peer]}}, generation=2)
+    again = reconcile.reconcile(kube, "ns", "main", _options(), claims=[])  # type: ignore[arg-type]
+    assert ("registry", "ns", "eu") in again.wake and ("access", "ns", "eu") in again.wake

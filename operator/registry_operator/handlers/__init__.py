@@ -22,6 +22,9 @@ def register(
     kopf.index(GROUP, VERSION, models.PLURAL, id=registries.CLAIMS_INDEX, registry=registry)(
         registries.index_claim
     )
+    kopf.index(GROUP, VERSION, models.PLURAL, id=registries.PEERS_INDEX, registry=registry)(
+        registries.index_peers
+    )
     kopf.index(
         GROUP,
         VERSION,
@@ -38,11 +41,13 @@ def register(
     for on, handler_id in (
         (kopf.on.create, "reconcile-create"),
         (kopf.on.update, "reconcile-update"),
-        (kopf.on.resume, "reconcile-resume"),
     ):
         on(GROUP, VERSION, models.PLURAL, id=handler_id, registry=registry)(
             registries.reconcile_registry
         )
+    kopf.on.resume(GROUP, VERSION, models.PLURAL, id="reconcile-resume", registry=registry)(
+        registries.resume_registry
+    )
     kopf.on.delete(GROUP, VERSION, models.PLURAL, id="revoke-access", registry=registry)(
         registries.delete_registry
     )

@@ -8,7 +8,6 @@ from typing import Any
 import kopf
 
 from registry_operator.handlers import runtime
-from registry_operator.kube import errors
 from registry_operator.rendering import names
 
 # The watched kinds: (group, version, plural).
@@ -57,9 +56,6 @@ async def child_changed(
         # Pull Secrets in many namespaces: one queued run serves all their events.
         state.request_access(registry_namespace, registry)
         return
-    try:
-        await state.reconcile(registry_namespace, registry)
-    except errors.KubeError as exc:
-        logger.warning(
-            "reconciling %s/%s after a %s event failed: %s", namespace, registry, type, exc
-        )
+    # Not awaited: a burst of events (a thousand Deployments rolling out) shares one
+    # queued run per Registry, and this watch worker does not wait, holding the body.
+    state.request_reconcile(registry_namespace, registry)

@@ -9,12 +9,14 @@ from typing import Any
 
 import kopf
 
-from registry_operator import node_access, status
+from registry_operator import node_access, peering, status
 from registry_operator.handlers import repositories, runtime
 from registry_operator.kube import errors
 
 # Kopf's index of node port claims, by "namespace/name"; handlers get it by this name.
 CLAIMS_INDEX = "berth_node_claims"
+# Kopf's index of every Registry's name and peers, by "namespace/name".
+PEERS_INDEX = "berth_peer_lists"
 
 
 async def reconcile_registry(
@@ -35,6 +37,17 @@ async def reconcile_registry(
         # Status and a Warning event say why; a new spec (an update) triggers a new try.
         raise kopf.PermanentError(f"{outcome.failure.reason}: {outcome.failure.message}")
     logger.debug("reconciled %s/%s", namespace, name)
+
+
+async def resume_registry(*, reason: Any = None, logger: kopf.Logger, **kwargs: Any) -> None:
+    """Once per Registry after the operator starts. A Registry created or changed while
+    the operator was down gets its create or update handler in the same cycle, with this
+    one mixed in under that handler's reason: that one reconciles, and a second pass
+    would only repeat it (a thousand Registries changed during a restart paid for two)."""
+    if reason is not None and reason != kopf.Reason.RESUME:
+        logger.debug("resumed: reconciled by the %s handler", reason)
+        return
+    await reconcile_registry(logger=logger, **kwargs)
 
 
 async def delete_registry(
@@ -134,12 +147,24 @@ def index_claim(body: kopf.Body, **_: Any) -> dict[str, node_access.Claim] | Non
     return None if claim is None else {claim.ref: claim}
 
 
+def index_peers(body: kopf.Body, **_: Any) -> dict[str, Mapping[str, Any]]:
+    """Every Registry's name and the peers it lists: whom a spec change concerns
+    (`peering.to_tell`). Read from this index, a reconcile no longer lists every
+    Registry of the cluster after each spec change (a thousand Registries changed while
+    the operator was down made a thousand lists of megabytes)."""
+    stub = peering.peers_stub(body)
+    return {f"{stub['metadata']['namespace']}/{stub['metadata']['name']}": stub}
+
+
 async def remember_index(*, memo: Any, **kwargs: Any) -> None:
     """At start-up: keep the (live) indexes where the reconciles look for them."""
     state = runtime.of(memo)
     claims = kwargs.get(CLAIMS_INDEX)
     if isinstance(claims, Mapping):
         state.claims_index = claims
+    peers = kwargs.get(PEERS_INDEX)
+    if isinstance(peers, Mapping):
+        state.peers_index = peers
     seen = kwargs.get(repositories.REPOSITORIES_INDEX)
     if isinstance(seen, Mapping):
         state.repositories_index = seen

@@ -74,6 +74,8 @@ class Runtime:
     # claims as the Registry event handler last saw them (to notice what changed).
     claims_index: Mapping[Any, Iterable[node_access.Claim]] | None = None
     claims_seen: dict[str, node_access.Claim] = dataclasses.field(default_factory=dict)
+    # Kopf's index of every Registry's name and peers (`peering.peers_stub`; live).
+    peers_index: Mapping[Any, Iterable[Mapping[str, Any]]] | None = None
     # Each Registry's AccessApplied as its access reconcile last found it.
     applied: dict[Key, status_.Condition] = dataclasses.field(default_factory=dict)
     # Kopf's indexes of Repositories (by Registry) and namespaces (live; set at start-up).
@@ -124,6 +126,13 @@ class Runtime:
             return None
         return [claim for store in self.claims_index.values() for claim in store]
 
+    def registries(self) -> list[Mapping[str, Any]] | None:
+        """A snapshot of every Registry's name and peers; None before the index is known
+        (a reconcile after a spec change then lists the Registries). On the event loop."""
+        if self.peers_index is None:
+            return None
+        return [stub for store in self.peers_index.values() for stub in store]
+
     def seen(self, namespace: str, name: str) -> list[granting.Seen] | None:
         """A snapshot of the Registry's Repositories from the index (None before it is
         known), with our own newer status writes in place of older ones."""
@@ -154,9 +163,9 @@ class Runtime:
             message=event.message,
         )
 
-    async def reconcile(self, namespace: str, name: str) -> reconcile.Outcome:
-        """Reconcile one Registry's children (never two at once) and post its events."""
-
+    def _reconcile_job(
+        self, namespace: str, name: str
+    ) -> Callable[[], Coroutine[Any, Any, reconcile.Outcome]]:
         async def job() -> reconcile.Outcome:
             told = reconcile.Told()
             try:
@@ -171,6 +180,7 @@ class Runtime:
                     self.claims(),
                     self.applied.get((namespace, name)),
                     self.readiness.get((namespace, name)),
+                    self.registries(),
                 )
             except BaseException:
                 # What it changed before failing is still worth telling.
@@ -188,7 +198,26 @@ class Runtime:
             self._wake(outcome.wake)
             return outcome
 
-        return await self.queue.run((namespace, name), job)
+        return job
+
+    async def reconcile(self, namespace: str, name: str) -> reconcile.Outcome:
+        """Reconcile one Registry's children (never two at once) and post its events."""
+        return await self.queue.run((namespace, name), self._reconcile_job(namespace, name))
+
+    def request_reconcile(self, namespace: str, name: str) -> None:
+        """Ask for a reconcile without waiting: what the children's watch events do. A
+        burst of them shares the one queued run, and no watch worker waits for it while
+        holding its event's body (a thousand Registries rolling out held thousands)."""
+
+        def failed(exc: BaseException) -> None:
+            if isinstance(exc, errors.KubeError):
+                log.warning(
+                    "reconcile of %s/%s failed, a later trigger retries: %s", namespace, name, exc
+                )
+            else:
+                log.error("reconcile of %s/%s failed", namespace, name, exc_info=exc)
+
+        self.queue.request((namespace, name), self._reconcile_job(namespace, name), failed)
 
     async def reconcile_access(self, namespace: str, name: str) -> granting.Outcome:
         """Reconcile one Registry's access (policy, robots, distributed Secrets)."""
