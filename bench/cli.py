@@ -12,7 +12,8 @@ and the docs' figures regenerated from the saved results (bench/docs.py).
 - pull-through (bench/pull_through.py): pulls through Berth's cache and distribution's
   proxy from a distribution upstream, beside direct pulls (skopeo).
 - operator-scale (bench/operator_scale.py), only when named: 500 / 2,000 / 10,000
-  Repositories of one Registry, all Ready, one more, RSS (docs/operator.md, "Scale").
+  Repositories of one Registry, all Ready, one more, RSS; then 1,000 Registries with 3
+  Repositories each through an operator restart (docs/operator.md, "Scale").
 
 `--only operator` (or a comma list) runs some of them; the others' saved results and
 figures stay as they are.
@@ -554,7 +555,7 @@ def _with_deps(selected: Sequence[str]) -> list[str]:
 
 
 SECTIONS = docs.SECTIONS
-# Run only when named (--only operator-scale): three control planes, about 10 minutes.
+# Run only when named (--only operator-scale): four control planes, about 30 minutes.
 # Its figures go into docs/operator.md ("Scale"), not through bench/docs.py.
 EXTRA_SECTIONS = ("operator-scale",)
 

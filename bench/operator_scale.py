@@ -16,11 +16,30 @@ from `make tools`, no kubelet) and a fresh operator subprocess (`--standalone`):
    it Ready;
 5. the policy Secrets' sizes.
 
+Then the restart case (issue 18's last goal: 1,000 Registries with 3 Repositories each,
+all reconciled within 5 minutes of an operator restart, RSS at most 250 MiB), on a
+control plane and operator of its own:
+
+1. 20 namespaces; 1,000 Registries (50 in each; emptyDir storage and no node proxy: the
+   node ports are a range of 800, so a thousand proxies could not all have one) created
+   through the API by 16 threads, each followed by its 3 Repositories, each granting
+   pull to another of the namespaces (3,000 pull Secrets); time until every Registry
+   has a status for its generation and every Repository is Ready (polled every 5 s),
+   the operator's peak RSS, then its CPU use over a minute of idling (the readiness
+   poll of every Registry's server, which does not exist here, every 15 s);
+2. the operator stopped, every Registry changed while it is down (`spec.logLevel:
+   debug`, so every Deployment's config checksum must change), the operator started:
+   time until every Deployment's checksum differs and every Registry's
+   status.observedGeneration is its generation (polled every 3 s: +/- 3 s), counted
+   from the operator's start (its process spawned), and the operator's VmHWM (peak
+   RSS) over its life until then and a minute later.
+
 `python -m bench.operator_scale --sizes 2000,10000` (default 500,2000,10000); the result
 goes to bench/results/operator_scale.json, `--docs-only` writes its table into
 docs/operator.md (between the operator-scale markers). `--timeout` bounds the wait for
 all Ready (a size that never gets there is reported with the reasons of those that are
-not).
+not). `--restart 1000` (the default; 0 skips it) sizes the restart case; `--sizes ''
+--restart 1000` runs it alone, and `--docs-only` then writes only its block.
 """
 
 from __future__ import annotations
@@ -182,13 +201,20 @@ def repository(i: int, name: str | None = None) -> dict[str, Any]:
 
 
 @contextmanager
-def stack(workdir: Path, operator_args: Sequence[str]) -> Iterator[tuple[Any, Any, Any]]:
-    """A control plane, an API client and the operator process."""
+def stack(
+    workdir: Path, operator_args: Sequence[str], services: int = 0
+) -> Iterator[tuple[Any, Any, Any]]:
+    """A control plane, an API client and the operator process. `services`: how many
+    Services it must take (the default range has 254 addresses)."""
     from registry_operator.kube import client as kube_client
-    from tests.support.control_plane import ControlPlane
+    from tests.support.control_plane import SERVICE_CLUSTER_IP_RANGE, ControlPlane
     from tests.support.operator_process import OperatorProcess
 
-    plane = ControlPlane(workdir / "control-plane")
+    service_range = SERVICE_CLUSTER_IP_RANGE
+    if services > 200:
+        # 198.18.128.0/20 (4,094 addresses) still starts at the `kubernetes` Service's.
+        service_range = SERVICE_CLUSTER_IP_RANGE.split("/")[0] + "/20"
+    plane = ControlPlane(workdir / "control-plane", service_cluster_ip_range=service_range)
     operator = None
     kube = None
     try:
@@ -324,20 +350,254 @@ def measure(
         return result
 
 
+# --- the restart case -------------------------------------------------------------------
+
+FLEET_NAMESPACES = 20
+PER_REGISTRY = 3  # Repositories of each Registry
+RESTART_POLL_S = 3.0
+
+
+def _vm_hwm_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def fleet_registry(i: int) -> dict[str, Any]:
+    return {
+        "apiVersion": API,
+        "kind": "Registry",
+        "metadata": {"name": f"reg-{i:04d}", "namespace": f"fleet-{i % FLEET_NAMESPACES:02d}"},
+        "spec": {"storage": {"emptyDir": {}}, "nodeProxy": {"enabled": False}},
+    }
+
+
+def fleet_repositories(i: int) -> list[dict[str, Any]]:
+    """The Registry's Repositories, each granting pull to another namespace."""
+    namespace = i % FLEET_NAMESPACES
+    return [
+        {
+            "apiVersion": API,
+            "kind": "Repository",
+            "metadata": {"name": f"reg-{i:04d}-{k}", "namespace": f"fleet-{namespace:02d}"},
+            "spec": {
+                "registryRef": {"name": f"reg-{i:04d}"},
+                "path": f"team-{i:04d}/svc-{k}",
+                "pullAccess": {
+                    "namespaces": [f"fleet-{(namespace + 1 + k) % FLEET_NAMESPACES:02d}"]
+                },
+            },
+        }
+        for k in range(PER_REGISTRY)
+    ]
+
+
+def _key(item: dict[str, Any]) -> tuple[str, str]:
+    return item["metadata"]["namespace"], item["metadata"]["name"]
+
+
+def registries_behind(kube: Any) -> int:
+    """Registries whose status does not carry their generation."""
+    return sum(
+        1
+        for r in kube.list(API, "Registry", None)
+        if (r.get("status") or {}).get("observedGeneration") != r["metadata"].get("generation")
+    )
+
+
+def repositories_not_ready(kube: Any) -> int:
+    return sum(1 for r in kube.list(API, "Repository", None) if _ready_at(r) is None)
+
+
+def checksums(kube: Any) -> dict[tuple[str, str], str]:
+    """Every Registry's server Deployment's config checksum, by (namespace, Registry)."""
+    from registry_operator.rendering import names
+
+    found = {}
+    selector = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY}"
+    for deployment in kube.list("apps/v1", "Deployment", None, selector):
+        registry = deployment["metadata"].get("labels", {}).get(names.REGISTRY_LABEL)
+        if registry != deployment["metadata"]["name"]:
+            continue
+        template = deployment["spec"]["template"]["metadata"]
+        found[_key(deployment)] = (template.get("annotations") or {}).get(
+            names.CHECKSUM_ANNOTATION, ""
+        )
+    return found
+
+
+def idle_cpu(pid: int, seconds: float) -> float:
+    """The operator's CPU use over `seconds`, in percent of one core."""
+    before = _cpu_s(pid)
+    time.sleep(seconds)
+    return round(100 * (_cpu_s(pid) - before) / seconds, 1)
+
+
+def measure_restart(
+    registries: int,
+    workdir: Path,
+    timeout: float,
+    operator_args: Sequence[str] = (),
+    idle_s: float = 60.0,
+) -> dict[str, Any]:
+    """The restart case (see the module docstring); its result."""
+    result: dict[str, Any] = {
+        "registries": registries,
+        "repositories": registries * PER_REGISTRY,
+        "namespaces": FLEET_NAMESPACES,
+    }
+
+    def say(message: str) -> None:
+        print(f"  restart ({registries}): {message}", file=sys.stderr, flush=True)
+
+    with stack(workdir, operator_args, services=registries) as (plane, kube, operator):
+        namespaces = [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": f"fleet-{i:02d}"}}
+            for i in range(FLEET_NAMESPACES)
+        ]
+        plane.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": namespaces}),
+        )
+        pid = operator.pid
+        settle(pid)
+        sampler = Sampler(pid)
+        try:
+            result["rss_before_mib"] = round(sampler.mark(), 1)
+            result["load_average_before"] = round(os.getloadavg()[0], 2)
+
+            def create(i: int) -> None:
+                kube.create(fleet_registry(i))
+                for repository in fleet_repositories(i):
+                    kube.create(repository)
+
+            started = time.monotonic()
+            with ThreadPoolExecutor(CREATE_THREADS) as pool:
+                list(pool.map(create, range(registries)))
+            result["create_s"] = round(time.monotonic() - started, 1)
+            say(f"created in {result['create_s']} s")
+            deadline = time.monotonic() + timeout
+            while True:
+                behind = registries_behind(kube)
+                not_ready = repositories_not_ready(kube) if not behind else 0
+                if not behind and not not_ready:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"not converged after {timeout:.0f} s: {behind} Registries without a"
+                        f" status for their generation, {not_ready} Repositories not Ready"
+                    )
+                time.sleep(5)
+            result["converged_s"] = round(time.monotonic() - started, 1)
+            result["converged_rss_peak_mib"] = round(sampler.peak, 1)
+            say(f"converged in {result['converged_s']} s, RSS peak {sampler.peak:.0f} MiB")
+            settle(pid, most_s=60)
+            result["idle_rss_mib"] = round(_rss_mib(pid), 1)
+            result["idle_cpu_percent"] = idle_cpu(pid, idle_s)
+            result["first_vm_hwm_mib"] = round(_vm_hwm_mib(pid), 1)
+            say(f"idle: {result['idle_cpu_percent']} % CPU, RSS {result['idle_rss_mib']} MiB")
+        finally:
+            sampler.stop()
+
+        before = checksums(kube)
+        if len(before) != registries:
+            raise RuntimeError(f"{len(before)} server Deployments for {registries} Registries")
+        operator.stop(clean_up=False)
+        started = time.monotonic()
+
+        def change(i: int) -> None:
+            body = fleet_registry(i)
+            kube.patch(
+                API,
+                "Registry",
+                body["metadata"]["namespace"],
+                body["metadata"]["name"],
+                {"spec": {"logLevel": "debug"}},
+            )
+
+        with ThreadPoolExecutor(CREATE_THREADS) as pool:
+            list(pool.map(change, range(registries)))
+        result["change_s"] = round(time.monotonic() - started, 1)
+        say(f"changed while the operator was down in {result['change_s']} s")
+        result["load_average_at_restart"] = round(os.getloadavg()[0], 2)
+        started = time.monotonic()
+        operator.start()
+        result["restart_liveness_s"] = round(time.monotonic() - started, 1)
+        pid = operator.pid
+        progress: list[list[float]] = []
+        while True:
+            polled = time.monotonic()
+            behind = registries_behind(kube)
+            now = checksums(kube)
+            stale = sum(1 for key, value in before.items() if now.get(key, value) == value)
+            elapsed = time.monotonic() - started
+            progress.append([round(elapsed, 1), registries - stale, registries - behind])
+            if not behind and not stale:
+                break
+            if elapsed > timeout or not operator.process.running:
+                break
+            time.sleep(max(0.0, RESTART_POLL_S - (time.monotonic() - polled)))
+        result["restart_reconciled"] = not behind and not stale
+        result["restart_reconciled_s"] = round(elapsed, 1)
+        if behind or stale:
+            result["restart_left"] = {"registries_behind": behind, "checksums_unchanged": stale}
+        result["restart_vm_hwm_mib"] = round(_vm_hwm_mib(pid), 1)
+        result["restart_cpu_s"] = round(_cpu_s(pid), 1)  # a new process
+        result["restart_load_average"] = round(os.getloadavg()[0], 2)
+        # (seconds, Deployments changed, Registries with their generation's status)
+        result["restart_progress"] = progress[:: max(1, len(progress) // 30)] + progress[-1:]
+        say(
+            f"reconciled {result['restart_reconciled']} in {elapsed:.1f} s after the restart,"
+            f" VmHWM {result['restart_vm_hwm_mib']} MiB, {result['restart_cpu_s']} s CPU"
+        )
+        result["restart_repositories_not_ready"] = repositories_not_ready(kube)
+        settle(pid, most_s=60)
+        result["restart_idle_cpu_percent"] = idle_cpu(pid, idle_s)
+        result["restart_idle_rss_mib"] = round(_rss_mib(pid), 1)
+        result["restart_vm_hwm_end_mib"] = round(_vm_hwm_mib(pid), 1)
+        result["load_average_after"] = round(os.getloadavg()[0], 2)
+        log = workdir / "operator.log"
+        if log.exists():
+            keep = os.environ.get("BERTH_BENCH_KEEP_LOG")
+            if keep:
+                Path(keep).write_bytes(log.read_bytes())
+        say(json.dumps(result))
+    return result
+
+
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "operator.md"
 MARKERS = ("<!-- operator-scale:start -->", "<!-- operator-scale:end -->")
+RESTART_MARKERS = ("<!-- operator-restart:start -->", "<!-- operator-restart:end -->")
 
 
 def _s(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f} s"
 
 
-def markdown(document: dict[str, Any]) -> str:
-    """The figures of a saved run, as docs/operator.md shows them."""
-    lines = [
+def _run_line(document: dict[str, Any]) -> str:
+    return (
         f"Run of {document['date']}, commit {document['commit']}"
         + (f" ({document['label']})" if document.get("label") else "")
-        + f", {document['machine']['cpus']} CPUs, Python {document['machine']['python']}.",
+        + f", {document['machine']['cpus']} CPUs, Python {document['machine']['python']}."
+    )
+
+
+def markdown(document: dict[str, Any]) -> str:
+    """The figures of a saved run, as docs/operator.md shows them (both blocks)."""
+    return "\n".join(b for b in (sizes_markdown(document), restart_markdown(document)) if b)
+
+
+def sizes_markdown(document: dict[str, Any]) -> str:
+    if not document.get("runs"):
+        return ""
+    lines = [
+        _run_line(document),
         "",
         "| Repositories | created in | all Ready (from the start) | after the last was created"
         " | one more Repository Ready | operator RSS: before → peak → settled"
@@ -364,38 +624,118 @@ def markdown(document: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def restart_markdown(document: dict[str, Any]) -> str:
+    """The restart case of a saved run: one row for the convergence, one for the restart."""
+    run = document.get("restart")
+    if not run:
+        return ""
+    in_time = run["restart_reconciled"] and run["restart_reconciled_s"] <= 300
+    small = run["restart_vm_hwm_end_mib"] <= 250
+    goal = f"all within 5 minutes {'met' if in_time else 'missed'}, RSS ≤ 250 MiB"
+    goal += " met" if small else " missed"
+    if run["restart_reconciled"]:
+        restart = f"{run['restart_reconciled_s']:.0f} s (±3 s)"
+    else:
+        left = run.get("restart_left") or {}
+        restart = (
+            f"not within {run['restart_reconciled_s']:.0f} s: {left.get('checksums_unchanged')}"
+            f" Deployments unchanged, {left.get('registries_behind')} statuses behind"
+        )
+    return (
+        "\n".join(
+            [
+                _run_line(document),
+                "",
+                f"{run['registries']:,} Registries in {run['namespaces']} namespaces,"
+                f" {run['repositories']:,} Repositories; the goal: {goal}.",
+                "",
+                "| phase | took | operator RSS | operator CPU | load average |",
+                "| --- | ---: | --- | --- | --- |",
+                f"| created through the API (16 threads) | {run['create_s']:.0f} s"
+                f" | {run['rss_before_mib']:.0f} MiB before | | {run['load_average_before']} |",
+                f"| all converged (from the start of the creation, ±5 s)"
+                f" | {run['converged_s']:.0f} s"
+                f" | peak {run['converged_rss_peak_mib']:.0f} MiB (VmHWM"
+                f" {run['first_vm_hwm_mib']:.0f}) | | |",
+                f"| idle (the readiness polls, the timers) | 60 s | {run['idle_rss_mib']:.0f} MiB"
+                f" | {run['idle_cpu_percent']} % of a core | |",
+                f"| every Registry changed, the operator down | {run['change_s']:.0f} s | | |"
+                f" {run['load_average_at_restart']} |",
+                f"| restart: every Deployment's checksum changed, every status current | {restart}"
+                f" | VmHWM {run['restart_vm_hwm_mib']:.0f} MiB | {run['restart_cpu_s']:.0f} s"
+                f" | {run['restart_load_average']} |",
+                "| the minute after (idle, once all are done) | 60 s"
+                f" | {run['restart_idle_rss_mib']:.0f} MiB (VmHWM"
+                f" {run['restart_vm_hwm_end_mib']:.0f}) | {run['restart_idle_cpu_percent']} %"
+                f" of a core | {run['load_average_after']} |",
+            ]
+        )
+        + "\n"
+    )
+
+
+def _replace_block(text: str, markers: tuple[str, str], block: str) -> str:
+    start, end = text.index(markers[0]), text.index(markers[1])
+    return text[: start + len(markers[0])] + "\n" + block + text[end:]
+
+
 def write_docs(document: dict[str, Any], path: Path = DOCS) -> None:
+    """Each block whose figures the document has (a run of the restart case alone leaves
+    the sizes' block as it was, with its own date and commit)."""
     text = path.read_text()
-    start, end = text.index(MARKERS[0]), text.index(MARKERS[1])
-    path.write_text(text[: start + len(MARKERS[0])] + "\n" + markdown(document) + text[end:])
+    if document.get("runs"):
+        text = _replace_block(text, MARKERS, sizes_markdown(document))
+    if document.get("restart"):
+        text = _replace_block(text, RESTART_MARKERS, restart_markdown(document))
+    path.write_text(text)
 
 
 SIZES = (500, 2000, 10_000)
 QUICK_SIZES = (100,)
+RESTART = 1000
+QUICK_RESTART = 20
 
 
-def measure_all(sizes: Sequence[int], label: str = "", timeout: float = 300.0) -> dict[str, Any]:
-    """Every size on its own control plane; the saved document."""
+def measure_all(
+    sizes: Sequence[int],
+    label: str = "",
+    timeout: float = 300.0,
+    restart: int = 0,
+    operator_args: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Every size, then the restart case (of `restart` Registries, unless 0), each on its
+    own control plane; the saved document."""
     commit = subprocess.run(
         ["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
     runs = []
     for size in sizes:
         with tempfile.TemporaryDirectory(prefix="berth-operator-scale-") as tmp:
-            runs.append(measure(size, Path(tmp), timeout, ()))
-    return {
+            runs.append(measure(size, Path(tmp), timeout, operator_args))
+    document: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit,
         "label": label,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "runs": runs,
     }
+    if restart:
+        with tempfile.TemporaryDirectory(prefix="berth-operator-restart-") as tmp:
+            # Converging and restarting take longer than one size: the timeout is for each.
+            document["restart"] = measure_restart(
+                restart, Path(tmp), max(timeout, 600.0), operator_args
+            )
+    return document
 
 
 def run_section(results: Path, docs_dir: Path | None, quick: bool = False) -> Path:
     """`python -m bench --only operator-scale`: measure, save, and (unless quick or no
     docs directory) write the table into docs/operator.md."""
-    document = measure_all(QUICK_SIZES if quick else SIZES)
+    document = (
+        measure_all(QUICK_SIZES, restart=QUICK_RESTART)
+        if quick
+        else measure_all(SIZES, restart=RESTART)
+    )
     path = results / "operator_scale.json"
     path.write_text(json.dumps(document, indent=2) + "\n")
     if docs_dir is not None and not quick:
@@ -420,6 +760,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="a note saved with the run (e.g. before/after)")
     parser.add_argument("--operator-arg", action="append", default=[], help="extra operator flag")
     parser.add_argument(
+        "--restart",
+        type=int,
+        default=RESTART,
+        help="Registries of the restart case (3 Repositories each; 0 skips it)",
+    )
+    parser.add_argument(
         "--docs-only",
         action="store_true",
         help="measure nothing: write the figures of the saved result into docs/operator.md",
@@ -429,13 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_docs(json.loads(args.out.read_text()))
         return 0
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    if args.operator_arg:
-        document = measure_all([], args.label, args.timeout)
-        for size in sizes:
-            with tempfile.TemporaryDirectory(prefix="berth-operator-scale-") as tmp:
-                document["runs"].append(measure(size, Path(tmp), args.timeout, args.operator_arg))
-    else:
-        document = measure_all(sizes, args.label, args.timeout)
+    document = measure_all(sizes, args.label, args.timeout, args.restart, args.operator_arg)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(markdown(document))

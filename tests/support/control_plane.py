@@ -248,8 +248,13 @@ class ControlPlane:
         controllers: Iterable[str] | None = None,
         ready_timeout: float = 120.0,
         node_ip: str | None = None,
+        service_cluster_ip_range: str = SERVICE_CLUSTER_IP_RANGE,
     ) -> None:
         self.workdir = workdir
+        # A wider range for thousands of Services (the operator bench's 1,000 Registries);
+        # it must start at KUBERNETES_SERVICE_IP, and the node fixture routes only the
+        # default one.
+        self.service_cluster_ip_range = service_cluster_ip_range
         self.node_ip = node_ip
         self.address = node_ip or "127.0.0.1"
         if controllers is None:
@@ -405,7 +410,7 @@ class ControlPlane:
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={pki.service_account_public_key}",
                 f"--service-account-signing-key-file={pki.service_account_key}",
-                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                f"--service-cluster-ip-range={self.service_cluster_ip_range}",
                 "--authorization-mode=RBAC",
                 "--allow-privileged=true",
                 *node_flags,
@@ -451,7 +456,7 @@ class ControlPlane:
                 "--leader-elect=false",
                 f"--root-ca-file={pki.ca_cert}",
                 f"--service-account-private-key-file={pki.service_account_key}",
-                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                f"--service-cluster-ip-range={self.service_cluster_ip_range}",
             ],
             self.logs / "kube-controller-manager.log",
         )
