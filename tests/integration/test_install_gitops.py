@@ -227,7 +227,13 @@ def test_health_from_conditions(stack: dev_stack.LocalStack, tmp_path: Path) -> 
         "apiVersion": "berth.dev/v1alpha1",
         "kind": "Registry",
         "metadata": {"name": "unservable", "namespace": "registries"},
-        "spec": {"storage": {"s3": {"bucket": "images", "credentialsSecretRef": {"name": "s3"}}}},
+        # A key prefix climbing out of its place: the CRD admits it, the operator does not.
+        "spec": {
+            "storage": {
+                "s3": {"bucket": "images", "credentialsSecretRef": {"name": "s3"}, "prefix": "a/.."}
+            },
+            "metadata": {"postgresql": {"connectionSecretRef": {"name": "berth-db"}}},
+        },
     }
     stack.plane.kubectl("apply", "-f", "-", input=json.dumps(unservable))
     broken = wait_for_status(stack, "unservable")
