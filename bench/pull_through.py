@@ -651,20 +651,9 @@ def _table(result: Result) -> str:
 def markdown(result: Result) -> str:
     """The Measured section of docs/pull-through-cache.md (between its markers)."""
     s = result["settings"]
-    machine = "; ".join(f"{k}: {v}" for k, v in result["machine"].items())
-    versions = "; ".join(f"{k}: {v}" for k, v in result["versions"].items())
     met = [g for g in goals(result) if g["met"]]
     where = "tmpfs (/dev/shm)" if result["scratch"] == "tmpfs" else "the scratch directory"
-    parts = [
-        f"Run of {result['date']}, commit {result['commit']}, {result['duration_s']:.0f} s"
-        ' (`make bench BENCH_ARGS="--only pull-through"`), saved in'
-        " `bench/results/pull_through.json`.",
-        "",
-        f"Machine: {machine}. {versions}.",
-        "",
-    ]
-    if result.get("note"):
-        parts += [f"Note on this run: {result['note']}", ""]
+    parts = report.saved_run_header(result, "pull-through", "pull_through.json")
     parts += [
         f"{s['reps']} repetitions, each with a new cache (Berth storage root, distribution"
         " proxy storage) that has filled a tiny image before (unmeasured); skopeo writes"

@@ -4,7 +4,7 @@ markdown that bench.docs puts into docs/benchmarks.md."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
@@ -198,6 +198,23 @@ def run_line(report: Report) -> str:
         f"Run of {report.date}, commit {report.commit or 'unknown'},"
         f' {report.duration_s:.0f} s (`make bench BENCH_ARGS="--only server"`).'
     )
+
+
+def saved_run_header(result: Mapping[str, Any], section: str, saved: str) -> list[str]:
+    """The lines that open a saved section's docs: the run (date, commit, time, how to
+    rerun it, where it is saved), the machine and tool versions, and the run's note."""
+    machine = "; ".join(f"{k}: {v}" for k, v in result["machine"].items())
+    versions = "; ".join(f"{k}: {v}" for k, v in result["versions"].items())
+    parts = [
+        f"Run of {result['date']}, commit {result['commit']}, {result['duration_s']:.0f} s"
+        f' (`make bench BENCH_ARGS="--only {section}"`), saved in `bench/results/{saved}`.',
+        "",
+        f"Machine: {machine}. {versions}.",
+        "",
+    ]
+    if result.get("note"):
+        parts += [f"Note on this run: {result['note']}", ""]
+    return parts
 
 
 def markdown(report: Report) -> str:

@@ -472,18 +472,7 @@ def markdown(result: Result) -> str:
         )
     )
     spread = ", ".join(f"{v:,}" for _, v in sorted(result["requests_per_replica_of_two"].items()))
-    machine = "; ".join(f"{k}: {v}" for k, v in result["machine"].items())
-    versions = "; ".join(f"{k}: {v}" for k, v in result["versions"].items())
-    parts = [
-        f"Run of {result['date']}, commit {result['commit']}, {result['duration_s']:.0f} s"
-        ' (`make bench BENCH_ARGS="--only scale-out"`), saved in'
-        " `bench/results/scale_out.json`.",
-        "",
-        f"Machine: {machine}. {versions}.",
-        "",
-    ]
-    if result.get("note"):
-        parts += [f"Note on this run: {result['note']}", ""]
+    parts = report.saved_run_header(result, "scale-out", "scale_out.json")
     parts += [
         f"Settings: {settings}. Each value is the best of its repetitions (all samples are"
         " in the JSON). ↑ higher is better, ↓ lower is better. Goal ratios: a Berth S3"
