@@ -8,13 +8,12 @@ section is generated from it while the rest of the doc is kept.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.tools import REPO_ROOT, require_tool
+from tests.support.bench_runs import marked_doc, run_quick
+from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -24,31 +23,8 @@ def test_quick_pull_through_section(tmp_path: Path) -> None:
         require_tool(tool)
     results, docs = tmp_path / "results", tmp_path / "docs"
     docs.mkdir()
-    marker = "pull-through"
-    (docs / "pull-through-cache.md").write_text(
-        f"# Kept\n\n<!-- bench:{marker}:start -->\nold\n<!-- bench:{marker}:end -->\n\nkept\n"
-    )
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--only",
-            "pull-through",
-            "--results",
-            str(results),
-            "--docs-dir",
-            str(docs),
-            "--workdir",
-            str(tmp_path),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    marked_doc(docs / "pull-through-cache.md", "pull-through")
+    run_quick("pull-through", tmp_path)
 
     result = json.loads((results / "pull_through.json").read_text())
     assert result["section"] == "pull-through" and result["commit"]

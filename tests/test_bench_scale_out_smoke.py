@@ -9,14 +9,13 @@ it while the rest of the doc is kept, and that the scratch directory is gone.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench import scale_out
-from tests.support.tools import REPO_ROOT, in_ci
+from tests.support.bench_runs import marked_doc, run_quick
+from tests.support.tools import in_ci
 
 pytestmark = pytest.mark.integration
 
@@ -30,32 +29,8 @@ def test_quick_scale_out_section(tmp_path: Path) -> None:
         pytest.skip(message)
     results, docs = tmp_path / "results", tmp_path / "docs"
     docs.mkdir()
-    markers = "".join(
-        f"<!-- bench:{name}:start -->\nold\n<!-- bench:{name}:end -->\n\n"
-        for name in ("sections", "scale-out")
-    )
-    (docs / "benchmarks.md").write_text(f"# Kept\n\n{markers}kept\n")
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--only",
-            "scale-out",
-            "--results",
-            str(results),
-            "--docs-dir",
-            str(docs),
-            "--workdir",
-            str(tmp_path),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    marked_doc(docs / "benchmarks.md", "sections", "scale-out")
+    run_quick("scale-out", tmp_path)
 
     result = json.loads((results / "scale_out.json").read_text())
     assert result["section"] == "scale-out" and result["commit"]

@@ -8,13 +8,12 @@ docs' sections are generated from it while the rest of each doc is kept.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.tools import REPO_ROOT, require_tool
+from tests.support.bench_runs import marked_doc, run_quick
+from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -25,30 +24,8 @@ def test_quick_operator_and_replication_sections(tmp_path: Path) -> None:
     results, docs = tmp_path / "results", tmp_path / "docs"
     docs.mkdir()
     for name in ("operator", "replication"):
-        (docs / f"{name}.md").write_text(
-            f"# Kept\n\n<!-- bench:{name}:start -->\nold\n<!-- bench:{name}:end -->\n\nkept\n"
-        )
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--only",
-            "operator,replication",
-            "--results",
-            str(results),
-            "--docs-dir",
-            str(docs),
-            "--workdir",
-            str(tmp_path),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+        marked_doc(docs / f"{name}.md", name)
+    run_quick("operator,replication", tmp_path, timeout=900)
 
     operator = json.loads((results / "operator.json").read_text())
     assert operator["section"] == "operator" and operator["commit"]

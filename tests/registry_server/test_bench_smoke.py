@@ -8,13 +8,12 @@ sections generated from it are written.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.tools import REPO_ROOT, require_tool
+from tests.support.bench_runs import run_quick
+from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.integration
 
@@ -54,31 +53,9 @@ def test_quick_bench_fills_every_row(tmp_path: Path) -> None:
             for name in ("sections", "server", "server-analysis")
         )
     )
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--only",
-            "server",
-            "--results",
-            str(results),
-            "--docs-dir",
-            str(docs),
-            "--workdir",
-            str(tmp_path),
-            "--distribution-bin",
-            str(registry),
-            "--nginx-bin",
-            str(nginx),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run = run_quick(
+        "server", tmp_path, "--distribution-bin", str(registry), "--nginx-bin", str(nginx)
     )
-    assert run.returncode == 0, run.stderr[-4000:]
     assert "ratio berth/distribution" in run.stdout
 
     report = json.loads((results / "server.json").read_text())
