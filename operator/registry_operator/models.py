@@ -353,9 +353,7 @@ def _node_proxy(raw: Any) -> NodeProxy:
     if raw is None:
         return NodeProxy()
     data = _mapping(raw, "spec.nodeProxy")
-    enabled = data.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise InvalidSpec("spec.nodeProxy.enabled", "must be a boolean")
+    enabled = _bool(data.get("enabled", True), "spec.nodeProxy.enabled")
     port = data.get("port")
     if port is not None and (
         not isinstance(port, int)
@@ -480,9 +478,9 @@ def _storage(raw: Mapping[str, Any]) -> Storage:
     if not modes:
         raise InvalidSpec("spec.storage.pvc.accessModes", "must not be empty")
     class_name = pvc.get("storageClassName")
-    delete = pvc.get("deleteOnRegistryDelete", False)
-    if not isinstance(delete, bool):
-        raise InvalidSpec("spec.storage.pvc.deleteOnRegistryDelete", "must be a boolean")
+    delete = _bool(
+        pvc.get("deleteOnRegistryDelete", False), "spec.storage.pvc.deleteOnRegistryDelete"
+    )
     return PvcStorage(
         size=_quantity(pvc.get("size", DEFAULT_PVC_SIZE), "spec.storage.pvc.size"),
         storage_class_name=(
@@ -507,6 +505,12 @@ def _key_ref(raw: Any, field: str, default_key: str) -> KeyRef:
 def _bool(value: Any, field: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidSpec(field, "must be a boolean")
+    return value
+
+
+def _int_between(value: Any, field: str, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidSpec(field, f"must be an integer from {low} to {high}")
     return value
 
 
@@ -552,12 +556,10 @@ def _upstreams(raw: Any) -> tuple[Upstream, ...]:
         prefix = _str(entry.get("prefix"), f"{where}.prefix").strip("/").lower()
         if not _UPSTREAM_PREFIX.match(prefix):
             raise InvalidSpec(f"{where}.prefix", f"{prefix!r} is not a repository path prefix")
-        numbers: dict[str, int] = {}
-        for key, field, default, low, high in _UPSTREAM_NUMBERS:
-            value = entry.get(key, default)
-            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-                raise InvalidSpec(f"{where}.{key}", f"must be an integer from {low} to {high}")
-            numbers[field] = value
+        numbers = {
+            field: _int_between(entry.get(key, default), f"{where}.{key}", low, high)
+            for key, field, default, low, high in _UPSTREAM_NUMBERS
+        }
         password, ca = entry.get("passwordSecretRef"), entry.get("caConfigMapRef")
         username = entry.get("username", "")
         if password is not None and not username:
@@ -588,17 +590,13 @@ def _backup(raw: Any) -> Backup | None:
     if raw is None:
         return None
     data = _mapping(raw, "spec.backup")
-    values: dict[str, int] = {}
-    for key, default, top in (("intervalHours", 24, 720), ("keep", 7, 100)):
-        value = data.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
-            raise InvalidSpec(f"spec.backup.{key}", f"must be an integer from 1 to {top}")
-        values[key] = value
     pvc = _mapping(data.get("pvc", {}), "spec.backup.pvc")
     class_name = pvc.get("storageClassName")
     return Backup(
-        interval_hours=values["intervalHours"],
-        keep=values["keep"],
+        interval_hours=_int_between(
+            data.get("intervalHours", 24), "spec.backup.intervalHours", 1, 720
+        ),
+        keep=_int_between(data.get("keep", 7), "spec.backup.keep", 1, 100),
         volume=PvcStorage(
             size=_quantity(pvc.get("size", DEFAULT_PVC_SIZE), "spec.backup.pvc.size"),
             storage_class_name=(
@@ -626,9 +624,7 @@ def _postgresql(raw: Any) -> PostgresMetadata | None:
         return None
     where = "spec.metadata.postgresql"
     entry = _mapping(pg, where)
-    pool = entry.get("poolSize", 10)
-    if not isinstance(pool, int) or isinstance(pool, bool) or not 1 <= pool <= 100:
-        raise InvalidSpec(f"{where}.poolSize", "must be an integer from 1 to 100")
+    pool = _int_between(entry.get("poolSize", 10), f"{where}.poolSize", 1, 100)
     return PostgresMetadata(
         connection=_key_ref(
             entry.get("connectionSecretRef"), f"{where}.connectionSecretRef", DEFAULT_DSN_KEY
