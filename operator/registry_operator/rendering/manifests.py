@@ -144,6 +144,26 @@ def _backend_files(spec: models.Spec) -> dict[str, Any]:
     }
 
 
+def _secret_volume(
+    name: str, path: str, secret: str, items: dict[str, str], optional: bool = False
+) -> dict[str, Any]:
+    """A read-only volume of a Secret's keys (`items`: key -> file name)."""
+    source: dict[str, Any] = {
+        "secretName": secret,
+        "items": [{"key": key, "path": file} for key, file in items.items()],
+        "defaultMode": 288,
+    }
+    if optional:
+        source["optional"] = True
+    return {"name": name, "path": path, "kind": "secret", "writable": False, "source": source}
+
+
+def _ca_volume(name: str, path: str, ref: models.KeyRef, file: str) -> dict[str, Any]:
+    """A read-only volume holding one ConfigMap key (a CA bundle) as `file`."""
+    source = {"name": ref.name, "items": [{"key": ref.key, "path": file}]}
+    return {"name": name, "path": path, "kind": "configMap", "writable": False, "source": source}
+
+
 def extra_volumes(spec: models.Spec, registry: str) -> list[dict[str, Any]]:
     """Volumes beyond the server's own: the user's S3 and PostgreSQL Secrets (and CA),
     read-only, and the backup claim: name, mount path, and the volume source (`kind`:
@@ -151,66 +171,30 @@ def extra_volumes(spec: models.Spec, registry: str) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     storage = spec.storage
     if isinstance(storage, models.S3Storage):
+        keys = {key: key for key in (models.S3_ACCESS_KEY, models.S3_SECRET_KEY)}
         found.append(
-            {
-                "name": "s3-credentials",
-                "path": names.S3_CREDENTIALS_DIR,
-                "kind": "secret",
-                "writable": False,
-                "source": {
-                    "secretName": storage.credentials_secret,
-                    "items": [
-                        {"key": key, "path": key}
-                        for key in (models.S3_ACCESS_KEY, models.S3_SECRET_KEY)
-                    ],
-                    "defaultMode": 288,
-                },
-            }
+            _secret_volume(
+                "s3-credentials", names.S3_CREDENTIALS_DIR, storage.credentials_secret, keys
+            )
         )
         if storage.ca is not None:
-            found.append(
-                {
-                    "name": "s3-ca",
-                    "path": names.S3_CA_DIR,
-                    "kind": "configMap",
-                    "writable": False,
-                    "source": {
-                        "name": storage.ca.name,
-                        "items": [{"key": storage.ca.key, "path": names.S3_CA_FILE}],
-                    },
-                }
-            )
+            found.append(_ca_volume("s3-ca", names.S3_CA_DIR, storage.ca, names.S3_CA_FILE))
     for up in spec.upstreams:
         # Optional: a missing Secret fails that upstream's fetches (with a clear error),
         # never the registry's start.
         if up.password is not None:
             found.append(
-                {
-                    "name": f"upstream-{up.name}",
-                    "path": f"{names.UPSTREAMS_DIR}/{up.name}",
-                    "kind": "secret",
-                    "writable": False,
-                    "source": {
-                        "secretName": up.password.name,
-                        "items": [{"key": up.password.key, "path": "password"}],
-                        "defaultMode": 288,
-                        "optional": True,
-                    },
-                }
+                _secret_volume(
+                    f"upstream-{up.name}",
+                    f"{names.UPSTREAMS_DIR}/{up.name}",
+                    up.password.name,
+                    {up.password.key: "password"},
+                    optional=True,
+                )
             )
         if up.ca is not None:
-            found.append(
-                {
-                    "name": f"upstream-{up.name}-ca",
-                    "path": f"{names.UPSTREAMS_DIR}/{up.name}-ca",
-                    "kind": "configMap",
-                    "writable": False,
-                    "source": {
-                        "name": up.ca.name,
-                        "items": [{"key": up.ca.key, "path": "ca.crt"}],
-                    },
-                }
-            )
+            path = f"{names.UPSTREAMS_DIR}/{up.name}-ca"
+            found.append(_ca_volume(f"upstream-{up.name}-ca", path, up.ca, "ca.crt"))
     if spec.backup is not None:
         found.append(
             {
@@ -224,17 +208,9 @@ def extra_volumes(spec: models.Spec, registry: str) -> list[dict[str, Any]]:
     if spec.postgresql is not None:
         ref = spec.postgresql.connection
         found.append(
-            {
-                "name": "postgresql",
-                "path": names.POSTGRESQL_DIR,
-                "kind": "secret",
-                "writable": False,
-                "source": {
-                    "secretName": ref.name,
-                    "items": [{"key": ref.key, "path": names.POSTGRESQL_DSN_FILE}],
-                    "defaultMode": 288,
-                },
-            }
+            _secret_volume(
+                "postgresql", names.POSTGRESQL_DIR, ref.name, {ref.key: names.POSTGRESQL_DSN_FILE}
+            )
         )
     return found
 
