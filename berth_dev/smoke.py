@@ -1,7 +1,10 @@
 """Push a small image to a registry with skopeo and pull it back, digests compared.
 
     python -m berth_dev.smoke HOST:PORT --username U --password-file F [--repository R]
-        [--puller-username P --puller-password-file G]
+        [--puller-username P --puller-password-file G] [--cert-dir D]
+
+With --cert-dir (a directory holding the registry's CA as ca.crt) it speaks verified
+HTTPS; without, plain HTTP (or HTTPS unverified).
 
 The check that the local stack's test and `make e2e-kind` share, so that both prove
 the same thing: a client with the registry's credentials pushes an image and gets the
@@ -16,6 +19,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -60,8 +64,10 @@ def round_trip(
     repository: str = "team-a/api",
     tag: str | None = None,
     workdir: Path | None = None,
+    cert_dir: Path | None = None,
 ) -> Result:
-    """Push a fresh image to `registry/repository:tag` and pull it back (plain HTTP)."""
+    """Push a fresh image to `registry/repository:tag` and pull it back; verified HTTPS
+    with `cert_dir` (the registry's CA as ca.crt), plain HTTP without."""
     tag = tag or f"smoke-{secrets.token_hex(4)}"
     reference = f"{registry}/{repository}:{tag}"
     creds = f"{username}:{password}"
@@ -74,7 +80,7 @@ def round_trip(
                 skopeo,
                 "copy",
                 "--preserve-digests",
-                "--dest-tls-verify=false",
+                *_trust("dest", cert_dir),
                 "--dest-creds",
                 creds,
                 f"oci:{source}:{tag}",
@@ -82,13 +88,26 @@ def round_trip(
             ],
             f"push of {reference}",
         )
-        pulled = pull(reference, username, password, back)
+        pulled = pull(reference, username, password, back, cert_dir)
     if pulled != pushed:
         raise SmokeError(f"pulled {pulled} from {reference}, but pushed {pushed}")
     return Result(reference, pushed, pulled)
 
 
-def pull(reference: str, username: str, password: str, destination: Path) -> str:
+def _trust(side: str, cert_dir: Path | None) -> list[str]:
+    """skopeo's flags for one side of a copy: the CA, or no verification."""
+    if cert_dir is not None:
+        return [f"--{side}-cert-dir={cert_dir}"]
+    return [f"--{side}-tls-verify=false"]
+
+
+def pull(
+    reference: str,
+    username: str,
+    password: str,
+    destination: Path,
+    cert_dir: Path | None = None,
+) -> str:
     """Pull `reference` (host:port/repository:tag) into an OCI layout; its digest."""
     tag = reference.rpartition(":")[2]
     _run(
@@ -96,7 +115,7 @@ def pull(reference: str, username: str, password: str, destination: Path) -> str
             _skopeo(),
             "copy",
             "--preserve-digests",
-            "--src-tls-verify=false",
+            *_trust("src", cert_dir),
             "--src-creds",
             f"{username}:{password}",
             f"docker://{reference}",
@@ -107,19 +126,29 @@ def pull(reference: str, username: str, password: str, destination: Path) -> str
     return images.tagged_digest(destination, tag)
 
 
-def wait_accepted(registry: str, username: str, password: str, attempts: int = 8) -> None:
+def wait_accepted(
+    registry: str,
+    username: str,
+    password: str,
+    attempts: int = 8,
+    cert_dir: Path | None = None,
+) -> None:
     """Wait until the server knows a credential Berth just wrote into a pull Secret.
 
     The Secret can land before the server has reloaded its policy (about two seconds, see
     docs/auth.md); a kubelet retries such a pull, so does this. Polls slowly: each refusal
     counts towards the server's failed-login limit.
     """
-    request = urllib.request.Request(f"http://{registry}/v2/")
+    context = None
+    if cert_dir is not None:
+        context = ssl.create_default_context(cafile=str(cert_dir / "ca.crt"))
+    scheme = "https" if context is not None else "http"
+    request = urllib.request.Request(f"{scheme}://{registry}/v2/")
     token = base64.b64encode(f"{username}:{password}".encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
     for attempt in range(attempts):
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
+            with urllib.request.urlopen(request, timeout=5, context=context) as response:
                 if response.status == 200:
                     return
         except urllib.error.HTTPError as exc:
@@ -131,19 +160,31 @@ def wait_accepted(registry: str, username: str, password: str, attempts: int = 8
 
 
 def check_puller(
-    result: Result, username: str, password: str, *, workdir: Path | None = None
+    result: Result,
+    username: str,
+    password: str,
+    *,
+    workdir: Path | None = None,
+    cert_dir: Path | None = None,
 ) -> None:
     """`username` (say, the robot of a pull Secret) pulls what `result` pushed, and may
     not push."""
-    wait_accepted(result.reference.partition("/")[0], username, password)
+    wait_accepted(result.reference.partition("/")[0], username, password, cert_dir=cert_dir)
     with tempfile.TemporaryDirectory(prefix="berth-smoke-", dir=workdir) as scratch:
-        pulled = pull(result.reference, username, password, Path(scratch) / "pulled")
+        pulled = pull(result.reference, username, password, Path(scratch) / "pulled", cert_dir)
     if pulled != result.pushed:
         raise SmokeError(f"{username} pulled {pulled} from {result.reference}")
     registry, _, rest = result.reference.partition("/")
     repository = rest.rpartition(":")[0]
     try:
-        round_trip(registry, username, password, repository=repository, workdir=workdir)
+        round_trip(
+            registry,
+            username,
+            password,
+            repository=repository,
+            workdir=workdir,
+            cert_dir=cert_dir,
+        )
     except SmokeError as exc:
         if "push of" in str(exc):
             return
@@ -159,7 +200,10 @@ def _secret(file: Path | None, variable: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m berth_dev.smoke", description=__doc__)
-    parser.add_argument("registry", help="host:port of the registry (plain HTTP)")
+    parser.add_argument("registry", help="host:port of the registry")
+    parser.add_argument(
+        "--cert-dir", type=Path, help="directory with the registry's CA (ca.crt): HTTPS, verified"
+    )
     parser.add_argument("--username", required=True)
     parser.add_argument(
         "--password-file",
@@ -183,11 +227,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --puller-password-file or set BERTH_SMOKE_PULLER_PASSWORD")
     try:
         result = round_trip(
-            args.registry, args.username, password, repository=args.repository, tag=args.tag
+            args.registry,
+            args.username,
+            password,
+            repository=args.repository,
+            tag=args.tag,
+            cert_dir=args.cert_dir,
         )
         print(f"smoke: pushed and pulled {result.reference} ({result.pulled})")
         if args.puller_username:
-            check_puller(result, args.puller_username, puller_password)
+            check_puller(result, args.puller_username, puller_password, cert_dir=args.cert_dir)
             print(f"smoke: {args.puller_username} pulled it and could not push")
     except SmokeError as exc:
         print(f"smoke: {exc}", file=sys.stderr)

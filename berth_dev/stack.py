@@ -44,7 +44,7 @@ import kopf
 import yaml
 
 from berth_dev import node_stack
-from registry_operator import credentials, handlers
+from registry_operator import credentials, handlers, models
 from registry_operator.kube import client as kube_client
 from registry_operator.rendering import names
 from tests.support import podspec_runner, tools
@@ -99,6 +99,7 @@ class Instance:
     password: str
     pod: podspec_runner.RunningPod
     template: Object  # the pod template the process was started from
+    cert_dir: Path | None = None  # the Registry's CA for --cert-dir (None: plain HTTP)
 
     @property
     def host(self) -> str:
@@ -113,6 +114,7 @@ class Instance:
             "username": self.username,
             "password": self.password,
             "log": str(self.pod.process.log_path),
+            "cert_dir": str(self.cert_dir or ""),
         }
 
 
@@ -191,6 +193,7 @@ class LocalStack:
         self.endpoints_file = workdir / "endpoints.json"
         self.instances: list[Instance] = []
         self.ports: dict[tuple[str, str], int] = {}  # (namespace, registry) -> its port
+        self.schemes: dict[tuple[str, str], str] = {}  # (namespace, registry) -> http(s)
         # Each port stays held until its registry process is about to bind it.
         self._reserved: dict[tuple[str, str], ReservedPort] = {}
         self._reader: kube_client.Client | None = None
@@ -209,8 +212,17 @@ class LocalStack:
             (r["metadata"]["namespace"], r["metadata"]["name"]): ReservedPort() for r in registries
         }
         self.ports = {key: reserved.port for key, reserved in self._reserved.items()}
+        # HTTPS unless a sample switches spec.tls off; the generated certificates name
+        # 127.0.0.1, so the operator and peers verify them here too.
+        self.schemes = {
+            (r["metadata"]["namespace"], r["metadata"]["name"]): models.parse_spec(
+                r.get("spec") or {}, image="local"
+            ).scheme
+            for r in registries
+        }
         overrides = {
-            f"{ns}/{name}": f"http://127.0.0.1:{port}" for (ns, name), port in self.ports.items()
+            f"{ns}/{name}": f"{self.schemes[(ns, name)]}://127.0.0.1:{port}"
+            for (ns, name), port in self.ports.items()
         }
         self.endpoints_file.write_text(json.dumps(overrides, indent=2) + "\n")
 
@@ -360,8 +372,9 @@ class LocalStack:
     def _services(self) -> dict[str, str]:
         """In-cluster Service URLs of the registries -> the local processes' URLs."""
         return {
-            names.in_cluster_url(name, ns): f"http://127.0.0.1:{port}"
+            names.in_cluster_url(name, ns, scheme): f"{scheme}://127.0.0.1:{port}"
             for (ns, name), port in self.ports.items()
+            for scheme in [self.schemes[(ns, name)]]
         }
 
     def _start_instance(self, namespace: str, name: str, deployment: Object) -> Instance:
@@ -389,6 +402,9 @@ class LocalStack:
             return last
 
         pod.follow(fetch, interval=1.0)
+        certs = None
+        if pod.url.startswith("https://"):
+            certs = pod.cert_dir(self.workdir / "certs" / f"{namespace}-{name}")
         self.log(f"registry {namespace}/{name} serving at {pod.url} (pid {pod.process.pid})")
         return Instance(
             namespace=namespace,
@@ -398,6 +414,7 @@ class LocalStack:
             password=secret_value(auth, credentials.ADMIN_PASSWORD),
             pod=pod,
             template=deployment["spec"]["template"],
+            cert_dir=certs,
         )
 
     # -- running --
@@ -472,15 +489,19 @@ def banner(instances: Sequence[Instance], plane: ControlPlane, seconds: float) -
     for instance in instances:
         creds = f"{instance.username}:{instance.password}"
         image = f"{instance.host}/team-a/api:v1"
+        if instance.cert_dir is not None:
+            served = f"HTTPS, its CA in {instance.cert_dir}/ca.crt"
+            dest, src = (f"--{side}-cert-dir={instance.cert_dir}" for side in ("dest", "src"))
+        else:
+            served, dest, src = "plain HTTP", "--dest-tls-verify=false", "--src-tls-verify=false"
         lines += [
             f"Registry {instance.namespace}/{instance.name}",
-            f"  endpoint  {instance.host}  (plain HTTP)",
+            f"  endpoint  {instance.host}  ({served})",
             f"  username  {instance.username}",
             f"  password  {instance.password}",
-            "  push      skopeo copy --dest-tls-verify=false "
+            f"  push      skopeo copy {dest} "
             f"--dest-creds '{creds}' oci:./image:v1 docker://{image}",
-            "  pull      skopeo copy --src-tls-verify=false "
-            f"--src-creds '{creds}' docker://{image} oci:./back:v1",
+            f"  pull      skopeo copy {src} --src-creds '{creds}' docker://{image} oci:./back:v1",
             f"  log       {instance.pod.process.log_path}",
             "",
         ]

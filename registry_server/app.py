@@ -233,7 +233,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     )
     app[SERVICES] = svc
     routes.add_routes(app, metrics=not config.http.metrics_addr)
-    token.setup(app)
+    token.setup(app, config.http.relayed_hosts)
     replication.add_routes(app)
     accounts.add_routes(app)
 

@@ -55,6 +55,9 @@ class HttpConfig:
     trusted_proxies: tuple[str, ...] = ()
     forwarded_header: str = "x-forwarded-for"  # or "forwarded" (RFC 7239)
     tls: TlsConfig | None = None  # None: plain HTTP
+    # host:port values clients use through a plain-HTTP relay in front of this TLS
+    # listener (the node proxy's localhost:<port>): their token realm says http://.
+    relayed_hosts: tuple[str, ...] = ()
 
     @property
     def scheme(self) -> str:
@@ -876,6 +879,10 @@ def _validate_forwarding(http: HttpConfig) -> None:
             raise ConfigError(
                 f"http.trusted_proxies: {_shown(entry)} is not an IP address or network"
             ) from None
+    for entry in http.relayed_hosts:
+        host, _, port = entry.rpartition(":")
+        if not host or not port.isdigit() or "/" in entry or "@" in entry:
+            raise ConfigError(f"http.relayed_hosts: {_shown(entry)} is not host:port")
     if http.forwarded_header.lower() not in FORWARDED_HEADERS:
         raise ConfigError(
             f"http.forwarded_header: expected one of {', '.join(FORWARDED_HEADERS)}, "

@@ -116,18 +116,24 @@ port="$("$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0
 "$kubectl" -n "$namespace" port-forward "service/$registry" "$port:5000" \
     >"$workdir/port-forward.log" 2>&1 &
 forward_pid=$!
+# HTTPS with the generated certificate (spec.tls Generated, the default), verified
+# against the Registry's CA: the certificate names 127.0.0.1 for port-forwards.
+certs="$workdir/certs"
+mkdir -p "$certs"
+"$kubectl" -n "$namespace" get secret "$registry-serving-tls" -o 'jsonpath={.data.ca\.crt}' |
+    base64 -d >"$certs/ca.crt"
 for _ in $(seq 60); do
-    code="$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v2/" || true)"
+    code="$(curl -s --cacert "$certs/ca.crt" -o /dev/null -w '%{http_code}' "https://127.0.0.1:$port/v2/" || true)"
     [[ $code == 401 || $code == 200 ]] && break
     sleep 0.5
 done
 [[ $code == 401 || $code == 200 ]] || fail "the Service did not answer through the port-forward"
 # Clients fetch their token from the challenge's realm: it must point at the address
 # they used (the port-forward), not at the Service's in-cluster name.
-realm="$(curl -s -D - -o /dev/null "http://127.0.0.1:$port/v2/" |
+realm="$(curl -s --cacert "$certs/ca.crt" -D - -o /dev/null "https://127.0.0.1:$port/v2/" |
     sed -n 's/^[Ww][Ww][Ww]-[Aa]uthenticate: Bearer realm="\([^"]*\)".*/\1/p')"
 case "$realm" in
-"" | "http://127.0.0.1:$port/"*) ;;
+"" | "https://127.0.0.1:$port/"*) ;;
 *) fail "token realm $realm is not reachable through the port-forward" ;;
 esac
 secret() {
@@ -144,7 +150,7 @@ robot="$("$kubectl" -n team-a get "$pull_secret" -o 'jsonpath={.data.\.dockercon
     base64 -d | "$python" -c 'import json, sys; e = next(iter(json.load(sys.stdin)["auths"].values())); print(e["username"]); print(e["password"])')"
 BERTH_SMOKE_PASSWORD="$(secret admin-password)" \
     BERTH_SMOKE_PULLER_PASSWORD="$(sed -n 2p <<<"$robot")" \
-    "$python" -m berth_dev.smoke "127.0.0.1:$port" --username "$username" \
+    "$python" -m berth_dev.smoke "127.0.0.1:$port" --cert-dir "$certs" --username "$username" \
     --puller-username "$(sed -n 1p <<<"$robot")"
 
 step "passed"

@@ -2,18 +2,24 @@
 has a new credential yet, and its replication status. Synchronous (urllib); callers
 run them in worker threads.
 
-The operator reaches a registry through its Service, `http://<name>.<namespace>.svc:5000`,
-as any in-cluster client does. Where that name does not resolve (an operator run outside
-the cluster, the tests here, which have no Service networking), an overrides file maps
-`namespace/name` to a URL: JSON, `{"registries/main": "http://127.0.0.1:5000"}`, named by
-`--endpoint-overrides` (`BERTH_ENDPOINT_OVERRIDES`) and read again whenever it changes.
+The operator reaches a registry through its Service, `https://<name>.<namespace>.svc:5000`
+(`http://` with spec.tls Disabled), as any in-cluster client does, and verifies the
+server's certificate against the Registry's own CA (`Trust`), never the system's. Where
+that name does not resolve (an operator run outside the cluster, the tests here, which
+have no Service networking), an overrides file maps `namespace/name` to a URL: JSON,
+`{"registries/main": "https://127.0.0.1:5000"}`, named by `--endpoint-overrides`
+(`BERTH_ENDPOINT_OVERRIDES`) and read again whenever it changes. The certificate is
+verified for the override's host then (the generated one names 127.0.0.1 and localhost).
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import functools
 import hashlib
 import json
+import ssl
 import threading
 import urllib.error
 import urllib.parse
@@ -30,14 +36,52 @@ STATUS_PATH = "/berth/v1/replication/status"
 CREDENTIALS_PATH = "/berth/v1/auth/credentials"
 
 
+@dataclasses.dataclass(frozen=True)
+class Trust:
+    """How clients in the cluster reach a Registry's server: its scheme, and the CA its
+    certificate is verified against (None: plain HTTP, or no CA known yet, in which case
+    nothing is trusted and the calls fail until the reconcile has made one)."""
+
+    scheme: str = "https"
+    ca_pem: str | None = None
+
+    def context(self) -> ssl.SSLContext | None:
+        if self.scheme != "https":
+            return None
+        return _context(self.ca_pem or "")
+
+
+@functools.lru_cache(maxsize=256)
+def _context(ca_pem: str) -> ssl.SSLContext:
+    """A client context trusting `ca_pem` alone (no system CAs), names verified."""
+    if ca_pem:
+        # Only the Registry's CA: a certificate from any public CA is not this server.
+        context = ssl.create_default_context(cadata=ca_pem)
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # trusts nothing: fails closed
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 class Endpoints:
-    """Where the operator reaches each registry's server."""
+    """Where the operator reaches each registry's server, and how it verifies it."""
 
     def __init__(self, overrides: str | None = None) -> None:
         self._path = Path(overrides) if overrides else None
         self._lock = threading.Lock()
         self._stamp: tuple[float, int] | None = None
         self._map: dict[str, str] = {}
+        self._trust: dict[tuple[str, str], Trust] = {}
+
+    def remember(self, namespace: str, name: str, trust: Trust | None) -> None:
+        """What the last reconcile found (None: forget it, the Registry is gone)."""
+        if trust is None:
+            self._trust.pop((namespace, name), None)
+        else:
+            self._trust[(namespace, name)] = trust
+
+    def trust(self, namespace: str, name: str) -> Trust | None:
+        return self._trust.get((namespace, name))
 
     def _overrides(self) -> Mapping[str, str]:
         if self._path is None:
@@ -59,15 +103,18 @@ class Endpoints:
                     self._map = {str(k): str(v).rstrip("/") for k, v in loaded.items()}
             return self._map
 
-    def url(self, namespace: str, name: str) -> str:
-        return self._overrides().get(f"{namespace}/{name}") or names.in_cluster_url(name, namespace)
+    def url(self, namespace: str, name: str, scheme: str = "https") -> str:
+        found = self._overrides().get(f"{namespace}/{name}")
+        return found or names.in_cluster_url(name, namespace, scheme)
 
 
-def _get(url: str, username: str, password: str) -> tuple[int, bytes]:
+def _get(
+    url: str, username: str, password: str, context: ssl.SSLContext | None = None
+) -> tuple[int, bytes]:
     token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
     request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+        with urllib.request.urlopen(request, timeout=TIMEOUT, context=context) as response:
             return int(response.status), response.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), b""
@@ -79,7 +126,12 @@ def fingerprint(secret_hash: str) -> str:
     return hashlib.sha256(secret_hash.encode()).hexdigest()[:16]
 
 
-def probe(url: str, admin: tuple[str, str] | None, credential: robots.Credential) -> str:
+def probe(
+    url: str,
+    admin: tuple[str, str] | None,
+    credential: robots.Credential,
+    context: ssl.SSLContext | None = None,
+) -> str:
     """Whether the server at `url` has the credential yet (access.ACCEPTED/REFUSED/UNREACHABLE).
 
     Asked with the admin account: which hash the server holds for the account. Trying
@@ -90,7 +142,7 @@ def probe(url: str, admin: tuple[str, str] | None, credential: robots.Credential
     if admin is not None:
         query = urllib.parse.urlencode({"account": credential.name})
         try:
-            code, body = _get(f"{url}{CREDENTIALS_PATH}?{query}", *admin)
+            code, body = _get(f"{url}{CREDENTIALS_PATH}?{query}", *admin, context)
         except (OSError, ValueError):
             return access.UNREACHABLE
         if code == 200:
@@ -102,7 +154,7 @@ def probe(url: str, admin: tuple[str, str] | None, credential: robots.Credential
         if code != 404:
             return access.UNREACHABLE  # the admin refused or throttled: wait instead
     try:
-        code, _ = _get(f"{url}/v2/", credential.name, credential.password)
+        code, _ = _get(f"{url}/v2/", credential.name, credential.password, context)
     except (OSError, ValueError):
         return access.UNREACHABLE
     if code == 200:
@@ -112,9 +164,11 @@ def probe(url: str, admin: tuple[str, str] | None, credential: robots.Credential
     return access.UNREACHABLE
 
 
-def replication_status(url: str, username: str, password: str) -> status.ReplicationObservation:
+def replication_status(
+    url: str, username: str, password: str, context: ssl.SSLContext | None = None
+) -> status.ReplicationObservation:
     try:
-        code, body = _get(f"{url}{STATUS_PATH}", username, password)
+        code, body = _get(f"{url}{STATUS_PATH}", username, password, context)
     except (OSError, ValueError) as exc:
         return status.ReplicationObservation(error=f"GET {url}{STATUS_PATH}: {exc}")
     if code != 200:
@@ -132,13 +186,13 @@ READINESS_PATH = "/readyz/writes"
 READINESS_TIMEOUT = 3.0
 
 
-def readiness(url: str) -> status.Readiness:
+def readiness(url: str, context: ssl.SSLContext | None = None) -> status.Readiness:
     """GET /readyz/writes (unauthenticated): 200 when the server reaches its index and
     blob store and its volume is not full; otherwise the code and the first line of its
     answer ("storage full: ...", "index unavailable: ..."), or why nothing answered."""
     target = f"{url}{READINESS_PATH}"
     try:
-        with urllib.request.urlopen(target, timeout=READINESS_TIMEOUT) as response:
+        with urllib.request.urlopen(target, timeout=READINESS_TIMEOUT, context=context) as response:
             return status.Readiness(int(response.status), _first_line(response.read()))
     except urllib.error.HTTPError as exc:
         return status.Readiness(int(exc.code), _first_line(exc.read()))

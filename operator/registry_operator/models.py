@@ -31,6 +31,9 @@ DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 ACCESS_MODES = ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# spec.tls.mode: a CA and certificate the operator makes, a user's Secret, or plain HTTP.
+TLS_GENERATED, TLS_SECRET, TLS_DISABLED = "Generated", "Secret", "Disabled"
+TLS_MODES = (TLS_GENERATED, TLS_SECRET, TLS_DISABLED)
 # On a Registry: "true" makes it the one named in kube-public/local-registry-hosting
 # (KEP-1755), "false" keeps it out of that ConfigMap (see node_access.hosting).
 LOCAL_REGISTRY_HOSTING_ANNOTATION = "berth.dev/local-registry-hosting"
@@ -170,6 +173,20 @@ class Tls:
     secret_name: str
 
 
+@dataclasses.dataclass(frozen=True)
+class ServingTls:
+    """spec.tls: whether the server's own listener speaks TLS, and whose certificate.
+    With TLS_SECRET, `secret_name` is the user's Secret (cert-manager's layout:
+    tls.crt, tls.key and ca.crt, the CA that clients in the cluster are to trust)."""
+
+    mode: str = TLS_GENERATED
+    secret_name: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != TLS_DISABLED
+
+
 # Where Ingress controllers run in most clusters (pod and node networks are private
 # ranges): their X-Forwarded-For names the client. RFC 1918, shared address space, ULA.
 DEFAULT_TRUSTED_PROXIES = (
@@ -251,6 +268,11 @@ class Spec:
     peers: tuple[Peer, ...] = ()
     webhooks: tuple[Webhook, ...] = ()
     node_proxy: NodeProxy = dataclasses.field(default_factory=NodeProxy)
+    tls: ServingTls = dataclasses.field(default_factory=ServingTls)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls.enabled else "http"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +368,32 @@ def parse_spec(raw: Mapping[str, Any], *, image: str | None = None, namespace: s
         peers=peers,
         webhooks=_webhooks(raw.get("notifications")),
         node_proxy=_node_proxy(raw.get("nodeProxy")),
+        tls=_serving_tls(raw.get("tls")),
     )
+
+
+def _serving_tls(raw: Any) -> ServingTls:
+    if raw is None:
+        return ServingTls()
+    data = _mapping(raw, "spec.tls")
+    ref = data.get("secretRef")
+    mode = _choice(
+        data.get("mode", TLS_SECRET if ref is not None else TLS_GENERATED),
+        TLS_MODES,
+        "spec.tls.mode",
+    )
+    if mode != TLS_SECRET:
+        if ref is not None:
+            raise InvalidSpec(
+                "spec.tls.secretRef", f"is read with mode {TLS_SECRET} only, not {mode}"
+            )
+        return ServingTls(mode)
+    if ref is None:
+        raise InvalidSpec("spec.tls.secretRef", f"is required with mode {TLS_SECRET}")
+    name = _str(_mapping(ref, "spec.tls.secretRef").get("name"), "spec.tls.secretRef.name")
+    if not _DNS_NAME.match(name) or len(name) > 253:
+        raise InvalidSpec("spec.tls.secretRef.name", f"must be a Secret's name, not {name!r}")
+    return ServingTls(TLS_SECRET, name)
 
 
 def _node_proxy(raw: Any) -> NodeProxy:

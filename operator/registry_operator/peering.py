@@ -125,7 +125,8 @@ def refusal(registry: models.Registry, peer: models.Peer, body: Body | None) -> 
     spec is invalid, or it does not list this Registry. None: it consents."""
     ref = peer.registry
     assert ref is not None
-    url = names.in_cluster_url(ref.name, ref.namespace)
+    # The scheme of a peer that is missing or invalid is not known: https, the default.
+    url = names.in_cluster_url(ref.name, ref.namespace, "https")
     if body is None:
         message = f"Registry {ref.namespace}/{ref.name} does not exist"
         return Resolved(status.PeerState(peer.name, url, "PeerNotFound", message))
@@ -133,6 +134,7 @@ def refusal(registry: models.Registry, peer: models.Peer, body: Body | None) -> 
         other = models.parse_registry(body)
     except models.InvalidSpec as exc:
         return Resolved(status.PeerState(peer.name, url, "PeerInvalid", str(exc)))
+    url = names.in_cluster_url(ref.name, ref.namespace, other.spec.scheme)
     if not mutual(registry, other):
         message = (
             f"Registry {ref.namespace}/{ref.name} does not list this Registry as a peer; both must"
@@ -142,13 +144,22 @@ def refusal(registry: models.Registry, peer: models.Peer, body: Body | None) -> 
 
 
 def in_cluster(
-    registry: models.Registry, peer: models.Peer, peer_robots: Mapping[str, str]
+    registry: models.Registry,
+    peer: models.Peer,
+    peer_robots: Mapping[str, str],
+    scheme: str,
+    ca_pem: str | None,
 ) -> Resolved:
     """A consenting same-cluster peer, with the decoded data of its robots Secret: wired
-    once the peer has made the account this Registry replicates in with."""
+    once the peer has made the account this Registry replicates in with and, when it
+    serves TLS (`scheme`), its certificate's CA (`ca_pem`) is known, which this
+    Registry's server then verifies it with."""
     owner, ref = registry.owner, peer.registry
     assert ref is not None
-    url = names.in_cluster_url(ref.name, ref.namespace)
+    url = names.in_cluster_url(ref.name, ref.namespace, scheme)
+    if scheme == "https" and not ca_pem:
+        message = f"waiting for Registry {ref.namespace}/{ref.name} to have its certificate's CA"
+        return Resolved(status.PeerState(peer.name, url, "WaitingForCertificate", message))
     key = robots.peer_key(owner.namespace, owner.name)
     account = robots.load(key, peer_robots[key]) if key in peer_robots else None
     if account is None:
@@ -166,6 +177,7 @@ def in_cluster(
         username=account.current.name,
         secret=names.replication_secret(owner.name),
         key=peer.name,
+        ca_pem=ca_pem if scheme == "https" else None,
     )
     return Resolved(status.PeerState(peer.name, url), wired, account.current.password)
 

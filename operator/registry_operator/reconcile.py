@@ -10,6 +10,7 @@ Synchronous (the kube client is); the handlers run it in a worker thread.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -18,11 +19,13 @@ from registry_operator import (
     API_VERSION,
     backends,
     credentials,
+    fetching,
     models,
     node_access,
     objects,
     peering,
     rendering,
+    serving_tls,
     status,
 )
 from registry_operator.kube import client as kube_client
@@ -36,6 +39,8 @@ PRUNABLE = (
     ("policy/v1", "PodDisruptionBudget", names.disruption_budget),
     ("v1", "Secret", names.replication_secret),
     ("apps/v1", "DaemonSet", names.node_proxy),
+    ("v1", "Secret", names.serving_secret),  # spec.tls Generated only
+    ("v1", "Secret", names.serving_ca_secret),
 )
 
 # What another reconcile should run after this one: ("registry" | "access", namespace, name).
@@ -62,6 +67,7 @@ class Outcome:
     wake: tuple[Wake, ...] = ()
     # Events for other objects (another Registry now named in local-registry-hosting).
     elsewhere: tuple[tuple[Mapping[str, Any], Event], ...] = ()
+    trust: fetching.Trust | None = None  # how the operator is to reach the server
 
 
 @dataclasses.dataclass
@@ -78,6 +84,8 @@ class Options:
     image: str | None = None  # the default server image; None = this package's version
     generators: credentials.Generators = dataclasses.field(default_factory=credentials.Generators)
     now: Callable[[], str] = lambda: status.rfc3339(time.time())
+    # The clock certificates are issued and checked by (tests move it).
+    moment: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC)
 
 
 def reconcile(
@@ -129,8 +137,18 @@ def reconcile(
     # A proxy that appears because an older Registry gave up the port is new, not restored.
     proxy_drift = drift and previous.get("pullEndpoint") is not None
     mounted = backends.check(registry.spec, _reader(kube, namespace))
+    tls = _plan_tls(kube, registry, options)
+    events.extend(Event(*told_) for told_ in tls.events)
     applied, failure = _apply_children(
-        kube, registry, wired, (drift, proxy_drift), events, options, served, mounted.digest
+        kube,
+        registry,
+        wired,
+        (drift, proxy_drift),
+        events,
+        options,
+        served,
+        mounted.digest,
+        tls.material,
     )
     _prune(kube, registry, applied, events)
     hosting = sync_local_registry_hosting(kube, everyone)
@@ -154,6 +172,12 @@ def reconcile(
         node_port_conflict=None if clash is None else node_access.conflict_message(me, clash),
         access=access,
         backends=status.Backends(mounted.problems, readiness, backends.external(registry.spec)),
+        tls=(
+            tls.report,
+            None
+            if tls.condition is None
+            else status.Condition(serving_tls.CONDITION, *tls.condition),
+        ),
     )
     _write_status(kube, namespace, name, previous, new_status)
     events.extend(_transition_events(previous, new_status))
@@ -174,7 +198,47 @@ def reconcile(
             for key, event in hosting.events
             if key != me.ref and key in hosting.refs
         ),
+        trust=fetching.Trust(registry.spec.scheme, tls.ca_pem),
     )
+
+
+def _plan_tls(
+    kube: kube_client.Client, registry: models.Registry, options: Options
+) -> serving_tls.Plan:
+    spec, owner = registry.spec, registry.owner
+    if not spec.tls.enabled:
+        return serving_tls.Plan()
+    if spec.tls.secret_name is not None:
+        ca_data = None
+        serving = _secret_or_none(kube, owner.namespace, spec.tls.secret_name)
+    else:
+        ca_data = _secret_or_none(kube, owner.namespace, names.serving_ca_secret(owner.name))
+        serving = _secret_or_none(kube, owner.namespace, names.serving_secret(owner.name))
+    return serving_tls.plan(spec, owner, ca_data, serving, options.moment())
+
+
+def read_trust(kube: kube_client.Client, namespace: str, name: str) -> fetching.Trust:
+    """How to reach a Registry's server, read from the API server (the reconcile's
+    Outcome says it without asking again)."""
+    body = kube.find(API_VERSION, models.KIND, namespace, name)
+    try:
+        spec = models.parse_registry(body).spec if body is not None else None
+    except models.InvalidSpec:
+        spec = None
+    if spec is None:
+        return fetching.Trust()
+    return fetching.Trust(spec.scheme, trusted_ca(kube, spec, namespace, name))
+
+
+def trusted_ca(
+    kube: kube_client.Client, spec: models.Spec, namespace: str, name: str
+) -> str | None:
+    """The CA clients are to verify a Registry's server with, read from its serving
+    Secret (ours or the user's); None: plain HTTP, or no CA there (yet)."""
+    if not spec.tls.enabled:
+        return None
+    secret = spec.tls.secret_name or names.serving_secret(name)
+    return (_secret_or_none(kube, namespace, secret) or {}).get(manifests.TLS_CA_FILE) or None
 
 
 def list_claims(kube: kube_client.Client) -> list[node_access.Claim]:
@@ -280,10 +344,19 @@ def _resolve_peers(
             resolved.append(refused)
             continue
         peer_robots = _secret_data(kube, ref.namespace, names.robots_secret(ref.name))
-        resolved.append(peering.in_cluster(registry, peer, peer_robots))
+        assert body is not None  # refusal() said it exists, and parsed it
+        peer_spec = models.parse_registry(body).spec
+        peer_ca = trusted_ca(kube, peer_spec, ref.namespace, ref.name)
+        resolved.append(peering.in_cluster(registry, peer, peer_robots, peer_spec.scheme, peer_ca))
     wiring = peering.wiring(resolved)
     wake: list[Wake] = [("access", ref.namespace, ref.name) for ref in wiring.waiting_on]
     return wiring.replication, list(wiring.states), wake
+
+
+def _secret_or_none(kube: kube_client.Client, namespace: str, name: str) -> dict[str, str] | None:
+    """A Secret's decoded data; None when it does not exist."""
+    secret = kube.find("v1", "Secret", namespace, name)
+    return None if secret is None else credentials.decode_secret_data(secret.get("data"))
 
 
 def _secret_data(kube: kube_client.Client, namespace: str, name: str) -> dict[str, str]:
@@ -315,6 +388,7 @@ def _apply_children(
     options: Options,
     node_port: int | None,
     backend_digest: str = "",
+    serving: manifests.ServingSecrets | None = None,
 ) -> tuple[dict[tuple[str, str], dict[str, Any]], status.Failure | None]:
     owner = registry.owner
     secret = kube.find("v1", "Secret", owner.namespace, names.secret(owner.name))
@@ -334,8 +408,12 @@ def _apply_children(
     slots = policy.slots(policy.shard_count(policy_main))
     applied: dict[tuple[str, str], dict[str, Any]] = {}
     failure = None
+    certificates = {
+        ("Secret", names.serving_secret(owner.name)),
+        ("Secret", names.serving_ca_secret(owner.name)),
+    }
     rendered = rendering.render(
-        registry.spec, owner, creds, replication, node_port, slots, backend_digest
+        registry.spec, owner, creds, replication, node_port, slots, backend_digest, serving
     )
     for manifest in rendered:
         kind, child = manifest["kind"], manifest["metadata"]["name"]
@@ -353,6 +431,8 @@ def _apply_children(
             continue
         applied[(kind, child)] = after
         drift = drifts[1] if kind == "DaemonSet" else drifts[0]
+        if (kind, child) in certificates and before is not None and _uid(before) == _uid(after):
+            continue  # a new certificate or CA: serving_tls's event says why, not "Repaired"
         events.extend(_change_events(kind, child, before, after, manifest, drift))
     return applied, failure
 
@@ -483,9 +563,22 @@ def _transition_events(previous: Mapping[str, Any], new: Mapping[str, Any]) -> l
         found.append(Event("Warning", str(stored["reason"]), str(stored.get("message", ""))))
     elif stored.get("status") == "True" and was_stored.get("reason") in STORAGE_WARNINGS:
         found.append(Event("Normal", "StorageRecovered", f"{was_stored.get('reason')} is over"))
+    was_served = status.condition_of(previous, serving_tls.CONDITION)
+    served = status.condition_of(new, serving_tls.CONDITION)
+    reason = served.get("reason")
+    if reason in CERTIFICATE_WARNINGS and reason != was_served.get("reason"):
+        found.append(
+            Event("Warning", CERTIFICATE_WARNINGS[str(reason)], str(served.get("message", "")))
+        )
     return found
 
 
 # StorageReady reasons worth a Warning (once per transition): what a person must fix.
 # (NoReadyReplica is not one: every new Registry on S3 passes through it while starting.)
 STORAGE_WARNINGS = frozenset({status.STORAGE_FULL, "SecretMissing", "BackendUnavailable"})
+# CertificateReady reasons worth a Warning, and the Event's reason.
+CERTIFICATE_WARNINGS = {
+    "ExpiresSoon": "CertificateExpiring",
+    "SecretMissing": "CertificateSecretMissing",
+    "SecretInvalid": "CertificateInvalid",
+}

@@ -449,8 +449,10 @@ def build(
     node_port_conflict: str | None = None,
     access: Condition | None = None,
     backends: Backends | None = None,
+    tls: tuple[Mapping[str, Any] | None, Condition | None] = (None, None),
 ) -> dict[str, Any]:
     """The whole `.status` of a Registry; `spec` is None when it could not be parsed.
+    `tls` is status.tls and the CertificateReady condition (`serving_tls.plan`).
     `pull_endpoint` is where kubelets pull from (the node proxy), when there is one.
     `access` is the access reconcile's AccessApplied; None keeps the one there is (the
     access reconcile has not said anything since the operator started)."""
@@ -462,13 +464,21 @@ def build(
         found.append(healthy)
     if access is not None:
         found.append(access)
+    report, certificate = tls
+    if certificate is not None:
+        found.append(certificate)
     rendered = render_conditions(found, previous.get("conditions") or [], generation, now)
     kept = condition_of(previous, ACCESS_APPLIED)
     if access is None and kept:
         rendered.append(dict(kept))
     status: dict[str, Any] = {
         "observedGeneration": generation,
-        "endpoint": names.in_cluster_url(owner.name, owner.namespace),
+        "endpoint": (
+            names.in_cluster_url(owner.name, owner.namespace, spec.scheme)
+            if spec is not None
+            else previous.get("endpoint")
+            or names.in_cluster_url(owner.name, owner.namespace, "https")
+        ),
         "readyReplicas": int(deployment_status.get("readyReplicas", 0)),
         "conditions": rendered,
     }
@@ -478,4 +488,6 @@ def build(
         status["externalEndpoint"] = spec.ingress.url
     if pull_endpoint is not None:
         status["pullEndpoint"] = pull_endpoint
+    if report is not None:
+        status["tls"] = dict(report)
     return status

@@ -10,9 +10,11 @@ grant decision belong to the Authorizer (registry_server.auth).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from urllib.parse import parse_qs
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from registry_server.auth.model import (
     REQUEST_ORIGIN,
@@ -31,14 +33,26 @@ MAX_FORM_BYTES = 64 * 1024
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-@web.middleware
-async def origin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Make this request's origin available to the Authorizer for challenge realms."""
-    reset = REQUEST_ORIGIN.set(f"{request.scheme}://{request.host}")
-    try:
-        return await handler(request)
-    finally:
-        REQUEST_ORIGIN.reset(reset)
+def origin_middleware(relayed_hosts: Iterable[str] = ()) -> Middleware:
+    """Make each request's origin available to the Authorizer for challenge realms.
+
+    `relayed_hosts` (http.relayed_hosts) are Host values whose clients speak plain HTTP
+    to a relay that re-encrypts to this TLS listener (the node proxy's localhost:<port>):
+    their realm must say http://, the scheme they can reach, not the one we see."""
+    relayed = frozenset(host.lower() for host in relayed_hosts)
+
+    @web.middleware
+    async def origin(request: web.Request, handler: Handler) -> web.StreamResponse:
+        scheme, host = request.scheme, request.host
+        if scheme == "https" and host.lower() in relayed:
+            scheme = "http"
+        reset = REQUEST_ORIGIN.set(f"{scheme}://{host}")
+        try:
+            return await handler(request)
+        finally:
+            REQUEST_ORIGIN.reset(reset)
+
+    return origin
 
 
 def _truthy(value: str | None) -> bool:
@@ -115,9 +129,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("POST", PATH, token)
 
 
-def setup(app: web.Application) -> None:
+def setup(app: web.Application, relayed_hosts: Iterable[str] = ()) -> None:
     """Request origins for challenges, and the Authorizer's own background work."""
-    app.middlewares.append(origin_middleware)
+    app.middlewares.append(origin_middleware(relayed_hosts))
     auth = app[SERVICES].auth
     if isinstance(auth, Background):
         background: Background = auth

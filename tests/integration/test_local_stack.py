@@ -115,20 +115,29 @@ def test_local_stack_serves_push_and_pull_and_stops_cleanly(tmp_path: Path) -> N
         assert registry["host"] in log.read_text(), "the endpoint is printed"
         assert registry["password"] in log.read_text(), "the credentials are printed"
 
+        # HTTPS with the generated certificate, verified with the CA the banner names.
+        assert registry["url"].startswith("https://") and registry["cert_dir"] in log.read_text()
+        certs = Path(registry["cert_dir"])
         result = smoke.round_trip(
-            registry["host"], registry["username"], registry["password"], workdir=tmp_path
+            registry["host"],
+            registry["username"],
+            registry["password"],
+            workdir=tmp_path,
+            cert_dir=certs,
         )
         assert result.pulled == result.pushed
 
         # Wrong credentials are refused: the pod really runs the operator's auth config.
         with pytest.raises(smoke.SmokeError, match="push"):
-            smoke.round_trip(registry["host"], registry["username"], "wrong", workdir=tmp_path)
+            smoke.round_trip(
+                registry["host"], registry["username"], "wrong", workdir=tmp_path, cert_dir=certs
+            )
 
         # The sample Repository grants team-a pull access: the Secret Berth wrote there
         # pulls team-a/api from the running server, and pushes nothing.
         kubectl = [info["kubectl"], f"--kubeconfig={info['kubeconfig']}"]
         robot_user, robot_password = pull_secret_credentials(kubectl, "team-a")
-        smoke.check_puller(result, robot_user, robot_password, workdir=tmp_path)
+        smoke.check_puller(result, robot_user, robot_password, workdir=tmp_path, cert_dir=certs)
 
         # The cluster side, as `kubectl get registries` shows it to the user.
         table = subprocess.run(

@@ -217,7 +217,7 @@ def test_create_renders_every_child_owned_by_the_registry(
 
     _wait(lambda: _converged(kube, namespace, "main"), operator, "status")
     status = _registry(kube, namespace, "main")["status"]
-    assert status["endpoint"] == f"http://main.{namespace}.svc:5000"
+    assert status["endpoint"] == f"https://main.{namespace}.svc:5000"
     assert status["externalEndpoint"] == "https://registry.example.com"
     # No volume provisioner runs here: the claim stays Pending, and says so.
     assert _conditions(kube, namespace, "main")["StorageReady"] == ("False", "Pending")
@@ -265,6 +265,7 @@ def test_status_follows_the_deployment(
                 "Progressing": ("False", "RolloutComplete"),
                 "Degraded": ("False", "AsExpected"),
                 "StorageReady": ("True", "EmptyDir"),
+                "CertificateReady": ("True", "Valid"),
             }
         ),
         operator,
@@ -275,7 +276,7 @@ def test_status_follows_the_deployment(
     table = control_plane.kubectl("get", "registries", "-n", namespace).stdout
     assert table.splitlines()[1].split()[:5] == [
         "st",
-        f"http://st.{namespace}.svc:5000",
+        f"https://st.{namespace}.svc:5000",
         "localhost:5098",
         "True",
         "1",
@@ -447,6 +448,7 @@ def test_node_proxy_is_rendered_published_and_switched_off(
         "--listen", f"0.0.0.0:{port}",
         "--upstream", f"nodes.{namespace}.svc:5000",
         "--drain-seconds", "10",
+        "--upstream-ca", "/etc/berth/tls-ca/ca.crt",
     ]  # fmt: skip
     assert container["image"] == models.default_image()
 
@@ -705,6 +707,8 @@ def test_restart_in_the_middle_of_a_reconcile_converges_without_duplicates(
         names.policy_shard_secret("rs", 0),
         names.robots_secret("rs"),
         names.replication_secret("rs"),
+        names.serving_secret("rs"),
+        names.serving_ca_secret("rs"),
     }
     for api_version, kind, name_of in CHILDREN:
         listed = [o["metadata"]["name"] for o in kube.list(api_version, kind, namespace, selector)]
@@ -752,12 +756,17 @@ def test_rendered_pod_serves_push_and_pull(
         source, back = tmp_path / "source", tmp_path / "back"
         digest = make_oci_layout(source, "v1", layers=2)
         remote = f"docker://{pod.host}/team-a/api:v1"
+        # HTTPS with the generated certificate, verified against the Registry's CA.
+        assert pod.url.startswith("https://")
+        certs = pod.cert_dir(tmp_path / "certs")
         skopeo(
-            "copy", "--dest-tls-verify=false", f"--dest-creds={creds}", f"oci:{source}:v1", remote
+            "copy", f"--dest-cert-dir={certs}", f"--dest-creds={creds}", f"oci:{source}:v1", remote
         )
-        skopeo("copy", "--src-tls-verify=false", f"--src-creds={creds}", remote, f"oci:{back}:v1")
+        skopeo("copy", f"--src-cert-dir={certs}", f"--src-creds={creds}", remote, f"oci:{back}:v1")
         assert tagged_digest(back, "v1") == digest
-        anonymous = skopeo("inspect", "--raw", "--tls-verify=false", remote, check=False)
+        untrusted = skopeo("inspect", "--raw", f"--creds={creds}", remote, check=False)
+        assert untrusted.returncode != 0 and "certificate" in untrusted.stderr, untrusted.stderr
+        anonymous = skopeo("inspect", "--raw", f"--cert-dir={certs}", remote, check=False)
         assert anonymous.returncode != 0
         assert "unauthorized" in anonymous.stderr.lower() or "denied" in anonymous.stderr.lower()
         # The data landed where the pod's claim is mounted.

@@ -228,7 +228,7 @@ def _status(pod: podspec_runner.RunningPod, path: str, user: str, password: str)
         f"{pod.url}/v2/{path}/tags/list", headers={"Authorization": f"Basic {token}"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10, context=pod.context) as response:
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)

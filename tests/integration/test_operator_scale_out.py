@@ -69,6 +69,11 @@ def _inputs(
     )
 
 
+def _serving_pair(kube: kube_client.Client, namespace: str) -> dict[str, str]:
+    secret = kube.get("v1", "Secret", namespace, names.serving_secret("main"))
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
 def test_three_replicas_on_s3_and_postgresql(
     operator: OperatorProcess,
     kube: kube_client.Client,
@@ -131,7 +136,19 @@ def test_three_replicas_on_s3_and_postgresql(
     pods = [
         podspec_runner.start(deployment, *inputs, tmp_path / f"pod-{i}") for i in range(REPLICAS)
     ]
-    balancer = Balancer(tmp_path / "balancer", [pod.host for pod in pods]).start()
+    # HTTPS through the balancer too: it presents the replicas' own certificate.
+    tls_dir = tmp_path / "balancer-tls"
+    tls_dir.mkdir()
+    serving = _serving_pair(kube, namespace)
+    (tls_dir / "tls.crt").write_text(serving["tls.crt"])
+    (tls_dir / "tls.key").write_text(serving["tls.key"])
+    balancer = Balancer(
+        tmp_path / "balancer",
+        [pod.host for pod in pods],
+        tls=(tls_dir / "tls.crt", tls_dir / "tls.key"),
+        context=pods[0].context,
+    ).start()
+    certs = pods[0].cert_dir(tmp_path / "certs")
     try:
         overrides.write_text(json.dumps({f"{namespace}/main": balancer.url}))
         _wait(
@@ -148,18 +165,18 @@ def test_three_replicas_on_s3_and_postgresql(
         source = tmp_path / "source"
         digest = make_oci_layout(source, "v1", layers=3)
         skopeo(
-            "copy", "--dest-tls-verify=false", f"--dest-creds={creds}",
+            "copy", f"--dest-cert-dir={certs}", f"--dest-creds={creds}",
             f"oci:{source}:v1", f"docker://{balancer.host}/team/app:v1",
         )  # fmt: skip
         for i, pod in enumerate(pods):
             back = tmp_path / f"back-{i}"
             skopeo(
-                "copy", "--src-tls-verify=false", f"--src-creds={creds}",
+                "copy", f"--src-cert-dir={certs}", f"--src-creds={creds}",
                 f"docker://{pod.host}/team/app:v1", f"oci:{back}:v1",
             )  # fmt: skip
             assert tagged_digest(back, "v1") == digest
         listed = skopeo(
-            "list-tags", "--tls-verify=false", f"--creds={creds}",
+            "list-tags", f"--cert-dir={certs}", f"--creds={creds}",
             f"docker://{balancer.host}/team/app",
         )  # fmt: skip
         assert json.loads(listed.stdout)["Tags"] == ["v1"]

@@ -102,7 +102,7 @@ def test_a_full_volume_is_reported_and_its_end_too(
             assert full["status"] == "False"
             assert "free of 160.0 MiB" in full["message"] and "% used" in full["message"], full
             # Pulls still work: the registry stays in its Service.
-            assert http_status(pod.url + "/readyz") == 200
+            assert http_status(pod.url + "/readyz", context=pod.context) == 200
             warned = _wait(
                 lambda: (
                     ("Warning", "StorageFull") in _storage_events(control_plane, namespace)

@@ -155,15 +155,21 @@ def _wire(
         "peers": [
             {
                 "name": "us",
-                "url": f"http://us.{us_ns}.svc:5000",
+                "url": f"https://us.{us_ns}.svc:5000",
                 "kind": "berth",
                 "username": f"peer.{eu_ns}.eu.1",
                 "password_file": "/etc/berth/replication/us",
+                "ca_file": f"/etc/berth/config/{names.peer_ca_file('us')}",
             }
         ],
     }
     assert us_config["replication"]["peers"][0]["username"] == f"peer.{us_ns}.us.1"
-    assert us_config["replication"]["peers"][0]["url"] == f"http://eu.{eu_ns}.svc:5000"
+    assert us_config["replication"]["peers"][0]["url"] == f"https://eu.{eu_ns}.svc:5000"
+    # Each verifies the other with the other's own CA, copied into its ConfigMap.
+    for here, local, there, peer in ((eu_ns, "eu", us_ns, "us"), (us_ns, "us", eu_ns, "eu")):
+        config_map = kube.get("v1", "ConfigMap", here, names.config_map(local))
+        theirs = _secret(kube, there, names.serving_secret(peer))["ca.crt"]
+        assert config_map["data"][names.peer_ca_file(peer)] == theirs
     for here, there, peer in ((eu_ns, us_ns, "us"), (us_ns, eu_ns, "eu")):
         local = "eu" if here == eu_ns else "us"
         password = _secret(kube, here, names.replication_secret(local))[peer]
@@ -227,12 +233,14 @@ def test_wired_servers_replicate_and_the_status_shows_per_peer_lag(
     # until each server is about to bind its own.
     reserved = {"eu": ReservedPort(), "us": ReservedPort()}
     ports = {name: r.port for name, r in reserved.items()}
+    # HTTPS everywhere: the peers verify each other's generated certificates (they name
+    # 127.0.0.1 too, which stands in for the Services' addresses here).
     services = {
-        f"http://eu.{eu_ns}.svc:5000": f"http://127.0.0.1:{ports['eu']}",
-        f"http://us.{us_ns}.svc:5000": f"http://127.0.0.1:{ports['us']}",
+        f"https://eu.{eu_ns}.svc:5000": f"https://127.0.0.1:{ports['eu']}",
+        f"https://us.{us_ns}.svc:5000": f"https://127.0.0.1:{ports['us']}",
     }
-    endpoints = {f"{eu_ns}/eu": f"http://127.0.0.1:{ports['eu']}"}
-    endpoints[f"{us_ns}/us"] = f"http://127.0.0.1:{ports['us']}"
+    endpoints = {f"{eu_ns}/eu": f"https://127.0.0.1:{ports['eu']}"}
+    endpoints[f"{us_ns}/us"] = f"https://127.0.0.1:{ports['us']}"
     overrides.write_text(json.dumps(endpoints))
     pods: list[podspec_runner.RunningPod] = []
     try:

@@ -178,7 +178,7 @@ def _basic_status(pod: podspec_runner.RunningPod, user: str, password: str) -> i
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     request = urllib.request.Request(f"{pod.url}/v2/", headers={"Authorization": f"Basic {token}"})
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5, context=pod.context) as response:
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
@@ -213,8 +213,9 @@ def _accepted(
 
 
 def _pull(pod: podspec_runner.RunningPod, creds: tuple[str, str], path: str, dest: Path) -> Any:
+    certs = pod.cert_dir(dest.with_name(f"{dest.name}-certs"))  # the Registry's CA, verified
     return skopeo(
-        "copy", "--src-tls-verify=false", f"--src-creds={creds[0]}:{creds[1]}",
+        "copy", f"--src-cert-dir={certs}", f"--src-creds={creds[0]}:{creds[1]}",
         f"docker://{pod.host}/{path}:v1", f"oci:{dest}:v1", check=False,
     )  # fmt: skip
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 import requests
 
@@ -362,6 +363,49 @@ def test_node_proxy_serves_plain_http_and_speaks_verified_tls_to_the_registry(
                    what="the refusal logged")  # fmt: skip
     finally:
         untrusting.stop()
+
+
+def _realm(url: str, **kwargs: Any) -> str:
+    challenge = requests.get(f"{url}/v2/", timeout=10, **kwargs).headers["WWW-Authenticate"]
+    return challenge.split('realm="', 1)[1].split('"', 1)[0]
+
+
+def test_the_token_realm_behind_the_relay_names_what_its_clients_reach(
+    ca: CertificateAuthority, tls_registry: Callable[..., TlsRegistryProcess], tmp_path: Path
+) -> None:
+    """Kubelets speak plain HTTP to the node proxy, which re-encrypts: the server sees TLS,
+    yet the realm in their challenge must be http://<the proxy's address>, or they fetch
+    tokens with HTTPS from a plain listener and every pull fails (http.relayed_hosts)."""
+    relay_port = free_port()
+    local = f"127.0.0.1:{relay_port}"
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"alice:{bcrypt.hashpw(b'secret', bcrypt.gensalt(4)).decode()}\n")
+    config = {"http": {"relayed_hosts": [local]}, "auth": {"htpasswd": str(htpasswd)}}
+    registry = tls_registry(serving_pair(ca, "server"), ca.cert_path, config=config)
+    relay = ManagedProcess(
+        "node-proxy",
+        [sys.executable, "-m", "registry_server.node_proxy",
+         "--listen", local, "--upstream", registry.host,
+         "--upstream-ca", ca.cert_path, "--upstream-server-name", "localhost"],
+        tmp_path / "relay.log",
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    relay.start()
+    try:
+        wait_until(lambda: http_status(f"http://{local}/v2/") == 401, timeout=10, what="relay",
+                   process=relay)  # fmt: skip
+        assert _realm(f"http://{local}") == f"http://{local}/token"
+        # Clients reaching the server itself keep https.
+        assert _realm(registry.url, verify=str(ca.cert_path)) == f"{registry.url}/token"
+        # A real client through the relay, with credentials: the whole token dance.
+        digest = make_oci_layout(tmp_path / "img", layers=2, layer_size=100_000)
+        run_tool("skopeo", "copy", "--dest-tls-verify=false", "--dest-creds", "alice:secret",
+                 f"oci:{tmp_path / 'img'}:v1", f"docker://{local}/team-a/api:v1")  # fmt: skip
+        out = run_tool("skopeo", "inspect", "--tls-verify=false", "--creds", "alice:secret",
+                       "--format", "{{.Digest}}", f"docker://{local}/team-a/api:v1")  # fmt: skip
+        assert out.stdout.strip() == digest
+    finally:
+        relay.stop()
 
 
 def _listening(port: int) -> bool:

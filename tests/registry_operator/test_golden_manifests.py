@@ -32,9 +32,26 @@ CREDENTIALS = credentials.Credentials(
     replication=credentials.User("replicator", "replication-password-golden", "$2b$12$goldenrepl"),
 )
 
+# Stand-ins for the CA and certificate of spec.tls Generated (serving_tls.plan makes them).
+SERVING = manifests.ServingSecrets(
+    ca_cert="-----BEGIN CERTIFICATE-----\ngolden-ca\n-----END CERTIFICATE-----\n",
+    ca_key="-----BEGIN PRIVATE KEY-----\ngolden-ca-key\n-----END PRIVATE KEY-----\n",
+    cert="-----BEGIN CERTIFICATE-----\ngolden-serving\n-----END CERTIFICATE-----\n",
+    key="-----BEGIN PRIVATE KEY-----\ngolden-serving-key\n-----END PRIVATE KEY-----\n",
+)
+
 CASES: dict[str, dict[str, Any]] = {
-    # Everything defaulted: a 10Gi RWO claim kept after deletion, one replica.
+    # Everything defaulted: a 10Gi RWO claim kept after deletion, one replica, HTTPS
+    # with a generated certificate.
     "defaults": {},
+    # Plain HTTP (an Ingress terminating TLS in front): no certificates, http probes.
+    "tls-disabled": {"tls": {"mode": "Disabled"}, "ingress": {"host": "registry.example.com"}},
+    # A user's Secret (cert-manager's): mounted, nothing generated; the Ingress is told
+    # the backend speaks HTTPS.
+    "tls-secret": {
+        "tls": {"secretRef": {"name": "registry-cert"}},
+        "ingress": {"host": "registry.example.com", "className": "nginx"},
+    },
     # Every optional field of the server and its claim (one replica: SQLite on the volume).
     "pvc-full": {
         "region": "eu-west",
@@ -171,8 +188,9 @@ REPLICATION = {
     "replication": manifests.Replication(
         peers=(
             manifests.WiredPeer(
-                "us-east", "http://main.us.svc:5000", "berth", "peer.registries.main.1",
+                "us-east", "https://main.us.svc:5000", "berth", "peer.registries.main.1",
                 "main-replication", "us-east",
+                "-----BEGIN CERTIFICATE-----\ngolden-us-ca\n-----END CERTIFICATE-----\n",
             ),
             manifests.WiredPeer(
                 "ap", "https://registry.ap.example.com", "berth", "replicator",
@@ -192,6 +210,7 @@ def _render(raw_spec: dict[str, Any], case: str = "") -> list[rendering.Manifest
         CREDENTIALS,
         REPLICATION.get(case, manifests.Replication()),
         node_access.port_of(spec, OWNER),
+        serving=SERVING if spec.tls.mode == models.TLS_GENERATED else None,
     )
 
 
@@ -231,12 +250,18 @@ def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: 
         names.S3_CREDENTIALS_DIR,
         names.S3_CA_DIR,
         names.POSTGRESQL_DIR,
+        names.TLS_DIR,
+        names.CONFIG_DIR,
         f"{names.UPSTREAMS_DIR}/corp-ca",
     ):
         local = tmp_path / mount.strip("/")
         local.mkdir(parents=True)
         for name in (models.S3_ACCESS_KEY, models.S3_SECRET_KEY, names.POSTGRESQL_DSN_FILE):
             (local / name).write_text("postgresql://berth@db/berth\n")
+        for name in (manifests.TLS_CERT_FILE, manifests.TLS_KEY_FILE):
+            (local / name).write_text(SERVING.cert)
+        for name, content in config_map["data"].items():
+            (local / name).write_text(content)
         text = text.replace(f'"{mount}/', f'"{local}/')
     path = tmp_path / "config.yaml"
     path.write_text(text)
@@ -245,6 +270,15 @@ def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: 
     assert loaded.http.metrics_port == names.METRICS_PORT
     # Proxies are trusted only where there is one: without an Ingress, nobody's header counts.
     assert bool(loaded.http.trusted_proxies) == ("ingress" in CASES[case])
+    # HTTPS unless switched off, from the mounted serving Secret.
+    tls = loaded.http.tls
+    if case == "tls-disabled":
+        assert tls is None
+    else:
+        assert tls is not None and tls.certificate == tmp_path / "etc/berth/tls/tls.crt"
+    if case == "replication":
+        us_east = loaded.replication.peers[0]
+        assert us_east.ca_file == tmp_path / "etc/berth/config" / names.peer_ca_file("us-east")
     if case == "s3-postgresql":
         s3 = loaded.storage.s3
         assert s3 is not None and loaded.storage.driver == "s3"
@@ -382,7 +416,12 @@ def test_server_config_is_the_documented_format() -> None:
     spec = models.parse_spec({"logLevel": "warning"}, image=IMAGE)
     config = yaml.safe_load(manifests.server_config(spec, OWNER))
     assert config == {
-        "http": {"addr": "0.0.0.0:5000", "external_url": "", "metrics_addr": "0.0.0.0:9090"},
+        "http": {
+            "addr": "0.0.0.0:5000",
+            "external_url": "",
+            "metrics_addr": "0.0.0.0:9090",
+            "tls": {"certificate": "/etc/berth/tls/tls.crt", "key": "/etc/berth/tls/tls.key"},
+        },
         "storage": {"root": "/var/lib/berth", "index": "sqlite"},
         "auth": {
             "service": "main.registries.svc:5000",
@@ -402,9 +441,10 @@ def test_metrics_have_a_port_of_their_own_that_the_ingress_does_not_route() -> N
     metrics_port = int(config["http"]["metrics_addr"].rsplit(":", 1)[1])
     container = children["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": names.CONTAINER_PORT, "metrics": metrics_port}
-    # The probes stay on the registry's port.
-    assert container["livenessProbe"]["httpGet"]["port"] == "http"
+    assert ports == {"https": names.CONTAINER_PORT, "metrics": metrics_port}
+    # The probes stay on the registry's port (HTTPS: the kubelet does not verify).
+    assert container["livenessProbe"]["httpGet"]["port"] == "https"
+    assert container["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
     service_ports = {p["name"]: p for p in children["Service"]["spec"]["ports"]}
     assert service_ports["metrics"]["targetPort"] == "metrics"
     assert service_ports["metrics"]["port"] == metrics_port
@@ -413,7 +453,10 @@ def test_metrics_have_a_port_of_their_own_that_the_ingress_does_not_route() -> N
         for rule in children["Ingress"]["spec"]["rules"]
         for path in rule["http"]["paths"]
     ]
-    assert backends == [{"name": "main", "port": {"name": "http"}}]
+    assert backends == [{"name": "main", "port": {"name": "https"}}]
+    # ingress-nginx is told the backend speaks HTTPS.
+    annotations = children["Ingress"]["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTPS"
 
 
 @pytest.mark.parametrize(
@@ -502,10 +545,12 @@ def test_replication_peers_are_in_the_config_with_password_files() -> None:
         "peers": [
             {
                 "name": "us-east",
-                "url": "http://main.us.svc:5000",
+                "url": "https://main.us.svc:5000",
                 "kind": "berth",
                 "username": "peer.registries.main.1",
                 "password_file": "/etc/berth/replication/us-east",
+                # Its CA, copied into the ConfigMap: the server verifies the peer with it.
+                "ca_file": f"/etc/berth/config/{names.peer_ca_file('us-east')}",
             },
             {
                 "name": "ap",

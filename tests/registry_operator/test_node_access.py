@@ -159,7 +159,16 @@ def test_the_daemonset_binds_the_port_to_the_node_loopback_only() -> None:
         "--listen", "0.0.0.0:5605",
         "--upstream", "main.registries.svc:5000",
         "--drain-seconds", "10",
+        # TLS to the registry, verified with its CA (mounted from the serving Secret).
+        "--upstream-ca", "/etc/berth/tls-ca/ca.crt",
     ]  # fmt: skip
+    (mount,) = container["volumeMounts"]
+    (volume,) = pod["volumes"]
+    assert (mount["name"], mount["mountPath"], mount["readOnly"]) == (
+        "registry-ca", "/etc/berth/tls-ca", True
+    )  # fmt: skip
+    assert volume["secret"]["secretName"] == "main-serving-tls"
+    assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # not the key
     assert container["ports"] == [
         {
             "name": "registry",
@@ -302,6 +311,9 @@ def test_turning_the_proxy_off_prunes_it_and_unpublishes() -> None:
     _registry(kube, "main", {"nodeProxy": {"enabled": False}}, generation=2)
     outcome = _run(kube)
     assert _reasons(outcome) == [
+        # The server's relayed_hosts (the proxy's localhost:<port>) go with the proxy.
+        ("Updated", "updated ConfigMap main-config"),
+        ("Updated", "updated Deployment main"),
         ("Deleted", "deleted DaemonSet main-node-proxy"),
         ("Deleted", "deleted ConfigMap kube-public/local-registry-hosting"),
     ]

@@ -162,7 +162,8 @@ def test_consenting(
 # --- wiring ----------------------------------------------------------------------------------
 
 EU_PEER, US_PEER, FAR_PEER = MAIN.spec.peers
-EU_URL = "http://eu.registries.svc:5000"
+EU_URL = "https://eu.registries.svc:5000"
+EU_CA = "-----BEGIN CERTIFICATE-----\neu-ca\n-----END CERTIFICATE-----\n"
 
 
 @pytest.mark.parametrize(
@@ -202,7 +203,7 @@ def _account(key: str) -> robots.Robot:
 
 def test_in_cluster_waits_for_the_account_the_peer_makes() -> None:
     for data in ({}, {"peer.registries.other": robots.dump(_account("peer.registries.other"))}):
-        assert peering.in_cluster(MAIN, EU_PEER, data) == peering.Resolved(
+        assert peering.in_cluster(MAIN, EU_PEER, data, "https", EU_CA) == peering.Resolved(
             status.PeerState(
                 "to-eu",
                 EU_URL,
@@ -212,12 +213,13 @@ def test_in_cluster_waits_for_the_account_the_peer_makes() -> None:
             waiting_on=EU,
         )
     unreadable = {"peer.registries.main": "not json"}
-    assert peering.in_cluster(MAIN, EU_PEER, unreadable).waiting_on == EU
+    assert peering.in_cluster(MAIN, EU_PEER, unreadable, "https", EU_CA).waiting_on == EU
 
 
-def test_in_cluster_wires_the_account() -> None:
+def test_in_cluster_wires_the_account_and_the_peers_ca() -> None:
     account = _account("peer.registries.main")
-    resolved = peering.in_cluster(MAIN, EU_PEER, {"peer.registries.main": robots.dump(account)})
+    data = {"peer.registries.main": robots.dump(account)}
+    resolved = peering.in_cluster(MAIN, EU_PEER, data, "https", EU_CA)
     assert resolved == peering.Resolved(
         status.PeerState("to-eu", EU_URL),
         manifests.WiredPeer(
@@ -227,9 +229,24 @@ def test_in_cluster_wires_the_account() -> None:
             username=account.current.name,
             secret="main-replication",
             key="to-eu",
+            ca_pem=EU_CA,
         ),
         password="pw",
     )
+    # A peer with spec.tls Disabled: plain HTTP, no CA.
+    plain = peering.in_cluster(MAIN, EU_PEER, data, "http", None)
+    assert plain.wired is not None
+    assert (plain.wired.url, plain.wired.ca_pem) == ("http://eu.registries.svc:5000", None)
+
+
+def test_in_cluster_waits_for_the_peers_ca() -> None:
+    """Never wired to a TLS peer without its CA: the server would refuse it (or, worse,
+    be configured to trust anything)."""
+    account = _account("peer.registries.main")
+    data = {"peer.registries.main": robots.dump(account)}
+    resolved = peering.in_cluster(MAIN, EU_PEER, data, "https", None)
+    assert resolved.wired is None
+    assert resolved.state.reason == "WaitingForCertificate"
 
 
 @pytest.mark.parametrize(
@@ -259,9 +276,13 @@ def test_by_url_wires_the_secret_without_copying_the_password() -> None:
 
 def test_wiring_keeps_the_order_and_the_same_cluster_passwords() -> None:
     wired_eu = peering.in_cluster(
-        MAIN, EU_PEER, {"peer.registries.main": robots.dump(_account("peer.registries.main"))}
+        MAIN,
+        EU_PEER,
+        {"peer.registries.main": robots.dump(_account("peer.registries.main"))},
+        "https",
+        EU_CA,
     )
-    waiting_us = peering.in_cluster(MAIN, US_PEER, {})
+    waiting_us = peering.in_cluster(MAIN, US_PEER, {}, "https", EU_CA)
     far = peering.by_url(FAR_PEER, {"username": "u", "password": "p"})
     wiring = peering.wiring([wired_eu, waiting_us, far])
     assert wiring.replication.peers == (wired_eu.wired, far.wired)

@@ -7,6 +7,7 @@ the decisions: what is applied, which events are told, what the status says.
 from __future__ import annotations
 
 import base64
+import datetime
 import itertools
 from typing import Any
 
@@ -31,6 +32,9 @@ def _registry(kube: FakeKube, spec: dict[str, Any], generation: int = 1) -> None
     kube.put(body)
 
 
+NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
 def _options() -> reconcile.Options:
     counter = itertools.count(1)
     return reconcile.Options(
@@ -41,6 +45,7 @@ def _options() -> reconcile.Options:
             hash=lambda password: f"$2b$04$fake-{password}",
         ),
         now=lambda: "2026-01-01T00:00:00Z",
+        moment=lambda: NOW,
     )
 
 
@@ -64,10 +69,17 @@ def test_create_then_nothing_to_do() -> None:
     assert outcome.failure is None
     assert _reasons(outcome) == [
         (
+            "CertificateIssued",
+            "issued the serving certificate in Secret main-serving-tls, valid until "
+            "2026-04-01T00:00:00Z",
+        ),
+        (
             "CredentialsGenerated",
             "generated token.key, admin-password, htpasswd:admin, replication-password, "
             "htpasswd:replicator in Secret main-auth",
         ),
+        ("Created", "created Secret main-serving-ca"),
+        ("Created", "created Secret main-serving-tls"),
         ("Created", "created ConfigMap main-config"),
         ("Created", "created Secret main-auth"),
         ("Created", "created PersistentVolumeClaim main-data"),
@@ -84,6 +96,12 @@ def test_create_then_nothing_to_do() -> None:
         "Progressing": ("True", "RollingOut"),
         "Degraded": ("False", "AsExpected"),
         "StorageReady": ("False", "Pending"),
+        "CertificateReady": ("True", "Valid"),
+    }
+    assert kube.objects[("Registry", "ns", "main")]["status"]["tls"] == {
+        "mode": "Generated",
+        "secretName": "main-serving-tls",
+        "notAfter": "2026-04-01T00:00:00Z",
     }
     secret = kube.find("v1", "Secret", "ns", "main-auth")
     versions = {k: o["metadata"]["resourceVersion"] for k, o in kube.objects.items()}

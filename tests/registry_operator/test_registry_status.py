@@ -223,7 +223,7 @@ def test_build_status_and_transition_times() -> None:
     observed = status.Observed(deployment=_deployment(), pvc={"status": {"phase": "Bound"}})
     first = status.build(OWNER, 4, SPEC, observed, {}, "2026-01-01T00:00:00Z")
     assert first["observedGeneration"] == 4
-    assert first["endpoint"] == "http://main.ns.svc:5000"
+    assert first["endpoint"] == "https://main.ns.svc:5000"
     assert first["readyReplicas"] == 1
     assert "externalEndpoint" not in first
     assert [c["type"] for c in first["conditions"]] == [

@@ -504,3 +504,40 @@ def test_upstreams() -> None:
             password=models.KeyRef("hub-token", "password"),
         ),
     )
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, models.ServingTls("Generated")),  # HTTPS by default
+        ({}, models.ServingTls("Generated")),
+        ({"mode": "Disabled"}, models.ServingTls("Disabled")),
+        ({"secretRef": {"name": "registry-cert"}}, models.ServingTls("Secret", "registry-cert")),
+        ({"mode": "Secret", "secretRef": {"name": "c"}}, models.ServingTls("Secret", "c")),
+    ],
+)
+def test_tls(raw: Any, expected: models.ServingTls) -> None:
+    spec = models.parse_spec({} if raw is None else {"tls": raw}, image="img")
+    assert spec.tls == expected
+    assert spec.scheme == ("http" if expected.mode == "Disabled" else "https")
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "message"),
+    [
+        ("on", "spec.tls", "object"),
+        ({"mode": "Auto"}, "spec.tls.mode", "one of Generated, Secret, Disabled"),
+        ({"mode": "Secret"}, "spec.tls.secretRef", "required with mode Secret"),
+        (
+            {"mode": "Disabled", "secretRef": {"name": "c"}},
+            "spec.tls.secretRef",
+            "mode Secret only",
+        ),
+        ({"secretRef": {}}, "spec.tls.secretRef.name", "non-empty"),
+        ({"secretRef": {"name": "../c"}}, "spec.tls.secretRef.name", "Secret's name"),
+    ],
+)
+def test_invalid_tls(raw: Any, field: str, message: str) -> None:
+    with pytest.raises(models.InvalidSpec, match=message) as caught:
+        models.parse_spec({"tls": raw}, image="img")
+    assert caught.value.field == field

@@ -163,3 +163,14 @@ def test_scheduled_backups_refused(
     document = {"storage": {"root": str(root)}, "backup": backup, **extra}
     with pytest.raises(config.ConfigError, match=message):
         _load(tmp_path, document)
+
+
+def test_relayed_hosts(tmp_path: Path) -> None:
+    config = _load(tmp_path, {"http": {"relayed_hosts": ["localhost:5605", "127.0.0.1:5605"]}})
+    assert config.http.relayed_hosts == ("localhost:5605", "127.0.0.1:5605")
+
+
+@pytest.mark.parametrize("entry", ["localhost", "http://localhost:5605", "a@b:1", ":5605"])
+def test_relayed_hosts_must_be_host_and_port(tmp_path: Path, entry: str) -> None:
+    with pytest.raises(config.ConfigError, match=r"http\.relayed_hosts"):
+        _load(tmp_path, {"http": {"relayed_hosts": [entry]}})

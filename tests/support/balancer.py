@@ -5,11 +5,16 @@ client flow (POST, PATCH, PUT of an upload; HEAD then GET of a pull) land on dif
 replicas even over one keep-alive connection: what a Service with several pods and a
 Layer-7 Ingress does, and the hardest case for state shared between replicas. Bodies
 stream both ways (no buffering), so large uploads and pulls are not held by nginx.
+
+With `tls` (a certificate and key file: the replicas' own serving pair) it listens with
+HTTPS and speaks HTTPS to the replicas too, as an Ingress re-encrypting to HTTPS
+backends does; clients verify it exactly as they would verify a replica.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +25,18 @@ from .tools import require_tool
 class Balancer:
     """nginx on a free loopback port, round-robin over `upstreams` (host:port)."""
 
-    def __init__(self, workdir: Path, upstreams: Sequence[str]) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        upstreams: Sequence[str],
+        tls: tuple[Path, Path] | None = None,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
+        """`context`: how this test process verifies the balancer's HTTPS (with `tls`)."""
         self.workdir = workdir
         self.upstreams = list(upstreams)
+        self.tls = tls
+        self.context = context
         self.port = 0
         self.process: ManagedProcess | None = None
 
@@ -32,7 +46,7 @@ class Balancer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls else 'http'}://{self.host}"
 
     def start(self) -> Balancer:
         binary = require_tool("nginx")
@@ -54,7 +68,7 @@ class Balancer:
         )
         self.process.start()
         wait_until(
-            lambda: http_status(f"{self.url}/v2/") in (200, 401),
+            lambda: http_status(f"{self.url}/v2/", context=self.context) in (200, 401),
             timeout=30,
             what="nginx balancer answering /v2/",
             process=self.process,
@@ -73,6 +87,15 @@ class Balancer:
             f"  {kind}_temp_path {home}/{kind};"
             for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
         )
+        tls = ""
+        if self.tls is not None:
+            cert, key = self.tls
+            tls = (
+                f"    ssl_certificate {cert};\n    ssl_certificate_key {key};\n"
+                "    ssl_protocols TLSv1.2 TLSv1.3;\n"
+                # Upstream keep-alive over TLS: sessions are reused, not renegotiated.
+                "    proxy_ssl_session_reuse on;"
+            )
         (home / "nginx.conf").write_text(
             f"""daemon off;
 {user}worker_processes 1;
@@ -88,10 +111,11 @@ http {{
     keepalive 32;
   }}
   server {{
-    listen 127.0.0.1:{self.port};
+    listen 127.0.0.1:{self.port}{" ssl" if self.tls else ""};
+{tls}
     client_max_body_size 0;
     location / {{
-      proxy_pass http://replicas;
+      proxy_pass {"https" if self.tls else "http"}://replicas;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       # The replicas build absolute URLs (token realm) from the Host the client used.

@@ -15,7 +15,8 @@ server), and
   (standing in for the Service's DNS name), and BERTH_METRICS_ADDR at another when the
   container has a port named metrics,
 - wait until the pod's own readiness probe path answers 200, and check the liveness
-  probe path too.
+  probe path too, over HTTPS without verifying the certificate when the probe's scheme
+  says so (as the kubelet does); `url` is then an https:// one.
 
 Like the kubelet, `RunningPod.update()` (or a `follow()` thread calling it) writes new
 ConfigMap and Secret content into the same volume directories with the kubelet's atomic
@@ -34,6 +35,7 @@ import dataclasses
 import itertools
 import os
 import re
+import ssl
 import sys
 import threading
 import time
@@ -236,13 +238,33 @@ class RunningPod:
     env: dict[str, str]
     pod: Object = dataclasses.field(default_factory=dict)
     services: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The CA of the serving certificate the pod mounts (a kubernetes.io/tls Secret's
+    # ca.crt): what a client in the cluster verifies this pod's HTTPS with.
+    ca_pem: str | None = None
     updates: int = 0
     _stop_following: threading.Event | None = None
     _follower: threading.Thread | None = None
 
     @property
     def host(self) -> str:
-        return self.url.removeprefix("http://")
+        return self.url.split("://", 1)[1]
+
+    @property
+    def context(self) -> ssl.SSLContext | None:
+        """A client context trusting the pod's CA only (None: the pod speaks plain HTTP)."""
+        if not self.url.startswith("https://"):
+            return None
+        if self.ca_pem is None:
+            raise PodSpecError("the pod serves HTTPS but mounts no Secret with a ca.crt")
+        return ssl.create_default_context(cadata=self.ca_pem)
+
+    def cert_dir(self, directory: Path) -> Path:
+        """`directory` holding the pod's CA as ca.crt: skopeo's --cert-dir, certs.d."""
+        if self.ca_pem is None:
+            raise PodSpecError("the pod mounts no Secret with a ca.crt")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "ca.crt").write_text(self.ca_pem)
+        return directory
 
     @property
     def metrics_url(self) -> str | None:
@@ -318,6 +340,17 @@ def _read(directory: Path, files: Files) -> Files | None:
     return found
 
 
+def _serving_ca(pod: Object, secrets: Mapping[str, Object]) -> str | None:
+    for volume in pod.get("volumes") or []:
+        name = (volume.get("secret") or {}).get("secretName")
+        secret = secrets.get(name) if name else None
+        if secret and secret.get("type") == "kubernetes.io/tls":
+            ca = (secret.get("data") or {}).get("ca.crt")
+            if ca:
+                return base64.b64decode(ca).decode()
+    return None
+
+
 def _env(
     container: Object, config_maps: Mapping[str, Object], secrets: Mapping[str, Object]
 ) -> dict[str, str]:
@@ -376,7 +409,12 @@ def start(
         mounts[mount["mountPath"].rstrip("/")] = local[mount["name"]]
 
     port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
+    readiness = (container.get("readinessProbe") or {}).get("httpGet") or {}
+    liveness = (container.get("livenessProbe") or {}).get("httpGet") or {}
+    scheme = str(readiness.get("scheme", "HTTP")).lower()
+    url = f"{scheme}://127.0.0.1:{port}"
+    # The kubelet's HTTPS probes do not verify the certificate.
+    probing = ssl._create_unverified_context() if scheme == "https" else None
     running = RunningPod(
         url,
         ManagedProcess(f"pod {deployment['metadata']['name']}", ["true"], root / "pod.log"),
@@ -386,6 +424,7 @@ def start(
         {},
         pod=pod,
         services=dict(services or {}),
+        ca_pem=_serving_ca(pod, secs),
     )
     for volume in pod.get("volumes") or []:
         if _volume_files(volume, maps, secs) is None:
@@ -423,19 +462,17 @@ def start(
     running.process, running.argv, running.env = process, argv, env
     process.start()
     try:
-        readiness = (container.get("readinessProbe") or {}).get("httpGet") or {}
-        liveness = (container.get("livenessProbe") or {}).get("httpGet") or {}
         ready_path = readiness.get("path", "/v2/")
         if not wait_ready:
             ready_path = liveness.get("path", "/v2/")
         wait_until(
-            lambda: http_status(url + ready_path) == 200,
+            lambda: http_status(url + ready_path, context=probing) == 200,
             timeout=ready_timeout,
             what=f"{'readiness' if wait_ready else 'liveness'} probe GET {ready_path}",
             process=process,
         )
         if liveness.get("path"):
-            status = http_status(url + liveness["path"])
+            status = http_status(url + liveness["path"], context=probing)
             if status != 200:
                 raise PodSpecError(f"liveness probe GET {liveness['path']} answered {status}")
     except BaseException:

@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -211,10 +212,12 @@ def wait_until(
         time.sleep(interval)
 
 
-def http_status(url: str, timeout: float = 2.0) -> int | None:
+def http_status(
+    url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None
+) -> int | None:
     """The status of a plain GET, or None when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
             status: int = response.status
             return status
     except urllib.error.HTTPError as err:

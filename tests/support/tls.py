@@ -4,6 +4,7 @@ with its atomic ``..data`` swap, and a registry process that serves HTTPS.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import os
@@ -11,7 +12,9 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -177,3 +180,24 @@ class TlsRegistryProcess(RegistryProcess):
             self.process.stop()
             raise
         return self
+
+
+def registry_ca(secrets: Sequence[Mapping[str, Any]], registry: str) -> str:
+    """The CA of a Registry's generated serving certificate, from the Secrets a pod
+    mounts (`podspec_runner.inputs`) or any list holding `<registry>-serving-tls`."""
+    for secret in secrets:
+        if secret["metadata"]["name"] == f"{registry}-serving-tls":
+            return base64.b64decode(secret["data"]["ca.crt"]).decode()
+    raise LookupError(f"no Secret {registry}-serving-tls among {len(secrets)} Secrets")
+
+
+def trusting(ca_pem: str) -> ssl.SSLContext:
+    """A client context trusting `ca_pem` only, names verified."""
+    return ssl.create_default_context(cadata=ca_pem)
+
+
+def cert_dir(ca_pem: str, directory: Path) -> Path:
+    """A directory for skopeo's --cert-dir (and containers' certs.d) holding the CA."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca.crt").write_text(ca_pem)
+    return directory

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import ssl
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, cast
@@ -189,6 +190,8 @@ class Runtime:
                         self._post(told.ref, event)
                 raise
             self.written.update(outcome.written)
+            if outcome.trust is not None:
+                self.endpoints.remember(namespace, name, outcome.trust)
             # Posted here, inside the coalesced job, so callers sharing it do not repeat them.
             if outcome.ref is not None:
                 for event in outcome.events:
@@ -320,6 +323,7 @@ class Runtime:
         self.replication.pop(key, None)
         self.readiness.pop(key, None)
         self.applied.pop(key, None)
+        self.endpoints.remember(namespace, name, None)
         self._access_runs.pop(key, None)
         handle = self._later.pop(key, None)
         if handle is not None:
@@ -371,20 +375,29 @@ class Runtime:
         user, password = data.get(credentials.ADMIN_USERNAME), data.get(credentials.ADMIN_PASSWORD)
         return (user, password) if user and password else None
 
+    def _reach(self, namespace: str, name: str) -> tuple[str, ssl.SSLContext | None]:
+        """The server's URL and the TLS context verifying it (None: plain HTTP)."""
+        trust = self.endpoints.trust(namespace, name)
+        if trust is None:  # no reconcile of it in this process yet
+            trust = reconcile.read_trust(self.kube, namespace, name)
+            self.endpoints.remember(namespace, name, trust)
+        return self.endpoints.url(namespace, name, trust.scheme), trust.context()
+
     def probe(self, target: access.Target, credential: robots_.Credential) -> str:
         namespace, name = target.owner.namespace, target.owner.name
-        url = self.endpoints.url(namespace, name)
-        return fetching.probe(url, self._admin(namespace, name), credential)
+        url, context = self._reach(namespace, name)
+        return fetching.probe(url, self._admin(namespace, name), credential, context)
 
     def fetch_readiness(self, namespace: str, name: str) -> status_.Readiness:
-        return fetching.readiness(self.endpoints.url(namespace, name))
+        return fetching.readiness(*self._reach(namespace, name))
 
     def fetch_replication(self, namespace: str, name: str) -> status_.ReplicationObservation:
         """The server's replication status, read with the registry's admin credentials."""
         admin = self._admin(namespace, name)
         if admin is None:
             return status_.ReplicationObservation(error="the admin credentials are not there yet")
-        return fetching.replication_status(self.endpoints.url(namespace, name), *admin)
+        url, context = self._reach(namespace, name)
+        return fetching.replication_status(url, *admin, context)
 
 
 def _not_older(version: str, than: str) -> bool:

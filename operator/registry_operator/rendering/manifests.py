@@ -19,6 +19,8 @@ from registry_operator.rendering import names
 
 Manifest = dict[str, Any]
 
+# The serving Secret's keys (cert-manager's layout, kubernetes.io/tls plus ca.crt).
+TLS_CERT_FILE, TLS_KEY_FILE, TLS_CA_FILE = "tls.crt", "tls.key", "ca.crt"
 # What the pod mounts from the Secret: everything the server reads, nothing more.
 MOUNTED_SECRET_KEYS = (creds.SIGNING_KEY, creds.HTPASSWD)
 # The node proxy: a relay with a thread per direction of each connection; its memory
@@ -40,6 +42,17 @@ class WiredPeer:
     username: str
     secret: str  # the Secret (in the Registry's namespace) holding the password
     key: str  # its key
+    ca_pem: str | None = None  # a same-cluster peer's CA (its spec.tls), copied here
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingSecrets:
+    """spec.tls Generated: the Registry's CA and the serving certificate it issued (PEM)."""
+
+    ca_cert: str
+    ca_key: str
+    cert: str
+    key: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +107,15 @@ def owner_references(owner: models.Owner) -> list[dict[str, Any]]:
     ]
 
 
-def server_config(spec: models.Spec, owner: models.Owner, peers: tuple[WiredPeer, ...] = ()) -> str:
-    """The registry server's config.yaml, in the docs/configuration.md format."""
-    in_cluster = names.in_cluster_url(owner.name, owner.namespace)
+def server_config(
+    spec: models.Spec,
+    owner: models.Owner,
+    peers: tuple[WiredPeer, ...] = (),
+    node_port: int | None = None,
+) -> str:
+    """The registry server's config.yaml, in the docs/configuration.md format;
+    `node_port` is the port its node proxies serve on the nodes' loopback."""
+    in_cluster = names.in_cluster_url(owner.name, owner.namespace, spec.scheme)
     return text(
         "registry-config.yaml.j2",
         name=owner.name,
@@ -118,7 +137,21 @@ def server_config(spec: models.Spec, owner: models.Owner, peers: tuple[WiredPeer
         log_level=spec.log_level,
         region=spec.region,
         peers=peers,
+        peer_ca_files={
+            peer.name: f"{names.CONFIG_DIR}/{names.peer_ca_file(peer.name)}"
+            for peer in peers
+            if peer.ca_pem
+        },
         replication_dir=names.REPLICATION_DIR,
+        tls_certificate_file=f"{names.TLS_DIR}/{TLS_CERT_FILE}" if spec.tls.enabled else None,
+        # Kubelets speak plain HTTP to the node proxy, which re-encrypts: the token realm
+        # their challenges name must be http://localhost:<port>, not https://.
+        relayed_hosts=(
+            [f"localhost:{node_port}", f"127.0.0.1:{node_port}"]
+            if spec.tls.enabled and node_port is not None
+            else []
+        ),
+        tls_key_file=f"{names.TLS_DIR}/{TLS_KEY_FILE}",
         webhooks=spec.webhooks,
         notifications_dir=names.NOTIFICATIONS_DIR,
         **_backend_files(spec),
@@ -158,6 +191,11 @@ def _secret_volume(
     return {"name": name, "path": path, "kind": "secret", "writable": False, "source": source}
 
 
+def tls_secret_name(spec: models.Spec, registry: str) -> str:
+    """The Secret the server's certificate is mounted from (spec.tls enabled)."""
+    return spec.tls.secret_name or names.serving_secret(registry)
+
+
 def _ca_volume(name: str, path: str, ref: models.KeyRef, file: str) -> dict[str, Any]:
     """A read-only volume holding one ConfigMap key (a CA bundle) as `file`."""
     source = {"name": ref.name, "items": [{"key": ref.key, "path": file}]}
@@ -169,6 +207,11 @@ def extra_volumes(spec: models.Spec, registry: str) -> list[dict[str, Any]]:
     read-only, and the backup claim: name, mount path, and the volume source (`kind`:
     secret, configMap or persistentVolumeClaim)."""
     found: list[dict[str, Any]] = []
+    if spec.tls.enabled:
+        # The key and certificate only (the CA is not the server's business); the server
+        # reloads them when the kubelet swaps in a renewed pair, so renewal rolls no pod.
+        keys = {TLS_CERT_FILE: TLS_CERT_FILE, TLS_KEY_FILE: TLS_KEY_FILE}
+        found.append(_secret_volume("tls", names.TLS_DIR, tls_secret_name(spec, registry), keys))
     storage = spec.storage
     if isinstance(storage, models.S3Storage):
         keys = {key: key for key in (models.S3_ACCESS_KEY, models.S3_SECRET_KEY)}
@@ -261,6 +304,10 @@ def node_proxy(spec: models.Spec, owner: models.Owner, port: int) -> Manifest:
         spec=spec,
         port=port,
         upstream=names.service_host(name, namespace),
+        upstream_ca=f"{names.TLS_CA_DIR}/{TLS_CA_FILE}" if spec.tls.enabled else None,
+        tls_secret=tls_secret_name(spec, name),
+        tls_ca_file=TLS_CA_FILE,
+        tls_ca_dir=names.TLS_CA_DIR,
         drain_seconds=NODE_PROXY_DRAIN_SECONDS,
         resources=NODE_PROXY_RESOURCES,
         run_as=names.RUN_AS,
@@ -296,6 +343,53 @@ def local_registry_hosting(
     )
 
 
+def port_name(spec: models.Spec) -> str:
+    """The registry port's name on the container, the Service and the Ingress backend:
+    meshes and controllers read the protocol from it (and from appProtocol)."""
+    return "https" if spec.tls.enabled else "http"
+
+
+# The controllers that read an annotation for the protocol to the backend. Others:
+# docs/operator.md#tls-inside-the-cluster. The user's own annotations win.
+BACKEND_HTTPS_ANNOTATIONS: Mapping[str, str] = {
+    "nginx.ingress.kubernetes.io/backend-protocol": "HTTPS",
+}
+
+
+def ingress_annotations(spec: models.Spec) -> dict[str, str]:
+    assert spec.ingress is not None
+    if not spec.tls.enabled:
+        return dict(spec.ingress.annotations)
+    return {**BACKEND_HTTPS_ANNOTATIONS, **spec.ingress.annotations}
+
+
+def serving_secrets(owner: models.Owner, serving: ServingSecrets) -> list[Manifest]:
+    """spec.tls Generated: the CA Secret (its key read by the operator only) and the
+    serving Secret the pods and node proxies mount (kubernetes.io/tls, plus ca.crt)."""
+    common: dict[str, Any] = {
+        "namespace": owner.namespace,
+        "owner_references": owner_references(owner),
+    }
+    ca = manifest(
+        "secret.yaml.j2",
+        name=names.serving_ca_secret(owner.name),
+        labels=names.labels(owner.name, "certificate-authority"),
+        data=_b64({"ca.crt": serving.ca_cert, "ca.key": serving.ca_key}),
+        **common,
+    )
+    tls = manifest(
+        "secret.yaml.j2",
+        name=names.serving_secret(owner.name),
+        labels=names.labels(owner.name, "serving-certificate"),
+        data=_b64(
+            {TLS_CERT_FILE: serving.cert, TLS_KEY_FILE: serving.key, TLS_CA_FILE: serving.ca_cert}
+        ),
+        type="kubernetes.io/tls",
+        **common,
+    )
+    return [ca, tls]
+
+
 def policy_sources(registry: str, slots: int) -> list[dict[str, Any]]:
     """The policy volume's sources: the main file, then `slots` optional shard Secrets."""
     main = {
@@ -319,6 +413,7 @@ def render(
     node_port: int | None = None,
     policy_slots: int = names.POLICY_SHARD_SLOTS,
     backends: str = "",
+    serving: ServingSecrets | None = None,
 ) -> list[Manifest]:
     """All children of a Registry, in the order they should be applied.
 
@@ -326,7 +421,9 @@ def render(
     (`access`, `rendering.policy`); `policy_slots` is how many shard Secrets the pods
     mount (`rendering.policy.slots`). `node_port` is the port its node proxy serves
     (`node_access.served_port`); None renders no proxy. `backends` is a digest of the
-    S3 and PostgreSQL Secrets the pods mount (`backend_digest`).
+    S3 and PostgreSQL Secrets the pods mount (`backend_digest`). `serving` is the CA and
+    certificate of spec.tls Generated (`serving_tls.plan`); they come first, as a pod
+    must never start before the files it mounts exist.
     """
     name, namespace = owner.name, owner.namespace
     owned = owner_references(owner)
@@ -336,7 +433,16 @@ def render(
         "configmap.yaml.j2",
         name=names.config_map(name),
         labels=names.labels(name, "config"),
-        data={"config.yaml": server_config(spec, owner, replication.peers)},
+        data={
+            "config.yaml": server_config(spec, owner, replication.peers, node_port),
+            # Same-cluster peers' CAs: in the ConfigMap, so a new CA rolls the pods
+            # (the server reads a peer's CA once).
+            **{
+                names.peer_ca_file(peer.name): peer.ca_pem
+                for peer in replication.peers
+                if peer.ca_pem
+            },
+        },
         **common,
     )
     secret = manifest(
@@ -347,6 +453,8 @@ def render(
         **common,
     )
     manifests = [config_map, secret]
+    if serving is not None:
+        manifests[:0] = serving_secrets(owner, serving)
     if replication.passwords:
         # Before the config that names the password files: a pod must never start with
         # a config whose files are not there yet.
@@ -404,6 +512,8 @@ def render(
             checksum=checksum(config_map, secret, backends),
             run_as=names.RUN_AS,
             port=names.CONTAINER_PORT,
+            port_name=port_name(spec),
+            probe_scheme=spec.scheme.upper(),
             metrics_port=names.METRICS_PORT,
             metrics_port_name=names.METRICS_PORT_NAME,
             config_file=names.CONFIG_FILE,
@@ -434,6 +544,7 @@ def render(
             labels=server_labels,
             selector=names.selector_labels(name),
             port=names.CONTAINER_PORT,
+            port_name=port_name(spec),
             metrics_port=names.METRICS_PORT,
             metrics_port_name=names.METRICS_PORT_NAME,
             **common,
@@ -456,7 +567,9 @@ def render(
                 name=names.ingress(name),
                 labels=server_labels,
                 ingress=spec.ingress,
+                annotations=ingress_annotations(spec),
                 service_name=names.service(name),
+                port_name=port_name(spec),
                 **common,
             )
         )

@@ -49,6 +49,10 @@ S3_CA_FILE = "ca.crt"
 UPSTREAMS_DIR = "/etc/berth/upstreams"  # <name>/password and <name>-ca/ca.crt per upstream
 POSTGRESQL_DIR = "/etc/berth/postgresql"
 POSTGRESQL_DSN_FILE = "dsn"
+# spec.tls: the serving certificate's Secret (tls.crt, tls.key) in the server's pod, and
+# its ca.crt alone in each node proxy.
+TLS_DIR = "/etc/berth/tls"
+TLS_CA_DIR = "/etc/berth/tls-ca"
 RUN_AS = 65532  # the conventional "nonroot" uid/gid of distroless-style images
 
 NODE_PROXY_COMPONENT = "node-proxy"
@@ -102,6 +106,21 @@ def policy_shard_file(index: int) -> str:
 
 def robots_secret(registry: str) -> str:
     return f"{registry}-robots"
+
+
+def serving_secret(registry: str) -> str:
+    """spec.tls Generated: the serving certificate, its key and the CA (cert-manager's keys)."""
+    return f"{registry}-serving-tls"
+
+
+def serving_ca_secret(registry: str) -> str:
+    """spec.tls Generated: the CA's certificate and key, which only the operator reads."""
+    return f"{registry}-serving-ca"
+
+
+def peer_ca_file(peer: str) -> str:
+    """A registryRef peer's CA in the Registry's ConfigMap (and so in its config dir)."""
+    return f"peer-{peer}-ca.crt"
 
 
 def replication_secret(registry: str) -> str:
@@ -170,8 +189,13 @@ def node_proxy_labels(registry: str) -> dict[str, str]:
     return {**labels(registry, NODE_PROXY_COMPONENT), **node_proxy_selector_labels(registry)}
 
 
-def in_cluster_url(registry: str, namespace: str) -> str:
-    return f"http://{service_host(registry, namespace)}"
+def service_server_name(registry: str, namespace: str) -> str:
+    """The Service's name that TLS clients in the cluster verify."""
+    return f"{service(registry)}.{namespace}.svc"
+
+
+def in_cluster_url(registry: str, namespace: str, scheme: str) -> str:
+    return f"{scheme}://{service_host(registry, namespace)}"
 
 
 def selector_labels(registry: str) -> dict[str, str]:
