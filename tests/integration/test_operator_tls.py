@@ -30,7 +30,13 @@ from tests.support import podspec_runner
 from tests.support.control_plane import CertificateAuthority, ControlPlane
 from tests.support.operator_process import OperatorProcess, operator_running, registry_condition
 from tests.support.operator_process import wait_for as _wait
-from tests.support.tls import SecretVolume, TlsRegistryProcess, expired_pair, serving_pair
+from tests.support.tls import (
+    BareTlsListener,
+    SecretVolume,
+    TlsRegistryProcess,
+    expired_pair,
+    serving_pair,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -226,37 +232,6 @@ def tls_server(tmp_path: Path) -> Iterator[Callable[..., TlsRegistryProcess]]:
             process.stop()
 
 
-class _Bare:
-    """A loopback TLS listener answering every request 200, with any pair at all."""
-
-    def __init__(self, pair: Any) -> None:
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(pair.cert, pair.key)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"https://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return  # closed
-            try:
-                with self.context.wrap_socket(conn, server_side=True) as tls:
-                    tls.recv(65536)
-                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-            except (ssl.SSLError, OSError):
-                pass  # the client refused the certificate
-
-    def close(self) -> None:
-        self.listener.close()
-
-
-def _bare_tls(pair: Any) -> _Bare:
-    return _Bare(pair)
-
-
 def test_the_operator_refuses_an_expired_a_misnamed_and_an_untrusted_certificate(
     ca: CertificateAuthority, tls_server: Callable[..., TlsRegistryProcess], tmp_path: Path
 ) -> None:
@@ -267,7 +242,7 @@ def test_the_operator_refuses_an_expired_a_misnamed_and_an_untrusted_certificate
     assert fetching.readiness(good.url, trusted).code == 200
 
     # Our server refuses to start with an expired pair: a bare TLS listener shows it.
-    expired = _bare_tls(expired_pair(ca, "expired"))
+    expired = BareTlsListener(expired_pair(ca, "expired"))
     misnamed = tls_server(
         ca.issue("misnamed", "elsewhere", server_names=("elsewhere.example",)), ca.cert_path
     )

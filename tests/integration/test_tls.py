@@ -22,7 +22,8 @@ import pytest
 import requests
 
 from tests.integration.test_conformance import run_conformance
-from tests.support.clients import run_tool
+from tests.support.clients import oras, run_tool
+from tests.support.containerd import Containerd
 from tests.support.control_plane import CertificateAuthority, KeyPair
 from tests.support.images import make_oci_layout
 from tests.support.processes import (
@@ -33,6 +34,7 @@ from tests.support.processes import (
     wait_until,
 )
 from tests.support.tls import (
+    BareTlsListener,
     SecretVolume,
     TlsRegistryProcess,
     expired_pair,
@@ -129,6 +131,41 @@ def test_clients_verify_the_ca(
     assert untrusted.returncode != 0 and "certificate" in untrusted.stderr
 
 
+def test_oras_and_ctr_verify_the_ca(
+    ca: CertificateAuthority,
+    tls_registry: Callable[..., TlsRegistryProcess],
+    containerd: Containerd,
+    tmp_path: Path,
+) -> None:
+    """The other two clients of the issue: oras (--ca-file) and containerd's ctr
+    (--tlscacert), each refused without the CA."""
+    registry = tls_registry(serving_pair(ca, "server"), ca.cert_path)
+    work = tmp_path / "oras"
+    work.mkdir()
+    (work / "notes.txt").write_text("signed by nobody\n")
+    ref = f"{registry.host}/oras/tls:v1"
+    refused = oras("push", ref, "notes.txt:text/plain", cwd=work, check=False)
+    assert refused.returncode != 0 and "certificate" in refused.stderr, refused.stderr
+    oras("push", "--ca-file", ca.cert_path, ref, "notes.txt:text/plain", cwd=work)
+    oras("pull", "--ca-file", ca.cert_path, "-o", tmp_path / "pulled", ref)
+    assert (tmp_path / "pulled" / "notes.txt").read_text() == "signed by nobody\n"
+
+    digest = make_oci_layout(tmp_path / "img", layers=2, layer_size=200_000)
+    image = f"{registry.host}/ctr/app:v1"
+    certs = tmp_path / "certs.d"  # the CA alone: skopeo reads a *.key as a client key
+    certs.mkdir()
+    (certs / "ca.crt").write_bytes(ca.cert_path.read_bytes())
+    run_tool("skopeo", "copy", "--dest-cert-dir", certs, "--preserve-digests",
+             f"oci:{tmp_path / 'img'}:v1", f"docker://{image}")  # fmt: skip
+    untrusting = containerd.run("images", "pull", "--snapshotter", "native", image, check=False)
+    assert untrusting.returncode != 0 and "certificate" in untrusting.stderr, untrusting.stderr
+    containerd.ctr(
+        "images", "pull", "--tlscacert", str(ca.cert_path), "--snapshotter", "native", image
+    )
+    listed = [line.split() for line in containerd.ctr("images", "ls").splitlines()[1:] if line]
+    assert [(row[0], row[2]) for row in listed] == [(image, digest)]
+
+
 def test_replication_peers_verify_certificate_and_name(
     ca: CertificateAuthority,
     tls_registry: Callable[..., TlsRegistryProcess],
@@ -146,9 +183,15 @@ def test_replication_peers_verify_certificate_and_name(
         config=target,
     )
     untrusted = tls_registry(serving_pair(stranger, "untrusted"), stranger.cert_path, config=target)
+    expired = BareTlsListener(expired_pair(ca, "expired"))  # our server would not serve it
     peers = [
         {"name": name, "url": p.url, "ca_file": str(ca.cert_path)}
-        for name, p in (("good", good), ("wrong-name", wrong_name), ("untrusted", untrusted))
+        for name, p in (
+            ("good", good),
+            ("wrong-name", wrong_name),
+            ("untrusted", untrusted),
+            ("expired", expired),
+        )
     ]
     source = registry_process(
         config={
@@ -179,15 +222,17 @@ def test_replication_peers_verify_certificate_and_name(
 
     wait_until(lambda: at(good) == digest, timeout=30, what="replication to the good peer")
     wait_until(
-        lambda: all(errors()[n] for n in ("wrong-name", "untrusted")),
+        lambda: all(errors()[n] for n in ("wrong-name", "untrusted", "expired")),
         timeout=30,
-        what="both bad peers refused",
+        what="the three bad peers refused",
     )
+    expired.close()
     found = errors()
     print("peer errors:", found)
     assert not found["good"]
     assert "hostname" in found["wrong-name"].lower() or "match" in found["wrong-name"]
     assert "certificate" in found["untrusted"].lower()
+    assert "expired" in found["expired"].lower()
     # Nothing reached them (asked with their own CA, the name not checked).
     for refused in (wrong_name, untrusted):
         url = f"{refused.url}/v2/team-a/api/manifests/v1"

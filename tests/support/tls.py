@@ -8,7 +8,9 @@ import base64
 import datetime
 import ipaddress
 import os
+import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -201,3 +203,33 @@ def cert_dir(ca_pem: str, directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "ca.crt").write_text(ca_pem)
     return directory
+
+
+class BareTlsListener:
+    """A loopback TLS listener with any pair at all (our server refuses to start with an
+    expired one), answering every request 200: what a client's verification is up
+    against. close() when done."""
+
+    def __init__(self, pair: KeyPair) -> None:
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(pair.cert, pair.key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.url = f"https://{self.host}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                with self.context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(65536)
+                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            except (ssl.SSLError, OSError):
+                pass  # the client refused the certificate
+
+    def close(self) -> None:
+        self.listener.close()
