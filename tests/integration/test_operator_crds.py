@@ -49,6 +49,7 @@ def test_defaults_are_filled_in(control_plane: ControlPlane, namespace: str) -> 
             }
         },
         "nodeProxy": {"enabled": True},
+        "tls": {},  # Generated: HTTPS with a certificate the operator makes
     }
 
 
@@ -150,6 +151,25 @@ INVALID = [
         'The Registry "bad" is invalid: spec.nodeProxy.port: Forbidden: nodeProxy.port must '
         "be outside the NodePort range 30000-32767 (kube-proxy serves NodePorts on 127.0.0.1 "
         "too)",
+    ),
+    (
+        {"tls": {"mode": "Secret"}},
+        'The Registry "bad" is invalid: spec.tls.secretRef: Invalid value: "object": '
+        "secretRef is required with mode Secret, and read with it only",
+    ),
+    (
+        {"tls": {"mode": "Disabled", "secretRef": {"name": "cert"}}},
+        'The Registry "bad" is invalid: spec.tls.secretRef: Invalid value: "object": '
+        "secretRef is required with mode Secret, and read with it only",
+    ),
+    (
+        {"tls": {"mode": "Auto"}},
+        _schema_error(
+            "Registry",
+            "bad",
+            'spec.tls.mode: Unsupported value: "Auto": '
+            'supported values: "Generated", "Secret", "Disabled"',
+        ),
     ),
 ]
 

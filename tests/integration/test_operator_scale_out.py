@@ -147,9 +147,10 @@ def test_three_replicas_on_s3_and_postgresql(
         [pod.host for pod in pods],
         tls=(tls_dir / "tls.crt", tls_dir / "tls.key"),
         context=pods[0].context,
-    ).start()
+    )
     certs = pods[0].cert_dir(tmp_path / "certs")
     try:
+        balancer.start()  # in the try: pods started above must stop if it fails
         overrides.write_text(json.dumps({f"{namespace}/main": balancer.url}))
         _wait(
             lambda: _storage_ready(kube, namespace).get("reason") == "Connected",
