@@ -11,6 +11,8 @@ and the docs' figures regenerated from the saved results (bench/docs.py).
   balancer, beside distribution on the same object store and Berth on the filesystem.
 - pull-through (bench/pull_through.py): pulls through Berth's cache and distribution's
   proxy from a distribution upstream, beside direct pulls (skopeo).
+- tls (bench/tls.py): a 256 MiB pull over TLS against plain HTTP, direct and through the
+  node proxy (curl), with server and relay CPU per GiB.
 - operator-scale (bench/operator_scale.py), only when named: 500 / 2,000 / 10,000
   Repositories of one Registry, all Ready, one more, RSS; then 1,000 Registries with 3
   Repositories each through an operator restart (docs/operator.md, "Scale").
@@ -846,6 +848,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bench import pull_through
 
             path.write_text(json.dumps(pull_through.run_section(args), indent=2) + "\n")
+        elif section == "tls":
+            from bench import tls
+
+            path.write_text(json.dumps(tls.run_section(args), indent=2) + "\n")
         elif section == "operator-scale":
             docs_dir = None if args.no_docs else args.docs_dir
             path = operator_scale.run_section(args.results, docs_dir, quick=args.quick)

@@ -253,12 +253,19 @@ def pull_through_section(result: Result) -> str:
     return pull_through.markdown(result)
 
 
+def tls_section(result: Result) -> str:
+    from bench import tls
+
+    return tls.markdown(result)
+
+
 # doc file name -> [(marker name, section whose saved result it is made from, renderer)]
 DOCS: Mapping[str, list[tuple[str, str, Renderer]]] = {
     "benchmarks.md": [
         ("server", "server", server_results),
         ("server-analysis", "server", server_analysis),
         ("scale-out", "scale-out", scale_out_section),
+        ("tls", "tls", tls_section),
     ],
     "operator.md": [("operator", "operator", operator_section)],
     "replication.md": [("replication", "replication", replication_section)],
@@ -284,7 +291,7 @@ def sections_table(results: Mapping[str, Result]) -> str:
 
 # The sections of `python -m bench` whose saved results the docs are generated from;
 # other files in bench/results/ (other benches' results) are not read here.
-SECTIONS = ("server", "operator", "replication", "scale-out", "pull-through")
+SECTIONS = ("server", "operator", "replication", "scale-out", "pull-through", "tls")
 
 
 def result_file(section: str) -> str:

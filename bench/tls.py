@@ -10,6 +10,10 @@ the relay, which splices to a plain server and originates TLS to a TLS one.
 
 Plain HTTP sends blobs with sendfile(2) (no copy through Python); TLS cannot, the bytes go
 through the event loop's encryption, so the CPU per GiB is where the price shows.
+
+`python -m bench --only tls` runs it as a section of `make bench`: it saves
+bench/results/tls.json, and its table goes into docs/benchmarks.md ("TLS") through
+bench/docs.py.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 from cryptography import x509
@@ -41,6 +46,17 @@ from cryptography.x509.oid import NameOID
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO = "bench/tls"
+CASES = ("plain", "tls", "plain+relay", "tls+relay")
+
+
+@dataclass(frozen=True)
+class Settings:
+    size_mib: int = 256
+    rounds: int = 5
+    streams: int = 4  # parallel pulls of the second case
+
+
+QUICK = Settings(size_mib=8, rounds=1, streams=2)
 
 
 def _write_pem(path: Path, data: bytes) -> Path:
@@ -256,48 +272,118 @@ def measure(server: Server, digest: str, size: int, streams: int, rounds: int) -
     )
 
 
+def measure_all(s: Settings, root: Path) -> list[dict[str, Any]]:
+    """Every case at 1 and `s.streams` streams: one row each."""
+    size = s.size_mib << 20
+    (root / "certs").mkdir()
+    ca, cert, key = make_certificates(root / "certs")
+    servers: dict[str, Server] = {}
+    rows: list[dict[str, Any]] = []
+    try:
+        for name, tls in (("plain", None), ("tls", (cert, key))):
+            (root / name).mkdir()
+            servers[name] = start(root / name, tls, ca if tls else None)
+        digests = {name: push(server, size) for name, server in servers.items()}
+        # A node proxy in front of each: splice to plain HTTP, TLS origination to TLS.
+        for name in ("plain", "tls"):
+            servers[f"{name}+relay"] = with_relay(servers[name], root)
+            digests[f"{name}+relay"] = digests[name]
+        for streams in (1, s.streams):
+            for name in CASES:
+                server = servers[name]
+                figures = measure(server, digests[name], size, streams, s.rounds)
+                row = {"case": name, **asdict(figures)}
+                if server.relay is None:
+                    row["relay_cpu_s_per_gib"] = None
+                rows.append(row)
+    finally:
+        for server in servers.values():
+            for process in (server.relay, server.process):
+                if process is not None and process.poll() is None:
+                    process.terminate()
+                    process.wait(10)
+    return rows
+
+
+def run_section(args: argparse.Namespace) -> dict[str, Any]:
+    from bench import meta
+
+    settings = QUICK if args.quick else Settings()
+    if args.reps is not None:
+        settings = replace(settings, rounds=args.reps)
+    if shutil.which("curl") is None:
+        raise SystemExit("bench: curl is missing (Debian package curl)")
+    print("bench: tls section", file=sys.stderr, flush=True)
+    started, load_before = time.monotonic(), meta.load()
+    workdir = Path(tempfile.mkdtemp(prefix="berth-bench-tls-", dir=args.workdir))
+    try:
+        rows = measure_all(settings, workdir)
+        machine = meta.machine(workdir)
+    finally:
+        if args.keep:
+            print(f"bench: kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    result = {
+        "section": "tls",
+        "date": meta.now(),
+        "commit": meta.commit(("registry_server", "bench")),
+        "duration_s": round(time.monotonic() - started, 1),
+        "machine": {
+            **machine,
+            "load average (1 min) before / after": f"{load_before:.1f} / {meta.load():.1f}",
+        },
+        "versions": {"curl": meta.first_line(["curl", "--version"])},
+        "settings": asdict(settings),
+        "note": args.note or "",
+        "rows": rows,
+    }
+    print(markdown(result), file=sys.stderr)
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The docs' table: each case against plain HTTP at the same number of streams."""
+    s = result["settings"]
+    plain = {row["streams"]: row["total_mib_s"] for row in result["rows"] if row["case"] == "plain"}
+    lines = [
+        f"Pull of a {s['size_mib']} MiB blob with curl, a new connection (and handshake) per"
+        f" pull, median of {s['rounds']} rounds; one run ({result['date']}, commit"
+        f" `{result['commit']}`). CPU is per GiB sent: the server's, and the node proxy's in"
+        " the +relay cases (curl speaks plain HTTP to it; it splices to a plain server and"
+        " originates TLS to a TLS one).",
+        "",
+        "| case | streams | MiB/s per stream | MiB/s total | vs plain | server CPU s/GiB |"
+        " relay CPU s/GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        ratio = row["total_mib_s"] / plain[row["streams"]] if plain.get(row["streams"]) else 0
+        relay = row["relay_cpu_s_per_gib"]
+        lines.append(
+            f"| {row['case']} | {row['streams']} | {row['mib_s']:.0f} | {row['total_mib_s']:.0f}"
+            f" | {ratio:.2f}x | {row['cpu_s_per_gib']:.2f} |"
+            f" {'-' if relay is None else f'{relay:.2f}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tls", description=__doc__)
-    parser.add_argument("--size-mib", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--streams", type=int, default=4, help="parallel pulls, second case")
+    parser.add_argument("--size-mib", type=int, default=Settings.size_mib)
+    parser.add_argument("--rounds", type=int, default=Settings.rounds)
+    parser.add_argument(
+        "--streams", type=int, default=Settings.streams, help="parallel pulls, second case"
+    )
     args = parser.parse_args(argv)
     if shutil.which("curl") is None:
         print("bench.tls: curl is needed", file=sys.stderr)
         return 2
-    size = args.size_mib << 20
+    settings = Settings(args.size_mib, args.rounds, args.streams)
     with tempfile.TemporaryDirectory(prefix="berth-bench-tls-") as tmp:
-        root = Path(tmp)
-        (root / "certs").mkdir()
-        ca, cert, key = make_certificates(root / "certs")
-        servers: dict[str, Server] = {}
-        try:
-            for name, tls in (("plain", None), ("tls", (cert, key))):
-                (root / name).mkdir()
-                servers[name] = start(root / name, tls, ca if tls else None)
-            digests = {name: push(s, size) for name, s in servers.items()}
-            # A node proxy in front of each: splice to plain HTTP, TLS origination to TLS.
-            for name in ("plain", "tls"):
-                servers[f"{name}+relay"] = with_relay(servers[name], root)
-                digests[f"{name}+relay"] = digests[name]
-            print(
-                f"pull of a {args.size_mib} MiB blob, curl, new connection per pull,"
-                f" {args.rounds} rounds, {os.cpu_count()} CPUs"
-            )
-            print(f"{'case':<11} {'streams':>7} {'MiB/s/stream':>13} {'MiB/s total':>12}"
-                  f" {'server CPU s/GiB':>17} {'relay CPU s/GiB':>16}")  # fmt: skip
-            for streams in (1, args.streams):
-                for name, server in servers.items():
-                    f = measure(server, digests[name], size, streams, args.rounds)
-                    relay = f"{f.relay_cpu_s_per_gib:>16.2f}" if server.relay else f"{'-':>16}"
-                    print(f"{name:<11} {f.streams:>7} {f.mib_s:>13.0f} {f.total_mib_s:>12.0f}"
-                          f" {f.cpu_s_per_gib:>17.2f} {relay}")  # fmt: skip
-        finally:
-            for server in servers.values():
-                for process in (server.relay, server.process):
-                    if process is not None and process.poll() is None:
-                        process.terminate()
-                        process.wait(10)
+        rows = measure_all(settings, Path(tmp))
+    result = {"settings": asdict(settings), "date": "now", "commit": "working tree", "rows": rows}
+    print(markdown(result))
     return 0
 
 

@@ -29,6 +29,7 @@ installed iptables || missing+=(iptables)
 installed conntrack || missing+=(conntrack)
 installed busybox-static || missing+=(busybox-static)
 installed postgresql || missing+=(postgresql)
+installed curl || missing+=(curl)  # bench/tls.py's client
 
 if ((${#missing[@]} == 0)); then
     printf '%-12s %-44s cached  %ss\n' apt "skopeo docker-registry nginx containerd lua node pg" \

@@ -72,6 +72,7 @@ DEBIAN_TOOLS: dict[str, str] = {
     # PostgreSQL's cluster wrappers; initdb and pg_ctl themselves are found by
     # tests/support/postgres.py in /usr/lib/postgresql/<version>/bin.
     "pg_ctlcluster": "postgresql",
+    "curl": "curl",  # the TLS bench's client
 }
 
 
