@@ -137,8 +137,8 @@ def test_oras_and_ctr_verify_the_ca(
     containerd: Containerd,
     tmp_path: Path,
 ) -> None:
-    """The other two clients of the issue: oras (--ca-file) and containerd's ctr
-    (--tlscacert), each refused without the CA."""
+    """The other two clients of the issue: oras (--ca-file) and containerd's ctr (the
+    CA in a hosts.toml, as on a node), each refused without the CA."""
     registry = tls_registry(serving_pair(ca, "server"), ca.cert_path)
     work = tmp_path / "oras"
     work.mkdir()
@@ -157,11 +157,25 @@ def test_oras_and_ctr_verify_the_ca(
     (certs / "ca.crt").write_bytes(ca.cert_path.read_bytes())
     run_tool("skopeo", "copy", "--dest-cert-dir", certs, "--preserve-digests",
              f"oci:{tmp_path / 'img'}:v1", f"docker://{image}")  # fmt: skip
-    untrusting = containerd.run("images", "pull", "--snapshotter", "native", image, check=False)
+
+    # containerd speaks plain HTTP to a loopback host unless its hosts.toml (what nodes
+    # keep in certs.d) says https: once with no CA (refused), once with the CA.
+    def hosts_dir(name: str, ca_line: str) -> Path:
+        directory = tmp_path / name / registry.host
+        directory.mkdir(parents=True)
+        (directory / "hosts.toml").write_text(
+            f'server = "https://{registry.host}"\n'
+            f'[host."https://{registry.host}"]\n  capabilities = ["pull", "resolve"]\n{ca_line}'
+        )
+        return tmp_path / name
+
+    untrusting = containerd.run(
+        "images", "pull", "--hosts-dir", str(hosts_dir("hosts-without-ca", "")),
+        "--snapshotter", "native", image, check=False,
+    )  # fmt: skip
     assert untrusting.returncode != 0 and "certificate" in untrusting.stderr, untrusting.stderr
-    containerd.ctr(
-        "images", "pull", "--tlscacert", str(ca.cert_path), "--snapshotter", "native", image
-    )
+    trusting = hosts_dir("hosts-with-ca", f'  ca = "{ca.cert_path}"\n')
+    containerd.ctr("images", "pull", "--hosts-dir", str(trusting), "--snapshotter", "native", image)
     listed = [line.split() for line in containerd.ctr("images", "ls").splitlines()[1:] if line]
     assert [(row[0], row[2]) for row in listed] == [(image, digest)]
 

@@ -110,7 +110,25 @@ class Installed:
                 return body
             return None
 
-        return wait_for(f"Registry {namespace}/{name} Ready with a pull endpoint", ready, timeout)
+        try:
+            return wait_for(
+                f"Registry {namespace}/{name} Ready with a pull endpoint", ready, timeout
+            )
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.describe(namespace)}") from None
+
+    def describe(self, namespace: str) -> str:
+        """What a person would look at when a Registry does not get Ready."""
+        shown = []
+        for args in (
+            ("get", "registries,deployments,replicasets,pods,pvc", "-o", "wide"),
+            ("get", "events", "--sort-by=.lastTimestamp"),
+        ):
+            result = self.plane.kubectl(*args, "-n", namespace, check=False)
+            shown.append(
+                f"$ kubectl {' '.join(args)} -n {namespace}\n{result.stdout}{result.stderr}"
+            )
+        return "\n".join(shown)
 
     def admin_password(self, namespace: str, registry: str) -> str:
         secret = get_json(self.plane, "secret", f"{registry}-auth", "-n", namespace)
