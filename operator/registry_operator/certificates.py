@@ -217,14 +217,14 @@ def serving_problem(
     not expire within `renew_before`."""
     try:
         chain = _load_certs(serving.cert_pem, CERT_KEY)
-        ca = _load_cert(serving.ca_pem, CA_KEY)
+        anchors = _load_certs(serving.ca_pem, CA_KEY)
         key = serialization.load_pem_private_key(serving.key_pem.encode(), password=None)
     except (CertificateProblem, ValueError, TypeError) as exc:
         return f"unreadable: {exc}"
     cert = chain[0]
     if cert.public_key() != key.public_key():
         return f"{KEY_KEY} does not belong to {CERT_KEY}"
-    if not _signed_by(cert, ca):
+    if not _chains_to(chain, anchors):
         return f"{CERT_KEY} is not signed by {CA_KEY}"
     missing = missing_names(cert, names)
     if missing:
@@ -233,6 +233,22 @@ def serving_problem(
     if left < renew_before:
         return f"{CERT_KEY} expires at {rfc3339(cert.not_valid_after_utc)}"
     return None
+
+
+def _chains_to(chain: Sequence[x509.Certificate], anchors: Sequence[x509.Certificate]) -> bool:
+    """Whether the leaf (chain[0]) leads to one of `anchors` through the intermediates
+    the chain carries (a user's issuer may sign with an intermediate and give its root as
+    ca.crt; ca.crt may be a bundle)."""
+    current, rest = chain[0], list(chain[1:])
+    for _ in range(len(chain)):
+        if any(_signed_by(current, anchor) for anchor in anchors):
+            return True
+        issuer = next((c for c in rest if _signed_by(current, c)), None)
+        if issuer is None:
+            return False
+        rest.remove(issuer)
+        current = issuer
+    return False
 
 
 def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:

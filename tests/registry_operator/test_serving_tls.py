@@ -219,6 +219,55 @@ def test_a_users_secret_near_expiry_warns_and_an_expired_one_is_invalid() -> Non
     assert gone.condition is not None and gone.condition[:2] == ("False", "SecretInvalid")
 
 
+def test_a_users_chain_through_an_intermediate_to_a_root_bundle_is_valid() -> None:
+    """Vault and cert-manager issuers often sign with an intermediate: tls.crt carries it,
+    ca.crt holds the root (maybe in a bundle)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    root = certificates.new_authority("root", NOW)
+    root_cert = x509.load_pem_x509_certificate(root.cert_pem.encode())
+    root_key = serialization.load_pem_private_key(root.key_pem.encode(), password=None)
+    assert isinstance(root_key, ec.EllipticCurvePrivateKey)
+    middle_key = ec.generate_private_key(ec.SECP256R1())
+    middle_name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "intermediate")])
+    middle = (
+        x509.CertificateBuilder()
+        .subject_name(middle_name)
+        .issuer_name(root_cert.subject)
+        .public_key(middle_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - datetime.timedelta(days=1))
+        .not_valid_after(NOW + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(root_key, hashes.SHA256())
+    )
+    middle_pem = middle.public_bytes(serialization.Encoding.PEM).decode()
+    middle_authority = certificates.Authority(
+        middle_pem,
+        middle_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode(),
+    )
+    leaf = certificates.issue(middle_authority, NAMES, NOW)
+    other_root = _generated().ca_pem
+    assert other_root is not None
+    data = {
+        "tls.crt": leaf.cert_pem + middle_pem,
+        "tls.key": leaf.key_pem,
+        "ca.crt": other_root + root.cert_pem,  # a bundle: another root, then ours
+    }
+    plan = _users(data)
+    assert plan.condition is not None and plan.condition[:2] == ("True", "Valid"), plan
+    # Without the intermediate in tls.crt the chain does not reach the root.
+    data["tls.crt"] = leaf.cert_pem
+    broken = _users(data)
+    assert broken.condition is not None and broken.condition[1] == "SecretInvalid"
+
+
 def test_a_missing_or_incomplete_users_secret_is_reported() -> None:
     missing = _users(None)
     assert missing.condition is not None and missing.condition[1] == "SecretMissing"
