@@ -11,7 +11,16 @@ from collections.abc import Sequence
 
 import kopf
 
-from registry_operator import access, credentials, fetching, granting, handlers, reconcile, settings
+from registry_operator import (
+    access,
+    credentials,
+    fetching,
+    granting,
+    handlers,
+    kopf_toggles,
+    reconcile,
+    settings,
+)
 from registry_operator.handlers import runtime
 from registry_operator.kube import client as kube_client
 from registry_operator.rendering import policy
@@ -126,6 +135,7 @@ def fewer_malloc_arenas(arenas: int = 2) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     fewer_malloc_arenas()
+    kopf_toggles.install()
     # Kopf's formatter prefixes each object's messages with [namespace/name].
     kopf.configure(
         verbose=args.verbose,
