@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -111,12 +112,10 @@ def condition_of(status: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
     return {}
 
 
-def _frozen(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return tuple(_frozen(v) for v in value)
-    if isinstance(value, Mapping):
-        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
-    return value
+def _canonical(fields: Mapping[str, Any]) -> str:
+    """JSON with sorted keys: equal for equal values, lists and tuples alike (the encoder
+    is C, and this runs for every Repository on every access pass)."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def essence(status: Mapping[str, Any]) -> int:
@@ -136,7 +135,7 @@ def essence(status: Mapping[str, Any]) -> int:
             if isinstance(c, Mapping)
         )
     )
-    fields = _frozen({k: v for k, v in status.items() if k != "conditions"})
+    fields = _canonical({k: v for k, v in status.items() if k != "conditions"})
     return hash((fields, conditions))
 
 
@@ -144,7 +143,7 @@ def essence_of(fields: Mapping[str, Any], found: Sequence[Condition], generation
     """The essence of the status `fields` and `found` would render to (see essence),
     without rendering it: asked of every Repository on every pass."""
     conditions = tuple(sorted((c.type, c.status, c.reason, c.message, generation) for c in found))
-    return hash((_frozen({**fields, "observedGeneration": generation}), conditions))
+    return hash((_canonical({**fields, "observedGeneration": generation}), conditions))
 
 
 def differs(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
