@@ -758,23 +758,6 @@ def run_server(args: argparse.Namespace) -> report.Report:
     return result
 
 
-def _envelope(
-    section: str, paths: tuple[str, ...], started: float, load_before: float, workdir: Path
-) -> dict[str, Any]:
-    """What every saved result says about its run, beside its figures; ``paths`` hold
-    the code measured."""
-    return {
-        "section": section,
-        "date": meta.now(),
-        "commit": meta.commit(paths),
-        "duration_s": round(time.monotonic() - started, 1),
-        "machine": {
-            **meta.machine(workdir),
-            "load average (1 min) before / after": f"{load_before:.1f} / {meta.load():.1f}",
-        },
-    }
-
-
 def run_operator(args: argparse.Namespace) -> dict[str, Any]:
     settings = operator_figures.QUICK if args.quick else operator_figures.Settings()
     namespaces = args.namespaces or operator_figures.namespaces_from_env(settings.namespaces)
@@ -802,7 +785,9 @@ def run_operator(args: argparse.Namespace) -> dict[str, Any]:
             print(f"bench: kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    result = _envelope("operator", ("operator", "crds", "bench"), started, load_before, workdir)
+    result = meta.envelope(
+        "operator", ("operator", "crds", "bench"), started, load_before, meta.machine(workdir)
+    )
     result["machine"].update(operator_figures.kube_versions())
     return {**result, **figures}
 
@@ -827,7 +812,8 @@ def run_replication(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     paths = ("registry_server", "bench")
-    return {**_envelope("replication", paths, started, load_before, workdir), **figures}
+    envelope = meta.envelope("replication", paths, started, load_before, meta.machine(workdir))
+    return {**envelope, **figures}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,10 @@ import datetime
 import os
 import platform
 import subprocess
+import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Saved results, one JSON file per section; the docs' tables are generated from them.
@@ -82,3 +85,25 @@ def machine(workdir: Path) -> dict[str, str]:
 def load() -> float:
     """The 1-minute load average: on a shared machine it tells how much to trust a run."""
     return os.getloadavg()[0]
+
+
+def envelope(
+    section: str,
+    paths: tuple[str, ...],
+    started: float,
+    load_before: float,
+    machine: Mapping[str, str],
+) -> dict[str, Any]:
+    """What every saved section says about its run, beside its figures: ``paths`` hold
+    the code measured, ``started`` is the section's start (monotonic), ``machine`` what
+    `machine()` told while the work directory still existed."""
+    return {
+        "section": section,
+        "date": now(),
+        "commit": commit(paths),
+        "duration_s": round(time.monotonic() - started, 1),
+        "machine": {
+            **machine,
+            "load average (1 min) before / after": f"{load_before:.1f} / {load():.1f}",
+        },
+    }

@@ -543,18 +543,9 @@ def run_section(args: argparse.Namespace) -> Result:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     loads = figures["load_at_repetitions"]
+    paths = ("registry_server", "bench")
     result = {
-        "section": "pull-through",
-        "date": meta.now(),
-        "commit": meta.commit(("registry_server", "bench")),
-        "duration_s": round(time.monotonic() - started, 1),
-        "machine": {
-            **machine,
-            "load average (1 min) before / after": f"{load_before:.1f} / {meta.load():.1f}",
-            "load average (1 min) at the repetitions' starts": (
-                f"{min(loads):.1f} to {max(loads):.1f}"
-            ),
-        },
+        **meta.envelope("pull-through", paths, started, load_before, machine),
         "versions": {
             "distribution": meta.first_line([binary, "--version"]),
             "skopeo": meta.first_line([skopeo, "--version"]),
@@ -562,6 +553,9 @@ def run_section(args: argparse.Namespace) -> Result:
         "note": args.note or "",
         **figures,
     }
+    result["machine"]["load average (1 min) at the repetitions' starts"] = (
+        f"{min(loads):.1f} to {max(loads):.1f}"
+    )
     print(markdown(result), file=sys.stderr)
     return result
 

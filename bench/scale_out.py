@@ -405,15 +405,9 @@ def run_section(args: argparse.Namespace) -> Result:
             print(f"bench: kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+    paths = ("registry_server", "bench")
     result = {
-        "section": "scale-out",
-        "date": meta.now(),
-        "commit": meta.commit(("registry_server", "bench")),
-        "duration_s": round(time.monotonic() - started, 1),
-        "machine": {
-            **meta.machine(workdir),
-            "load average (1 min) before / after": f"{load_before:.1f} / {meta.load():.1f}",
-        },
+        **meta.envelope("scale-out", paths, started, load_before, meta.machine(workdir)),
         "note": args.note or "",
         **figures,
     }

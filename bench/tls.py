@@ -325,14 +325,7 @@ def run_section(args: argparse.Namespace) -> dict[str, Any]:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     result = {
-        "section": "tls",
-        "date": meta.now(),
-        "commit": meta.commit(("registry_server", "bench")),
-        "duration_s": round(time.monotonic() - started, 1),
-        "machine": {
-            **machine,
-            "load average (1 min) before / after": f"{load_before:.1f} / {meta.load():.1f}",
-        },
+        **meta.envelope("tls", ("registry_server", "bench"), started, load_before, machine),
         "versions": {"curl": meta.first_line(["curl", "--version"])},
         "settings": asdict(settings),
         "note": args.note or "",
