@@ -10,7 +10,7 @@ import re
 import secrets
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -264,3 +264,41 @@ def containerd() -> Iterator[Containerd]:
     require_root("containerd needs root")
     with running_containerd() as daemon:
         yield daemon
+
+
+# -- TLS (tests/support/tls.py) ------------------------------------------------------------
+
+from tests.support.control_plane import CertificateAuthority, KeyPair  # noqa: E402
+from tests.support.tls import SecretVolume, TlsRegistryProcess  # noqa: E402
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertificateAuthority:
+    """A CA of the test's own, its files in `ca/` under the test's tmp_path."""
+    directory = tmp_path / "ca"
+    directory.mkdir()
+    return CertificateAuthority(directory)
+
+
+@pytest.fixture
+def tls_registry(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., TlsRegistryProcess]]:
+    """Starts Berth servers on HTTPS: `start(pair, ca_file, config=None, **kw)`, each
+    with its certificate in a Secret-like volume; all stopped afterwards."""
+    started: list[TlsRegistryProcess] = []
+
+    def start(
+        pair: KeyPair, ca_file: Path, config: dict[str, Any] | None = None, **kw: Any
+    ) -> TlsRegistryProcess:
+        workdir = tmp_path_factory.mktemp("tls-registry")
+        volume = SecretVolume(workdir / "secret", pair.cert.read_bytes(), pair.key.read_bytes())
+        process = TlsRegistryProcess(workdir, volume, ca_file, config=config, **kw)
+        started.append(process)
+        return process.start()
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()

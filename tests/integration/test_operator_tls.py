@@ -32,7 +32,6 @@ from tests.support.operator_process import OperatorProcess, operator_running, re
 from tests.support.operator_process import wait_for as _wait
 from tests.support.tls import (
     BareTlsListener,
-    SecretVolume,
     TlsRegistryProcess,
     expired_pair,
     serving_pair,
@@ -207,49 +206,24 @@ def test_renewal_under_load_fails_no_request_and_rolls_no_pod(
         pod.stop()
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> CertificateAuthority:
-    directory = tmp_path / "ca"
-    directory.mkdir()
-    return CertificateAuthority(directory)
-
-
-@pytest.fixture
-def tls_server(tmp_path: Path) -> Iterator[Callable[..., TlsRegistryProcess]]:
-    started: list[TlsRegistryProcess] = []
-
-    def start(pair: Any, ca_file: Path) -> TlsRegistryProcess:
-        workdir = tmp_path / f"server-{len(started)}"
-        volume = SecretVolume(workdir / "secret", pair.cert.read_bytes(), pair.key.read_bytes())
-        process = TlsRegistryProcess(workdir, volume, ca_file)
-        started.append(process)
-        return process.start()
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.stop()
-
-
 def test_the_operator_refuses_an_expired_a_misnamed_and_an_untrusted_certificate(
-    ca: CertificateAuthority, tls_server: Callable[..., TlsRegistryProcess], tmp_path: Path
+    ca: CertificateAuthority, tls_registry: Callable[..., TlsRegistryProcess], tmp_path: Path
 ) -> None:
     """What the operator's calls (`fetching`, with the Trust a reconcile computed) do
     against real servers: only the right certificate gets an answer."""
     trusted = fetching.Trust("https", ca.cert_path.read_text()).context()
-    good = tls_server(serving_pair(ca, "good"), ca.cert_path)
+    good = tls_registry(serving_pair(ca, "good"), ca.cert_path)
     assert fetching.readiness(good.url, trusted).code == 200
 
     # Our server refuses to start with an expired pair: a bare TLS listener shows it.
     expired = BareTlsListener(expired_pair(ca, "expired"))
-    misnamed = tls_server(
+    misnamed = tls_registry(
         ca.issue("misnamed", "elsewhere", server_names=("elsewhere.example",)), ca.cert_path
     )
     other_dir = tmp_path / "other-ca"
     other_dir.mkdir()
     stranger = CertificateAuthority(other_dir, "stranger")
-    untrusted = tls_server(serving_pair(stranger, "untrusted"), stranger.cert_path)
+    untrusted = tls_registry(serving_pair(stranger, "untrusted"), stranger.cert_path)
     for server, why in (
         (expired, "certificate has expired"),
         (misnamed, "match"),

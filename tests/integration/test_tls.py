@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import requests
 from tests.integration.test_conformance import run_conformance
 from tests.support.clients import oras, run_tool
 from tests.support.containerd import Containerd
-from tests.support.control_plane import CertificateAuthority, KeyPair
+from tests.support.control_plane import CertificateAuthority
 from tests.support.images import make_oci_layout
 from tests.support.processes import (
     ManagedProcess,
@@ -35,7 +35,6 @@ from tests.support.processes import (
 )
 from tests.support.tls import (
     BareTlsListener,
-    SecretVolume,
     TlsRegistryProcess,
     expired_pair,
     https_status,
@@ -48,35 +47,6 @@ from tests.support.tools import REPO_ROOT
 pytestmark = pytest.mark.integration
 
 MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json"
-
-
-@pytest.fixture
-def ca(tmp_path: Path) -> CertificateAuthority:
-    directory = tmp_path / "ca"
-    directory.mkdir()
-    return CertificateAuthority(directory)
-
-
-@pytest.fixture
-def tls_registry(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Callable[..., TlsRegistryProcess]]:
-    started: list[TlsRegistryProcess] = []
-
-    def start(
-        pair: KeyPair, ca_file: Path, config: dict[str, Any] | None = None, **kw: Any
-    ) -> TlsRegistryProcess:
-        workdir = tmp_path_factory.mktemp("tls-registry")
-        volume = SecretVolume(workdir / "secret", pair.cert.read_bytes(), pair.key.read_bytes())
-        process = TlsRegistryProcess(workdir, volume, ca_file, config=config, **kw)
-        started.append(process)
-        return process.start()
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.stop()
 
 
 def _push_blob(registry: TlsRegistryProcess, repo: str, data: bytes) -> str:

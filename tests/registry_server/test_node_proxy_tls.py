@@ -52,11 +52,6 @@ def tls_echo(conn: socket.socket) -> None:
         conn.sendall(memoryview(buffer)[:count])
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> CertificateAuthority:
-    return CertificateAuthority(tmp_path)
-
-
 @contextlib.contextmanager
 def relay_tls(port: int, tls: node_proxy.UpstreamTls) -> Iterator[node_proxy.Relay]:
     relay = node_proxy.Relay(("127.0.0.1", 0), ("127.0.0.1", port), tls=tls)

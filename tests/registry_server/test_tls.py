@@ -21,11 +21,6 @@ def _load(tmp_path: Path, http: dict[str, Any]) -> config.Config:
     return config.load(path, env={})
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> CertificateAuthority:
-    return CertificateAuthority(tmp_path)
-
-
 def test_tls_section(tmp_path: Path, ca: CertificateAuthority) -> None:
     pair = serving_pair(ca, "s")
     cfg = _load(
