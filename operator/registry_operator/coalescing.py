@@ -1,7 +1,7 @@
 """Run one job per key at a time and fold bursts of triggers into one run (asyncio only).
 
 A Registry is reconciled from several triggers (its own changes, each child's watch
-events, a resync timer). Jobs for one key never overlap, and a caller that arrives while
+events, the resync poll). Jobs for one key never overlap, and a caller that arrives while
 a job for its key is still waiting to start shares that job's result: the job has not
 read anything yet, so it will see whatever the caller was told about.
 """

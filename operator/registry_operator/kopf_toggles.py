@@ -9,17 +9,23 @@ toggle is dropped, and each waiter then re-reads every toggle. At 1,000 Registri
 `CountingToggleSet` keeps how many of its toggles are on, so its state is read in O(1), and
 wakes its waiters once, when the state flips. `install()` makes Kopf build its sets (the
 index gate and the pause gate) from it; Kopf's version is pinned in constraints.txt and
-`tests/operator/test_kopf_toggles.py` fails if the names patched here change.
+`tests/registry_operator/test_kopf_toggles.py` fails if the names patched here change.
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable, Iterable
 
 from kopf._cogs.aiokits import aiotoggles
 
 Combine = Callable[[Iterable[bool]], bool]
+
+# Kopf's two gates of the running operator, as it built them: "indexed" (all: every
+# indexed object indexed) and "paused" (any: a peer of higher priority is active).
+_gates: dict[str, weakref.ref[CountingToggleSet]] = {}
+_installed = False
 
 
 class CountingToggle(aiotoggles.Toggle):
@@ -49,6 +55,10 @@ class CountingToggleSet(aiotoggles.ToggleSet):
         self._turned_on = asyncio.Event()
         self._turned_off = asyncio.Event()
         self._settle()
+        if fn is all:
+            _gates["indexed"] = weakref.ref(self)
+        elif fn is any:
+            _gates["paused"] = weakref.ref(self)
 
     def is_on(self) -> bool:
         if self._fn is all:
@@ -104,4 +114,22 @@ class CountingToggleSet(aiotoggles.ToggleSet):
 
 def install() -> None:
     """Make Kopf build its toggle sets from `CountingToggleSet` (before `kopf.run`)."""
+    global _installed
     aiotoggles.ToggleSet = CountingToggleSet  # type: ignore[misc]
+    _installed = True
+
+
+def handling() -> bool:
+    """Whether Kopf runs handlers now: its index gate exists and is open (every indexed
+    object indexed) and no peer of higher priority has paused this operator. What works
+    beside Kopf's handlers (the operator's own pollers) asks this, as Kopf's timers wait
+    on those gates. Without `install()` no gate is known: True."""
+    if not _installed:
+        return True
+    indexed = _gates.get("indexed")
+    indexed_set = indexed() if indexed is not None else None
+    if indexed_set is None or not indexed_set.is_on():
+        return False  # not built yet (Kopf starting) or still indexing
+    paused = _gates.get("paused")
+    paused_set = paused() if paused is not None else None
+    return paused_set is None or not paused_set.is_on()

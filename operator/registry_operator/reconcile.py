@@ -2,7 +2,7 @@
 
 Level-based and idempotent: every call reads the Registry afresh, renders all children,
 applies them server-side and writes the status. Calling it again changes nothing, so
-any trigger (create, update, restart, a child's watch event, the resync timer) may call
+any trigger (create, update, restart, a child's watch event, the resync poll) may call
 it, and an operator killed in the middle simply runs it again.
 Synchronous (the kube client is); the handlers run it in a worker thread.
 """

@@ -55,16 +55,13 @@ def build(options: Options = Options()) -> kopf.OperatorSettings:
 
 
 # Event handlers only pass a watch event on to a reconcile (which logs what matters);
-# their "succeeded" lines would be one per namespace, Secret or Deployment change. The
-# readiness timer polls every Registry's server every 15 s (a reconcile follows a change
-# that matters): at a thousand Registries, 67 lines a second of "Timer 'readiness'
-# succeeded."; the node port claims' handler sees every Registry event.
+# their "succeeded" lines would be one per namespace, Secret or Deployment change; the
+# node port claims' handler sees every Registry event.
 QUIET_HANDLERS = (
     "Handler 'namespace'",
     "Handler 'repository'",
     "Handler 'child-",
     "Handler 'node-claims'",
-    "Timer 'readiness'",
 )
 
 

@@ -103,11 +103,13 @@ def test_waiting_for_off_and_cancelled_waiters() -> None:
     asyncio.run(run())
 
 
-def test_install_replaces_the_sets_kopf_builds() -> None:
+def test_install_replaces_the_sets_kopf_builds(monkeypatch: pytest.MonkeyPatch) -> None:
     """Kopf builds its index gate and pause gate by these names; a Kopf upgrade that renames
     them must fail here rather than silently bring the 8-minute restart back."""
     assert "aiotoggles.ToggleSet(all)" in inspect.getsource(orchestration)
     assert "aiotoggles.ToggleSet(any)" in inspect.getsource(running)
+    monkeypatch.setattr(kopf_toggles, "_installed", False)
+    monkeypatch.setattr(kopf_toggles, "_gates", {})
     try:
         kopf_toggles.install()
         assert aiotoggles.ToggleSet is kopf_toggles.CountingToggleSet

@@ -295,4 +295,5 @@ def test_wiring_keeps_the_order_and_the_same_cluster_passwords() -> None:
 def test_the_operator_indexes_every_registry_by_namespace_and_name() -> None:
     body = _body("asia", "far", peers=[_ref("main")])
     found = registries.index_peers(kopf.Body(body))
-    assert found == {"far/asia": peering.peers_stub(body)}
+    poll = {"external": False, "deleting": False}
+    assert found == {"far/asia": {**peering.peers_stub(body), "poll": poll}}

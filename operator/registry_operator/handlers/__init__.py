@@ -19,6 +19,13 @@ def register(
     kopf.on.login(registry=registry)(kopf.login_via_client)
     kopf.on.startup(id="ensure-peering", registry=registry)(lifecycle.ensure_peering)
     kopf.on.startup(id="remember-index", registry=registry)(registries.remember_index)
+    # Resync, readiness and replication status: one poller, not Kopf timers per Registry.
+    kopf.on.startup(id="start-polling", registry=registry)(
+        lifecycle.polling_starter(
+            resync_seconds=resync_seconds, poll_seconds=replication_poll_seconds
+        )
+    )
+    kopf.on.cleanup(id="stop-polling", registry=registry)(lifecycle.stop_polling)
     kopf.index(GROUP, VERSION, models.PLURAL, id=registries.CLAIMS_INDEX, registry=registry)(
         registries.index_claim
     )
@@ -51,33 +58,6 @@ def register(
     kopf.on.delete(GROUP, VERSION, models.PLURAL, id="revoke-access", registry=registry)(
         registries.delete_registry
     )
-    kopf.timer(
-        GROUP,
-        VERSION,
-        models.PLURAL,
-        id="resync",
-        interval=resync_seconds,
-        initial_delay=resync_seconds,
-        registry=registry,
-    )(registries.resync_registry)
-    kopf.timer(
-        GROUP,
-        VERSION,
-        models.PLURAL,
-        id="replication-status",
-        interval=replication_poll_seconds,
-        when=registries.has_peers,
-        registry=registry,
-    )(registries.poll_replication)
-    kopf.timer(
-        GROUP,
-        VERSION,
-        models.PLURAL,
-        id="readiness",
-        interval=replication_poll_seconds,
-        initial_delay=min(replication_poll_seconds, 5.0),
-        registry=registry,
-    )(registries.poll_readiness)
     kopf.on.event(GROUP, VERSION, models.REPOSITORY_PLURAL, id="repository", registry=registry)(
         repositories.repository_changed
     )

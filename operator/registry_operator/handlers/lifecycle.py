@@ -1,13 +1,16 @@
-"""Operator startup: make sure the peering object exists before Kopf starts using it."""
+"""Operator startup and cleanup: make sure the peering object exists before Kopf starts
+using it; start the poller of every Registry, and stop it at the end."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import kopf
 
-from registry_operator.handlers import runtime
+from registry_operator.handlers import polling, runtime
 from registry_operator.kube import errors
 
 
@@ -29,3 +32,25 @@ async def ensure_peering(*, memo: Any, logger: kopf.Logger, **_: Any) -> None:
         pass
     except errors.KubeError as exc:
         logger.warning("cannot ensure ClusterKopfPeering %s: %s", state.peering, exc)
+
+
+def polling_starter(
+    *, resync_seconds: float, poll_seconds: float
+) -> Callable[..., Awaitable[None]]:
+    """The startup handler that starts the poller (it waits for Kopf's gates itself)."""
+
+    async def start_polling(*, memo: Any, **_: Any) -> None:
+        state = runtime.of(memo)
+        poller = polling.Poller(state, resync_seconds=resync_seconds, poll_seconds=poll_seconds)
+        state.poller = asyncio.get_running_loop().create_task(poller.run(), name="berth poller")
+
+    return start_polling
+
+
+async def stop_polling(*, memo: Any, **_: Any) -> None:
+    state = runtime.of(memo)
+    task, state.poller = state.poller, None
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,16 +1,16 @@
-"""Handlers for Registry objects: create, update, resume, delete, two timers, and the
-index of every Registry's node port claim with the event handler that watches it."""
+"""Handlers for Registry objects: create, update, resume, delete; the index of every
+Registry's node port claim with the event handler that watches it, and the index of
+every Registry's name and peers (which the poller reads too)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 
 import kopf
 
-from registry_operator import node_access, peering, status
-from registry_operator.handlers import repositories, runtime
+from registry_operator import node_access, peering
+from registry_operator.handlers import polling, repositories, runtime
 from registry_operator.kube import errors
 
 # Kopf's index of node port claims, by "namespace/name"; handlers get it by this name.
@@ -24,6 +24,7 @@ async def reconcile_registry(
 ) -> None:
     assert namespace is not None  # Registry is a namespaced kind
     state = runtime.of(memo)
+    state.keep_posting_context()
     try:
         outcome = await state.reconcile(namespace, name)
         # The policy Secret the pods mount, the peers' accounts, the pull Secrets (their
@@ -72,74 +73,6 @@ async def delete_registry(
     state.access_later((namespace, name), 2.0)
 
 
-async def resync_registry(
-    *, namespace: str | None, name: str, memo: Any, logger: kopf.Logger, **_: Any
-) -> None:
-    """The safety net under the watch events: catches anything a missed event left behind."""
-    assert namespace is not None
-    state = runtime.of(memo)
-    try:
-        await state.reconcile(namespace, name)
-        await state.reconcile_access(namespace, name)
-    except errors.KubeError as exc:
-        logger.warning("resync of %s/%s failed, next interval retries: %s", namespace, name, exc)
-
-
-def has_peers(spec: Any, **_: Any) -> bool:
-    return bool(((spec or {}).get("replication") or {}).get("peers"))
-
-
-async def poll_replication(
-    *, namespace: str | None, name: str, memo: Any, logger: kopf.Logger, **_: Any
-) -> None:
-    """Copy the server's per-peer replication status into the Registry's status."""
-    assert namespace is not None
-    state = runtime.of(memo)
-    try:
-        observed = await asyncio.to_thread(state.fetch_replication, namespace, name)
-    except errors.KubeError as exc:
-        logger.warning("reading the admin credentials of %s/%s failed: %s", namespace, name, exc)
-        return
-    if state.replication.get((namespace, name)) == observed:
-        return
-    state.replication[(namespace, name)] = observed
-    try:
-        await state.reconcile(namespace, name)
-    except errors.KubeError as exc:
-        logger.warning("status of %s/%s not written, next poll retries: %s", namespace, name, exc)
-
-
-def _external(spec: Any) -> bool:
-    spec = spec or {}
-    return "s3" in (spec.get("storage") or {}) or "postgresql" in (spec.get("metadata") or {})
-
-
-async def poll_readiness(
-    *, namespace: str | None, name: str, spec: Any, memo: Any, logger: kopf.Logger, **_: Any
-) -> None:
-    """The server's /readyz/writes, for StorageReady: a full volume on any Registry, and
-    whether one on S3 or PostgreSQL reaches them. Only a change that matters reconciles
-    (a Registry on a claim that is not full has nothing to say)."""
-    assert namespace is not None
-    state = runtime.of(memo)
-    loop = asyncio.get_running_loop()
-    observed: status.Readiness | None = await loop.run_in_executor(
-        state.probes, state.fetch_readiness, namespace, name
-    )
-    if not _external(spec) and observed is not None and not observed.storage_full:
-        observed = None
-    if state.readiness.get((namespace, name)) == observed:
-        return
-    if observed is None:
-        state.readiness.pop((namespace, name), None)
-    else:
-        state.readiness[(namespace, name)] = observed
-    try:
-        await state.reconcile(namespace, name)
-    except errors.KubeError as exc:
-        logger.warning("status of %s/%s not written, next poll retries: %s", namespace, name, exc)
-
-
 def index_claim(body: kopf.Body, **_: Any) -> dict[str, node_access.Claim] | None:
     """Kopf keeps this index of every Registry; Kopf fills it before any handler runs,
     so even the first reconciles after a restart see every other Registry's port."""
@@ -151,8 +84,10 @@ def index_peers(body: kopf.Body, **_: Any) -> dict[str, Mapping[str, Any]]:
     """Every Registry's name and the peers it lists: whom a spec change concerns
     (`peering.to_tell`). Read from this index, a reconcile no longer lists every
     Registry of the cluster after each spec change (a thousand Registries changed while
-    the operator was down made a thousand lists of megabytes)."""
+    the operator was down made a thousand lists of megabytes). The poller reads it for
+    the Registries to poll, with two more fields (`polling.polled_fields`)."""
     stub = peering.peers_stub(body)
+    stub["poll"] = polling.polled_fields(body)
     return {f"{stub['metadata']['namespace']}/{stub['metadata']['name']}": stub}
 
 
@@ -186,6 +121,7 @@ async def registry_changed(
     sharing the old or the new port decide again who holds it, and the cluster's
     local-registry-hosting ConfigMap follows."""
     state = runtime.of(memo)
+    state.keep_posting_context()  # every Registry's first event, before any poll
     key = f"{namespace}/{name}"
     claim = None if type == "DELETED" else node_access.claim_of(body)
     before = state.claims_seen.get(key)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import dataclasses
+import functools
 import logging
 import ssl
 import time
@@ -40,6 +42,12 @@ Event = reconcile.Event
 log = logging.getLogger(__name__)
 # The longest pause between two access passes of one Registry (see _access_pause).
 ACCESS_GAP_MAX = 2.0
+# Kopf's context variables `kopf.event` reads (kopf/_core/engines/posting.py; Kopf is
+# pinned and tests/registry_operator/test_kopf_toggles.py checks the names).
+KOPF_POSTING_VARS = frozenset({"event_queue_var", "event_queue_loop_var", "settings_var"})
+# Reconciles and access passes handed to worker threads at once (asyncio's default pool
+# has 6 threads on 2 cores; the readiness probes have their own).
+PASSES_AT_ONCE = 4
 
 
 @dataclasses.dataclass
@@ -90,6 +98,17 @@ class Runtime:
     _access_runs: dict[Key, tuple[float, float]] = dataclasses.field(default_factory=dict)
     _later: dict[Key, asyncio.TimerHandle] = dataclasses.field(default_factory=dict)
     _tasks: set[asyncio.Task[Any]] = dataclasses.field(default_factory=set)
+    # A pass takes its snapshots (the claims, the peers, the Repositories: copies of
+    # lists over every Registry) only once it holds a slot: after a restart a thousand
+    # reconciles waiting for a thread each held their own copies (issue 18).
+    slots: asyncio.Semaphore = dataclasses.field(
+        default_factory=lambda: asyncio.Semaphore(PASSES_AT_ONCE)
+    )
+    # The poller of every Registry (`polling.Poller`), from startup to cleanup.
+    poller: asyncio.Task[None] | None = None
+    # Kopf's event queue, as its handlers see it (`keep_posting_context`): what the
+    # reconciles the poller asks for post their events through.
+    _posting: contextvars.Context | None = None
 
     def __post_init__(self) -> None:
         if self.access_options is None:
@@ -156,13 +175,30 @@ class Runtime:
             return None
         return [ns for store in self.namespaces_index.values() for ns in store]
 
+    def keep_posting_context(self) -> None:
+        """Called in a Kopf handler: keep what `kopf.event` needs of its context (Kopf's
+        event queue, its loop and settings; nothing of the handler's object) for the reconciles
+        started outside any handler (the poller's)."""
+        if self._posting is not None:
+            return
+        kept = contextvars.Context()
+        for var, value in contextvars.copy_context().items():
+            if var.name in KOPF_POSTING_VARS:
+                kept.run(var.set, value)
+        self._posting = kept
+
     def _post(self, ref: Mapping[str, Any], event: Event) -> None:
-        kopf.event(
-            kopf.Body(cast(kopf.RawBody, dict(ref))),
-            type=event.type,
-            reason=event.reason,
-            message=event.message,
+        body = kopf.Body(cast(kopf.RawBody, dict(ref)))
+        post = functools.partial(
+            kopf.event, body, type=event.type, reason=event.reason, message=event.message
         )
+        try:
+            post()  # in a handler, or in a task one started
+        except LookupError:  # outside: the poller's
+            if self._posting is None:
+                log.warning("event %s on %s not posted: no handler has run yet", event, ref)
+                return
+            self._posting.run(post)
 
     def _reconcile_job(
         self, namespace: str, name: str
@@ -170,19 +206,20 @@ class Runtime:
         async def job() -> reconcile.Outcome:
             told = reconcile.Told()
             try:
-                outcome = await asyncio.to_thread(
-                    reconcile.reconcile,
-                    self.kube,
-                    namespace,
-                    name,
-                    self.options,
-                    self.replication.get((namespace, name)),
-                    told,
-                    self.claims(),
-                    self.applied.get((namespace, name)),
-                    self.readiness.get((namespace, name)),
-                    self.registries(),
-                )
+                async with self.slots:
+                    outcome = await asyncio.to_thread(
+                        reconcile.reconcile,
+                        self.kube,
+                        namespace,
+                        name,
+                        self.options,
+                        self.replication.get((namespace, name)),
+                        told,
+                        self.claims(),
+                        self.applied.get((namespace, name)),
+                        self.readiness.get((namespace, name)),
+                        self.registries(),
+                    )
             except BaseException:
                 # What it changed before failing is still worth telling.
                 if told.ref is not None:
@@ -255,16 +292,17 @@ class Runtime:
 
     async def _access_pass(self, namespace: str, name: str) -> granting.Outcome:
         """One access pass in a worker thread; its events, wake-ups and timers after."""
-        outcome = await asyncio.to_thread(
-            granting.reconcile_access,
-            self.kube,
-            namespace,
-            name,
-            self.access_options,
-            self.claims(),
-            self.seen(namespace, name),
-            self.namespaces_seen(),
-        )
+        async with self.slots:
+            outcome = await asyncio.to_thread(
+                granting.reconcile_access,
+                self.kube,
+                namespace,
+                name,
+                self.access_options,
+                self.claims(),
+                self.seen(namespace, name),
+                self.namespaces_seen(),
+            )
         self.written.update(outcome.written)
         self.statuses.update(outcome.statuses)
         self.interest[(namespace, name)] = outcome.interest
@@ -305,13 +343,14 @@ class Runtime:
 
     async def sync_hosting(self) -> None:
         """Make kube-public/local-registry-hosting follow the claims (after a deletion)."""
-        claims = self.claims()
+        async with self.slots:
+            claims = self.claims()
 
-        def sync() -> reconcile.Hosting:
-            found = claims if claims is not None else reconcile.list_claims(self.kube)
-            return reconcile.sync_local_registry_hosting(self.kube, found)
+            def sync() -> reconcile.Hosting:
+                found = claims if claims is not None else reconcile.list_claims(self.kube)
+                return reconcile.sync_local_registry_hosting(self.kube, found)
 
-        hosting = await asyncio.to_thread(sync)
+            hosting = await asyncio.to_thread(sync)
         self.written.update(hosting.written)
         for key, event in hosting.events:
             if key in hosting.refs:
@@ -332,7 +371,7 @@ class Runtime:
     # -- triggering without waiting --
 
     def spawn(self, what: str, coroutine: Coroutine[Any, Any, Any]) -> None:
-        """Run a reconcile in the background (a wake-up, a namespace event, a timer)."""
+        """Run a reconcile in the background (a wake-up, a namespace event, a claim change)."""
 
         async def guarded() -> None:
             try:
