@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar, cast
 
@@ -54,9 +55,13 @@ class Coalescer(Generic[K, T]):
         task = self._queued.get(key)
         if task is None:
             previous = self._running.get(key)
-            # It inherits the context of the first caller (in a handler: Kopf's, with the
-            # event's body); one queued run per key, so one such context per key at most.
-            task = asyncio.create_task(self._chain(key, previous, job))
+            # In a context of its own, empty: the caller's (in a Kopf handler: with the
+            # event's cause and body) would stay alive as long as the run waits, and
+            # runs queued behind busy threads after a restart held a thousand
+            # Deployments so (issue 18).
+            task = asyncio.create_task(
+                self._chain(key, previous, job), context=contextvars.Context()
+            )
             task.add_done_callback(_consume)
             self._queued[key] = task
         return task
@@ -66,6 +71,7 @@ class Coalescer(Generic[K, T]):
     ) -> T:
         if previous is not None:
             await asyncio.wait([previous])
+            previous = None  # nor its result, all through this run
         wait = self.pause(key) if self.pause is not None else 0.0
         if wait > 0:
             await asyncio.sleep(wait)

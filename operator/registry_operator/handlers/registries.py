@@ -24,7 +24,6 @@ async def reconcile_registry(
 ) -> None:
     assert namespace is not None  # Registry is a namespaced kind
     state = runtime.of(memo)
-    state.keep_posting_context()
     try:
         outcome = await state.reconcile(namespace, name)
         # The policy Secret the pods mount, the peers' accounts, the pull Secrets (their

@@ -176,15 +176,22 @@ class Runtime:
         return [ns for store in self.namespaces_index.values() for ns in store]
 
     def keep_posting_context(self) -> None:
-        """Called in a Kopf handler: keep what `kopf.event` needs of its context (Kopf's
-        event queue, its loop and settings; nothing of the handler's object) for the reconciles
-        started outside any handler (the poller's)."""
+        """Keep what `kopf.event` needs of a Kopf handler's context (Kopf's event queue,
+        its loop and settings; nothing of the handler's object) when called in one. The
+        reconciles run in contexts of their own (`coalescing`, `spawn`), which keep no
+        handler's body alive, and post their events through this one."""
         if self._posting is not None:
             return
+        found = {
+            var: value
+            for var, value in contextvars.copy_context().items()
+            if var.name in KOPF_POSTING_VARS
+        }
+        if len(found) < len(KOPF_POSTING_VARS):
+            return  # not in a handler (the poller)
         kept = contextvars.Context()
-        for var, value in contextvars.copy_context().items():
-            if var.name in KOPF_POSTING_VARS:
-                kept.run(var.set, value)
+        for var, value in found.items():
+            kept.run(var.set, value)
         self._posting = kept
 
     def _post(self, ref: Mapping[str, Any], event: Event) -> None:
@@ -192,13 +199,13 @@ class Runtime:
         post = functools.partial(
             kopf.event, body, type=event.type, reason=event.reason, message=event.message
         )
-        try:
-            post()  # in a handler, or in a task one started
-        except LookupError:  # outside: the poller's
-            if self._posting is None:
-                log.warning("event %s on %s not posted: no handler has run yet", event, ref)
-                return
+        if self._posting is not None:
             self._posting.run(post)
+            return
+        try:
+            post()  # a test calling a handler directly
+        except LookupError:
+            log.warning("event %s on %s not posted: no handler has run yet", event, ref)
 
     def _reconcile_job(
         self, namespace: str, name: str
@@ -242,6 +249,7 @@ class Runtime:
 
     async def reconcile(self, namespace: str, name: str) -> reconcile.Outcome:
         """Reconcile one Registry's children (never two at once) and post its events."""
+        self.keep_posting_context()
         return await self.queue.run((namespace, name), self._reconcile_job(namespace, name))
 
     def request_reconcile(self, namespace: str, name: str) -> None:
@@ -257,10 +265,12 @@ class Runtime:
             else:
                 log.error("reconcile of %s/%s failed", namespace, name, exc_info=exc)
 
+        self.keep_posting_context()
         self.queue.request((namespace, name), self._reconcile_job(namespace, name), failed)
 
     async def reconcile_access(self, namespace: str, name: str) -> granting.Outcome:
         """Reconcile one Registry's access (policy, robots, distributed Secrets)."""
+        self.keep_posting_context()
         return await self.access_queue.run((namespace, name), self._access_job(namespace, name))
 
     def request_access(self, namespace: str, name: str) -> None:
@@ -275,6 +285,7 @@ class Runtime:
             else:
                 log.error("access of %s/%s failed", namespace, name, exc_info=exc)
 
+        self.keep_posting_context()
         self.access_queue.request((namespace, name), self._access_job(namespace, name), failed)
 
     def _access_job(
@@ -379,7 +390,9 @@ class Runtime:
             except errors.KubeError as exc:
                 log.warning("%s failed, a later trigger retries: %s", what, exc)
 
-        task = asyncio.get_running_loop().create_task(guarded())
+        self.keep_posting_context()
+        # A context of its own: the caller's (a handler's) would keep its body alive.
+        task = asyncio.get_running_loop().create_task(guarded(), context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
