@@ -156,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         peering=None if args.standalone else args.peering,
         options=reconcile.Options(image=args.registry_image, generators=credentials.Generators()),
         endpoints=fetching.Endpoints(args.endpoint_overrides),
+        namespaces_watched=tuple(args.namespaces),
     )
     state.access_options = granting.Options(
         settings=access.Settings(propagation=args.credential_propagation_seconds),

@@ -7,8 +7,6 @@ import logging
 
 import kopf
 
-from registry_operator.handlers import children
-
 PREFIX = "berth.dev"
 POSTING_WORKERS = 16  # Kubernetes Events posted at once
 
@@ -36,9 +34,6 @@ def build(options: Options = Options()) -> kopf.OperatorSettings:
     settings.watching.client_timeout = options.watch_server_timeout + 30
     settings.watching.connect_timeout = 30
     settings.networking.request_timeout = options.request_timeout
-    # Only our own children are listed and watched, filtered by the API server.
-    for group, version, plural in children.WATCHED:
-        settings.watching.label_selectors[(group, version, plural)] = children.SELECTOR
 
     settings.peering.name = options.peering_name
 
@@ -60,7 +55,6 @@ def build(options: Options = Options()) -> kopf.OperatorSettings:
 QUIET_HANDLERS = (
     "Handler 'namespace'",
     "Handler 'repository'",
-    "Handler 'child-",
     "Handler 'node-claims'",
 )
 

@@ -39,8 +39,9 @@ import yaml
 
 from berth_dev import generate
 from registry_operator import granting, handlers, models, reconcile, settings
-from registry_operator.handlers import lifecycle, runtime
+from registry_operator.handlers import child_watch, lifecycle, runtime
 from registry_operator.kube import client as kube_client
+from registry_operator.kube import resources
 from registry_operator.rendering import names
 from tests.support.control_plane import ControlPlane
 
@@ -190,6 +191,7 @@ _PATH = re.compile(
     r"(?:/namespaces/[^/]+)?/(?P<plural>[^/]+)(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$"
 )
 _VERBS = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+WATCH = "WATCH"  # a GET with watch=true, recorded apart: the API server authorizes "watch"
 
 
 def permissions_of(method: str, path: str, content_type: str | None) -> set[Permission]:
@@ -197,7 +199,10 @@ def permissions_of(method: str, path: str, content_type: str | None) -> set[Perm
     assert match, f"unexpected API path {path}"
     group = "" if match["core"] else match["group"]
     resource = match["plural"] + (f"/{match['sub']}" if match["sub"] else "")
-    verb = ("get" if match["name"] else "list") if method == "GET" else _VERBS[method]
+    if method == WATCH:
+        verb = "watch"
+    else:
+        verb = ("get" if match["name"] else "list") if method == "GET" else _VERBS[method]
     found = {(group, resource, verb)}
     # A server-side apply of an object that does not exist yet creates it, and the API
     # server authorizes that as create (a subresource is never created this way).
@@ -215,15 +220,26 @@ class RecordingClient(kube_client.Client):
         self.sites: set[Site] = set()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
-        self.requests.append((method, path, kwargs.get("content_type")))
-        frame: FrameType | None = sys._getframe(1)
+        self._record(method, path, kwargs.get("content_type"))
+        return super()._call(method, path, **kwargs)
+
+    def watch_metadata(
+        self, api_version: str, kind: str, *args: Any, **kwargs: Any
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        resource = resources.lookup(api_version, kind)
+        path = resource.path(None, all_namespaces=resource.namespaced)
+        self._record(WATCH, path, None)
+        return super().watch_metadata(api_version, kind, *args, **kwargs)
+
+    def _record(self, method: str, path: str, content_type: str | None) -> None:
+        self.requests.append((method, path, content_type))
+        frame: FrameType | None = sys._getframe(2)
         while frame is not None:
             file = Path(frame.f_code.co_filename)
             if OPERATOR_SRC in file.parents and KUBE_LAYER not in file.parents:
                 self.sites.add((str(file.relative_to(OPERATOR_SRC)), frame.f_code.co_qualname))
                 break
             frame = frame.f_back
-        return super()._call(method, path, **kwargs)
 
     def permissions(self) -> set[Permission]:
         found: set[Permission] = set()
@@ -391,11 +407,32 @@ def startup_scenario(plane: ControlPlane, kube: RecordingClient) -> None:
         plane.kubectl("delete", "clusterkopfpeering", peering, "--ignore-not-found")
 
 
+def child_watch_scenario(kube: RecordingClient) -> None:
+    """The children's watch: each kind listed and watched (metadata only)."""
+    state = runtime.Runtime(kube=kube)
+
+    async def watch_a_moment() -> None:
+        watch = child_watch.ChildWatch(state, asyncio.get_running_loop())
+        watch.start()
+        try:
+            for _ in range(200):
+                if len(watch._open) == len(watch.kinds) * len(watch.namespaces):
+                    break
+                await asyncio.sleep(0.05)
+            assert len(watch._open) == len(watch.kinds), sorted(map(str, watch._open))
+        finally:
+            await asyncio.to_thread(watch.stop)
+
+    asyncio.run(watch_a_moment())
+    state.probes.shutdown()
+
+
 def run_scenarios(plane: ControlPlane, namespace: str, kube: RecordingClient) -> None:
     """Drive every code path that calls the API client, against the real API server."""
     registry_scenarios(plane, namespace, kube)
     access_scenarios(plane, namespace, kube)
     startup_scenario(plane, kube)
+    child_watch_scenario(kube)
 
 
 def client_needs(plane: ControlPlane, namespace: str) -> tuple[set[Permission], set[Site]]:

@@ -72,9 +72,8 @@ def test_settings() -> None:
     assert built.posting.level == logging.WARNING
     # A few event posters, not one connection per object posted about (issue 18).
     assert built.posting.worker_limit == settings.POSTING_WORKERS
-    selectors = dict(built.watching.label_selectors.items())
-    assert len(selectors) == 8  # one per watched child kind
-    assert set(selectors.values()) == {"app.kubernetes.io/managed-by=berth-operator"}
+    # Kopf watches no children: the operator watches their metadata itself (issue 18).
+    assert not dict(built.watching.label_selectors.items())
 
 
 def test_the_per_event_success_lines_are_dropped() -> None:
@@ -82,15 +81,14 @@ def test_the_per_event_success_lines_are_dropped() -> None:
     settings.quiet_event_handlers(logger)
     records = []
     for message in (
-        "Handler 'child-deployments' succeeded.",
         "Handler 'node-claims' succeeded.",
         "Handler 'namespace' succeeded.",
         "Handler 'reconcile-update' succeeded.",
-        "Handler 'child-secrets' failed with an exception. Will retry.",
+        "Handler 'repository' failed with an exception. Will retry.",
     ):
         record = logger.makeRecord("test.quiet", logging.INFO, __file__, 1, message, (), None)
         records.append((message, logger.filter(record)))
     assert [m for m, kept in records if kept] == [
         "Handler 'reconcile-update' succeeded.",
-        "Handler 'child-secrets' failed with an exception. Will retry.",
+        "Handler 'repository' failed with an exception. Will retry.",
     ]

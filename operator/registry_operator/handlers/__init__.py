@@ -5,8 +5,7 @@ from __future__ import annotations
 import kopf
 
 from registry_operator import GROUP, VERSION, models
-from registry_operator.handlers import children, lifecycle, registries, repositories
-from registry_operator.rendering import names
+from registry_operator.handlers import lifecycle, registries, repositories
 
 
 def register(
@@ -26,6 +25,9 @@ def register(
         )
     )
     kopf.on.cleanup(id="stop-polling", registry=registry)(lifecycle.stop_polling)
+    # The children: watched by the operator, metadata only (`child_watch`), not by Kopf.
+    kopf.on.startup(id="watch-children", registry=registry)(lifecycle.start_child_watch)
+    kopf.on.cleanup(id="stop-watching-children", registry=registry)(lifecycle.stop_child_watch)
     kopf.index(GROUP, VERSION, models.PLURAL, id=registries.CLAIMS_INDEX, registry=registry)(
         registries.index_claim
     )
@@ -64,12 +66,3 @@ def register(
     kopf.on.event("", "v1", "namespaces", id="namespace", registry=registry)(
         repositories.namespace_changed
     )
-    for group, version, plural in children.WATCHED:
-        kopf.on.event(
-            group,
-            version,
-            plural,
-            id=f"child-{plural}",
-            labels={names.MANAGED_BY_LABEL: names.MANAGED_BY},
-            registry=registry,
-        )(children.child_changed)

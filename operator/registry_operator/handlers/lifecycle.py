@@ -1,5 +1,6 @@
 """Operator startup and cleanup: make sure the peering object exists before Kopf starts
-using it; start the poller of every Registry, and stop it at the end."""
+using it; start the poller of every Registry and the watch of the children, and stop
+them at the end."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import kopf
 
-from registry_operator.handlers import polling, runtime
+from registry_operator.handlers import child_watch, polling, runtime
 from registry_operator.kube import errors
 
 
@@ -54,3 +55,18 @@ async def stop_polling(*, memo: Any, **_: Any) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def start_child_watch(*, memo: Any, **_: Any) -> None:
+    state = runtime.of(memo)
+    state.child_watch = child_watch.ChildWatch(
+        state, asyncio.get_running_loop(), namespaces=state.namespaces_watched
+    )
+    state.child_watch.start()
+
+
+async def stop_child_watch(*, memo: Any, **_: Any) -> None:
+    state = runtime.of(memo)
+    watch, state.child_watch = state.child_watch, None
+    if watch is not None:
+        await asyncio.to_thread(watch.stop)

@@ -106,6 +106,10 @@ class Runtime:
     )
     # The poller of every Registry (`polling.Poller`), from startup to cleanup.
     poller: asyncio.Task[None] | None = None
+    # The watch of the children (`child_watch.ChildWatch`), from startup to cleanup, and
+    # the namespaces it watches (the operator's --namespace; empty: all).
+    child_watch: Any = None
+    namespaces_watched: tuple[str, ...] = ()
     # Kopf's event queue, as its handlers see it (`keep_posting_context`): what the
     # reconciles the poller asks for post their events through.
     _posting: contextvars.Context | None = None

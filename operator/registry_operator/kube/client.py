@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import kubernetes
@@ -13,11 +13,15 @@ import urllib3
 from registry_operator.kube import errors, resources
 
 Object = dict[str, Any]
+Objects = list[Object]  # (`list` is a method of Client in its own scope)
 
 FIELD_MANAGER = "berth"
 APPLY = "application/apply-patch+yaml"  # a JSON body is valid YAML
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
+# Metadata only (no spec, data or status): what a watch that only asks "who changed" needs.
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 class Client:
@@ -53,8 +57,9 @@ class Client:
         query: Iterable[tuple[str, str]] = (),
         body: Any = None,
         content_type: str | None = None,
+        accept: str = "application/json",
     ) -> tuple[int, Any]:
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": accept}
         if content_type is not None:
             headers["Content-Type"] = content_type
         request = self._api.param_serialize(
@@ -96,6 +101,103 @@ class Client:
         query = [("labelSelector", label_selector)] if label_selector else []
         items = self._call("GET", path, query=query)[1].get("items") or []
         return [dict(item) for item in items]
+
+    def list_metadata(
+        self,
+        api_version: str,
+        kind: str,
+        label_selector: str = "",
+        namespace: str | None = None,
+        page: int = 500,
+    ) -> tuple[Objects, str]:
+        """The metadata of every object of a kind (in `namespace`, None: in all), in pages
+        of `page`, and the resourceVersion to watch from."""
+        resource = resources.lookup(api_version, kind)
+        path = resource.path(namespace, all_namespaces=namespace is None and resource.namespaced)
+        found: Objects = []
+        token = ""
+        while True:
+            query = [("limit", str(page))]
+            if label_selector:
+                query.append(("labelSelector", label_selector))
+            if token:
+                query.append(("continue", token))
+            listed = self._call("GET", path, query=query, accept=METADATA_LIST)[1] or {}
+            found.extend(dict(item.get("metadata") or {}) for item in listed.get("items") or [])
+            meta = listed.get("metadata") or {}
+            token = str(meta.get("continue") or "")
+            if not token:
+                return found, str(meta.get("resourceVersion") or "")
+
+    def watch_metadata(
+        self,
+        api_version: str,
+        kind: str,
+        resource_version: str,
+        label_selector: str = "",
+        timeout_seconds: int = 300,
+        opened: Any = None,
+        namespace: str | None = None,
+    ) -> Iterator[tuple[str, Object]]:
+        """The events of a kind (in `namespace`, None: in all) after `resource_version`,
+        metadata only:
+        (type, the object's metadata), BOOKMARK events included; ends when the server
+        ends the watch. `opened(response)` is told the open response (to close it from
+        another thread). Raises Expired when the version is too old."""
+        resource = resources.lookup(api_version, kind)
+        path = resource.path(namespace, all_namespaces=namespace is None and resource.namespaced)
+        query = [
+            ("watch", "true"),
+            ("resourceVersion", resource_version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(timeout_seconds)),
+        ]
+        if label_selector:
+            query.append(("labelSelector", label_selector))
+        request = self._api.param_serialize(
+            method="GET",
+            resource_path=path,
+            query_params=query,
+            header_params={"Accept": METADATA},
+            auth_settings=["BearerToken"],
+        )
+        try:
+            response = self._api.call_api(*request, _request_timeout=(30, timeout_seconds + 30))
+        except kubernetes.client.exceptions.ApiException as exc:
+            raise errors.from_status(exc.status or 0, exc.body, str(exc.reason)) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise errors.Retryable(f"watch {path}: {exc}") from exc
+        raw = response.response  # urllib3's, not read yet: the events are streamed
+        try:
+            if response.status == 410:
+                raise errors.Expired(
+                    f"watch {path}: resourceVersion {resource_version} expired", 410
+                )
+            if not 200 <= response.status < 300:
+                raise errors.from_status(response.status, raw.data, f"watch {path}")
+            if opened is not None:
+                opened(raw)
+            pending = b""
+            for chunk in raw.stream(64 * 1024):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    kind_of_event = str(event.get("type") or "")
+                    found = event.get("object") or {}
+                    if kind_of_event == "ERROR":
+                        code = int(found.get("code") or 0)
+                        message = str(found.get("message") or f"watch {path}: error {code}")
+                        if code == 410:
+                            raise errors.Expired(message, 410)
+                        raise errors.Retryable(message, code)
+                    yield kind_of_event, dict(found.get("metadata") or {})
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            raise errors.Retryable(f"watch {path}: {exc}") from exc
+        finally:
+            raw.release_conn()
 
     def apply(self, manifest: Mapping[str, Any], subresource: str | None = None) -> Object:
         """Server-side apply as field manager "berth", taking over conflicting fields.

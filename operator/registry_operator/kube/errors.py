@@ -28,6 +28,10 @@ class Retryable(KubeError):
     """The server or the network failed, or we are throttled: try again later."""
 
 
+class Expired(KubeError):
+    """A watch's resourceVersion is too old (410 Gone): list again."""
+
+
 class Rejected(KubeError):
     """The server refused the object itself (invalid, forbidden field): retrying the same
     request cannot succeed until something (usually the spec) changes."""
