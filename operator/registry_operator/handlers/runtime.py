@@ -42,6 +42,10 @@ Event = reconcile.Event
 log = logging.getLogger(__name__)
 # The longest pause between two access passes of one Registry (see _access_pause).
 ACCESS_GAP_MAX = 2.0
+# After an access pass this long (seconds), the heap's free pages go back to the system
+# (`trim_heap`), at most once every TRIM_GAP seconds.
+TRIM_AFTER = 0.2
+TRIM_GAP = 10.0
 # Kopf's context variables `kopf.event` reads (kopf/_core/engines/posting.py; Kopf is
 # pinned and tests/registry_operator/test_kopf_toggles.py checks the names).
 KOPF_POSTING_VARS = frozenset({"event_queue_var", "event_queue_loop_var", "settings_var"})
@@ -110,6 +114,10 @@ class Runtime:
     # the namespaces it watches (the operator's --namespace; empty: all).
     child_watch: Any = None
     namespaces_watched: tuple[str, ...] = ()
+    # Gives the heap's free pages back (the operator's `trim_heap`; None: never).
+    trim_heap: Callable[[], object] | None = None
+    _trimmed: float = 0.0  # monotonic
+    _trim_pending: asyncio.TimerHandle | None = None
     # Kopf's event queue, as its handlers see it (`keep_posting_context`): what the
     # reconciles the poller asks for post their events through.
     _posting: contextvars.Context | None = None
@@ -302,6 +310,8 @@ class Runtime:
             finally:
                 ended = time.monotonic()
                 self._access_runs[(namespace, name)] = (ended - started, ended)
+                if ended - started >= TRIM_AFTER:
+                    self._trim_soon()
 
         return job
 
@@ -355,6 +365,24 @@ class Runtime:
         stored = outcome.previous_applied
         if status_.differs(stored, dataclasses.asdict(new)):
             self.spawn(f"reconcile of {namespace}/{name}", self.reconcile(namespace, name))
+
+    def _trim_soon(self) -> None:
+        """Trim the heap now, or once TRIM_GAP has passed since the last trim (so that the
+        last pass of a burst is followed by one)."""
+        if self.trim_heap is None or self._trim_pending is not None:
+            return
+        trim = self.trim_heap
+
+        def run() -> None:
+            self._trim_pending = None
+            self._trimmed = time.monotonic()
+            self.spawn("heap trim", asyncio.to_thread(trim))
+
+        wait = self._trimmed + TRIM_GAP - time.monotonic()
+        if wait <= 0:
+            run()
+        else:
+            self._trim_pending = asyncio.get_running_loop().call_later(wait, run)
 
     async def sync_hosting(self) -> None:
         """Make kube-public/local-registry-hosting follow the claims (after a deletion)."""
