@@ -657,7 +657,7 @@ def restart_markdown(document: dict[str, Any]) -> str:
                 f" | {run['converged_s']:.0f} s"
                 f" | peak {run['converged_rss_peak_mib']:.0f} MiB (VmHWM"
                 f" {run['first_vm_hwm_mib']:.0f}) | | |",
-                f"| idle (the readiness polls, the timers) | 60 s | {run['idle_rss_mib']:.0f} MiB"
+                f"| idle (the readiness polls, the resync) | 60 s | {run['idle_rss_mib']:.0f} MiB"
                 f" | {run['idle_cpu_percent']} % of a core | |",
                 f"| every Registry changed, the operator down | {run['change_s']:.0f} s | | |"
                 f" {run['load_average_at_restart']} |",
