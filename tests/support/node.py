@@ -584,6 +584,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     "--leader-elect=false",
                     "--bind-address=127.0.0.1",
                     f"--secure-port={free_port()}",
+                    # A pod tried while its claim was still unbound ("pod has unbound
+                    # immediate PersistentVolumeClaims") was seen to wait the whole
+                    # default 5 minutes after the claim was bound: the bind did not
+                    # requeue it. Retried every 10 s at the latest here.
+                    "--pod-max-in-unschedulable-pods-duration=10s",
                 ],
                 self.logs / "kube-scheduler.log",
             )
