@@ -106,6 +106,18 @@ def pod_outcome(berth: Installed, namespace: str, name: str, timeout: float = 12
     return str(wait_for(f"pod {namespace}/{name} to run or fail to pull", outcome, timeout))
 
 
+def rotation_diagnostics(berth: Installed) -> str:
+    """What a stalled rotation leaves to look at: the Repository's status and the
+    operator's last lines."""
+    status = berth.plane.kubectl(
+        "-n", NAMESPACE, "get", "repository", REPOSITORY, "-o", "jsonpath={.status}", check=False
+    ).stdout
+    logs = berth.plane.kubectl(
+        "-n", "berth-system", "logs", "deploy/berth", "--tail=120", check=False
+    )
+    return f"Repository status: {status}\n--- operator log ---\n{logs.stdout}{logs.stderr}"
+
+
 def pod_events(berth: Installed, namespace: str, name: str) -> str:
     return berth.plane.kubectl(
         "-n", namespace, "get", "events", "--field-selector", f"involvedObject.name={name}"
@@ -205,13 +217,20 @@ def test_revoking_stops_new_pulls_and_rotating_keeps_them_working(
         REPOSITORY,
         f"berth.dev/rotate={time.time_ns()}",
     )
-    wait_for(
-        "a rotated credential in team-a",
-        lambda: (
-            (s := get_json(plane, "secret", PULL_SECRET, "-n", "team-a")) is not None
-            and s["data"] != before["data"]
-        ),
-    )
+    try:
+        # The new credential is handed out once the server has it: after the kubelet has
+        # refreshed the pod's policy volume (its sync period is a minute) and a probe
+        # (backing off to 15 s) has seen it.
+        wait_for(
+            "a rotated credential in team-a",
+            lambda: (
+                (s := get_json(plane, "secret", PULL_SECRET, "-n", "team-a")) is not None
+                and s["data"] != before["data"]
+            ),
+            timeout=300,
+        )
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}\n{rotation_diagnostics(berth)}") from exc
     run_pod(berth, "team-a", "rotated", image)
     assert pod_outcome(berth, "team-a", "rotated") == "running", pod_events(
         berth, "team-a", "rotated"
