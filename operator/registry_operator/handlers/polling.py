@@ -130,6 +130,10 @@ class Poller:
         self.resync_seconds = resync_seconds
         self.poll_seconds = poll_seconds
 
+    def ready(self) -> bool:
+        """Whether to poll now: Kopf's gates are open and the index is known."""
+        return kopf_toggles.handling() and self.state.peers_index is not None
+
     def registries(self) -> list[Polled]:
         stubs = self.state.registries()
         return [item for item in polled(stubs or ()) if not item.deleting]
@@ -148,7 +152,7 @@ class Poller:
         await asyncio.sleep(first)
         while True:
             started = loop.time()
-            if kopf_toggles.handling() and self.state.peers_index is not None:
+            if self.ready():
                 await round_()
             # A round longer than the interval is followed by the next one at once.
             await asyncio.sleep(max(0.0, started + interval - loop.time()))
@@ -159,7 +163,7 @@ class Poller:
         tick = min(RESYNC_TICK_MAX, self.resync_seconds / 4)
         while True:
             await asyncio.sleep(tick)
-            if not kopf_toggles.handling() or self.state.peers_index is None:
+            if not self.ready():
                 continue
             keys = [item.key for item in self.registries()]
             await each(schedule.due(keys, loop.time()), self.resync, RESYNCS_AT_ONCE)

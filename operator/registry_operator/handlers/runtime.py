@@ -16,7 +16,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import kopf
 
@@ -34,6 +34,9 @@ from registry_operator import status as status_
 from registry_operator.kube import client as kube_client
 from registry_operator.kube import errors
 from registry_operator.rendering import names
+
+if TYPE_CHECKING:  # child_watch imports this module
+    from registry_operator.handlers.child_watch import ChildWatch
 
 Key = tuple[str, str]  # (namespace, name) of a Registry
 Wake = reconcile.Wake
@@ -112,7 +115,7 @@ class Runtime:
     poller: asyncio.Task[None] | None = None
     # The watch of the children (`child_watch.ChildWatch`), from startup to cleanup, and
     # the namespaces it watches (the operator's --namespace; empty: all).
-    child_watch: Any = None
+    child_watch: ChildWatch | None = None
     namespaces_watched: tuple[str, ...] = ()
     # Gives the heap's free pages back (the operator's `trim_heap`; None: never).
     trim_heap: Callable[[], object] | None = None

@@ -49,7 +49,7 @@ class Client:
     def close(self) -> None:
         self._api.close()
 
-    def _call(
+    def _open(
         self,
         method: str,
         path: str,
@@ -58,7 +58,10 @@ class Client:
         body: Any = None,
         content_type: str | None = None,
         accept: str = "application/json",
-    ) -> tuple[int, Any]:
+        timeout: float | tuple[float, float] | None = None,
+    ) -> Any:
+        """Send a request; the response, its body not read yet. An error answer from
+        the client or a failed connection is raised as a KubeError."""
         headers = {"Accept": accept}
         if content_type is not None:
             headers["Content-Type"] = content_type
@@ -71,10 +74,29 @@ class Client:
             auth_settings=["BearerToken"],
         )
         try:
-            response = self._api.call_api(*request, _request_timeout=self._timeout)
-            data = response.read()
+            return self._api.call_api(
+                *request, _request_timeout=self._timeout if timeout is None else timeout
+            )
         except kubernetes.client.exceptions.ApiException as exc:
             raise errors.from_status(exc.status or 0, exc.body, str(exc.reason)) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise errors.Retryable(f"{method} {path}: {exc}") from exc
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Iterable[tuple[str, str]] = (),
+        body: Any = None,
+        content_type: str | None = None,
+        accept: str = "application/json",
+    ) -> tuple[int, Any]:
+        response = self._open(
+            method, path, query=query, body=body, content_type=content_type, accept=accept
+        )
+        try:
+            data = response.read()
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise errors.Retryable(f"{method} {path}: {exc}") from exc
         if not 200 <= response.status < 300:
@@ -154,19 +176,9 @@ class Client:
         ]
         if label_selector:
             query.append(("labelSelector", label_selector))
-        request = self._api.param_serialize(
-            method="GET",
-            resource_path=path,
-            query_params=query,
-            header_params={"Accept": METADATA},
-            auth_settings=["BearerToken"],
+        response = self._open(
+            "GET", path, query=query, accept=METADATA, timeout=(30, timeout_seconds + 30)
         )
-        try:
-            response = self._api.call_api(*request, _request_timeout=(30, timeout_seconds + 30))
-        except kubernetes.client.exceptions.ApiException as exc:
-            raise errors.from_status(exc.status or 0, exc.body, str(exc.reason)) from exc
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise errors.Retryable(f"watch {path}: {exc}") from exc
         raw = response.response  # urllib3's, not read yet: the events are streamed
         try:
             if response.status == 410:
