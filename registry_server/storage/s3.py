@@ -30,7 +30,8 @@ with the session).
 
 Moves are copy + delete. A segmented file becomes one plain object by a multipart upload
 whose parts are server-side copies of the segments (UploadPartCopy: the bytes do not pass
-through the registry); a one-segment file is read and PUT instead (one request less). A
+through the registry); a one-segment file is copied with CopyObject when the segment
+holds exactly its recorded bytes (else its recorded head is read and PUT). A
 plain object is copied with CopyObject (multipart copies of 1 GiB ranges above 5 GiB).
 The target appears atomically (CompleteMultipartUpload, CopyObject and PutObject replace
 an object whole), then the source is deleted. A crash in between leaves both: for an
@@ -445,13 +446,24 @@ class S3Driver:
             await self._compose(target, pieces)
             return
         segments = found.state.segments
-        if len(segments) <= 1:
-            # One part at most: reading it and putting it whole is one request less.
-            data = b""
-            if segments:
-                name, size = segments[0]
-                data = await self._get_range(_segment(key, name), 0, size)
-            await self._put(target, data)
+        if not segments:
+            await self._put(target, b"")
+            return
+        if len(segments) == 1:
+            # One segment: a server-side copy of it (no multipart upload, the bytes do not
+            # pass through the registry), if it holds exactly the recorded bytes; a
+            # truncation leaves it longer, and then its recorded head is read and put.
+            name, size = segments[0]
+            source = _segment(key, name)
+            head = await s3.head_object(Bucket=self.bucket, Key=source)
+            if int(head["ContentLength"]) == size:
+                await s3.copy_object(
+                    Bucket=self.bucket,
+                    Key=target,
+                    CopySource={"Bucket": self.bucket, "Key": source},
+                )
+            else:
+                await self._put(target, await self._get_range(source, 0, size))
             return
         await self._compose(target, [(_segment(key, name), 0, size) for name, size in segments])
 

@@ -153,6 +153,29 @@ async def test_truncate_inside_a_segment(drivers: Drivers) -> None:
     assert await driver.get_content("up/data") == kept + more
 
 
+async def test_a_one_segment_file_moves_exactly_its_recorded_bytes(drivers: Drivers) -> None:
+    """A one-segment file is published by copying its segment, unless a truncation left
+    the segment longer than the recorded size: the bytes past it must not be published."""
+    driver = drivers()
+    kept, failed = _content(MiB, 6), _content(MiB, 7)
+    writer = await driver.writer("whole/data")
+    await writer.write(kept)
+    await writer.close()
+    await driver.move("whole/data", "blob/a")
+    assert await driver.get_content("blob/a") == kept
+
+    writer = await driver.writer("cut/data")
+    await writer.write(kept)
+    await writer.close()
+    writer = await driver.writer("cut/data", append=True)
+    await writer.write(failed)  # the tail rewritten as one longer segment
+    await writer.close()
+    await driver.truncate("cut/data", len(kept))  # a failed PATCH undone
+    await driver.move("cut/data", "blob/b")
+    assert await driver.stat("blob/b") == len(kept)
+    assert await driver.get_content("blob/b") == kept
+
+
 async def test_of_two_writers_from_one_state_the_first_to_close_wins(
     drivers: Drivers, s3_store: S3Store, prefix: str
 ) -> None:
