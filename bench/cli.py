@@ -196,6 +196,11 @@ def run_clients(jobs: Sequence[Job], meter: procs.Meter | None) -> tuple[list[Re
             client.wait()
 
 
+def _store_cpu(usage: Sequence[procs.Usage]) -> dict[str, float]:
+    values = [u.store_cpu_s for u in usage if u.store_cpu_s is not None]
+    return {"store_cpu_s": _median(values)} if values else {}
+
+
 class Bench:
     def __init__(
         self,
@@ -282,6 +287,7 @@ class Bench:
                 "cpu_samples": cpu,
                 "peak_rss_mib": max(u.peak_rss_mib for u in usage[name]),
                 "client_cpu_s": _median(client_cpu),
+                **_store_cpu(usage[name]),
                 "wall_s": _median([_window(rs) for rs in out[name]]),
             }
         self.phases.append({"key": key, "label": label, "servers": servers})

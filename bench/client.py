@@ -155,6 +155,29 @@ async def push_job(job: Job, ready: Callable[[], Awaitable[None]]) -> Result:
     return {"start": start, "end": end, "bytes": total, "digests": digests}
 
 
+async def put_job(job: Job, ready: Callable[[], Awaitable[None]]) -> Result:
+    """Plain PUTs of data file regions to URLs (an object store's pre-signed URLs): the
+    store's own write speed, for the rows a registry on that store is compared with."""
+    nonce = bytes.fromhex(job["nonce"])
+    path: str = job["data"]
+    targets: list[tuple[str, int, int]] = [(u, int(o), int(s)) for u, o, s in job["puts"]]
+    async with _session(job["concurrency"]) as session:
+        await ready()
+        start = time.monotonic()
+
+        async def one(i: int) -> None:
+            url, offset, size = targets[i]
+            body = _body(path, offset, size, nonce)
+            headers = {"Content-Length": str(size)}
+            # encoded=True: the signature covers the query exactly as the store wrote it.
+            async with session.put(URL(url, encoded=True), data=body, headers=headers) as resp:
+                await _expect(resp, 200, f"PUT {url}")
+
+        await _run_concurrently(len(targets), job["concurrency"], one)
+        end = time.monotonic()
+    return {"start": start, "end": end, "bytes": sum(s for _, _, s in targets)}
+
+
 class _Counter(asyncio.BufferedProtocol):
     """One keep-alive HTTP/1.1 connection that receives bodies into a reused buffer.
 
@@ -399,6 +422,7 @@ async def populate_job(job: Job, ready: Callable[[], Awaitable[None]]) -> Result
 JOBS: dict[str, Callable[[Job, Callable[[], Awaitable[None]]], Awaitable[Result]]] = {
     "push": push_job,
     "pull": pull_job,
+    "put": put_job,
     "requests": requests_job,
     "populate_tags": populate_job,
     "populate_repos": populate_job,

@@ -115,6 +115,8 @@ def reset_peak_rss(root: int) -> bool:
 class Usage:
     cpu_s: float
     peak_rss_mib: float
+    # CPU of a service the setup depends on and shares with others (an object store).
+    store_cpu_s: float | None = None
 
 
 class Meter:

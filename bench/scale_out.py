@@ -15,7 +15,12 @@ alternating setups every repetition, a row is the best repetition):
   flow land on both;
 - `distribution-s3`: CNCF distribution 2.8 (Debian `docker-registry`) with its own s3
   driver on the same bucket under its own root directory, `redirect: disable` so that
-  it streams blobs as Berth does.
+  it streams blobs as Berth does;
+- `store-direct`, blob rows only: the object store itself, the same client jobs writing
+  and reading plain objects through pre-signed URLs (one PUT or GET per blob, no
+  registry between). It is what the store alone can take on this machine, the bound of
+  the S3 setups' blob rows; measured after the four setups' rounds, not alternated
+  with them.
 
 The object store is SeaweedFS (`weed server -s3`, tests/support/s3_store.py, built by
 `make tools`), the database a throwaway PostgreSQL cluster (tests/support/postgres.py).
@@ -23,7 +28,8 @@ Every Berth process has one worker and GC off. The 10,000 tags and 10,000 reposi
 are pushed through the API into the three registries at once (the server section's
 populate jobs, unmeasured but timed), so distribution's bucket holds the layout it
 writes itself. A setup's CPU and peak memory are those of its registry processes (and
-the balancer's, for two replicas); the store's and the database's are not counted.
+the balancer's, for two replicas); the store's CPU in each phase is reported beside
+them (the store shares the two cores with everything else), the database's is not.
 
 `python -m bench --only scale-out` saves bench/results/scale_out.json; its table goes
 into docs/benchmarks.md ("The scale-out section") through bench/docs.py.
@@ -53,13 +59,16 @@ FS = "berth-fs"
 S3_ONE = "berth-s3-x1"
 S3_TWO = "berth-s3-x2"
 DISTRIBUTION = "distribution-s3"
-COLUMNS = (FS, S3_ONE, S3_TWO, DISTRIBUTION)
+STORE = "store-direct"
+COLUMNS = (FS, S3_ONE, S3_TWO, DISTRIBUTION, STORE)
 HEADINGS = {
     FS: "Berth, filesystem",
     S3_ONE: "Berth S3+PG, 1 replica",
     S3_TWO: "Berth S3+PG, 2 replicas",
     DISTRIBUTION: "distribution, S3",
+    STORE: "SeaweedFS direct",
 }
+BLOB_ROWS = ("push_large", "push_small", "pull_large", "pull_small")
 # The Berth S3 setups, each held to the goals.
 BERTH_S3 = (S3_ONE, S3_TWO)
 
@@ -90,7 +99,7 @@ class Goal:
 
 
 GOALS = (
-    Goal(("push_large", "push_small", "pull_large", "pull_small"), FS, 0.8),
+    Goal(BLOB_ROWS, FS, 0.8),
     Goal(("tag_list", "catalog"), DISTRIBUTION, 20.0),
 )
 
@@ -115,6 +124,25 @@ class GroupMeter(procs.Meter):
             sum(procs.cpu_seconds(root) for root in self.roots) - self._cpu,
             sum(procs.peak_rss_mib(root) for root in self.roots),
         )
+
+
+class StoreMeter(procs.Meter):
+    """A setup's meter that also takes the object store's CPU over the same phase."""
+
+    def __init__(self, inner: procs.Meter, store_pid: int) -> None:
+        super().__init__(inner.root)
+        self.inner = inner
+        self.store_pid = store_pid
+        self._store = 0.0
+
+    def start(self) -> None:
+        self.inner.start()
+        self.hwm_reset = self.inner.hwm_reset
+        self._store = procs.cpu_seconds(self.store_pid)
+
+    def stop(self) -> procs.Usage:
+        used = self.inner.stop()
+        return replace(used, store_cpu_s=procs.cpu_seconds(self.store_pid) - self._store)
 
 
 def _berth(
@@ -173,6 +201,7 @@ class Setups:
     meters: dict[str, procs.Meter]
     processes: list[procs.Server]
     versions: dict[str, str]
+    store: Any  # tests.support.s3_store.S3Store
     # Requests each replica of the two answered (from the balancer's access log).
     spread: Callable[[], dict[str, int]]
 
@@ -233,13 +262,19 @@ def setups(workdir: Path, binary: str) -> Iterator[Setups]:
             S3_TWO: _address(S3_TWO, balancer.port, workdir),
             DISTRIBUTION: dist,
         }
+        assert store.process is not None and store.process.pid is not None
+        store_pid = store.process.pid
         meters: dict[str, procs.Meter] = {
-            FS: procs.Meter(fs.pid),
-            S3_ONE: procs.Meter(replicas[0].pid),
-            S3_TWO: GroupMeter([replicas[0].pid, replicas[1].pid, balancer.process.pid]),
-            DISTRIBUTION: procs.Meter(dist.pid),
+            name: StoreMeter(meter, store_pid)
+            for name, meter in {
+                FS: procs.Meter(fs.pid),
+                S3_ONE: procs.Meter(replicas[0].pid),
+                S3_TWO: GroupMeter([replicas[0].pid, replicas[1].pid, balancer.process.pid]),
+                DISTRIBUTION: procs.Meter(dist.pid),
+                STORE: procs.Meter(store_pid),
+            }.items()
         }
-        weed = store.process.argv[0] if store.process is not None else "weed"
+        weed = store.process.argv[0]
         versions = {
             "distribution": meta.first_line([binary, "--version"]),
             "seaweedfs": meta.first_line([weed, "version"]),
@@ -247,7 +282,9 @@ def setups(workdir: Path, binary: str) -> Iterator[Setups]:
             "nginx (balancer)": meta.first_line([str(procs.find_binary("nginx")), "-v"]),
         }
         try:
-            yield Setups(endpoints, meters, processes, versions, balancer.requests_per_upstream)
+            yield Setups(
+                endpoints, meters, processes, versions, store, balancer.requests_per_upstream
+            )
         except BaseException:
             for server in processes:
                 print(
@@ -267,6 +304,81 @@ def missing_tools() -> list[str]:
     if postgres.server_bin() is None:
         missing.append("postgresql")
     return missing
+
+
+def direct_rows(bench: cli.Bench, store: Any) -> None:
+    """The blob rows' jobs against the store itself (pre-signed PUT and GET of plain
+    objects), added to the rows and phases as the `store-direct` column."""
+    client = store.client(signature_version="s3v4")
+
+    def url(method: str, key: str) -> str:
+        params = {"Bucket": store.bucket, "Key": f"{DIRECT_PREFIX}/{key}"}
+        return str(client.generate_presigned_url(method, Params=params, ExpiresIn=3600))
+
+    large, regions = bench.s.large_bytes, bench._small_regions()
+    last = bench.s.blob_reps - 1
+
+    def push_large(name: str, server: procs.Server, rep: int) -> list[cli.Job]:
+        puts = [[url("put_object", f"large-{rep}"), 0, large]]
+        return [
+            {
+                "kind": "put",
+                "data": str(bench.data),
+                "puts": puts,
+                "nonce": bench._nonce(),
+                "concurrency": 1,
+            }
+        ]
+
+    def push_small(name: str, server: procs.Server, rep: int) -> list[cli.Job]:
+        puts = [[url("put_object", f"small-{rep}-{i}"), o, n] for i, (o, n) in enumerate(regions)]
+        return [
+            {
+                "kind": "put",
+                "data": str(bench.data),
+                "puts": puts,
+                "nonce": bench._nonce(),
+                "concurrency": bench.s.blob_concurrency,
+            }
+        ]
+
+    def pull_large(name: str, server: procs.Server, rep: int) -> list[cli.Job]:
+        return [
+            {
+                "kind": "pull",
+                "urls": [[url("get_object", f"large-{last}"), large]],
+                "concurrency": 1,
+            }
+        ]
+
+    def pull_small(name: str, server: procs.Server, rep: int) -> list[cli.Job]:
+        urls = [[url("get_object", f"small-{last}-{i}"), n] for i, (_, n) in enumerate(regions)]
+        return [{"kind": "pull", "urls": urls, "concurrency": bench.s.blob_concurrency}]
+
+    jobs = {
+        "push_large": push_large,
+        "push_small": push_small,
+        "pull_large": pull_large,
+        "pull_small": pull_small,
+    }
+    servers = bench.servers
+    bench.servers = {STORE: _address(STORE, store.port, bench.workdir)}
+    try:
+        for key in BLOB_ROWS:
+            row = next(r for r in bench.rows if r.key == key)
+            found = bench.measure(key, f"store direct: {row.label}", jobs[key], bench.s.blob_reps)
+            samples = [cli.throughput(rs) for rs in found[STORE]]
+            row.values[STORE] = max(samples)
+            row.samples[STORE] = samples
+            # One phase per row: the store's usage joins the registries' phase.
+            measured = bench.phases.pop()
+            phase = next(p for p in bench.phases if p["key"] == key)
+            phase["servers"][STORE] = measured["servers"][STORE]
+    finally:
+        bench.servers = servers
+
+
+DIRECT_PREFIX = "direct"
 
 
 # The registries the tags and repositories are pushed into (the two Berth S3 setups are
@@ -331,6 +443,7 @@ def measure(settings: cli.Settings, workdir: Path, binary: str) -> Result:
             ("push_small", bench.push_small),
             ("pull_large", lambda: bench.pull_large(None)),
             ("pull_small", bench.pull_small),
+            ("store_direct", lambda: direct_rows(bench, up.store)),
             ("seed", lambda: seeding.update(seed(bench, up.endpoints))),
             ("manifests", bench.manifests),
             ("lists", lists),
@@ -371,16 +484,19 @@ def goal_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         if goal is None:
             continue
         ratios = {name: _ratio(row, name, goal.versus) for name in BERTH_S3}
-        out.append(
-            {
-                "key": row["key"],
-                "label": row["label"],
-                "versus": goal.versus,
-                "at_least": goal.at_least,
-                "ratios": ratios,
-                "met": {n: r is not None and r >= goal.at_least for n, r in ratios.items()},
-            }
-        )
+        entry = {
+            "key": row["key"],
+            "label": row["label"],
+            "versus": goal.versus,
+            "at_least": goal.at_least,
+            "ratios": ratios,
+            "met": {n: r is not None and r >= goal.at_least for n, r in ratios.items()},
+        }
+        if row["key"] in BLOB_ROWS:
+            # What bounds these rows: the store alone, and what it allows of the goal.
+            entry["of_store"] = {name: _ratio(row, name, STORE) for name in BERTH_S3}
+            entry["store_vs_goal"] = _ratio(row, STORE, goal.versus)
+        out.append(entry)
     return out
 
 
@@ -435,6 +551,10 @@ def markdown(result: Result) -> str:
     headings: dict[str, str] = result["headings"]
     header = ["metric", "unit", *(headings[c] for c in columns), "goal"]
     header += [f"{headings[n]}: ratio" for n in BERTH_S3]
+    # Results saved before the store was measured have no such column.
+    direct = STORE in columns
+    if direct:
+        header += [f"{headings[n]} / {headings[STORE]}" for n in BERTH_S3]
     body = []
     for row in result["rows"]:
         unit = row["unit"] + (" ↑" if row["higher_is_better"] else " ↓")
@@ -445,6 +565,9 @@ def markdown(result: Result) -> str:
         else:
             cells.append(goal.describe())
             cells += [_goal_cell(_ratio(row, n, goal.versus), goal) for n in BERTH_S3]
+        if direct:
+            bound = [_ratio(row, n, STORE) if row["key"] in BLOB_ROWS else None for n in BERTH_S3]
+            cells += ["" if r is None else f"{r:.2f}" for r in bound]
         body.append(cells)
     met = [g for g in result["goals"] if all(g["met"].values())]
     s = result["settings"]
@@ -479,26 +602,52 @@ def markdown(result: Result) -> str:
         f" each: {seeded}. Requests each of the two replicas answered through the"
         f" balancer over the run: {spread}.",
         "",
+        *(_direct_lines(result) if direct else ()),
         "Server CPU seconds per phase (median of the repetitions) and peak RSS (summed over"
-        " the setup's registry processes, and the balancer for two replicas):",
+        " the setup's registry processes, and the balancer for two replicas), then the"
+        " store's CPU seconds over the same phase:",
         "",
         _phase_table(result),
     ]
     return "\n".join(parts) + "\n"
 
 
+def _direct_lines(result: Result) -> tuple[str, str]:
+    share = {key: _store_share(result, key) for key in BLOB_ROWS}
+    return (
+        f"{result['headings'][STORE]} is the store alone, the same jobs as pre-signed PUTs"
+        " and GETs of plain objects (measured after the registries' rounds): the most any"
+        " registry on this store can reach here. Its value over Berth on the filesystem,"
+        f" push: {share['push_large']} (one blob), {share['push_small']} (many); pull:"
+        f" {share['pull_large']}, {share['pull_small']}.",
+        "",
+    )
+
+
+def _store_share(result: Result, key: str) -> str:
+    row = next((r for r in result["rows"] if r["key"] == key), None)
+    ratio = None if row is None else _ratio(row, STORE, FS)
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
 def _phase_table(result: Result) -> str:
     columns: list[str] = result["columns"]
-    header = ["phase", *(f"{result['headings'][c]}: CPU s / peak RSS MiB" for c in columns)]
+    header = [
+        "phase",
+        *(f"{result['headings'][c]}: CPU s / peak RSS MiB / store CPU s" for c in columns),
+    ]
     body = []
     for phase in result["phases"]:
         cells = [str(phase["label"])]
         for c in columns:
             usage = phase["servers"].get(c)
+            if usage is None:
+                cells.append("-")
+                continue
+            store = usage.get("store_cpu_s")
             cells.append(
-                "-"
-                if usage is None
-                else f"{usage['cpu_s']:.2f} / {report.fmt(usage['peak_rss_mib'])}"
+                f"{usage['cpu_s']:.2f} / {report.fmt(usage['peak_rss_mib'])}"
+                + ("" if store is None or c == STORE else f" / {store:.2f}")
             )
         body.append(cells)
     return report._markdown(header, body)

@@ -36,11 +36,20 @@ def test_quick_scale_out_section(tmp_path: Path) -> None:
     assert result["section"] == "scale-out" and result["commit"]
     keys = {row["key"] for row in result["rows"]}
     assert {"push_large", "pull_small", "manifest_get", "tag_list", "catalog"} <= keys
+    registries = set(scale_out.COLUMNS) - {scale_out.STORE}
     for row in result["rows"]:
-        assert set(row["values"]) == set(scale_out.COLUMNS), row["key"]
+        # The store itself is measured in the blob rows only.
+        wanted = set(scale_out.COLUMNS) if row["key"] in scale_out.BLOB_ROWS else registries
+        assert set(row["values"]) == wanted, row["key"]
         assert all(v is not None and v > 0 for v in row["values"].values()), row["key"]
-    goals = {goal["key"] for goal in result["goals"]}
-    assert goals == {"push_large", "push_small", "pull_large", "pull_small", "tag_list", "catalog"}
+    goals = {goal["key"]: goal for goal in result["goals"]}
+    assert set(goals) == {*scale_out.BLOB_ROWS, "tag_list", "catalog"}
+    for key in scale_out.BLOB_ROWS:
+        assert all(r is not None and r > 0 for r in goals[key]["of_store"].values()), key
+    # Every phase of a registry on the store has the store's CPU beside its own.
+    for phase in result["phases"]:
+        for name in scale_out.BERTH_S3:
+            assert phase["servers"][name]["store_cpu_s"] >= 0, phase["key"]
     # Both replicas answered through the balancer.
     spread = result["requests_per_replica_of_two"]
     assert len(spread) == 2 and min(spread.values()) > 0, spread
@@ -48,5 +57,6 @@ def test_quick_scale_out_section(tmp_path: Path) -> None:
     text = (docs / "benchmarks.md").read_text()
     assert "\nold\n" not in text and text.startswith("# Kept\n") and text.endswith("\nkept\n")
     assert "distribution, S3" in text and "≥ 20 x" in text
+    assert "SeaweedFS direct is the store alone" in text
     assert "`bench/results/scale_out.json`" in text  # the sections table
     assert not list(tmp_path.glob("berth-bench-*"))

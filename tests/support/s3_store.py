@@ -113,8 +113,10 @@ class S3Store:
             raise
         return self
 
-    def client(self) -> Any:
-        """A synchronous botocore S3 client (for setting up and inspecting)."""
+    def client(self, signature_version: str | None = None) -> Any:
+        """A synchronous botocore S3 client (for setting up and inspecting; pre-signed
+        URLs for plain HTTP clients want ``signature_version="s3v4"``, which signs no
+        Content-Type)."""
         return botocore.session.get_session().create_client(
             "s3",
             region_name=self.region,
@@ -126,6 +128,7 @@ class S3Store:
                 retries={"max_attempts": 2},
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
+                signature_version=signature_version,
             ),
         )
 
