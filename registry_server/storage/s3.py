@@ -14,7 +14,8 @@ Files being written (upload sessions) are *segmented*, because S3 cannot append,
 upload must be resumable by any replica and readable (the next replica rehashes what was
 written so far: the blob store keeps its running sha256 in process memory only, since
 hashlib's state cannot be saved). Their key holds a small JSON state (marked by the
-metadata ``berth-segmented``) listing the names and sizes of segment objects
+metadata ``berth-segmented``, whose value repeats the state when it is short, so that
+one HEAD tells a file's size and segments) listing the names and sizes of segment objects
 ``<key>.segments/<n>-<writer>``; every segment but the last is a full part
 (``part_size``, at least S3's 5 MiB multipart minimum). A writer keeps about one part in
 memory (the part filling, and the previous one being sent): full parts are PUT as they
@@ -71,6 +72,9 @@ _BIG_COPY_PIECE = 1 << 30  # piece size when a large plain object is copied in p
 _READ_CHUNK = 1 << 20
 _SEGMENTS = ".segments"  # reserved suffix: a file's segment directory
 _MARKER = "berth-segmented"  # metadata key of a segmented file's state object
+# The marker's value: "1", or the state itself when short (S3 allows 2 KB of metadata).
+_INLINE_PREFIX = "s1:"
+_INLINE_MAX = 1024
 _COPY_CONCURRENCY = 4
 _DELETE_BATCH = 1000  # DeleteObjects' limit
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
@@ -108,6 +112,27 @@ class _State:
         raw = json.loads(data)
         segments = [(str(name), int(size)) for name, size in raw["segments"]]
         return cls(int(raw["part_size"]), segments, etag)
+
+    def inline(self) -> str | None:
+        """The state as the marker's metadata value, when it is small enough to ride on
+        every HEAD (a HEAD then tells a file's state without a GET of the object)."""
+        text = _INLINE_PREFIX + ",".join(
+            [str(self.part_size), *(f"{name}={size}" for name, size in self.segments)]
+        )
+        return text if len(text) <= _INLINE_MAX else None
+
+    @classmethod
+    def from_inline(cls, text: str, etag: str | None) -> _State | None:
+        """The state carried by the marker, or None when the marker carries none (a large
+        state, or one written before states rode on the marker)."""
+        if not text.startswith(_INLINE_PREFIX):
+            return None
+        part_size, *entries = text[len(_INLINE_PREFIX) :].split(",")
+        segments = []
+        for entry in entries:
+            name, _, size = entry.rpartition("=")
+            segments.append((name, int(size)))
+        return cls(int(part_size), segments, etag)
 
 
 @dataclass(frozen=True)
@@ -363,7 +388,7 @@ class S3Driver:
             "Bucket": self.bucket,
             "Key": key,
             "Body": io.BytesIO(state.encode()),
-            "Metadata": {_MARKER: "1"},
+            "Metadata": {_MARKER: state.inline() or "1"},
         }
         if condition == _CREATE:
             request["IfNoneMatch"] = "*"
@@ -391,8 +416,12 @@ class S3Driver:
             if _code(exc) in _MISSING:
                 return None
             raise
-        if _MARKER not in head.get("Metadata", {}):
+        marker = head.get("Metadata", {}).get(_MARKER)
+        if marker is None:
             return _File(head["ContentLength"])
+        state = _State.from_inline(marker, head.get("ETag"))
+        if state is not None:
+            return _File(state.size, state)
         state = await self._state(key)
         return None if state is None else _File(state.size, state)
 

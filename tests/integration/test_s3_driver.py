@@ -24,7 +24,7 @@ from registry_server.services.blobs import BlobService
 from registry_server.services.gc import GarbageCollector
 from registry_server.storage.blobstore import BlobStore, blob_path
 from registry_server.storage.driver import StorageConflict
-from registry_server.storage.s3 import S3Driver
+from registry_server.storage.s3 import _MARKER, S3Driver, _State
 from registry_server.storage.sqlite_index import SqliteIndex
 from tests.support.clients import pattern_chunks
 from tests.support.s3_store import S3Store
@@ -151,6 +151,41 @@ async def test_truncate_inside_a_segment(drivers: Drivers) -> None:
     await writer.write(more)
     await writer.close()
     assert await driver.get_content("up/data") == kept + more
+
+
+async def test_a_short_state_rides_on_the_marker_and_a_long_one_is_read(
+    drivers: Drivers, s3_store: S3Store, prefix: str
+) -> None:
+    """A HEAD tells a short state (the marker carries it: one request per stat); a state
+    too long for S3's metadata, or one written with the bare marker, is read from the
+    object, with the same answers."""
+    driver = drivers()
+    client = s3_store.client()
+    writer = await driver.writer("short/data")
+    await writer.write(_content(MiB, 8))
+    await writer.close()
+    head = client.head_object(Bucket=s3_store.bucket, Key=f"{prefix}/short/data")
+    assert head["Metadata"][_MARKER].startswith("s1:")
+    assert await driver.stat("short/data") == MiB
+
+    many = _State(PART, [(f"{i:06d}-feedbeef", PART) for i in range(60)] + [("000060-x", 7)])
+    assert many.inline() is None
+    await driver._put_state(driver._key("long/data"), many, None)
+    head = client.head_object(Bucket=s3_store.bucket, Key=f"{prefix}/long/data")
+    assert head["Metadata"][_MARKER] == "1"
+    assert await driver.stat("long/data") == 60 * PART + 7
+
+    # The bare marker of a state written before states rode on it.
+    client.put_object(
+        Bucket=s3_store.bucket,
+        Key=f"{prefix}/old/data",
+        Body=_State(PART, [("000000-cafe", 5)]).encode(),
+        Metadata={_MARKER: "1"},
+    )
+    assert await driver.stat("old/data") == 5
+    assert _State.from_inline(many.inline() or "1", None) is None
+    short = _State(PART, [("000000-ab12cd34", PART), ("000001-ab12cd34", 3)])
+    assert _State.from_inline(short.inline() or "", None) == short
 
 
 async def test_a_one_segment_file_moves_exactly_its_recorded_bytes(drivers: Drivers) -> None:
