@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -83,6 +83,9 @@ class _Flight:
     sink: Sink | None = None
     started: bool = False  # the sink was told the size and got bytes
     pending: bytes | None = None  # the last chunk, held back until the digest is verified
+    # Set once the digest matched and the leading client got its last chunk: the client
+    # is done while the blob is made durable and published.
+    released: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def _reason(failure: UpstreamFailure) -> str:
@@ -296,13 +299,21 @@ class PullThrough:
             task.add_done_callback(lambda _: self._blob_flights.pop(str(digest), None))
         assert flight.task is not None
         try:
+            if leader and sink is not None:
+                # The leading client's response ends once its bytes are verified; the
+                # fsync and the publish that follow are not its wait.
+                released = asyncio.ensure_future(flight.released.wait())
+                try:
+                    await asyncio.wait((flight.task, released), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    released.cancel()
+                if flight.released.is_set() and flight.started and flight.sink is not None:
+                    return True
             # Shielded: a client that goes away does not stop the fetch the others wait for.
             await asyncio.shield(flight.task)
         except asyncio.CancelledError:
             flight.sink = None
             raise
-        if leader and flight.started and flight.sink is not None and flight.pending is not None:
-            await flight.sink.write(flight.pending)
         return leader and flight.started and flight.sink is not None
 
     async def _fetch_blob(self, target: Target, digest: digests.Digest, flight: _Flight) -> None:
@@ -322,7 +333,9 @@ class PullThrough:
                     info = await self.store.upload_info(target.local, upload_id)
                     await self.store.append(info, tee(size, chunks))
                     try:
-                        stored = await self.store.verify(info, digest)
+                        stored = await self.store.verify(
+                            info, digest, checked=lambda: self._release(flight)
+                        )
                     except errors.RegistryError as exc:
                         if exc.error is errors.DIGEST_INVALID:
                             UPSTREAM_ERRORS.labels(target.mirror.name, "digest").inc()
@@ -343,6 +356,17 @@ class PullThrough:
         except UpstreamFailure as failure:
             UPSTREAM_ERRORS.labels(target.mirror.name, _reason(failure)).inc()
             raise _as_error(failure, errors.BLOB_UNKNOWN, {"digest": str(digest)}) from None
+
+    async def _release(self, flight: _Flight) -> None:
+        """The digest matched: the leading client gets the chunk held back."""
+        pending, flight.pending = flight.pending, None
+        if flight.sink is not None and flight.started and pending is not None:
+            try:
+                async with asyncio.timeout(_SINK_TIMEOUT):
+                    await flight.sink.write(pending)
+            except Exception:  # the client is gone or stalled: the fetch goes on without it
+                flight.sink = None
+        flight.released.set()
 
     async def _to_sink(self, flight: _Flight, size: int | None, chunk: bytes) -> None:
         """Send the previous chunk to the leading client, hold this one back."""

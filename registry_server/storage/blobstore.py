@@ -17,7 +17,7 @@ import secrets
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -292,9 +292,15 @@ class BlobStore:
         await self.publish(info, expected)
         return size
 
-    async def verify(self, info: UploadInfo, expected: digests.Digest) -> int:
+    async def verify(
+        self,
+        info: UploadInfo,
+        expected: digests.Digest,
+        checked: Callable[[], Awaitable[None]] | None = None,
+    ) -> int:
         """Check the digest and make the data durable; returns the size. A mismatch drops
-        the session (DIGEST_INVALID) and leaves storage as it was."""
+        the session (DIGEST_INVALID) and leaves storage as it was. ``checked`` is awaited
+        once the digest matched, before the data is made durable."""
         data_path = f"{_upload_dir(info.upload_id)}/data"
         size = await self.driver.stat(data_path)
         if size is None:
@@ -315,6 +321,8 @@ class BlobStore:
                 errors.DIGEST_INVALID,
                 detail={"expected": str(expected), "actual": f"{expected.algorithm}:{actual}"},
             )
+        if checked is not None:
+            await checked()
         # Durability first, then (in publish) an atomic rename: a crash leaves either no
         # blob or a whole one.
         writer = await self._open_data(info.upload_id)

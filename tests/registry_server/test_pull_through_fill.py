@@ -1,0 +1,145 @@
+"""A cache fill's order of events for the client that started it (services/pull_through.py).
+
+The client streams the blob while it is stored; its last chunk is held back until the
+digest matched. Then the client is done, while the fill makes the blob durable and
+publishes it: an fsync of the blob is not its wait. A mismatch never sends the last
+chunk. The storage and index are the real ones (filesystem, SQLite); the upstream is a
+byte source in memory, since what is tested is the order of the fill's steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from registry_server.protocol import digests, errors
+from registry_server.protocol.upstreams import Mirror, UpstreamManifest
+from registry_server.services.pull_through import PullThrough, Settings
+from registry_server.storage.blobstore import BlobStore, UploadInfo
+from registry_server.storage.filesystem import FilesystemDriver
+from registry_server.storage.sqlite_index import SqliteIndex
+
+CHUNK = 64 * 1024
+
+
+class GatedStore(BlobStore):
+    """Stops a fill after its digest check, before the data is made durable."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(FilesystemDriver(root))
+        self.gate = asyncio.Event()
+        self.checked = asyncio.Event()
+
+    async def verify(
+        self,
+        info: UploadInfo,
+        expected: digests.Digest,
+        checked: Callable[[], Awaitable[None]] | None = None,
+    ) -> int:
+        async def then() -> None:
+            if checked is not None:
+                await checked()
+            self.checked.set()
+            await self.gate.wait()
+
+        return await super().verify(info, expected, then)
+
+
+class Bytes:
+    """An upstream serving one blob's bytes in chunks."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.fetches = 0
+
+    async def manifest(self, repo: str, reference: str, head: bool) -> UpstreamManifest:
+        raise AssertionError("no manifest is fetched here")
+
+    @contextlib.asynccontextmanager
+    async def blob(
+        self, repo: str, digest: str
+    ) -> AsyncIterator[tuple[int | None, AsyncIterator[bytes]]]:
+        self.fetches += 1
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(self.data), CHUNK):
+                yield self.data[start : start + CHUNK]
+
+        yield len(self.data), chunks()
+
+    async def close(self) -> None:
+        pass
+
+
+class Recorder:
+    """The leading client's response."""
+
+    def __init__(self) -> None:
+        self.size: int | None = None
+        self.body = bytearray()
+
+    async def start(self, size: int) -> None:
+        self.size = size
+
+    async def write(self, chunk: bytes) -> None:
+        self.body += chunk
+
+
+def _cache(tmp_path: Path, upstream: Bytes) -> tuple[PullThrough, GatedStore, SqliteIndex]:
+    store, index = GatedStore(tmp_path / "storage"), SqliteIndex(tmp_path / "index.db")
+    mirror = Mirror("up", "mirror", ("up.example",), False)
+    cache = PullThrough(
+        [mirror],
+        {"up": Settings(60.0, 5.0, 0, 0.0)},
+        {"up": upstream},
+        store,
+        index,
+        1 << 20,
+    )
+    return cache, store, index
+
+
+async def test_the_client_is_done_once_the_digest_matched(tmp_path: Path) -> None:
+    data = hashlib.shake_256(b"layer").digest(10 * CHUNK + 123)
+    digest = digests.of_bytes(data)
+    upstream = Bytes(data)
+    cache, store, index = _cache(tmp_path, upstream)
+    client = Recorder()
+
+    # The client has every byte while the fill still waits to make the blob durable.
+    assert await asyncio.wait_for(cache.blob("mirror/app", digest, client), 10)
+    assert store.checked.is_set() and not store.gate.is_set()
+    assert client.size == len(data) and bytes(client.body) == data
+    assert await index.blob_size("mirror/app", str(digest)) is None
+
+    # A second client meanwhile waits for the fill and is served from storage.
+    second = asyncio.ensure_future(cache.blob("mirror/app", digest, Recorder()))
+    await asyncio.sleep(0.05)
+    assert not second.done()
+    store.gate.set()
+    assert await asyncio.wait_for(second, 10) is False
+    assert upstream.fetches == 1
+    assert await index.blob_size("mirror/app", str(digest)) == len(data)
+    assert await store.size(digest) == len(data)
+    await cache.close()
+    await index.close()
+
+
+async def test_a_mismatch_never_sends_the_last_chunk(tmp_path: Path) -> None:
+    data = hashlib.shake_256(b"layer").digest(4 * CHUNK)
+    wrong = digests.of_bytes(b"something else")
+    cache, store, index = _cache(tmp_path, Bytes(data))
+    client = Recorder()
+    with pytest.raises(errors.RegistryError) as caught:
+        await asyncio.wait_for(cache.blob("mirror/app", wrong, client), 10)
+    assert caught.value.error is errors.UPSTREAM_DIGEST_MISMATCH
+    assert bytes(client.body) == data[: 3 * CHUNK]
+    assert not store.checked.is_set()
+    assert await store.size(wrong) is None
+    await cache.close()
+    await index.close()
