@@ -182,6 +182,7 @@ def rebuild(root: Path) -> dict[str, float]:
                     )
                     counts["manifests"] += 1
             repo_id = run_sync(conn, index_tags.repository(DIALECT, repo, create=True))
+            assert repo_id is not None
             for tag in state.tags.values():
                 newest = max(newest, tag.version)
                 if tag.digest is None:
@@ -196,6 +197,8 @@ def rebuild(root: Path) -> dict[str, float]:
                         " VALUES (?,?,?,?,?,?)",
                         (repo_id, tag.name, tag.digest, now, tag.version, tag.origin),
                     )
+                    changed = index_tags.tags_changed(repo_id)
+                    conn.execute(changed.sql, changed.params)
                     counts["tags"] += 1
         # New pushes must win over every recorded version (last writer wins).
         conn.execute("UPDATE clock SET last = max(last, ?)", (newest,))

@@ -13,9 +13,13 @@ from registry_server.protocol import digests, manifests, pagination
 
 
 def _json(payload: object, extra: dict[str, str] | None = None) -> web.Response:
+    return _body(json.dumps(payload).encode(), extra)
+
+
+def _body(body: bytes, extra: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=200,
-        body=json.dumps(payload).encode(),
+        body=body,
         content_type="application/json",
         headers={**API_VERSION_HEADER, **(extra or {})},
     )
@@ -28,6 +32,8 @@ async def list_tags(request: web.Request, name: str) -> web.Response:
     extra = {}
     if page.next_last is not None and n:
         extra["Link"] = pagination.link_header(f"/v2/{name}/tags/list", n, page.next_last)
+    if page.body is not None:
+        return _body(page.body, extra)
     return _json({"name": name, "tags": page.items}, extra)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from registry_server.protocol import digests, errors, manifests
+from registry_server.services.tag_lists import TagListCache
 from registry_server.storage.index import MetadataIndex
 
 
@@ -15,6 +16,7 @@ from registry_server.storage.index import MetadataIndex
 class Page:
     items: list[str]
     next_last: str | None  # set when a further page may exist
+    body: bytes | None = None  # the response body, when it is kept serialised
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,24 @@ class Referrers:
 class DiscoveryService:
     def __init__(self, index: MetadataIndex) -> None:
         self.index = index
+        self.tag_lists = TagListCache()
 
     async def tags(self, repo: str, n: int | None, last: str | None) -> Page:
-        found = await self.index.list_tags(repo, n, last)
-        if found is None:
-            raise errors.RegistryError(errors.NAME_UNKNOWN, detail={"name": repo})
+        unknown = errors.RegistryError(errors.NAME_UNKNOWN, detail={"name": repo})
+        # The version first, then the names: a change in between leaves newer names
+        # kept under an older version, which the next request finds stale.
+        version = await self.index.tag_list_version(repo)
+        if version is None:
+            raise unknown
+        kept = self.tag_lists.get(repo, version)
+        if kept is None:
+            names = await self.index.list_tags(repo, None, None)
+            if names is None:
+                raise unknown
+            kept = self.tag_lists.put(repo, version, names)
+        if n is None and last is None:
+            return Page(kept.names, None, kept.body(repo))
+        found = kept.page(n, last)
         more = n is not None and n > 0 and len(found) == n
         return Page(found, found[-1] if more else None)
 

@@ -143,6 +143,10 @@ class MetadataIndex(Protocol):
     async def list_tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
         """Tags in lexical order after ``last``; None when the repository is unknown."""
 
+    async def tag_list_version(self, repo: str) -> tuple[int, int] | None:
+        """A value that changes whenever the repository's tag list may have (a cached
+        list is valid while it holds); None when the repository is unknown."""
+
     async def list_repositories(self, n: int | None, last: str | None) -> list[str]: ...
     async def referrers(self, repo: str, subject: str) -> list[ManifestRecord]: ...
     async def missing_manifests(self, repo: str, digests: Sequence[str]) -> list[str]: ...

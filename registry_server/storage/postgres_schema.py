@@ -113,7 +113,12 @@ CREATE TABLE task_reports (
 );
 """
 
+# Counts the changes to a repository's tags: what a cached tag list is valid for.
+_V4 = """
+ALTER TABLE repositories ADD COLUMN tags_changed BIGINT NOT NULL DEFAULT 0;
+"""
+
 # (version, SQL): applied in order, each once.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2), (3, _V3))
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2), (3, _V3), (4, _V4))
 
 LATEST = MIGRATIONS[-1][0]

@@ -137,6 +137,9 @@ class SqlIndex(ABC):
     async def list_tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
         return await self._read(index_tags.list_tags(self.dialect, repo, n, last))
 
+    async def tag_list_version(self, repo: str) -> tuple[int, int] | None:
+        return await self._read(index_tags.tag_list_version(repo))
+
     async def list_repositories(self, n: int | None, last: str | None) -> list[str]:
         return await self._read(index_tags.list_repositories(self.dialect, n, last))
 

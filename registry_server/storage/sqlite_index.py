@@ -48,7 +48,9 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS repositories (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    -- Counts the changes to this repository's tags: what a cached tag list is valid for.
+    tags_changed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS blobs (
     digest TEXT PRIMARY KEY,
@@ -122,12 +124,20 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
+_ADDED_COLUMNS = (
+    ("changes", "actor", "TEXT"),
+    ("repositories", "tags_changed", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Columns added since a database was created (CREATE IF NOT EXISTS keeps old tables)."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(changes)")}
-    if "actor" not in columns:
+    for table, column, declaration in _ADDED_COLUMNS:
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column in columns:
+            continue
         try:
-            conn.execute("ALTER TABLE changes ADD COLUMN actor TEXT")
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         except sqlite3.OperationalError as exc:
             # Workers start together: another one may have added it just now.
             if "duplicate column" not in str(exc):

@@ -86,6 +86,46 @@ async def test_tag_pagination(index: MetadataIndex) -> None:
     assert await index.list_tags("unknown", None, None) is None
 
 
+async def test_the_tag_list_version_changes_with_every_tag_write(index: MetadataIndex) -> None:
+    """Every write that adds, moves or removes a tag changes the version a cached tag
+    list is held to: local and replicated pushes, deletes of tags and of manifests, and
+    retention's expiry. Writes that touch no tag leave it."""
+    assert await index.tag_list_version("r") is None
+    seen = []
+
+    async def changed() -> bool:
+        version = await index.tag_list_version("r")
+        assert version is not None
+        fresh = version not in seen
+        seen.append(version)
+        return fresh
+
+    await index.put_manifest("r", manifest(D1), ["a"])
+    assert await changed()
+    await index.put_manifest("r", manifest(D2), [])  # by digest: no tag
+    assert not await changed()
+    await index.put_manifest("r", manifest(D2), ["a"])  # moved
+    assert await changed()
+    (state,) = await index.tag_states("r")
+    # Replicated, older than this region's clock but new for its tag.
+    assert await index.put_manifest("r", manifest(D1), ["b"], Stamp(1, "us")) == ["b"]
+    assert await changed()
+    assert await index.put_manifest("r", manifest(D1), ["a"], Stamp(1, "us")) == []  # lost
+    assert not await changed()
+    assert await index.delete_tag("r", "b")
+    assert await changed()
+    assert await index.expire_tag("r", "a", state.version)
+    assert await changed()
+    await index.put_manifest("r", manifest(D3), ["c", "d"])
+    assert await changed()
+    assert await index.delete_manifest("r", D3)
+    assert await changed()
+    assert await index.list_tags("r", None, None) == []
+    # Another repository's writes are its own.
+    await index.put_manifest("other", manifest(D1), ["x"])
+    assert not await changed()
+
+
 async def test_delete_manifest_removes_its_tags(index: MetadataIndex) -> None:
     await index.put_manifest("r", manifest(D1), ["a", "b"])
     await index.put_manifest("r", manifest(D2), ["c"])
