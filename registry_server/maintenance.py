@@ -197,8 +197,6 @@ def rebuild(root: Path) -> dict[str, float]:
                         " VALUES (?,?,?,?,?,?)",
                         (repo_id, tag.name, tag.digest, now, tag.version, tag.origin),
                     )
-                    changed = index_tags.tags_changed(repo_id)
-                    conn.execute(changed.sql, changed.params)
                     counts["tags"] += 1
         # New pushes must win over every recorded version (last writer wins).
         conn.execute("UPDATE clock SET last = max(last, ?)", (newest,))

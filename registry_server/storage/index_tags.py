@@ -90,13 +90,9 @@ def current(repo_id: int, tag: str) -> Tx[Stamp | None]:
     return max((Stamp(int(v), str(o)) for v, o in rows), default=None)
 
 
-def tags_changed(repo_id: int) -> Query:
-    """Every write that adds, moves or removes a tag counts here (cached tag lists)."""
-    return Query("UPDATE repositories SET tags_changed = tags_changed + 1 WHERE id = ?", (repo_id,))
-
-
 def tag_list_version(repo: str) -> Tx[tuple[int, int] | None]:
-    """What a repository's tag list is valid for: its id and its count of tag changes."""
+    """What a repository's tag list is valid for: its id and its count of tag changes
+    (kept by a trigger on the tags table, whichever code writes the row)."""
     row = (yield Query("SELECT id, tags_changed FROM repositories WHERE name = ?", (repo,))).first()
     return None if row is None else (int(row[0]), int(row[1]))
 
@@ -106,7 +102,6 @@ def tombstone(repo_id: int, tag: str, version: Stamp, deleted: float | None = No
     # (retention, a local decision, counts from when it removed the tag).
     when = versions.physical_ms(version.version) / 1000 if deleted is None else deleted
     yield Query("DELETE FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag))
-    yield tags_changed(repo_id)
     yield Query(
         "INSERT INTO tombstones(repo_id, name, version, origin, deleted) VALUES (?,?,?,?,?)"
         " ON CONFLICT (repo_id, name) DO UPDATE SET version = excluded.version,"
@@ -244,8 +239,6 @@ def put_manifest(
             yield from changelog.record(
                 consumers, repo, "tag", tag, manifest.digest, version, actor
             )
-    if applied:
-        yield tags_changed(repo_id)
     if local and not tags and inserted.rowcount > 0:
         yield from changelog.record(
             consumers, repo, "manifest", None, manifest.digest, version, actor

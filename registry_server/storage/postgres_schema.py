@@ -113,9 +113,20 @@ CREATE TABLE task_reports (
 );
 """
 
-# Counts the changes to a repository's tags: what a cached tag list is valid for.
+# Counts the changes to a repository's tags: what a cached tag list is valid for. A
+# trigger keeps it, so that replicas of an older version, still running during a rolling
+# update, count their tag writes too.
 _V4 = """
 ALTER TABLE repositories ADD COLUMN tags_changed BIGINT NOT NULL DEFAULT 0;
+CREATE FUNCTION berth_tags_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE repositories SET tags_changed = tags_changed + 1
+        WHERE id = CASE WHEN TG_OP = 'DELETE' THEN OLD.repo_id ELSE NEW.repo_id END;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER tags_changed AFTER INSERT OR UPDATE OR DELETE ON tags
+    FOR EACH ROW EXECUTE FUNCTION berth_tags_changed();
 """
 
 # (version, SQL): applied in order, each once.

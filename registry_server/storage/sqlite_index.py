@@ -130,6 +130,22 @@ _ADDED_COLUMNS = (
 )
 
 
+# Every insert, update or delete of a tag row counts in its repository's row: a cached
+# tag list is valid while the count holds (services/tag_lists.py). Created after
+# _migrate, which adds the column to older databases.
+_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS tags_changed_insert AFTER INSERT ON tags BEGIN
+    UPDATE repositories SET tags_changed = tags_changed + 1 WHERE id = NEW.repo_id;
+END;
+CREATE TRIGGER IF NOT EXISTS tags_changed_update AFTER UPDATE ON tags BEGIN
+    UPDATE repositories SET tags_changed = tags_changed + 1 WHERE id = NEW.repo_id;
+END;
+CREATE TRIGGER IF NOT EXISTS tags_changed_delete AFTER DELETE ON tags BEGIN
+    UPDATE repositories SET tags_changed = tags_changed + 1 WHERE id = OLD.repo_id;
+END;
+"""
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Columns added since a database was created (CREATE IF NOT EXISTS keeps old tables)."""
     for table, column, declaration in _ADDED_COLUMNS:
@@ -190,6 +206,7 @@ class SqliteIndex(SqlIndex):
         conn = _connect(path)
         conn.executescript(_SCHEMA)
         _migrate(conn)
+        conn.executescript(_TRIGGERS)
         conn.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('instance', ?)", (uuid.uuid4().hex,)
         )

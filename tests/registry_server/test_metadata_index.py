@@ -13,6 +13,7 @@ import pytest
 
 from registry_server.protocol import errors
 from registry_server.protocol.versions import Stamp
+from registry_server.storage import sqlite_index
 from registry_server.storage.index import MetadataIndex, NewManifest
 from registry_server.storage.postgres_index import PostgresIndex
 from registry_server.storage.sqlite_index import SqliteIndex
@@ -367,6 +368,27 @@ async def test_a_database_from_before_the_actor_column_is_migrated(tmp_path: Pat
     finally:
         await index.close()
         await again.close()
+
+
+async def test_a_database_from_before_the_tag_count_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    counted = "    tags_changed INTEGER NOT NULL DEFAULT 0\n"
+    assert counted in sqlite_index._SCHEMA
+    comment = "\n    -- Counts the changes"
+    old = sqlite_index._SCHEMA.replace("," + comment, comment)
+    old = old.replace(counted, "")
+    conn = sqlite3.connect(path)
+    conn.executescript(old)
+    assert "tags_changed" not in {r[1] for r in conn.execute("PRAGMA table_info(repositories)")}
+    conn.close()
+    index = SqliteIndex(path)
+    try:
+        await index.put_manifest("r", manifest(D1), ["a"])
+        first = await index.tag_list_version("r")
+        await index.delete_tag("r", "a")
+        assert first is not None and await index.tag_list_version("r") != first
+    finally:
+        await index.close()
 
 
 def _open_once(path: str) -> str:
