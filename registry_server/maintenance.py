@@ -259,7 +259,7 @@ def _export_records(index: Path, record: TagRecord) -> None:
                         "origin": origin,
                     }
                 )
-            record._append_sync(repo, lines)
+            record.append_blocking(repo, lines)
     finally:
         conn.close()
 

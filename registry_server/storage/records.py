@@ -12,7 +12,9 @@ appended and fdatasync'ed after the index committed it and before the client is 
   as the index holds it after the change, with its version: replayed, the highest version
   wins (the index's own rule), so lines of concurrent pushes may land in any order.
 
-One append per push, no read of the file. Retention's removals are not recorded: after a
+One append per push, no read of the file. Appends to one file that arrive while its
+fdatasync runs share the next one (group commit): concurrent pushes into a repository
+cost one sync per round, not one each. Retention's removals are not recorded: after a
 rebuild, the next retention round removes them again.
 """
 
@@ -63,34 +65,92 @@ class RepositoryState:
         }
 
 
+@dataclass
+class _Syncs:
+    """One record file's group commit: appends are numbered as they complete, and a sync
+    started after append n makes every append up to n durable."""
+
+    written: int = 0
+    synced: int = 0
+    running: asyncio.Future[None] | None = None
+
+
 class TagRecord:
     def __init__(self, root: Path) -> None:
         self.dir = root / RECORDS_DIR
+        self._syncs: dict[Path, _Syncs] = {}
 
     def path(self, repo: str) -> Path:
         return self.dir / (hashlib.sha256(repo.encode()).hexdigest() + _SUFFIX)
 
-    def _append_sync(self, repo: str, lines: list[dict[str, Any]]) -> None:
-        data = "".join(
-            json.dumps({"repo": repo, **line}, separators=(",", ":")) + "\n" for line in lines
-        ).encode()
-        path = self.path(repo)
+    def _write_sync(self, path: Path, data: bytes) -> None:
         with full_as_storage_full():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the first record of all: no directory yet
+                self.dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 os.write(fd, data)  # one write of O_APPEND: lines of two writers never mix
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _encode(repo: str, lines: list[dict[str, Any]]) -> bytes:
+        return "".join(
+            json.dumps({"repo": repo, **line}, separators=(",", ":")) + "\n" for line in lines
+        ).encode()
+
+    def append_blocking(self, repo: str, lines: list[dict[str, Any]]) -> None:
+        """Append durably from a thread of its own (maintenance commands)."""
+        path = self.path(repo)
+        self._write_sync(path, self._encode(repo, lines))
+        self._datasync(path)
+
+    @staticmethod
+    def _datasync(path: Path) -> None:
+        # Any descriptor of the file will do: the sync is of the file's pages.
+        with full_as_storage_full():
+            fd = os.open(path, os.O_WRONLY)
+            try:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
 
+    async def _durable(self, path: Path, syncs: _Syncs, ticket: int) -> None:
+        """Return once a sync started after append ``ticket`` has completed."""
+        while syncs.synced < ticket:
+            if syncs.running is None:
+                target = syncs.written
+                syncs.running = asyncio.ensure_future(asyncio.to_thread(self._datasync, path))
+                try:
+                    # Shielded: a waiter that goes away does not stop the others' sync.
+                    await asyncio.shield(syncs.running)
+                    syncs.synced = max(syncs.synced, target)
+                finally:
+                    syncs.running = None
+            else:
+                running = syncs.running
+                await asyncio.shield(running)
+                # Its starter records what it covered; if this append came after the
+                # sync began, the loop starts (or joins) the next one.
+                await asyncio.sleep(0)
+
     async def append(self, repo: str, lines: list[dict[str, Any]]) -> None:
         """Append durably. A full volume does not fail a delete that is already committed:
         it is logged, and ``check`` reports the record behind the index."""
+        data = self._encode(repo, lines)
+        path = self.path(repo)
+        syncs = self._syncs.setdefault(path, _Syncs())
         try:
-            await asyncio.to_thread(self._append_sync, repo, lines)
+            await asyncio.to_thread(self._write_sync, path, data)
+            syncs.written += 1
+            await self._durable(path, syncs, syncs.written)
         except StorageFull:
             log.warning("tag record not written: storage full", extra={"repository": repo})
+        finally:
+            if syncs.running is None and syncs.synced >= syncs.written:
+                self._syncs.pop(path, None)
 
     async def manifest(
         self, repo: str, digest: str, media_type: str, content: bytes, tags: Sequence[TagState]

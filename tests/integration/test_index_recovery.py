@@ -266,7 +266,7 @@ def test_recovery_figures(tmp_path: Path) -> None:
                     "origin": "",
                 }
             )
-        record._append_sync(f"repo{r}/app", lines)
+        record.append_blocking(f"repo{r}/app", lines)
     counts = maintenance.rebuild(root)
     assert counts["manifests"] == 10_000 and counts["tags"] == 10_000
     assert maintenance.check(root) == []
