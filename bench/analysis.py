@@ -140,9 +140,10 @@ def _tag_list(report: Report) -> str:
     return (
         f"- *Tag list at {tags:,} tags*: {_ms_per_request(report, 'tag_list', ours)} of CPU"
         f" per request for {we}, {_ms_per_request(report, 'tag_list', theirs)} for {they}."
-        f" Most of {we}'s is SQLite returning the rows to Python, then the JSON encoding;"
-        " reads run inline on the event loop by design, so such a listing holds the loop"
-        " for that long."
+        f" {we} keeps each repository's list in memory, serialised once, for the count of"
+        " tag changes the index holds for it: a request is one indexed read of that count"
+        " and the kept bytes sent; a push, move or delete of a tag makes the next request"
+        " list the names again."
     )
 
 
