@@ -426,7 +426,7 @@ class S3Driver:
         return None if state is None else _File(state.size, state)
 
     async def _keys(self, prefix: str) -> list[str]:
-        """Every key below ``prefix`` (which ends with a slash)."""
+        """Every key that starts with ``prefix``."""
         s3 = await self._s3()
         keys: list[str] = []
         async for page in s3.get_paginator("list_objects_v2").paginate(
@@ -449,9 +449,12 @@ class S3Driver:
                 raise OSError(f"s3: could not delete {len(failed)} objects: {failed[0]}")
 
     async def _delete_file(self, key: str, found: _File) -> None:
+        """A moved file's source: the key and the segments its state names (one request,
+        no listing). Segments no state names, left by a writer that lost or failed, are
+        in the same directory (an upload session's) and go with it."""
         keys = [key]
         if found.state is not None:
-            keys += await self._keys(f"{key}{_SEGMENTS}/")
+            keys += [_segment(key, name) for name, _ in found.state.segments]
         await self._delete_keys(keys)
 
     # -- copies --------------------------------------------------------------------------
@@ -691,10 +694,12 @@ class S3Driver:
         await self._put_state(key, _State(state.part_size, kept), state.etag)
 
     async def delete(self, path: str) -> None:
+        # One listing finds a file, its segments and a directory's content alike; keys
+        # that merely start with the same characters are not this path's.
         key = self._key(path)
-        below = await self._keys(key + "/")
-        segments = await self._keys(f"{key}{_SEGMENTS}/")
-        await self._delete_keys([key, *below, *segments])
+        mine = (key + "/", f"{key}{_SEGMENTS}/")
+        found = [k for k in await self._keys(key) if k == key or k.startswith(mine)]
+        await self._delete_keys([key, *found])
 
     async def list(self, prefix: str) -> list[str]:
         base = self._key(prefix) + "/"

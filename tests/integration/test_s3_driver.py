@@ -188,6 +188,27 @@ async def test_a_short_state_rides_on_the_marker_and_a_long_one_is_read(
     assert _State.from_inline(short.inline() or "", None) == short
 
 
+async def test_delete_takes_a_path_and_nothing_that_merely_shares_its_prefix(
+    drivers: Drivers, s3_store: S3Store, prefix: str
+) -> None:
+    driver = drivers()
+    for path in ("up/data", "up/info", "update/data", "up.other"):
+        writer = await driver.writer(path)
+        await writer.write(_content(MiB, 9))
+        await writer.close()
+    await driver.put_content("up2", b"x")
+    assert any(".segments/" in k for k in s3_store.keys(prefix))
+    await driver.delete("up")
+    assert sorted(k for k in s3_store.keys(prefix) if ".segments/" not in k) == [
+        "up.other",
+        "up2",
+        "update/data",
+    ]
+    await driver.delete("up.other")  # a segmented file: its segments go with it
+    assert not any(k.startswith("up.other") for k in s3_store.keys(prefix))
+    assert await driver.get_content("update/data") == _content(MiB, 9)
+
+
 async def test_a_one_segment_file_moves_exactly_its_recorded_bytes(drivers: Drivers) -> None:
     """A one-segment file is published by copying its segment, unless a truncation left
     the segment longer than the recorded size: the bytes past it must not be published."""
