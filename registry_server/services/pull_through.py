@@ -296,7 +296,7 @@ class PullThrough:
             task = asyncio.create_task(self._fetch_blob(target, digest, flight))
             flight.task = task
             self._blob_flights[str(digest)] = flight
-            task.add_done_callback(lambda _: self._blob_flights.pop(str(digest), None))
+            task.add_done_callback(lambda done: self._flight_ended(str(digest), done))
         assert flight.task is not None
         try:
             if leader and sink is not None:
@@ -315,6 +315,16 @@ class PullThrough:
             flight.sink = None
             raise
         return leader and flight.started and flight.sink is not None
+
+    def _flight_ended(self, digest: str, task: asyncio.Task[None]) -> None:
+        self._blob_flights.pop(digest, None)
+        # A fill that failed after its client was released (the fsync or the publish) has
+        # no one awaiting it: it is said here, and the next pull fetches the blob again.
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None and not isinstance(exc, errors.RegistryError):
+            log.warning(
+                "pull-through fill failed", extra={"digest": digest, "error": repr(exc)[:300]}
+            )
 
     async def _fetch_blob(self, target: Target, digest: digests.Digest, flight: _Flight) -> None:
         fetcher = self.fetchers[target.mirror.name]

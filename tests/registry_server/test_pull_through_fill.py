@@ -143,3 +143,43 @@ async def test_a_mismatch_never_sends_the_last_chunk(tmp_path: Path) -> None:
     assert await store.size(wrong) is None
     await cache.close()
     await index.close()
+
+
+class FailingStore(GatedStore):
+    """The fill fails after the client was released: the publish meets a full disk."""
+
+    async def publish(self, info: UploadInfo, expected: digests.Digest) -> None:
+        raise OSError(28, "No space left on device")
+
+
+async def test_a_fill_failing_after_its_client_is_logged_and_fetched_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = hashlib.shake_256(b"layer").digest(3 * CHUNK)
+    digest = digests.of_bytes(data)
+    upstream = Bytes(data)
+    store, index = FailingStore(tmp_path / "storage"), SqliteIndex(tmp_path / "index.db")
+    store.gate.set()
+    cache = PullThrough(
+        [Mirror("up", "mirror", ("up.example",), False)],
+        {"up": Settings(60.0, 5.0, 0, 0.0)},
+        {"up": upstream},
+        store,
+        index,
+        1 << 20,
+    )
+    client = Recorder()
+    assert await asyncio.wait_for(cache.blob("mirror/app", digest, client), 10)
+    assert bytes(client.body) == data  # verified bytes, whatever the fill does next
+    for _ in range(100):
+        if not cache._blob_flights:
+            break
+        await asyncio.sleep(0.01)
+    assert "pull-through fill failed" in caplog.text
+    assert await index.blob_size("mirror/app", str(digest)) is None
+    # Nothing stored: the next pull fetches it again (and fails the same way).
+    with pytest.raises(OSError):
+        await asyncio.wait_for(cache.blob("mirror/app", digest, None), 10)
+    assert upstream.fetches == 2
+    await cache.close()
+    await index.close()
