@@ -117,24 +117,23 @@ class TagRecord:
             finally:
                 os.close(fd)
 
+    async def _sync(self, path: Path, syncs: _Syncs) -> None:
+        """One fdatasync, covering every append counted when it began."""
+        covered = syncs.written
+        try:
+            await asyncio.to_thread(self._datasync, path)
+            syncs.synced = max(syncs.synced, covered)
+        finally:
+            syncs.running = None
+
     async def _durable(self, path: Path, syncs: _Syncs, ticket: int) -> None:
-        """Return once a sync started after append ``ticket`` has completed."""
+        """Return once a sync started after append ``ticket`` has completed: the one
+        running if it began after it, else the next, which one of its waiters starts."""
         while syncs.synced < ticket:
             if syncs.running is None:
-                target = syncs.written
-                syncs.running = asyncio.ensure_future(asyncio.to_thread(self._datasync, path))
-                try:
-                    # Shielded: a waiter that goes away does not stop the others' sync.
-                    await asyncio.shield(syncs.running)
-                    syncs.synced = max(syncs.synced, target)
-                finally:
-                    syncs.running = None
-            else:
-                running = syncs.running
-                await asyncio.shield(running)
-                # Its starter records what it covered; if this append came after the
-                # sync began, the loop starts (or joins) the next one.
-                await asyncio.sleep(0)
+                syncs.running = asyncio.ensure_future(self._sync(path, syncs))
+            # Shielded: a waiter that goes away does not stop the others' sync.
+            await asyncio.shield(syncs.running)
 
     async def append(self, repo: str, lines: list[dict[str, Any]]) -> None:
         """Append durably. A full volume does not fail a delete that is already committed:
