@@ -317,49 +317,41 @@ def direct_rows(bench: cli.Bench, store: Any) -> None:
 
     large, regions = bench.s.large_bytes, bench._small_regions()
     last = bench.s.blob_reps - 1
+    small_c = bench.s.blob_concurrency
+    Jobs = Callable[[str, procs.Server, int], list[cli.Job]]
 
-    def push_large(name: str, server: procs.Server, rep: int) -> list[cli.Job]:
-        puts = [[url("put_object", f"large-{rep}"), 0, large]]
-        return [
-            {
-                "kind": "put",
-                "data": str(bench.data),
-                "puts": puts,
-                "nonce": bench._nonce(),
-                "concurrency": 1,
-            }
+    def puts(named: Callable[[int], list[tuple[str, int, int]]], concurrency: int) -> Jobs:
+        """PUTs of (key, offset, size) regions, new keys every repetition."""
+
+        def jobs(name: str, server: procs.Server, rep: int) -> list[cli.Job]:
+            targets = [[url("put_object", key), o, n] for key, o, n in named(rep)]
+            return [
+                {
+                    "kind": "put",
+                    "data": str(bench.data),
+                    "puts": targets,
+                    "nonce": bench._nonce(),
+                    "concurrency": concurrency,
+                }
+            ]
+
+        return jobs
+
+    def gets(objects: list[tuple[str, int]], concurrency: int) -> Jobs:
+        """GETs of what the last repetition of the PUTs wrote."""
+        urls = [[url("get_object", key), n] for key, n in objects]
+        return lambda name, server, rep: [
+            {"kind": "pull", "urls": urls, "concurrency": concurrency}
         ]
 
-    def push_small(name: str, server: procs.Server, rep: int) -> list[cli.Job]:
-        puts = [[url("put_object", f"small-{rep}-{i}"), o, n] for i, (o, n) in enumerate(regions)]
-        return [
-            {
-                "kind": "put",
-                "data": str(bench.data),
-                "puts": puts,
-                "nonce": bench._nonce(),
-                "concurrency": bench.s.blob_concurrency,
-            }
-        ]
-
-    def pull_large(name: str, server: procs.Server, rep: int) -> list[cli.Job]:
-        return [
-            {
-                "kind": "pull",
-                "urls": [[url("get_object", f"large-{last}"), large]],
-                "concurrency": 1,
-            }
-        ]
-
-    def pull_small(name: str, server: procs.Server, rep: int) -> list[cli.Job]:
-        urls = [[url("get_object", f"small-{last}-{i}"), n] for i, (_, n) in enumerate(regions)]
-        return [{"kind": "pull", "urls": urls, "concurrency": bench.s.blob_concurrency}]
-
+    small = [(f"small-{last}-{i}", n) for i, (_, n) in enumerate(regions)]
     jobs = {
-        "push_large": push_large,
-        "push_small": push_small,
-        "pull_large": pull_large,
-        "pull_small": pull_small,
+        "push_large": puts(lambda rep: [(f"large-{rep}", 0, large)], 1),
+        "push_small": puts(
+            lambda rep: [(f"small-{rep}-{i}", o, n) for i, (o, n) in enumerate(regions)], small_c
+        ),
+        "pull_large": gets([(f"large-{last}", large)], 1),
+        "pull_small": gets(small, small_c),
     }
     servers = bench.servers
     bench.servers = {STORE: _address(STORE, store.port, bench.workdir)}
