@@ -45,6 +45,8 @@ MANIFEST_TOO_LARGE = ErrorCode("SIZE_INVALID", "manifest exceeds the size limit"
 BODY_TOO_LARGE = ErrorCode("SIZE_INVALID", "request body exceeds the size limit", 413)
 TAG_INVALID = ErrorCode("MANIFEST_INVALID", "invalid tag", 400)
 TAG_IMMUTABLE = ErrorCode("DENIED", "tag is immutable", 409)
+# A push that would take a repository over its quota (protocol/quotas.py).
+QUOTA_EXCEEDED = ErrorCode("DENIED", "repository quota exceeded", 403)
 # The spec's UNSUPPORTED covers "a missing implementation or invalid set of parameters".
 PAGINATION_INVALID = ErrorCode("UNSUPPORTED", "invalid number of results requested", 400)
 BODY_INVALID = ErrorCode("UNSUPPORTED", "invalid request body", 400)

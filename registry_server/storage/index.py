@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from registry_server.protocol.quotas import Quota, Usage
 from registry_server.protocol.versions import Stamp
 
 
@@ -98,6 +99,7 @@ class MetadataIndex(Protocol):
         required_blobs: Sequence[str] = (),
         required_manifests: Sequence[str] = (),
         actor: str | None = None,
+        quota: Quota | None = None,
     ) -> list[str]:
         """Store a manifest and point ``tags`` at it; returns the tags actually moved.
 
@@ -148,6 +150,15 @@ class MetadataIndex(Protocol):
         list is valid while it holds); None when the repository is unknown."""
 
     async def list_repositories(self, n: int | None, last: str | None) -> list[str]: ...
+
+    # usage (protocol/quotas.py), kept in the write transactions
+    async def usage(self, repo: str) -> Usage | None: ...
+    async def usages(self, n: int | None, last: str | None) -> list[Usage]:
+        """Every repository's usage, in name order after ``last``."""
+
+    async def recount_usage(self, repo: str) -> Usage | None:
+        """The usage counted from scratch (what the kept figures must equal)."""
+
     async def referrers(self, repo: str, subject: str) -> list[ManifestRecord]: ...
     async def missing_manifests(self, repo: str, digests: Sequence[str]) -> list[str]: ...
 

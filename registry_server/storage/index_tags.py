@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable, Collection, Sequence
 
 from registry_server.protocol import errors, versions
+from registry_server.protocol.quotas import Quota
 from registry_server.protocol.versions import Stamp
-from registry_server.storage import changelog
+from registry_server.storage import changelog, index_usage
 from registry_server.storage.index import (
     RETENTION_ACTOR,
     ManifestRecord,
@@ -176,10 +177,14 @@ def put_manifest(
     required_blobs: Sequence[str],
     required_manifests: Sequence[str],
     actor: str | None,
+    quota: Quota | None = None,
 ) -> Tx[list[str]]:
     local = given is None
     repo_id = yield from repository(dialect, repo, create=True)
     assert repo_id is not None
+    # Under the repository's lock: no concurrent push counts between this and the check.
+    limited = local and quota is not None and (quota.storage, quota.tags) != (None, None)
+    before = (yield from index_usage.usage_of(repo_id)) if limited else None
     # Checked in the transaction: GC (or a delete) cannot take a blob or child away
     # between the check and the write and leave the manifest dangling.
     missing = yield from _missing_required(dialect, repo_id, required_blobs, required_manifests)
@@ -243,6 +248,21 @@ def put_manifest(
         yield from changelog.record(
             consumers, repo, "manifest", None, manifest.digest, version, actor
         )
+    if before is not None and quota is not None:
+        # Counted by the triggers as the rows went in; refusing rolls all of it back.
+        after = yield from index_usage.usage_of(repo_id)
+        reason = quota.exceeded_by(before, after)
+        if reason is not None:
+            raise errors.RegistryError(
+                errors.QUOTA_EXCEEDED,
+                message=reason,
+                detail={
+                    "repository": repo,
+                    "storage": after.storage,
+                    "tags": after.tags,
+                    "quota": {"storage": quota.storage, "tags": quota.tags},
+                },
+            )
     return applied
 
 

@@ -129,7 +129,91 @@ CREATE TRIGGER tags_changed AFTER INSERT OR UPDATE OR DELETE ON tags
     FOR EACH ROW EXECUTE FUNCTION berth_tags_changed();
 """
 
+_BLOB_SIZE = "COALESCE((SELECT size FROM blobs WHERE digest = NEW.child), 0)"
+
+# Per-repository usage (storage/index_usage.py), kept by triggers: a blob counts once per
+# repository (repository_blobs holds its references and the size counted), manifests
+# and tags count too. What is already stored is counted at the end.
+_V5 = f"""
+ALTER TABLE repositories ADD COLUMN stored_bytes BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN tag_count BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN manifest_count BIGINT NOT NULL DEFAULT 0;
+CREATE TABLE repository_blobs (
+    repo_id BIGINT NOT NULL,
+    digest TEXT COLLATE "C" NOT NULL,
+    size BIGINT NOT NULL,
+    refs BIGINT NOT NULL,
+    PRIMARY KEY (repo_id, digest)
+);
+CREATE FUNCTION berth_usage_refs() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    counted BIGINT;
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        IF NEW.kind <> 'blob' THEN RETURN NULL; END IF;
+        INSERT INTO repository_blobs AS rb (repo_id, digest, size, refs)
+            VALUES (NEW.repo_id, NEW.child, {_BLOB_SIZE}, 1)
+            ON CONFLICT (repo_id, digest) DO UPDATE SET refs = rb.refs + 1
+            RETURNING CASE WHEN rb.refs = 1 THEN rb.size ELSE 0 END INTO counted;
+        IF counted <> 0 THEN
+            UPDATE repositories SET stored_bytes = stored_bytes + counted
+                WHERE id = NEW.repo_id;
+        END IF;
+    ELSE
+        IF OLD.kind <> 'blob' THEN RETURN NULL; END IF;
+        UPDATE repository_blobs SET refs = refs - 1
+            WHERE repo_id = OLD.repo_id AND digest = OLD.child
+            RETURNING CASE WHEN refs <= 0 THEN size END INTO counted;
+        IF counted IS NOT NULL THEN
+            DELETE FROM repository_blobs WHERE repo_id = OLD.repo_id AND digest = OLD.child;
+            UPDATE repositories SET stored_bytes = stored_bytes - counted
+                WHERE id = OLD.repo_id;
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER usage_refs AFTER INSERT OR DELETE ON manifest_refs
+    FOR EACH ROW EXECUTE FUNCTION berth_usage_refs();
+CREATE FUNCTION berth_usage_manifests() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE repositories SET manifest_count = manifest_count + 1,
+            stored_bytes = stored_bytes + NEW.size WHERE id = NEW.repo_id;
+    ELSE
+        UPDATE repositories SET manifest_count = manifest_count - 1,
+            stored_bytes = stored_bytes - OLD.size WHERE id = OLD.repo_id;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER usage_manifests AFTER INSERT OR DELETE ON manifests
+    FOR EACH ROW EXECUTE FUNCTION berth_usage_manifests();
+CREATE FUNCTION berth_usage_tags() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE repositories SET tag_count = tag_count + 1 WHERE id = NEW.repo_id;
+    ELSE
+        UPDATE repositories SET tag_count = tag_count - 1 WHERE id = OLD.repo_id;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER usage_tags AFTER INSERT OR DELETE ON tags
+    FOR EACH ROW EXECUTE FUNCTION berth_usage_tags();
+INSERT INTO repository_blobs(repo_id, digest, size, refs)
+    SELECT r.repo_id, r.child, COALESCE(MAX(b.size), 0), COUNT(*)
+    FROM manifest_refs r LEFT JOIN blobs b ON b.digest = r.child
+    WHERE r.kind = 'blob' GROUP BY r.repo_id, r.child;
+UPDATE repositories SET
+    stored_bytes = COALESCE((SELECT SUM(size) FROM repository_blobs
+        WHERE repo_id = repositories.id), 0)
+        + COALESCE((SELECT SUM(size) FROM manifests WHERE repo_id = repositories.id), 0),
+    tag_count = (SELECT COUNT(*) FROM tags WHERE repo_id = repositories.id),
+    manifest_count = (SELECT COUNT(*) FROM manifests WHERE repo_id = repositories.id);
+"""
+
 # (version, SQL): applied in order, each once.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2), (3, _V3), (4, _V4))
+MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5))
 
 LATEST = MIGRATIONS[-1][0]

@@ -14,8 +14,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TypeVar
 
+from registry_server.protocol.quotas import Quota, Usage
 from registry_server.protocol.versions import Stamp
-from registry_server.storage import changelog, index_blobs, index_tags
+from registry_server.storage import changelog, index_blobs, index_tags, index_usage
 from registry_server.storage.index import Change, ManifestRecord, NewManifest, TagState
 from registry_server.storage.sqltx import Dialect, Query, Tx
 
@@ -70,6 +71,7 @@ class SqlIndex(ABC):
         required_blobs: Sequence[str] = (),
         required_manifests: Sequence[str] = (),
         actor: str | None = None,
+        quota: Quota | None = None,
     ) -> list[str]:
         return await self._write(
             lambda: index_tags.put_manifest(
@@ -84,6 +86,7 @@ class SqlIndex(ABC):
                 required_blobs,
                 required_manifests,
                 actor,
+                quota,
             )
         )
 
@@ -145,6 +148,15 @@ class SqlIndex(ABC):
 
     async def referrers(self, repo: str, subject: str) -> list[ManifestRecord]:
         return await self._read(index_tags.referrers(repo, subject))
+
+    async def usage(self, repo: str) -> Usage | None:
+        return await self._read(index_usage.usage(repo))
+
+    async def usages(self, n: int | None, last: str | None) -> list[Usage]:
+        return await self._read(index_usage.usages(self.dialect, n, last))
+
+    async def recount_usage(self, repo: str) -> Usage | None:
+        return await self._read(index_usage.recount(repo))
 
     async def missing_manifests(self, repo: str, digests: Sequence[str]) -> list[str]:
         return await self._read(index_tags.missing("manifests", repo, digests))

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from registry_server.storage import changelog
+from registry_server.storage import changelog, index_usage
 from registry_server.storage.driver import StorageFull
 from registry_server.storage.space import SpaceMonitor
 from registry_server.storage.sql_index import SqlIndex
@@ -50,7 +50,11 @@ CREATE TABLE IF NOT EXISTS repositories (
     name TEXT NOT NULL UNIQUE,
     created REAL NOT NULL,
     -- Counts the changes to this repository's tags: what a cached tag list is valid for.
-    tags_changed INTEGER NOT NULL DEFAULT 0
+    tags_changed INTEGER NOT NULL DEFAULT 0,
+    -- Usage (protocol/quotas.py), kept by the triggers of index_usage.
+    stored_bytes INTEGER NOT NULL DEFAULT 0,
+    tag_count INTEGER NOT NULL DEFAULT 0,
+    manifest_count INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS blobs (
     digest TEXT PRIMARY KEY,
@@ -127,6 +131,9 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 _ADDED_COLUMNS = (
     ("changes", "actor", "TEXT"),
     ("repositories", "tags_changed", "INTEGER NOT NULL DEFAULT 0"),
+    ("repositories", "stored_bytes", "INTEGER NOT NULL DEFAULT 0"),
+    ("repositories", "tag_count", "INTEGER NOT NULL DEFAULT 0"),
+    ("repositories", "manifest_count", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -146,6 +153,55 @@ END;
 """
 
 
+_BLOB_SIZE = "COALESCE((SELECT size FROM blobs WHERE digest = NEW.child), 0)"
+
+# Usage (storage/index_usage.py): statements run one by one in the transaction that
+# counts what is already stored.
+_USAGE_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS repository_blobs (
+        repo_id INTEGER NOT NULL,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        refs INTEGER NOT NULL,
+        PRIMARY KEY (repo_id, digest)
+    ) WITHOUT ROWID""",
+    f"""CREATE TRIGGER IF NOT EXISTS usage_ref_insert AFTER INSERT ON manifest_refs
+    WHEN NEW.kind = 'blob' BEGIN
+        UPDATE repositories SET stored_bytes = stored_bytes + {_BLOB_SIZE}
+            WHERE id = NEW.repo_id AND NOT EXISTS (SELECT 1 FROM repository_blobs
+                WHERE repo_id = NEW.repo_id AND digest = NEW.child);
+        INSERT INTO repository_blobs(repo_id, digest, size, refs)
+            VALUES (NEW.repo_id, NEW.child, {_BLOB_SIZE}, 1)
+            ON CONFLICT (repo_id, digest) DO UPDATE SET refs = refs + 1;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS usage_ref_delete AFTER DELETE ON manifest_refs
+    WHEN OLD.kind = 'blob' BEGIN
+        UPDATE repository_blobs SET refs = refs - 1
+            WHERE repo_id = OLD.repo_id AND digest = OLD.child;
+        UPDATE repositories SET stored_bytes = stored_bytes - (SELECT size
+            FROM repository_blobs WHERE repo_id = OLD.repo_id AND digest = OLD.child)
+            WHERE id = OLD.repo_id AND EXISTS (SELECT 1 FROM repository_blobs
+                WHERE repo_id = OLD.repo_id AND digest = OLD.child AND refs <= 0);
+        DELETE FROM repository_blobs
+            WHERE repo_id = OLD.repo_id AND digest = OLD.child AND refs <= 0;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS usage_manifest_insert AFTER INSERT ON manifests BEGIN
+        UPDATE repositories SET manifest_count = manifest_count + 1,
+            stored_bytes = stored_bytes + NEW.size WHERE id = NEW.repo_id;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS usage_manifest_delete AFTER DELETE ON manifests BEGIN
+        UPDATE repositories SET manifest_count = manifest_count - 1,
+            stored_bytes = stored_bytes - OLD.size WHERE id = OLD.repo_id;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS usage_tag_insert AFTER INSERT ON tags BEGIN
+        UPDATE repositories SET tag_count = tag_count + 1 WHERE id = NEW.repo_id;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS usage_tag_delete AFTER DELETE ON tags BEGIN
+        UPDATE repositories SET tag_count = tag_count - 1 WHERE id = OLD.repo_id;
+    END""",
+)
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Columns added since a database was created (CREATE IF NOT EXISTS keeps old tables)."""
     for table, column, declaration in _ADDED_COLUMNS:
@@ -158,6 +214,22 @@ def _migrate(conn: sqlite3.Connection) -> None:
             # Workers start together: another one may have added it just now.
             if "duplicate column" not in str(exc):
                 raise
+
+
+def _count_usage(conn: sqlite3.Connection) -> None:
+    """Create the usage table and triggers and count what is already stored, once per
+    database, in one transaction: workers starting together count it once."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("SELECT 1 FROM meta WHERE key = 'usage'").fetchone() is None:
+            for statement in _USAGE_SCHEMA:
+                conn.execute(statement)
+            run_sync(conn, index_usage.recount_all())
+            conn.execute("INSERT INTO meta(key, value) VALUES ('usage', '1')")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _enter_wal(conn: sqlite3.Connection, patience: float = 30.0) -> None:
@@ -207,6 +279,7 @@ class SqliteIndex(SqlIndex):
         conn.executescript(_SCHEMA)
         _migrate(conn)
         conn.executescript(_TRIGGERS)
+        _count_usage(conn)
         conn.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('instance', ?)", (uuid.uuid4().hex,)
         )

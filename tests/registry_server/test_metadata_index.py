@@ -3,6 +3,7 @@ throwaway server of tests/support/postgres.py (marked integration: a real server
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import sqlite3
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from registry_server.protocol import errors
+from registry_server.protocol.quotas import Quota, Usage
 from registry_server.protocol.versions import Stamp
 from registry_server.storage import sqlite_index
 from registry_server.storage.index import MetadataIndex, NewManifest
@@ -370,15 +372,23 @@ async def test_a_database_from_before_the_actor_column_is_migrated(tmp_path: Pat
         await again.close()
 
 
+def _schema_without(*columns: str) -> str:
+    """The SQLite schema as a database made before ``columns`` of repositories were."""
+    old = sqlite_index._SCHEMA
+    for column in columns:
+        line = next(x for x in old.splitlines() if x.strip().startswith(column + " "))
+        old = old.replace(line + "\n", "")
+    # Without comments, so that the last column left can lose its comma.
+    old = "\n".join(x for x in old.splitlines() if not x.strip().startswith("--"))
+    return old.replace(",\n);", "\n);")
+
+
 async def test_a_database_from_before_the_tag_count_is_migrated(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    counted = "    tags_changed INTEGER NOT NULL DEFAULT 0\n"
-    assert counted in sqlite_index._SCHEMA
-    comment = "\n    -- Counts the changes"
-    old = sqlite_index._SCHEMA.replace("," + comment, comment)
-    old = old.replace(counted, "")
     conn = sqlite3.connect(path)
-    conn.executescript(old)
+    conn.executescript(
+        _schema_without("tags_changed", "stored_bytes", "tag_count", "manifest_count")
+    )
     assert "tags_changed" not in {r[1] for r in conn.execute("PRAGMA table_info(repositories)")}
     conn.close()
     index = SqliteIndex(path)
@@ -389,6 +399,129 @@ async def test_a_database_from_before_the_tag_count_is_migrated(tmp_path: Path) 
         assert first is not None and await index.tag_list_version("r") != first
     finally:
         await index.close()
+
+
+async def test_a_database_from_before_usage_counts_what_it_holds(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_schema_without("stored_bytes", "tag_count", "manifest_count"))
+    conn.execute("INSERT INTO repositories(id, name, created) VALUES (1, 'r', 0)")
+    conn.executemany(
+        "INSERT INTO blobs(digest, size, created) VALUES (?, ?, 0)", [(B1, 100), (B2, 200)]
+    )
+    conn.executemany(
+        "INSERT INTO manifests(repo_id, digest, media_type, size, content, created)"
+        " VALUES (1, ?, 'x', 10, x'00', 0)",
+        [(D1,), (D2,)],
+    )
+    conn.executemany(
+        "INSERT INTO manifest_refs(repo_id, digest, child, kind) VALUES (1, ?, ?, 'blob')",
+        [(D1, B1), (D1, B2), (D2, B2)],
+    )
+    conn.execute(
+        "INSERT INTO tags(repo_id, name, digest, updated, version, origin)"
+        " VALUES (1, 'v1', ?, 0, 1, '')",
+        (D1,),
+    )
+    conn.commit()
+    conn.close()
+    index = SqliteIndex(path)
+    again = SqliteIndex(path)  # a second worker: counted once, not twice
+    try:
+        assert await index.usage("r") == Usage("r", 320, 1, 2)
+        await index.delete_manifest("r", D1)  # B2 stays: D2 still references it
+        assert await index.usage("r") == Usage("r", 210, 0, 1) == await index.recount_usage("r")
+    finally:
+        await index.close()
+        await again.close()
+
+
+async def _linked(index: MetadataIndex, repo: str, *sizes: tuple[str, int]) -> None:
+    for digest, size in sizes:
+        await index.link_blob(repo, digest, size)
+
+
+async def _same_as_recount(index: MetadataIndex, repo: str) -> Usage:
+    kept = await index.usage(repo)
+    assert kept is not None and kept == await index.recount_usage(repo)
+    return kept
+
+
+async def test_usage_counts_each_blob_once_per_repository(index: MetadataIndex) -> None:
+    await _linked(index, "r", (B1, 100), (B2, 200), (B3, 400))
+    m1, m2 = manifest(D1, blobs=(B1, B2)), manifest(D2, blobs=(B2, B3))
+    c1, c2 = len(m1.content), len(m2.content)
+    await index.put_manifest("r", m1, ["v1"])
+    assert await _same_as_recount(index, "r") == Usage("r", 300 + c1, 1, 1)
+    await index.put_manifest("r", m2, ["v2"])  # B2 is shared: counted once
+    assert await _same_as_recount(index, "r") == Usage("r", 700 + c1 + c2, 2, 2)
+    await index.put_manifest("r", m1, ["latest", "v1"])  # again, one more tag
+    assert await _same_as_recount(index, "r") == Usage("r", 700 + c1 + c2, 3, 2)
+    # Another repository holding a layer of this one counts it too.
+    await _linked(index, "s", (B1, 100))
+    await index.put_manifest("s", manifest(D3, blobs=(B1,)), ["v1"])
+    assert await _same_as_recount(index, "s") == Usage("s", 100 + len(manifest(D3).content), 1, 1)
+    # Deletes give back exactly what is no longer referenced.
+    assert await index.delete_manifest("r", D1)
+    assert await _same_as_recount(index, "r") == Usage("r", 600 + c2, 1, 1)
+    assert await index.delete_tag("r", "v2")
+    assert await _same_as_recount(index, "r") == Usage("r", 600 + c2, 0, 1)
+    assert await index.delete_untagged_manifest("r", D2) == 1
+    assert await _same_as_recount(index, "r") == Usage("r", 0, 0, 0)
+    assert [u.repository for u in await index.usages(None, None)] == ["r", "s"]
+    assert await index.usages(1, "r") == [await index.usage("s")]
+    assert await index.usage("nope") is None and await index.recount_usage("nope") is None
+
+
+async def test_a_push_over_the_quota_is_refused_and_leaves_nothing(
+    index: MetadataIndex,
+) -> None:
+    await _linked(index, "r", (B1, 100), (B2, 200), (B3, 400))
+    m1 = manifest(D1, blobs=(B1, B2))
+    quota = Quota(storage=300 + len(m1.content) + 50, tags=2)
+    await index.put_manifest("r", m1, ["v1"], quota=quota)
+    before = await _same_as_recount(index, "r")
+    with pytest.raises(errors.RegistryError) as caught:
+        await index.put_manifest("r", manifest(D2, blobs=(B3,)), ["v2"], quota=quota)
+    assert caught.value.error is errors.QUOTA_EXCEEDED and caught.value.status == 403
+    assert "storage quota exceeded: repository r" in str(caught.value.message)
+    assert await index.get_manifest("r", D2) is None
+    assert await index.resolve_tag("r", "v2") is None
+    assert await _same_as_recount(index, "r") == before
+    # Tags: a second fits, a third does not; moving one is no growth.
+    await index.put_manifest("r", m1, ["v2"], quota=quota)
+    with pytest.raises(errors.RegistryError, match="tag quota exceeded"):
+        await index.put_manifest("r", m1, ["v3"], quota=quota)
+    small = manifest(D3, blobs=(B1,))
+    with pytest.raises(errors.RegistryError, match="storage quota"):
+        await index.put_manifest("r", small, ["v2"], quota=quota)  # its own bytes are growth
+    # A lowered quota: what adds nothing still goes; a replicated change is not refused.
+    tight = Quota(storage=1, tags=1)
+    await index.put_manifest("r", m1, ["v2"], quota=tight)
+    await index.put_manifest("r", small, ["v9"], Stamp(10**15, "us"), quota=tight)
+    assert await index.resolve_tag("r", "v9") == D3
+
+
+async def test_concurrent_pushes_never_pass_the_quota(index: MetadataIndex) -> None:
+    blobs = ["sha256:" + f"{n:064x}" for n in range(10)]
+    digests = ["sha256:" + f"{n + 100:064x}" for n in range(10)]
+    await _linked(index, "r", *((b, 300) for b in blobs))
+    size = 300 + len(manifest(digests[0]).content)
+    quota = Quota(storage=2 * size + size // 2)
+
+    async def push(n: int) -> bool:
+        try:
+            await index.put_manifest(
+                "r", manifest(digests[n], blobs=(blobs[n],)), [f"t{n}"], quota=quota
+            )
+        except errors.RegistryError as exc:
+            assert exc.error is errors.QUOTA_EXCEEDED
+            return False
+        return True
+
+    pushed = await asyncio.gather(*(push(n) for n in range(10)))
+    assert sum(pushed) == 2
+    assert await _same_as_recount(index, "r") == Usage("r", 2 * size, 2, 2)
 
 
 def _open_once(path: str) -> str:

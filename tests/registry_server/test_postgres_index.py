@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from registry_server.protocol import errors
+from registry_server.protocol.quotas import Usage
 from registry_server.storage import postgres_schema
 from registry_server.storage.index import Change, NewManifest
 from registry_server.storage.postgres_index import PostgresIndex
@@ -84,6 +85,39 @@ def test_a_newer_schema_is_refused(postgres_dsn: str) -> None:
         conn.execute("INSERT INTO schema_version(version, applied) VALUES (99, 0)")
     with pytest.raises(RuntimeError, match="schema version 99"):
         PostgresIndex(postgres_dsn)
+
+
+async def test_a_database_from_before_usage_counts_what_it_holds(postgres_dsn: str) -> None:
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+            " applied DOUBLE PRECISION NOT NULL)"
+        )
+        for version, script in postgres_schema.MIGRATIONS[:4]:
+            conn.execute(script)
+            conn.execute("INSERT INTO schema_version VALUES (%s, 0)", (version,))
+        conn.execute("INSERT INTO repositories(id, name, created) VALUES (1, 'r', 0)")
+        for blob, size in ((digest(1, "b"), 100), (digest(2, "b"), 200)):
+            conn.execute("INSERT INTO blobs VALUES (%s, %s, 0)", (blob, size))
+        for m in (digest(1), digest(2)):
+            conn.execute(
+                "INSERT INTO manifests(repo_id, digest, media_type, size, content, created)"
+                " VALUES (1, %s, 'x', 10, '\\x00', 0)",
+                (m,),
+            )
+        for m, blob in ((1, 1), (1, 2), (2, 2)):
+            conn.execute(
+                "INSERT INTO manifest_refs VALUES (1, %s, %s, 'blob')",
+                (digest(m), digest(blob, "b")),
+            )
+        conn.execute("INSERT INTO tags VALUES (1, 'v1', %s, 0, 1, '')", (digest(1),))
+    index = await PostgresIndex.connect(postgres_dsn)
+    try:
+        assert await index.usage("r") == Usage("r", 320, 1, 2)
+        await index.delete_manifest("r", digest(1))  # the shared blob stays counted
+        assert await index.usage("r") == Usage("r", 210, 0, 1) == await index.recount_usage("r")
+    finally:
+        await index.close()
 
 
 async def test_an_entry_committed_late_is_not_skipped(
