@@ -18,19 +18,22 @@ from registry_server.events import notifier
 from registry_server.events.background import cancel_all, run_elected
 from registry_server.events.replicator import Replicator
 from registry_server.events.upstream_fetching import UpstreamFetcher
-from registry_server.http import accounts, replication, routes, token
+from registry_server.http import accounts, replication, routes, token, usage
 from registry_server.http.clients import ClientAddresses
 from registry_server.http.context import SERVICES, Services
 from registry_server.http.errors import error_middleware
 from registry_server.http.health import metrics_app, metrics_middleware
+from registry_server.protocol.quotas import NO_QUOTA, Quota
 from registry_server.protocol.tag_rules import NO_RULES, TagRules
 from registry_server.protocol.upstreams import Mirror
+from registry_server.services import usage as usage_service
 from registry_server.services.blobs import BlobService
 from registry_server.services.discovery import DiscoveryService
 from registry_server.services.gc import GarbageCollector
 from registry_server.services.manifests import ManifestService
 from registry_server.services.pull_through import PullThrough, Settings
 from registry_server.services.retention import RetentionService
+from registry_server.services.usage import UsageService
 from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.driver import StorageDriver
 from registry_server.storage.election import Election, LocalElection
@@ -48,6 +51,8 @@ if TYPE_CHECKING:
 # stream; manifests, forms and replication messages go through http.body.read_limited with
 # limits of their own), so this is only a net, and it never applies to streamed bodies.
 _CLIENT_MAX_SIZE = 1 << 20
+# Seconds between refreshes of the per-repository usage gauges.
+_USAGE_REFRESH = 10.0
 
 
 def build_authorizer(config: Config) -> Authorizer:
@@ -199,6 +204,9 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
         # Immutable tags and retention live in the policy file: none without one.
         return auth.tag_rules(repository) if isinstance(auth, TagRuleSource) else NO_RULES
 
+    def quota(repository: str) -> Quota:
+        return auth.quota(repository) if isinstance(auth, TagRuleSource) else NO_QUOTA
+
     wakers = [w.wake for w in (replicator, notifications) if w is not None]
 
     def on_change() -> None:
@@ -209,12 +217,13 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
 
     svc = Services(
         pull_through=pull_through,
-        blobs=BlobService(store, index),
+        blobs=BlobService(store, index, quota),
         manifests=ManifestService(
             index,
             config.limits.max_manifest_bytes,
             on_change=on_change,
             tag_rules=tag_rules,
+            quota=quota,
             space=space,
             # With SQLite, what `berth-registry rebuild` rebuilds the index from.
             record=TagRecord(config.storage.root) if isinstance(index, SqliteIndex) else None,
@@ -223,6 +232,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
         index=index,
         auth=auth,
         max_manifest_bytes=config.limits.max_manifest_bytes,
+        usage=UsageService(index, quota),
         replicator=replicator,
         region=rep.region,
         clients=ClientAddresses(config.http.trusted_proxies, config.http.forwarded_header),
@@ -236,6 +246,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     token.setup(app, config.http.relayed_hosts)
     replication.add_routes(app)
     accounts.add_routes(app)
+    usage.add_routes(app)
 
     collector = GarbageCollector(
         store, index, config.gc.grace_seconds, config.limits.upload_purge_after_seconds
@@ -278,6 +289,10 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
             await notifications.start()
         if election is not None and config.gc.interval_seconds > 0:
             background.append(asyncio.create_task(run_elected(election, "gc", collect_forever)))
+        if election is not None:  # worker 0
+            background.append(
+                asyncio.create_task(usage_service.refresh_forever(svc.usage, _USAGE_REFRESH))
+            )
         if election is not None and config.backup.interval_seconds > 0:
 
             async def back_up_forever() -> None:

@@ -1,8 +1,9 @@
 """``berth-registry check | rebuild | backup``: the SQLite index's recovery and backups.
 
 - ``check``: SQLite's integrity check, then every manifest's blobs and child manifests
-  present (blob files with their recorded size), every tag's manifest present, and the
-  tag record (``storage.records``) agreeing with the index. Exit status 1 on a problem.
+  present (blob files with their recorded size), every tag's manifest present, each
+  repository's kept usage equal to a recount, and the tag record (``storage.records``)
+  agreeing with the index. Exit status 1 on a problem.
 - ``rebuild`` (server stopped): a new index from what is stored: blob records from the
   blob tree; repositories, manifests, references, links and referrers from the manifests
   in the tag record; tags (and tombstones) from it, by version. The old index is kept
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from registry_server import config as config_mod
 from registry_server.protocol import digests, manifests
-from registry_server.storage import index_blobs, index_tags
+from registry_server.storage import index_blobs, index_tags, index_usage
 from registry_server.storage.blobstore import BACKUP_MARKER, blob_path
 from registry_server.storage.index import NewManifest
 from registry_server.storage.records import RecordedManifest, TagRecord
@@ -100,6 +101,7 @@ def check(root: Path) -> list[str]:
             " WHERE m.repo_id = t.repo_id AND m.digest = t.digest)"
         ):
             problems.append(f"{repo}:{tag}: manifest {digest} missing")
+        problems += _usage_problems(conn)
         record = TagRecord(root)
         for repo in record.repositories():
             recorded = record.replay(repo).live_tags()
@@ -117,6 +119,19 @@ def check(root: Path) -> list[str]:
                     )
     finally:
         conn.close()
+    return problems
+
+
+def _usage_problems(conn: sqlite3.Connection) -> list[str]:
+    """Each repository's kept usage against a recount from its manifests and tags."""
+    if "stored_bytes" not in {r[1] for r in conn.execute("PRAGMA table_info(repositories)")}:
+        return []  # not yet opened by a server that keeps usage: it counts at start
+    problems = []
+    for (repo,) in conn.execute("SELECT name FROM repositories ORDER BY name").fetchall():
+        kept = run_sync(conn, index_usage.usage(repo))
+        counted = run_sync(conn, index_usage.recount(repo))
+        if kept != counted:
+            problems.append(f"{repo}: usage kept as {kept}, recounted {counted}")
     return problems
 
 

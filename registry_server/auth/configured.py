@@ -35,6 +35,7 @@ from registry_server.auth.reloading import AuthFiles, LoadError
 from registry_server.auth.tokens import SigningKey, SigningKeyError, TokenCodec, TokenInvalid
 from registry_server.config import AuthConfig, ConfigError
 from registry_server.protocol import errors
+from registry_server.protocol.quotas import Quota
 from registry_server.protocol.tag_rules import TagRules
 
 log = logging.getLogger("registry_server.auth")
@@ -133,6 +134,9 @@ class ConfiguredAuthorizer:
 
     def tag_rules(self, repository: str) -> TagRules:
         return self.files.directory.policy.tag_rules(repository)
+
+    def quota(self, repository: str) -> Quota:
+        return self.files.directory.policy.quota(repository)
 
     def credential_fingerprint(self, name: str) -> str | None:
         account = self.directory.accounts.get(name)

@@ -7,6 +7,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from registry_server.protocol.quotas import Quota
 from registry_server.protocol.tag_rules import TagRules
 
 
@@ -143,7 +144,10 @@ class Background(Protocol):
 @runtime_checkable
 class TagRuleSource(Protocol):
     """An Authorizer whose policy also holds per-repository tag rules (immutable tags,
-    retention); the manifest and retention services ask it on every use, so a policy
-    reload applies at once."""
+    retention) and quotas; the manifest, upload and retention services ask it on every
+    use, so a policy reload applies at once."""
 
     def tag_rules(self, repository: str) -> TagRules: ...
+
+    def quota(self, repository: str) -> Quota:
+        """The repository's quota (protocol/quotas.py), from the same policy."""

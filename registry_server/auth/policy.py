@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from registry_server.auth import htpasswd, scopes
-from registry_server.protocol import tag_rules
+from registry_server.protocol import quotas, tag_rules
 
 ANY_ACCOUNT = "*"  # in a rule's pull/push/delete lists: every authenticated account
 
@@ -53,6 +53,7 @@ class Rule:
     delete: frozenset[str] = frozenset()
     anonymous_pull: bool = False
     tags: tag_rules.TagRules = tag_rules.NO_RULES
+    quota: quotas.Quota = quotas.NO_QUOTA
 
     def actions_for(self, name: str | None) -> set[str]:
         found: set[str] = set()
@@ -121,6 +122,18 @@ class Policy:
         return tag_rules.combine(
             rule.tags
             for rule in self._rules_with_tags
+            if scopes.matches(rule.repository, repository)
+        )
+
+    @functools.cached_property
+    def _rules_with_quotas(self) -> tuple[Rule, ...]:
+        return tuple(rule for rule in self.rules if rule.quota != quotas.NO_QUOTA)
+
+    def quota(self, repository: str) -> quotas.Quota:
+        """The limits on ``repository`` (every matching rule's quota holds)."""
+        return quotas.combine(
+            rule.quota
+            for rule in self._rules_with_quotas
             if scopes.matches(rule.repository, repository)
         )
 
@@ -256,7 +269,8 @@ def _actions(value: Any, where: str) -> frozenset[str]:
 
 
 _RULE_KEYS = {
-    "repository", "pull", "push", "delete", "anonymous_pull", "immutable_tags", "retention"
+    "repository", "pull", "push", "delete", "anonymous_pull", "immutable_tags", "retention",
+    "quota",
 }  # fmt: skip
 
 
@@ -284,6 +298,22 @@ def _tag_rules(entry: Mapping[str, Any], where: str) -> tag_rules.TagRules:
         protect = _tag_patterns(raw.get("protect"), f"{rwhere}.protect")
         retention = tag_rules.Retention(keep, protect)
     return tag_rules.TagRules(immutable, retention)
+
+
+def _quota(value: Any, where: str) -> quotas.Quota:
+    if value is None:
+        return quotas.NO_QUOTA
+    raw = _mapping(value, where, {"storage", "tags"}, set())
+    storage = None
+    if raw.get("storage") is not None:
+        try:
+            storage = quotas.parse_bytes(raw["storage"])
+        except quotas.QuantityError as exc:
+            raise PolicyError(f"{where}.storage: {exc}") from None
+    tags = raw.get("tags")
+    if tags is not None and (isinstance(tags, bool) or not isinstance(tags, int) or tags < 0):
+        raise PolicyError(f"{where}.tags: expected a number of tags (0 or more)")
+    return quotas.Quota(storage, tags)
 
 
 def _add_account(accounts: dict[str, Account], account: Account, where: str) -> None:
@@ -404,6 +434,7 @@ def parse(document: Any) -> Policy:
                 delete=_names(entry.get("delete"), f"{where}.delete"),
                 anonymous_pull=anonymous,
                 tags=_tag_rules(entry, where),
+                quota=_quota(entry.get("quota"), f"{where}.quota"),
             )
         )
     admins = _names(top.get("admins"), "admins")

@@ -14,6 +14,7 @@ from registry_server.services.blobs import BlobService
 from registry_server.services.discovery import DiscoveryService
 from registry_server.services.manifests import ManifestService
 from registry_server.services.pull_through import PullThrough
+from registry_server.services.usage import UsageService
 from registry_server.storage.index import MetadataIndex
 from registry_server.storage.space import SpaceMonitor
 
@@ -26,6 +27,7 @@ class Services:
     index: MetadataIndex
     auth: Authorizer
     max_manifest_bytes: int
+    usage: UsageService
     replicator: Replicator | None = None
     region: str = ""
     clients: ClientAddresses = field(default_factory=ClientAddresses)

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from registry_server.protocol import digests, errors
+from registry_server.protocol.quotas import NO_QUOTA, Quota
 from registry_server.storage.blobstore import BlobStore, UploadInfo
 from registry_server.storage.index import MetadataIndex
 
@@ -15,9 +16,34 @@ def _blob_unknown(digest: digests.Digest) -> errors.RegistryError:
 
 
 class BlobService:
-    def __init__(self, store: BlobStore, index: MetadataIndex) -> None:
+    def __init__(
+        self,
+        store: BlobStore,
+        index: MetadataIndex,
+        quota: Callable[[str], Quota] | None = None,
+    ) -> None:
         self.store = store
         self.index = index
+        # The repository's quota as the policy says now: a repository already at its
+        # storage quota takes no new uploads (no manifest using them could be pushed).
+        self.quota = quota or (lambda _repo: NO_QUOTA)
+
+    async def _refuse_when_full(self, repo: str) -> None:
+        quota = self.quota(repo)
+        if quota.storage is None:
+            return
+        usage = await self.index.usage(repo)
+        reason = quota.full(usage) if usage is not None else None
+        if reason is not None:
+            raise errors.RegistryError(
+                errors.QUOTA_EXCEEDED,
+                message=reason,
+                detail={
+                    "repository": repo,
+                    "storage": usage.storage if usage else 0,
+                    "quota": {"storage": quota.storage, "tags": quota.tags},
+                },
+            )
 
     # -- pull ----------------------------------------------------------------------------
 
@@ -73,6 +99,7 @@ class BlobService:
     # -- uploads -------------------------------------------------------------------------
 
     async def start_upload(self, repo: str) -> str:
+        await self._refuse_when_full(repo)
         return await self.store.start_upload(repo)
 
     async def upload_status(self, repo: str, upload_id: str) -> UploadInfo:
@@ -125,6 +152,7 @@ class BlobService:
         self, repo: str, digest: digests.Digest, body: AsyncIterator[bytes]
     ) -> int:
         """Single POST with ``?digest=``: the whole blob in one request."""
+        await self._refuse_when_full(repo)
         upload_id = await self.store.start_upload(repo)
         try:
             return await self.finish_upload(repo, upload_id, digest, body)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from registry_server.protocol import digests, errors, manifests, names
+from registry_server.protocol.quotas import NO_QUOTA, Quota
 from registry_server.protocol.tag_rules import NO_RULES, TagRules
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.index import ManifestRecord, MetadataIndex, NewManifest
@@ -29,6 +30,7 @@ class ManifestService:
         tag_rules: Callable[[str], TagRules] | None = None,
         space: SpaceMonitor | None = None,
         record: TagRecord | None = None,
+        quota: Callable[[str], Quota] | None = None,
     ) -> None:
         self.index = index
         # The durable per-repository record the index can be rebuilt from (SQLite only).
@@ -38,6 +40,9 @@ class ManifestService:
         self.max_bytes = max_bytes
         # The repository's immutable tags and retention, as the policy says right now.
         self.tag_rules = tag_rules or (lambda _repo: NO_RULES)
+        # Its quota, likewise; only local pushes are held to it (a replicated change was
+        # decided in the region it was pushed to).
+        self.quota = quota or (lambda _repo: NO_QUOTA)
         # Called after a local change is committed (and logged), to wake replication.
         self._on_change = on_change or (lambda: None)
 
@@ -89,6 +94,7 @@ class ManifestService:
             required_blobs=parsed.required_blobs(),
             required_manifests=list(dict.fromkeys(str(d.digest) for d in parsed.children)),
             actor=actor,
+            quota=self.quota(repo) if stamp is None else None,
         )
         if self.record is not None:
             # After the commit, before the answer: what the client is told is recorded.

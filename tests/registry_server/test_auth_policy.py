@@ -9,7 +9,7 @@ import pytest
 from registry_server.auth import policy
 from registry_server.auth.directory import Directory
 from registry_server.auth.model import CATALOG, Access
-from registry_server.protocol import tag_rules
+from registry_server.protocol import quotas, tag_rules
 
 HASH = "$2b$05$" + "b" * 53
 
@@ -142,6 +142,12 @@ def _with(**changes: Any) -> dict[str, Any]:
             _with(rules=[{"repository": "a", "retention": {"keep_last": 1, "keep": 2}}]),
             "unknown keys",
         ),
+        (_with(rules=[{"repository": "a", "quota": {"storage": "10GB"}}]), "quota.storage"),
+        (_with(rules=[{"repository": "a", "quota": {"storage": -1}}]), "not a size"),
+        (_with(rules=[{"repository": "a", "quota": {"tags": "many"}}]), "number of tags"),
+        (_with(rules=[{"repository": "a", "quota": {"tags": True}}]), "number of tags"),
+        (_with(rules=[{"repository": "a", "quota": {"bytes": 1}}]), "unknown keys"),
+        (_with(rules=[{"repository": "a", "quota": "10Gi"}]), "expected a mapping"),
     ],
 )
 def test_invalid_documents(document: Any, message: str) -> None:
@@ -218,3 +224,20 @@ def test_tag_rules_from_every_matching_rule() -> None:
     assert p.tag_rules("other").immutable == ()
     assert p.tag_rules("other").retention == tag_rules.Retention(10, ())
     assert policy.parse({}).tag_rules("x") == tag_rules.NO_RULES
+
+
+def test_quotas_from_every_matching_rule_the_smallest_holds() -> None:
+    p = policy.parse(
+        {
+            "rules": [
+                {"repository": "team-a/**", "quota": {"storage": "10Gi", "tags": 1000}},
+                {"repository": "team-a/big", "quota": {"storage": "1Ti"}},
+                {"repository": "team-a/small", "quota": {"storage": 1000000, "tags": None}},
+                {"repository": "other", "pull": ["alice"]},
+            ]
+        }
+    )
+    assert p.quota("team-a/app") == quotas.Quota(10 * 2**30, 1000)
+    assert p.quota("team-a/big") == quotas.Quota(10 * 2**30, 1000)  # a rule cannot loosen
+    assert p.quota("team-a/small") == quotas.Quota(1000000, 1000)
+    assert p.quota("other") == quotas.NO_QUOTA == policy.parse({}).quota("x")
