@@ -171,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     state.access_options = granting.Options(
         settings=access.Settings(propagation=args.credential_propagation_seconds),
         prober=state.probe,
+        usage=state.usage_of,
         policy_shard_bytes=args.policy_shard_kib * 1024,
     )
     memo = kopf.Memo(berth=state)

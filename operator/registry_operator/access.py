@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from registry_operator import credentials, models, patterns, robots, status
+from registry_operator import credentials, models, patterns, robots, status, usage
 from registry_operator.rendering import names
 from registry_operator.status import Condition, rfc3339
 
@@ -88,6 +88,8 @@ class Rule:
     immutable_tags: tuple[str, ...] = ()
     keep_last: int | None = None  # retention; None: keep every tag
     protect: tuple[str, ...] = ()
+    quota_storage: int | None = None  # bytes
+    quota_tags: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,19 +383,23 @@ def _has_rule(repository: models.Repository) -> bool:
         repository.visibility == "public"
         or bool(repository.immutable_tags)
         or (retention is not None and retention.keep_last is not None)
+        or repository.quota is not None
     )
 
 
 def _rule(repository: models.Repository) -> Rule:
-    """What the server enforces for the path itself: anonymous pull and tag rules."""
+    """What the server enforces for the path itself: anonymous pull, tag rules, quota."""
     retention = repository.retention
     keep_last = retention.keep_last if retention is not None else None
+    quota = repository.quota
     return Rule(
         repository.path,
         anonymous_pull=repository.visibility == "public",
         immutable_tags=repository.immutable_tags,
         keep_last=keep_last,
         protect=retention.protect if retention is not None and keep_last is not None else (),
+        quota_storage=quota.storage if quota is not None else None,
+        quota_tags=quota.tags if quota is not None else None,
     )
 
 
@@ -535,6 +541,7 @@ def repository_status(
     result: Plan,
     written: Written,
     target_reason: tuple[str, str] = ("RegistryNotFound", ""),
+    observed_usage: usage.Observation | None = None,
 ) -> tuple[dict[str, Any], list[Condition]]:
     """The status fields (without conditions' bookkeeping) and the conditions."""
     name = repository.owner.name
@@ -570,6 +577,11 @@ def repository_status(
     )
     if rules is not None:
         found.append(rules)
+    if holds and target is not None:  # the path's figures are this Repository's to show
+        fields.update(usage.status_fields(repository.path, observed_usage))
+        quota = usage.quota_condition(repository, observed_usage)
+        if quota is not None:
+            found.append(quota)
     return fields, found
 
 

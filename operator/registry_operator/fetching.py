@@ -28,12 +28,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from registry_operator import access, robots, status
+from registry_operator import access, robots, status, usage
 from registry_operator.rendering import names
 
 TIMEOUT = 5.0
 STATUS_PATH = "/berth/v1/replication/status"
 CREDENTIALS_PATH = "/berth/v1/auth/credentials"
+USAGE_PATH = "/berth/v1/usage"
+USAGE_PAGE = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +182,51 @@ def replication_status(
     if not isinstance(payload, dict):
         return status.ReplicationObservation(error=f"GET {url}{STATUS_PATH}: not a JSON object")
     return status.ReplicationObservation(payload=payload)
+
+
+def usage_entries(
+    url: str, username: str, password: str, context: ssl.SSLContext | None = None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Every repository's usage (GET /berth/v1/usage, page by page), or why not."""
+    entries: list[dict[str, Any]] = []
+    last = ""
+    while True:
+        query = urllib.parse.urlencode({"n": USAGE_PAGE, **({"last": last} if last else {})})
+        target = f"{url}{USAGE_PATH}?{query}"
+        try:
+            code, body = _get(target, username, password, context)
+        except (OSError, ValueError) as exc:
+            return entries, f"GET {target}: {exc}"
+        if code != 200:
+            return entries, f"GET {target} answered {code}"
+        try:
+            page = json.loads(body)["repositories"]
+            if not isinstance(page, list):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return entries, f"GET {target}: not a usage page"
+        entries.extend(e for e in page if isinstance(e, dict))
+        if len(page) < USAGE_PAGE:
+            return entries, None
+        last = str(page[-1].get("repository", ""))
+
+
+def usage_observation(
+    url: str,
+    admin: tuple[str, str] | None,
+    previous: usage.Observation | None,
+    now: float,
+    context: ssl.SSLContext | None = None,
+) -> usage.Observation:
+    if admin is None:
+        return usage.Observation(error="the admin credentials are not there yet")
+    entries, error = usage_entries(url, *admin, context)
+    if error is not None:
+        # Keep the figures last seen: a server restarting is not a repository emptied.
+        if previous is not None and previous.error is None:
+            return previous
+        return usage.Observation(error=error)
+    return usage.observe(entries, previous, now)
 
 
 READINESS_PATH = "/readyz/writes"

@@ -35,6 +35,7 @@ from registry_operator import (
     robots,
     status,
 )
+from registry_operator import usage as usage_
 from registry_operator.kube import client as kube_client
 from registry_operator.kube import errors
 from registry_operator.reconcile import Event, Wake
@@ -59,6 +60,8 @@ class Options:
     )
     settings: access.Settings = dataclasses.field(default_factory=access.Settings)
     prober: Prober = _never_reachable
+    # Each Registry's usage as its server last reported it (namespace, name); None: unread.
+    usage: Callable[[str, str], usage_.Observation | None] = lambda _ns, _name: None
     clock: Callable[[], float] = time.time
     workers: int = 8  # API calls in flight while fanning out Secrets
     # The compressed size a policy shard may reach (rendering.policy.SHARD_BYTES); tests
@@ -192,8 +195,11 @@ def reconcile_access(
         not_in_force=not_in_force,
     )
     statuses: list[tuple[Seen, Mapping[str, Any], Sequence[status.Condition]]] = []
+    observed_usage = options.usage(namespace, name) if target is not None else None
     for repository in repositories:
-        fields, found = access.repository_status(repository, target, plan, written, reason)
+        fields, found = access.repository_status(
+            repository, target, plan, written, reason, observed_usage
+        )
         statuses.append((previous[repository.owner.name], fields, found))
     statuses += [
         (s, {}, [status.Condition(access.READY, "False", "InvalidSpec", s.invalid)])

@@ -844,6 +844,48 @@ class Retention:
 
 
 @dataclasses.dataclass(frozen=True)
+class Quota:
+    """Limits the server holds pushes to (docs/usage-and-quotas.md); None: no limit."""
+
+    storage: int | None = None  # bytes
+    tags: int | None = None
+
+
+# A size the server's policy accepts: whole numbers with a binary or decimal suffix.
+_SIZE = re.compile(r"^([0-9]{1,19})(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
+_SIZE_FACTORS = {
+    None: 1,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+}  # fmt: skip
+
+
+def parse_size(value: Any, field: str) -> int:
+    """Bytes from a quantity such as 10Gi or 500M (or a plain number of bytes)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InvalidSpec(field, "must be a size such as 10Gi, 500Mi or 2000000000")
+    found = _SIZE.match(str(value))
+    if not found:
+        raise InvalidSpec(field, f"{str(value)[:40]!r} is not a size such as 10Gi or 500Mi")
+    return int(found.group(1)) * _SIZE_FACTORS[found.group(2)]
+
+
+def _quota(raw: Any) -> Quota | None:
+    if raw is None:
+        return None
+    data = _mapping(raw, "spec.quota")
+    storage = (
+        None if data.get("storage") is None else parse_size(data["storage"], "spec.quota.storage")
+    )
+    tags = data.get("tags")
+    if tags is not None and (not isinstance(tags, int) or isinstance(tags, bool) or tags < 0):
+        raise InvalidSpec("spec.quota.tags", "must be a number of tags, 0 or more")
+    if storage is None and tags is None:
+        return None
+    return Quota(storage, tags)
+
+
+@dataclasses.dataclass(frozen=True)
 class Rotation:
     interval: float | None = None  # seconds between automatic rotations; None = never
     overlap: float = DEFAULT_ROTATION_OVERLAP  # how long the old credential stays valid
@@ -863,6 +905,7 @@ class Repository:
     immutable_tags: tuple[str, ...] = ()
     rotation: Rotation = dataclasses.field(default_factory=Rotation)
     rotate_request: str | None = None  # the berth.dev/rotate annotation
+    quota: Quota | None = None
 
     @property
     def age_key(self) -> tuple[str, str]:
@@ -921,6 +964,7 @@ def parse_repository(body: Mapping[str, Any]) -> Repository:
         immutable_tags=_tag_patterns(raw.get("immutableTags", []), "spec.immutableTags"),
         rotation=rotation,
         rotate_request=None if request is None else str(request),
+        quota=_quota(raw.get("quota")),
     )
 
 

@@ -282,6 +282,7 @@ def test_repository_schema(control_plane: ControlPlane, namespace: str) -> None:
         },
         "retention": {"keepLast": 20, "protect": ["v*"]},
         "immutableTags": ["v*"],
+        "quota": {"storage": "10Gi", "tags": 1000},
     }
     code, err = _apply(control_plane, _repository(namespace, spec))
     assert code == 0, err
@@ -293,6 +294,10 @@ def test_repository_schema(control_plane: ControlPlane, namespace: str) -> None:
     assert err == (
         'The Repository "api" is invalid: spec.path: Invalid value: "string": path is immutable'
     )
+    # Sizes the server's policy reads, and nothing else.
+    for quota, field in (({"storage": "1.5Gi"}, "storage"), ({"tags": -1}, "tags")):
+        code, err = _apply(control_plane, _repository(namespace, {**spec, "quota": quota}))
+        assert code != 0 and f"spec.quota.{field}" in err, err
 
 
 def test_repository_path_grammar(control_plane: ControlPlane, namespace: str) -> None:

@@ -460,6 +460,78 @@ def test_rotation_keeps_every_pull_working(
     assert "Rotated" in {e[1] for e in _events(control_plane, namespace, "api")}
 
 
+def test_a_repository_quota_is_enforced_and_its_usage_reported(
+    operator: OperatorProcess,
+    kube: kube_client.Client,
+    control_plane: ControlPlane,
+    namespace: str,
+    overrides: Path,
+    pods: list[podspec_runner.RunningPod],
+    tmp_path: Path,
+) -> None:
+    """spec.quota reaches the server's policy and holds pushes there; the server's usage
+    comes back into status.usage, the printer columns and QuotaExceeded."""
+    require_tool("skopeo")
+    pod = _registry_pod(control_plane, kube, operator, overrides, namespace, tmp_path / "pod", pods)
+    admin = _admin(kube, namespace)
+    spec: dict[str, Any] = {
+        "registryRef": {"name": "main"},
+        "path": "team-q/app",
+        "quota": {"storage": "10Ki", "tags": 5},
+    }
+    _apply(control_plane, "Repository", "quota-app", namespace, spec)
+    _wait(lambda: "quota" in _mounted_policy(pod), operator, "the quota in the pod's policy")
+    time.sleep(2.5)  # the server takes a new policy after two polls a second apart
+
+    def push(seed: str) -> Any:
+        source = tmp_path / "src" / seed
+        make_oci_layout(source, "v1", layer_size=4096, seed=seed)
+        return skopeo(
+            "copy", "--dest-tls-verify=false", f"--dest-creds={admin}",
+            f"oci:{source}:v1", f"docker://{pod.host}/team-q/app:{seed}", check=False,
+        )  # fmt: skip
+
+    # About 4.6 KiB an image: two fit in 10 KiB, a third does not.
+    assert push("one").returncode == 0 and push("two").returncode == 0
+    refused = push("three")
+    assert refused.returncode != 0 and "quota exceeded" in refused.stderr, refused.stderr
+    token = base64.b64encode(admin.encode()).decode()
+    request = urllib.request.Request(
+        f"{pod.url}/berth/v1/usage?repository=team-q/app",
+        headers={"Authorization": f"Basic {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=5, context=pod.context) as response:
+        served = json.loads(response.read())
+    assert served["tags"] == 2 and 8 * 1024 < served["storage"] <= 10 * 1024, served
+
+    usage = _wait(
+        lambda: _status(kube, namespace, "quota-app").get("usage"),
+        operator,
+        "status.usage",
+        timeout=60,
+    )
+    assert usage["storageBytes"] == served["storage"] and usage["tags"] == 2, usage
+    assert usage["manifests"] == 2 and usage["storage"].endswith("Ki")
+    assert _conditions(kube, namespace, "quota-app")["QuotaExceeded"] == ("False", "WithinQuota")
+    table = control_plane.kubectl("get", "repositories", "-n", namespace, "quota-app")
+    header, row = table.stdout.splitlines()[:2]
+    assert header.split()[5:7] == ["STORED", "QUOTA"], header
+    assert row.split()[5:7] == [usage["storage"], "10Ki"], row
+
+    # A lower quota: the repository is now at it.
+    _apply(control_plane, "Repository", "quota-app", namespace, {
+        **spec, "quota": {"storage": "8Ki"},
+    })  # fmt: skip
+    _wait(
+        lambda: (
+            _conditions(kube, namespace, "quota-app").get("QuotaExceeded")
+            == ("True", "StorageQuotaReached")
+        ),
+        operator,
+        "QuotaExceeded",
+    )
+
+
 def test_conflicting_paths_are_reported_on_both(
     operator: OperatorProcess, kube: kube_client.Client, control_plane: ControlPlane, namespace: str
 ) -> None:

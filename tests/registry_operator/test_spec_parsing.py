@@ -397,6 +397,7 @@ def test_repository_with_every_field() -> None:
                 "retention": {"keepLast": 20, "protect": ["v*"]},
                 "immutableTags": ["v*"],
                 "rotation": {"interval": "720h", "overlap": "1m30s"},
+                "quota": {"storage": "10Gi", "tags": 500},
             },
             annotations={"berth.dev/rotate": "now"},
         )
@@ -413,6 +414,22 @@ def test_repository_with_every_field() -> None:
     assert repository.retention == models.Retention(20, ("v*",))
     assert repository.rotation == models.Rotation(interval=720 * 3600, overlap=90)
     assert repository.rotate_request == "now"
+    assert repository.quota == models.Quota(10 * 2**30, 500)
+
+
+@pytest.mark.parametrize(
+    ("quota", "expected"),
+    [
+        ({"storage": "500Mi"}, models.Quota(500 * 2**20, None)),
+        ({"storage": "2G"}, models.Quota(2 * 10**9, None)),
+        ({"storage": 1000}, models.Quota(1000, None)),
+        ({"tags": 0}, models.Quota(None, 0)),
+        ({}, None),
+        (None, None),
+    ],
+)
+def test_repository_quotas(quota: Any, expected: models.Quota | None) -> None:
+    assert models.parse_repository(_repository({"quota": quota})).quota == expected
 
 
 @pytest.mark.parametrize(
@@ -444,6 +461,13 @@ def test_selector_operators(
         # Patterns the registry server would refuse (and with them the whole policy file).
         ({"immutableTags": ["release/*"]}, "spec.immutableTags[]"),
         ({"retention": {"keepLast": 1, "protect": ["v[0-9]*"]}}, "spec.retention.protect[]"),
+        # Sizes the server's policy would refuse: no decimals, no milli, no "GB".
+        ({"quota": {"storage": "1.5Gi"}}, "spec.quota.storage"),
+        ({"quota": {"storage": "500m"}}, "spec.quota.storage"),
+        ({"quota": {"storage": "10GB"}}, "spec.quota.storage"),
+        ({"quota": {"storage": True}}, "spec.quota.storage"),
+        ({"quota": {"tags": -1}}, "spec.quota.tags"),
+        ({"quota": "10Gi"}, "spec.quota"),
         (
             {
                 "pullAccess": {

@@ -142,6 +142,7 @@ class Poller:
         await asyncio.gather(
             self._every(self.poll_seconds, min(self.poll_seconds, 5.0), self.readiness_round),
             self._every(self.poll_seconds, 0.0, self.replication_round),
+            self._every(self.poll_seconds, min(self.poll_seconds, 5.0), self.usage_round),
             self._resyncs(),
         )
 
@@ -211,3 +212,17 @@ class Poller:
             return
         state.replication[key] = observed
         state.request_reconcile(*key)
+
+    async def usage_round(self) -> None:
+        await each([item.key for item in self.registries()], self.usage, PROBES_AT_ONCE)
+
+    async def usage(self, key: Key) -> None:
+        """The server's per-repository usage, for the Repositories' status. Only a change
+        reconciles access (which writes the statuses that changed)."""
+        state = self.state
+        loop = asyncio.get_running_loop()
+        observed = await loop.run_in_executor(state.probes, state.fetch_usage, *key)
+        if state.usage.get(key) == observed:
+            return
+        state.usage[key] = observed
+        state.request_access(*key)

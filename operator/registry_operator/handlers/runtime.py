@@ -31,6 +31,7 @@ from registry_operator import (
 )
 from registry_operator import robots as robots_
 from registry_operator import status as status_
+from registry_operator import usage as usage_
 from registry_operator.kube import client as kube_client
 from registry_operator.kube import errors
 from registry_operator.rendering import names
@@ -77,6 +78,8 @@ class Runtime:
     # The labels (and whether terminating) of every namespace, as last seen.
     namespaces: dict[str, tuple[Mapping[str, str], bool]] = dataclasses.field(default_factory=dict)
     replication: dict[Key, status_.ReplicationObservation] = dataclasses.field(default_factory=dict)
+    # Each Registry's repositories' usage as its server last reported it (Repository status).
+    usage: dict[Key, usage_.Observation] = dataclasses.field(default_factory=dict)
     # The last /readyz/writes answer worth reporting of each Registry (StorageReady).
     readiness: dict[Key, status_.Readiness] = dataclasses.field(default_factory=dict)
     # The servers' readiness is asked on threads of its own: a thousand Registries whose
@@ -127,7 +130,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         if self.access_options is None:
-            self.access_options = granting.Options(prober=self.probe)
+            self.access_options = granting.Options(prober=self.probe, usage=self.usage_of)
         self.access_queue.pause = self._access_pause
 
     def _access_pause(self, key: Key) -> float:
@@ -406,6 +409,7 @@ class Runtime:
         key = (namespace, name)
         self.interest.pop(key, None)
         self.replication.pop(key, None)
+        self.usage.pop(key, None)
         self.readiness.pop(key, None)
         self.applied.pop(key, None)
         self.endpoints.remember(namespace, name, None)
@@ -477,6 +481,17 @@ class Runtime:
 
     def fetch_readiness(self, namespace: str, name: str) -> status_.Readiness:
         return fetching.readiness(*self._reach(namespace, name))
+
+    def usage_of(self, namespace: str, name: str) -> usage_.Observation | None:
+        return self.usage.get((namespace, name))
+
+    def fetch_usage(self, namespace: str, name: str) -> usage_.Observation:
+        """Every repository's usage on the server, read with the admin credentials."""
+        url, context = self._reach(namespace, name)
+        previous = self.usage.get((namespace, name))
+        return fetching.usage_observation(
+            url, self._admin(namespace, name), previous, time.time(), context
+        )
 
     def fetch_replication(self, namespace: str, name: str) -> status_.ReplicationObservation:
         """The server's replication status, read with the registry's admin credentials."""

@@ -71,6 +71,12 @@ def _rule(rule: access.Rule) -> dict[str, Any]:
         document["immutable_tags"] = list(rule.immutable_tags)
     if rule.keep_last is not None:
         document["retention"] = {"keep_last": rule.keep_last, "protect": list(rule.protect)}
+    if rule.quota_storage is not None or rule.quota_tags is not None:
+        document["quota"] = {
+            key: value
+            for key, value in (("storage", rule.quota_storage), ("tags", rule.quota_tags))
+            if value is not None
+        }
     return document
 
 
@@ -264,6 +270,7 @@ def _stored(parts: Sequence[Mapping[str, Any]]) -> access.Stored:
                 grants.add((name, str(grant.get("repository"))))
         for rule in part.get("rules") or []:
             retention = rule.get("retention") or {}
+            quota = rule.get("quota") or {}
             rules.add(
                 access.Rule(
                     str(rule.get("repository")),
@@ -271,6 +278,8 @@ def _stored(parts: Sequence[Mapping[str, Any]]) -> access.Stored:
                     immutable_tags=tuple(rule.get("immutable_tags") or ()),
                     keep_last=retention.get("keep_last"),
                     protect=tuple(retention.get("protect") or ()),
+                    quota_storage=quota.get("storage"),
+                    quota_tags=quota.get("tags"),
                 )
             )
     return access.Stored(accounts=accounts, grants=frozenset(grants), rules=frozenset(rules))
