@@ -108,6 +108,7 @@ PHASES: dict[str, tuple[str, ...]] = {
     "manifests": ("populate_tags",),
     "tag_list": ("populate_tags",),
     "catalog": ("populate_repos",),
+    "ui": ("populate_repos",),
 }
 
 LARGE_REPO = "bench/large"
@@ -473,6 +474,7 @@ class Bench:
         concurrency: int,
         min_bytes: int = 0,
         headers: dict[str, str] | None = None,
+        names: Sequence[str] | None = None,
     ) -> None:
         def jobs(name: str, server: procs.Server, rep: int) -> list[Job]:
             requests = [
@@ -488,7 +490,7 @@ class Bench:
             }
             return self._split(job, total)
 
-        res = self.measure(key, label, jobs, self.s.reps)
+        res = self.measure(key, label, jobs, self.s.reps, names)
         self.row(key, f"{label}, c={concurrency}", "req/s", True, res, rate)
         self.row(key + "_p99", f"{label}, c={concurrency}, p99", "ms", False, res, p99_ms)
 
@@ -539,6 +541,30 @@ class Bench:
             1,
             self.s.list_requests,
             self.s.list_concurrency,
+        )
+
+    def ui(self) -> None:
+        """The web UI's pages at full size: the first and a middle page of the
+        repositories, a search, the first and a middle page of the 10,000 tags
+        (Berth only: distribution has no UI)."""
+        tags, repos = self.tag_names(), self.repo_names()
+        paths = [
+            "/ui/",
+            f"/ui/?last={repos[len(repos) // 2]}",
+            "/ui/?q=r0001",
+            f"/ui/repository?name={TAGS_REPO}",
+            f"/ui/repository?name={TAGS_REPO}&last={tags[len(tags) // 2]}",
+        ]
+        self.requests_phase(
+            "ui_pages",
+            f"web UI pages ({self.s.repos:,} repos, {self.s.tags:,} tags)",
+            "GET",
+            lambda i: paths[i],
+            len(paths),
+            self.s.list_requests,
+            self.s.list_concurrency,
+            min_bytes=1000,
+            names=[name for name in self.servers if name == "berth"],
         )
 
 

@@ -18,7 +18,7 @@ from registry_server.events import notifier
 from registry_server.events.background import cancel_all, run_elected
 from registry_server.events.replicator import Replicator
 from registry_server.events.upstream_fetching import UpstreamFetcher
-from registry_server.http import accounts, replication, routes, token, usage
+from registry_server.http import accounts, replication, routes, token, ui, usage
 from registry_server.http.clients import ClientAddresses
 from registry_server.http.context import SERVICES, Services
 from registry_server.http.errors import error_middleware
@@ -28,6 +28,7 @@ from registry_server.protocol.tag_rules import NO_RULES, TagRules
 from registry_server.protocol.upstreams import Mirror
 from registry_server.services import usage as usage_service
 from registry_server.services.blobs import BlobService
+from registry_server.services.browse import BrowseService
 from registry_server.services.discovery import DiscoveryService
 from registry_server.services.gc import GarbageCollector
 from registry_server.services.manifests import ManifestService
@@ -233,7 +234,10 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
         auth=auth,
         max_manifest_bytes=config.limits.max_manifest_bytes,
         usage=UsageService(index, quota),
+        browse=BrowseService(index, tag_rules, quota),
         replicator=replicator,
+        replicating=bool(rep.peers),
+        external_url=config.http.external_url,
         region=rep.region,
         clients=ClientAddresses(config.http.trusted_proxies, config.http.forwarded_header),
         space=space,
@@ -247,6 +251,8 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     replication.add_routes(app)
     accounts.add_routes(app)
     usage.add_routes(app)
+    if config.ui.enabled:
+        ui.add_routes(app)
 
     collector = GarbageCollector(
         store, index, config.gc.grace_seconds, config.limits.upload_purge_after_seconds

@@ -299,6 +299,12 @@ class NotificationsConfig:
 
 
 @dataclass(frozen=True)
+class UiConfig:
+    # The web UI at /ui/ (docs/ui.md): on unless turned off.
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "json"
@@ -316,6 +322,7 @@ class Config:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     notifications: NotificationsConfig = field(default_factory=NotificationsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    ui: UiConfig = field(default_factory=UiConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -340,6 +347,7 @@ _SECTIONS: dict[str, type] = {
     "gc": GcConfig,
     "backup": BackupConfig,
     "auth": AuthConfig,
+    "ui": UiConfig,
     "log": LogConfig,
 }
 
@@ -428,7 +436,9 @@ def _section(name: str, cls: type, raw: Any) -> Any:
             values[key] = Path(str(value))
         elif isinstance(current, tuple):
             values[key] = _strings(value, f"{name}.{key}")
-        elif isinstance(current, bool) or not isinstance(current, int):
+        elif isinstance(current, bool):
+            values[key] = _flag(value, f"{name}.{key}")
+        elif not isinstance(current, int):
             values[key] = value if not isinstance(current, str) else str(value)
         else:
             values[key] = _integer(value, f"{name}.{key}")

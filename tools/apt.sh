@@ -2,8 +2,9 @@
 # Install the Debian test tools when missing: skopeo, docker-registry (CNCF
 # distribution 2.8, /usr/bin/docker-registry), nginx (benchmarks), containerd, and
 # lua5.4 (runs the Argo CD health check documented in docs/gitops.md), and what the
-# test node needs (runc, CNI plugins, iptables, conntrack, busybox-static), and
-# PostgreSQL (tests/support/postgres.py runs throwaway clusters with its initdb/pg_ctl).
+# test node needs (runc, CNI plugins, iptables, conntrack, busybox-static),
+# PostgreSQL (tests/support/postgres.py runs throwaway clusters with its initdb/pg_ctl),
+# and chromium with its driver (the web UI's browser tests).
 # Nothing is fetched when they are all present. Package installs must not leave
 # daemons running on fixed ports (docker-registry :5000, nginx :80): tests start
 # their own instances on free ports, so service starts are denied while apt runs.
@@ -30,9 +31,13 @@ installed conntrack || missing+=(conntrack)
 installed busybox-static || missing+=(busybox-static)
 installed postgresql || missing+=(postgresql)
 installed curl || missing+=(curl)  # bench/tls.py's client
+# The web UI's browser tests (tests/integration/test_ui_browser.py): selenium drives
+# chromium through its chromedriver, headless.
+installed chromium || missing+=(chromium)
+installed chromium-driver || missing+=(chromium-driver)
 
 if ((${#missing[@]} == 0)); then
-    printf '%-12s %-44s cached  %ss\n' apt "skopeo docker-registry nginx containerd lua node pg" \
+    printf '%-12s %-44s cached  %ss\n' apt "skopeo docker-registry nginx containerd lua node pg chromium" \
         "$(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')"
     exit 0
 fi

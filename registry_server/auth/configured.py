@@ -43,6 +43,8 @@ log = logging.getLogger("registry_server.auth")
 TOKEN_PATH = "/token"
 GRANT_PASSWORD = "password"
 GRANT_REFRESH = "refresh_token"
+# How long a web UI session lasts (it also ends when the account's secret changes).
+SESSION_TTL_SECONDS = 12 * 3600
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class Settings:
     external_url: str
     token_ttl_seconds: int
     refresh_token_ttl_seconds: int
+
+    @property
+    def session_audience(self) -> str:
+        # The web UI's sessions: never accepted as access or refresh tokens.
+        return f"{self.service}#ui"
 
     @property
     def refresh_audience(self) -> str:
@@ -251,6 +258,33 @@ class ConfiguredAuthorizer:
 
     async def allowed(self, principal: Principal, access: Access) -> bool:
         return self.directory.permits(principal.name or None, access)
+
+    # -- web UI sessions --
+
+    async def open_session(self, name: str, secret: str, client: str) -> str:
+        self._check_rate(client)
+        directory = self.directory
+        if not await self._login(directory, name, secret, client):
+            raise errors.RegistryError(errors.UNAUTHORIZED, message="invalid username or password")
+        account = directory.accounts[name]
+        token, _ = self.codec.issue(
+            name,
+            self.settings.session_audience,
+            SESSION_TTL_SECONDS,
+            extra={"cred": secret_fingerprint(account.secret_hash)},
+        )
+        return token
+
+    def session_principal(self, value: str) -> Principal | None:
+        try:
+            claims = self.codec.verify(value, self.settings.session_audience)
+        except TokenInvalid:
+            return None
+        directory = self.directory
+        account = directory.accounts.get(claims.subject)
+        if account is None or claims.extra.get("cred") != secret_fingerprint(account.secret_hash):
+            return None
+        return directory.principal(claims.subject)
 
     # -- the token endpoint --
 

@@ -151,3 +151,17 @@ class TagRuleSource(Protocol):
 
     def quota(self, repository: str) -> Quota:
         """The repository's quota (protocol/quotas.py), from the same policy."""
+
+
+@runtime_checkable
+class SessionSource(Protocol):
+    """An Authorizer that can log people into the web UI: a session is a signed token
+    (the registry's own key) for a distinct audience, tied to the account's current
+    secret, so that changing the password or removing the account ends it."""
+
+    async def open_session(self, name: str, secret: str, client: str) -> str:
+        """The session's value for a good name and secret; raises UNAUTHORIZED (counted by
+        the failure limiter, like any failed login) otherwise."""
+
+    def session_principal(self, value: str) -> Principal | None:
+        """Who a session belongs to; None when it is invalid, expired or revoked."""

@@ -82,3 +82,11 @@ class ClientAddresses:
     def of(self, request: web.Request) -> str:
         forwarded = request.headers.getall(self._header, []) if self._trusted else []
         return self.resolve(request.remote, forwarded)
+
+    def forwarded_https(self, request: web.Request) -> bool:
+        """Whether a trusted proxy (an Ingress terminating TLS) says the client used HTTPS."""
+        peer = parse_address(request.remote) if request.remote else None
+        if not self.trusts(peer):
+            return False
+        proto = request.headers.get("X-Forwarded-Proto", "")
+        return proto.split(",")[0].strip().lower() == "https"

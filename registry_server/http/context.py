@@ -11,6 +11,7 @@ from registry_server.auth.model import Authorizer
 from registry_server.events.replicator import Replicator
 from registry_server.http.clients import ClientAddresses
 from registry_server.services.blobs import BlobService
+from registry_server.services.browse import BrowseService
 from registry_server.services.discovery import DiscoveryService
 from registry_server.services.manifests import ManifestService
 from registry_server.services.pull_through import PullThrough
@@ -28,7 +29,11 @@ class Services:
     auth: Authorizer
     max_manifest_bytes: int
     usage: UsageService
+    browse: BrowseService
     replicator: Replicator | None = None
+    # Some worker of this server replicates (this one when ``replicator`` is set).
+    replicating: bool = False
+    external_url: str = ""
     region: str = ""
     clients: ClientAddresses = field(default_factory=ClientAddresses)
     space: SpaceMonitor = field(default_factory=lambda: SpaceMonitor(None))

@@ -35,6 +35,11 @@ class GcReport:
     bytes_freed: int
     uploads_purged: int
     orphans_deleted: int = 0  # files a crash left unrecorded
+    finished: float = 0.0  # when the round ended (seconds since the epoch)
+
+
+# The last round this process ran (the web UI's status page; the elected worker's).
+last_round: GcReport | None = None
 
 
 class GarbageCollector:
@@ -102,7 +107,8 @@ class GarbageCollector:
         COLLECTED.inc(deleted + orphans)
         FREED.inc(freed)
         PURGED.inc(purged)
-        report = GcReport(deleted, freed, purged, orphans)
+        global last_round
+        report = last_round = GcReport(deleted, freed, purged, orphans, time.time())
         if deleted or purged or orphans:
             log.info(
                 "garbage collected",

@@ -50,6 +50,15 @@ class TagState:
 
 
 @dataclass(frozen=True)
+class TagDetail:
+    """A tag as the web UI lists it."""
+
+    name: str
+    digest: str
+    updated: float  # when it was last pushed here (seconds since the epoch)
+
+
+@dataclass(frozen=True)
 class Change:
     """One entry of the replication log, delivered to every peer in ``seq`` order.
 
@@ -158,6 +167,17 @@ class MetadataIndex(Protocol):
 
     async def recount_usage(self, repo: str) -> Usage | None:
         """The usage counted from scratch (what the kept figures must equal)."""
+
+    async def repository_listing(
+        self, n: int | None, last: str | None, contains: str = ""
+    ) -> list[tuple[Usage, float | None]]:
+        """Repositories after ``last`` whose name contains ``contains``: their usage and
+        when a tag of theirs was last pushed (None: no tag)."""
+
+    async def tag_details(
+        self, repo: str, n: int | None, last: str | None
+    ) -> list[TagDetail] | None:
+        """Tags after ``last`` with digest and push time; None when the repository is unknown."""
 
     async def referrers(self, repo: str, subject: str) -> list[ManifestRecord]: ...
     async def missing_manifests(self, repo: str, digests: Sequence[str]) -> list[str]: ...

@@ -20,6 +20,7 @@ from registry_server.storage.index import (
     RETENTION_ACTOR,
     ManifestRecord,
     NewManifest,
+    TagDetail,
     TagState,
 )
 from registry_server.storage.sqltx import Dialect, Query, Tx, in_marks
@@ -472,6 +473,21 @@ def list_tags(dialect: Dialect, repo: str, n: int | None, last: str | None) -> T
         (repo_id, last or "", dialect.limit(n)),
     )
     return [str(r[0]) for r in rows.rows]
+
+
+def tag_details(
+    dialect: Dialect, repo: str, n: int | None, last: str | None
+) -> Tx[list[TagDetail] | None]:
+    """Tags in lexical order after ``last`` with their digest and push time."""
+    repo_id = yield from repository_id(repo)
+    if repo_id is None:
+        return None
+    rows = yield Query(
+        "SELECT name, digest, updated FROM tags WHERE repo_id = ? AND name > ?"
+        " ORDER BY name LIMIT ?",
+        (repo_id, last or "", dialect.limit(n)),
+    )
+    return [TagDetail(str(r[0]), str(r[1]), float(r[2])) for r in rows.rows]
 
 
 def list_repositories(dialect: Dialect, n: int | None, last: str | None) -> Tx[list[str]]:

@@ -66,6 +66,30 @@ def usages(dialect: Dialect, n: int | None, last: str | None) -> Tx[list[Usage]]
     return [_usage(row) for row in rows.rows]
 
 
+def _like(text: str) -> str:
+    """A LIKE pattern matching names that contain ``text`` (``\\`` escapes)."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def listing(
+    dialect: Dialect, n: int | None, last: str | None, contains: str = ""
+) -> Tx[list[tuple[Usage, float | None]]]:
+    """Repositories in name order after ``last`` whose name contains ``contains``, with
+    their usage and when a tag of theirs was last pushed (the UI's repository page)."""
+    where, params = "name > ?", [last or ""]
+    if contains:
+        where += " AND name LIKE ? ESCAPE '\\'"
+        params.append(_like(contains))
+    rows = yield Query(
+        "SELECT name, stored_bytes, tag_count, manifest_count,"
+        " (SELECT MAX(updated) FROM tags WHERE repo_id = repositories.id)"
+        f" FROM repositories WHERE {where} ORDER BY name LIMIT ?",
+        (*params, dialect.limit(n)),
+    )
+    return [(_usage(row[:4]), None if row[4] is None else float(row[4])) for row in rows.rows]
+
+
 def recount(repo: str) -> Tx[Usage | None]:
     """A repository's usage counted from scratch from its manifests, references and
     tags, ignoring the kept figures: what they must equal (verification, tests)."""

@@ -17,7 +17,13 @@ from typing import TypeVar
 from registry_server.protocol.quotas import Quota, Usage
 from registry_server.protocol.versions import Stamp
 from registry_server.storage import changelog, index_blobs, index_tags, index_usage
-from registry_server.storage.index import Change, ManifestRecord, NewManifest, TagState
+from registry_server.storage.index import (
+    Change,
+    ManifestRecord,
+    NewManifest,
+    TagDetail,
+    TagState,
+)
 from registry_server.storage.sqltx import Dialect, Query, Tx
 
 T = TypeVar("T")
@@ -157,6 +163,16 @@ class SqlIndex(ABC):
 
     async def recount_usage(self, repo: str) -> Usage | None:
         return await self._read(index_usage.recount(repo))
+
+    async def repository_listing(
+        self, n: int | None, last: str | None, contains: str = ""
+    ) -> list[tuple[Usage, float | None]]:
+        return await self._read(index_usage.listing(self.dialect, n, last, contains))
+
+    async def tag_details(
+        self, repo: str, n: int | None, last: str | None
+    ) -> list[TagDetail] | None:
+        return await self._read(index_tags.tag_details(self.dialect, repo, n, last))
 
     async def missing_manifests(self, repo: str, digests: Sequence[str]) -> list[str]:
         return await self._read(index_tags.missing("manifests", repo, digests))

@@ -540,3 +540,30 @@ def test_workers_creating_a_new_index_together_all_start(tmp_path: Path) -> None
         for round_ in range(40):
             path = str(tmp_path / f"{round_}" / "index.db")
             assert pool.map(_open_once, [path] * 3) == ["", "", ""]
+
+
+async def test_the_ui_listings_page_search_and_time_pushes(index: MetadataIndex) -> None:
+    for repo in ("team-a/api", "team-a/web", "team_b/x", "other"):
+        await index.put_manifest(repo, manifest(D1), ["v1"])
+    await index.put_manifest("team-a/api", manifest(D2), ["v2", "a"])
+    listed = await index.repository_listing(None, None)
+    assert [u.repository for u, _ in listed] == ["other", "team-a/api", "team-a/web", "team_b/x"]
+    assert all(pushed is not None and pushed > 1e9 for _, pushed in listed)
+    assert [u.repository for u, _ in await index.repository_listing(2, "other")] == [
+        "team-a/api",
+        "team-a/web",
+    ]
+    # "_" and "%" are the name's own characters, not LIKE's wildcards.
+    assert [u.repository for u, _ in await index.repository_listing(None, None, "_")] == [
+        "team_b/x"
+    ]
+    assert [u.repository for u, _ in await index.repository_listing(None, None, "a/")] == [
+        "team-a/api",
+        "team-a/web",
+    ]
+    assert await index.repository_listing(None, None, "%") == []
+    details = await index.tag_details("team-a/api", 2, None)
+    assert details is not None and [(t.name, t.digest) for t in details] == [("a", D2), ("v1", D1)]
+    more = await index.tag_details("team-a/api", 2, "v1")
+    assert more is not None and [t.name for t in more] == ["v2"]
+    assert await index.tag_details("nope", 10, None) is None

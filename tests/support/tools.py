@@ -73,6 +73,9 @@ DEBIAN_TOOLS: dict[str, str] = {
     # tests/support/postgres.py in /usr/lib/postgresql/<version>/bin.
     "pg_ctlcluster": "postgresql",
     "curl": "curl",  # the TLS bench's client
+    # The web UI's browser tests (tests/support/browser.py).
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
 }
 
 

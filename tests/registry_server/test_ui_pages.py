@@ -1,0 +1,88 @@
+"""The web UI's pure parts: describing manifests, where a login may send the browser,
+and the `ui` configuration section. (The pages themselves: test_ui_browser.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from registry_server import config
+from registry_server.http import ui
+from registry_server.protocol import manifests
+from registry_server.services.browse import describe
+
+
+def test_an_image_its_config_and_layers() -> None:
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifests.OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": "sha256:" + "a" * 64, "size": 100},
+            "layers": [{"mediaType": "l", "digest": "sha256:" + "b" * 64, "size": 1000},
+                       {"bogus": True}],
+            "annotations": {"org.opencontainers.image.source": "https://example.com"},
+        }
+    ).encode()  # fmt: skip
+    found = describe(body, manifests.OCI_MANIFEST)
+    assert found.kind == "image" and found.size == 1100 and len(found.layers) == 1
+    assert found.annotations == {"org.opencontainers.image.source": "https://example.com"}
+
+
+def test_an_index_its_platforms_and_an_artifact() -> None:
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifests.OCI_INDEX,
+            "manifests": [
+                {"mediaType": manifests.OCI_MANIFEST, "digest": "sha256:" + "c" * 64, "size": 5,
+                 "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}},
+                {"mediaType": manifests.OCI_INDEX, "digest": "sha256:" + "d" * 64, "size": 6},
+            ],
+        }
+    ).encode()  # fmt: skip
+    found = describe(index, manifests.OCI_INDEX)
+    assert found.kind == "index" and found.size is None
+    assert [p.name for p in found.platforms] == ["linux/arm/v7", "index"]
+    sbom = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifests.OCI_MANIFEST,
+            "artifactType": "application/spdx+json",
+            "config": {"mediaType": manifests.OCI_EMPTY_CONFIG,
+                       "digest": "sha256:" + "e" * 64, "size": 2},
+            "layers": [],
+            "subject": {"mediaType": manifests.OCI_MANIFEST,
+                        "digest": "sha256:" + "f" * 64, "size": 9},
+        }
+    ).encode()  # fmt: skip
+    artifact = describe(sbom, manifests.OCI_MANIFEST)
+    assert artifact.kind == "artifact" and artifact.artifact_type == "application/spdx+json"
+    assert artifact.subject == "sha256:" + "f" * 64
+    assert describe(b"not json", manifests.OCI_MANIFEST).kind == "image"
+
+
+@pytest.mark.parametrize(
+    ("given", "goes"),
+    [
+        (None, "/ui/"),
+        ("/ui/repository?name=a", "/ui/repository?name=a"),
+        ("https://evil.example/ui/", "/ui/"),
+        ("//evil.example/ui/", "/ui/"),
+        ("/v2/", "/ui/"),
+    ],
+)
+def test_a_login_only_ever_sends_the_browser_to_the_ui(given: str | None, goes: str) -> None:
+    assert ui._next(given) == goes
+
+
+def test_the_ui_section(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("ui: {enabled: false}\n")
+    assert config.load(path, env={}).ui.enabled is False
+    assert config.load(None, env={}).ui.enabled is True
+    path.write_text("ui: {enabled: 'no'}\n")
+    with pytest.raises(config.ConfigError, match=r"ui\.enabled: expected true or false"):
+        config.load(path, env={})
