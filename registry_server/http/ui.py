@@ -115,12 +115,11 @@ def _page(visitor: _Visitor, template: str, status: int = 200, **values: Any) ->
 
 
 def _error_page(visitor: _Visitor, err: errors.RegistryError) -> web.Response:
-    status = 404 if err.status in (401, 403) and visitor.principal is ANONYMOUS else err.status
     return _page(
         visitor,
         "error.html",
-        status=status,
-        http_status=status,
+        status=err.status,
+        http_status=err.status,
         code=err.error.code,
         message=err.message or err.error.message,
     )
@@ -150,7 +149,7 @@ def _page_handler(handler: Handler) -> Callable[[web.Request], Awaitable[web.Str
     return wrapped
 
 
-def _name(request: web.Request, query: Mapping[str, str]) -> str:
+def _name(query: Mapping[str, str]) -> str:
     return names.validate_name(query.get("name", ""))
 
 
@@ -177,7 +176,7 @@ async def repositories(request: web.Request, visitor: _Visitor) -> web.StreamRes
 
 async def repository(request: web.Request, visitor: _Visitor) -> web.StreamResponse:
     query = request.rel_url.query
-    name = _name(request, query)
+    name = _name(query)
     await _pullable(visitor, name)
     browse = services(request).browse
     repo = await browse.usage(name)
@@ -196,7 +195,7 @@ async def repository(request: web.Request, visitor: _Visitor) -> web.StreamRespo
 
 async def manifest(request: web.Request, visitor: _Visitor) -> web.StreamResponse:
     query = request.rel_url.query
-    name = _name(request, query)
+    name = _name(query)
     digest = str(digests.parse(query.get("digest", "")))
     await _pullable(visitor, name)
     page = await services(request).browse.manifest(name, digest)
