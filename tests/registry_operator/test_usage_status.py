@@ -125,3 +125,17 @@ def test_the_quota_is_rendered_into_the_policy_and_read_back() -> None:
     assert policy._stored([{"rules": [document]}]).rules == frozenset({rule})
     assert "quota" not in policy._rule(access._rule(_repo(visibility="public")))
     assert access._has_rule(_repo(quota={"tags": 1}))
+
+
+def test_patterns_match_within_their_first_component_and_across_it() -> None:
+    observed = usage.observe(
+        [*SERVED, _entry("team-a/x/deep", 7), _entry("api", 1), _entry("team-b/api", 2)],
+        None,
+        NOW,
+    )
+    names = lambda path: sorted(n for n, _, _ in usage.matched(path, observed))  # noqa: E731
+    assert names("team-a/*") == ["team-a/api", "team-a/web"]
+    assert names("team-a/**") == ["team-a/api", "team-a/web", "team-a/x/deep"]
+    assert names("*/api") == ["team-a/api", "team-b/api"]
+    assert names("team-?/api") == ["team-a/api", "team-b/api"]
+    assert names("api") == ["api"] and names("nope/*") == []
