@@ -13,6 +13,9 @@ and the docs' figures regenerated from the saved results (bench/docs.py).
   proxy from a distribution upstream, beside direct pulls (skopeo).
 - tls (bench/tls.py): a 256 MiB pull over TLS against plain HTTP, direct and through the
   node proxy (curl), with server and relay CPU per GiB.
+- clients (bench/clients.py): push and pull of 1 x 256 MiB and 64 x 1 MiB with curl,
+  crane and the Python harness, Berth against distribution, with server CPU and the
+  seconds the server waited for block I/O.
 - operator-scale (bench/operator_scale.py), only when named: 500 / 2,000 / 10,000
   Repositories of one Registry, all Ready, one more, RSS; then 1,000 Registries with 3
   Repositories each through an operator restart (docs/operator.md, "Scale").
@@ -870,6 +873,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bench import tls
 
             path.write_text(json.dumps(tls.run_section(args), indent=2) + "\n")
+        elif section == "clients":
+            from bench import clients
+
+            path.write_text(json.dumps(clients.run_section(args), indent=2) + "\n")
         elif section == "operator-scale":
             docs_dir = None if args.no_docs else args.docs_dir
             path = operator_scale.run_section(args.results, docs_dir, quick=args.quick)

@@ -155,6 +155,29 @@ async def push_job(job: Job, ready: Callable[[], Awaitable[None]]) -> Result:
     return {"start": start, "end": end, "bytes": total, "digests": digests}
 
 
+async def _file_body(path: str) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:  # noqa: ASYNC230 - page-cache reads, as _body
+        while chunk := f.read(CHUNK):
+            yield chunk
+
+
+async def push_files_job(job: Job, ready: Callable[[], Awaitable[None]]) -> Result:
+    """Monolithic pushes of whole files whose digests are known (bench/clients.py)."""
+    base = URL(job["base"])
+    files: list[tuple[str, str, int]] = [(p, d, int(s)) for p, d, s in job["files"]]
+    async with _session(job["concurrency"]) as session:
+        await ready()
+        start = time.monotonic()
+
+        async def one(i: int) -> None:
+            path, digest, size = files[i]
+            await upload(session, base, job["repo"], digest, _file_body(path), size)
+
+        await _run_concurrently(len(files), job["concurrency"], one)
+        end = time.monotonic()
+    return {"start": start, "end": end, "bytes": sum(s for _, _, s in files)}
+
+
 async def put_job(job: Job, ready: Callable[[], Awaitable[None]]) -> Result:
     """Plain PUTs of data file regions to URLs (an object store's pre-signed URLs): the
     store's own write speed, for the rows a registry on that store is compared with."""
@@ -423,6 +446,7 @@ JOBS: dict[str, Callable[[Job, Callable[[], Awaitable[None]]], Awaitable[Result]
     "push": push_job,
     "pull": pull_job,
     "put": put_job,
+    "push_files": push_files_job,
     "requests": requests_job,
     "populate_tags": populate_job,
     "populate_repos": populate_job,

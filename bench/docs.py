@@ -259,6 +259,12 @@ def tls_section(result: Result) -> str:
     return tls.markdown(result)
 
 
+def clients_section(result: Result) -> str:
+    from bench import clients
+
+    return clients.markdown(result)
+
+
 # doc file name -> [(marker name, section whose saved result it is made from, renderer)]
 DOCS: Mapping[str, list[tuple[str, str, Renderer]]] = {
     "benchmarks.md": [
@@ -266,6 +272,7 @@ DOCS: Mapping[str, list[tuple[str, str, Renderer]]] = {
         ("server-analysis", "server", server_analysis),
         ("scale-out", "scale-out", scale_out_section),
         ("tls", "tls", tls_section),
+        ("clients", "clients", clients_section),
     ],
     "operator.md": [("operator", "operator", operator_section)],
     "replication.md": [("replication", "replication", replication_section)],
@@ -291,7 +298,7 @@ def sections_table(results: Mapping[str, Result]) -> str:
 
 # The sections of `python -m bench` whose saved results the docs are generated from;
 # other files in bench/results/ (other benches' results) are not read here.
-SECTIONS = ("server", "operator", "replication", "scale-out", "pull-through", "tls")
+SECTIONS = ("server", "operator", "replication", "scale-out", "pull-through", "tls", "clients")
 
 
 def result_file(section: str) -> str:
