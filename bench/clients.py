@@ -341,6 +341,9 @@ def run(settings: Settings, workdir: Path, distribution_bin: str, crane_bin: str
                     for shape, count, size in shapes:
                         image = workdir / f"r{round_}-{client}-{name}-{shape}"
                         blobs = make_image(image, count, size, image.name)
+                        # The new files' dirty pages would be written back during the
+                        # measurement, and an fsync on ext4 (data=ordered) waits for them.
+                        os.sync()
                         repo = f"clients/{client}-{shape}"
                         push, pull = _actions(client, server, repo, image, blobs, crane_bin)
                         for case, action in ((f"push_{shape}", push), (f"pull_{shape}", pull)):

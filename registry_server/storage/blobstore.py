@@ -210,7 +210,11 @@ class BlobStore:
         self.space.require_writable()
         upload_id = str(uuid.uuid4())
         info = {"repository": repository, "started_at": time.time()}
-        await self.driver.put_content(f"{_upload_dir(upload_id)}/info", json.dumps(info).encode())
+        # Not synced: a session a machine crash loses is answered BLOB_UPLOAD_UNKNOWN and
+        # the client starts the upload again; what it uploads is synced when committed.
+        await self.driver.put_content(
+            f"{_upload_dir(upload_id)}/info", json.dumps(info).encode(), durable=False
+        )
         writer = await self.driver.writer(f"{_upload_dir(upload_id)}/data")
         await writer.close()
         self._remember(upload_id, _HashState(hashlib.sha256(), 0))

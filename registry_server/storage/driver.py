@@ -53,8 +53,10 @@ class StorageDriver(Protocol):
     async def get_content(self, path: str) -> bytes:
         """Whole content of a small file; raises StorageNotFound."""
 
-    async def put_content(self, path: str, data: bytes) -> None:
-        """Write a small file atomically (readers see the old or the new content)."""
+    async def put_content(self, path: str, data: bytes, durable: bool = True) -> None:
+        """Write a small file atomically (readers see the old or the new content).
+        ``durable=False``: it may be lost by a crash of the machine (never half written),
+        for what can be made again, and the write does not wait for the disk."""
 
     def local_path(self, path: str) -> Path | None:
         """A local file for zero-copy serving (sendfile), or None for remote backends."""

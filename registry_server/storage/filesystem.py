@@ -127,21 +127,23 @@ class FilesystemDriver:
         except (FileNotFoundError, NotADirectoryError):
             raise StorageNotFound(path) from None
 
-    def _put_sync(self, path: str, data: bytes) -> None:
+    def _put_sync(self, path: str, data: bytes, durable: bool = True) -> None:
         target = self._path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._tmp / uuid.uuid4().hex
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException:  # a full disk, most likely: leave no temp file taking space
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(target.parent)
+        if durable:
+            _fsync_dir(target.parent)
 
     async def _full_guard(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking write in a thread; ENOSPC becomes StorageFull (and is told)."""
@@ -153,8 +155,8 @@ class FilesystemDriver:
                 self.on_full()
             raise
 
-    async def put_content(self, path: str, data: bytes) -> None:
-        await self._full_guard(self._put_sync, path, data)
+    async def put_content(self, path: str, data: bytes, durable: bool = True) -> None:
+        await self._full_guard(self._put_sync, path, data, durable)
 
     def local_path(self, path: str) -> Path | None:
         return self._path(path)

@@ -546,8 +546,8 @@ class S3Driver:
     async def get_content(self, path: str) -> bytes:
         return b"".join([chunk async for chunk in self.reader(path)])
 
-    async def put_content(self, path: str, data: bytes) -> None:
-        await self._put(self._key(path), data)
+    async def put_content(self, path: str, data: bytes, durable: bool = True) -> None:
+        await self._put(self._key(path), data)  # an object store's PUT is durable anyway
 
     def local_path(self, path: str) -> Path | None:
         return None

@@ -59,6 +59,15 @@ async def test_put_get_stat(driver: StorageDriver) -> None:
     assert await driver.get_content("a/b/c") == b"bye"
 
 
+async def test_a_write_that_need_not_survive_a_crash_reads_the_same(
+    driver: StorageDriver,
+) -> None:
+    await driver.put_content("u/1/info", b"first", durable=False)
+    await driver.put_content("u/1/info", b"second", durable=False)  # replaced whole
+    assert await driver.get_content("u/1/info") == b"second"
+    assert await driver.stat("u/1/info") == len(b"second")
+
+
 async def test_missing_content_raises(driver: StorageDriver) -> None:
     with pytest.raises(StorageNotFound):
         await driver.get_content("nope")
