@@ -260,6 +260,7 @@ class Spec:
         default_factory=lambda: DEFAULT_RESOURCES
     )
     log_level: str = "info"
+    ui: bool = True  # the server's web UI at /ui/ (docs/ui.md)
     storage: Storage = dataclasses.field(default_factory=PvcStorage)
     postgresql: PostgresMetadata | None = None  # None: SQLite on the data volume
     backup: Backup | None = None
@@ -360,6 +361,7 @@ def parse_spec(raw: Mapping[str, Any], *, image: str | None = None, namespace: s
         ),
         resources=_resources(raw.get("resources")),
         log_level=_choice(raw.get("logLevel", "info"), LOG_LEVELS, "spec.logLevel"),
+        ui=_ui(raw.get("ui")),
         storage=storage,
         postgresql=postgresql,
         backup=backup,
@@ -735,6 +737,15 @@ def _resources(raw: Any) -> Mapping[str, Mapping[str, str]]:
                 for name, value in sorted(values.items())
             }
     return result
+
+
+def _ui(raw: Any) -> bool:
+    if raw is None:
+        return True
+    enabled = _mapping(raw, "spec.ui").get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise InvalidSpec("spec.ui.enabled", "must be true or false")
+    return enabled
 
 
 def _quantity(value: Any, field: str) -> str:

@@ -431,8 +431,12 @@ def test_server_config_is_the_documented_format() -> None:
             "signing_key": "/etc/berth/auth/token.key",
             "token_ttl_seconds": 300,
         },
+        "ui": {"enabled": True},
         "log": {"level": "warning", "format": "json"},
     }
+    # The server parses what the operator renders, with the UI off when asked.
+    off = models.parse_spec({"ui": {"enabled": False}}, image=IMAGE)
+    assert yaml.safe_load(manifests.server_config(off, OWNER))["ui"] == {"enabled": False}
 
 
 def test_metrics_have_a_port_of_their_own_that_the_ingress_does_not_route() -> None:

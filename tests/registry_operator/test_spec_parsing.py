@@ -225,6 +225,8 @@ def test_deleting() -> None:
         ),
         ({"imagePullPolicy": "Sometimes"}, "spec.imagePullPolicy", "one of"),
         ({"logLevel": "loud"}, "spec.logLevel", "one of"),
+        ({"ui": {"enabled": "no"}}, "spec.ui.enabled", "true or false"),
+        ({"ui": "off"}, "spec.ui", "object"),
         (
             {"resources": {"limits": {"memory": "a lot"}}},
             "spec.resources.limits.memory",

@@ -135,6 +135,7 @@ def server_config(
         policy_file=f"{names.POLICY_DIR}/{names.POLICY_FILE}",
         signing_key_file=f"{names.AUTH_DIR}/{creds.SIGNING_KEY}",
         log_level=spec.log_level,
+        ui_enabled=spec.ui,
         region=spec.region,
         peers=peers,
         peer_ca_files={
