@@ -23,7 +23,13 @@ import jinja2
 from aiohttp import web
 
 from registry_server import __version__
-from registry_server.auth.model import ANONYMOUS, Access, Principal, SessionSource
+from registry_server.auth.model import (
+    ANONYMOUS,
+    REPLICATION,
+    Access,
+    Principal,
+    SessionSource,
+)
 from registry_server.http.context import client_address, services
 from registry_server.protocol import digests, errors, names
 from registry_server.protocol.quotas import format_bytes
@@ -210,16 +216,20 @@ async def manifest(request: web.Request, visitor: _Visitor) -> web.StreamRespons
 
 
 async def status(request: web.Request, visitor: _Visitor) -> web.StreamResponse:
+    """The version for everyone; the rest (peers' addresses and errors, storage) for
+    admins, as the API's replication status (``registry:replication:*``)."""
     svc = services(request)
+    admin = await svc.auth.allowed(visitor.principal, REPLICATION)
     peers: list[dict[str, Any]] = []
     note = "No replication peers are configured."
-    if svc.replicator is not None:
+    if svc.replicator is not None and admin:
         peers = list((await svc.replicator.status()).get("peers") or [])
     elif svc.replicating:
         note = "Replication runs in another worker process of this server."
     return _page(
         visitor,
         "status.html",
+        admin=admin,
         version=__version__,
         region=svc.region,
         storage=svc.space.describe(),

@@ -206,8 +206,8 @@ def test_the_ui_in_a_real_browser(registry_process: Start, tmp_path: Path) -> No
         visit.open("/ui/repository?name=team-b/secret")
         assert "NAME_UNKNOWN" in visit.text()
         visit.open("/ui/status")
-        assert visit.texts("#version") and visit.texts("#no-peers")
-        visit.shot("status")
+        assert visit.texts("#version") and visit.texts("#admins-only")
+        assert visit.texts("#no-peers") == [] and visit.texts("#gc") == []
         visit.logout()
 
         # A wrong password is refused on the page, not with a protocol error.
@@ -228,6 +228,10 @@ def test_the_ui_in_a_real_browser(registry_process: Start, tmp_path: Path) -> No
         ]
         tags = registry.api.get("/v2/team-a/api/tags/list", headers=basic("root")).json()["tags"]
         assert tags == ["release-1", "stable", "v1"]
+
+        visit.open("/ui/status")  # an admin sees storage, GC and replication
+        assert visit.texts("#version") and visit.texts("#no-peers") and visit.texts("#gc")
+        visit.shot("status")
 
         # The cookies: HttpOnly, SameSite=Strict, scoped to the UI.
         cookies = {c["name"]: c for c in driver.get_cookies()}
