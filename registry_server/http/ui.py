@@ -34,6 +34,7 @@ from registry_server.http.context import client_address, services
 from registry_server.protocol import digests, errors, names
 from registry_server.protocol.quotas import format_bytes
 from registry_server.services import gc
+from registry_server.storage.space import SpaceMonitor
 
 PREFIX = "/ui"
 SESSION_COOKIE = "berth_session"
@@ -232,11 +233,22 @@ async def status(request: web.Request, visitor: _Visitor) -> web.StreamResponse:
         admin=admin,
         version=__version__,
         region=svc.region,
-        storage=svc.space.describe(),
+        storage=_storage(svc.space),
         gc=gc.last_round,
         peers=peers,
         replication_note=note,
     )
+
+
+def _storage(space: SpaceMonitor) -> str:
+    """The volume's free space (``describe`` words it for a refusal, full or not)."""
+    free, total = space.free_bytes, space.total_bytes
+    if free is None:
+        return "no local volume" if space.root is None else "not measured yet"
+    text = f"{format_bytes(free)} free"
+    if total:
+        text += f" of {format_bytes(total)} ({100 * (total - free) / total:.0f}% used)"
+    return text + (": full, pushes are refused" if space.full else "")
 
 
 async def style(_: web.Request) -> web.StreamResponse:
