@@ -812,14 +812,8 @@ def run_operator(args: argparse.Namespace) -> dict[str, Any]:
         flush=True,
     )
     started, load_before = time.monotonic(), meta.load()
-    workdir = Path(tempfile.mkdtemp(prefix="berth-bench-operator-", dir=args.workdir))
-    try:
+    with meta.scratch("operator", args.workdir, args.keep) as workdir:
         figures = operator_figures.run(settings, workdir)
-    finally:
-        if args.keep:
-            print(f"bench: kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     result = meta.envelope(
         "operator", ("operator", "crds", "bench"), started, load_before, meta.machine(workdir)
     )

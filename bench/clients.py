@@ -31,7 +31,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +42,6 @@ from bench import procs
 
 MiB = 1 << 20
 CLIENTS = ("curl", "crane", "python")
-SERVERS = ("berth", "distribution")
 CASES = ("push_large", "push_small", "pull_large", "pull_small")
 CONCURRENCY = 8
 DELAYACCT = Path("/proc/sys/kernel/task_delayacct")
@@ -378,16 +376,9 @@ def run_section(args: argparse.Namespace) -> dict[str, Any]:
     distribution_bin = args.distribution_bin or procs.DISTRIBUTION_BINARY
     print("bench: clients section", file=sys.stderr, flush=True)
     started, load_before = time.monotonic(), meta.load()
-    workdir = Path(tempfile.mkdtemp(prefix="berth-bench-clients-", dir=args.workdir))
-    with _DelayAccounting() as accounted:
-        try:
-            cells = run(settings, workdir, distribution_bin, str(crane_bin))
-            machine = meta.machine(workdir)
-        finally:
-            if args.keep:
-                print(f"bench: kept {workdir}", file=sys.stderr)
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
+    with _DelayAccounting() as accounted, meta.scratch("clients", args.workdir, args.keep) as work:
+        cells = run(settings, work, distribution_bin, str(crane_bin))
+        machine = meta.machine(work)
     result = {
         **meta.envelope("clients", ("registry_server", "bench"), started, load_before, machine),
         "versions": {

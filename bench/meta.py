@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +84,20 @@ def machine(workdir: Path) -> dict[str, str]:
     notes["storage"] = _filesystem(workdir)
     notes["python"] = platform.python_version()
     return notes
+
+
+@contextlib.contextmanager
+def scratch(section: str, parent: Path | None, keep: bool) -> Iterator[Path]:
+    """A section's scratch directory (under ``parent``, or the system's temporary
+    directory), removed when the section is done unless ``keep`` (``--keep``)."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"berth-bench-{section}-", dir=parent))
+    try:
+        yield workdir
+    finally:
+        if keep:
+            print(f"bench: kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def load() -> float:

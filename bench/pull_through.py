@@ -533,15 +533,9 @@ def run_section(args: argparse.Namespace) -> Result:
         raise SystemExit(f"bench: {', '.join(missing)} missing; run `make tools`")
     print("bench: pull-through section", file=sys.stderr, flush=True)
     started, load_before = time.monotonic(), meta.load()
-    workdir = Path(tempfile.mkdtemp(prefix="berth-bench-pull-through-", dir=args.workdir))
-    try:
+    with meta.scratch("pull-through", args.workdir, args.keep) as workdir:
         figures = measure(settings, workdir, binary, skopeo)
         machine = meta.machine(workdir)
-    finally:
-        if args.keep:
-            print(f"bench: kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     loads = figures["load_at_repetitions"]
     paths = ("registry_server", "bench")
     result = {

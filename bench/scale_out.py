@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -505,14 +503,8 @@ def run_section(args: argparse.Namespace) -> Result:
     binary = args.distribution_bin or procs.find_binary("docker-registry") or ""
     print("bench: scale-out section", file=sys.stderr, flush=True)
     started, load_before = time.monotonic(), meta.load()
-    workdir = Path(tempfile.mkdtemp(prefix="berth-bench-scale-out-", dir=args.workdir))
-    try:
+    with meta.scratch("scale-out", args.workdir, args.keep) as workdir:
         figures = measure(settings, workdir, binary)
-    finally:
-        if args.keep:
-            print(f"bench: kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     paths = ("registry_server", "bench")
     result = {
         **meta.envelope("scale-out", paths, started, load_before, meta.machine(workdir)),

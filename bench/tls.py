@@ -315,15 +315,9 @@ def run_section(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("bench: curl is missing (Debian package curl)")
     print("bench: tls section", file=sys.stderr, flush=True)
     started, load_before = time.monotonic(), meta.load()
-    workdir = Path(tempfile.mkdtemp(prefix="berth-bench-tls-", dir=args.workdir))
-    try:
+    with meta.scratch("tls", args.workdir, args.keep) as workdir:
         rows = measure_all(settings, workdir)
         machine = meta.machine(workdir)
-    finally:
-        if args.keep:
-            print(f"bench: kept {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     result = {
         **meta.envelope("tls", ("registry_server", "bench"), started, load_before, machine),
         "versions": {"curl": meta.first_line(["curl", "--version"])},
