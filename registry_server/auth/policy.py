@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from registry_server.auth import htpasswd, scopes
-from registry_server.protocol import quotas, tag_rules
+from registry_server.protocol import quotas, sizes, tag_rules
 
 ANY_ACCOUNT = "*"  # in a rule's pull/push/delete lists: every authenticated account
 
@@ -307,8 +307,8 @@ def _quota(value: Any, where: str) -> quotas.Quota:
     storage = None
     if raw.get("storage") is not None:
         try:
-            storage = quotas.parse_bytes(raw["storage"])
-        except quotas.QuantityError as exc:
+            storage = sizes.parse_bytes(raw["storage"])
+        except sizes.QuantityError as exc:
             raise PolicyError(f"{where}.storage: {exc}") from None
     tags = raw.get("tags")
     if tags is not None and (isinstance(tags, bool) or not isinstance(tags, int) or tags < 0):

@@ -32,7 +32,7 @@ from registry_server.auth.model import (
 )
 from registry_server.http.context import client_address, services
 from registry_server.protocol import digests, errors, names
-from registry_server.protocol.quotas import format_bytes
+from registry_server.protocol.sizes import format_bytes
 from registry_server.services import gc
 from registry_server.storage.space import SpaceMonitor
 

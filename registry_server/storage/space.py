@@ -23,6 +23,7 @@ from pathlib import Path
 
 from prometheus_client import Gauge
 
+from registry_server.protocol.sizes import format_bytes
 from registry_server.storage.driver import StorageFull
 
 log = logging.getLogger("registry_server.storage")
@@ -49,15 +50,6 @@ def full_as_storage_full() -> Iterator[None]:
         if is_full_error(exc):
             raise StorageFull(str(exc)) from None
         raise
-
-
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 class SpaceMonitor:
@@ -99,10 +91,10 @@ class SpaceMonitor:
         if free is None:
             return "storage full: unknown free space on the registry's volume"
         if not total:
-            return f"storage full: {_size(free)} free on the registry's volume"
+            return f"storage full: {format_bytes(free)} free on the registry's volume"
         used = 100 * (total - free) / total
         return (
-            f"storage full: {_size(free)} free of {_size(total)} ({used:.0f}% used)"
+            f"storage full: {format_bytes(free)} free of {format_bytes(total)} ({used:.0f}% used)"
             " on the registry's volume"
         )
 

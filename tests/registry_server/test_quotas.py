@@ -1,18 +1,12 @@
-"""Quota arithmetic and sizes (protocol/quotas.py); enforcement is in the index suite."""
+"""Quota arithmetic (protocol/quotas.py) and sizes (protocol/sizes.py); enforcement is in
+the index suite."""
 
 from __future__ import annotations
 
 import pytest
 
-from registry_server.protocol.quotas import (
-    NO_QUOTA,
-    QuantityError,
-    Quota,
-    Usage,
-    combine,
-    format_bytes,
-    parse_bytes,
-)
+from registry_server.protocol.quotas import NO_QUOTA, Quota, Usage, combine
+from registry_server.protocol.sizes import QuantityError, format_bytes, parse_bytes
 
 
 @pytest.mark.parametrize(
