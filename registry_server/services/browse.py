@@ -14,6 +14,7 @@ from typing import Any
 from registry_server.protocol import errors, manifests
 from registry_server.protocol.quotas import NO_QUOTA, Quota, Usage
 from registry_server.protocol.tag_rules import NO_RULES, TagRules
+from registry_server.services.paging import visible_page
 from registry_server.storage.index import ManifestRecord, MetadataIndex
 
 # Referrers are followed this deep (a signature of an SBOM of an image is 2).
@@ -179,18 +180,13 @@ class BrowseService:
     ) -> tuple[list[RepositoryRow], str | None]:
         """A page of the repositories the caller may pull; the name after which the next
         page starts (None: this is the last)."""
-        out: list[RepositoryRow] = []
-        cursor = last
-        batch = max(n, 100)
-        while len(out) < n:
-            rows = await self.index.repository_listing(batch, cursor, contains)
-            for usage, pushed in rows:
-                if len(out) < n and await visible(usage.repository):
-                    out.append(RepositoryRow(usage, self.quota(usage.repository), pushed))
-            if len(rows) < batch:
-                return out, None
-            cursor = rows[-1][0].repository
-        return out, out[-1].usage.repository
+
+        async def fetch(limit: int, after: str | None) -> list[tuple[Usage, float | None]]:
+            return await self.index.repository_listing(limit, after, contains)
+
+        found, ended = await visible_page(fetch, lambda row: row[0].repository, n, last, visible)
+        out = [RepositoryRow(u, self.quota(u.repository), pushed) for u, pushed in found]
+        return out, (None if ended or not out else out[-1].usage.repository)
 
     async def usage(self, repo: str) -> RepositoryRow:
         usage = await self.index.usage(repo)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from registry_server.protocol import digests, errors, manifests
+from registry_server.services.paging import visible_page
 from registry_server.services.tag_lists import TagListCache
 from registry_server.storage.index import MetadataIndex
 
@@ -53,19 +54,7 @@ class DiscoveryService:
         self, n: int | None, last: str | None, visible: Callable[[str], Awaitable[bool]]
     ) -> Page:
         """Repositories the caller may see, paginated after filtering."""
-        out: list[str] = []
-        cursor = last
-        batch = max(n or 0, 100)
-        while n is None or len(out) < n:
-            names = await self.index.list_repositories(batch, cursor)
-            for name in names:
-                if await visible(name):
-                    out.append(name)
-                    if n is not None and len(out) == n:
-                        break
-            if len(names) < batch or (n is not None and len(out) == n):
-                break
-            cursor = names[-1]
+        out, _ = await visible_page(self.index.list_repositories, str, n, last, visible)
         more = n is not None and n > 0 and len(out) == n
         return Page(out, out[-1] if more else None)
 

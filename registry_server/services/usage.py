@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from registry_server.protocol import errors
 from registry_server.protocol.quotas import NO_QUOTA, Quota, Usage
+from registry_server.services.paging import visible_page
 from registry_server.storage.index import MetadataIndex
 
 log = logging.getLogger(__name__)
@@ -50,18 +51,11 @@ class UsageService:
     ) -> tuple[list[Entry], str | None]:
         """The repositories the caller may pull, in name order after ``last``, and the
         name to continue after (None at the end); filtered before paging, as the catalog."""
-        out: list[Entry] = []
-        cursor = last
-        batch = max(n or 0, 100)
-        while n is None or len(out) < n:
-            found = await self.index.usages(batch, cursor)
-            for usage in found:
-                if (n is None or len(out) < n) and await visible(usage.repository):
-                    out.append(Entry(usage, self.quota(usage.repository)))
-            if len(found) < batch:
-                return out, None
-            cursor = found[-1].repository
-        return out, (out[-1].usage.repository if out else None)
+        found, ended = await visible_page(
+            self.index.usages, lambda u: u.repository, n, last, visible
+        )
+        out = [Entry(usage, self.quota(usage.repository)) for usage in found]
+        return out, (None if ended or not found else found[-1].repository)
 
 
 class UsageGauges(Collector):
