@@ -172,6 +172,18 @@ def start_auth_registry(
     return holder
 
 
+def crane_as(registry: AuthRegistry, workdir: Path, account: str = "root") -> Callable[..., Any]:
+    """crane with a Docker config of its own, logged in to ``registry`` as ``account``;
+    call it with crane's arguments (``check=False`` to get a failed run back)."""
+    env = {"DOCKER_CONFIG": str(workdir / f"docker-{account}")}
+
+    def crane(*args: str | os.PathLike[str], check: bool = True) -> Any:
+        return run_tool("crane", *args, "--insecure", env=env, check=check)
+
+    crane("auth", "login", registry.host, "-u", account, "-p", SECRETS[account])
+    return crane
+
+
 def layout(tmp_path: Path, tag: str = "v1") -> tuple[Path, str]:
     path = tmp_path / f"layout-{tag}"
     digest = make_oci_layout(path, tag, layers=2, layer_size=4096)

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.integration.test_auth_clients import (
-    SECRETS,
     Start,
     basic,
+    crane_as,
     policy,
     start_auth_registry,
 )
-from tests.support.clients import run_tool
 from tests.support.images import make_oci_layout, read_json_blob
 
 pytestmark = pytest.mark.integration
@@ -39,12 +36,7 @@ def test_immutable_tags_refuse_overwrite_and_delete_and_retention_prunes(
         policy(RULES),
         {"gc": {"interval_seconds": 1, "grace_seconds": 3}},
     )
-    env = {"DOCKER_CONFIG": str(tmp_path / "docker")}
-
-    def crane(*args: str | os.PathLike[str], check: bool = True) -> Any:
-        return run_tool("crane", *args, "--insecure", env=env, check=check)
-
-    crane("auth", "login", registry.host, "-u", "root", "-p", SECRETS["root"])
+    crane = crane_as(registry, tmp_path)
     repo = f"{registry.host}/team-a/app"
 
     layouts: dict[str, Path] = {}

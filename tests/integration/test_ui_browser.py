@@ -27,6 +27,7 @@ from tests.integration.test_auth_clients import (
     AuthRegistry,
     Start,
     basic,
+    crane_as,
     policy,
     start_auth_registry,
 )
@@ -37,7 +38,6 @@ from tests.support.clients import (
     canonical_json,
     descriptor,
     image_manifest,
-    run_tool,
     sha256,
 )
 from tests.support.images import make_oci_layout
@@ -57,12 +57,7 @@ SIGNATURE = "application/vnd.example.signature"
 
 def populate(registry: AuthRegistry, tmp_path: Path) -> str:
     """Images as real clients push them; returns the digest of team-a/api:v1."""
-    env = {"DOCKER_CONFIG": str(tmp_path / "docker")}
-
-    def crane(*args: str | Path) -> Any:
-        return run_tool("crane", *args, "--insecure", env=env)
-
-    crane("auth", "login", registry.host, "-u", "root", "-p", SECRETS["root"])
+    crane = crane_as(registry, tmp_path)
     host = registry.host
     make_oci_layout(tmp_path / "api", "v1", layers=3, layer_size=20 * 1024, seed="api")
     crane("push", tmp_path / "api", f"{host}/team-a/api:v1")

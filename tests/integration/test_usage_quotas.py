@@ -15,15 +15,14 @@ from typing import Any
 import pytest
 
 from tests.integration.test_auth_clients import (
-    SECRETS,
     AuthRegistry,
     Start,
     basic,
+    crane_as,
     policy,
     start_auth_registry,
 )
 from tests.integration.test_index_recovery import berth
-from tests.support.clients import run_tool
 from tests.support.images import make_oci_layout
 
 pytestmark = pytest.mark.integration
@@ -35,27 +34,17 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
-class Crane:
-    def __init__(self, registry: AuthRegistry, tmp_path: Path) -> None:
-        self.host = registry.host
-        self.env = {"DOCKER_CONFIG": str(tmp_path / "docker")}
-        self.tmp_path = tmp_path
-        self("auth", "login", self.host, "-u", "root", "-p", SECRETS["root"])
-
-    def __call__(self, *args: str | Path, check: bool = True) -> Any:
-        return run_tool("crane", *args, "--insecure", env=self.env, check=check)
-
-    def image(self, name: str) -> tuple[Path, int]:
-        """An image of two 8 KiB layers; its layout and the bytes it stores (blobs and
-        manifest, each once)."""
-        path = self.tmp_path / name
-        make_oci_layout(path, "v1", layers=2, layer_size=8 * 1024, seed=name)
-        index = json.loads((path / "index.json").read_text())
-        digest = index["manifests"][0]["digest"]
-        raw = (path / "blobs" / "sha256" / digest.split(":")[1]).read_bytes()
-        manifest = json.loads(raw)
-        blobs = [manifest["config"], *manifest["layers"]]
-        return path, len(raw) + sum(int(b["size"]) for b in blobs)
+def image(tmp_path: Path, name: str) -> tuple[Path, int]:
+    """An image of two 8 KiB layers; its layout and the bytes it stores (blobs and
+    manifest, each once)."""
+    path = tmp_path / name
+    make_oci_layout(path, "v1", layers=2, layer_size=8 * 1024, seed=name)
+    index = json.loads((path / "index.json").read_text())
+    digest = index["manifests"][0]["digest"]
+    raw = (path / "blobs" / "sha256" / digest.split(":")[1]).read_bytes()
+    manifest = json.loads(raw)
+    blobs = [manifest["config"], *manifest["layers"]]
+    return path, len(raw) + sum(int(b["size"]) for b in blobs)
 
 
 def layers(path: Path) -> list[str]:
@@ -100,11 +89,11 @@ def test_quotas_refuse_growth_and_usage_follows_pushes_deletes_and_gc(
         policy(RULES),
         {"gc": {"interval_seconds": 1, "grace_seconds": 2}},
     )
-    crane = Crane(registry, tmp_path)
+    crane = crane_as(registry, tmp_path)
     repo = f"{registry.host}/team-a/app"
-    one, one_size = crane.image("one")
-    two, two_size = crane.image("two")
-    three, _ = crane.image("three")
+    one, one_size = image(tmp_path, "one")
+    two, two_size = image(tmp_path, "two")
+    three, _ = image(tmp_path, "three")
     crane("push", one, f"{repo}:v1")
     crane("push", two, f"{repo}:v2")
     assert usage(registry, "team-a/app") == {
@@ -193,8 +182,8 @@ def test_concurrent_pushes_from_two_workers_never_pass_the_quota(
     registry = start_auth_registry(
         registry_process, tmp_path, policy(RULES), {"http": {"workers": 2}}
     )
-    crane = Crane(registry, tmp_path)
-    images = [crane.image(f"busy-{n}") for n in range(6)]
+    crane = crane_as(registry, tmp_path)
+    images = [image(tmp_path, f"busy-{n}") for n in range(6)]
     sizes = {size for _, size in images}
     # Every image stores about 16.5 KiB: two fit in 40 KiB, three do not.
     assert 2 * max(sizes) <= 40 * 1024 < 3 * min(sizes), sizes
