@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from registry_server.protocol import errors
 from registry_server.protocol.sizes import format_bytes
 
 
@@ -69,6 +70,21 @@ class Quota:
 
 
 NO_QUOTA = Quota()
+
+
+def refused(reason: str, usage: Usage, quota: Quota) -> errors.RegistryError:
+    """The protocol's error for a push or upload ``quota`` refuses (``reason`` from
+    ``Quota.exceeded_by`` or ``Quota.full``)."""
+    return errors.RegistryError(
+        errors.QUOTA_EXCEEDED,
+        message=reason,
+        detail={
+            "repository": usage.repository,
+            "storage": usage.storage,
+            "tags": usage.tags,
+            "quota": {"storage": quota.storage, "tags": quota.tags},
+        },
+    )
 
 
 def combine(quotas: Iterable[Quota]) -> Quota:

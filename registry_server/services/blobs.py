@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from registry_server.protocol import digests, errors
-from registry_server.protocol.quotas import NO_QUOTA, Quota
+from registry_server.protocol.quotas import NO_QUOTA, Quota, refused
 from registry_server.storage.blobstore import BlobStore, UploadInfo
 from registry_server.storage.index import MetadataIndex
 
@@ -34,16 +34,8 @@ class BlobService:
             return
         usage = await self.index.usage(repo)
         reason = quota.full(usage) if usage is not None else None
-        if reason is not None:
-            raise errors.RegistryError(
-                errors.QUOTA_EXCEEDED,
-                message=reason,
-                detail={
-                    "repository": repo,
-                    "storage": usage.storage if usage else 0,
-                    "quota": {"storage": quota.storage, "tags": quota.tags},
-                },
-            )
+        if usage is not None and reason is not None:
+            raise refused(reason, usage, quota)
 
     # -- pull ----------------------------------------------------------------------------
 

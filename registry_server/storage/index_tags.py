@@ -12,7 +12,7 @@ import hashlib
 import time
 from collections.abc import Callable, Collection, Sequence
 
-from registry_server.protocol import errors, versions
+from registry_server.protocol import errors, quotas, versions
 from registry_server.protocol.quotas import Quota
 from registry_server.protocol.versions import Stamp
 from registry_server.storage import changelog, index_usage
@@ -254,16 +254,7 @@ def put_manifest(
         after = yield from index_usage.usage_of(repo_id)
         reason = quota.exceeded_by(before, after)
         if reason is not None:
-            raise errors.RegistryError(
-                errors.QUOTA_EXCEEDED,
-                message=reason,
-                detail={
-                    "repository": repo,
-                    "storage": after.storage,
-                    "tags": after.tags,
-                    "quota": {"storage": quota.storage, "tags": quota.tags},
-                },
-            )
+            raise quotas.refused(reason, after, quota)
     return applied
 
 
