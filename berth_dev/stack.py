@@ -383,14 +383,6 @@ class LocalStack:
         if auth is None:
             raise StackError(f"Secret {namespace}/{names.secret(name)} does not exist")
         root = Path(tempfile.mkdtemp(prefix=f"{namespace}-{name}-", dir=self.workdir / "pods"))
-        pod = podspec_runner.start(
-            deployment,
-            config_maps,
-            secrets,
-            root,
-            port=self._reserved[(namespace, name)].release(),
-            services=self._services(),
-        )
         Inputs = tuple[Sequence[podspec_runner.Object], Sequence[podspec_runner.Object]]
         last: Inputs = (config_maps, secrets)
 
@@ -401,7 +393,15 @@ class LocalStack:
             last = podspec_runner.inputs(self.find, namespace, deployment) or last
             return last
 
-        pod.follow(fetch, interval=1.0)
+        pod = podspec_runner.start(
+            deployment,
+            config_maps,
+            secrets,
+            root,
+            port=self._reserved[(namespace, name)].release(),
+            services=self._services(),
+            fetch=fetch,
+        )
         certs = None
         if pod.url.startswith("https://"):
             certs = pod.cert_dir(self.workdir / "certs" / f"{namespace}-{name}")

@@ -272,10 +272,11 @@ def test_thousands_of_repositories_all_ready_and_the_last_shard_enforced(
         )
 
     config_maps, secrets = _wait(fetch, operator, "the pod's ConfigMaps and Secrets")
-    pod = podspec_runner.start(deployment, config_maps, secrets, tmp_path / "pod")
+    # The kubelet stand-in: the policy volume (main file and shards) kept current.
+    pod = podspec_runner.start(
+        deployment, config_maps, secrets, tmp_path / "pod", fetch=lambda: fetch() or ([], [])
+    )
     try:
-        # The kubelet stand-in: the policy volume (main file and shards) kept current.
-        pod.follow(lambda: fetch() or ([], []), interval=1.0)
 
         def create(i: int) -> None:
             team = i % TENANTS

@@ -139,9 +139,14 @@ def test_renewal_under_load_fails_no_request_and_rolls_no_pod(
     template = deployment["spec"]["template"]
     inputs = fetch()
     assert inputs is not None
-    pod = podspec_runner.start(deployment, *inputs, tmp_path / "pod")
+    pod = podspec_runner.start(
+        deployment,
+        *inputs,
+        tmp_path / "pod",
+        fetch=lambda: fetch() or ([], []),
+        follow_interval=0.5,
+    )
     try:
-        pod.follow(lambda: fetch() or ([], []), interval=0.5)
         overrides.write_text(json.dumps({f"{namespace}/main": pod.url}))
         ready = _wait(
             lambda: (

@@ -130,9 +130,15 @@ def _registry_pod(
         )
 
     config_maps, secrets_ = _wait(fetch, operator, "the pod's ConfigMaps and Secrets")
-    pod = podspec_runner.start(deployment, config_maps, secrets_, root)
+    pod = podspec_runner.start(
+        deployment,
+        config_maps,
+        secrets_,
+        root,
+        fetch=lambda: fetch() or ([], []),
+        follow_interval=0.5,
+    )
     pods.append(pod)
-    pod.follow(lambda: fetch() or ([], []), interval=0.5)
     mapping = json.loads(overrides.read_text())
     mapping[f"{namespace}/main"] = pod.url
     temporary = overrides.with_suffix(".tmp")

@@ -385,13 +385,18 @@ def start(
     port: int | None = None,
     services: Mapping[str, str] | None = None,
     wait_ready: bool = True,
+    fetch: Callable[[], tuple[Sequence[Object], Sequence[Object]]] | None = None,
+    follow_interval: float = 1.0,
 ) -> RunningPod:
     """Start the Deployment's container as a local process; stop() it when done.
 
     `port` fixes the loopback port (so that peers can be told it before it starts);
     `services` maps in-cluster Service URLs to the loopback URLs standing in for them;
     `wait_ready=False` waits for the liveness probe only (a pod that runs but is not
-    ready, as the kubelet keeps it).
+    ready, as the kubelet keeps it); `fetch` keeps the volumes current from the start,
+    before the pod is ready, as the kubelet does (inputs read while the operator was
+    writing them may not agree with each other, and a pod waiting for them to agree
+    would otherwise never see the update).
     """
     pod = deployment["spec"]["template"]["spec"]
     containers = pod["containers"]
@@ -461,6 +466,8 @@ def start(
     )
     running.process, running.argv, running.env = process, argv, env
     process.start()
+    if fetch is not None:
+        running.follow(fetch, interval=follow_interval)
     try:
         ready_path = readiness.get("path", "/v2/")
         if not wait_ready:
