@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from registry_server.protocol import digests, errors
 from registry_server.protocol.quotas import NO_QUOTA, Quota, refused
 from registry_server.storage.blobstore import BlobStore, UploadInfo
+from registry_server.storage.driver import Writer
 from registry_server.storage.index import MetadataIndex
 
 
@@ -78,14 +80,21 @@ class BlobService:
             if candidate == repo or not await may_pull(candidate):
                 continue
             size = await self.index.blob_size(candidate, str(digest))
-            if size is not None and await self.store.size(digest) == size:
-                try:
-                    await self.index.link_blob(
-                        repo, str(digest), size, publish=lambda: self.store.require(digest)
-                    )
-                except errors.RegistryError:
-                    continue  # collected between the check and the link
-                return True
+            if size is None:
+                continue
+            try:
+                # The bytes are checked once, under the index's write lock (a stat; a HEAD
+                # on an object store): not there, or not that size, and this candidate
+                # is skipped.
+                await self.index.link_blob(
+                    repo,
+                    str(digest),
+                    size,
+                    publish=functools.partial(self.store.require, digest, size),
+                )
+            except errors.RegistryError:
+                continue  # lost, or collected since the record was read
+            return True
         return False
 
     # -- uploads -------------------------------------------------------------------------
@@ -115,9 +124,19 @@ class BlobService:
         content_range: tuple[int, int] | None,
     ) -> int:
         async with self.store.lock(upload_id):
-            info = await self.store.upload_info(repo, upload_id)
+            info, writer = await self._open(repo, upload_id, content_range)
+            return await self.store.append(info, body, writer=writer)
+
+    async def _open(
+        self, repo: str, upload_id: str, content_range: tuple[int, int] | None
+    ) -> tuple[UploadInfo, Writer]:
+        info, writer = await self.store.open_upload(repo, upload_id)
+        try:
             self._check_range(repo, info, content_range)
-            return await self.store.append(info, body)
+        except BaseException:
+            await writer.close()
+            raise
+        return info, writer
 
     async def finish_upload(
         self,
@@ -128,16 +147,23 @@ class BlobService:
         content_range: tuple[int, int] | None = None,
     ) -> int:
         async with self.store.lock(upload_id):
-            info = await self.store.upload_info(repo, upload_id)
-            self._check_range(repo, info, content_range)
+            info, writer = await self._open(repo, upload_id, content_range)
             if body is not None:
-                size = await self.store.append(info, body)
-                info = UploadInfo(info.upload_id, repo, info.started_at, size)
-            size = await self.store.verify(info, digest)
-            final = info
-            await self.index.link_blob(
-                repo, str(digest), size, publish=lambda: self.store.publish(final, digest)
-            )
+                size = await self.store.append(info, body, last=digest, writer=writer)
+            else:
+                size = await self.store.verify(info, digest, writer=writer)
+            published = False
+
+            async def publish() -> None:
+                nonlocal published
+                await self.store.publish(info, digest)
+                published = True
+
+            try:
+                await self.index.link_blob(repo, str(digest), size, publish=publish)
+            finally:
+                if published:  # the data is gone from the session either way: end it
+                    await self.store.cancel(upload_id)
         return size
 
     async def upload_whole(

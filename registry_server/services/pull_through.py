@@ -340,11 +340,14 @@ class PullThrough:
             async with fetcher.blob(target.remote, str(digest)) as (size, chunks):
                 upload_id = await self.store.start_upload(target.local)
                 try:
-                    info = await self.store.upload_info(target.local, upload_id)
-                    await self.store.append(info, tee(size, chunks))
+                    info, writer = await self.store.open_upload(target.local, upload_id)
                     try:
-                        stored = await self.store.verify(
-                            info, digest, checked=lambda: self._release(flight)
+                        stored = await self.store.append(
+                            info,
+                            tee(size, chunks),
+                            last=digest,
+                            checked=lambda: self._release(flight),
+                            writer=writer,
                         )
                     except errors.RegistryError as exc:
                         if exc.error is errors.DIGEST_INVALID:
@@ -360,9 +363,8 @@ class PullThrough:
                         stored,
                         publish=lambda: self.store.publish(info, digest),
                     )
-                except BaseException:
+                finally:  # stored or not, the session has served
                     await self.store.cancel(upload_id)
-                    raise
         except UpstreamFailure as failure:
             UPSTREAM_ERRORS.labels(target.mirror.name, _reason(failure)).inc()
             raise _as_error(failure, errors.BLOB_UNKNOWN, {"digest": str(digest)}) from None

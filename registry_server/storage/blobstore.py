@@ -1,6 +1,7 @@
 """Content-addressed blobs and upload sessions on top of a storage driver.
 
-An upload session is an id, an offset and an incremental hasher. Commit verifies the
+An upload session is an id (naming its repository and start: ``upload_ids``), its data,
+an offset and an incremental hasher. Commit verifies the
 digest, fsyncs, and moves the data into place atomically: no partial file is ever
 visible under a digest. The hasher lives in this process; after a restart (or when a
 request lands on another worker) it is rebuilt by rehashing the data written so far.
@@ -15,13 +16,13 @@ import json
 import logging
 import secrets
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from registry_server.protocol import digests, errors
+from registry_server.storage import upload_ids
 from registry_server.storage.driver import StorageDriver, StorageFull, StorageNotFound, Writer
 from registry_server.storage.space import SpaceMonitor
 
@@ -49,8 +50,9 @@ def _upload_dir(upload_id: str) -> str:
 
 
 def _upload_unknown(upload_id: str) -> errors.RegistryError:
-    """For a session that vanished mid-request (cancelled by a DELETE, a purge, a worker)."""
-    return errors.RegistryError(errors.BLOB_UPLOAD_UNKNOWN, detail={"uuid": upload_id})
+    """For a session that is not there, or vanished mid-request (cancelled by a DELETE, a
+    purge, a worker); the id as the client sent it, cut short."""
+    return errors.RegistryError(errors.BLOB_UPLOAD_UNKNOWN, detail={"uuid": upload_id[:80]})
 
 
 @dataclass
@@ -77,13 +79,6 @@ def _stray(path: str) -> None:
     log.warning("not a blob store entry, left alone: %s", path[:300])
 
 
-def _valid_upload_id(upload_id: str) -> bool:
-    try:
-        return str(uuid.UUID(upload_id)) == upload_id
-    except ValueError:
-        return False
-
-
 class BlobStore:
     # Running hashes are a cache (rebuilt from the data when missing), bounded because with
     # several workers a session often ends in another process, whose cancel cannot clear it.
@@ -94,6 +89,9 @@ class BlobStore:
         # Pushes are refused while the volume is full (storage.space).
         self.space = space or SpaceMonitor(None)
         self._hashes: OrderedDict[str, _HashState] = OrderedDict()
+        # Each session's repository and start time, as its info file says (written once,
+        # never changed): read once per process, not on every request of the session.
+        self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._locks: dict[str, _SessionLock] = {}
         self._unreadable: set[str] = set()
 
@@ -208,32 +206,70 @@ class BlobStore:
 
     async def start_upload(self, repository: str) -> str:
         self.space.require_writable()
-        upload_id = str(uuid.uuid4())
-        info = {"repository": repository, "started_at": time.time()}
-        # Not synced: a session a machine crash loses is answered BLOB_UPLOAD_UNKNOWN and
-        # the client starts the upload again; what it uploads is synced when committed.
-        await self.driver.put_content(
-            f"{_upload_dir(upload_id)}/info", json.dumps(info).encode(), durable=False
-        )
+        # The id tells the session's repository and start (upload_ids): its data, empty,
+        # is all the store holds of it. Not synced: a session a machine crash loses is
+        # answered BLOB_UPLOAD_UNKNOWN and the client starts the upload again; what it
+        # uploads is synced when committed.
+        upload_id = upload_ids.new(repository, time.time())
         writer = await self.driver.writer(f"{_upload_dir(upload_id)}/data")
         await writer.close()
         self._remember(upload_id, _HashState(hashlib.sha256(), 0))
         return upload_id
 
-    async def upload_info(self, repository: str, upload_id: str) -> UploadInfo:
-        unknown = errors.RegistryError(errors.BLOB_UPLOAD_UNKNOWN, detail={"uuid": upload_id[:80]})
-        if not _valid_upload_id(upload_id):
-            raise unknown
+    # Sessions of the earlier form (plain UUIDs, started by an earlier version): their
+    # repository and start are in an info file, read once per process.
+
+    def _remember_session(self, upload_id: str, repository: str, started_at: float) -> None:
+        self._sessions[upload_id] = (repository, started_at)
+        self._sessions.move_to_end(upload_id)
+        while len(self._sessions) > self.max_cached_hashes:
+            self._sessions.popitem(last=False)
+
+    async def _session(self, upload_id: str) -> tuple[str, float] | None:
+        known = self._sessions.get(upload_id)
+        if known is not None:
+            return known
         try:
             raw = json.loads(await self.driver.get_content(f"{_upload_dir(upload_id)}/info"))
-        except (StorageNotFound, ValueError):
-            raise unknown from None
-        if raw.get("repository") != repository:
-            raise unknown
+            known = (str(raw["repository"]), float(raw["started_at"]))
+        except (StorageNotFound, ValueError, KeyError, TypeError):
+            return None
+        self._remember_session(upload_id, *known)
+        return known
+
+    async def upload_info(self, repository: str, upload_id: str) -> UploadInfo:
+        started_at = await self._started_at(repository, upload_id)
+        # Stated on every request: another process may have written to it, or ended it.
         size = await self.driver.stat(f"{_upload_dir(upload_id)}/data")
         if size is None:
-            raise unknown
-        return UploadInfo(upload_id, repository, float(raw["started_at"]), size)
+            raise _upload_unknown(upload_id)
+        return UploadInfo(upload_id, repository, started_at, size)
+
+    async def open_upload(self, repository: str, upload_id: str) -> tuple[UploadInfo, Writer]:
+        """``upload_info`` and the session's data opened for appending, in one step: the
+        open tells the size a stat would (one call to the store where there were two).
+        The writer is the caller's to pass on (``append``, ``verify``) or close."""
+        started_at = await self._started_at(repository, upload_id)
+        try:
+            writer = await self.driver.writer(
+                f"{_upload_dir(upload_id)}/data", append=True, create=False
+            )
+        except StorageNotFound:
+            raise _upload_unknown(upload_id) from None
+        return UploadInfo(upload_id, repository, started_at, writer.size), writer
+
+    async def _started_at(self, repository: str, upload_id: str) -> float:
+        """The session's start, if it is ``repository``'s; BLOB_UPLOAD_UNKNOWN if not.
+        Whether it is there is for the caller's stat or open of its data to find."""
+        parsed = upload_ids.parse(upload_id)
+        if parsed is not None:
+            if parsed.binding != upload_ids.binding(repository):
+                raise _upload_unknown(upload_id)
+            return parsed.started_at
+        session = await self._session(upload_id) if upload_ids.is_legacy(upload_id) else None
+        if session is None or session[0] != repository:
+            raise _upload_unknown(upload_id)
+        return session[1]
 
     def _remember(self, upload_id: str, state: _HashState) -> None:
         self._hashes[upload_id] = state
@@ -263,15 +299,36 @@ class BlobStore:
         except StorageNotFound:
             raise _upload_unknown(upload_id) from None
 
-    async def append(self, info: UploadInfo, chunks: AsyncIterator[bytes]) -> int:
+    async def append(
+        self,
+        info: UploadInfo,
+        chunks: AsyncIterator[bytes],
+        last: digests.Digest | None = None,
+        checked: Callable[[], Awaitable[None]] | None = None,
+        writer: Writer | None = None,
+    ) -> int:
         """Append a request body to the upload; returns the new size.
 
         On a truncated or failed body the data is cut back to where it was, so the
-        session's offset stays what the client last saw.
+        session's offset stays what the client last saw. With ``last`` the body ends the
+        upload: it is verified against that digest as ``verify`` does, through the file
+        still open (no second open, stat or flush). ``writer``: the data as
+        ``open_upload`` opened it (else it is opened here).
         """
-        state = await self._hash_state(info.upload_id, info.size)
         path = f"{_upload_dir(info.upload_id)}/data"
-        writer = await self._open_data(info.upload_id)
+        try:
+            state = await self._hash_state(info.upload_id, info.size)
+        except BaseException:
+            if writer is not None:
+                await writer.close()
+            raise
+        if writer is None:
+            writer = await self._open_data(info.upload_id)
+        if last is not None and last.algorithm == "sha256" and info.size == 0:
+            # The whole blob in this body, verified as it streams: an object store writes
+            # it where the publish puts it (no copy). Not for other digests, which are
+            # checked by reading the file back.
+            writer.destine(blob_path(last))
         hasher = state.hasher.copy()
         try:
             async for chunk in chunks:
@@ -279,7 +336,8 @@ class BlobStore:
                 self.space.require_writable()
                 hasher.update(chunk)
                 await writer.write(chunk)
-            await writer.close()
+            if last is None:
+                await writer.close()
         except BaseException:
             with contextlib.suppress(StorageFull):  # what it could not flush is cut anyway
                 await writer.close()
@@ -288,12 +346,16 @@ class BlobStore:
             raise
         state.hasher = hasher
         state.offset = writer.size
-        return writer.size
+        if last is None:
+            return writer.size
+        ended = UploadInfo(info.upload_id, info.repository, info.started_at, writer.size)
+        return await self._verified(ended, last, checked, writer)
 
     async def commit(self, info: UploadInfo, expected: digests.Digest) -> int:
         """Verify and move the upload into place as ``expected``; returns the blob size."""
         size = await self.verify(info, expected)
         await self.publish(info, expected)
+        await self.cancel(info.upload_id)
         return size
 
     async def verify(
@@ -301,67 +363,98 @@ class BlobStore:
         info: UploadInfo,
         expected: digests.Digest,
         checked: Callable[[], Awaitable[None]] | None = None,
+        writer: Writer | None = None,
     ) -> int:
         """Check the digest and make the data durable; returns the size. A mismatch drops
         the session (DIGEST_INVALID) and leaves storage as it was. ``checked`` is awaited
-        once the digest matched, before the data is made durable."""
-        data_path = f"{_upload_dir(info.upload_id)}/data"
-        size = await self.driver.stat(data_path)
-        if size is None:
-            raise errors.RegistryError(errors.BLOB_UPLOAD_UNKNOWN, detail={"uuid": info.upload_id})
-        if expected.algorithm == "sha256":
-            actual = (await self._hash_state(info.upload_id, size)).hasher.hexdigest()
-        else:
-            hasher = expected.hasher()
-            try:
-                async for chunk in self.driver.reader(data_path):
-                    hasher.update(chunk)
-            except StorageNotFound:
-                raise _upload_unknown(info.upload_id) from None
-            actual = hasher.hexdigest()
-        if actual != expected.hex:
-            await self.cancel(info.upload_id)
-            raise errors.RegistryError(
-                errors.DIGEST_INVALID,
-                detail={"expected": str(expected), "actual": f"{expected.algorithm}:{actual}"},
-            )
-        if checked is not None:
-            await checked()
-        # Durability first, then (in publish) an atomic rename: a crash leaves either no
-        # blob or a whole one.
-        writer = await self._open_data(info.upload_id)
-        if writer.size != size:
-            # The session was cancelled meanwhile, so opening its data created a new file:
-            # that must never be published under the digest.
-            await writer.close()
-            await self.cancel(info.upload_id)
-            raise _upload_unknown(info.upload_id)
-        await writer.commit()
-        return size
+        once the digest matched, before the data is made durable. ``info`` is as
+        ``upload_info`` just read it (a session changed since is refused), or as
+        ``open_upload`` did with its ``writer``."""
+        return await self._verified(info, expected, checked, writer)
+
+    async def _verified(
+        self,
+        info: UploadInfo,
+        expected: digests.Digest,
+        checked: Callable[[], Awaitable[None]] | None,
+        writer: Writer | None,
+    ) -> int:
+        """``verify`` of an upload of ``info.size`` bytes, through ``writer`` if open."""
+        try:
+            if expected.algorithm == "sha256":
+                actual = (await self._hash_state(info.upload_id, info.size)).hasher.hexdigest()
+            else:
+                if writer is not None:  # rehashed from the file: all of it written first
+                    await writer.close()
+                    writer = None
+                actual = await self._rehash(info.upload_id, expected)
+            if actual != expected.hex:
+                if writer is not None:
+                    await writer.close()
+                    writer = None
+                await self.cancel(info.upload_id)
+                raise errors.RegistryError(
+                    errors.DIGEST_INVALID,
+                    detail={"expected": str(expected), "actual": f"{expected.algorithm}:{actual}"},
+                )
+            if checked is not None:
+                await checked()
+            if writer is None:
+                writer = await self._open_data(info.upload_id)
+                if writer.size != info.size:
+                    # The session was cancelled meanwhile (opening its data created a new
+                    # file) or written by another process: never published as it is.
+                    await writer.close()
+                    writer = None
+                    await self.cancel(info.upload_id)
+                    raise _upload_unknown(info.upload_id)
+            # Durability first, then (in publish) an atomic rename: a crash leaves either
+            # no blob or a whole one.
+            durable, writer = writer, None
+            await durable.commit()
+        finally:
+            if writer is not None:
+                with contextlib.suppress(StorageFull):
+                    await writer.close()
+        return info.size
+
+    async def _rehash(self, upload_id: str, expected: digests.Digest) -> str:
+        hasher = expected.hasher()
+        try:
+            async for chunk in self.driver.reader(f"{_upload_dir(upload_id)}/data"):
+                hasher.update(chunk)
+        except StorageNotFound:
+            raise _upload_unknown(upload_id) from None
+        return hasher.hexdigest()
 
     async def publish(self, info: UploadInfo, expected: digests.Digest) -> None:
-        """Move verified data into place under its digest and end the session."""
+        """Move verified data into place under its digest. The session, now without data,
+        is the caller's to end (``cancel``): not while the index's write lock is held for
+        the publish, which other publishes wait for."""
         try:
             await self.driver.move(f"{_upload_dir(info.upload_id)}/data", blob_path(expected))
         except StorageNotFound:  # cancelled since verify()
             raise _upload_unknown(info.upload_id) from None
-        await self.cancel(info.upload_id)
 
-    async def require(self, digest: digests.Digest) -> None:
-        """Raise BLOB_UNKNOWN unless the blob's bytes are present (a mount's publish step)."""
-        if await self.size(digest) is None:
+    async def require(self, digest: digests.Digest, size: int | None = None) -> None:
+        """Raise BLOB_UNKNOWN unless the blob's bytes are present, and ``size`` bytes long
+        when given (a mount's publish step)."""
+        found = await self.size(digest)
+        if found is None or (size is not None and found != size):
             raise errors.RegistryError(errors.BLOB_UNKNOWN, detail={"digest": str(digest)})
 
     async def cancel(self, upload_id: str) -> None:
         """Drop an upload session; safe to call twice."""
         self._hashes.pop(upload_id, None)
+        self._sessions.pop(upload_id, None)
         await self.driver.delete(_upload_dir(upload_id))
 
     async def stale_uploads(self, older_than: float) -> list[str]:
         """Upload sessions started before ``older_than``.
 
-        A session without readable info is either being created right now or broken; it
-        counts as stale only if it was already so at the previous call. What interrupted
+        A session's id tells its start (``upload_ids``). One of the earlier form without
+        readable info is either being created right now or broken; it counts as stale
+        only if it was already so at the previous call. What interrupted
         driver writes of the same age left (an object store's incomplete multipart
         copies) is removed on the way.
         """
@@ -369,7 +462,12 @@ class BlobStore:
         stale = []
         unreadable = set()
         for upload_id in await self.driver.list("uploads"):
-            if not _valid_upload_id(upload_id):
+            parsed = upload_ids.parse(upload_id)
+            if parsed is not None:
+                if parsed.started_at < older_than:
+                    stale.append(upload_id)
+                continue
+            if not upload_ids.is_legacy(upload_id):
                 _stray(f"uploads/{upload_id}")
                 continue
             try:

@@ -34,6 +34,15 @@ class Writer(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
+    def destine(self, path: str) -> None:
+        """Say, before the first write into an empty file, that once committed the file
+        will be ``move``d to ``path`` in this process and then never read where it is. A
+        driver whose moves copy (an object store) may then write the data at ``path``
+        directly, unseen until the move completes it, and nothing where the file is; a
+        close without commit then leaves the file empty, as it was. That move may leave
+        the empty file where it was, for the caller to delete (the blob store ends the
+        session right after a publish). A hint: drivers may ignore it."""
+
     async def commit(self) -> None:
         """Flush to durable storage and close."""
 
@@ -59,14 +68,16 @@ class StorageDriver(Protocol):
         for what can be made again, and the write does not wait for the disk."""
 
     def local_path(self, path: str) -> Path | None:
-        """A local file for zero-copy serving (sendfile), or None for remote backends."""
+        """A local file to serve from (read and written onto the socket by a thread,
+        http/file_bodies.py), or None for remote backends."""
 
     def reader(self, path: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
         """Stream a file's bytes from ``offset``; raises StorageNotFound."""
 
-    async def writer(self, path: str, append: bool = False) -> Writer:
+    async def writer(self, path: str, append: bool = False, create: bool = True) -> Writer:
         """Open a file for appending (``append``) or truncating, creating it if needed;
-        raises StorageNotFound if its directory vanishes while it is being created."""
+        raises StorageNotFound if its directory vanishes while it is being created, or,
+        with ``create=False``, if the file is not there."""
 
     async def move(self, src: str, dst: str) -> None:
         """Atomically move ``src`` over ``dst``; raises StorageNotFound if src is missing."""

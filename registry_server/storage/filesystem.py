@@ -1,13 +1,14 @@
 """Filesystem storage driver: temp file + fsync + atomic rename.
 
-Blocking file system calls run in the default thread pool so the event loop stays free;
-writes are batched into ~1 MiB buffers to keep the number of thread hops small.
+Blocking file system calls run in threads (``blocking.files``) so the event loop stays
+free; writes are batched into ~1 MiB buffers to keep the number of thread hops small.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 import uuid
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from registry_server.storage import blocking
 from registry_server.storage.driver import StorageFull, StorageNotFound
 from registry_server.storage.space import full_as_storage_full
 
@@ -22,6 +24,7 @@ T = TypeVar("T")
 
 _READ_CHUNK = 1 << 20
 _WRITE_BATCH = 1 << 20
+_IOV_MAX = 1024  # Linux's limit of buffers per writev
 
 
 def _fsync_dir(path: Path) -> None:
@@ -32,64 +35,129 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _writeback_starter() -> Callable[[int, int, int], None] | None:
+    """Linux's sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE), if there is one:
+    it starts writing a range back without waiting for it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+
+    def start(fd: int, offset: int, length: int) -> None:
+        fn(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE; a failure only loses the head start
+
+    return start
+
+
+_start_writeback = _writeback_starter()
+# A file this long has its batches written back as they come, not all at its fsync: the
+# disk works while the rest of the body arrives (a 256 MiB fsync waited ~130 ms, ~20 ms so).
+_EARLY_WRITEBACK = 4 << 20
+
+
 class FileWriter:
+    """Appends in batches of ~1 MiB, each written by a thread while the next one fills
+    (one write in flight, so they land in order); ``commit`` writes the rest, fsyncs and
+    closes in one thread hop."""
+
     def __init__(self, fd: int, size: int, on_full: Callable[[], None] | None = None) -> None:
         self._fd = fd
         self._on_full = on_full
-        self._size = size
+        self._size = size  # the file's size with every byte given to write()
         self._pending: list[bytes] = []
         self._pending_len = 0
+        self._in_flight: asyncio.Future[None] | None = None
+        self._written = size  # the file's size on disk, as the writing threads see it
+        self._written_back = size
 
     @property
     def size(self) -> int:
-        return self._size + self._pending_len
+        return self._size
 
     def _flush_sync(self, chunks: list[bytes]) -> None:
         with full_as_storage_full():
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
+            while chunks:  # one writev for a batch of a request body's small chunks
+                written = os.writev(self._fd, chunks[:_IOV_MAX])
+                self._written += written
+                while chunks and written >= len(chunks[0]):
+                    written -= len(chunks[0])
+                    chunks = chunks[1:]
+                if written:  # a short write ended inside this chunk
+                    chunks = [bytes(memoryview(chunks[0])[written:]), *chunks[1:]]
+        if _start_writeback is not None and self._written >= _EARLY_WRITEBACK:
+            _start_writeback(self._fd, self._written_back, self._written - self._written_back)
+            self._written_back = self._written
 
-    async def _flush(self) -> None:
-        if not self._pending:
+    def _take(self) -> list[bytes]:
+        chunks, self._pending, self._pending_len = self._pending, [], 0
+        return chunks
+
+    async def _settle(self) -> None:
+        """Wait for the write in flight (even when cancelled meanwhile: what follows, a
+        truncate or the close, must not overtake it); raises what it raised."""
+        in_flight = self._in_flight
+        if in_flight is None:
             return
-        chunks, self._pending = self._pending, []
-        size = self._pending_len
-        self._pending_len = 0
         try:
-            await asyncio.to_thread(self._flush_sync, chunks)
+            await asyncio.shield(in_flight)
         except StorageFull:
             if self._on_full is not None:
                 self._on_full()
             raise
-        self._size += size
+        finally:
+            if in_flight.done():
+                self._in_flight = None
 
     async def write(self, data: bytes) -> None:
         if not data:
             return
         self._pending.append(data)
         self._pending_len += len(data)
+        self._size += len(data)
         if self._pending_len >= _WRITE_BATCH:
-            await self._flush()
+            await self._settle()
+            self._in_flight = blocking.files.submit(self._flush_sync, self._take())
 
-    def _fsync_sync(self) -> None:
+    def _commit_sync(self, chunks: list[bytes]) -> None:
+        self._flush_sync(chunks)
         with full_as_storage_full():
             os.fsync(self._fd)
 
+    async def _finish(self, last: Callable[[list[bytes]], None] | None) -> None:
+        """``last`` with what is pending, in a thread (None: only if anything is)."""
+        try:
+            await self._settle()
+            if last is None and not self._pending:
+                return
+            try:
+                await blocking.files.call(last or self._flush_sync, self._take())
+            except StorageFull:
+                if self._on_full is not None:
+                    self._on_full()
+                raise
+        finally:  # closed even when the disk was full, but never under a write in flight
+            if self._in_flight is None:
+                self._close_fd()
+            else:
+                self._in_flight.add_done_callback(lambda _: self._close_fd())
+
+    def destine(self, path: str) -> None:
+        """Ignored: a rename moves the file where it is written."""
+
     async def commit(self) -> None:
-        await self._flush()
-        await asyncio.to_thread(self._fsync_sync)
-        await self.close()
+        """The last writes, the fsync and the close in one thread hop."""
+        await self._finish(self._commit_sync)
 
     async def close(self) -> None:
-        try:
-            await self._flush()
-        finally:  # closed even when the last flush found the disk full
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+        await self._finish(None)
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class FilesystemDriver:
@@ -118,12 +186,12 @@ class FilesystemDriver:
             return None
 
     async def stat(self, path: str) -> int | None:
-        return await asyncio.to_thread(self._stat_sync, path)
+        return await blocking.files.call(self._stat_sync, path)
 
     async def get_content(self, path: str) -> bytes:
         target = self._path(path)
         try:
-            return await asyncio.to_thread(target.read_bytes)
+            return await blocking.files.call(target.read_bytes)
         except (FileNotFoundError, NotADirectoryError):
             raise StorageNotFound(path) from None
 
@@ -149,7 +217,7 @@ class FilesystemDriver:
         """Run a blocking write in a thread; ENOSPC becomes StorageFull (and is told)."""
         try:
             with full_as_storage_full():
-                return await asyncio.to_thread(fn, *args)
+                return await blocking.files.call(fn, *args)
         except StorageFull:
             if self.on_full is not None:
                 self.on_full()
@@ -166,7 +234,7 @@ class FilesystemDriver:
     ) -> AsyncIterator[bytes]:
         target = self._path(path)
         try:
-            f = await asyncio.to_thread(open, target, "rb")
+            f = await blocking.files.call(open, target, "rb")
         except (FileNotFoundError, NotADirectoryError):
             raise StorageNotFound(path) from None
         try:
@@ -174,7 +242,7 @@ class FilesystemDriver:
             remaining = length
             while remaining is None or remaining > 0:
                 want = _READ_CHUNK if remaining is None else min(_READ_CHUNK, remaining)
-                chunk = await asyncio.to_thread(f.read, want)
+                chunk = await blocking.files.call(f.read, want)
                 if not chunk:
                     break
                 if remaining is not None:
@@ -183,17 +251,25 @@ class FilesystemDriver:
         finally:
             f.close()
 
-    def _open_sync(self, path: str, append: bool) -> tuple[int, int]:
+    def _open_sync(self, path: str, append: bool, create: bool) -> tuple[int, int]:
         target = self._path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-        fd = os.open(target, flags, 0o644)
+        flags = os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC)
+        if create:
+            flags |= os.O_CREAT
+        try:  # the directory is there but for the first file written into it
+            fd = os.open(target, flags, 0o644)
+        except FileNotFoundError:
+            if not create:
+                raise
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(target, flags, 0o644)
         return fd, os.fstat(fd).st_size
 
-    async def writer(self, path: str, append: bool = False) -> FileWriter:
+    async def writer(self, path: str, append: bool = False, create: bool = True) -> FileWriter:
         try:
-            fd, size = await self._full_guard(self._open_sync, path, append)
-        except FileNotFoundError:  # its directory was removed between mkdir and open
+            fd, size = await self._full_guard(self._open_sync, path, append, create)
+        except (FileNotFoundError, NotADirectoryError):
+            # Not there (create=False), or its directory was removed between mkdir and open.
             raise StorageNotFound(path) from None
         return FileWriter(fd, size, self.on_full)
 
@@ -214,7 +290,7 @@ class FilesystemDriver:
             f.truncate(size)
 
     async def truncate(self, path: str, size: int) -> None:
-        await asyncio.to_thread(self._truncate_sync, path, size)
+        await blocking.files.call(self._truncate_sync, path, size)
 
     def _delete_sync(self, path: str) -> None:
         target = self._path(path)
@@ -225,7 +301,7 @@ class FilesystemDriver:
                 target.unlink()
 
     async def delete(self, path: str) -> None:
-        await asyncio.to_thread(self._delete_sync, path)
+        await blocking.files.call(self._delete_sync, path)
 
     def _list_sync(self, prefix: str) -> list[str]:
         try:
@@ -234,7 +310,7 @@ class FilesystemDriver:
             return []
 
     async def list(self, prefix: str) -> list[str]:
-        return await asyncio.to_thread(self._list_sync, prefix)
+        return await blocking.files.call(self._list_sync, prefix)
 
     async def redirect_url(self, path: str) -> str | None:
         return None
@@ -250,4 +326,4 @@ class FilesystemDriver:
         return purged
 
     async def purge_incomplete(self, older_than: float) -> int:
-        return await asyncio.to_thread(self._purge_sync, older_than)
+        return await blocking.files.call(self._purge_sync, older_than)

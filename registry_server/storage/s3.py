@@ -29,6 +29,19 @@ writer's history, never a mix. The recorded sizes are the truth: truncating (und
 failed PATCH) only rewrites the state, and segments no state names are deleted (or go
 with the session).
 
+A segment this writer PUT holds exactly its recorded size, and the state says so (the
+``s2:`` marker, "!" after its size); a truncation cuts the recorded size of one, which
+then is not exact. The state a writer leaves is kept in this process until the file's
+move (``_known``): a final request opens the file, then moves it, and the move copies
+the state it knows without asking the store again, nor the size of an exact segment.
+
+A final request into an empty upload says where the file will be moved (``destine``):
+its body is then written at the target directly, one PUT at the move (a part or less,
+held in memory until then) or a multipart upload there whose completion is the move,
+and nothing is written to the file. The target appears only when the move completes
+it, after the digest was verified; a writer closed without commit aborts its multipart
+upload and leaves the file as it was, empty.
+
 Moves are copy + delete. A segmented file becomes one plain object by a multipart upload
 whose parts are server-side copies of the segments (UploadPartCopy: the bytes do not pass
 through the registry); a one-segment file is copied with CopyObject when the segment
@@ -51,6 +64,7 @@ import contextlib
 import io
 import json
 import secrets
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,10 +87,21 @@ _READ_CHUNK = 1 << 20
 _SEGMENTS = ".segments"  # reserved suffix: a file's segment directory
 _MARKER = "berth-segmented"  # metadata key of a segmented file's state object
 # The marker's value: "1", or the state itself when short (S3 allows 2 KB of metadata).
-_INLINE_PREFIX = "s1:"
+# "s2:" marks the segments holding exactly their recorded size with "!"; "s1:" states
+# (written by earlier versions, which read an "s2:" one from the object) do not say.
+_INLINE_PREFIX = "s2:"
+_INLINE_V1 = "s1:"
 _INLINE_MAX = 1024
 _COPY_CONCURRENCY = 4
 _DELETE_BATCH = 1000  # DeleteObjects' limit
+# Committed files destined to a move (S3Writer.destine) wait for it here, in memory or
+# as a multipart upload: in the normal flow for milliseconds (the move is the same
+# request's next step). Bounded for the flows where it never comes (an index that failed
+# to link): the oldest are dropped, and their move then fails instead of publishing.
+_STAGED_MAX = 256
+_STAGED_BYTES = 256 << 20
+_DROPPED_MAX = 4096
+_KNOWN_MAX = 1024
 _MISSING = frozenset({"404", "NoSuchKey", "NotFound"})
 _CONFLICT = frozenset({"412", "PreconditionFailed", "409", "ConditionalRequestConflict"})
 
@@ -93,11 +118,13 @@ def _range(offset: int, length: int | None) -> str | None:
 
 @dataclass
 class _State:
-    """A segmented file: its segments' names and recorded sizes, in order."""
+    """A segmented file: its segments' names and recorded sizes, in order, and which of
+    them hold exactly their recorded size (a truncation leaves a segment longer)."""
 
     part_size: int
     segments: list[tuple[str, int]] = field(default_factory=list)
     etag: str | None = None  # of the state object this was read from
+    exact: frozenset[str] = frozenset()
 
     @property
     def size(self) -> int:
@@ -105,34 +132,55 @@ class _State:
 
     def encode(self) -> bytes:
         segments = [[name, size] for name, size in self.segments]
-        return json.dumps({"part_size": self.part_size, "segments": segments}).encode()
+        exact = sorted(name for name, _ in self.segments if name in self.exact)
+        document = {"part_size": self.part_size, "segments": segments, "exact": exact}
+        return json.dumps(document).encode()
 
     @classmethod
     def decode(cls, data: bytes, etag: str | None) -> _State:
         raw = json.loads(data)
         segments = [(str(name), int(size)) for name, size in raw["segments"]]
-        return cls(int(raw["part_size"]), segments, etag)
+        exact = frozenset(str(name) for name in raw.get("exact", ()))  # absent before s2
+        return cls(int(raw["part_size"]), segments, etag, exact)
 
     def inline(self) -> str | None:
         """The state as the marker's metadata value, when it is small enough to ride on
         every HEAD (a HEAD then tells a file's state without a GET of the object)."""
-        text = _INLINE_PREFIX + ",".join(
-            [str(self.part_size), *(f"{name}={size}" for name, size in self.segments)]
-        )
+        entries = [f"{n}={size}{'!' if n in self.exact else ''}" for n, size in self.segments]
+        text = _INLINE_PREFIX + ",".join([str(self.part_size), *entries])
         return text if len(text) <= _INLINE_MAX else None
 
     @classmethod
     def from_inline(cls, text: str, etag: str | None) -> _State | None:
         """The state carried by the marker, or None when the marker carries none (a large
         state, or one written before states rode on the marker)."""
-        if not text.startswith(_INLINE_PREFIX):
+        prefix = next((p for p in (_INLINE_PREFIX, _INLINE_V1) if text.startswith(p)), None)
+        if prefix is None:
             return None
-        part_size, *entries = text[len(_INLINE_PREFIX) :].split(",")
-        segments = []
+        part_size, *entries = text[len(prefix) :].split(",")
+        segments, exact = [], set()
         for entry in entries:
             name, _, size = entry.rpartition("=")
+            if size.endswith("!"):
+                size = size[:-1]
+                exact.add(name)
             segments.append((name, int(size)))
-        return cls(int(part_size), segments, etag)
+        return cls(int(part_size), segments, etag, frozenset(exact))
+
+
+@dataclass
+class _Staged:
+    """A destined file's committed content, waiting for its move: the bytes to PUT at
+    ``target``, or the parts of a multipart upload there to complete."""
+
+    target: str
+    body: bytes | None = None
+    upload_id: str | None = None
+    etags: list[str] = field(default_factory=list)
+
+    @property
+    def held(self) -> int:
+        return len(self.body) if self.body is not None else 0
 
 
 @dataclass(frozen=True)
@@ -169,6 +217,8 @@ class S3Writer:
         self._token = secrets.token_hex(4)
         self._written: list[str] = []
         self._superseded: list[str] = []
+        self._opened = state  # as read: what the file is if nothing is written
+        self._exact = set(state.exact)
         # The part being filled, as the chunks received: joined once, when it is full
         # (a growing bytearray would be copied as it grows).
         self._pending: list[bytes | memoryview] = []
@@ -177,10 +227,23 @@ class S3Writer:
         self._dirty = dirty  # the state must be written at close
         self._sending: asyncio.Task[None] | None = None
         self._closed = False
+        # Destined (``destine``): the data goes to this key instead, as one PUT or the
+        # parts of a multipart upload, which the move completes.
+        self._target: str | None = None
+        self._multipart: str | None = None
+        self._etags: list[str] = []
 
     @property
     def size(self) -> int:
         return self._stored + self._pending_size
+
+    def destine(self, path: str) -> None:
+        """Write at ``path`` directly (see the protocol): the move then PUTs the data or
+        completes its multipart upload there, where segments, a state and a copy of
+        them were four requests and the bytes written twice."""
+        if self._segments or self._pending_size or self._written or self._closed:
+            return  # only an empty file, before its first write
+        self._target = self._driver._key(path)
 
     async def _load_tail(self) -> None:
         # A partial last segment is continued, so that every segment but the last stays
@@ -200,7 +263,35 @@ class S3Writer:
             await sending
 
     async def _send(self, size: int) -> None:
-        """Send the first ``size`` pending bytes as the next segment."""
+        """Send the first ``size`` pending bytes as the next segment (or part)."""
+        part = self._take(size)
+        # One part in flight while the next fills: the client's upload and ours overlap.
+        await self._wait_sent()
+        if self._target is not None:
+            await self._send_part(self._target, part)
+            return
+        name = f"{len(self._segments):06d}-{self._token}"
+        self._segments.append((name, size))
+        self._written.append(name)
+        self._exact.add(name)  # this writer PUTs exactly the bytes it records
+        self._stored += size
+        self._sending = asyncio.ensure_future(self._driver._put(_segment(self._key, name), part))
+
+    async def _send_part(self, target: str, part: bytes) -> None:
+        if self._multipart is None:
+            self._multipart = await self._driver._start_multipart(target)
+        upload_id, number = self._multipart, len(self._etags) + 1
+        self._etags.append("")
+        self._stored += len(part)
+
+        async def send() -> None:
+            etag = await self._driver._upload_part(target, upload_id, number, part)
+            self._etags[number - 1] = etag
+
+        self._sending = asyncio.ensure_future(send())
+
+    def _take(self, size: int) -> bytes:
+        """The first ``size`` pending bytes, joined."""
         pieces: list[bytes | memoryview] = []
         taken = 0
         while taken < size:
@@ -212,15 +303,7 @@ class S3Writer:
             pieces.append(chunk)
             taken += len(chunk)
         self._pending_size -= size
-        part = b"".join(pieces)
-        del pieces
-        # One part in flight while the next fills: the client's upload and ours overlap.
-        await self._wait_sent()
-        name = f"{len(self._segments):06d}-{self._token}"
-        self._segments.append((name, size))
-        self._written.append(name)
-        self._stored += size
-        self._sending = asyncio.ensure_future(self._driver._put(_segment(self._key, name), part))
+        return b"".join(pieces)
 
     async def write(self, data: bytes) -> None:
         if not data:
@@ -234,13 +317,44 @@ class S3Writer:
             await self._send(self._part_size)
 
     async def commit(self) -> None:
-        # An acknowledged PUT is durable: closing is committing.
-        await self.close()
+        if self._target is None:
+            # An acknowledged PUT is durable: closing is committing.
+            await self.close()
+            return
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._multipart is None:
+                staged = _Staged(self._target, body=self._take(self._pending_size))
+            else:
+                if self._pending_size:
+                    await self._send(self._pending_size)
+                await self._wait_sent()
+                staged = _Staged(self._target, upload_id=self._multipart, etags=self._etags)
+        except BaseException:
+            await self._discard()
+            raise
+        self._driver._stage(self._key, staged)
+
+    async def _discard(self) -> None:
+        """A destined writer closed without commit: nothing of it stays."""
+        self._pending.clear()
+        self._pending_size = 0
+        if self._sending is not None:
+            self._sending.cancel()
+            await asyncio.gather(self._sending, return_exceptions=True)
+            self._sending = None
+        if self._multipart is not None and self._target is not None:
+            await self._driver._abort_multipart(self._target, self._multipart)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._target is not None:
+            await self._discard()
+            return
         try:
             if self._pending_size:
                 await self._send(self._pending_size)
@@ -250,15 +364,17 @@ class S3Writer:
                 self._sending.cancel()
             raise
         if not self._dirty:
+            self._driver._remember(self._key, self._opened)
             return
-        state = _State(self._part_size, self._segments)
+        state = _State(self._part_size, self._segments, exact=frozenset(self._exact))
         try:
-            await self._driver._put_state(self._key, state, self._condition)
+            state.etag = await self._driver._put_state(self._key, state, self._condition)
         except StorageConflict:
             # Another writer's state won: its file stands as it wrote it. Ours goes.
             self._driver._lost.add(self._key)
             await self._driver._forget(self._key, self._written)
             raise
+        self._driver._remember(self._key, state)
         await self._driver._forget(self._key, self._superseded)
 
 
@@ -314,6 +430,19 @@ class S3Driver:
         # Files whose last writer here lost a race (StorageConflict): the truncate that
         # undoes a failed append must leave the winner's content alone.
         self._lost: set[str] = set()
+        # Committed destined files by key, until their move; and the keys whose staged
+        # content was dropped unmoved (their move fails: the file itself is empty).
+        self._staged: OrderedDict[str, _Staged] = OrderedDict()
+        self._staged_bytes = 0
+        self._dropped: OrderedDict[str, None] = OrderedDict()
+        self._aborting: set[asyncio.Task[None]] = set()
+        # Each segmented file's state as this process's last writer of it left it: what
+        # the move that follows a final request's open (the same request) copies, without
+        # asking the store again. Taken by that move; dropped by anything else changing
+        # the file here. Another process's change since is a client racing itself (two
+        # requests of one upload at once): the copy is then of the bytes this process
+        # verified, or fails if their segments are gone, never of other bytes.
+        self._known: OrderedDict[str, _State] = OrderedDict()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -379,7 +508,7 @@ class S3Driver:
             return None  # replaced by a plain object since the caller looked
         return _State.decode(data, response.get("ETag"))
 
-    async def _put_state(self, key: str, state: _State, condition: str | None) -> None:
+    async def _put_state(self, key: str, state: _State, condition: str | None) -> str | None:
         """Write a segmented file's state: a compare-and-swap on the state read (S3's
         conditional PUT), so of two writers that started from one state only the first
         to finish wins; the other gets StorageConflict."""
@@ -395,11 +524,12 @@ class S3Driver:
         elif condition is not None:
             request["IfMatch"] = condition
         try:
-            await s3.put_object(**request)
+            written = await s3.put_object(**request)
         except ClientError as exc:
             if _code(exc) in _CONFLICT:
                 raise StorageConflict(key) from None
             raise
+        return written.get("ETag")
 
     async def _forget(self, key: str, names: list[str]) -> None:
         """Delete segments no state refers to any more (best effort: the session's
@@ -457,6 +587,94 @@ class S3Driver:
             keys += [_segment(key, name) for name, _ in found.state.segments]
         await self._delete_keys(keys)
 
+    # -- destined files ------------------------------------------------------------------
+
+    async def _start_multipart(self, key: str) -> str:
+        s3 = await self._s3()
+        upload = await s3.create_multipart_upload(Bucket=self.bucket, Key=key)
+        return upload["UploadId"]
+
+    async def _upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        s3 = await self._s3()
+        part = await s3.upload_part(
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            PartNumber=number,
+            Body=io.BytesIO(data),
+        )
+        return part["ETag"]
+
+    async def _complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> None:
+        s3 = await self._s3()
+        await s3.complete_multipart_upload(
+            Bucket=self.bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={
+                "Parts": [{"PartNumber": n, "ETag": e} for n, e in enumerate(etags, 1)]
+            },
+        )
+
+    async def _abort_multipart(self, key: str, upload_id: str) -> None:
+        # Best effort, on the way out of a failure: purge_incomplete aborts what is left
+        # once it is old.
+        with contextlib.suppress(Exception):
+            s3 = await self._s3()
+            await s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+
+    def _stage(self, key: str, staged: _Staged) -> None:
+        self._unstage(key)
+        self._dropped.pop(key, None)
+        self._staged[key] = staged
+        self._staged_bytes += staged.held
+        while len(self._staged) > 1 and (
+            len(self._staged) > _STAGED_MAX or self._staged_bytes > _STAGED_BYTES
+        ):
+            oldest = next(iter(self._staged))
+            self._unstage(oldest)
+            self._dropped[oldest] = None
+            while len(self._dropped) > _DROPPED_MAX:
+                self._dropped.popitem(last=False)
+
+    def _remember(self, key: str, state: _State) -> None:
+        self._known[key] = state
+        self._known.move_to_end(key)
+        while len(self._known) > _KNOWN_MAX:
+            self._known.popitem(last=False)
+
+    def _take_staged(self, key: str) -> _Staged | None:
+        staged = self._staged.pop(key, None)
+        if staged is not None:
+            self._staged_bytes -= staged.held
+        return staged
+
+    def _unstage(self, key: str) -> None:
+        """Drop a key's staged content; a multipart upload left is aborted."""
+        staged = self._take_staged(key)
+        if staged is not None and staged.upload_id is not None:
+            task = asyncio.ensure_future(self._abort_multipart(staged.target, staged.upload_id))
+            self._aborting.add(task)
+            task.add_done_callback(self._aborting.discard)
+
+    def _unstage_below(self, key: str) -> None:
+        """Forget what is staged or known of the files at or under ``key``."""
+        for staged_key in [k for k in self._staged if k == key or k.startswith(key + "/")]:
+            self._unstage(staged_key)
+        for known_key in [k for k in self._known if k == key or k.startswith(key + "/")]:
+            del self._known[known_key]
+
+    async def _complete(self, staged: _Staged) -> None:
+        """Make a staged file's content the object at its target, atomically."""
+        if staged.upload_id is None:
+            await self._put(staged.target, staged.body or b"")
+            return
+        try:
+            await self._complete_multipart(staged.target, staged.upload_id, staged.etags)
+        except BaseException:
+            await self._abort_multipart(staged.target, staged.upload_id)
+            raise
+
     # -- copies --------------------------------------------------------------------------
 
     async def _copy_file(self, key: str, found: _File, target: str) -> None:
@@ -487,8 +705,7 @@ class S3Driver:
             # truncation leaves it longer, and then its recorded head is read and put.
             name, size = segments[0]
             source = _segment(key, name)
-            head = await s3.head_object(Bucket=self.bucket, Key=source)
-            if int(head["ContentLength"]) == size:
+            if name in found.state.exact or await self._length(source) == size:
                 await s3.copy_object(
                     Bucket=self.bucket,
                     Key=target,
@@ -499,11 +716,14 @@ class S3Driver:
             return
         await self._compose(target, [(_segment(key, name), 0, size) for name, size in segments])
 
+    async def _length(self, key: str) -> int:
+        s3 = await self._s3()
+        return int((await s3.head_object(Bucket=self.bucket, Key=key))["ContentLength"])
+
     async def _compose(self, target: str, pieces: list[tuple[str, int, int]]) -> None:
         """One multipart upload whose parts are server-side copies of byte ranges."""
         s3 = await self._s3()
-        upload = await s3.create_multipart_upload(Bucket=self.bucket, Key=target)
-        upload_id = upload["UploadId"]
+        upload_id = await self._start_multipart(target)
         limit = asyncio.Semaphore(_COPY_CONCURRENCY)
 
         async def copy(number: int, key: str, start: int, length: int) -> str:
@@ -520,21 +740,12 @@ class S3Driver:
 
         copies = [asyncio.ensure_future(copy(n, *piece)) for n, piece in enumerate(pieces, start=1)]
         try:
-            etags = await asyncio.gather(*copies)
-            await s3.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=target,
-                UploadId=upload_id,
-                MultipartUpload={
-                    "Parts": [{"PartNumber": n, "ETag": e} for n, e in enumerate(etags, 1)]
-                },
-            )
+            await self._complete_multipart(target, upload_id, await asyncio.gather(*copies))
         except BaseException:
             for task in copies:
                 task.cancel()
             await asyncio.gather(*copies, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await s3.abort_multipart_upload(Bucket=self.bucket, Key=target, UploadId=upload_id)
+            await self._abort_multipart(target, upload_id)
             raise
 
     # -- the StorageDriver interface -----------------------------------------------------
@@ -624,14 +835,21 @@ class S3Driver:
                 while chunk := await body.read(_READ_CHUNK):
                     yield chunk
 
-    async def writer(self, path: str, append: bool = False) -> S3Writer:
+    async def writer(self, path: str, append: bool = False, create: bool = True) -> S3Writer:
         key = self._key(path)
         self._lost.discard(key)
-        if not append:
+        self._unstage(key)  # a committed destined file not moved: it stays empty
+        self._dropped.pop(key, None)
+        self._known.pop(key, None)
+        if not append and create:
             return S3Writer(self, key, _State(self.part_size), dirty=True, condition=None)
         found = await self._describe(key)
         if found is None:
+            if not create:
+                raise StorageNotFound(path)
             return S3Writer(self, key, _State(self.part_size), dirty=True, condition=_CREATE)
+        if not append:  # an existing file, truncated: this write replaces it
+            return S3Writer(self, key, _State(self.part_size), dirty=True, condition=None)
         if found.state is None:
             # A plain object (the blob store never appends to one): rewrite it as a
             # segmented file, streaming it through a writer (one part in memory).
@@ -647,7 +865,21 @@ class S3Driver:
 
     async def move(self, src: str, dst: str) -> None:
         source, target = self._key(src), self._key(dst)
-        found = await self._describe(source)
+        staged = self._staged.get(source)
+        if staged is not None:
+            if staged.target != target:
+                raise ValueError(f"{src} was destined to another path than {dst}")
+            self._take_staged(source)
+            # The file itself is left, empty: the session's end deletes it with the rest
+            # (Writer.destine), one request fewer than deleting it here.
+            await self._complete(staged)
+            return
+        if source in self._dropped:
+            # Its content was dropped unmoved (see _STAGED_MAX): the file is empty, and
+            # moving that would publish nothing under the target's name.
+            raise StorageNotFound(src)
+        known = self._known.pop(source, None)
+        found = _File(known.size, known) if known is not None else await self._describe(source)
         if found is not None:
             await self._copy_file(source, found, target)
             await self._delete_file(source, found)
@@ -667,6 +899,8 @@ class S3Driver:
 
     async def truncate(self, path: str, size: int) -> None:
         key = self._key(path)
+        self._unstage(key)
+        self._known.pop(key, None)
         if key in self._lost:
             # Undoing an append that lost to another writer: the file is the winner's.
             self._lost.discard(key)
@@ -684,22 +918,30 @@ class S3Driver:
                 raise StorageConflict(key)
         state = found.state
         kept: list[tuple[str, int]] = []
+        exact: set[str] = set()
         remaining = size
         for name, length in state.segments:
             if remaining <= 0:
                 break
-            kept.append((name, min(length, remaining)))
-            remaining -= kept[-1][1]
+            taken = min(length, remaining)
+            kept.append((name, taken))
+            if taken == length and name in state.exact:
+                exact.add(name)  # a segment cut short holds more than it records
+            remaining -= taken
         # Only the state changes: the segments' bytes past the recorded sizes are ignored.
-        await self._put_state(key, _State(state.part_size, kept), state.etag)
+        await self._put_state(
+            key, _State(state.part_size, kept, exact=frozenset(exact)), state.etag
+        )
 
     async def delete(self, path: str) -> None:
         # One listing finds a file, its segments and a directory's content alike; keys
         # that merely start with the same characters are not this path's.
         key = self._key(path)
+        self._unstage_below(key)
         mine = (key + "/", f"{key}{_SEGMENTS}/")
         found = [k for k in await self._keys(key) if k == key or k.startswith(mine)]
-        await self._delete_keys([key, *found])
+        if found:  # nothing listed, nothing to delete (a session its publish emptied)
+            await self._delete_keys(found)
 
     async def list(self, prefix: str) -> list[str]:
         base = self._key(prefix) + "/"

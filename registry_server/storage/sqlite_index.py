@@ -311,7 +311,9 @@ class SqliteIndex(SqlIndex):
     ) -> T:
         # BEGIN IMMEDIATE holds the whole database: every blob's lock at once.
         try:
-            return await self._writer.write(lambda conn: run_sync(conn, tx()), before, after)
+            return await self._writer.write(
+                lambda conn: run_sync(conn, tx()), before, after, key=blob
+            )
         except sqlite3.Error as exc:
             if not _disk_full(exc):
                 raise
@@ -324,7 +326,9 @@ class SqliteIndex(SqlIndex):
             if not (frees and space is not None and await asyncio.to_thread(space.release_reserve)):
                 raise StorageFull(str(exc)) from None
         try:
-            return await self._writer.write(lambda conn: run_sync(conn, tx()), before, after)
+            return await self._writer.write(
+                lambda conn: run_sync(conn, tx()), before, after, key=blob
+            )
         except sqlite3.Error as exc:
             if _disk_full(exc):
                 raise StorageFull(str(exc)) from None

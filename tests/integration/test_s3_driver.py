@@ -19,11 +19,12 @@ from typing import Any
 
 import pytest
 
-from registry_server.protocol import digests
+from registry_server.protocol import digests, errors
 from registry_server.services.blobs import BlobService
 from registry_server.services.gc import GarbageCollector
+from registry_server.storage import s3
 from registry_server.storage.blobstore import BlobStore, blob_path
-from registry_server.storage.driver import StorageConflict
+from registry_server.storage.driver import StorageConflict, StorageNotFound
 from registry_server.storage.s3 import _MARKER, S3Driver, _State
 from registry_server.storage.sqlite_index import SqliteIndex
 from tests.support.clients import pattern_chunks
@@ -161,12 +162,29 @@ async def test_a_short_state_rides_on_the_marker_and_a_long_one_is_read(
     object, with the same answers."""
     driver = drivers()
     client = s3_store.client()
+
+    def written_earlier(path: str, size: int, marker: str) -> None:
+        """A one-segment state as an earlier version wrote it, under ``marker``."""
+        client.put_object(
+            Bucket=s3_store.bucket,
+            Key=f"{prefix}/{path}",
+            Body=_State(PART, [("000000-cafe", size)]).encode(),
+            Metadata={_MARKER: marker},
+        )
+
     writer = await driver.writer("short/data")
     await writer.write(_content(MiB, 8))
     await writer.close()
     head = client.head_object(Bucket=s3_store.bucket, Key=f"{prefix}/short/data")
-    assert head["Metadata"][_MARKER].startswith("s1:")
+    marker = head["Metadata"][_MARKER]
+    assert marker.startswith("s2:") and marker.endswith(f"={MiB}!"), marker  # exact
     assert await driver.stat("short/data") == MiB
+    # A marker of the first version (no exactness) is read as well.
+    written_earlier("v1/data", 9, "s1:5242880,000000-cafe=9")
+    assert await driver.stat("v1/data") == 9
+    assert _State.from_inline("s1:5242880,000000-cafe=9", None) == _State(
+        PART, [("000000-cafe", 9)]
+    )
 
     many = _State(PART, [(f"{i:06d}-feedbeef", PART) for i in range(60)] + [("000060-x", 7)])
     assert many.inline() is None
@@ -176,16 +194,16 @@ async def test_a_short_state_rides_on_the_marker_and_a_long_one_is_read(
     assert await driver.stat("long/data") == 60 * PART + 7
 
     # The bare marker of a state written before states rode on it.
-    client.put_object(
-        Bucket=s3_store.bucket,
-        Key=f"{prefix}/old/data",
-        Body=_State(PART, [("000000-cafe", 5)]).encode(),
-        Metadata={_MARKER: "1"},
-    )
+    written_earlier("old/data", 5, "1")
     assert await driver.stat("old/data") == 5
     assert _State.from_inline(many.inline() or "1", None) is None
-    short = _State(PART, [("000000-ab12cd34", PART), ("000001-ab12cd34", 3)])
+    short = _State(
+        PART,
+        [("000000-ab12cd34", PART), ("000001-ab12cd34", 3)],
+        exact=frozenset({"000000-ab12cd34"}),
+    )
     assert _State.from_inline(short.inline() or "", None) == short
+    assert _State.decode(short.encode(), None) == short
 
 
 async def test_delete_takes_a_path_and_nothing_that_merely_shares_its_prefix(
@@ -317,6 +335,151 @@ async def test_an_interrupted_multipart_copy_is_aborted_by_the_upload_purge(
     assert s3_store.multipart_uploads(prefix) == []
 
 
+async def _destined(driver: S3Driver, path: str, target: str, data: bytes) -> Any:
+    """An empty file (a POST's), then a final request's writer into it, destined."""
+    await (await driver.writer(path)).close()
+    writer = await driver.writer(path, append=True, create=False)
+    writer.destine(target)
+    for chunk in _uneven(data, _cycle(MiB + 5, 300_000)):
+        await writer.write(chunk)
+    return writer
+
+
+async def test_a_destined_file_is_written_where_its_move_puts_it(
+    drivers: Drivers, s3_store: S3Store, prefix: str
+) -> None:
+    """A part or less is one PUT at the move; more is a multipart upload at the target,
+    completed by the move. Nothing is written to the file itself, and nothing is seen
+    at the target before the move."""
+    driver = drivers()
+    for size in (MiB + 3, 2 * PART + 17):
+        data = _content(size, seed=size % 251)
+        writer = await _destined(driver, "up/data", "blobs/b/data", data)
+        await writer.commit()
+        assert s3_store.keys(prefix) == ["up/data"]
+        assert await driver.stat("up/data") == 0
+        assert await driver.stat("blobs/b/data") is None
+        assert len(s3_store.multipart_uploads(prefix)) == (0 if size < PART else 1)
+
+        await driver.move("up/data", "blobs/b/data")
+        assert sorted(s3_store.keys(prefix)) == ["blobs/b/data", "up/data"]  # left, empty
+        assert await _collect(driver.reader("blobs/b/data")) == data
+        assert s3_store.multipart_uploads(prefix) == []
+        await driver.delete("blobs")
+        await driver.delete("up")
+
+
+async def test_a_destined_file_closed_without_commit_leaves_nothing(
+    drivers: Drivers, s3_store: S3Store, prefix: str
+) -> None:
+    driver = drivers()
+    writer = await _destined(driver, "up/data", "blobs/b/data", _content(2 * PART + 1, 10))
+    await writer.close()  # the body failed, or did not match its digest
+    assert s3_store.keys(prefix) == ["up/data"]
+    assert await driver.stat("up/data") == 0
+    assert s3_store.multipart_uploads(prefix) == []
+
+
+async def test_a_committed_destined_file_dropped_unmoved_is_never_published_empty(
+    drivers: Drivers, s3_store: S3Store, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Staged content whose move does not come (an index that failed to link) is bounded:
+    the oldest is dropped, its multipart upload aborted, and its move then fails, where
+    moving the empty file would publish nothing under the blob's name. A session's
+    deletion drops what it staged too."""
+    monkeypatch.setattr(s3, "_STAGED_MAX", 1)
+    driver = drivers()
+    large, small = _content(2 * PART, 11), b"small"
+    await (await _destined(driver, "up/a/data", "blobs/a/data", large)).commit()
+    await (await _destined(driver, "up/b/data", "blobs/b/data", small)).commit()
+    with pytest.raises(StorageNotFound):
+        await driver.move("up/a/data", "blobs/a/data")
+    for _ in range(50):  # the abort runs as a task
+        if not s3_store.multipart_uploads(prefix):
+            break
+        await asyncio.sleep(0.1)
+    assert s3_store.multipart_uploads(prefix) == []
+
+    await driver.delete("up/b")  # the session cancelled before the publish
+    with pytest.raises(StorageNotFound):
+        await driver.move("up/b/data", "blobs/b/data")
+    assert s3_store.keys(prefix) == ["up/a/data"]
+
+
+async def test_a_whole_upload_goes_straight_to_its_blob_and_a_wrong_one_nowhere(
+    drivers: Drivers, s3_store: S3Store, prefix: str, tmp_path: Path
+) -> None:
+    index = SqliteIndex(tmp_path / "index.db")
+    try:
+        blobs = BlobService(BlobStore(drivers()), index)
+        for data in (b"one request", _content(2 * PART + 5, 12)):
+            wrong = digests.of_bytes(data + b"!")
+            with pytest.raises(errors.RegistryError) as refused:
+                await blobs.upload_whole("r", wrong, _body(data))
+            assert refused.value.error is errors.DIGEST_INVALID
+            assert s3_store.keys(prefix) == []
+            assert s3_store.multipart_uploads(prefix) == []
+
+            digest = digests.of_bytes(data)
+            assert await blobs.upload_whole("r", digest, _body(data)) == len(data)
+            assert s3_store.keys(prefix) == [blob_path(digest)]
+            assert await _collect(blobs.read(digest, 0, len(data))) == data
+            await blobs.store.delete(digest)
+    finally:
+        await index.close()
+
+
+async def test_requests_to_the_store_per_push_of_a_small_blob(
+    drivers: Drivers, tmp_path: Path
+) -> None:
+    """What one blob's push asks of the store, by flow (each request is store CPU on the
+    scale-out setup's critical path): a POST and a final PUT with the body (the blob
+    PUT where it belongs), and a POST, a PATCH and a PUT without a body (crane, docker,
+    skopeo: the segment copied once, no HEAD of what this process just wrote)."""
+    index = SqliteIndex(tmp_path / "index.db")
+    driver = drivers()
+    try:
+        blobs = BlobService(BlobStore(driver), index)
+        calls: list[str] = []
+
+        def count(model: Any, **_: Any) -> None:
+            calls.append(model.name)
+
+        (await driver._s3()).meta.events.register("before-call.s3.*", count)
+        data = _content(MiB, 13)
+        upload = await blobs.start_upload("r")
+        await blobs.finish_upload("r", upload, digests.of_bytes(data), _body(data))
+        assert sorted(calls) == sorted(
+            [
+                "PutObject",  # the POST: the session's empty data (its id names the rest)
+                "HeadObject",  # the PUT opens the data
+                "PutObject",  # the publish: the blob (its empty data left to the end)
+                "ListObjectsV2",  # the session's end
+                "DeleteObjects",
+            ]
+        ), calls
+
+        calls.clear()
+        data = _content(MiB, 14)
+        upload = await blobs.start_upload("r")
+        await blobs.append("r", upload, _body(data), None)
+        await blobs.finish_upload("r", upload, digests.of_bytes(data), None)
+        assert sorted(calls) == sorted(
+            [
+                "PutObject",  # the POST
+                "HeadObject",  # the PATCH: its open, a segment, the state
+                "PutObject",
+                "PutObject",
+                "HeadObject",  # the PUT opens the data
+                "CopyObject",  # the publish: the segment copied, then deleted with the state
+                "DeleteObjects",
+                "ListObjectsV2",  # the session's end: nothing left to delete
+            ]
+        ), calls
+    finally:
+        await index.close()
+
+
 class _Crash(Exception):
     """Stands for the process dying at this point."""
 
@@ -382,7 +545,7 @@ async def test_a_crash_between_copy_and_delete_in_a_publish(
         with pytest.raises(_Crash):  # composed in place, the upload not yet deleted
             await blobs.finish_upload("r", upload, digest, None)
         left = s3_store.keys(prefix)
-        assert blob_path(digest) in left and f"uploads/{upload}/info" in left
+        assert blob_path(digest) in left and f"uploads/{upload}/data" in left
         assert await index.blob_size("r", str(digest)) is None  # never acknowledged
 
         # The collector: the blob has no record (deleted as unrecorded), the session is

@@ -21,6 +21,7 @@ from registry_server.protocol import digests, errors
 from registry_server.protocol.upstreams import Mirror, UpstreamManifest
 from registry_server.services.pull_through import PullThrough, Settings
 from registry_server.storage.blobstore import BlobStore, UploadInfo
+from registry_server.storage.driver import Writer
 from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.sqlite_index import SqliteIndex
 
@@ -35,11 +36,13 @@ class GatedStore(BlobStore):
         self.gate = asyncio.Event()
         self.checked = asyncio.Event()
 
-    async def verify(
+    async def append(
         self,
         info: UploadInfo,
-        expected: digests.Digest,
+        chunks: AsyncIterator[bytes],
+        last: digests.Digest | None = None,
         checked: Callable[[], Awaitable[None]] | None = None,
+        writer: Writer | None = None,
     ) -> int:
         async def then() -> None:
             if checked is not None:
@@ -47,7 +50,7 @@ class GatedStore(BlobStore):
             self.checked.set()
             await self.gate.wait()
 
-        return await super().verify(info, expected, then)
+        return await super().append(info, chunks, last, then, writer)
 
 
 class Bytes:

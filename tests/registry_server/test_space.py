@@ -47,11 +47,13 @@ class FullOnce:
         self.real = real
         self.calls = 0
 
-    async def write(self, fn: Any, before: Any = None, after: Any = None) -> Any:
+    async def write(
+        self, fn: Any, before: Any = None, after: Any = None, key: str | None = None
+    ) -> Any:
         self.calls += 1
         if self.calls == 1:
             raise sqlite3.OperationalError("database or disk is full")
-        return await self.real.write(fn, before, after)
+        return await self.real.write(fn, before, after, key=key)
 
     def close(self) -> None:
         self.real.close()

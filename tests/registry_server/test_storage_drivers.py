@@ -9,9 +9,12 @@ that process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
 import os
 import threading
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ import pytest
 
 from registry_server.protocol import digests, errors
 from registry_server.storage.blobstore import BlobStore, blob_path
-from registry_server.storage.driver import StorageDriver, StorageNotFound
+from registry_server.storage.driver import StorageDriver, StorageFull, StorageNotFound
 from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.s3 import S3Driver
 from tests.support.s3_store import S3Store
@@ -286,3 +289,143 @@ async def test_stale_uploads(driver: StorageDriver) -> None:
     upload = await store.start_upload("repo")
     assert await store.stale_uploads(older_than=0) == []
     assert await store.stale_uploads(older_than=1e12) == [upload]
+    # The session's data is all the store holds of it: its id names the rest.
+    assert await driver.list(f"uploads/{upload}") == ["data"]
+    with pytest.raises(errors.RegistryError) as unknown:  # only through its repository
+        await store.upload_info("other", upload)
+    assert unknown.value.error is errors.BLOB_UPLOAD_UNKNOWN
+
+
+async def test_a_session_of_the_earlier_form_is_still_served_and_purged(
+    driver: StorageDriver,
+) -> None:
+    """A session an earlier version started (a plain UUID, an info file beside the data)
+    is continued, finished and purged as before: an upgrade loses no upload in flight."""
+    store = BlobStore(driver)
+    legacy = str(uuid.uuid4())
+    info_file = json.dumps({"repository": "repo", "started_at": 1000.0}).encode()
+    await driver.put_content(f"uploads/{legacy}/info", info_file)
+    await (await driver.writer(f"uploads/{legacy}/data")).close()
+    info = await store.upload_info("repo", legacy)
+    assert (info.started_at, info.size) == (1000.0, 0)
+    with pytest.raises(errors.RegistryError):
+        await store.upload_info("other", legacy)
+    data = b"continued after an upgrade"
+    await store.append(info, _chunks(data))
+    assert await store.stale_uploads(older_than=999) == []
+    assert await store.stale_uploads(older_than=1001) == [legacy]
+    digest = digests.of_bytes(data)
+    assert await store.commit(await store.upload_info("repo", legacy), digest) == len(data)
+    assert await _collect(store.read(digest)) == data
+    assert await driver.list(f"uploads/{legacy}") == []  # (SeaweedFS lists empty folders)
+
+
+async def test_a_last_append_verifies_and_makes_the_upload_durable(
+    driver: StorageDriver,
+) -> None:
+    """The final PUT's body goes through the file still open: the digest is checked, the
+    data made durable, then published; a mismatch drops the session, stores nothing."""
+    store = BlobStore(driver)
+    data = b"last" * 300_000
+    upload = await store.start_upload("repo")
+    await store.append(await store.upload_info("repo", upload), _chunks(data[:1000]))
+    info = await store.upload_info("repo", upload)
+    digest = digests.of_bytes(data)
+    assert await store.append(info, _chunks(data[1000:]), last=digest) == len(data)
+    await store.publish(info, digest)
+    await store.cancel(upload)
+    assert await _collect(store.read(digest)) == data
+
+    other = await store.start_upload("repo")
+    wrong = digests.of_bytes(b"not it")
+    with pytest.raises(errors.RegistryError) as exc:
+        await store.append(await store.upload_info("repo", other), _chunks(b"it"), last=wrong)
+    assert exc.value.error is errors.DIGEST_INVALID
+    assert await store.size(wrong) is None
+    with pytest.raises(errors.RegistryError):
+        await store.upload_info("repo", other)  # the session is gone
+
+
+async def test_a_last_append_with_another_algorithm_rehashes(driver: StorageDriver) -> None:
+    store = BlobStore(driver)
+    data = b"sha512 content" * 1000
+    expected = digests.Digest("sha512", hashlib.sha512(data).hexdigest())
+    upload = await store.start_upload("repo")
+    info = await store.upload_info("repo", upload)
+    assert await store.append(info, _chunks(data[:7], data[7:]), last=expected) == len(data)
+    await store.publish(info, expected)
+    assert await _collect(store.read(expected)) == data
+
+
+async def test_a_session_another_process_ended_is_unknown(driver: StorageDriver) -> None:
+    here, there = BlobStore(driver), BlobStore(driver)
+    upload = await here.start_upload("repo")
+    await there.cancel(upload)  # e.g. a DELETE that reached another worker
+    with pytest.raises(errors.RegistryError) as exc:
+        await here.upload_info("repo", upload)
+    assert exc.value.error is errors.BLOB_UPLOAD_UNKNOWN
+    with pytest.raises(errors.RegistryError) as exc:
+        await here.open_upload("repo", upload)
+    assert exc.value.error is errors.BLOB_UPLOAD_UNKNOWN
+    assert await driver.stat(f"uploads/{upload}/data") is None  # not made again
+
+
+async def test_writer_without_create_needs_the_file(driver: StorageDriver) -> None:
+    with pytest.raises(StorageNotFound):
+        await driver.writer("absent/file", append=True, create=False)
+    assert await driver.stat("absent/file") is None
+    await driver.put_content("there", b"abc")
+    writer = await driver.writer("there", append=True, create=False)
+    assert writer.size == 3
+    await writer.write(b"def")
+    await writer.close()
+    assert await driver.get_content("there") == b"abcdef"
+
+
+async def test_filesystem_writes_survive_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writev may take fewer bytes than given (a signal, a nearly full pipe of the
+    block layer): the rest is written, in order, by the next calls."""
+    driver = FilesystemDriver(tmp_path / "store")
+    real = os.writev
+
+    def short(fd: int, buffers: Any) -> int:
+        first = bytes(buffers[0])
+        return real(fd, [first[: max(1, len(first) // 3)]])
+
+    monkeypatch.setattr(os, "writev", short)
+    parts = [os.urandom(n) for n in (1, 5000, 70_000, 3, 1 << 20)]
+    writer = await driver.writer("f")
+    for part in parts:
+        await writer.write(part)
+    await writer.commit()
+    monkeypatch.undo()
+    assert await driver.get_content("f") == b"".join(parts)
+
+
+async def test_filesystem_a_full_disk_in_a_write_in_flight_is_told(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch is written by a thread while the next one fills: its ENOSPC comes out of
+    a later write (or the commit), the driver is told, and the file is closed."""
+    told: list[bool] = []
+    driver = FilesystemDriver(tmp_path / "store", on_full=lambda: told.append(True))
+    real, calls = os.writev, []
+
+    def full_on_second(fd: int, buffers: Any) -> int:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(fd, buffers)
+
+    monkeypatch.setattr(os, "writev", full_on_second)
+    writer = await driver.writer("f")
+    with pytest.raises(StorageFull):
+        for _ in range(8):
+            await writer.write(b"x" * (1 << 20))
+        await writer.commit()
+    assert told
+    with contextlib.suppress(StorageFull):
+        await writer.close()
+    assert writer._fd < 0  # closed

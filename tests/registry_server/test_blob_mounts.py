@@ -1,0 +1,44 @@
+"""Cross-repository mounts: a blob is linked only when its bytes are there, at the size
+the source repository recorded (checked once, under the index's write lock)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from registry_server.protocol import digests
+from registry_server.services.blobs import BlobService
+from registry_server.storage.blobstore import BlobStore, blob_path
+from registry_server.storage.filesystem import FilesystemDriver
+from registry_server.storage.sqlite_index import SqliteIndex
+
+
+async def _body(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _anyone(repo: str) -> bool:
+    return True
+
+
+async def test_a_mount_links_only_bytes_that_are_there_at_the_recorded_size(
+    tmp_path: Path,
+) -> None:
+    index = SqliteIndex(tmp_path / "index.db")
+    try:
+        blobs = BlobService(BlobStore(FilesystemDriver(tmp_path / "storage")), index)
+        data = b"a layer several repositories share"
+        digest = digests.of_bytes(data)
+        await blobs.upload_whole("team/a", digest, _body(data))
+
+        assert await blobs.mount("team/b", digest, "team/a", _anyone)
+        assert await index.blob_size("team/b", str(digest)) == len(data)
+
+        stored = tmp_path / "storage" / blob_path(digest)
+        stored.write_bytes(data[:-1])  # damaged behind the index's back: another size
+        assert not await blobs.mount("team/c", digest, "team/a", _anyone)
+        stored.unlink()  # lost
+        assert not await blobs.mount("team/c", digest, None, _anyone)
+        assert await index.blob_size("team/c", str(digest)) is None  # nothing linked
+    finally:
+        await index.close()
