@@ -1,5 +1,5 @@
-"""Blob GET/HEAD/DELETE: served with sendfile from local storage (streamed from remote
-storage, or redirected to it), honouring Range."""
+"""Blob GET/HEAD/DELETE: served from local storage by a thread writing onto the socket
+(streamed from remote storage, or redirected to it), honouring Range."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 
 from aiohttp import web
 
-from registry_server.http import sendfile
+from registry_server.http import file_bodies
 from registry_server.http.context import services
 from registry_server.http.errors import API_VERSION_HEADER
 from registry_server.protocol import digests, errors, ranges
@@ -112,7 +112,7 @@ async def get_blob(request: web.Request, name: str, digest_text: str) -> web.Str
         if fd is not None:
             os.close(fd)
         raise
-    if fd is None or not await sendfile.send(request, fd, start, end - start):
+    if fd is None or not await file_bodies.send(request, fd, start, end - start):
         async for chunk in svc.blobs.read(digest, start, end - start):
             await response.write(chunk)
     await response.write_eof()

@@ -1,8 +1,9 @@
 """Blob GET through the whole aiohttp app, in process, on asyncio's loop and on uvloop.
 
-Bodies go out with os.sendfile (registry_server.http.sendfile): these tests check the
-bytes and the framing (keep-alive, Range, 304), a client slow enough to fill the socket
-buffer, and a client that hangs up mid-body (no descriptor left open, server still fine).
+Bodies are written onto the socket by a thread (registry_server.http.file_bodies):
+these tests check the bytes and the framing (keep-alive, Range, 304), a client slow
+enough to fill the socket buffer, readers that stall, and a client that hangs up
+mid-body (no descriptor left open, server still fine).
 """
 
 from __future__ import annotations
@@ -127,6 +128,30 @@ def test_a_slow_reader_gets_every_byte(tmp_path: Path, run: Run) -> None:
                     await asyncio.sleep(0.01)  # long enough for the server's socket buffer to fill
             assert received == len(data)
             assert "sha256:" + hasher.hexdigest() == digest
+
+    run(body())
+
+
+def test_readers_that_stall_do_not_hold_the_sending_threads(tmp_path: Path, run: Run) -> None:
+    """More stalled readers than sending threads: each thread waits only briefly for a
+    full socket, then the event loop waits, so another client is still served."""
+
+    async def body() -> None:
+        async with _client(tmp_path) as client:
+            large = await _push(client, os.urandom(16 * 1024 * 1024))
+            small_data = b"served meanwhile"
+            small = await _push(client, small_data)
+            stalled = [await client.get(f"/v2/repo/blobs/{large}") for _ in range(12)]
+            try:
+                async with asyncio.timeout(30):  # a hang guard, not a measure
+                    for _ in range(5):
+                        response = await client.get(f"/v2/repo/blobs/{small}")
+                        assert await response.read() == small_data
+                for response in stalled[:2]:  # and the stalled ones still get every byte
+                    assert _digest(await response.read()) == large
+            finally:
+                for response in stalled:
+                    response.close()
 
     run(body())
 
