@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import os
+import select
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -484,11 +485,21 @@ def main() -> int:
         result = run(_main())
     except Exception as exc:  # reported to the orchestrator, which fails the run
         result = {"error": f"{type(exc).__name__}: {exc!r}"}
-    # Results can be large (every latency); the pipe must not cut them short.
-    os.set_blocking(sys.stdout.fileno(), True)
-    sys.stdout.write(json.dumps(result) + "\n")
-    sys.stdout.flush()
+    _write_all(sys.stdout.fileno(), (json.dumps(result) + "\n").encode())
     return 1 if "error" in result else 0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Results can be large (every latency): written whole even if the pipe was left
+    non-blocking (a run cut them at the pipe's 64 KiB once, with set_blocking before a
+    plain write)."""
+    sys.stdout.flush()
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
 
 
 if __name__ == "__main__":

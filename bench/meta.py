@@ -39,7 +39,10 @@ def commit(paths: tuple[str, ...], root: Path = REPO_ROOT) -> str:
     when tracked files under ``paths`` differ from it (others may be editing the tree
     while a bench runs: the mark says the figures are not exactly HEAD's)."""
     head = _git(root, "rev-parse", "--short=10", "HEAD") or "unknown"
-    dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *paths)
+    # Saved results are not the measured code (a run of several sections writes them).
+    dirty = _git(
+        root, "status", "--porcelain", "--untracked-files=no", "--", *paths, ":!bench/results"
+    )
     return f"{head} + uncommitted changes in {', '.join(paths)}" if dirty else head
 
 

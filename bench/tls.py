@@ -8,8 +8,9 @@ sent (its user+system time over the pulls), which says more than MB/s on a share
 The "+relay" cases pull the same server through the node proxy: plain HTTP from curl to
 the relay, which splices to a plain server and originates TLS to a TLS one.
 
-Plain HTTP sends blobs with sendfile(2) (no copy through Python); TLS cannot, the bytes go
-through the event loop's encryption, so the CPU per GiB is where the price shows.
+Plain HTTP writes blobs onto the socket from a thread (registry_server/http/file_bodies.py:
+no pass through the event loop); TLS cannot, the bytes go through the event loop's
+encryption, so the CPU per GiB is where the price shows.
 
 `python -m bench --only tls` runs it as a section of `make bench`: it saves
 bench/results/tls.json, and its table goes into docs/benchmarks.md ("TLS") through
