@@ -12,7 +12,7 @@ import json
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -24,7 +24,9 @@ from registry_server.events import replies
 from registry_server.protocol import versions
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
-_READ_CHUNK = 1 << 20
+# Where a blob's bytes come from: (offset, length) -> its chunks. The local blob store's
+# reader, whatever its driver (a file, or an object in S3).
+BlobSource = Callable[[int, int], AsyncIterator[bytes]]
 # Anti-entropy replies list a repository's tags (a few hundred bytes each) and referrers.
 MAX_JSON_REPLY = 64 << 20
 
@@ -288,29 +290,26 @@ class PeerClient:
             raise PeerError("upload start without Location", status, retryable=False)
         return urljoin(f"{self.base}/", location)
 
-    async def post_blob(self, repo: str, digest: str, size: int, path: Path) -> None:
+    async def post_blob(self, repo: str, digest: str, size: int, source: BlobSource) -> None:
         """Upload a whole blob in one request (``POST ?digest=``)."""
         await self.request(
             "POST",
             f"/v2/{repo}/blobs/uploads/?digest={digest}",
             self._push(repo),
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-            data_factory=lambda: self._file_chunks(path, 0, size),
+            data_factory=lambda: self._chunks(source, 0, size),
             expect=(201,),
             what="blob single POST",
         )
 
-    async def _file_chunks(self, path: Path, offset: int, length: int) -> AsyncIterator[bytes]:
-        with open(path, "rb") as f:  # noqa: ASYNC230 - page-cache reads, chunked, bounded
-            f.seek(offset)
-            remaining = length
-            while remaining > 0:
-                chunk = await asyncio.to_thread(f.read, min(_READ_CHUNK, remaining))
-                if not chunk:
-                    raise PeerError(f"local blob {path} shorter than expected", retryable=False)
-                remaining -= len(chunk)
-                await self._throttle.take(len(chunk))
-                yield chunk
+    async def _chunks(self, source: BlobSource, offset: int, length: int) -> AsyncIterator[bytes]:
+        remaining = length
+        async for chunk in source(offset, length):
+            remaining -= len(chunk)
+            await self._throttle.take(len(chunk))
+            yield chunk
+        if remaining > 0:
+            raise PeerError("local blob shorter than expected", retryable=False)
 
     async def _offset(self, location: str, repo: str) -> int:
         _, headers, _ = await self.request(
@@ -321,7 +320,13 @@ class PeerClient:
         return end + 1 if end > 0 else 0
 
     async def upload_blob(
-        self, repo: str, digest: str, size: int, path: Path, location: str, attempts: int = 5
+        self,
+        repo: str,
+        digest: str,
+        size: int,
+        source: BlobSource,
+        location: str,
+        attempts: int = 5,
     ) -> None:
         """Upload a local blob: one PUT when small, else chunks that resume after failures."""
         chunk = self.peer.chunk_size_mb * 1024 * 1024
@@ -332,7 +337,7 @@ class PeerClient:
                 f"{location}{sep}digest={digest}",
                 self._push(repo),
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-                data_factory=lambda: self._file_chunks(path, 0, size),
+                data_factory=lambda: self._chunks(source, 0, size),
                 expect=(201,),
                 what="blob PUT",
             )
@@ -351,7 +356,7 @@ class PeerClient:
                         "Content-Range": f"{offset}-{offset + length - 1}",
                         "Content-Length": str(length),
                     },
-                    data_factory=lambda o=offset, n=length: self._file_chunks(path, o, n),
+                    data_factory=lambda o=offset, n=length: self._chunks(source, o, n),
                     expect=(202,),
                     what="blob PATCH",
                 )

@@ -23,7 +23,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -321,21 +321,24 @@ class Replicator:
                 return
             parsed = digests.parse(digest)
             size = await self.store.size(parsed)
-            path = self.store.local_path(parsed)
-            if size is None or path is None:
+            if size is None:
                 raise PeerError(f"local blob {digest} missing", retryable=False)
+
+            def source(offset: int, length: int) -> AsyncIterator[bytes]:
+                return self.store.read(parsed, offset, length)
+
             # A peer usually mirrors our layout: try mounting from a sibling repository; a
             # refused mount still opens the upload session (202) used below.
             siblings = [r for r in await self.index.repositories_with_blob(digest) if r != repo]
             if not siblings and peer.config.kind == "berth" and size <= _SINGLE_POST_BYTES:
                 # One round trip for small blobs (OCI single POST; not every registry has it).
-                await peer.client.post_blob(repo, digest, size, path)
+                await peer.client.post_blob(repo, digest, size, source)
                 return
             location = await peer.client.start_upload(
                 repo, digest, siblings[0] if siblings else None
             )
             if location is not None:
-                await peer.client.upload_blob(repo, digest, size, path, location)
+                await peer.client.upload_blob(repo, digest, size, source, location)
 
     async def _ensure_referrers(self, peer: _Peer, repo: str, subject: str) -> None:
         for ref in await self.index.referrers(repo, subject):

@@ -31,13 +31,16 @@ class Balancer:
         upstreams: Sequence[str],
         tls: tuple[Path, Path] | None = None,
         context: ssl.SSLContext | None = None,
+        port: int = 0,
     ) -> None:
-        """`context`: how this test process verifies the balancer's HTTPS (with `tls`)."""
+        """`context`: how this test process verifies the balancer's HTTPS (with `tls`);
+        `port`: one chosen beforehand (0: a free one at start), for replicas that must
+        name the balancer before it starts (a peer region's)."""
         self.workdir = workdir
         self.upstreams = list(upstreams)
         self.tls = tls
         self.context = context
-        self.port = 0
+        self.port = port
         self.process: ManagedProcess | None = None
 
     @property
@@ -51,7 +54,7 @@ class Balancer:
     def start(self) -> Balancer:
         binary = require_tool("nginx")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = self.port or free_port()
         self._write_config()
         self.process = ManagedProcess(
             "nginx-balancer",
