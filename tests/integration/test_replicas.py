@@ -1,6 +1,5 @@
 """Several replicas of one registry: three server processes on one PostgreSQL database
-and one storage root (a filesystem shared on this machine standing in for the object
-store), as a Deployment's pods are.
+and one prefix of an S3 bucket (SeaweedFS), as a Deployment's pods are.
 
 What must happen once happens once: exactly one replica runs GC rounds, delivers to the
 webhook receiver and replicates to the peer; SIGKILL of that replica hands every task
@@ -30,6 +29,7 @@ from tests.integration.test_notifications import Receiver
 from tests.integration.test_postgres_server import postgres_config
 from tests.support.clients import Registry, canonical_json, image_manifest, sha256
 from tests.support.processes import RegistryProcess
+from tests.support.s3_store import S3Store
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +81,7 @@ class Region:
     replicas: dict[str, RegistryProcess]
     peer: RegistryProcess
     receiver: Receiver
-    root: Path
+    prefix: str
 
     def api(self, name: str) -> Registry:
         return Registry(self.replicas[name].url)
@@ -104,16 +104,17 @@ class Region:
 def region(
     registry_process: Start,
     postgres_dsn: str,
+    s3_store: S3Store,
     tmp_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Region]:
     """Three replicas r0..r2 of region eu, a peer region us (one server, SQLite), and a
     webhook receiver; GC every second without a grace period."""
     receiver = Receiver()
     peer = registry_process("berth", config={"replication": {"region": "us"}})
-    shared = tmp_path_factory.mktemp("shared-root")
+    prefix = s3_store.new_prefix("replicas")
     config = {
         **postgres_config(postgres_dsn, tmp_path, pool_size=4),
+        "storage": s3_store.server_config(prefix),
         "gc": {"interval_seconds": 1, "grace_seconds": 0},
         "replication": {
             "region": "eu",
@@ -129,12 +130,12 @@ def region(
         f"r{n}": registry_process(
             "berth",
             config=config,
-            env={"BERTH_STORAGE_ROOT": str(shared), "BERTH_REPLICA_ID": f"r{n}"},
+            env={"BERTH_REPLICA_ID": f"r{n}"},
         )
         for n in range(3)
     }
     try:
-        yield Region(replicas, peer, receiver, shared)
+        yield Region(replicas, peer, receiver, prefix)
     finally:
         receiver.close()
 
