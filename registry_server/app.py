@@ -12,7 +12,9 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from registry_server import scheduled_backup
+from registry_server.auth.failure_sharing import FailureSharing
 from registry_server.auth.model import Authorizer, OpenAccess, TagRuleSource
+from registry_server.auth.ratelimit import FailureLimiter
 from registry_server.config import Config, ConfigError, StorageConfig
 from registry_server.events import notifier
 from registry_server.events.background import cancel_all, run_elected
@@ -167,6 +169,18 @@ def build_pull_through(
     )
 
 
+def build_failure_sharing(
+    config: Config, auth: Authorizer, index: MetadataIndex
+) -> FailureSharing | None:
+    """With several processes on one index (workers on SQLite, replicas on PostgreSQL),
+    what makes their failed-authentication limits one."""
+    limiter = getattr(auth, "limiter", None)
+    shared = config.metadata.driver == "postgresql" or config.http.workers > 1
+    if not shared or not isinstance(limiter, FailureLimiter):
+        return None
+    return FailureSharing(limiter, index)
+
+
 def _cached_here(pull_through: PullThrough | None) -> Callable[[str], bool]:
     """Repositories that replication leaves alone: the pull-through cache's. Each region
     fills its own cache from the upstream (a peer mirroring the same prefix would refuse
@@ -200,6 +214,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
         else None
     )
     auth = build_authorizer(config)
+    failure_sharing = build_failure_sharing(config, auth, index)
 
     def tag_rules(repository: str) -> TagRules:
         # Immutable tags and retention live in the policy file: none without one.
@@ -285,6 +300,8 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     async def start(_: web.Application) -> None:
         await space.start()
         await index.open()
+        if failure_sharing is not None:
+            background.append(asyncio.create_task(failure_sharing.run_forever()))
         if election is not None:
             await election.start()
         if listener is not None:

@@ -16,10 +16,16 @@ failures is allowed, then one more every ``window / limit`` seconds, so the long
 is the same as a sliding window's while a key costs one float instead of a list of times.
 Keys are keyed hashes of 16 bytes (an account name is the client's text and may be long),
 and at most ``max_keys`` are kept per meter, the least recently failing forgotten first.
+
+Several processes (workers, replicas) share their meters through the metadata index
+(``auth/failure_sharing.py``): each notes the failures it records (``take_new``), and
+folds in the state the others recorded (``merge``); a shared key salt makes their keys
+the same.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import math
 import secrets
@@ -48,6 +54,24 @@ class FailureMeter:
     @property
     def enabled(self) -> bool:
         return self.limit > 0 and self.window > 0
+
+    @property
+    def step(self) -> float:
+        """Seconds one failure adds to its key's drain time."""
+        return self.window / self.limit if self.enabled else 0.0
+
+    def clear(self) -> None:
+        self._drained_at.clear()
+
+    def merge(self, key: bytes, drained_at: float) -> None:
+        """Fold in another process's state for ``key`` (on this meter's clock): the later
+        drain time wins, so failures counted both here and there count once."""
+        if not self.enabled or drained_at <= self._drained_at.get(key, self._clock()):
+            return
+        self._drained_at.pop(key, None)
+        self._drained_at[key] = drained_at
+        while len(self._drained_at) > self._max_keys:
+            del self._drained_at[next(iter(self._drained_at))]
 
     def __len__(self) -> int:
         return len(self._drained_at)
@@ -91,7 +115,32 @@ class FailureLimiter:
     ) -> None:
         self.per_account = FailureMeter(limit, window_seconds, clock=clock, max_keys=max_keys)
         self.per_client = FailureMeter(client_limit, window_seconds, clock=clock, max_keys=max_keys)
+        self.clock = clock
         self._salt = secrets.token_bytes(16)
+        # Failures recorded since the last take_new, per (meter name, key): for sharing.
+        self._new: collections.Counter[tuple[str, bytes]] = collections.Counter()
+        self._sharing = False
+
+    @property
+    def meters(self) -> dict[str, FailureMeter]:
+        return {"account": self.per_account, "client": self.per_client}
+
+    def share(self, salt: bytes) -> None:
+        """Key with ``salt`` (the same in every sharing process) and note new failures
+        for ``take_new``. Keys recorded before are dropped: they were hashed otherwise."""
+        self._salt = hashlib.blake2b(salt, digest_size=16).digest()
+        self._sharing = True
+        for meter in self.meters.values():
+            meter.clear()
+
+    def take_new(self) -> dict[tuple[str, bytes], int]:
+        """The failures recorded since the last call, per (meter name, key)."""
+        new, self._new = dict(self._new), collections.Counter()
+        return new
+
+    def requeue(self, pair: tuple[str, bytes], count: int) -> None:
+        """Give back failures taken but not shared, for the next ``take_new``."""
+        self._new[pair] += count
 
     def _key(self, *parts: str) -> bytes:
         digest = hashlib.blake2b(key=self._salt, digest_size=16)
@@ -108,6 +157,11 @@ class FailureLimiter:
         return wait
 
     def record_failure(self, client: str, account: str | None = None) -> None:
-        self.per_client.record_failure(self._key(client))
+        keys = [("client", self._key(client))]
         if account is not None:
-            self.per_account.record_failure(self._key(account, client))
+            keys.append(("account", self._key(account, client)))
+        for name, key in keys:
+            meter = self.meters[name]
+            meter.record_failure(key)
+            if self._sharing and meter.enabled:
+                self._new[(name, key)] += 1

@@ -237,3 +237,13 @@ class MetadataIndex(Protocol):
 
     async def referrer_digests(self, repo: str) -> list[str]: ...
     async def expire_tombstones(self, older_than: float) -> int: ...
+
+    # failed authentication, shared by every process (storage/auth_failures.py)
+    async def add_auth_failures(
+        self, entries: Sequence[tuple[str, bytes, float]], now: float
+    ) -> None:
+        """Add seconds of draining to each (meter, key, seconds), as of wall time ``now``."""
+
+    async def draining_auth_failures(self, now: float) -> list[tuple[str, bytes, float]]:
+        """(meter, key, drained_at) of the keys not drained by ``now``."""
+        ...

@@ -213,7 +213,25 @@ UPDATE repositories SET
     manifest_count = (SELECT COUNT(*) FROM manifests WHERE repo_id = repositories.id);
 """
 
+# Failed-authentication meters shared by every replica (storage/auth_failures.py).
+_V6 = """
+CREATE TABLE auth_failures (
+    meter TEXT NOT NULL,
+    key BYTEA NOT NULL,
+    drained_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (meter, key)
+);
+CREATE INDEX auth_failures_drained ON auth_failures (drained_at);
+"""
+
 # (version, SQL): applied in order, each once.
-MIGRATIONS: tuple[tuple[int, str], ...] = ((1, _V1), (2, _V2), (3, _V3), (4, _V4), (5, _V5))
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (1, _V1),
+    (2, _V2),
+    (3, _V3),
+    (4, _V4),
+    (5, _V5),
+    (6, _V6),
+)
 
 LATEST = MIGRATIONS[-1][0]

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from registry_server.protocol.quotas import Quota, Usage
 from registry_server.protocol.versions import Stamp
-from registry_server.storage import changelog, index_blobs, index_tags, index_usage
+from registry_server.storage import auth_failures, changelog, index_blobs, index_tags, index_usage
 from registry_server.storage.index import (
     Change,
     ManifestRecord,
@@ -259,6 +259,14 @@ class SqlIndex(ABC):
 
     async def referrer_digests(self, repo: str) -> list[str]:
         return await self._read(index_tags.referrer_digests(repo))
+
+    async def add_auth_failures(
+        self, entries: Sequence[tuple[str, bytes, float]], now: float
+    ) -> None:
+        await self._write(lambda: auth_failures.add(entries, now))
+
+    async def draining_auth_failures(self, now: float) -> list[tuple[str, bytes, float]]:
+        return await self._read(auth_failures.draining(now))
 
     async def expire_tombstones(self, older_than: float) -> int:
         return await self._write(lambda: index_tags.expire_tombstones(older_than), frees=True)

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from registry_server.auth.model import Access
 from registry_server.auth.tokens import SigningKey, TokenCodec
+from tests.integration.test_postgres_server import postgres_config
 from tests.support.clients import Registry, Response, run_tool, skopeo
 from tests.support.containerd import Containerd
 from tests.support.images import make_oci_layout, tagged_digest
@@ -543,3 +544,39 @@ def test_repeated_failures_are_rate_limited(registry_process: Start, tmp_path: P
     log = process.log_tail(200)
     assert "authentication failed" in log and "guess" not in log
     assert SECRETS["alice"] not in log
+
+
+def test_replicas_limit_failures_as_one(
+    registry_process: Start, postgres_dsn: str, tmp_path: Path
+) -> None:
+    """Two replicas on one PostgreSQL database: failures spread over both (two here, one
+    there, each under the limit of 3) lock the client on both once they have synced."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(f"alice:{HASHES['alice']}\n")
+    key_path = tmp_path / "token.key"
+    key_path.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    config = {
+        **postgres_config(postgres_dsn, tmp_path),
+        "auth": {
+            "htpasswd": str(htpasswd),
+            "signing_key": str(key_path),
+            "failure_limit": 3,
+            "failure_window_seconds": 60,
+        },
+    }
+    first, second = (Registry(registry_process("berth", config=config).url) for _ in range(2))
+    for api in (first, second, first):
+        assert api.get("/v2/", headers=basic("alice", "guess")).status == 401
+    # Each process shares what it saw, and takes in the others', every second.
+    deadline = time.monotonic() + 10
+    for api in (second, first):
+        while (resp := api.get("/v2/", headers=basic("alice"))).status != 429:
+            assert time.monotonic() < deadline, "the replicas never limited the client together"
+            time.sleep(0.2)
+        assert 1 <= int(resp.header("Retry-After") or "0") <= 60
