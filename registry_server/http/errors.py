@@ -9,7 +9,7 @@ from aiohttp import web
 
 from registry_server.http.context import Handler
 from registry_server.protocol import errors
-from registry_server.storage.driver import StorageConflict, StorageFull
+from registry_server.storage.driver import BackendUnavailable, StorageConflict, StorageFull
 
 log = logging.getLogger("registry_server.http")
 
@@ -65,6 +65,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # one was applied; the client asks where the upload is and goes on from there.
         log.warning("write lost a race", extra={"path": request.path, "key": str(exc)})
         return render(errors.RegistryError(errors.UPLOAD_CONFLICT), head=head)
+    except BackendUnavailable as exc:
+        # Expected during an outage: one line per request, no traceback.
+        log.warning(
+            "request failed: back end unavailable",
+            extra={"path": request.path, "error": str(exc)},
+        )
+        retry = {"Retry-After": str(errors.BACKEND_UNAVAILABLE_RETRY_AFTER)}
+        return render(errors.RegistryError(errors.BACKEND_UNAVAILABLE, headers=retry), head=head)
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects and the like are answers, not errors
             raise

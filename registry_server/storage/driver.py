@@ -26,6 +26,11 @@ class StorageConflict(Exception):
     whose files can be written from several processes, such as S3, checks this)."""
 
 
+class BackendUnavailable(Exception):
+    """A back end shared over the network (the index's PostgreSQL) cannot be reached
+    now: nothing was changed, the same request may succeed later."""
+
+
 class Writer(Protocol):
     """An append-only file being written. Not visible to readers until moved into place."""
 

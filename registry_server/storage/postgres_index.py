@@ -43,12 +43,13 @@ Concurrency (many writers in many processes, ``READ COMMITTED``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -57,6 +58,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from registry_server.storage import changelog, postgres_schema
+from registry_server.storage.driver import BackendUnavailable
 from registry_server.storage.sql_index import SqlIndex
 from registry_server.storage.sqltx import Dialect, Query, Result, Tx
 
@@ -155,6 +157,19 @@ def _ping() -> Tx[None]:
     yield Query("SELECT 1 FROM repositories LIMIT 1")
 
 
+@contextlib.contextmanager
+def _unavailable() -> Iterator[None]:
+    """The database cannot be reached (connection refused or lost, no pooled connection
+    in time): BackendUnavailable, which the API answers with 503. Conflicts between
+    transactions (TransactionRollback, also "operational") are not that."""
+    try:
+        yield
+    except pg_errors.TransactionRollback:
+        raise
+    except psycopg.OperationalError as exc:
+        raise BackendUnavailable(f"metadata database: {exc}") from exc
+
+
 class PostgresIndex(SqlIndex):
     dialect = DIALECT
 
@@ -213,8 +228,9 @@ class PostgresIndex(SqlIndex):
         await self._read(_ping())
 
     async def _read(self, tx: Tx[T]) -> T:
-        async with self._connections().connection() as conn:
-            return await _run(conn, tx)
+        with _unavailable():
+            async with self._connections().connection() as conn:
+                return await _run(conn, tx)
 
     async def _write(
         self,
@@ -223,6 +239,16 @@ class PostgresIndex(SqlIndex):
         after: Callable[[T], Awaitable[None]] | None = None,
         blob: str | None = None,
         frees: bool = False,  # the database's own volume is PostgreSQL's to manage
+    ) -> T:
+        with _unavailable():
+            return await self._write_once(tx, before, after, blob)
+
+    async def _write_once(
+        self,
+        tx: Callable[[], Tx[T]],
+        before: Callable[[], Awaitable[None]] | None,
+        after: Callable[[T], Awaitable[None]] | None,
+        blob: str | None,
     ) -> T:
         guarded = before is not None or after is not None
         attempt = 0

@@ -1,10 +1,12 @@
 """Berth server processes with their metadata in PostgreSQL (the throwaway server of
-tests/support/postgres.py): the OCI conformance suite, skopeo round trips, and two
-servers on one database and one storage root taking pushes at once."""
+tests/support/postgres.py): the OCI conformance suite, skopeo round trips, two
+servers on one database and one storage root taking pushes at once, and an outage of
+the database."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,8 +15,9 @@ import psycopg
 import pytest
 
 from tests.integration.test_conformance import run_conformance
-from tests.support.clients import Registry, sha256, skopeo
+from tests.support.clients import Registry, sha256, skopeo, wait_for
 from tests.support.images import make_oci_index_layout, make_oci_layout, read_blob, tagged_digest
+from tests.support.postgres import PostgresServer, require_server
 from tests.support.processes import RegistryProcess
 
 pytestmark = pytest.mark.integration
@@ -120,3 +123,35 @@ def test_two_servers_on_one_database_take_pushes_at_once(
         for layer in layers:
             assert sha256(apis[0].blob(repo, layer["digest"])) == layer["digest"]
     assert apis[0].catalog() == apis[1].catalog() == sorted({r for r, _, _ in pushed})
+
+
+def test_readiness_and_requests_follow_a_database_outage(
+    registry_process: Start, tmp_path: Path
+) -> None:
+    """With its database down a replica leaves the Service (/readyz 503 naming the index,
+    /healthz still 200 so it is not restarted), answers requests with errors in the
+    registry's format instead of hanging, and serves again once the database is back."""
+    server = PostgresServer(require_server()).start()
+    try:
+        dsn = server.create_database()
+        registry = registry_process("berth", config=postgres_config(dsn, tmp_path))
+        api = Registry(registry.url, timeout=30)
+        digest, _ = api.push_image("team/app", "v1", layers=[b"layer"])
+        assert api.get("/readyz").status == 200
+
+        server.halt()
+        ready = wait_for(lambda: (r := api.get("/readyz")).status == 503 and r, timeout=15)
+        assert ready.body.startswith(b"index unavailable:"), ready
+        assert api.get("/healthz").status == 200
+        started = time.monotonic()
+        refused = api.manifest("team/app", "v1")
+        assert refused.status == 503 and refused.header("Retry-After"), refused
+        assert "metadata database" in refused.json()["errors"][0]["message"], refused
+        assert time.monotonic() - started < 20
+
+        server.resume()
+        wait_for(lambda: api.get("/readyz").status == 200, timeout=60)
+        assert sha256(api.manifest("team/app", "v1").body) == digest
+        api.push_image("team/app", "v2", layers=[b"after the outage"])
+    finally:
+        server.stop()

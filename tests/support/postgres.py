@@ -121,6 +121,11 @@ class PostgresServer:
         )
         pwfile.unlink()
         self.port = _free_port()
+        self._pg_ctl_start()
+        self.started = True
+        return self
+
+    def _pg_ctl_start(self) -> None:
         options = " ".join(
             [
                 "-c listen_addresses=127.0.0.1",
@@ -146,8 +151,14 @@ class PostgresServer:
             "60",
             "start",
         )
-        self.started = True
-        return self
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (an outage); ``resume`` starts it again."""
+        self._run("pg_ctl", "--pgdata", str(self.data), "--mode", "fast", "--wait", "stop")
+
+    def resume(self) -> None:
+        """Start the halted server again, on the same port with the same data."""
+        self._pg_ctl_start()
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{_USER}:{self.password}@127.0.0.1:{self.port}/{database}"
