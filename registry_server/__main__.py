@@ -61,6 +61,12 @@ def _serve(
     metrics_sock: socket.socket | None = None,
     worker_id: int = 0,
 ) -> None:
+    # A SIGTERM during start-up (a rolling update, the supervisor stopping its workers)
+    # must not kill the process mid-way with the default action: noted, acted on (a
+    # drain, then a graceful stop) once serving.
+    early: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, _frame: early.append(received))
     from registry_server.app import build_app, build_metrics_app
     from registry_server.http import serving, tls
 
@@ -74,7 +80,15 @@ def _serve(
     extra = [(metrics, metrics_sock)] if metrics is not None and metrics_sock is not None else []
     # Each worker has its own context (and watch): SSL state does not survive a fork.
     serving_tls = tls.ServingTls(cfg.http.tls) if cfg.http.tls is not None else None
-    serving.run(build_app(cfg, worker_id), sock, shutdown_timeout=10, extra=extra, tls=serving_tls)
+    serving.run(
+        build_app(cfg, worker_id),
+        sock,
+        shutdown_timeout=10,
+        extra=extra,
+        tls=serving_tls,
+        drain_seconds=cfg.http.drain_seconds,
+        early_signals=early,
+    )
 
 
 _PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies

@@ -58,6 +58,9 @@ class HttpConfig:
     # host:port values clients use through a plain-HTTP relay in front of this TLS
     # listener (the node proxy's localhost:<port>): their token realm says http://.
     relayed_hosts: tuple[str, ...] = ()
+    # After SIGTERM: seconds of serving on, with /readyz saying 503, before the graceful
+    # shutdown, so that a Service stops sending new connections first (0: at once).
+    drain_seconds: float = 0.0
 
     @property
     def scheme(self) -> str:
@@ -852,6 +855,8 @@ def _validate(config: Config) -> None:
     except ValueError:
         raise ConfigError(f"http.addr has an invalid port: {config.http.addr!r}") from None
     _bounded(config.http.workers, "http.workers", at_least=1)
+    if not 0 <= config.http.drain_seconds <= 300:
+        raise ConfigError("http.drain_seconds: expected 0 to 300 seconds")
     _validate_forwarding(config.http)
     if config.http.tls is not None:
         _validate_tls(config.http.tls)

@@ -45,9 +45,25 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
 
 
+_draining = False
+
+
+def begin_drain() -> None:
+    """From now on /readyz says 503 (SIGTERM with ``http.drain_seconds``): the Service
+    stops sending new connections while this process still serves them."""
+    global _draining
+    _draining = True
+
+
+def draining() -> bool:
+    return _draining
+
+
 async def readyz(request: web.Request) -> web.Response:
     """Ready when both back ends answer: the metadata index and the blob store (with
     PostgreSQL and S3, a replica that cannot reach either leaves the Service)."""
+    if _draining:
+        return web.Response(status=503, text="shutting down\n")
     svc = services(request)
     failures = await asyncio.gather(
         _failure("index", svc.index.ping), _failure("blob store", svc.blobs.store.ping)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 import ssl
 from collections.abc import Sequence
 
 from aiohttp import http_exceptions, web, web_protocol, web_request, web_server
 
+from registry_server.http import health
 from registry_server.http.errors import render
 from registry_server.http.tls import ServingTls
 from registry_server.protocol import errors
@@ -107,20 +109,40 @@ def run(
     shutdown_timeout: float,
     extra: Sequence[tuple[web.Application, socket.socket]] = (),
     tls: ServingTls | None = None,
+    drain_seconds: float = 0.0,
+    early_signals: Sequence[int] = (),
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully (as ``web.run_app``).
 
     ``extra`` are further applications on sockets of their own (the metrics listener),
     started after the main one and stopped before it. With ``tls`` the main socket
-    serves HTTPS and its certificate is reloaded when the files change.
+    serves HTTPS and its certificate is reloaded when the files change. With
+    ``drain_seconds`` a SIGTERM first makes /readyz answer 503 and serving goes on that
+    long (new connections too: a Service may still route some here until it has seen
+    the pod unready), then the graceful shutdown; a second signal cuts the wait short.
+    ``early_signals``: those received before this was called (during start-up).
     """
 
     async def serve() -> None:
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if drain_seconds <= 0 or health.draining():
+                stop.set()
+                return
+            log.info("draining before shutdown", extra={"seconds": drain_seconds})
+            health.begin_drain()
+            asyncio.get_running_loop().call_later(drain_seconds, stop.set)
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal)
+        if early_signals:
+            on_signal()
         runners = [
             await start(
                 app,
                 sock,
-                handle_signals=True,
                 shutdown_timeout=shutdown_timeout,
                 ssl_context=tls.context if tls is not None else None,
             )
@@ -130,7 +152,7 @@ def run(
         try:
             for other, other_sock in extra:
                 runners.append(await start(other, other_sock, shutdown_timeout=shutdown_timeout))
-            await asyncio.Event().wait()  # until a signal raises GracefulExit
+            await stop.wait()
         finally:
             if tls is not None:
                 await tls.stop()

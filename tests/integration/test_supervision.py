@@ -1,5 +1,6 @@
 """Worker processes stop with their supervisor, even when it is SIGKILLed: orphans would
-keep serving the port and holding the index, so a restarted server could not bind."""
+keep serving the port and holding the index, so a restarted server could not bind. And a
+SIGTERM with a drain period: out of the Service first, serving on, then a clean exit."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.clients import Registry, sha256
 from tests.support.processes import RegistryProcess
 
 pytestmark = pytest.mark.integration
@@ -77,3 +79,44 @@ def test_workers_stop_when_the_supervisor_is_killed(
             except OSError:
                 assert time.monotonic() < deadline, f"port {registry.port} stayed in use"
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_drains_then_shuts_down(
+    registry_process: Callable[..., RegistryProcess], workers: int
+) -> None:
+    """With http.drain_seconds a SIGTERM first takes the server out of its Service
+    (/readyz 503) while it goes on serving new connections and an upload in flight,
+    then it exits cleanly: a rolling update loses no request routed to it meanwhile."""
+    registry = registry_process("berth", config={"http": {"workers": workers, "drain_seconds": 5}})
+    api = Registry(registry.url)
+    location = api.start_upload("team/app")
+    first = os.urandom(1 << 20)
+    assert api.patch(location, first, start=0).status == 202
+    pid = registry.process.pid
+    assert pid is not None
+    signalled = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+
+    deadline = signalled + 2
+    while (ready := api.get("/readyz")).status != 503:
+        assert time.monotonic() < deadline, "/readyz kept saying ready after SIGTERM"
+        time.sleep(0.05)
+    assert ready.body == b"shutting down\n"
+    # Still serving, on new connections: the upload is finished, an image pushed.
+    rest = os.urandom(1 << 20)
+    assert api.patch(location, rest, start=len(first)).status == 202
+    assert api.finish(location, sha256(first + rest)).status == 201
+    digest, _ = api.push_image("team/app", "v1", layers=[first + rest])
+    assert time.monotonic() - signalled < 4.5, "the checks above took too long to prove much"
+
+    deadline = signalled + 30
+    while registry.running:
+        assert time.monotonic() < deadline, "the server did not stop after draining"
+        time.sleep(0.1)
+    assert time.monotonic() - signalled >= 5
+    assert registry.process.returncode == 0
+    assert not listening(registry.port)
+    # What it took in while draining is there after a restart.
+    registry.start()
+    assert sha256(Registry(registry.url).manifest("team/app", "v1").body) == digest

@@ -155,6 +155,12 @@ def server_config(
         tls_key_file=f"{names.TLS_DIR}/{TLS_KEY_FILE}",
         webhooks=spec.webhooks,
         notifications_dir=names.NOTIFICATIONS_DIR,
+        # Rolling updates (no volume of its own): after SIGTERM a pod keeps serving,
+        # unready, until the Service has stopped routing to it; well inside the pod's
+        # default 30 s grace period with the server's 10 s graceful shutdown after it.
+        drain_seconds=(
+            names.DRAIN_SECONDS if not isinstance(spec.storage, models.PvcStorage) else 0
+        ),
         **_backend_files(spec),
     )
 

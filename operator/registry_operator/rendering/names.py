@@ -234,3 +234,8 @@ def labels(registry: str, component: str) -> dict[str, str]:
         MANAGED_BY_LABEL: MANAGED_BY,
         REGISTRY_LABEL: registry,
     }
+
+
+# Seconds a replica of a rolling Deployment serves on after SIGTERM (http.drain_seconds):
+# longer than endpoints take to drop it from the Service's routing, here and in kind.
+DRAIN_SECONDS = 5
