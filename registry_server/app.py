@@ -147,8 +147,11 @@ def build_pull_through(
         return None
     mirrors = []
     for u in config.upstreams:
-        host = (urlsplit(u.url).hostname or "").lower()
-        hosts = u.hosts or tuple(dict.fromkeys((u.prefix.lower(), host)))
+        parts = urlsplit(u.url)
+        host = (parts.hostname or "").lower()
+        # containerd's ?ns= names the host as images do: with its port when it has one.
+        port = f"{host}:{parts.port}" if parts.port else host
+        hosts = u.hosts or tuple(dict.fromkeys((u.prefix.lower(), host, port)))
         library = u.docker_library if u.docker_library is not None else u.prefix == "docker.io"
         mirrors.append(Mirror(u.name, u.prefix, hosts, library))
     return PullThrough(

@@ -68,6 +68,21 @@ class UpstreamFetcher:
             None if head else body,
         )
 
+    async def has_blob(self, repo: str, digest: str) -> bool:
+        """Whether the upstream serves ``digest`` in ``repo`` (a HEAD: no rate-limit cost
+        on the registries that count pulls by manifest GET)."""
+        try:
+            status, _, _ = await self._peer().request(
+                "HEAD",
+                f"/v2/{repo}/blobs/{digest}",
+                f"repository:{repo}:pull",
+                expect=(200, 404),
+                what=f"blob HEAD {repo}@{digest}"[:200],
+            )
+        except PeerError as exc:
+            raise self._failure(exc) from None
+        return status == 200
+
     @contextlib.asynccontextmanager
     async def blob(
         self, repo: str, digest: str

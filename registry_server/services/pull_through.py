@@ -55,6 +55,8 @@ class Fetcher(Protocol):
 
     async def manifest(self, repo: str, reference: str, head: bool) -> UpstreamManifest: ...
 
+    async def has_blob(self, repo: str, digest: str) -> bool: ...
+
     def blob(
         self, repo: str, digest: str
     ) -> AbstractAsyncContextManager[tuple[int | None, AsyncIterator[bytes]]]: ...
@@ -277,47 +279,76 @@ class PullThrough:
         if target is None:
             return False
         upstream = target.mirror.name
-        if await self.index.blob_size(target.local, str(digest)) is not None:
-            HITS.labels(upstream, "blob").inc()
-            return False
-        size = await self.store.size(digest)
-        if size is not None:  # another repository holds it: link it here
-            with contextlib.suppress(errors.RegistryError):
-                await self.index.link_blob(
-                    target.local, str(digest), size, publish=lambda: self.store.require(digest)
-                )
+        # Twice at most: a request that waited for another's fetch (of this repository
+        # or another) looks again at what is now stored.
+        for _ in range(2):
+            if await self.index.blob_size(target.local, str(digest)) is not None:
                 HITS.labels(upstream, "blob").inc()
                 return False
-        flight = self._blob_flights.get(str(digest))
-        leader = flight is None
-        if flight is None:
-            MISSES.labels(upstream, "blob").inc()
-            flight = _Flight(sink=sink)
-            task = asyncio.create_task(self._fetch_blob(target, digest, flight))
-            flight.task = task
-            self._blob_flights[str(digest)] = flight
-            task.add_done_callback(lambda done: self._flight_ended(str(digest), done))
-        assert flight.task is not None
+            size = await self.store.size(digest)
+            if size is not None:
+                # Stored for another repository: linked here once this repository's
+                # upstream says it serves it too (a digest known from elsewhere must not
+                # open a blob this repository's upstream would not give).
+                if not await self._upstream_has(target, digest):
+                    raise errors.RegistryError(errors.BLOB_UNKNOWN, detail={"digest": str(digest)})
+                with contextlib.suppress(errors.RegistryError):  # gone meanwhile: fetched
+                    await self.index.link_blob(
+                        target.local, str(digest), size, publish=lambda: self.store.require(digest)
+                    )
+                    HITS.labels(upstream, "blob").inc()
+                    return False
+            flight = self._blob_flights.get(str(digest))
+            if flight is None:
+                break
+            # Another request is fetching it: wait (shielded: a client that goes away
+            # does not stop the fetch the others wait for), then look again.
+            assert flight.task is not None
+            await asyncio.shield(flight.task)
+        MISSES.labels(upstream, "blob").inc()
+        flight = _Flight(sink=sink)
+        task = asyncio.create_task(self._fetch_blob(target, digest, flight))
+        flight.task = task
+        self._blob_flights[str(digest)] = flight
+        task.add_done_callback(lambda done: self._flight_ended(str(digest), done))
         try:
-            if leader and sink is not None:
+            if sink is not None:
                 # The leading client's response ends once its bytes are verified; the
                 # fsync and the publish that follow are not its wait.
                 released = asyncio.ensure_future(flight.released.wait())
                 try:
-                    await asyncio.wait((flight.task, released), return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait((task, released), return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     released.cancel()
                 if flight.released.is_set() and flight.started and flight.sink is not None:
                     return True
-            # Shielded: a client that goes away does not stop the fetch the others wait for.
-            await asyncio.shield(flight.task)
+            await asyncio.shield(task)
         except asyncio.CancelledError:
             flight.sink = None
             raise
-        return leader and flight.started and flight.sink is not None
+        return flight.started and flight.sink is not None
+
+    async def _upstream_has(self, target: Target, digest: digests.Digest) -> bool:
+        """Whether the upstream serves the blob in the mirrored repository (within the
+        upstream's timeout); when it cannot say, the pull fails as a fetch would."""
+        settings = self.settings[target.mirror.name]
+        try:
+            async with asyncio.timeout(settings.timeout_seconds):
+                return await self.fetchers[target.mirror.name].has_blob(target.remote, str(digest))
+        except TimeoutError:
+            UPSTREAM_ERRORS.labels(target.mirror.name, "timeout").inc()
+            failure = UpstreamFailure(
+                target.mirror.name, f"no answer within {settings.timeout_seconds}s"
+            )
+        except UpstreamFailure as exc:
+            UPSTREAM_ERRORS.labels(target.mirror.name, _reason(exc)).inc()
+            failure = exc
+        raise _as_error(failure, errors.BLOB_UNKNOWN, {"digest": str(digest)})
 
     def _flight_ended(self, digest: str, task: asyncio.Task[None]) -> None:
-        self._blob_flights.pop(digest, None)
+        flight = self._blob_flights.get(digest)
+        if flight is not None and flight.task is task:  # not a later fetch of the same
+            del self._blob_flights[digest]
         # A fill that failed after its client was released (the fsync or the publish) has
         # no one awaiting it: it is said here, and the next pull fetches the blob again.
         exc = None if task.cancelled() else task.exception()

@@ -63,6 +63,9 @@ class Bytes:
     async def manifest(self, repo: str, reference: str, head: bool) -> UpstreamManifest:
         raise AssertionError("no manifest is fetched here")
 
+    async def has_blob(self, repo: str, digest: str) -> bool:
+        return True
+
     @contextlib.asynccontextmanager
     async def blob(
         self, repo: str, digest: str
