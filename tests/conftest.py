@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import secrets
+import signal
+import threading
 from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,18 @@ from tests.support.processes import ProcessStartError, RegistryKind, RegistryPro
 # Processes started for the current test, for the failure report.
 _PROCESSES = pytest.StashKey[list[RegistryProcess]]()
 _USES_CONTROL_PLANE = pytest.StashKey[ControlPlane]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM (a CI timeout, a `kill`) ends the run as Ctrl-C does, so fixtures tear
+    down: no registry, object store, database or control plane outlives it (they did
+    once, and shared the machine with the next benchmark)."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.hookimpl(wrapper=True)
