@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -12,6 +14,8 @@ from registry_server.http import file_bodies
 from registry_server.http.context import services
 from registry_server.http.errors import API_VERSION_HEADER
 from registry_server.protocol import digests, errors, ranges
+
+log = logging.getLogger("registry_server.http")
 
 
 def _headers(digest: digests.Digest) -> dict[str, str]:
@@ -105,6 +109,13 @@ async def get_blob(request: web.Request, name: str, digest_text: str) -> web.Str
             raise errors.RegistryError(
                 errors.BLOB_UNKNOWN, detail={"digest": str(digest)}
             ) from None
+    first: bytes | None = None
+    chunks: AsyncIterator[bytes] | None = None
+    if fd is None:
+        # Streamed from the store: its first bytes before the headers, so that a store
+        # that cannot be reached is answered as an error (503), not a body cut short.
+        chunks = svc.blobs.read(digest, start, end - start)
+        first = await anext(chunks, b"")
     response = web.StreamResponse(status=status, headers=headers)
     try:
         await response.prepare(request)
@@ -112,9 +123,21 @@ async def get_blob(request: web.Request, name: str, digest_text: str) -> web.Str
         if fd is not None:
             os.close(fd)
         raise
-    if fd is None or not await file_bodies.send(request, fd, start, end - start):
-        async for chunk in svc.blobs.read(digest, start, end - start):
-            await response.write(chunk)
+    try:
+        if first is not None and chunks is not None:
+            await response.write(first)
+        elif fd is not None and not await file_bodies.send(request, fd, start, end - start):
+            chunks = svc.blobs.read(digest, start, end - start)
+        if chunks is not None:
+            async for chunk in chunks:
+                await response.write(chunk)
+    except Exception as exc:
+        # The headers are out: the only way left to say "failed" is to cut the body
+        # short (the client sees fewer bytes than Content-Length), never to hang.
+        log.warning("blob body cut short", extra={"digest": str(digest), "error": repr(exc)[:300]})
+        if request.transport is not None:
+            request.transport.abort()
+        return response
     await response.write_eof()
     return response
 

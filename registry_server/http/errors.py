@@ -72,7 +72,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             extra={"path": request.path, "error": str(exc)},
         )
         retry = {"Retry-After": str(errors.BACKEND_UNAVAILABLE_RETRY_AFTER)}
-        return render(errors.RegistryError(errors.BACKEND_UNAVAILABLE, headers=retry), head=head)
+        message = f"service unavailable: the registry cannot reach its {exc.backend}"
+        unavailable = errors.RegistryError(
+            errors.BACKEND_UNAVAILABLE, message=message, headers=retry
+        )
+        return render(unavailable, head=head)
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects and the like are answers, not errors
             raise

@@ -62,10 +62,10 @@ TIMEOUT = ErrorCode("UNKNOWN", "the request timed out", 504)
 STORAGE_FULL = ErrorCode(
     "UNKNOWN", "storage full: the registry's volume has no space left for writes", 507
 )
-# A back end (the index's database) cannot be reached: try again (this replica has left
-# its Service meanwhile, /readyz says so).
+# A back end (the index's database, the object store) cannot be reached: try again (this
+# replica has left its Service meanwhile, /readyz says so). The message names which.
 BACKEND_UNAVAILABLE = ErrorCode(
-    "UNKNOWN", "service unavailable: the registry cannot reach its metadata database", 503
+    "UNKNOWN", "service unavailable: the registry cannot reach a storage back end", 503
 )
 BACKEND_UNAVAILABLE_RETRY_AFTER = 5
 # Pull-through cache (docs/pull-through-cache.md): mirrored repositories take no pushes,

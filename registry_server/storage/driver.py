@@ -27,8 +27,13 @@ class StorageConflict(Exception):
 
 
 class BackendUnavailable(Exception):
-    """A back end shared over the network (the index's PostgreSQL) cannot be reached
-    now: nothing was changed, the same request may succeed later."""
+    """A back end shared over the network (the index's PostgreSQL, the S3 store) cannot
+    be reached now: the same request may succeed later. ``backend`` names it for people
+    ("metadata database", "object store")."""
+
+    def __init__(self, backend: str, detail: str) -> None:
+        super().__init__(f"{backend}: {detail}")
+        self.backend = backend
 
 
 class Writer(Protocol):

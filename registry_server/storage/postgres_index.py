@@ -167,7 +167,7 @@ def _unavailable() -> Iterator[None]:
     except pg_errors.TransactionRollback:
         raise
     except psycopg.OperationalError as exc:
-        raise BackendUnavailable(f"metadata database: {exc}") from exc
+        raise BackendUnavailable("metadata database", str(exc)) from exc
 
 
 class PostgresIndex(SqlIndex):

@@ -61,24 +61,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import io
 import json
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from botocore import exceptions as botocore_exceptions
 from botocore.exceptions import ClientError
 
-from registry_server.storage.driver import StorageConflict, StorageNotFound
+from registry_server.storage.driver import BackendUnavailable, StorageConflict, StorageNotFound
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import PutObjectRequestTypeDef
+
+T = TypeVar("T")
 
 MIN_PART = 5 << 20  # S3's smallest multipart part (except the last)
 _MAX_COPY = 5 << 30  # the most one CopyObject or UploadPartCopy may copy
@@ -378,6 +382,37 @@ class S3Writer:
         await self._driver._forget(self._key, self._superseded)
 
 
+# botocore's errors for a store it could not reach, or that stopped answering.
+_UNREACHABLE = (botocore_exceptions.ConnectionError, botocore_exceptions.HTTPClientError)
+
+
+async def _reached(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except _UNREACHABLE as exc:
+        raise BackendUnavailable("object store", str(exc)) from exc
+
+
+class _Reaching:
+    """The S3 client, its calls' failures to reach the store raised as
+    BackendUnavailable (which the API answers with 503, as for the database) rather than
+    as botocore's own errors (a 500 with a traceback)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = attr(*args, **kwargs)
+            return _reached(result) if inspect.isawaitable(result) else result
+
+        return call
+
+
 class S3Driver:
     name = "s3"
 
@@ -456,7 +491,8 @@ class S3Driver:
         async with self._opening:
             if self._client is None:
                 creator = get_session().create_client("s3", **self._client_args)
-                self._client = await self._stack.enter_async_context(creator)
+                client = await self._stack.enter_async_context(creator)
+                self._client = cast("S3Client", _Reaching(client))
         return self._client
 
     async def close(self) -> None:

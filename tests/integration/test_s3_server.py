@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,10 +28,12 @@ from tests.support.clients import (
     peak_rss_bytes,
     sha256,
     skopeo,
+    wait_for,
 )
 from tests.support.images import make_oci_layout, read_json_blob, tagged_digest
 from tests.support.processes import RegistryProcess
 from tests.support.s3_store import S3Store
+from tests.support.tcp_forward import TcpForward
 
 pytestmark = pytest.mark.integration
 
@@ -215,3 +218,34 @@ def test_oci_conformance_on_s3(registry_process: Start, s3_store: S3Store, tmp_p
     """Every category of the official suite, blobs in the object store."""
     registry = registry_process("berth", config=_config(s3_store, s3_store.new_prefix()))
     run_conformance(registry, tmp_path)
+
+
+def test_an_unreachable_store_answers_503_and_serving_resumes(
+    registry_process: Start, s3_store: S3Store, tmp_path: Path
+) -> None:
+    """The store cut off (through a forwarder that stops): blob requests get 503 with
+    Retry-After naming the object store, not a 500 with a traceback; /readyz says so;
+    once the store is back the same requests are served."""
+    front = TcpForward(("127.0.0.1", s3_store.port)).start()
+    try:
+        config = _config(s3_store, s3_store.new_prefix(), endpoint=f"http://{front.host}")
+        registry = registry_process("berth", config=config)
+        api = Registry(registry.url)
+        layer = os.urandom(1 << 20)
+        api.push_image("team/app", "v1", layers=[layer])
+
+        front.stop()
+        cut = api.get(f"/v2/team/app/blobs/{sha256(layer)}")
+        assert cut.status == 503 and cut.header("Retry-After"), cut
+        assert "object store" in cut.json()["errors"][0]["message"], cut
+        pushed = api.request("POST", "/v2/team/app/blobs/uploads/")
+        assert pushed.status == 503, pushed
+        assert api.get("/readyz").status == 503
+        assert "Traceback" not in registry.log_tail(200)
+
+        front.start()
+        wait_for(lambda: api.get("/readyz").status == 200, timeout=30)
+        assert api.blob("team/app", sha256(layer)) == layer
+        api.push_image("team/app", "v2", layers=[os.urandom(1024)])
+    finally:
+        front.stop()
