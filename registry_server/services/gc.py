@@ -89,14 +89,18 @@ class GarbageCollector:
             if text in recorded:
                 continue
             digest = digests.parse(text)
-            size = await self.store.size(digest) or 0
+            orphan_size = await self.store.size(digest)
+            if orphan_size is None:
+                # A name without bytes: an object store's empty folder left where a blob
+                # was deleted (SeaweedFS lists them). Nothing to free, not an orphan.
+                continue
 
             async def remove_file(d: digests.Digest = digest) -> None:
                 await self.store.delete(d)
 
             if await self.index.forget_unrecorded(text, remove_file):
                 orphans += 1
-                freed += size
+                freed += orphan_size
         for upload_id in await self.store.stale_uploads(now - self.upload_ttl_seconds):
             await self.store.cancel(upload_id)
             purged += 1

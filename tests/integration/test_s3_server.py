@@ -249,3 +249,30 @@ def test_an_unreachable_store_answers_503_and_serving_resumes(
         api.push_image("team/app", "v2", layers=[os.urandom(1024)])
     finally:
         front.stop()
+
+
+def test_gc_counts_each_collected_blob_once_on_the_store(
+    registry_process: Start, s3_store: S3Store
+) -> None:
+    """The folders SeaweedFS keeps where blobs were deleted are listed like blobs: GC
+    rounds must not take them for orphans, round after round (the counters grew by every
+    blob ever deleted, each round)."""
+    config = {
+        **_config(s3_store, s3_store.new_prefix()),
+        "gc": {"interval_seconds": 1, "grace_seconds": 0},
+    }
+    registry = registry_process("berth", config=config)
+    api = Registry(registry.url)
+    digest, _ = api.push_image("team/app", "v1", layers=[os.urandom(4096)])
+    assert api.request("DELETE", f"/v2/team/app/manifests/{digest}").status == 202
+
+    def sample(name: str) -> float:
+        for line in api.get("/metrics").body.decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+        return 0.0
+
+    wait_for(lambda: sample("berth_gc_blobs_deleted_total") >= 2, timeout=30)
+    collected, rounds = sample("berth_gc_blobs_deleted_total"), sample("berth_gc_rounds_total")
+    wait_for(lambda: sample("berth_gc_rounds_total") >= rounds + 3, timeout=30)
+    assert sample("berth_gc_blobs_deleted_total") == collected == 2

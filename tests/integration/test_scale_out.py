@@ -138,20 +138,14 @@ def test_the_gc_holder_killed_during_uploads_pushes_and_gc_loses_nothing(
     location = Registry(victim.url).start_upload("load/cut")
     assert Registry(victim.url).patch(location, cut[: 1 << 20], start=0).status == 202
 
-    # Garbage for a long GC round: 40 images whose manifests are deleted (80 blobs).
+    # Garbage for a GC round: 40 images, their manifests deleted at once below (80 blobs).
     junk: list[tuple[str, str]] = []  # (repository, blob digest)
+    manifests: list[tuple[str, str]] = []
     for i in range(40):
         repo, config, layer = f"junk/app-{i}", canonical_json({"junk": i}), os.urandom(4096)
         digest, _ = api.push_image(repo, "v1", layers=[layer], config=config)
         junk += [(repo, sha256(config)), (repo, sha256(layer))]
-        assert api.request("DELETE", f"/v2/{repo}/manifests/{digest}").status == 202
-
-    def junk_left() -> int:
-        with psycopg.connect(postgres_dsn) as conn:
-            row = conn.execute(
-                "SELECT COUNT(*) FROM blobs WHERE digest = ANY(%s)", ([d for _, d in junk],)
-            )
-            return int((row.fetchone() or (0,))[0])
+        manifests.append((repo, digest))
 
     images = 24
     layouts = {i: tmp_path / f"image-{i}" for i in range(images)}
@@ -167,13 +161,24 @@ def test_the_gc_holder_killed_during_uploads_pushes_and_gc_loses_nothing(
                 return attempt
         raise AssertionError(f"app-{i} never pushed: {result.stderr}")
 
+    # One connection for the polls below (a new one per poll is too slow to see a round).
+    db = psycopg.connect(postgres_dsn, autocommit=True)
+
+    def junk_left() -> int:
+        row = db.execute(
+            "SELECT COUNT(*) FROM blobs WHERE digest = ANY(%s)", ([d for _, d in junk],)
+        ).fetchone()
+        return int((row or (0,))[0])
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         futures = [pool.submit(push, i) for i in range(images)]
-        # Kill once the holder's round is collecting the garbage (some gone, not all),
+        for repo, digest in manifests:
+            assert api.request("DELETE", f"/v2/{repo}/manifests/{digest}").status == 202
+        # Kill once the holder's round has begun collecting it (after the 5 s grace),
         # the pushes under way meanwhile.
-        until(lambda: 0 < junk_left() < len(junk), "a GC round collecting", poll=0.005)
+        until(lambda: junk_left() < len(junk), "a GC round collecting", poll=0.005)
         victim.kill()  # SIGKILL, as a crashed node would
-        print(f"killed mid-round: {junk_left()} of {len(junk)} garbage blobs left,")
+        print(f"killed: {junk_left()} of {len(junk)} garbage blobs left,")
         print(f"{sum(f.done() for f in futures)} of {images} pushes done")
         retries = [f.result() for f in futures]
     print(f"pushes that had to be repeated: {sum(1 for r in retries if r)}")
@@ -190,6 +195,7 @@ def test_the_gc_holder_killed_during_uploads_pushes_and_gc_loses_nothing(
     heir = until(lambda: _gc_holder(survivors), "another GC holder", timeout=90)
     until(lambda: metric(heir, "berth_gc_rounds_total") > 0, "a round on the new holder")
     until(lambda: junk_left() == 0, "the rest of the garbage collected", timeout=90, poll=0.5)
+    db.close()
     assert not any(api.blob_exists(repo, digest) for repo, digest in junk)
     for i in range(images):
         assert crane("digest", f"{host}/load/app-{i}:v1").stdout.strip() == digests[i]
