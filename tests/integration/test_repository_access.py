@@ -515,12 +515,12 @@ def test_a_repository_quota_is_enforced_and_its_usage_reported(
         served = json.loads(response.read())
     assert served["tags"] == 2 and 8 * 1024 < served["storage"] <= 10 * 1024, served
 
-    usage = _wait(
-        lambda: _status(kube, namespace, "quota-app").get("usage"),
-        operator,
-        "status.usage",
-        timeout=60,
-    )
+    def reported() -> dict[str, Any] | None:
+        # Figures from a poll before the pushes (zeros) may come first: wait for these.
+        usage = _status(kube, namespace, "quota-app").get("usage") or {}
+        return usage if usage.get("tags") == 2 else None
+
+    usage = _wait(reported, operator, "status.usage after the pushes", timeout=60)
     assert usage["storageBytes"] == served["storage"] and usage["tags"] == 2, usage
     assert usage["manifests"] == 2 and usage["storage"].endswith("Ki")
     assert _conditions(kube, namespace, "quota-app")["QuotaExceeded"] == ("False", "WithinQuota")

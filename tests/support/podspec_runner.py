@@ -276,7 +276,7 @@ class RunningPod:
         """What the kubelet does when a mounted ConfigMap or Secret changes: swap in the
         new content atomically. Returns whether anything changed."""
         maps, secs = _by_name(config_maps), _by_name(secrets)
-        changed = False
+        pending: list[tuple[Path, Files, Callable[[bytes], bytes]]] = []
         for volume in self.pod.get("volumes") or []:
             files = _volume_files(volume, maps, secs)
             if files is None:
@@ -288,11 +288,13 @@ class RunningPod:
             }
             if current == _read(directory, files):
                 continue
-            _publish(directory, files, rewrite)
-            changed = True
-        if changed:
+            pending.append((directory, files, rewrite))
+        # Counted before the files appear: the pod may read them (and get ready) at once.
+        if pending:
             self.updates += 1
-        return changed
+        for directory, files, rewrite in pending:
+            _publish(directory, files, rewrite)
+        return bool(pending)
 
     def _transform(self, volume: Object) -> Callable[[bytes], bytes]:
         if "configMap" not in volume:
