@@ -263,13 +263,15 @@ class PeerClient:
     def _push(repo: str) -> str:
         return f"repository:{repo}:pull,push"
 
-    async def blob_exists(self, repo: str, digest: str) -> bool:
+    async def blob_exists(self, repo: str, digest: str, pull_only: bool = False) -> bool:
+        """A HEAD of the blob. ``pull_only``: with a pull scope (an upstream, not a
+        peer this registry pushes to)."""
         status, _, _ = await self.request(
             "HEAD",
             f"/v2/{repo}/blobs/{digest}",
-            self._push(repo),
+            self._pull(repo) if pull_only else self._push(repo),
             expect=(200, 404),
-            what="blob HEAD",
+            what=f"blob HEAD {repo}@{digest}"[:200],
         )
         return status == 200
 

@@ -72,16 +72,9 @@ class UpstreamFetcher:
         """Whether the upstream serves ``digest`` in ``repo`` (a HEAD: no rate-limit cost
         on the registries that count pulls by manifest GET)."""
         try:
-            status, _, _ = await self._peer().request(
-                "HEAD",
-                f"/v2/{repo}/blobs/{digest}",
-                f"repository:{repo}:pull",
-                expect=(200, 404),
-                what=f"blob HEAD {repo}@{digest}"[:200],
-            )
+            return await self._peer().blob_exists(repo, digest, pull_only=True)
         except PeerError as exc:
             raise self._failure(exc) from None
-        return status == 200
 
     @contextlib.asynccontextmanager
     async def blob(
