@@ -201,6 +201,15 @@ def test_hanging_upstream_is_given_up_on_within_its_timeout(
 # --- auth and TLS towards the upstream ---------------------------------------------------
 
 
+def _refused_by_the_cache(host: str, ref: str, dest: Path) -> None:
+    """skopeo pulling ``ref`` through the cache fails with the cache's 502 (not a hang)."""
+    result = skopeo(
+        "copy", "--src-tls-verify=false", f"docker://{host}/{ref}", f"oci:{dest}:x", check=False
+    )
+    assert result.returncode != 0, result.stdout
+    assert "502" in result.stderr, result.stderr
+
+
 def test_basic_auth_upstream_distribution_with_htpasswd(
     registry_process: Start, tmp_path: Path
 ) -> None:
@@ -237,15 +246,7 @@ def test_basic_auth_upstream_distribution_with_htpasswd(
     # The wrong password first: a prompt refusal, and nothing stored.
     api = Registry(berth.url, timeout=60)
     started = time.monotonic()
-    result = skopeo(
-        "copy",
-        "--src-tls-verify=false",
-        f"docker://{berth.host}/bad/team/app:v1",
-        f"oci:{tmp_path / 'denied'}:x",
-        check=False,
-    )
-    assert result.returncode != 0, result.stdout
-    assert "502" in result.stderr, result.stderr  # the cache's refusal, not a hang
+    _refused_by_the_cache(berth.host, "bad/team/app:v1", tmp_path / "denied")
     # Raw: the spec's error shape naming the upstream's 401; a 502, not a 500.
     payload = assert_error(api.manifest("bad/team/app", "v1"), 502, "UNKNOWN")
     assert "HTTP 401" in json.dumps(payload), payload
@@ -293,15 +294,7 @@ def test_tls_upstream_with_a_private_ca(
     )
 
     # Without the CA first: a refusal that stores nothing.
-    result = skopeo(
-        "copy",
-        "--src-tls-verify=false",
-        f"docker://{berth.host}/untrusted/team/app:v1",
-        f"oci:{tmp_path / 'refused'}:x",
-        check=False,
-    )
-    assert result.returncode != 0, result.stdout
-    assert "502" in result.stderr, result.stderr  # the cache's refusal, not a hang
+    _refused_by_the_cache(berth.host, "untrusted/team/app:v1", tmp_path / "refused")
     api = Registry(berth.url)
     payload = assert_error(api.manifest("untrusted/team/app", "v1"), 502, "UNKNOWN")
     assert "CERTIFICATE_VERIFY_FAILED" in json.dumps(payload), payload

@@ -231,6 +231,23 @@ def _pull(pod: podspec_runner.RunningPod, creds: tuple[str, str], path: str, des
     )  # fmt: skip
 
 
+def _pulls_only(
+    pod: podspec_runner.RunningPod,
+    creds: tuple[str, str],
+    granted: str,
+    digest: str,
+    refused: str,
+    tmp_path: Path,
+) -> None:
+    """``creds`` pull ``granted`` (its v1 is ``digest``) and are refused ``refused``."""
+    pulled = _pull(pod, creds, granted, tmp_path / "pulled")
+    assert pulled.returncode == 0, pulled.stderr
+    assert tagged_digest(tmp_path / "pulled", "v1") == digest
+    other = _pull(pod, creds, refused, tmp_path / "other")
+    assert other.returncode != 0
+    assert "unauthorized" in other.stderr.lower() or "denied" in other.stderr.lower()
+
+
 def _status(kube: kube_client.Client, namespace: str, name: str) -> dict[str, Any]:
     return dict(kube.get(API, "Repository", namespace, name).get("status") or {})
 
@@ -294,12 +311,7 @@ def test_pull_secret_grants_exactly_the_repository_and_revocation_takes_it_back(
     # The kubelet stand-in copies the new policy into the pod; the server reloads it.
     _accepted(pod, creds, operator)
 
-    pulled = _pull(pod, creds, "team-a/api", tmp_path / "pulled")
-    assert pulled.returncode == 0, pulled.stderr
-    assert tagged_digest(tmp_path / "pulled", "v1") == digest
-    other = _pull(pod, creds, "team-b/web", tmp_path / "other")
-    assert other.returncode != 0
-    assert "unauthorized" in other.stderr.lower() or "denied" in other.stderr.lower()
+    _pulls_only(pod, creds, "team-a/api", digest, "team-b/web", tmp_path)
     push = skopeo(
         "copy", "--dest-tls-verify=false", f"--dest-creds={creds[0]}:{creds[1]}",
         f"oci:{tmp_path / 'src' / 'api'}:v1", f"docker://{pod.host}/team-a/api:v2", check=False,
@@ -823,11 +835,6 @@ def test_a_granted_namespace_pulls_a_mirrored_path_through_the_cache(
     creds = _credentials(secret, f"main.{namespace}.svc:5000")
     _accepted(pod, creds, operator)
 
-    pulled = _pull(pod, creds, "mirror/team-a/api", tmp_path / "pulled")
-    assert pulled.returncode == 0, pulled.stderr
-    assert tagged_digest(tmp_path / "pulled", "v1") == digest
     # Outside the grant: refused (that nothing is asked of the upstream then is proven
     # with a counting upstream in test_pull_through_upstreams.py).
-    other = _pull(pod, creds, "mirror/team-b/web", tmp_path / "other")
-    assert other.returncode != 0
-    assert "unauthorized" in other.stderr.lower() or "denied" in other.stderr.lower()
+    _pulls_only(pod, creds, "mirror/team-a/api", digest, "mirror/team-b/web", tmp_path)
