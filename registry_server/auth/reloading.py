@@ -17,7 +17,6 @@ and the set is read again when any of its files changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +33,7 @@ import yaml
 from registry_server.auth import htpasswd, metrics
 from registry_server.auth import policy as policy_mod
 from registry_server.auth.directory import Directory
+from registry_server.storage.tasks import cancel_and_wait
 
 log = logging.getLogger("registry_server.auth")
 
@@ -318,8 +318,5 @@ class AuthFiles:
             self._task = asyncio.create_task(self._watch(), name="berth-auth-file-watcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait([task])

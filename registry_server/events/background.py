@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import Gauge
 
 from registry_server.storage.election import Election
+from registry_server.storage.tasks import cancel_and_wait
 
 log = logging.getLogger("registry_server.election")
 
@@ -22,11 +23,7 @@ Work = Callable[[], Coroutine[Any, Any, None]]
 
 async def cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:
     """Cancel every task, then wait for each to finish unwinding."""
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await cancel_and_wait(tasks)
 
 
 async def run_elected(

@@ -31,6 +31,7 @@ from cryptography import x509
 from prometheus_client import Counter, Gauge
 
 from registry_server.config import TlsConfig
+from registry_server.storage.tasks import cancel_and_wait
 
 log = logging.getLogger("registry_server.tls")
 
@@ -236,8 +237,5 @@ class ServingTls:
             self._task = asyncio.create_task(self._watch(), name="berth-tls-watcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait([task])

@@ -42,6 +42,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from registry_server.storage.election import Election, Term
+from registry_server.storage.tasks import cancel_and_wait
 
 log = logging.getLogger("registry_server.election")
 
@@ -114,15 +115,7 @@ class PostgresElection(Election):
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
-        if runner is not None:
-            # Cancelled until it has ended: on Python 3.11 a cancellation that lands as an
-            # inner wait completes can be lost, and the runner went on while stop waited
-            # for it forever (seen in tests, about one stop in fifteen under load).
-            while not runner.done():
-                runner.cancel()
-                await asyncio.wait({runner}, timeout=1)
-            if not runner.cancelled():
-                runner.result()  # what it failed with, if it did
+        await cancel_and_wait([runner])
         await self._drop()
         for slot in self._slots.values():  # given up on purpose: nothing to log
             if slot.term is not None:

@@ -12,12 +12,13 @@ caught by the poll.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from registry_server.storage.tasks import cancel_and_wait
 
 log = logging.getLogger("registry_server.election")
 
@@ -48,11 +49,8 @@ class ChangeListener:
             self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait([task])
 
     async def _run(self) -> None:
         while True:

@@ -25,6 +25,7 @@ from prometheus_client import Gauge
 
 from registry_server.protocol.sizes import format_bytes
 from registry_server.storage.driver import StorageFull
+from registry_server.storage.tasks import cancel_and_wait
 
 log = logging.getLogger("registry_server.storage")
 
@@ -193,11 +194,8 @@ class SpaceMonitor:
                 log.warning("cannot measure the storage volume", exc_info=True)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait([task])
 
     async def pressure(self, seconds: float, every: float = 2.0) -> bool:
         """Sleep up to ``seconds``; return True early (every ``every`` seconds) while the
