@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -12,10 +13,8 @@ from registry_server.storage.tasks import cancel_and_wait
 async def _loses_one_cancellation() -> None:
     # What Python 3.11 can do to a task whose inner wait completes as it is cancelled:
     # the cancellation is gone and the task goes on.
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await asyncio.sleep(60)
-    except asyncio.CancelledError:
-        pass
     await asyncio.sleep(60)
 
 
