@@ -33,8 +33,12 @@ async def stream(request: web.Request, expected: int | None = None) -> AsyncIter
     received = 0
     try:
         while True:
-            chunk = await request.content.readany()
+            # The pieces as they were received, one at a time: readany joins all that
+            # is buffered into one new bytes (a copy of the body, under the GIL).
+            chunk, chunk_end = await request.content.readchunk()
             if not chunk:
+                if chunk_end and not request.content.at_eof():
+                    continue  # the end of an HTTP chunk, not of the body
                 break
             received += len(chunk)
             if want is not None and received > want:

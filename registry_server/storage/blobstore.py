@@ -331,13 +331,18 @@ class BlobStore:
             writer.destine(blob_path(last))
         hasher = state.hasher.copy()
         try:
+            # Hashed where the driver writes (a file's writing thread) when it can.
+            by_writer = writer.hash_with(hasher)
             async for chunk in chunks:
                 # Checked per chunk: a stream in flight stops when the volume fills up.
                 self.space.require_writable()
-                hasher.update(chunk)
+                if not by_writer:
+                    hasher.update(chunk)
                 await writer.write(chunk)
             if last is None:
                 await writer.close()
+            elif by_writer:
+                await writer.hashed()
         except BaseException:
             with contextlib.suppress(StorageFull):  # what it could not flush is cut anyway
                 await writer.close()

@@ -36,6 +36,10 @@ class BackendUnavailable(Exception):
         self.backend = backend
 
 
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
 class Writer(Protocol):
     """An append-only file being written. Not visible to readers until moved into place."""
 
@@ -52,6 +56,15 @@ class Writer(Protocol):
         close without commit then leaves the file empty, as it was. That move may leave
         the empty file where it was, for the caller to delete (the blob store ends the
         session right after a publish). A hint: drivers may ignore it."""
+
+    def hash_with(self, hasher: Hasher) -> bool:
+        """Feed every byte written from now on to ``hasher``, in order, where the driver
+        writes it (a file's writing thread: the event loop is spared the hashing). True
+        when the driver does; False leaves the hashing to the caller."""
+
+    async def hashed(self) -> None:
+        """Wait until every byte written so far is in the ``hash_with`` hasher; later
+        writes are no longer hashed."""
 
     async def commit(self) -> None:
         """Flush to durable storage and close."""

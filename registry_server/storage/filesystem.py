@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from registry_server.storage import blocking
-from registry_server.storage.driver import StorageFull, StorageNotFound
+from registry_server.storage.driver import Hasher, StorageFull, StorageNotFound
 from registry_server.storage.space import full_as_storage_full
 
 T = TypeVar("T")
@@ -61,7 +61,9 @@ _EARLY_WRITEBACK = 4 << 20
 class FileWriter:
     """Appends in batches of ~1 MiB, each written by a thread while the next one fills
     (one write in flight, so they land in order); ``commit`` writes the rest, fsyncs and
-    closes in one thread hop."""
+    closes in one thread hop. With ``hash_with``, that thread also hashes each batch
+    before writing it: the event loop only receives the body while the other core hashes
+    and writes."""
 
     def __init__(self, fd: int, size: int, on_full: Callable[[], None] | None = None) -> None:
         self._fd = fd
@@ -72,12 +74,16 @@ class FileWriter:
         self._in_flight: asyncio.Future[None] | None = None
         self._written = size  # the file's size on disk, as the writing threads see it
         self._written_back = size
+        self._hasher: Hasher | None = None
 
     @property
     def size(self) -> int:
         return self._size
 
-    def _flush_sync(self, chunks: list[bytes]) -> None:
+    def _flush_sync(self, chunks: list[bytes], hasher: Hasher | None = None) -> None:
+        if hasher is not None:
+            for chunk in chunks:
+                hasher.update(chunk)
         with full_as_storage_full():
             while chunks:  # one writev for a batch of a request body's small chunks
                 written = os.writev(self._fd, chunks[:_IOV_MAX])
@@ -119,21 +125,34 @@ class FileWriter:
         self._size += len(data)
         if self._pending_len >= _WRITE_BATCH:
             await self._settle()
-            self._in_flight = blocking.files.submit(self._flush_sync, self._take())
+            self._in_flight = blocking.files.submit(self._flush_sync, self._take(), self._hasher)
 
-    def _commit_sync(self, chunks: list[bytes]) -> None:
-        self._flush_sync(chunks)
+    def hash_with(self, hasher: Hasher) -> bool:
+        self._hasher = hasher
+        return True
+
+    async def hashed(self) -> None:
+        # The batch in flight is hashed by its thread; the pending rest (under a batch)
+        # here, and then written unhashed.
+        await self._settle()
+        hasher, self._hasher = self._hasher, None
+        if hasher is not None:
+            for chunk in self._pending:
+                hasher.update(chunk)
+
+    def _commit_sync(self, chunks: list[bytes], hasher: Hasher | None = None) -> None:
+        self._flush_sync(chunks, hasher)
         with full_as_storage_full():
             os.fsync(self._fd)
 
-    async def _finish(self, last: Callable[[list[bytes]], None] | None) -> None:
+    async def _finish(self, last: Callable[[list[bytes], Hasher | None], None] | None) -> None:
         """``last`` with what is pending, in a thread (None: only if anything is)."""
         try:
             await self._settle()
             if last is None and not self._pending:
                 return
             try:
-                await blocking.files.call(last or self._flush_sync, self._take())
+                await blocking.files.call(last or self._flush_sync, self._take(), self._hasher)
             except StorageFull:
                 if self._on_full is not None:
                     self._on_full()

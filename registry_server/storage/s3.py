@@ -76,7 +76,12 @@ from aiobotocore.session import get_session
 from botocore import exceptions as botocore_exceptions
 from botocore.exceptions import ClientError
 
-from registry_server.storage.driver import BackendUnavailable, StorageConflict, StorageNotFound
+from registry_server.storage.driver import (
+    BackendUnavailable,
+    Hasher,
+    StorageConflict,
+    StorageNotFound,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -240,6 +245,12 @@ class S3Writer:
     @property
     def size(self) -> int:
         return self._stored + self._pending_size
+
+    def hash_with(self, hasher: Hasher) -> bool:
+        return False  # parts may be sent out of order: the caller hashes
+
+    async def hashed(self) -> None:
+        pass
 
     def destine(self, path: str) -> None:
         """Write at ``path`` directly (see the protocol): the move then PUTs the data or

@@ -101,6 +101,24 @@ async def test_writer_append_and_truncate(driver: StorageDriver) -> None:
     assert await driver.get_content("up/data") == b"ab"
 
 
+async def test_a_writer_that_hashes_hashes_every_byte_in_order(driver: StorageDriver) -> None:
+    """``hash_with``: the hasher sees exactly what was written before ``hashed`` (batches
+    hashed where they are written, the rest by ``hashed``), nothing written after it."""
+    parts = [os.urandom(n) for n in (1, 5000, 300_000, 1 << 20, 3, (1 << 20) + 7, 10)]
+    hasher = hashlib.sha256()
+    w = await driver.writer("h/data")
+    hashing = w.hash_with(hasher)
+    for part in parts:
+        if not hashing:
+            hasher.update(part)
+        await w.write(part)
+    await w.hashed()
+    await w.write(b"after")
+    await w.commit()
+    assert hasher.hexdigest() == hashlib.sha256(b"".join(parts)).hexdigest()
+    assert await driver.get_content("h/data") == b"".join(parts) + b"after"
+
+
 async def test_move_replaces_atomically(driver: StorageDriver) -> None:
     await driver.put_content("src", b"new")
     await driver.put_content("dst/x", b"old")
