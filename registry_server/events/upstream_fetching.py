@@ -23,7 +23,6 @@ MANIFEST_ACCEPT = ", ".join(
         "application/vnd.docker.distribution.manifest.list.v2+json",
     )
 )
-_CHUNK = 1 << 20
 # A blob transfer stalls out after this long without a byte (a whole blob may take long).
 _BLOB_READ_TIMEOUT = 60.0
 
@@ -93,8 +92,11 @@ class UpstreamFetcher:
 
     async def _chunks(self, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         try:
-            async for chunk in resp.content.iter_chunked(_CHUNK):
-                yield chunk
+            # The pieces as received: iter_chunked would join them into new bytes (a
+            # copy of the blob on the event loop).
+            async for chunk, _ in resp.content.iter_chunks():
+                if chunk:
+                    yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise UpstreamFailure(self.name, f"blob transfer failed: {exc}"[:300]) from None
 

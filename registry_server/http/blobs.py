@@ -64,6 +64,12 @@ async def get_blob(request: web.Request, name: str, digest_text: str) -> web.Str
                     request.transport.abort()
                 return sink.response
             raise
+        if sink is not None and sink.response.prepared:
+            # The fetch went on without this client (its writes stalled): its body stays
+            # short, and no second response may follow the first one's headers.
+            if request.transport is not None:
+                request.transport.abort()
+            return sink.response
     size = await svc.blobs.size(name, digest)
     headers = _headers(digest)
     start, end = 0, size

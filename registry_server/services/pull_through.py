@@ -21,7 +21,8 @@ from prometheus_client import Counter
 
 from registry_server.protocol import digests, errors, manifests, names, upstreams
 from registry_server.protocol.upstreams import Mirror, Target, UpstreamFailure, UpstreamManifest
-from registry_server.storage.blobstore import BlobStore
+from registry_server.storage.blobstore import BlobStore, UploadInfo
+from registry_server.storage.driver import Writer
 from registry_server.storage.index import MetadataIndex, NewManifest
 
 log = logging.getLogger("registry_server.pull_through")
@@ -367,11 +368,14 @@ class PullThrough:
                 await self._to_sink(flight, size, chunk)
                 yield chunk
 
+        # The session is made while the upstream is asked: neither waits for the other.
+        session = asyncio.ensure_future(self._new_session(target.local))
+        used = False
         try:
             async with fetcher.blob(target.remote, str(digest)) as (size, chunks):
-                upload_id = await self.store.start_upload(target.local)
+                upload_id, info, writer = await session
+                used = True
                 try:
-                    info, writer = await self.store.open_upload(target.local, upload_id)
                     try:
                         stored = await self.store.append(
                             info,
@@ -399,6 +403,27 @@ class PullThrough:
         except UpstreamFailure as failure:
             UPSTREAM_ERRORS.labels(target.mirror.name, _reason(failure)).inc()
             raise _as_error(failure, errors.BLOB_UNKNOWN, {"digest": str(digest)}) from None
+        finally:
+            if not used:
+                await self._drop_session(session)
+
+    async def _new_session(self, repository: str) -> tuple[str, UploadInfo, Writer]:
+        upload_id = await self.store.start_upload(repository)
+        try:
+            info, writer = await self.store.open_upload(repository, upload_id)
+        except BaseException:
+            await self.store.cancel(upload_id)
+            raise
+        return upload_id, info, writer
+
+    async def _drop_session(self, session: asyncio.Future[tuple[str, UploadInfo, Writer]]) -> None:
+        """The fetch failed before it wrote: the session made for it goes."""
+        try:
+            upload_id, _, writer = await session
+        except Exception:  # it was not made (a full volume): nothing to drop
+            return
+        await writer.close()
+        await self.store.cancel(upload_id)
 
     async def _release(self, flight: _Flight) -> None:
         """The digest matched: the leading client gets the chunk held back."""
