@@ -43,7 +43,11 @@ def commit(paths: tuple[str, ...], root: Path = REPO_ROOT) -> str:
     dirty = _git(
         root, "status", "--porcelain", "--untracked-files=no", "--", *paths, ":!bench/results"
     )
-    return f"{head} + uncommitted changes in {', '.join(paths)}" if dirty else head
+    if not dirty:
+        return head
+    # Name the paths that differ, not every path measured.
+    changed = sorted({p for p in paths for line in dirty.splitlines() if p in line[3:]})
+    return f"{head} + uncommitted changes in {', '.join(changed or paths)}"
 
 
 def first_line(argv: list[str]) -> str:
