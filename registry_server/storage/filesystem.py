@@ -313,6 +313,15 @@ class FilesystemDriver:
 
     def _delete_sync(self, path: str) -> None:
         target = self._path(path)
+        # An ended upload session is an empty folder (its data moved into place): one
+        # rmdir, where rmtree stats, opens and lists it first.
+        try:
+            os.rmdir(target)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:  # not empty, or not a folder
+            pass
         if target.is_dir():
             shutil.rmtree(target, ignore_errors=True)
         else:
