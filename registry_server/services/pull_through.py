@@ -66,10 +66,13 @@ class Fetcher(Protocol):
 
 
 class Sink(Protocol):
-    """The response of the client whose request started a blob fetch."""
+    """The response of a client of a blob fetch: the one whose request started it (its
+    bytes written as they arrive), or one that follows the file as it grows."""
 
     async def start(self, size: int) -> None: ...
     async def write(self, chunk: bytes) -> None: ...
+    async def send_file(self, fd: int, offset: int, count: int) -> None:
+        """Send ``count`` bytes of the open file ``fd`` from ``offset`` (not closed)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,19 @@ class _Flight:
     # Set once the digest matched and the leading client got its last chunk: the client
     # is done while the blob is made durable and published.
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    # For followers: the blob's size (once the upstream said it), the local file it is
+    # being written to (filesystem storage only), and an event replaced at every chunk.
+    repository: str = ""  # the mirrored repository the fetch is for
+    streaming: bool = False  # the upstream's body is arriving (its size known, or not)
+    size: int | None = None
+    path: Path | None = None
+    remote: bool = False  # the data goes to object storage: nothing to follow
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def advanced(self) -> None:
+        """Wake every follower waiting for more (each waits on the event it saw)."""
+        done, self.progress = self.progress, asyncio.Event()
+        done.set()
 
 
 def _reason(failure: UpstreamFailure) -> str:
@@ -302,12 +318,22 @@ class PullThrough:
             flight = self._blob_flights.get(str(digest))
             if flight is None:
                 break
-            # Another request is fetching it: wait (shielded: a client that goes away
-            # does not stop the fetch the others wait for), then look again.
+            # Another request is fetching it: a whole GET follows the file as it grows;
+            # others wait (shielded: a client that goes away does not stop the fetch the
+            # others wait for), then look again.
             assert flight.task is not None
+            # Only within the fetch's own repository: another one's clients are served
+            # once it is stored, linked after this repository's upstream agrees (above).
+            if (
+                sink is not None
+                and flight.repository == target.local
+                and await self._follow(flight, sink)
+            ):
+                HITS.labels(upstream, "blob").inc()
+                return True
             await asyncio.shield(flight.task)
         MISSES.labels(upstream, "blob").inc()
-        flight = _Flight(sink=sink)
+        flight = _Flight(sink=sink, repository=target.local)
         task = asyncio.create_task(self._fetch_blob(target, digest, flight))
         flight.task = task
         self._blob_flights[str(digest)] = flight
@@ -328,6 +354,43 @@ class PullThrough:
             flight.sink = None
             raise
         return flight.started and flight.sink is not None
+
+    async def _follow(self, flight: _Flight, sink: Sink) -> bool:
+        """Stream the blob a fetch is writing to ``sink``, from its local file as it
+        grows: all but its last byte as written, the rest once the fetch has verified
+        and stored it. False, having sent nothing, when it cannot be followed (object
+        storage, no size from the upstream, the fetch ended or the file gone); a fetch
+        that fails after the headers went out raises (the caller cuts the body short)."""
+        task = flight.task
+        assert task is not None
+        while flight.path is None or flight.size is None:
+            if task.done() or flight.remote or (flight.streaming and flight.size is None):
+                return False
+            await _progress(flight)
+        path, size = flight.path, flight.size
+        try:
+            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+        except FileNotFoundError:  # published (or failed) meanwhile
+            return False
+        try:
+            await sink.start(size)
+            sent = 0
+            while sent < size:
+                if task.done() or flight.released.is_set():
+                    # Verified: the rest is in the file once the fetch has stored it (a
+                    # fetch that failed raises here).
+                    await asyncio.shield(task)
+                    ready = size
+                else:
+                    ready = min(os.fstat(fd).st_size, size - 1)
+                if ready > sent:
+                    await sink.send_file(fd, sent, ready - sent)
+                    sent = ready
+                else:
+                    await _progress(flight)
+        finally:
+            os.close(fd)
+        return True
 
     async def _upstream_has(self, target: Target, digest: digests.Digest) -> bool:
         """Whether the upstream serves the blob in the mirrored repository (within the
@@ -363,10 +426,12 @@ class PullThrough:
         counter = BYTES.labels(target.mirror.name)
 
         async def tee(size: int | None, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+            flight.size, flight.streaming = size, True
             async for chunk in chunks:
                 counter.inc(len(chunk))
                 await self._to_sink(flight, size, chunk)
                 yield chunk
+                flight.advanced()  # the writer has it: followers look at the file again
 
         # The session is made while the upstream is asked: neither waits for the other.
         session = asyncio.ensure_future(self._new_session(target.local))
@@ -375,6 +440,8 @@ class PullThrough:
             async with fetcher.blob(target.remote, str(digest)) as (size, chunks):
                 upload_id, info, writer = await session
                 used = True
+                flight.path = self.store.upload_local_path(upload_id)
+                flight.remote = flight.path is None
                 try:
                     try:
                         stored = await self.store.append(
@@ -546,6 +613,26 @@ class PullThrough:
         if self._state_dir is not None and self._pulled:
             path = self._state_dir / f"pulled-{self._worker}.json"
             await asyncio.to_thread(_write_atomic, path, json.dumps(self._pulled))
+
+
+# How long a follower waits for the next chunk before it looks at the file anyway.
+_FOLLOW_POLL = 0.05
+
+
+async def _progress(flight: _Flight) -> None:
+    """Until the fetch has another chunk, is verified or has ended (or a short while)."""
+    waits = [
+        asyncio.ensure_future(flight.progress.wait()),
+        asyncio.ensure_future(flight.released.wait()),
+    ]
+    assert flight.task is not None
+    try:
+        await asyncio.wait(
+            [*waits, flight.task], timeout=_FOLLOW_POLL, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def _write_atomic(path: Path, text: str) -> None:

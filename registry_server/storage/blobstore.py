@@ -108,6 +108,12 @@ class BlobStore:
     def local_path(self, digest: digests.Digest) -> Path | None:
         return self.driver.local_path(blob_path(digest))
 
+    def upload_local_path(self, upload_id: str) -> Path | None:
+        """The local file an upload's data is being written to (None on remote backends):
+        what is in it is not verified, and it moves on publish (an open descriptor stays
+        valid)."""
+        return self.driver.local_path(f"{_upload_dir(upload_id)}/data")
+
     async def redirect_url(self, digest: digests.Digest) -> str | None:
         """Where a client may fetch the blob from the store itself, if the driver says."""
         return await self.driver.redirect_url(blob_path(digest))

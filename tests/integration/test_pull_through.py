@@ -29,6 +29,7 @@ from tests.support.clients import (
 from tests.support.containerd import Containerd
 from tests.support.images import make_oci_layout, read_blob, read_json_blob
 from tests.support.processes import RegistryProcess, free_port
+from tests.support.tcp_forward import TcpForward
 
 pytestmark = pytest.mark.integration
 
@@ -124,6 +125,55 @@ def test_twenty_concurrent_pulls_of_an_uncached_blob_fetch_it_once(
     fetches = [line for line in log.splitlines() if f'"GET /v2/big/blob/blobs/{digest}' in line]
     assert len(fetches) == 1, fetches
     assert blob_file(berth.root, digest).stat().st_size == len(data)
+
+
+def test_a_pull_that_comes_during_a_fetch_gets_its_bytes_as_the_fetch_goes(
+    registry_process: Start,
+) -> None:
+    """The second client of an uncached blob is not held until the whole blob is
+    stored: it follows the file as the one fetch writes it (the upstream slowed to
+    ~16 MiB/s), and both get the right bytes."""
+    dist = registry_process("distribution")
+    data = hashlib.shake_256(b"slow").digest(32 << 20)
+    digest = Registry(dist.url).push_blob("slow/blob", data)
+    slow = TcpForward(("127.0.0.1", dist.port), rate=16 << 20).start()
+    try:
+        berth = registry_process("berth", config=mirror_config(f"http://{slow.host}"))
+        path = f"/v2/mirror/slow/blob/blobs/{digest}"
+        ended: dict[str, float] = {}
+
+        def get(who: str) -> tuple[float, str]:
+            conn = http.client.HTTPConnection(berth.host, timeout=120)
+            try:
+                conn.request("GET", path)
+                reply = conn.getresponse()
+                assert reply.status == 200, reply.status
+                assert reply.getheader("Content-Length") == str(len(data))
+                first = reply.read(1)
+                first_at = time.monotonic()
+                body = first + reply.read()
+                ended[who] = time.monotonic()
+                return first_at, hashlib.sha256(body).hexdigest()
+            finally:
+                conn.close()
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            leader = pool.submit(get, "leader")
+            time.sleep(0.5)  # the fetch is under way, a fraction of the blob stored
+            follower = pool.submit(get, "follower")
+            follower_first, follower_sha = follower.result()
+            _, leader_sha = leader.result()
+        assert leader_sha == follower_sha == digest.split(":")[1]
+        # Its first byte came while the fetch went on (a waiting follower gets none
+        # until the leader has everything).
+        assert follower_first < ended["leader"] - 0.5, (follower_first, ended)
+        log = dist.log_path.read_text(errors="replace")
+        fetches = [
+            line for line in log.splitlines() if f'"GET /v2/slow/blob/blobs/{digest}' in line
+        ]
+        assert len(fetches) == 1, fetches
+    finally:
+        slow.stop()
 
 
 @dataclass
@@ -225,6 +275,39 @@ def test_corrupt_upstream_stores_nothing_and_the_client_gets_an_error(
     assert not blob_file(berth.root, layer_digest).exists()
     uploads = berth.root / "uploads"
     assert not uploads.exists() or not any(uploads.iterdir())
+
+
+def test_a_corrupt_blob_followed_during_its_fetch_is_cut_short_for_every_client(
+    registry_process: Start, fake_upstream: FakeUpstream
+) -> None:
+    """A client following a fetch (it came while the blob arrived) gets no more than the
+    leader: when the bytes do not match the digest, both bodies are cut short and
+    nothing is stored."""
+    data = hashlib.shake_256(b"corrupt").digest(8 << 20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    fake_upstream.blobs[digest] = bytes(reversed(data))  # same size, other bytes
+    slow = TcpForward(("127.0.0.1", fake_upstream.port), rate=8 << 20).start()
+    try:
+        berth = registry_process("berth", config=mirror_config(f"http://{slow.host}"))
+        cache = Registry(berth.url, timeout=60)
+
+        def get(_: int) -> str:
+            try:
+                cache.get(f"/v2/mirror/app/blobs/{digest}")
+            except http.client.IncompleteRead as exc:
+                return f"cut after {len(exc.partial)} bytes"
+            return "whole"
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            leader = pool.submit(get, 0)
+            time.sleep(0.3)
+            follower = pool.submit(get, 1)
+            outcomes = [leader.result(), follower.result()]
+        assert all(o.startswith("cut after") for o in outcomes), outcomes
+        assert fake_upstream.requests.count(f"GET /v2/app/blobs/{digest}") == 1
+        assert not blob_file(berth.root, digest).exists()
+    finally:
+        slow.stop()
 
 
 def test_crane_pulls_through_a_berth_upstream_with_token_auth(

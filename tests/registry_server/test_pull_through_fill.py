@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -95,6 +96,10 @@ class Recorder:
     async def write(self, chunk: bytes) -> None:
         self.body += chunk
 
+    async def send_file(self, fd: int, offset: int, count: int) -> None:
+        assert offset == len(self.body)
+        self.body += os.pread(fd, count, offset)
+
 
 def _cache(tmp_path: Path, upstream: Bytes) -> tuple[PullThrough, GatedStore, SqliteIndex]:
     store, index = GatedStore(tmp_path / "storage"), SqliteIndex(tmp_path / "index.db")
@@ -123,12 +128,16 @@ async def test_the_client_is_done_once_the_digest_matched(tmp_path: Path) -> Non
     assert client.size == len(data) and bytes(client.body) == data
     assert await index.blob_size("mirror/app", str(digest)) is None
 
-    # A second client meanwhile waits for the fill and is served from storage.
-    second = asyncio.ensure_future(cache.blob("mirror/app", digest, Recorder()))
+    # A second client meanwhile follows the fill, verified already: its response has
+    # begun, and its bytes come once the fill has made the blob durable and stored it.
+    follower = Recorder()
+    second = asyncio.ensure_future(cache.blob("mirror/app", digest, follower))
     await asyncio.sleep(0.05)
     assert not second.done()
+    assert follower.size == len(data) and bytes(follower.body) == data[: len(follower.body)]
     store.gate.set()
-    assert await asyncio.wait_for(second, 10) is False
+    assert await asyncio.wait_for(second, 10) is True
+    assert bytes(follower.body) == data
     assert upstream.fetches == 1
     assert await index.blob_size("mirror/app", str(digest)) == len(data)
     assert await store.size(digest) == len(data)

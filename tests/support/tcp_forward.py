@@ -1,8 +1,10 @@
-"""A TCP forwarder on a loopback port, to cut a server off and bring it back.
+"""A TCP forwarder on a loopback port, to cut a server off and bring it back, or to
+slow it down.
 
 `stop` closes the listening socket and every forwarded connection (clients then meet
 refused connections, as when a store or a database goes away); `start` listens on the
-same port again.
+same port again. With `rate`, what the server sends reaches the client at about that
+many bytes per second (a distant upstream).
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 from .processes import free_port
 
 
 class TcpForward:
-    def __init__(self, target: tuple[str, int], port: int = 0) -> None:
+    def __init__(self, target: tuple[str, int], port: int = 0, rate: float | None = None) -> None:
         self.target = target
+        self.rate = rate
         self.port = port or free_port()
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
@@ -49,13 +53,15 @@ class TcpForward:
             upstream.settimeout(None)
             with self._lock:
                 self._open.update((client, upstream))
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            for source, sink, rate in ((client, upstream, None), (upstream, client, self.rate)):
+                threading.Thread(target=self._pump, args=(source, sink, rate), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, rate: float | None) -> None:
         try:
             while data := source.recv(1 << 16):
                 sink.sendall(data)
+                if rate is not None:
+                    time.sleep(len(data) / rate)
         except OSError:
             pass
         finally:
