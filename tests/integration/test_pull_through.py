@@ -29,6 +29,7 @@ from tests.support.clients import (
 from tests.support.containerd import Containerd
 from tests.support.images import make_oci_layout, read_blob, read_json_blob
 from tests.support.processes import RegistryProcess, free_port
+from tests.support.s3_store import S3Store
 from tests.support.tcp_forward import TcpForward
 
 pytestmark = pytest.mark.integration
@@ -275,6 +276,42 @@ def test_corrupt_upstream_stores_nothing_and_the_client_gets_an_error(
     assert not blob_file(berth.root, layer_digest).exists()
     uploads = berth.root / "uploads"
     assert not uploads.exists() or not any(uploads.iterdir())
+
+
+def test_a_cache_on_object_storage_fills_once_and_serves_every_client(
+    registry_process: Start, s3_store: S3Store
+) -> None:
+    """On S3 (SeaweedFS) the fill writes where the blob will be, and a client that
+    comes during the fetch waits for it to be stored (nothing to follow): both get the
+    right bytes, from one upstream fetch; the cache then serves it without the upstream."""
+    dist = registry_process("distribution")
+    data = hashlib.shake_256(b"on s3").digest(24 << 20)
+    digest = Registry(dist.url).push_blob("s3/blob", data)
+    slow = TcpForward(("127.0.0.1", dist.port), rate=16 << 20).start()
+    try:
+        config = mirror_config(f"http://{slow.host}")
+        config["storage"] = s3_store.server_config(s3_store.new_prefix())
+        berth = registry_process("berth", config=config)
+        cache = Registry(berth.url, timeout=120)
+
+        def fetch(_: int) -> str:
+            response = cache.get(f"/v2/mirror/s3/blob/blobs/{digest}")
+            assert response.status == 200, response
+            return hashlib.sha256(response.body).hexdigest()
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            leader = pool.submit(fetch, 0)
+            time.sleep(0.3)
+            follower = pool.submit(fetch, 1)
+            results = [leader.result(), follower.result()]
+        assert results == [digest.split(":")[1]] * 2
+        log = dist.log_path.read_text(errors="replace")
+        fetches = [line for line in log.splitlines() if f'"GET /v2/s3/blob/blobs/{digest}' in line]
+        assert len(fetches) == 1, fetches
+    finally:
+        slow.stop()
+    # The upstream gone: served from the object store.
+    assert fetch(2) == digest.split(":")[1]
 
 
 def test_a_corrupt_blob_followed_during_its_fetch_is_cut_short_for_every_client(
