@@ -17,7 +17,7 @@ from registry_server.auth.model import Authorizer, OpenAccess, TagRuleSource
 from registry_server.auth.ratelimit import FailureLimiter
 from registry_server.config import Config, ConfigError, StorageConfig
 from registry_server.events import notifier
-from registry_server.events.background import cancel_all, run_elected
+from registry_server.events.background import run_elected
 from registry_server.events.replicator import Replicator
 from registry_server.events.upstream_fetching import UpstreamFetcher
 from registry_server.http import accounts, replication, routes, token, ui, usage
@@ -46,6 +46,7 @@ from registry_server.storage.records import TagRecord
 from registry_server.storage.s3 import S3Driver
 from registry_server.storage.space import SpaceMonitor
 from registry_server.storage.sqlite_index import SqliteIndex
+from registry_server.storage.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from registry_server.storage.postgres_listener import ChangeListener
@@ -327,7 +328,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
             background.append(asyncio.create_task(run_elected(election, "backup", back_up_forever)))
 
     async def close(_: web.Application) -> None:
-        await cancel_all(background)
+        await cancel_and_wait(background)
         if replicator is not None:
             await replicator.stop()
         if notifications is not None:

@@ -6,24 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from prometheus_client import Gauge
 
 from registry_server.storage.election import Election
-from registry_server.storage.tasks import cancel_and_wait
 
 log = logging.getLogger("registry_server.election")
 
 ELECTED = Gauge("berth_elected", "1 while this process holds (runs) the task", ["task"])
 
 Work = Callable[[], Coroutine[Any, Any, None]]
-
-
-async def cancel_all(tasks: Sequence[asyncio.Task[Any]]) -> None:
-    """Cancel every task, then wait for each to finish unwinding."""
-    await cancel_and_wait(tasks)
 
 
 async def run_elected(

@@ -30,10 +30,11 @@ from prometheus_client import Counter, Gauge
 
 from registry_server.config import EndpointConfig, NotificationsConfig, check_header
 from registry_server.events import replies
-from registry_server.events.background import cancel_all, run_elected
+from registry_server.events.background import run_elected
 from registry_server.events.peer_client import ssl_context
 from registry_server.storage.election import Election, LocalElection
 from registry_server.storage.index import Change, ManifestRecord, MetadataIndex
+from registry_server.storage.tasks import cancel_and_wait
 
 log = logging.getLogger("registry_server.notifications")
 
@@ -147,7 +148,7 @@ class Notifier:
             )
 
     async def stop(self) -> None:
-        await cancel_all(self._tasks)
+        await cancel_and_wait(self._tasks)
 
     def wake(self) -> None:
         """A local change was logged: deliver now instead of at the next poll."""

@@ -32,13 +32,14 @@ import aiohttp
 from prometheus_client import Counter, Gauge
 
 from registry_server.config import PeerConfig, ReplicationConfig
-from registry_server.events.background import cancel_all, run_elected
+from registry_server.events.background import run_elected
 from registry_server.events.peer_client import PeerClient, PeerError
 from registry_server.protocol import digests, manifests
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.election import Election, LocalElection
 from registry_server.storage.index import LOCAL_OPS, Change, ManifestRecord, MetadataIndex
+from registry_server.storage.tasks import cancel_and_wait
 
 log = logging.getLogger("registry_server.replication")
 
@@ -149,7 +150,7 @@ class Replicator:
         )
 
     async def stop(self) -> None:
-        await cancel_all(self._tasks)
+        await cancel_and_wait(self._tasks)
         if self._session is not None:
             await self._session.close()
 

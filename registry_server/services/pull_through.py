@@ -95,10 +95,9 @@ class _Flight:
     # For followers: the blob's size (once the upstream said it), the local file it is
     # being written to (filesystem storage only), and an event replaced at every chunk.
     repository: str = ""  # the mirrored repository the fetch is for
-    streaming: bool = False  # the upstream's body is arriving (its size known, or not)
+    streaming: bool = False  # the body is arriving: the session (and any path) is made
     size: int | None = None
     path: Path | None = None
-    remote: bool = False  # the data goes to object storage: nothing to follow
     progress: asyncio.Event = field(default_factory=asyncio.Event)
 
     def advanced(self) -> None:
@@ -364,7 +363,8 @@ class PullThrough:
         task = flight.task
         assert task is not None
         while flight.path is None or flight.size is None:
-            if task.done() or flight.remote or (flight.streaming and flight.size is None):
+            # Once the body streams, the session is made: no path means object storage.
+            if task.done() or flight.streaming:
                 return False
             await _progress(flight)
         path, size = flight.path, flight.size
@@ -441,7 +441,6 @@ class PullThrough:
                 upload_id, info, writer = await session
                 used = True
                 flight.path = self.store.upload_local_path(upload_id)
-                flight.remote = flight.path is None
                 try:
                     try:
                         stored = await self.store.append(
