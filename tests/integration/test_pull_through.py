@@ -51,6 +51,19 @@ def pull(host: str, ref: str, dest: Path) -> str:
     return digest
 
 
+def upstream_blob_gets(dist: RegistryProcess, repo: str, digest: str) -> list[str]:
+    """The GETs of a blob in distribution's access log (the fetches a cache made)."""
+    log = dist.log_path.read_text(errors="replace")
+    return [line for line in log.splitlines() if f'"GET /v2/{repo}/blobs/{digest}' in line]
+
+
+def blob_sha256(cache: Registry, repo: str, digest: str) -> str:
+    """GET a blob whole; the hex sha256 of what came."""
+    response = cache.get(f"/v2/{repo}/blobs/{digest}")
+    assert response.status == 200, response
+    return hashlib.sha256(response.body).hexdigest()
+
+
 @pytest.fixture
 def upstream_image(registry_process: Start, tmp_path: Path) -> tuple[RegistryProcess, str, Path]:
     dist = registry_process("distribution")
@@ -114,16 +127,10 @@ def test_twenty_concurrent_pulls_of_an_uncached_blob_fetch_it_once(
     berth = registry_process("berth", config=mirror_config(dist.url))
     cache = Registry(berth.url, timeout=120)
 
-    def fetch(_: int) -> str:
-        response = cache.get(f"/v2/mirror/big/blob/blobs/{digest}")
-        assert response.status == 200, response
-        return hashlib.sha256(response.body).hexdigest()
-
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
-        results = list(pool.map(fetch, range(20)))
+        results = list(pool.map(lambda _: blob_sha256(cache, "mirror/big/blob", digest), range(20)))
     assert results == [digest.split(":")[1]] * 20
-    log = dist.log_path.read_text(errors="replace")
-    fetches = [line for line in log.splitlines() if f'"GET /v2/big/blob/blobs/{digest}' in line]
+    fetches = upstream_blob_gets(dist, "big/blob", digest)
     assert len(fetches) == 1, fetches
     assert blob_file(berth.root, digest).stat().st_size == len(data)
 
@@ -168,10 +175,7 @@ def test_a_pull_that_comes_during_a_fetch_gets_its_bytes_as_the_fetch_goes(
         # Its first byte came while the fetch went on (a waiting follower gets none
         # until the leader has everything).
         assert follower_first < ended["leader"] - 0.5, (follower_first, ended)
-        log = dist.log_path.read_text(errors="replace")
-        fetches = [
-            line for line in log.splitlines() if f'"GET /v2/slow/blob/blobs/{digest}' in line
-        ]
+        fetches = upstream_blob_gets(dist, "slow/blob", digest)
         assert len(fetches) == 1, fetches
     finally:
         slow.stop()
@@ -294,24 +298,18 @@ def test_a_cache_on_object_storage_fills_once_and_serves_every_client(
         berth = registry_process("berth", config=config)
         cache = Registry(berth.url, timeout=120)
 
-        def fetch(_: int) -> str:
-            response = cache.get(f"/v2/mirror/s3/blob/blobs/{digest}")
-            assert response.status == 200, response
-            return hashlib.sha256(response.body).hexdigest()
-
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            leader = pool.submit(fetch, 0)
+            leader = pool.submit(blob_sha256, cache, "mirror/s3/blob", digest)
             time.sleep(0.3)
-            follower = pool.submit(fetch, 1)
+            follower = pool.submit(blob_sha256, cache, "mirror/s3/blob", digest)
             results = [leader.result(), follower.result()]
         assert results == [digest.split(":")[1]] * 2
-        log = dist.log_path.read_text(errors="replace")
-        fetches = [line for line in log.splitlines() if f'"GET /v2/s3/blob/blobs/{digest}' in line]
+        fetches = upstream_blob_gets(dist, "s3/blob", digest)
         assert len(fetches) == 1, fetches
     finally:
         slow.stop()
     # The upstream gone: served from the object store.
-    assert fetch(2) == digest.split(":")[1]
+    assert blob_sha256(cache, "mirror/s3/blob", digest) == digest.split(":")[1]
 
 
 def test_a_corrupt_blob_followed_during_its_fetch_is_cut_short_for_every_client(
