@@ -24,7 +24,6 @@ T = TypeVar("T")
 
 _READ_CHUNK = 1 << 20
 _WRITE_BATCH = 1 << 20
-_IOV_MAX = 1024  # Linux's limit of buffers per writev
 
 
 def _fsync_dir(path: Path) -> None:
@@ -81,18 +80,20 @@ class FileWriter:
         return self._size
 
     def _flush_sync(self, chunks: list[bytes], hasher: Hasher | None = None) -> None:
+        # One buffer per batch, so one hash update and one write: each call releases the
+        # GIL and must take it back, which waits while the event loop holds it (up to
+        # the switch interval). A batch arrives in about five pieces (the loop reads up
+        # to 256 KiB at a time); one copy of them costs less than the hand-offs it saves
+        # (+14-16% on a 256 MiB push with curl, crane and the Python client, A/B).
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if hasher is not None:
-            for chunk in chunks:
-                hasher.update(chunk)
+            hasher.update(data)
         with full_as_storage_full():
-            while chunks:  # one writev for a batch of a request body's small chunks
-                written = os.writev(self._fd, chunks[:_IOV_MAX])
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
                 self._written += written
-                while chunks and written >= len(chunks[0]):
-                    written -= len(chunks[0])
-                    chunks = chunks[1:]
-                if written:  # a short write ended inside this chunk
-                    chunks = [bytes(memoryview(chunks[0])[written:]), *chunks[1:]]
+                view = view[written:]
         if _start_writeback is not None and self._written >= _EARLY_WRITEBACK:
             _start_writeback(self._fd, self._written_back, self._written - self._written_back)
             self._written_back = self._written
