@@ -419,9 +419,30 @@ class _Reaching:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             result = attr(*args, **kwargs)
+            if name == "get_paginator":  # its pages are fetched as they are iterated
+                return _ReachingPaginator(result)
             return _reached(result) if inspect.isawaitable(result) else result
 
         return call
+
+
+class _ReachingPaginator:
+    """A paginator whose pages raise BackendUnavailable when the store cannot be reached
+    (a listing: a GC round, a session's delete)."""
+
+    def __init__(self, paginator: Any) -> None:
+        self._paginator = paginator
+
+    def paginate(self, **kwargs: Any) -> AsyncIterator[Any]:
+        return _reached_pages(self._paginator.paginate(**kwargs))
+
+
+async def _reached_pages(pages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    try:
+        async for page in pages:
+            yield page
+    except _UNREACHABLE as exc:
+        raise BackendUnavailable("object store", str(exc)) from exc
 
 
 class S3Driver:
