@@ -83,20 +83,23 @@ def test_conformance_current_suite(
     run_conformance(registry_process("berth"), tmp_path)
 
 
-def test_conformance_legacy_interface(
-    registry_process: Callable[..., RegistryProcess], tmp_path: Path
-) -> None:
+def run_legacy_interface(registry: RegistryProcess, workdir: Path) -> None:
     """The current suite's `go test` build, driven by the v1.1.x environment interface."""
     binary = require_tool("conformance.test")
-    registry = registry_process("berth")
-    env = {**os.environ, **_legacy_env(registry, tmp_path)}
+    env = {**os.environ, **_legacy_env(registry, workdir)}
     proc = subprocess.run(
-        [binary], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [binary], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
     counts = _summary(output)
     assert counts["FAIL"] == 0 and counts["Error"] == 0
+
+
+def test_conformance_legacy_interface(
+    registry_process: Callable[..., RegistryProcess], tmp_path: Path
+) -> None:
+    run_legacy_interface(registry_process("berth"), tmp_path)
 
 
 # Specs of the v1.1 suite that only run in the opposite configuration: a read-only
@@ -128,16 +131,13 @@ def _legacy_env(registry: RegistryProcess, workdir: Path) -> dict[str, str]:
     }
 
 
-def test_conformance_v1_1_suite(
-    registry_process: Callable[..., RegistryProcess], tmp_path: Path
-) -> None:
+def run_v1_1_suite(registry: RegistryProcess, workdir: Path) -> None:
     """The suite of the v1.1 release line (ginkgo), every workflow enabled."""
     binary = require_tool("conformance-v1.1")
-    registry = registry_process("berth")
-    env = {**os.environ, **_legacy_env(registry, tmp_path)}
+    env = {**os.environ, **_legacy_env(registry, workdir)}
     proc = subprocess.run(
         [binary, "-ginkgo.no-color"],
-        cwd=tmp_path,
+        cwd=workdir,
         env=env,
         capture_output=True,
         text=True,
@@ -152,7 +152,7 @@ def test_conformance_v1_1_suite(
     assert passed >= 70
     skipped_specs = {
         case.get("name", "")
-        for case in ElementTree.parse(tmp_path / "junit.xml").iter("testcase")
+        for case in ElementTree.parse(workdir / "junit.xml").iter("testcase")
         if case.get("status") == "skipped"
     }
     assert skipped == len(skipped_specs)
@@ -161,3 +161,9 @@ def test_conformance_v1_1_suite(
         for name in skipped_specs
         if not any(name.endswith(spec) for spec in V11_EXCLUSIVE_SPECS)
     } == set()
+
+
+def test_conformance_v1_1_suite(
+    registry_process: Callable[..., RegistryProcess], tmp_path: Path
+) -> None:
+    run_v1_1_suite(registry_process("berth"), tmp_path)

@@ -1,10 +1,10 @@
 """Scale-out: three Berth replicas over one S3 bucket (SeaweedFS) and one PostgreSQL
 database, behind nginx balancing round-robin per request, so each request of a flow may
-land on another replica. The OCI conformance suite in full, real clients, and the
-replica that holds GC SIGKILLed in the middle of uploads, pushes and GC rounds: another
-takes GC over, the cut upload is finished through the others, every tag then resolves
-and every blob hashes to its digest. And two such regions replicating to each other.
-"""
+land on another replica. The OCI conformance suite in full (and the v1.1 line's), real
+clients, and the replica that holds GC SIGKILLed in the middle of uploads, pushes and GC
+rounds: another takes GC over, the cut upload is finished through the others, every tag
+then resolves and every blob hashes to its digest. And two such regions replicating to
+each other."""
 
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.integration.test_conformance import run_conformance
+from tests.integration.test_conformance import (
+    run_conformance,
+    run_legacy_interface,
+    run_v1_1_suite,
+)
 from tests.integration.test_replicas import metric, until
 from tests.support.balancer import Balancer
 from tests.support.clients import Registry, canonical_json, crane, oras, sha256, skopeo
@@ -42,6 +46,10 @@ class ScaledOut:
     @property
     def host(self) -> str:
         return self.balancer.host
+
+    @property
+    def url(self) -> str:
+        return self.balancer.url
 
 
 @pytest.fixture
@@ -72,6 +80,18 @@ def test_conformance_in_full_through_a_balancer_over_three_replicas(
     spread = scaled_out.balancer.requests_per_upstream()
     print(f"requests per replica: {spread}")
     assert len(spread) == REPLICAS and min(spread.values()) > 100, spread
+
+
+@pytest.mark.parametrize("suite", [run_v1_1_suite, run_legacy_interface], ids=["v1.1", "legacy"])
+def test_the_older_suites_through_the_balancer(
+    scaled_out: ScaledOut, tmp_path: Path, suite: Callable[[Any, Path], None]
+) -> None:
+    """The v1.1 release line's suite and the current one's v1.1 interface, as on one
+    server: their flows (chunked uploads, cross-mounts, referrers, deletes) spread over
+    the replicas too."""
+    suite(scaled_out, tmp_path)
+    spread = scaled_out.balancer.requests_per_upstream()
+    assert len(spread) == REPLICAS, spread
 
 
 def test_real_clients_round_trip_through_the_balancer(
