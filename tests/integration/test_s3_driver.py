@@ -3,8 +3,9 @@
 What the shared conformance suite (tests/registry_server/test_storage_drivers.py) is too
 small to reach: files of several segments, a writer continued by another process,
 truncation inside a segment, memory per writer, composition into one object by moves,
-pre-signed URLs, and what a crash between a move's copy and its delete, or in the middle
-of a multipart copy, leaves for the collector.
+a plain object over the copy limit moved in ranged part copies, pre-signed URLs, and
+what a crash between a move's copy and its delete, or in the middle of a multipart
+copy, leaves for the collector.
 """
 
 from __future__ import annotations
@@ -294,6 +295,26 @@ async def test_plain_objects_can_be_appended_and_truncated(drivers: Drivers) -> 
     await driver.put_content("q", b"0123456789")
     await driver.truncate("q", 4)
     assert await driver.get_content("q") == b"0123"
+
+
+async def test_a_plain_object_over_the_copy_limit_moves_in_ranged_parts(
+    drivers: Drivers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One CopyObject copies at most 5 GiB: a larger plain object moves as a multipart
+    upload of ranged part copies. The limits scaled down so the store does it for 17 MiB:
+    three full pieces and a short last one, each from its own offset."""
+    monkeypatch.setattr(s3, "_MAX_COPY", 6 * MiB)
+    monkeypatch.setattr(s3, "_BIG_COPY_PIECE", PART)
+    driver = drivers()
+    data = _content(17 * MiB + 3, seed=9)
+    await driver.put_content("big/src", data)
+    await driver.move("big/src", "big/dst")
+    assert await driver.stat("big/src") is None
+    assert await driver.get_content("big/dst") == data
+    # Under the limit the single CopyObject still serves.
+    await driver.put_content("big/small", data[: 6 * MiB])
+    await driver.move("big/small", "big/small2")
+    assert await driver.get_content("big/small2") == data[: 6 * MiB]
 
 
 def _fetch(url: str, byte_range: str | None = None) -> tuple[int, bytes]:
