@@ -40,6 +40,12 @@ from registry_server.services.usage import UsageService
 from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.driver import StorageDriver
 from registry_server.storage.election import Election, LocalElection
+from registry_server.storage.fetch_locks import (
+    FetchLocks,
+    FileFetchLocks,
+    NoFetchLocks,
+    PostgresFetchLocks,
+)
 from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.index import MetadataIndex
 from registry_server.storage.records import TagRecord
@@ -170,7 +176,20 @@ def build_pull_through(
         # Pull times for eviction, per worker, next to the blobs (filesystem storage).
         config.storage.root / "pull-through" if config.storage.driver == "filesystem" else None,
         worker_id,
+        build_fetch_locks(config),
     )
+
+
+def build_fetch_locks(config: Config) -> FetchLocks:
+    """Claims on upstream blob fetches shared by the processes that could fetch the same
+    blob: replicas through their database, workers of one pod through files beside the
+    index."""
+    pg = config.metadata.postgresql
+    if config.metadata.driver == "postgresql" and pg is not None:
+        return PostgresFetchLocks(pg.connection_string())
+    if config.http.workers > 1:
+        return FileFetchLocks(config.storage.root / "pull-through-fetching")
+    return NoFetchLocks()
 
 
 def build_failure_sharing(

@@ -23,6 +23,7 @@ from registry_server.protocol import digests, errors, manifests, names, upstream
 from registry_server.protocol.upstreams import Mirror, Target, UpstreamFailure, UpstreamManifest
 from registry_server.storage.blobstore import BlobStore, UploadInfo
 from registry_server.storage.driver import Writer
+from registry_server.storage.fetch_locks import FetchLocks, NoFetchLocks
 from registry_server.storage.index import MetadataIndex, NewManifest
 
 log = logging.getLogger("registry_server.pull_through")
@@ -134,8 +135,11 @@ class PullThrough:
         max_manifest_bytes: int,
         state_dir: Path | None = None,
         worker_id: int = 0,
+        locks: FetchLocks | None = None,
     ) -> None:
         self.mirrors = tuple(mirrors)
+        # Other processes' claims on blob fetches (workers, replicas): see _claim.
+        self.locks: FetchLocks = locks if locks is not None else NoFetchLocks()
         self.settings = settings
         self.fetchers = fetchers
         self.store = store
@@ -298,22 +302,9 @@ class PullThrough:
         # Twice at most: a request that waited for another's fetch (of this repository
         # or another) looks again at what is now stored.
         for _ in range(2):
-            if await self.index.blob_size(target.local, str(digest)) is not None:
+            if await self._present(target, digest):
                 HITS.labels(upstream, "blob").inc()
                 return False
-            size = await self.store.size(digest)
-            if size is not None:
-                # Stored for another repository: linked here once this repository's
-                # upstream says it serves it too (a digest known from elsewhere must not
-                # open a blob this repository's upstream would not give).
-                if not await self._upstream_has(target, digest):
-                    raise errors.RegistryError(errors.BLOB_UNKNOWN, detail={"digest": str(digest)})
-                with contextlib.suppress(errors.RegistryError):  # gone meanwhile: fetched
-                    await self.index.link_blob(
-                        target.local, str(digest), size, publish=lambda: self.store.require(digest)
-                    )
-                    HITS.labels(upstream, "blob").inc()
-                    return False
             flight = self._blob_flights.get(str(digest))
             if flight is None:
                 break
@@ -353,6 +344,33 @@ class PullThrough:
             flight.sink = None
             raise
         return flight.started and flight.sink is not None
+
+    async def _present(self, target: Target, digest: digests.Digest) -> bool:
+        """Whether the mirrored repository serves the blob now: stored for it, or stored
+        for another repository and linked here once this repository's upstream says it
+        serves it too (a digest known from elsewhere must not open a blob this
+        repository's upstream would not give)."""
+        if await self.index.blob_size(target.local, str(digest)) is not None:
+            return True
+        size = await self.store.size(digest)
+        if size is None:
+            return False
+        if not await self._upstream_has(target, digest):
+            raise errors.RegistryError(errors.BLOB_UNKNOWN, detail={"digest": str(digest)})
+        with contextlib.suppress(errors.RegistryError):  # gone meanwhile: fetch it
+            await self.index.link_blob(
+                target.local, str(digest), size, publish=lambda: self.store.require(digest)
+            )
+            return True
+        return False
+
+    async def _claim(self, digest: str) -> None:
+        """Until this process holds the claim on fetching ``digest``: another worker or
+        replica fetching it is waited for (it releases the claim once it has stored the
+        blob or failed), so that one fetch serves them all."""
+        # Polled: the claim is another process's, there is no event here to wait on.
+        while not await self.locks.try_hold(digest):  # noqa: ASYNC110
+            await asyncio.sleep(_CLAIM_POLL)
 
     async def _follow(self, flight: _Flight, sink: Sink) -> bool:
         """Stream the blob a fetch is writing to ``sink``, from its local file as it
@@ -422,6 +440,15 @@ class PullThrough:
             )
 
     async def _fetch_blob(self, target: Target, digest: digests.Digest, flight: _Flight) -> None:
+        await self._claim(str(digest))
+        try:
+            # Another process may have stored it while this one waited for the claim.
+            if not await self._present(target, digest):
+                await self._fetch_claimed(target, digest, flight)
+        finally:
+            await self.locks.release(str(digest))
+
+    async def _fetch_claimed(self, target: Target, digest: digests.Digest, flight: _Flight) -> None:
         fetcher = self.fetchers[target.mirror.name]
         counter = BYTES.labels(target.mirror.name)
 
@@ -609,6 +636,7 @@ class PullThrough:
     async def close(self) -> None:
         for fetcher in self.fetchers.values():
             await fetcher.close()
+        await self.locks.close()
         if self._state_dir is not None and self._pulled:
             path = self._state_dir / f"pulled-{self._worker}.json"
             await asyncio.to_thread(_write_atomic, path, json.dumps(self._pulled))
@@ -616,6 +644,8 @@ class PullThrough:
 
 # How long a follower waits for the next chunk before it looks at the file anyway.
 _FOLLOW_POLL = 0.05
+# How often a fetch waiting for another process's claim on the same blob tries again.
+_CLAIM_POLL = 0.1
 
 
 async def _progress(flight: _Flight) -> None:

@@ -117,14 +117,18 @@ def test_mirrored_repositories_refuse_pushes(
     api.push_image("local/app", "v1", [b"layer"])
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_twenty_concurrent_pulls_of_an_uncached_blob_fetch_it_once(
-    registry_process: Start,
+    registry_process: Start, workers: int
 ) -> None:
+    """One fetch however many clients ask, also when they land on different worker
+    processes (which claim the fetch through a lock file)."""
     dist = registry_process("distribution")
     upstream = Registry(dist.url)
     data = hashlib.shake_256(b"big").digest(64 << 20)
     digest = upstream.push_blob("big/blob", data)
-    berth = registry_process("berth", config=mirror_config(dist.url))
+    config = {**mirror_config(dist.url), "http": {"workers": workers}}
+    berth = registry_process("berth", config=config)
     cache = Registry(berth.url, timeout=120)
 
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
@@ -310,6 +314,33 @@ def test_a_cache_on_object_storage_fills_once_and_serves_every_client(
         slow.stop()
     # The upstream gone: served from the object store.
     assert blob_sha256(cache, "mirror/s3/blob", digest) == digest.split(":")[1]
+
+
+def test_replicas_over_one_database_fetch_a_blob_once(
+    registry_process: Start, s3_store: S3Store, postgres_dsn: str
+) -> None:
+    """Two replicas (one bucket, one PostgreSQL) asked for the same uncached blob at once:
+    one fetches it, the other waits for its claim and serves what it stored."""
+    dist = registry_process("distribution")
+    data = hashlib.shake_256(b"replicas").digest(24 << 20)
+    digest = Registry(dist.url).push_blob("rep/blob", data)
+    slow = TcpForward(("127.0.0.1", dist.port), rate=16 << 20).start()
+    try:
+        config = mirror_config(f"http://{slow.host}")
+        config["storage"] = s3_store.server_config(s3_store.new_prefix())
+        config["metadata"] = {"driver": "postgresql", "postgresql": {"dsn": postgres_dsn}}
+        replicas = [registry_process("berth", config=config) for _ in range(2)]
+        caches = [Registry(r.url, timeout=120) for r in replicas]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            results = list(
+                pool.map(lambda i: blob_sha256(caches[i % 2], "mirror/rep/blob", digest), range(4))
+            )
+        assert results == [digest.split(":")[1]] * 4
+        fetches = upstream_blob_gets(dist, "rep/blob", digest)
+        assert len(fetches) == 1, fetches
+    finally:
+        slow.stop()
 
 
 def test_a_corrupt_blob_followed_during_its_fetch_is_cut_short_for_every_client(

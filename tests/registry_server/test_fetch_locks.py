@@ -1,0 +1,104 @@
+"""Claims on upstream blob fetches shared between processes (storage/fetch_locks.py):
+each instance stands for a process of its own (its own descriptors, its own database
+session). Files for a pod's workers; PostgreSQL advisory locks for replicas, on a real
+server, including a session killed under its holder."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from registry_server.storage.fetch_locks import (
+    NAMESPACE,
+    FetchLocks,
+    FileFetchLocks,
+    NoFetchLocks,
+    PostgresFetchLocks,
+)
+
+DIGEST = "sha256:" + "ab" * 32
+OTHER = "sha256:" + "cd" * 32
+
+
+async def _one_holder_at_a_time(first: FetchLocks, second: FetchLocks) -> None:
+    assert await first.try_hold(DIGEST)
+    assert not await second.try_hold(DIGEST)  # the other process waits
+    assert not await first.try_hold(DIGEST)  # never held twice by one either
+    assert await second.try_hold(OTHER)  # other digests are free
+    await first.release(DIGEST)
+    assert await second.try_hold(DIGEST)
+    assert not await first.try_hold(DIGEST)
+    await second.release(DIGEST)
+    await second.release(OTHER)
+    assert await first.try_hold(DIGEST)
+    await first.release(DIGEST)
+
+
+async def test_one_process_holds_a_file_claim_at_a_time(tmp_path: Path) -> None:
+    first, second = FileFetchLocks(tmp_path / "locks"), FileFetchLocks(tmp_path / "locks")
+    try:
+        await _one_holder_at_a_time(first, second)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_closed_holder_lets_go_of_its_file_claims(tmp_path: Path) -> None:
+    """As a process that dies: its descriptors close, and its locks with them."""
+    first, second = FileFetchLocks(tmp_path / "locks"), FileFetchLocks(tmp_path / "locks")
+    assert await first.try_hold(DIGEST)
+    await first.close()
+    assert await second.try_hold(DIGEST)
+    await second.close()
+
+
+async def test_one_process_alone_always_holds() -> None:
+    locks = NoFetchLocks()
+    assert await locks.try_hold(DIGEST) and await locks.try_hold(DIGEST)
+
+
+@pytest.fixture
+async def pg_locks(postgres_dsn: str) -> AsyncIterator[Callable[[], PostgresFetchLocks]]:
+    made: list[PostgresFetchLocks] = []
+
+    def make() -> PostgresFetchLocks:
+        made.append(PostgresFetchLocks(postgres_dsn, timeout_seconds=3))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for locks in made:
+            await locks.close()
+
+
+@pytest.mark.integration
+async def test_one_replica_holds_a_database_claim_at_a_time(
+    pg_locks: Callable[[], PostgresFetchLocks],
+) -> None:
+    await _one_holder_at_a_time(pg_locks(), pg_locks())
+
+
+@pytest.mark.integration
+async def test_a_killed_session_lets_go_of_its_claims(
+    pg_locks: Callable[[], PostgresFetchLocks], postgres_dsn: str
+) -> None:
+    """The holder's session ended by the server (a failover, a terminated backend): its
+    claims are free for the others, and the holder claims anew on a new session."""
+    first, second = pg_locks(), pg_locks()
+    assert await first.try_hold(DIGEST)
+    assert not await second.try_hold(DIGEST)
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks"
+            " WHERE locktype = 'advisory' AND classid = %s",
+            (NAMESPACE,),
+        )
+    assert await second.try_hold(DIGEST)
+    await first.release(DIGEST)  # on a dead session: dropped, no error
+    assert not await first.try_hold(DIGEST)  # a new session, and the claim is taken
+    await second.release(DIGEST)
+    assert await first.try_hold(DIGEST)
