@@ -193,7 +193,7 @@ class PullThrough:
             await self._single(
                 self._manifest_flights,
                 (target.local, reference),
-                lambda: self._fill(target, reference),
+                lambda: self._fill_once(target, reference),
             )
             return None
         self._note_pull(target.local, reference)
@@ -202,7 +202,9 @@ class PullThrough:
         key = (target.local, reference)
         if cached is None:
             MISSES.labels(upstream, "manifest").inc()
-            await self._single(self._manifest_flights, key, lambda: self._fill(target, reference))
+            await self._single(
+                self._manifest_flights, key, lambda: self._fill_once(target, reference)
+            )
             return None
         if not upstreams.needs_revalidation(
             self._checked.get(key), time.monotonic(), settings.tag_ttl_seconds
@@ -230,7 +232,14 @@ class PullThrough:
             async with asyncio.timeout(settings.timeout_seconds):
                 head = await fetcher.manifest(target.remote, tag, True)
                 if head.digest != cached:
-                    await self._fill(target, tag, revalidating=True)
+                    name = f"manifest:{target.local}:{tag}"
+                    await self._claim(name)
+                    try:
+                        # Another process may have moved the tag while this one waited.
+                        if await self.index.resolve_tag(target.local, tag) != head.digest:
+                            await self._fill(target, tag, revalidating=True)
+                    finally:
+                        await self.locks.release(name)
         except TimeoutError:
             UPSTREAM_ERRORS.labels(target.mirror.name, "timeout").inc()
             raise UpstreamFailure(
@@ -240,6 +249,24 @@ class PullThrough:
             UPSTREAM_ERRORS.labels(target.mirror.name, _reason(failure)).inc()
             raise
         self._checked[(target.local, tag)] = time.monotonic()
+
+    async def _fill_once(self, target: Target, reference: str) -> None:
+        """``_fill``, claimed across processes: another worker or replica filling the
+        same reference is waited for and what it stored is used, without a second GET
+        (the one that upstream rate limits count)."""
+        name = f"manifest:{target.local}:{reference}"
+        await self._claim(name)
+        try:
+            if digests.looks_like_digest(reference):
+                found = await self.index.get_manifest(target.local, reference, content=False)
+                if found is not None:
+                    return
+            elif await self.index.resolve_tag(target.local, reference) is not None:
+                self._checked[(target.local, reference)] = time.monotonic()
+                return
+            await self._fill(target, reference)
+        finally:
+            await self.locks.release(name)
 
     async def _fill(self, target: Target, reference: str, revalidating: bool = False) -> None:
         """GET a manifest from the upstream, verify it, store it (tagged for a tag)."""
@@ -364,12 +391,13 @@ class PullThrough:
             return True
         return False
 
-    async def _claim(self, digest: str) -> None:
-        """Until this process holds the claim on fetching ``digest``: another worker or
-        replica fetching it is waited for (it releases the claim once it has stored the
-        blob or failed), so that one fetch serves them all."""
+    async def _claim(self, name: str) -> None:
+        """Until this process holds the claim on fetching ``name`` (a blob's digest, or
+        a manifest reference): another worker or replica fetching it is waited for (it
+        releases the claim once it has stored it or failed), so that one fetch serves
+        them all."""
         # Polled: the claim is another process's, there is no event here to wait on.
-        while not await self.locks.try_hold(digest):  # noqa: ASYNC110
+        while not await self.locks.try_hold(name):  # noqa: ASYNC110
             await asyncio.sleep(_CLAIM_POLL)
 
     async def _follow(self, flight: _Flight, sink: Sink) -> bool:

@@ -343,6 +343,32 @@ def test_replicas_over_one_database_fetch_a_blob_once(
         slow.stop()
 
 
+def test_replicas_over_one_database_get_a_new_tag_once(
+    registry_process: Start, s3_store: S3Store, postgres_dsn: str
+) -> None:
+    """Two replicas asked for the same uncached tag at once (the upstream slowed so that
+    the asks overlap): one GETs the manifest, the one GET that rate limits count; the
+    other uses what it stored."""
+    dist = registry_process("distribution")
+    digest, _ = Registry(dist.url).push_image("rep/app", "v1", [b"layer"])
+    slow = TcpForward(("127.0.0.1", dist.port), rate=4096).start()
+    try:
+        config = mirror_config(f"http://{slow.host}", timeout_seconds=10)
+        config["storage"] = s3_store.server_config(s3_store.new_prefix())
+        config["metadata"] = {"driver": "postgresql", "postgresql": {"dsn": postgres_dsn}}
+        replicas = [registry_process("berth", config=config) for _ in range(2)]
+        caches = [Registry(r.url, timeout=60) for r in replicas]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda i: caches[i % 2].manifest("mirror/rep/app", "v1"), range(4)))
+        assert [r.header("Docker-Content-Digest") for r in got] == [digest] * 4, got
+        log = dist.log_path.read_text(errors="replace")
+        gets = [line for line in log.splitlines() if '"GET /v2/rep/app/manifests/v1' in line]
+        assert len(gets) == 1, gets
+    finally:
+        slow.stop()
+
+
 def test_a_corrupt_blob_followed_during_its_fetch_is_cut_short_for_every_client(
     registry_process: Start, fake_upstream: FakeUpstream
 ) -> None:
