@@ -186,7 +186,7 @@ def build_fetch_locks(config: Config) -> FetchLocks:
     index."""
     pg = config.metadata.postgresql
     if config.metadata.driver == "postgresql" and pg is not None:
-        return PostgresFetchLocks(pg.connection_string())
+        return PostgresFetchLocks(pg.connection_string(), config.metadata.replica())
     if config.http.workers > 1:
         return FileFetchLocks(config.storage.root / "pull-through-fetching")
     return NoFetchLocks()

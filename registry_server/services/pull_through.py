@@ -46,6 +46,10 @@ EVICTED = Counter("berth_cache_evicted_tags_total", "Cached tags evicted", ["ups
 # How long one write to the client that leads a fetch may take before it is dropped (the
 # fetch, and the clients waiting for it, go on without it).
 _SINK_TIMEOUT = 30.0
+# How often a fetch waiting for another process's claim on the same blob tries again,
+# and for how long at most before it fetches unclaimed.
+_CLAIM_POLL = 0.1
+_CLAIM_PATIENCE = 120.0
 _FLUSH_EVERY = 30.0
 _PAGE = 500
 
@@ -231,15 +235,14 @@ class PullThrough:
             # Bounded: a slow upstream must not hold a pull the cache can answer.
             async with asyncio.timeout(settings.timeout_seconds):
                 head = await fetcher.manifest(target.remote, tag, True)
-                if head.digest != cached:
-                    name = f"manifest:{target.local}:{tag}"
-                    await self._claim(name)
-                    try:
-                        # Another process may have moved the tag while this one waited.
-                        if await self.index.resolve_tag(target.local, tag) != head.digest:
+            if head.digest != cached:
+                # The wait for another process's claim is not the upstream's time, but
+                # it is bounded alike: a pull the cache can answer is not held long.
+                claim = f"manifest:{target.local}:{tag}"
+                async with self._claimed(claim, settings.timeout_seconds) as waited:
+                    if not waited or await self.index.resolve_tag(target.local, tag) != head.digest:
+                        async with asyncio.timeout(settings.timeout_seconds):
                             await self._fill(target, tag, revalidating=True)
-                    finally:
-                        await self.locks.release(name)
         except TimeoutError:
             UPSTREAM_ERRORS.labels(target.mirror.name, "timeout").inc()
             raise UpstreamFailure(
@@ -254,19 +257,15 @@ class PullThrough:
         """``_fill``, claimed across processes: another worker or replica filling the
         same reference is waited for and what it stored is used, without a second GET
         (the one that upstream rate limits count)."""
-        name = f"manifest:{target.local}:{reference}"
-        await self._claim(name)
-        try:
-            if digests.looks_like_digest(reference):
+        async with self._claimed(f"manifest:{target.local}:{reference}") as waited:
+            if waited and digests.looks_like_digest(reference):
                 found = await self.index.get_manifest(target.local, reference, content=False)
                 if found is not None:
                     return
-            elif await self.index.resolve_tag(target.local, reference) is not None:
+            elif waited and await self.index.resolve_tag(target.local, reference) is not None:
                 self._checked[(target.local, reference)] = time.monotonic()
                 return
             await self._fill(target, reference)
-        finally:
-            await self.locks.release(name)
 
     async def _fill(self, target: Target, reference: str, revalidating: bool = False) -> None:
         """GET a manifest from the upstream, verify it, store it (tagged for a tag)."""
@@ -391,14 +390,27 @@ class PullThrough:
             return True
         return False
 
-    async def _claim(self, name: str) -> None:
-        """Until this process holds the claim on fetching ``name`` (a blob's digest, or
-        a manifest reference): another worker or replica fetching it is waited for (it
-        releases the claim once it has stored it or failed), so that one fetch serves
-        them all."""
+    @contextlib.asynccontextmanager
+    async def _claimed(self, name: str, patience: float | None = None) -> AsyncIterator[bool]:
+        """Hold the claim on fetching ``name`` (a blob's digest, or a manifest reference)
+        for the block; yields whether another worker or replica held it first (it lets
+        go once it has stored what it fetched, or failed: look again before fetching).
+        After ``patience`` seconds without it (a holder stuck on a trickling upstream)
+        the block runs unclaimed: a second fetch, never a pull held for good."""
+        deadline = time.monotonic() + (_CLAIM_PATIENCE if patience is None else patience)
+        waited = False
         # Polled: the claim is another process's, there is no event here to wait on.
-        while not await self.locks.try_hold(name):  # noqa: ASYNC110
+        while not (held := await self.locks.try_hold(name)):
+            waited = True
+            if time.monotonic() >= deadline:
+                log.warning("fetching without the claim another process holds: %s", name)
+                break
             await asyncio.sleep(_CLAIM_POLL)
+        try:
+            yield waited
+        finally:
+            if held:
+                await self.locks.release(name)
 
     async def _follow(self, flight: _Flight, sink: Sink) -> bool:
         """Stream the blob a fetch is writing to ``sink``, from its local file as it
@@ -468,13 +480,10 @@ class PullThrough:
             )
 
     async def _fetch_blob(self, target: Target, digest: digests.Digest, flight: _Flight) -> None:
-        await self._claim(str(digest))
-        try:
+        async with self._claimed(str(digest)) as waited:
             # Another process may have stored it while this one waited for the claim.
-            if not await self._present(target, digest):
+            if not (waited and await self._present(target, digest)):
                 await self._fetch_claimed(target, digest, flight)
-        finally:
-            await self.locks.release(str(digest))
 
     async def _fetch_claimed(self, target: Target, digest: digests.Digest, flight: _Flight) -> None:
         fetcher = self.fetchers[target.mirror.name]
@@ -672,8 +681,6 @@ class PullThrough:
 
 # How long a follower waits for the next chunk before it looks at the file anyway.
 _FOLLOW_POLL = 0.05
-# How often a fetch waiting for another process's claim on the same blob tries again.
-_CLAIM_POLL = 0.1
 
 
 async def _progress(flight: _Flight) -> None:

@@ -1,4 +1,4 @@
-"""Which process fetches an uncached blob from an upstream, when several could.
+"""Which process fetches an uncached blob or manifest from an upstream, when several could.
 
 The pull-through cache makes one fetch per digest within a process (its flights). Worker
 processes of one pod, and replicas over one database, are other processes: without a
@@ -10,7 +10,11 @@ a claim lost (a dropped database session) costs at most a second download.
 - ``FileFetchLocks``: workers on one storage volume, ``flock`` on files under a folder.
   A process that dies lets go of its locks with its file descriptors.
 - ``PostgresFetchLocks``: replicas over one PostgreSQL, session advisory locks on a
-  connection of their own (not the index's pool, whose connections go back and forth).
+  connection of their own (not the index's pool, whose connections go back and forth),
+  with the election's keepalives: a holder whose node is lost lets go within ~20 s.
+
+Every ``try_hold`` may be cancelled (a client gone, a timeout) without leaving a claim
+behind that nobody would release.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ log = logging.getLogger("registry_server.fetch_locks")
 # The first of the two int4 advisory lock keys: apart from the election's ("brth") and
 # from the index's single-bigint keys.
 NAMESPACE = int.from_bytes(b"bfch", "big")
-# Lock files: one per bucket of digests. Two digests in one bucket only take turns.
+# Lock files: one per bucket of names. Names of one bucket held by different processes
+# take turns; within a process they share the bucket's lock.
 _BUCKETS = 4096
 
 
@@ -63,11 +68,12 @@ class NoFetchLocks:
 class FileFetchLocks:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._held: dict[str, int] = {}  # name -> the locked file's descriptor
+        # bucket -> (the locked file's descriptor, the names held in it here)
+        self._buckets: dict[int, tuple[int, set[str]]] = {}
 
-    def _try_sync(self, name: str) -> int | None:
+    def _lock_sync(self, bucket: int) -> int | None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{_key(name) % _BUCKETS:03x}.lock"
+        path = self.folder / f"{bucket:03x}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -80,78 +86,110 @@ class FileFetchLocks:
         return fd
 
     async def try_hold(self, name: str) -> bool:
-        if name in self._held:  # a caller's own claim is never taken twice
+        bucket = _key(name) % _BUCKETS
+        held = self._buckets.get(bucket)
+        if held is None:
+            locking = blocking.files.submit(self._lock_sync, bucket)
+            try:
+                fd = await asyncio.shield(locking)
+            except asyncio.CancelledError:
+                # The thread may still lock the file: its descriptor is closed then.
+                locking.add_done_callback(_close_locked)
+                raise
+            if fd is None:
+                return False
+            held = self._buckets.get(bucket)
+            if held is None:
+                held = self._buckets[bucket] = (fd, set())
+            else:  # locked by another caller here meanwhile: one descriptor is enough
+                os.close(fd)
+        if name in held[1]:  # a caller's own claim is never taken twice
             return False
-        fd = await blocking.files.call(self._try_sync, name)
-        if fd is None:
-            return False
-        if name in self._held:  # taken by another caller here meanwhile
-            os.close(fd)
-            return False
-        self._held[name] = fd
+        held[1].add(name)
         return True
 
     async def release(self, name: str) -> None:
-        fd = self._held.pop(name, None)
-        if fd is not None:
-            os.close(fd)  # closing the descriptor lets go of its lock
+        bucket = _key(name) % _BUCKETS
+        held = self._buckets.get(bucket)
+        if held is None or name not in held[1]:
+            return
+        held[1].discard(name)
+        if not held[1]:
+            del self._buckets[bucket]
+            os.close(held[0])  # closing the descriptor lets go of its lock
 
     async def close(self) -> None:
-        for fd in self._held.values():
+        for fd, _ in self._buckets.values():
             os.close(fd)
-        self._held.clear()
+        self._buckets.clear()
+
+
+def _close_locked(locking: asyncio.Future[int | None]) -> None:
+    if not locking.cancelled() and locking.exception() is None:
+        fd = locking.result()
+        if fd is not None:
+            os.close(fd)
 
 
 class PostgresFetchLocks:
-    def __init__(self, dsn: str, timeout_seconds: float = 5.0) -> None:
-        self._dsn = dsn
+    def __init__(self, dsn: str, replica_id: str = "", timeout_seconds: float = 5.0) -> None:
+        from registry_server.storage.postgres_election import session_dsn
+
+        self._dsn = session_dsn(dsn, f"berth-fetch:{replica_id}", timeout_seconds)
         self._timeout = timeout_seconds
         self._conn: Any = None
         self._lock = asyncio.Lock()  # one statement at a time on the connection
-        self._held: set[str] = set()
+        self._held: dict[str, Any] = {}  # name -> the connection whose session holds it
 
     async def _connection(self) -> Any:
         if self._conn is None or self._conn.closed:
-            import psycopg
+            from registry_server.storage.postgres_election import connect_session
 
-            self._conn = await psycopg.AsyncConnection.connect(
-                self._dsn, autocommit=True, connect_timeout=max(2, int(self._timeout))
-            )
             self._held.clear()  # a new session holds nothing
+            self._conn = await connect_session(self._dsn)
         return self._conn
 
     async def try_hold(self, name: str) -> bool:
         if name in self._held:
             return False
-        try:
-            async with self._lock, asyncio.timeout(self._timeout):
-                conn = await self._connection()
-                cur = await conn.execute(
-                    "SELECT pg_try_advisory_lock(%s, %s)", (NAMESPACE, _key(name))
-                )
-                row = await cur.fetchone()
-        except Exception as exc:  # no claim to be had: fetch anyway
-            log.warning("fetch lock unavailable, fetching anyway", extra={"error": repr(exc)})
-            await self._drop()
-            return True
+        async with self._lock:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    conn = await self._connection()
+                    cur = await conn.execute(
+                        "SELECT pg_try_advisory_lock(%s, %s)", (NAMESPACE, _key(name))
+                    )
+                    row = await cur.fetchone()
+            except Exception as exc:  # no claim to be had: fetch anyway
+                log.warning("fetch claims unavailable, fetching anyway", extra={"error": repr(exc)})
+                await self._drop()
+                return True
+            except BaseException:  # cancelled: the lock may be held; the session goes
+                await self._drop()
+                raise
         if not (row and row[0]):
             return False
-        self._held.add(name)
+        self._held[name] = conn
         return True
 
     async def release(self, name: str) -> None:
-        if name not in self._held:
+        conn = self._held.pop(name, None)
+        if conn is None:
             return
-        self._held.discard(name)
-        try:
-            async with self._lock, asyncio.timeout(self._timeout):
-                await self._conn.execute(
-                    "SELECT pg_advisory_unlock(%s, %s)", (NAMESPACE, _key(name))
-                )
-        except Exception:  # a session that cannot unlock is ended
-            await self._drop()
+        async with self._lock:
+            if conn is not self._conn:  # its session has ended, and the lock with it
+                return
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await conn.execute("SELECT pg_advisory_unlock(%s, %s)", (NAMESPACE, _key(name)))
+            except Exception:  # a session that may still hold it is ended
+                await self._drop()
+            except BaseException:
+                await self._drop()
+                raise
 
     async def _drop(self) -> None:
+        """End the session (and so every claim this process holds)."""
         conn, self._conn = self._conn, None
         self._held.clear()
         if conn is not None:

@@ -57,6 +57,35 @@ _SESSION_SETTINGS = (
 )
 
 
+def session_dsn(dsn: str, application_name: str, timeout_seconds: float) -> str:
+    """``dsn`` for a long-lived session whose locks must end with its holder: the
+    client's keepalives (a dead server is noticed by the OS too), a name for
+    pg_stat_activity, and a connect timeout unless the DSN sets one."""
+    extra: dict[str, Any] = {
+        "application_name": application_name[:63],
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+    }
+    if "connect_timeout" not in conninfo_to_dict(dsn):
+        extra["connect_timeout"] = max(2, int(timeout_seconds))
+    return make_conninfo(dsn, **extra)
+
+
+async def connect_session(dsn: str) -> psycopg.AsyncConnection[Any]:
+    """A connection for session locks, with the server's side of a cut connection set
+    (see the module docstring)."""
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    try:
+        for statement in _SESSION_SETTINGS:
+            await conn.execute(statement)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
+
+
 async def _drain(conn: psycopg.AsyncConnection[Any], seconds: float) -> None:
     """Read the idle session for ``seconds``: raises as soon as the server ends it."""
     async for _ in conn.notifies(timeout=seconds):
@@ -87,18 +116,7 @@ class PostgresElection(Election):
         timeout_seconds: float = 5.0,
     ) -> None:
         self.replica_id = replica_id
-        settings = conninfo_to_dict(dsn)
-        extra: dict[str, Any] = {
-            "application_name": (_APP_PREFIX + replica_id)[:63],
-            # The client's side: a dead server is noticed by the OS too.
-            "keepalives": 1,
-            "keepalives_idle": 10,
-            "keepalives_interval": 2,
-            "keepalives_count": 3,
-        }
-        if "connect_timeout" not in settings:
-            extra["connect_timeout"] = max(2, int(timeout_seconds))
-        self._dsn = make_conninfo(dsn, **extra)
+        self._dsn = session_dsn(dsn, _APP_PREFIX + replica_id, timeout_seconds)
         self.check_seconds = check_seconds
         self.timeout_seconds = timeout_seconds
         self._slots: dict[str, _Slot] = {}
@@ -284,14 +302,7 @@ class PostgresElection(Election):
             self._lock.release()
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
-        try:
-            for statement in _SESSION_SETTINGS:
-                await conn.execute(statement)
-        except BaseException:
-            await conn.close()
-            raise
-        return conn
+        return await connect_session(self._dsn)
 
     def _lose_all(self, reason: str) -> None:
         for slot in self._slots.values():

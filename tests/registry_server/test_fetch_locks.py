@@ -5,6 +5,8 @@ server, including a session killed under its holder."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -12,11 +14,13 @@ import psycopg
 import pytest
 
 from registry_server.storage.fetch_locks import (
+    _BUCKETS,
     NAMESPACE,
     FetchLocks,
     FileFetchLocks,
     NoFetchLocks,
     PostgresFetchLocks,
+    _key,
 )
 
 DIGEST = "sha256:" + "ab" * 32
@@ -53,6 +57,53 @@ async def test_a_closed_holder_lets_go_of_its_file_claims(tmp_path: Path) -> Non
     await first.close()
     assert await second.try_hold(DIGEST)
     await second.close()
+
+
+def _same_bucket(name: str) -> str:
+    """Another name whose claim falls in ``name``'s lock file."""
+    bucket = _key(name) % _BUCKETS
+    return next(
+        other
+        for i in range(1_000_000)
+        if _key(other := f"sha256:{i:064x}") % _BUCKETS == bucket and other != name
+    )
+
+
+async def test_names_of_one_bucket_do_not_wait_on_each_other_in_one_process(
+    tmp_path: Path,
+) -> None:
+    """flock is per open file: a second descriptor of this process would wait for the
+    first. The process shares its lock instead; another process still waits."""
+    here, there = FileFetchLocks(tmp_path / "locks"), FileFetchLocks(tmp_path / "locks")
+    neighbour = _same_bucket(DIGEST)
+    assert await here.try_hold(DIGEST) and await here.try_hold(neighbour)
+    assert not await there.try_hold(neighbour)
+    await here.release(DIGEST)
+    assert not await there.try_hold(DIGEST)  # the bucket is still held for the other
+    await here.release(neighbour)
+    assert await there.try_hold(DIGEST)
+    await here.close()
+    await there.close()
+
+
+async def test_a_cancelled_claim_leaves_no_lock_behind(tmp_path: Path) -> None:
+    """The caller gone while a thread takes the lock: the descriptor is closed when the
+    thread is done, so the claim is free for everyone."""
+    here, there = FileFetchLocks(tmp_path / "locks"), FileFetchLocks(tmp_path / "locks")
+    for _ in range(20):  # cancelled at different points of the hand-off
+        claim = asyncio.ensure_future(here.try_hold(DIGEST))
+        await asyncio.sleep(0)
+        claim.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await claim
+        if claim.cancelled():
+            await asyncio.sleep(0.05)  # the thread finishes
+            assert await there.try_hold(DIGEST)
+            await there.release(DIGEST)
+        else:
+            await here.release(DIGEST)
+    await here.close()
+    await there.close()
 
 
 async def test_one_process_alone_always_holds() -> None:
@@ -98,7 +149,24 @@ async def test_a_killed_session_lets_go_of_its_claims(
             (NAMESPACE,),
         )
     assert await second.try_hold(DIGEST)
-    await first.release(DIGEST)  # on a dead session: dropped, no error
+    await first.release(DIGEST)  # its session has ended: nothing to unlock, no error
     assert not await first.try_hold(DIGEST)  # a new session, and the claim is taken
     await second.release(DIGEST)
     assert await first.try_hold(DIGEST)
+
+
+@pytest.mark.integration
+async def test_a_cancelled_database_claim_ends_its_session(
+    pg_locks: Callable[[], PostgresFetchLocks],
+) -> None:
+    """Cancelled while the server may have granted the lock: the session is ended, so no
+    claim outlives the caller that gave up."""
+    first, second = pg_locks(), pg_locks()
+    assert await first.try_hold(OTHER)  # the session is up
+    claim = asyncio.ensure_future(first.try_hold(DIGEST))
+    await asyncio.sleep(0.001)
+    claim.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await claim
+    if claim.cancelled():
+        assert await second.try_hold(DIGEST) and await second.try_hold(OTHER)

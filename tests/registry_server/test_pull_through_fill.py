@@ -20,9 +20,11 @@ import pytest
 
 from registry_server.protocol import digests, errors
 from registry_server.protocol.upstreams import Mirror, UpstreamManifest
+from registry_server.services import pull_through
 from registry_server.services.pull_through import PullThrough, Settings
 from registry_server.storage.blobstore import BlobStore, UploadInfo
 from registry_server.storage.driver import Writer
+from registry_server.storage.fetch_locks import FileFetchLocks
 from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.sqlite_index import SqliteIndex
 
@@ -196,5 +198,93 @@ async def test_a_fill_failing_after_its_client_is_logged_and_fetched_again(
     with pytest.raises(OSError):
         await asyncio.wait_for(cache.blob("mirror/app", digest, None), 10)
     assert upstream.fetches == 2
+    await cache.close()
+    await index.close()
+
+
+class Gated(Bytes):
+    """An upstream whose bytes wait for ``go``."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.go = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def blob(
+        self, repo: str, digest: str
+    ) -> AsyncIterator[tuple[int | None, AsyncIterator[bytes]]]:
+        async with super().blob(repo, digest) as (size, chunks):
+
+            async def gated() -> AsyncIterator[bytes]:
+                await self.go.wait()
+                async for chunk in chunks:
+                    yield chunk
+
+            yield size, gated()
+
+
+def _process(tmp_path: Path, store: BlobStore, index: SqliteIndex, upstream: Bytes) -> PullThrough:
+    """A cache standing for one worker process: its own claims' descriptors over the
+    shared storage, index and lock folder."""
+    return PullThrough(
+        [Mirror("up", "mirror", ("up.example",), False)],
+        {"up": Settings(60.0, 5.0, 0, 0.0)},
+        {"up": upstream},
+        store,
+        index,
+        1 << 20,
+        locks=FileFetchLocks(tmp_path / "claims"),
+    )
+
+
+async def test_a_process_waits_for_anothers_fetch_and_serves_what_it_stored(
+    tmp_path: Path,
+) -> None:
+    data = hashlib.shake_256(b"shared").digest(6 * CHUNK)
+    digest = digests.of_bytes(data)
+    store, index = (
+        BlobStore(FilesystemDriver(tmp_path / "storage")),
+        SqliteIndex(tmp_path / "index.db"),
+    )
+    first_up, second_up = Gated(data), Bytes(data)
+    first = _process(tmp_path, store, index, first_up)
+    second = _process(tmp_path, store, index, second_up)
+    leader = asyncio.ensure_future(first.blob("mirror/app", digest, Recorder()))
+    await asyncio.sleep(0.1)  # the first process holds the claim and is fetching
+    client = Recorder()
+    waiting = asyncio.ensure_future(second.blob("mirror/app", digest, client))
+    await asyncio.sleep(0.3)
+    assert not waiting.done() and first_up.fetches == 1 and second_up.fetches == 0
+    first_up.go.set()
+    assert await asyncio.wait_for(leader, 10) is True
+    # Served from what the first stored: not streamed, not fetched again.
+    assert await asyncio.wait_for(waiting, 10) is False
+    assert second_up.fetches == 0 and not client.body
+    assert await index.blob_size("mirror/app", str(digest)) == len(data)
+    for cache in (first, second):
+        await cache.close()
+    await index.close()
+
+
+async def test_a_claim_held_too_long_is_fetched_without(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder stuck (an upstream that trickles) holds no pull for good: past the
+    patience the other process fetches the blob itself."""
+    monkeypatch.setattr(pull_through, "_CLAIM_PATIENCE", 0.3)
+    data = hashlib.shake_256(b"stuck").digest(2 * CHUNK)
+    digest = digests.of_bytes(data)
+    store, index = (
+        BlobStore(FilesystemDriver(tmp_path / "storage")),
+        SqliteIndex(tmp_path / "index.db"),
+    )
+    stuck = FileFetchLocks(tmp_path / "claims")
+    assert await stuck.try_hold(str(digest))
+    upstream = Bytes(data)
+    cache = _process(tmp_path, store, index, upstream)
+    client = Recorder()
+    assert await asyncio.wait_for(cache.blob("mirror/app", digest, client), 10) is True
+    assert bytes(client.body) == data and upstream.fetches == 1
+    await stuck.close()
     await cache.close()
     await index.close()
