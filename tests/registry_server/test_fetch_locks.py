@@ -143,8 +143,9 @@ async def test_a_killed_session_lets_go_of_its_claims(
     assert await first.try_hold(DIGEST)
     assert not await second.try_hold(DIGEST)
     with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        # With a timeout it waits for the backend to end (without, it only signals it).
         admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks"
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_locks"
             " WHERE locktype = 'advisory' AND classid = %s",
             (NAMESPACE,),
         )
