@@ -17,8 +17,6 @@ from registry_server.protocol import digests, errors, ranges
 
 log = logging.getLogger("registry_server.http")
 
-_PIECE = 1 << 20  # bytes per read when a body goes through the transport
-
 
 def _headers(digest: digests.Digest) -> dict[str, str]:
     return {
@@ -46,16 +44,8 @@ class _CacheSink:
         await self.response.write(chunk)
 
     async def send_file(self, fd: int, offset: int, count: int) -> None:
-        if await file_bodies.send(self.request, os.dup(fd), offset, count):
-            return
-        # Over TLS the transport writes: read in pieces, by a thread.
-        end = offset + count
-        while offset < end:
-            piece = await asyncio.to_thread(os.pread, fd, min(_PIECE, end - offset), offset)
-            if not piece:
-                raise OSError("blob file shorter than announced")
-            await self.response.write(piece)
-            offset += len(piece)
+        if not await file_bodies.send(self.request, self.response, os.dup(fd), offset, count):
+            raise ConnectionResetError("the client is gone")  # the follower stops
 
 
 async def get_blob(request: web.Request, name: str, digest_text: str) -> web.StreamResponse:
@@ -146,8 +136,10 @@ async def get_blob(request: web.Request, name: str, digest_text: str) -> web.Str
     try:
         if first is not None and chunks is not None:
             await response.write(first)
-        elif fd is not None and not await file_bodies.send(request, fd, start, end - start):
-            chunks = svc.blobs.read(digest, start, end - start)
+        elif fd is not None and not await file_bodies.send(
+            request, response, fd, start, end - start
+        ):
+            return response  # cut short: the client is gone, or the file was
         if chunks is not None:
             async for chunk in chunks:
                 await response.write(chunk)

@@ -22,6 +22,9 @@ per 256 MiB), not the receiver's cost.
 When the socket buffer is full the thread waits a little for it to drain (a reader
 keeping up empties it in far less); past that, the loop waits for it, so a slow client
 holds a thread for no more than ``_HOLD_MS`` at a time.
+
+Over TLS the transport must encrypt the bytes: a thread reads the file in 1 MiB pieces
+and the loop writes each through the response.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from aiohttp import web
 
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="file-body")
 _PIECE = 256 << 10  # bytes per read and write
+_TLS_PIECE = 1 << 20  # bytes per read when the transport writes (TLS)
 _HOLD_MS = 20  # how long a sending thread waits for a full socket to take more
 _buffers = threading.local()
 
@@ -110,18 +114,40 @@ async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         loop.remove_writer(fd)
 
 
-async def send(request: web.Request, in_fd: int, offset: int, count: int) -> bool:
-    """Send ``count`` bytes of the open file ``in_fd`` from ``offset`` as the body of the
-    response whose headers were just sent. Takes ownership of ``in_fd`` (closes it).
+async def _through_transport(
+    response: web.StreamResponse, in_fd: int, offset: int, count: int
+) -> None:
+    end = offset + count
+    while offset < end:
+        piece = await asyncio.to_thread(os.pread, in_fd, min(_TLS_PIECE, end - offset), offset)
+        if not piece:
+            raise OSError(errno.EIO, "file is shorter than the response's Content-Length")
+        await response.write(piece)
+        offset += len(piece)
 
-    Returns False, having sent nothing, when the connection's socket cannot be written
-    directly (TLS; the caller then writes the body itself). When the client goes away
-    mid-body the connection is aborted, since the response cannot be completed.
+
+async def send(
+    request: web.Request, response: web.StreamResponse, in_fd: int, offset: int, count: int
+) -> bool:
+    """Send ``count`` bytes of the open file ``in_fd`` from ``offset`` as the body of
+    ``response``, whose headers were just sent. Takes ownership of ``in_fd`` (closes it).
+
+    Straight onto the connection's socket by a thread, or through the response when the
+    transport must write (TLS). False when the client went away mid-body or the file
+    was shorter than ``count``: the connection is then aborted, as the response cannot
+    be completed.
     """
     sock_fd = _socket_fd(request)
     if sock_fd is None:
-        os.close(in_fd)
-        return False
+        try:
+            await _through_transport(response, in_fd, offset, count)
+        except OSError:
+            if request.transport is not None:
+                request.transport.abort()
+            return False
+        finally:
+            os.close(in_fd)
+        return True
     loop = asyncio.get_running_loop()
     out_fd = os.dup(sock_fd)
     running: concurrent.futures.Future[int] | None = None
@@ -142,6 +168,7 @@ async def send(request: web.Request, in_fd: int, offset: int, count: int) -> boo
     except OSError:
         if request.transport is not None:
             request.transport.abort()
+        return False
     finally:
         # A cancelled wait leaves the thread running: close the descriptors after it.
         if running is not None and not running.done():

@@ -8,6 +8,7 @@ import concurrent.futures
 import hashlib
 import http.client
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +28,12 @@ from tests.support.clients import (
     wait_for,
 )
 from tests.support.containerd import Containerd
+from tests.support.control_plane import CertificateAuthority
 from tests.support.images import make_oci_layout, read_blob, read_json_blob
 from tests.support.processes import RegistryProcess, free_port
 from tests.support.s3_store import S3Store
 from tests.support.tcp_forward import TcpForward
+from tests.support.tls import TlsRegistryProcess, serving_pair
 
 pytestmark = pytest.mark.integration
 
@@ -139,23 +142,42 @@ def test_twenty_concurrent_pulls_of_an_uncached_blob_fetch_it_once(
     assert blob_file(berth.root, digest).stat().st_size == len(data)
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
 def test_a_pull_that_comes_during_a_fetch_gets_its_bytes_as_the_fetch_goes(
-    registry_process: Start,
+    registry_process: Start, request: pytest.FixtureRequest, tls: bool
 ) -> None:
     """The second client of an uncached blob is not held until the whole blob is
     stored: it follows the file as the one fetch writes it (the upstream slowed to
-    ~16 MiB/s), and both get the right bytes."""
+    ~16 MiB/s), and both get the right bytes; over HTTPS too, where the follower's
+    bytes go through the transport instead of straight onto the socket."""
     dist = registry_process("distribution")
     data = hashlib.shake_256(b"slow").digest(32 << 20)
     digest = Registry(dist.url).push_blob("slow/blob", data)
     slow = TcpForward(("127.0.0.1", dist.port), rate=16 << 20).start()
     try:
-        berth = registry_process("berth", config=mirror_config(f"http://{slow.host}"))
+        config = mirror_config(f"http://{slow.host}")
+        connect: Callable[[], http.client.HTTPConnection]
+        if tls:
+            ca: CertificateAuthority = request.getfixturevalue("ca")
+            start_tls: Callable[..., TlsRegistryProcess] = request.getfixturevalue("tls_registry")
+            berth: RegistryProcess = start_tls(
+                serving_pair(ca, "server"), ca.cert_path, config=config
+            )
+            context = ssl.create_default_context(cafile=str(ca.cert_path))
+
+            def connect() -> http.client.HTTPConnection:
+                return http.client.HTTPSConnection(berth.host, timeout=120, context=context)
+        else:
+            berth = registry_process("berth", config=config)
+
+            def connect() -> http.client.HTTPConnection:
+                return http.client.HTTPConnection(berth.host, timeout=120)
+
         path = f"/v2/mirror/slow/blob/blobs/{digest}"
         ended: dict[str, float] = {}
 
         def get(who: str) -> tuple[float, str]:
-            conn = http.client.HTTPConnection(berth.host, timeout=120)
+            conn = connect()
             try:
                 conn.request("GET", path)
                 reply = conn.getresponse()
