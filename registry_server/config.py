@@ -460,6 +460,8 @@ def _remote(raw: Any, where: str, cls: type) -> dict[str, Any]:
             raise ConfigError(f"{where}.{key} is required")
     if not raw["url"].startswith(("http://", "https://")):
         raise ConfigError(f"{where}.url must start with http:// or https://")
+    if ":" in str(raw.get("username") or ""):
+        raise ConfigError(f"{where}.username may not contain ':' (HTTP Basic cannot carry it)")
     return raw
 
 

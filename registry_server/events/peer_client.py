@@ -7,6 +7,7 @@ Berth's replication endpoints for two-way peers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
@@ -105,10 +106,13 @@ class PeerClient:
 
     # -- transport and auth --------------------------------------------------------------
 
-    def _basic(self) -> aiohttp.BasicAuth | None:
+    def _basic(self) -> dict[str, str]:
+        """The Basic credentials as a header (aiohttp's ``auth=`` is going away); aiohttp
+        drops it, as it did ``auth``, on a redirect to another origin."""
         if not self.peer.username:
-            return None
-        return aiohttp.BasicAuth(self.peer.username, self.peer.secret())
+            return {}
+        pair = f"{self.peer.username}:{self.peer.secret()}".encode()
+        return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
 
     def _ours(self, url: str) -> bool:
         """Whether ``url`` is at the peer's own origin (the only place credentials go)."""
@@ -138,7 +142,7 @@ class PeerClient:
             )
         query = {"service": params.get("service", ""), "scope": scope}
         async with self.session.get(
-            f"{realm}?{urlencode(query)}", auth=self._basic(), ssl=self._ssl
+            f"{realm}?{urlencode(query)}", headers=self._basic(), ssl=self._ssl
         ) as resp:
             content, cut = await replies.read(resp)
             if resp.status != 200:
@@ -177,13 +181,12 @@ class PeerClient:
         url = path if path.startswith("http") else f"{self.base}{path}"
         for attempt in range(2):
             hdrs = dict(headers or {})
-            auth = None
             # Credentials go to the peer's origin only, never to a Location elsewhere.
             if self._ours(url):
                 if scope in self._tokens:
                     hdrs["Authorization"] = self._tokens[scope]
                 else:
-                    auth = self._basic()
+                    hdrs.update(self._basic())
             body = data_factory() if data_factory is not None else data
             try:
                 async with self.session.request(
@@ -191,7 +194,6 @@ class PeerClient:
                     url,
                     headers=hdrs,
                     data=body,
-                    auth=auth,
                     ssl=self._ssl,
                     allow_redirects=method in ("GET", "HEAD"),
                 ) as resp:
@@ -230,13 +232,12 @@ class PeerClient:
         what = what or f"GET {path}"
         for attempt in range(2):
             hdrs = dict(headers or {})
-            auth = None
             if scope in self._tokens:
                 hdrs["Authorization"] = self._tokens[scope]
             else:
-                auth = self._basic()
+                hdrs.update(self._basic())
             try:
-                async with self.session.get(url, headers=hdrs, auth=auth, ssl=self._ssl) as resp:
+                async with self.session.get(url, headers=hdrs, ssl=self._ssl) as resp:
                     if resp.status == 401 and attempt == 0:
                         challenge = resp.headers.get("WWW-Authenticate", "")
                         if challenge.lower().startswith("bearer"):

@@ -70,6 +70,27 @@ def test_good_numbers_still_load(tmp_path: Path) -> None:
     assert loaded.replication.peers[0].tls_verify is False
 
 
+@pytest.mark.parametrize(
+    ("document", "where"),
+    [
+        (
+            {"replication": {"region": "eu", "peers": [{**PEER, "username": "a:b"}]}},
+            "replication.peers[0]",
+        ),
+        (
+            {"upstreams": [{"name": "a", "url": "http://x", "prefix": "p", "username": "a:b"}]},
+            "upstreams[0]",
+        ),
+    ],
+)
+def test_a_username_with_a_colon_is_refused(
+    tmp_path: Path, document: dict[str, Any], where: str
+) -> None:
+    """HTTP Basic splits user and password at the first colon: such a name cannot log in."""
+    with pytest.raises(config.ConfigError, match=f"^{re.escape(where)}\\.username may not contain"):
+        _load(tmp_path, document)
+
+
 @pytest.mark.parametrize("level", ["loud", "", "10", "infos"])
 def test_bad_log_level_is_a_config_error(tmp_path: Path, level: str) -> None:
     with pytest.raises(config.ConfigError, match=r"^log\.level"):
