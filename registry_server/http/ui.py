@@ -333,7 +333,7 @@ async def delete(request: web.Request, visitor: _Visitor) -> web.StreamResponse:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_route("GET", PREFIX, lambda _: _redirect_async(f"{PREFIX}/"))
+    app.router.add_route("GET", PREFIX, _to_home)
     app.router.add_route("GET", f"{PREFIX}/", _page_handler(repositories))
     app.router.add_route("GET", f"{PREFIX}/repository", _page_handler(repository))
     app.router.add_route("GET", f"{PREFIX}/manifest", _page_handler(manifest))
@@ -345,5 +345,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_route("GET", f"{PREFIX}/static/style.css", style)
 
 
-async def _redirect_async(location: str) -> web.Response:
-    return _redirect(location)
+async def _to_home(_: web.Request) -> web.Response:
+    # A coroutine function, as aiohttp wants (a lambda returning a coroutine is deprecated).
+    return _redirect(f"{PREFIX}/")
