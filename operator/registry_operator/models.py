@@ -613,6 +613,10 @@ def _upstreams(raw: Any) -> tuple[Upstream, ...]:
         username = entry.get("username", "")
         if password is not None and not username:
             raise InvalidSpec(f"{where}.username", "is required with passwordSecretRef")
+        if ":" in str(username):
+            raise InvalidSpec(
+                f"{where}.username", "may not contain ':' (HTTP Basic cannot carry it)"
+            )
         found.append(
             Upstream(
                 name=name,

@@ -189,6 +189,9 @@ def by_url(peer: models.Peer, secret: Mapping[str, str]) -> Resolved:
     if not secret.get("username") or not secret.get("password"):
         message = f"Secret {peer.credentials_secret} needs the keys username and password"
         return Resolved(status.PeerState(peer.name, peer.url, "CredentialsMissing", message))
+    if ":" in secret["username"]:
+        message = f"Secret {peer.credentials_secret}: the username may not contain ':'"
+        return Resolved(status.PeerState(peer.name, peer.url, "CredentialsInvalid", message))
     wired = manifests.WiredPeer(
         name=peer.name,
         url=peer.url,

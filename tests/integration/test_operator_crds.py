@@ -141,6 +141,21 @@ INVALID = [
         "'^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$'",
     ),
     (
+        {
+            "upstreams": [
+                {
+                    "name": "hub",
+                    "url": "https://registry-1.docker.io",
+                    "prefix": "docker.io",
+                    "username": "a:b",
+                    "passwordSecretRef": {"name": "hub"},
+                }
+            ]
+        },
+        'The Registry "bad" is invalid: spec.upstreams[0].username: Invalid value: "a:b": '
+        "spec.upstreams[0].username in body should match '^[^:]*$'",
+    ),
+    (
         {"nodeProxy": {"port": 80}},
         # Like a pattern, a minimum leaves the CEL rules checkable: a one-line message.
         'The Registry "bad" is invalid: spec.nodeProxy.port: Invalid value: 80: '

@@ -264,6 +264,12 @@ def test_by_url_needs_username_and_password(secret: dict[str, str]) -> None:
     )
 
 
+def test_by_url_refuses_a_username_basic_cannot_carry() -> None:
+    resolved = peering.by_url(FAR_PEER, {"username": "a:b", "password": "p"})
+    assert resolved.wired is None
+    assert resolved.state.reason == "CredentialsInvalid"
+
+
 def test_by_url_wires_the_secret_without_copying_the_password() -> None:
     resolved = peering.by_url(FAR_PEER, {"username": "u", "password": "p"})
     assert resolved == peering.Resolved(

@@ -201,6 +201,7 @@ def test_deleting() -> None:
          "http://"),
         ({"upstreams": [{**HUB, "passwordSecretRef": {"name": "t"}}]},
          "spec.upstreams[0].username", "required"),
+        ({"upstreams": [{**HUB, "username": "a:b"}]}, "spec.upstreams[0].username", "':'"),
         ({"upstreams": [{**HUB, "keepLast": -1}]}, "spec.upstreams[0].keepLast", "0 to"),
         ({"upstreams": [{**HUB, "name": "x" * 51}]}, "spec.upstreams[0].name", "at most 50"),
         ({"upstreams": [HUB, {**HUB, "name": "other"}]}, "spec.upstreams", "prefix must be"),
