@@ -214,6 +214,7 @@ class PeerConfig:
     url: str
     kind: str = "berth"  # "berth" (two-way, versioned) or "oci" (any registry, one-way push)
     username: str = ""
+    username_file: Path | None = None  # preferred over username (a mounted Secret's key)
     password: str = ""
     password_file: Path | None = None  # preferred over an inline password (mounted Secret)
     # Where else than the peer's own origin its Bearer challenge may send our credentials
@@ -224,6 +225,12 @@ class PeerConfig:
     concurrency: int = 4
     bandwidth_limit_mbps: float = 0.0  # 0: unlimited
     chunk_size_mb: int = 32
+
+    def user(self) -> str:
+        """The account; from its file at every use, like the password."""
+        if self.username_file is not None:
+            return self.username_file.read_text().strip()
+        return self.username
 
     def secret(self) -> str:
         if self.password_file is not None:
@@ -243,6 +250,7 @@ class UpstreamConfig:
     # Single-component names map to library/<name> (Docker Hub); None: only for docker.io.
     docker_library: bool | None = None
     username: str = ""
+    username_file: Path | None = None
     password: str = ""
     password_file: Path | None = None
     token_realm: str = ""  # where else its Bearer challenge may send the credentials
@@ -260,6 +268,7 @@ class UpstreamConfig:
             url=self.url,
             kind="oci",
             username=self.username,
+            username_file=self.username_file,
             password=self.password,
             password_file=self.password_file,
             token_realm=self.token_realm,
@@ -470,7 +479,7 @@ def _peer(index: int, raw: Any) -> PeerConfig:
     raw = _remote(raw, where, PeerConfig)
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("password_file", "ca_file"):
+        if key in ("username_file", "password_file", "ca_file"):
             values[key] = Path(str(value)) if value else None
         elif key == "tls_verify":
             values[key] = _flag(value, f"{where}.{key}")
@@ -499,7 +508,7 @@ def _upstream(index: int, raw: Any) -> UpstreamConfig:
     raw = _remote(raw, where, UpstreamConfig)
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in ("password_file", "ca_file"):
+        if key in ("username_file", "password_file", "ca_file"):
             values[key] = Path(str(value)) if value else None
         elif key in ("tls_verify", "docker_library"):
             values[key] = None if value is None else _flag(value, f"{where}.{key}")

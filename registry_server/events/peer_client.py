@@ -109,9 +109,12 @@ class PeerClient:
     def _basic(self) -> dict[str, str]:
         """The Basic credentials as a header (aiohttp's ``auth=`` is going away); aiohttp
         drops it, as it did ``auth``, on a redirect to another origin."""
-        if not self.peer.username:
+        user = self.peer.user()
+        if not user:
             return {}
-        pair = f"{self.peer.username}:{self.peer.secret()}".encode()
+        if ":" in user:  # a file's; the config refuses such a name inline
+            raise PeerError(f"{self.peer.username_file}: the username holds ':'", retryable=False)
+        pair = f"{user}:{self.peer.secret()}".encode()
         return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
 
     def _ours(self, url: str) -> bool:

@@ -195,3 +195,17 @@ def test_relayed_hosts(tmp_path: Path) -> None:
 def test_relayed_hosts_must_be_host_and_port(tmp_path: Path, entry: str) -> None:
     with pytest.raises(config.ConfigError, match=r"http\.relayed_hosts"):
         _load(tmp_path, {"http": {"relayed_hosts": [entry]}})
+
+
+def test_credentials_files(tmp_path: Path) -> None:
+    upstream = {
+        "name": "a",
+        "url": "http://x",
+        "prefix": "p",
+        "username_file": "/etc/berth/upstreams/a/username",
+        "password_file": "/etc/berth/upstreams/a/password",
+    }
+    loaded = _load(tmp_path, {"upstreams": [upstream]}).upstreams[0]
+    assert loaded.username_file == Path("/etc/berth/upstreams/a/username")
+    assert loaded.as_peer().username_file == loaded.username_file
+    assert loaded.as_peer().password_file == Path("/etc/berth/upstreams/a/password")

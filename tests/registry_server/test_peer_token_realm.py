@@ -231,3 +231,27 @@ async def test_a_location_elsewhere_gets_no_credentials(serve: Serve) -> None:
         assert location is not None
         await client.request("PUT", location, client._push("a/b"), expect=(201,))
     assert storage.credentials() == [None]
+
+
+async def test_credentials_from_files_are_read_at_every_use(serve: Serve, tmp_path: Path) -> None:
+    """A mounted Secret's username and password keys (an upstream's credentialsSecretRef):
+    both files are read for each token request, so a rotated pair needs no restart; a
+    username holding ':' is refused without sending anything."""
+    user, secret = tmp_path / "username", tmp_path / "password"
+    user.write_text("replicator\n")
+    secret.write_text("s3cret\n")
+    seen = Recorder()
+    peer = await serve(registry(seen, lambda r: "/token"))
+    files = PeerConfig(name="p", url=url(peer), username_file=user, password_file=secret)
+    assert await blob_exists(files)
+    assert ("/token", BASIC) in seen.seen
+    user.write_text("other")
+    seen.seen.clear()
+    with pytest.raises(PeerError, match="token request: HTTP 401"):  # not its account
+        await blob_exists(files)
+    assert ("/token", "Basic " + base64.b64encode(b"other:s3cret").decode()) in seen.seen
+    user.write_text("a:b")
+    seen.seen.clear()
+    with pytest.raises(PeerError, match="holds ':'"):
+        await blob_exists(files)
+    assert all(auth is None or auth.startswith("Bearer") for auth in seen.credentials())
