@@ -151,6 +151,8 @@ class Upstream:
     hosts: tuple[str, ...] = ()
     username: str = ""
     password: KeyRef | None = None  # a Secret key, mounted; read at each use
+    # Or both from one Secret (keys `username` and `password`), mounted; read at each use.
+    credentials_secret: str | None = None
     ca: KeyRef | None = None  # a ConfigMap key holding extra CA certificates (PEM)
     tag_ttl_seconds: int = 300
     timeout_seconds: int = 5
@@ -611,6 +613,11 @@ def _upstreams(raw: Any) -> tuple[Upstream, ...]:
         }
         password, ca = entry.get("passwordSecretRef"), entry.get("caConfigMapRef")
         username = entry.get("username", "")
+        credentials = entry.get("credentialsSecretRef")
+        if credentials is not None and (password is not None or username):
+            raise InvalidSpec(
+                f"{where}.credentialsSecretRef", "replaces username and passwordSecretRef"
+            )
         if password is not None and not username:
             raise InvalidSpec(f"{where}.username", "is required with passwordSecretRef")
         if ":" in str(username):
@@ -628,6 +635,14 @@ def _upstreams(raw: Any) -> tuple[Upstream, ...]:
                     None
                     if password is None
                     else _key_ref(password, f"{where}.passwordSecretRef", "password")
+                ),
+                credentials_secret=(
+                    None
+                    if credentials is None
+                    else _str(
+                        _mapping(credentials, f"{where}.credentialsSecretRef").get("name"),
+                        f"{where}.credentialsSecretRef.name",
+                    )
                 ),
                 ca=None if ca is None else _key_ref(ca, f"{where}.caConfigMapRef", "ca.crt"),
                 **numbers,

@@ -156,6 +156,21 @@ INVALID = [
         "spec.upstreams[0].username in body should match '^[^:]*$'",
     ),
     (
+        {
+            "upstreams": [
+                {
+                    "name": "hub",
+                    "url": "https://registry-1.docker.io",
+                    "prefix": "docker.io",
+                    "username": "me",
+                    "credentialsSecretRef": {"name": "hub"},
+                }
+            ]
+        },
+        'The Registry "bad" is invalid: spec.upstreams[0]: Invalid value: "object": '
+        "credentialsSecretRef replaces username and passwordSecretRef",
+    ),
+    (
         {"nodeProxy": {"port": 80}},
         # Like a pattern, a minimum leaves the CEL rules checkable: a one-line message.
         'The Registry "bad" is invalid: spec.nodeProxy.port: Invalid value: 80: '

@@ -41,7 +41,9 @@ def operator(
         running.stop()
 
 
+@pytest.mark.parametrize("form", ["passwordSecretRef", "credentialsSecretRef"])
 def test_rendered_pod_pulls_through_an_upstream_with_the_secrets_password(
+    form: str,
     operator: OperatorProcess,
     kube: kube_client.Client,
     control_plane: ControlPlane,
@@ -56,23 +58,26 @@ def test_rendered_pod_pulls_through_an_upstream_with_the_secrets_password(
         "copy", "--dest-tls-verify=false", "--dest-creds", creds("ci"),
         f"oci:{layout}:v1", f"docker://{upstream.host}/team-a/api:v1",
     )  # fmt: skip
-    token = {"token": base64.b64encode(SECRETS["ci"].encode()).decode()}
+    # The token alone (the username in the spec), or the account and its token together.
+    if form == "passwordSecretRef":
+        data = {"token": SECRETS["ci"]}
+        credentials: dict[str, Any] = {
+            "username": "ci",
+            "passwordSecretRef": {"name": "upstream-token", "key": "token"},
+        }
+    else:
+        data = {"username": "ci", "password": SECRETS["ci"]}
+        credentials = {"credentialsSecretRef": {"name": "upstream-token"}}
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": "upstream-token", "namespace": namespace},
-        "data": token,
+        "data": {key: base64.b64encode(value.encode()).decode() for key, value in data.items()},
     }
     control_plane.kubectl("apply", "-f", "-", input=json.dumps(secret))
     spec = {
         "upstreams": [
-            {
-                "name": "corp",
-                "url": upstream.process.url,
-                "prefix": "mirror",
-                "username": "ci",
-                "passwordSecretRef": {"name": "upstream-token", "key": "token"},
-            }
+            {"name": "corp", "url": upstream.process.url, "prefix": "mirror", **credentials}
         ]
     }
     document = {"apiVersion": API, "kind": "Registry", "metadata": {"name": "main"}, "spec": spec}

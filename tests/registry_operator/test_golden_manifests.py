@@ -110,6 +110,12 @@ CASES: dict[str, dict[str, Any]] = {
                 "caConfigMapRef": {"name": "corp-ca"},
                 "tagTTLSeconds": 60,
             },
+            {  # the account and its password from one Secret
+                "name": "quay",
+                "url": "https://quay.io",
+                "prefix": "quay.io",
+                "credentialsSecretRef": {"name": "quay-robot"},
+            },
         ]
     },
     # Daily snapshots into a claim of their own, the last 14 kept.
@@ -296,7 +302,7 @@ def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: 
     else:
         assert loaded.metadata.driver == "sqlite"
     if case == "upstreams":
-        hub, corp = loaded.upstreams
+        hub, corp, quay = loaded.upstreams
         assert (hub.prefix, hub.username, hub.keep_last, hub.max_idle_days) == (
             "docker.io",
             "berthmirror",
@@ -306,6 +312,9 @@ def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: 
         assert hub.password_file == Path(names.UPSTREAMS_DIR) / "docker-hub" / "password"
         assert corp.hosts == ("registry.corp.example:8443",) and corp.tag_ttl_seconds == 60
         assert corp.ca_file == tmp_path / "etc/berth/upstreams/corp-ca/ca.crt"
+        assert corp.username_file is None and corp.password_file is None
+        assert quay.username_file == Path(names.UPSTREAMS_DIR) / "quay" / "username"
+        assert quay.password_file == Path(names.UPSTREAMS_DIR) / "quay" / "password"
     if case == "backup":
         assert loaded.backup.interval_seconds == 86400 and loaded.backup.keep == 14
         assert loaded.backup.dir == Path(names.BACKUP_DIR)

@@ -202,6 +202,10 @@ def test_deleting() -> None:
         ({"upstreams": [{**HUB, "passwordSecretRef": {"name": "t"}}]},
          "spec.upstreams[0].username", "required"),
         ({"upstreams": [{**HUB, "username": "a:b"}]}, "spec.upstreams[0].username", "':'"),
+        ({"upstreams": [{**HUB, "username": "me", "credentialsSecretRef": {"name": "c"}}]},
+         "spec.upstreams[0].credentialsSecretRef", "replaces"),
+        ({"upstreams": [{**HUB, "credentialsSecretRef": {}}]},
+         "spec.upstreams[0].credentialsSecretRef.name", ""),
         ({"upstreams": [{**HUB, "keepLast": -1}]}, "spec.upstreams[0].keepLast", "0 to"),
         ({"upstreams": [{**HUB, "name": "x" * 51}]}, "spec.upstreams[0].name", "at most 50"),
         ({"upstreams": [HUB, {**HUB, "name": "other"}]}, "spec.upstreams", "prefix must be"),
@@ -531,6 +535,9 @@ def test_upstreams() -> None:
             password=models.KeyRef("hub-token", "password"),
         ),
     )
+    spec = models.parse_spec({"upstreams": [{**HUB, "credentialsSecretRef": {"name": "hub"}}]})
+    assert spec.upstreams[0].credentials_secret == "hub"
+    assert (spec.upstreams[0].username, spec.upstreams[0].password) == ("", None)
 
 
 @pytest.mark.parametrize(

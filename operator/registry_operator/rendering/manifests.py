@@ -242,6 +242,16 @@ def extra_volumes(spec: models.Spec, registry: str) -> list[dict[str, Any]]:
                     optional=True,
                 )
             )
+        elif up.credentials_secret is not None:
+            found.append(
+                _secret_volume(
+                    f"upstream-{up.name}",
+                    f"{names.UPSTREAMS_DIR}/{up.name}",
+                    up.credentials_secret,
+                    {"username": "username", "password": "password"},
+                    optional=True,
+                )
+            )
         if up.ca is not None:
             path = f"{names.UPSTREAMS_DIR}/{up.name}-ca"
             found.append(_ca_volume(f"upstream-{up.name}-ca", path, up.ca, "ca.crt"))
