@@ -45,7 +45,9 @@ class _CacheSink:
 
     async def send_file(self, fd: int, offset: int, count: int) -> None:
         if not await file_bodies.send(self.request, self.response, os.dup(fd), offset, count):
-            raise ConnectionResetError("the client is gone")  # the follower stops
+            # The connection is aborted (the client left, or the file could not be read):
+            # the follower stops.
+            raise ConnectionAbortedError("the blob's body was cut short")
 
 
 async def get_blob(request: web.Request, name: str, digest_text: str) -> web.StreamResponse:

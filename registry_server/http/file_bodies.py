@@ -33,12 +33,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import logging
 import os
 import select
 import threading
 
 from aiohttp import web
 
+log = logging.getLogger("registry_server.http")
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="file-body")
 _PIECE = 256 << 10  # bytes per read and write
 _TLS_PIECE = 1 << 20  # bytes per read when the transport writes (TLS)
@@ -114,16 +116,36 @@ async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         loop.remove_writer(fd)
 
 
+def _cut_short(request: web.Request, exc: OSError) -> bool:
+    """Abort the connection whose body cannot be completed; False for ``send``. A file
+    that is short or unreadable is logged (a client that left is not news)."""
+    if not isinstance(exc, ConnectionError):
+        log.warning("blob body cut short", extra={"error": repr(exc)[:300]})
+    if request.transport is not None:
+        request.transport.abort()
+    return False
+
+
 async def _through_transport(
     response: web.StreamResponse, in_fd: int, offset: int, count: int
 ) -> None:
+    """Owns ``in_fd``: closed when done, or after a read still running when cancelled."""
     end = offset + count
-    while offset < end:
-        piece = await asyncio.to_thread(os.pread, in_fd, min(_TLS_PIECE, end - offset), offset)
-        if not piece:
-            raise OSError(errno.EIO, "file is shorter than the response's Content-Length")
-        await response.write(piece)
-        offset += len(piece)
+    reading: concurrent.futures.Future[bytes] | None = None
+    try:
+        while offset < end:
+            reading = _POOL.submit(os.pread, in_fd, min(_TLS_PIECE, end - offset), offset)
+            piece = await asyncio.wrap_future(reading)
+            reading = None
+            if not piece:
+                raise OSError(errno.EIO, "file is shorter than the response's Content-Length")
+            await response.write(piece)
+            offset += len(piece)
+    finally:
+        if reading is not None and not reading.done():
+            reading.add_done_callback(lambda _: os.close(in_fd))
+        else:
+            os.close(in_fd)
 
 
 async def send(
@@ -134,22 +156,22 @@ async def send(
 
     Straight onto the connection's socket by a thread, or through the response when the
     transport must write (TLS). False when the client went away mid-body or the file
-    was shorter than ``count``: the connection is then aborted, as the response cannot
-    be completed.
+    could not be read to the end (logged): the connection is then aborted, as the
+    response cannot be completed.
     """
     sock_fd = _socket_fd(request)
     if sock_fd is None:
         try:
             await _through_transport(response, in_fd, offset, count)
-        except OSError:
-            if request.transport is not None:
-                request.transport.abort()
-            return False
-        finally:
-            os.close(in_fd)
+        except OSError as exc:
+            return _cut_short(request, exc)
         return True
+    try:
+        out_fd = os.dup(sock_fd)
+    except OSError as exc:  # out of descriptors
+        os.close(in_fd)
+        return _cut_short(request, exc)
     loop = asyncio.get_running_loop()
-    out_fd = os.dup(sock_fd)
     running: concurrent.futures.Future[int] | None = None
 
     def close(_: object = None) -> None:
@@ -165,10 +187,8 @@ async def send(
             count -= sent
             if count > 0:
                 await _writable(loop, out_fd)
-    except OSError:
-        if request.transport is not None:
-            request.transport.abort()
-        return False
+    except OSError as exc:
+        return _cut_short(request, exc)
     finally:
         # A cancelled wait leaves the thread running: close the descriptors after it.
         if running is not None and not running.done():

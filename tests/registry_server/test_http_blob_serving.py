@@ -11,17 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import uvloop
 from aiohttp.test_utils import TestClient, TestServer
 
 from registry_server.app import build_app
 from registry_server.config import Config, StorageConfig
+from registry_server.http import file_bodies
 
 Client = TestClient[Any, Any]
 
@@ -63,6 +66,11 @@ async def _push(client: Client, data: bytes) -> str:
 def _delete_bytes(root: Path, digest: str) -> None:
     for path in root.glob(f"blobs/sha256/*/{digest.split(':')[1]}/data"):
         path.unlink()
+
+
+def _cut_bytes(root: Path, digest: str, size: int) -> None:
+    for path in root.glob(f"blobs/sha256/*/{digest.split(':')[1]}/data"):
+        os.truncate(path, size)
 
 
 def _open_fds() -> int:
@@ -190,3 +198,38 @@ def test_bytes_missing_from_disk_are_blob_unknown(run: Run, tmp_path: Path) -> N
             assert (await response.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
 
     run(body())
+
+
+@pytest.mark.parametrize("path", ["socket", "transport"])
+def test_a_blob_file_cut_short_on_disk_cuts_the_body_and_is_logged(
+    tmp_path: Path,
+    run: Run,
+    path: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Straight onto the socket, or through the transport as over TLS (forced here): the
+    client gets fewer bytes than Content-Length, the server says why, no descriptor stays."""
+    if path == "transport":
+        monkeypatch.setattr(file_bodies, "_socket_fd", lambda request: None)
+
+    async def body() -> None:
+        async with _client(tmp_path) as client:
+            data = os.urandom(3 * 1024 * 1024)
+            digest = await _push(client, data)
+            _cut_bytes(tmp_path, digest, len(data) // 2)
+            before = _open_fds()
+            response = await client.get(f"/v2/repo/blobs/{digest}")
+            assert response.status == 200
+            assert response.headers["Content-Length"] == str(len(data))
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+            for _ in range(100):
+                if _open_fds() <= before:
+                    break
+                await asyncio.sleep(0.05)
+            assert _open_fds() <= before
+
+    with caplog.at_level(logging.WARNING, logger="registry_server.http"):
+        run(body())
+    assert any(r.getMessage() == "blob body cut short" for r in caplog.records)
