@@ -109,12 +109,16 @@ class PeerClient:
     def _basic(self) -> dict[str, str]:
         """The Basic credentials as a header (aiohttp's ``auth=`` is going away); aiohttp
         drops it, as it did ``auth``, on a redirect to another origin."""
-        user = self.peer.user()
+        try:
+            user = self.peer.user()
+            password = self.peer.secret() if user else ""
+        except OSError as exc:  # a credentials Secret not mounted (yet): the peer's failure
+            raise PeerError(f"credentials: {exc}") from None
         if not user:
             return {}
         if ":" in user:  # a file's; the config refuses such a name inline
             raise PeerError(f"{self.peer.username_file}: the username holds ':'", retryable=False)
-        pair = f"{user}:{self.peer.secret()}".encode()
+        pair = f"{user}:{password}".encode()
         return {"Authorization": "Basic " + base64.b64encode(pair).decode("ascii")}
 
     def _ours(self, url: str) -> bool:

@@ -255,3 +255,9 @@ async def test_credentials_from_files_are_read_at_every_use(serve: Serve, tmp_pa
     with pytest.raises(PeerError, match="holds ':'"):
         await blob_exists(files)
     assert all(auth is None or auth.startswith("Bearer") for auth in seen.credentials())
+    # A Secret not mounted (yet): the peer's failure, as an unreachable peer's would be
+    # (an upstream's cached copies are then served), not an unhandled error.
+    user.unlink()
+    with pytest.raises(PeerError, match=r"credentials: .*username") as missing:
+        await blob_exists(files)
+    assert missing.value.retryable
