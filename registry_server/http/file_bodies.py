@@ -37,6 +37,7 @@ import logging
 import os
 import select
 import threading
+from typing import Any
 
 from aiohttp import web
 
@@ -116,6 +117,21 @@ async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         loop.remove_writer(fd)
 
 
+def _close_after(running: concurrent.futures.Future[Any] | None, *fds: int) -> None:
+    """Close ``fds`` now, or once the thread still using them is done (a cancelled wait
+    leaves it running, and a descriptor number closed under it could be reused)."""
+
+    def close(_: object = None) -> None:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    if running is not None and not running.done():
+        running.add_done_callback(close)
+    else:
+        close()
+
+
 def _cut_short(request: web.Request, exc: OSError) -> bool:
     """Abort the connection whose body cannot be completed; False for ``send``. A file
     that is short or unreadable is logged (a client that left is not news)."""
@@ -142,10 +158,7 @@ async def _through_transport(
             await response.write(piece)
             offset += len(piece)
     finally:
-        if reading is not None and not reading.done():
-            reading.add_done_callback(lambda _: os.close(in_fd))
-        else:
-            os.close(in_fd)
+        _close_after(reading, in_fd)
 
 
 async def send(
@@ -173,11 +186,6 @@ async def send(
         return _cut_short(request, exc)
     loop = asyncio.get_running_loop()
     running: concurrent.futures.Future[int] | None = None
-
-    def close(_: object = None) -> None:
-        os.close(out_fd)
-        os.close(in_fd)
-
     try:
         while count > 0:
             running = _POOL.submit(_send_some, out_fd, in_fd, offset, count)
@@ -190,10 +198,5 @@ async def send(
     except OSError as exc:
         return _cut_short(request, exc)
     finally:
-        # A cancelled wait leaves the thread running: close the descriptors after it.
-        if running is not None and not running.done():
-            running.add_done_callback(close)
-        else:
-            with contextlib.suppress(OSError):
-                close()
+        _close_after(running, out_fd, in_fd)
     return True
