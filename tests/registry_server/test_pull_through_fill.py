@@ -103,18 +103,24 @@ class Recorder:
         self.body += os.pread(fd, count, offset)
 
 
-def _cache(tmp_path: Path, upstream: Bytes) -> tuple[PullThrough, GatedStore, SqliteIndex]:
-    store, index = GatedStore(tmp_path / "storage"), SqliteIndex(tmp_path / "index.db")
-    mirror = Mirror("up", "mirror", ("up.example",), False)
-    cache = PullThrough(
-        [mirror],
+def _pull_through(
+    store: BlobStore, index: SqliteIndex, upstream: Bytes, locks: FileFetchLocks | None = None
+) -> PullThrough:
+    """A cache of the one mirror `mirror` -> `up` over ``store`` and ``index``."""
+    return PullThrough(
+        [Mirror("up", "mirror", ("up.example",), False)],
         {"up": Settings(60.0, 5.0, 0, 0.0)},
         {"up": upstream},
         store,
         index,
         1 << 20,
+        locks=locks,
     )
-    return cache, store, index
+
+
+def _cache(tmp_path: Path, upstream: Bytes) -> tuple[PullThrough, GatedStore, SqliteIndex]:
+    store, index = GatedStore(tmp_path / "storage"), SqliteIndex(tmp_path / "index.db")
+    return _pull_through(store, index, upstream), store, index
 
 
 async def test_the_client_is_done_once_the_digest_matched(tmp_path: Path) -> None:
@@ -177,14 +183,7 @@ async def test_a_fill_failing_after_its_client_is_logged_and_fetched_again(
     upstream = Bytes(data)
     store, index = FailingStore(tmp_path / "storage"), SqliteIndex(tmp_path / "index.db")
     store.gate.set()
-    cache = PullThrough(
-        [Mirror("up", "mirror", ("up.example",), False)],
-        {"up": Settings(60.0, 5.0, 0, 0.0)},
-        {"up": upstream},
-        store,
-        index,
-        1 << 20,
-    )
+    cache = _pull_through(store, index, upstream)
     client = Recorder()
     assert await asyncio.wait_for(cache.blob("mirror/app", digest, client), 10)
     assert bytes(client.body) == data  # verified bytes, whatever the fill does next
@@ -226,15 +225,7 @@ class Gated(Bytes):
 def _process(tmp_path: Path, store: BlobStore, index: SqliteIndex, upstream: Bytes) -> PullThrough:
     """A cache standing for one worker process: its own claims' descriptors over the
     shared storage, index and lock folder."""
-    return PullThrough(
-        [Mirror("up", "mirror", ("up.example",), False)],
-        {"up": Settings(60.0, 5.0, 0, 0.0)},
-        {"up": upstream},
-        store,
-        index,
-        1 << 20,
-        locks=FileFetchLocks(tmp_path / "claims"),
-    )
+    return _pull_through(store, index, upstream, FileFetchLocks(tmp_path / "claims"))
 
 
 async def test_a_process_waits_for_anothers_fetch_and_serves_what_it_stored(
