@@ -36,6 +36,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -327,6 +328,13 @@ class Sample:
     cpu_s: float
     upstream_cpu_s: float
     peak_rss_mib: float
+    client_cpu_s: float | None = None  # skopeo's (not the raw client's: its start-up is in it)
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's ended children (skopeo: one runs at a time)."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
 
 
 class Puller:
@@ -357,15 +365,16 @@ class Puller:
         meter.start()
         if up is not None:
             up.start()
-        started = time.monotonic()
+        started, client_cpu = time.monotonic(), _children_cpu()
         done = subprocess.run(argv, capture_output=True, text=True, timeout=self.s.skopeo_timeout_s)
         seconds = time.monotonic() - started
+        client_cpu = _children_cpu() - client_cpu
         used = meter.stop()
         upstream_cpu = up.stop().cpu_s if up is not None else 0.0
         shutil.rmtree(dest, ignore_errors=True)
         if done.returncode != 0:
             raise PullError(f"skopeo copy from {front.name}/{repo}: {done.stderr[-2000:]}")
-        return Sample(seconds, used.cpu_s, upstream_cpu, used.peak_rss_mib)
+        return Sample(seconds, used.cpu_s, upstream_cpu, used.peak_rss_mib, client_cpu)
 
     def blob_get(self, front: procs.Server, repo: str, layers: list[tuple[str, int]]) -> Sample:
         """The raw client GETs every layer by digest, one connection each."""
@@ -501,6 +510,7 @@ def measure(s: Settings, workdir: Path, binary: str, skopeo: str) -> Result:
             "disk_write_fsync_mb_s": [round(x, 1) for x in disk],
         },
         "load_at_repetitions": [round(x, 2) for x in loads],
+        "cores": os.cpu_count() or 1,
     }
 
 
@@ -510,12 +520,14 @@ def _median(values: Sequence[float]) -> float:
 
 def _summary(values: Sequence[Sample]) -> dict[str, Any]:
     seconds = [round(v.seconds, 4) for v in values]
+    client = [v.client_cpu_s for v in values if v.client_cpu_s is not None]
     return {
         "median_s": round(_median(seconds), 4),
         "samples_s": seconds,
         "cpu_s": round(_median([v.cpu_s for v in values]), 3),
         "upstream_cpu_s": round(_median([v.upstream_cpu_s for v in values]), 3),
         "peak_rss_mib": round(max(v.peak_rss_mib for v in values), 1),
+        **({"client_cpu_s": round(_median(client), 3)} if len(client) == len(values) else {}),
     }
 
 
@@ -607,6 +619,7 @@ def _table(result: Result) -> str:
         "goal",
         "Berth / distribution's proxy",
         "server CPU s",
+        "skopeo CPU s",
         "peak RSS MiB",
     ]
     body = []
@@ -630,10 +643,46 @@ def _table(result: Result) -> str:
                     "" if c is None else c.goal(),
                     "" if peer is None else _ratio_cell(_ratio(by_path, path, peer), None),
                     _cpu_cell(path, summary),
+                    f"{summary['client_cpu_s']:.2f}" if "client_cpu_s" in summary else "",
                     report.fmt(summary["peak_rss_mib"]),
                 ]
             )
     return report._markdown(header, body)
+
+
+def _bounds(result: Result) -> list[str]:
+    """What the machine's cores allow a first pull through a cache, per skopeo image:
+    the direct pull's CPU (skopeo's and the upstream's) plus what the cache adds, spread
+    over every core, is the least time the pull can take however well it overlaps."""
+    cores = result.get("cores")
+    sha256 = _median(result["limits"]["sha256_mb_s"]) * 1e6
+    out = []
+    for image in result["images"]:
+        by_path = result["pulls"][image["key"]]
+        direct, first = by_path[UPSTREAM], by_path[BERTH_FIRST]
+        if not cores or "client_cpu_s" not in direct or "client_cpu_s" not in first:
+            continue
+        t = direct["median_s"]
+        work = direct["client_cpu_s"] + direct["cpu_s"]
+        hashing = image["total_bytes"] / sha256
+        through = first["client_cpu_s"] + first["upstream_cpu_s"] + first["cpu_s"]
+        least_any, least = max(t, (work + hashing) / cores), max(t, through / cores)
+        out.append(
+            f"- {image['label']}: pulled directly, skopeo and the upstream keep"
+            f" {work / t:.1f} of the {cores} cores busy ({work:.2f} s of CPU in {t:.2f} s)."
+            f" Through the cache they use {through - first['cpu_s']:.2f} s and Berth"
+            f" {first['cpu_s']:.2f} s, so the pull cannot take less than {least:.2f} s"
+            f" ({least / t:.2f} x the direct pull; measured {first['median_s'] / t:.2f} x)."
+            f" Any cache adds at least the hashing of every byte, {hashing:.2f} s here:"
+            f" {least_any:.2f} s ({least_any / t:.2f} x)."
+        )
+    if out:
+        out.insert(
+            0,
+            "What the cores allow a first pull through the cache (CPU medians over"
+            " the cores, however well the processes overlap):",
+        )
+    return out
 
 
 def markdown(result: Result) -> str:
@@ -649,7 +698,7 @@ def markdown(result: Result) -> str:
         " (lower is better); ratio: the row's time over the time of the row named in"
         " *over* (✓ goal met, ✗ not met); Berth / distribution's proxy: Berth's time over"
         " the proxy's for the same pull. Server CPU: the front server's, median, plus the"
-        " upstream's while a cache fills from it.",
+        " upstream's while a cache fills from it; skopeo CPU: the client's, median.",
         "",
         _table(result),
         "",
@@ -659,4 +708,7 @@ def markdown(result: Result) -> str:
         f" {_size(s['large_layer_bytes'])} and fsync (dd-like)"
         f" {_median(result['limits']['disk_write_fsync_mb_s']):.0f} MB/s.",
     ]
+    bounds = _bounds(result)
+    if bounds:
+        parts += ["", *bounds]
     return "\n".join(parts) + "\n"
