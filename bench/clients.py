@@ -27,6 +27,7 @@ import hashlib
 import http.client
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -280,24 +281,39 @@ class Cell:
     mb_s: list[float]
     cpu_s: list[float]
     blkio_s: list[float]
+    # The client's: its processes' (curl, crane, the Python client with its start-up)
+    # and this process's own over the action (it makes curl's POSTs).
+    client_cpu_s: list[float]
 
     def best(self) -> float:
         return max(self.mb_s)
 
 
+def _client_cpu() -> float:
+    """CPU seconds of this process and of its children that have ended."""
+    return sum(
+        used.ru_utime + used.ru_stime
+        for used in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
+
+
 def _measure(
     server: procs.Server, action: Callable[[], float | None], size: int
-) -> tuple[float, float, float]:
-    """MB/s, the server's CPU seconds and its block I/O wait over ``action``, which may
-    return its own duration (the python client times itself, without its start-up)."""
+) -> tuple[float, float, float, float]:
+    """MB/s, the server's CPU seconds, its block I/O wait and the client's CPU seconds
+    over ``action``, which may return its own duration (the python client times itself,
+    without its start-up)."""
     meter = procs.Meter(server.pid)
     blkio = blkio_ticks(server.pid)
+    client = _client_cpu()
     meter.start()
     started = time.perf_counter()
     own = action()
     took = own if own is not None else time.perf_counter() - started
     used = meter.stop()
-    return size / took / 1e6, used.cpu_s, blkio_seconds_between(blkio, blkio_ticks(server.pid))
+    client = _client_cpu() - client
+    waited = blkio_seconds_between(blkio, blkio_ticks(server.pid))
+    return size / took / 1e6, used.cpu_s, waited, client
 
 
 Action = Callable[[], float | None]
@@ -365,12 +381,13 @@ def run(settings: Settings, workdir: Path, distribution_bin: str, crane_bin: str
                         repo = f"clients/{client}-{shape}"
                         push, pull = _actions(client, server, repo, image, blobs, crane_bin)
                         for case, action in ((f"push_{shape}", push), (f"pull_{shape}", pull)):
-                            mb_s, cpu, blkio = _measure(server, action, count * size)
+                            mb_s, cpu, blkio, used = _measure(server, action, count * size)
                             key = (name, client, case)
-                            cell = cells.setdefault(key, Cell(name, client, case, [], [], []))
+                            cell = cells.setdefault(key, Cell(name, client, case, [], [], [], []))
                             cell.mb_s.append(mb_s)
                             cell.cpu_s.append(cpu)
                             cell.blkio_s.append(blkio)
+                            cell.client_cpu_s.append(used)
                         shutil.rmtree(image, ignore_errors=True)
     finally:
         for server in servers.values():
@@ -410,6 +427,7 @@ def run_section(args: argparse.Namespace) -> dict[str, Any]:
         "delay_accounting": accounted,
         "note": args.note or "",
         "cells": [asdict(cell) for cell in cells],
+        "cores": os.cpu_count() or 1,
     }
     print(markdown(result), file=sys.stderr)
     return result
@@ -432,12 +450,23 @@ def markdown(result: dict[str, Any]) -> str:
         " over its threads (so it can exceed the wall time: eight threads each waiting on"
         " an fsync count eight times), the median of the rounds"
         + ("" if waits else " (not measured: no delay accounting in this run)")
-        + f". One run ({result['date']}, commit `{result['commit']}`).",
+        + ". Client CPU is the client's processes' (the Python client's with its start-up)"
+        " and the bench's own (it makes curl's POSTs), the median of the rounds; cores busy"
+        " is the server's and the client's CPU over the median round's time, out of the"
+        f" machine's {result.get('cores', '?')}: where it is near that, the row takes about"
+        " their CPU over the cores, and each second of the server's costs it a share."
+        + f" One run ({result['date']}, commit `{result['commit']}`).",
         "",
         "| case | client | Berth MB/s | distribution MB/s | ratio | Berth CPU s |"
-        " distribution CPU s | Berth disk wait, thread-s | distribution disk wait, thread-s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        " distribution CPU s | Berth disk wait, thread-s | distribution disk wait, thread-s |"
+        " client CPU s, Berth / distribution | cores busy, Berth / distribution |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    sizes = {
+        "push_large": s["large_mib"] * MiB,
+        "push_small": s["small_count"] * s["small_mib"] * MiB,
+    }
+    sizes["pull_large"], sizes["pull_small"] = sizes["push_large"], sizes["push_small"]
     for case in CASES:
         for client in CLIENTS:
             ours, theirs = (
@@ -450,11 +479,19 @@ def markdown(result: dict[str, Any]) -> str:
             median = {
                 f"{who}_{what}": statistics.median(cell[what])
                 for who, cell in (("ours", ours), ("theirs", theirs))
-                for what in ("cpu_s", "blkio_s")
+                for what in ("cpu_s", "blkio_s", "mb_s")
             }
+            clients, busy = "", ""
+            if ours.get("client_cpu_s") and theirs.get("client_cpu_s"):
+                used = [statistics.median(c["client_cpu_s"]) for c in (ours, theirs)]
+                seconds = [sizes[case] / 1e6 / median[f"{w}_mb_s"] for w in ("ours", "theirs")]
+                cpu = [median["ours_cpu_s"] + used[0], median["theirs_cpu_s"] + used[1]]
+                clients = f"{used[0]:.2f} / {used[1]:.2f}"
+                busy = f"{cpu[0] / seconds[0]:.1f} / {cpu[1] / seconds[1]:.1f}"
             lines.append(
                 f"| {names[case]} | {client} | {a:,.0f} | {b:,.0f} | {a / b:.2f} |"
                 f" {median['ours_cpu_s']:.2f} | {median['theirs_cpu_s']:.2f} |"
                 f" {median['ours_blkio_s']:.2f} | {median['theirs_blkio_s']:.2f} |"
+                f" {clients} | {busy} |"
             )
     return "\n".join(lines) + "\n"
