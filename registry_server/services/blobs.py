@@ -125,7 +125,7 @@ class BlobService:
     ) -> int:
         async with self.store.lock(upload_id):
             info, writer = await self._open(repo, upload_id, content_range)
-            return await self.store.append(info, body, writer=writer)
+            return await self.store.append(info, body, writer=writer, hash_alone=True)
 
     async def _open(
         self, repo: str, upload_id: str, content_range: tuple[int, int] | None
@@ -149,7 +149,9 @@ class BlobService:
         async with self.store.lock(upload_id):
             info, writer = await self._open(repo, upload_id, content_range)
             if body is not None:
-                size = await self.store.append(info, body, last=digest, writer=writer)
+                size = await self.store.append(
+                    info, body, last=digest, writer=writer, hash_alone=True
+                )
             else:
                 size = await self.store.verify(info, digest, writer=writer)
             published = False

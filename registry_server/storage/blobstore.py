@@ -94,6 +94,7 @@ class BlobStore:
         self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._locks: dict[str, _SessionLock] = {}
         self._unreadable: set[str] = set()
+        self._streaming = 0  # bodies being appended now, in this process
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -312,6 +313,7 @@ class BlobStore:
         last: digests.Digest | None = None,
         checked: Callable[[], Awaitable[None]] | None = None,
         writer: Writer | None = None,
+        hash_alone: bool = False,
     ) -> int:
         """Append a request body to the upload; returns the new size.
 
@@ -319,7 +321,11 @@ class BlobStore:
         session's offset stays what the client last saw. With ``last`` the body ends the
         upload: it is verified against that digest as ``verify`` does, through the file
         still open (no second open, stat or flush). ``writer``: the data as
-        ``open_upload`` opened it (else it is opened here).
+        ``open_upload`` opened it (else it is opened here). ``hash_alone``: a body that
+        is the only one streaming into the store when it starts is hashed here, piece by
+        piece as it arrives, and the writer's thread only writes (the work split over two
+        threads); one that starts beside others is hashed by its writer's thread, so the
+        event loop does not hash them all one after another.
         """
         path = f"{_upload_dir(info.upload_id)}/data"
         try:
@@ -336,9 +342,15 @@ class BlobStore:
             # checked by reading the file back.
             writer.destine(blob_path(last))
         hasher = state.hasher.copy()
+        self._streaming += 1
         try:
-            # Hashed where the driver writes (a file's writing thread) when it can.
-            by_writer = writer.hash_with(hasher)
+            # Hashed where the driver writes (a file's writing thread) when it can, unless
+            # this body streams alone. A/B of a lone 256 MiB curl push, 6 runs of 4-5
+            # rounds: median +10% (+1% to +27%); crane, the Python client and 64 x 1 MiB
+            # pushes unchanged; pull-through fills (whose loop also sends every byte on)
+            # slower, so they do not ask for it.
+            alone = hash_alone and self._streaming == 1
+            by_writer = not alone and writer.hash_with(hasher)
             async for chunk in chunks:
                 # Checked per chunk: a stream in flight stops when the volume fills up.
                 self.space.require_writable()
@@ -355,6 +367,8 @@ class BlobStore:
             await self.driver.truncate(path, info.size)
             self._hashes.pop(info.upload_id, None)
             raise
+        finally:
+            self._streaming -= 1
         state.hasher = hasher
         state.offset = writer.size
         if last is None:

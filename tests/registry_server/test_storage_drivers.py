@@ -24,7 +24,7 @@ import pytest
 from registry_server.protocol import digests, errors
 from registry_server.storage.blobstore import BlobStore, blob_path
 from registry_server.storage.driver import StorageDriver, StorageFull, StorageNotFound
-from registry_server.storage.filesystem import FilesystemDriver
+from registry_server.storage.filesystem import FilesystemDriver, FileWriter
 from registry_server.storage.s3 import S3Driver
 from tests.support.s3_store import S3Store
 
@@ -336,6 +336,56 @@ async def test_a_session_of_the_earlier_form_is_still_served_and_purged(
     assert await store.commit(await store.upload_info("repo", legacy), digest) == len(data)
     assert await _collect(store.read(digest)) == data
     assert await driver.list(f"uploads/{legacy}") == []  # (SeaweedFS lists empty folders)
+
+
+async def test_a_lone_body_is_hashed_as_it_arrives_others_by_their_writers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``hash_alone``: a body streaming alone is hashed by the caller (the writer's thread
+    only writes); one that starts while another streams is hashed by its writer. Both
+    verify, and a caller that does not ask keeps the writer hashing."""
+    store = BlobStore(FilesystemDriver(tmp_path / "store"))
+    hashing_writers: list[int] = []
+    real = FileWriter.hash_with
+
+    def spy(self: FileWriter, hasher: Any) -> bool:
+        hashing_writers.append(id(self))
+        return real(self, hasher)
+
+    monkeypatch.setattr(FileWriter, "hash_with", spy)
+    first, second = os.urandom(3 << 20), os.urandom((2 << 20) + 5)
+    first_streaming, second_done = asyncio.Event(), asyncio.Event()
+
+    async def first_body() -> AsyncIterator[bytes]:
+        yield first[: 1 << 20]
+        first_streaming.set()
+        await second_done.wait()  # still streaming while the second one runs
+        yield first[1 << 20 :]
+
+    async def push(data: bytes, body: AsyncIterator[bytes], **kw: Any) -> int:
+        upload = await store.start_upload("repo")
+        info = await store.upload_info("repo", upload)
+        size = await store.append(info, body, last=digests.of_bytes(data), **kw)
+        await store.publish(info, digests.of_bytes(data))
+        await store.cancel(upload)
+        return size
+
+    lone = asyncio.create_task(push(first, first_body(), hash_alone=True))
+    await first_streaming.wait()
+    assert await push(second, _chunks(second[:7], second[7:]), hash_alone=True) == len(second)
+    assert len(hashing_writers) == 1  # the second body's writer, not the first's
+    second_done.set()
+    assert await lone == len(first)
+    for data in (first, second):
+        assert await _collect(store.read(digests.of_bytes(data))) == data
+
+    third = os.urandom(1 << 20)
+    assert await push(third, _chunks(third), hash_alone=True) == len(third)
+    assert len(hashing_writers) == 1
+    fourth = os.urandom(1 << 20)
+    assert await push(fourth, _chunks(fourth)) == len(fourth)
+    assert len(hashing_writers) == 2
+    assert store._streaming == 0
 
 
 async def test_a_last_append_verifies_and_makes_the_upload_durable(
