@@ -284,6 +284,7 @@ class Cell:
     # The client's: its processes' (curl, crane, the Python client with its start-up)
     # and this process's own over the action (it makes curl's POSTs).
     client_cpu_s: list[float]
+    wall_s: list[float]  # the action's, start-ups included (mb_s may leave them out)
 
     def best(self) -> float:
         return max(self.mb_s)
@@ -299,21 +300,22 @@ def _client_cpu() -> float:
 
 def _measure(
     server: procs.Server, action: Callable[[], float | None], size: int
-) -> tuple[float, float, float, float]:
-    """MB/s, the server's CPU seconds, its block I/O wait and the client's CPU seconds
-    over ``action``, which may return its own duration (the python client times itself,
-    without its start-up)."""
+) -> tuple[float, float, float, float, float]:
+    """MB/s, the server's CPU seconds, its block I/O wait, the client's CPU seconds and
+    the wall time over ``action``, which may return its own duration for the MB/s (the
+    python client times itself, without its start-up)."""
     meter = procs.Meter(server.pid)
     blkio = blkio_ticks(server.pid)
     client = _client_cpu()
     meter.start()
     started = time.perf_counter()
     own = action()
-    took = own if own is not None else time.perf_counter() - started
+    wall = time.perf_counter() - started
+    took = own if own is not None else wall
     used = meter.stop()
     client = _client_cpu() - client
     waited = blkio_seconds_between(blkio, blkio_ticks(server.pid))
-    return size / took / 1e6, used.cpu_s, waited, client
+    return size / took / 1e6, used.cpu_s, waited, client, wall
 
 
 Action = Callable[[], float | None]
@@ -381,13 +383,17 @@ def run(settings: Settings, workdir: Path, distribution_bin: str, crane_bin: str
                         repo = f"clients/{client}-{shape}"
                         push, pull = _actions(client, server, repo, image, blobs, crane_bin)
                         for case, action in ((f"push_{shape}", push), (f"pull_{shape}", pull)):
-                            mb_s, cpu, blkio, used = _measure(server, action, count * size)
+                            measured = _measure(server, action, count * size)
+                            mb_s, cpu, blkio, used, wall = measured
                             key = (name, client, case)
-                            cell = cells.setdefault(key, Cell(name, client, case, [], [], [], []))
+                            cell = cells.setdefault(
+                                key, Cell(name, client, case, [], [], [], [], [])
+                            )
                             cell.mb_s.append(mb_s)
                             cell.cpu_s.append(cpu)
                             cell.blkio_s.append(blkio)
                             cell.client_cpu_s.append(used)
+                            cell.wall_s.append(wall)
                         shutil.rmtree(image, ignore_errors=True)
     finally:
         for server in servers.values():
@@ -452,7 +458,8 @@ def markdown(result: dict[str, Any]) -> str:
         + ("" if waits else " (not measured: no delay accounting in this run)")
         + ". Client CPU is the client's processes' (the Python client's with its start-up)"
         " and the bench's own (it makes curl's POSTs), the median of the rounds; cores busy"
-        " is the server's and the client's CPU over the median round's time, out of the"
+        " is the server's and the client's CPU over the median round's wall time (start-ups"
+        " in both), out of the"
         f" machine's {result.get('cores', '?')}: where it is near that, the row takes about"
         " their CPU over the cores, and each second of the server's costs it a share."
         + f" One run ({result['date']}, commit `{result['commit']}`).",
@@ -462,11 +469,6 @@ def markdown(result: dict[str, Any]) -> str:
         " client CPU s, Berth / distribution | cores busy, Berth / distribution |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    sizes = {
-        "push_large": s["large_mib"] * MiB,
-        "push_small": s["small_count"] * s["small_mib"] * MiB,
-    }
-    sizes["pull_large"], sizes["pull_small"] = sizes["push_large"], sizes["push_small"]
     for case in CASES:
         for client in CLIENTS:
             ours, theirs = (
@@ -479,12 +481,12 @@ def markdown(result: dict[str, Any]) -> str:
             median = {
                 f"{who}_{what}": statistics.median(cell[what])
                 for who, cell in (("ours", ours), ("theirs", theirs))
-                for what in ("cpu_s", "blkio_s", "mb_s")
+                for what in ("cpu_s", "blkio_s")
             }
             clients, busy = "", ""
-            if ours.get("client_cpu_s") and theirs.get("client_cpu_s"):
+            if ours.get("wall_s") and theirs.get("wall_s"):
                 used = [statistics.median(c["client_cpu_s"]) for c in (ours, theirs)]
-                seconds = [sizes[case] / 1e6 / median[f"{w}_mb_s"] for w in ("ours", "theirs")]
+                seconds = [statistics.median(c["wall_s"]) for c in (ours, theirs)]
                 cpu = [median["ours_cpu_s"] + used[0], median["theirs_cpu_s"] + used[1]]
                 clients = f"{used[0]:.2f} / {used[1]:.2f}"
                 busy = f"{cpu[0] / seconds[0]:.1f} / {cpu[1] / seconds[1]:.1f}"
