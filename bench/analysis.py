@@ -108,13 +108,13 @@ def _push(report: Report) -> str:
     return (
         f"- *Blob push* of the large blob: {fmt(berth)} MB/s for {we}, {fmt(dist)} for"
         f" {they}, where hashing alone runs at {fmt(sha)} MB/s and the disk writes"
-        f" {fmt(disk)} MB/s: {berth / bound:.0%} of the lower of the two. In {we} the event"
-        " loop thread only reads the socket, piece by piece as received; a thread hashes"
-        " each ~1 MiB batch and then writes it (one call each) while the next one arrives"
-        " (one batch in flight). Hashing then writing in one thread bounds the push at"
-        f" {fmt(serial)} MB/s with these figures ({serial / bound:.0%} of the lower limit),"
-        f" of which it reached {berth / serial:.0%}; a second thread to overlap the two"
-        " measured slower on this machine's two cores ([Clients](#clients))."
+        f" {fmt(disk)} MB/s: {berth / bound:.0%} of the lower of the two. In {we} a body"
+        " that streams alone is hashed by the event loop thread as each piece arrives,"
+        " and a thread writes each ~1 MiB batch while the next one arrives (one batch in"
+        " flight); a body beside others is hashed by its writing thread before each write,"
+        f" which bounds it at {fmt(serial)} MB/s with these figures"
+        f" ({serial / bound:.0%} of the lower limit). On two cores the client, the loop's"
+        " receiving and hashing, and the writes share the cores ([Clients](#clients))."
     )
 
 
