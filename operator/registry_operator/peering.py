@@ -192,13 +192,16 @@ def by_url(peer: models.Peer, secret: Mapping[str, str]) -> Resolved:
     if ":" in secret["username"]:
         message = f"Secret {peer.credentials_secret}: the username may not contain ':'"
         return Resolved(status.PeerState(peer.name, peer.url, "CredentialsInvalid", message))
+    # Both keys are mounted and read by the server at each use: checked here for the
+    # status, never copied into the config.
     wired = manifests.WiredPeer(
         name=peer.name,
         url=peer.url,
         kind=peer.kind,
-        username=secret["username"],
+        username="",
         secret=peer.credentials_secret,
         key="password",
+        username_key="username",
     )
     return Resolved(status.PeerState(peer.name, peer.url), wired)
 

@@ -15,7 +15,7 @@ import functools
 import json
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import yaml
 
 from registry_operator.kube import client as kube_client
 from registry_operator.rendering import names
+from tests.integration.test_auth_clients import SECRETS, start_auth_registry
 from tests.support import podspec_runner
 from tests.support.clients import skopeo
 from tests.support.control_plane import ControlPlane
@@ -35,7 +36,7 @@ from tests.support.operator_process import (
     operator_running,
 )
 from tests.support.operator_process import wait_for as _wait
-from tests.support.processes import ReservedPort
+from tests.support.processes import RegistryProcess, ReservedPort
 from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.integration
@@ -108,7 +109,9 @@ def _condition(kube: kube_client.Client, namespace: str, name: str, type_: str) 
 
 
 def _mounting_replication(kube: kube_client.Client, ns: str, name: str) -> Any:
-    deployment = kube.get("apps/v1", "Deployment", ns, name)
+    deployment = kube.find("apps/v1", "Deployment", ns, name)
+    if deployment is None:  # the ConfigMap is applied first
+        return None
     volumes = deployment["spec"]["template"]["spec"]["volumes"]
     return deployment if any(v["name"] == "replication" for v in volumes) else None
 
@@ -354,3 +357,68 @@ def test_wired_servers_replicate_and_the_status_shows_per_peer_lag(
             pod.stop()
         for port in reserved.values():
             port.release()
+
+
+def test_a_peer_by_url_replicates_with_the_account_its_secret_holds(
+    operator: OperatorProcess,
+    kube: kube_client.Client,
+    control_plane: ControlPlane,
+    namespace: str,
+    registry_process: Callable[..., RegistryProcess],
+    tmp_path: Path,
+) -> None:
+    """A peer in another cluster: the operator mounts both keys of its Secret, the rendered
+    pod's server reads the account from them (nothing of it in the config) and replicates
+    into the peer, a Berth with the policy's admin."""
+    require_tool("skopeo")
+    far = start_auth_registry(registry_process, tmp_path)
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "far-creds", "namespace": namespace},
+        "stringData": {"username": "root", "password": SECRETS["root"]},
+    }
+    control_plane.kubectl("apply", "-f", "-", input=json.dumps(secret))
+    peer = {"name": "far", "url": far.process.url, "credentialsSecretRef": {"name": "far-creds"}}
+    _registry(control_plane, namespace, "main", "eu", [peer])
+    config = _wait(
+        lambda: (c := _config(kube, namespace, "main")).get("replication") and c, operator, "peers"
+    )
+    wired = config["replication"]["peers"][0]
+    assert "username" not in wired
+    assert wired["username_file"] == "/etc/berth/replication/far.username"
+    deployment = _wait(
+        functools.partial(_mounting_replication, kube, namespace, "main"),
+        operator,
+        "the Deployment mounting the peer's Secret",
+    )
+    inputs = _wait(
+        lambda: podspec_runner.inputs(
+            lambda kind, n, o: kube.find("v1", kind, n, o), namespace, deployment
+        ),
+        operator,
+        "the ConfigMaps and Secrets",
+    )
+    pod = podspec_runner.start(deployment, *inputs, tmp_path / "main")
+    try:
+        admin = _secret(kube, namespace, names.secret("main"))
+        creds = f"{admin['admin-username']}:{admin['admin-password']}"
+        digest = make_oci_layout(tmp_path / "image", "v1", layers=2, seed="by-url")
+        skopeo(
+            "copy", "--dest-tls-verify=false", f"--dest-creds={creds}",
+            f"oci:{tmp_path / 'image'}:v1", f"docker://{pod.host}/team-a/api:v1",
+        )  # fmt: skip
+
+        def at_the_peer() -> bool:
+            result = skopeo(
+                "inspect", "--raw", "--tls-verify=false", f"--creds=root:{SECRETS['root']}",
+                f"docker://{far.host}/team-a/api@{digest}", check=False,
+            )  # fmt: skip
+            return result.returncode == 0
+
+        _wait(at_the_peer, operator, "the image at the peer", timeout=30)
+    except BaseException:
+        print(pod.log_tail())
+        raise
+    finally:
+        pod.stop()

@@ -199,8 +199,8 @@ REPLICATION = {
                 "-----BEGIN CERTIFICATE-----\ngolden-us-ca\n-----END CERTIFICATE-----\n",
             ),
             manifests.WiredPeer(
-                "ap", "https://registry.ap.example.com", "berth", "replicator",
-                "ap-replicator", "password",
+                "ap", "https://registry.ap.example.com", "berth", "",
+                "ap-replicator", "password", username_key="username",
             ),
         ),
         passwords={"us-east": "peer-password-golden"},
@@ -549,7 +549,7 @@ def test_pod_security() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
 
 
-def test_replication_peers_are_in_the_config_with_password_files() -> None:
+def test_replication_peers_are_in_the_config_with_credential_files() -> None:
     children = _render(CASES["replication"], "replication")
     kinds = {(d["kind"], d["metadata"]["name"]): d for d in children}
     config = yaml.safe_load(kinds[("ConfigMap", "main-config")]["data"]["config.yaml"])
@@ -569,7 +569,8 @@ def test_replication_peers_are_in_the_config_with_password_files() -> None:
                 "name": "ap",
                 "url": "https://registry.ap.example.com",
                 "kind": "berth",
-                "username": "replicator",
+                # A peer by URL: its Secret's username is a file too, read at every use.
+                "username_file": "/etc/berth/replication/ap.username",
                 "password_file": "/etc/berth/replication/ap",
             },
         ],
@@ -583,7 +584,15 @@ def test_replication_peers_are_in_the_config_with_password_files() -> None:
     volume = next(v for v in pod["volumes"] if v["name"] == "replication")
     assert volume["projected"]["sources"] == [
         {"secret": {"name": "main-replication", "items": [{"key": "us-east", "path": "us-east"}]}},
-        {"secret": {"name": "ap-replicator", "items": [{"key": "password", "path": "ap"}]}},
+        {
+            "secret": {
+                "name": "ap-replicator",
+                "items": [
+                    {"key": "password", "path": "ap"},
+                    {"key": "username", "path": "ap.username"},
+                ],
+            }
+        },
     ]
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "replication")
     assert mount["mountPath"] == "/etc/berth/replication"

@@ -270,14 +270,15 @@ def test_by_url_refuses_a_username_basic_cannot_carry() -> None:
     assert resolved.state.reason == "CredentialsInvalid"
 
 
-def test_by_url_wires_the_secret_without_copying_the_password() -> None:
+def test_by_url_wires_the_secret_without_copying_the_credentials() -> None:
     resolved = peering.by_url(FAR_PEER, {"username": "u", "password": "p"})
     assert resolved == peering.Resolved(
         status.PeerState("far", "https://far.example.com"),
         manifests.WiredPeer(
-            "far", "https://far.example.com", "berth", "u", "far-creds", "password"
+            "far", "https://far.example.com", "berth", "", "far-creds", "password",
+            username_key="username",
         ),
-    )
+    )  # fmt: skip
 
 
 def test_wiring_keeps_the_order_and_the_same_cluster_passwords() -> None:

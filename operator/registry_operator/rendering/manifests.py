@@ -39,10 +39,13 @@ class WiredPeer:
     name: str
     url: str
     kind: str
-    username: str
+    username: str  # written into the config; "" when it is read from the Secret
     secret: str  # the Secret (in the Registry's namespace) holding the password
     key: str  # its key
     ca_pem: str | None = None  # a same-cluster peer's CA (its spec.tls), copied here
+    # The Secret's key holding the username (a peer by URL): mounted beside the password
+    # and read by the server at every use, so a rotated account needs no new config.
+    username_key: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,10 +295,15 @@ def secret_data(owner: models.Owner, credentials: creds.Credentials) -> dict[str
 
 
 def _replication_sources(peers: tuple[WiredPeer, ...]) -> list[dict[str, Any]]:
-    """Projected-volume sources: each peer's password as a file named like the peer."""
+    """Projected-volume sources: each peer's password as a file named like the peer, and
+    the username of one that reads it from its Secret as <peer>.username (peer names
+    are DNS labels: no dot, so no clash)."""
     by_secret: dict[str, list[dict[str, str]]] = {}
     for peer in peers:
-        by_secret.setdefault(peer.secret, []).append({"key": peer.key, "path": peer.name})
+        items = by_secret.setdefault(peer.secret, [])
+        items.append({"key": peer.key, "path": peer.name})
+        if peer.username_key is not None:
+            items.append({"key": peer.username_key, "path": f"{peer.name}.username"})
     return [{"secret": {"name": name, "items": items}} for name, items in by_secret.items()]
 
 
