@@ -306,14 +306,14 @@ def _measure(
     python client times itself, without its start-up)."""
     meter = procs.Meter(server.pid)
     blkio = blkio_ticks(server.pid)
-    client = _client_cpu()
     meter.start()
+    client = _client_cpu()  # inside the meter's readings: its /proc walks are not in it
     started = time.perf_counter()
     own = action()
     wall = time.perf_counter() - started
+    client = _client_cpu() - client
     took = own if own is not None else wall
     used = meter.stop()
-    client = _client_cpu() - client
     waited = blkio_seconds_between(blkio, blkio_ticks(server.pid))
     return size / took / 1e6, used.cpu_s, waited, client, wall
 
@@ -439,6 +439,12 @@ def run_section(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _busy_in_best(cell: dict[str, Any]) -> float:
+    """Cores the server and the client kept busy in the cell's fastest round."""
+    best = max(range(len(cell["mb_s"])), key=lambda i: cell["mb_s"][i])
+    return float(cell["cpu_s"][best] + cell["client_cpu_s"][best]) / float(cell["wall_s"][best])
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The docs' table: each case and client, Berth against distribution."""
     s = result["settings"]
@@ -458,11 +464,10 @@ def markdown(result: dict[str, Any]) -> str:
         + ("" if waits else " (not measured: no delay accounting in this run)")
         + ". Client CPU is the client's processes' (the Python client's with its start-up)"
         " and the bench's own (it makes curl's POSTs), the median of the rounds; cores busy"
-        " is the server's and the client's CPU over the median round's wall time (start-ups"
-        " in both), out of the"
-        f" machine's {result.get('cores', '?')}: where it is near that, the row takes about"
-        " their CPU over the cores, and each second of the server's costs it a share."
-        + f" One run ({result['date']}, commit `{result['commit']}`).",
+        " is, in the round the MB/s is from, the server's and the client's CPU over its"
+        f" wall time (start-ups in both), out of the machine's {result.get('cores', '?')}"
+        " (other work on the machine takes its share too): near that, the row is bound by"
+        " their CPU together." + f" One run ({result['date']}, commit `{result['commit']}`).",
         "",
         "| case | client | Berth MB/s | distribution MB/s | ratio | Berth CPU s |"
         " distribution CPU s | Berth disk wait, thread-s | distribution disk wait, thread-s |"
@@ -486,10 +491,8 @@ def markdown(result: dict[str, Any]) -> str:
             clients, busy = "", ""
             if ours.get("wall_s") and theirs.get("wall_s"):
                 used = [statistics.median(c["client_cpu_s"]) for c in (ours, theirs)]
-                seconds = [statistics.median(c["wall_s"]) for c in (ours, theirs)]
-                cpu = [median["ours_cpu_s"] + used[0], median["theirs_cpu_s"] + used[1]]
                 clients = f"{used[0]:.2f} / {used[1]:.2f}"
-                busy = f"{cpu[0] / seconds[0]:.1f} / {cpu[1] / seconds[1]:.1f}"
+                busy = " / ".join(f"{_busy_in_best(c):.1f}" for c in (ours, theirs))
             lines.append(
                 f"| {names[case]} | {client} | {a:,.0f} | {b:,.0f} | {a / b:.2f} |"
                 f" {median['ours_cpu_s']:.2f} | {median['theirs_cpu_s']:.2f} |"

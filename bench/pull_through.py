@@ -673,14 +673,19 @@ def _bounds(result: Result) -> list[str]:
             f" Through the cache they use {through - first['cpu_s']:.2f} s and Berth"
             f" {first['cpu_s']:.2f} s, so the pull cannot take less than {least:.2f} s"
             f" ({least / t:.2f} x the direct pull; measured {first['median_s'] / t:.2f} x)."
-            f" Any cache adds at least the hashing of every byte, {hashing:.2f} s here:"
-            f" {least_any:.2f} s ({least_any / t:.2f} x)."
+            + (
+                f" A cache that verifies what it stores adds at least the hashing of every"
+                f" byte, {hashing:.2f} s here: {least_any:.2f} s ({least_any / t:.2f} x)."
+                if least_any > t
+                else ""
+            )
         )
     if out:
         out.insert(
             0,
-            "What the cores allow a first pull through the cache (CPU medians over"
-            " the cores, however well the processes overlap):",
+            "What the cores allow a first pull through the cache: the CPU it takes (the"
+            " sum of each process's median) over the cores, however well the processes"
+            " overlap, and never less than the direct pull:",
         )
     return out
 

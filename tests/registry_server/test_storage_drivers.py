@@ -345,11 +345,11 @@ async def test_a_lone_body_is_hashed_as_it_arrives_others_by_their_writers(
     only writes); one that starts while another streams is hashed by its writer. Both
     verify, and a caller that does not ask keeps the writer hashing."""
     store = BlobStore(FilesystemDriver(tmp_path / "store"))
-    hashing_writers: list[int] = []
+    hashing_writers: list[FileWriter] = []
     real = FileWriter.hash_with
 
     def spy(self: FileWriter, hasher: Any) -> bool:
-        hashing_writers.append(id(self))
+        hashing_writers.append(self)
         return real(self, hasher)
 
     monkeypatch.setattr(FileWriter, "hash_with", spy)
@@ -386,6 +386,29 @@ async def test_a_lone_body_is_hashed_as_it_arrives_others_by_their_writers(
     assert await push(fourth, _chunks(fourth)) == len(fourth)
     assert len(hashing_writers) == 2
     assert store._streaming == 0
+
+    # A session's PATCHes hashed here, then its PUT by the writer (or the other way
+    # round): the hash carried between requests covers both; a body that fails leaves
+    # the count as it was and the session where it stood.
+    fifth = os.urandom((3 << 20) + 11)
+    upload = await store.start_upload("repo")
+    await store.append(await store.upload_info("repo", upload), _chunks(fifth[:5]), hash_alone=True)
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"lost"
+        raise ConnectionResetError("the client left")
+
+    with pytest.raises(ConnectionResetError):
+        await store.append(await store.upload_info("repo", upload), broken(), hash_alone=True)
+    assert store._streaming == 0
+    await store.append(await store.upload_info("repo", upload), _chunks(fifth[5 : 2 << 20]))
+    info = await store.upload_info("repo", upload)
+    digest = digests.of_bytes(fifth)
+    last = _chunks(fifth[2 << 20 :])
+    assert await store.append(info, last, last=digest, hash_alone=True) == len(fifth)
+    await store.publish(info, digest)
+    assert await _collect(store.read(digest)) == fifth
+    assert len(hashing_writers) == 3  # only the PATCH that did not ask
 
 
 async def test_a_last_append_verifies_and_makes_the_upload_durable(
