@@ -29,10 +29,11 @@ class Target:
     remote: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class UpstreamFailure(Exception):
     """The upstream did not answer usefully. ``status`` is its HTTP status (None: no
-    answer at all: refused, reset, timed out)."""
+    answer at all: refused, reset, timed out). Not frozen: raising sets attributes on
+    an exception (a context manager it passes through sets its ``__traceback__``)."""
 
     upstream: str
     reason: str
@@ -93,9 +94,12 @@ def serves_stale(failure: UpstreamFailure) -> bool:
 
 
 def warning(failure: UpstreamFailure) -> str:
-    """RFC 7234 warn-code 110 (Response is Stale), naming the upstream and why."""
-    text = f"cached content served: {failure}".replace('"', "'")[:200]
-    return f'110 berth "{text}"'
+    """RFC 7234 warn-code 110 (Response is Stale), naming the upstream and why. The reason
+    quotes the upstream's reply (an error page, a JSON line): whatever a quoted string
+    may not hold goes, or the header could not be sent and the cached copy not served."""
+    text = f"cached content served: {failure}".replace('"', "'").replace("\\", "/")
+    printable = "".join(c if " " <= c <= "~" else " " for c in text)
+    return f'110 berth "{" ".join(printable.split())[:200]}"'
 
 
 def evicted(

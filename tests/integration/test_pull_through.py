@@ -215,6 +215,7 @@ class FakeUpstream:
     manifests: dict[str, tuple[str, bytes]] = field(default_factory=dict)  # ref -> (type, body)
     blobs: dict[str, bytes] = field(default_factory=dict)
     status: int | None = None
+    failed_gets: tuple[int, str] | None = None  # manifest GETs (not HEADs) answer this
     requests: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
 
@@ -230,6 +231,9 @@ class FakeUpstream:
             return web.json_response({})
         _, _, rest = request.path.partition("/v2/")
         _name, kind, ref = rest.rsplit("/", 2)
+        if kind == "manifests" and request.method == "GET" and self.failed_gets is not None:
+            status, text = self.failed_gets
+            return web.Response(status=status, text=text, content_type="text/html")
         if kind == "manifests" and ref in self.manifests:
             media_type, body = self.manifests[ref]
             digest = "sha256:" + hashlib.sha256(body).hexdigest()
@@ -285,6 +289,28 @@ def test_rate_limited_upstream_gets_the_cached_copy_served(
     assert "429" in (response.header("Warning") or ""), response.header("Warning")
     # Nothing cached for this one: the client is told the upstream's limit.
     assert Registry(berth.url).manifest("mirror/other", "v1").status == 429
+
+
+def test_a_failed_get_of_a_moved_tag_serves_the_cached_copy_whatever_the_error_page(
+    registry_process: Start, fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """The tag moved (its HEAD says so), the GET of the new manifest fails with an error
+    page: the cached copy is served, its Warning quoting the reply without its line
+    breaks (a header holding them could not be sent: a 500 before)."""
+    digest = make_oci_layout(tmp_path / "img", layers=1, layer_size=5000)
+    _serve_layout(fake_upstream, tmp_path / "img", digest)
+    berth = registry_process("berth", config=mirror_config(fake_upstream.url, tag_ttl_seconds=0))
+    assert pull(berth.host, "mirror/app:v1", tmp_path / "first") == digest
+    moved = make_oci_layout(tmp_path / "moved", layers=1, layer_size=6000, seed="moved")
+    body = (tmp_path / "moved" / "blobs" / "sha256" / moved[7:]).read_bytes()
+    fake_upstream.manifests["v1"] = (json.loads(body)["mediaType"], body)
+    fake_upstream.failed_gets = (503, '<html>\r\n<body>"busy"\t\\ \u00e9</body>\r\n</html>\r\n')
+    response = Registry(berth.url).manifest("mirror/app", "v1")
+    assert response.status == 200, response.status
+    assert response.header("Docker-Content-Digest") == digest
+    warning = response.header("Warning") or ""
+    assert warning.startswith('110 berth "') and "503" in warning and "busy" in warning
+    assert all(" " <= c <= "~" for c in warning) and warning.count('"') == 2, warning
 
 
 def test_corrupt_upstream_stores_nothing_and_the_client_gets_an_error(

@@ -65,6 +65,16 @@ def test_stale_content_served_for_anything_but_not_found() -> None:
     assert text.startswith('110 berth "') and text.endswith('"') and text.count('"') == 2
 
 
+def test_a_warning_holds_nothing_a_header_may_not() -> None:
+    """The reason quotes the upstream's reply: its line breaks, tabs, backslashes and
+    non-ASCII go (aiohttp refuses to send CR or LF in a header)."""
+    page = '<html>\r\n<body>"busy"\t\\ \u00e9 ' + "x" * 300 + "</body>\r\n</html>\r\n"
+    text = upstreams.warning(UpstreamFailure("hub", f"HTTP 503: {page}", 503))
+    assert text.startswith('110 berth "cached content served: upstream hub: HTTP 503: <html> ')
+    assert all(" " <= c <= "~" for c in text) and "\\" not in text
+    assert text.count('"') == 2 and text.endswith('"') and len(text) <= 212
+
+
 def test_eviction_keeps_the_last_pulled_and_drops_the_idle() -> None:
     tags = [("a", 100.0), ("b", 300.0), ("c", 200.0)]
     assert upstreams.evicted(tags, 400.0, 0, 0) == []
