@@ -94,6 +94,15 @@ def ssl_context(url: str, tls_verify: bool, ca_file: Path | None) -> ssl.SSLCont
     return ctx
 
 
+def new_session(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    """A session for peers and upstreams: content is hashed against its digest as it
+    came, so it is never decompressed, and asked for as is (aiohttp's default
+    Accept-Encoding lets a CDN in front of a registry gzip it, and the digest fail)."""
+    return aiohttp.ClientSession(
+        timeout=timeout, auto_decompress=False, headers={"Accept-Encoding": "identity"}
+    )
+
+
 class PeerClient:
     def __init__(self, peer: PeerConfig, session: aiohttp.ClientSession) -> None:
         self.peer = peer

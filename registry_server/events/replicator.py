@@ -33,7 +33,7 @@ from prometheus_client import Counter, Gauge
 
 from registry_server.config import PeerConfig, ReplicationConfig
 from registry_server.events.background import run_elected
-from registry_server.events.peer_client import PeerClient, PeerError
+from registry_server.events.peer_client import PeerClient, PeerError, new_session
 from registry_server.protocol import digests, manifests
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.blobstore import BlobStore
@@ -127,7 +127,7 @@ class Replicator:
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
-        self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+        self._session = new_session(timeout)
         for peer in self.config.peers:
             state = _Peer(
                 peer,

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from registry_server.config import UpstreamConfig
-from registry_server.events.peer_client import PeerClient, PeerError
+from registry_server.events.peer_client import PeerClient, PeerError, new_session
 from registry_server.protocol.upstreams import UpstreamFailure, UpstreamManifest
 
 MANIFEST_ACCEPT = ", ".join(
@@ -41,7 +41,7 @@ class UpstreamFetcher:
             timeout = aiohttp.ClientTimeout(
                 total=None, sock_connect=self.config.timeout_seconds, sock_read=_BLOB_READ_TIMEOUT
             )
-            self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+            self._session = new_session(timeout)
             self._client = PeerClient(self.config.as_peer(), self._session)
         return self._client
 

@@ -216,6 +216,7 @@ class FakeUpstream:
     blobs: dict[str, bytes] = field(default_factory=dict)
     status: int | None = None
     failed_gets: tuple[int, str] | None = None  # manifest GETs (not HEADs) answer this
+    compress: bool = False  # gzip what it sends when the client accepts it (as CDNs do)
     requests: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
 
@@ -238,10 +239,16 @@ class FakeUpstream:
             media_type, body = self.manifests[ref]
             digest = "sha256:" + hashlib.sha256(body).hexdigest()
             headers = {"Content-Type": media_type, "Docker-Content-Digest": digest}
-            return web.Response(body=None if request.method == "HEAD" else body, headers=headers)
+            body = None if request.method == "HEAD" else body
+            return self._maybe_compressed(web.Response(body=body, headers=headers))
         if kind == "blobs" and ref in self.blobs:
-            return web.Response(body=self.blobs[ref])
+            return self._maybe_compressed(web.Response(body=self.blobs[ref]))
         return web.json_response({"errors": [{"code": "NOT_FOUND"}]}, status=404)
+
+    def _maybe_compressed(self, response: web.Response) -> web.Response:
+        if self.compress:
+            response.enable_compression()  # only if the request accepts an encoding
+        return response
 
     def serve(self) -> Iterator[FakeUpstream]:
         loop = asyncio.new_event_loop()
@@ -311,6 +318,19 @@ def test_a_failed_get_of_a_moved_tag_serves_the_cached_copy_whatever_the_error_p
     warning = response.header("Warning") or ""
     assert warning.startswith('110 berth "') and "503" in warning and "busy" in warning
     assert all(" " <= c <= "~" for c in warning) and warning.count('"') == 2, warning
+
+
+def test_an_upstream_that_compresses_what_a_client_accepts_is_asked_for_the_bytes(
+    registry_process: Start, fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """A CDN in front of an upstream gzips replies when the request accepts it: the cache
+    accepts the identity only, so it stores the manifest and the layers as their digests
+    name them (it got gzip it did not unpack before: a digest mismatch)."""
+    digest = make_oci_layout(tmp_path / "img", layers=2, layer_size=50_000)
+    _serve_layout(fake_upstream, tmp_path / "img", digest)
+    fake_upstream.compress = True
+    berth = registry_process("berth", config=mirror_config(fake_upstream.url))
+    assert pull(berth.host, "mirror/app:v1", tmp_path / "first") == digest
 
 
 def test_corrupt_upstream_stores_nothing_and_the_client_gets_an_error(
