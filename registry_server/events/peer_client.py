@@ -41,6 +41,10 @@ class PeerError(Exception):
         self.retryable = retryable
 
 
+class ReplyTooLarge(PeerError):
+    """A reply wanted whole (a manifest) is larger than the limit it was read with."""
+
+
 def _classify(status: int, what: str, body: str) -> PeerError:
     # 4xx other than auth, throttling and timeouts will not change by retrying.
     retryable = status >= 500 or status in (401, 403, 404, 408, 409, 429)
@@ -226,7 +230,7 @@ class PeerClient:
                             content.decode(errors="replace"),
                         )
                     if cut and whole_reply is not None:
-                        raise PeerError(
+                        raise ReplyTooLarge(
                             f"{what or method + ' ' + path}: reply larger than {limit} bytes",
                             resp.status,
                             retryable=False,

@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from registry_server.config import UpstreamConfig
-from registry_server.events.peer_client import PeerClient, PeerError, new_session
+from registry_server.events.peer_client import PeerClient, PeerError, ReplyTooLarge, new_session
+from registry_server.protocol import errors
 from registry_server.protocol.upstreams import UpstreamFailure, UpstreamManifest
 
 MANIFEST_ACCEPT = ", ".join(
@@ -59,6 +60,12 @@ class UpstreamFetcher:
                 what=f"manifest {'HEAD' if head else 'GET'} {repo}:{reference}"[:200],
                 whole_reply=None if head else self.max_manifest_bytes,
             )
+        except ReplyTooLarge:
+            # The upstream answered: it is the manifest this cache will not hold.
+            raise errors.RegistryError(
+                errors.MANIFEST_TOO_LARGE,
+                detail={"upstream": self.name, "limit": self.max_manifest_bytes},
+            ) from None
         except PeerError as exc:
             raise self._failure(exc) from None
         return UpstreamManifest(

@@ -251,6 +251,13 @@ class PullThrough:
         except UpstreamFailure as failure:
             UPSTREAM_ERRORS.labels(target.mirror.name, _reason(failure)).inc()
             raise
+        except errors.RegistryError as exc:
+            # The tag moved to a manifest this cache refuses (too large, invalid, not
+            # its digest): the cached copy is served, and the upstream is asked again
+            # after the TTL, not at every pull (a GET is what rate limits count).
+            self._checked[(target.local, tag)] = time.monotonic()
+            reason = f"the new manifest of {tag} is refused: {exc.message or exc.error.message}"
+            raise UpstreamFailure(target.mirror.name, reason) from None
         self._checked[(target.local, tag)] = time.monotonic()
 
     async def _fill_once(self, target: Target, reference: str) -> None:

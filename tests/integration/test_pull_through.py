@@ -333,6 +333,36 @@ def test_an_upstream_that_compresses_what_a_client_accepts_is_asked_for_the_byte
     assert pull(berth.host, "mirror/app:v1", tmp_path / "first") == digest
 
 
+def test_a_manifest_over_the_limit_is_refused_and_a_tag_moved_to_one_keeps_its_copy(
+    registry_process: Start, fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """A manifest larger than limits.max_manifest_bytes: refused as such when nothing is
+    cached (it was a 502 'upstream unavailable'); a cached tag the upstream moved to one
+    keeps being served, with a Warning, and the upstream is asked again after the TTL,
+    not at every pull (it was a GET per pull, each failing)."""
+    digest = make_oci_layout(tmp_path / "img", layers=1, layer_size=5000)
+    _serve_layout(fake_upstream, tmp_path / "img", digest)
+    config = mirror_config(fake_upstream.url, tag_ttl_seconds=1)
+    berth = registry_process("berth", config={**config, "limits": {"max_manifest_bytes": 4096}})
+    assert pull(berth.host, "mirror/app:v1", tmp_path / "first") == digest
+    media_type, small = fake_upstream.manifests["v1"]
+    big = json.dumps({**json.loads(small), "annotations": {"pad": "x" * 5000}}).encode()
+    fake_upstream.manifests["v1"] = fake_upstream.manifests["big"] = (media_type, big)
+    api = Registry(berth.url)
+
+    refused = api.manifest("mirror/app", "big")
+    assert refused.status == 413 and b"SIZE_INVALID" in refused.body, refused
+
+    time.sleep(1.1)  # the cached tag is due for its HEAD
+    response = api.manifest("mirror/app", "v1")
+    assert response.status == 200 and response.header("Docker-Content-Digest") == digest
+    assert "refused" in (response.header("Warning") or ""), response.header("Warning")
+    asked = len(fake_upstream.requests)
+    for _ in range(3):
+        assert api.manifest("mirror/app", "v1").header("Docker-Content-Digest") == digest
+    assert len(fake_upstream.requests) == asked, fake_upstream.requests[asked:]
+
+
 def test_corrupt_upstream_stores_nothing_and_the_client_gets_an_error(
     registry_process: Start, fake_upstream: FakeUpstream, tmp_path: Path
 ) -> None:
