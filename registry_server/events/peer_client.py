@@ -41,6 +41,9 @@ class PeerError(Exception):
         self.retryable = retryable
 
 
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
 class ReplyTooLarge(PeerError):
     """A reply wanted whole (a manifest) is larger than the limit it was read with."""
 
@@ -190,12 +193,14 @@ class PeerClient:
         expect: tuple[int, ...] = (200,),
         what: str = "",
         whole_reply: int | None = None,
+        follow: bool = True,
     ) -> tuple[int, dict[str, str], bytes]:
         """One request with auth handled; returns (status, headers, body).
 
         ``data_factory`` rebuilds a streamed body for the retry after an auth challenge.
         The reply's body is wanted whole only with ``whole_reply`` (its limit: a larger
         one is an error); otherwise no more of it than an error message quotes is read.
+        A GET or HEAD follows redirects unless ``follow`` is False.
         """
         limit = whole_reply if whole_reply is not None else replies.SMALL
         url = path if path.startswith("http") else f"{self.base}{path}"
@@ -215,7 +220,7 @@ class PeerClient:
                     headers=hdrs,
                     data=body,
                     ssl=self._ssl,
-                    allow_redirects=method in ("GET", "HEAD"),
+                    allow_redirects=follow and method in ("GET", "HEAD"),
                 ) as resp:
                     content, cut = await replies.read(resp, limit)
                     if resp.status == 401 and attempt == 0 and self._ours(url):
@@ -287,14 +292,17 @@ class PeerClient:
     async def blob_exists(self, repo: str, digest: str, pull_only: bool = False) -> bool:
         """A HEAD of the blob. ``pull_only``: with a pull scope (an upstream, not a
         peer this registry pushes to)."""
+        # A redirect says where the registry keeps the blob: it has it. Not followed:
+        # a URL signed for GET (S3, GCS) answers a HEAD with 403.
         status, _, _ = await self.request(
             "HEAD",
             f"/v2/{repo}/blobs/{digest}",
             self._pull(repo) if pull_only else self._push(repo),
-            expect=(200, 404),
+            expect=(200, 404, *_REDIRECTS),
             what=f"blob HEAD {repo}@{digest}"[:200],
+            follow=False,
         )
-        return status == 200
+        return status != 404
 
     async def start_upload(self, repo: str, digest: str, source: str | None) -> str | None:
         """Start an upload, mounting from ``source`` when given; None when mounted."""

@@ -217,6 +217,9 @@ class FakeUpstream:
     status: int | None = None
     failed_gets: tuple[int, str] | None = None  # manifest GETs (not HEADs) answer this
     compress: bool = False  # gzip what it sends when the client accepts it (as CDNs do)
+    # Blob requests are redirected to /storage/, whose URLs, like presigned ones, are
+    # good for a GET only (a HEAD there is 403).
+    redirect_blobs: bool = False
     requests: list[str] = field(default_factory=list)
     port: int = field(default_factory=free_port)
 
@@ -230,6 +233,11 @@ class FakeUpstream:
             return web.Response(status=self.status, headers={"Retry-After": "60"})
         if request.path == "/v2/":
             return web.json_response({})
+        if request.path.startswith("/storage/"):
+            ref = request.path.removeprefix("/storage/")
+            if request.method != "GET" or ref not in self.blobs:
+                return web.Response(status=403)
+            return web.Response(body=self.blobs[ref])
         _, _, rest = request.path.partition("/v2/")
         _name, kind, ref = rest.rsplit("/", 2)
         if kind == "manifests" and request.method == "GET" and self.failed_gets is not None:
@@ -241,6 +249,8 @@ class FakeUpstream:
             headers = {"Content-Type": media_type, "Docker-Content-Digest": digest}
             body = None if request.method == "HEAD" else body
             return self._maybe_compressed(web.Response(body=body, headers=headers))
+        if kind == "blobs" and ref in self.blobs and self.redirect_blobs:
+            return web.Response(status=307, headers={"Location": f"/storage/{ref}"})
         if kind == "blobs" and ref in self.blobs:
             return self._maybe_compressed(web.Response(body=self.blobs[ref]))
         return web.json_response({"errors": [{"code": "NOT_FOUND"}]}, status=404)
@@ -361,6 +371,27 @@ def test_a_manifest_over_the_limit_is_refused_and_a_tag_moved_to_one_keeps_its_c
     for _ in range(3):
         assert api.manifest("mirror/app", "v1").header("Docker-Content-Digest") == digest
     assert len(fake_upstream.requests) == asked, fake_upstream.requests[asked:]
+
+
+def test_a_blob_the_upstream_redirects_is_fetched_and_linked_for_another_repository(
+    registry_process: Start, fake_upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """An upstream that redirects blob requests to URLs signed for GET (S3, GCS): the
+    fetch follows the redirect; the HEAD that asks whether another repository serves a
+    blob stored for one takes the redirect as its yes, without following it into a 403
+    (it was a 502 for that repository's clients)."""
+    digest = make_oci_layout(tmp_path / "img", layers=2, layer_size=20_000)
+    _serve_layout(fake_upstream, tmp_path / "img", digest)
+    fake_upstream.redirect_blobs = True
+    berth = registry_process("berth", config=mirror_config(fake_upstream.url))
+    assert pull(berth.host, "mirror/app:v1", tmp_path / "first") == digest
+
+    def fetched() -> list[str]:
+        return [r for r in fake_upstream.requests if r.startswith("GET /storage/")]
+
+    assert len(fetched()) == 3  # the config and two layers, through the redirect
+    assert pull(berth.host, "mirror/other:v1", tmp_path / "second") == digest
+    assert len(fetched()) == 3  # linked, not fetched again
 
 
 def test_corrupt_upstream_stores_nothing_and_the_client_gets_an_error(
