@@ -186,7 +186,8 @@ def by_url(peer: models.Peer, secret: Mapping[str, str]) -> Resolved:
     """A peer in another cluster, with the decoded data of its credentials Secret ({}
     when missing)."""
     assert peer.url is not None and peer.credentials_secret is not None
-    if not secret.get("username") or not secret.get("password"):
+    # Blank counts as missing: the server strips the files it reads them from.
+    if not secret.get("username", "").strip() or not secret.get("password", "").strip():
         message = f"Secret {peer.credentials_secret} needs the keys username and password"
         return Resolved(status.PeerState(peer.name, peer.url, "CredentialsMissing", message))
     if ":" in secret["username"]:

@@ -591,6 +591,7 @@ def test_replication_peers_are_in_the_config_with_credential_files() -> None:
                     {"key": "password", "path": "ap"},
                     {"key": "username", "path": "ap.username"},
                 ],
+                "optional": True,  # a user's Secret: a key gone later fails the peer only
             }
         },
     ]

@@ -251,7 +251,14 @@ def test_in_cluster_waits_for_the_peers_ca() -> None:
 
 @pytest.mark.parametrize(
     "secret",
-    [{}, {"username": "u"}, {"password": "p"}, {"username": "", "password": "p"}],
+    [
+        {},
+        {"username": "u"},
+        {"password": "p"},
+        {"username": "", "password": "p"},
+        {"username": " \n", "password": "p"},
+        {"username": "u", "password": "\n"},
+    ],
 )
 def test_by_url_needs_username_and_password(secret: dict[str, str]) -> None:
     assert peering.by_url(FAR_PEER, secret) == peering.Resolved(

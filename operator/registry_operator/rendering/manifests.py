@@ -299,12 +299,19 @@ def _replication_sources(peers: tuple[WiredPeer, ...]) -> list[dict[str, Any]]:
     the username of one that reads it from its Secret as <peer>.username (peer names
     are DNS labels: no dot, so no clash)."""
     by_secret: dict[str, list[dict[str, str]]] = {}
+    users: set[str] = set()
     for peer in peers:
         items = by_secret.setdefault(peer.secret, [])
         items.append({"key": peer.key, "path": peer.name})
         if peer.username_key is not None:
             items.append({"key": peer.username_key, "path": f"{peer.name}.username"})
-    return [{"secret": {"name": name, "items": items}} for name, items in by_secret.items()]
+            users.add(peer.secret)
+    # A user's Secret is optional: a key removed after the peer was wired fails that
+    # peer's requests (the server reads the files at each use), not a new pod's start.
+    return [
+        {"secret": {"name": name, "items": items, **({"optional": True} if name in users else {})}}
+        for name, items in by_secret.items()
+    ]
 
 
 def checksum(config_map: Manifest, secret: Manifest, backends: str = "") -> str:
