@@ -292,17 +292,33 @@ class PeerClient:
     async def blob_exists(self, repo: str, digest: str, pull_only: bool = False) -> bool:
         """A HEAD of the blob. ``pull_only``: with a pull scope (an upstream, not a
         peer this registry pushes to)."""
-        # A redirect says where the registry keeps the blob: it has it. Not followed:
-        # a URL signed for GET (S3, GCS) answers a HEAD with 403.
-        status, _, _ = await self.request(
+        scope = self._pull(repo) if pull_only else self._push(repo)
+        path = f"/v2/{repo}/blobs/{digest}"
+        status, headers, _ = await self.request(
             "HEAD",
-            f"/v2/{repo}/blobs/{digest}",
-            self._pull(repo) if pull_only else self._push(repo),
+            path,
+            scope,
             expect=(200, 404, *_REDIRECTS),
             what=f"blob HEAD {repo}@{digest}"[:200],
             follow=False,
         )
-        return status != 404
+        location = headers.get("Location")
+        if status not in _REDIRECTS:
+            return status == 200
+        if not location:
+            raise PeerError(f"blob HEAD {repo}@{digest}: HTTP {status} without Location")
+        # Where the registry sends clients for the blob: a URL signed for GET (S3, GCS)
+        # answers a HEAD with 403, so it is asked for one byte as a client would fetch it
+        # (credentials only at the peer's own origin, as for any request).
+        status, _, _ = await self.request(
+            "GET",
+            urljoin(f"{self.base}{path}", location),
+            scope,
+            headers={"Range": "bytes=0-0"},
+            expect=(200, 206, 403, 404),
+            what=f"blob {repo}@{digest} at its redirect"[:200],
+        )
+        return status in (200, 206)
 
     async def start_upload(self, repo: str, digest: str, source: str | None) -> str | None:
         """Start an upload, mounting from ``source`` when given; None when mounted."""

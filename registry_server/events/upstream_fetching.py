@@ -1,7 +1,8 @@
 """Fetching manifests and blobs from an upstream registry (the pull-through cache's I/O).
 
 Auth, TLS and the token flow are the replication peer client's: an upstream is reached
-like a one-way peer, with pull scopes only. Every failure is an UpstreamFailure.
+like a one-way peer, with pull scopes only. Every failure is an UpstreamFailure, but a
+manifest over the size limit: that is the content's fault (MANIFEST_TOO_LARGE).
 """
 
 from __future__ import annotations

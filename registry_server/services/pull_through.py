@@ -46,6 +46,9 @@ EVICTED = Counter("berth_cache_evicted_tags_total", "Cached tags evicted", ["ups
 # How long one write to the client that leads a fetch may take before it is dropped (the
 # fetch, and the clients waiting for it, go on without it).
 _SINK_TIMEOUT = 30.0
+# How soon a cached tag whose upstream sent a manifest not matching its digest is asked
+# about again (a bad node may answer the next time, or the next client's cache).
+_MISMATCH_RECHECK = 30.0
 # How often a fetch waiting for another process's claim on the same blob tries again,
 # and for how long at most before it fetches unclaimed.
 _CLAIM_POLL = 0.1
@@ -254,8 +257,12 @@ class PullThrough:
         except errors.RegistryError as exc:
             # The tag moved to a manifest this cache refuses (too large, invalid, not
             # its digest): the cached copy is served, and the upstream is asked again
-            # after the TTL, not at every pull (a GET is what rate limits count).
-            self._checked[(target.local, tag)] = time.monotonic()
+            # after the TTL, not at every pull (a GET is what rate limits count); after
+            # half a minute at most for bytes that did not match (one bad CDN node).
+            checked = time.monotonic()
+            if exc.error is errors.UPSTREAM_DIGEST_MISMATCH:
+                checked -= max(0.0, settings.tag_ttl_seconds - _MISMATCH_RECHECK)
+            self._checked[(target.local, tag)] = checked
             reason = f"the new manifest of {tag} is refused: {exc.message or exc.error.message}"
             raise UpstreamFailure(target.mirror.name, reason) from None
         self._checked[(target.local, tag)] = time.monotonic()

@@ -228,7 +228,8 @@ class FakeUpstream:
         return f"http://127.0.0.1:{self.port}"
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(f"{request.method} {request.path}")
+        ranged = " (range)" if "Range" in request.headers else ""
+        self.requests.append(f"{request.method} {request.path}{ranged}")
         if self.status is not None:
             return web.Response(status=self.status, headers={"Retry-After": "60"})
         if request.path == "/v2/":
@@ -378,20 +379,22 @@ def test_a_blob_the_upstream_redirects_is_fetched_and_linked_for_another_reposit
 ) -> None:
     """An upstream that redirects blob requests to URLs signed for GET (S3, GCS): the
     fetch follows the redirect; the HEAD that asks whether another repository serves a
-    blob stored for one takes the redirect as its yes, without following it into a 403
-    (it was a 502 for that repository's clients)."""
+    blob stored for one is not followed into a 403 (it was a 502 for that repository's
+    clients): one byte is asked for at its Location instead."""
     digest = make_oci_layout(tmp_path / "img", layers=2, layer_size=20_000)
     _serve_layout(fake_upstream, tmp_path / "img", digest)
     fake_upstream.redirect_blobs = True
     berth = registry_process("berth", config=mirror_config(fake_upstream.url))
     assert pull(berth.host, "mirror/app:v1", tmp_path / "first") == digest
 
-    def fetched() -> list[str]:
-        return [r for r in fake_upstream.requests if r.startswith("GET /storage/")]
+    def at_storage(ranged: bool) -> list[str]:
+        got = [r for r in fake_upstream.requests if r.startswith("GET /storage/")]
+        return [r for r in got if r.endswith(" (range)") == ranged]
 
-    assert len(fetched()) == 3  # the config and two layers, through the redirect
+    assert len(at_storage(False)) == 3  # the config and two layers, through the redirect
     assert pull(berth.host, "mirror/other:v1", tmp_path / "second") == digest
-    assert len(fetched()) == 3  # linked, not fetched again
+    assert len(at_storage(False)) == 3  # linked, not fetched again
+    assert len(at_storage(True)) == 3  # each asked for a byte where the redirect led
 
 
 def test_corrupt_upstream_stores_nothing_and_the_client_gets_an_error(
