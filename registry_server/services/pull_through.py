@@ -154,6 +154,7 @@ class PullThrough:
         self.max_manifest_bytes = max_manifest_bytes
         self._manifest_flights: dict[tuple[str, str], asyncio.Task[None]] = {}
         self._blob_flights: dict[str, _Flight] = {}
+        self._fetches_ended = 0  # blob fetches that ended: a look at the store may be stale
         self._checked: dict[tuple[str, str], float] = {}  # (repo, tag) -> monotonic
         # (repo, tag) -> wall time of the last pull: what eviction goes by. Kept in memory
         # and written to state_dir (one file per worker) now and then.
@@ -342,11 +343,14 @@ class PullThrough:
         # Twice at most: a request that waited for another's fetch (of this repository
         # or another) looks again at what is now stored.
         for _ in range(2):
+            ended = self._fetches_ended
             if await self._present(target, digest):
                 HITS.labels(upstream, "blob").inc()
                 return False
             flight = self._blob_flights.get(str(digest))
             if flight is None:
+                if self._fetches_ended != ended:
+                    continue  # one ended while this looked: it may have stored it
                 break
             # Another request is fetching it: a whole GET follows the file as it grows;
             # others wait (shielded: a client that goes away does not stop the fetch the
@@ -482,6 +486,7 @@ class PullThrough:
         raise _as_error(failure, errors.BLOB_UNKNOWN, {"digest": str(digest)})
 
     def _flight_ended(self, digest: str, task: asyncio.Task[None]) -> None:
+        self._fetches_ended += 1
         flight = self._blob_flights.get(digest)
         if flight is not None and flight.task is task:  # not a later fetch of the same
             del self._blob_flights[digest]

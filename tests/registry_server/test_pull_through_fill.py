@@ -15,6 +15,7 @@ import hashlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -149,6 +150,37 @@ async def test_the_client_is_done_once_the_digest_matched(tmp_path: Path) -> Non
     assert upstream.fetches == 1
     assert await index.blob_size("mirror/app", str(digest)) == len(data)
     assert await store.size(digest) == len(data)
+    await cache.close()
+    await index.close()
+
+
+async def test_a_request_that_looked_while_the_fetch_ended_is_served_what_it_stored(
+    tmp_path: Path,
+) -> None:
+    """A request whose look at the store began before a fetch of the blob stored it, and
+    ended after the fetch was gone: it looks again and is served the stored blob, where
+    it started a second download."""
+    data = hashlib.shake_256(b"layer").digest(4 * CHUNK + 5)
+    digest = digests.of_bytes(data)
+    upstream = Bytes(data)
+    cache, store, index = _cache(tmp_path, upstream)
+    assert await asyncio.wait_for(cache.blob("mirror/app", digest, Recorder()), 10)
+    flight = cache._blob_flights[str(digest)]
+    assert flight.task is not None
+    looked = cache._present
+
+    async def late(target: Any, wanted: digests.Digest) -> bool:
+        found = await looked(target, wanted)  # not yet stored: False
+        store.gate.set()
+        assert flight.task is not None
+        await asyncio.wait_for(asyncio.shield(flight.task), 10)  # stored, and gone
+        return found
+
+    cache._present = late  # type: ignore[method-assign]
+    await asyncio.wait_for(cache.blob("mirror/app", digest, None), 10)
+    cache._present = looked  # type: ignore[method-assign]
+    assert upstream.fetches == 1
+    assert await index.blob_size("mirror/app", str(digest)) == len(data)
     await cache.close()
     await index.close()
 
