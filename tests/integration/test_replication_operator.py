@@ -116,6 +116,23 @@ def _mounting_replication(kube: kube_client.Client, ns: str, name: str) -> Any:
     return deployment if any(v["name"] == "replication" for v in volumes) else None
 
 
+def _push(layout: Path, host: str, creds: str, tag: str) -> None:
+    """The image in ``layout`` (tag v1) pushed as team-a/api:<tag>."""
+    skopeo(
+        "copy", "--dest-tls-verify=false", f"--dest-creds={creds}",
+        f"oci:{layout}:v1", f"docker://{host}/team-a/api:{tag}",
+    )  # fmt: skip
+
+
+def _serves(host: str, creds: str, digest: str) -> bool:
+    """Whether the registry at ``host`` serves team-a/api@<digest> to ``creds``."""
+    result = skopeo(
+        "inspect", "--raw", "--tls-verify=false", f"--creds={creds}",
+        f"docker://{host}/team-a/api@{digest}", check=False,
+    )  # fmt: skip
+    return result.returncode == 0
+
+
 def _wire(
     operator: OperatorProcess,
     kube: kube_client.Client,
@@ -280,18 +297,8 @@ def test_wired_servers_replicate_and_the_status_shows_per_peer_lag(
 
         digest = make_oci_layout(tmp_path / "image", "v1", layers=2, seed="replicated")
         pushed = time.monotonic()
-        skopeo(
-            "copy", "--dest-tls-verify=false", f"--dest-creds={creds['eu']}",
-            f"oci:{tmp_path / 'image'}:v1", f"docker://{eu_pod.host}/team-a/api:v1",
-        )  # fmt: skip
-
-        def pullable_in_us() -> bool:
-            result = skopeo(
-                "inspect", "--raw", "--tls-verify=false", f"--creds={creds['us']}",
-                f"docker://{us_pod.host}/team-a/api@{digest}", check=False,
-            )  # fmt: skip
-            return result.returncode == 0
-
+        _push(tmp_path / "image", eu_pod.host, creds["eu"], "v1")
+        pullable_in_us = functools.partial(_serves, us_pod.host, creds["us"], digest)
         _wait(pullable_in_us, operator, "the image in us", timeout=30)
         print(f"\npushed to eu -> pullable in us: {time.monotonic() - pushed:.2f}s")
         back = skopeo(
@@ -326,10 +333,7 @@ def test_wired_servers_replicate_and_the_status_shows_per_peer_lag(
 
         # A peer that is down shows in the status: queued changes, their age, the error.
         us_pod.stop()
-        skopeo(
-            "copy", "--dest-tls-verify=false", f"--dest-creds={creds['eu']}",
-            f"oci:{tmp_path / 'image'}:v1", f"docker://{eu_pod.host}/team-a/api:v2",
-        )  # fmt: skip
+        _push(tmp_path / "image", eu_pod.host, creds["eu"], "v2")
 
         def queued() -> dict[str, Any] | None:
             peers = (_registry_status(kube, eu_ns, "eu").get("replication") or {}).get(
@@ -404,18 +408,8 @@ def test_a_peer_by_url_replicates_with_the_account_its_secret_holds(
         admin = _secret(kube, namespace, names.secret("main"))
         creds = f"{admin['admin-username']}:{admin['admin-password']}"
         digest = make_oci_layout(tmp_path / "image", "v1", layers=2, seed="by-url")
-        skopeo(
-            "copy", "--dest-tls-verify=false", f"--dest-creds={creds}",
-            f"oci:{tmp_path / 'image'}:v1", f"docker://{pod.host}/team-a/api:v1",
-        )  # fmt: skip
-
-        def at_the_peer() -> bool:
-            result = skopeo(
-                "inspect", "--raw", "--tls-verify=false", f"--creds=root:{SECRETS['root']}",
-                f"docker://{far.host}/team-a/api@{digest}", check=False,
-            )  # fmt: skip
-            return result.returncode == 0
-
+        _push(tmp_path / "image", pod.host, creds, "v1")
+        at_the_peer = functools.partial(_serves, far.host, f"root:{SECRETS['root']}", digest)
         _wait(at_the_peer, operator, "the image at the peer", timeout=30)
     except BaseException:
         print(pod.log_tail())
