@@ -302,9 +302,9 @@ class PeerClient:
             what=f"blob HEAD {repo}@{digest}"[:200],
             follow=False,
         )
-        location = headers.get("Location")
         if status not in _REDIRECTS:
             return status == 200
+        location = headers.get("Location")
         if not location:
             raise PeerError(f"blob HEAD {repo}@{digest}: HTTP {status} without Location")
         # Where the registry sends clients for the blob: a URL signed for GET (S3, GCS)
