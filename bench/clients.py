@@ -27,7 +27,6 @@ import hashlib
 import http.client
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -290,14 +289,6 @@ class Cell:
         return max(self.mb_s)
 
 
-def _client_cpu() -> float:
-    """CPU seconds of this process and of its children that have ended."""
-    return sum(
-        used.ru_utime + used.ru_stime
-        for used in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    )
-
-
 def _measure(
     server: procs.Server, action: Callable[[], float | None], size: int
 ) -> tuple[float, float, float, float, float]:
@@ -307,11 +298,11 @@ def _measure(
     meter = procs.Meter(server.pid)
     blkio = blkio_ticks(server.pid)
     meter.start()
-    client = _client_cpu()  # inside the meter's readings: its /proc walks are not in it
+    client = procs.own_cpu_seconds()  # inside the meter's readings: its /proc walks are not in it
     started = time.perf_counter()
     own = action()
     wall = time.perf_counter() - started
-    client = _client_cpu() - client
+    client = procs.own_cpu_seconds() - client
     took = own if own is not None else wall
     used = meter.stop()
     waited = blkio_seconds_between(blkio, blkio_ticks(server.pid))

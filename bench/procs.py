@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -60,6 +61,13 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo.extend(children.get(pid, []))
     return tree
+
+
+def own_cpu_seconds(children_only: bool = False) -> float:
+    """CPU time (user + system) of this process's ended children (the clients it ran and
+    waited for), and of this process itself unless ``children_only``."""
+    who = [resource.RUSAGE_CHILDREN] + ([] if children_only else [resource.RUSAGE_SELF])
+    return sum(used.ru_utime + used.ru_stime for used in map(resource.getrusage, who))
 
 
 def cpu_seconds(root: int) -> float:

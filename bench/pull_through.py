@@ -36,7 +36,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -331,12 +330,6 @@ class Sample:
     client_cpu_s: float | None = None  # skopeo's (not the raw client's: its start-up is in it)
 
 
-def _children_cpu() -> float:
-    """CPU seconds of this process's ended children (skopeo: one runs at a time)."""
-    used = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return used.ru_utime + used.ru_stime
-
-
 class Puller:
     def __init__(self, s: Settings, scratch: Path, skopeo: str, upstream: procs.Server) -> None:
         self.s = s
@@ -365,10 +358,11 @@ class Puller:
         meter.start()
         if up is not None:
             up.start()
-        started, client_cpu = time.monotonic(), _children_cpu()
+        # skopeo's: the only child that ends meanwhile (one runs at a time).
+        started, client_cpu = time.monotonic(), procs.own_cpu_seconds(children_only=True)
         done = subprocess.run(argv, capture_output=True, text=True, timeout=self.s.skopeo_timeout_s)
         seconds = time.monotonic() - started
-        client_cpu = _children_cpu() - client_cpu
+        client_cpu = procs.own_cpu_seconds(children_only=True) - client_cpu
         used = meter.stop()
         upstream_cpu = up.stop().cpu_s if up is not None else 0.0
         shutil.rmtree(dest, ignore_errors=True)
