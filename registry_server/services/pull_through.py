@@ -46,6 +46,11 @@ EVICTED = Counter("berth_cache_evicted_tags_total", "Cached tags evicted", ["ups
 # How long one write to the client that leads a fetch may take before it is dropped (the
 # fetch, and the clients waiting for it, go on without it).
 _SINK_TIMEOUT = 30.0
+# How long, in all, a fetch written to a local file waits for its leading client to take
+# its bytes: then that client follows the file as the others do, at its own pace, and
+# the fetch goes at the upstream's (one slow or stuck node does not hold a rollout's
+# others).
+_LEAD_PATIENCE = 0.5
 # How soon a cached tag whose upstream sent a manifest not matching its digest is asked
 # about again (a bad node may answer the next time, or the next client's cache).
 _MISMATCH_RECHECK = 30.0
@@ -107,6 +112,15 @@ class _Flight:
     size: int | None = None
     path: Path | None = None
     progress: asyncio.Event = field(default_factory=asyncio.Event)
+    # The leading client's last write, going on while the fetch reads the next chunk;
+    # ``sent``: the bytes handed to its writes.
+    writing: asyncio.Task[None] | None = None
+    sent: int = 0
+    waited: float = 0.0  # time the fetch spent waiting for the leading client's writes
+    # The leading client fell behind: once its last write is out, it follows the file
+    # (open as ``behind_fd``, the handler's to close) for the rest.
+    behind: asyncio.Event = field(default_factory=asyncio.Event)
+    behind_fd: int | None = None
 
     def advanced(self) -> None:
         """Wake every follower waiting for more (each waits on the event it saw)."""
@@ -377,16 +391,28 @@ class PullThrough:
                 # The leading client's response ends once its bytes are verified; the
                 # fsync and the publish that follow are not its wait.
                 released = asyncio.ensure_future(flight.released.wait())
+                behind = asyncio.ensure_future(flight.behind.wait())
                 try:
-                    await asyncio.wait((task, released), return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        (task, released, behind), return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
                     released.cancel()
-                if flight.released.is_set() and flight.started and flight.sink is not None:
+                    behind.cancel()
+                if flight.behind.is_set():
+                    await self._catch_up(flight, sink)
+                    return True
+                written = await self._written(flight)
+                if flight.released.is_set() and flight.started and written:
                     return True
             await asyncio.shield(task)
         except asyncio.CancelledError:
             flight.sink = None
             raise
+        finally:
+            if flight.behind_fd is not None:
+                os.close(flight.behind_fd)
+                flight.behind_fd = None
         return flight.started and flight.sink is not None
 
     async def _present(self, target: Target, digest: digests.Digest) -> bool:
@@ -450,23 +476,24 @@ class PullThrough:
             return False
         try:
             await sink.start(size)
-            sent = 0
-            while sent < size:
-                if task.done() or flight.released.is_set():
-                    # Verified: the rest is in the file once the fetch has stored it (a
-                    # fetch that failed raises here).
-                    await asyncio.shield(task)
-                    ready = size
-                else:
-                    ready = min(os.fstat(fd).st_size, size - 1)
-                if ready > sent:
-                    await sink.send_file(fd, sent, ready - sent)
-                    sent = ready
-                else:
-                    await _progress(flight)
+            await _send_file(flight, sink, fd, 0, size)
         finally:
             os.close(fd)
         return True
+
+    async def _catch_up(self, flight: _Flight, sink: Sink) -> None:
+        """The leading client, behind: its last write, then the rest from the file."""
+        assert flight.behind_fd is not None and flight.size is not None
+        if not await self._written(flight):
+            raise ConnectionAbortedError("the client stopped taking the blob's body")
+        await _send_file(flight, sink, flight.behind_fd, flight.sent, flight.size)
+
+    @staticmethod
+    async def _written(flight: _Flight) -> bool:
+        """Once the leading client's last write is over: whether it is still served."""
+        if flight.writing is not None:
+            await asyncio.wait((flight.writing,))
+        return flight.sink is not None
 
     async def _upstream_has(self, target: Target, digest: digests.Digest) -> bool:
         """Whether the upstream serves the blob in the mirrored repository (within the
@@ -575,14 +602,11 @@ class PullThrough:
         await self.store.cancel(upload_id)
 
     async def _release(self, flight: _Flight) -> None:
-        """The digest matched: the leading client gets the chunk held back."""
+        """The digest matched: the leading client gets the chunk held back (one that
+        follows the file gets it from there)."""
         pending, flight.pending = flight.pending, None
-        if flight.sink is not None and flight.started and pending is not None:
-            try:
-                async with asyncio.timeout(_SINK_TIMEOUT):
-                    await flight.sink.write(pending)
-            except Exception:  # the client is gone or stalled: the fetch goes on without it
-                flight.sink = None
+        if flight.started and pending is not None:
+            await self._lead(flight, pending)
         flight.released.set()
 
     async def _to_sink(self, flight: _Flight, size: int | None, chunk: bytes) -> None:
@@ -591,15 +615,59 @@ class PullThrough:
             flight.sink = None
             return
         previous, flight.pending = flight.pending, chunk
-        try:
-            async with asyncio.timeout(_SINK_TIMEOUT):
-                if not flight.started:
+        if not flight.started:
+            try:
+                async with asyncio.timeout(_SINK_TIMEOUT):
                     await flight.sink.start(size)
-                    flight.started = True
-                if previous is not None:
-                    await flight.sink.write(previous)
-        except Exception:  # the client is gone or stalled: the fetch goes on without it
+                flight.started = True
+            except Exception:  # the client is gone or stalled: the fetch goes on without it
+                flight.sink = None
+                return
+        if previous is not None:
+            await self._lead(flight, previous)
+
+    async def _lead(self, flight: _Flight, chunk: bytes) -> None:
+        """Hand ``chunk`` to the leading client (unless it is gone or behind): written
+        by a task of its own while the fetch reads on, once the previous one is out.
+        When the fetch has waited ``_LEAD_PATIENCE`` in all for those writes, the client
+        follows the file for the rest, and the write in progress goes on without the
+        fetch. Without a local file the client paces the fetch."""
+        sink = flight.sink
+        if sink is None or flight.behind.is_set():
+            return
+        previous = flight.writing
+        if previous is not None and not previous.done():
+            # Its turn first: a write the connection takes is over then, and the wait
+            # below (futures, a timer) is only for one the client holds back.
+            await asyncio.sleep(0)
+        if previous is not None and not previous.done():
+            if flight.path is None:
+                await asyncio.wait((previous,))
+            else:
+                began = time.monotonic()
+                await asyncio.wait((previous,), timeout=max(_LEAD_PATIENCE - flight.waited, 0.0))
+                flight.waited += time.monotonic() - began
+                if not previous.done():
+                    await self._fall_behind(flight, sink)
+                    return
+        if flight.sink is None:  # that write failed
+            return
+        flight.sent += len(chunk)
+        flight.writing = asyncio.ensure_future(_write(flight, sink, chunk))
+
+    async def _fall_behind(self, flight: _Flight, sink: Sink) -> None:
+        """The leading client takes the rest from the file, as followers do."""
+        assert flight.path is not None
+        try:
+            fd = await asyncio.to_thread(os.open, flight.path, os.O_RDONLY)
+        except OSError:  # not while the fetch writes it; the client is dropped if so
             flight.sink = None
+            return
+        if flight.sink is not sink:  # the client left meanwhile
+            os.close(fd)
+            return
+        flight.behind_fd = fd
+        flight.behind.set()
 
     async def _single(
         self,
@@ -716,6 +784,34 @@ async def _progress(flight: _Flight) -> None:
     finally:
         for wait in waits:
             wait.cancel()
+
+
+async def _write(flight: _Flight, sink: Sink, chunk: bytes) -> None:
+    """One write to the leading client; one stalled for ``_SINK_TIMEOUT`` drops it (the
+    caller cuts its connection)."""
+    try:
+        async with asyncio.timeout(_SINK_TIMEOUT):
+            await sink.write(chunk)
+    except Exception:  # the client is gone or stalled: the fetch goes on without it
+        flight.sink = None
+
+
+async def _send_file(flight: _Flight, sink: Sink, fd: int, sent: int, size: int) -> None:
+    """Send the fetch's file from ``sent``: all but its last byte as written, the rest
+    once the fetch has verified and stored it (a fetch that failed raises)."""
+    assert flight.task is not None
+    while sent < size:
+        if flight.task.done() or flight.released.is_set():
+            # Verified: the rest is in the file once the fetch has stored it.
+            await asyncio.shield(flight.task)
+            ready = size
+        else:
+            ready = min(os.fstat(fd).st_size, size - 1)
+        if ready > sent:
+            await sink.send_file(fd, sent, ready - sent)
+            sent = ready
+        else:
+            await _progress(flight)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -8,6 +8,7 @@ import concurrent.futures
 import hashlib
 import http.client
 import json
+import socket
 import ssl
 import threading
 import time
@@ -142,6 +143,25 @@ def test_twenty_concurrent_pulls_of_an_uncached_blob_fetch_it_once(
     assert blob_file(berth.root, digest).stat().st_size == len(data)
 
 
+Connect = Callable[[], http.client.HTTPConnection]
+
+
+def _cache_of(
+    registry_process: Start, request: pytest.FixtureRequest, upstream: str, tls: bool
+) -> Connect:
+    """A Berth mirroring ``upstream`` (plain HTTP, or HTTPS with a test CA); how to
+    open a connection to it."""
+    config = mirror_config(upstream)
+    if not tls:
+        berth = registry_process("berth", config=config)
+        return lambda: http.client.HTTPConnection(berth.host, timeout=120)
+    ca: CertificateAuthority = request.getfixturevalue("ca")
+    start_tls: Callable[..., TlsRegistryProcess] = request.getfixturevalue("tls_registry")
+    secure = start_tls(serving_pair(ca, "server"), ca.cert_path, config=config)
+    context = ssl.create_default_context(cafile=str(ca.cert_path))
+    return lambda: http.client.HTTPSConnection(secure.host, timeout=120, context=context)
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
 def test_a_pull_that_comes_during_a_fetch_gets_its_bytes_as_the_fetch_goes(
     registry_process: Start, request: pytest.FixtureRequest, tls: bool
@@ -155,24 +175,7 @@ def test_a_pull_that_comes_during_a_fetch_gets_its_bytes_as_the_fetch_goes(
     digest = Registry(dist.url).push_blob("slow/blob", data)
     slow = TcpForward(("127.0.0.1", dist.port), rate=16 << 20).start()
     try:
-        config = mirror_config(f"http://{slow.host}")
-        connect: Callable[[], http.client.HTTPConnection]
-        if tls:
-            ca: CertificateAuthority = request.getfixturevalue("ca")
-            start_tls: Callable[..., TlsRegistryProcess] = request.getfixturevalue("tls_registry")
-            berth: RegistryProcess = start_tls(
-                serving_pair(ca, "server"), ca.cert_path, config=config
-            )
-            context = ssl.create_default_context(cafile=str(ca.cert_path))
-
-            def connect() -> http.client.HTTPConnection:
-                return http.client.HTTPSConnection(berth.host, timeout=120, context=context)
-        else:
-            berth = registry_process("berth", config=config)
-
-            def connect() -> http.client.HTTPConnection:
-                return http.client.HTTPConnection(berth.host, timeout=120)
-
+        connect = _cache_of(registry_process, request, f"http://{slow.host}", tls)
         path = f"/v2/mirror/slow/blob/blobs/{digest}"
         ended: dict[str, float] = {}
 
@@ -205,6 +208,59 @@ def test_a_pull_that_comes_during_a_fetch_gets_its_bytes_as_the_fetch_goes(
         assert len(fetches) == 1, fetches
     finally:
         slow.stop()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_a_leading_client_that_stops_reading_holds_up_no_one(
+    registry_process: Start, request: pytest.FixtureRequest, tls: bool
+) -> None:
+    """The client whose GET starts the fetch of an uncached blob stops reading after
+    its first MiB (a node that hangs, or is gone without closing its connection): the
+    fetch goes on, a second client gets the whole blob meanwhile, and the first, once
+    it reads again, gets every byte in order (the rest from the stored file; over
+    HTTPS through the transport)."""
+    dist = registry_process("distribution")
+    data = hashlib.shake_256(b"hang").digest(32 << 20)  # far more than socket buffers
+    digest = Registry(dist.url).push_blob("hang/blob", data)
+    connect = _cache_of(registry_process, request, dist.url, tls)
+    path = f"/v2/mirror/hang/blob/blobs/{digest}"
+    first_mib, go = threading.Event(), threading.Event()
+
+    def leader() -> str:
+        conn = connect()
+        try:
+            conn.connect()
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+            conn.request("GET", path)
+            reply = conn.getresponse()
+            assert reply.status == 200, reply.status
+            head = reply.read(1 << 20)
+            first_mib.set()
+            assert go.wait(60)
+            return hashlib.sha256(head + reply.read()).hexdigest()
+        finally:
+            conn.close()
+
+    def follower() -> str:
+        conn = connect()
+        conn.timeout = 20  # the fetch held by the leader would take 30 s to give up on it
+        try:
+            conn.request("GET", path)
+            reply = conn.getresponse()
+            assert reply.status == 200, reply.status
+            return hashlib.sha256(reply.read()).hexdigest()
+        finally:
+            conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(leader)
+        assert first_mib.wait(30)
+        try:
+            second = follower()
+        finally:
+            go.set()
+        assert second == first.result() == digest.split(":")[1]
+    assert len(upstream_blob_gets(dist, "hang/blob", digest)) == 1
 
 
 @dataclass

@@ -200,6 +200,111 @@ async def test_a_mismatch_never_sends_the_last_chunk(tmp_path: Path) -> None:
     await index.close()
 
 
+class SlowLink(Recorder):
+    """A leading client on a slow link: each write waits for it, ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.writes = 0
+        self.from_file = 0
+
+    async def write(self, chunk: bytes) -> None:
+        await asyncio.sleep(self.delay)
+        self.writes += 1
+        await super().write(chunk)
+
+    async def send_file(self, fd: int, offset: int, count: int) -> None:
+        self.from_file += count
+        await super().send_file(fd, offset, count)
+
+
+async def test_a_slow_leading_client_follows_the_file_and_the_fetch_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the fetch has waited its patience for the client whose GET started it, that
+    client takes the rest from the file at its own pace: the fetch is verified long
+    before the client would have had the bytes written to it, and the client still gets
+    every byte, in order (the last ones once the blob is stored)."""
+    monkeypatch.setattr(pull_through, "_LEAD_PATIENCE", 0.1)
+    data = hashlib.shake_256(b"rollout").digest(40 * CHUNK + 7)
+    digest = digests.of_bytes(data)
+    upstream = Bytes(data)
+    cache, store, index = _cache(tmp_path, upstream)
+    slow = SlowLink(0.05)  # 2 s for the 41 writes the fetch would otherwise wait for
+    leader = asyncio.ensure_future(cache.blob("mirror/app", digest, slow))
+    await asyncio.wait_for(store.checked.wait(), 10)
+    assert slow.writes <= 4  # verified while the client had a few chunks
+    assert not leader.done()  # behind: its last bytes come once the blob is stored
+    store.gate.set()
+    assert await asyncio.wait_for(leader, 10) is True
+    assert slow.size == len(data) and bytes(slow.body) == data
+    assert slow.from_file == len(data) - slow.writes * CHUNK
+    assert upstream.fetches == 1
+    assert await index.blob_size("mirror/app", str(digest)) == len(data)
+    await cache.close()
+    await index.close()
+
+
+class Stuck(Recorder):
+    """A leading client that stops taking bytes after its first write until ``go`` (a
+    node that hangs, or is gone without closing its connection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+        self.wrote = asyncio.Event()
+
+    async def write(self, chunk: bytes) -> None:
+        if self.body:
+            await self.go.wait()
+        await super().write(chunk)
+        self.wrote.set()
+
+
+async def test_a_stuck_leading_client_holds_neither_the_fetch_nor_a_follower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pull_through, "_LEAD_PATIENCE", 0.1)
+    data = hashlib.shake_256(b"hang").digest(20 * CHUNK)
+    digest = digests.of_bytes(data)
+    upstream = Bytes(data)
+    cache, store, index = _cache(tmp_path, upstream)
+    store.gate.set()
+    stuck = Stuck()
+    leader = asyncio.ensure_future(cache.blob("mirror/app", digest, stuck))
+    await asyncio.wait_for(stuck.wrote.wait(), 10)  # the fetch is under way
+    follower = Recorder()  # follows the file as the fetch writes it
+    assert await asyncio.wait_for(cache.blob("mirror/app", digest, follower), 10) is True
+    assert bytes(follower.body) == data
+    assert await index.blob_size("mirror/app", str(digest)) == len(data)
+    assert len(stuck.body) == CHUNK and not leader.done()
+    stuck.go.set()  # it takes bytes again: the rest from the stored file
+    assert await asyncio.wait_for(leader, 10) is True
+    assert bytes(stuck.body) == data and upstream.fetches == 1
+    await cache.close()
+    await index.close()
+
+
+async def test_a_leading_client_without_a_file_to_follow_paces_the_fetch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Storage that cannot be read while written (an object store): the client whose GET
+    started the fetch gets every byte written to it, however slow."""
+    monkeypatch.setattr(pull_through, "_LEAD_PATIENCE", 0.01)
+    data = hashlib.shake_256(b"object").digest(6 * CHUNK)
+    digest = digests.of_bytes(data)
+    upstream = Bytes(data)
+    cache, store, index = _cache(tmp_path, upstream)
+    store.gate.set()
+    monkeypatch.setattr(store, "upload_local_path", lambda upload_id: None)
+    slow = SlowLink(0.02)
+    assert await asyncio.wait_for(cache.blob("mirror/app", digest, slow), 10) is True
+    assert bytes(slow.body) == data and slow.from_file == 0 and slow.writes == 6
+    await cache.close()
+    await index.close()
+
+
 class FailingStore(GatedStore):
     """The fill fails after the client was released: the publish meets a full disk."""
 
