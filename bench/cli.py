@@ -47,6 +47,7 @@ from bench import (
     meta,
     operator_figures,
     operator_scale,
+    page_cache,
     procs,
     replication,
     report,
@@ -227,6 +228,7 @@ class Bench:
         self.large: dict[str, str] = {}  # server -> digest of a pushed large blob
         self.small: dict[str, list[str]] = {}
         self.nonce_counter = 0
+        self.evicted = False  # stored blobs dropped from the page cache before pushes
         # By default each server's own process tree; a setup of several processes (say
         # replicas behind a balancer) brings a meter of its own.
         self.meters = (
@@ -236,6 +238,14 @@ class Bench:
         )
 
     # -- plumbing --------------------------------------------------------------------------
+
+    def _recycle(self) -> None:
+        """Before each push: the servers' stored blobs leave the page cache, so the
+        push writes into recycled pages as the disk limit does (bench/page_cache.py)."""
+        roots = [s.storage for s in self.servers.values() if s.storage is not None]
+        if roots:
+            page_cache.evict_blobs(roots)
+            self.evicted = True
 
     def _nonce(self) -> str:
         self.nonce_counter += 1
@@ -264,6 +274,7 @@ class Bench:
         jobs_for: Callable[[str, procs.Server, int], list[Job]],
         reps: int,
         names: Sequence[str] | None = None,
+        before_each: Callable[[], None] | None = None,
     ) -> dict[str, list[list[Result]]]:
         names = list(names or self.servers)
         out: dict[str, list[list[Result]]] = {n: [] for n in names}
@@ -271,6 +282,8 @@ class Bench:
         started = time.monotonic()
         for rep in range(reps):
             for name in names:
+                if before_each is not None:
+                    before_each()
                 results, used = run_clients(
                     jobs_for(name, self.servers[name], rep), self.meters[name]
                 )
@@ -348,7 +361,9 @@ class Bench:
             ]
 
         size = self.s.large_bytes // MiB
-        res = self.measure("push_large", f"push 1 x {size} MiB", jobs, self.s.blob_reps)
+        res = self.measure(
+            "push_large", f"push 1 x {size} MiB", jobs, self.s.blob_reps, before_each=self._recycle
+        )
         self.large = {n: reps[-1][0]["digests"][0] for n, reps in res.items()}
         label = f"blob push, 1 x {size} MiB (POST+PUT)"
         self.row("push_large", label, "MB/s", True, res, throughput)
@@ -375,7 +390,8 @@ class Bench:
                 }
             ]
 
-        res = self.measure("push_small", f"push {self._small_label()}", jobs, self.s.blob_reps)
+        label = f"push {self._small_label()}"
+        res = self.measure("push_small", label, jobs, self.s.blob_reps, before_each=self._recycle)
         self.small = {n: reps[-1][0]["digests"] for n, reps in res.items()}
         self.row("push_small", f"blob push, {self._small_label()}", "MB/s", True, res, throughput)
 
@@ -752,6 +768,7 @@ def run_server(args: argparse.Namespace) -> report.Report:
                 **machine_notes(workdir, binaries),
                 # The machine may be shared: how busy it was tells how much to trust a row.
                 "load average (1 min) before / after": f"{load_before:.1f} / {meta.load():.1f}",
+                **({"page cache before each push": page_cache.NOTE} if bench.evicted else {}),
             },
             settings={
                 **{k: v for k, v in asdict(settings).items()},

@@ -176,6 +176,7 @@ class Server:
         self.cwd = cwd
         self.ready_path = ready_path
         self.log_path = workdir / f"{name}.log"
+        self.storage: Path | None = None  # where it stores blobs, when on local files
         self._popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -264,7 +265,9 @@ def berth(
     )
     env.update(extra_env or {})
     argv = [sys.executable, "-m", "registry_server", "--config", str(config)]
-    return Server(name, argv, workdir / name, port, env=env, cwd=src)
+    server = Server(name, argv, workdir / name, port, env=env, cwd=src)
+    server.storage = root
+    return server
 
 
 def find_binary(name: str) -> str | None:
@@ -304,7 +307,9 @@ def distribution(workdir: Path, binary: str = DISTRIBUTION_BINARY) -> Server:
     port = free_port()
     config = workdir / "distribution" / "config.yml"
     config.write_text(yaml.safe_dump(distribution_config(root, port)))
-    return Server("distribution", [binary, "serve", str(config)], workdir / "distribution", port)
+    server = Server("distribution", [binary, "serve", str(config)], workdir / "distribution", port)
+    server.storage = root
+    return server
 
 
 NGINX_BINARY = "/usr/sbin/nginx"

@@ -68,6 +68,8 @@ def test_quick_bench_fills_every_row(tmp_path: Path) -> None:
         for column in ("berth", "distribution"):
             if column == "berth" or row["key"] not in BERTH_ONLY:
                 assert row["values"][column] > 0, (row["key"], column)
+    # The pushes write into recycled pages, as the disk limit does.
+    assert report["machine"]["page cache before each push"] == "the stored blobs' pages dropped"
     assert {limit["key"] for limit in report["limits"]} == {"sha256", "disk_write", "nginx"}
     assert all(limit["value"] > 0 for limit in report["limits"])
     for phase in report["phases"]:
