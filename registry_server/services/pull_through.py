@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -798,18 +799,24 @@ async def _write(flight: _Flight, sink: Sink, chunk: bytes) -> None:
 
 async def _send_file(flight: _Flight, sink: Sink, fd: int, sent: int, size: int) -> None:
     """Send the fetch's file from ``sent``: all but its last byte as written, the rest
-    once the fetch has verified and stored it (a fetch that failed raises)."""
-    assert flight.task is not None
+    once the fetch has verified the digest and the file holds it (not after the fsync
+    and the publish, nor failed by them). A fetch that failed before it verified the
+    bytes raises."""
+    task = flight.task
+    assert task is not None
     while sent < size:
-        if flight.task.done() or flight.released.is_set():
-            # Verified: the rest is in the file once the fetch has stored it.
-            await asyncio.shield(flight.task)
-            ready = size
-        else:
-            ready = min(os.fstat(fd).st_size, size - 1)
+        verified = flight.released.is_set() or (
+            task.done() and not task.cancelled() and task.exception() is None
+        )
+        ready = min(os.fstat(fd).st_size, size if verified else size - 1)
         if ready > sent:
             await sink.send_file(fd, sent, ready - sent)
             sent = ready
+        elif task.done():
+            await asyncio.shield(task)  # a failure raises; a stored blob is all there
+            raise OSError(errno.EIO, "the fetched blob's file ends before its size")
+        elif verified:  # its last writes are on their way to the file
+            await asyncio.wait((task,), timeout=_FOLLOW_POLL)
         else:
             await _progress(flight)
 

@@ -423,6 +423,8 @@ class BlobStore:
                     detail={"expected": str(expected), "actual": f"{expected.algorithm}:{actual}"},
                 )
             if checked is not None:
+                if writer is not None:  # those it releases may read the rest from the file
+                    await writer.flush()
                 await checked()
             if writer is None:
                 writer = await self._open_data(info.upload_id)

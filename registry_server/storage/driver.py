@@ -66,6 +66,10 @@ class Writer(Protocol):
         """Wait until every byte written so far is in the ``hash_with`` hasher; later
         writes are no longer hashed."""
 
+    async def flush(self) -> None:
+        """Write what is buffered where readers of the file see it (not durable). A
+        driver whose data cannot be read before it is complete may do nothing."""
+
     async def commit(self) -> None:
         """Flush to durable storage and close."""
 

@@ -141,6 +141,16 @@ class FileWriter:
             for chunk in self._pending:
                 hasher.update(chunk)
 
+    async def flush(self) -> None:
+        await self._settle()
+        if self._pending:
+            try:
+                await blocking.files.call(self._flush_sync, self._take(), self._hasher)
+            except StorageFull:
+                if self._on_full is not None:
+                    self._on_full()
+                raise
+
     def _commit_sync(self, chunks: list[bytes], hasher: Hasher | None = None) -> None:
         self._flush_sync(chunks, hasher)
         with full_as_storage_full():

@@ -252,6 +252,9 @@ class S3Writer:
     async def hashed(self) -> None:
         pass
 
+    async def flush(self) -> None:
+        pass  # an object is read once it is complete
+
     def destine(self, path: str) -> None:
         """Write at ``path`` directly (see the protocol): the move then PUTs the data or
         completes its multipart upload there, where segments, a state and a copy of

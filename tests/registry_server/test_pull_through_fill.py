@@ -57,6 +57,13 @@ class GatedStore(BlobStore):
         return await super().append(info, chunks, last, then, writer)
 
 
+def _fill_of(cache: PullThrough, digest: digests.Digest) -> asyncio.Future[None]:
+    """The fetch of ``digest`` under way, to wait for its end."""
+    task = cache._blob_flights[str(digest)].task
+    assert task is not None
+    return asyncio.shield(task)
+
+
 class Bytes:
     """An upstream serving one blob's bytes in chunks."""
 
@@ -137,16 +144,15 @@ async def test_the_client_is_done_once_the_digest_matched(tmp_path: Path) -> Non
     assert client.size == len(data) and bytes(client.body) == data
     assert await index.blob_size("mirror/app", str(digest)) is None
 
-    # A second client meanwhile follows the fill, verified already: its response has
-    # begun, and its bytes come once the fill has made the blob durable and stored it.
+    # A second client meanwhile follows the fill, verified already: it gets every byte
+    # from the upload's file while the fill still makes the blob durable and stores it.
+    fill = _fill_of(cache, digest)
     follower = Recorder()
-    second = asyncio.ensure_future(cache.blob("mirror/app", digest, follower))
-    await asyncio.sleep(0.05)
-    assert not second.done()
-    assert follower.size == len(data) and bytes(follower.body) == data[: len(follower.body)]
+    assert await asyncio.wait_for(cache.blob("mirror/app", digest, follower), 10) is True
+    assert follower.size == len(data) and bytes(follower.body) == data
+    assert not store.gate.is_set() and not fill.done()
     store.gate.set()
-    assert await asyncio.wait_for(second, 10) is True
-    assert bytes(follower.body) == data
+    await asyncio.wait_for(fill, 10)
     assert upstream.fetches == 1
     assert await index.blob_size("mirror/app", str(digest)) == len(data)
     assert await store.size(digest) == len(data)
@@ -225,7 +231,8 @@ async def test_a_slow_leading_client_follows_the_file_and_the_fetch_goes_on(
     """Once the fetch has waited its patience for the client whose GET started it, that
     client takes the rest from the file at its own pace: the fetch is verified long
     before the client would have had the bytes written to it, and the client still gets
-    every byte, in order (the last ones once the blob is stored)."""
+    every byte, in order (the last ones once they are verified, while the blob is made
+    durable)."""
     monkeypatch.setattr(pull_through, "_LEAD_PATIENCE", 0.1)
     data = hashlib.shake_256(b"rollout").digest(40 * CHUNK + 7)
     digest = digests.of_bytes(data)
@@ -235,10 +242,11 @@ async def test_a_slow_leading_client_follows_the_file_and_the_fetch_goes_on(
     leader = asyncio.ensure_future(cache.blob("mirror/app", digest, slow))
     await asyncio.wait_for(store.checked.wait(), 10)
     assert slow.writes <= 4  # verified while the client had a few chunks
-    assert not leader.done()  # behind: its last bytes come once the blob is stored
-    store.gate.set()
+    fill = _fill_of(cache, digest)
     assert await asyncio.wait_for(leader, 10) is True
     assert slow.size == len(data) and bytes(slow.body) == data
+    store.gate.set()
+    await asyncio.wait_for(fill, 10)
     assert slow.from_file == len(data) - slow.writes * CHUNK
     assert upstream.fetches == 1
     assert await index.blob_size("mirror/app", str(digest)) == len(data)
@@ -275,8 +283,10 @@ async def test_a_stuck_leading_client_holds_neither_the_fetch_nor_a_follower(
     leader = asyncio.ensure_future(cache.blob("mirror/app", digest, stuck))
     await asyncio.wait_for(stuck.wrote.wait(), 10)  # the fetch is under way
     follower = Recorder()  # follows the file as the fetch writes it
+    fill = _fill_of(cache, digest)
     assert await asyncio.wait_for(cache.blob("mirror/app", digest, follower), 10) is True
     assert bytes(follower.body) == data
+    await asyncio.wait_for(fill, 10)
     assert await index.blob_size("mirror/app", str(digest)) == len(data)
     assert len(stuck.body) == CHUNK and not leader.done()
     stuck.go.set()  # it takes bytes again: the rest from the stored file
@@ -334,6 +344,25 @@ async def test_a_fill_failing_after_its_client_is_logged_and_fetched_again(
     with pytest.raises(OSError):
         await asyncio.wait_for(cache.blob("mirror/app", digest, None), 10)
     assert upstream.fetches == 2
+    await cache.close()
+    await index.close()
+
+
+async def test_a_leading_client_behind_the_fetch_gets_every_byte_when_storing_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its bytes are verified: a publish that fails afterwards (a full volume) does not
+    cut the response of a client that follows the file, as it does not the leader's."""
+    monkeypatch.setattr(pull_through, "_LEAD_PATIENCE", 0.05)
+    data = hashlib.shake_256(b"full").digest(20 * CHUNK)
+    digest = digests.of_bytes(data)
+    store, index = FailingStore(tmp_path / "storage"), SqliteIndex(tmp_path / "index.db")
+    store.gate.set()
+    cache = _pull_through(store, index, Bytes(data))
+    slow = SlowLink(0.02)
+    assert await asyncio.wait_for(cache.blob("mirror/app", digest, slow), 10) is True
+    assert bytes(slow.body) == data and slow.from_file > 0
+    assert await index.blob_size("mirror/app", str(digest)) is None
     await cache.close()
     await index.close()
 

@@ -119,6 +119,23 @@ async def test_a_writer_that_hashes_hashes_every_byte_in_order(driver: StorageDr
     assert await driver.get_content("h/data") == b"".join(parts) + b"after"
 
 
+async def test_a_flushed_writer_shows_its_bytes_in_its_local_file(driver: StorageDriver) -> None:
+    """``flush``: what was written is in the file a local driver serves from (the
+    clients following a pull-through fill read it there); it stays appendable and the
+    commit keeps every byte."""
+    parts = [os.urandom(n) for n in (70_000, (1 << 20) + 5, 9)]
+    w = await driver.writer("f/data")
+    for part in parts:
+        await w.write(part)
+    await w.flush()
+    local = driver.local_path("f/data")
+    if local is not None:
+        assert local.read_bytes() == b"".join(parts)
+    await w.write(b"more")
+    await w.commit()
+    assert await driver.get_content("f/data") == b"".join(parts) + b"more"
+
+
 async def test_move_replaces_atomically(driver: StorageDriver) -> None:
     await driver.put_content("src", b"new")
     await driver.put_content("dst/x", b"old")
