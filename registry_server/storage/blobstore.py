@@ -423,9 +423,17 @@ class BlobStore:
                     detail={"expected": str(expected), "actual": f"{expected.algorithm}:{actual}"},
                 )
             if checked is not None:
+                full: StorageFull | None = None
                 if writer is not None:  # those it releases may read the rest from the file
-                    await writer.flush()
+                    try:
+                        await writer.flush()
+                    except StorageFull as exc:
+                        # The bytes matched: whoever has them from the stream is released
+                        # all the same; a client of the (short) file is cut, nothing kept.
+                        full = exc
                 await checked()
+                if full is not None:
+                    raise full
             if writer is None:
                 writer = await self._open_data(info.upload_id)
                 if writer.size != info.size:

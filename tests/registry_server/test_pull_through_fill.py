@@ -24,9 +24,9 @@ from registry_server.protocol.upstreams import Mirror, UpstreamManifest
 from registry_server.services import pull_through
 from registry_server.services.pull_through import PullThrough, Settings
 from registry_server.storage.blobstore import BlobStore, UploadInfo
-from registry_server.storage.driver import Writer
+from registry_server.storage.driver import StorageFull, Writer
 from registry_server.storage.fetch_locks import FileFetchLocks
-from registry_server.storage.filesystem import FilesystemDriver
+from registry_server.storage.filesystem import FilesystemDriver, FileWriter
 from registry_server.storage.sqlite_index import SqliteIndex
 
 CHUNK = 64 * 1024
@@ -363,6 +363,35 @@ async def test_a_leading_client_behind_the_fetch_gets_every_byte_when_storing_fa
     assert await asyncio.wait_for(cache.blob("mirror/app", digest, slow), 10) is True
     assert bytes(slow.body) == data and slow.from_file > 0
     assert await index.blob_size("mirror/app", str(digest)) is None
+    await cache.close()
+    await index.close()
+
+
+async def test_a_full_volume_when_the_bytes_matched_still_serves_the_leading_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fill's last buffered writes meet a full volume after the digest matched: the
+    client it streamed to gets its last chunk all the same, and nothing is stored."""
+    data = hashlib.shake_256(b"no room").digest(5 * CHUNK)
+    digest = digests.of_bytes(data)
+    store, index = GatedStore(tmp_path / "storage"), SqliteIndex(tmp_path / "index.db")
+    store.gate.set()
+    cache = _pull_through(store, index, Bytes(data))
+
+    async def full(self: Writer) -> None:
+        raise StorageFull("no space left on the volume")
+
+    monkeypatch.setattr(FileWriter, "flush", full)
+    client = Recorder()
+    assert await asyncio.wait_for(cache.blob("mirror/app", digest, client), 10) is True
+    assert bytes(client.body) == data
+    for _ in range(100):  # the fill ends, failed
+        if not cache._blob_flights:
+            break
+        await asyncio.sleep(0.01)
+    assert not cache._blob_flights
+    assert await index.blob_size("mirror/app", str(digest)) is None
+    assert await store.size(digest) is None
     await cache.close()
     await index.close()
 
