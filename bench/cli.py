@@ -239,12 +239,13 @@ class Bench:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    def _recycle(self) -> None:
-        """Before each push: the servers' stored blobs leave the page cache, so the
-        push writes into recycled pages as the disk limit does (bench/page_cache.py)."""
-        roots = [s.storage for s in self.servers.values() if s.storage is not None]
-        if roots:
-            page_cache.evict_blobs(roots)
+    def _recycle(self, name: str) -> None:
+        """Before a push to server ``name``: its stored blobs leave the page cache, so
+        the push writes into recycled pages as the disk limit does (bench/page_cache.py).
+        Only its own: the other's last pushed blobs stay cached for the pull phases."""
+        storage = self.servers[name].storage
+        if storage is not None:
+            page_cache.evict_blobs([storage])
             self.evicted = True
 
     def _nonce(self) -> str:
@@ -274,7 +275,7 @@ class Bench:
         jobs_for: Callable[[str, procs.Server, int], list[Job]],
         reps: int,
         names: Sequence[str] | None = None,
-        before_each: Callable[[], None] | None = None,
+        before_each: Callable[[str], None] | None = None,
     ) -> dict[str, list[list[Result]]]:
         names = list(names or self.servers)
         out: dict[str, list[list[Result]]] = {n: [] for n in names}
@@ -283,7 +284,7 @@ class Bench:
         for rep in range(reps):
             for name in names:
                 if before_each is not None:
-                    before_each()
+                    before_each(name)
                 results, used = run_clients(
                     jobs_for(name, self.servers[name], rep), self.meters[name]
                 )

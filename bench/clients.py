@@ -369,7 +369,8 @@ def run(settings: Settings, workdir: Path, distribution_bin: str, crane_bin: str
                         image = workdir / f"r{round_}-{client}-{name}-{shape}"
                         # The push then writes into recycled pages, as the disk limit
                         # does (bench/page_cache.py).
-                        page_cache.evict_blobs(s.storage for s in servers.values() if s.storage)
+                        if server.storage is not None:
+                            page_cache.evict_blobs([server.storage])
                         blobs = make_image(image, count, size, image.name)
                         # The new files' dirty pages would be written back during the
                         # measurement, and an fsync on ext4 (data=ordered) waits for them.
@@ -444,8 +445,8 @@ def _page_cache_sentence(result: dict[str, Any]) -> str:
     if result.get("machine", {}).get("page cache before each push") != page_cache.NOTE:
         return ""  # a result saved before the bench did so
     return (
-        " Before each push the blobs the servers store leave the page cache, so every"
-        " server writes into recycled pages as the disk limit does (bench/page_cache.py)."
+        " Before each push the blobs that server stores leave the page cache, so every"
+        " push writes into recycled pages as the disk limit does (bench/page_cache.py)."
     )
 
 

@@ -42,7 +42,7 @@ def test_quick_clients_section(tmp_path: Path) -> None:
     text = (docs / "benchmarks.md").read_text()
     # Each push writes into recycled pages, and the docs say so.
     assert result["machine"]["page cache before each push"] == "the stored blobs' pages dropped"
-    assert "every server writes into recycled pages" in text
+    assert "every push writes into recycled pages" in text
     assert "\nold\n" not in text and text.startswith("# Kept\n") and text.endswith("\nkept\n")
     assert "| push 4 x 1 MiB | crane |" in text
     assert not list(tmp_path.glob("berth-bench-*"))
