@@ -460,7 +460,7 @@ class PullThrough:
     async def _follow(self, flight: _Flight, sink: Sink) -> bool:
         """Stream the blob a fetch is writing to ``sink``, from its local file as it
         grows: all but its last byte as written, the rest once the fetch has verified
-        and stored it. False, having sent nothing, when it cannot be followed (object
+        it (``_send_file``). False, having sent nothing, when it cannot be followed (object
         storage, no size from the upstream, the fetch ended or the file gone); a fetch
         that fails after the headers went out raises (the caller cuts the body short)."""
         task = flight.task
@@ -801,7 +801,7 @@ async def _send_file(flight: _Flight, sink: Sink, fd: int, sent: int, size: int)
     """Send the fetch's file from ``sent``: all but its last byte as written, the rest
     once the fetch has verified the digest and the file holds it (not after the fsync
     and the publish, nor failed by them). A fetch that failed before it verified the
-    bytes raises."""
+    bytes, or whose file misses some (its write-out failed), raises."""
     task = flight.task
     assert task is not None
     while sent < size:

@@ -423,17 +423,17 @@ class BlobStore:
                     detail={"expected": str(expected), "actual": f"{expected.algorithm}:{actual}"},
                 )
             if checked is not None:
-                full: StorageFull | None = None
+                failed: Exception | None = None
                 if writer is not None:  # those it releases may read the rest from the file
                     try:
                         await writer.flush()
-                    except StorageFull as exc:
+                    except (StorageFull, OSError) as exc:
                         # The bytes matched: whoever has them from the stream is released
                         # all the same; a client of the (short) file is cut, nothing kept.
-                        full = exc
+                        failed = exc
                 await checked()
-                if full is not None:
-                    raise full
+                if failed is not None:
+                    raise failed
             if writer is None:
                 writer = await self._open_data(info.upload_id)
                 if writer.size != info.size:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import uuid
@@ -144,15 +145,16 @@ class FileWriter:
     async def flush(self) -> None:
         await self._settle()
         if self._pending:
-            try:
-                await blocking.files.call(self._flush_sync, self._take(), self._hasher)
-            except StorageFull:
-                if self._on_full is not None:
-                    self._on_full()
-                raise
+            # As a batch in flight: waited for even when cancelled, so a close that
+            # follows cannot shut the descriptor under the writing thread.
+            self._in_flight = blocking.files.submit(self._flush_sync, self._take(), self._hasher)
+            await self._settle()
 
     def _commit_sync(self, chunks: list[bytes], hasher: Hasher | None = None) -> None:
         self._flush_sync(chunks, hasher)
+        if self._written != self._size:
+            # An earlier write failed (its batch is gone): never durable as if whole.
+            raise OSError(errno.EIO, "a write to this file failed: it is short")
         with full_as_storage_full():
             os.fsync(self._fd)
 

@@ -513,6 +513,32 @@ async def test_filesystem_writes_survive_short_writes(
     assert await driver.get_content("f") == b"".join(parts)
 
 
+async def test_filesystem_a_file_missing_a_failed_write_is_never_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A written-out batch that met a full disk is gone from the file: a commit after
+    more writes fails, where it would have made the short file durable as if whole."""
+    driver = FilesystemDriver(tmp_path / "store")
+    real, full = os.write, [True]
+
+    def maybe_full(fd: int, data: Any) -> int:
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", maybe_full)
+    writer = await driver.writer("f")
+    await writer.write(b"a" * 1000)
+    with pytest.raises(StorageFull):
+        await writer.flush()
+    full[0] = False
+    await writer.write(b"b" * 10)
+    with pytest.raises(OSError, match="short"):
+        await writer.commit()
+    monkeypatch.undo()
+    assert await driver.get_content("f") == b"b" * 10  # what the disk took
+
+
 async def test_filesystem_a_full_disk_in_a_write_in_flight_is_told(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
