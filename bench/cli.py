@@ -245,7 +245,7 @@ class Bench:
         Only its own: the other's last pushed blobs stay cached for the pull phases."""
         storage = self.servers[name].storage
         if storage is not None:
-            page_cache.evict_blobs([storage])
+            page_cache.evict_blobs(storage)
             self.evicted = True
 
     def _nonce(self) -> str:

@@ -370,7 +370,7 @@ def run(settings: Settings, workdir: Path, distribution_bin: str, crane_bin: str
                         # The push then writes into recycled pages, as the disk limit
                         # does (bench/page_cache.py).
                         if server.storage is not None:
-                            page_cache.evict_blobs([server.storage])
+                            page_cache.evict_blobs(server.storage)
                         blobs = make_image(image, count, size, image.name)
                         # The new files' dirty pages would be written back during the
                         # measurement, and an fsync on ext4 (data=ordered) waits for them.

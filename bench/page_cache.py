@@ -18,29 +18,27 @@ link files) and the client's data stay cached, as on a server that has run a whi
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 NOTE = "the stored blobs' pages dropped"
 
 
-def evict_blobs(roots: Iterable[Path]) -> int:
+def evict_blobs(root: Path) -> int:
     """Write dirty pages back, then drop from the cache the pages of every blob stored
-    under ``roots``: files named ``data`` in a ``blobs`` folder, the layout of both
+    under ``root``: files named ``data`` in a ``blobs`` folder, the layout of both
     servers' filesystem storage. Returns how many files."""
     os.sync()  # dirty pages are not dropped
     count = 0
-    for root in roots:
-        for path in root.rglob("data"):
-            if "blobs" not in path.relative_to(root).parts or not path.is_file():
-                continue
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:  # removed meanwhile
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-            count += 1
+    for path in root.rglob("data"):
+        if "blobs" not in path.relative_to(root).parts or not path.is_file():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # removed meanwhile
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        count += 1
     return count

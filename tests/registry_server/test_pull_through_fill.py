@@ -64,6 +64,16 @@ def _fill_of(cache: PullThrough, digest: digests.Digest) -> asyncio.Future[None]
     return asyncio.shield(task)
 
 
+async def _fills_ended(cache: PullThrough) -> bool:
+    """Whether every fetch under way ended within a second (one that goes on after its
+    client was released has no one awaiting it)."""
+    for _ in range(100):
+        if not cache._blob_flights:
+            return True
+        await asyncio.sleep(0.01)
+    return not cache._blob_flights
+
+
 class Bytes:
     """An upstream serving one blob's bytes in chunks."""
 
@@ -334,10 +344,7 @@ async def test_a_fill_failing_after_its_client_is_logged_and_fetched_again(
     client = Recorder()
     assert await asyncio.wait_for(cache.blob("mirror/app", digest, client), 10)
     assert bytes(client.body) == data  # verified bytes, whatever the fill does next
-    for _ in range(100):
-        if not cache._blob_flights:
-            break
-        await asyncio.sleep(0.01)
+    await _fills_ended(cache)
     assert "pull-through fill failed" in caplog.text
     assert await index.blob_size("mirror/app", str(digest)) is None
     # Nothing stored: the next pull fetches it again (and fails the same way).
@@ -385,11 +392,7 @@ async def test_a_full_volume_when_the_bytes_matched_still_serves_the_leading_cli
     client = Recorder()
     assert await asyncio.wait_for(cache.blob("mirror/app", digest, client), 10) is True
     assert bytes(client.body) == data
-    for _ in range(100):  # the fill ends, failed
-        if not cache._blob_flights:
-            break
-        await asyncio.sleep(0.01)
-    assert not cache._blob_flights
+    assert await _fills_ended(cache)  # failed
     assert await index.blob_size("mirror/app", str(digest)) is None
     assert await store.size(digest) is None
     await cache.close()
