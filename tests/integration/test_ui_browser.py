@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.integration.test_auth_clients import (
@@ -117,10 +117,20 @@ class Visit:
         return str(self.driver.find_element(By.TAG_NAME, "main").text)
 
     def click(self, selector: str, by: str = By.CSS_SELECTOR) -> None:
-        """Click, then wait for the page the click loads."""
-        page = self.driver.find_element(By.TAG_NAME, "html")
+        """Click, then wait until the page the click loads has loaded.
+
+        The old page is marked in its window object, which a navigation replaces. No
+        node of the old page is held: asking chromium about one mid-navigation can fail
+        with an inspector error ("Node with given id does not belong to the document")
+        rather than the stale-element one selenium's staleness_of expects.
+        """
+        self.driver.execute_script("window.berthOldPage = true")
         self.driver.find_element(by, selector).click()
-        WebDriverWait(self.driver, 15).until(expected_conditions.staleness_of(page))
+        WebDriverWait(self.driver, 15, ignored_exceptions=(WebDriverException,)).until(
+            lambda driver: driver.execute_script(
+                "return !window.berthOldPage && document.readyState === 'complete'"
+            )
+        )
 
     def login(self, name: str, secret: str | None = None) -> None:
         self.open("/ui/login")
