@@ -472,7 +472,7 @@ class PullThrough:
             await _progress(flight)
         path, size = flight.path, flight.size
         try:
-            fd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+            fd = await _open_to_read(path)
         except FileNotFoundError:  # published (or failed) meanwhile
             return False
         try:
@@ -660,7 +660,7 @@ class PullThrough:
         """The leading client takes the rest from the file, as followers do."""
         assert flight.path is not None
         try:
-            fd = await asyncio.to_thread(os.open, flight.path, os.O_RDONLY)
+            fd = await _open_to_read(flight.path)
         except OSError:  # not while the fetch writes it; the client is dropped if so
             flight.sink = None
             return
@@ -785,6 +785,22 @@ async def _progress(flight: _Flight) -> None:
     finally:
         for wait in waits:
             wait.cancel()
+
+
+async def _open_to_read(path: Path) -> int:
+    """Open ``path`` read-only in a thread. The thread cannot be stopped: when the caller
+    is cancelled meanwhile (a client gone, shutdown), the descriptor it opens is closed."""
+    opening = asyncio.ensure_future(asyncio.to_thread(os.open, path, os.O_RDONLY))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+
+
+def _close_opened(opening: asyncio.Future[int]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        os.close(opening.result())
 
 
 async def _write(flight: _Flight, sink: Sink, chunk: bytes) -> None:

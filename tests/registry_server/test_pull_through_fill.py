@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -477,3 +478,34 @@ async def test_a_claim_held_too_long_is_fetched_without(
     await stuck.close()
     await cache.close()
     await index.close()
+
+
+async def test_a_descriptor_opened_for_a_request_cancelled_meanwhile_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower (or a leader falling behind) opens the fill's file in a thread; the
+    client may leave, or the server stop, before the thread is done."""
+    (tmp_path / "data").write_bytes(b"x")
+    real_open = os.open
+
+    def slow_open(path: Any, flags: int, *args: Any) -> int:
+        time.sleep(0.2)
+        return real_open(path, flags, *args)
+
+    def descriptors() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    before = descriptors()
+    monkeypatch.setattr(pull_through.os, "open", slow_open)
+    opening = asyncio.ensure_future(pull_through._open_to_read(tmp_path / "data"))
+    await asyncio.sleep(0.05)
+    opening.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    monkeypatch.setattr(pull_through.os, "open", real_open)
+    await asyncio.sleep(0.5)  # the thread has finished its open
+    assert descriptors() == before
+    # Not cancelled, it is the caller's.
+    fd = await pull_through._open_to_read(tmp_path / "data")
+    assert os.read(fd, 1) == b"x"
+    os.close(fd)
