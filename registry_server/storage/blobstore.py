@@ -196,7 +196,10 @@ class BlobStore:
 
     @contextlib.asynccontextmanager
     async def lock(self, upload_id: str) -> AsyncIterator[None]:
-        """Serialise the requests on one upload session (in this process).
+        """Serialise the requests on one upload session: in this process, then against
+        other worker processes (the driver's hold on the session's data). Without the
+        second, a PATCH in another worker could append to the data while a PUT here
+        streams the body it verifies, and the mix be published under the digest.
 
         The lock exists only while a request holds or awaits it, so ids a client makes up,
         and sessions that ended, leave nothing behind.
@@ -205,7 +208,11 @@ class BlobStore:
         entry.users += 1
         try:
             async with entry.lock:
-                yield
+                if upload_ids.parse(upload_id) is None and not upload_ids.is_legacy(upload_id):
+                    yield  # no such session: the request's own lookup answers it
+                    return
+                async with self.driver.holding(f"{_upload_dir(upload_id)}/data"):
+                    yield
         finally:
             entry.users -= 1
             if entry.users == 0:

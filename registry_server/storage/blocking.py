@@ -32,11 +32,16 @@ _Item = tuple[
     Callable[..., Any],
     tuple[Any, ...],
     dict[str, Any],
+    Callable[[Any], object] | None,  # what takes a result its caller left behind
 ]
 
 
-def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+def _settle(
+    future: asyncio.Future[Any], ok: bool, value: Any, dropped: Callable[[Any], object] | None
+) -> None:
     if future.done():  # the caller was cancelled meanwhile
+        if ok and dropped is not None:
+            dropped(value)
         return
     if ok:
         future.set_result(value)
@@ -82,11 +87,27 @@ class BlockingPool:
         """``fn(*args, **kwargs)`` in one of the pool's threads."""
         return await self.submit(fn, *args, **kwargs)
 
+    async def call_owned(
+        self, dropped: Callable[[T], object], fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """``call`` for a result that must not be lost (an open descriptor): one made
+        after the caller was cancelled is handed to ``dropped`` (which closes it)."""
+        return await self._submit(dropped, fn, args, kwargs)
+
     def submit(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[T]:
         """``call`` without waiting: the future of its result (from a running loop)."""
+        return self._submit(None, fn, args, kwargs)
+
+    def _submit(
+        self,
+        dropped: Callable[[T], object] | None,
+        fn: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((loop, future, fn, args, kwargs))
+        self._queue.put((loop, future, fn, args, kwargs, dropped))
         thread = None
         with self._lock:
             if self._idle == 0 and len(self._threads) < self.max_threads:
@@ -107,7 +128,7 @@ class BlockingPool:
                 self._idle -= 1
             if item is None:
                 return
-            loop, future, fn, args, kwargs = item
+            loop, future, fn, args, kwargs, dropped = item
             if future.cancelled():  # its caller gave up before it started: as to_thread
                 with lock:
                     self._idle += 1
@@ -119,8 +140,8 @@ class BlockingPool:
             with lock:
                 self._idle += 1
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(_settle, future, *outcome)
-            del item, future, fn, args, kwargs, outcome
+                loop.call_soon_threadsafe(_settle, future, *outcome, dropped)
+            del item, future, fn, args, kwargs, outcome, dropped
 
 
 # File system calls of the storage driver and the metadata index's file work. Many

@@ -8,6 +8,7 @@ implement these few operations.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -105,6 +106,12 @@ class StorageDriver(Protocol):
         """Open a file for appending (``append``) or truncating, creating it if needed;
         raises StorageNotFound if its directory vanishes while it is being created, or,
         with ``create=False``, if the file is not there."""
+
+    def holding(self, path: str) -> AbstractAsyncContextManager[None]:
+        """Hold the file at ``path`` against other processes on this storage (worker
+        processes of one server each take requests for one upload session) for the
+        block, waiting while another holds it; a file that is not there is not held.
+        Object storage holds nothing: its sessions' writes are conditional."""
 
     async def move(self, src: str, dst: str) -> None:
         """Atomically move ``src`` over ``dst``; raises StorageNotFound if src is missing."""

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import shutil
 import uuid
@@ -192,6 +193,19 @@ class FileWriter:
             self._fd = -1
 
 
+# How often a request waiting for another process's hold on a file looks again.
+_HOLD_POLL = 0.02
+
+
+def _close_opened(opened: tuple[int, int]) -> None:
+    os.close(opened[0])
+
+
+def _close_held(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
 class FilesystemDriver:
     name = "filesystem"
 
@@ -245,10 +259,15 @@ class FilesystemDriver:
         if durable:
             _fsync_dir(target.parent)
 
-    async def _full_guard(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking write in a thread; ENOSPC becomes StorageFull (and is told)."""
+    async def _full_guard(
+        self, fn: Callable[..., T], *args: Any, dropped: Callable[[T], object] | None = None
+    ) -> T:
+        """Run a blocking write in a thread; ENOSPC becomes StorageFull (and is told).
+        ``dropped`` takes a result its caller was cancelled before it got (closes it)."""
         try:
             with full_as_storage_full():
+                if dropped is not None:
+                    return await blocking.files.call_owned(dropped, fn, *args)
                 return await blocking.files.call(fn, *args)
         except StorageFull:
             if self.on_full is not None:
@@ -299,11 +318,42 @@ class FilesystemDriver:
 
     async def writer(self, path: str, append: bool = False, create: bool = True) -> FileWriter:
         try:
-            fd, size = await self._full_guard(self._open_sync, path, append, create)
+            fd, size = await self._full_guard(
+                self._open_sync, path, append, create, dropped=_close_opened
+            )
         except (FileNotFoundError, NotADirectoryError):
             # Not there (create=False), or its directory was removed between mkdir and open.
             raise StorageNotFound(path) from None
         return FileWriter(fd, size, self.on_full)
+
+    def _try_hold_sync(self, path: str) -> int | None:
+        """A descriptor of ``path`` holding its exclusive flock, None when the file is not
+        there; BlockingIOError while another process (or descriptor) holds it."""
+        try:
+            fd = os.open(self._path(path), os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @contextlib.asynccontextmanager
+    async def holding(self, path: str) -> AsyncIterator[None]:
+        # Polled, as flock cannot be awaited: a holder lets go when its request ends.
+        while True:
+            try:
+                fd = await blocking.files.call_owned(_close_held, self._try_hold_sync, path)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(_HOLD_POLL)
+        try:
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # and with it the lock
 
     def _move_sync(self, src: str, dst: str) -> None:
         source, target = self._path(src), self._path(dst)

@@ -934,6 +934,11 @@ class S3Driver:
         assert found.state is not None
         return S3Writer(self, key, found.state, dirty=False, condition=found.state.etag)
 
+    @contextlib.asynccontextmanager
+    async def holding(self, path: str) -> AsyncIterator[None]:
+        """Nothing to hold: a session's writes are conditional on its state (above)."""
+        yield
+
     async def move(self, src: str, dst: str) -> None:
         source, target = self._key(src), self._key(dst)
         staged = self._staged.get(source)

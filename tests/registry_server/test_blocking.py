@@ -75,3 +75,32 @@ async def test_shutdown_waits_for_what_runs() -> None:
     await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
     assert done == [True]
     await pending
+
+
+async def test_a_result_its_caller_left_behind_is_handed_over_to_be_closed() -> None:
+    """An open descriptor made after its caller was cancelled (a client gone) is not
+    lost: ``call_owned`` hands it to the function that closes it; a caller that waited
+    gets it as usual."""
+    pool = BlockingPool("t", 1)
+    dropped: list[str] = []
+    started = threading.Event()
+
+    def slow_open() -> str:
+        started.set()
+        time.sleep(0.2)
+        return "fd"
+
+    task = asyncio.ensure_future(pool.call_owned(dropped.append, slow_open))
+    await asyncio.to_thread(started.wait)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert dropped == []
+    for _ in range(100):
+        if dropped:
+            break
+        await asyncio.sleep(0.02)
+    assert dropped == ["fd"]
+    assert await pool.call_owned(dropped.append, lambda: "kept") == "kept"
+    assert dropped == ["fd"]
+    pool.shutdown()

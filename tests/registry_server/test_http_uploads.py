@@ -129,6 +129,52 @@ async def test_hash_states_stay_bounded_across_workers(
         assert _per_session_state(_store(first)) == {"locks": 0, "hashes": 0}
 
 
+async def test_a_session_takes_one_request_at_a_time_across_workers(tmp_path: Path) -> None:
+    """Two apps on one storage root, as two worker processes are. While one streams the
+    closing PUT of a blob the registry already holds, a PATCH on that session lands on
+    the other: it waits for the PUT and then finds the session ended. Appending during
+    the PUT put other bytes into the data the PUT had hashed as its body, and the mix
+    replaced the stored blob under its digest (found by review)."""
+    config = Config(storage=StorageConfig(root=tmp_path))
+    async with (
+        TestClient(TestServer(build_app(config))) as first,
+        TestClient(TestServer(build_app(config))) as second,
+    ):
+        good = bytes(range(256)) * 8192  # 2 MiB
+        digest = _digest(good)
+        stored = await first.post(f"/v2/team/base/blobs/uploads/?digest={digest}", data=good)
+        assert stored.status == 201
+        started = await second.post("/v2/other/x/blobs/uploads/")
+        location = started.headers["Location"]
+        halfway = asyncio.Event()
+
+        async def slow_body() -> AsyncIterator[bytes]:
+            yield good[: len(good) // 2]
+            halfway.set()
+            await asyncio.sleep(0.5)
+            yield good[len(good) // 2 :]
+
+        async def put() -> int:
+            reply = await first.put(
+                f"{location}?digest={digest}",
+                data=slow_body(),
+                headers={"Content-Length": str(len(good))},
+            )
+            return reply.status
+
+        async def patch() -> int:
+            await halfway.wait()
+            await asyncio.sleep(0.1)  # the PUT's first half is on the server
+            reply = await second.patch(location, data=b"EVIL" * 256)
+            return reply.status
+
+        assert await asyncio.gather(put(), patch()) == [201, 404]
+        for app in (first, second):
+            for repo in ("team/base", "other/x"):
+                blob = await app.get(f"/v2/{repo}/blobs/{digest}")
+                assert blob.status == 200 and await blob.read() == good
+
+
 async def test_a_chunked_body_is_stored_whole_and_in_order(client: Client) -> None:
     """Transfer-Encoding: chunked, in HTTP chunks of every size (docker and podman PATCH
     this way): the body is read piece by piece, chunk ends included, and nothing is lost,

@@ -564,3 +564,35 @@ async def test_filesystem_a_full_disk_in_a_write_in_flight_is_told(
     with contextlib.suppress(StorageFull):
         await writer.close()
     assert writer._fd < 0  # closed
+
+
+async def test_holding_a_file_that_is_not_there_does_not_wait(driver: StorageDriver) -> None:
+    async with asyncio.timeout(5), driver.holding("uploads/none/data"):
+        pass
+
+
+async def test_filesystem_holding_waits_for_the_other_holder(tmp_path: Path) -> None:
+    """Worker processes of one server take requests for one upload session: a hold is an
+    flock, which excludes another open file (another process's, or this one's)."""
+    first, second = FilesystemDriver(tmp_path / "store"), FilesystemDriver(tmp_path / "store")
+    await first.put_content("uploads/u/data", b"")
+    order: list[str] = []
+    held = asyncio.Event()
+
+    async def hold_first() -> None:
+        async with first.holding("uploads/u/data"):
+            held.set()
+            order.append("first in")
+            await asyncio.sleep(0.2)
+            order.append("first out")
+
+    async def hold_second() -> None:
+        await held.wait()
+        async with second.holding("uploads/u/data"):
+            order.append("second in")
+
+    async with asyncio.timeout(5):
+        await asyncio.gather(hold_first(), hold_second())
+    assert order == ["first in", "first out", "second in"]
+    async with asyncio.timeout(5), first.holding("uploads/u/data"):  # all let go
+        pass
