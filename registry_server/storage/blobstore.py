@@ -381,7 +381,7 @@ class BlobStore:
         if last is None:
             return writer.size
         ended = UploadInfo(info.upload_id, info.repository, info.started_at, writer.size)
-        return await self._verified(ended, last, checked, writer)
+        return await self._verified(ended, last, checked, writer, hasher)
 
     async def commit(self, info: UploadInfo, expected: digests.Digest) -> int:
         """Verify and move the upload into place as ``expected``; returns the blob size."""
@@ -410,10 +410,16 @@ class BlobStore:
         expected: digests.Digest,
         checked: Callable[[], Awaitable[None]] | None,
         writer: Writer | None,
+        hashed: hashlib._Hash | None = None,
     ) -> int:
-        """``verify`` of an upload of ``info.size`` bytes, through ``writer`` if open."""
+        """``verify`` of an upload of ``info.size`` bytes, through ``writer`` if open.
+        ``hashed``: the sha256 of those bytes, as the append that wrote them made it. Not
+        looked up again: other sessions may have pushed it out of the kept states, and
+        a rebuild from the file would miss what ``writer`` has not written out yet."""
         try:
-            if expected.algorithm == "sha256":
+            if expected.algorithm == "sha256" and hashed is not None:
+                actual = hashed.hexdigest()
+            elif expected.algorithm == "sha256":
                 actual = (await self._hash_state(info.upload_id, info.size)).hasher.hexdigest()
             else:
                 if writer is not None:  # rehashed from the file: all of it written first

@@ -596,3 +596,28 @@ async def test_filesystem_holding_waits_for_the_other_holder(tmp_path: Path) -> 
     assert order == ["first in", "first out", "second in"]
     async with asyncio.timeout(5), first.holding("uploads/u/data"):  # all let go
         pass
+
+
+async def test_a_last_append_verifies_whatever_sessions_start_meanwhile(
+    driver: StorageDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store keeps the running hashes of a bounded number of sessions: sessions
+    started while a body streams can push out its own. Its check used to look the hash
+    up again and rebuild it from the file, which missed what the writer had not written
+    out yet: a spurious DIGEST_INVALID (found by review, on a pull-through fill)."""
+    monkeypatch.setattr(BlobStore, "max_cached_hashes", 2)
+    store = BlobStore(driver)
+    data = bytes(range(256)) * 4096 + b"tail"
+    upload = await store.start_upload("repo")
+    info, writer = await store.open_upload("repo", upload)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield data[:1000]
+        for _ in range(4):  # pushes elsewhere
+            await store.start_upload("other")
+        yield data[1000:]
+
+    digest = digests.of_bytes(data)
+    assert await store.append(info, body(), last=digest, writer=writer) == len(data)
+    await store.publish(info, digest)
+    assert await _collect(store.read(digest)) == data
