@@ -380,7 +380,13 @@ class PullThrough:
             ):
                 HITS.labels(upstream, "blob").inc()
                 return True
-            await asyncio.shield(flight.task)
+            if flight.repository == target.local:
+                await asyncio.shield(flight.task)
+            else:
+                # Another repository's fetch (maybe from another upstream): its failure
+                # (not found there, a 429, wrong bytes) is not this one's to answer.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(flight.task)
         MISSES.labels(upstream, "blob").inc()
         flight = _Flight(sink=sink, repository=target.local)
         task = asyncio.create_task(self._fetch_blob(target, digest, flight))

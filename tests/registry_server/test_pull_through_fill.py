@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from registry_server.protocol import digests, errors
-from registry_server.protocol.upstreams import Mirror, UpstreamManifest
+from registry_server.protocol.upstreams import Mirror, UpstreamFailure, UpstreamManifest
 from registry_server.services import pull_through
 from registry_server.services.pull_through import PullThrough, Settings
 from registry_server.storage.blobstore import BlobStore, UploadInfo
@@ -509,3 +509,43 @@ async def test_a_descriptor_opened_for_a_request_cancelled_meanwhile_is_closed(
     fd = await pull_through._open_to_read(tmp_path / "data")
     assert os.read(fd, 1) == b"x"
     os.close(fd)
+
+
+class NotInA(Bytes):
+    """The upstream holds the blob in repository `b`, not in `a` (a 404, after a while)."""
+
+    @contextlib.asynccontextmanager
+    async def blob(
+        self, repo: str, digest: str
+    ) -> AsyncIterator[tuple[int | None, AsyncIterator[bytes]]]:
+        if repo == "a":
+            self.fetches += 1
+            await asyncio.sleep(0.2)
+            raise UpstreamFailure("up", "blob GET a: HTTP 404", 404)
+        async with super().blob(repo, digest) as fetched:
+            yield fetched
+
+
+async def test_another_repositorys_failed_fetch_is_not_this_ones(tmp_path: Path) -> None:
+    """A pull of a digest in `mirror/b` while `mirror/a`'s fetch of it runs waits for that
+    fetch, then fetches for `b` when it failed. It got `a`'s BLOB_UNKNOWN (review)."""
+    data = hashlib.shake_256(b"in b only").digest(3 * CHUNK)
+    digest = digests.of_bytes(data)
+    upstream = NotInA(data)
+    cache, store, index = _cache(tmp_path, upstream)
+    store.gate.set()
+    try:
+        in_a = asyncio.ensure_future(cache.blob("mirror/a", digest, Recorder()))
+        await asyncio.sleep(0.05)
+        client = Recorder()
+        assert await cache.blob("mirror/b", digest, client)
+        assert bytes(client.body) == data
+        with pytest.raises(errors.RegistryError) as failed:
+            await in_a
+        assert failed.value.error is errors.BLOB_UNKNOWN
+        assert upstream.fetches == 2
+        assert await _fills_ended(cache)
+        assert await index.blob_size("mirror/b", str(digest)) == len(data)
+    finally:
+        await cache.close()
+        await index.close()
