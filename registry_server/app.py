@@ -279,6 +279,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
         region=rep.region,
         clients=ClientAddresses(config.http.trusted_proxies, config.http.forwarded_header),
         space=space,
+        body_idle_seconds=config.http.body_idle_timeout_seconds,
     )
     app = web.Application(
         middlewares=[metrics_middleware, error_middleware], client_max_size=_CLIENT_MAX_SIZE

@@ -61,6 +61,9 @@ class HttpConfig:
     # After SIGTERM: seconds of serving on, with /readyz saying 503, before the graceful
     # shutdown, so that a Service stops sending new connections first (0: at once).
     drain_seconds: float = 0.0
+    # A request body (a blob's chunk, a manifest) that sends nothing for this long is
+    # refused: a client gone silent would hold its upload session and a descriptor.
+    body_idle_timeout_seconds: float = 60.0
 
     @property
     def scheme(self) -> str:
@@ -868,6 +871,11 @@ def _validate(config: Config) -> None:
     _bounded(config.http.workers, "http.workers", at_least=1)
     if not 0 <= config.http.drain_seconds <= 300:
         raise ConfigError("http.drain_seconds: expected 0 to 300 seconds")
+    idle: object = config.http.body_idle_timeout_seconds
+    if isinstance(idle, bool) or not isinstance(idle, int | float) or not 0 < idle <= 3600:
+        raise ConfigError(
+            f"http.body_idle_timeout_seconds: expected more than 0 up to 3600, got {idle!r}"
+        )
     _validate_forwarding(config.http)
     if config.http.tls is not None:
         _validate_tls(config.http.tls)

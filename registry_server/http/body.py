@@ -2,13 +2,46 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from registry_server.http.context import SERVICES
 from registry_server.protocol import errors
 
 _CHUNK = 1 << 20
+_IDLE_DEFAULT = 60.0  # http.body_idle_timeout_seconds's
+
+
+class _BodyIdle(Exception):
+    """The client sent nothing of its body for the idle timeout."""
+
+
+class _IdleWatch:
+    """Fails the body's reads once one has waited ``seconds`` for the client. Time the
+    handler spends on what it read (a slow disk) does not count. One timer per request,
+    moved only when it fires, not a timeout per read: a 256 MiB push makes thousands."""
+
+    def __init__(self, request: web.Request, seconds: float) -> None:
+        self.request = request
+        self.seconds = seconds
+        self.loop = asyncio.get_running_loop()
+        self.waiting_since: float | None = None
+        self.timer = self.loop.call_later(seconds, self._check)
+
+    def _check(self) -> None:
+        since = self.waiting_since
+        now = self.loop.time()
+        if since is not None and now - since >= self.seconds:
+            self.request.content.set_exception(_BodyIdle())
+            return
+        self.timer = self.loop.call_later(
+            self.seconds - (now - since) if since is not None else self.seconds, self._check
+        )
+
+    def close(self) -> None:
+        self.timer.cancel()
 
 
 def content_length(request: web.Request) -> int | None:
@@ -31,11 +64,16 @@ async def stream(request: web.Request, expected: int | None = None) -> AsyncIter
     declared = content_length(request)
     want = expected if expected is not None else declared
     received = 0
+    loop = asyncio.get_running_loop()
+    svc = request.app.get(SERVICES)  # apps without the registry's (a token server's)
+    idle = _IdleWatch(request, svc.body_idle_seconds if svc is not None else _IDLE_DEFAULT)
     try:
         while True:
             # The pieces as they were received, one at a time: readany joins all that
             # is buffered into one new bytes (a copy of the body, under the GIL).
+            idle.waiting_since = loop.time()
             chunk, chunk_end = await request.content.readchunk()
+            idle.waiting_since = None
             if not chunk:
                 if chunk_end and not request.content.at_eof():
                     continue  # the end of an HTTP chunk, not of the body
@@ -46,6 +84,11 @@ async def stream(request: web.Request, expected: int | None = None) -> AsyncIter
                     errors.SIZE_INVALID, detail={"expected": want, "received": received}
                 )
             yield chunk
+    except _BodyIdle:
+        raise errors.RegistryError(
+            errors.BLOB_UPLOAD_INVALID,
+            detail={"reason": f"no body data for {idle.seconds:g} s"},
+        ) from None
     except (ConnectionError, web.HTTPException) as exc:
         raise errors.RegistryError(
             errors.BLOB_UPLOAD_INVALID, detail={"reason": f"body read failed: {type(exc).__name__}"}
@@ -56,6 +99,8 @@ async def stream(request: web.Request, expected: int | None = None) -> AsyncIter
         raise errors.RegistryError(
             errors.BLOB_UPLOAD_INVALID, detail={"reason": f"body read failed: {type(exc).__name__}"}
         ) from exc
+    finally:
+        idle.close()
     if want is not None and received != want:
         raise errors.RegistryError(
             errors.SIZE_INVALID, detail={"expected": want, "received": received}

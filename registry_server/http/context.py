@@ -38,6 +38,7 @@ class Services:
     clients: ClientAddresses = field(default_factory=ClientAddresses)
     space: SpaceMonitor = field(default_factory=lambda: SpaceMonitor(None))
     pull_through: PullThrough | None = None  # upstreams mirrored on demand
+    body_idle_seconds: float = 60.0  # http.body_idle_timeout_seconds
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -209,3 +209,15 @@ def test_credentials_files(tmp_path: Path) -> None:
     assert loaded.username_file == Path("/etc/berth/upstreams/a/username")
     assert loaded.as_peer().username_file == loaded.username_file
     assert loaded.as_peer().password_file == Path("/etc/berth/upstreams/a/password")
+
+
+@pytest.mark.parametrize("value", [0, -1, 3601, "soon"])
+def test_the_body_idle_timeout_is_bounded(tmp_path: Path, value: Any) -> None:
+    with pytest.raises(config.ConfigError, match=r"^http\.body_idle_timeout_seconds"):
+        _load(tmp_path, {"http": {"body_idle_timeout_seconds": value}})
+
+
+def test_the_body_idle_timeout_is_read(tmp_path: Path) -> None:
+    assert config.load(None, env={}).http.body_idle_timeout_seconds == 60
+    loaded = _load(tmp_path, {"http": {"body_idle_timeout_seconds": 5}})
+    assert loaded.http.body_idle_timeout_seconds == 5

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from registry_server.app import build_app
-from registry_server.config import Config, StorageConfig
+from registry_server.config import Config, HttpConfig, StorageConfig
 from registry_server.http.context import SERVICES
 from registry_server.storage.blobstore import BlobStore
 
@@ -199,3 +200,36 @@ async def test_a_chunked_body_is_stored_whole_and_in_order(client: Client) -> No
     pulled = await client.get(f"/v2/repo/blobs/{_digest(data)}")
     assert pulled.status == 200
     assert await pulled.read() == data
+
+
+async def test_a_body_gone_silent_is_refused_and_lets_go_of_its_session(tmp_path: Path) -> None:
+    """A PATCH whose client stops sending mid-body (a dead network, a laptop asleep, or on
+    purpose) is answered BLOB_UPLOAD_INVALID after http.body_idle_timeout_seconds; it held
+    the session's lock, and a descriptor, for as long as the connection lived (review)."""
+    config = Config(
+        storage=StorageConfig(root=tmp_path), http=HttpConfig(body_idle_timeout_seconds=0.5)
+    )
+    async with TestClient(TestServer(build_app(config))) as client:
+        started = await client.post("/v2/repo/blobs/uploads/")
+        location = started.headers["Location"]
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(
+            f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n".encode()
+            + b"0123456789"
+        )
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status = await reader.readline()
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            length = int(head.lower().split("content-length:")[1].split("\r\n")[0])
+            reply = json.loads(await reader.readexactly(length))
+        writer.close()
+        assert status.split()[1] == b"400"
+        assert reply["errors"][0]["code"] == "BLOB_UPLOAD_INVALID"
+        assert "no body data for 0.5 s" in json.dumps(reply)
+        # The session is free, and holds none of the ten bytes.
+        async with asyncio.timeout(5):
+            state = await client.get(location)
+            assert state.status == 204 and state.headers["Range"] == "0-0"
+            assert (await client.delete(location)).status == 204
