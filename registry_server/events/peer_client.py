@@ -252,7 +252,8 @@ class PeerClient:
         self, path: str, scope: str, *, headers: dict[str, str] | None = None, what: str = ""
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """A GET whose 200 reply the caller reads itself (a blob), auth handled as in
-        ``request``; anything else raises PeerError, as does a failure while reading."""
+        ``request``; anything else raises PeerError. What the caller's block raises (its
+        reads of the reply, or its own work: a store's timeout) goes out as it is."""
         url = f"{self.base}{path}"
         what = what or f"GET {path}"
         for attempt in range(2):
@@ -261,6 +262,7 @@ class PeerClient:
                 hdrs["Authorization"] = self._tokens[scope]
             else:
                 hdrs.update(self._basic())
+            handed = False
             try:
                 async with self.session.get(url, headers=hdrs, ssl=self._ssl) as resp:
                     if resp.status == 401 and attempt == 0:
@@ -271,11 +273,16 @@ class PeerClient:
                     if resp.status != 200:
                         content, _ = await replies.read(resp)
                         raise _classify(resp.status, what, content.decode(errors="replace"))
+                    handed = True
                     yield resp
                     return
             except aiohttp.ClientError as exc:
+                if handed:
+                    raise
                 raise PeerError(f"{what}: {exc}") from exc
             except TimeoutError as exc:
+                if handed:
+                    raise
                 raise PeerError(f"{what}: timeout") from exc
         raise PeerError(f"{what}: unauthorized", 401)
 

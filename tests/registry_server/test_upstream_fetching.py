@@ -1,0 +1,67 @@
+"""The pull-through cache's upstream client: what fails is told apart. A failure of the
+upstream (an error status, a dropped transfer) is an UpstreamFailure; what the cache's
+own work raises while the reply is open (its storage timing out, say) goes out as it
+is, neither reported to the client as the upstream's fault nor counted as one."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from registry_server.config import UpstreamConfig
+from registry_server.events.upstream_fetching import UpstreamFetcher
+from registry_server.protocol.upstreams import UpstreamFailure
+
+DIGEST = "sha256:" + "0" * 64
+
+
+@pytest.fixture
+async def fetcher() -> AsyncIterator[UpstreamFetcher]:
+    async def blob(request: web.Request) -> web.Response:
+        if request.match_info["repo"] == "missing":
+            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+        return web.Response(body=b"x" * 1000)
+
+    app = web.Application()
+    app.router.add_get("/v2/{repo}/blobs/{digest}", blob)
+    async with TestServer(app) as server:
+        fetcher = UpstreamFetcher(
+            UpstreamConfig(name="up", url=str(server.make_url("")).rstrip("/"), prefix="m"),
+            1 << 20,
+        )
+        try:
+            yield fetcher
+        finally:
+            await fetcher.close()
+
+
+async def test_the_blob_streams(fetcher: UpstreamFetcher) -> None:
+    async with fetcher.blob("repo", DIGEST) as (size, chunks):
+        assert size == 1000
+        assert b"".join([chunk async for chunk in chunks]) == b"x" * 1000
+
+
+async def test_an_error_status_is_the_upstreams_failure(fetcher: UpstreamFetcher) -> None:
+    with pytest.raises(UpstreamFailure) as failed:
+        async with fetcher.blob("missing", DIGEST):
+            pass
+    assert failed.value.status == 404
+
+
+@pytest.mark.parametrize(
+    "local",
+    [OSError(errno.ETIMEDOUT, "the store timed out"), TimeoutError(), OSError(errno.EIO, "")],
+)
+async def test_the_caches_own_failure_is_not_the_upstreams(
+    fetcher: UpstreamFetcher, local: OSError
+) -> None:
+    with pytest.raises(OSError) as raised:
+        async with fetcher.blob("repo", DIGEST) as (_, chunks):
+            async for _ in chunks:
+                pass
+            raise local
+    assert raised.value is local
