@@ -48,7 +48,8 @@ class UpstreamFetcher:
         return self._client
 
     def _failure(self, exc: PeerError) -> UpstreamFailure:
-        return UpstreamFailure(self.name, str(exc)[:300], exc.status)
+        timed_out = isinstance(exc.__cause__, TimeoutError)  # aiohttp's are TimeoutErrors
+        return UpstreamFailure(self.name, str(exc)[:300], exc.status, timed_out)
 
     async def manifest(self, repo: str, reference: str, head: bool) -> UpstreamManifest:
         """HEAD or GET a manifest (callers bound the time with asyncio.timeout)."""
@@ -106,7 +107,11 @@ class UpstreamFetcher:
                 if chunk:
                     yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamFailure(self.name, f"blob transfer failed: {exc}"[:300]) from None
+            raise UpstreamFailure(
+                self.name,
+                f"blob transfer failed: {exc or type(exc).__name__}"[:300],
+                timed_out=isinstance(exc, TimeoutError),
+            ) from None
 
     async def close(self) -> None:
         if self._session is not None:

@@ -38,6 +38,7 @@ class UpstreamFailure(Exception):
     upstream: str
     reason: str
     status: int | None = None
+    timed_out: bool = False  # no answer in time (connecting, or between two reads)
 
     def __str__(self) -> str:
         return f"upstream {self.upstream}: {self.reason}"

@@ -130,6 +130,8 @@ class _Flight:
 
 
 def _reason(failure: UpstreamFailure) -> str:
+    if failure.timed_out:
+        return "timeout"
     if failure.status is None:
         return "unreachable"
     return "5xx" if failure.status >= 500 else str(failure.status)
@@ -387,7 +389,6 @@ class PullThrough:
                 # (not found there, a 429, wrong bytes) is not this one's to answer.
                 with contextlib.suppress(Exception):
                     await asyncio.shield(flight.task)
-        MISSES.labels(upstream, "blob").inc()
         flight = _Flight(sink=sink, repository=target.local)
         task = asyncio.create_task(self._fetch_blob(target, digest, flight))
         flight.task = task
@@ -535,7 +536,10 @@ class PullThrough:
     async def _fetch_blob(self, target: Target, digest: digests.Digest, flight: _Flight) -> None:
         async with self._claimed(str(digest)) as waited:
             # Another process may have stored it while this one waited for the claim.
-            if not (waited and await self._present(target, digest)):
+            if waited and await self._present(target, digest):
+                HITS.labels(target.mirror.name, "blob").inc()
+            else:
+                MISSES.labels(target.mirror.name, "blob").inc()  # fetched from upstream
                 await self._fetch_claimed(target, digest, flight)
 
     async def _fetch_claimed(self, target: Target, digest: digests.Digest, flight: _Flight) -> None:

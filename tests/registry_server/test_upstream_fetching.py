@@ -5,6 +5,7 @@ is, neither reported to the client as the upstream's fault nor counted as one.""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 from collections.abc import AsyncIterator
 
@@ -13,17 +14,28 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from registry_server.config import UpstreamConfig
+from registry_server.events import upstream_fetching
 from registry_server.events.upstream_fetching import UpstreamFetcher
 from registry_server.protocol.upstreams import UpstreamFailure
+from registry_server.services.pull_through import _reason
 
 DIGEST = "sha256:" + "0" * 64
 
 
 @pytest.fixture
-async def fetcher() -> AsyncIterator[UpstreamFetcher]:
+async def fetcher(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[UpstreamFetcher]:
+    monkeypatch.setattr(upstream_fetching, "_BLOB_READ_TIMEOUT", 0.3)
+
     async def blob(request: web.Request) -> web.Response:
         if request.match_info["repo"] == "missing":
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+        if request.match_info["repo"] == "stalls":
+            reply = web.StreamResponse()
+            reply.content_length = 1000
+            await reply.prepare(request)
+            await reply.write(b"x" * 100)
+            await asyncio.sleep(5)
+            return reply
         return web.Response(body=b"x" * 1000)
 
     app = web.Application()
@@ -50,6 +62,17 @@ async def test_an_error_status_is_the_upstreams_failure(fetcher: UpstreamFetcher
         async with fetcher.blob("missing", DIGEST):
             pass
     assert failed.value.status == 404
+
+
+async def test_an_upstream_gone_silent_is_a_timeout(fetcher: UpstreamFetcher) -> None:
+    """Counted as one (berth_cache_upstream_errors_total{reason="timeout"}), not as an
+    upstream that cannot be reached."""
+    with pytest.raises(UpstreamFailure) as failed:
+        async with fetcher.blob("stalls", DIGEST) as (_, chunks):
+            async for _ in chunks:
+                pass
+    assert failed.value.timed_out and failed.value.status is None
+    assert _reason(failed.value) == "timeout"
 
 
 @pytest.mark.parametrize(
