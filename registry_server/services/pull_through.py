@@ -769,6 +769,16 @@ class PullThrough:
         return removed
 
     async def close(self) -> None:
+        # A fill whose clients were served goes on to make the blob durable and index
+        # it, with no request waiting for it: let fills end (a bounded while) before the
+        # upstreams and, after this, the index close under them.
+        fills = [f.task for f in self._blob_flights.values() if f.task is not None]
+        fills += self._manifest_flights.values()
+        if fills:
+            _, unfinished = await asyncio.wait(fills, timeout=_CLOSE_PATIENCE)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
         for fetcher in self.fetchers.values():
             await fetcher.close()
         await self.locks.close()
@@ -776,6 +786,9 @@ class PullThrough:
             path = self._state_dir / f"pulled-{self._worker}.json"
             await asyncio.to_thread(_write_atomic, path, json.dumps(self._pulled))
 
+
+# How long closing waits for fills under way (the graceful shutdown's bound on requests).
+_CLOSE_PATIENCE = 10.0
 
 # How long a follower waits for the next chunk before it looks at the file anyway.
 _FOLLOW_POLL = 0.05

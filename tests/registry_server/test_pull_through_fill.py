@@ -549,3 +549,21 @@ async def test_another_repositorys_failed_fetch_is_not_this_ones(tmp_path: Path)
     finally:
         await cache.close()
         await index.close()
+
+
+async def test_closing_lets_a_served_fill_store_its_blob(tmp_path: Path) -> None:
+    """At shutdown a fill whose client was served is still making the blob durable and
+    indexing it: closing waits for it (bounded) before the index closes under it."""
+    data = hashlib.shake_256(b"closing").digest(4 * CHUNK + 5)
+    digest = digests.of_bytes(data)
+    cache, store, index = _cache(tmp_path, Bytes(data))
+    client = Recorder()
+    assert await asyncio.wait_for(cache.blob("mirror/app", digest, client), 10)
+    closing = asyncio.ensure_future(cache.close())
+    await asyncio.sleep(0.2)
+    assert not closing.done()
+    store.gate.set()
+    await asyncio.wait_for(closing, 10)
+    assert await index.blob_size("mirror/app", str(digest)) == len(data)
+    assert await store.size(digest) == len(data)
+    await index.close()
