@@ -72,9 +72,18 @@ class BlobService:
     ) -> bool:
         """Link a blob another repository holds; False when it cannot be mounted.
 
-        Without ``source`` any repository the caller may pull from is a candidate.
+        Without ``source`` any repository the caller may pull from is a candidate. A
+        blob ``repo`` already holds is mounted as it is (no upload to make again), for a
+        caller who may pull ``repo`` (to others it tells nothing a HEAD would not).
         """
         self.store.space.require_writable()
+        linked = await self.index.blob_size(repo, str(digest))
+        if linked is not None and await may_pull(repo):
+            try:
+                await self.store.require(digest, linked)
+                return True
+            except errors.RegistryError:
+                pass  # its bytes are lost: mounted from another candidate, or uploaded
         candidates = [source] if source else await self.index.repositories_with_blob(str(digest))
         for candidate in candidates:
             if candidate == repo or not await may_pull(candidate):

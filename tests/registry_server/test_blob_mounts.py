@@ -42,3 +42,30 @@ async def test_a_mount_links_only_bytes_that_are_there_at_the_recorded_size(
         assert await index.blob_size("team/c", str(digest)) is None  # nothing linked
     finally:
         await index.close()
+
+
+async def test_a_blob_the_repository_holds_is_mounted_as_it_is(tmp_path: Path) -> None:
+    """A mount of a blob already linked in the target (from itself, or from a repository
+    the caller may not pull) is a 201, not a session to upload the bytes again; unless
+    its bytes are lost."""
+    index = SqliteIndex(tmp_path / "index.db")
+    try:
+        blobs = BlobService(BlobStore(FilesystemDriver(tmp_path / "storage")), index)
+        data = b"a layer team/a has"
+        digest = digests.of_bytes(data)
+        await blobs.upload_whole("team/a", digest, _body(data))
+
+        async def team_a_only(repo: str) -> bool:
+            return repo == "team/a"
+
+        async def no_one(repo: str) -> bool:
+            return False
+
+        assert await blobs.mount("team/a", digest, "team/a", _anyone)
+        assert await blobs.mount("team/a", digest, "secret/x", team_a_only)
+        assert await blobs.mount("team/a", digest, None, team_a_only)
+        assert not await blobs.mount("team/a", digest, None, no_one)  # may push, not pull
+        (tmp_path / "storage" / blob_path(digest)).unlink()
+        assert not await blobs.mount("team/a", digest, "team/a", _anyone)
+    finally:
+        await index.close()
