@@ -70,7 +70,22 @@ async def upload_status(request: web.Request, name: str, upload_id: str) -> web.
     )
 
 
-def _chunk_range(request: web.Request) -> tuple[tuple[int, int] | None, int | None]:
+async def _chunk_range(
+    request: web.Request, name: str, upload_id: str
+) -> tuple[tuple[int, int] | None, int | None]:
+    """``_parse_chunk_range``; a 416 tells where the session stands, as every 416 does."""
+    try:
+        return _parse_chunk_range(request)
+    except errors.RegistryError as exc:
+        if exc.error is not errors.RANGE_INVALID or exc.headers:
+            raise
+        info = await services(request).blobs.upload_status(name, upload_id)
+        raise errors.RegistryError(
+            exc.error, detail=exc.detail, headers=upload_headers(name, upload_id, info.size)
+        ) from None
+
+
+def _parse_chunk_range(request: web.Request) -> tuple[tuple[int, int] | None, int | None]:
     """The chunk's Content-Range and the body length it implies; 416 when Content-Length
     says otherwise (a body that is longer or shorter while streaming is SIZE_INVALID)."""
     header = request.headers.get("Content-Range")
@@ -88,7 +103,7 @@ def _chunk_range(request: web.Request) -> tuple[tuple[int, int] | None, int | No
 
 async def patch_upload(request: web.Request, name: str, upload_id: str) -> web.Response:
     svc = services(request)
-    content_range, expected = _chunk_range(request)
+    content_range, expected = await _chunk_range(request, name, upload_id)
     size = await svc.blobs.append(name, upload_id, body.stream(request, expected), content_range)
     return _accepted(name, upload_id, size)
 
@@ -103,7 +118,7 @@ async def put_upload(request: web.Request, name: str, upload_id: str) -> web.Res
         "Transfer-Encoding", ""
     ).lower() == "chunked"
     if has_body:  # a Content-Range on the final PUT describes its body, as on a PATCH
-        content_range, expected = _chunk_range(request)
+        content_range, expected = await _chunk_range(request, name, upload_id)
     else:  # without a body it only has to start where the session is
         header = request.headers.get("Content-Range")
         content_range, expected = (ranges.parse_content_range(header) if header else None), None

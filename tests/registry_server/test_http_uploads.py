@@ -233,3 +233,20 @@ async def test_a_body_gone_silent_is_refused_and_lets_go_of_its_session(tmp_path
             state = await client.get(location)
             assert state.status == 204 and state.headers["Range"] == "0-0"
             assert (await client.delete(location)).status == 204
+
+
+async def test_a_chunk_whose_range_and_length_disagree_tells_where_the_session_is(
+    client: Client,
+) -> None:
+    """416, with the session's Location and Range as any 416 of an upload (review)."""
+    started = await client.post("/v2/repo/blobs/uploads/")
+    location = started.headers["Location"]
+    assert (await client.patch(location, data=b"0123456789")).status == 202
+    for content_range in ("10-14", "10-9", "ten"):
+        refused = await client.patch(
+            location, data=b"abc", headers={"Content-Range": content_range}
+        )
+        assert refused.status == 416, content_range
+        assert refused.headers["Range"] == "0-9"
+        assert refused.headers["Location"].endswith(location.rsplit("/", 1)[1])
+        assert refused.headers["Docker-Upload-UUID"] == location.rsplit("/", 1)[1]
