@@ -111,9 +111,17 @@ def new_session(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
 
 
 class PeerClient:
-    def __init__(self, peer: PeerConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        peer: PeerConfig,
+        session: aiohttp.ClientSession,
+        stream_session: aiohttp.ClientSession | None = None,
+    ) -> None:
         self.peer = peer
         self.session = session
+        # For ``stream`` (blob bodies): a pool of its own keeps the short requests from
+        # queueing behind long transfers for a connection.
+        self.stream_session = stream_session or session
         self.base = peer.url.rstrip("/")
         self._tokens: dict[str, str] = {}  # scope -> "Bearer ..." header value
         self._throttle = _Throttle(peer.bandwidth_limit_mbps)
@@ -264,7 +272,7 @@ class PeerClient:
                 hdrs.update(self._basic())
             handed = False
             try:
-                async with self.session.get(url, headers=hdrs, ssl=self._ssl) as resp:
+                async with self.stream_session.get(url, headers=hdrs, ssl=self._ssl) as resp:
                     if resp.status == 401 and attempt == 0:
                         challenge = resp.headers.get("WWW-Authenticate", "")
                         if challenge.lower().startswith("bearer"):

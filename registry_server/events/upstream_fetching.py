@@ -35,6 +35,7 @@ class UpstreamFetcher:
         self.config = config
         self.max_manifest_bytes = max_manifest_bytes
         self._session: aiohttp.ClientSession | None = None
+        self._blob_session: aiohttp.ClientSession | None = None
         self._client: PeerClient | None = None
 
     def _peer(self) -> PeerClient:
@@ -44,7 +45,11 @@ class UpstreamFetcher:
                 total=None, sock_connect=self.config.timeout_seconds, sock_read=_BLOB_READ_TIMEOUT
             )
             self._session = new_session(timeout)
-            self._client = PeerClient(self.config.as_peer(), self._session)
+            # Blob fills on connections of their own: a hundred under way (aiohttp's
+            # pool size) must not hold up a manifest's HEAD or GET, which would time out
+            # and serve stale, blaming the upstream.
+            self._blob_session = new_session(timeout)
+            self._client = PeerClient(self.config.as_peer(), self._session, self._blob_session)
         return self._client
 
     def _failure(self, exc: PeerError) -> UpstreamFailure:
@@ -114,5 +119,6 @@ class UpstreamFetcher:
             ) from None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._blob_session):
+            if session is not None:
+                await session.close()

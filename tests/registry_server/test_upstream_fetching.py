@@ -38,8 +38,14 @@ async def fetcher(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[UpstreamFetc
             return reply
         return web.Response(body=b"x" * 1000)
 
+    async def manifest(request: web.Request) -> web.Response:
+        return web.Response(
+            headers={"Docker-Content-Digest": DIGEST, "Content-Type": "application/x-test"}
+        )
+
     app = web.Application()
     app.router.add_get("/v2/{repo}/blobs/{digest}", blob)
+    app.router.add_route("HEAD", "/v2/{repo}/manifests/{reference}", manifest)
     async with TestServer(app) as server:
         fetcher = UpstreamFetcher(
             UpstreamConfig(name="up", url=str(server.make_url("")).rstrip("/"), prefix="m"),
@@ -73,6 +79,38 @@ async def test_an_upstream_gone_silent_is_a_timeout(fetcher: UpstreamFetcher) ->
                 pass
     assert failed.value.timed_out and failed.value.status is None
     assert _reason(failed.value) == "timeout"
+
+
+async def test_blob_transfers_do_not_hold_up_a_manifest(
+    fetcher: UpstreamFetcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hundred fills under way (aiohttp's pool size) from a slow upstream: a tag's
+    HEAD still gets a connection at once, and answers (review: it queued behind them,
+    timed out, and the stale copy was served with the upstream blamed)."""
+    monkeypatch.setattr(upstream_fetching, "_BLOB_READ_TIMEOUT", 30.0)  # slow, not stalled
+    started = asyncio.Event()
+    opened = 0
+
+    async def stalled_fill() -> None:
+        nonlocal opened
+        async with fetcher.blob("stalls", DIGEST) as (_, chunks):
+            opened += 1
+            if opened == 100:
+                started.set()
+            async for _ in chunks:
+                pass
+
+    fills = [asyncio.ensure_future(stalled_fill()) for _ in range(100)]
+    try:
+        async with asyncio.timeout(10):
+            await started.wait()
+        async with asyncio.timeout(2):
+            got = await fetcher.manifest("repo", "latest", head=True)
+        assert got.digest == DIGEST
+    finally:
+        for fill in fills:
+            fill.cancel()
+        await asyncio.gather(*fills, return_exceptions=True)
 
 
 @pytest.mark.parametrize(
