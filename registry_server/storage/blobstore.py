@@ -23,7 +23,13 @@ from pathlib import Path
 
 from registry_server.protocol import digests, errors
 from registry_server.storage import upload_ids
-from registry_server.storage.driver import StorageDriver, StorageFull, StorageNotFound, Writer
+from registry_server.storage.driver import (
+    StorageConflict,
+    StorageDriver,
+    StorageFull,
+    StorageNotFound,
+    Writer,
+)
 from registry_server.storage.space import SpaceMonitor
 
 
@@ -369,9 +375,13 @@ class BlobStore:
             elif by_writer:
                 await writer.hashed()
         except BaseException:
-            with contextlib.suppress(StorageFull):  # what it could not flush is cut anyway
+            # What it could not flush is cut anyway; a session removed meanwhile (a
+            # conflict on object storage) has nothing to keep.
+            with contextlib.suppress(StorageFull, StorageConflict):
                 await writer.close()
-            await self.driver.truncate(path, info.size)
+            # Nothing to cut back in a session purged or ended meanwhile.
+            with contextlib.suppress(StorageNotFound):
+                await self.driver.truncate(path, info.size)
             self._hashes.pop(info.upload_id, None)
             raise
         finally:

@@ -117,7 +117,8 @@ class StorageDriver(Protocol):
         """Atomically move ``src`` over ``dst``; raises StorageNotFound if src is missing."""
 
     async def truncate(self, path: str, size: int) -> None:
-        """Cut a file being written back to ``size`` bytes (undo a failed append)."""
+        """Cut a file being written back to ``size`` bytes (undo a failed append);
+        raises StorageNotFound if it is not there."""
 
     async def delete(self, path: str) -> None:
         """Delete a file or a whole subtree; a missing path is not an error."""

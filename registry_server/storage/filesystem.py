@@ -372,7 +372,10 @@ class FilesystemDriver:
             f.truncate(size)
 
     async def truncate(self, path: str, size: int) -> None:
-        await blocking.files.call(self._truncate_sync, path, size)
+        try:
+            await blocking.files.call(self._truncate_sync, path, size)
+        except (FileNotFoundError, NotADirectoryError):
+            raise StorageNotFound(path) from None
 
     def _delete_sync(self, path: str) -> None:
         target = self._path(path)

@@ -599,6 +599,8 @@ class S3Driver:
         except ClientError as exc:
             if _code(exc) in _CONFLICT:
                 raise StorageConflict(key) from None
+            if condition not in (None, _CREATE) and _code(exc) in ("404", "NoSuchKey"):
+                raise StorageConflict(key) from None  # removed since read (a purge, a DELETE)
             raise
         return written.get("ETag")
 

@@ -621,3 +621,28 @@ async def test_a_last_append_verifies_whatever_sessions_start_meanwhile(
     assert await store.append(info, body(), last=digest, writer=writer) == len(data)
     await store.publish(info, digest)
     assert await _collect(store.read(digest)) == data
+
+
+async def test_truncating_a_file_that_is_gone_is_not_found(driver: StorageDriver) -> None:
+    with pytest.raises(StorageNotFound):
+        await driver.truncate("uploads/gone/data", 0)
+
+
+async def test_a_body_failing_in_a_session_purged_meanwhile_raises_its_own_error(
+    driver: StorageDriver,
+) -> None:
+    """The purge of stale sessions takes no session lock: an append that fails after it
+    removed the session has nothing to cut back, and its client is told its own error
+    (it was a 500 for the missing file)."""
+    store = BlobStore(driver)
+    upload = await store.start_upload("repo")
+    info = await store.upload_info("repo", upload)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"some bytes"
+        await store.cancel(upload)  # the purge
+        raise errors.RegistryError(errors.BLOB_UPLOAD_INVALID, detail={"reason": "cut"})
+
+    with pytest.raises(errors.RegistryError) as failed:
+        await store.append(info, body())
+    assert failed.value.error is errors.BLOB_UPLOAD_INVALID
