@@ -389,6 +389,10 @@ class PullThrough:
                 # (not found there, a 429, wrong bytes) is not this one's to answer.
                 with contextlib.suppress(Exception):
                     await asyncio.shield(flight.task)
+        else:  # waited twice: what the last fetch waited for stored, if it did
+            if await self._present(target, digest):
+                HITS.labels(upstream, "blob").inc()
+                return False
         flight = _Flight(sink=sink, repository=target.local)
         task = asyncio.create_task(self._fetch_blob(target, digest, flight))
         flight.task = task
