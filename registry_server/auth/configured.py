@@ -190,8 +190,9 @@ class ConfiguredAuthorizer:
         account = directory.accounts.get(name)
         # A refusal costs the same bcrypt work whether the name exists or not.
         stored = account.secret_hash if account is not None else None
-        if await self.passwords.check(secret, stored, directory.costs):
-            return True
+        with self.limiter.checking(client, name, secret):  # counted from now, not once failed
+            if await self.passwords.check(secret, stored, directory.costs):
+                return True
         self._failed(client, "bad_secret" if account is not None else "unknown_account", name)
         return False
 

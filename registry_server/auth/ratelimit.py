@@ -26,11 +26,12 @@ the same.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 
 class FailureMeter:
@@ -76,19 +77,21 @@ class FailureMeter:
     def __len__(self) -> int:
         return len(self._drained_at)
 
-    def retry_after(self, key: bytes) -> int:
-        """Seconds until ``key`` may fail again; 0 when it may try now."""
+    def retry_after(self, key: bytes, pending: int = 0) -> int:
+        """Seconds until ``key`` may fail again; 0 when it may try now. ``pending``:
+        attempts of the key being checked now, counted as the failures they may be."""
         if not self.enabled:
             return 0
-        drained = self._drained_at.get(key)
-        if drained is None:
-            return 0
         now = self._clock()
-        if drained <= now:
+        drained = self._drained_at.get(key)
+        if drained is not None and drained <= now:
             del self._drained_at[key]
+            drained = None
+        if drained is None and not pending:
             return 0
+        drained = (drained or now) + pending * self.step
         # Blocked while more than limit - 1 failures' worth is still draining.
-        wait = drained - now - (self.window - self.window / self.limit)
+        wait = drained - now - (self.window - self.step)
         return max(1, math.ceil(wait)) if wait > 0 else 0
 
     def record_failure(self, key: bytes) -> None:
@@ -120,6 +123,12 @@ class FailureLimiter:
         # Failures recorded since the last take_new, per (meter name, key): for sharing.
         self._new: collections.Counter[tuple[str, bytes]] = collections.Counter()
         self._sharing = False
+        # Attempts being checked now (a password hash takes a while), per key, by the
+        # secret tried: without them, guesses sent all at once were all checked before
+        # the first failure was recorded. Distinct secrets count: nodes logging in at
+        # once with one robot's secret share one check and count once. This process's
+        # own: each worker admits at most a burst of them.
+        self._pending: dict[bytes, collections.Counter[bytes]] = {}
 
     @property
     def meters(self) -> dict[str, FailureMeter]:
@@ -150,11 +159,32 @@ class FailureLimiter:
         return digest.digest()
 
     def retry_after(self, client: str, account: str | None = None) -> int:
-        """Seconds until ``client`` may try again (as ``account``, when given)."""
-        wait = self.per_client.retry_after(self._key(client))
+        """Seconds until ``client`` may try again (as ``account``, when given), counting
+        its attempts under way (``checking``) as failures."""
+        key = self._key(client)
+        wait = self.per_client.retry_after(key, len(self._pending.get(key, ())))
         if account is not None:
-            wait = max(wait, self.per_account.retry_after(self._key(account, client)))
+            pair = self._key(account, client)
+            wait = max(wait, self.per_account.retry_after(pair, len(self._pending.get(pair, ()))))
         return wait
+
+    @contextlib.contextmanager
+    def checking(self, client: str, account: str, secret: str) -> Iterator[None]:
+        """``secret`` of ``account`` from ``client`` is being checked for the block."""
+        attempt = self._key("attempt", secret)  # kept hashed, for the check's length only
+        keys = (self._key(client), self._key(account, client))
+        for key in keys:
+            self._pending.setdefault(key, collections.Counter())[attempt] += 1
+        try:
+            yield
+        finally:
+            for key in keys:
+                attempts = self._pending[key]
+                attempts[attempt] -= 1
+                if attempts[attempt] <= 0:
+                    del attempts[attempt]
+                if not attempts:
+                    del self._pending[key]
 
     def record_failure(self, client: str, account: str | None = None) -> None:
         keys = [("client", self._key(client))]

@@ -7,6 +7,7 @@ registry requests, policy decisions, catalog filtering, mounts and rate limiting
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -538,6 +539,33 @@ async def test_failures_are_counted_logged_and_limited(
     assert "hunter2-wrong" not in caplog.text and SECRETS["alice"] not in caplog.text
     metrics = await (await env.client.get("/metrics")).text()
     assert 'berth_auth_failures_total{reason="bad_secret"}' in metrics
+
+
+async def test_guesses_sent_all_at_once_are_limited_as_one_after_another(
+    make_env: EnvFactory,
+) -> None:
+    """Each guess counts from when its check starts, not once it failed: forty sent at
+    once got forty checks before the first failure was recorded (review)."""
+    env = await make_env(failure_limit=3, client_failure_limit=5, failure_window_seconds=60)
+    guesses = [basic("alice", f"guess-{n}") for n in range(39)] + [basic("alice")]
+    replies = await asyncio.gather(*(env.client.get("/v2/", headers=h) for h in guesses))
+    statuses = [reply.status for reply in replies]
+    assert statuses.count(401) <= 3 and 200 not in statuses
+    assert statuses.count(429) == len(guesses) - statuses.count(401)
+    # Once those failures drain, the right password works again (after a wait).
+    assert (await env.client.get("/v2/", headers=basic("alice"))).status == 429
+
+
+async def test_nodes_logging_in_at_once_with_one_secret_count_once(
+    make_env: EnvFactory,
+) -> None:
+    """Twenty nodes behind one address (a NAT) log in at once with their robot's secret,
+    just after a restart (nothing cached): they share one check, and none is refused."""
+    env = await make_env(failure_limit=3, failure_window_seconds=60)
+    replies = await asyncio.gather(
+        *(env.client.get("/v2/", headers=basic("puller")) for _ in range(20))
+    )
+    assert [reply.status for reply in replies] == [200] * 20
 
 
 async def test_failures_of_one_account_do_not_lock_out_another(make_env: EnvFactory) -> None:
