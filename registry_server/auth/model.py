@@ -32,8 +32,11 @@ CATALOG = Access("registry", "catalog", frozenset({"*"}))
 REPLICATION = Access("registry", "replication", frozenset({"*"}))
 # Which credential the server holds for an account (the operator's rotation check; admins).
 ACCOUNTS = Access("registry", "accounts", frozenset({"*"}))
+# /metrics on the registry's own port when auth is on: it names every repository, and
+# its failure counters tell which account names exist (not on http.metrics_addr's).
+METRICS = Access("registry", "metrics", frozenset({"*"}))
 # Resources only admins have, whatever the policy's rules say.
-ADMIN_ONLY = (REPLICATION, ACCOUNTS)
+ADMIN_ONLY = (REPLICATION, ACCOUNTS, METRICS)
 
 
 @dataclass(frozen=True)

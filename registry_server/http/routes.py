@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from registry_server.auth.model import CATALOG, Access, Principal
+from registry_server.auth.model import CATALOG, METRICS, Access, Principal
 from registry_server.http import blobs, discovery, health, manifests, token, uploads
 from registry_server.http.context import client_address, services
 from registry_server.http.errors import API_VERSION_HEADER
@@ -120,6 +120,15 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     raise errors.RegistryError(errors.ROUTE_UNKNOWN, detail={"path": request.path[:300]})
 
 
+async def registry_metrics(request: web.Request) -> web.Response:
+    """``/metrics`` on the registry's port: with auth on, for admins (Prometheus with
+    basic_auth); on ``http.metrics_addr``'s own listener it needs none."""
+    await services(request).auth.authorize(
+        request.headers.get("Authorization"), client_address(request), [METRICS]
+    )
+    return await health.metrics(request)
+
+
 def add_routes(app: web.Application, metrics: bool = True) -> None:
     """The registry's routes; ``/metrics`` too unless it has a listener of its own."""
     app.router.add_route("GET", "/v2/", base)
@@ -132,5 +141,5 @@ def add_routes(app: web.Application, metrics: bool = True) -> None:
     app.router.add_route("GET", "/readyz", health.readyz)
     app.router.add_route("GET", "/readyz/writes", health.readyz_writes)
     if metrics:
-        app.router.add_route("GET", "/metrics", health.metrics)
+        app.router.add_route("GET", "/metrics", registry_metrics)
     token.add_routes(app)

@@ -119,7 +119,7 @@ class AuthRegistry:
         return token
 
     def tokens_issued(self) -> float:
-        text = self.api.get("/metrics").body.decode()
+        text = self.api.get("/metrics", headers=basic("root")).body.decode()
         m = re.search(r'^berth_auth_tokens_issued_total\{kind="access"\} (\S+)$', text, re.M)
         return float(m.group(1)) if m else 0.0
 
@@ -427,7 +427,7 @@ def test_forged_tokens_are_refused(auth_registry: AuthRegistry) -> None:
         )
         assert resp.status == 401, name
         assert 'error="invalid_token"' in (resp.header("WWW-Authenticate") or ""), name
-    metrics = api.get("/metrics").body.decode()
+    metrics = api.get("/metrics", headers=basic("root")).body.decode()
     assert re.search(r'berth_auth_failures_total\{reason="invalid_token"\} ([6-9]|\d\d)', metrics)
 
 

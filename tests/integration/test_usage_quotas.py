@@ -68,7 +68,7 @@ def listed(registry: AuthRegistry, who: str) -> list[str]:
 
 
 def gauge(registry: AuthRegistry, name: str, repo: str) -> float | None:
-    text = registry.api.get("/metrics").body.decode()
+    text = registry.api.get("/metrics", headers=basic("root")).body.decode()
     found = re.search(rf'^{name}{{repository="{re.escape(repo)}"}} (\S+)$', text, re.M)
     return float(found.group(1)) if found else None
 

@@ -537,8 +537,19 @@ async def test_failures_are_counted_logged_and_limited(
     assert resp.status == 429
     assert "authentication failed" in caplog.text
     assert "hunter2-wrong" not in caplog.text and SECRETS["alice"] not in caplog.text
-    metrics = await (await env.client.get("/metrics")).text()
+    metrics = await (await env.client.get("/metrics", headers=basic("root"))).text()
     assert 'berth_auth_failures_total{reason="bad_secret"}' in metrics
+
+
+async def test_metrics_on_the_registrys_port_are_for_admins(make_env: EnvFactory) -> None:
+    """They name every repository and tell, by the failures' reasons, which account
+    names exist (review): with auth on, only admins read them on the registry's port."""
+    env = await make_env()
+    anonymous = await env.client.get("/metrics")
+    assert anonymous.status == 401 and "WWW-Authenticate" in anonymous.headers
+    assert (await env.client.get("/metrics", headers=basic("alice"))).status == 403
+    admin = await env.client.get("/metrics", headers=basic("root"))
+    assert admin.status == 200 and "berth_http_requests_total" in await admin.text()
 
 
 async def test_guesses_sent_all_at_once_are_limited_as_one_after_another(
