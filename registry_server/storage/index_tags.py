@@ -296,6 +296,32 @@ def _release_blobs(repo_id: int, digest: str) -> Tx[None]:
     )
 
 
+def _listed_by_newer_index(repo_id: int, digest: str, version: Stamp) -> Tx[bool]:
+    """Whether an index listing ``digest`` (or listing one that does, up the chain) has
+    a tag newer than a replicated delete's ``version``: the index was pushed here after
+    the delete was made there, so the delete must not break it (its child's layers
+    would go with the next collection)."""
+    seen, frontier = {digest}, [digest]
+    while frontier:
+        parents = yield Query(
+            "SELECT digest FROM manifest_refs"
+            " WHERE repo_id = ? AND child = ? AND kind = 'manifest'",
+            (repo_id, frontier.pop()),
+        )
+        for (parent,) in parents.rows:
+            if str(parent) in seen:
+                continue
+            seen.add(str(parent))
+            tags = yield Query(
+                "SELECT version, origin FROM tags WHERE repo_id = ? AND digest = ?",
+                (repo_id, str(parent)),
+            )
+            if any(not versions.wins(version, Stamp(int(v), str(o))) for v, o in tags.rows):
+                return True
+            frontier.append(str(parent))
+    return False
+
+
 def delete_manifest(
     dialect: Dialect,
     region: str,
@@ -328,6 +354,8 @@ def delete_manifest(
             yield from tombstone(repo_id, str(name), version)
         else:
             surviving = True  # a newer tag elsewhere still wants this manifest
+    if not local and not surviving:
+        surviving = yield from _listed_by_newer_index(repo_id, digest, version)
     if surviving:
         return True
     yield from _release_blobs(repo_id, digest)

@@ -567,3 +567,22 @@ async def test_the_ui_listings_page_search_and_time_pushes(index: MetadataIndex)
     more = await index.tag_details("team-a/api", 2, "v1")
     assert more is not None and [t.name for t in more] == ["v2"]
     assert await index.tag_details("nope", 10, None) is None
+
+
+async def test_a_replicated_delete_spares_a_child_a_newer_tagged_index_lists(
+    index: MetadataIndex,
+) -> None:
+    """A peer deleted D; before its delete arrived, an index listing D was pushed here
+    and tagged. The delete (older than the tag) leaves D, or the index breaks and D's
+    layers go with the next collection (found by review). One made after the tag
+    applies, as a local delete does."""
+    await index.put_manifest("r", manifest(D1, blobs=(B1,)), [])
+    await index.put_manifest("r", manifest(D2, children=(D1,)), ["t"])
+    (tagged,) = await index.tag_states("r")
+    older = Stamp(tagged.version - 1000, "us")
+    assert await index.delete_manifest("r", D1, stamp=older)
+    assert await index.get_manifest("r", D1) is not None
+    assert await index.resolve_tag("r", "t") == D2
+    newer = Stamp(tagged.version + 1000, "us")
+    assert await index.delete_manifest("r", D1, stamp=newer)
+    assert await index.get_manifest("r", D1) is None
