@@ -80,7 +80,14 @@ class BlobService:
         linked = await self.index.blob_size(repo, str(digest))
         if linked is not None and await may_pull(repo):
             try:
-                await self.store.require(digest, linked)
+                # Linked again, as an upload would: its link time is the grace period's
+                # start, and a delete may have released it for the next collection.
+                await self.index.link_blob(
+                    repo,
+                    str(digest),
+                    linked,
+                    publish=functools.partial(self.store.require, digest, linked),
+                )
                 return True
             except errors.RegistryError:
                 pass  # its bytes are lost: mounted from another candidate, or uploaded

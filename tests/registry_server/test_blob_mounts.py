@@ -3,14 +3,19 @@ the source repository recorded (checked once, under the index's write lock)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from registry_server.protocol import digests
 from registry_server.services.blobs import BlobService
+from registry_server.services.gc import GarbageCollector
 from registry_server.storage.blobstore import BlobStore, blob_path
 from registry_server.storage.filesystem import FilesystemDriver
+from registry_server.storage.index import NewManifest
 from registry_server.storage.sqlite_index import SqliteIndex
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
 
 async def _body(data: bytes) -> AsyncIterator[bytes]:
@@ -67,5 +72,33 @@ async def test_a_blob_the_repository_holds_is_mounted_as_it_is(tmp_path: Path) -
         assert not await blobs.mount("team/a", digest, None, no_one)  # may push, not pull
         (tmp_path / "storage" / blob_path(digest)).unlink()
         assert not await blobs.mount("team/a", digest, "team/a", _anyone)
+    finally:
+        await index.close()
+
+
+async def test_a_mount_of_a_blob_the_repository_holds_restarts_its_grace(tmp_path: Path) -> None:
+    """Deleting a manifest releases its blobs to the next collection; a client that then
+    mounts one (into the repository that holds it) is about to push a manifest using it,
+    so the mount links it again, as an upload would (found by review)."""
+    index = SqliteIndex(tmp_path / "index.db")
+    try:
+        store = BlobStore(FilesystemDriver(tmp_path / "storage"))
+        blobs = BlobService(store, index)
+        data = b"a layer an image used"
+        digest = digests.of_bytes(data)
+        await blobs.upload_whole("team/a", digest, _body(data))
+        image = "sha256:" + "1" * 64
+        await index.put_manifest(
+            "team/a",
+            NewManifest(image, OCI_MANIFEST, b"{}", None, None, None, [str(digest)], []),
+            ["v1"],
+            required_blobs=[str(digest)],
+        )
+        await asyncio.sleep(0.01)
+        assert await index.delete_manifest("team/a", image)  # its layer is released
+        assert await blobs.mount("team/a", digest, None, _anyone)
+        report = await GarbageCollector(store, index, 3600, 86400).run_once()
+        assert report.blobs_deleted == 0
+        assert await store.size(digest) == len(data)
     finally:
         await index.close()
