@@ -155,7 +155,9 @@ class ManifestService:
             # A replicated delete was decided where it was made (see put).
             guard = rules.is_immutable if stamp is None and rules.immutable else None
             tagged = await self._tags_of(repo, str(ref))
-            if not await self.index.delete_manifest(repo, str(ref), stamp, actor, guard):
+            # While the volume is full no push is in flight: its layers may go at once.
+            release = self.space.full
+            if not await self.index.delete_manifest(repo, str(ref), stamp, actor, guard, release):
                 raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"digest": str(ref)})
             await self._record_delete(repo, str(ref), tagged)
         elif not await self.index.delete_tag(repo, ref, stamp, actor):

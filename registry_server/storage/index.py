@@ -133,11 +133,14 @@ class MetadataIndex(Protocol):
         stamp: Stamp | None = None,
         actor: str | None = None,
         immutable: Callable[[str], bool] | None = None,
+        release: bool = False,
     ) -> bool:
         """Delete a manifest and tombstone its tags (a replicated delete spares newer tags).
 
         With ``immutable`` (a local delete), fails with TAG_IMMUTABLE if a tag it matches
-        points at the manifest or at an index listing it, decided in the transaction."""
+        points at the manifest or at an index listing it, decided in the transaction.
+        ``release`` (the volume is full): its blobs linked before it was pushed may be
+        collected at once, without the grace period that protects pushes in flight."""
 
     async def delete_tag(
         self, repo: str, tag: str, stamp: Stamp | None = None, actor: str | None = None

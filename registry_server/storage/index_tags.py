@@ -285,8 +285,9 @@ def _refuse_immutable(repo_id: int, digest: str, immutable: Callable[[str], bool
 
 def _release_blobs(repo_id: int, digest: str) -> Tx[None]:
     """Let the collector take a deleted manifest's blobs without waiting out the grace
-    period, which protects pushes in flight, not deleted content: a blob last linked
-    before the manifest was pushed belongs to no push in flight. One linked since keeps
+    period: those last linked before the manifest was pushed. Only while the volume is
+    full, when every push is refused: otherwise such a blob may be one a push in flight
+    uploaded, whose manifest is still to come (found by review). One linked since keeps
     its grace. (Still-referenced blobs stay: the collector checks references itself.)"""
     yield Query(
         "UPDATE blobs SET created = 0 WHERE digest IN (SELECT child FROM manifest_refs"
@@ -331,6 +332,7 @@ def delete_manifest(
     given: Stamp | None,
     actor: str | None,
     immutable: Callable[[str], bool] | None,
+    release: bool = False,
 ) -> Tx[bool]:
     local = given is None
     repo_id = yield from repository(dialect, repo, create=False)
@@ -358,7 +360,8 @@ def delete_manifest(
         surviving = yield from _listed_by_newer_index(repo_id, digest, version)
     if surviving:
         return True
-    yield from _release_blobs(repo_id, digest)
+    if release:
+        yield from _release_blobs(repo_id, digest)
     yield Query("DELETE FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest))
     yield Query("DELETE FROM manifest_refs WHERE repo_id = ? AND digest = ?", (repo_id, digest))
     if local:
@@ -436,7 +439,6 @@ def delete_untagged_manifest(
             " WHERE repo_id = ? AND digest = ? AND kind = 'manifest'",
             (repo_id, here),
         )
-        yield from _release_blobs(repo_id, here)
         gone = yield Query(
             "DELETE FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, here)
         )

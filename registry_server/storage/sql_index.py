@@ -111,10 +111,19 @@ class SqlIndex(ABC):
         stamp: Stamp | None = None,
         actor: str | None = None,
         immutable: Callable[[str], bool] | None = None,
+        release: bool = False,
     ) -> bool:
         return await self._write(
             lambda: index_tags.delete_manifest(
-                self.dialect, self.region, self.peers, repo, digest, stamp, actor, immutable
+                self.dialect,
+                self.region,
+                self.peers,
+                repo,
+                digest,
+                stamp,
+                actor,
+                immutable,
+                release,
             ),
             frees=True,
         )

@@ -203,3 +203,33 @@ async def test_stray_entries_in_the_tree_do_not_stop_collection(
     assert "not-a-digest" in caplog.text and "not-a-trash-name" in caplog.text
     assert misplaced.hex in caplog.text and "not-an-upload-id" in caplog.text
     await index.close()
+
+
+async def test_a_deleted_image_leaves_the_layers_a_push_in_flight_uploaded(
+    tmp_path: Path, open_index: Opener
+) -> None:
+    """A client uploaded a layer (its manifest still to come); another pushed an image
+    using it and deleted it. The layer keeps its grace period: the first push's manifest
+    finds it. Only while the volume is full (every push refused) does a delete release
+    its layers to the next round at once (found by review: it always did)."""
+    store = BlobStore(FilesystemDriver(tmp_path))
+    index = await open_index()
+    try:
+        blobs = BlobService(store, index)
+        for n, release in enumerate((False, True)):
+            layer = await _push(blobs, "r", f"a shared layer {n}".encode())  # in flight
+            image = "sha256:" + str(n + 1) * 64
+            await index.put_manifest(
+                "r",
+                NewManifest(image, "x", b"{}", None, None, None, [str(layer)], []),
+                ["v1"],
+                required_blobs=[str(layer)],
+            )
+            await asyncio.sleep(0.01)
+            assert await index.delete_manifest("r", image, release=release)
+            collector = GarbageCollector(store, index, grace_seconds=3600, upload_ttl_seconds=3600)
+            report = await collector.run_once()
+            assert report.blobs_deleted == int(release)
+            assert (await store.size(layer) is None) is release
+    finally:
+        await index.close()
