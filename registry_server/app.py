@@ -254,6 +254,8 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
 
     listener = build_listener(config, on_change) if wakers else None
 
+    # The durable per-repository record the SQLite index can be rebuilt from.
+    record = TagRecord(config.storage.root) if isinstance(index, SqliteIndex) else None
     svc = Services(
         pull_through=pull_through,
         blobs=BlobService(store, index, quota),
@@ -265,7 +267,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
             quota=quota,
             space=space,
             # With SQLite, what `berth-registry rebuild` rebuilds the index from.
-            record=TagRecord(config.storage.root) if isinstance(index, SqliteIndex) else None,
+            record=record,
         ),
         discovery=DiscoveryService(index),
         index=index,
@@ -296,7 +298,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     collector = GarbageCollector(
         store, index, config.gc.grace_seconds, config.limits.upload_purge_after_seconds
     )
-    retention = RetentionService(index, tag_rules, on_change)
+    retention = RetentionService(index, tag_rules, on_change, record)
     background: list[asyncio.Task[None]] = []
 
     async def collect_forever() -> None:

@@ -768,7 +768,7 @@ class PullThrough:
                 seen.pop(state.name, None)
                 self._checked.pop((repo, state.name), None)
         for digest in dict.fromkeys(untagged):
-            await self.index.delete_untagged_manifest(repo, digest)
+            await self.index.delete_untagged_manifest(repo, digest)  # a cache has no record
         EVICTED.labels(target.mirror.name).inc(removed)
         return removed
 

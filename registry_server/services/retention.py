@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from prometheus_client import Counter
 
 from registry_server.protocol.tag_rules import TagRules
-from registry_server.storage.index import MetadataIndex
+from registry_server.storage.index import MetadataIndex, TagState
+from registry_server.storage.records import TagRecord
 
 log = logging.getLogger("registry_server.retention")
 
@@ -40,10 +41,12 @@ class RetentionService:
         index: MetadataIndex,
         tag_rules: Callable[[str], TagRules],
         on_change: Callable[[], None] | None = None,
+        record: TagRecord | None = None,
     ) -> None:
         self.index = index
         self.tag_rules = tag_rules
         self._on_change = on_change or (lambda: None)
+        self.record = record  # the tag record the SQLite index is rebuilt from
 
     async def run_once(self) -> RetentionReport:
         removed = deleted = 0
@@ -65,18 +68,20 @@ class RetentionService:
             return 0, 0
         live = [s for s in await self.index.tag_states(repo) if s.digest is not None]
         expired = set(rules.expired([(s.name, s.version) for s in live]))
-        removed = 0
+        removed: list[TagState] = []
         untagged: list[str] = []
         for state in live:
             # Conditional on the version seen: a tag pushed again meanwhile is kept.
             if state.name in expired and await self.index.expire_tag(
                 repo, state.name, state.version
             ):
-                removed += 1
+                removed.append(TagState(state.name, None, state.version, state.origin))
                 assert state.digest is not None
                 untagged.append(state.digest)
-        deleted = 0
+        deleted: list[str] = []
         for digest in dict.fromkeys(untagged):
             # Only if nothing holds it any more (another tag, an index listing it).
             deleted += await self.index.delete_untagged_manifest(repo, digest)
-        return removed, deleted
+        if self.record is not None and removed:
+            await self.record.removed(repo, deleted, removed)
+        return len(removed), len(deleted)

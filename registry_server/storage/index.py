@@ -150,9 +150,9 @@ class MetadataIndex(Protocol):
         the tag's own version, so a peer still holding that tag does not bring it back
         and any newer push, anywhere, wins over it. Logged as a LOCAL_OPS entry."""
 
-    async def delete_untagged_manifest(self, repo: str, digest: str) -> int:
+    async def delete_untagged_manifest(self, repo: str, digest: str) -> list[str]:
         """Retention: delete a manifest no tag and no index hold any more, then each of its
-        child manifests left the same way; returns how many (logged as LOCAL_OPS)."""
+        child manifests left the same way; returns those deleted (logged as LOCAL_OPS)."""
 
     async def list_tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
         """Tags in lexical order after ``last``; None when the repository is unknown."""

@@ -418,11 +418,11 @@ def expire_tag(
 
 def delete_untagged_manifest(
     dialect: Dialect, region: str, consumers: Sequence[str], repo: str, digest: str
-) -> Tx[int]:
+) -> Tx[list[str]]:
     repo_id = yield from repository(dialect, repo, create=False)
     if repo_id is None:
-        return 0
-    deleted = 0
+        return []
+    deleted: list[str] = []
     pending = [digest]
     while pending:
         here = pending.pop()
@@ -449,7 +449,7 @@ def delete_untagged_manifest(
         yield from changelog.record(
             consumers, repo, "expire_manifest", None, here, version, RETENTION_ACTOR
         )
-        deleted += 1
+        deleted.append(here)
         pending.extend(str(r[0]) for r in children.rows)  # an index's platforms go with it
     return deleted
 

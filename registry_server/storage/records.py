@@ -14,8 +14,9 @@ appended and fdatasync'ed after the index committed it and before the client is 
 
 One append per push, no read of the file. Appends to one file that arrive while its
 fdatasync runs share the next one (group commit): concurrent pushes into a repository
-cost one sync per round, not one each. Retention's removals are not recorded: after a
-rebuild, the next retention round removes them again.
+cost one sync per round, not one each. Retention's removals are recorded too (else
+``check`` found the record ahead of the index after each round, and a rebuild brought
+back expired tags whose layers were collected).
 """
 
 from __future__ import annotations
@@ -163,7 +164,11 @@ class TagRecord:
         await self.append(repo, [line, *(_tag_line(t) for t in tags)])
 
     async def deleted(self, repo: str, digest: str | None, tags: Sequence[TagState]) -> None:
-        lines = [{"op": "delete_manifest", "digest": digest}] if digest is not None else []
+        await self.removed(repo, [digest] if digest is not None else [], tags)
+
+    async def removed(self, repo: str, digests: Sequence[str], tags: Sequence[TagState]) -> None:
+        """Manifests deleted and tags removed (a delete; retention's expiry)."""
+        lines = [{"op": "delete_manifest", "digest": digest} for digest in digests]
         await self.append(repo, lines + [_tag_line(t) for t in tags])
 
     # -- reading (maintenance commands, blocking) ------------------------------------------

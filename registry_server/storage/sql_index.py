@@ -144,7 +144,7 @@ class SqlIndex(ABC):
             frees=True,
         )
 
-    async def delete_untagged_manifest(self, repo: str, digest: str) -> int:
+    async def delete_untagged_manifest(self, repo: str, digest: str) -> list[str]:
         return await self._write(
             lambda: index_tags.delete_untagged_manifest(
                 self.dialect, self.region, self.peers, repo, digest

@@ -208,11 +208,11 @@ async def test_delete_untagged_manifest_spares_what_is_still_held(index: Metadat
     await index.put_manifest("r", manifest(D1), ["a"])
     await index.put_manifest("r", manifest(D2), [])
     await index.put_manifest("r", manifest(D3, children=(D2,)), [])
-    assert await index.delete_untagged_manifest("r", D1) == 0  # tagged
-    assert await index.delete_untagged_manifest("r", D2) == 0  # an index lists it
+    assert len(await index.delete_untagged_manifest("r", D1)) == 0  # tagged
+    assert len(await index.delete_untagged_manifest("r", D2)) == 0  # an index lists it
     # The index goes, and with it its child that nothing else holds.
-    assert await index.delete_untagged_manifest("r", D3) == 2
-    assert await index.delete_untagged_manifest("r", D3) == 0
+    assert len(await index.delete_untagged_manifest("r", D3)) == 2
+    assert len(await index.delete_untagged_manifest("r", D3)) == 0
     assert await index.get_manifest("r", D2) is None
     assert await index.get_manifest("r", D1) is not None
 
@@ -221,7 +221,7 @@ async def test_an_index_child_still_tagged_stays(index: MetadataIndex) -> None:
     await index.put_manifest("r", manifest(D1), ["amd64"])
     await index.put_manifest("r", manifest(D2), [])
     await index.put_manifest("r", manifest(D3, children=(D1, D2)), [])
-    assert await index.delete_untagged_manifest("r", D3) == 2  # D3 and D2; D1 is tagged
+    assert len(await index.delete_untagged_manifest("r", D3)) == 2  # D3 and D2; D1 is tagged
     assert await index.get_manifest("r", D1) is not None
 
 
@@ -466,7 +466,7 @@ async def test_usage_counts_each_blob_once_per_repository(index: MetadataIndex) 
     assert await _same_as_recount(index, "r") == Usage("r", 600 + c2, 1, 1)
     assert await index.delete_tag("r", "v2")
     assert await _same_as_recount(index, "r") == Usage("r", 600 + c2, 0, 1)
-    assert await index.delete_untagged_manifest("r", D2) == 1
+    assert len(await index.delete_untagged_manifest("r", D2)) == 1
     assert await _same_as_recount(index, "r") == Usage("r", 0, 0, 0)
     assert [u.repository for u in await index.usages(None, None)] == ["r", "s"]
     assert await index.usages(1, "r") == [await index.usage("s")]

@@ -3,12 +3,21 @@ only, and never sent to peers in a way that could delete what was pushed there s
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+from registry_server import maintenance
+from registry_server.protocol import digests
 from registry_server.protocol.tag_rules import NO_RULES, Retention, TagRules
 from registry_server.protocol.versions import Stamp
+from registry_server.services.blobs import BlobService
+from registry_server.services.manifests import ManifestService
 from registry_server.services.retention import RetentionService
+from registry_server.storage.blobstore import BlobStore
+from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.index import LOCAL_OPS
+from registry_server.storage.records import TagRecord
 from registry_server.storage.sqlite_index import SqliteIndex
 from tests.registry_server.test_metadata_index import D1, D2, D3, manifest
 
@@ -66,3 +75,43 @@ async def test_a_retention_tombstone_keeps_the_tags_own_version(tmp_path: Path) 
         assert set(ops) - {"tag"} <= LOCAL_OPS
     finally:
         await index.close()
+
+
+async def test_retention_writes_its_removals_to_the_tag_record(tmp_path: Path) -> None:
+    """The record the SQLite index is rebuilt from hears of retention's removals: `check`
+    finds record and index agreeing after a round (it reported each expired tag), and a
+    rebuild does not bring back an expired tag whose layers were collected (review)."""
+    index = SqliteIndex(tmp_path / "index.db")
+    store = BlobStore(FilesystemDriver(tmp_path))
+    service = ManifestService(index, 1 << 20, record=TagRecord(tmp_path))
+    blobs = BlobService(store, index)
+    for number, tag in enumerate(("v1", "v2", "v3")):
+        config = f'{{"n": {number}}}'.encode()
+        digest = digests.of_bytes(config)
+        await blobs.upload_whole("r", digest, _one(config))
+        body = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {
+                    "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": str(digest),
+                    "size": len(config),
+                },
+                "layers": [],
+            }
+        ).encode()
+        await service.put("r", tag, body, None)
+    rules = TagRules(retention=Retention(1, ()))
+    retention = RetentionService(index, lambda _: rules, record=TagRecord(tmp_path))
+    report = await retention.run_once()
+    assert (report.tags_removed, report.manifests_deleted) == (2, 2)
+    assert await index.list_tags("r", None, None) == ["v3"]
+    await index.close()
+    assert maintenance.check(tmp_path) == []
+    assert TagRecord(tmp_path).replay("r").live_tags().keys() == {"v3"}
+    assert len(TagRecord(tmp_path).replay("r").manifests) == 1
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
