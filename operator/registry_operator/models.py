@@ -40,14 +40,14 @@ LOCAL_REGISTRY_HOSTING_ANNOTATION = "berth.dev/local-registry-hosting"
 NODE_PORT_MIN, NODE_PORT_MAX = 1024, 65535
 
 _QUANTITY = re.compile(
-    r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+    r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?\Z"
 )
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 # A Secret's or ConfigMap's data key.
-_CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
+_CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}\Z")
 # S3 bucket names: 3-63 lowercase letters, digits, dots and hyphens.
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 
 
 class InvalidSpec(ValueError):
@@ -593,7 +593,7 @@ _UPSTREAM_NUMBERS = (
     ("maxIdleDays", "max_idle_days", 0, 0, 3650),
 )
 # A repository path prefix: lowercase components, dots allowed (docker.io, ghcr.io/org).
-_UPSTREAM_PREFIX = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
+_UPSTREAM_PREFIX = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*\Z")
 
 
 def _upstreams(raw: Any) -> tuple[Upstream, ...]:
@@ -809,8 +809,8 @@ SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 # or hold the server's wildcards (`*` within a component, `**` across, `?` one
 # character). Kept equal to the CRD's `spec.path` pattern.
 _PATH_COMPONENT = r"([a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*|[a-z0-9._-]*[*?][a-z0-9._*?-]*)"
-_REPOSITORY_PATH = re.compile(rf"^{_PATH_COMPONENT}(/{_PATH_COMPONENT})*$")
-_DURATION = re.compile(r"^(?:[0-9]+(?:\.[0-9]+)?[hms])+$")
+_REPOSITORY_PATH = re.compile(rf"^{_PATH_COMPONENT}(/{_PATH_COMPONENT})*\Z")
+_DURATION = re.compile(r"^(?:[0-9]+(?:\.[0-9]+)?[hms])+\Z")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([hms])")
 _SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 
@@ -882,7 +882,7 @@ class Quota:
 
 
 # A size the server's policy accepts: whole numbers with a binary or decimal suffix.
-_SIZE = re.compile(r"^([0-9]{1,19})(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
+_SIZE = re.compile(r"^([0-9]{1,19})(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?\Z")
 _SIZE_FACTORS = {
     None: 1,
     "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15,

@@ -7,7 +7,7 @@ import re
 
 log = logging.getLogger("registry_server.auth")
 
-_BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$")
+_BCRYPT = re.compile(r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}\Z")
 
 
 class HtpasswdError(ValueError):

@@ -331,8 +331,8 @@ class ShardRef:
     sha256: str
 
 
-_SHARD_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,252}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SHARD_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,252}\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def parse_main(document: Any) -> tuple[Policy, tuple[ShardRef, ...]]:

@@ -113,7 +113,7 @@ class PatternError(ValueError):
     """A repository pattern that cannot be used."""
 
 
-_PATTERN_CHARS = re.compile(r"^[a-z0-9._/*?-]+$")
+_PATTERN_CHARS = re.compile(r"^[a-z0-9._/*?-]+\Z")
 
 
 @lru_cache(maxsize=4096)

@@ -34,7 +34,7 @@ class Route:
 def _r(operation: str, **methods: tuple[tuple[str, ...], Handler]) -> Route:
     # The name may be empty (or the path start at the operation) so that validation, not
     # routing, refuses it: NAME_INVALID rather than "no such endpoint".
-    pattern = rf"^(?:(?P<name>.*)/)?{operation}$"
+    pattern = rf"^(?:(?P<name>.*)/)?{operation}\Z"
     return Route(re.compile(pattern), {m.upper(): v for m, v in methods.items()})
 
 

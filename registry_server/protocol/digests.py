@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from registry_server.protocol import errors
 
 # algorithm ":" encoded, with the encodings the spec registers for sha256/sha512.
-_DIGEST_RE = re.compile(r"^(?P<alg>[a-z0-9]+(?:[.+_-][a-z0-9]+)*):(?P<hex>[a-zA-Z0-9=_-]+)$")
+_DIGEST_RE = re.compile(r"^(?P<alg>[a-z0-9]+(?:[.+_-][a-z0-9]+)*):(?P<hex>[a-zA-Z0-9=_-]+)\Z")
 _HEX_LEN = {"sha256": 64, "sha512": 128}
-_HEX_RE = re.compile(r"^[a-f0-9]+$")
+_HEX_RE = re.compile(r"^[a-f0-9]+\Z")
 
 
 @dataclass(frozen=True, order=True)

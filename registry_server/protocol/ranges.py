@@ -8,8 +8,8 @@ from registry_server.protocol import errors
 
 # ASCII digits only (\d and int() also take other scripts' digits), and no more than a
 # 64-bit offset has: int() refuses thousands of digits with an error of its own.
-_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?([0-9]{1,19})-([0-9]{1,19})(?:/([0-9]{1,19}|\*))?$")
-_RANGE = re.compile(r"^bytes=([0-9]{0,19})-([0-9]{0,19})$")
+_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?([0-9]{1,19})-([0-9]{1,19})(?:/([0-9]{1,19}|\*))?\Z")
+_RANGE = re.compile(r"^bytes=([0-9]{0,19})-([0-9]{0,19})\Z")
 
 
 def parse_content_range(value: str) -> tuple[int, int]:

@@ -92,7 +92,7 @@ def test_valid_tags(tag: str) -> None:
     assert names.validate_tag(tag) == tag
 
 
-@pytest.mark.parametrize("tag", [".x", "-x", "A" * 129, "", "a/b", "a:b", "ä"])
+@pytest.mark.parametrize("tag", [".x", "-x", "A" * 129, "", "a/b", "a:b", "ä", "v1\n"])
 def test_invalid_tags(tag: str) -> None:
     with pytest.raises(errors.RegistryError):
         names.validate_tag(tag)
@@ -303,3 +303,13 @@ def test_required_blobs_skip_external_layers_and_repeats() -> None:
         }
     ).encode()
     assert manifests.parse(body, None).required_blobs() == [SHA]
+
+
+def test_a_trailing_newline_is_no_part_of_any_name() -> None:
+    """``$`` also matches before a final newline: ``team-a/api\n`` passed as a name and
+    reached the policy's patterns through ``?name=`` and ``from=`` (found by review)."""
+    assert not names.is_valid_name("team-a/api\n")
+    with pytest.raises(errors.RegistryError):
+        names.validate_name("team-a/api\n")
+    with pytest.raises(errors.RegistryError):
+        digests.parse(SHA + "\n")
