@@ -7,6 +7,7 @@ import asyncio
 import multiprocessing
 import sqlite3
 from collections.abc import AsyncIterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -524,22 +525,34 @@ async def test_concurrent_pushes_never_pass_the_quota(index: MetadataIndex) -> N
     assert await _same_as_recount(index, "r") == Usage("r", 2 * size, 2, 2)
 
 
-def _open_once(path: str) -> str:
+def _open_once(path: str, answer: Connection) -> None:
     try:
         SqliteIndex(Path(path))
     except Exception as exc:  # reported to the parent, which asserts on it
-        return repr(exc)
-    return ""
+        answer.send(repr(exc))
+    else:
+        answer.send("")
 
 
 def test_workers_creating_a_new_index_together_all_start(tmp_path: Path) -> None:
     """With `http.workers` > 1 every worker opens the same new index.db at once; switching
-    it to WAL raced ("database is locked") and killed a worker about once in 75 starts."""
+    it to WAL raced ("database is locked") and killed a worker about once in 75 starts.
+
+    Forked processes of their own, each answering on a pipe, not a multiprocessing Pool:
+    a Pool forked from this (threaded) test process once hung in its terminate."""
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(3) as pool:
-        for round_ in range(40):
-            path = str(tmp_path / f"{round_}" / "index.db")
-            assert pool.map(_open_once, [path] * 3) == ["", "", ""]
+    for round_ in range(40):
+        path = str(tmp_path / f"{round_}" / "index.db")
+        pipes = [ctx.Pipe(duplex=False) for _ in range(3)]
+        workers = [ctx.Process(target=_open_once, args=(path, send)) for _, send in pipes]
+        for worker in workers:
+            worker.start()
+        answers = []
+        for (receive, _), worker in zip(pipes, workers, strict=True):
+            assert receive.poll(30), "a worker did not answer"
+            answers.append(receive.recv())
+            worker.join(30)
+        assert answers == ["", "", ""]
 
 
 async def test_the_ui_listings_page_search_and_time_pushes(index: MetadataIndex) -> None:
