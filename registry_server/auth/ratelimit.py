@@ -28,10 +28,25 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import ipaddress
 import math
 import secrets
 import time
 from collections.abc import Callable, Iterator
+
+
+def metered_client(client: str) -> str:
+    """What a client address is metered as: an IPv6 address by its /64, which one host
+    is commonly given whole (else each of its 2^64 addresses had limits of its own)."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client  # not an address (a test's name, a header's text): as it is
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 class FailureMeter:
@@ -161,6 +176,7 @@ class FailureLimiter:
     def retry_after(self, client: str, account: str | None = None) -> int:
         """Seconds until ``client`` may try again (as ``account``, when given), counting
         its attempts under way (``checking``) as failures."""
+        client = metered_client(client)
         key = self._key(client)
         wait = self.per_client.retry_after(key, len(self._pending.get(key, ())))
         if account is not None:
@@ -171,6 +187,7 @@ class FailureLimiter:
     @contextlib.contextmanager
     def checking(self, client: str, account: str, secret: str) -> Iterator[None]:
         """``secret`` of ``account`` from ``client`` is being checked for the block."""
+        client = metered_client(client)
         attempt = self._key("attempt", secret)  # kept hashed, for the check's length only
         keys = (self._key(client), self._key(account, client))
         for key in keys:
@@ -187,6 +204,7 @@ class FailureLimiter:
                     del self._pending[key]
 
     def record_failure(self, client: str, account: str | None = None) -> None:
+        client = metered_client(client)
         keys = [("client", self._key(client))]
         if account is not None:
             keys.append(("account", self._key(account, client)))

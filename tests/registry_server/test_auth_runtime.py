@@ -91,6 +91,25 @@ def test_a_client_spraying_names_is_stopped_by_its_own_meter() -> None:
     assert limiter.retry_after("10.0.0.3") > 0
 
 
+def test_an_ipv6_client_is_metered_by_its_64() -> None:
+    """One host commonly has a whole /64: spreading guesses over its addresses does not
+    give each its own limits (found by review). Other /64s, and IPv4, are apart."""
+    clock = Clock()
+    limiter = FailureLimiter(3, 60, client_limit=10, clock=clock)
+    for n in range(3):
+        limiter.record_failure(f"2001:db8:1:2::{n + 1:x}", "robot")
+    assert limiter.retry_after("2001:db8:1:2:ffff::9", "robot") > 0
+    assert limiter.retry_after("2001:db8:1:3::1", "robot") == 0
+    for n in range(10):
+        limiter.record_failure(f"2001:db8:1:2:{n:x}::1")
+    assert limiter.retry_after("2001:db8:1:2::abc") > 0
+    # An IPv4 client written as a mapped IPv6 address is the IPv4 client.
+    for _ in range(3):
+        limiter.record_failure("::ffff:10.0.0.7", "robot")
+    assert limiter.retry_after("10.0.0.7", "robot") > 0
+    assert limiter.retry_after("10.0.0.8", "robot") == 0
+
+
 def test_limiter_memory_is_bounded_whatever_the_names() -> None:
     limiter = FailureLimiter(3, 60, client_limit=1000, max_keys=100)
     for n in range(1000):
