@@ -211,6 +211,8 @@ class PullThrough:
             return None
         upstream = target.mirror.name
         if digests.looks_like_digest(reference):
+            # Nodes pinned to a digest keep the tags that point at it (eviction).
+            self._note_pull(target.local, _BY_DIGEST + reference)
             if await self.index.get_manifest(target.local, reference, content=False) is not None:
                 HITS.labels(upstream, "manifest").inc()
                 return None
@@ -757,7 +759,15 @@ class PullThrough:
         times = []
         for state in live:
             when = pulled.get(state.name) or seen.setdefault(state.name, now)
+            # Pulled by its digest (a pinned image) counts as pulled by the tag.
+            when = max(when, pulled.get(_BY_DIGEST + (state.digest or ""), 0.0))
             times.append((state.name, when))
+        # Digests no tag points at any more are forgotten once long unpulled.
+        tagged = {_BY_DIGEST + (state.digest or "") for state in live}
+        forget_after = max(settings.max_idle_seconds, 86400.0)
+        for key in [k for k, t in seen.items() if k.startswith(_BY_DIGEST)]:
+            if key not in tagged and now - seen[key] > forget_after:
+                del seen[key]
         gone = set(upstreams.evicted(times, now, settings.keep_last, settings.max_idle_seconds))
         removed = 0
         untagged = []
@@ -790,6 +800,10 @@ class PullThrough:
             path = self._state_dir / f"pulled-{self._worker}.json"
             await asyncio.to_thread(_write_atomic, path, json.dumps(self._pulled))
 
+
+# Pull times of manifests pulled by digest are kept beside the tags', under "@<digest>"
+# (no tag starts with "@").
+_BY_DIGEST = "@"
 
 # How long closing waits for fills under way (the graceful shutdown's bound on requests).
 _CLOSE_PATIENCE = 10.0

@@ -28,6 +28,7 @@ from registry_server.storage.blobstore import BlobStore, UploadInfo
 from registry_server.storage.driver import StorageFull, Writer
 from registry_server.storage.fetch_locks import FileFetchLocks
 from registry_server.storage.filesystem import FilesystemDriver, FileWriter
+from registry_server.storage.index import NewManifest
 from registry_server.storage.sqlite_index import SqliteIndex
 
 CHUNK = 64 * 1024
@@ -567,3 +568,32 @@ async def test_closing_lets_a_served_fill_store_its_blob(tmp_path: Path) -> None
     assert await index.blob_size("mirror/app", str(digest)) == len(data)
     assert await store.size(digest) == len(data)
     await index.close()
+
+
+async def test_nodes_pinned_to_a_digest_keep_its_tag_from_eviction(tmp_path: Path) -> None:
+    """Pulls by digest (pinned images) count as pulls of the tags pointing at it: the
+    tag is not evicted as idle, nor its layers collected, while nodes pull it so
+    (found by review: only pulls by tag were counted)."""
+    store, index = GatedStore(tmp_path / "storage"), SqliteIndex(tmp_path / "index.db")
+    cache = PullThrough(
+        [Mirror("up", "mirror", ("up.example",), False)],
+        {"up": Settings(60.0, 5.0, 0, 30.0)},  # evicted after 30 s without a pull
+        {"up": Bytes(b"")},
+        store,
+        index,
+        1 << 20,
+    )
+    try:
+        digest = "sha256:" + "d" * 64
+        manifest = NewManifest(digest, "application/x-test", b"{}", None, None, None, [], [])
+        await index.put_manifest("mirror/app", manifest, ["v1"])
+        cache._pulled["mirror/app"] = {"v1": time.time() - 3600}  # by tag: long ago
+        assert await cache.manifest("mirror/app", digest) is None  # by digest: now
+        assert await cache.evict_once() == 0
+        assert await index.resolve_tag("mirror/app", "v1") == digest
+        cache._pulled["mirror/app"]["@" + digest] = time.time() - 3600
+        assert await cache.evict_once() == 1
+        assert await index.resolve_tag("mirror/app", "v1") is None
+    finally:
+        await cache.close()
+        await index.close()
