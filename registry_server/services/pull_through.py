@@ -266,6 +266,7 @@ class PullThrough:
                     if not waited or await self.index.resolve_tag(target.local, tag) != head.digest:
                         async with asyncio.timeout(settings.timeout_seconds):
                             await self._fill(target, tag, revalidating=True)
+                        await self._displaced(target, settings, cached)
         except TimeoutError:
             UPSTREAM_ERRORS.labels(target.mirror.name, "timeout").inc()
             raise UpstreamFailure(
@@ -286,6 +287,18 @@ class PullThrough:
             reason = f"the new manifest of {tag} is refused: {exc.message or exc.error.message}"
             raise UpstreamFailure(target.mirror.name, reason) from None
         self._checked[(target.local, tag)] = time.monotonic()
+
+    async def _displaced(self, target: Target, settings: Settings, digest: str) -> None:
+        """The upstream moved a tag off ``digest``. With eviction on, its manifest goes
+        now unless another tag or index holds it or nodes pulled it by digest lately
+        (then eviction takes it once they stop): left untagged, it and its layers stayed
+        for good (found by review)."""
+        if not settings.keep_last and not settings.max_idle_seconds:
+            return
+        pulled = self._pulled.get(target.local, {}).get(_BY_DIGEST + digest, 0.0)
+        if time.time() - pulled < max(settings.max_idle_seconds, _DIGEST_MEMORY):
+            return
+        await self.index.delete_untagged_manifest(target.local, digest)
 
     async def _fill_once(self, target: Target, reference: str) -> None:
         """``_fill``, claimed across processes: another worker or replica filling the
@@ -762,12 +775,14 @@ class PullThrough:
             # Pulled by its digest (a pinned image) counts as pulled by the tag.
             when = max(when, pulled.get(_BY_DIGEST + (state.digest or ""), 0.0))
             times.append((state.name, when))
-        # Digests no tag points at any more are forgotten once long unpulled.
+        # Manifests pulled by digest that no tag points at go once long unpulled (if no
+        # other index holds them), and their pull times with them.
         tagged = {_BY_DIGEST + (state.digest or "") for state in live}
-        forget_after = max(settings.max_idle_seconds, 86400.0)
-        for key in [k for k, t in seen.items() if k.startswith(_BY_DIGEST)]:
+        forget_after = max(settings.max_idle_seconds, _DIGEST_MEMORY)
+        for key in [k for k in seen if k.startswith(_BY_DIGEST)]:
             if key not in tagged and now - seen[key] > forget_after:
                 del seen[key]
+                await self.index.delete_untagged_manifest(repo, key[len(_BY_DIGEST) :])
         gone = set(upstreams.evicted(times, now, settings.keep_last, settings.max_idle_seconds))
         removed = 0
         untagged = []
@@ -804,6 +819,8 @@ class PullThrough:
 # Pull times of manifests pulled by digest are kept beside the tags', under "@<digest>"
 # (no tag starts with "@").
 _BY_DIGEST = "@"
+# At least this long since its last pull by digest, a manifest no tag points at goes.
+_DIGEST_MEMORY = 86400.0
 
 # How long closing waits for fills under way (the graceful shutdown's bound on requests).
 _CLOSE_PATIENCE = 10.0

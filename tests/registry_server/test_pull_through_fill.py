@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -594,6 +595,63 @@ async def test_nodes_pinned_to_a_digest_keep_its_tag_from_eviction(tmp_path: Pat
         cache._pulled["mirror/app"]["@" + digest] = time.time() - 3600
         assert await cache.evict_once() == 1
         assert await index.resolve_tag("mirror/app", "v1") is None
+    finally:
+        await cache.close()
+        await index.close()
+
+
+def _image(n: int) -> bytes:
+    config = {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2}
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {**config, "digest": "sha256:" + str(n) * 64},
+            "layers": [],
+        }
+    ).encode()
+
+
+class Moved(Bytes):
+    """An upstream whose tag now points at a new image."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(b"")
+        self.body = body
+
+    async def manifest(self, repo: str, reference: str, head: bool) -> UpstreamManifest:
+        digest = str(digests.of_bytes(self.body))
+        media_type = "application/vnd.oci.image.manifest.v1+json"
+        return UpstreamManifest(digest, media_type, None if head else self.body)
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+async def test_a_tag_the_upstream_moved_lets_its_old_manifest_go(
+    tmp_path: Path, pinned: bool
+) -> None:
+    """With eviction on, the manifest a revalidated tag moved off is deleted (its layers
+    then collected), unless nodes pulled it by digest lately: left untagged, it stayed
+    for good (found by review)."""
+    store, index = GatedStore(tmp_path / "storage"), SqliteIndex(tmp_path / "index.db")
+    old, new = _image(1), _image(2)
+    cache = PullThrough(
+        [Mirror("up", "mirror", ("up.example",), False)],
+        {"up": Settings(0.0, 5.0, 0, 30.0)},  # revalidated at every pull; eviction on
+        {"up": Moved(new)},
+        store,
+        index,
+        1 << 20,
+    )
+    try:
+        was = str(digests.of_bytes(old))
+        media_type = "application/vnd.oci.image.manifest.v1+json"
+        manifest = NewManifest(was, media_type, old, None, None, None, [], [])
+        await index.put_manifest("mirror/app", manifest, ["v1"])
+        if pinned:
+            cache._pulled["mirror/app"] = {"@" + was: time.time()}
+        assert await cache.manifest("mirror/app", "v1") is None
+        assert await index.resolve_tag("mirror/app", "v1") == str(digests.of_bytes(new))
+        assert (await index.get_manifest("mirror/app", was) is not None) is pinned
     finally:
         await cache.close()
         await index.close()
