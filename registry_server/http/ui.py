@@ -96,7 +96,13 @@ class _Visitor:
 
 
 def _secure(request: web.Request) -> bool:
-    return request.secure or services(request).clients.forwarded_https(request)
+    """Whether the browser reached the UI over HTTPS: directly, through a trusted proxy
+    that says so, or at an https external_url (a TLS proxy not listed as trusted)."""
+    svc = services(request)
+    if request.secure or svc.clients.forwarded_https(request):
+        return True
+    external = urllib.parse.urlsplit(svc.external_url)
+    return external.scheme == "https" and external.netloc == request.host
 
 
 def _cookie(response: web.StreamResponse, request: web.Request, name: str, value: str) -> None:
@@ -270,6 +276,13 @@ def _next(value: str | None) -> str:
     return f"{PREFIX}/"
 
 
+def _same_origin(request: web.Request, origin: urllib.parse.SplitResult) -> bool:
+    """Scheme, host and port: a page of http://<this host> is another origin than
+    https://<this host> (found by review: only host and port were compared)."""
+    scheme = "https" if _secure(request) else "http"
+    return origin.netloc == request.host and origin.scheme == scheme
+
+
 async def _form(request: web.Request, visitor: _Visitor) -> Mapping[str, str]:
     """A state-changing form's fields, once its CSRF token and origin check out."""
     if request.content_length is not None and request.content_length > 16 * 1024:
@@ -277,7 +290,7 @@ async def _form(request: web.Request, visitor: _Visitor) -> Mapping[str, str]:
     form = await request.post()
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     origin = request.headers.get("Origin")
-    same_origin = origin is None or urllib.parse.urlsplit(origin).netloc == request.host
+    same_origin = origin is None or _same_origin(request, urllib.parse.urlsplit(origin))
     token = fields.get("csrf", "")
     cookie = request.cookies.get(CSRF_COOKIE, "")
     if not (same_origin and cookie and hmac.compare_digest(token.encode(), cookie.encode())):

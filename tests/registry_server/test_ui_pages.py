@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from registry_server import config
+from registry_server.app import build_app
 from registry_server.http import ui
 from registry_server.protocol import manifests
 from registry_server.services.browse import describe
@@ -86,3 +88,23 @@ def test_the_ui_section(tmp_path: Path) -> None:
     path.write_text("ui: {enabled: 'no'}\n")
     with pytest.raises(config.ConfigError, match=r"ui\.enabled: expected true or false"):
         config.load(path, env={})
+
+
+@pytest.mark.parametrize(
+    ("host", "secure"), [("registry.example.com", True), ("localhost:5000", False)]
+)
+async def test_cookies_are_secure_behind_a_tls_proxy_at_the_external_url(
+    tmp_path: Path, host: str, secure: bool
+) -> None:
+    """A TLS proxy not listed as trusted says nothing of HTTPS: an https external_url
+    does, for requests to its host (found by review: the cookies went without Secure).
+    Reached otherwise (a port-forward), the UI still works over plain HTTP."""
+    settings = config.Config(
+        storage=config.StorageConfig(root=tmp_path),
+        http=config.HttpConfig(external_url="https://registry.example.com"),
+    )
+    async with TestClient(TestServer(build_app(settings))) as client:
+        page = await client.get("/ui/login", headers={"Host": host})
+        cookie = page.headers["Set-Cookie"]
+        assert cookie.startswith("berth_csrf=")
+        assert ("Secure" in cookie) is secure
