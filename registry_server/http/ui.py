@@ -277,10 +277,12 @@ def _next(value: str | None) -> str:
 
 
 def _same_origin(request: web.Request, origin: urllib.parse.SplitResult) -> bool:
-    """Scheme, host and port: a page of http://<this host> is another origin than
-    https://<this host> (found by review: only host and port were compared)."""
-    scheme = "https" if _secure(request) else "http"
-    return origin.netloc == request.host and origin.scheme == scheme
+    """Host and port, and the scheme: a page of http://<this host> posting to the UI
+    served over HTTPS is another origin (found by review: the scheme was not compared).
+    An https page posting to what this server sees as plain HTTP is a TLS proxy it was
+    not told of, as before."""
+    scheme_ok = origin.scheme == "https" or not _secure(request)
+    return origin.netloc == request.host and scheme_ok
 
 
 async def _form(request: web.Request, visitor: _Visitor) -> Mapping[str, str]:

@@ -108,3 +108,28 @@ async def test_cookies_are_secure_behind_a_tls_proxy_at_the_external_url(
         cookie = page.headers["Set-Cookie"]
         assert cookie.startswith("berth_csrf=")
         assert ("Secure" in cookie) is secure
+
+
+async def test_a_page_over_http_may_not_post_to_the_ui_over_https(tmp_path: Path) -> None:
+    """The Origin's scheme counts where the UI is served over HTTPS (here: at the host of
+    an https external_url); an https page may post to a plain-HTTP UI (behind a TLS
+    proxy the server was not told of)."""
+    settings = config.Config(
+        storage=config.StorageConfig(root=tmp_path),
+        http=config.HttpConfig(external_url="https://registry.example.com"),
+    )
+    async with TestClient(TestServer(build_app(settings))) as client:
+        for host, origin, allowed in (
+            ("registry.example.com", "http://registry.example.com", False),
+            ("registry.example.com", "https://registry.example.com", True),
+            ("localhost:5000", "https://localhost:5000", True),
+            ("localhost:5000", "http://localhost:5000", True),
+        ):
+            token = "t" * 43  # double submit: the field equals the cookie
+            reply = await client.post(
+                "/ui/login",
+                data={"csrf": token, "username": "x", "password": "y"},
+                headers={"Host": host, "Origin": origin, "Cookie": f"berth_csrf={token}"},
+                allow_redirects=False,
+            )
+            assert (reply.status != 403) is allowed, (host, origin, reply.status)
