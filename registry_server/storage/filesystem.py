@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import uuid
@@ -21,6 +22,8 @@ from typing import Any, TypeVar
 from registry_server.storage import blocking
 from registry_server.storage.driver import Hasher, StorageFull, StorageNotFound
 from registry_server.storage.space import full_as_storage_full
+
+log = logging.getLogger("registry_server.storage")
 
 T = TypeVar("T")
 
@@ -197,6 +200,22 @@ class FileWriter:
 _HOLD_POLL = 0.02
 
 
+# What flock meets on a file system that has no locks (some FUSE and NFS mounts).
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EINVAL})
+_warned_no_locks = False
+
+
+def _warn_no_locks(exc: OSError) -> None:
+    global _warned_no_locks
+    if not _warned_no_locks:
+        _warned_no_locks = True
+        log.warning(
+            "the storage volume has no file locks: requests on one upload session from"
+            " several worker processes are not kept apart (%s); use one worker",
+            exc,
+        )
+
+
 def _close_opened(opened: tuple[int, int]) -> None:
     os.close(opened[0])
 
@@ -328,16 +347,24 @@ class FilesystemDriver:
 
     def _try_hold_sync(self, path: str) -> int | None:
         """A descriptor of ``path`` holding its exclusive flock, None when the file is not
-        there; BlockingIOError while another process (or descriptor) holds it."""
+        there or cannot be locked here; BlockingIOError while another process (or
+        descriptor) holds it. Opened for writing: NFS turns flock into a POSIX lock,
+        whose exclusive form a read-only descriptor cannot take (EBADF)."""
         try:
-            fd = os.open(self._path(path), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._path(path), os.O_RDWR | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BaseException:
+        except BlockingIOError:
             os.close(fd)
             raise
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in _NO_LOCKS:
+                raise
+            _warn_no_locks(exc)  # a file system without them: serve unheld, as before
+            return None
         return fd
 
     @contextlib.asynccontextmanager

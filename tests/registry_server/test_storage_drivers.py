@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -22,6 +24,7 @@ from typing import Any
 import pytest
 
 from registry_server.protocol import digests, errors
+from registry_server.storage import filesystem
 from registry_server.storage.blobstore import BlobStore, blob_path
 from registry_server.storage.driver import StorageDriver, StorageFull, StorageNotFound
 from registry_server.storage.filesystem import FilesystemDriver, FileWriter
@@ -646,3 +649,22 @@ async def test_a_body_failing_in_a_session_purged_meanwhile_raises_its_own_error
     with pytest.raises(errors.RegistryError) as failed:
         await store.append(info, body())
     assert failed.value.error is errors.BLOB_UPLOAD_INVALID
+
+
+async def test_filesystem_holding_on_a_volume_without_locks_goes_on_unheld(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some NFS and FUSE mounts refuse flock (ENOLCK, EOPNOTSUPP): requests go on as
+    they did before holds existed, rather than answering 500 (found by review)."""
+    driver = FilesystemDriver(tmp_path / "store")
+    await driver.put_content("uploads/u/data", b"")
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(filesystem.fcntl, "flock", no_locks)
+    async with asyncio.timeout(5), driver.holding("uploads/u/data"):
+        pass
+    monkeypatch.setattr(filesystem.fcntl, "flock", fcntl.flock)
+    async with asyncio.timeout(5), driver.holding("uploads/u/data"):
+        pass
