@@ -14,8 +14,10 @@ _CHUNK = 1 << 20
 _IDLE_DEFAULT = 60.0  # http.body_idle_timeout_seconds's
 
 
-class _BodyIdle(Exception):
-    """The client sent nothing of its body for the idle timeout."""
+class _BodyIdle(asyncio.TimeoutError):
+    """The client sent nothing of its body for the idle timeout. A TimeoutError: after
+    the answer, aiohttp drains what is left of the body and takes one as the end of it
+    (any other error there it logs as unhandled)."""
 
 
 class _IdleWatch:

@@ -202,7 +202,9 @@ async def test_a_chunked_body_is_stored_whole_and_in_order(client: Client) -> No
     assert await pulled.read() == data
 
 
-async def test_a_body_gone_silent_is_refused_and_lets_go_of_its_session(tmp_path: Path) -> None:
+async def test_a_body_gone_silent_is_refused_and_lets_go_of_its_session(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A PATCH whose client stops sending mid-body (a dead network, a laptop asleep, or on
     purpose) is answered BLOB_UPLOAD_INVALID after http.body_idle_timeout_seconds; it held
     the session's lock, and a descriptor, for as long as the connection lived (review)."""
@@ -233,6 +235,7 @@ async def test_a_body_gone_silent_is_refused_and_lets_go_of_its_session(tmp_path
             state = await client.get(location)
             assert state.status == 204 and state.headers["Range"] == "0-0"
             assert (await client.delete(location)).status == 204
+    assert "Unhandled exception" not in caplog.text
 
 
 async def test_a_chunk_whose_range_and_length_disagree_tells_where_the_session_is(
