@@ -36,16 +36,25 @@ from collections.abc import Callable, Iterator
 
 
 def metered_client(client: str) -> str:
-    """What a client address is metered as: an IPv6 address by its /64, which one host
-    is commonly given whole (else each of its 2^64 addresses had limits of its own)."""
+    """What the per-client meter counts a client address as: an IPv6 address by its /64,
+    which one host may be given whole (else each of its 2^64 addresses had a limit of its
+    own). The per-account meter keeps the whole address: cloud subnets give all their
+    machines one /64, and one node failing a robot's secret must not lock out the rest."""
+    client = same_client(client)
+    try:
+        return str(ipaddress.IPv6Network((ipaddress.IPv6Address(client), 64), strict=False))
+    except ValueError:  # IPv4 (a mapped one included), or not an address
+        return client
+
+
+def same_client(client: str) -> str:
+    """An address as one text: an IPv4-mapped IPv6 address as its IPv4 address."""
     try:
         address = ipaddress.ip_address(client)
     except ValueError:
         return client  # not an address (a test's name, a header's text): as it is
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
     return str(address)
 
 
@@ -176,20 +185,18 @@ class FailureLimiter:
     def retry_after(self, client: str, account: str | None = None) -> int:
         """Seconds until ``client`` may try again (as ``account``, when given), counting
         its attempts under way (``checking``) as failures."""
-        client = metered_client(client)
-        key = self._key(client)
+        key = self._key(metered_client(client))
         wait = self.per_client.retry_after(key, len(self._pending.get(key, ())))
         if account is not None:
-            pair = self._key(account, client)
+            pair = self._key(account, same_client(client))
             wait = max(wait, self.per_account.retry_after(pair, len(self._pending.get(pair, ()))))
         return wait
 
     @contextlib.contextmanager
     def checking(self, client: str, account: str, secret: str) -> Iterator[None]:
         """``secret`` of ``account`` from ``client`` is being checked for the block."""
-        client = metered_client(client)
         attempt = self._key("attempt", secret)  # kept hashed, for the check's length only
-        keys = (self._key(client), self._key(account, client))
+        keys = (self._key(metered_client(client)), self._key(account, same_client(client)))
         for key in keys:
             self._pending.setdefault(key, collections.Counter())[attempt] += 1
         try:
@@ -204,10 +211,9 @@ class FailureLimiter:
                     del self._pending[key]
 
     def record_failure(self, client: str, account: str | None = None) -> None:
-        client = metered_client(client)
-        keys = [("client", self._key(client))]
+        keys = [("client", self._key(metered_client(client)))]
         if account is not None:
-            keys.append(("account", self._key(account, client)))
+            keys.append(("account", self._key(account, same_client(client))))
         for name, key in keys:
             meter = self.meters[name]
             meter.record_failure(key)

@@ -91,23 +91,31 @@ def test_a_client_spraying_names_is_stopped_by_its_own_meter() -> None:
     assert limiter.retry_after("10.0.0.3") > 0
 
 
-def test_an_ipv6_client_is_metered_by_its_64() -> None:
-    """One host commonly has a whole /64: spreading guesses over its addresses does not
-    give each its own limits (found by review). Other /64s, and IPv4, are apart."""
+def test_an_ipv6_client_is_metered_by_its_64_for_all_accounts() -> None:
+    """One host may have a whole /64: spreading guesses over its addresses does not give
+    each a client limit of its own (found by review). An account's failures stay with
+    the address: the machines of a cloud subnet share one /64, and one node failing a
+    robot's secret must not lock out the others."""
     clock = Clock()
     limiter = FailureLimiter(3, 60, client_limit=10, clock=clock)
     for n in range(3):
         limiter.record_failure(f"2001:db8:1:2::{n + 1:x}", "robot")
-    assert limiter.retry_after("2001:db8:1:2:ffff::9", "robot") > 0
-    assert limiter.retry_after("2001:db8:1:3::1", "robot") == 0
-    for n in range(10):
+    assert limiter.retry_after("2001:db8:1:2::1", "robot") == 0  # one failure each
+    for _ in range(2):
+        limiter.record_failure("2001:db8:1:2::1", "robot")
+    assert limiter.retry_after("2001:db8:1:2::1", "robot") > 0
+    assert limiter.retry_after("2001:db8:1:2::9", "robot") == 0  # another node
+    for n in range(5):
         limiter.record_failure(f"2001:db8:1:2:{n:x}::1")
-    assert limiter.retry_after("2001:db8:1:2::abc") > 0
+    assert limiter.retry_after("2001:db8:1:2::abc") > 0  # 10 in the /64
+    assert limiter.retry_after("2001:db8:1:3::1") == 0
     # An IPv4 client written as a mapped IPv6 address is the IPv4 client.
     for _ in range(3):
         limiter.record_failure("::ffff:10.0.0.7", "robot")
     assert limiter.retry_after("10.0.0.7", "robot") > 0
     assert limiter.retry_after("10.0.0.8", "robot") == 0
+    limiter.record_failure("not:an address")  # a header's text is metered as it is
+    assert limiter.retry_after("not:an address") == 0
 
 
 def test_limiter_memory_is_bounded_whatever_the_names() -> None:
