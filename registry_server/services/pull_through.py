@@ -211,17 +211,17 @@ class PullThrough:
             return None
         upstream = target.mirror.name
         if digests.looks_like_digest(reference):
-            # Nodes pinned to a digest keep the tags that point at it (eviction).
-            self._note_pull(target.local, _BY_DIGEST + reference)
             if await self.index.get_manifest(target.local, reference, content=False) is not None:
                 HITS.labels(upstream, "manifest").inc()
-                return None
-            MISSES.labels(upstream, "manifest").inc()
-            await self._single(
-                self._manifest_flights,
-                (target.local, reference),
-                lambda: self._fill_once(target, reference),
-            )
+            else:
+                MISSES.labels(upstream, "manifest").inc()
+                await self._single(
+                    self._manifest_flights,
+                    (target.local, reference),
+                    lambda: self._fill_once(target, reference),
+                )
+            # Nodes pinned to a digest keep the tags that point at it (eviction).
+            self._note_pull(target.local, _BY_DIGEST + reference)
             return None
         self._note_pull(target.local, reference)
         cached = await self.index.resolve_tag(target.local, reference)
@@ -295,10 +295,16 @@ class PullThrough:
         for good (found by review)."""
         if not settings.keep_last and not settings.max_idle_seconds:
             return
-        pulled = self._pulled.get(target.local, {}).get(_BY_DIGEST + digest, 0.0)
-        if time.time() - pulled < max(settings.max_idle_seconds, _DIGEST_MEMORY):
-            return
-        await self.index.delete_untagged_manifest(target.local, digest)
+        try:
+            # Every worker's pulls: nodes pinned to it may be another worker's clients.
+            pulled = (await self._pull_times()).get(target.local, {})
+            if time.time() - pulled.get(_BY_DIGEST + digest, 0.0) < max(
+                settings.max_idle_seconds, _DIGEST_MEMORY
+            ):
+                return
+            await self.index.delete_untagged_manifest(target.local, digest)
+        except Exception:  # the tag moved and is served; eviction takes it up later
+            log.exception("deleting the manifest %s moved off failed", digest)
 
     async def _fill_once(self, target: Target, reference: str) -> None:
         """``_fill``, claimed across processes: another worker or replica filling the
@@ -722,10 +728,20 @@ class PullThrough:
         self._pulled.setdefault(repo, {})[tag] = time.time()
         if self._state_dir is not None and time.monotonic() - self._flushed > _FLUSH_EVERY:
             self._flushed = time.monotonic()
+            self._forget_old_digests()
             snapshot = json.dumps(self._pulled)
             path = self._state_dir / f"pulled-{self._worker}.json"
             task = asyncio.get_running_loop().run_in_executor(None, _write_atomic, path, snapshot)
             task.add_done_callback(lambda f: f.exception())  # logged by nobody; retried later
+
+    def _forget_old_digests(self) -> None:
+        """Pull times by digest older than any eviction looks at go (each worker keeps
+        its own; eviction, in one of them, has deleted what they kept)."""
+        idle = max((s.max_idle_seconds for s in self.settings.values()), default=0.0)
+        oldest = time.time() - 2 * max(idle, _DIGEST_MEMORY)
+        for times in self._pulled.values():
+            for key in [k for k, t in times.items() if k.startswith(_BY_DIGEST) and t < oldest]:
+                del times[key]
 
     async def _pull_times(self) -> dict[str, dict[str, float]]:
         merged: dict[str, dict[str, float]] = {}
@@ -777,11 +793,13 @@ class PullThrough:
             times.append((state.name, when))
         # Manifests pulled by digest that no tag points at go once long unpulled (if no
         # other index holds them), and their pull times with them.
+        # (Every worker's pull times, ``pulled``: nodes may be any worker's clients.)
         tagged = {_BY_DIGEST + (state.digest or "") for state in live}
         forget_after = max(settings.max_idle_seconds, _DIGEST_MEMORY)
-        for key in [k for k in seen if k.startswith(_BY_DIGEST)]:
-            if key not in tagged and now - seen[key] > forget_after:
-                del seen[key]
+        for key in [k for k in {**pulled, **seen} if k.startswith(_BY_DIGEST)]:
+            last = max(pulled.get(key, 0.0), seen.get(key, 0.0))
+            if key not in tagged and now - last > forget_after:
+                seen.pop(key, None)
                 await self.index.delete_untagged_manifest(repo, key[len(_BY_DIGEST) :])
         gone = set(upstreams.evicted(times, now, settings.keep_last, settings.max_idle_seconds))
         removed = 0

@@ -625,15 +625,16 @@ class Moved(Bytes):
         return UpstreamManifest(digest, media_type, None if head else self.body)
 
 
-@pytest.mark.parametrize("pinned", [False, True])
+@pytest.mark.parametrize("pinned", ["no", "here", "by another worker"])
 async def test_a_tag_the_upstream_moved_lets_its_old_manifest_go(
-    tmp_path: Path, pinned: bool
+    tmp_path: Path, pinned: str
 ) -> None:
     """With eviction on, the manifest a revalidated tag moved off is deleted (its layers
-    then collected), unless nodes pulled it by digest lately: left untagged, it stayed
-    for good (found by review)."""
+    then collected), unless nodes pulled it by digest lately, through this worker or
+    another: left untagged, it stayed for good (found by review)."""
     store, index = GatedStore(tmp_path / "storage"), SqliteIndex(tmp_path / "index.db")
     old, new = _image(1), _image(2)
+    states = tmp_path / "pull-through"
     cache = PullThrough(
         [Mirror("up", "mirror", ("up.example",), False)],
         {"up": Settings(0.0, 5.0, 0, 30.0)},  # revalidated at every pull; eviction on
@@ -641,17 +642,24 @@ async def test_a_tag_the_upstream_moved_lets_its_old_manifest_go(
         store,
         index,
         1 << 20,
+        states,
+        0,
     )
     try:
         was = str(digests.of_bytes(old))
         media_type = "application/vnd.oci.image.manifest.v1+json"
         manifest = NewManifest(was, media_type, old, None, None, None, [], [])
         await index.put_manifest("mirror/app", manifest, ["v1"])
-        if pinned:
+        if pinned == "here":
             cache._pulled["mirror/app"] = {"@" + was: time.time()}
+        elif pinned == "by another worker":
+            states.mkdir()
+            other = {"mirror/app": {"@" + was: time.time()}}
+            (states / "pulled-1.json").write_text(json.dumps(other))
         assert await cache.manifest("mirror/app", "v1") is None
         assert await index.resolve_tag("mirror/app", "v1") == str(digests.of_bytes(new))
-        assert (await index.get_manifest("mirror/app", was) is not None) is pinned
+        kept = await index.get_manifest("mirror/app", was) is not None
+        assert kept is (pinned != "no")
     finally:
         await cache.close()
         await index.close()
