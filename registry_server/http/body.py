@@ -7,11 +7,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from registry_server.http.context import SERVICES
+from registry_server.http.context import services
 from registry_server.protocol import errors
 
 _CHUNK = 1 << 20
-_IDLE_DEFAULT = 60.0  # http.body_idle_timeout_seconds's
 
 
 class _BodyIdle(asyncio.TimeoutError):
@@ -67,8 +66,7 @@ async def stream(request: web.Request, expected: int | None = None) -> AsyncIter
     want = expected if expected is not None else declared
     received = 0
     loop = asyncio.get_running_loop()
-    svc = request.app.get(SERVICES)  # apps without the registry's (a token server's)
-    idle = _IdleWatch(request, svc.body_idle_seconds if svc is not None else _IDLE_DEFAULT)
+    idle = _IdleWatch(request, services(request).body_idle_seconds)
     try:
         while True:
             # The pieces as they were received, one at a time: readany joins all that

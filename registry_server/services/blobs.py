@@ -78,40 +78,35 @@ class BlobService:
         """
         self.store.space.require_writable()
         linked = await self.index.blob_size(repo, str(digest))
-        if linked is not None and await may_pull(repo):
-            try:
-                # Linked again, as an upload would: its link time is the grace period's
-                # start, and a delete may have released it for the next collection.
-                await self.index.link_blob(
-                    repo,
-                    str(digest),
-                    linked,
-                    publish=functools.partial(self.store.require, digest, linked),
-                )
-                return True
-            except errors.RegistryError:
-                pass  # its bytes are lost: mounted from another candidate, or uploaded
+        # Linked again, as an upload would: its link time is the grace period's start,
+        # and a delete may have released it for the next collection. Its bytes lost, it
+        # is mounted from another candidate, or uploaded.
+        if (
+            linked is not None
+            and await may_pull(repo)
+            and await self._link_stored(repo, digest, linked)
+        ):
+            return True
         candidates = [source] if source else await self.index.repositories_with_blob(str(digest))
         for candidate in candidates:
             if candidate == repo or not await may_pull(candidate):
                 continue
             size = await self.index.blob_size(candidate, str(digest))
-            if size is None:
-                continue
-            try:
-                # The bytes are checked once, under the index's write lock (a stat; a HEAD
-                # on an object store): not there, or not that size, and this candidate
-                # is skipped.
-                await self.index.link_blob(
-                    repo,
-                    str(digest),
-                    size,
-                    publish=functools.partial(self.store.require, digest, size),
-                )
-            except errors.RegistryError:
-                continue  # lost, or collected since the record was read
-            return True
+            if size is not None and await self._link_stored(repo, digest, size):
+                return True
         return False
+
+    async def _link_stored(self, repo: str, digest: digests.Digest, size: int) -> bool:
+        """Link the stored blob into ``repo``; False when its bytes are not there at
+        ``size`` (lost, or collected since its record was read). They are checked once,
+        under the index's write lock (a stat; a HEAD on an object store)."""
+        try:
+            await self.index.link_blob(
+                repo, str(digest), size, publish=functools.partial(self.store.require, digest, size)
+            )
+        except errors.RegistryError:
+            return False
+        return True
 
     # -- uploads -------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from prometheus_client import Counter
 
 from registry_server.protocol import digests, errors, manifests, names, upstreams
 from registry_server.protocol.upstreams import Mirror, Target, UpstreamFailure, UpstreamManifest
+from registry_server.storage import blocking
 from registry_server.storage.blobstore import BlobStore, UploadInfo
 from registry_server.storage.driver import Writer
 from registry_server.storage.fetch_locks import FetchLocks, NoFetchLocks
@@ -864,19 +865,9 @@ async def _progress(flight: _Flight) -> None:
 
 
 async def _open_to_read(path: Path) -> int:
-    """Open ``path`` read-only in a thread. The thread cannot be stopped: when the caller
-    is cancelled meanwhile (a client gone, shutdown), the descriptor it opens is closed."""
-    opening = asyncio.ensure_future(asyncio.to_thread(os.open, path, os.O_RDONLY))
-    try:
-        return await asyncio.shield(opening)
-    except asyncio.CancelledError:
-        opening.add_done_callback(_close_opened)
-        raise
-
-
-def _close_opened(opening: asyncio.Future[int]) -> None:
-    if not opening.cancelled() and opening.exception() is None:
-        os.close(opening.result())
+    """Open ``path`` read-only in a storage thread; when the caller is cancelled meanwhile
+    (a client gone, shutdown), the descriptor the thread opens is closed."""
+    return await blocking.files.call_owned(os.close, os.open, path, os.O_RDONLY)
 
 
 async def _write(flight: _Flight, sink: Sink, chunk: bytes) -> None:
