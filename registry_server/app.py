@@ -302,6 +302,14 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     background: list[asyncio.Task[None]] = []
 
     async def collect_forever() -> None:
+        # A round cut short by a crash left blobs the index still records in the trash;
+        # their pulls fail until they are back, so not an interval (or forever) later.
+        try:
+            await collector.recover_trash()
+        except Exception:
+            logging.getLogger("registry_server.gc").exception("trash recovery failed")
+        if config.gc.interval_seconds <= 0:  # no rounds: the term is held, and idle
+            await asyncio.Event().wait()
         while True:
             # On a full volume, collect what deletes released every few seconds.
             if await space.pressure(config.gc.interval_seconds):
@@ -336,7 +344,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
             await replicator.start()
         if notifications is not None:
             await notifications.start()
-        if election is not None and config.gc.interval_seconds > 0:
+        if election is not None:
             background.append(asyncio.create_task(run_elected(election, "gc", collect_forever)))
         if election is not None:  # worker 0
             background.append(

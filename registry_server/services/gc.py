@@ -63,7 +63,7 @@ class GarbageCollector:
             return GcReport(0, 0, 0)
         ROUNDS.inc()
         now = time.time()
-        await self._recover_trash()
+        await self.recover_trash()
         deleted = freed = 0
         cutoff = now - self.grace_seconds
         for text in await self.index.unreferenced_blobs(cutoff):
@@ -120,9 +120,10 @@ class GarbageCollector:
             )
         return report
 
-    async def _recover_trash(self) -> None:
+    async def recover_trash(self) -> None:
         """Blobs trashed by a round that did not commit (a crash, a failed commit): back
-        into place if the index still records them, else gone."""
+        into place if the index still records them, else gone. Every round starts with
+        it, and the elected process runs it at start (pulls of those blobs fail until)."""
         entries = await self.store.trash()
         if not entries:
             return

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
+from registry_server.app import build_app
+from registry_server.config import Config, GcConfig, StorageConfig
 from registry_server.protocol import digests
 from registry_server.services.blobs import BlobService
 from registry_server.services.gc import GarbageCollector
@@ -125,24 +128,31 @@ async def test_a_file_a_crash_left_unrecorded_is_swept(tmp_path: Path, open_inde
     await index.close()
 
 
-async def test_a_collection_that_does_not_commit_loses_no_bytes(tmp_path: Path) -> None:
-    """The bytes leave only after the index forgot the blob for good: killed (or a failed
-    commit) in between, the next round puts them back."""
-    store = BlobStore(FilesystemDriver(tmp_path))
-    index = SqliteIndex(tmp_path / "index.db")
-    blobs = BlobService(store, index)
-    digest = await _push(blobs, "r", b"still recorded")
+async def _round_cut_short(store: BlobStore, root: Path) -> digests.Digest:
+    """A blob of repository "r" that a round trashed without committing its removal."""
+    index = SqliteIndex(root / "index.db")
+    digest = await _push(BlobService(store, index), "r", b"still recorded")
+    await index.close()
 
     class CommitFails(SqliteIndex):
         async def forget_blob(self, digest: str, older_than: float, remove: Any = None) -> bool:
             await remove()  # the file is moved away under the lock ...
             raise OSError("disk full")  # ... and the transaction rolls back
 
-    failing = CommitFails(tmp_path / "index.db")
+    failing = CommitFails(root / "index.db")
     with pytest.raises(OSError):
         await GarbageCollector(store, failing, grace_seconds=-1, upload_ttl_seconds=3600).run_once()
     await failing.close()
     assert await store.size(digest) is None and len(await store.trash()) == 1
+    return digest
+
+
+async def test_a_collection_that_does_not_commit_loses_no_bytes(tmp_path: Path) -> None:
+    """The bytes leave only after the index forgot the blob for good: killed (or a failed
+    commit) in between, the next round puts them back."""
+    store = BlobStore(FilesystemDriver(tmp_path))
+    digest = await _round_cut_short(store, tmp_path)
+    index = SqliteIndex(tmp_path / "index.db")
 
     # The next round: recorded, so put back; then collected properly (it is unreferenced).
     collector = GarbageCollector(store, index, grace_seconds=3600, upload_ttl_seconds=3600)
@@ -156,6 +166,24 @@ async def test_a_collection_that_does_not_commit_loses_no_bytes(tmp_path: Path) 
     assert report.blobs_deleted == 1
     assert await store.size(digest) is None and await store.trash() == []
     await index.close()
+
+
+@pytest.mark.parametrize("interval", [3600, 0])
+async def test_a_restart_puts_the_trash_back_before_any_round(
+    tmp_path: Path, interval: int
+) -> None:
+    """After a crash mid-round, the blob is pulled again as soon as the registry is back,
+    not at its next round (an hour by default; never with rounds off)."""
+    digest = await _round_cut_short(BlobStore(FilesystemDriver(tmp_path)), tmp_path)
+    config = Config(storage=StorageConfig(root=tmp_path), gc=GcConfig(interval_seconds=interval))
+    async with TestClient(TestServer(build_app(config))) as client:
+        for _ in range(100):
+            response = await client.get(f"/v2/r/blobs/{digest}")
+            if response.status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert response.status == 200, await response.text()
+        assert await response.read() == b"still recorded"
 
 
 async def test_stray_entries_in_the_tree_do_not_stop_collection(
