@@ -55,6 +55,7 @@ from registry_server.storage.sqlite_index import SqliteIndex
 from registry_server.storage.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
+    from registry_server.auth.session_ends import SessionEnds
     from registry_server.storage.postgres_listener import ChangeListener
 
 # aiohttp's own bound on request.read()/json()/post(). Nothing reads a body that way (blobs
@@ -204,6 +205,21 @@ def build_failure_sharing(
     return FailureSharing(limiter, index)
 
 
+def build_session_ends(
+    config: Config, auth: Authorizer, index: MetadataIndex
+) -> SessionEnds | None:
+    """Where the web UI's logouts are recorded, when it can log people in."""
+    if not config.ui.enabled or isinstance(auth, OpenAccess):
+        return None
+    from registry_server.auth.configured import ConfiguredAuthorizer
+    from registry_server.auth.session_ends import SessionEnds
+
+    if not isinstance(auth, ConfiguredAuthorizer):
+        return None
+    auth.session_ends = SessionEnds(index)
+    return auth.session_ends
+
+
 def _cached_here(pull_through: PullThrough | None) -> Callable[[str], bool]:
     """Repositories that replication leaves alone: the pull-through cache's. Each region
     fills its own cache from the upstream (a peer mirroring the same prefix would refuse
@@ -238,6 +254,7 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     )
     auth = build_authorizer(config)
     failure_sharing = build_failure_sharing(config, auth, index)
+    session_ends = build_session_ends(config, auth, index)
 
     def tag_rules(repository: str) -> TagRules:
         # Immutable tags and retention live in the policy file: none without one.
@@ -336,6 +353,9 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
         await index.open()
         if failure_sharing is not None:
             background.append(asyncio.create_task(failure_sharing.run_forever()))
+        if session_ends is not None:  # those ended before this process started, first
+            await session_ends.sync_once()
+            background.append(asyncio.create_task(session_ends.run_forever()))
         if election is not None:
             await election.start()
         if listener is not None:

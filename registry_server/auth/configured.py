@@ -32,7 +32,14 @@ from registry_server.auth.model import (
 from registry_server.auth.passwords import PasswordVerifier
 from registry_server.auth.ratelimit import FailureLimiter
 from registry_server.auth.reloading import AuthFiles, LoadError
-from registry_server.auth.tokens import SigningKey, SigningKeyError, TokenCodec, TokenInvalid
+from registry_server.auth.session_ends import SessionEnds
+from registry_server.auth.tokens import (
+    Claims,
+    SigningKey,
+    SigningKeyError,
+    TokenCodec,
+    TokenInvalid,
+)
 from registry_server.config import AuthConfig, ConfigError
 from registry_server.protocol import errors
 from registry_server.protocol.quotas import Quota
@@ -134,6 +141,9 @@ class ConfiguredAuthorizer:
         self.codec = codec
         self.passwords = passwords
         self.limiter = limiter
+        # Where logging out is recorded for every process; set by the app, which owns
+        # the index. Without it a logout only removes the browser's cookie.
+        self.session_ends: SessionEnds | None = None
 
     @property
     def directory(self) -> Directory:
@@ -277,15 +287,29 @@ class ConfiguredAuthorizer:
         return token
 
     def session_principal(self, value: str) -> Principal | None:
-        try:
-            claims = self.codec.verify(value, self.settings.session_audience)
-        except TokenInvalid:
+        claims = self._session_claims(value)
+        if claims is None:
             return None
         directory = self.directory
         account = directory.accounts.get(claims.subject)
         if account is None or claims.extra.get("cred") != secret_fingerprint(account.secret_hash):
             return None
         return directory.principal(claims.subject)
+
+    async def end_session(self, value: str) -> None:
+        claims = self._session_claims(value)
+        if claims is not None and self.session_ends is not None:
+            await self.session_ends.end(claims.token_id, claims.expires_at)
+
+    def _session_claims(self, value: str) -> Claims | None:
+        """A session's claims: None when it is invalid, expired or logged out."""
+        try:
+            claims = self.codec.verify(value, self.settings.session_audience)
+        except TokenInvalid:
+            return None
+        if self.session_ends is not None and self.session_ends.ended(claims.token_id):
+            return None
+        return claims
 
     # -- the token endpoint --
 

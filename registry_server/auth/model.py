@@ -168,3 +168,7 @@ class SessionSource(Protocol):
 
     def session_principal(self, value: str) -> Principal | None:
         """Who a session belongs to; None when it is invalid, expired or revoked."""
+
+    async def end_session(self, value: str) -> None:
+        """Log out: the session is refused from now on, by every process (nothing for a
+        value that is no valid session)."""

@@ -327,6 +327,9 @@ async def login(request: web.Request, visitor: _Visitor) -> web.StreamResponse:
 
 async def logout(request: web.Request, visitor: _Visitor) -> web.StreamResponse:
     await _form(request, visitor)
+    value = request.cookies.get(SESSION_COOKIE, "")
+    if visitor.sessions is not None and value:
+        await visitor.sessions.end_session(value)  # a copy of the cookie is refused too
     response = _redirect(f"{PREFIX}/")
     response.del_cookie(SESSION_COOKIE, path=f"{PREFIX}/")
     return response

@@ -250,3 +250,11 @@ class MetadataIndex(Protocol):
     async def draining_auth_failures(self, now: float) -> list[tuple[str, bytes, float]]:
         """(meter, key, drained_at) of the keys not drained by ``now``."""
         ...
+
+    # web UI sessions ended by logging out (storage/ended_sessions.py)
+    async def end_session(self, token_id: str, expires_at: float, now: float) -> None:
+        """Record the session ``token_id`` (valid until ``expires_at``) ended at ``now``."""
+
+    async def ended_sessions(self, since: float) -> list[tuple[str, float]]:
+        """(token id, expires at) of the sessions ended after wall time ``since``."""
+        ...

@@ -224,6 +224,16 @@ CREATE TABLE auth_failures (
 CREATE INDEX auth_failures_drained ON auth_failures (drained_at);
 """
 
+# Web UI sessions ended by logging out (storage/ended_sessions.py).
+_V7 = """
+CREATE TABLE ended_sessions (
+    token_id TEXT PRIMARY KEY,
+    expires_at DOUBLE PRECISION NOT NULL,
+    ended_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX ended_sessions_ended ON ended_sessions (ended_at);
+"""
+
 # (version, SQL): applied in order, each once.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _V1),
@@ -232,6 +242,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     (4, _V4),
     (5, _V5),
     (6, _V6),
+    (7, _V7),
 )
 
 LATEST = MIGRATIONS[-1][0]

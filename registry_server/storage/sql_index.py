@@ -16,7 +16,14 @@ from typing import TypeVar
 
 from registry_server.protocol.quotas import Quota, Usage
 from registry_server.protocol.versions import Stamp
-from registry_server.storage import auth_failures, changelog, index_blobs, index_tags, index_usage
+from registry_server.storage import (
+    auth_failures,
+    changelog,
+    ended_sessions,
+    index_blobs,
+    index_tags,
+    index_usage,
+)
 from registry_server.storage.index import (
     Change,
     ManifestRecord,
@@ -276,6 +283,12 @@ class SqlIndex(ABC):
 
     async def draining_auth_failures(self, now: float) -> list[tuple[str, bytes, float]]:
         return await self._read(auth_failures.draining(now))
+
+    async def end_session(self, token_id: str, expires_at: float, now: float) -> None:
+        await self._write(lambda: ended_sessions.end(token_id, expires_at, now))
+
+    async def ended_sessions(self, since: float) -> list[tuple[str, float]]:
+        return await self._read(ended_sessions.ended_since(since))
 
     async def expire_tombstones(self, older_than: float) -> int:
         return await self._write(lambda: index_tags.expire_tombstones(older_than), frees=True)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from registry_server.storage import auth_failures, changelog, index_usage
+from registry_server.storage import auth_failures, changelog, ended_sessions, index_usage
 from registry_server.storage.driver import StorageFull
 from registry_server.storage.space import SpaceMonitor
 from registry_server.storage.sql_index import SqlIndex
@@ -278,6 +278,7 @@ class SqliteIndex(SqlIndex):
         conn = _connect(path)
         conn.executescript(_SCHEMA)
         conn.executescript(auth_failures.SQLITE_SCHEMA)
+        conn.executescript(ended_sessions.SQLITE_SCHEMA)
         _migrate(conn)
         conn.executescript(_TRIGGERS)
         _count_usage(conn)
