@@ -274,6 +274,10 @@ _RULE_KEYS = {
 }  # fmt: skip
 
 
+# A century: a bound that catches a value meant in seconds.
+_MAX_UNTAGGED_DAYS = 36500
+
+
 def _tag_patterns(value: Any, where: str) -> tuple[str, ...]:
     patterns = []
     for i, item in enumerate(_list(value, where)):
@@ -291,12 +295,26 @@ def _tag_rules(entry: Mapping[str, Any], where: str) -> tag_rules.TagRules:
     retention = None
     if entry.get("retention") is not None:
         rwhere = f"{where}.retention"
-        raw = _mapping(entry["retention"], rwhere, {"keep_last", "protect"}, {"keep_last"})
-        keep = raw["keep_last"]
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raw = _mapping(entry["retention"], rwhere, {"keep_last", "protect", "untagged_days"}, set())
+        keep = raw.get("keep_last")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
             raise PolicyError(f"{rwhere}.keep_last: expected a positive integer")
+        untagged = raw.get("untagged_days")
+        if untagged is not None and (
+            isinstance(untagged, bool)
+            or not isinstance(untagged, int | float)
+            or not 0 < untagged <= _MAX_UNTAGGED_DAYS
+        ):
+            raise PolicyError(
+                f"{rwhere}.untagged_days: expected a number of days above 0, at most"
+                f" {_MAX_UNTAGGED_DAYS}"
+            )
+        if keep is None and untagged is None:
+            raise PolicyError(f"{rwhere}: keep_last or untagged_days is required")
         protect = _tag_patterns(raw.get("protect"), f"{rwhere}.protect")
-        retention = tag_rules.Retention(keep, protect)
+        retention = tag_rules.Retention(
+            keep, protect, None if untagged is None else float(untagged)
+        )
     return tag_rules.TagRules(immutable, retention)
 
 

@@ -34,10 +34,13 @@ def _matches(patterns: Iterable[str], tag: str) -> bool:
 
 @dataclass(frozen=True)
 class Retention:
-    """Keep the ``keep_last`` most recently pushed tags, and every protected one."""
+    """Keep the ``keep_last`` most recently pushed tags (None: every tag), and every
+    protected one; remove manifests nothing has held for ``untagged_days`` (None: never):
+    no tag points at them, no index lists them, and they refer to no manifest present."""
 
-    keep_last: int
+    keep_last: int | None
     protect: tuple[str, ...] = ()
+    untagged_days: float | None = None
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class TagRules:
         ``keep_last``; among the others the newest versions stay (ties: by name, so every
         region holding the same versions removes the same tags).
         """
-        if self.retention is None:
+        if self.retention is None or self.retention.keep_last is None:
             return []
         protect = (*self.retention.protect, *self.immutable)
         candidates = sorted(
@@ -68,16 +71,27 @@ class TagRules:
 NO_RULES = TagRules()
 
 
+def _most(values: list[float | None]) -> float | None:
+    """The limit that keeps the most among those the rules state (None: none does)."""
+    stated = [v for v in values if v is not None]
+    return max(stated) if stated else None
+
+
 def combine(rules: Iterable[TagRules]) -> TagRules:
     """Several policy rules matching one repository: every immutable pattern holds, and
-    retention keeps the most (the largest ``keep_last``, every protect pattern)."""
+    retention keeps the most of what they state (the largest ``keep_last`` and
+    ``untagged_days``, every protect pattern)."""
     immutable: list[str] = []
-    keep: int | None = None
+    retentions: list[Retention] = []
     protect: list[str] = []
     for rule in rules:
         immutable.extend(p for p in rule.immutable if p not in immutable)
         if rule.retention is not None:
-            keep = max(keep or 0, rule.retention.keep_last)
+            retentions.append(rule.retention)
             protect.extend(p for p in rule.retention.protect if p not in protect)
-    retention = Retention(keep, tuple(protect)) if keep is not None else None
+    if not retentions:
+        return TagRules(tuple(immutable))
+    keep = _most([r.keep_last for r in retentions])
+    untagged = _most([r.untagged_days for r in retentions])
+    retention = Retention(None if keep is None else int(keep), tuple(protect), untagged)
     return TagRules(tuple(immutable), retention)

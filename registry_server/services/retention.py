@@ -10,6 +10,7 @@ delete what was pushed there in the meantime. They are logged for notifications.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +24,8 @@ log = logging.getLogger("registry_server.retention")
 
 EXPIRED = Counter("berth_retention_tags_removed_total", "Tags removed by retention rules")
 DELETED = Counter(
-    "berth_retention_manifests_deleted_total", "Manifests deleted after retention untagged them"
+    "berth_retention_manifests_deleted_total",
+    "Manifests deleted by retention (untagged by it, or held by nothing for untagged_days)",
 )
 
 _PAGE = 500
@@ -42,8 +44,10 @@ class RetentionService:
         tag_rules: Callable[[str], TagRules],
         on_change: Callable[[], None] | None = None,
         record: TagRecord | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.index = index
+        self._wall = wall
         self.tag_rules = tag_rules
         self._on_change = on_change or (lambda: None)
         self.record = record  # the tag record the SQLite index is rebuilt from
@@ -82,6 +86,18 @@ class RetentionService:
         for digest in dict.fromkeys(untagged):
             # Only if nothing holds it any more (another tag, an index listing it).
             deleted += await self.index.delete_untagged_manifest(repo, digest)
-        if self.record is not None and removed:
+        if rules.retention.untagged_days is not None:
+            deleted += await self._untagged(repo, rules.retention.untagged_days)
+        if self.record is not None and (removed or deleted):
             await self.record.removed(repo, deleted, removed)
         return len(removed), len(deleted)
+
+    async def _untagged(self, repo: str, days: float) -> list[str]:
+        """Delete the manifests nothing has held for ``days`` (and the platforms of such
+        an index): an overwritten tag's image, a push by digest never tagged."""
+        since = self._wall() - days * 86400
+        deleted: list[str] = []
+        for digest in await self.index.untagged_manifests(repo, since):
+            if digest not in deleted:  # gone with an index deleted before it
+                deleted += await self.index.delete_untagged_manifest(repo, digest, since)
+        return deleted

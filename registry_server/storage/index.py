@@ -150,9 +150,17 @@ class MetadataIndex(Protocol):
         the tag's own version, so a peer still holding that tag does not bring it back
         and any newer push, anywhere, wins over it. Logged as a LOCAL_OPS entry."""
 
-    async def delete_untagged_manifest(self, repo: str, digest: str) -> list[str]:
+    async def delete_untagged_manifest(
+        self, repo: str, digest: str, held_since: float | None = None
+    ) -> list[str]:
         """Retention: delete a manifest no tag and no index hold any more, then each of its
-        child manifests left the same way; returns those deleted (logged as LOCAL_OPS)."""
+        child manifests left the same way; returns those deleted (logged as LOCAL_OPS).
+        With ``held_since``, the manifest also stays if ``untagged_manifests`` would not
+        name it for that time (held or pushed since, or its subject present)."""
+
+    async def untagged_manifests(self, repo: str, older_than: float) -> list[str]:
+        """Manifests nothing has held since ``older_than``: no tag, no index listing them,
+        no subject present, and neither pushed nor let go of after that time."""
 
     async def list_tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
         """Tags in lexical order after ``last``; None when the repository is unknown."""

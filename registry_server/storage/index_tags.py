@@ -214,6 +214,13 @@ def put_manifest(
             now,
         ),
     )
+    if inserted.rowcount == 0 and not tags:
+        # Pushed again by digest (its tag or index to follow): a fresh start for the
+        # retention of untagged manifests, which must not take it meanwhile.
+        yield Query(
+            "UPDATE manifests SET released = ? WHERE repo_id = ? AND digest = ?",
+            (now, repo_id, manifest.digest),
+        )
     refs = [(repo_id, manifest.digest, d, "blob") for d in manifest.blob_refs] + [
         (repo_id, manifest.digest, d, "manifest") for d in manifest.child_refs
     ]
@@ -416,8 +423,46 @@ def expire_tag(
     return True
 
 
+# What holds a manifest: a tag, an index listing it. With ``_HELD_SINCE``, also having
+# been held (or pushed) after a time, and referring to a manifest still present.
+_HELD = (
+    "SELECT 1 FROM tags WHERE repo_id = ? AND digest = ?"
+    " UNION ALL SELECT 1 FROM manifest_refs"
+    " WHERE repo_id = ? AND child = ? AND kind = 'manifest'"
+)
+_HELD_SINCE = (
+    " UNION ALL SELECT 1 FROM manifests m WHERE m.repo_id = ? AND m.digest = ?"
+    " AND (COALESCE(m.released, m.created) >= ? OR EXISTS (SELECT 1 FROM manifests s"
+    " WHERE s.repo_id = m.repo_id AND s.digest = m.subject))"
+)
+
+
+def untagged_manifests(repo: str, older_than: float) -> Tx[list[str]]:
+    """Manifests of ``repo`` that nothing has held since ``older_than``: no tag points at
+    them, no index lists them, none refers (as a subject) to a manifest present, and none
+    was pushed, or lost its last tag, index or subject after that time."""
+    result = yield Query(
+        "SELECT m.digest FROM manifests m JOIN repositories r ON r.id = m.repo_id"
+        " WHERE r.name = ? AND COALESCE(m.released, m.created) < ?"
+        " AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = m.repo_id"
+        " AND t.digest = m.digest)"
+        " AND NOT EXISTS (SELECT 1 FROM manifest_refs f WHERE f.repo_id = m.repo_id"
+        " AND f.child = m.digest AND f.kind = 'manifest')"
+        " AND NOT EXISTS (SELECT 1 FROM manifests s WHERE s.repo_id = m.repo_id"
+        " AND s.digest = m.subject)"
+        " ORDER BY m.digest",
+        (repo, older_than),
+    )
+    return [str(row[0]) for row in result.rows]
+
+
 def delete_untagged_manifest(
-    dialect: Dialect, region: str, consumers: Sequence[str], repo: str, digest: str
+    dialect: Dialect,
+    region: str,
+    consumers: Sequence[str],
+    repo: str,
+    digest: str,
+    held_since: float | None = None,
 ) -> Tx[list[str]]:
     repo_id = yield from repository(dialect, repo, create=False)
     if repo_id is None:
@@ -426,11 +471,12 @@ def delete_untagged_manifest(
     pending = [digest]
     while pending:
         here = pending.pop()
+        # Checked again in this transaction: held since the caller looked (a push of it
+        # again, a tag), it stays. An index's platforms go with it whatever their age.
+        since = held_since is not None and here == digest
         held = yield Query(
-            "SELECT 1 FROM tags WHERE repo_id = ? AND digest = ?"
-            " UNION ALL SELECT 1 FROM manifest_refs"
-            " WHERE repo_id = ? AND child = ? AND kind = 'manifest' LIMIT 1",
-            (repo_id, here, repo_id, here),
+            _HELD + (_HELD_SINCE if since else "") + " LIMIT 1",
+            (repo_id, here, repo_id, here) + ((repo_id, here, held_since) if since else ()),
         )
         if held.first() is not None:
             continue

@@ -234,6 +234,42 @@ CREATE TABLE ended_sessions (
 CREATE INDEX ended_sessions_ended ON ended_sessions (ended_at);
 """
 
+# When a manifest lost a tag, an index listing it or its subject: the retention of
+# untagged manifests counts from then (index_tags.untagged_manifests). Triggers, so that
+# replicas of an older version, during a rolling update, stamp it too.
+_V8 = """
+ALTER TABLE manifests ADD COLUMN released DOUBLE PRECISION;
+CREATE FUNCTION berth_released_tag() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' OR OLD.digest <> NEW.digest THEN
+        UPDATE manifests SET released = extract(epoch FROM clock_timestamp())
+            WHERE repo_id = OLD.repo_id AND digest = OLD.digest;
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER released_tags AFTER UPDATE OR DELETE ON tags
+    FOR EACH ROW EXECUTE FUNCTION berth_released_tag();
+CREATE FUNCTION berth_released_listing() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE manifests SET released = extract(epoch FROM clock_timestamp())
+        WHERE repo_id = OLD.repo_id AND digest = OLD.child;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER released_listings AFTER DELETE ON manifest_refs
+    FOR EACH ROW WHEN (OLD.kind = 'manifest') EXECUTE FUNCTION berth_released_listing();
+CREATE FUNCTION berth_released_subject() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE manifests SET released = extract(epoch FROM clock_timestamp())
+        WHERE repo_id = OLD.repo_id AND subject = OLD.digest;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER released_subjects AFTER DELETE ON manifests
+    FOR EACH ROW EXECUTE FUNCTION berth_released_subject();
+"""
+
 # (version, SQL): applied in order, each once.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _V1),
@@ -243,6 +279,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     (5, _V5),
     (6, _V6),
     (7, _V7),
+    (8, _V8),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -151,13 +151,18 @@ class SqlIndex(ABC):
             frees=True,
         )
 
-    async def delete_untagged_manifest(self, repo: str, digest: str) -> list[str]:
+    async def delete_untagged_manifest(
+        self, repo: str, digest: str, held_since: float | None = None
+    ) -> list[str]:
         return await self._write(
             lambda: index_tags.delete_untagged_manifest(
-                self.dialect, self.region, self.peers, repo, digest
+                self.dialect, self.region, self.peers, repo, digest, held_since
             ),
             frees=True,
         )
+
+    async def untagged_manifests(self, repo: str, older_than: float) -> list[str]:
+        return await self._read(index_tags.untagged_manifests(repo, older_than))
 
     async def list_tags(self, repo: str, n: int | None, last: str | None) -> list[str] | None:
         return await self._read(index_tags.list_tags(self.dialect, repo, n, last))

@@ -134,13 +134,19 @@ _ADDED_COLUMNS = (
     ("repositories", "stored_bytes", "INTEGER NOT NULL DEFAULT 0"),
     ("repositories", "tag_count", "INTEGER NOT NULL DEFAULT 0"),
     ("repositories", "manifest_count", "INTEGER NOT NULL DEFAULT 0"),
+    ("manifests", "released", "REAL"),
 )
 
 
+# Wall-clock seconds since the epoch, in SQLite's own terms (as time.time()).
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+
 # Every insert, update or delete of a tag row counts in its repository's row: a cached
-# tag list is valid while the count holds (services/tag_lists.py). Created after
-# _migrate, which adds the column to older databases.
-_TRIGGERS = """
+# tag list is valid while the count holds (services/tag_lists.py). When a manifest loses
+# a tag, an index listing it or its subject, it is stamped ``released``: the retention of
+# untagged manifests counts from then (index_tags.untagged_manifests). Created after
+# _migrate, which adds the columns to older databases.
+_TRIGGERS = f"""
 CREATE TRIGGER IF NOT EXISTS tags_changed_insert AFTER INSERT ON tags BEGIN
     UPDATE repositories SET tags_changed = tags_changed + 1 WHERE id = NEW.repo_id;
 END;
@@ -149,6 +155,20 @@ CREATE TRIGGER IF NOT EXISTS tags_changed_update AFTER UPDATE ON tags BEGIN
 END;
 CREATE TRIGGER IF NOT EXISTS tags_changed_delete AFTER DELETE ON tags BEGIN
     UPDATE repositories SET tags_changed = tags_changed + 1 WHERE id = OLD.repo_id;
+END;
+CREATE TRIGGER IF NOT EXISTS released_tag_moved AFTER UPDATE OF digest ON tags
+WHEN OLD.digest != NEW.digest BEGIN
+    UPDATE manifests SET released = {_NOW} WHERE repo_id = OLD.repo_id AND digest = OLD.digest;
+END;
+CREATE TRIGGER IF NOT EXISTS released_tag_deleted AFTER DELETE ON tags BEGIN
+    UPDATE manifests SET released = {_NOW} WHERE repo_id = OLD.repo_id AND digest = OLD.digest;
+END;
+CREATE TRIGGER IF NOT EXISTS released_listing_deleted AFTER DELETE ON manifest_refs
+WHEN OLD.kind = 'manifest' BEGIN
+    UPDATE manifests SET released = {_NOW} WHERE repo_id = OLD.repo_id AND digest = OLD.child;
+END;
+CREATE TRIGGER IF NOT EXISTS released_subject_deleted AFTER DELETE ON manifests BEGIN
+    UPDATE manifests SET released = {_NOW} WHERE repo_id = OLD.repo_id AND subject = OLD.digest;
 END;
 """
 

@@ -135,7 +135,23 @@ def _with(**changes: Any) -> dict[str, Any]:
         (_with(admins=["*"]), "not allowed"),
         (_with(rules=[{"repository": "a", "immutable_tags": ["v[0-9]"]}]), "not a tag pattern"),
         (_with(rules=[{"repository": "a", "immutable_tags": "v*"}]), "expected a list"),
-        (_with(rules=[{"repository": "a", "retention": {"protect": ["v*"]}}]), "missing keys"),
+        (
+            _with(rules=[{"repository": "a", "retention": {"protect": ["v*"]}}]),
+            "keep_last or untagged_days is required",
+        ),
+        (
+            _with(rules=[{"repository": "a", "retention": {"untagged_days": 0}}]),
+            "untagged_days: expected a number of days above 0",
+        ),
+        (
+            _with(rules=[{"repository": "a", "retention": {"untagged_days": "7d"}}]),
+            "untagged_days",
+        ),
+        (
+            _with(rules=[{"repository": "a", "retention": {"untagged_days": 604800}}]),
+            "at most 36500",
+        ),
+        (_with(rules=[{"repository": "a", "retention": {"untagged_days": True}}]), "untagged"),
         (_with(rules=[{"repository": "a", "retention": {"keep_last": 0}}]), "positive integer"),
         (_with(rules=[{"repository": "a", "retention": {"keep_last": True}}]), "positive integer"),
         (
@@ -224,6 +240,19 @@ def test_tag_rules_from_every_matching_rule() -> None:
     assert p.tag_rules("other").immutable == ()
     assert p.tag_rules("other").retention == tag_rules.Retention(10, ())
     assert policy.parse({}).tag_rules("x") == tag_rules.NO_RULES
+
+
+def test_retention_of_untagged_manifests() -> None:
+    p = policy.parse(
+        {
+            "rules": [
+                {"repository": "ci/*", "retention": {"untagged_days": 7}},
+                {"repository": "ci/app", "retention": {"untagged_days": 1.5, "keep_last": 50}},
+            ]
+        }
+    )
+    assert p.tag_rules("ci/tool").retention == tag_rules.Retention(None, (), 7.0)
+    assert p.tag_rules("ci/app").retention == tag_rules.Retention(50, (), 7.0)
 
 
 def test_quotas_from_every_matching_rule_the_smallest_holds() -> None:

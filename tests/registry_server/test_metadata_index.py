@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -216,6 +217,66 @@ async def test_delete_untagged_manifest_spares_what_is_still_held(index: Metadat
     assert len(await index.delete_untagged_manifest("r", D3)) == 0
     assert await index.get_manifest("r", D2) is None
     assert await index.get_manifest("r", D1) is not None
+
+
+async def _listed(index: MetadataIndex, since: float) -> list[str]:
+    return await index.untagged_manifests("r", since)
+
+
+async def test_untagged_manifests_are_those_nothing_has_held_for_a_while(
+    index: MetadataIndex,
+) -> None:
+    """What the retention of untagged manifests may take: nothing holds them (a tag, an
+    index, a subject present), counted from when the last thing let go of them."""
+    await index.put_manifest("r", manifest(D1), ["a"])
+    await index.put_manifest("r", manifest(D2), [])
+    await index.put_manifest("r", manifest(D3, children=(D2,)), [])
+    await index.put_manifest("r", manifest(B1, subject=D1, artifact_type="sig"), [])
+    await index.put_manifest("r", manifest(B2), [])
+    later = time.time() + 60
+    # Tagged, listed by an index, a referrer of a manifest present: held.
+    assert await _listed(index, later) == sorted([D3, B2])
+    assert await _listed(index, time.time() - 60) == []  # pushed within the minute
+    assert await index.untagged_manifests("unknown", later) == []
+
+    await asyncio.sleep(0.05)
+    before = time.time()
+    await asyncio.sleep(0.05)
+    # Let go of just now: the tag moved off D1 (and so its referrer's subject stays),
+    # the index that listed D2 deleted, B2 pushed again by digest.
+    await index.put_manifest("r", manifest(B3), ["a"])
+    assert await index.delete_manifest("r", D3)
+    await index.put_manifest("r", manifest(B2), [])
+    assert await _listed(index, before) == []
+    assert await _listed(index, later) == sorted([D1, D2, B2])
+    # The subject deleted: its referrer is let go of then.
+    await asyncio.sleep(0.05)
+    before = time.time()
+    await asyncio.sleep(0.05)
+    assert await index.delete_manifest("r", D1)
+    assert B1 not in await _listed(index, before)
+    assert B1 in await _listed(index, later)
+    # A deleted tag lets go too.
+    await asyncio.sleep(0.05)
+    before = time.time()
+    await asyncio.sleep(0.05)
+    assert await index.delete_tag("r", "a")
+    assert B3 not in await _listed(index, before)
+    assert B3 in await _listed(index, later)
+
+
+async def test_deleting_an_untagged_manifest_checks_its_age_again(index: MetadataIndex) -> None:
+    await index.put_manifest("r", manifest(D1), [])
+    await asyncio.sleep(0.05)
+    seen = time.time()
+    assert await _listed(index, seen) == [D1]
+    await index.put_manifest("r", manifest(D1), [])  # pushed again since: it stays
+    assert await index.delete_untagged_manifest("r", D1, seen) == []
+    assert await index.delete_untagged_manifest("r", D1, time.time() + 60) == [D1]
+    # A referrer whose subject is present stays, however old.
+    await index.put_manifest("r", manifest(D2), [])
+    await index.put_manifest("r", manifest(D3, subject=D2), [])
+    assert await index.delete_untagged_manifest("r", D3, time.time() + 60) == []
 
 
 async def test_an_index_child_still_tagged_stays(index: MetadataIndex) -> None:

@@ -4,6 +4,7 @@ only, and never sent to peers in a way that could delete what was pushed there s
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -50,6 +51,40 @@ async def test_removes_old_tags_then_their_manifests_and_logs_both(tmp_path: Pat
         # A second round finds nothing more to do.
         report = await service.run_once()
         assert (report.tags_removed, report.manifests_deleted) == (0, 0)
+    finally:
+        await index.close()
+
+
+async def test_untagged_manifests_go_once_nothing_held_them_for_the_days(tmp_path: Path) -> None:
+    """An overwritten tag's image and a push never tagged go after ``untagged_days``; a
+    tagged image, an index's platforms and a signature of a kept image stay."""
+    index = SqliteIndex(tmp_path / "index.db", "eu", ["us"])
+    record = TagRecord(tmp_path)
+    clock = [time.time()]
+    try:
+        await index.put_manifest("app", manifest(D1), ["latest"])
+        await index.put_manifest("app", manifest(D2), ["latest"])  # D1 let go of
+        await index.put_manifest("app", manifest(D3), [])  # pushed by digest only
+        await index.put_manifest("app", manifest(D4), [])
+        await index.put_manifest("app", manifest(D5, children=(D4,)), ["multi"])
+        sig = "sha256:" + "6" * 64
+        await index.put_manifest("app", manifest(sig, subject=D2, artifact_type="sig"), [])
+        rules = TagRules(retention=Retention(None, (), 7.0))
+        service = RetentionService(index, lambda repo: rules, record=record, wall=lambda: clock[0])
+        assert (await service.run_once()).manifests_deleted == 0  # not a week yet
+        clock[0] += 7 * 86400 + 1
+        report = await service.run_once()
+        assert (report.tags_removed, report.manifests_deleted) == (0, 2)
+        assert await index.get_manifest("app", D1) is None
+        assert await index.get_manifest("app", D3) is None
+        for kept in (D2, D4, D5, sig):
+            assert await index.get_manifest("app", kept) is not None
+        logged = [(c.op, c.digest) for c in await index.pending_changes("us", 100)]
+        assert sorted(logged[-2:]) == sorted([("expire_manifest", D1), ("expire_manifest", D3)])
+        # Written to the tag record: a rebuild of the index does not bring them back.
+        lines = [json.loads(line) for line in record.path("app").read_text().splitlines()]
+        deletes = [line["digest"] for line in lines if line.get("op") == "delete_manifest"]
+        assert sorted(deletes) == sorted([D1, D3])
     finally:
         await index.close()
 

@@ -59,3 +59,13 @@ def test_combine_keeps_the_most() -> None:
     )
     assert combined == TagRules(("v*", "prod"), Retention(5, ("stable", "lts-*")))
     assert combine([]) == NO_RULES
+
+
+def test_combined_untagged_days_keep_the_most() -> None:
+    weekly = TagRules(retention=Retention(None, (), 7.0))
+    monthly = TagRules(retention=Retention(10, ("v*",), 30.0))
+    assert combine([weekly, monthly]).retention == Retention(10, ("v*",), 30.0)
+    # Each rule has a say in what it states only.
+    assert combine([weekly, TagRules(retention=Retention(3))]).retention == Retention(3, (), 7.0)
+    # Retention of untagged manifests alone removes no tag.
+    assert weekly.expired([("a", 1), ("b", 2)]) == []
