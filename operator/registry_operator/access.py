@@ -88,6 +88,7 @@ class Rule:
     immutable_tags: tuple[str, ...] = ()
     keep_last: int | None = None  # retention; None: keep every tag
     protect: tuple[str, ...] = ()
+    untagged_days: int | None = None  # retention; None: keep untagged manifests
     quota_storage: int | None = None  # bytes
     quota_tags: int | None = None
 
@@ -382,7 +383,10 @@ def _has_rule(repository: models.Repository) -> bool:
     return (
         repository.visibility == "public"
         or bool(repository.immutable_tags)
-        or (retention is not None and retention.keep_last is not None)
+        or (
+            retention is not None
+            and (retention.keep_last is not None or retention.untagged_days is not None)
+        )
         or repository.quota is not None
     )
 
@@ -398,6 +402,7 @@ def _rule(repository: models.Repository) -> Rule:
         immutable_tags=repository.immutable_tags,
         keep_last=keep_last,
         protect=retention.protect if retention is not None and keep_last is not None else (),
+        untagged_days=retention.untagged_days if retention is not None else None,
         quota_storage=quota.storage if quota is not None else None,
         quota_tags=quota.tags if quota is not None else None,
     )
@@ -637,7 +642,7 @@ def tag_rules_condition(repository: models.Repository, enforced: bool) -> Condit
     if not repository.immutable_tags and repository.retention is None:
         return None  # most Repositories: no rule to build (10,000 of them per pass)
     rule = _rule(repository)
-    if rule.immutable_tags or rule.keep_last is not None:
+    if rule.immutable_tags or rule.keep_last is not None or rule.untagged_days is not None:
         told = []
         if rule.immutable_tags:
             told.append("immutable tags " + ", ".join(rule.immutable_tags))
@@ -646,6 +651,8 @@ def tag_rules_condition(repository: models.Repository, enforced: bool) -> Condit
             told.append(
                 kept + (" and tags matching " + ", ".join(rule.protect) if rule.protect else "")
             )
+        if rule.untagged_days is not None:
+            told.append(f"untagged manifests go after {rule.untagged_days} days")
         if enforced:
             return Condition(TAG_RULES, "True", "InPolicy", "; ".join(told))
         return Condition(
@@ -659,6 +666,7 @@ def tag_rules_condition(repository: models.Repository, enforced: bool) -> Condit
             TAG_RULES,
             "False",
             "NothingToEnforce",
-            "retention without keepLast keeps every tag; protect has no effect alone",
+            "retention without keepLast or untaggedDays keeps everything; protect has no"
+            " effect alone",
         )
     return None

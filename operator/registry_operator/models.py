@@ -871,6 +871,11 @@ class Access:
 class Retention:
     keep_last: int | None = None
     protect: tuple[str, ...] = ()
+    untagged_days: int | None = None  # manifests nothing has held this long go
+
+
+# The server's bound on retention.untagged_days (a century).
+MAX_UNTAGGED_DAYS = 36500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -964,9 +969,20 @@ def parse_repository(body: Mapping[str, Any]) -> Repository:
         keep = data.get("keepLast")
         if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
             raise InvalidSpec("spec.retention.keepLast", "must be a positive integer")
+        untagged = data.get("untaggedDays")
+        if untagged is not None and (
+            not isinstance(untagged, int)
+            or isinstance(untagged, bool)
+            or not 1 <= untagged <= MAX_UNTAGGED_DAYS
+        ):
+            raise InvalidSpec(
+                "spec.retention.untaggedDays",
+                f"must be a whole number of days, 1 to {MAX_UNTAGGED_DAYS}",
+            )
         retention = Retention(
             keep_last=keep,
             protect=_tag_patterns(data.get("protect", []), "spec.retention.protect"),
+            untagged_days=untagged,
         )
     rotation = Rotation()
     if raw.get("rotation") is not None:

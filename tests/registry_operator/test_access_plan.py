@@ -362,16 +362,21 @@ def test_tag_rules_reach_the_server_policy_and_the_status() -> None:
         retention={"keepLast": 5, "protect": ["stable"]},
     )
     loose = _repo("web", "team-a/web", retention={"protect": ["stable"]})
-    result = access.plan(TARGET, [strict, loose], NAMESPACES, {}, NOW, gen)
+    ci = _repo("ci", "team-a/ci", retention={"untaggedDays": 7})
+    result = access.plan(TARGET, [strict, loose, ci], NAMESPACES, {}, NOW, gen)
     assert result.policy is not None
     assert result.policy.rules == (
         access.Rule("team-a/api", immutable_tags=("v*",), keep_last=5, protect=("stable",)),
+        access.Rule("team-a/ci", untagged_days=7),
     )
     parsed = _server_view(result.policy, shards=4)
     rules = parsed.tag_rules("team-a/api")
     assert rules.is_immutable("v1") and not rules.is_immutable("latest")
     assert rules.retention is not None and rules.retention.keep_last == 5
+    assert rules.retention.untagged_days is None
     assert parsed.tag_rules("team-a/web").retention is None
+    ci_rules = parsed.tag_rules("team-a/ci").retention
+    assert ci_rules is not None and (ci_rules.keep_last, ci_rules.untagged_days) == (None, 7.0)
     written = access.Written(frozenset(), {})
 
     def condition(repository: models.Repository) -> tuple[str, str, str]:

@@ -285,12 +285,18 @@ NOT_IN_POLICY = (
         ),
         ({"retention": {"keepLast": 3}}, False, NOT_IN_POLICY),
         (
+            {"retention": {"untaggedDays": 14}},
+            True,
+            ("True", "InPolicy", "untagged manifests go after 14 days"),
+        ),
+        (
             {"retention": {"protect": ["stable"]}},
             True,
             (
                 "False",
                 "NothingToEnforce",
-                "retention without keepLast keeps every tag; protect has no effect alone",
+                "retention without keepLast or untaggedDays keeps everything; protect has no"
+                " effect alone",
             ),
         ),
     ],

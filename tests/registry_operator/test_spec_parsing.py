@@ -401,7 +401,7 @@ def test_repository_with_every_field() -> None:
                     "secretName": "pull",
                 },
                 "pushAccess": {},
-                "retention": {"keepLast": 20, "protect": ["v*"]},
+                "retention": {"keepLast": 20, "protect": ["v*"], "untaggedDays": 30},
                 "immutableTags": ["v*"],
                 "rotation": {"interval": "720h", "overlap": "1m30s"},
                 "quota": {"storage": "10Gi", "tags": 500},
@@ -418,7 +418,7 @@ def test_repository_with_every_field() -> None:
     assert repository.pull.covers("c", {"team": "a"})
     assert not repository.pull.covers("c", {"team": "a", "env": "x"})
     assert repository.push == models.Access()
-    assert repository.retention == models.Retention(20, ("v*",))
+    assert repository.retention == models.Retention(20, ("v*",), 30)
     assert repository.rotation == models.Rotation(interval=720 * 3600, overlap=90)
     assert repository.rotate_request == "now"
     assert repository.quota == models.Quota(10 * 2**30, 500)
@@ -465,6 +465,9 @@ def test_selector_operators(
         ({"pullAccess": {"namespaces": ["Not_A_Namespace"]}}, "spec.pullAccess.namespaces"),
         ({"rotation": {"interval": "30d"}}, "spec.rotation.interval"),
         ({"retention": {"keepLast": 0}}, "spec.retention.keepLast"),
+        ({"retention": {"untaggedDays": 0}}, "spec.retention.untaggedDays"),
+        ({"retention": {"untaggedDays": 1.5}}, "spec.retention.untaggedDays"),
+        ({"retention": {"untaggedDays": 36501}}, "spec.retention.untaggedDays"),
         # Patterns the registry server would refuse (and with them the whole policy file).
         ({"immutableTags": ["release/*"]}, "spec.immutableTags[]"),
         ({"retention": {"keepLast": 1, "protect": ["v[0-9]*"]}}, "spec.retention.protect[]"),

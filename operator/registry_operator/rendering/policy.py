@@ -69,8 +69,13 @@ def _rule(rule: access.Rule) -> dict[str, Any]:
     }
     if rule.immutable_tags:
         document["immutable_tags"] = list(rule.immutable_tags)
-    if rule.keep_last is not None:
-        document["retention"] = {"keep_last": rule.keep_last, "protect": list(rule.protect)}
+    if rule.keep_last is not None or rule.untagged_days is not None:
+        retention: dict[str, Any] = {}
+        if rule.keep_last is not None:
+            retention.update(keep_last=rule.keep_last, protect=list(rule.protect))
+        if rule.untagged_days is not None:
+            retention["untagged_days"] = rule.untagged_days
+        document["retention"] = retention
     if rule.quota_storage is not None or rule.quota_tags is not None:
         document["quota"] = {
             key: value
