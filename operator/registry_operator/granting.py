@@ -389,8 +389,13 @@ class _Writer:
                     )
                 )
                 for account in accounts:
-                    self._service_account(key[0], account, add=(), remove=(key[1],))
-                self._delete_secret(*key)
+                    # Refused, the entry stays (it names a Secret about to be gone:
+                    # harmless); the Secret goes all the same.
+                    self._account_of(key, account, add=(), remove=(key[1],))
+                try:
+                    self._delete_secret(*key)
+                except errors.KubeError as exc:
+                    self._failed(key, f"could not be deleted: {exc.message}")
 
             return run
 
@@ -420,12 +425,12 @@ class _Writer:
                     )
                 )
                 for account in sorted(set(recorded) - set(desired.service_accounts)):
-                    self._service_account(key[0], account, add=(), remove=(key[1],))
+                    self._account_of(key, account, add=(), remove=(key[1],))
                 if not self._write_secret(key, manifest, before):
                     return
                 missing = []
                 for account in desired.service_accounts:
-                    if not self._service_account(key[0], account, add=(key[1],), remove=()):
+                    if not self._account_of(key, account, add=(key[1],), remove=()):
                         missing.append(account)
                 if missing:
                     self.missing_accounts[key] = tuple(missing)
@@ -478,7 +483,10 @@ class _Writer:
         keep = {_name(m) for m in wanted}
         for secret in stored:
             if secret not in keep:  # shards the main file no longer lists
-                self._delete_secret(owner.namespace, secret)
+                try:
+                    self._delete_secret(owner.namespace, secret)
+                except errors.KubeError:  # harmless left over: the next pass, soon
+                    self.failed.add((owner.namespace, secret))
         return None, len(rendered.shards)
 
     def _delete_secret(self, namespace: str, name: str) -> None:
@@ -516,6 +524,24 @@ class _Writer:
             return False
         self.holding.add(key)
         return True
+
+    def _failed(self, key: SecretKey, why: str) -> None:
+        """An API error stopped a write for the Secret ``key``: said in the status of the
+        Repositories wanting it, tried again soon; the rest of the pass goes on."""
+        self.refused[key] = why
+        self.failed.add(key)
+
+    def _account_of(
+        self, key: SecretKey, account: str, add: Sequence[str], remove: Sequence[str]
+    ) -> bool:
+        """``_service_account`` for the Secret ``key``: an API error (a webhook refusing
+        the change, an account changing all the time) is recorded for the Secret instead
+        of stopping every other namespace's grants and revocations. False: no account."""
+        try:
+            return self._service_account(key[0], account, add, remove)
+        except errors.KubeError as exc:
+            self._failed(key, f"ServiceAccount {key[0]}/{account} not updated: {exc.message}")
+            return True
 
     def _service_account(
         self, namespace: str, name: str, add: Sequence[str], remove: Sequence[str]

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from registry_operator import access, credentials, granting, models, robots
+from registry_operator.kube import errors
 from registry_operator.rendering import names
 from tests.registry_operator.fake_kube import FakeKube
 
@@ -246,6 +247,91 @@ def test_service_accounts_get_the_secret_without_losing_their_own_entries() -> N
     assert team_b["imagePullSecrets"] == [{"name": "theirs"}]
     team_a = kube.objects[("ServiceAccount", "team-a", "default")]
     assert team_a["imagePullSecrets"] == [{"name": "theirs"}, {"name": PULL}]
+
+
+class _Webhooked(FakeKube):
+    """An admission webhook refusing changes to some ServiceAccounts and Secrets."""
+
+    refuse: set[tuple[str, str, str]] = set()
+
+    def _check(self, kind: str, namespace: str, name: str) -> None:
+        if (kind, namespace, name) in self.refuse:
+            raise errors.Rejected('admission webhook "policy.example.com" denied it', 403)
+
+    def patch(
+        self, api_version: str, kind: str, namespace: str, name: str, *args: Any, **kw: Any
+    ) -> Any:
+        self._check(kind, namespace, name)
+        return super().patch(api_version, kind, namespace, name, *args, **kw)
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self._check(kind, namespace, name)
+        super().delete(api_version, kind, namespace, name)
+
+
+def test_a_refused_service_account_or_secret_change_stops_only_its_own_secret() -> None:
+    """One object the API server refuses must not stop the pass: the other namespaces
+    still get their grants and revocations, the policy drops the revoked robot, the
+    statuses are written and the pass comes back soon (found by review: it raised, and
+    every pass after it, so a revoked namespace kept a working credential)."""
+    base = _kube()
+    kube = _Webhooked()
+    kube.objects, kube._versions = base.objects, base._versions
+    kube.refuse = set()
+    clock = Clock()
+    _service_account(kube, "team-a", "builder", [])
+    _repository(
+        kube,
+        "a",
+        {
+            "path": "team-a/api",
+            "pullAccess": {"namespaces": ["team-a"], "serviceAccounts": ["builder"]},
+        },
+    )
+    _run(kube, _options(clock))
+    assert kube.objects[("ServiceAccount", "team-a", "builder")]["imagePullSecrets"] == [
+        {"name": PULL}
+    ]
+
+    # Revoked (the Repository deleted) while the webhook refuses the account's change;
+    # another Repository grants team-c meanwhile.
+    kube.refuse = {("ServiceAccount", "team-a", "builder")}
+    del kube.objects[("Repository", NS, "a")]
+    _repository(kube, "c", {"path": "team-c/api", "pullAccess": {"namespaces": ["team-c"]}})
+    clock.now += 60
+    outcome = _run(kube, _options(clock))
+    assert ("Secret", "team-a", PULL) not in kube.objects  # the credential is gone
+    assert ("Secret", "team-c", PULL) in kube.objects
+    assert [r["name"].rsplit(".", 1)[0] for r in _policy(kube)["robots"]] == ["pull.team-c"]
+    assert _conditions(kube, "c")["Ready"] == ("True", "Granted")
+    assert outcome.requeue_after == 10.0
+
+    # A Secret whose delete is refused, and an account refused when granting: reported
+    # on the Repository wanting it, the rest done.
+    _service_account(kube, "team-b", "builder", [])
+    kube.refuse = {("ServiceAccount", "team-b", "builder")}
+    _repository(
+        kube,
+        "b",
+        {
+            "path": "team-b/api",
+            "pullAccess": {"namespaces": ["team-b"], "serviceAccounts": ["builder"]},
+        },
+    )
+    outcome = _run(kube, _options(clock))
+    assert ("Secret", "team-b", PULL) in kube.objects
+    ready = next(c for c in _status(kube, "b")["conditions"] if c["type"] == "Ready")
+    assert "ServiceAccount team-b/builder not updated" in ready["message"], ready
+    assert outcome.requeue_after == 10.0
+    kube.refuse = {("Secret", "team-c", PULL)}
+    del kube.objects[("Repository", NS, "c")]
+    outcome = _run(kube, _options(clock))
+    assert ("Secret", "team-c", PULL) in kube.objects  # refused: tried again in 10 s
+    assert outcome.requeue_after == 10.0
+    assert [r["name"].rsplit(".", 1)[0] for r in _policy(kube)["robots"]] == ["pull.team-b"]
+    kube.refuse = set()
+    _run(kube, _options(clock))
+    assert ("Secret", "team-c", PULL) not in kube.objects
 
 
 def test_deleting_the_repository_or_the_registry_revokes_everything() -> None:
