@@ -475,8 +475,8 @@ def _peers(raw: Any, namespace: str) -> tuple[Peer, ...]:
                 Peer(
                     name=name,
                     registry=RegistryRef(
-                        name=_str(ref_map.get("name"), f"{where}.registryRef.name"),
-                        namespace=_str(
+                        name=_label(ref_map.get("name"), f"{where}.registryRef.name"),
+                        namespace=_label(
                             ref_map.get("namespace") or namespace, f"{where}.registryRef.namespace"
                         ),
                     ),
@@ -788,6 +788,14 @@ def _str(value: Any, field: str) -> str:
     return value
 
 
+def _label(value: Any, field: str) -> str:
+    """An object name that must be a DNS label (a Registry's, a namespace's)."""
+    text = _str(value, field)
+    if len(text) > 63 or not _DNS_LABEL.match(text):
+        raise InvalidSpec(field, f"{text[:80]!r} is not a name (a DNS label)")
+    return text
+
+
 def _mapping(value: Any, field: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise InvalidSpec(field, "must be an object")
@@ -1001,7 +1009,7 @@ def parse_repository(body: Mapping[str, Any]) -> Repository:
         owner=owner,
         generation=int(meta.get("generation", 0)),
         created=str(meta.get("creationTimestamp", "")),
-        registry=_str(ref.get("name"), "spec.registryRef.name"),
+        registry=_label(ref.get("name"), "spec.registryRef.name"),
         path=path,
         visibility=_choice(raw.get("visibility", "private"), VISIBILITIES, "spec.visibility"),
         pull=_access(raw.get("pullAccess"), "spec.pullAccess"),
@@ -1028,12 +1036,16 @@ def _access(raw: Any, field: str) -> Access | None:
     secret_name = data.get("secretName")
     if secret_name is not None and not _DNS_NAME.match(_str(secret_name, f"{field}.secretName")):
         raise InvalidSpec(f"{field}.secretName", f"{secret_name!r} cannot name a Secret")
+    accounts = _strings(data.get("serviceAccounts", []), f"{field}.serviceAccounts")
+    for account in accounts:
+        if len(account) > 253 or not _DNS_NAME.match(account):
+            raise InvalidSpec(
+                f"{field}.serviceAccounts", f"{account[:80]!r} is not a ServiceAccount name"
+            )
     return Access(
         namespaces=tuple(sorted(set(namespaces))),
         selector=selector,
-        service_accounts=tuple(
-            sorted(set(_strings(data.get("serviceAccounts", []), f"{field}.serviceAccounts")))
-        ),
+        service_accounts=tuple(sorted(set(accounts))),
         secret_name=secret_name,
     )
 

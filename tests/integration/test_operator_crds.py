@@ -310,7 +310,7 @@ def test_repository_schema(control_plane: ControlPlane, namespace: str) -> None:
             "namespaces": ["team-a"],
             "namespaceSelector": {"matchLabels": {"berth.dev/pull": "team-a"}},
         },
-        "retention": {"keepLast": 20, "protect": ["v*"]},
+        "retention": {"keepLast": 20, "protect": ["v*"], "untaggedDays": 14},
         "immutableTags": ["v*"],
         "quota": {"storage": "10Gi", "tags": 1000},
     }
@@ -328,6 +328,19 @@ def test_repository_schema(control_plane: ControlPlane, namespace: str) -> None:
     for quota, field in (({"storage": "1.5Gi"}, "storage"), ({"tags": -1}, "tags")):
         code, err = _apply(control_plane, _repository(namespace, {**spec, "quota": quota}))
         assert code != 0 and f"spec.quota.{field}" in err, err
+    # Names that reach API paths are names (a ServiceAccount given as a path, found by
+    # review), and the days of untagged retention are whole and bounded.
+    for change, field in (
+        (
+            {"pullAccess": {"serviceAccounts": ["../../../namespaces/kube-system/secrets/x"]}},
+            "spec.pullAccess.serviceAccounts[0]",
+        ),
+        ({"pullAccess": {"secretName": "Team_Pull"}}, "spec.pullAccess.secretName"),
+        ({"retention": {"untaggedDays": 0}}, "spec.retention.untaggedDays"),
+        ({"retention": {"untaggedDays": 1.5}}, "spec.retention.untaggedDays"),
+    ):
+        code, err = _apply(control_plane, _repository(namespace, {**spec, **change}))
+        assert code != 0 and field in err, err
 
 
 def test_repository_path_grammar(control_plane: ControlPlane, namespace: str) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from registry_operator import models
+from registry_operator.kube import resources
 
 
 def _body(spec: dict[str, Any] | None = None, **meta: Any) -> dict[str, Any]:
@@ -466,6 +467,13 @@ def test_selector_operators(
         ({"rotation": {"interval": "30d"}}, "spec.rotation.interval"),
         ({"retention": {"keepLast": 0}}, "spec.retention.keepLast"),
         ({"retention": {"untaggedDays": 0}}, "spec.retention.untaggedDays"),
+        # Names that would leave their URL path segment (found by review).
+        (
+            {"pullAccess": {"serviceAccounts": ["../../../namespaces/kube-system/secrets/x"]}},
+            "spec.pullAccess.serviceAccounts",
+        ),
+        ({"pushAccess": {"serviceAccounts": ["Default"]}}, "spec.pushAccess.serviceAccounts"),
+        ({"registryRef": {"name": "../main"}}, "spec.registryRef.name"),
         ({"retention": {"untaggedDays": 1.5}}, "spec.retention.untaggedDays"),
         ({"retention": {"untaggedDays": 36501}}, "spec.retention.untaggedDays"),
         # Patterns the registry server would refuse (and with them the whole policy file).
@@ -492,6 +500,16 @@ def test_invalid_repositories(spec: dict[str, Any], field: str) -> None:
     with pytest.raises(models.InvalidSpec) as caught:
         models.parse_repository(_repository(spec))
     assert caught.value.field == field
+
+
+def test_an_object_name_stays_one_path_segment() -> None:
+    secrets = resources.lookup("v1", "Secret")
+    assert secrets.path("team-a", "pull.x") == "/api/v1/namespaces/team-a/secrets/pull.x"
+    for name in ("..", ".", "", "../kube-system/secrets/x", "a?watch=1", "a%2Fb"):
+        with pytest.raises(ValueError, match="cannot name"):
+            secrets.path("team-a", name)
+    with pytest.raises(ValueError, match="cannot name"):
+        secrets.path("..", "x")
 
 
 def test_durations() -> None:

@@ -30,6 +30,13 @@ class Resource:
             raise ValueError("all_namespaces only lists a namespaced kind")
         if self.namespaced and not namespace and not all_namespaces:
             raise ValueError(f"{self.kind} is namespaced: a namespace is required")
+        for segment in (namespace, name):
+            # A name from a custom resource must stay one path segment: ``../..`` or a
+            # slash would reach another object (URL clients remove dot segments).
+            if segment is not None and (
+                segment in ("", ".", "..") or any(c in segment for c in "/?#%\\")
+            ):
+                raise ValueError(f"{segment[:80]!r} cannot name a {self.kind} or a namespace")
         path = f"{self.prefix}{scope}/{self.plural}"
         if name is not None:
             path += f"/{name}"
