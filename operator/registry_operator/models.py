@@ -22,6 +22,7 @@ REPOSITORY_KIND = "Repository"
 REPOSITORY_PLURAL = "repositories"
 ROTATE_ANNOTATION = "berth.dev/rotate"
 DEFAULT_ROTATION_OVERLAP = 600.0  # seconds an old credential stays valid after a rotation
+MIN_ROTATION_INTERVAL = 3600.0  # the shortest automatic rotation interval
 DEFAULT_IMAGE_REPOSITORY = "ghcr.io/berth-dev/berth"
 DEFAULT_PVC_SIZE = "10Gi"
 DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
@@ -1003,6 +1004,12 @@ def parse_repository(body: Mapping[str, Any]) -> Repository:
             if data.get("overlap") is None
             else parse_duration(data["overlap"], "spec.rotation.overlap"),
         )
+        # Every rotation rewrites the pull Secrets of the namespaces the robot serves,
+        # other Repositories' too: "0s" rotated twice a second (found by review). The
+        # CRD refuses less than an hour; one stored before it did is read as an hour
+        # (refused here, the Repository's grants would all be revoked).
+        if rotation.interval is not None and rotation.interval < MIN_ROTATION_INTERVAL:
+            rotation = dataclasses.replace(rotation, interval=MIN_ROTATION_INTERVAL)
     annotations = _mapping(meta.get("annotations") or {}, "metadata.annotations")
     request = annotations.get(ROTATE_ANNOTATION)
     return Repository(

@@ -338,6 +338,11 @@ def test_repository_schema(control_plane: ControlPlane, namespace: str) -> None:
         ({"pullAccess": {"secretName": "Team_Pull"}}, "spec.pullAccess.secretName"),
         ({"retention": {"untaggedDays": 0}}, "spec.retention.untaggedDays"),
         ({"retention": {"untaggedDays": 1.5}}, "spec.retention.untaggedDays"),
+        ({"rotation": {"interval": "0s"}}, "rotation.interval must be at least 1h"),
+        (
+            {"rotation": {"interval": "2h", "overlap": "3h"}},
+            "rotation.overlap must be shorter than rotation.interval",
+        ),
     ):
         code, err = _apply(control_plane, _repository(namespace, {**spec, **change}))
         assert code != 0 and field in err, err

@@ -512,6 +512,13 @@ def test_an_object_name_stays_one_path_segment() -> None:
         secrets.path("..", "x")
 
 
+def test_a_rotation_interval_stored_below_an_hour_is_read_as_an_hour() -> None:
+    """The CRD refuses it now; a Repository stored before keeps its grants."""
+    for interval in ("0s", "59m"):
+        repository = models.parse_repository(_repository({"rotation": {"interval": interval}}))
+        assert repository.rotation.interval == models.MIN_ROTATION_INTERVAL
+
+
 def test_durations() -> None:
     assert models.parse_duration("1h30m", "f") == 5400
     assert models.parse_duration("0.5s", "f") == 0.5
