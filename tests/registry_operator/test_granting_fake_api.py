@@ -14,7 +14,7 @@ import yaml
 
 from registry_operator import access, credentials, granting, models, robots
 from registry_operator.kube import errors
-from registry_operator.rendering import names
+from registry_operator.rendering import grants, names
 from tests.registry_operator.fake_kube import FakeKube
 
 NS = "registries"
@@ -550,3 +550,15 @@ def test_first_grants_in_bulk_are_told_once_on_the_registry() -> None:
         ("svc-000", "Granted"),
         ("svc-000", "Revoked"),
     ]
+
+
+def test_the_paths_listed_on_a_secret_stay_small_however_many_grant_it() -> None:
+    """Thousands of Repositories granting one namespace must not make its Secret's
+    annotations too large to write (256 KiB in all; found by review)."""
+    assert grants.listing(("team-a/api", "team-a/web")) == "team-a/api,team-a/web"
+    paths = tuple(f"team-{i:05d}/service-with-a-long-name" for i in range(8000))
+    listed = grants.listing(paths)
+    assert len(listed) <= grants.LISTING_LIMIT
+    shown = listed.split(",")[:-1]
+    assert shown == list(paths[: len(shown)])
+    assert listed.endswith(f",... and {len(paths) - len(shown)} more")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from registry_operator import access, models, robots
 from registry_operator.rendering import manifests, names
@@ -30,6 +30,27 @@ def robots_secret(owner: models.Owner, state: Mapping[str, robots.Robot]) -> man
         owner_references=manifests.owner_references(owner),
         data={key: _b64(robots.dump(robot)) for key, robot in sorted(state.items())},
     )
+
+
+# What the informational list of paths on a pull Secret may take. All of a Secret's
+# annotations share 256 KiB, and thousands of Repositories may grant one namespace:
+# listed whole, the list made the Secret unwritable (found by review).
+LISTING_LIMIT = 2048
+
+
+def listing(paths: Sequence[str], limit: int = LISTING_LIMIT) -> str:
+    """``paths`` joined by commas, the first that fit in ``limit`` and a count of the rest."""
+    text = ",".join(paths)
+    if len(text) <= limit:
+        return text
+    shown: list[str] = []
+    size = 0
+    for path in paths:
+        if size + len(path) + 1 > limit - 32:  # room for the count
+            break
+        shown.append(path)
+        size += len(path) + 1
+    return ",".join(shown) + f",... and {len(paths) - len(shown)} more"
 
 
 def access_secret(
@@ -55,7 +76,7 @@ def access_secret(
         labels=names.access_labels(owner.name, owner.namespace, component),
         annotations={
             names.ROBOT_ANNOTATION: credential.name,
-            names.REPOSITORIES_ANNOTATION: ",".join(paths),
+            names.REPOSITORIES_ANNOTATION: listing(paths),
             names.SERVICE_ACCOUNTS_ANNOTATION: ",".join(desired.service_accounts),
         },
         type=DOCKERCONFIGJSON,
