@@ -1,6 +1,7 @@
-"""The external back ends a Registry names (S3, PostgreSQL): which of the user's Secrets
-and ConfigMaps its pods mount, whether they hold the keys the server reads, and a digest
-of their content (the pods read them once at start, so a change must roll them). Pure.
+"""The external back ends a Registry names (S3, PostgreSQL, upstreams' CA bundles):
+which of the user's Secrets and ConfigMaps its pods mount, whether they hold the keys the
+server reads, and a digest of their content (the pods read them once at start, so a
+change must roll them). Pure.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ def sources(spec: models.Spec) -> tuple[Source, ...]:
                     (storage.ca.key,),
                     "spec.storage.s3.caConfigMapRef",
                 )
+            )
+    for i, up in enumerate(spec.upstreams):
+        # Read at start: a new CA bundle must roll the pods; a missing one keeps them
+        # from starting, which the status must say.
+        if up.ca is not None:
+            found.append(
+                Source("ConfigMap", up.ca.name, (up.ca.key,), f"spec.upstreams[{i}].caConfigMapRef")
             )
     if spec.postgresql is not None:
         ref = spec.postgresql.connection

@@ -603,7 +603,7 @@ def _upstreams(raw: Any) -> tuple[Upstream, ...]:
         where = f"spec.upstreams[{i}]"
         entry = _mapping(item, where)
         name = _str(entry.get("name"), f"{where}.name")
-        if not _DNS_LABEL.match(name) or len(name) > 50:  # it names volumes: upstream-<name>-ca
+        if not _DNS_LABEL.match(name) or len(name) > 50:  # it names volumes: upca-<name>
             raise InvalidSpec(f"{where}.name", f"{name!r} is not a DNS label of at most 50")
         prefix = _str(entry.get("prefix"), f"{where}.prefix").strip("/").lower()
         if not _UPSTREAM_PREFIX.match(prefix):

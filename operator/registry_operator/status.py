@@ -326,7 +326,11 @@ def storage_condition(
         volume = None
     else:
         volume = _volume_condition(storage, pvc)
-        if backends is None or not backends.external or volume.status != "True":
+        if (
+            backends is None
+            or not (backends.external or backends.problems)
+            or volume.status != "True"
+        ):
             return volume
     return _backends_condition(backends or Backends(), volume, ready_replicas)
 

@@ -60,3 +60,30 @@ def test_the_digest_follows_the_keys_the_pods_read_only() -> None:
     assert backends.check(SPEC, _reader(rotated)).digest != base
     unrelated = {**GOOD, ("Secret", "keys"): {**GOOD[("Secret", "keys")], "other": "y"}}
     assert backends.check(SPEC, _reader(unrelated)).digest == base
+
+
+def test_an_upstreams_ca_bundle_is_checked_and_rolls_the_pods_when_it_changes() -> None:
+    """Read once at start: a rotated corporate CA must reach the pods, and a missing one
+    (the pods cannot start) must be named (found by review)."""
+    spec = models.parse_spec(
+        {
+            "upstreams": [
+                {
+                    "name": "corp",
+                    "url": "https://registry.corp.example",
+                    "prefix": "corp.example",
+                    "caConfigMapRef": {"name": "corp-ca"},
+                }
+            ]
+        },
+        image="img",
+    )
+    assert not backends.external(spec)  # nothing the server must reach to be ready
+    bundle = {("ConfigMap", "corp-ca"): {"ca.crt": "-----BEGIN CERTIFICATE----- one"}}
+    found = backends.check(spec, _reader(bundle))
+    assert found.problems == () and found.digest.startswith("sha256:")
+    renewed = {("ConfigMap", "corp-ca"): {"ca.crt": "-----BEGIN CERTIFICATE----- two"}}
+    assert backends.check(spec, _reader(renewed)).digest != found.digest
+    assert backends.check(spec, _reader({})).problems == (
+        "ConfigMap corp-ca (spec.upstreams[0].caConfigMapRef) does not exist",
+    )

@@ -258,7 +258,7 @@ def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: 
         names.POSTGRESQL_DIR,
         names.TLS_DIR,
         names.CONFIG_DIR,
-        f"{names.UPSTREAMS_DIR}/corp-ca",
+        f"{names.UPSTREAMS_DIR}/corp.ca",
     ):
         local = tmp_path / mount.strip("/")
         local.mkdir(parents=True)
@@ -311,7 +311,7 @@ def test_rendered_server_config_is_what_the_server_accepts(case: str, tmp_path: 
         )
         assert hub.password_file == Path(names.UPSTREAMS_DIR) / "docker-hub" / "password"
         assert corp.hosts == ("registry.corp.example:8443",) and corp.tag_ttl_seconds == 60
-        assert corp.ca_file == tmp_path / "etc/berth/upstreams/corp-ca/ca.crt"
+        assert corp.ca_file == tmp_path / "etc/berth/upstreams/corp.ca/ca.crt"
         assert corp.username_file is None and corp.password_file is None
         assert quay.username_file == Path(names.UPSTREAMS_DIR) / "quay" / "username"
         assert quay.password_file == Path(names.UPSTREAMS_DIR) / "quay" / "password"
@@ -620,3 +620,28 @@ def test_peer_checksum_ignores_passwords() -> None:
         return str(annotations[names.CHECKSUM_ANNOTATION])
 
     assert checksum("one") == checksum("two")
+
+
+def test_an_upstreams_ca_and_another_upstreams_credentials_never_share_a_volume() -> None:
+    """Upstream names are DNS labels: "corp" with a CA and "corp-ca" with credentials
+    rendered one volume name and one mount path twice (found by review)."""
+    spec = {
+        "upstreams": [
+            {
+                "name": "corp",
+                "url": "https://a.example",
+                "prefix": "a.example",
+                "caConfigMapRef": {"name": "corp-ca"},
+            },
+            {
+                "name": "corp-ca",
+                "url": "https://b.example",
+                "prefix": "b.example",
+                "credentialsSecretRef": {"name": "b-robot"},
+            },
+        ]
+    }
+    pod = _by_kind(_render(spec, "upstream-names"))["Deployment"]["spec"]["template"]["spec"]
+    volumes = [v["name"] for v in pod["volumes"]]
+    mounts = [m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])]
+    assert len(volumes) == len(set(volumes)) and len(mounts) == len(set(mounts))

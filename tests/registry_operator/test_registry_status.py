@@ -194,6 +194,10 @@ FULL = status.Readiness(
          ("False", "StorageFull")),
         (PVC_PG, BOUND, status.Backends(readiness=FULL), 1, ("False", "StorageFull")),
         (models.Spec(image="img"), BOUND, status.Backends(external=False), 1, ("True", "Bound")),
+        # An upstream's CA bundle missing keeps the pods from starting: said, on a volume too.
+        (models.Spec(image="img"), BOUND,
+         status.Backends(("ConfigMap corp-ca (...) does not exist",), external=False), 0,
+         ("False", "SecretMissing")),
         # Without back ends of its own, a server that does not answer says nothing of them.
         (models.Spec(image="img"), BOUND,
          status.Backends(readiness=status.Readiness(None, "refused"), external=False), 0,

@@ -256,8 +256,10 @@ def extra_volumes(spec: models.Spec, registry: str) -> list[dict[str, Any]]:
                 )
             )
         if up.ca is not None:
-            path = f"{names.UPSTREAMS_DIR}/{up.name}-ca"
-            found.append(_ca_volume(f"upstream-{up.name}-ca", path, up.ca, "ca.crt"))
+            # Neither the volume nor the path can be another upstream's (its name is a
+            # DNS label: "a" and "a-ca" clashed when the CA's were upstream-a-ca).
+            path = f"{names.UPSTREAMS_DIR}/{up.name}.ca"
+            found.append(_ca_volume(f"upca-{up.name}", path, up.ca, "ca.crt"))
     if spec.backup is not None:
         found.append(
             {

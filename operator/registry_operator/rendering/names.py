@@ -46,7 +46,7 @@ BACKUP_DIR = "/var/lib/berth-backup"  # spec.backup's claim, outside DATA_DIR
 S3_CREDENTIALS_DIR = "/etc/berth/s3"
 S3_CA_DIR = "/etc/berth/s3-ca"
 S3_CA_FILE = "ca.crt"
-UPSTREAMS_DIR = "/etc/berth/upstreams"  # <name>/password and <name>-ca/ca.crt per upstream
+UPSTREAMS_DIR = "/etc/berth/upstreams"  # <name>/password and <name>.ca/ca.crt per upstream
 POSTGRESQL_DIR = "/etc/berth/postgresql"
 POSTGRESQL_DSN_FILE = "dsn"
 # spec.tls: the serving certificate's Secret (tls.crt, tls.key) in the server's pod, and
