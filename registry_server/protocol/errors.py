@@ -45,6 +45,11 @@ MANIFEST_TOO_LARGE = ErrorCode("SIZE_INVALID", "manifest exceeds the size limit"
 BODY_TOO_LARGE = ErrorCode("SIZE_INVALID", "request body exceeds the size limit", 413)
 TAG_INVALID = ErrorCode("MANIFEST_INVALID", "invalid tag", 400)
 TAG_IMMUTABLE = ErrorCode("DENIED", "tag is immutable", 409)
+# Deleting a platform manifest would leave the index listing it broken (as zot and
+# GitLab's registry refuse it; distribution allows it).
+MANIFEST_LISTED = ErrorCode(
+    "DENIED", "the manifest is listed by an index in the repository: delete the index first", 409
+)
 # A push that would take a repository over its quota (protocol/quotas.py).
 QUOTA_EXCEEDED = ErrorCode("DENIED", "repository quota exceeded", 403)
 # The spec's UNSUPPORTED covers "a missing implementation or invalid set of parameters".

@@ -143,14 +143,6 @@ class ManifestService:
     ) -> None:
         ref = names.parse_reference(reference)
         rules = self.tag_rules(repo)
-        local_tag = stamp is None and isinstance(ref, str)
-        # An unknown tag stays MANIFEST_UNKNOWN, immutable or not.
-        if (
-            local_tag
-            and rules.is_immutable(str(ref))
-            and await self.index.resolve_tag(repo, str(ref)) is not None
-        ):
-            raise errors.RegistryError(errors.TAG_IMMUTABLE, detail={"tag": ref})
         if isinstance(ref, digests.Digest):
             # A replicated delete was decided where it was made (see put).
             guard = rules.is_immutable if stamp is None and rules.immutable else None
@@ -160,7 +152,10 @@ class ManifestService:
             if not await self.index.delete_manifest(repo, str(ref), stamp, actor, guard, release):
                 raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"digest": str(ref)})
             await self._record_delete(repo, str(ref), tagged)
-        elif not await self.index.delete_tag(repo, ref, stamp, actor):
+        # An unknown tag stays MANIFEST_UNKNOWN, immutable or not.
+        elif not await self.index.delete_tag(
+            repo, ref, stamp, actor, stamp is None and rules.is_immutable(ref)
+        ):
             raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"tag": ref})
         else:
             await self._record_delete(repo, None, [ref])

@@ -143,8 +143,16 @@ class MetadataIndex(Protocol):
         collected at once, without the grace period that protects pushes in flight."""
 
     async def delete_tag(
-        self, repo: str, tag: str, stamp: Stamp | None = None, actor: str | None = None
-    ) -> bool: ...
+        self,
+        repo: str,
+        tag: str,
+        stamp: Stamp | None = None,
+        actor: str | None = None,
+        immutable: bool = False,
+    ) -> bool:
+        """Delete ``tag``; False when there is none. A local delete of an ``immutable``
+        tag that exists raises TAG_IMMUTABLE, decided in the delete's transaction."""
+
     async def expire_tag(self, repo: str, tag: str, version: int) -> bool:
         """Retention: remove ``tag`` only if it still has ``version``. The tombstone keeps
         the tag's own version, so a peer still holding that tag does not bring it back

@@ -352,6 +352,17 @@ def delete_manifest(
     )
     if exists.first() is None:
         return False
+    if local:  # in the transaction: an index pushed meanwhile counts
+        listing = yield Query(
+            "SELECT digest FROM manifest_refs"
+            " WHERE repo_id = ? AND child = ? AND kind = 'manifest' LIMIT 1",
+            (repo_id, digest),
+        )
+        index = listing.first()
+        if index is not None:
+            raise errors.RegistryError(
+                errors.MANIFEST_LISTED, detail={"digest": digest, "index": str(index[0])}
+            )
     version = yield from stamp(dialect, repo_id, region, given)
     tags = yield Query(
         "SELECT name, version, origin FROM tags WHERE repo_id = ? AND digest = ?",
@@ -386,15 +397,19 @@ def delete_tag(
     tag: str,
     given: Stamp | None,
     actor: str | None,
+    immutable: bool = False,
 ) -> Tx[bool]:
     local = given is None
     repo_id = yield from repository(dialect, repo, create=not local)
     if repo_id is None:
         return False
-    found = yield Query("SELECT 1 FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag))
-    exists = found.first() is not None
-    if local and not exists:
+    found = yield Query("SELECT digest FROM tags WHERE repo_id = ? AND name = ?", (repo_id, tag))
+    row = found.first()
+    if local and row is None:
         return False
+    if local and immutable and row is not None:  # decided here: a racing push of it wins
+        raise errors.RegistryError(errors.TAG_IMMUTABLE, detail={"tag": tag, "digest": row[0]})
+    exists = row is not None
     version = yield from stamp(dialect, repo_id, region, given)
     if not local and not versions.wins(version, (yield from current(repo_id, tag))):
         return exists

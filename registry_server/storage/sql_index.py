@@ -136,11 +136,16 @@ class SqlIndex(ABC):
         )
 
     async def delete_tag(
-        self, repo: str, tag: str, stamp: Stamp | None = None, actor: str | None = None
+        self,
+        repo: str,
+        tag: str,
+        stamp: Stamp | None = None,
+        actor: str | None = None,
+        immutable: bool = False,
     ) -> bool:
         return await self._write(
             lambda: index_tags.delete_tag(
-                self.dialect, self.region, self.peers, repo, tag, stamp, actor
+                self.dialect, self.region, self.peers, repo, tag, stamp, actor, immutable
             ),
             frees=True,
         )

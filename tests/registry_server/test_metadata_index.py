@@ -177,6 +177,35 @@ async def test_an_immutable_tag_guards_its_manifest_and_the_children_of_its_inde
     assert await index.delete_manifest("r", D2)  # no guard: a replicated delete
 
 
+async def test_a_manifest_an_index_lists_is_not_deleted_before_the_index(
+    index: MetadataIndex,
+) -> None:
+    """Deleting a platform manifest left its tagged index served and broken, and GC took
+    the platform's layers (found by review). A replicated delete was decided by its
+    region and keeps its own rule (a newer index spares the child)."""
+    await index.put_manifest("r", manifest(D1), [])
+    await index.put_manifest("r", manifest(D2, children=(D1,)), ["multi"])
+    with pytest.raises(errors.RegistryError) as caught:
+        await index.delete_manifest("r", D1)
+    assert caught.value.error is errors.MANIFEST_LISTED
+    assert caught.value.detail == {"digest": D1, "index": D2}
+    assert await index.get_manifest("r", D1) is not None
+    assert await index.delete_manifest("r", D2)  # the index first ...
+    assert await index.delete_manifest("r", D1)  # ... then its platform
+
+
+async def test_deleting_an_immutable_tag_is_refused_in_the_transaction(
+    index: MetadataIndex,
+) -> None:
+    assert not await index.delete_tag("r", "v1", immutable=True)  # none: nothing to refuse
+    await index.put_manifest("r", manifest(D1), ["v1", "latest"])
+    with pytest.raises(errors.RegistryError) as caught:
+        await index.delete_tag("r", "v1", immutable=True)
+    assert caught.value.error is errors.TAG_IMMUTABLE
+    assert await index.resolve_tag("r", "v1") == D1
+    assert await index.delete_tag("r", "latest")
+
+
 async def test_an_immutable_tag_pushed_in_two_regions_keeps_the_first_push(
     index: MetadataIndex,
 ) -> None:

@@ -1,0 +1,83 @@
+"""Deletes through the manifest service: what they refuse is decided in the delete's
+own transaction, so a push racing the delete cannot slip between a check and it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from registry_server.protocol import digests, errors, manifests
+from registry_server.protocol.tag_rules import TagRules
+from registry_server.services.manifests import ManifestService
+from registry_server.storage.sqlite_index import SqliteIndex
+
+CONFIG = b"{}"
+
+
+def _image(n: int) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifests.OCI_MANIFEST,
+            "config": {
+                "mediaType": manifests.OCI_EMPTY_CONFIG,
+                "digest": str(digests.of_bytes(CONFIG)),
+                "size": len(CONFIG),
+            },
+            "layers": [],
+            "annotations": {"n": str(n)},
+        }
+    ).encode()
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> ManifestService:
+    index = SqliteIndex(tmp_path / "index.db")
+    await index.link_blob("r", str(digests.of_bytes(CONFIG)), len(CONFIG))
+    return ManifestService(index, 1 << 20, tag_rules=lambda _: TagRules(immutable=("v*",)))
+
+
+async def test_a_delete_racing_the_first_push_of_an_immutable_tag_never_removes_it(
+    service: ManifestService,
+) -> None:
+    """The check ran before the delete's transaction: the delete saw no tag yet, queued
+    behind the push and removed what the push had just made (found by review)."""
+    for n in range(20):
+        tag = f"v{n}"
+        pushed, deleted = await asyncio.gather(
+            service.put("r", tag, _image(n), None),
+            service.delete("r", tag),
+            return_exceptions=True,
+        )
+        assert not isinstance(pushed, BaseException)
+        assert isinstance(deleted, errors.RegistryError), deleted  # refused either way
+        assert deleted.error in (errors.TAG_IMMUTABLE, errors.MANIFEST_UNKNOWN)
+        assert await service.index.resolve_tag("r", tag) is not None
+
+
+async def test_a_platform_manifest_goes_after_its_index(service: ManifestService) -> None:
+    body = _image(1)
+    image = await service.put("r", str(digests.of_bytes(body)), body, None)
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifests.OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": manifests.OCI_MANIFEST,
+                    "digest": image.digest,
+                    "size": len(_image(1)),
+                    "platform": {"os": "linux", "architecture": "amd64"},
+                }
+            ],
+        }
+    ).encode()
+    listed = await service.put("r", "multi", index, None)
+    with pytest.raises(errors.RegistryError) as caught:
+        await service.delete("r", image.digest)
+    assert caught.value.error is errors.MANIFEST_LISTED and caught.value.status == 409
+    await service.delete("r", listed.digest)
+    await service.delete("r", image.digest)
