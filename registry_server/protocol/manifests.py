@@ -7,6 +7,7 @@ reference (blobs, child manifests, a subject) and to reject malformed content.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,16 +120,80 @@ def _descriptors(value: Any, where: str) -> tuple[Descriptor, ...]:
     return tuple(_descriptor(item, f"{where}[{i}]") for i, item in enumerate(value))
 
 
-def parse(body: bytes, content_type: str | None) -> Manifest:
-    """Parse a pushed manifest; the media type comes from the body or the Content-Type."""
+# The fields of the manifest, index and descriptor structures. Go's encoding/json, which
+# most clients and registries read manifests with, matches keys without regard to case:
+# a "Layers" beside "layers" would be the layers to them, and unseen here.
+_FIELDS = {
+    name.casefold(): name
+    for name in (
+        "schemaVersion", "mediaType", "artifactType", "config", "layers", "manifests",
+        "subject", "annotations", "digest", "size", "urls", "platform", "data",
+    )
+}  # fmt: skip
+_FIELD_NAMES = frozenset(_FIELDS.values())
+
+
+class _NotStrict(ValueError):
+    pass
+
+
+def _constant(name: str) -> Any:
+    raise _NotStrict(f"{name} is not JSON")
+
+
+# A surrogate escape: the only way a lone surrogate (not Unicode) gets into the text.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _unicode_only(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    for key, value in pairs:
+        for text in (key, value) if isinstance(value, str) else (key,):
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise _NotStrict("a string is not valid Unicode") from None
+    return dict(pairs)
+
+
+def _load(body: bytes) -> Any:
+    """Strict JSON: UTF-8 without a byte order mark (RFC 8259; Python would also take
+    UTF-16 and UTF-32), no NaN or Infinity, no lone surrogate (Go reads it as U+FFFD)."""
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid("body is not UTF-8") from None
+    # Objects are checked one by one only when a surrogate escape is there at all.
+    hook = _unicode_only if _SURROGATE_ESCAPE.search(text) else None
+    try:
+        return json.loads(text, parse_constant=_constant, object_pairs_hook=hook)
+    except _NotStrict as exc:
+        raise _invalid(str(exc)) from None
+    except ValueError:
         raise _invalid("body is not valid JSON") from None
     except RecursionError:  # nesting deeper than the parser's stack: no manifest looks like that
         raise _invalid("body is nested too deeply") from None
+
+
+def _fields(value: Any, where: str) -> None:
+    """No key of a manifest's or descriptor's object is a field's name in another case."""
+    if isinstance(value, dict):
+        for key in value.keys() - _FIELD_NAMES:  # the usual keys, spelled right: none
+            known = _FIELDS.get(key.casefold())
+            if known is not None and key != known:
+                raise _invalid(f"{where}: key {key[:40]!r} is {known!r} in another case")
+
+
+def parse(body: bytes, content_type: str | None) -> Manifest:
+    """Parse a pushed manifest; the media type comes from the body or the Content-Type."""
+    doc = _load(body)
     if not isinstance(doc, dict):
         raise _invalid("body must be a JSON object")
+    _fields(doc, "manifest")
+    for name in ("config", "subject"):
+        _fields(doc.get(name), name)
+    for name in ("layers", "manifests"):
+        for i, item in enumerate(doc.get(name) or () if isinstance(doc.get(name), list) else ()):
+            _fields(item, f"{name}[{i}]")
     declared = doc.get("mediaType")
     if declared is not None and not isinstance(declared, str):
         raise _invalid("mediaType must be a string")
@@ -170,6 +235,10 @@ def parse(body: bytes, content_type: str | None) -> Manifest:
 
     if "manifests" not in doc:
         raise _invalid("manifests is required in an index")
+    if "config" in doc or "layers" in doc:
+        # One document read as an index here and as an image elsewhere (the ambiguity
+        # of GHSA-77vh-xpmg-72qh): its layers would be served unchecked.
+        raise _invalid("an index has no config or layers field")
     children = _descriptors(doc.get("manifests"), "manifests")
     return Manifest(media_type, (), children, subject, artifact_type, annotations)
 

@@ -202,6 +202,66 @@ def test_invalid_manifests(doc: bytes) -> None:
     assert exc.value.error is errors.MANIFEST_INVALID
 
 
+_IMAGE = {"schemaVersion": 2, "mediaType": manifests.OCI_MANIFEST, "config": _desc(), "layers": []}
+OTHER = "sha256:" + "e" * 64
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        # Read as an index here, as an image by others (GHSA-77vh-xpmg-72qh).
+        (
+            {"schemaVersion": 2, "manifests": [], "config": _desc(), "layers": [_desc()]},
+            "an index has no config or layers",
+        ),
+        (
+            {"schemaVersion": 2, "mediaType": manifests.OCI_INDEX, "manifests": [], "layers": []},
+            "an index has no config or layers",
+        ),
+        # Go clients match keys whatever their case: "Layers" would be the layers to them.
+        ({**_IMAGE, "Layers": [{**_desc(), "digest": OTHER}]}, "'Layers' is 'layers'"),
+        ({**_IMAGE, "config": {**_desc(), "DIGEST": OTHER}}, "config: key 'DIGEST'"),
+        ({**_IMAGE, "layers": [{**_desc(), "Size": 9}]}, "layers[0]: key 'Size'"),
+    ],
+)
+def test_manifests_other_readers_would_read_differently(
+    body: dict[str, object], reason: str
+) -> None:
+    with pytest.raises(errors.RegistryError) as exc:
+        manifests.parse(
+            json.dumps(body).encode(), manifests.OCI_INDEX if "manifests" in body else None
+        )
+    assert exc.value.error is errors.MANIFEST_INVALID
+    assert reason in str(exc.value.detail), exc.value.detail
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (json.dumps(_IMAGE).encode("utf-16"), "not UTF-8"),
+        (b"\xef\xbb\xbf" + json.dumps(_IMAGE).encode(), "not valid JSON"),  # a BOM
+        (json.dumps({**_IMAGE, "annotations": {"n": float("nan")}}).encode(), "NaN is not JSON"),
+        (
+            json.dumps({**_IMAGE, "config": {**_desc(), "size": float("inf")}}).encode(),
+            "Infinity is not JSON",
+        ),
+        (json.dumps({**_IMAGE, "annotations": {"a": "\ud800"}}).encode(), "not valid Unicode"),
+    ],
+)
+def test_manifest_json_is_strict(body: bytes, reason: str) -> None:
+    with pytest.raises(errors.RegistryError) as exc:
+        manifests.parse(body, None)
+    assert exc.value.error is errors.MANIFEST_INVALID
+    assert reason in str(exc.value.detail), exc.value.detail
+
+
+def test_what_strictness_leaves_alone() -> None:
+    """Annotation keys of any case, a surrogate pair escaped (a valid character)."""
+    body = {**_IMAGE, "annotations": {"Layers": "x", "layers": "y", "emoji": "\U0001f600"}}
+    parsed = manifests.parse(json.dumps(body).encode(), None)  # ensure_ascii: a pair
+    assert parsed.annotations == {"Layers": "x", "layers": "y", "emoji": "\U0001f600"}
+
+
 def test_media_type_mismatch_with_header() -> None:
     body = json.dumps(
         {"schemaVersion": 2, "mediaType": manifests.OCI_MANIFEST, "config": _desc(), "layers": []}
