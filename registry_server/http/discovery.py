@@ -28,7 +28,7 @@ def _body(body: bytes, extra: dict[str, str] | None = None) -> web.Response:
 async def list_tags(request: web.Request, name: str) -> web.Response:
     query = request.rel_url.query
     n = pagination.parse_n(query.get("n"))
-    page = await services(request).discovery.tags(name, n, query.get("last"))
+    page = await services(request).discovery.tags(name, n, pagination.parse_last(query.get("last")))
     extra = {}
     if page.next_last is not None and n:
         extra["Link"] = pagination.link_header(f"/v2/{name}/tags/list", n, page.next_last)
@@ -45,7 +45,7 @@ async def catalog(request: web.Request, principal: Principal) -> web.Response:
     async def visible(repo: str) -> bool:
         return await svc.auth.allowed(principal, Access.repository(repo, "pull"))
 
-    page = await svc.discovery.catalog(n, query.get("last"), visible)
+    page = await svc.discovery.catalog(n, pagination.parse_last(query.get("last")), visible)
     extra = {}
     if page.next_last is not None and n:
         extra["Link"] = pagination.link_header("/v2/_catalog", n, page.next_last)

@@ -31,7 +31,7 @@ from registry_server.auth.model import (
     SessionSource,
 )
 from registry_server.http.context import client_address, services
-from registry_server.protocol import digests, errors, names
+from registry_server.protocol import digests, errors, names, pagination
 from registry_server.protocol.sizes import format_bytes
 from registry_server.services import gc
 from registry_server.storage.space import SpaceMonitor
@@ -180,7 +180,7 @@ async def repositories(request: web.Request, visitor: _Visitor) -> web.StreamRes
     q = query.get("q", "").strip().lower()[:_SEARCH_MAX]
     rows, next_last = await services(request).browse.repositories(
         REPOSITORIES_PER_PAGE,
-        query.get("last") or None,
+        pagination.parse_last(query.get("last")),
         q,
         lambda repo: visitor.may(repo, "pull"),
     )
@@ -193,7 +193,9 @@ async def repository(request: web.Request, visitor: _Visitor) -> web.StreamRespo
     await _pullable(visitor, name)
     browse = services(request).browse
     repo = await browse.usage(name)
-    rows, next_last = await browse.tags(name, TAGS_PER_PAGE, query.get("last") or None)
+    rows, next_last = await browse.tags(
+        name, TAGS_PER_PAGE, pagination.parse_last(query.get("last"))
+    )
     return _page(
         visitor,
         "repository.html",

@@ -41,7 +41,7 @@ async def usage(request: web.Request) -> web.Response:
     async def visible(repo: str) -> bool:
         return await svc.auth.allowed(principal, Access.repository(repo, "pull"))
 
-    entries, next_last = await svc.usage.page(n, query.get("last"), visible)
+    entries, next_last = await svc.usage.page(n, pagination.parse_last(query.get("last")), visible)
     extra = {}
     if next_last is not None and n:
         extra["Link"] = pagination.link_header(PATH, n, next_last)

@@ -47,15 +47,16 @@ class DiscoveryService:
         if n is None and last is None:
             return Page(kept.names, None, kept.body(repo))
         found = kept.page(n, last)
-        more = n is not None and n > 0 and len(found) == n
+        # No Link after the last tag: it would lead to an empty page.
+        more = n is not None and n > 0 and len(found) == n and found[-1] != kept.names[-1]
         return Page(found, found[-1] if more else None)
 
     async def catalog(
         self, n: int | None, last: str | None, visible: Callable[[str], Awaitable[bool]]
     ) -> Page:
         """Repositories the caller may see, paginated after filtering."""
-        out, _ = await visible_page(self.index.list_repositories, str, n, last, visible)
-        more = n is not None and n > 0 and len(out) == n
+        out, ended = await visible_page(self.index.list_repositories, str, n, last, visible)
+        more = n is not None and n > 0 and len(out) == n and not ended
         return Page(out, out[-1] if more else None)
 
     async def referrers(
@@ -77,4 +78,4 @@ class DiscoveryService:
                 entry["annotations"] = json.loads(rec.annotations)
             entries.append(entry)
         body = {"schemaVersion": 2, "mediaType": manifests.OCI_INDEX, "manifests": entries}
-        return Referrers(json.dumps(body).encode(), artifact_type is not None)
+        return Referrers(json.dumps(body).encode(), bool(artifact_type))

@@ -28,7 +28,7 @@ async def visible_page(
         items = await fetch(batch, cursor)
         for item in items:
             if n is not None and len(out) == n:
-                break
+                return out, False  # more rows after them (maybe none visible)
             if await visible(name(item)):
                 out.append(item)
         if len(items) < batch:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ast
 import base64
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -220,10 +222,72 @@ async def test_repository_named_like_an_operation_still_routes(client: Client) -
     assert (await response.json())["errors"][0]["code"] == "NAME_UNKNOWN"
 
 
-@pytest.mark.parametrize("query", ["n=x", "n=-1", "n=%D9%A1"])
+@pytest.mark.parametrize("query", ["n=x", "n=-1", "n=%D9%A1", "last=%00", "n=1&last=a%00b"])
 async def test_pagination_errors_use_a_spec_code(client: Client, query: str) -> None:
     await _error(client, "GET", f"/v2/_catalog?{query}", 400)
     await _error(client, "GET", f"/v2/a/tags/list?{query}", 400)
+
+
+async def _push(client: Client, repo: str, tag: str, extra: dict[str, Any] | None = None) -> str:
+    config = b"{}"
+    digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    put = await client.post(f"/v2/{repo}/blobs/uploads/?digest={digest}", data=config)
+    assert put.status == 201, await put.text()
+    body = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.empty.v1+json",
+                "digest": digest,
+                "size": 2,
+            },
+            "layers": [],
+            **(extra or {}),
+        }
+    ).encode()
+    put = await client.put(
+        f"/v2/{repo}/manifests/{tag}",
+        data=body,
+        headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+    )
+    assert put.status == 201, await put.text()
+    return str(put.headers["Docker-Content-Digest"])
+
+
+async def test_no_link_to_an_empty_page_and_no_filter_said_for_an_empty_one(
+    client: Client,
+) -> None:
+    """A full last page has no next (found by review: it linked to an empty page), and
+    n=0000000000 is n=0 (it was a page of 10,000)."""
+    for tag in ("a", "b"):
+        subject = await _push(client, "r", tag)
+    for path, n, more in (
+        ("/v2/r/tags/list", 2, False),
+        ("/v2/r/tags/list", 1, True),
+        ("/v2/_catalog", 1, False),
+    ):
+        page = await client.get(f"{path}?n={n}")
+        assert page.status == 200
+        assert ("Link" in page.headers) is more, (path, n, page.headers.get("Link"))
+    page = await client.get("/v2/r/tags/list?n=0000000000")
+    assert (await page.json())["tags"] == [] and "Link" not in page.headers
+    await _push(
+        client,
+        "r",
+        "sig",
+        {
+            "subject": {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": subject,
+                "size": 1,
+            },
+            "artifactType": "application/x-sig",
+        },
+    )
+    listed = await client.get(f"/v2/r/referrers/{subject}?artifactType=")
+    assert "OCI-Filters-Applied" not in listed.headers
+    assert len((await listed.json())["manifests"]) == 1
 
 
 @pytest.mark.parametrize(

@@ -319,6 +319,12 @@ def test_pagination() -> None:
     assert pagination.parse_n(None) is None
     assert pagination.parse_n("5") == 5
     assert pagination.parse_n("999999999") == pagination.MAX_PAGE
+    assert pagination.parse_n("0000000000") == 0  # the spec's empty page, not 10,000
+    assert pagination.parse_n("00005") == 5
+    assert pagination.parse_last("") is None and pagination.parse_last("a/b") == "a/b"
+    assert len(pagination.parse_last("x" * 100_000) or "") == 4096
+    with pytest.raises(errors.RegistryError):
+        pagination.parse_last("a\x00")
     for bad in ("-1", "x"):
         with pytest.raises(errors.RegistryError):
             pagination.parse_n(bad)
