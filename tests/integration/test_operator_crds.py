@@ -340,6 +340,24 @@ def test_repository_schema(control_plane: ControlPlane, namespace: str) -> None:
         ({"retention": {"untaggedDays": 1.5}}, "spec.retention.untaggedDays"),
         ({"rotation": {"interval": "0s"}}, "rotation.interval must be at least 1h"),
         (
+            {
+                "pullAccess": {
+                    "namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "In"}]}
+                }
+            },
+            "In and NotIn need values",
+        ),
+        (
+            {
+                "pullAccess": {
+                    "namespaceSelector": {
+                        "matchExpressions": [{"key": "env", "operator": "Exists", "values": ["x"]}]
+                    }
+                }
+            },
+            "Exists and DoesNotExist take none",
+        ),
+        (
             {"rotation": {"interval": "2h", "overlap": "3h"}},
             "rotation.overlap must be shorter than rotation.interval",
         ),
