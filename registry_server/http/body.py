@@ -60,8 +60,13 @@ def content_length(request: web.Request) -> int | None:
     return length
 
 
-async def stream(request: web.Request, expected: int | None = None) -> AsyncIterator[bytes]:
-    """The body's chunks; raises SIZE_INVALID / BLOB_UPLOAD_INVALID when it is cut short."""
+async def stream(
+    request: web.Request,
+    expected: int | None = None,
+    cut_short: errors.ErrorCode = errors.BLOB_UPLOAD_INVALID,
+) -> AsyncIterator[bytes]:
+    """The body's chunks; raises SIZE_INVALID, or ``cut_short`` when the body stops (a
+    reset connection, a truncated chunk, nothing sent for the idle timeout)."""
     declared = content_length(request)
     want = expected if expected is not None else declared
     received = 0
@@ -86,18 +91,17 @@ async def stream(request: web.Request, expected: int | None = None) -> AsyncIter
             yield chunk
     except _BodyIdle:
         raise errors.RegistryError(
-            errors.BLOB_UPLOAD_INVALID,
-            detail={"reason": f"no body data for {idle.seconds:g} s"},
+            cut_short, detail={"reason": f"no body data for {idle.seconds:g} s"}
         ) from None
     except (ConnectionError, web.HTTPException) as exc:
         raise errors.RegistryError(
-            errors.BLOB_UPLOAD_INVALID, detail={"reason": f"body read failed: {type(exc).__name__}"}
+            cut_short, detail={"reason": f"body read failed: {type(exc).__name__}"}
         ) from exc
     except Exception as exc:  # aiohttp payload errors (truncated body) have no common base
         if isinstance(exc, errors.RegistryError):
             raise
         raise errors.RegistryError(
-            errors.BLOB_UPLOAD_INVALID, detail={"reason": f"body read failed: {type(exc).__name__}"}
+            cut_short, detail={"reason": f"body read failed: {type(exc).__name__}"}
         ) from exc
     finally:
         idle.close()
@@ -108,7 +112,10 @@ async def stream(request: web.Request, expected: int | None = None) -> AsyncIter
 
 
 async def read_limited(
-    request: web.Request, limit: int, too_large: errors.ErrorCode = errors.MANIFEST_TOO_LARGE
+    request: web.Request,
+    limit: int,
+    too_large: errors.ErrorCode = errors.MANIFEST_TOO_LARGE,
+    cut_short: errors.ErrorCode = errors.MANIFEST_INVALID,
 ) -> bytes:
     """A small body (a manifest, a form, a replication message) read whole, refusing more
     than ``limit`` bytes before reading any when the length is declared, else as soon as
@@ -118,7 +125,7 @@ async def read_limited(
         raise errors.RegistryError(too_large, detail={"size": declared, "limit": limit})
     parts: list[bytes] = []
     total = 0
-    async for chunk in stream(request):
+    async for chunk in stream(request, cut_short=cut_short):
         total += len(chunk)
         if total > limit:
             raise errors.RegistryError(too_large, detail={"size": total, "limit": limit})

@@ -42,7 +42,9 @@ async def status(request: web.Request) -> web.Response:
 async def hashes(request: web.Request) -> web.Response:
     """Hashes of the requested repositories' tag states (None where unknown)."""
     await _authorize(request)
-    raw = await body.read_limited(request, MAX_MESSAGE_BYTES, errors.BODY_TOO_LARGE)
+    raw = await body.read_limited(
+        request, MAX_MESSAGE_BYTES, errors.BODY_TOO_LARGE, errors.BODY_INVALID
+    )
     try:
         payload = json.loads(raw)
         wanted = payload["repositories"]

@@ -63,7 +63,9 @@ async def _from_form(request: web.Request) -> TokenRequest:
     if request.content_type != "application/x-www-form-urlencoded":
         raise TokenError(400, "invalid_request", "expected application/x-www-form-urlencoded")
     try:
-        raw = await body.read_limited(request, MAX_FORM_BYTES, errors.BODY_TOO_LARGE)
+        raw = await body.read_limited(
+            request, MAX_FORM_BYTES, errors.BODY_TOO_LARGE, errors.BODY_INVALID
+        )
     except errors.RegistryError as err:
         if err.status == 413:
             raise TokenError(413, "invalid_request", "request body too large") from None

@@ -253,3 +253,26 @@ async def test_a_chunk_whose_range_and_length_disagree_tells_where_the_session_i
         assert refused.headers["Range"] == "0-9"
         assert refused.headers["Location"].endswith(location.rsplit("/", 1)[1])
         assert refused.headers["Docker-Upload-UUID"] == location.rsplit("/", 1)[1]
+
+
+async def test_a_manifest_body_gone_silent_is_a_manifest_error(tmp_path: Path) -> None:
+    """Said in the manifest's own terms: it was BLOB_UPLOAD_INVALID, an upload's error."""
+    config = Config(
+        storage=StorageConfig(root=tmp_path), http=HttpConfig(body_idle_timeout_seconds=0.5)
+    )
+    async with TestClient(TestServer(build_app(config))) as client:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(
+            b"PUT /v2/repo/manifests/latest HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+            b"Content-Type: application/vnd.oci.image.manifest.v1+json\r\n\r\n{"
+        )
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status = await reader.readline()
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            length = int(head.lower().split("content-length:")[1].split("\r\n")[0])
+            reply = json.loads(await reader.readexactly(length))
+        writer.close()
+        assert status.split()[1] == b"400"
+        assert reply["errors"][0]["code"] == "MANIFEST_INVALID"
+        assert "no body data for 0.5 s" in json.dumps(reply)
