@@ -30,6 +30,7 @@ from registry_server.auth.model import (
     Principal,
     SessionSource,
 )
+from registry_server.http import body
 from registry_server.http.context import client_address, services
 from registry_server.protocol import digests, errors, names, pagination
 from registry_server.protocol.sizes import format_bytes
@@ -118,9 +119,9 @@ def _cookie(response: web.StreamResponse, request: web.Request, name: str, value
 
 
 def _page(visitor: _Visitor, template: str, status: int = 200, **values: Any) -> web.Response:
-    body = _ENV.get_template(template).render(**visitor.context(), **values)
+    html = _ENV.get_template(template).render(**visitor.context(), **values)
     response = web.Response(
-        text=body, status=status, content_type="text/html", charset="utf-8", headers=_HEADERS
+        text=html, status=status, content_type="text/html", charset="utf-8", headers=_HEADERS
     )
     if visitor.new_csrf:
         _cookie(response, visitor.request, CSRF_COOKIE, visitor.csrf)
@@ -289,10 +290,14 @@ def _same_origin(request: web.Request, origin: urllib.parse.SplitResult) -> bool
 
 async def _form(request: web.Request, visitor: _Visitor) -> Mapping[str, str]:
     """A state-changing form's fields, once its CSRF token and origin check out."""
-    if request.content_length is not None and request.content_length > 16 * 1024:
-        raise errors.RegistryError(errors.BODY_TOO_LARGE)
-    form = await request.post()
-    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    # Read as every other body is: bounded however it is sent, and under the idle
+    # timeout (a form that never finished held its connection for good).
+    raw = await body.read_limited(request, _FORM_BYTES, errors.BODY_TOO_LARGE, errors.BODY_INVALID)
+    try:
+        pairs = urllib.parse.parse_qsl(raw.decode(), keep_blank_values=True)
+    except UnicodeDecodeError:
+        raise errors.RegistryError(errors.BODY_INVALID, detail={"reason": "not UTF-8"}) from None
+    fields = dict(pairs)
     origin = request.headers.get("Origin")
     same_origin = origin is None or _same_origin(request, urllib.parse.urlsplit(origin))
     token = fields.get("csrf", "")
@@ -302,6 +307,9 @@ async def _form(request: web.Request, visitor: _Visitor) -> Mapping[str, str]:
             errors.DENIED, message="the form's CSRF token is missing or wrong: reload the page"
         )
     return fields
+
+
+_FORM_BYTES = 16 * 1024  # a form's fields: a name, a password, a token
 
 
 def _redirect(location: str) -> web.Response:

@@ -3,7 +3,9 @@ and the `ui` configuration section. (The pages themselves: test_ui_browser.py.)"
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,34 @@ async def test_a_page_over_http_may_not_post_to_the_ui_over_https(tmp_path: Path
                 allow_redirects=False,
             )
             assert (reply.status != 403) is allowed, (host, origin, reply.status)
+
+
+async def test_a_form_gone_silent_is_refused(tmp_path: Path) -> None:
+    """Forms are read like every other body: under the idle timeout, and bounded even
+    when sent chunked (request.post() had neither)."""
+    settings = config.Config(
+        storage=config.StorageConfig(root=tmp_path),
+        http=config.HttpConfig(body_idle_timeout_seconds=0.5),
+    )
+    async with TestClient(TestServer(build_app(settings))) as client:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(
+            b"POST /ui/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n\r\ncsrf="
+        )
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status = await reader.readline()
+        writer.close()
+        assert status.split()[1] == b"400"
+
+        async def chunked() -> AsyncIterator[bytes]:  # 64 KiB, no length said
+            for _ in range(64):
+                yield b"x" * 1024
+
+        big = await client.post(
+            "/ui/login",
+            data=chunked(),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert big.status == 413
