@@ -171,12 +171,17 @@ def reconcile_access(
     writer = _Writer(kube, options)
     writer.revoke(observed, plan)
     error, not_in_force, applied = None, frozenset[str](), None
+    mounted_more = False
     if target is not None and plan.policy is not None:
         stored_policy = {
             obj["metadata"]["name"]: obj
             for obj in kube.list("v1", "Secret", namespace, names.policy_selector(name))
         }
+        before = policy.shard_count(stored_policy.get(names.policy_secret(name)))
         error, shards = writer.write_policy(target, plan, robots_secret, stored_policy)
+        # Shards past the slots the pods mount: the Deployment must mount more. The
+        # Registry's own reconcile renders that; this pass's writes wake nothing.
+        mounted_more = error is None and policy.slots(shards) > policy.slots(before)
         applied = access.access_condition(error, shards)
         writable = None
         if error is not None:
@@ -223,6 +228,8 @@ def reconcile_access(
     wake: list[Wake] = []
     if target is not None:
         wake = [("registry", *robots.peer_of(key)) for key in target.peers if key not in stored]
+        if mounted_more:
+            wake.append(("registry", namespace, name))
     return Outcome(
         events=tuple(events),
         written=writer.written,

@@ -4,6 +4,7 @@ what is never touched, and what the Repositories are told."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import hashlib
 import itertools
@@ -562,3 +563,27 @@ def test_the_paths_listed_on_a_secret_stay_small_however_many_grant_it() -> None
     shown = listed.split(",")[:-1]
     assert shown == list(paths[: len(shown)])
     assert listed.endswith(f",... and {len(paths) - len(shown)} more")
+
+
+def test_a_policy_growing_past_the_mounted_slots_wakes_the_registry() -> None:
+    """The pods mount a fixed number of shard Secrets; when the policy needs more, the
+    Registry's reconcile must render the Deployment mounting them at once, not at the
+    next resync (found by review: the access pass's writes wake nothing)."""
+    kube, clock = _kube(), Clock()
+    for i in range(80):
+        kube.namespace(f"tenant-{i}", {})
+        _repository(
+            kube,
+            f"r{i}",
+            {"path": f"tenant-{i}/app", "pullAccess": {"namespaces": [f"tenant-{i}"]}},
+        )
+    options = dataclasses.replace(_options(clock), policy_shard_bytes=400)
+    first = _run(kube, options)
+    shards = int(
+        kube.objects[("Secret", NS, "main-policy")]["metadata"]["annotations"][
+            names.POLICY_SHARDS_ANNOTATION
+        ]
+    )
+    assert shards > names.POLICY_SHARD_SLOTS
+    assert ("registry", NS, "main") in first.wake
+    assert ("registry", NS, "main") not in _run(kube, options).wake  # mounted by then
