@@ -353,6 +353,15 @@ def _split(value: str | None) -> list[str]:
     return [item for item in (value or "").split(",") if item]
 
 
+def _recorded_accounts(secret: Mapping[str, Any] | None) -> list[str]:
+    """The ServiceAccounts a Secret's annotation says it was added to. Anyone who may
+    edit Secrets in the namespace may edit it: what cannot name an account is ignored
+    (found by review: "x/y" there made every access pass of the Registry fail)."""
+    annotations = ((secret or {}).get("metadata") or {}).get("annotations") or {}
+    listed = _split(annotations.get(names.SERVICE_ACCOUNTS_ANNOTATION))
+    return [account for account in listed if models.is_object_name(account)]
+
+
 class _Writer:
     """The writes of one access reconcile, and what they achieved."""
 
@@ -389,13 +398,7 @@ class _Writer:
 
         def job(key: SecretKey) -> Callable[[], None]:
             def run() -> None:
-                obj = observed[key]
-                accounts = _split(
-                    (obj["metadata"].get("annotations") or {}).get(
-                        names.SERVICE_ACCOUNTS_ANNOTATION
-                    )
-                )
-                for account in accounts:
+                for account in _recorded_accounts(observed[key]):
                     # Refused, the entry stays (it names a Secret about to be gone:
                     # harmless); the Secret goes all the same.
                     self._account_of(key, account, add=(), remove=(key[1],))
@@ -426,11 +429,7 @@ class _Writer:
                 )
                 manifest = grants.access_secret(target, desired, robot.current, paths)
                 before = observed.get(key)
-                recorded = _split(
-                    ((before or {}).get("metadata", {}).get("annotations") or {}).get(
-                        names.SERVICE_ACCOUNTS_ANNOTATION
-                    )
-                )
+                recorded = _recorded_accounts(before)
                 for account in sorted(set(recorded) - set(desired.service_accounts)):
                     self._account_of(key, account, add=(), remove=(key[1],))
                 if not self._write_secret(key, manifest, before):
@@ -548,6 +547,9 @@ class _Writer:
             return self._service_account(key[0], account, add, remove)
         except errors.KubeError as exc:
             self._failed(key, f"ServiceAccount {key[0]}/{account} not updated: {exc.message}")
+            return True
+        except ValueError as exc:  # a name no API path takes
+            self._failed(key, f"ServiceAccount {key[0]}/{account[:80]}: {exc}")
             return True
 
     def _service_account(

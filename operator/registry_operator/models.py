@@ -789,6 +789,11 @@ def _str(value: Any, field: str) -> str:
     return value
 
 
+def is_object_name(text: str) -> bool:
+    """Whether ``text`` can name a Kubernetes object (a DNS subdomain)."""
+    return len(text) <= 253 and _DNS_NAME.match(text) is not None
+
+
 def _label(value: Any, field: str) -> str:
     """An object name that must be a DNS label (a Registry's, a namespace's)."""
     text = _str(value, field)
@@ -1045,7 +1050,7 @@ def _access(raw: Any, field: str) -> Access | None:
         raise InvalidSpec(f"{field}.secretName", f"{secret_name!r} cannot name a Secret")
     accounts = _strings(data.get("serviceAccounts", []), f"{field}.serviceAccounts")
     for account in accounts:
-        if len(account) > 253 or not _DNS_NAME.match(account):
+        if not is_object_name(account):
             raise InvalidSpec(
                 f"{field}.serviceAccounts", f"{account[:80]!r} is not a ServiceAccount name"
             )

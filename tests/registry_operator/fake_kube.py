@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Mapping
 from typing import Any
 
-from registry_operator.kube import errors
+from registry_operator.kube import errors, resources
 
 Key = tuple[str, str, str]
 
@@ -48,7 +48,14 @@ class FakeKube:
             }
         )
 
+    @staticmethod
+    def _path(api_version: str, kind: str, namespace: str, name: str) -> None:
+        """The URL the real client would build: a name it refuses is refused here too."""
+        resource = resources.lookup(api_version, kind)
+        resource.path(namespace if resource.namespaced else None, name)
+
     def find(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        self._path(api_version, kind, namespace, name)
         found = self.objects.get((kind, namespace or "", name))
         return copy.deepcopy(found) if found is not None else None
 
@@ -122,6 +129,7 @@ class FakeKube:
         body: Any,
         content_type: str = "application/merge-patch+json",
     ) -> dict[str, Any]:
+        self._path(api_version, kind, namespace or "", name)
         key = (kind, namespace or "", name)
         self.calls.append(("patch", *key))
         current = self.objects.get(key)
@@ -144,6 +152,7 @@ class FakeKube:
         return copy.deepcopy(current)
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self._path(api_version, kind, namespace, name)
         self.calls.append(("delete", kind, namespace, name))
         self.objects.pop((kind, namespace, name), None)
 

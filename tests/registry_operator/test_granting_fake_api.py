@@ -587,3 +587,22 @@ def test_a_policy_growing_past_the_mounted_slots_wakes_the_registry() -> None:
     assert shards > names.POLICY_SHARD_SLOTS
     assert ("registry", NS, "main") in first.wake
     assert ("registry", NS, "main") not in _run(kube, options).wake  # mounted by then
+
+
+def test_a_tampered_service_account_annotation_stops_nothing() -> None:
+    """The annotation on a pull Secret is the namespace's to edit: a name there that no
+    API path takes must not fail the pass (found by review: revocation and every other
+    namespace's grants stopped, and the revoked credential kept working)."""
+    kube, clock = _kube(), Clock()
+    _repository(kube, "a", {"path": "team-a/api", "pullAccess": {"namespaces": ["team-a"]}})
+    _run(kube, _options(clock))
+    secret = kube.objects[("Secret", "team-a", PULL)]
+    secret["metadata"].setdefault("annotations", {})[names.SERVICE_ACCOUNTS_ANNOTATION] = (
+        "x/y,../../namespaces/kube-system/secrets/z"
+    )
+    del kube.objects[("Repository", NS, "a")]
+    _repository(kube, "c", {"path": "team-c/api", "pullAccess": {"namespaces": ["team-c"]}})
+    _run(kube, _options(clock))
+    assert ("Secret", "team-a", PULL) not in kube.objects
+    assert ("Secret", "team-c", PULL) in kube.objects
+    assert [r["name"].rsplit(".", 1)[0] for r in _policy(kube)["robots"]] == ["pull.team-c"]
