@@ -438,6 +438,16 @@ def expire_tag(
     return True
 
 
+# When something last held a manifest: its push, or the last tag, index or subject that
+# let go of it (``released``, stamped by triggers; the migration that added it stamped
+# every existing row, so it may be older than the push: the later counts).
+def _held_at(alias: str) -> str:
+    return (
+        f"CASE WHEN {alias}.released > {alias}.created"
+        f" THEN {alias}.released ELSE {alias}.created END"
+    )
+
+
 # What holds a manifest: a tag, an index listing it. With ``_HELD_SINCE``, also having
 # been held (or pushed) after a time, and referring to a manifest still present.
 _HELD = (
@@ -447,7 +457,7 @@ _HELD = (
 )
 _HELD_SINCE = (
     " UNION ALL SELECT 1 FROM manifests m WHERE m.repo_id = ? AND m.digest = ?"
-    " AND (COALESCE(m.released, m.created) >= ? OR EXISTS (SELECT 1 FROM manifests s"
+    f" AND ({_held_at('m')} >= ? OR EXISTS (SELECT 1 FROM manifests s"
     " WHERE s.repo_id = m.repo_id AND s.digest = m.subject))"
 )
 
@@ -458,7 +468,7 @@ def untagged_manifests(repo: str, older_than: float) -> Tx[list[str]]:
     was pushed, or lost its last tag, index or subject after that time."""
     result = yield Query(
         "SELECT m.digest FROM manifests m JOIN repositories r ON r.id = m.repo_id"
-        " WHERE r.name = ? AND COALESCE(m.released, m.created) < ?"
+        f" WHERE r.name = ? AND {_held_at('m')} < ?"
         " AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo_id = m.repo_id"
         " AND t.digest = m.digest)"
         " AND NOT EXISTS (SELECT 1 FROM manifest_refs f WHERE f.repo_id = m.repo_id"
@@ -487,7 +497,7 @@ def delete_untagged_manifest(
     while pending:
         here = pending.pop()
         # Checked again in this transaction: held since the caller looked (a push of it
-        # again, a tag), it stays. An index's platforms go with it whatever their age.
+        # again, a tag), it stays.
         since = held_since is not None and here == digest
         held = yield Query(
             _HELD + (_HELD_SINCE if since else "") + " LIMIT 1",
@@ -495,9 +505,11 @@ def delete_untagged_manifest(
         )
         if held.first() is not None:
             continue
+        # With their ages as they are before this index lets go of them.
         children = yield Query(
-            "SELECT child FROM manifest_refs"
-            " WHERE repo_id = ? AND digest = ? AND kind = 'manifest'",
+            f"SELECT f.child, {_held_at('m')} FROM manifest_refs f"
+            " LEFT JOIN manifests m ON m.repo_id = f.repo_id AND m.digest = f.child"
+            " WHERE f.repo_id = ? AND f.digest = ? AND f.kind = 'manifest'",
             (repo_id, here),
         )
         gone = yield Query(
@@ -511,7 +523,13 @@ def delete_untagged_manifest(
             consumers, repo, "expire_manifest", None, here, version, RETENTION_ACTOR
         )
         deleted.append(here)
-        pending.extend(str(r[0]) for r in children.rows)  # an index's platforms go with it
+        # An index's platforms go with it, but for one pushed again since (a new index
+        # listing it on its way; without an age limit, any).
+        pending.extend(
+            str(child)
+            for child, held_at in children.rows
+            if held_since is None or held_at is None or held_at < held_since
+        )
     return deleted
 
 

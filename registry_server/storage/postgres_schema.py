@@ -238,7 +238,10 @@ CREATE INDEX ended_sessions_ended ON ended_sessions (ended_at);
 # untagged manifests counts from then (index_tags.untagged_manifests). Triggers, so that
 # replicas of an older version, during a rolling update, stamp it too.
 _V8 = """
-ALTER TABLE manifests ADD COLUMN released DOUBLE PRECISION;
+-- Existing rows count as let go of now (when their tags last moved is not known); a
+-- default evaluated once, so no row is rewritten, then none for new rows.
+ALTER TABLE manifests ADD COLUMN released DOUBLE PRECISION DEFAULT extract(epoch FROM now());
+ALTER TABLE manifests ALTER COLUMN released DROP DEFAULT;
 CREATE FUNCTION berth_released_tag() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'DELETE' OR OLD.digest <> NEW.digest THEN

@@ -134,7 +134,9 @@ _ADDED_COLUMNS = (
     ("repositories", "stored_bytes", "INTEGER NOT NULL DEFAULT 0"),
     ("repositories", "tag_count", "INTEGER NOT NULL DEFAULT 0"),
     ("repositories", "manifest_count", "INTEGER NOT NULL DEFAULT 0"),
-    ("manifests", "released", "REAL"),
+    # Existing rows count as let go of now (when their tags last moved is not known):
+    # a constant default, so no row is rewritten.
+    ("manifests", "released", "REAL DEFAULT {now}"),
 )
 
 
@@ -229,7 +231,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
         if column in columns:
             continue
         try:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            declared = declaration.format(now=repr(time.time()))
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declared}")
         except sqlite3.OperationalError as exc:
             # Workers start together: another one may have added it just now.
             if "duplicate column" not in str(exc):

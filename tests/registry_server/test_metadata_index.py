@@ -308,6 +308,54 @@ async def test_deleting_an_untagged_manifest_checks_its_age_again(index: Metadat
     assert await index.delete_untagged_manifest("r", D3, time.time() + 60) == []
 
 
+async def test_an_untagged_index_leaves_a_platform_pushed_again_since(
+    index: MetadataIndex,
+) -> None:
+    """A build pushing a platform again by digest, its new index on the way, must not
+    lose it to the retention of the old index that listed it (found by review)."""
+    await index.put_manifest("r", manifest(D1), [])
+    await index.put_manifest("r", manifest(D2), [])
+    await index.put_manifest("r", manifest(D3, children=(D1, D2)), [])
+    await asyncio.sleep(0.05)
+    seen = time.time()
+    await asyncio.sleep(0.05)
+    await index.put_manifest("r", manifest(D1), [])  # pushed again: the new index's
+    assert await index.delete_untagged_manifest("r", D3, seen) == [D3, D2]
+    assert await index.get_manifest("r", D1) is not None
+
+
+def test_manifests_from_before_released_count_as_let_go_of_at_the_upgrade(
+    tmp_path: Path,
+) -> None:
+    """SQLite: the column added to an older database stamps its rows with the upgrade
+    (found by review: aged from their push, yesterday's rollback image went at once)."""
+    path = tmp_path / "index.db"
+
+    async def setup() -> None:
+        index = SqliteIndex(path)
+        await index.put_manifest("r", manifest(D1), [])
+        await index.close()
+
+    asyncio.run(setup())
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE manifests DROP COLUMN released")  # as before the upgrade
+    conn.execute("UPDATE manifests SET created = created - 30 * 86400")
+    conn.commit()
+    conn.close()
+
+    async def after() -> None:
+        index = SqliteIndex(path)
+        try:
+            assert await index.untagged_manifests("r", time.time() - 86400) == []
+            assert await index.untagged_manifests("r", time.time() + 60) == [D1]
+            await index.put_manifest("r", manifest(D2), [])  # a new one: by its push
+            assert await index.untagged_manifests("r", time.time() - 86400) == []
+        finally:
+            await index.close()
+
+    asyncio.run(after())
+
+
 async def test_an_index_child_still_tagged_stays(index: MetadataIndex) -> None:
     await index.put_manifest("r", manifest(D1), ["amd64"])
     await index.put_manifest("r", manifest(D2), [])

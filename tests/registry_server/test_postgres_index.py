@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import psycopg
@@ -248,3 +249,32 @@ async def test_one_tag_pushed_from_every_replica_ends_on_the_newest_version(
     assert versions == sorted(versions) and len(set(versions)) == 30
     (state,) = await replicas[1].tag_states("r")
     assert (state.digest, state.version) == (changes[-1].digest, changes[-1].version)
+
+
+async def test_manifests_from_before_released_count_as_let_go_of_at_the_upgrade(
+    postgres_dsn: str,
+) -> None:
+    """Untagged retention turned on right after the upgrade must not take an image whose
+    tag moved yesterday because it was pushed a month ago (found by review)."""
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+            " applied DOUBLE PRECISION NOT NULL)"
+        )
+        for version, script in postgres_schema.MIGRATIONS[:7]:
+            conn.execute(script)
+            conn.execute("INSERT INTO schema_version VALUES (%s, 0)", (version,))
+        conn.execute("INSERT INTO repositories(id, name, created) VALUES (1, 'r', 0)")
+        conn.execute(
+            "INSERT INTO manifests(repo_id, digest, media_type, size, content, created)"
+            " VALUES (1, %s, 'x', 1, '\\x00', %s)",
+            (digest(1), time.time() - 30 * 86400),
+        )
+    index = await PostgresIndex.connect(postgres_dsn)
+    try:
+        assert await index.untagged_manifests("r", time.time() - 86400) == []
+        assert await index.untagged_manifests("r", time.time() + 60) == [digest(1)]
+        await index.put_manifest("r", manifest(digest(2)), [])  # a new one: by its push
+        assert await index.untagged_manifests("r", time.time() + 60) == [digest(1), digest(2)]
+    finally:
+        await index.close()
