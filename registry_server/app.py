@@ -315,7 +315,9 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
     collector = GarbageCollector(
         store, index, config.gc.grace_seconds, config.limits.upload_purge_after_seconds
     )
-    retention = RetentionService(index, tag_rules, on_change, record)
+    retention = RetentionService(
+        index, tag_rules, on_change, record, cached=_cached_here(pull_through)
+    )
     background: list[asyncio.Task[None]] = []
 
     async def collect_forever() -> None:

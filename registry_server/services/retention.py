@@ -45,9 +45,13 @@ class RetentionService:
         on_change: Callable[[], None] | None = None,
         record: TagRecord | None = None,
         wall: Callable[[], float] = time.time,
+        cached: Callable[[str], bool] = lambda repo: False,
     ) -> None:
         self.index = index
         self._wall = wall
+        # Repositories the pull-through cache fills: their manifests pulled by digest
+        # have no tag and are kept by the cache's own eviction, which knows their pulls.
+        self._cached = cached
         self.tag_rules = tag_rules
         self._on_change = on_change or (lambda: None)
         self.record = record  # the tag record the SQLite index is rebuilt from
@@ -86,7 +90,7 @@ class RetentionService:
         for digest in dict.fromkeys(untagged):
             # Only if nothing holds it any more (another tag, an index listing it).
             deleted += await self.index.delete_untagged_manifest(repo, digest)
-        if rules.retention.untagged_days is not None:
+        if rules.retention.untagged_days is not None and not self._cached(repo):
             deleted += await self._untagged(repo, rules.retention.untagged_days)
         if self.record is not None and (removed or deleted):
             await self.record.removed(repo, deleted, removed)

@@ -150,3 +150,26 @@ async def test_retention_writes_its_removals_to_the_tag_record(tmp_path: Path) -
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+async def test_untagged_retention_leaves_the_pull_through_caches_repositories(
+    tmp_path: Path,
+) -> None:
+    """An image a cache holds because nodes pull it by digest has no tag: its eviction
+    goes by pulls, which retention does not see (found by review)."""
+    index = SqliteIndex(tmp_path / "index.db")
+    try:
+        for repo in ("docker.io/library/nginx", "team/app"):
+            await index.put_manifest(repo, manifest(D1), [])
+        rules = TagRules(retention=Retention(None, (), 1.0))
+        service = RetentionService(
+            index,
+            lambda repo: rules,
+            wall=lambda: time.time() + 2 * 86400,
+            cached=lambda repo: repo.startswith("docker.io/"),
+        )
+        assert (await service.run_once()).manifests_deleted == 1
+        assert await index.get_manifest("docker.io/library/nginx", D1) is not None
+        assert await index.get_manifest("team/app", D1) is None
+    finally:
+        await index.close()
