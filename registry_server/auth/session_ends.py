@@ -21,7 +21,7 @@ from registry_server.storage.index import MetadataIndex
 log = logging.getLogger("registry_server.auth")
 
 # Read again what ended this long before the last look: a transaction that committed
-# late (PostgreSQL stamps ``ended_at`` before its commit) is still seen.
+# late (``ended_at`` is stamped before the commit) is still seen.
 _OVERLAP_SECONDS = 60.0
 
 
@@ -36,7 +36,7 @@ class SessionEnds:
         self.interval = interval_seconds
         self._wall = wall
         self._ended: dict[str, float] = {}  # token id -> when it would have expired
-        self._looked: float | None = None  # wall time of the last read (None: never)
+        self._looked: float | None = None  # the database's clock at the last read
 
     def ended(self, token_id: str) -> bool:
         return token_id in self._ended
@@ -45,15 +45,16 @@ class SessionEnds:
         """End a session here at once and, through the index, everywhere (raises when
         the index cannot record it: the caller must not say it is logged out)."""
         expires_at += LEEWAY_SECONDS  # as long as any process may still accept it
-        await self.index.end_session(token_id, expires_at, self._wall())
+        await self.index.end_session(token_id, expires_at)
         self._ended[token_id] = expires_at
 
     async def sync_once(self) -> None:
-        now = self._wall()
-        since = 0.0 if self._looked is None else self._looked - _OVERLAP_SECONDS
-        for token_id, expires_at in await self.index.ended_sessions(since):
+        # By the database's clock: replicas whose own clocks disagree miss nothing.
+        since = None if self._looked is None else self._looked - _OVERLAP_SECONDS
+        ended, self._looked = await self.index.ended_sessions(since)
+        for token_id, expires_at in ended:
             self._ended[token_id] = expires_at
-        self._looked = now
+        now = self._wall()  # expiry is each process's own judgement, as for the token
         self._ended = {t: e for t, e in self._ended.items() if e > now}
 
     async def run_forever(self) -> None:

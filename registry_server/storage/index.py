@@ -268,9 +268,11 @@ class MetadataIndex(Protocol):
         ...
 
     # web UI sessions ended by logging out (storage/ended_sessions.py)
-    async def end_session(self, token_id: str, expires_at: float, now: float) -> None:
-        """Record the session ``token_id`` (valid until ``expires_at``) ended at ``now``."""
+    async def end_session(self, token_id: str, expires_at: float) -> None:
+        """Record the session ``token_id`` (valid until ``expires_at``) ended now, by the
+        database's clock."""
 
-    async def ended_sessions(self, since: float) -> list[tuple[str, float]]:
-        """(token id, expires at) of the sessions ended after wall time ``since``."""
+    async def ended_sessions(self, since: float | None) -> tuple[list[tuple[str, float]], float]:
+        """(token id, expires at) of the sessions ended after ``since`` (the database's
+        clock; None: all), and that clock when the read began."""
         ...

@@ -71,6 +71,7 @@ DIALECT = Dialect(
     share_blob_rows=" FOR SHARE OF b",
     lock_blob_row=" FOR UPDATE",
     per_repository_clock=True,
+    now="extract(epoch FROM clock_timestamp())",
 )
 
 # Advisory lock keys (64-bit): migrations, "all blobs", and one per blob digest.

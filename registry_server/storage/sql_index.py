@@ -294,11 +294,11 @@ class SqlIndex(ABC):
     async def draining_auth_failures(self, now: float) -> list[tuple[str, bytes, float]]:
         return await self._read(auth_failures.draining(now))
 
-    async def end_session(self, token_id: str, expires_at: float, now: float) -> None:
-        await self._write(lambda: ended_sessions.end(token_id, expires_at, now))
+    async def end_session(self, token_id: str, expires_at: float) -> None:
+        await self._write(lambda: ended_sessions.end(self.dialect, token_id, expires_at))
 
-    async def ended_sessions(self, since: float) -> list[tuple[str, float]]:
-        return await self._read(ended_sessions.ended_since(since))
+    async def ended_sessions(self, since: float | None) -> tuple[list[tuple[str, float]], float]:
+        return await self._read(ended_sessions.ended_since(self.dialect, since))
 
     async def expire_tombstones(self, older_than: float) -> int:
         return await self._write(lambda: index_tags.expire_tombstones(older_than), frees=True)

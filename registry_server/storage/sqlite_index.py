@@ -42,6 +42,7 @@ DIALECT = Dialect(
     share_blob_rows="",
     lock_blob_row="",
     per_repository_clock=False,
+    now="((julianday('now') - 2440587.5) * 86400.0)",
 )
 
 _SCHEMA = """
@@ -140,8 +141,7 @@ _ADDED_COLUMNS = (
 )
 
 
-# Wall-clock seconds since the epoch, in SQLite's own terms (as time.time()).
-_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+_NOW = DIALECT.now
 
 # Every insert, update or delete of a tag row counts in its repository's row: a cached
 # tag list is valid while the count holds (services/tag_lists.py). When a manifest loses

@@ -53,6 +53,7 @@ class Dialect:
     share_blob_rows: str  # suffix locking the rows of blobs a manifest needs
     lock_blob_row: str  # suffix locking a blob's row before collection checks it
     per_repository_clock: bool
+    now: str  # SQL for the database's wall clock, in seconds since the epoch
 
     def limit(self, n: int | None) -> int | None:
         return self.unlimited if n is None else n
