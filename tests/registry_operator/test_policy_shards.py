@@ -8,6 +8,7 @@ same on every path.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -128,6 +129,23 @@ def test_the_stored_policy_reads_back() -> None:
         assert {(name, path) for path, _ in grants} <= stored.grants
     assert stored.rules == set(policy.rules)
     assert rp.read_stored({}, "main") == access.Stored()
+
+
+def test_every_field_of_a_rule_reads_back() -> None:
+    """A rule read back unlike it was written counts as not in force (found by review:
+    untagged_days was not read, so each such Repository was told its rule was not)."""
+    rule = access.Rule(
+        "team-0/app",
+        anonymous_pull=True,
+        immutable_tags=("v*",),
+        keep_last=5,
+        protect=("stable",),
+        untagged_days=14,
+        quota_storage=1 << 30,
+        quota_tags=100,
+    )
+    policy = dataclasses.replace(make(3), rules=(rule,))
+    assert rp.read_stored(_stored(rp.render(OWNER, policy)), "main").rules == {rule}
 
 
 def test_a_shard_not_matching_the_main_file_counts_as_absent() -> None:

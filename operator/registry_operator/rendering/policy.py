@@ -283,6 +283,7 @@ def _stored(parts: Sequence[Mapping[str, Any]]) -> access.Stored:
                     immutable_tags=tuple(rule.get("immutable_tags") or ()),
                     keep_last=retention.get("keep_last"),
                     protect=tuple(retention.get("protect") or ()),
+                    untagged_days=retention.get("untagged_days"),
                     quota_storage=quota.get("storage"),
                     quota_tags=quota.get("tags"),
                 )
