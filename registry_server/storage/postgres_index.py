@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import logging
 import random
 import time
 import uuid
@@ -61,6 +62,8 @@ from registry_server.storage import changelog, postgres_schema
 from registry_server.storage.driver import BackendUnavailable
 from registry_server.storage.sql_index import SqlIndex
 from registry_server.storage.sqltx import Dialect, Query, Result, Tx
+
+log = logging.getLogger("registry_server.storage")
 
 T = TypeVar("T")
 
@@ -120,9 +123,32 @@ def _run_blocking(conn: psycopg.Connection[Any], tx: Tx[T]) -> T:
             return value
 
 
-def migrate(conn: psycopg.Connection[Any]) -> None:
+# How long a migration waits for a table lock before it lets go and tries again: an
+# ALTER TABLE queued behind an older replica's long transaction would hold up every
+# query of every replica on that table meanwhile.
+MIGRATION_LOCK_TIMEOUT = 5.0
+_MIGRATION_ATTEMPTS = 12
+
+
+def migrate(
+    conn: psycopg.Connection[Any],
+    lock_timeout: float = MIGRATION_LOCK_TIMEOUT,
+    attempts: int = _MIGRATION_ATTEMPTS,
+) -> None:
     """Bring the schema to ``postgres_schema.LATEST``; safe when replicas start together
     (one advisory lock: the others wait, then find nothing to do)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            _migrate_once(conn, lock_timeout)
+            return
+        except pg_errors.LockNotAvailable:
+            if attempt == attempts:
+                raise
+            log.warning("schema migration waited %gs for a table lock; trying again", lock_timeout)
+            time.sleep(min(0.5 * attempt, 5.0))
+
+
+def _migrate_once(conn: psycopg.Connection[Any], lock_timeout: float) -> None:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATIONS_KEY,))
         conn.execute(
@@ -135,6 +161,8 @@ def migrate(conn: psycopg.Connection[Any]) -> None:
                 f"the metadata database has schema version {max(done)}, newer than this"
                 f" server's {postgres_schema.LATEST}: run a newer server"
             )
+        # Only for the scripts: the advisory lock above is waited for as long as it takes.
+        conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
         for version, script in postgres_schema.MIGRATIONS:
             if version not in done:
                 conn.execute(script)  # no parameters: several statements at once

@@ -19,7 +19,7 @@ import pytest
 
 from registry_server.protocol import errors
 from registry_server.protocol.quotas import Usage
-from registry_server.storage import postgres_schema
+from registry_server.storage import postgres_index, postgres_schema
 from registry_server.storage.index import Change, NewManifest
 from registry_server.storage.postgres_index import PostgresIndex
 
@@ -278,3 +278,30 @@ async def test_manifests_from_before_released_count_as_let_go_of_at_the_upgrade(
         assert await index.untagged_manifests("r", time.time() + 60) == [digest(1), digest(2)]
     finally:
         await index.close()
+
+
+def test_a_migration_waiting_for_a_table_lets_go_and_tries_again(postgres_dsn: str) -> None:
+    """An ALTER TABLE queued behind another replica's long transaction would hold up
+    every query on that table: it waits a bounded time, lets go, and tries again."""
+    with psycopg.connect(postgres_dsn) as conn:
+        conn.execute(
+            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+            " applied DOUBLE PRECISION NOT NULL)"
+        )
+        for version, script in postgres_schema.MIGRATIONS[:7]:
+            conn.execute(script)
+            conn.execute("INSERT INTO schema_version VALUES (%s, 0)", (version,))
+    with psycopg.connect(postgres_dsn) as holder, psycopg.connect(postgres_dsn) as migrating:
+        holder.execute("LOCK TABLE manifests IN ACCESS SHARE MODE")  # a reader's lock
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            postgres_index.migrate(migrating, lock_timeout=0.2, attempts=2)
+        assert time.monotonic() - started < 5
+        # Meanwhile another reader is not held up behind a waiting ALTER TABLE.
+        with psycopg.connect(postgres_dsn) as reader:
+            reader.execute("SET statement_timeout = '2s'")
+            reader.execute("SELECT count(*) FROM manifests").fetchone()
+        holder.rollback()
+        postgres_index.migrate(migrating, lock_timeout=0.2, attempts=2)
+        versions = migrating.execute("SELECT max(version) FROM schema_version").fetchone()
+        assert versions == (postgres_schema.LATEST,)
