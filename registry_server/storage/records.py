@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from registry_server.protocol import versions
+from registry_server.protocol import errors, manifests, versions
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.driver import StorageFull
 from registry_server.storage.index import TagState
@@ -186,6 +186,7 @@ class TagRecord:
 
     def replay(self, repo: str) -> RepositoryState:
         state = RepositoryState()
+        removed: dict[str, RecordedManifest] = {}
         with open(self.path(repo), "rb") as f:
             for raw in f:
                 try:
@@ -199,14 +200,42 @@ class TagRecord:
                         line["digest"], line["media_type"], content
                     )
                 elif op == "delete_manifest":
-                    state.manifests.pop(line["digest"], None)
+                    gone = state.manifests.pop(line["digest"], None)
+                    if gone is not None:
+                        removed[gone.digest] = gone
                 elif op == "tag":
                     tag = TagState(line["tag"], line["digest"], line["version"], line["origin"])
                     held = state.tags.get(tag.name)
                     stamp = Stamp(tag.version, tag.origin)
                     if held is None or not versions.wins(Stamp(held.version, held.origin), stamp):
                         state.tags[tag.name] = tag
+        _restore_held(state, removed)
         return state
+
+
+def _restore_held(state: RepositoryState, removed: dict[str, RecordedManifest]) -> None:
+    """Bring back deleted manifests that a live tag, or an index held by one, still
+    needs. Lines are appended after their commits, from several workers, so a push of a
+    digest again can be written before the delete it followed in the index; a delete
+    that really happened tombstoned its tags in the same line group. Without this, a
+    rebuild dropped a manifest the index held (found by review)."""
+    wanted = [state.tags[name].digest for name in state.tags]
+    seen: set[str] = set()
+    while wanted:
+        digest = wanted.pop()
+        if digest is None or digest in seen:
+            continue
+        seen.add(digest)
+        found = state.manifests.get(digest)
+        if found is None and digest in removed:
+            found = state.manifests[digest] = removed[digest]
+        if found is None:
+            continue
+        try:
+            children = manifests.parse(found.content, found.media_type).children
+        except errors.RegistryError:  # stored as pushed; what it lists is not ours to judge
+            continue
+        wanted.extend(str(child.digest) for child in children)
 
 
 def _first_repository(path: Path) -> str | None:

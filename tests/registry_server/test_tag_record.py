@@ -5,11 +5,14 @@ after its own write."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
 import pytest
 
+from registry_server.protocol import digests, manifests
+from registry_server.storage.index import TagState
 from registry_server.storage.records import TagRecord
 
 
@@ -61,3 +64,48 @@ async def test_a_failed_sync_fails_its_appends_and_the_next_ones_sync_again(
         await record.append("r", [{"op": "delete_manifest", "digest": "a"}])
     await record.append("r", [{"op": "delete_manifest", "digest": "b"}])
     assert len(record.path("r").read_text().splitlines()) == 2
+
+
+def _image(n: int) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifests.OCI_MANIFEST,
+            "config": {"mediaType": "c", "digest": "sha256:" + "0" * 64, "size": n},
+            "layers": [],
+        }
+    ).encode()
+
+
+async def test_a_push_again_recorded_before_the_delete_it_followed_is_replayed_kept(
+    tmp_path: Path,
+) -> None:
+    """Lines are appended after their commits by several workers: the index deleted X,
+    then a push stored it again and tagged it; the record may hold the push first. The
+    rebuild must keep what a live tag (or an index it holds) needs (found by review)."""
+    record = TagRecord(tmp_path)
+    platform, other = _image(1), _image(2)
+    p_digest, o_digest = (str(digests.of_bytes(b)) for b in (platform, other))
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifests.OCI_INDEX,
+            "manifests": [{"mediaType": manifests.OCI_MANIFEST, "digest": p_digest, "size": 1}],
+        }
+    ).encode()
+    i_digest = str(digests.of_bytes(index))
+    await record.manifest("r", p_digest, manifests.OCI_MANIFEST, platform, [])
+    await record.manifest(
+        "r", i_digest, manifests.OCI_INDEX, index, [TagState("multi", i_digest, 2, "eu")]
+    )
+    await record.manifest(
+        "r", o_digest, manifests.OCI_MANIFEST, other, [TagState("solo", o_digest, 4, "eu")]
+    )
+    # Written late: the deletes that came before those pushes in the index.
+    await record.removed("r", [p_digest, i_digest, o_digest], [])
+    state = record.replay("r")
+    assert state.live_tags() == {"multi": i_digest, "solo": o_digest}
+    assert set(state.manifests) == {p_digest, i_digest, o_digest}
+    # A delete that really happened tombstoned its tag in the same lines: it stays gone.
+    await record.deleted("r", o_digest, [TagState("solo", None, 5, "eu")])
+    assert o_digest not in record.replay("r").manifests
