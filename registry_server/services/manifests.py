@@ -104,12 +104,6 @@ class ManifestService:
             self._on_change()
         return PushResult(str(digest), subject)
 
-    async def _tags_of(self, repo: str, digest: str) -> list[str]:
-        """The tags a manifest delete will tombstone, for the record (deletes are rare)."""
-        if self.record is None:
-            return []
-        return [t.name for t in await self.index.tag_states(repo) if t.digest == digest]
-
     async def _record_delete(self, repo: str, digest: str | None, tags: Sequence[str]) -> None:
         if self.record is not None:
             stamps = await self.index.tag_stamps(repo, tags)
@@ -146,10 +140,14 @@ class ManifestService:
         if isinstance(ref, digests.Digest):
             # A replicated delete was decided where it was made (see put).
             guard = rules.is_immutable if stamp is None and rules.immutable else None
-            tagged = await self._tags_of(repo, str(ref))
             # While the volume is full no push is in flight: its layers may go at once.
             release = self.space.full
-            if not await self.index.delete_manifest(repo, str(ref), stamp, actor, guard, release):
+            # The tags the delete's own transaction removed, for the record: read before
+            # it, a tag moved onto the manifest meanwhile was left live in the record.
+            tagged: list[str] = []
+            if not await self.index.delete_manifest(
+                repo, str(ref), stamp, actor, guard, release, tagged
+            ):
                 raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"digest": str(ref)})
             await self._record_delete(repo, str(ref), tagged)
         # An unknown tag stays MANIFEST_UNKNOWN, immutable or not.

@@ -134,8 +134,10 @@ class MetadataIndex(Protocol):
         actor: str | None = None,
         immutable: Callable[[str], bool] | None = None,
         release: bool = False,
+        tombstoned: list[str] | None = None,
     ) -> bool:
-        """Delete a manifest and tombstone its tags (a replicated delete spares newer tags).
+        """Delete a manifest and tombstone its tags (a replicated delete spares newer tags);
+        ``tombstoned`` is given the names of the tags the delete's transaction removed.
 
         With ``immutable`` (a local delete), fails with TAG_IMMUTABLE if a tag it matches
         points at the manifest or at an index listing it, decided in the transaction.

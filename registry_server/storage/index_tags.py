@@ -340,8 +340,11 @@ def delete_manifest(
     actor: str | None,
     immutable: Callable[[str], bool] | None,
     release: bool = False,
+    tombstoned: list[str] | None = None,
 ) -> Tx[bool]:
     local = given is None
+    removed = [] if tombstoned is None else tombstoned
+    removed.clear()  # a transaction run again starts over
     repo_id = yield from repository(dialect, repo, create=False)
     if repo_id is None:
         return False
@@ -372,6 +375,7 @@ def delete_manifest(
     for name, tag_version, tag_origin in tags.rows:
         if versions.wins(version, Stamp(int(tag_version), str(tag_origin))):
             yield from tombstone(repo_id, str(name), version)
+            removed.append(str(name))
         else:
             surviving = True  # a newer tag elsewhere still wants this manifest
     if not local and not surviving:

@@ -119,6 +119,7 @@ class SqlIndex(ABC):
         actor: str | None = None,
         immutable: Callable[[str], bool] | None = None,
         release: bool = False,
+        tombstoned: list[str] | None = None,
     ) -> bool:
         return await self._write(
             lambda: index_tags.delete_manifest(
@@ -131,6 +132,7 @@ class SqlIndex(ABC):
                 actor,
                 immutable,
                 release,
+                tombstoned,
             ),
             frees=True,
         )

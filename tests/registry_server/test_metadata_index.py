@@ -194,6 +194,18 @@ async def test_a_manifest_an_index_lists_is_not_deleted_before_the_index(
     assert await index.delete_manifest("r", D1)  # ... then its platform
 
 
+async def test_a_manifest_delete_says_which_tags_it_removed(index: MetadataIndex) -> None:
+    """What the tag record is told: the tags the delete's own transaction removed (read
+    before it, a tag moved onto the manifest meanwhile stayed live in the record, and a
+    rebuild brought the deleted image back)."""
+    await index.put_manifest("r", manifest(D1), ["a", "b"])
+    await index.put_manifest("r", manifest(D2), ["c"])
+    removed: list[str] = ["stale"]
+    assert await index.delete_manifest("r", D1, tombstoned=removed)
+    assert sorted(removed) == ["a", "b"]
+    assert await index.delete_manifest("r", D2)  # without the list, as before
+
+
 async def test_deleting_an_immutable_tag_is_refused_in_the_transaction(
     index: MetadataIndex,
 ) -> None:
