@@ -4,13 +4,16 @@ The certificate and key are usually a mounted Secret, which the kubelet (or cert
 CSI driver) replaces by swapping the ``..data`` symlink. Each worker polls the files'
 identity (resolved target, inode, size, mtime) like the auth files; a change seen
 unchanged by two polls is read, checked on a scratch context (the key matches, the
-certificate is not expired), and only then loaded into the live context with
-``load_cert_chain``: connections accepted after that present the new certificate, those
-already open keep theirs, so no request fails. A pair that does not pass is logged and the
-last good one stays in force.
+certificate is not expired), and only then put in force: a fresh context is made for it,
+and the listener's context hands each new connection to the context in force as its
+ClientHello arrives (``sni_callback``, which OpenSSL calls with or without SNI).
+Connections accepted after that present the new certificate, those already open keep
+theirs, so no request fails. A pair that does not pass is logged and the last good one
+stays in force.
 
-OpenSSL's SSL_CTX is not safe to change while another thread makes connections from it,
-so the live load runs on the event loop thread; the file reads and checks run in a thread.
+Loading the new pair into the live context instead would keep the old one beside it
+whenever the key type changed (OpenSSL holds one certificate per key type, EC and RSA),
+and clients would go on being shown the old certificate and its key.
 """
 
 from __future__ import annotations
@@ -173,7 +176,10 @@ class ServingTls:
             pair = read_pair(cfg)
         except CertificateError as exc:
             raise CertificateError(f"http.tls: {exc}") from None
+        # The listener's context; ``_current`` the one connections are handed to.
         self.context = server_context(cfg, pair)
+        self._current = self.context
+        self.context.sni_callback = self._hand_over
         self.pair = pair
         self._seen = _identity(*self._paths)
         self._loaded = self._seen if self._seen == before else None
@@ -202,14 +208,22 @@ class ServingTls:
         self._loaded = now if _identity(*self._paths) == now else None
         return pair
 
+    def _hand_over(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, name: str | None, context: ssl.SSLContext
+    ) -> None:
+        current = self._current
+        if current is not context:
+            connection.context = current
+
     def apply(self, pair: Pair) -> None:
-        """Load ``pair`` into the live context (on the event loop thread)."""
+        """Put ``pair`` in force for the connections accepted from now on."""
         try:
-            _load(self.context, pair)
-        except ssl.SSLError as exc:  # it passed on a scratch context: not expected
+            fresh = server_context(self.cfg, pair)
+        except (ssl.SSLError, OSError) as exc:  # it passed on a scratch context
             log.error("TLS certificate could not be loaded", extra={"error": str(exc)})
             RELOADS.labels("error").inc()
             return
+        self._current = fresh
         self.pair = pair
         NOT_AFTER.set(pair.not_after.timestamp())
         RELOADS.labels("ok").inc()

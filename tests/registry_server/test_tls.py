@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 
 from registry_server import config
 from registry_server.http import tls
 from tests.support.control_plane import CertificateAuthority
-from tests.support.tls import SecretVolume, expired_pair, serving_pair
+from tests.support.tls import SecretVolume, expired_pair, rsa_pair, serving_pair
 
 
 def _load(tmp_path: Path, http: dict[str, Any]) -> config.Config:
@@ -96,3 +98,39 @@ def test_reload_waits_for_settled_files_and_keeps_the_last_good_pair(
     serving.apply(pair)
     assert serving.pair is pair
     assert serving.check() is None
+
+
+@pytest.mark.parametrize("sni", ["localhost", None])
+async def test_a_reload_to_another_key_type_serves_only_the_new_certificate(
+    ca: CertificateAuthority, tmp_path: Path, sni: str | None
+) -> None:
+    """OpenSSL holds one certificate per key type: loaded into the live context, an RSA
+    pair replacing an EC one was added beside it and clients went on being shown the
+    old certificate (found by review). With SNI and without (an address)."""
+    first, second = serving_pair(ca, "old"), rsa_pair(ca, "new-rsa")
+    volume = SecretVolume(tmp_path / "secret", first.cert.read_bytes(), first.key.read_bytes())
+    serving = tls.ServingTls(config.TlsConfig(certificate=volume.cert, key=volume.key))
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=serving.context)
+    port = server.sockets[0].getsockname()[1]
+    client = ssl.create_default_context(cafile=str(ca.cert_path))
+    client.check_hostname = sni is not None
+
+    async def presented() -> str:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client, server_hostname=sni or ""
+        )
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+
+    try:
+        assert await presented() == "CN=berth-registry"
+        volume.swap_pair(second)
+        serving.check()
+        pair = serving.check()
+        assert pair is not None
+        serving.apply(pair)
+        assert await presented() == "CN=new-rsa"
+    finally:
+        server.close()
+        await server.wait_closed()

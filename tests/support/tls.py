@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .control_plane import CertificateAuthority, KeyPair
@@ -35,20 +35,34 @@ def serving_pair(ca: CertificateAuthority, stem: str) -> KeyPair:
     return ca.issue(stem, "berth-registry", server_names=LOOPBACK_NAMES, server_ips=LOOPBACK_IPS)
 
 
+def rsa_pair(ca: CertificateAuthority, stem: str) -> KeyPair:
+    """A serving certificate for the loopback names with an RSA key (the CA's are EC)."""
+    return _pair(ca, stem, rsa.generate_private_key(65537, 2048), valid_hours=24, ago_hours=1)
+
+
 def expired_pair(ca: CertificateAuthority, stem: str) -> KeyPair:
     """A serving certificate for the loopback names that expired an hour ago."""
-    key = ec.generate_private_key(ec.SECP256R1())
+    return _pair(ca, stem, ec.generate_private_key(ec.SECP256R1()), valid_hours=-1, ago_hours=48)
+
+
+def _pair(
+    ca: CertificateAuthority,
+    stem: str,
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    valid_hours: int,
+    ago_hours: int,
+) -> KeyPair:
     now = datetime.datetime.now(datetime.UTC)
     names: list[x509.GeneralName] = [x509.DNSName(n) for n in LOOPBACK_NAMES]
     names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in LOOPBACK_IPS]
     certificate = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "expired")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, stem)]))
         .issuer_name(ca.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=2))
-        .not_valid_after(now - datetime.timedelta(hours=1))
+        .not_valid_before(now - datetime.timedelta(hours=ago_hours))
+        .not_valid_after(now + datetime.timedelta(hours=valid_hours))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
