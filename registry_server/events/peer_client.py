@@ -128,6 +128,11 @@ class PeerClient:
         self._ssl = ssl_context(peer.url, peer.tls_verify, peer.ca_file)
         self._origin = origin(self.base)
 
+    def _replicated(self) -> dict[str, str]:
+        """What tells a Berth peer that a send by digest is replication, not a push of
+        its own (the other region held it to the quota; it is not forwarded again)."""
+        return {versions.REPLICATED_HEADER: "1"} if self.peer.kind == "berth" else {}
+
     # -- transport and auth --------------------------------------------------------------
 
     def _basic(self) -> dict[str, str]:
@@ -342,6 +347,7 @@ class PeerClient:
             "POST",
             f"/v2/{repo}/blobs/uploads/{query}",
             self._push(repo),
+            headers=self._replicated(),
             expect=(201, 202),
             what="upload start",
         )
@@ -358,7 +364,11 @@ class PeerClient:
             "POST",
             f"/v2/{repo}/blobs/uploads/?digest={digest}",
             self._push(repo),
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(size),
+                **self._replicated(),
+            },
             data_factory=lambda: self._chunks(source, 0, size),
             expect=(201,),
             what="blob single POST",
@@ -462,6 +472,8 @@ class PeerClient:
         if stamp is not None:
             headers[versions.VERSION_HEADER] = str(stamp.version)
             headers[versions.ORIGIN_HEADER] = stamp.origin
+        else:  # by digest: a platform, a referrer
+            headers.update(self._replicated())
         await self.request(
             "PUT",
             f"/v2/{repo}/manifests/{reference}",

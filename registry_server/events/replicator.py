@@ -49,7 +49,18 @@ LAST_SUCCESS = Gauge("berth_replication_last_success_timestamp", "Last delivery"
 DELIVERED = Counter("berth_replication_delivered_total", "Changes delivered", ["peer"])
 ERRORS = Counter("berth_replication_errors_total", "Failed delivery attempts", ["peer"])
 REPAIRED = Counter("berth_replication_repaired_total", "Drift repaired by anti-entropy", ["peer"])
+SET_ASIDE = Counter(
+    "berth_replication_set_aside_total",
+    "Changes a peer kept refusing, left to anti-entropy so the ones after them go on",
+    ["peer"],
+)
 
+# Refusals that may clear (a quota, a project or grant not there yet, a conflict) but
+# concern one change: after this many attempts (about a minute) it is set aside, or it
+# would hold up every change after it, of every repository. Failures of the peer as a
+# whole (unreachable, 5xx, 401, 429) are waited out: nothing else would get through.
+_REFUSALS = (403, 404, 409)
+_REFUSED_ATTEMPTS = 8
 _PAGE = 500
 _SINGLE_POST_BYTES = 4 * 1024 * 1024
 EMPTY_REPOSITORY_HASH = hashlib.sha256().hexdigest()
@@ -247,6 +258,13 @@ class Replicator:
                 if not exc.retryable:
                     log.error(
                         "change rejected by peer; anti-entropy will retry",
+                        extra={"peer": peer.config.name, "seq": change.seq, "error": str(exc)},
+                    )
+                    return False
+                if exc.status in _REFUSALS and attempt + 1 >= _REFUSED_ATTEMPTS:
+                    SET_ASIDE.labels(peer.config.name).inc()
+                    log.error(
+                        "change still refused by peer: set aside for anti-entropy",
                         extra={"peer": peer.config.name, "seq": change.seq, "error": str(exc)},
                     )
                     return False

@@ -56,20 +56,32 @@ async def _stamp(request: web.Request, principal: Principal) -> versions.Stamp |
     return stamp
 
 
+async def replicated(request: web.Request, principal: Principal) -> bool:
+    """Whether a peer says it sends this by digest, as only those allowed to replicate
+    may (it lifts the quota)."""
+    if request.headers.get(versions.REPLICATED_HEADER) is None:
+        return False
+    if not await services(request).auth.allowed(principal, REPLICATION):
+        raise errors.RegistryError(errors.DENIED, detail={"reason": "replication not allowed"})
+    return True
+
+
 async def put_manifest(
     request: web.Request, name: str, reference: str, principal: Principal
 ) -> web.Response:
     svc = services(request)
     content = await body.read_limited(request, svc.max_manifest_bytes)
     extra_tags = request.rel_url.query.getall("tag", [])
+    stamp = await _stamp(request, principal)
     result = await svc.manifests.put(
         name,
         reference,
         content,
         request.headers.get("Content-Type"),
         extra_tags,
-        await _stamp(request, principal),
+        stamp,
         actor=principal.name or None,
+        replicated=stamp is None and await replicated(request, principal),
     )
     headers = {
         **API_VERSION_HEADER,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from registry_server.auth.model import Access, Principal
-from registry_server.http import body
+from registry_server.http import body, manifests
 from registry_server.http.context import services
 from registry_server.http.errors import API_VERSION_HEADER
 from registry_server.protocol import digests, errors, names, ranges
@@ -50,11 +50,13 @@ async def start_upload(request: web.Request, name: str, principal: Principal) ->
 
         if await svc.blobs.mount(name, digest, source, may_pull):
             return _created(name, digest)
-    elif "digest" in query:
+    # A peer's copy of what another region took: that region held it to the quota.
+    exempt = await manifests.replicated(request, principal)
+    if mount is None and "digest" in query:
         digest = digests.parse(query["digest"])
-        await svc.blobs.upload_whole(name, digest, body.stream(request))
+        await svc.blobs.upload_whole(name, digest, body.stream(request), quota_exempt=exempt)
         return _created(name, digest)
-    upload_id = await svc.blobs.start_upload(name)
+    upload_id = await svc.blobs.start_upload(name, quota_exempt=exempt)
     return _accepted(name, upload_id, 0)
 
 

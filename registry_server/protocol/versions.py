@@ -46,6 +46,9 @@ def physical_ms(version: int) -> int:
 # version; a plain client never sends them and gets a fresh local version instead.
 VERSION_HEADER = "Berth-Replication-Version"
 ORIGIN_HEADER = "Berth-Replication-Origin"
+# A manifest or blob a peer sends without a stamp (by digest: a platform, a referrer, a
+# layer): not the receiver's own push, so not held to its quota nor logged again.
+REPLICATED_HEADER = "Berth-Replicated"
 
 
 # The index stores versions as signed 64-bit integers.

@@ -110,8 +110,9 @@ class BlobService:
 
     # -- uploads -------------------------------------------------------------------------
 
-    async def start_upload(self, repo: str) -> str:
-        await self._refuse_when_full(repo)
+    async def start_upload(self, repo: str, quota_exempt: bool = False) -> str:
+        if not quota_exempt:
+            await self._refuse_when_full(repo)
         return await self.store.start_upload(repo)
 
     async def upload_status(self, repo: str, upload_id: str) -> UploadInfo:
@@ -180,10 +181,15 @@ class BlobService:
         return size
 
     async def upload_whole(
-        self, repo: str, digest: digests.Digest, body: AsyncIterator[bytes]
+        self,
+        repo: str,
+        digest: digests.Digest,
+        body: AsyncIterator[bytes],
+        quota_exempt: bool = False,
     ) -> int:
         """Single POST with ``?digest=``: the whole blob in one request."""
-        await self._refuse_when_full(repo)
+        if not quota_exempt:
+            await self._refuse_when_full(repo)
         upload_id = await self.store.start_upload(repo)
         try:
             return await self.finish_upload(repo, upload_id, digest, body)

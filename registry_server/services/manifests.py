@@ -55,9 +55,12 @@ class ManifestService:
         extra_tags: Sequence[str] = (),
         stamp: Stamp | None = None,
         actor: str | None = None,
+        replicated: bool = False,
     ) -> PushResult:
         """Validate and store a manifest; ``stamp`` marks a change replicated from a peer,
-        ``actor`` is the account pushing (recorded for notifications)."""
+        ``replicated`` a manifest a peer sends by digest (a platform, a referrer): neither
+        is held to the quota, logged for other peers or told to webhooks (the region that
+        took the push did all that). ``actor`` is the account pushing."""
         self.space.require_writable()
         if len(body) > self.max_bytes:
             raise errors.RegistryError(
@@ -74,6 +77,8 @@ class ManifestService:
         else:
             digest = digests.of_bytes(body)
             tags.insert(0, ref)
+        if replicated and tags:  # a tag moved by a peer carries the push's stamp
+            raise errors.RegistryError(errors.DENIED, detail={"reason": "a tag needs a stamp"})
         parsed = manifests.parse(body, content_type)
         subject = str(parsed.subject.digest) if parsed.subject else None
         await self.index.put_manifest(
@@ -94,13 +99,14 @@ class ManifestService:
             required_blobs=parsed.required_blobs(),
             required_manifests=list(dict.fromkeys(str(d.digest) for d in parsed.children)),
             actor=actor,
-            quota=self.quota(repo) if stamp is None else None,
+            quota=self.quota(repo) if stamp is None and not replicated else None,
+            replicated=replicated,
         )
         if self.record is not None:
             # After the commit, before the answer: what the client is told is recorded.
             stamps = await self.index.tag_stamps(repo, tags)
             await self.record.manifest(repo, str(digest), parsed.media_type, body, stamps)
-        if stamp is None:
+        if stamp is None and not replicated:
             self._on_change()
         return PushResult(str(digest), subject)
 

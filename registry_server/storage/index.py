@@ -109,8 +109,11 @@ class MetadataIndex(Protocol):
         required_manifests: Sequence[str] = (),
         actor: str | None = None,
         quota: Quota | None = None,
+        replicated: bool = False,
     ) -> list[str]:
         """Store a manifest and point ``tags`` at it; returns the tags actually moved.
+        ``replicated``: a manifest a peer sends by digest (no stamp: it moves no tag), not
+        logged again either.
 
         Without ``stamp`` this is a local push: it gets the next clock version and is
         logged for every peer in the same transaction. With a ``stamp`` it is a replicated

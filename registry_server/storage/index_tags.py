@@ -179,8 +179,10 @@ def put_manifest(
     required_manifests: Sequence[str],
     actor: str | None,
     quota: Quota | None = None,
+    replicated: bool = False,
 ) -> Tx[list[str]]:
     local = given is None
+    logged = local and not replicated  # a peer's by-digest send is not forwarded again
     repo_id = yield from repository(dialect, repo, create=True)
     assert repo_id is not None
     # Under the repository's lock: no concurrent push counts between this and the check.
@@ -252,7 +254,7 @@ def put_manifest(
             yield from changelog.record(
                 consumers, repo, "tag", tag, manifest.digest, version, actor
             )
-    if local and not tags and inserted.rowcount > 0:
+    if logged and not tags and inserted.rowcount > 0:
         yield from changelog.record(
             consumers, repo, "manifest", None, manifest.digest, version, actor
         )

@@ -85,6 +85,7 @@ class SqlIndex(ABC):
         required_manifests: Sequence[str] = (),
         actor: str | None = None,
         quota: Quota | None = None,
+        replicated: bool = False,
     ) -> list[str]:
         return await self._write(
             lambda: index_tags.put_manifest(
@@ -100,6 +101,7 @@ class SqlIndex(ABC):
                 required_manifests,
                 actor,
                 quota,
+                replicated,
             )
         )
 

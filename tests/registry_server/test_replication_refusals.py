@@ -1,0 +1,117 @@
+"""What one refused change does to replication: it is set aside after about a minute of
+refusals, so the changes after it (of every repository) go on; and what a peer sends by
+digest is not held to the receiving region's quota nor logged there again."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from registry_server.config import PeerConfig, ReplicationConfig
+from registry_server.events import replicator as replicator_module
+from registry_server.events.peer_client import PeerError
+from registry_server.events.replicator import Replicator, _Peer
+from registry_server.protocol import digests, errors, manifests
+from registry_server.protocol.quotas import Quota
+from registry_server.services.blobs import BlobService
+from registry_server.services.manifests import ManifestService
+from registry_server.storage.blobstore import BlobStore
+from registry_server.storage.filesystem import FilesystemDriver
+from registry_server.storage.index import Change
+from registry_server.storage.sqlite_index import SqliteIndex
+
+
+async def _attempts_until_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, succeed_after: int | None
+) -> tuple[bool, int]:
+    peer_config = PeerConfig(name="us", url="http://127.0.0.1:9")
+    index = SqliteIndex(tmp_path / "index.db", "eu", ["us"])
+    replicator = Replicator(
+        ReplicationConfig(region="eu", peers=(peer_config,)),
+        index,
+        BlobStore(FilesystemDriver(tmp_path)),
+    )
+    peer = _Peer(
+        peer_config, None, replicator_module.PeerStatus("us", "x", "berth"), asyncio.Semaphore(1)
+    )  # type: ignore[arg-type]
+    attempts = 0
+
+    async def deliver(_peer: Any, _change: Change) -> None:
+        nonlocal attempts
+        attempts += 1
+        if succeed_after is None or attempts <= succeed_after:
+            raise PeerError(f"HTTP {status}", status, retryable=True)
+
+    async def no_wait(_seconds: float) -> None:
+        return None
+
+    monkeypatch.setattr(replicator, "_deliver", deliver)
+    monkeypatch.setattr(replicator_module.asyncio, "sleep", no_wait)
+    change = Change(1, "team/app", "tag", "v1", "sha256:" + "a" * 64, 1, "eu", 0.0)
+    try:
+        done = await replicator._deliver_with_retry(peer, change)
+    finally:
+        await index.close()
+    return done, attempts
+
+
+async def test_a_change_the_peer_keeps_refusing_is_set_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repository at its quota over there, a project missing on a one-way target:
+    retried forever, it held up every change after it (found by review)."""
+    done, attempts = await _attempts_until_done(tmp_path, monkeypatch, 403, None)
+    assert not done and attempts == replicator_module._REFUSED_ATTEMPTS
+
+
+async def test_a_peer_failing_as_a_whole_is_waited_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    done, attempts = await _attempts_until_done(tmp_path, monkeypatch, 503, 40)
+    assert done and attempts == 41
+
+
+def _image(n: int) -> bytes:
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifests.OCI_MANIFEST,
+            "config": {
+                "mediaType": manifests.OCI_EMPTY_CONFIG,
+                "digest": str(digests.of_bytes(b"{}")),
+                "size": 2,
+            },
+            "layers": [],
+            "annotations": {"n": str(n)},
+        }
+    ).encode()
+
+
+async def test_what_a_peer_sends_by_digest_is_not_held_to_the_quota_nor_logged_again(
+    tmp_path: Path,
+) -> None:
+    index = SqliteIndex(tmp_path / "index.db", "us", ["ap"])
+    full = Quota(storage=1)  # nothing more fits
+    blobs = BlobService(BlobStore(FilesystemDriver(tmp_path)), index, quota=lambda _: full)
+    service = ManifestService(index, 1 << 20, quota=lambda _: full)
+    try:
+        await index.link_blob("r", str(digests.of_bytes(b"{}")), 2)
+        body = _image(1)
+        digest = str(digests.of_bytes(body))
+        with pytest.raises(errors.RegistryError):  # a push of this region's own
+            await service.put("r", digest, body, None)
+        await service.put("r", digest, body, None, replicated=True)
+        assert await index.get_manifest("r", digest) is not None
+        assert await index.pending_changes("ap", 10) == []  # not forwarded again
+        with pytest.raises(errors.RegistryError) as caught:  # a tag needs the push's stamp
+            await service.put("r", "latest", body, None, replicated=True)
+        assert caught.value.error is errors.DENIED
+        await blobs.start_upload("r", quota_exempt=True)
+        with pytest.raises(errors.RegistryError):
+            await blobs.start_upload("r")
+    finally:
+        await index.close()
