@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from registry_server.protocol import versions
+
 
 class ConfigError(Exception):
     """The configuration is invalid; the message says which key and why."""
@@ -884,6 +886,12 @@ def _validate(config: Config) -> None:
     _validate_backup(config)
     if config.replication.peers and not config.replication.region:
         raise ConfigError("replication.region is required when peers are configured")
+    if config.replication.region and not versions.is_origin(config.replication.region):
+        # Peers refuse any other name in a change's stamp: every change would be lost.
+        raise ConfigError(
+            "replication.region must be 1 to 63 visible ASCII characters, no spaces:"
+            f" {config.replication.region[:80]!r}"
+        )
     _bounded(config.limits.max_manifest_bytes, "limits.max_manifest_bytes", at_least=1024)
     _validate_log(config.log)
     if config.auth is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from registry_server.auth.model import REPLICATION, Principal
@@ -53,6 +55,14 @@ async def _stamp(request: web.Request, principal: Principal) -> versions.Stamp |
     )
     if stamp is not None and not await services(request).auth.allowed(principal, REPLICATION):
         raise errors.RegistryError(errors.DENIED, detail={"reason": "replication not allowed"})
+    if stamp is not None and versions.too_far_ahead(stamp, time.time()):
+        raise errors.RegistryError(
+            errors.MANIFEST_INVALID,
+            detail={
+                "reason": f"the change's clock is more than {versions.MAX_AHEAD_SECONDS:g} s"
+                f" ahead of this region's: check the clocks of {stamp.origin[:63]} and here"
+            },
+        )
     return stamp
 
 

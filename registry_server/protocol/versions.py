@@ -59,6 +59,22 @@ _VERSION = re.compile(r"[0-9]{1,19}")
 _ORIGIN = re.compile(r"[!-~]{1,63}")
 
 
+# How far ahead of the receiving region's clock a stamp's physical time may be. A peer's
+# clock further ahead would win every concurrent write and drag this region's clock along
+# (up to the largest version, after which every local change failed): it is refused, as
+# hybrid logical clocks bound drift.
+MAX_AHEAD_SECONDS = 600.0
+
+
+def is_origin(name: str) -> bool:
+    """Whether ``name`` can be a region in a stamp."""
+    return _ORIGIN.fullmatch(name) is not None
+
+
+def too_far_ahead(stamp: Stamp, now: float) -> bool:
+    return physical_ms(stamp.version) / 1000 > now + MAX_AHEAD_SECONDS
+
+
 def from_headers(version: str | None, origin: str | None) -> Stamp | None:
     """The stamp a replicating peer sent, None for an ordinary request."""
     if version is None and origin is None:

@@ -14,6 +14,7 @@ import ast
 import base64
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -312,3 +313,18 @@ async def test_method_not_allowed_says_what_is(client: Client) -> None:
     response = await client.post("/v2/_catalog")
     assert response.status == 405
     assert response.headers["Allow"] == "GET"
+
+
+async def test_a_replicated_change_stamped_far_in_the_future_is_refused(client: Client) -> None:
+    ahead = versions.tick(0, int((time.time() + 3600) * 1000))
+    reply = await client.put(
+        "/v2/r/manifests/latest",
+        data=b"{}",
+        headers={
+            "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+            versions.VERSION_HEADER: str(ahead),
+            versions.ORIGIN_HEADER: "us",
+        },
+    )
+    assert reply.status == 400
+    assert "ahead of this region's" in await reply.text()

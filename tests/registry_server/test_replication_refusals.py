@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from registry_server import config
 from registry_server.config import PeerConfig, ReplicationConfig
 from registry_server.events import replicator as replicator_module
 from registry_server.events.peer_client import PeerError
 from registry_server.events.replicator import Replicator, _Peer
-from registry_server.protocol import digests, errors, manifests
+from registry_server.protocol import digests, errors, manifests, versions
 from registry_server.protocol.quotas import Quota
 from registry_server.services.blobs import BlobService
 from registry_server.services.manifests import ManifestService
@@ -115,3 +117,25 @@ async def test_what_a_peer_sends_by_digest_is_not_held_to_the_quota_nor_logged_a
             await blobs.start_upload("r")
     finally:
         await index.close()
+
+
+def test_a_region_name_peers_would_refuse_is_a_config_error(tmp_path: Path) -> None:
+    """Every change's stamp names the region: with a space in it, peers refused them all
+    (400, not retried) and every change was lost (found by review)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "replication: {region: eu west, peers: [{name: us, url: 'http://127.0.0.1:9'}]}\n"
+    )
+    with pytest.raises(config.ConfigError, match=r"replication\.region must be 1 to 63"):
+        config.load(path, env={})
+
+
+def test_a_stamp_far_ahead_of_this_regions_clock_is_refused() -> None:
+    """A peer's clock far ahead would win every concurrent write and drag this clock
+    along, up to the largest version, after which every local change failed."""
+    now = time.time()
+    near = versions.Stamp(versions.tick(0, int((now + 60) * 1000)), "us")
+    far = versions.Stamp(versions.tick(0, int((now + 3600) * 1000)), "us")
+    top = versions.Stamp(versions.MAX_VERSION, "us")
+    assert not versions.too_far_ahead(near, now)
+    assert versions.too_far_ahead(far, now) and versions.too_far_ahead(top, now)
