@@ -306,30 +306,19 @@ def _release_blobs(repo_id: int, digest: str) -> Tx[None]:
     )
 
 
-def _listed_by_newer_index(repo_id: int, digest: str, version: Stamp) -> Tx[bool]:
-    """Whether an index listing ``digest`` (or listing one that does, up the chain) has
-    a tag newer than a replicated delete's ``version``: the index was pushed here after
-    the delete was made there, so the delete must not break it (its child's layers
-    would go with the next collection)."""
-    seen, frontier = {digest}, [digest]
-    while frontier:
-        parents = yield Query(
-            "SELECT digest FROM manifest_refs"
-            " WHERE repo_id = ? AND child = ? AND kind = 'manifest'",
-            (repo_id, frontier.pop()),
+def _listed_here(repo_id: int, digest: str) -> Tx[bool]:
+    """Whether an index here lists ``digest``. The region that deleted it refuses to
+    delete a manifest an index lists, so such an index is one it did not know of: pushed
+    here meanwhile. The delete must not break it (its child's layers would go with the
+    next collection); deleting that index lets the child go."""
+    row = (
+        yield Query(
+            "SELECT 1 FROM manifest_refs WHERE repo_id = ? AND child = ? AND kind = 'manifest'"
+            " LIMIT 1",
+            (repo_id, digest),
         )
-        for (parent,) in parents.rows:
-            if str(parent) in seen:
-                continue
-            seen.add(str(parent))
-            tags = yield Query(
-                "SELECT version, origin FROM tags WHERE repo_id = ? AND digest = ?",
-                (repo_id, str(parent)),
-            )
-            if any(not versions.wins(version, Stamp(int(v), str(o))) for v, o in tags.rows):
-                return True
-            frontier.append(str(parent))
-    return False
+    ).first()
+    return row is not None
 
 
 def delete_manifest(
@@ -381,7 +370,7 @@ def delete_manifest(
         else:
             surviving = True  # a newer tag elsewhere still wants this manifest
     if not local and not surviving:
-        surviving = yield from _listed_by_newer_index(repo_id, digest, version)
+        surviving = yield from _listed_here(repo_id, digest)
     if surviving:
         return True
     if release:

@@ -732,20 +732,23 @@ async def test_the_ui_listings_page_search_and_time_pushes(index: MetadataIndex)
     assert await index.tag_details("nope", 10, None) is None
 
 
-async def test_a_replicated_delete_spares_a_child_a_newer_tagged_index_lists(
+async def test_a_replicated_delete_spares_a_child_an_index_here_lists(
     index: MetadataIndex,
 ) -> None:
-    """A peer deleted D; before its delete arrived, an index listing D was pushed here
-    and tagged. The delete (older than the tag) leaves D, or the index breaks and D's
-    layers go with the next collection (found by review). One made after the tag
-    applies, as a local delete does."""
+    """A peer deleted D; an index listing D was pushed here meanwhile. The region that
+    deleted D refuses to delete a listed manifest, so it did not know that index: the
+    delete leaves D, tagged index or not, older or newer (found by review: the index
+    broke and D's layers went with the next collection). The index deleted, D goes."""
     await index.put_manifest("r", manifest(D1, blobs=(B1,)), [])
     await index.put_manifest("r", manifest(D2, children=(D1,)), ["t"])
+    await index.put_manifest("r", manifest(D3, children=(D1,)), [])
     (tagged,) = await index.tag_states("r")
-    older = Stamp(tagged.version - 1000, "us")
-    assert await index.delete_manifest("r", D1, stamp=older)
-    assert await index.get_manifest("r", D1) is not None
+    for shift in (-1000, 1000):
+        assert await index.delete_manifest("r", D1, stamp=Stamp(tagged.version + shift, "us"))
+        assert await index.get_manifest("r", D1) is not None
     assert await index.resolve_tag("r", "t") == D2
-    newer = Stamp(tagged.version + 1000, "us")
-    assert await index.delete_manifest("r", D1, stamp=newer)
+    later = Stamp(tagged.version + 2000, "us")
+    assert await index.delete_manifest("r", D2, stamp=later)
+    assert await index.delete_manifest("r", D3, stamp=later)
+    assert await index.delete_manifest("r", D1, stamp=later)
     assert await index.get_manifest("r", D1) is None
