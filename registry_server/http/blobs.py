@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from registry_server.http import file_bodies
 from registry_server.http.context import services
 from registry_server.http.errors import API_VERSION_HEADER
 from registry_server.protocol import digests, errors, ranges
+from registry_server.storage.driver import StorageNotFound
 
 log = logging.getLogger("registry_server.http")
 
@@ -127,7 +129,12 @@ async def get_blob(request: web.Request, name: str, digest_text: str) -> web.Str
         # Streamed from the store: its first bytes before the headers, so that a store
         # that cannot be reached is answered as an error (503), not a body cut short.
         chunks = svc.blobs.read(digest, start, end - start)
-        first = await anext(chunks, b"")
+        try:
+            first = await anext(chunks, b"")
+        except StorageNotFound:  # recorded, but not in the store (as for a missing file)
+            raise errors.RegistryError(
+                errors.BLOB_UNKNOWN, detail={"digest": str(digest)}
+            ) from None
     response = web.StreamResponse(status=status, headers=headers)
     try:
         await response.prepare(request)
@@ -137,14 +144,11 @@ async def get_blob(request: web.Request, name: str, digest_text: str) -> web.Str
         raise
     try:
         if first is not None and chunks is not None:
-            await response.write(first)
+            await _streamed(response, first, chunks, end - start, svc.body_idle_seconds)
         elif fd is not None and not await file_bodies.send(
             request, response, fd, start, end - start
         ):
             return response  # cut short: the client is gone, or the file was
-        if chunks is not None:
-            async for chunk in chunks:
-                await response.write(chunk)
     except Exception as exc:
         # The headers are out: the only way left to say "failed" is to cut the body
         # short (the client sees fewer bytes than Content-Length), never to hang.
@@ -154,6 +158,27 @@ async def get_blob(request: web.Request, name: str, digest_text: str) -> web.Str
         return response
     await response.write_eof()
     return response
+
+
+async def _streamed(
+    response: web.StreamResponse,
+    first: bytes,
+    chunks: AsyncIterator[bytes],
+    length: int,
+    stall: float,
+) -> None:
+    """The body from the store: each write must make progress within ``stall`` seconds
+    (a client that stopped reading held the store's connection, of a small pool, for
+    good), and all of ``length`` must come (a short object ended a response cleanly)."""
+    sent = 0
+    piece: bytes | None = first
+    while piece is not None:
+        async with asyncio.timeout(stall):
+            await response.write(piece)
+        sent += len(piece)
+        piece = await anext(chunks, None)
+    if sent != length:
+        raise OSError(errno.EIO, f"the store gave {sent} of {length} bytes")
 
 
 async def delete_blob(request: web.Request, name: str, digest_text: str) -> web.StreamResponse:

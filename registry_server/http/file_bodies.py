@@ -41,6 +41,8 @@ from typing import Any
 
 from aiohttp import web
 
+from registry_server.http.context import services
+
 log = logging.getLogger("registry_server.http")
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="file-body")
 _PIECE = 256 << 10  # bytes per read and write
@@ -143,7 +145,7 @@ def _cut_short(request: web.Request, exc: OSError) -> bool:
 
 
 async def _through_transport(
-    response: web.StreamResponse, in_fd: int, offset: int, count: int
+    response: web.StreamResponse, in_fd: int, offset: int, count: int, stall: float
 ) -> None:
     """Owns ``in_fd``: closed when done, or after a read still running when cancelled."""
     end = offset + count
@@ -155,7 +157,8 @@ async def _through_transport(
             reading = None
             if not piece:
                 raise OSError(errno.EIO, "file is shorter than the response's Content-Length")
-            await response.write(piece)
+            async with asyncio.timeout(stall):
+                await response.write(piece)
             offset += len(piece)
     finally:
         _close_after(reading, in_fd)
@@ -168,14 +171,16 @@ async def send(
     ``response``, whose headers were just sent. Takes ownership of ``in_fd`` (closes it).
 
     Straight onto the connection's socket by a thread, or through the response when the
-    transport must write (TLS). False when the client went away mid-body or the file
-    could not be read to the end (logged): the connection is then aborted, as the
-    response cannot be completed.
+    transport must write (TLS). False when the client went away mid-body, took nothing
+    for the body idle timeout (a client that stopped reading held the connection and
+    its descriptors for good), or the file could not be read to the end (logged): the
+    connection is then aborted, as the response cannot be completed.
     """
+    stall = services(request).body_idle_seconds
     sock_fd = _socket_fd(request)
     if sock_fd is None:
         try:
-            await _through_transport(response, in_fd, offset, count)
+            await _through_transport(response, in_fd, offset, count, stall)
         except OSError as exc:
             return _cut_short(request, exc)
         return True
@@ -194,7 +199,7 @@ async def send(
             offset += sent
             count -= sent
             if count > 0:
-                await _writable(loop, out_fd)
+                await asyncio.wait_for(_writable(loop, out_fd), stall)
     except OSError as exc:
         return _cut_short(request, exc)
     finally:

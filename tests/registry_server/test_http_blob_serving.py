@@ -23,8 +23,8 @@ import uvloop
 from aiohttp.test_utils import TestClient, TestServer
 
 from registry_server.app import build_app
-from registry_server.config import Config, StorageConfig
-from registry_server.http import file_bodies
+from registry_server.config import Config, HttpConfig, StorageConfig
+from registry_server.http import blobs, file_bodies
 
 Client = TestClient[Any, Any]
 
@@ -164,6 +164,31 @@ def test_readers_that_stall_do_not_hold_the_sending_threads(tmp_path: Path, run:
     run(body())
 
 
+def test_a_reader_that_stops_reading_is_cut_off(tmp_path: Path, run: Run) -> None:
+    """A client that stops taking the body (a hung process, or on purpose) is cut off
+    after the body idle timeout; it held the connection and its descriptors for good
+    (found by review), with object storage a connection of the store's small pool."""
+
+    async def body() -> None:
+        config = Config(
+            storage=StorageConfig(root=tmp_path), http=HttpConfig(body_idle_timeout_seconds=0.5)
+        )
+        async with TestClient(TestServer(build_app(config))) as client:
+            data = os.urandom(32 * 1024 * 1024)
+            digest = await _push(client, data)
+            response = await client.get(f"/v2/repo/blobs/{digest}")
+            await response.content.read(64 * 1024)
+            before = _open_fds()
+            await asyncio.sleep(3)  # reads nothing: the buffers fill, the server waits
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+            assert _open_fds() < before  # the server's dup of the socket and the file
+            again = await client.get(f"/v2/repo/blobs/{digest}")
+            assert await again.read() == data
+
+    run(body())
+
+
 def test_a_client_hanging_up_mid_body_leaks_nothing(tmp_path: Path, run: Run) -> None:
     async def body() -> None:
         async with _client(tmp_path) as client:
@@ -233,3 +258,40 @@ def test_a_blob_file_cut_short_on_disk_cuts_the_body_and_is_logged(
     with caplog.at_level(logging.WARNING, logger="registry_server.http"):
         run(body())
     assert any(r.getMessage() == "blob body cut short" for r in caplog.records)
+
+
+class _Stalled:
+    """A response whose client takes the first write and then nothing."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    async def write(self, data: bytes) -> None:
+        if self.written:
+            await asyncio.Event().wait()
+        self.written += len(data)
+
+
+async def _pieces(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+def test_a_body_from_the_store_is_cut_when_it_stalls_or_comes_up_short(run: Run) -> None:
+    """Streamed from object storage: a client that stops reading held one of the store's
+    pooled connections for good, and an object shorter than recorded ended the body
+    as if complete (found by review)."""
+
+    async def body() -> None:
+        with pytest.raises(TimeoutError):
+            await blobs._streamed(_Stalled(), b"a", _pieces(b"b"), 2, 0.2)  # type: ignore[arg-type]
+        with pytest.raises(OSError, match="gave 3 of 4 bytes"):
+            await blobs._streamed(_Full(), b"a", _pieces(b"bc"), 4, 0.2)  # type: ignore[arg-type]
+        await blobs._streamed(_Full(), b"a", _pieces(b"bc"), 3, 0.2)  # type: ignore[arg-type]
+
+    run(body())
+
+
+class _Full:
+    async def write(self, data: bytes) -> None:
+        return None
