@@ -598,6 +598,14 @@ class S3Driver:
             written = await s3.put_object(**request)
         except ClientError as exc:
             if _code(exc) in _CONFLICT:
+                # The client retries a PUT whose answer was lost (a 504 from a proxy in
+                # front of the store after the store took it): the retry meets its own
+                # state. Segment names carry the writer's token, so an equal state is
+                # this write, applied; taken for a lost race, its segments were deleted
+                # under the state naming them.
+                current = await self._state(key)
+                if current is not None and current.encode() == state.encode():
+                    return current.etag
                 raise StorageConflict(key) from None
             if condition not in (None, _CREATE) and _code(exc) in ("404", "NoSuchKey"):
                 raise StorageConflict(key) from None  # removed since read (a purge, a DELETE)

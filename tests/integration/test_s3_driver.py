@@ -576,3 +576,24 @@ async def test_a_crash_between_copy_and_delete_in_a_publish(
         assert s3_store.keys(prefix) == []
     finally:
         await index.close()
+
+
+async def test_a_state_write_retried_after_it_was_applied_is_its_own_success(
+    drivers: Drivers,
+) -> None:
+    """The store took the conditional PUT but its answer was lost (a proxy's 504); the
+    client's retry gets 412 against its own state. That is a success, not a lost race
+    whose segments the writer then deleted under the state (found by review)."""
+    driver = drivers()
+    writer = await driver.writer("up/data")
+    await writer.write(_content(6 * MiB, 20))
+    await writer.close()
+    state = await driver._state(driver._key("up/data"))
+    assert state is not None
+    grown = _State(state.part_size, [*state.segments, ("000009-feedbeef", 0)], exact=state.exact)
+    key = driver._key("up/data")
+    applied = await driver._put_state(key, grown, state.etag)  # the store takes it ...
+    assert await driver._put_state(key, grown, state.etag) == applied  # ... the retry
+    other = _State(state.part_size, [*state.segments, ("000009-0ther000", 0)])
+    with pytest.raises(StorageConflict):  # a different writer's state still loses
+        await driver._put_state(key, other, state.etag)
