@@ -42,6 +42,7 @@ class PeerError(Exception):
 
 
 _REDIRECTS = (301, 302, 303, 307, 308)
+_TOKENS_KEPT = 1024  # Bearer tokens kept, by scope
 
 
 class ReplyTooLarge(PeerError):
@@ -127,6 +128,14 @@ class PeerClient:
         self._throttle = _Throttle(peer.bandwidth_limit_mbps)
         self._ssl = ssl_context(peer.url, peer.tls_verify, peer.ca_file)
         self._origin = origin(self.base)
+
+    def _keep_token(self, scope: str, value: str) -> None:
+        """Tokens are per repository: kept for the most recent scopes only (they expire
+        within minutes anyway), or a registry of many repositories grew this for good."""
+        self._tokens.pop(scope, None)
+        while len(self._tokens) >= _TOKENS_KEPT:
+            self._tokens.pop(next(iter(self._tokens)))
+        self._tokens[scope] = value
 
     def _replicated(self) -> dict[str, str]:
         """What tells a Berth peer that a send by digest is replication, not a push of
@@ -239,7 +248,7 @@ class PeerClient:
                     if resp.status == 401 and attempt == 0 and self._ours(url):
                         challenge = resp.headers.get("WWW-Authenticate", "")
                         if challenge.lower().startswith("bearer"):
-                            self._tokens[scope] = await self._token(challenge, scope)
+                            self._keep_token(scope, await self._token(challenge, scope))
                             continue
                     if resp.status not in expect:
                         raise _classify(
@@ -281,7 +290,7 @@ class PeerClient:
                     if resp.status == 401 and attempt == 0:
                         challenge = resp.headers.get("WWW-Authenticate", "")
                         if challenge.lower().startswith("bearer"):
-                            self._tokens[scope] = await self._token(challenge, scope)
+                            self._keep_token(scope, await self._token(challenge, scope))
                             continue
                     if resp.status != 200:
                         content, _ = await replies.read(resp)

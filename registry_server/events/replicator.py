@@ -34,7 +34,7 @@ from prometheus_client import Counter, Gauge
 from registry_server.config import PeerConfig, ReplicationConfig
 from registry_server.events.background import run_elected
 from registry_server.events.peer_client import PeerClient, PeerError, new_session
-from registry_server.protocol import digests, manifests
+from registry_server.protocol import digests, errors, manifests
 from registry_server.protocol.versions import Stamp
 from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.election import Election, LocalElection
@@ -268,6 +268,15 @@ class Replicator:
                         extra={"peer": peer.config.name, "seq": change.seq, "error": str(exc)},
                     )
                     return False
+            except errors.RegistryError as exc:
+                # Our own content cannot be sent (a stored manifest that no longer parses):
+                # no retry changes that, and it must not hold up the changes after it.
+                self._record_error(peer, f"{change.op} {change.repo}: {exc!r}")
+                log.error(
+                    "change cannot be sent; set aside",
+                    extra={"peer": peer.config.name, "seq": change.seq, "error": repr(exc)[:300]},
+                )
+                return False
             except (OSError, ValueError) as exc:
                 self._record_error(peer, f"{change.op} {change.repo}: {exc!r}")
             else:
@@ -379,7 +388,9 @@ class Replicator:
                         "anti-entropy repaired drift",
                         extra={"peer": peer.config.name, "repaired": repaired},
                     )
-            except (PeerError, OSError, ValueError, KeyError, TypeError) as exc:
+            except Exception as exc:  # a round fails alone: delivery goes on meanwhile
+                if not isinstance(exc, (PeerError, OSError, ValueError, KeyError, TypeError)):
+                    log.exception("anti-entropy round failed", extra={"peer": peer.config.name})
                 self._record_error(peer, f"anti-entropy: {exc}")
                 await asyncio.sleep(min(5.0, self.config.anti_entropy_interval_seconds))
                 continue

@@ -14,8 +14,9 @@ import pytest
 
 from registry_server import config
 from registry_server.config import PeerConfig, ReplicationConfig
+from registry_server.events import peer_client
 from registry_server.events import replicator as replicator_module
-from registry_server.events.peer_client import PeerError
+from registry_server.events.peer_client import PeerClient, PeerError
 from registry_server.events.replicator import Replicator, _Peer
 from registry_server.protocol import digests, errors, manifests, versions
 from registry_server.protocol.quotas import Quota
@@ -45,6 +46,8 @@ async def _attempts_until_done(
     async def deliver(_peer: Any, _change: Change) -> None:
         nonlocal attempts
         attempts += 1
+        if status == 0:  # our own content cannot be sent
+            raise errors.RegistryError(errors.MANIFEST_INVALID)
         if succeed_after is None or attempts <= succeed_after:
             raise PeerError(f"HTTP {status}", status, retryable=True)
 
@@ -68,6 +71,25 @@ async def test_a_change_the_peer_keeps_refusing_is_set_aside(
     retried forever, it held up every change after it (found by review)."""
     done, attempts = await _attempts_until_done(tmp_path, monkeypatch, 403, None)
     assert not done and attempts == replicator_module._REFUSED_ATTEMPTS
+
+
+async def test_a_change_that_cannot_be_sent_is_set_aside_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored manifest that no longer parses raised out of the loop, which started
+    again on the same change, for good."""
+    done, attempts = await _attempts_until_done(tmp_path, monkeypatch, 0, None)
+    assert not done and attempts == 1
+
+
+def test_bearer_tokens_are_kept_for_the_latest_scopes_only() -> None:
+    """One token per repository, never dropped: it grew with the repositories."""
+    client = PeerClient(PeerConfig(name="us", url="http://127.0.0.1:9"), None)  # type: ignore[arg-type]
+    for i in range(3000):
+        client._keep_token(f"repository:r{i}:pull", f"Bearer {i}")
+    assert len(client._tokens) == peer_client._TOKENS_KEPT
+    assert client._tokens["repository:r2999:pull"] == "Bearer 2999"
+    assert "repository:r0:pull" not in client._tokens
 
 
 async def test_a_peer_failing_as_a_whole_is_waited_out(
