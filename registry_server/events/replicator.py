@@ -55,10 +55,13 @@ SET_ASIDE = Counter(
     ["peer"],
 )
 
-# Refusals that may clear (a quota, a project or grant not there yet, a conflict) but
-# concern one change: after this many attempts (about a minute) it is set aside, or it
-# would hold up every change after it, of every repository. Failures of the peer as a
-# whole (unreachable, 5xx, 401, 429) are waited out: nothing else would get through.
+# Refusals that may concern one change (a quota, a project missing on a one-way target,
+# a conflict): after this many attempts (about a minute) the peer is asked whether it
+# takes our requests at all; if it does, the change is set aside, or it would hold up
+# every change after it, of every repository. If not (our account lost its rights
+# there, a misrouted ingress), or when the peer fails as a whole (unreachable, 5xx, 401,
+# 429), it is waited out: nothing else would get through, and a change set aside
+# that way (a delete) would be lost.
 _REFUSALS = (403, 404, 409)
 _REFUSED_ATTEMPTS = 8
 _PAGE = 500
@@ -261,7 +264,11 @@ class Replicator:
                         extra={"peer": peer.config.name, "seq": change.seq, "error": str(exc)},
                     )
                     return False
-                if exc.status in _REFUSALS and attempt + 1 >= _REFUSED_ATTEMPTS:
+                if (
+                    exc.status in _REFUSALS
+                    and attempt + 1 >= _REFUSED_ATTEMPTS
+                    and await self._takes_our_requests(peer)
+                ):
                     SET_ASIDE.labels(peer.config.name).inc()
                     log.error(
                         "change still refused by peer: set aside for anti-entropy",
@@ -284,6 +291,18 @@ class Replicator:
             attempt += 1
             delay = min(self.config.retry_max_seconds, 0.25 * 2 ** min(attempt, 10))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _takes_our_requests(self, peer: _Peer) -> bool:
+        """Whether the peer answers a request of ours that needs what replication needs:
+        then a refusal concerns the change, not us."""
+        try:
+            if peer.config.kind == "berth":  # our account may replicate there
+                await peer.client.get_json("/berth/v1/replication/hashes", {"repositories": []})
+            else:  # our credentials are good there
+                await peer.client.request("GET", "/v2/", "", expect=(200,), what="base")
+        except (PeerError, OSError, ValueError):
+            return False
+        return True
 
     def _record_error(self, peer: _Peer, message: str) -> None:
         peer.status.last_error = message[:500]
@@ -377,6 +396,7 @@ class Replicator:
     # -- anti-entropy --------------------------------------------------------------------
 
     async def _anti_entropy_loop(self, peer: _Peer) -> None:
+        failures = 0  # rounds failed in a row
         while True:
             try:
                 repaired = await self.anti_entropy(peer)
@@ -389,11 +409,18 @@ class Replicator:
                         extra={"peer": peer.config.name, "repaired": repaired},
                     )
             except Exception as exc:  # a round fails alone: delivery goes on meanwhile
-                if not isinstance(exc, (PeerError, OSError, ValueError, KeyError, TypeError)):
+                failures += 1
+                if failures == 1 and not isinstance(
+                    exc, (PeerError, OSError, ValueError, KeyError, TypeError)
+                ):
                     log.exception("anti-entropy round failed", extra={"peer": peer.config.name})
                 self._record_error(peer, f"anti-entropy: {exc}")
-                await asyncio.sleep(min(5.0, self.config.anti_entropy_interval_seconds))
+                # Soon after a first failure, then backing off to the interval.
+                interval = self.config.anti_entropy_interval_seconds
+                soon = min(5.0, interval)
+                await asyncio.sleep(min(soon * 2 ** (failures - 1), max(interval, soon)))
                 continue
+            failures = 0
             await asyncio.sleep(self.config.anti_entropy_interval_seconds)
 
     async def anti_entropy(self, peer: _Peer) -> int:

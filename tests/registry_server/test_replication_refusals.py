@@ -10,13 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
 from registry_server import config
-from registry_server.config import PeerConfig, ReplicationConfig
+from registry_server.app import build_app
+from registry_server.config import Config, PeerConfig, ReplicationConfig, StorageConfig
 from registry_server.events import peer_client
 from registry_server.events import replicator as replicator_module
-from registry_server.events.peer_client import PeerClient, PeerError
+from registry_server.events.peer_client import PeerClient, PeerError, new_session
 from registry_server.events.replicator import Replicator, _Peer
 from registry_server.protocol import digests, errors, manifests, versions
 from registry_server.protocol.quotas import Quota
@@ -29,7 +32,11 @@ from registry_server.storage.sqlite_index import SqliteIndex
 
 
 async def _attempts_until_done(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, succeed_after: int | None
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    succeed_after: int | None,
+    takes_others: bool = True,
 ) -> tuple[bool, int]:
     peer_config = PeerConfig(name="us", url="http://127.0.0.1:9")
     index = SqliteIndex(tmp_path / "index.db", "eu", ["us"])
@@ -54,7 +61,11 @@ async def _attempts_until_done(
     async def no_wait(_seconds: float) -> None:
         return None
 
+    async def takes_our_requests(_peer: Any) -> bool:
+        return takes_others
+
     monkeypatch.setattr(replicator, "_deliver", deliver)
+    monkeypatch.setattr(replicator, "_takes_our_requests", takes_our_requests)
     monkeypatch.setattr(replicator_module.asyncio, "sleep", no_wait)
     change = Change(1, "team/app", "tag", "v1", "sha256:" + "a" * 64, 1, "eu", 0.0)
     try:
@@ -71,6 +82,15 @@ async def test_a_change_the_peer_keeps_refusing_is_set_aside(
     retried forever, it held up every change after it (found by review)."""
     done, attempts = await _attempts_until_done(tmp_path, monkeypatch, 403, None)
     assert not done and attempts == replicator_module._REFUSED_ATTEMPTS
+
+
+async def test_a_peer_refusing_all_our_requests_is_waited_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our account lost its rights there, or an ingress answers 404 to everything: the
+    change is kept, or a delete set aside would be lost for good (found by review)."""
+    done, attempts = await _attempts_until_done(tmp_path, monkeypatch, 403, 40, takes_others=False)
+    assert done and attempts == 41
 
 
 async def test_a_change_that_cannot_be_sent_is_set_aside_at_once(
@@ -161,3 +181,32 @@ def test_a_stamp_far_ahead_of_this_regions_clock_is_refused() -> None:
     top = versions.Stamp(versions.MAX_VERSION, "us")
     assert not versions.too_far_ahead(near, now)
     assert versions.too_far_ahead(far, now) and versions.too_far_ahead(top, now)
+
+
+async def test_whether_a_peer_takes_our_requests_is_asked_of_the_peer(tmp_path: Path) -> None:
+    """The question before a change is set aside goes to the peer itself: a Berth peer
+    that lets us replicate says yes, an address nothing answers at says no."""
+    server = TestServer(build_app(Config(storage=StorageConfig(root=tmp_path / "peer"))))
+    await server.start_server()
+    index = SqliteIndex(tmp_path / "index.db", "eu", ["us"])
+    session = new_session(aiohttp.ClientTimeout(total=10))
+    try:
+        replicator = Replicator(
+            ReplicationConfig(region="eu"), index, BlobStore(FilesystemDriver(tmp_path))
+        )
+        for url, expected in (
+            (str(server.make_url("")).rstrip("/"), True),
+            ("http://127.0.0.1:9", False),
+        ):
+            peer_config = PeerConfig(name="us", url=url)
+            peer = _Peer(
+                peer_config,
+                PeerClient(peer_config, session),
+                replicator_module.PeerStatus("us", url, "berth"),
+                asyncio.Semaphore(1),
+            )
+            assert await replicator._takes_our_requests(peer) is expected
+    finally:
+        await session.close()
+        await index.close()
+        await server.close()
