@@ -173,8 +173,7 @@ async def _streamed(
     sent = 0
     piece: bytes | None = first
     while piece is not None:
-        async with asyncio.timeout(stall):
-            await response.write(piece)
+        await file_bodies.write_watched(response, piece, stall)
         sent += len(piece)
         piece = await anext(chunks, None)
     if sent != length:

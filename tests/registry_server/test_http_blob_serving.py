@@ -295,3 +295,29 @@ def test_a_body_from_the_store_is_cut_when_it_stalls_or_comes_up_short(run: Run)
 class _Full:
     async def write(self, data: bytes) -> None:
         return None
+
+
+class _Slow:
+    """A client on a slow link: every write takes a while, none takes nothing."""
+
+    def __init__(self, per_write: float) -> None:
+        self.per_write = per_write
+        self.taken = 0
+
+    async def write(self, data: bytes) -> None:
+        await asyncio.sleep(self.per_write)
+        self.taken += len(data)
+
+
+def test_a_slow_but_steady_reader_is_not_cut(run: Run) -> None:
+    """The stall timeout is for a client that takes nothing, not a speed floor: a MiB
+    written whole had to be taken within it (found by review: 17 KB/s at 60 s)."""
+
+    async def body() -> None:
+        slow = _Slow(0.05)  # a 64 KiB slice each 50 ms: about 1.3 MB/s
+        await file_bodies.write_watched(slow, bytes(1 << 20), 0.2)  # type: ignore[arg-type]
+        assert slow.taken == 1 << 20  # 0.8 s in all, four times the stall timeout
+        with pytest.raises(TimeoutError):
+            await file_bodies.write_watched(_Slow(0.3), bytes(1 << 20), 0.2)  # type: ignore[arg-type]
+
+    run(body())
