@@ -155,7 +155,14 @@ class ManifestService:
                 repo, str(ref), stamp, actor, guard, release, tagged
             ):
                 raise errors.RegistryError(errors.MANIFEST_UNKNOWN, detail={"digest": str(ref)})
-            await self._record_delete(repo, str(ref), tagged)
+            # A replicated delete may spare the manifest (an index here lists it): then
+            # only its tags went.
+            spared = (
+                stamp is not None
+                and self.record is not None
+                and (await self.index.get_manifest(repo, str(ref), content=False) is not None)
+            )
+            await self._record_delete(repo, None if spared else str(ref), tagged)
         # An unknown tag stays MANIFEST_UNKNOWN, immutable or not.
         elif not await self.index.delete_tag(
             repo, ref, stamp, actor, stamp is None and rules.is_immutable(ref)

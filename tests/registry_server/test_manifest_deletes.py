@@ -11,7 +11,9 @@ import pytest
 
 from registry_server.protocol import digests, errors, manifests
 from registry_server.protocol.tag_rules import TagRules
+from registry_server.protocol.versions import Stamp
 from registry_server.services.manifests import ManifestService
+from registry_server.storage.records import TagRecord
 from registry_server.storage.sqlite_index import SqliteIndex
 
 CONFIG = b"{}"
@@ -81,3 +83,30 @@ async def test_a_platform_manifest_goes_after_its_index(service: ManifestService
     assert caught.value.error is errors.MANIFEST_LISTED and caught.value.status == 409
     await service.delete("r", listed.digest)
     await service.delete("r", image.digest)
+
+
+async def test_a_replicated_delete_that_spares_the_manifest_records_no_delete(
+    tmp_path: Path,
+) -> None:
+    """An index here lists it, so a peer's delete leaves it: the tag record must not say
+    it went, or a rebuild drops a platform an index needs (found by review)."""
+    index = SqliteIndex(tmp_path / "index.db")
+    await index.link_blob("r", str(digests.of_bytes(CONFIG)), len(CONFIG))
+    record = TagRecord(tmp_path)
+    service = ManifestService(index, 1 << 20, record=record)
+    body = _image(1)
+    image = await service.put("r", str(digests.of_bytes(body)), body, None)
+    listing = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifests.OCI_INDEX,
+            "manifests": [
+                {"mediaType": manifests.OCI_MANIFEST, "digest": image.digest, "size": len(body)}
+            ],
+        }
+    ).encode()
+    await service.put("r", str(digests.of_bytes(listing)), listing, None)  # untagged
+    await service.delete("r", image.digest, stamp=Stamp(1, "us"))
+    assert await index.get_manifest("r", image.digest) is not None
+    assert image.digest in record.replay("r").manifests
+    await index.close()
