@@ -57,11 +57,12 @@ async def _stamp(request: web.Request, principal: Principal) -> versions.Stamp |
         raise errors.RegistryError(errors.DENIED, detail={"reason": "replication not allowed"})
     if stamp is not None and versions.too_far_ahead(stamp, time.time()):
         raise errors.RegistryError(
-            errors.MANIFEST_INVALID,
+            errors.CLOCK_AHEAD,
             detail={
                 "reason": f"the change's clock is more than {versions.MAX_AHEAD_SECONDS:g} s"
                 f" ahead of this region's: check the clocks of {stamp.origin[:63]} and here"
             },
+            headers={"Retry-After": str(errors.CLOCK_AHEAD_RETRY_AFTER)},
         )
     return stamp
 

@@ -85,6 +85,12 @@ UPSTREAM_TOO_MANY_REQUESTS = ErrorCode(
 UPSTREAM_DIGEST_MISMATCH = ErrorCode(
     "UNKNOWN", "upstream sent content that does not match its digest", 502
 )
+# A replicated change stamped too far ahead of this region's clock: the clocks must be
+# put right; the sender waits and tries again (a 4xx would make it drop the change).
+CLOCK_AHEAD = ErrorCode(
+    "UNKNOWN", "the change's clock is too far ahead of this region's: check both clocks", 503
+)
+CLOCK_AHEAD_RETRY_AFTER = 30
 # Seconds a client refused for a full volume is asked to wait before retrying.
 STORAGE_FULL_RETRY_AFTER = 30
 

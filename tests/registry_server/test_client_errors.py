@@ -326,5 +326,6 @@ async def test_a_replicated_change_stamped_far_in_the_future_is_refused(client: 
             versions.ORIGIN_HEADER: "us",
         },
     )
-    assert reply.status == 400
+    assert reply.status == 503  # the sender waits: the change is not dropped
+    assert reply.headers["Retry-After"] == "30"
     assert "ahead of this region's" in await reply.text()
