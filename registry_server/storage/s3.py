@@ -388,9 +388,17 @@ class S3Writer:
         try:
             state.etag = await self._driver._put_state(self._key, state, self._condition)
         except StorageConflict:
-            # Another writer's state won: its file stands as it wrote it. Ours goes.
+            # Another writer's state won: its file stands as it wrote it. Ours goes, but
+            # for segments that state names: our write was applied (its answer lost) and
+            # that writer went on from it. Unread, nothing goes (the session's deletion
+            # takes what is left).
             self._driver._lost.add(self._key)
-            await self._driver._forget(self._key, self._written)
+            try:
+                current = await self._driver._state(self._key)
+            except (ClientError, OSError):
+                raise StorageConflict(self._key) from None
+            named = {name for name, _ in current.segments} if current is not None else set()
+            await self._driver._forget(self._key, [n for n in self._written if n not in named])
             raise
         self._driver._remember(self._key, state)
         await self._driver._forget(self._key, self._superseded)

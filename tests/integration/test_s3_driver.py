@@ -597,3 +597,33 @@ async def test_a_state_write_retried_after_it_was_applied_is_its_own_success(
     other = _State(state.part_size, [*state.segments, ("000009-0ther000", 0)])
     with pytest.raises(StorageConflict):  # a different writer's state still loses
         await driver._put_state(key, other, state.etag)
+
+
+async def test_a_writer_losing_to_a_state_built_on_its_own_keeps_those_segments(
+    drivers: Drivers, s3_store: S3Store, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our state PUT was applied but its answer lost, and another writer went on from
+    it before our retry, which then met a different state: the segments that state
+    names are ours and must stay (found by review: deleting them corrupted the file)."""
+    driver = drivers()
+    start, ours = _content(6 * MiB, 30), _content(6 * MiB, 31)
+    writer = await driver.writer("up/data")
+    await writer.write(start)
+    await writer.close()
+    real = driver._put_state
+
+    async def applied_then_superseded(key: str, state: _State, condition: str | None) -> str | None:
+        etag = await real(key, state, condition)  # the store took it ...
+        grown = _State(
+            state.part_size, [*state.segments, ("000099-0ther000", 0)], exact=state.exact
+        )
+        await real(key, grown, etag)  # ... another writer went on from it ...
+        raise StorageConflict(key)  # ... and our retry met that state
+
+    monkeypatch.setattr(driver, "_put_state", applied_then_superseded)
+    appending = await driver.writer("up/data", append=True)
+    await appending.write(ours)
+    with pytest.raises(StorageConflict):
+        await appending.close()
+    monkeypatch.setattr(driver, "_put_state", real)
+    assert await drivers().get_content("up/data") == start + ours
