@@ -123,11 +123,11 @@ def _run_blocking(conn: psycopg.Connection[Any], tx: Tx[T]) -> T:
             return value
 
 
-# How long a migration waits for a table lock before it lets go and tries again: an
-# ALTER TABLE queued behind an older replica's long transaction would hold up every
-# query of every replica on that table meanwhile.
-MIGRATION_LOCK_TIMEOUT = 5.0
-_MIGRATION_ATTEMPTS = 12
+# How long a migration waits for a table lock before it lets go and tries again (for
+# about two minutes in all): an ALTER TABLE queued behind an older replica's long
+# transaction holds up every query of every replica on that table while it waits.
+MIGRATION_LOCK_TIMEOUT = 1.0
+_MIGRATION_ATTEMPTS = 60
 
 
 def migrate(
@@ -145,7 +145,8 @@ def migrate(
             if attempt == attempts:
                 raise
             log.warning("schema migration waited %gs for a table lock; trying again", lock_timeout)
-            time.sleep(min(0.5 * attempt, 5.0))
+            # Others' queries go on meanwhile (they queued only behind the one waiting).
+            time.sleep(random.uniform(1.0, 3.0))
 
 
 def _migrate_once(conn: psycopg.Connection[Any], lock_timeout: float) -> None:
