@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from registry_server.auth.session_ends import SessionEnds
 from registry_server.auth.tokens import LEEWAY_SECONDS
 from registry_server.config import AuthConfig, Config, StorageConfig
 from registry_server.storage.index import MetadataIndex
+from registry_server.storage.sqlite_index import SqliteIndex
 from tests.registry_server.test_metadata_index import BACKENDS, open_index
 
 
@@ -149,3 +151,21 @@ async def test_logging_out_refuses_a_copy_of_the_cookie_on_every_worker(tmp_path
 
     async with _client(config) as restarted:
         assert await _user(restarted, session) is None
+
+
+async def test_an_end_committed_late_within_the_overlap_is_still_seen(tmp_path: Path) -> None:
+    """A row is stamped before its transaction commits: one committing after a reader
+    looked, stamped before that look, is read by the next look (the overlap)."""
+    index = SqliteIndex(tmp_path / "index.db")
+    reader = SessionEnds(index)
+    await reader.sync_once()
+    conn = sqlite3.connect(tmp_path / "index.db")
+    with conn:  # as if stamped 30 s ago and committed only now
+        conn.execute(
+            "INSERT INTO ended_sessions (token_id, expires_at, ended_at) VALUES (?, ?, ?)",
+            ("late", time.time() + 3600, time.time() - 30),
+        )
+    conn.close()
+    await reader.sync_once()
+    assert reader.ended("late")
+    await index.close()

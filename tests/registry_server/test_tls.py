@@ -100,6 +100,57 @@ def test_reload_waits_for_settled_files_and_keeps_the_last_good_pair(
     assert serving.check() is None
 
 
+async def test_after_a_reload_client_certificates_and_alpn_hold(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    """A connection handed to the new context still requires a client certificate from
+    the CA and still answers ALPN with http/1.1 (the new context's settings)."""
+    first, second = serving_pair(ca, "first"), rsa_pair(ca, "second")
+    relay = ca.issue("relay", "relay", client=True)
+    volume = SecretVolume(tmp_path / "secret", first.cert.read_bytes(), first.key.read_bytes())
+    serving = tls.ServingTls(
+        config.TlsConfig(
+            certificate=volume.cert, key=volume.key, client_ca=ca.cert_path, min_version="1.2"
+        )
+    )
+    volume.swap_pair(second)
+    serving.check()
+    pair = serving.check()
+    assert pair is not None
+    serving.apply(pair)
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.read(5))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0, ssl=serving.context)
+    port = server.sockets[0].getsockname()[1]
+
+    async def exchange(cert: bool) -> tuple[bytes, str | None]:
+        client = ssl.create_default_context(cafile=str(ca.cert_path))
+        client.maximum_version = ssl.TLSVersion.TLSv1_2  # the refusal comes in the handshake
+        client.set_alpn_protocols(["h2", "http/1.1"])
+        if cert:
+            client.load_cert_chain(str(relay.cert), str(relay.key))
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client, server_hostname="localhost"
+        )
+        writer.write(b"hello")
+        got = await reader.read(5)
+        alpn = writer.get_extra_info("ssl_object").selected_alpn_protocol()
+        writer.close()
+        return got, alpn
+
+    try:
+        assert await exchange(cert=True) == (b"hello", "http/1.1")
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await exchange(cert=False)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize("sni", ["localhost", None])
 async def test_a_reload_to_another_key_type_serves_only_the_new_certificate(
     ca: CertificateAuthority, tmp_path: Path, sni: str | None
