@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import random
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ FAILED = Counter(
     "berth_notifications_errors_total", "Failed delivery attempts to an endpoint", ["endpoint"]
 )
 PENDING = Gauge("berth_notifications_pending", "Events not yet delivered", ["endpoint"])
+
+_COUNT_SECONDS = 1.0  # how often a busy endpoint's queue is counted
 
 _ACTIONS = {
     "tag": "push",
@@ -139,6 +142,7 @@ class Notifier:
         self.election = election if election is not None else LocalElection()
         self._wakes = {e.name: asyncio.Event() for e in config.endpoints}
         self._tasks: list[asyncio.Task[None]] = []
+        self._counted: dict[str, float] = {}  # cursor -> when its queue was last counted
 
     async def start(self) -> None:
         for endpoint in self.config.endpoints:
@@ -179,8 +183,12 @@ class Notifier:
     ) -> None:
         wake.clear()  # before reading: a change logged after the read sets it again
         changes = await self.index.pending_changes(cursor, endpoint.batch)
-        depth, _ = await self.index.queue_stats(cursor)
-        PENDING.labels(endpoint.name).set(depth)
+        # Counting reads the whole queue: once a second while a backlog drains.
+        now = time.monotonic()
+        if not changes or now - self._counted.get(cursor, float("-inf")) >= _COUNT_SECONDS:
+            self._counted[cursor] = now
+            depth, _ = await self.index.queue_stats(cursor)
+            PENDING.labels(endpoint.name).set(depth)
         if not changes:
             # Other worker processes log changes too: poll as well as wait.
             with contextlib.suppress(TimeoutError):

@@ -98,6 +98,7 @@ _REPORTED = (
     "anti_entropy_repaired",
 )
 _PUBLISH_SECONDS = 1.0
+_COUNT_SECONDS = 1.0  # how often a busy delivery loop counts its queue
 
 
 @dataclass
@@ -108,6 +109,7 @@ class _Peer:
     blob_slots: asyncio.Semaphore
     # Set when a local change is logged; one per peer so no loop consumes another's wake-up.
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    counted_at: float = float("-inf")  # when the queue was last counted (monotonic)
 
 
 def task_name(peer: PeerConfig) -> str:
@@ -225,7 +227,11 @@ class Replicator:
             # Clear before reading the log: a change logged after the read sets it again.
             peer.wake.clear()
             changes = await self.index.pending_changes(peer.config.name, 64)
-            await self._refresh_queue(peer)
+            # Counting the queue reads all of it: once a second, not for every batch of a
+            # backlog (that was N²/64 rows read to catch up N changes).
+            if not changes or time.monotonic() - peer.counted_at >= _COUNT_SECONDS:
+                peer.counted_at = time.monotonic()
+                await self._refresh_queue(peer)
             if not changes:
                 # Other worker processes log changes too: poll as well as wait for a wake-up.
                 with contextlib.suppress(asyncio.TimeoutError):

@@ -5,6 +5,7 @@ digest is not held to the receiving region's quota nor logged there again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -16,8 +17,15 @@ from aiohttp.test_utils import TestServer
 
 from registry_server import config
 from registry_server.app import build_app
-from registry_server.config import Config, PeerConfig, ReplicationConfig, StorageConfig
-from registry_server.events import peer_client
+from registry_server.config import (
+    Config,
+    EndpointConfig,
+    NotificationsConfig,
+    PeerConfig,
+    ReplicationConfig,
+    StorageConfig,
+)
+from registry_server.events import notifier, peer_client
 from registry_server.events import replicator as replicator_module
 from registry_server.events.peer_client import PeerClient, PeerError, new_session
 from registry_server.events.replicator import Replicator, _Peer
@@ -210,3 +218,119 @@ async def test_whether_a_peer_takes_our_requests_is_asked_of_the_peer(tmp_path: 
         await session.close()
         await index.close()
         await server.close()
+
+
+class _Backlog:
+    """The change log as the delivery loop sees it: a backlog of N changes, in batches."""
+
+    def __init__(self, n: int) -> None:
+        self.changes = [
+            Change(i, "team/app", "tag", "v", "sha256:" + "a" * 64, i, "eu", 0.0)
+            for i in range(1, n + 1)
+        ]
+        self.acked = 0
+        self.counted = 0
+        self.drained = asyncio.Event()
+
+    async def pending_changes(self, peer: str, limit: int) -> list[Change]:
+        if self.acked >= len(self.changes):
+            self.drained.set()
+        return self.changes[self.acked : self.acked + limit]
+
+    async def ack_change(self, peer: str, seq: int) -> None:
+        self.acked = seq
+
+    async def queue_stats(self, peer: str) -> tuple[int, float | None]:
+        self.counted += 1
+        return len(self.changes) - self.acked, None
+
+
+async def test_a_backlog_is_counted_once_a_second_not_for_every_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counting reads the whole queue: for every batch of 64 it cost N²/64 rows to catch
+    up N changes (found by review)."""
+    backlog = _Backlog(64 * 50)
+    peer_config = PeerConfig(name="us", url="http://127.0.0.1:9")
+    replicator = Replicator(
+        ReplicationConfig(region="eu", peers=(peer_config,)),
+        backlog,  # type: ignore[arg-type]
+        BlobStore(FilesystemDriver(tmp_path)),
+    )
+    peer = _Peer(
+        peer_config, None, replicator_module.PeerStatus("us", "x", "berth"), asyncio.Semaphore(1)
+    )  # type: ignore[arg-type]
+
+    async def deliver(_peer: Any, _change: Change) -> bool:
+        return True
+
+    monkeypatch.setattr(replicator, "_deliver_with_retry", deliver)
+    loop = asyncio.create_task(replicator._deliver_loop(peer))
+    try:
+        async with asyncio.timeout(30):
+            await backlog.drained.wait()
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+    assert backlog.acked == 64 * 50
+    assert backlog.counted <= 5, backlog.counted  # 50 batches; the empty queue counted
+    assert peer.status.queue_depth == 0
+
+
+async def test_failing_anti_entropy_rounds_back_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that keeps failing is tried again soon, then less and less often, up to
+    the interval (it was every 5 s with a traceback each time)."""
+    peer_config = PeerConfig(name="us", url="http://127.0.0.1:9")
+    index = SqliteIndex(tmp_path / "index.db", "eu", ["us"])
+    replicator = Replicator(
+        ReplicationConfig(region="eu", peers=(peer_config,), anti_entropy_interval_seconds=60),
+        index,
+        BlobStore(FilesystemDriver(tmp_path)),
+    )
+    peer = _Peer(
+        peer_config, None, replicator_module.PeerStatus("us", "x", "berth"), asyncio.Semaphore(1)
+    )  # type: ignore[arg-type]
+    waits: list[float] = []
+
+    async def failing(_peer: Any) -> int:
+        raise RuntimeError("a bug")
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 6:
+            raise asyncio.CancelledError
+
+    monkeypatch.setattr(replicator, "anti_entropy", failing)
+    monkeypatch.setattr(replicator_module.asyncio, "sleep", sleep)
+    with pytest.raises(asyncio.CancelledError):
+        await replicator._anti_entropy_loop(peer)
+    await index.close()
+    assert waits == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
+
+
+async def test_a_webhooks_backlog_is_counted_once_a_second_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    backlog = _Backlog(32 * 50)
+    endpoint = EndpointConfig(name="audit", url="http://127.0.0.1:9/hook")
+    sender = notifier.Notifier(
+        NotificationsConfig(endpoints=(endpoint,)),
+        backlog,  # type: ignore[arg-type]
+        notifier.Source("eu:5000", "eu", "http://eu:5000"),
+    )
+
+    async def event(_change: Change) -> dict[str, Any]:
+        return {"action": "push", "target": {}}
+
+    async def deliver(*_args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(sender, "_event", event)
+    monkeypatch.setattr(sender, "_deliver", deliver)
+    wake = asyncio.Event()
+    while backlog.acked < 32 * 50:
+        await sender._round(None, None, endpoint, "audit", wake)  # type: ignore[arg-type]
+    assert backlog.counted <= 3, backlog.counted  # 50 batches
