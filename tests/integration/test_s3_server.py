@@ -276,3 +276,22 @@ def test_gc_counts_each_collected_blob_once_on_the_store(
     collected, rounds = sample("berth_gc_blobs_deleted_total"), sample("berth_gc_rounds_total")
     wait_for(lambda: sample("berth_gc_rounds_total") >= rounds + 3, timeout=30)
     assert sample("berth_gc_blobs_deleted_total") == collected == 2
+
+
+def test_a_blob_missing_from_the_store_is_blob_unknown(
+    registry_process: Start, s3_store: S3Store
+) -> None:
+    """Recorded in the index but gone from the bucket (a lifecycle rule, a hand): a 404
+    BLOB_UNKNOWN as on a volume, not a 500 with a traceback (found by review)."""
+    prefix = s3_store.new_prefix()
+    registry = registry_process("berth", config=_config(s3_store, prefix))
+    api = Registry(registry.url)
+    digest = api.push_blob("gone/blob", b"".join(pattern_chunks(MiB, MiB, seed=15)))
+    keys = [k for k in s3_store.keys(prefix) if digest.removeprefix("sha256:") in k]
+    assert keys, s3_store.keys(prefix)
+    client = s3_store.client()
+    for key in keys:
+        client.delete_object(Bucket=s3_store.bucket, Key=f"{prefix}/{key}")
+    response = api.get(f"/v2/gone/blob/blobs/{digest}")
+    assert response.status == 404, response
+    assert response.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
