@@ -22,6 +22,7 @@ from registry_server.app import build_app
 from registry_server.config import Config, HttpConfig, StorageConfig
 from registry_server.http.context import SERVICES
 from registry_server.storage.blobstore import BlobStore
+from tests.support.clients import stalled_request
 
 Client = TestClient[Any, Any]
 
@@ -214,20 +215,15 @@ async def test_a_body_gone_silent_is_refused_and_lets_go_of_its_session(
     async with TestClient(TestServer(build_app(config))) as client:
         started = await client.post("/v2/repo/blobs/uploads/")
         location = started.headers["Location"]
-        reader, writer = await asyncio.open_connection(client.host, client.port)
-        writer.write(
+        status, body = await stalled_request(
+            client.host,
+            client.port,
             f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
             "Content-Type: application/octet-stream\r\n\r\n".encode()
-            + b"0123456789"
+            + b"0123456789",
         )
-        await writer.drain()
-        async with asyncio.timeout(5):
-            status = await reader.readline()
-            head = (await reader.readuntil(b"\r\n\r\n")).decode()
-            length = int(head.lower().split("content-length:")[1].split("\r\n")[0])
-            reply = json.loads(await reader.readexactly(length))
-        writer.close()
-        assert status.split()[1] == b"400"
+        reply = json.loads(body)
+        assert status == 400
         assert reply["errors"][0]["code"] == "BLOB_UPLOAD_INVALID"
         assert "no body data for 0.5 s" in json.dumps(reply)
         # The session is free, and holds none of the ten bytes.
@@ -261,18 +257,13 @@ async def test_a_manifest_body_gone_silent_is_a_manifest_error(tmp_path: Path) -
         storage=StorageConfig(root=tmp_path), http=HttpConfig(body_idle_timeout_seconds=0.5)
     )
     async with TestClient(TestServer(build_app(config))) as client:
-        reader, writer = await asyncio.open_connection(client.host, client.port)
-        writer.write(
+        status, body = await stalled_request(
+            client.host,
+            client.port,
             b"PUT /v2/repo/manifests/latest HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
-            b"Content-Type: application/vnd.oci.image.manifest.v1+json\r\n\r\n{"
+            b"Content-Type: application/vnd.oci.image.manifest.v1+json\r\n\r\n{",
         )
-        await writer.drain()
-        async with asyncio.timeout(5):
-            status = await reader.readline()
-            head = (await reader.readuntil(b"\r\n\r\n")).decode()
-            length = int(head.lower().split("content-length:")[1].split("\r\n")[0])
-            reply = json.loads(await reader.readexactly(length))
-        writer.close()
-        assert status.split()[1] == b"400"
+        reply = json.loads(body)
+        assert status == 400
         assert reply["errors"][0]["code"] == "MANIFEST_INVALID"
         assert "no body data for 0.5 s" in json.dumps(reply)

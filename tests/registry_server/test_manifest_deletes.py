@@ -35,6 +35,24 @@ def _image(n: int) -> bytes:
     ).encode()
 
 
+def _listing(digest: str, size: int) -> bytes:
+    """An index of one platform: the image ``digest``."""
+    return json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifests.OCI_INDEX,
+            "manifests": [
+                {
+                    "mediaType": manifests.OCI_MANIFEST,
+                    "digest": digest,
+                    "size": size,
+                    "platform": {"os": "linux", "architecture": "amd64"},
+                }
+            ],
+        }
+    ).encode()
+
+
 @pytest.fixture
 async def service(tmp_path: Path) -> ManifestService:
     index = SqliteIndex(tmp_path / "index.db")
@@ -63,21 +81,7 @@ async def test_a_delete_racing_the_first_push_of_an_immutable_tag_never_removes_
 async def test_a_platform_manifest_goes_after_its_index(service: ManifestService) -> None:
     body = _image(1)
     image = await service.put("r", str(digests.of_bytes(body)), body, None)
-    index = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": manifests.OCI_INDEX,
-            "manifests": [
-                {
-                    "mediaType": manifests.OCI_MANIFEST,
-                    "digest": image.digest,
-                    "size": len(_image(1)),
-                    "platform": {"os": "linux", "architecture": "amd64"},
-                }
-            ],
-        }
-    ).encode()
-    listed = await service.put("r", "multi", index, None)
+    listed = await service.put("r", "multi", _listing(image.digest, len(body)), None)
     with pytest.raises(errors.RegistryError) as caught:
         await service.delete("r", image.digest)
     assert caught.value.error is errors.MANIFEST_LISTED and caught.value.status == 409
@@ -96,15 +100,7 @@ async def test_a_replicated_delete_that_spares_the_manifest_records_no_delete(
     service = ManifestService(index, 1 << 20, record=record)
     body = _image(1)
     image = await service.put("r", str(digests.of_bytes(body)), body, None)
-    listing = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": manifests.OCI_INDEX,
-            "manifests": [
-                {"mediaType": manifests.OCI_MANIFEST, "digest": image.digest, "size": len(body)}
-            ],
-        }
-    ).encode()
+    listing = _listing(image.digest, len(body))
     await service.put("r", str(digests.of_bytes(listing)), listing, None)  # untagged
     await service.delete("r", image.digest, stamp=Stamp(1, "us"))
     assert await index.get_manifest("r", image.digest) is not None

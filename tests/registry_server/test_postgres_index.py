@@ -13,6 +13,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -88,15 +89,20 @@ def test_a_newer_schema_is_refused(postgres_dsn: str) -> None:
         PostgresIndex(postgres_dsn)
 
 
+def _migrated_up_to(conn: psycopg.Connection[Any], count: int) -> None:
+    """The database as a server of the first ``count`` migrations left it."""
+    conn.execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
+        " applied DOUBLE PRECISION NOT NULL)"
+    )
+    for version, script in postgres_schema.MIGRATIONS[:count]:
+        conn.execute(script)
+        conn.execute("INSERT INTO schema_version VALUES (%s, 0)", (version,))
+
+
 async def test_a_database_from_before_usage_counts_what_it_holds(postgres_dsn: str) -> None:
     with psycopg.connect(postgres_dsn) as conn:
-        conn.execute(
-            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-            " applied DOUBLE PRECISION NOT NULL)"
-        )
-        for version, script in postgres_schema.MIGRATIONS[:4]:
-            conn.execute(script)
-            conn.execute("INSERT INTO schema_version VALUES (%s, 0)", (version,))
+        _migrated_up_to(conn, 4)
         conn.execute("INSERT INTO repositories(id, name, created) VALUES (1, 'r', 0)")
         for blob, size in ((digest(1, "b"), 100), (digest(2, "b"), 200)):
             conn.execute("INSERT INTO blobs VALUES (%s, %s, 0)", (blob, size))
@@ -257,13 +263,7 @@ async def test_manifests_from_before_released_count_as_let_go_of_at_the_upgrade(
     """Untagged retention turned on right after the upgrade must not take an image whose
     tag moved yesterday because it was pushed a month ago (found by review)."""
     with psycopg.connect(postgres_dsn) as conn:
-        conn.execute(
-            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-            " applied DOUBLE PRECISION NOT NULL)"
-        )
-        for version, script in postgres_schema.MIGRATIONS[:7]:
-            conn.execute(script)
-            conn.execute("INSERT INTO schema_version VALUES (%s, 0)", (version,))
+        _migrated_up_to(conn, 7)
         conn.execute("INSERT INTO repositories(id, name, created) VALUES (1, 'r', 0)")
         conn.execute(
             "INSERT INTO manifests(repo_id, digest, media_type, size, content, created)"
@@ -284,13 +284,7 @@ def test_a_migration_waiting_for_a_table_lets_go_and_tries_again(postgres_dsn: s
     """An ALTER TABLE queued behind another replica's long transaction would hold up
     every query on that table: it waits a bounded time, lets go, and tries again."""
     with psycopg.connect(postgres_dsn) as conn:
-        conn.execute(
-            "CREATE TABLE schema_version (version INTEGER PRIMARY KEY,"
-            " applied DOUBLE PRECISION NOT NULL)"
-        )
-        for version, script in postgres_schema.MIGRATIONS[:7]:
-            conn.execute(script)
-            conn.execute("INSERT INTO schema_version VALUES (%s, 0)", (version,))
+        _migrated_up_to(conn, 7)
     with psycopg.connect(postgres_dsn) as holder, psycopg.connect(postgres_dsn) as migrating:
         holder.execute("LOCK TABLE manifests IN ACCESS SHARE MODE")  # a reader's lock
         started = time.monotonic()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from registry_server.events import notifier, peer_client
 from registry_server.events import replicator as replicator_module
 from registry_server.events.peer_client import PeerClient, PeerError, new_session
 from registry_server.events.replicator import Replicator, _Peer
-from registry_server.protocol import digests, errors, manifests, versions
+from registry_server.protocol import digests, errors, versions
 from registry_server.protocol.quotas import Quota
 from registry_server.services.blobs import BlobService
 from registry_server.services.manifests import ManifestService
@@ -37,6 +36,7 @@ from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.index import Change
 from registry_server.storage.sqlite_index import SqliteIndex
+from tests.registry_server.test_manifest_deletes import _image
 
 
 async def _attempts_until_done(
@@ -125,22 +125,6 @@ async def test_a_peer_failing_as_a_whole_is_waited_out(
 ) -> None:
     done, attempts = await _attempts_until_done(tmp_path, monkeypatch, 503, 40)
     assert done and attempts == 41
-
-
-def _image(n: int) -> bytes:
-    return json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": manifests.OCI_MANIFEST,
-            "config": {
-                "mediaType": manifests.OCI_EMPTY_CONFIG,
-                "digest": str(digests.of_bytes(b"{}")),
-                "size": 2,
-            },
-            "layers": [],
-            "annotations": {"n": str(n)},
-        }
-    ).encode()
 
 
 async def test_what_a_peer_sends_by_digest_is_not_held_to_the_quota_nor_logged_again(

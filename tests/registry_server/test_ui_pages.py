@@ -3,7 +3,6 @@ and the `ui` configuration section. (The pages themselves: test_ui_browser.py.)"
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from registry_server.app import build_app
 from registry_server.http import ui
 from registry_server.protocol import manifests
 from registry_server.services.browse import describe
+from tests.support.clients import stalled_request
 
 
 def test_an_image_its_config_and_layers() -> None:
@@ -145,16 +145,13 @@ async def test_a_form_gone_silent_is_refused(tmp_path: Path) -> None:
         http=config.HttpConfig(body_idle_timeout_seconds=0.5),
     )
     async with TestClient(TestServer(build_app(settings))) as client:
-        reader, writer = await asyncio.open_connection(client.host, client.port)
-        writer.write(
+        status, _ = await stalled_request(
+            client.host,
+            client.port,
             b"POST /ui/login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
-            b"Content-Type: application/x-www-form-urlencoded\r\n\r\ncsrf="
+            b"Content-Type: application/x-www-form-urlencoded\r\n\r\ncsrf=",
         )
-        await writer.drain()
-        async with asyncio.timeout(5):
-            status = await reader.readline()
-        writer.close()
-        assert status.split()[1] == b"400"
+        assert status == 400
 
         async def chunked() -> AsyncIterator[bytes]:  # 64 KiB, no length said
             for _ in range(64):

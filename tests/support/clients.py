@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
@@ -478,3 +479,19 @@ def peak_rss_bytes(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+async def stalled_request(host: str, port: int, request: bytes) -> tuple[int, bytes]:
+    """Send ``request`` (headers and the start of a body it promises more of), then
+    nothing: the server's answer, as status and body, read within 5 s."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status = int((await reader.readline()).split()[1])
+            head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+            length = int(head.split("content-length:")[1].split("\r\n")[0])
+            return status, await reader.readexactly(length)
+    finally:
+        writer.close()
