@@ -475,14 +475,24 @@ class PeerClient:
         return headers.get("Docker-Content-Digest") or reference
 
     async def put_manifest(
-        self, repo: str, reference: str, body: bytes, media_type: str, stamp: versions.Stamp | None
+        self,
+        repo: str,
+        reference: str,
+        body: bytes,
+        media_type: str,
+        stamp: versions.Stamp | None,
+        stored_at: float | None = None,
     ) -> None:
+        """``stored_at``: when our copy of a referrer was stored (a Berth peer that has
+        deleted it since keeps it deleted)."""
         headers = {"Content-Type": media_type}
         if stamp is not None:
             headers[versions.VERSION_HEADER] = str(stamp.version)
             headers[versions.ORIGIN_HEADER] = stamp.origin
         else:  # by digest: a platform, a referrer
             headers.update(self._replicated())
+            if stored_at is not None and self.peer.kind == "berth":
+                headers[versions.STORED_AT_HEADER] = versions.stored_at_header(stored_at)
         await self.request(
             "PUT",
             f"/v2/{repo}/manifests/{reference}",

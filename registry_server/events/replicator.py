@@ -35,7 +35,7 @@ from registry_server.config import PeerConfig, ReplicationConfig
 from registry_server.events.background import run_elected
 from registry_server.events.peer_client import PeerClient, PeerError, new_session
 from registry_server.protocol import digests, errors, manifests
-from registry_server.protocol.versions import Stamp
+from registry_server.protocol.versions import Stamp, physical_ms
 from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.election import Election, LocalElection
 from registry_server.storage.index import LOCAL_OPS, Change, ManifestRecord, MetadataIndex
@@ -353,7 +353,12 @@ class Replicator:
             return
         await self._ensure_content(peer, repo, record)
         await peer.client.put_manifest(
-            repo, record.digest, _content(record), record.media_type, None
+            repo,
+            record.digest,
+            _content(record),
+            record.media_type,
+            None,
+            record.created if record.subject is not None else None,
         )
 
     async def _ensure_content(self, peer: _Peer, repo: str, record: ManifestRecord) -> None:
@@ -472,13 +477,34 @@ class Replicator:
             if await self._deliver_with_retry(peer, change):
                 self._record_success(peer)
             repaired += 1
-        for digest in await self.index.referrer_digests(repo):
-            if digest in their_refs:
-                continue
-            record = await self.index.get_manifest(repo, digest)
-            if record is not None:
-                await self._ensure_manifest(peer, repo, record)
-                repaired += 1
+        return repaired + await self._repair_referrers(peer, repo, remote, their_refs)
+
+    async def _repair_referrers(
+        self, peer: _Peer, repo: str, remote: dict[str, Any], their_refs: set[str]
+    ) -> int:
+        """Referrers have no tag to carry their version: a copy stored before a delete
+        (by digest, in either region) loses to it, one stored after stands."""
+        their_deleted = _deleted_referrers(remote)
+        their_stored = _stored_referrers(remote)
+        repaired = 0
+        for ref in await self.index.referrer_states(repo):
+            if ref.deleted is None:  # held here
+                gone = their_deleted.get(ref.digest)
+                if ref.digest in their_refs or (
+                    gone is not None and ref.stored is not None and _at(gone) > ref.stored
+                ):
+                    continue  # the peer holds it, or deleted it since: that comes here
+                record = await self.index.get_manifest(repo, ref.digest)
+                if record is not None:
+                    await self._ensure_manifest(peer, repo, record)
+                    repaired += 1
+            elif ref.digest in their_refs:  # deleted here, held there
+                stored = their_stored.get(ref.digest)
+                if stored is not None and stored < _at(ref.deleted):
+                    # Their copy is older than the delete, which did not reach them (set
+                    # aside, or made while they were cut off).
+                    await peer.client.delete_manifest(repo, ref.digest, ref.deleted)
+                    repaired += 1
         return repaired
 
     async def _repair_oci(self, peer: _Peer, repo: str) -> int:
@@ -508,6 +534,22 @@ class Replicator:
             if expired:
                 log.info("tombstones expired", extra={"count": expired})
             await asyncio.sleep(min(3600.0, max(1.0, self.config.tombstone_ttl_seconds / 10)))
+
+
+def _at(stamp: Stamp) -> float:
+    """When a change was made, by its stamp (seconds)."""
+    return physical_ms(stamp.version) / 1000
+
+
+def _deleted_referrers(remote: dict[str, Any]) -> dict[str, Stamp]:
+    found: dict[str, Stamp] = {}
+    for item in remote.get("deleted_referrers") or []:
+        found[str(item["digest"])] = Stamp(int(item["version"]), str(item["origin"]))
+    return found
+
+
+def _stored_referrers(remote: dict[str, Any]) -> dict[str, float]:
+    return {str(d): int(ms) / 1000 for d, ms in (remote.get("referrers_stored") or {}).items()}
 
 
 def _apply_report(status: PeerStatus, report: str) -> None:

@@ -84,6 +84,12 @@ async def put_manifest(
     content = await body.read_limited(request, svc.max_manifest_bytes)
     extra_tags = request.rel_url.query.getall("tag", [])
     stamp = await _stamp(request, principal)
+    by_peer = stamp is None and await replicated(request, principal)
+    stored_at = (
+        versions.stored_at_from_header(request.headers.get(versions.STORED_AT_HEADER))
+        if by_peer
+        else None
+    )
     result = await svc.manifests.put(
         name,
         reference,
@@ -92,7 +98,8 @@ async def put_manifest(
         extra_tags,
         stamp,
         actor=principal.name or None,
-        replicated=stamp is None and await replicated(request, principal),
+        replicated=by_peer,
+        stored_at=stored_at,
     )
     headers = {
         **API_VERSION_HEADER,

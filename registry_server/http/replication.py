@@ -72,8 +72,29 @@ async def state(request: web.Request) -> web.Response:
         {"name": t.name, "digest": t.digest, "version": t.version, "origin": t.origin}
         for t in await index.tag_states(repo)
     ]
+    referrers: list[str] = []
+    deleted: list[dict[str, object]] = []
+    stored: dict[str, int] = {}
+    for ref in await index.referrer_states(repo):
+        if ref.deleted is not None:
+            deleted.append(
+                {"digest": ref.digest, "version": ref.deleted.version, "origin": ref.deleted.origin}
+            )
+        else:
+            referrers.append(ref.digest)
+            if ref.stored is not None:
+                stored[ref.digest] = int(ref.stored * 1000)
     return _json(
-        {"repository": repo, "tags": tags, "referrers": await index.referrer_digests(repo)}
+        {
+            "repository": repo,
+            "tags": tags,
+            "referrers": referrers,
+            # When each was stored here (Unix ms), and the referrers deleted by digest
+            # (the delete's stamp): so that anti-entropy neither brings back a deleted
+            # referrer nor misses a delete (Berth before these fields: none sent).
+            "referrers_stored": stored,
+            "deleted_referrers": deleted,
+        }
     )
 
 

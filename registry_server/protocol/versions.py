@@ -49,6 +49,9 @@ ORIGIN_HEADER = "Berth-Replication-Origin"
 # A manifest or blob a peer sends without a stamp (by digest: a platform, a referrer, a
 # layer): not the receiver's own push, so not held to its quota nor logged again.
 REPLICATED_HEADER = "Berth-Replicated"
+# With a referrer sent that way: when the sender stored its copy (Unix milliseconds), so
+# that a receiver which has deleted it since does not take it back.
+STORED_AT_HEADER = "Berth-Stored-At"
 
 
 # The index stores versions as signed 64-bit integers.
@@ -88,3 +91,19 @@ def from_headers(version: str | None, origin: str | None) -> Stamp | None:
             errors.MANIFEST_INVALID, detail={ORIGIN_HEADER: (origin or "")[:80]}
         )
     return Stamp(int(version or ""), origin or "")
+
+
+_MILLIS = re.compile(r"[0-9]{1,15}")
+
+
+def stored_at_from_header(value: str | None) -> float | None:
+    """When a peer stored the copy it sends (seconds), None when it does not say."""
+    if value is None:
+        return None
+    if not _MILLIS.fullmatch(value):
+        raise errors.RegistryError(errors.MANIFEST_INVALID, detail={STORED_AT_HEADER: value[:40]})
+    return int(value) / 1000
+
+
+def stored_at_header(stored: float) -> str:
+    return str(int(stored * 1000))

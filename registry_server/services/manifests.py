@@ -10,7 +10,7 @@ from registry_server.protocol import digests, errors, manifests, names
 from registry_server.protocol.quotas import NO_QUOTA, Quota
 from registry_server.protocol.tag_rules import NO_RULES, TagRules
 from registry_server.protocol.versions import Stamp
-from registry_server.storage.index import ManifestRecord, MetadataIndex, NewManifest
+from registry_server.storage.index import ManifestRecord, MetadataIndex, NewManifest, Overtaken
 from registry_server.storage.records import TagRecord
 from registry_server.storage.space import SpaceMonitor
 
@@ -56,11 +56,14 @@ class ManifestService:
         stamp: Stamp | None = None,
         actor: str | None = None,
         replicated: bool = False,
+        stored_at: float | None = None,
     ) -> PushResult:
         """Validate and store a manifest; ``stamp`` marks a change replicated from a peer,
         ``replicated`` a manifest a peer sends by digest (a platform, a referrer): neither
         is held to the quota, logged for other peers or told to webhooks (the region that
-        took the push did all that). ``actor`` is the account pushing."""
+        took the push did all that). ``stored_at`` is when that peer stored its copy: a
+        referrer deleted since is not stored again, and the peer is answered as if it
+        were (the delete reaches it too). ``actor`` is the account pushing."""
         self.space.require_writable()
         if len(body) > self.max_bytes:
             raise errors.RegistryError(
@@ -81,27 +84,31 @@ class ManifestService:
             raise errors.RegistryError(errors.DENIED, detail={"reason": "a tag needs a stamp"})
         parsed = manifests.parse(body, content_type)
         subject = str(parsed.subject.digest) if parsed.subject else None
-        await self.index.put_manifest(
-            repo,
-            NewManifest(
-                digest=str(digest),
-                media_type=parsed.media_type,
-                content=body,
-                artifact_type=parsed.artifact_type,
-                subject=subject,
-                annotations=json.dumps(parsed.annotations) if parsed.annotations else None,
-                blob_refs=[str(d.digest) for d in parsed.blobs],
-                child_refs=[str(d.digest) for d in parsed.children],
-            ),
-            tags,
-            stamp,
-            immutable=self._immutable(repo, tags),
-            required_blobs=parsed.required_blobs(),
-            required_manifests=list(dict.fromkeys(str(d.digest) for d in parsed.children)),
-            actor=actor,
-            quota=self.quota(repo) if stamp is None and not replicated else None,
-            replicated=replicated,
-        )
+        try:
+            await self.index.put_manifest(
+                repo,
+                NewManifest(
+                    digest=str(digest),
+                    media_type=parsed.media_type,
+                    content=body,
+                    artifact_type=parsed.artifact_type,
+                    subject=subject,
+                    annotations=json.dumps(parsed.annotations) if parsed.annotations else None,
+                    blob_refs=[str(d.digest) for d in parsed.blobs],
+                    child_refs=[str(d.digest) for d in parsed.children],
+                ),
+                tags,
+                stamp,
+                immutable=self._immutable(repo, tags),
+                required_blobs=parsed.required_blobs(),
+                required_manifests=list(dict.fromkeys(str(d.digest) for d in parsed.children)),
+                actor=actor,
+                quota=self.quota(repo) if stamp is None and not replicated else None,
+                replicated=replicated,
+                stored_at=stored_at,
+            )
+        except Overtaken:
+            return PushResult(str(digest), subject)
         if self.record is not None:
             # After the commit, before the answer: what the client is told is recorded.
             stamps = await self.index.tag_stamps(repo, tags)

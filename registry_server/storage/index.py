@@ -25,6 +25,7 @@ class ManifestRecord:
     artifact_type: str | None
     subject: str | None
     annotations: str | None  # JSON text, as stored
+    created: float | None = None  # when stored here (not asked for by every read)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,20 @@ class TagState:
     digest: str | None
     version: int
     origin: str
+
+
+@dataclass(frozen=True)
+class ReferrerState:
+    """A referrer as anti-entropy compares it: ``stored`` (when it was stored here) for
+    one held, ``deleted`` (the delete's stamp) for one deleted by digest."""
+
+    digest: str
+    stored: float | None
+    deleted: Stamp | None
+
+
+class Overtaken(Exception):
+    """A peer sent a referrer by digest that was deleted after its copy was stored."""
 
 
 @dataclass(frozen=True)
@@ -110,10 +125,12 @@ class MetadataIndex(Protocol):
         actor: str | None = None,
         quota: Quota | None = None,
         replicated: bool = False,
+        stored_at: float | None = None,
     ) -> list[str]:
         """Store a manifest and point ``tags`` at it; returns the tags actually moved.
         ``replicated``: a manifest a peer sends by digest (no stamp: it moves no tag), not
-        logged again either.
+        logged again either; ``stored_at`` is when the peer stored its copy: a referrer
+        deleted here (or by a delete replicated here) after that raises Overtaken.
 
         Without ``stamp`` this is a local push: it gets the next clock version and is
         logged for every peer in the same transaction. With a ``stamp`` it is a replicated
@@ -260,6 +277,7 @@ class MetadataIndex(Protocol):
         """The state of the named tags (tombstones for deleted ones): the tag record's."""
 
     async def referrer_digests(self, repo: str) -> list[str]: ...
+    async def referrer_states(self, repo: str) -> list[ReferrerState]: ...
     async def expire_tombstones(self, older_than: float) -> int: ...
 
     # failed authentication, shared by every process (storage/auth_failures.py)

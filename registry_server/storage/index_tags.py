@@ -20,6 +20,8 @@ from registry_server.storage.index import (
     RETENTION_ACTOR,
     ManifestRecord,
     NewManifest,
+    Overtaken,
+    ReferrerState,
     TagDetail,
     TagState,
 )
@@ -180,11 +182,22 @@ def put_manifest(
     actor: str | None,
     quota: Quota | None = None,
     replicated: bool = False,
+    stored_at: float | None = None,
 ) -> Tx[list[str]]:
     local = given is None
     logged = local and not replicated  # a peer's by-digest send is not forwarded again
     repo_id = yield from repository(dialect, repo, create=True)
     assert repo_id is not None
+    # A referrer a peer sends counts as stored when its first copy was (the region it was
+    # pushed to), so that every region compares its copy with a delete alike.
+    first_stored = None
+    if replicated and manifest.subject is not None and stored_at is not None:
+        deleted_at = yield from _referrer_deleted_at(repo_id, manifest.digest)
+        if deleted_at is not None and deleted_at > stored_at:
+            # The peer's copy was stored before this referrer was deleted (here or in
+            # the region the delete came from): the delete overtook it.
+            raise Overtaken(manifest.digest)
+        first_stored = stored_at
     # Under the repository's lock: no concurrent push counts between this and the check.
     limited = local and quota is not None and (quota.storage, quota.tags) != (None, None)
     before = (yield from index_usage.usage_of(repo_id)) if limited else None
@@ -200,6 +213,7 @@ def put_manifest(
         if row is not None and row[0] != manifest.digest:
             raise errors.RegistryError(errors.TAG_IMMUTABLE, detail={"tag": tag, "digest": row[0]})
     now = time.time()
+    created = now if first_stored is None else min(now, first_stored)
     inserted = yield Query(
         "INSERT INTO manifests(repo_id, digest, media_type, size, content,"
         " artifact_type, subject, annotations, created) VALUES (?,?,?,?,?,?,?,?,?)"
@@ -213,9 +227,14 @@ def put_manifest(
             manifest.artifact_type,
             manifest.subject,
             manifest.annotations,
-            now,
+            created,
         ),
     )
+    if inserted.rowcount > 0 and manifest.subject is not None:
+        yield Query(
+            "DELETE FROM referrer_tombstones WHERE repo_id = ? AND digest = ?",
+            (repo_id, manifest.digest),
+        )
     if inserted.rowcount == 0 and not tags:
         # Pushed again by digest (its tag or index to follow): a fresh start for the
         # retention of untagged manifests, which must not take it meanwhile.
@@ -341,10 +360,12 @@ def delete_manifest(
         return False
     if immutable is not None:
         yield from _refuse_immutable(repo_id, digest, immutable)
-    exists = yield Query(
-        "SELECT 1 FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest)
-    )
-    if exists.first() is None:
+    exists = (
+        yield Query(
+            "SELECT subject FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest)
+        )
+    ).first()
+    if exists is None:
         return False
     if local:  # in the transaction: an index pushed meanwhile counts
         listing = yield Query(
@@ -377,6 +398,14 @@ def delete_manifest(
         yield from _release_blobs(repo_id, digest)
     yield Query("DELETE FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest))
     yield Query("DELETE FROM manifest_refs WHERE repo_id = ? AND digest = ?", (repo_id, digest))
+    if exists[0] is not None:
+        # A referrer has no tag to carry its delete: anti-entropy compares this instead.
+        yield Query(
+            "INSERT INTO referrer_tombstones(repo_id, digest, version, origin, deleted)"
+            " VALUES (?,?,?,?,?) ON CONFLICT (repo_id, digest) DO UPDATE SET"
+            " version = excluded.version, origin = excluded.origin, deleted = excluded.deleted",
+            (repo_id, digest, version.version, version.origin, time.time()),
+        )
     if local:
         yield from changelog.record(
             consumers, repo, "delete_manifest", None, digest, version, actor
@@ -529,7 +558,20 @@ def delete_untagged_manifest(
 
 
 def expire_tombstones(older_than: float) -> Tx[int]:
-    return (yield Query("DELETE FROM tombstones WHERE deleted < ?", (older_than,))).rowcount
+    tags = yield Query("DELETE FROM tombstones WHERE deleted < ?", (older_than,))
+    referrers = yield Query("DELETE FROM referrer_tombstones WHERE deleted < ?", (older_than,))
+    return tags.rowcount + referrers.rowcount
+
+
+def _referrer_deleted_at(repo_id: int, digest: str) -> Tx[float | None]:
+    """When the referrer was deleted, by its delete's clock (None: it was not)."""
+    row = (
+        yield Query(
+            "SELECT version FROM referrer_tombstones WHERE repo_id = ? AND digest = ?",
+            (repo_id, digest),
+        )
+    ).first()
+    return None if row is None else versions.physical_ms(int(row[0])) / 1000
 
 
 # -- reads -----------------------------------------------------------------------------
@@ -540,7 +582,7 @@ def get_manifest(repo: str, digest: str, content: bool) -> Tx[ManifestRecord | N
     row = (
         yield Query(
             f"SELECT m.digest, m.media_type, m.size, {column}, m.artifact_type, m.subject,"
-            " m.annotations FROM manifests m JOIN repositories r ON r.id = m.repo_id"
+            " m.annotations, m.created FROM manifests m JOIN repositories r ON r.id = m.repo_id"
             " WHERE r.name = ? AND m.digest = ?",
             (repo, digest),
         )
@@ -670,3 +712,26 @@ def referrer_digests(repo: str) -> Tx[list[str]]:
     if repo_id is None:
         return []
     return [str(r[0]) for r in (yield Query(_REFERRERS, (repo_id,))).rows]
+
+
+def referrer_states(repo: str) -> Tx[list[ReferrerState]]:
+    """The repository's referrers (when stored here) and deleted referrers (the delete's
+    stamp): what anti-entropy compares beyond tags."""
+    repo_id = yield from repository_id(repo)
+    if repo_id is None:
+        return []
+    rows = yield Query(
+        "SELECT digest, created, NULL, NULL FROM manifests"
+        " WHERE repo_id = ? AND subject IS NOT NULL"
+        " UNION ALL SELECT digest, NULL, version, origin FROM referrer_tombstones"
+        " WHERE repo_id = ? ORDER BY 1",
+        (repo_id, repo_id),
+    )
+    return [
+        ReferrerState(
+            str(d),
+            None if c is None else float(c),
+            None if v is None else Stamp(int(v), str(o)),
+        )
+        for d, c, v, o in rows.rows
+    ]

@@ -273,6 +273,20 @@ CREATE TRIGGER released_subjects AFTER DELETE ON manifests
     FOR EACH ROW EXECUTE FUNCTION berth_released_subject();
 """
 
+# A referrer deleted by digest, with the delete's stamp: anti-entropy must not bring
+# back a copy stored before it (index_tags.delete_manifest).
+_V9 = """
+CREATE TABLE referrer_tombstones (
+    repo_id BIGINT NOT NULL REFERENCES repositories(id),
+    digest TEXT COLLATE "C" NOT NULL,
+    version BIGINT NOT NULL,
+    origin TEXT COLLATE "C" NOT NULL,
+    deleted DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (repo_id, digest)
+);
+CREATE INDEX referrer_tombstones_deleted ON referrer_tombstones (deleted);
+"""
+
 # (version, SQL): applied in order, each once.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _V1),
@@ -283,6 +297,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     (6, _V6),
     (7, _V7),
     (8, _V8),
+    (9, _V9),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -28,6 +28,7 @@ from registry_server.storage.index import (
     Change,
     ManifestRecord,
     NewManifest,
+    ReferrerState,
     TagDetail,
     TagState,
 )
@@ -86,6 +87,7 @@ class SqlIndex(ABC):
         actor: str | None = None,
         quota: Quota | None = None,
         replicated: bool = False,
+        stored_at: float | None = None,
     ) -> list[str]:
         return await self._write(
             lambda: index_tags.put_manifest(
@@ -102,6 +104,7 @@ class SqlIndex(ABC):
                 actor,
                 quota,
                 replicated,
+                stored_at,
             )
         )
 
@@ -289,6 +292,9 @@ class SqlIndex(ABC):
 
     async def referrer_digests(self, repo: str) -> list[str]:
         return await self._read(index_tags.referrer_digests(repo))
+
+    async def referrer_states(self, repo: str) -> list[ReferrerState]:
+        return await self._read(index_tags.referrer_states(repo))
 
     async def add_auth_failures(
         self, entries: Sequence[tuple[str, bytes, float]], now: float

@@ -109,6 +109,16 @@ CREATE TABLE IF NOT EXISTS tombstones (
     deleted REAL NOT NULL,
     PRIMARY KEY (repo_id, name)
 ) WITHOUT ROWID;
+-- A referrer deleted by digest: anti-entropy must not bring back an older copy of it.
+CREATE TABLE IF NOT EXISTS referrer_tombstones (
+    repo_id INTEGER NOT NULL REFERENCES repositories(id),
+    digest TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    deleted REAL NOT NULL,
+    PRIMARY KEY (repo_id, digest)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS referrer_tombstones_deleted ON referrer_tombstones(deleted);
 -- The hybrid logical clock, shared by every worker process through the database.
 CREATE TABLE IF NOT EXISTS clock (id INTEGER PRIMARY KEY CHECK (id = 0), last INTEGER NOT NULL);
 INSERT OR IGNORE INTO clock(id, last) VALUES (0, 0);

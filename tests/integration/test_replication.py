@@ -198,6 +198,68 @@ def test_multi_arch_index_and_referrers_replicate(mesh: Mesh, tmp_path: Path) ->
     assert referrers(ap)[0]["artifactType"] == "application/vnd.example.signature"
 
 
+def _attach_signature(tmp_path: Path, registry: RegistryProcess, ref: str) -> None:
+    sig = tmp_path / "sig.txt"
+    sig.write_text("signed")
+    subprocess.run(
+        [
+            str(require_tool("oras")),
+            "attach",
+            "--plain-http",
+            "--artifact-type",
+            "application/vnd.example.signature",
+            f"{registry.host}/{ref}",
+            f"{sig.name}:text/plain",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def _referrers(region: RegistryProcess, repo: str, subject: str) -> list[str]:
+    r = requests.get(f"{region.url}/v2/{repo}/referrers/{subject}", timeout=5)
+    return [m["digest"] for m in r.json().get("manifests", [])]
+
+
+def test_deleted_referrer_does_not_come_back_from_a_region_that_was_away(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """A referrer has no tag to carry its delete: a region that was away while it was
+    deleted holds an older copy, which anti-entropy must not push back; it gets the
+    delete instead, from any region that has it (here not the one it was made in)."""
+    eu, us, ap = (mesh.regions[r] for r in ("eu", "us", "ap"))
+    subject = make_oci_layout(tmp_path / "img")
+    skopeo_push(tmp_path / "img", "v1", eu, "team-a/signed:v1")
+    _attach_signature(tmp_path, eu, "team-a/signed:v1")
+    eventually(
+        lambda: all(len(_referrers(r, "team-a/signed", subject)) == 1 for r in (us, ap)),
+        30,
+        "signature everywhere",
+    )
+    (signature,) = _referrers(eu, "team-a/signed", subject)
+    ap.stop()
+    assert (
+        requests.delete(f"{eu.url}/v2/team-a/signed/manifests/{signature}", timeout=5).status_code
+        == 202
+    )
+    eventually(lambda: _referrers(us, "team-a/signed", subject) == [], 30, "deleted in us")
+    eu.stop()  # the region that made the delete cannot tell ap
+    ap.start()
+    # us tells ap (anti-entropy), and ap's older copy never reaches us meanwhile.
+    deadline = time.monotonic() + 30
+    while _referrers(ap, "team-a/signed", subject):
+        assert _referrers(us, "team-a/signed", subject) == [], "brought back to us"
+        assert time.monotonic() < deadline, "the delete did not reach ap"
+        time.sleep(0.1)
+    eu.start()
+    time.sleep(6)  # three anti-entropy rounds
+    for region in (eu, us, ap):
+        assert _referrers(region, "team-a/signed", subject) == []
+        assert manifest_digest(region, "team-a/signed", "v1") == subject
+
+
 def test_delete_replicates(mesh: Mesh, tmp_path: Path) -> None:
     eu, us, ap = (mesh.regions[r] for r in ("eu", "us", "ap"))
     digest = make_oci_layout(tmp_path / "img")

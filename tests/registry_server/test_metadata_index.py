@@ -18,7 +18,7 @@ from registry_server.protocol import errors
 from registry_server.protocol.quotas import Quota, Usage
 from registry_server.protocol.versions import Stamp
 from registry_server.storage import sqlite_index
-from registry_server.storage.index import MetadataIndex, NewManifest
+from registry_server.storage.index import MetadataIndex, NewManifest, Overtaken
 from registry_server.storage.postgres_index import PostgresIndex
 from registry_server.storage.sqlite_index import SqliteIndex
 
@@ -752,3 +752,45 @@ async def test_a_replicated_delete_spares_a_child_an_index_here_lists(
     assert await index.delete_manifest("r", D3, stamp=later)
     assert await index.delete_manifest("r", D1, stamp=later)
     assert await index.get_manifest("r", D1) is None
+
+
+async def test_a_referrer_deleted_by_digest_is_remembered_until_stored_again(
+    index: MetadataIndex,
+) -> None:
+    """A referrer has no tag whose tombstone would keep it deleted: its delete is kept
+    (with the delete's stamp) so that a peer's older copy is not taken back, while a copy
+    stored after the delete is, and so is a push of it here."""
+    await index.put_manifest("r", manifest(D1), ["v1"])
+    await index.put_manifest("r", manifest(D2, subject=D1), [])
+    (stored,) = await index.referrer_states("r")
+    assert (stored.digest, stored.deleted) == (D2, None)
+    assert stored.stored is not None and abs(stored.stored - time.time()) < 60
+    (tagged,) = await index.tag_states("r")
+    delete = Stamp(tagged.version + (5_000 << 16), "us")  # made 5 s after the tag's push
+    assert await index.delete_manifest("r", D2, stamp=delete)
+    assert [(s.digest, s.stored, s.deleted) for s in await index.referrer_states("r")] == [
+        (D2, None, delete)
+    ]
+    made = (delete.version >> 16) / 1000
+    # A peer's copy from before the delete: overtaken, nothing stored.
+    with pytest.raises(Overtaken):
+        await index.put_manifest(
+            "r", manifest(D2, subject=D1), [], replicated=True, stored_at=made - 1
+        )
+    assert await index.get_manifest("r", D2) is None
+    # One from after it stands, counted from when the peer stored it; the tombstone goes.
+    await index.put_manifest("r", manifest(D2, subject=D1), [], replicated=True, stored_at=made + 1)
+    (again,) = await index.referrer_states("r")
+    assert (again.digest, again.stored, again.deleted) == (D2, pytest.approx(made + 1), None)
+    # A local delete is remembered too, and a local push of it again forgets it.
+    assert await index.delete_manifest("r", D2)
+    (local,) = await index.referrer_states("r")
+    assert local.stored is None and local.deleted is not None
+    await index.put_manifest("r", manifest(D2, subject=D1), [])
+    assert [s.deleted for s in await index.referrer_states("r")] == [None]
+    # A manifest that is no referrer leaves nothing; expiry takes referrer tombstones.
+    assert await index.delete_manifest("r", D2)
+    assert await index.delete_manifest("r", D1)
+    assert [s.digest for s in await index.referrer_states("r")] == [D2]
+    assert await index.expire_tombstones(time.time() + 1) >= 1
+    assert await index.referrer_states("r") == []
