@@ -110,6 +110,10 @@ class _Peer:
     # Set when a local change is logged; one per peer so no loop consumes another's wake-up.
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     counted_at: float = float("-inf")  # when the queue was last counted (monotonic)
+    # Where an anti-entropy round that failed stopped: the next one goes on from there,
+    # or a peer failing now and then had the first repositories compared again and again
+    # and the last ones never.
+    resume_after: str = ""
 
 
 def task_name(peer: PeerConfig) -> str:
@@ -435,26 +439,39 @@ class Replicator:
             await asyncio.sleep(self.config.anti_entropy_interval_seconds)
 
     async def anti_entropy(self, peer: _Peer) -> int:
+        """One round over every repository (from where a failed round stopped). A
+        repository the peer refuses something of is passed over (a quota there, a
+        manifest it does not take): the next round tries it again. A failure of the peer
+        as a whole ends the round."""
         repaired = 0
-        after = ""
         while True:
-            listed = await self.index.list_repositories(_PAGE, after)
+            listed = await self.index.list_repositories(_PAGE, peer.resume_after)
             if not listed:
+                peer.resume_after = ""
                 return repaired
             repos = [name for name in listed if not self.stays_local(name)]
+            hashes: dict[str, str] | None = None
             if peer.config.kind == "berth":
                 remote = await peer.client.get_json(
                     "/berth/v1/replication/hashes", {"repositories": repos}
                 )
                 hashes = remote.get("hashes", {})
-                for name in repos:
+            for name in repos:
+                if hashes is not None:
                     mine = await self.index.repository_hash(name)
-                    if hashes.get(name, EMPTY_REPOSITORY_HASH) != mine:
+                    if hashes.get(name, EMPTY_REPOSITORY_HASH) == mine:
+                        continue
+                try:
+                    if hashes is not None:
                         repaired += await self._repair_berth(peer, name)
-            else:
-                for name in repos:
-                    repaired += await self._repair_oci(peer, name)
-            after = listed[-1]
+                    else:
+                        repaired += await self._repair_oci(peer, name)
+                except (PeerError, errors.RegistryError) as exc:
+                    if isinstance(exc, PeerError) and not _about_the_repository(exc):
+                        raise
+                    self._record_error(peer, f"anti-entropy of {name}: {exc}")
+                peer.resume_after = name
+            peer.resume_after = listed[-1]
 
     async def _repair_berth(self, peer: _Peer, repo: str) -> int:
         remote = await peer.client.get_json(
@@ -534,6 +551,12 @@ class Replicator:
             if expired:
                 log.info("tombstones expired", extra={"count": expired})
             await asyncio.sleep(min(3600.0, max(1.0, self.config.tombstone_ttl_seconds / 10)))
+
+
+def _about_the_repository(exc: PeerError) -> bool:
+    """Whether the peer refused something of one repository, rather than failing as a
+    whole (unreachable, 5xx, 401, a timeout, throttling)."""
+    return exc.status is not None and 400 <= exc.status < 500 and exc.status not in (401, 408, 429)
 
 
 def _at(stamp: Stamp) -> float:

@@ -318,3 +318,45 @@ async def test_a_webhooks_backlog_is_counted_once_a_second_too(
     while backlog.acked < 32 * 50:
         await sender._round(None, None, endpoint, "audit", wake)  # type: ignore[arg-type]
     assert backlog.counted <= 3, backlog.counted  # 50 batches
+
+
+async def test_anti_entropy_passes_over_a_refused_repository_and_resumes_where_it_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One repository the peer refuses something of (a referrer over its quota) ended
+    every round there, and a round that failed started again from the first repository:
+    the ones after it were never compared (found by review)."""
+    peer_config = PeerConfig(name="us", url="http://127.0.0.1:9", kind="oci")
+    index = SqliteIndex(tmp_path / "index.db", "eu", ["us"])
+    replicator = Replicator(
+        ReplicationConfig(region="eu", peers=(peer_config,)),
+        index,
+        BlobStore(FilesystemDriver(tmp_path)),
+    )
+    peer = _Peer(
+        peer_config, None, replicator_module.PeerStatus("us", "x", "oci"), asyncio.Semaphore(1)
+    )  # type: ignore[arg-type]
+    names = [f"r{i}" for i in range(6)]
+    for name in names:
+        await index.link_blob(name, "sha256:" + "a" * 64, 1)
+    compared: list[str] = []
+    failures = {"r1": PeerError("HTTP 403", 403), "r3": PeerError("unreachable", None)}
+
+    async def repair(_peer: Any, repo: str) -> int:
+        compared.append(repo)
+        failure = failures.pop(repo, None)
+        if failure is not None:
+            raise failure
+        return 1
+
+    monkeypatch.setattr(replicator, "_repair_oci", repair)
+    try:
+        with pytest.raises(PeerError, match="unreachable"):
+            await replicator.anti_entropy(peer)  # r1 passed over; r3: the peer is down
+        assert compared == ["r0", "r1", "r2", "r3"]
+        assert "anti-entropy of r1" in (peer.status.last_error or "")
+        assert await replicator.anti_entropy(peer) == 3  # from r3 on
+        assert compared[4:] == ["r3", "r4", "r5"]
+        assert await replicator.anti_entropy(peer) == 6  # and then from the start
+    finally:
+        await index.close()
