@@ -98,7 +98,21 @@ _REPORTED = (
     "anti_entropy_repaired",
 )
 _PUBLISH_SECONDS = 1.0
+# A plain OCI peer has no state to compare but by a HEAD per tag: a repository's tags are
+# all asked about this often, and in between only those written here since the last
+# check (less this margin, for a write that committed after the check began).
+_OCI_RECHECK_SECONDS = 3600.0
+_OCI_MARGIN_SECONDS = 300.0
 _COUNT_SECONDS = 1.0  # how often a busy delivery loop counts its queue
+
+
+@dataclass(frozen=True)
+class _OciChecked:
+    """A repository found complete on an OCI peer: when the check began, and the
+    referrers it holds."""
+
+    at: float
+    referrers: frozenset[str]
 
 
 @dataclass
@@ -114,6 +128,7 @@ class _Peer:
     # or a peer failing now and then had the first repositories compared again and again
     # and the last ones never.
     resume_after: str = ""
+    oci_checked: dict[str, _OciChecked] = field(default_factory=dict)
 
 
 def task_name(peer: PeerConfig) -> str:
@@ -525,22 +540,39 @@ class Replicator:
         return repaired
 
     async def _repair_oci(self, peer: _Peer, repo: str) -> int:
+        """HEAD the tags written here since the repository was last found complete
+        there (all of them at first and every _OCI_RECHECK_SECONDS), and the referrers
+        not yet found there: every tag every round was a HEAD per tag per minute."""
+        started = time.time()
+        last = peer.oci_checked.get(repo)
+        if last is not None and started - last.at >= _OCI_RECHECK_SECONDS:
+            last = None
+        since = None if last is None else last.at - _OCI_MARGIN_SECONDS
         repaired = 0
-        for state in await self.index.tag_states(repo):
-            if state.digest is None:
+        complete = True
+        for tag in await self.index.tag_details(repo, None, None) or []:
+            if since is not None and tag.updated < since:
                 continue
-            if await peer.client.manifest_digest(repo, state.name) == state.digest:
+            if await peer.client.manifest_digest(repo, tag.name) == tag.digest:
                 continue
-            change = Change(
-                0, repo, "tag", state.name, state.digest, state.version, state.origin, time.time()
-            )
+            # An OCI peer takes no stamp: the change's version is not sent.
+            change = Change(0, repo, "tag", tag.name, tag.digest, 0, "", time.time())
             if await self._deliver_with_retry(peer, change):
                 self._record_success(peer)
+            else:
+                complete = False
             repaired += 1
-        for digest in await self.index.referrer_digests(repo):
+        found = set(last.referrers) if last is not None else set()
+        current = await self.index.referrer_digests(repo)
+        for digest in current:
+            if digest in found:
+                continue
             record = await self.index.get_manifest(repo, digest)
             if record is not None:
                 await self._ensure_manifest(peer, repo, record)
+                found.add(digest)
+        if complete:
+            peer.oci_checked[repo] = _OciChecked(started, frozenset(found.intersection(current)))
         return repaired
 
     async def _tombstone_loop(self) -> None:

@@ -360,3 +360,68 @@ async def test_anti_entropy_passes_over_a_refused_repository_and_resumes_where_i
         assert await replicator.anti_entropy(peer) == 6  # and then from the start
     finally:
         await index.close()
+
+
+async def test_an_oci_peer_is_asked_about_tags_written_since_its_last_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain registry has no state to compare but by a HEAD per tag: every tag of
+    every repository was asked about every round (a minute), 10,000 tags a HEAD each."""
+    peer_config = PeerConfig(name="dr", url="http://127.0.0.1:9", kind="oci")
+    index = SqliteIndex(tmp_path / "index.db", "eu", ["dr"])
+    replicator = Replicator(
+        ReplicationConfig(region="eu", peers=(peer_config,)),
+        index,
+        BlobStore(FilesystemDriver(tmp_path)),
+    )
+    asked: list[str] = []
+    held: dict[str, str] = {}
+
+    class Peer:
+        async def manifest_digest(self, _repo: str, reference: str) -> str | None:
+            asked.append(reference)
+            return held.get(reference)
+
+    peer = _Peer(
+        peer_config, Peer(), replicator_module.PeerStatus("dr", "x", "oci"), asyncio.Semaphore(1)
+    )  # type: ignore[arg-type]
+    sent: list[str] = []
+
+    async def deliver(_peer: Any, change: Change) -> bool:
+        sent.append(str(change.tag))
+        held[str(change.tag)] = str(change.digest)
+        return True
+
+    monkeypatch.setattr(replicator, "_deliver_with_retry", deliver)
+    # No margin at first: a tag written just before a check counts as checked.
+    monkeypatch.setattr(replicator_module, "_OCI_MARGIN_SECONDS", 0.0)
+    images = [_image(n) for n in range(4)]
+    service = ManifestService(index, 1 << 20)
+    await index.link_blob("app", str(digests.of_bytes(b"{}")), 2)
+    try:
+        for n in range(3):
+            await service.put("app", f"v{n}", images[n], None)
+        assert await replicator.anti_entropy(peer) == 3
+        assert sorted(asked) == sorted(sent) == ["v0", "v1", "v2"]
+        asked.clear()
+        assert await replicator.anti_entropy(peer) == 0
+        assert asked == []  # nothing written since: nothing asked
+        await service.put("app", "v3", images[3], None)
+        held.pop("v0")  # gone there: seen at the next full check
+        assert await replicator.anti_entropy(peer) == 1
+        assert asked == ["v3"]
+        asked.clear()
+        checked = peer.oci_checked["app"]
+        peer.oci_checked["app"] = replicator_module._OciChecked(
+            checked.at - replicator_module._OCI_RECHECK_SECONDS, checked.referrers
+        )
+        assert await replicator.anti_entropy(peer) == 1
+        assert sorted(asked) == ["v0", "v1", "v2", "v3"] and sent[-1] == "v0"
+        # With the margin, what was written shortly before the last check is asked
+        # about again (a write that committed after the check began was not seen).
+        asked.clear()
+        monkeypatch.setattr(replicator_module, "_OCI_MARGIN_SECONDS", 300.0)
+        assert await replicator.anti_entropy(peer) == 0
+        assert sorted(asked) == ["v0", "v1", "v2", "v3"]
+    finally:
+        await index.close()
