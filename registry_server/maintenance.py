@@ -213,6 +213,10 @@ def rebuild(root: Path) -> dict[str, float]:
                         (repo_id, tag.name, tag.digest, now, tag.version, tag.origin),
                     )
                     counts["tags"] += 1
+        # When a referrer was first stored is not recorded: as old as can be, so that a
+        # delete of it another region remembers wins (a copy stamped now brought it
+        # back everywhere), and one nobody deleted stays.
+        conn.execute("UPDATE manifests SET stored_version = 0 WHERE subject IS NOT NULL")
         # New pushes must win over every recorded version (last writer wins).
         conn.execute("UPDATE clock SET last = max(last, ?)", (newest,))
         conn.execute("COMMIT")

@@ -481,18 +481,18 @@ class PeerClient:
         body: bytes,
         media_type: str,
         stamp: versions.Stamp | None,
-        stored_at: float | None = None,
+        stored_version: int | None = None,
     ) -> None:
-        """``stored_at``: when our copy of a referrer was stored (a Berth peer that has
-        deleted it since keeps it deleted)."""
+        """``stored_version``: a referrer's clock version when first stored (a Berth
+        peer that has deleted it since keeps it deleted)."""
         headers = {"Content-Type": media_type}
         if stamp is not None:
             headers[versions.VERSION_HEADER] = str(stamp.version)
             headers[versions.ORIGIN_HEADER] = stamp.origin
         else:  # by digest: a platform, a referrer
             headers.update(self._replicated())
-            if stored_at is not None and self.peer.kind == "berth":
-                headers[versions.STORED_AT_HEADER] = versions.stored_at_header(stored_at)
+            if stored_version is not None and self.peer.kind == "berth":
+                headers[versions.STORED_VERSION_HEADER] = str(stored_version)
         await self.request(
             "PUT",
             f"/v2/{repo}/manifests/{reference}",

@@ -35,7 +35,7 @@ from registry_server.config import PeerConfig, ReplicationConfig
 from registry_server.events.background import run_elected
 from registry_server.events.peer_client import PeerClient, PeerError, new_session
 from registry_server.protocol import digests, errors, manifests
-from registry_server.protocol.versions import Stamp, physical_ms
+from registry_server.protocol.versions import Stamp
 from registry_server.storage.blobstore import BlobStore
 from registry_server.storage.election import Election, LocalElection
 from registry_server.storage.index import LOCAL_OPS, Change, ManifestRecord, MetadataIndex
@@ -377,7 +377,7 @@ class Replicator:
             _content(record),
             record.media_type,
             None,
-            record.created if record.subject is not None else None,
+            record.stored_version if record.subject is not None else None,
         )
 
     async def _ensure_content(self, peer: _Peer, repo: str, record: ManifestRecord) -> None:
@@ -455,9 +455,9 @@ class Replicator:
 
     async def anti_entropy(self, peer: _Peer) -> int:
         """One round over every repository (from where a failed round stopped). A
-        repository the peer refuses something of is passed over (a quota there, a
-        manifest it does not take): the next round tries it again. A failure of the peer
-        as a whole ends the round."""
+        repository whose comparison fails while the peer takes our other requests is
+        passed over (a quota there, a manifest it does not take): the next round tries
+        it again. A failure of the peer as a whole ends the round."""
         repaired = 0
         while True:
             listed = await self.index.list_repositories(_PAGE, peer.resume_after)
@@ -481,8 +481,20 @@ class Replicator:
                         repaired += await self._repair_berth(peer, name)
                     else:
                         repaired += await self._repair_oci(peer, name)
-                except (PeerError, errors.RegistryError) as exc:
-                    if isinstance(exc, PeerError) and not _about_the_repository(exc):
+                except (
+                    PeerError,
+                    errors.RegistryError,
+                    OSError,
+                    ValueError,
+                    KeyError,
+                    TypeError,
+                ) as exc:
+                    # The peer failing as a whole ends the round (to go on from here);
+                    # anything else concerns this repository (a refusal, a reply too
+                    # large, a blob missing here, a bad field): the others go on.
+                    if not isinstance(exc, errors.RegistryError) and not (
+                        await self._takes_our_requests(peer)
+                    ):
                         raise
                     self._record_error(peer, f"anti-entropy of {name}: {exc}")
                 peer.resume_after = name
@@ -514,8 +526,9 @@ class Replicator:
     async def _repair_referrers(
         self, peer: _Peer, repo: str, remote: dict[str, Any], their_refs: set[str]
     ) -> int:
-        """Referrers have no tag to carry their version: a copy stored before a delete
-        (by digest, in either region) loses to it, one stored after stands."""
+        """Referrers have no tag to carry their version: a copy first stored before a
+        delete (by digest, in either region; by their clock versions) loses to it, one
+        stored after stands."""
         their_deleted = _deleted_referrers(remote)
         their_stored = _stored_referrers(remote)
         repaired = 0
@@ -523,7 +536,7 @@ class Replicator:
             if ref.deleted is None:  # held here
                 gone = their_deleted.get(ref.digest)
                 if ref.digest in their_refs or (
-                    gone is not None and ref.stored is not None and _at(gone) > ref.stored
+                    gone is not None and ref.stored is not None and gone.version > ref.stored
                 ):
                     continue  # the peer holds it, or deleted it since: that comes here
                 record = await self.index.get_manifest(repo, ref.digest)
@@ -532,7 +545,7 @@ class Replicator:
                     repaired += 1
             elif ref.digest in their_refs:  # deleted here, held there
                 stored = their_stored.get(ref.digest)
-                if stored is not None and stored < _at(ref.deleted):
+                if stored is not None and stored < ref.deleted.version:
                     # Their copy is older than the delete, which did not reach them (set
                     # aside, or made while they were cut off).
                     await peer.client.delete_manifest(repo, ref.digest, ref.deleted)
@@ -585,17 +598,6 @@ class Replicator:
             await asyncio.sleep(min(3600.0, max(1.0, self.config.tombstone_ttl_seconds / 10)))
 
 
-def _about_the_repository(exc: PeerError) -> bool:
-    """Whether the peer refused something of one repository, rather than failing as a
-    whole (unreachable, 5xx, 401, a timeout, throttling)."""
-    return exc.status is not None and 400 <= exc.status < 500 and exc.status not in (401, 408, 429)
-
-
-def _at(stamp: Stamp) -> float:
-    """When a change was made, by its stamp (seconds)."""
-    return physical_ms(stamp.version) / 1000
-
-
 def _deleted_referrers(remote: dict[str, Any]) -> dict[str, Stamp]:
     found: dict[str, Stamp] = {}
     for item in remote.get("deleted_referrers") or []:
@@ -603,8 +605,8 @@ def _deleted_referrers(remote: dict[str, Any]) -> dict[str, Stamp]:
     return found
 
 
-def _stored_referrers(remote: dict[str, Any]) -> dict[str, float]:
-    return {str(d): int(ms) / 1000 for d, ms in (remote.get("referrers_stored") or {}).items()}
+def _stored_referrers(remote: dict[str, Any]) -> dict[str, int]:
+    return {str(d): int(v) for d, v in (remote.get("referrers_stored") or {}).items()}
 
 
 def _apply_report(status: PeerStatus, report: str) -> None:

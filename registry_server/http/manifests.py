@@ -55,16 +55,31 @@ async def _stamp(request: web.Request, principal: Principal) -> versions.Stamp |
     )
     if stamp is not None and not await services(request).auth.allowed(principal, REPLICATION):
         raise errors.RegistryError(errors.DENIED, detail={"reason": "replication not allowed"})
-    if stamp is not None and versions.too_far_ahead(stamp, time.time()):
+    if stamp is not None:
+        _not_too_far_ahead(stamp.version, stamp.origin[:63])
+    return stamp
+
+
+def _not_too_far_ahead(version: int, region: str) -> None:
+    if versions.too_far_ahead(versions.Stamp(version, region), time.time()):
         raise errors.RegistryError(
             errors.CLOCK_AHEAD,
             detail={
                 "reason": f"the change's clock is more than {versions.MAX_AHEAD_SECONDS:g} s"
-                f" ahead of this region's: check the clocks of {stamp.origin[:63]} and here"
+                f" ahead of this region's: check the clocks of {region} and here"
             },
             headers={"Retry-After": str(errors.CLOCK_AHEAD_RETRY_AFTER)},
         )
-    return stamp
+
+
+def _stored_version(request: web.Request) -> int | None:
+    """A referrer's version when first stored, as the peer sending it says."""
+    stored = versions.stored_version_from_header(
+        request.headers.get(versions.STORED_VERSION_HEADER)
+    )
+    if stored is not None:
+        _not_too_far_ahead(stored, "the sending region")
+    return stored
 
 
 async def replicated(request: web.Request, principal: Principal) -> bool:
@@ -85,11 +100,7 @@ async def put_manifest(
     extra_tags = request.rel_url.query.getall("tag", [])
     stamp = await _stamp(request, principal)
     by_peer = stamp is None and await replicated(request, principal)
-    stored_at = (
-        versions.stored_at_from_header(request.headers.get(versions.STORED_AT_HEADER))
-        if by_peer
-        else None
-    )
+    stored_version = _stored_version(request) if by_peer else None
     result = await svc.manifests.put(
         name,
         reference,
@@ -99,7 +110,7 @@ async def put_manifest(
         stamp,
         actor=principal.name or None,
         replicated=by_peer,
-        stored_at=stored_at,
+        stored_version=stored_version,
     )
     headers = {
         **API_VERSION_HEADER,

@@ -83,15 +83,15 @@ async def state(request: web.Request) -> web.Response:
         else:
             referrers.append(ref.digest)
             if ref.stored is not None:
-                stored[ref.digest] = int(ref.stored * 1000)
+                stored[ref.digest] = ref.stored
     return _json(
         {
             "repository": repo,
             "tags": tags,
             "referrers": referrers,
-            # When each was stored here (Unix ms), and the referrers deleted by digest
-            # (the delete's stamp): so that anti-entropy neither brings back a deleted
-            # referrer nor misses a delete (Berth before these fields: none sent).
+            # Each one's clock version when first stored, and the referrers deleted by
+            # digest (the delete's stamp): so that anti-entropy neither brings back a
+            # deleted referrer nor misses a delete (Berth before these fields: none).
             "referrers_stored": stored,
             "deleted_referrers": deleted,
         }

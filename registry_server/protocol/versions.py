@@ -49,9 +49,9 @@ ORIGIN_HEADER = "Berth-Replication-Origin"
 # A manifest or blob a peer sends without a stamp (by digest: a platform, a referrer, a
 # layer): not the receiver's own push, so not held to its quota nor logged again.
 REPLICATED_HEADER = "Berth-Replicated"
-# With a referrer sent that way: when the sender stored its copy (Unix milliseconds), so
-# that a receiver which has deleted it since does not take it back.
-STORED_AT_HEADER = "Berth-Stored-At"
+# With a referrer sent that way: its version when first stored (a clock version, as
+# above), so that a receiver which has deleted it since does not take it back.
+STORED_VERSION_HEADER = "Berth-Stored-Version"
 
 
 # The index stores versions as signed 64-bit integers.
@@ -93,17 +93,12 @@ def from_headers(version: str | None, origin: str | None) -> Stamp | None:
     return Stamp(int(version or ""), origin or "")
 
 
-_MILLIS = re.compile(r"[0-9]{1,15}")
-
-
-def stored_at_from_header(value: str | None) -> float | None:
-    """When a peer stored the copy it sends (seconds), None when it does not say."""
+def stored_version_from_header(value: str | None) -> int | None:
+    """A referrer's version when first stored, as a peer sends it (None: not sent)."""
     if value is None:
         return None
-    if not _MILLIS.fullmatch(value):
-        raise errors.RegistryError(errors.MANIFEST_INVALID, detail={STORED_AT_HEADER: value[:40]})
-    return int(value) / 1000
-
-
-def stored_at_header(stored: float) -> str:
-    return str(int(stored * 1000))
+    if not _VERSION.fullmatch(value) or int(value) > MAX_VERSION:
+        raise errors.RegistryError(
+            errors.MANIFEST_INVALID, detail={STORED_VERSION_HEADER: value[:40]}
+        )
+    return int(value)

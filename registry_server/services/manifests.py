@@ -56,14 +56,15 @@ class ManifestService:
         stamp: Stamp | None = None,
         actor: str | None = None,
         replicated: bool = False,
-        stored_at: float | None = None,
+        stored_version: int | None = None,
     ) -> PushResult:
         """Validate and store a manifest; ``stamp`` marks a change replicated from a peer,
         ``replicated`` a manifest a peer sends by digest (a platform, a referrer): neither
         is held to the quota, logged for other peers or told to webhooks (the region that
-        took the push did all that). ``stored_at`` is when that peer stored its copy: a
-        referrer deleted since is not stored again, and the peer is answered as if it
-        were (the delete reaches it too). ``actor`` is the account pushing."""
+        took the push did all that). ``stored_version`` is a referrer's clock version when
+        first stored, which that peer sends: one deleted since is not stored again, and
+        the peer is answered as if it were (the delete reaches it too). ``actor`` is the
+        account pushing."""
         self.space.require_writable()
         if len(body) > self.max_bytes:
             raise errors.RegistryError(
@@ -105,7 +106,7 @@ class ManifestService:
                 actor=actor,
                 quota=self.quota(repo) if stamp is None and not replicated else None,
                 replicated=replicated,
-                stored_at=stored_at,
+                stored_version=stored_version,
             )
         except Overtaken:
             return PushResult(str(digest), subject)

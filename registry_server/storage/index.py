@@ -25,7 +25,9 @@ class ManifestRecord:
     artifact_type: str | None
     subject: str | None
     annotations: str | None  # JSON text, as stored
-    created: float | None = None  # when stored here (not asked for by every read)
+    # A referrer's clock version when first stored (in the region it was pushed to);
+    # set by get_manifest only.
+    stored_version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -52,16 +54,17 @@ class TagState:
 
 @dataclass(frozen=True)
 class ReferrerState:
-    """A referrer as anti-entropy compares it: ``stored`` (when it was stored here) for
-    one held, ``deleted`` (the delete's stamp) for one deleted by digest."""
+    """A referrer as anti-entropy compares it: ``stored`` (its clock version when first
+    stored) for one held, ``deleted`` (the delete's stamp) for one deleted by digest."""
 
     digest: str
-    stored: float | None
+    stored: int | None
     deleted: Stamp | None
 
 
 class Overtaken(Exception):
-    """A peer sent a referrer by digest that was deleted after its copy was stored."""
+    """A peer sent a referrer by digest that was deleted after its copy was stored
+    (or that was deleted, and the peer does not say when its copy was stored)."""
 
 
 @dataclass(frozen=True)
@@ -125,12 +128,13 @@ class MetadataIndex(Protocol):
         actor: str | None = None,
         quota: Quota | None = None,
         replicated: bool = False,
-        stored_at: float | None = None,
+        stored_version: int | None = None,
     ) -> list[str]:
         """Store a manifest and point ``tags`` at it; returns the tags actually moved.
         ``replicated``: a manifest a peer sends by digest (no stamp: it moves no tag), not
-        logged again either; ``stored_at`` is when the peer stored its copy: a referrer
-        deleted here (or by a delete replicated here) after that raises Overtaken.
+        logged again either; ``stored_version`` is a referrer's clock version when first
+        stored (the peer sends it): one deleted here (or by a delete replicated here)
+        after that raises Overtaken.
 
         Without ``stamp`` this is a local push: it gets the next clock version and is
         logged for every peer in the same transaction. With a ``stamp`` it is a replicated

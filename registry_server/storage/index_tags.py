@@ -182,22 +182,21 @@ def put_manifest(
     actor: str | None,
     quota: Quota | None = None,
     replicated: bool = False,
-    stored_at: float | None = None,
+    stored_version: int | None = None,
 ) -> Tx[list[str]]:
     local = given is None
     logged = local and not replicated  # a peer's by-digest send is not forwarded again
     repo_id = yield from repository(dialect, repo, create=True)
     assert repo_id is not None
-    # A referrer a peer sends counts as stored when its first copy was (the region it was
-    # pushed to), so that every region compares its copy with a delete alike.
-    first_stored = None
-    if replicated and manifest.subject is not None and stored_at is not None:
-        deleted_at = yield from _referrer_deleted_at(repo_id, manifest.digest)
-        if deleted_at is not None and deleted_at > stored_at:
-            # The peer's copy was stored before this referrer was deleted (here or in
-            # the region the delete came from): the delete overtook it.
+    referrer = manifest.subject is not None
+    if replicated and referrer:
+        deleted = yield from _referrer_deleted(repo_id, manifest.digest)
+        # A copy stored before this referrer was deleted (here, or in the region the
+        # delete came from) was overtaken by the delete; so is one from a peer that does
+        # not say when it was stored (an earlier version's anti-entropy brought deleted
+        # referrers back).
+        if deleted is not None and (stored_version is None or deleted > stored_version):
             raise Overtaken(manifest.digest)
-        first_stored = stored_at
     # Under the repository's lock: no concurrent push counts between this and the check.
     limited = local and quota is not None and (quota.storage, quota.tags) != (None, None)
     before = (yield from index_usage.usage_of(repo_id)) if limited else None
@@ -213,7 +212,6 @@ def put_manifest(
         if row is not None and row[0] != manifest.digest:
             raise errors.RegistryError(errors.TAG_IMMUTABLE, detail={"tag": tag, "digest": row[0]})
     now = time.time()
-    created = now if first_stored is None else min(now, first_stored)
     inserted = yield Query(
         "INSERT INTO manifests(repo_id, digest, media_type, size, content,"
         " artifact_type, subject, annotations, created) VALUES (?,?,?,?,?,?,?,?,?)"
@@ -227,14 +225,9 @@ def put_manifest(
             manifest.artifact_type,
             manifest.subject,
             manifest.annotations,
-            created,
+            now,
         ),
     )
-    if inserted.rowcount > 0 and manifest.subject is not None:
-        yield Query(
-            "DELETE FROM referrer_tombstones WHERE repo_id = ? AND digest = ?",
-            (repo_id, manifest.digest),
-        )
     if inserted.rowcount == 0 and not tags:
         # Pushed again by digest (its tag or index to follow): a fresh start for the
         # retention of untagged manifests, which must not take it meanwhile.
@@ -253,7 +246,17 @@ def put_manifest(
             + " ON CONFLICT DO NOTHING",
             [value for row in batch for value in row],
         )
-    version = yield from stamp(dialect, repo_id, region, given)
+    # A referrer's version from the peer that stored it first: observed by the clock, so
+    # that a delete made here after it is later.
+    carried = stored_version if replicated and referrer else None
+    version = yield from stamp(
+        dialect, repo_id, region, Stamp(carried, "") if carried is not None else given
+    )
+    refreshed = False
+    if referrer:
+        refreshed = yield from _stored_referrer(
+            repo_id, manifest.digest, carried if carried is not None else version.version
+        )
     applied: list[str] = []
     for tag in tags:
         if not local and not (
@@ -273,7 +276,9 @@ def put_manifest(
             yield from changelog.record(
                 consumers, repo, "tag", tag, manifest.digest, version, actor
             )
-    if logged and not tags and inserted.rowcount > 0:
+    # A referrer pushed again by digest is sent again: a region that deleted it before
+    # takes it back (its stored version is now the later).
+    if logged and not tags and (inserted.rowcount > 0 or refreshed):
         yield from changelog.record(
             consumers, repo, "manifest", None, manifest.digest, version, actor
         )
@@ -362,11 +367,14 @@ def delete_manifest(
         yield from _refuse_immutable(repo_id, digest, immutable)
     exists = (
         yield Query(
-            "SELECT subject FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest)
+            f"SELECT m.subject, {_STORED_VERSION} FROM manifests m"
+            " WHERE m.repo_id = ? AND m.digest = ?",
+            (repo_id, digest),
         )
     ).first()
     if exists is None:
         return False
+    referrer = exists[0] is not None
     if local:  # in the transaction: an index pushed meanwhile counts
         listing = yield Query(
             "SELECT digest FROM manifest_refs"
@@ -392,19 +400,28 @@ def delete_manifest(
             surviving = True  # a newer tag elsewhere still wants this manifest
     if not local and not surviving:
         surviving = yield from _listed_here(repo_id, digest)
+    if not local and referrer and int(exists[1]) > version.version:
+        surviving = True  # a referrer stored (again) after the delete stands
     if surviving:
         return True
     if release:
         yield from _release_blobs(repo_id, digest)
     yield Query("DELETE FROM manifests WHERE repo_id = ? AND digest = ?", (repo_id, digest))
     yield Query("DELETE FROM manifest_refs WHERE repo_id = ? AND digest = ?", (repo_id, digest))
-    if exists[0] is not None:
+    if referrer:
         # A referrer has no tag to carry its delete: anti-entropy compares this instead.
+        # It expires from the delete's own time, in every region alike.
         yield Query(
             "INSERT INTO referrer_tombstones(repo_id, digest, version, origin, deleted)"
             " VALUES (?,?,?,?,?) ON CONFLICT (repo_id, digest) DO UPDATE SET"
             " version = excluded.version, origin = excluded.origin, deleted = excluded.deleted",
-            (repo_id, digest, version.version, version.origin, time.time()),
+            (
+                repo_id,
+                digest,
+                version.version,
+                version.origin,
+                versions.physical_ms(version.version) / 1000,
+            ),
         )
     if local:
         yield from changelog.record(
@@ -563,15 +580,34 @@ def expire_tombstones(older_than: float) -> Tx[int]:
     return tags.rowcount + referrers.rowcount
 
 
-def _referrer_deleted_at(repo_id: int, digest: str) -> Tx[float | None]:
-    """When the referrer was deleted, by its delete's clock (None: it was not)."""
+def _referrer_deleted(repo_id: int, digest: str) -> Tx[int | None]:
+    """The version of the referrer's delete by digest (None: not deleted)."""
     row = (
         yield Query(
             "SELECT version FROM referrer_tombstones WHERE repo_id = ? AND digest = ?",
             (repo_id, digest),
         )
     ).first()
-    return None if row is None else versions.physical_ms(int(row[0])) / 1000
+    return None if row is None else int(row[0])
+
+
+def _stored_referrer(repo_id: int, digest: str, version: int) -> Tx[bool]:
+    """A referrer stored (again) at ``version``: its stored version moves up to it and
+    a delete of it is forgotten. True when it moved."""
+    moved = yield Query(
+        "UPDATE manifests SET stored_version = ? WHERE repo_id = ? AND digest = ?"
+        " AND (stored_version IS NULL OR stored_version < ?)",
+        (version, repo_id, digest, version),
+    )
+    yield Query(
+        "DELETE FROM referrer_tombstones WHERE repo_id = ? AND digest = ? AND version <= ?",
+        (repo_id, digest, version),
+    )
+    return bool(moved.rowcount)
+
+
+# A referrer's stored version, for one stored before it was kept: its creation time.
+_STORED_VERSION = "COALESCE(m.stored_version, CAST(m.created * 1000 AS BIGINT) * 65536)"
 
 
 # -- reads -----------------------------------------------------------------------------
@@ -582,7 +618,8 @@ def get_manifest(repo: str, digest: str, content: bool) -> Tx[ManifestRecord | N
     row = (
         yield Query(
             f"SELECT m.digest, m.media_type, m.size, {column}, m.artifact_type, m.subject,"
-            " m.annotations, m.created FROM manifests m JOIN repositories r ON r.id = m.repo_id"
+            f" m.annotations, {_STORED_VERSION} FROM manifests m"
+            " JOIN repositories r ON r.id = m.repo_id"
             " WHERE r.name = ? AND m.digest = ?",
             (repo, digest),
         )
@@ -721,8 +758,8 @@ def referrer_states(repo: str) -> Tx[list[ReferrerState]]:
     if repo_id is None:
         return []
     rows = yield Query(
-        "SELECT digest, created, NULL, NULL FROM manifests"
-        " WHERE repo_id = ? AND subject IS NOT NULL"
+        f"SELECT m.digest, {_STORED_VERSION}, NULL, NULL FROM manifests m"
+        " WHERE m.repo_id = ? AND m.subject IS NOT NULL"
         " UNION ALL SELECT digest, NULL, version, origin FROM referrer_tombstones"
         " WHERE repo_id = ? ORDER BY 1",
         (repo_id, repo_id),
@@ -730,8 +767,8 @@ def referrer_states(repo: str) -> Tx[list[ReferrerState]]:
     return [
         ReferrerState(
             str(d),
-            None if c is None else float(c),
+            None if s is None else int(s),
             None if v is None else Stamp(int(v), str(o)),
         )
-        for d, c, v, o in rows.rows
+        for d, s, v, o in rows.rows
     ]

@@ -273,9 +273,11 @@ CREATE TRIGGER released_subjects AFTER DELETE ON manifests
     FOR EACH ROW EXECUTE FUNCTION berth_released_subject();
 """
 
-# A referrer deleted by digest, with the delete's stamp: anti-entropy must not bring
-# back a copy stored before it (index_tags.delete_manifest).
+# A referrer deleted by digest, with the delete's stamp, and a referrer's clock version
+# when first stored: anti-entropy compares the two, so that a copy stored before the
+# delete is not brought back (index_tags.delete_manifest).
 _V9 = """
+ALTER TABLE manifests ADD COLUMN stored_version BIGINT;
 CREATE TABLE referrer_tombstones (
     repo_id BIGINT NOT NULL REFERENCES repositories(id),
     digest TEXT COLLATE "C" NOT NULL,

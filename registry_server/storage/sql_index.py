@@ -87,7 +87,7 @@ class SqlIndex(ABC):
         actor: str | None = None,
         quota: Quota | None = None,
         replicated: bool = False,
-        stored_at: float | None = None,
+        stored_version: int | None = None,
     ) -> list[str]:
         return await self._write(
             lambda: index_tags.put_manifest(
@@ -104,7 +104,7 @@ class SqlIndex(ABC):
                 actor,
                 quota,
                 replicated,
-                stored_at,
+                stored_version,
             )
         )
 

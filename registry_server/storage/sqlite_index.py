@@ -148,6 +148,9 @@ _ADDED_COLUMNS = (
     # Existing rows count as let go of now (when their tags last moved is not known):
     # a constant default, so no row is rewritten.
     ("manifests", "released", "REAL DEFAULT {now}"),
+    # A referrer's clock version when it was first stored (NULL: stored before it was
+    # kept; its ``created`` stands in): what a delete of it by digest is compared with.
+    ("manifests", "stored_version", "INTEGER"),
 )
 
 

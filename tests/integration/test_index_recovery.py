@@ -99,6 +99,10 @@ def test_rebuild_after_losing_the_index(registry_process: Start, tmp_path: Path)
     registry.start()
     assert state(api) == before
     assert api.tags("team/tools") == ["latest"]
+    # When the referrers were first stored is not in the record: they count as stored at
+    # the beginning of time, so a delete another region remembers wins.
+    replication = api.get("/berth/v1/replication/state?repository=crane/app").json()
+    assert set(replication["referrers_stored"].values()) == {0}
     crane("pull", "--format", "oci", f"{registry.host}/crane/multi:v1", tmp_path / "pulled")
     code, out = berth(registry, "check")
     assert code == 0, out

@@ -758,39 +758,69 @@ async def test_a_referrer_deleted_by_digest_is_remembered_until_stored_again(
     index: MetadataIndex,
 ) -> None:
     """A referrer has no tag whose tombstone would keep it deleted: its delete is kept
-    (with the delete's stamp) so that a peer's older copy is not taken back, while a copy
-    stored after the delete is, and so is a push of it here."""
+    (with the delete's stamp) and compared with the referrer's clock version when first
+    stored, so that a peer's older copy is not taken back, while a copy stored after
+    the delete is, and so is a push of it here."""
     await index.put_manifest("r", manifest(D1), ["v1"])
     await index.put_manifest("r", manifest(D2, subject=D1), [])
+    (tagged,) = await index.tag_states("r")
     (stored,) = await index.referrer_states("r")
     assert (stored.digest, stored.deleted) == (D2, None)
-    assert stored.stored is not None and abs(stored.stored - time.time()) < 60
-    (tagged,) = await index.tag_states("r")
-    delete = Stamp(tagged.version + (5_000 << 16), "us")  # made 5 s after the tag's push
+    assert stored.stored is not None and stored.stored > tagged.version  # the next tick
+    record = await index.get_manifest("r", D2, content=False)
+    assert record is not None and record.stored_version == stored.stored
+    delete = Stamp(stored.stored + 10, "us")
     assert await index.delete_manifest("r", D2, stamp=delete)
     assert [(s.digest, s.stored, s.deleted) for s in await index.referrer_states("r")] == [
         (D2, None, delete)
     ]
-    made = (delete.version >> 16) / 1000
-    # A peer's copy from before the delete: overtaken, nothing stored.
-    with pytest.raises(Overtaken):
-        await index.put_manifest(
-            "r", manifest(D2, subject=D1), [], replicated=True, stored_at=made - 1
-        )
+    # A peer's copy stored before the delete is overtaken, nothing stored; so is one
+    # from a peer that does not say when it was stored.
+    for older in (delete.version - 1, None):
+        with pytest.raises(Overtaken):
+            await index.put_manifest(
+                "r", manifest(D2, subject=D1), [], replicated=True, stored_version=older
+            )
+        assert await index.get_manifest("r", D2) is None
+    # One stored after it stands, with the version it was first stored at; the
+    # tombstone goes.
+    later = delete.version + 5
+    await index.put_manifest(
+        "r", manifest(D2, subject=D1), [], replicated=True, stored_version=later
+    )
+    assert [(s.digest, s.stored, s.deleted) for s in await index.referrer_states("r")] == [
+        (D2, later, None)
+    ]
+    # A replicated delete older than that copy leaves it; a newer one takes it.
+    assert await index.delete_manifest("r", D2, stamp=Stamp(later - 1, "us"))
+    assert await index.get_manifest("r", D2) is not None
+    assert await index.delete_manifest("r", D2, stamp=Stamp(later + 1, "us"))
     assert await index.get_manifest("r", D2) is None
-    # One from after it stands, counted from when the peer stored it; the tombstone goes.
-    await index.put_manifest("r", manifest(D2, subject=D1), [], replicated=True, stored_at=made + 1)
-    (again,) = await index.referrer_states("r")
-    assert (again.digest, again.stored, again.deleted) == (D2, pytest.approx(made + 1), None)
-    # A local delete is remembered too, and a local push of it again forgets it.
-    assert await index.delete_manifest("r", D2)
-    (local,) = await index.referrer_states("r")
-    assert local.stored is None and local.deleted is not None
+    # A local push of it again forgets the delete, and is later than anything seen.
     await index.put_manifest("r", manifest(D2, subject=D1), [])
-    assert [s.deleted for s in await index.referrer_states("r")] == [None]
-    # A manifest that is no referrer leaves nothing; expiry takes referrer tombstones.
+    (again,) = await index.referrer_states("r")
+    assert again.deleted is None and again.stored is not None and again.stored > later + 1
+    # A local push of it once more moves its version up (a delete on its way loses).
+    await index.put_manifest("r", manifest(D2, subject=D1), [])
+    (pushed,) = await index.referrer_states("r")
+    assert pushed.stored is not None and pushed.stored > again.stored
+    # A local delete is remembered too; a manifest that is no referrer leaves nothing;
+    # expiry takes referrer tombstones, counted from the delete's own time.
     assert await index.delete_manifest("r", D2)
     assert await index.delete_manifest("r", D1)
-    assert [s.digest for s in await index.referrer_states("r")] == [D2]
+    (local,) = await index.referrer_states("r")
+    assert local.stored is None and local.deleted is not None
+    assert await index.expire_tombstones(time.time() - 60) == 0
     assert await index.expire_tombstones(time.time() + 1) >= 1
     assert await index.referrer_states("r") == []
+
+
+async def test_a_referrer_a_peer_sends_again_keeps_the_later_stored_version(
+    index: MetadataIndex,
+) -> None:
+    await index.put_manifest("r", manifest(D1), ["v1"])
+    await index.put_manifest("r", manifest(D2, subject=D1), [], replicated=True, stored_version=7)
+    await index.put_manifest("r", manifest(D2, subject=D1), [], replicated=True, stored_version=5)
+    assert [s.stored for s in await index.referrer_states("r")] == [7]
+    await index.put_manifest("r", manifest(D2, subject=D1), [], replicated=True, stored_version=9)
+    assert [s.stored for s in await index.referrer_states("r")] == [9]

@@ -320,12 +320,14 @@ async def test_a_webhooks_backlog_is_counted_once_a_second_too(
     assert backlog.counted <= 3, backlog.counted  # 50 batches
 
 
-async def test_anti_entropy_passes_over_a_refused_repository_and_resumes_where_it_failed(
+async def test_anti_entropy_passes_over_a_failing_repository_and_resumes_where_it_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One repository the peer refuses something of (a referrer over its quota) ended
-    every round there, and a round that failed started again from the first repository:
-    the ones after it were never compared (found by review)."""
+    """One repository whose comparison fails while the peer takes our other requests (a
+    referrer over its quota there, a blob missing here) ended every round there, and a
+    round that failed started again from the first repository: the ones after it were
+    never compared (found by review). A failure of the peer as a whole still ends the
+    round, and the next goes on from there."""
     peer_config = PeerConfig(name="us", url="http://127.0.0.1:9", kind="oci")
     index = SqliteIndex(tmp_path / "index.db", "eu", ["us"])
     replicator = Replicator(
@@ -340,21 +342,33 @@ async def test_anti_entropy_passes_over_a_refused_repository_and_resumes_where_i
     for name in names:
         await index.link_blob(name, "sha256:" + "a" * 64, 1)
     compared: list[str] = []
-    failures = {"r1": PeerError("HTTP 403", 403), "r3": PeerError("unreachable", None)}
+    failures = {
+        "r1": PeerError("HTTP 403", 403),
+        "r2": PeerError("local blob missing", retryable=False),
+        "r3": PeerError("unreachable", None),
+    }
+    peer_up = True
 
     async def repair(_peer: Any, repo: str) -> int:
+        nonlocal peer_up
         compared.append(repo)
         failure = failures.pop(repo, None)
         if failure is not None:
+            peer_up = failure.status is not None or not failure.retryable
             raise failure
         return 1
 
+    async def takes_our_requests(_peer: Any) -> bool:
+        return peer_up
+
     monkeypatch.setattr(replicator, "_repair_oci", repair)
+    monkeypatch.setattr(replicator, "_takes_our_requests", takes_our_requests)
     try:
         with pytest.raises(PeerError, match="unreachable"):
-            await replicator.anti_entropy(peer)  # r1 passed over; r3: the peer is down
+            await replicator.anti_entropy(peer)  # r1, r2 passed over; r3: the peer is down
         assert compared == ["r0", "r1", "r2", "r3"]
-        assert "anti-entropy of r1" in (peer.status.last_error or "")
+        assert "anti-entropy of r2" in (peer.status.last_error or "")
+        peer_up = True
         assert await replicator.anti_entropy(peer) == 3  # from r3 on
         assert compared[4:] == ["r3", "r4", "r5"]
         assert await replicator.anti_entropy(peer) == 6  # and then from the start
