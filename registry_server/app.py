@@ -32,7 +32,7 @@ from registry_server.services import usage as usage_service
 from registry_server.services.blobs import BlobService
 from registry_server.services.browse import BrowseService
 from registry_server.services.discovery import DiscoveryService
-from registry_server.services.gc import GarbageCollector
+from registry_server.services.gc import GarbageCollector, scheduled_rounds
 from registry_server.services.manifests import ManifestService
 from registry_server.services.pull_through import PullThrough, Settings
 from registry_server.services.retention import RetentionService
@@ -329,14 +329,14 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
             logging.getLogger("registry_server.gc").exception("trash recovery failed")
         if config.gc.interval_seconds <= 0:  # no rounds: the term is held, and idle
             await asyncio.Event().wait()
-        while True:
-            # On a full volume, collect what deletes released every few seconds.
-            if await space.pressure(config.gc.interval_seconds):
-                try:
-                    await collector.run_once(sweep=False)
-                except Exception:
-                    logging.getLogger("registry_server.gc").exception("gc failed")
-                continue
+
+        async def prompt() -> None:  # on a full volume, what deletes released, promptly
+            try:
+                await collector.run_once(sweep=False)
+            except Exception:
+                logging.getLogger("registry_server.gc").exception("gc failed")
+
+        async def whole() -> None:
             # Eviction and retention first, so the collector already sees what they untagged.
             jobs: list[tuple[str, Callable[[], Awaitable[object]]]] = [
                 ("retention", retention.run_once),
@@ -349,6 +349,8 @@ def build_app(config: Config, worker_id: int = 0) -> web.Application:
                     await job()
                 except Exception:  # the loop must outlive one bad round; it logs why
                     logging.getLogger(f"registry_server.{name}").exception(f"{name} failed")
+
+        await scheduled_rounds(space.pressure, config.gc.interval_seconds, prompt, whole)
 
     async def start(_: web.Application) -> None:
         await space.start()

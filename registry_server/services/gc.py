@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from prometheus_client import Counter
@@ -27,6 +28,28 @@ FREED = Counter("berth_gc_bytes_freed_total", "Bytes freed by garbage collection
 PURGED = Counter("berth_gc_uploads_purged_total", "Stale upload sessions removed")
 # Per process: with several replicas, only the one elected for "gc" runs rounds.
 ROUNDS = Counter("berth_gc_rounds_total", "Garbage collection rounds started")
+
+
+async def scheduled_rounds(
+    pressure: Callable[[float], Awaitable[bool]],
+    interval: float,
+    prompt: Callable[[], Awaitable[object]],
+    whole: Callable[[], Awaitable[object]],
+    clock: Callable[[], float] = time.monotonic,
+) -> None:
+    """Run ``whole`` (eviction, retention, a collection round with the purge of stale
+    uploads and the orphan sweep) every ``interval`` seconds, and ``prompt`` (collect
+    what deletes released) whenever ``pressure`` (the full-volume gate's wait) returns
+    early. The whole round keeps its interval on a full volume: what it frees may be
+    what lets the volume take writes again (it never ran while the volume stayed full)."""
+    due = clock() + interval
+    while True:
+        if await pressure(max(0.0, due - clock())):
+            await prompt()
+            if clock() < due:
+                continue
+        due = clock() + interval
+        await whole()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from registry_server.app import build_app
 from registry_server.config import Config, GcConfig, StorageConfig
 from registry_server.protocol import digests
+from registry_server.services import gc
 from registry_server.services.blobs import BlobService
 from registry_server.services.gc import GarbageCollector
 from registry_server.storage.blobstore import BlobStore, blob_path
@@ -261,3 +262,32 @@ async def test_a_deleted_image_leaves_the_layers_a_push_in_flight_uploaded(
             assert (await store.size(layer) is None) is release
     finally:
         await index.close()
+
+
+async def test_the_whole_round_keeps_its_interval_while_the_volume_is_full() -> None:
+    """While full, the gate's wait returned early every 2 s and only the prompt round ran:
+    retention, the stale-upload purge and the orphan sweep, which may be what frees the
+    volume, never ran until someone grew it (found by review)."""
+    now = 0.0
+    ran: list[tuple[str, float]] = []
+
+    def clock() -> float:
+        return now
+
+    async def pressure(seconds: float) -> bool:  # the gate while full: back within 2 s
+        nonlocal now
+        now += min(seconds, 2.0)
+        return seconds > 0
+
+    async def prompt() -> None:
+        ran.append(("prompt", now))
+
+    async def whole() -> None:
+        ran.append(("whole", now))
+        if len([r for r in ran if r[0] == "whole"]) == 3:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await gc.scheduled_rounds(pressure, 10.0, prompt, whole, clock)
+    assert [when for what, when in ran if what == "whole"] == [10.0, 20.0, 30.0]
+    assert len([r for r in ran if r[0] == "prompt"]) >= 12
