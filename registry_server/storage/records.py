@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import json
 import logging
@@ -92,15 +93,20 @@ class TagRecord:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, data)  # one write of O_APPEND: lines of two writers never mix
+                # One write of O_APPEND: lines of two writers never mix.
+                if os.write(fd, data) != len(data):
+                    # A short write (the volume filled): what it wrote stays as a torn
+                    # line, which the next append's leading newline closes off.
+                    raise OSError(errno.ENOSPC, "short write to the tag record")
             finally:
                 os.close(fd)
 
     @staticmethod
     def _encode(repo: str, lines: list[dict[str, Any]]) -> bytes:
-        return "".join(
-            json.dumps({"repo": repo, **line}, separators=(",", ":")) + "\n" for line in lines
-        ).encode()
+        # Each append starts on a line of its own: a torn last line (a crash or a full
+        # volume mid-append) would otherwise swallow the first line appended after it.
+        encoded = (json.dumps({"repo": repo, **line}, separators=(",", ":")) for line in lines)
+        return ("\n" + "".join(f"{text}\n" for text in encoded)).encode()
 
     def append_blocking(self, repo: str, lines: list[dict[str, Any]]) -> None:
         """Append durably from a thread of its own (maintenance commands)."""
@@ -189,9 +195,11 @@ class TagRecord:
         removed: dict[str, RecordedManifest] = {}
         with open(self.path(repo), "rb") as f:
             for raw in f:
+                if not raw.strip():
+                    continue  # the newline each append starts with
                 try:
                     line = json.loads(raw)
-                except ValueError:  # a torn last line (a crash mid-append): nothing acked
+                except ValueError:  # a torn line (a crash mid-append): nothing acked
                     continue
                 op = line.get("op")
                 if op == "manifest":

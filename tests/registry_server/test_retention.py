@@ -82,7 +82,7 @@ async def test_untagged_manifests_go_once_nothing_held_them_for_the_days(tmp_pat
         logged = [(c.op, c.digest) for c in await index.pending_changes("us", 100)]
         assert sorted(logged[-2:]) == sorted([("expire_manifest", D1), ("expire_manifest", D3)])
         # Written to the tag record: a rebuild of the index does not bring them back.
-        lines = [json.loads(line) for line in record.path("app").read_text().splitlines()]
+        lines = [json.loads(line) for line in record.path("app").read_text().split()]
         deletes = [line["digest"] for line in lines if line.get("op") == "delete_manifest"]
         assert sorted(deletes) == sorted([D1, D3])
     finally:

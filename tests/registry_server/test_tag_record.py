@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 
 from registry_server.protocol import digests, manifests
+from registry_server.storage import records
+from registry_server.storage.driver import StorageFull
 from registry_server.storage.index import TagState
 from registry_server.storage.records import TagRecord
 
@@ -40,7 +43,7 @@ async def test_concurrent_appends_share_syncs_and_each_is_covered(
     await asyncio.gather(*(push(i) for i in range(60)))
     assert covered == [True] * 60
     assert 1 <= len(synced_sizes) < 30, synced_sizes
-    lines = record.path("r").read_text().splitlines()
+    lines = record.path("r").read_text().split()
     assert sorted(lines) == sorted(
         f'{{"repo":"r","op":"delete_manifest","digest":"d{i:04d}"}}' for i in range(60)
     )
@@ -63,7 +66,7 @@ async def test_a_failed_sync_fails_its_appends_and_the_next_ones_sync_again(
     with pytest.raises(OSError):
         await record.append("r", [{"op": "delete_manifest", "digest": "a"}])
     await record.append("r", [{"op": "delete_manifest", "digest": "b"}])
-    assert len(record.path("r").read_text().splitlines()) == 2
+    assert len(record.path("r").read_text().split()) == 2
 
 
 def _image(n: int) -> bytes:
@@ -109,3 +112,26 @@ async def test_a_push_again_recorded_before_the_delete_it_followed_is_replayed_k
     # A delete that really happened tombstoned its tag in the same lines: it stays gone.
     await record.deleted("r", o_digest, [TagState("solo", None, 5, "eu")])
     assert o_digest not in record.replay("r").manifests
+
+
+async def test_a_torn_line_does_not_take_the_next_append_with_it(tmp_path: Path) -> None:
+    """A crash or a full volume mid-append leaves a torn last line; the next append was
+    glued onto it and its line skipped by the replay (found by review)."""
+    record = TagRecord(tmp_path)
+    await record.append("r", [{"op": "delete_manifest", "digest": "sha256:" + "0" * 64}])
+    torn = record.path("r").read_bytes() + b'{"repo":"r","op":"tag","ta'
+    record.path("r").write_bytes(torn)
+    await record.manifest("r", "sha256:" + "a" * 64, "application/json", b"{}", [])
+    assert list(record.replay("r").manifests) == ["sha256:" + "a" * 64]
+    assert list(record.repositories()) == ["r"]
+
+
+async def test_a_short_write_to_the_record_is_a_full_volume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its return was not looked at: half a line written counted as recorded."""
+    record = TagRecord(tmp_path)
+    real_write = os.write
+    monkeypatch.setattr(records.os, "write", lambda fd, data: real_write(fd, data[:10]))
+    with pytest.raises(StorageFull):
+        record.append_blocking("r", [{"op": "delete_manifest", "digest": "sha256:" + "0" * 64}])
