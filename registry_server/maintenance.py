@@ -153,10 +153,36 @@ def _new_manifest(recorded: RecordedManifest) -> tuple[NewManifest, list[str]]:
     return manifest, [str(d.digest) for d in parsed.children]
 
 
+class ServerRunning(Exception):
+    """The index is open in a running server: it must be stopped first."""
+
+
+def _close_out(target: Path) -> None:
+    """Take the old index out of write-ahead mode, which folds its log into the file,
+    and which SQLite refuses while another connection has it open: a running server.
+    One too damaged to open is kept as it is, with its log (moved beside it)."""
+    try:
+        conn = sqlite3.connect(target, timeout=1.0)
+        try:
+            mode = str(conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            raise ServerRunning(f"{target} is open in a running server: stop it first") from None
+        return
+    except sqlite3.DatabaseError:
+        return
+    if mode.lower() == "wal":
+        raise ServerRunning(f"{target} is open in a running server: stop it first")
+
+
 def rebuild(root: Path) -> dict[str, float]:
     """Rebuild ``root/index.db``; returns counts and the time taken."""
     start = time.monotonic()
     target = root / INDEX
+    if target.exists():
+        _close_out(target)
     fresh = root / f"{INDEX}.rebuild"
     for leftover in (fresh, Path(f"{fresh}-wal"), Path(f"{fresh}-shm")):
         leftover.unlink(missing_ok=True)
@@ -226,11 +252,12 @@ def rebuild(root: Path) -> dict[str, float]:
     finally:
         built._writer.close()
         built._reader.close()
-    if target.exists():
-        kept = root / f"{INDEX}.before-rebuild-{int(now)}"
-        os.replace(target, kept)
-    for suffix in ("-wal", "-shm"):
-        Path(f"{target}{suffix}").unlink(missing_ok=True)
+    kept = root / f"{INDEX}.before-rebuild-{int(now)}"
+    # Its log goes with it (committed transactions a crash left there, not yet in the
+    # file): the kept copy opens with them.
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{target}{suffix}").exists():
+            os.replace(f"{target}{suffix}", f"{kept}{suffix}")
     os.replace(fresh, target)
     counts["seconds"] = time.monotonic() - start
     return counts
@@ -374,7 +401,11 @@ def main(argv: list[str]) -> int:
         print(f"{len(problems)} problem(s) in {root / INDEX}")
         return 1 if problems else 0
     if args.command == "rebuild":
-        print(json.dumps(rebuild(root)))
+        try:
+            print(json.dumps(rebuild(root)))
+        except ServerRunning as exc:
+            print(f"berth-registry: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.dest is None:
         parser.error("backup needs a destination directory")
