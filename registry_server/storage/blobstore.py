@@ -469,7 +469,16 @@ class BlobStore:
             # Durability first, then (in publish) an atomic rename: a crash leaves either
             # no blob or a whole one.
             durable, writer = writer, None
-            await durable.commit()
+            try:
+                await durable.commit()
+            except (StorageFull, OSError):
+                # A failed fsync may have dropped pages the kernel could not write: what
+                # the file holds is no longer known to be what was hashed, so a retry
+                # must not publish it (its second fsync would succeed). The client
+                # uploads it again.
+                with contextlib.suppress(StorageFull, OSError):
+                    await self.cancel(info.upload_id)
+                raise
         finally:
             if writer is not None:
                 with contextlib.suppress(StorageFull):

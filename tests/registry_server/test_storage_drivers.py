@@ -668,3 +668,31 @@ async def test_filesystem_holding_on_a_volume_without_locks_goes_on_unheld(
     monkeypatch.setattr(filesystem.fcntl, "flock", fcntl.flock)
     async with asyncio.timeout(5), driver.holding("uploads/u/data"):
         pass
+
+
+async def test_a_failed_fsync_at_commit_ends_the_upload(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed fsync the kernel may have dropped the pages it could not write:
+    the session kept its data and its running hash, and a retried final PUT published
+    the file unchecked once a second fsync succeeded (found by review)."""
+    from registry_server.storage import filesystem
+
+    store = BlobStore(FilesystemDriver(tmp_path / "store"))
+    data = b"layer" * 1000
+    digest = digests.of_bytes(data)
+    upload = await store.start_upload("repo")
+    await store.append(await store.upload_info("repo", upload), _chunks(data))
+    real = filesystem.FileWriter.commit
+
+    async def failing(self: filesystem.FileWriter) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(filesystem.FileWriter, "commit", failing)
+    with pytest.raises(OSError):
+        await store.commit(await store.upload_info("repo", upload), digest)
+    monkeypatch.setattr(filesystem.FileWriter, "commit", real)
+    with pytest.raises(errors.RegistryError) as exc:
+        await store.commit(await store.upload_info("repo", upload), digest)
+    assert exc.value.error is errors.BLOB_UPLOAD_UNKNOWN
+    assert await store.size(digest) is None
