@@ -155,13 +155,32 @@ def _supervise(
     return status
 
 
+_COMMANDS = ("check", "rebuild", "backup")
+
+
+def _command(args: list[str]) -> str | None:
+    """The first argument that is not an option or an option's value."""
+    rest = iter(args)
+    for arg in rest:
+        if arg == "--config":
+            next(rest, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args_in = sys.argv[1:] if argv is None else argv
-    if args_in and args_in[0] in ("check", "rebuild", "backup"):
+    if _command(args_in) in _COMMANDS:
         from registry_server import maintenance  # the index's recovery tools
 
         return maintenance.main(args_in)
-    parser = argparse.ArgumentParser(prog="berth-registry", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="berth-registry",
+        description=__doc__,
+        epilog="commands (the SQLite index's recovery; see docs/operations.md): "
+        "berth-registry check | rebuild | backup DEST [--config FILE]",
+    )
     parser.add_argument("--config", type=Path, default=None, help="YAML config file")
     args = parser.parse_args(argv)
     try:

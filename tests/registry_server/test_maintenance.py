@@ -57,3 +57,16 @@ def _config(root: Path) -> Path:
     path = root / "config.yaml"
     path.write_text(f"storage:\n  root: {root}\n")
     return path
+
+
+def test_a_command_may_follow_its_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`berth-registry --config X check` started the server with an unknown argument."""
+    from registry_server import __main__
+
+    index = SqliteIndex(tmp_path / "index.db")
+    index._writer.close()
+    index._reader.close()
+    assert __main__.main(["--config", str(_config(tmp_path)), "check"]) == 0
+    assert "0 problem(s)" in capsys.readouterr().out
