@@ -10,9 +10,11 @@
   beside it as ``index.db.before-rebuild-<time>``.
 - ``backup DEST`` (server running): SQLite's online backup API copies a consistent
   snapshot of the index, then the blobs it records and the tag record are copied. The
-  collector skips its rounds meanwhile (``backup-running`` marker), so no blob the
-  snapshot references is deleted before it is copied. The backup's tag record is written
-  from the snapshot (compacted), so the two agree.
+  collector skips its rounds meanwhile (a marker per backup in ``backups-running/``,
+  refreshed every minute), so no blob the snapshot references is deleted before it is
+  copied. The backup's tag record is written from the snapshot (compacted), so the two
+  agree, and its change log gets an id of its own: restored, its events are not taken
+  for ones the receivers already had.
 
 All three are blocking programs, run outside the server's event loop.
 """
@@ -21,19 +23,27 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
+import secrets
 import shutil
 import sqlite3
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from registry_server import config as config_mod
 from registry_server.protocol import digests, manifests
 from registry_server.storage import index_blobs, index_tags, index_usage
-from registry_server.storage.blobstore import BACKUP_MARKER, blob_path
+from registry_server.storage.blobstore import (
+    BACKUP_MARKERS,
+    BACKUP_REFRESH_SECONDS,
+    blob_path,
+)
 from registry_server.storage.index import NewManifest
 from registry_server.storage.records import RecordedManifest, TagRecord
 from registry_server.storage.sqlite_index import DIALECT, SqliteIndex
@@ -324,14 +334,46 @@ def _link_or_copy(source: Path, target: Path, old: Path | None, size: int) -> bo
     return True
 
 
+def _mark(marker: Path) -> None:
+    partial = marker.with_name(marker.name + ".partial")
+    partial.write_text(str(time.time()))
+    os.replace(partial, marker)  # whole: a half-written time would read as no backup
+
+
+@contextlib.contextmanager
+def _announced(root: Path) -> Iterator[None]:
+    """Tell the collector a backup runs, for as long as it does: a marker of its own
+    (backups running at once do not end each other's), refreshed every minute (a long
+    first copy of terabytes is not taken for one that died)."""
+    directory = root / BACKUP_MARKERS
+    directory.mkdir(exist_ok=True)
+    marker = directory / secrets.token_hex(8)
+    _mark(marker)
+    done = threading.Event()
+
+    def refresh() -> None:
+        while not done.wait(BACKUP_REFRESH_SECONDS):
+            with contextlib.suppress(OSError):
+                _mark(marker)
+
+    thread = threading.Thread(target=refresh, name="backup-marker", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        marker.unlink(missing_ok=True)
+
+
 def backup(root: Path, dest: Path, previous: Path | None = None) -> dict[str, float]:
     """An online backup of ``root`` into ``dest`` (incremental for blobs already there;
     blobs of ``previous``, an older complete snapshot, are hard-linked, not copied)."""
     start = time.monotonic()
     dest.mkdir(parents=True, exist_ok=True)
-    marker = root / BACKUP_MARKER
-    marker.write_text(str(time.time()))
-    try:
+    # A destination used before: not complete again until this backup is.
+    (dest / INDEX).unlink(missing_ok=True)
+    with _announced(root):
         partial = dest / f"{INDEX}.partial"
         partial.unlink(missing_ok=True)
         source = sqlite3.connect(root / INDEX)
@@ -345,28 +387,33 @@ def backup(root: Path, dest: Path, previous: Path | None = None) -> dict[str, fl
         conn = sqlite3.connect(partial)
         try:
             recorded = conn.execute("SELECT digest, size FROM blobs").fetchall()
+            # A log of its own: restored, the changes made after it get event ids that
+            # the receivers have not seen for changes made here after the snapshot.
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'instance'", (uuid.uuid4().hex,))
+            conn.commit()
         finally:
             conn.close()
-        copied = linked = 0
+        copied = linked = missing = 0
         for digest, size in recorded:
             source_file, target_file = _blob_file(root, digest), _blob_file(dest, digest)
             if target_file.is_file() and target_file.stat().st_size == size:
                 continue
-            if source_file.is_file():  # a blob without bytes is garbage the check reports
+            if source_file.is_file():
                 old = _blob_file(previous, digest) if previous is not None else None
                 if _link_or_copy(source_file, target_file, old, size):
                     copied += 1
                 else:
                     linked += 1
+            else:  # recorded without bytes: what `check` reports of the registry itself
+                missing += 1
         _export_records(partial, TagRecord(dest))
         os.sync()  # one flush for every copied file, before the index names them
         os.replace(partial, dest / INDEX)
-    finally:
-        marker.unlink(missing_ok=True)
     return {
         "blobs": len(recorded),
         "copied": copied,
         "linked": linked,
+        "missing": missing,
         "snapshot_seconds": snapshot,
         "seconds": time.monotonic() - start,
     }

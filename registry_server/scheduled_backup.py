@@ -23,6 +23,7 @@ from prometheus_client import Gauge
 
 from registry_server import maintenance
 from registry_server.config import BackupConfig
+from registry_server.storage.space import is_full_error
 
 log = logging.getLogger("registry_server.backup")
 
@@ -60,13 +61,34 @@ def prune(directory: Path, keep: int) -> list[Path]:
 
 
 def run_once(root: Path, settings: BackupConfig, now: float | None = None) -> dict[str, float]:
-    """One snapshot now, linked to the newest complete one, then pruning. Blocking."""
+    """One snapshot now, linked to the newest complete one, then pruning. Blocking.
+
+    A snapshot that fails is removed at once (each retry copied the same new blobs into
+    a directory of its own). One that fails for want of space first makes room: the
+    oldest complete snapshot goes (down to one kept) and it is tried again; a full
+    backup volume otherwise never freed anything, as pruning follows a success."""
     directory = settings.dir
     directory.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.fromtimestamp(now or time.time(), datetime.UTC)
-    previous = complete(directory)
     target = directory / stamp.strftime(_NAME)
-    stats = maintenance.backup(root, target, previous[-1] if previous else None)
+    while True:
+        previous = complete(directory)
+        try:
+            stats = maintenance.backup(root, target, previous[-1] if previous else None)
+        except OSError as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            if not is_full_error(exc) or len(previous) <= 1:
+                raise
+            log.warning(
+                "backup volume full: removing the oldest snapshot to make room",
+                extra={"removed": str(previous[0])},
+            )
+            shutil.rmtree(previous[0], ignore_errors=True)
+            continue
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        break
     removed = prune(directory, settings.keep)
     stats["removed"] = len(removed)
     return stats

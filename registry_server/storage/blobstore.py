@@ -43,8 +43,15 @@ def _blob_dir(digest: digests.Digest) -> str:
 
 _TRASH = "trash"
 # Written by `berth-registry backup` (its start time) while it copies: no collection then.
-BACKUP_MARKER = "backup-running"
-_BACKUP_STALE = 6 * 3600  # a marker this old was left by a backup that died
+# A running backup's marker, one per backup: ``backups-running/<id>``, holding the time
+# it was last refreshed (every BACKUP_REFRESH_SECONDS); one not refreshed for
+# BACKUP_STALE_SECONDS was left by a backup that died. The single ``backup-running`` of
+# earlier versions, never refreshed, counts for 6 h from its start.
+BACKUP_MARKERS = "backups-running"
+BACKUP_REFRESH_SECONDS = 60.0
+BACKUP_STALE_SECONDS = 600.0
+_LEGACY_MARKER = "backup-running"
+_LEGACY_STALE = 6 * 3600
 # What the readiness probe stats: never written, so the answer is "absent" when all is well.
 PROBE_PATH = "readyz-probe"
 
@@ -192,11 +199,24 @@ class BlobStore:
         return digest
 
     async def backup_running(self) -> bool:
+        """Whether a backup is under way (of any number running at once)."""
+        now = time.time()
         try:
-            started = float(await self.driver.get_content(BACKUP_MARKER))
+            names = await self.driver.list(BACKUP_MARKERS)
+        except StorageNotFound:
+            names = []
+        for name in names:
+            try:
+                refreshed = float(await self.driver.get_content(f"{BACKUP_MARKERS}/{name}"))
+            except (StorageNotFound, ValueError):
+                continue
+            if now - refreshed < BACKUP_STALE_SECONDS:
+                return True
+        try:
+            started = float(await self.driver.get_content(_LEGACY_MARKER))
         except (StorageNotFound, ValueError):
             return False
-        return time.time() - started < _BACKUP_STALE
+        return now - started < _LEGACY_STALE
 
     # -- uploads -------------------------------------------------------------------------
 

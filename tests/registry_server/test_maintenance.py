@@ -3,13 +3,18 @@ careless order of steps leaves: an index still open in a server, a write-ahead l
 
 from __future__ import annotations
 
+import errno
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
-from registry_server import maintenance
+from registry_server import maintenance, scheduled_backup
+from registry_server.config import BackupConfig
+from registry_server.storage.blobstore import BACKUP_MARKERS, BACKUP_STALE_SECONDS, BlobStore
+from registry_server.storage.filesystem import FilesystemDriver
 from registry_server.storage.sqlite_index import SqliteIndex
 
 
@@ -70,3 +75,118 @@ def test_a_command_may_follow_its_options(
     index._reader.close()
     assert __main__.main(["--config", str(_config(tmp_path)), "check"]) == 0
     assert "0 problem(s)" in capsys.readouterr().out
+
+
+def _registry(root: Path) -> None:
+    """An index with a blob recorded and stored."""
+    import hashlib
+
+    data = b"layer"
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    index = SqliteIndex(root / "index.db")
+    conn = index._writer.conn
+    conn.execute("INSERT INTO blobs(digest, size, created) VALUES (?,?,0)", (digest, len(data)))
+    conn.commit()
+    index._writer.close()
+    index._reader.close()
+    path = root / "blobs" / "sha256" / digest[7:9] / digest[7:] / "data"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+
+
+async def test_backups_running_at_once_keep_the_collector_off_until_the_last_ends(
+    tmp_path: Path,
+) -> None:
+    """One marker for all: the first backup to end deleted it, and the collector took
+    blobs the other's snapshot named; never refreshed, one past 6 h counted as dead."""
+    store = BlobStore(FilesystemDriver(tmp_path))
+    assert not await store.backup_running()
+    with maintenance._announced(tmp_path):
+        with maintenance._announced(tmp_path):
+            assert await store.backup_running()
+        assert await store.backup_running()  # the other one still runs
+    assert not await store.backup_running()
+    # A marker not refreshed for a while was left by a backup that died.
+    markers = tmp_path / BACKUP_MARKERS
+    (markers / "dead").write_text(str(time.time() - 2 * BACKUP_STALE_SECONDS))
+    assert not await store.backup_running()
+    (markers / "alive").write_text(str(time.time() - BACKUP_STALE_SECONDS / 2))
+    assert await store.backup_running()
+
+
+def test_a_backup_gets_a_log_id_of_its_own_and_counts_missing_blobs(tmp_path: Path) -> None:
+    root, dest = tmp_path / "root", tmp_path / "dest"
+    root.mkdir()
+    _registry(root)
+    conn = sqlite3.connect(root / "index.db")
+    conn.execute(
+        "INSERT INTO blobs(digest, size, created) VALUES (?, 3, 0)", ("sha256:" + "f" * 64,)
+    )
+    conn.commit()
+    (live,) = conn.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
+    conn.close()
+    stats = maintenance.backup(root, dest)
+    assert (stats["blobs"], stats["copied"], stats["missing"]) == (2, 1, 1)
+    copy = sqlite3.connect(dest / "index.db")
+    (restored,) = copy.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
+    copy.close()
+    assert restored != live
+    assert not list((root / BACKUP_MARKERS).iterdir())
+
+
+def test_a_backup_that_fails_in_a_used_destination_does_not_look_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, dest = tmp_path / "root", tmp_path / "dest"
+    root.mkdir()
+    _registry(root)
+    maintenance.backup(root, dest)
+    (dest / "blobs").rename(tmp_path / "elsewhere")  # to be copied again
+
+    def failing(*_args: object) -> bool:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(maintenance, "_link_or_copy", failing)
+    with pytest.raises(OSError):
+        maintenance.backup(root, dest)
+    assert not (dest / "index.db").exists()
+    assert not list((root / BACKUP_MARKERS).iterdir())
+
+
+def test_a_scheduled_backup_that_fails_is_removed_and_a_full_volume_makes_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, backups = tmp_path / "root", tmp_path / "backups"
+    root.mkdir()
+    _registry(root)
+    settings = BackupConfig(interval_seconds=3600, dir=backups, keep=3)
+    for hour in range(3):
+        scheduled_backup.run_once(root, settings, now=hour * 3600.0)
+    assert len(scheduled_backup.complete(backups)) == 3
+    real = maintenance.backup
+    attempts: list[int] = []
+
+    def full_once(root: Path, dest: Path, previous: Path | None = None) -> dict[str, float]:
+        attempts.append(len(scheduled_backup.complete(backups)))
+        if len(attempts) == 1:
+            (dest / "half-written").parent.mkdir(parents=True, exist_ok=True)
+            (dest / "half-written").write_text("x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(root, dest, previous)
+
+    monkeypatch.setattr(maintenance, "backup", full_once)
+    scheduled_backup.run_once(root, settings, now=4 * 3600.0)
+    assert attempts == [3, 2]  # the oldest went to make room, then it was tried again
+    assert [p.name for p in sorted(backups.iterdir())] == [
+        p.name for p in scheduled_backup.complete(backups)
+    ]  # nothing half-written is left
+    assert len(scheduled_backup.complete(backups)) == 3
+
+    def broken(root: Path, dest: Path, previous: Path | None = None) -> dict[str, float]:
+        dest.mkdir(parents=True, exist_ok=True)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(maintenance, "backup", broken)
+    with pytest.raises(OSError):
+        scheduled_backup.run_once(root, settings, now=5 * 3600.0)
+    assert len(list(backups.iterdir())) == 3  # the failed one is not left behind
