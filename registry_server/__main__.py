@@ -212,6 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             "workers": cfg.http.workers,
         },
     )
+    if cfg.metadata.driver == "sqlite":  # it keeps a tag record (storage/records.py)
+        from registry_server import maintenance
+
+        # Before any process serves (nothing appends meanwhile).
+        written = maintenance.backfill_records(cfg.storage.root)
+        if written:
+            logging.getLogger("registry_server").info(
+                "tag records written from the index", extra={"repositories": written}
+            )
     if cfg.http.workers == 1:
         _serve(cfg, sock, metrics_sock)
         return 0

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from registry_server import config as config_mod
@@ -72,7 +72,125 @@ def _blob_file(root: Path, digest: str) -> Path:
 # -- check ----------------------------------------------------------------------------------
 
 
-def check(root: Path) -> list[str]:
+def check(root: Path, cached: Callable[[str], bool] = lambda _repo: False) -> list[str]:
+    """Problems found (``cached``: the pull-through cache's repositories, which keep
+    no tag record: the upstream is their copy)."""
+    return [problem for found in _check(root, cached).values() for problem in found]
+
+
+def _check(root: Path, cached: Callable[[str], bool]) -> dict[str, list[str]]:
+    """Problems by repository ("" for the index's own)."""
+    problems = _index_problems(root)
+    if not _readable(root):
+        return {"": problems}
+    conn = sqlite3.connect(f"file:{root / INDEX}?mode=ro", uri=True)
+    try:
+        return {"": problems, **_record_problems(conn, TagRecord(root), cached)}
+    finally:
+        conn.close()
+
+
+def _readable(root: Path) -> bool:
+    """Whether the index opens and passes SQLite's own check."""
+    path = root / INDEX
+    if not path.exists():
+        return False
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return [str(r[0]) for r in conn.execute("PRAGMA integrity_check")] == ["ok"]
+    except sqlite3.DatabaseError:
+        return False
+    finally:
+        conn.close()
+
+
+def _record_problems(
+    conn: sqlite3.Connection, record: TagRecord, cached: Callable[[str], bool]
+) -> dict[str, list[str]]:
+    """Each repository's tag record against the index: one the index has (with a
+    manifest) and no record has is lost to a rebuild as much as a tag that differs."""
+    found: dict[str, list[str]] = {}
+    recorded_repos = set(record.repositories())
+    indexed_repos = {
+        str(name)
+        for (name,) in conn.execute(
+            "SELECT name FROM repositories r WHERE EXISTS"
+            " (SELECT 1 FROM manifests m WHERE m.repo_id = r.id)"
+        )
+    }
+    for repo in sorted(recorded_repos | indexed_repos):
+        if repo not in recorded_repos:
+            if not cached(repo):
+                found[repo] = [f"{repo}: in the index, but has no tag record"]
+            continue
+        recorded = record.replay(repo).live_tags()
+        indexed = dict(
+            conn.execute(
+                "SELECT t.name, t.digest FROM tags t JOIN repositories r"
+                " ON r.id = t.repo_id WHERE r.name = ?",
+                (repo,),
+            ).fetchall()
+        )
+        for tag in sorted(set(recorded) | set(indexed)):
+            if recorded.get(tag) != indexed.get(tag):
+                found.setdefault(repo, []).append(
+                    f"{repo}:{tag}: index says {indexed.get(tag)}, record {recorded.get(tag)}"
+                )
+    return found
+
+
+def repair_records(root: Path, cached: Callable[[str], bool] = lambda _repo: False) -> list[str]:
+    """Write again, from the index, the tag record of every repository whose record
+    disagrees with it or that has none (server stopped: a file is replaced whole, and a
+    server appending meanwhile would lose its line). Returns the repositories."""
+    target = root / INDEX
+    if not _readable(root):
+        raise ValueError(f"{target} is damaged: rebuild it from the records instead")
+    _close_out(target)
+    conn = sqlite3.connect(target)
+    try:
+        behind = [repo for repo in _record_problems(conn, TagRecord(root), cached) if repo]
+        record = TagRecord(root)
+        for repo in behind:
+            _export_record(conn, record, repo)
+    finally:
+        conn.close()
+    return behind
+
+
+def backfill_records(root: Path) -> int:
+    """At start-up, before any process serves: an index from before the tag record
+    existed (a record directory never made) gets its records written from it; a rebuild
+    had nothing to go on for those repositories. Returns how many were written."""
+    record = TagRecord(root)
+    if record.dir.exists() or not (root / INDEX).exists():
+        return 0
+    conn = sqlite3.connect(root / INDEX)
+    try:
+        tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master")}
+        if "manifests" not in tables:
+            return 0
+        repos = [
+            str(name)
+            for (name,) in conn.execute(
+                "SELECT name FROM repositories r WHERE EXISTS"
+                " (SELECT 1 FROM manifests m WHERE m.repo_id = r.id) ORDER BY name"
+            )
+        ]
+        partial = record.dir.with_name(record.dir.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        staged = TagRecord(root)
+        staged.dir = partial
+        for repo in repos:
+            _export_record(conn, staged, repo)
+        partial.mkdir(exist_ok=True)
+        os.replace(partial, record.dir)  # whole, or not at all
+    finally:
+        conn.close()
+    return len(repos)
+
+
+def _index_problems(root: Path) -> list[str]:
     path = root / INDEX
     if not path.exists():
         return [f"{path}: no index"]
@@ -112,21 +230,6 @@ def check(root: Path) -> list[str]:
         ):
             problems.append(f"{repo}:{tag}: manifest {digest} missing")
         problems += _usage_problems(conn)
-        record = TagRecord(root)
-        for repo in record.repositories():
-            recorded = record.replay(repo).live_tags()
-            indexed = dict(
-                conn.execute(
-                    "SELECT t.name, t.digest FROM tags t JOIN repositories r"
-                    " ON r.id = t.repo_id WHERE r.name = ?",
-                    (repo,),
-                ).fetchall()
-            )
-            for tag in sorted(set(recorded) | set(indexed)):
-                if recorded.get(tag) != indexed.get(tag):
-                    problems.append(
-                        f"{repo}:{tag}: index says {indexed.get(tag)}, record {recorded.get(tag)}"
-                    )
     finally:
         conn.close()
     return problems
@@ -290,34 +393,38 @@ def _export_records(index: Path, record: TagRecord) -> None:
     record.dir.mkdir(parents=True)
     conn = sqlite3.connect(index)
     try:
-        for repo_id, repo in conn.execute("SELECT id, name FROM repositories").fetchall():
-            lines: list[dict[str, object]] = []
-            for digest, media_type, content in conn.execute(
-                "SELECT digest, media_type, content FROM manifests WHERE repo_id = ?", (repo_id,)
-            ):
-                lines.append(
-                    {
-                        "op": "manifest",
-                        "digest": digest,
-                        "media_type": media_type,
-                        "content": base64.b64encode(content).decode(),
-                    }
-                )
-            for name, digest, version, origin in conn.execute(
-                index_tags.TAG_STATES, (repo_id, repo_id)
-            ):
-                lines.append(
-                    {
-                        "op": "tag",
-                        "tag": name,
-                        "digest": digest,
-                        "version": version,
-                        "origin": origin,
-                    }
-                )
-            record.append_blocking(repo, lines)
+        for (repo,) in conn.execute("SELECT name FROM repositories").fetchall():
+            _export_record(conn, record, str(repo))
     finally:
         conn.close()
+
+
+def _export_record(conn: sqlite3.Connection, record: TagRecord, repo: str) -> None:
+    """Write ``repo``'s record from the index, compacted: one line per manifest and per
+    tag (tombstones included). Replaces the file whole."""
+    row = conn.execute("SELECT id FROM repositories WHERE name = ?", (repo,)).fetchone()
+    lines: list[dict[str, object]] = []
+    if row is not None:
+        repo_id = row[0]
+        for digest, media_type, content in conn.execute(
+            "SELECT digest, media_type, content FROM manifests WHERE repo_id = ?", (repo_id,)
+        ):
+            lines.append(
+                {
+                    "op": "manifest",
+                    "digest": digest,
+                    "media_type": media_type,
+                    "content": base64.b64encode(content).decode(),
+                }
+            )
+        for name, digest, version, origin in conn.execute(
+            index_tags.TAG_STATES, (repo_id, repo_id)
+        ):
+            lines.append(
+                {"op": "tag", "tag": name, "digest": digest, "version": version, "origin": origin}
+            )
+    record.dir.mkdir(parents=True, exist_ok=True)
+    record.rewrite_blocking(repo, lines)
 
 
 def _link_or_copy(source: Path, target: Path, old: Path | None, size: int) -> bool:
@@ -427,6 +534,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("command", choices=["check", "rebuild", "backup"])
     parser.add_argument("dest", nargs="?", type=Path, help="backup: the directory to write")
     parser.add_argument("--config", type=Path, default=None, help="YAML config file")
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="check: write again from the index the tag records that disagree with it"
+        " or are missing (server stopped)",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = config_mod.load(args.config)
@@ -441,8 +554,21 @@ def main(argv: list[str]) -> int:
         )
         return 2
     root = cfg.storage.root
+    prefixes = tuple(f"{upstream.prefix}/" for upstream in cfg.upstreams)
+
+    def cached(repo: str) -> bool:
+        return repo.startswith(prefixes)
+
     if args.command == "check":
-        problems = check(root)
+        if args.repair:
+            try:
+                repaired = repair_records(root, cached)
+            except (ServerRunning, ValueError) as exc:
+                print(f"berth-registry: {exc}", file=sys.stderr)
+                return 1
+            for repo in repaired:
+                print(f"{repo}: tag record written again from the index")
+        problems = check(root, cached)
         for problem in problems:
             print(problem)
         print(f"{len(problems)} problem(s) in {root / INDEX}")

@@ -190,3 +190,81 @@ def test_a_scheduled_backup_that_fails_is_removed_and_a_full_volume_makes_room(
     with pytest.raises(OSError):
         scheduled_backup.run_once(root, settings, now=5 * 3600.0)
     assert len(list(backups.iterdir())) == 3  # the failed one is not left behind
+
+
+async def _pushed(root: Path, repo: str, tag: str, n: int, recorded: bool = True) -> str:
+    """A manifest pushed through the manifest service (with the tag record or not)."""
+    from registry_server.protocol import digests
+    from registry_server.services.manifests import ManifestService
+    from registry_server.storage.records import TagRecord
+    from tests.registry_server.test_manifest_deletes import CONFIG, _image
+
+    config = digests.of_bytes(CONFIG)
+    stored = root / "blobs" / "sha256" / config.hex[:2] / config.hex / "data"
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_bytes(CONFIG)
+    index = SqliteIndex(root / "index.db")
+    try:
+        await index.link_blob(repo, str(config), len(CONFIG))
+        record = TagRecord(root) if recorded else None
+        result = await ManifestService(index, 1 << 20, record=record).put(
+            repo, tag, _image(n), None
+        )
+    finally:
+        await index.close()
+    return result.digest
+
+
+async def test_check_sees_a_repository_without_a_record_and_repair_writes_it(
+    tmp_path: Path,
+) -> None:
+    """A repository pushed before the tag record existed, or whose file was lost: check
+    said nothing and a rebuild dropped it (found by review)."""
+    await _pushed(tmp_path, "old/app", "v1", 1, recorded=False)
+    await _pushed(tmp_path, "new/app", "v1", 2)
+    assert maintenance.check(tmp_path) == ["old/app: in the index, but has no tag record"]
+    assert maintenance.check(tmp_path, cached=lambda repo: repo.startswith("old/")) == []
+    assert maintenance.repair_records(tmp_path) == ["old/app"]
+    assert maintenance.check(tmp_path) == []
+    counts = maintenance.rebuild(tmp_path)
+    assert counts["repositories"] == 2 and counts["tags"] == 2
+
+
+async def test_a_delete_the_record_missed_is_repaired_from_the_index(tmp_path: Path) -> None:
+    """Killed between the delete's commit and its record line (or the line refused by a
+    full volume): the retry is 404 and writes nothing, and a rebuild brought the image
+    back (found by review). check says so; --repair writes the record again."""
+    digest = await _pushed(tmp_path, "team/app", "v1", 1)
+    index = SqliteIndex(tmp_path / "index.db")
+    try:
+        assert await index.delete_manifest("team/app", digest)  # no record line
+    finally:
+        await index.close()
+    assert maintenance.check(tmp_path) == [f"team/app:v1: index says None, record {digest}"]
+    assert maintenance.main(["check", "--repair", "--config", str(_config(tmp_path))]) == 0
+    maintenance.rebuild(tmp_path)
+    index = SqliteIndex(tmp_path / "index.db")
+    try:
+        assert await index.resolve_tag("team/app", "v1") is None
+        assert await index.get_manifest("team/app", digest) is None
+    finally:
+        await index.close()
+
+
+async def test_an_index_from_before_the_tag_record_gets_its_records_at_start(
+    tmp_path: Path,
+) -> None:
+    await _pushed(tmp_path, "team/app", "v1", 1, recorded=False)
+    assert maintenance.backfill_records(tmp_path) == 1
+    assert maintenance.check(tmp_path) == []
+    assert maintenance.backfill_records(tmp_path) == 0  # once: the records are kept since
+    # Records that exist are never written over from the index (it may be the one lost).
+    (tmp_path / "index.db").unlink()
+    assert maintenance.backfill_records(tmp_path) == 0
+    assert list((tmp_path / "records").iterdir())
+
+
+def test_repair_refuses_a_damaged_index(tmp_path: Path) -> None:
+    (tmp_path / "index.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(ValueError, match="rebuild"):
+        maintenance.repair_records(tmp_path)
