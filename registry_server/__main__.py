@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="berth-registry",
         description=__doc__,
         epilog="commands (the SQLite index's recovery; see docs/operations.md): "
-        "berth-registry check | rebuild | backup DEST [--config FILE]",
+        "berth-registry check [--repair] | rebuild | backup DEST [--config FILE]",
     )
     parser.add_argument("--config", type=Path, default=None, help="YAML config file")
     args = parser.parse_args(argv)

@@ -142,20 +142,50 @@ def _record_problems(
 def repair_records(root: Path, cached: Callable[[str], bool] = lambda _repo: False) -> list[str]:
     """Write again, from the index, the tag record of every repository whose record
     disagrees with it or that has none (server stopped: a file is replaced whole, and a
-    server appending meanwhile would lose its line). Returns the repositories."""
+    server appending meanwhile would lose its line). Returns the repositories.
+
+    Only records behind the index: a line is written after its commit, so a record
+    ahead of the index (a tag at a later version, a repository the index does not know,
+    a version past the index's clock) says the index is the older one (lost and made
+    anew, restored from an old backup), and writing the records from it would destroy
+    what a rebuild needs: refused."""
     target = root / INDEX
     if not _readable(root):
         raise ValueError(f"{target} is damaged: rebuild it from the records instead")
-    _close_out(target)
-    conn = sqlite3.connect(target)
-    try:
-        behind = [repo for repo in _record_problems(conn, TagRecord(root), cached) if repo]
+    with _closed_out(target) as conn:
         record = TagRecord(root)
+        behind = [repo for repo in _record_problems(conn, record, cached) if repo]
+        ahead = _records_ahead(conn, record, behind)
+        if ahead:
+            raise ValueError(
+                f"the tag records are ahead of {target} ({'; '.join(ahead[:5])}): the index"
+                " is older than they are; rebuild it from the records instead"
+            )
         for repo in behind:
             _export_record(conn, record, repo)
-    finally:
-        conn.close()
     return behind
+
+
+def _records_ahead(conn: sqlite3.Connection, record: TagRecord, repos: list[str]) -> list[str]:
+    """What the records of ``repos`` hold that the index has not seen."""
+    row = conn.execute("SELECT last FROM clock WHERE id = 0").fetchone()
+    clock = int(row[0]) if row else 0
+    found: list[str] = []
+    for repo in repos:
+        if not record.path(repo).exists():
+            continue
+        known = conn.execute("SELECT id FROM repositories WHERE name = ?", (repo,)).fetchone()
+        if known is None:
+            found.append(f"{repo}: not in the index")
+            continue
+        states = {
+            str(name): int(version)
+            for name, _, version, _ in conn.execute(index_tags.TAG_STATES, (known[0], known[0]))
+        }
+        for tag in record.replay(repo).tags.values():
+            if tag.version > clock or tag.version > states.get(tag.name, tag.version):
+                found.append(f"{repo}:{tag.name}: recorded at a version the index has not seen")
+    return found
 
 
 def backfill_records(root: Path) -> int:
@@ -270,32 +300,43 @@ class ServerRunning(Exception):
     """The index is open in a running server: it must be stopped first."""
 
 
-def _close_out(target: Path) -> None:
-    """Take the old index out of write-ahead mode, which folds its log into the file,
-    and which SQLite refuses while another connection has it open: a running server.
-    One too damaged to open is kept as it is, with its log (moved beside it)."""
+@contextlib.contextmanager
+def _closed_out(target: Path) -> Iterator[sqlite3.Connection]:
+    """The index to itself until the block ends: out of write-ahead mode, which folds
+    its log into the file and which SQLite refuses while another connection has it open
+    (a running server), then locked exclusively, so that a server starting meanwhile
+    cannot open it and write where the command does not look."""
+    running = ServerRunning(f"{target} is open in a running server: stop it first")
+    conn = sqlite3.connect(target, timeout=1.0, isolation_level=None)
     try:
-        conn = sqlite3.connect(target, timeout=1.0)
         try:
             mode = str(conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0])
-        finally:
-            conn.close()
-    except sqlite3.OperationalError as exc:
-        if "locked" in str(exc):
-            raise ServerRunning(f"{target} is open in a running server: stop it first") from None
-        return
-    except sqlite3.DatabaseError:
-        return
-    if mode.lower() == "wal":
-        raise ServerRunning(f"{target} is open in a running server: stop it first")
+            if mode.lower() == "wal":
+                raise running
+            conn.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise running from None
+            raise
+        yield conn
+    finally:
+        conn.close()
 
 
 def rebuild(root: Path) -> dict[str, float]:
     """Rebuild ``root/index.db``; returns counts and the time taken."""
     start = time.monotonic()
     target = root / INDEX
-    if target.exists():
-        _close_out(target)
+    with contextlib.ExitStack() as held:
+        # One too damaged to open is kept as it is, with its log moved beside it.
+        with contextlib.suppress(sqlite3.DatabaseError):
+            if target.exists():
+                held.enter_context(_closed_out(target))
+        return _rebuild(root, start)
+
+
+def _rebuild(root: Path, start: float) -> dict[str, float]:
+    target = root / INDEX
     fresh = root / f"{INDEX}.rebuild"
     for leftover in (fresh, Path(f"{fresh}-wal"), Path(f"{fresh}-shm")):
         leftover.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ careless order of steps leaves: an index still open in a server, a write-ahead l
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import sqlite3
 import time
@@ -268,3 +269,51 @@ def test_repair_refuses_a_damaged_index(tmp_path: Path) -> None:
     (tmp_path / "index.db").write_bytes(b"not a database" * 100)
     with pytest.raises(ValueError, match="rebuild"):
         maintenance.repair_records(tmp_path)
+
+
+async def test_repair_refuses_records_ahead_of_the_index(tmp_path: Path) -> None:
+    """An index lost and made anew by a start, or restored from an older backup, is
+    readable and checks clean: writing the records from it erased what a rebuild needs
+    (found by review). Records are never ahead of the index they were written after."""
+    await _pushed(tmp_path, "team/app", "v1", 1)
+    older = tmp_path / "older.db"
+    shutil.copyfile(tmp_path / "index.db", older)
+    await _pushed(tmp_path, "team/app", "v2", 2)
+    kept = (tmp_path / "records").rglob("*.jsonl")
+    before = {path: path.read_bytes() for path in kept}
+    (tmp_path / "index.db").unlink()
+    made = SqliteIndex(tmp_path / "index.db")  # a start made an empty one
+    made._writer.close()
+    made._reader.close()
+    with pytest.raises(ValueError, match="ahead"):
+        maintenance.repair_records(tmp_path)
+    os.replace(older, tmp_path / "index.db")  # a restore of an older copy
+    with pytest.raises(ValueError, match="ahead"):
+        maintenance.repair_records(tmp_path)
+    assert {path: path.read_bytes() for path in before} == before
+    counts = maintenance.rebuild(tmp_path)  # what the records are for
+    assert counts["tags"] == 2
+
+
+async def test_a_server_starting_during_a_rebuild_cannot_open_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked once at the start, a server restarted meanwhile (a restart policy) wrote
+    into the file the rebuild then set aside (found by review)."""
+    await _pushed(tmp_path, "team/app", "v1", 1)
+    refused: list[str] = []
+    real = maintenance._rebuild
+
+    def rebuild_while_a_server_starts(root: Path, start: float) -> dict[str, float]:
+        server = sqlite3.connect(root / "index.db", timeout=0.1)  # as SqliteIndex opens it
+        try:
+            server.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            refused.append(str(exc))
+        finally:
+            server.close()
+        return real(root, start)
+
+    monkeypatch.setattr(maintenance, "_rebuild", rebuild_while_a_server_starts)
+    maintenance.rebuild(tmp_path)
+    assert refused and "locked" in refused[0]
