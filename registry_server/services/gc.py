@@ -48,8 +48,8 @@ async def scheduled_rounds(
             await prompt()
             if clock() < due:
                 continue
-        due = clock() + interval
         await whole()
+        due = clock() + interval  # from its end: a round longer than that is not followed at once
 
 
 @dataclass(frozen=True)

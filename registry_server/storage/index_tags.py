@@ -189,13 +189,14 @@ def put_manifest(
     repo_id = yield from repository(dialect, repo, create=True)
     assert repo_id is not None
     referrer = manifest.subject is not None
-    if replicated and referrer:
+    if referrer and (replicated or not local):
         deleted = yield from _referrer_deleted(repo_id, manifest.digest)
         # A copy stored before this referrer was deleted (here, or in the region the
         # delete came from) was overtaken by the delete; so is one from a peer that does
         # not say when it was stored (an earlier version's anti-entropy brought deleted
-        # referrers back).
-        if deleted is not None and (stored_version is None or deleted > stored_version):
+        # referrers back), and a tag push of it older than the delete.
+        incoming = stored_version if replicated else given.version if given else None
+        if deleted is not None and (incoming is None or deleted > incoming):
             raise Overtaken(manifest.digest)
     # Under the repository's lock: no concurrent push counts between this and the check.
     limited = local and quota is not None and (quota.storage, quota.tags) != (None, None)

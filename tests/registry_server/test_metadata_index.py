@@ -824,3 +824,27 @@ async def test_a_referrer_a_peer_sends_again_keeps_the_later_stored_version(
     assert [s.stored for s in await index.referrer_states("r")] == [7]
     await index.put_manifest("r", manifest(D2, subject=D1), [], replicated=True, stored_version=9)
     assert [s.stored for s in await index.referrer_states("r")] == [9]
+
+
+async def test_a_tag_push_of_a_referrer_older_than_its_delete_is_overtaken(
+    index: MetadataIndex,
+) -> None:
+    """It lost on its tag but stored the manifest row again: the referrer was back in
+    its subject's list, held and deleted at once (found by review)."""
+    await index.put_manifest("r", manifest(D1), ["v1"])
+    await index.put_manifest("r", manifest(D2, subject=D1), [])
+    (stored,) = await index.referrer_states("r")
+    assert stored.stored is not None
+    delete = Stamp(stored.stored + 10, "us")
+    assert await index.delete_manifest("r", D2, stamp=delete)
+    with pytest.raises(Overtaken):
+        await index.put_manifest(
+            "r", manifest(D2, subject=D1), ["sig"], Stamp(delete.version - 1, "eu")
+        )
+    assert await index.referrers("r", D1) == []
+    # A tag push after the delete stands, and the referrer with it.
+    await index.put_manifest(
+        "r", manifest(D2, subject=D1), ["sig"], Stamp(delete.version + 1, "eu")
+    )
+    assert [m.digest for m in await index.referrers("r", D1)] == [D2]
+    assert await index.resolve_tag("r", "sig") == D2
