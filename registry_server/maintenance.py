@@ -45,7 +45,7 @@ from registry_server.storage.blobstore import (
     blob_path,
 )
 from registry_server.storage.index import NewManifest
-from registry_server.storage.records import RecordedManifest, TagRecord
+from registry_server.storage.records import RECORDS_DIR, RecordedManifest, TagRecord
 from registry_server.storage.sqlite_index import DIALECT, SqliteIndex
 from registry_server.storage.sqltx import run_sync
 
@@ -207,13 +207,18 @@ def backfill_records(root: Path) -> int:
                 " (SELECT 1 FROM manifests m WHERE m.repo_id = r.id) ORDER BY name"
             )
         ]
+        # Staged, and resumed after a kill (a large index takes a while: a start-up
+        # probe may kill the first start): a record written whole is kept.
         partial = record.dir.with_name(record.dir.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
         staged = TagRecord(root)
         staged.dir = partial
         for repo in repos:
-            _export_record(conn, staged, repo)
+            done = staged.path(repo)
+            if done.is_file() and done.read_bytes().endswith(b"\n"):
+                continue
+            _export_record(conn, staged, repo, durable=False)
         partial.mkdir(exist_ok=True)
+        os.sync()  # every record at once
         os.replace(partial, record.dir)  # whole, or not at all
     finally:
         conn.close()
@@ -429,18 +434,20 @@ def _copy(source: Path, target: Path) -> None:
 
 def _export_records(index: Path, record: TagRecord) -> None:
     """The tag record of exactly the snapshot (the live one may be ahead of it already),
-    compacted: one line per manifest and per tag."""
+    compacted: one line per manifest and per tag; flushed by the caller."""
     shutil.rmtree(record.dir, ignore_errors=True)
     record.dir.mkdir(parents=True)
     conn = sqlite3.connect(index)
     try:
         for (repo,) in conn.execute("SELECT name FROM repositories").fetchall():
-            _export_record(conn, record, str(repo))
+            _export_record(conn, record, str(repo), durable=False)
     finally:
         conn.close()
 
 
-def _export_record(conn: sqlite3.Connection, record: TagRecord, repo: str) -> None:
+def _export_record(
+    conn: sqlite3.Connection, record: TagRecord, repo: str, durable: bool = True
+) -> None:
     """Write ``repo``'s record from the index, compacted: one line per manifest and per
     tag (tombstones included). Replaces the file whole."""
     row = conn.execute("SELECT id FROM repositories WHERE name = ?", (repo,)).fetchone()
@@ -465,7 +472,7 @@ def _export_record(conn: sqlite3.Connection, record: TagRecord, repo: str) -> No
                 {"op": "tag", "tag": name, "digest": digest, "version": version, "origin": origin}
             )
     record.dir.mkdir(parents=True, exist_ok=True)
-    record.rewrite_blocking(repo, lines)
+    record.rewrite_blocking(repo, lines, durable)
 
 
 def _link_or_copy(source: Path, target: Path, old: Path | None, size: int) -> bool:
@@ -480,6 +487,14 @@ def _link_or_copy(source: Path, target: Path, old: Path | None, size: int) -> bo
             pass  # another filesystem, or no links there: copy instead
     _copy(source, target)
     return True
+
+
+def _sync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _mark(marker: Path) -> None:
@@ -519,8 +534,6 @@ def backup(root: Path, dest: Path, previous: Path | None = None) -> dict[str, fl
     blobs of ``previous``, an older complete snapshot, are hard-linked, not copied)."""
     start = time.monotonic()
     dest.mkdir(parents=True, exist_ok=True)
-    # A destination used before: not complete again until this backup is.
-    (dest / INDEX).unlink(missing_ok=True)
     with _announced(root):
         partial = dest / f"{INDEX}.partial"
         partial.unlink(missing_ok=True)
@@ -554,9 +567,20 @@ def backup(root: Path, dest: Path, previous: Path | None = None) -> dict[str, fl
                     linked += 1
             else:  # recorded without bytes: what `check` reports of the registry itself
                 missing += 1
-        _export_records(partial, TagRecord(dest))
+        # A destination used before keeps its complete backup until this one is: the
+        # blobs added do not change it, and its records are replaced after its index.
+        staged = TagRecord(dest)
+        staged.dir = dest / f"{RECORDS_DIR}.partial"
+        _export_records(partial, staged)
         os.sync()  # one flush for every copied file, before the index names them
         os.replace(partial, dest / INDEX)
+        replaced = dest / f"{RECORDS_DIR}.replaced"
+        shutil.rmtree(replaced, ignore_errors=True)
+        if (dest / RECORDS_DIR).exists():
+            os.replace(dest / RECORDS_DIR, replaced)
+        os.replace(staged.dir, dest / RECORDS_DIR)
+        _sync_directory(dest)
+        shutil.rmtree(replaced, ignore_errors=True)
     return {
         "blobs": len(recorded),
         "copied": copied,

@@ -16,6 +16,7 @@ import asyncio
 import datetime
 import logging
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from prometheus_client import Gauge
 
 from registry_server import maintenance
 from registry_server.config import BackupConfig
+from registry_server.storage.driver import StorageFull
 from registry_server.storage.space import is_full_error
 
 log = logging.getLogger("registry_server.backup")
@@ -44,6 +46,30 @@ def complete(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def _full(exc: BaseException) -> bool:
+    """A failure for want of space, however it was told (the index snapshot's SQLite
+    says so in words; the tag record raises StorageFull)."""
+    return (
+        is_full_error(exc)
+        or isinstance(exc, StorageFull)
+        or (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc))
+    )
+
+
+def _nearly_full(directory: Path) -> bool:
+    """Whether the backup volume itself is what ran out (not the registry's own, where
+    the backup's marker is written): under 1% or 64 MiB free."""
+    usage = shutil.disk_usage(directory)
+    return usage.free < max(64 << 20, usage.total // 100)
+
+
+def remove(snapshot: Path) -> None:
+    """Its index first: a removal cut short leaves an incomplete snapshot, never one
+    that looks complete without all it holds."""
+    (snapshot / maintenance.INDEX).unlink(missing_ok=True)
+    shutil.rmtree(snapshot, ignore_errors=True)
+
+
 def prune(directory: Path, keep: int) -> list[Path]:
     """Remove all but the newest ``keep`` complete snapshots, and the incomplete ones
     older than the newest complete one (a backup that died). Returns what was removed."""
@@ -56,7 +82,7 @@ def prune(directory: Path, keep: int) -> list[Path]:
         if p.is_dir() and p.name < newest and not (p / maintenance.INDEX).is_file()
     ]
     for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
+        remove(path)
     return removed
 
 
@@ -75,19 +101,18 @@ def run_once(root: Path, settings: BackupConfig, now: float | None = None) -> di
         previous = complete(directory)
         try:
             stats = maintenance.backup(root, target, previous[-1] if previous else None)
-        except OSError as exc:
+        except BaseException as exc:
+            # Looked at before the failed snapshot is removed, which frees what it wrote.
+            full = _full(exc) and _nearly_full(directory)
             shutil.rmtree(target, ignore_errors=True)
-            if not is_full_error(exc) or len(previous) <= 1:
+            if not full or len(previous) <= 1:
                 raise
             log.warning(
                 "backup volume full: removing the oldest snapshot to make room",
                 extra={"removed": str(previous[0])},
             )
-            shutil.rmtree(previous[0], ignore_errors=True)
+            remove(previous[0])
             continue
-        except BaseException:
-            shutil.rmtree(target, ignore_errors=True)
-            raise
         break
     removed = prune(directory, settings.keep)
     stats["removed"] = len(removed)

@@ -114,20 +114,25 @@ class TagRecord:
         self._write_sync(path, self._encode(repo, lines))
         self._datasync(path)
 
-    def rewrite_blocking(self, repo: str, lines: list[dict[str, Any]]) -> None:
-        """Replace the repository's record whole, durably (maintenance commands, with no
-        server appending to it)."""
+    def rewrite_blocking(
+        self, repo: str, lines: list[dict[str, Any]], durable: bool = True
+    ) -> None:
+        """Replace the repository's record whole (maintenance commands, with no server
+        appending to it); durably, or leaving the flush to the caller (one ``sync`` for
+        many files)."""
         path = self.path(repo)
         partial = path.with_name(path.name + ".partial")
         partial.unlink(missing_ok=True)
         self._write_sync(partial, self._encode(repo, lines))
-        self._datasync(partial)
+        if durable:
+            self._datasync(partial)
         os.replace(partial, path)
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the rename itself
-        finally:
-            os.close(fd)
+        if durable:
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the rename itself
+            finally:
+                os.close(fd)
 
     @staticmethod
     def _datasync(path: Path) -> None:

@@ -135,23 +135,32 @@ def test_a_backup_gets_a_log_id_of_its_own_and_counts_missing_blobs(tmp_path: Pa
     assert not list((root / BACKUP_MARKERS).iterdir())
 
 
-def test_a_backup_that_fails_in_a_used_destination_does_not_look_complete(
+async def test_a_backup_failing_in_a_used_destination_leaves_the_one_there_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A nightly `backup /backup/latest` that fails part-way must not leave a backup
+    that looks complete and is not (its records replaced, its index not), nor none at
+    all: the one there stays as it was until the new one is whole (found by review)."""
     root, dest = tmp_path / "root", tmp_path / "dest"
     root.mkdir()
-    _registry(root)
+    await _pushed(root, "team/app", "v1", 1)
     maintenance.backup(root, dest)
-    (dest / "blobs").rename(tmp_path / "elsewhere")  # to be copied again
+    first = (dest / "index.db").read_bytes()
+    await _pushed(root, "team/app", "v2", 2)
 
-    def failing(*_args: object) -> bool:
-        raise OSError(errno.EIO, "Input/output error")
+    def failing(_index: Path, _record: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(maintenance, "_link_or_copy", failing)
+    monkeypatch.setattr(maintenance, "_export_records", failing)
     with pytest.raises(OSError):
         maintenance.backup(root, dest)
-    assert not (dest / "index.db").exists()
+    assert (dest / "index.db").read_bytes() == first
+    assert maintenance.check(dest) == []  # its records still agree with its index
     assert not list((root / BACKUP_MARKERS).iterdir())
+    monkeypatch.undo()
+    maintenance.backup(root, dest)
+    assert maintenance.check(dest) == []
+    assert not (dest / "records.partial").exists() and not (dest / "records.replaced").exists()
 
 
 def test_a_scheduled_backup_that_fails_is_removed_and_a_full_volume_makes_room(
@@ -172,10 +181,17 @@ def test_a_scheduled_backup_that_fails_is_removed_and_a_full_volume_makes_room(
         if len(attempts) == 1:
             (dest / "half-written").parent.mkdir(parents=True, exist_ok=True)
             (dest / "half-written").write_text("x")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            # As the index snapshot says it: SQLite's words, not an OSError.
+            raise sqlite3.OperationalError("database or disk is full")
         return real(root, dest, previous)
 
+    # Full, but not the backup volume (the registry's own, say): no snapshot goes.
     monkeypatch.setattr(maintenance, "backup", full_once)
+    with pytest.raises(sqlite3.OperationalError):
+        scheduled_backup.run_once(root, settings, now=4 * 3600.0)
+    assert len(scheduled_backup.complete(backups)) == 3
+    attempts.clear()
+    monkeypatch.setattr(scheduled_backup, "_nearly_full", lambda _directory: True)
     scheduled_backup.run_once(root, settings, now=4 * 3600.0)
     assert attempts == [3, 2]  # the oldest went to make room, then it was tried again
     assert [p.name for p in sorted(backups.iterdir())] == [
@@ -317,3 +333,37 @@ async def test_a_server_starting_during_a_rebuild_cannot_open_the_index(
     monkeypatch.setattr(maintenance, "_rebuild", rebuild_while_a_server_starts)
     maintenance.rebuild(tmp_path)
     assert refused and "locked" in refused[0]
+
+
+async def test_the_backfill_at_start_goes_on_from_where_a_kill_stopped_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large index takes a while; a start-up probe may kill the first start, and every
+    start began again from nothing (found by review)."""
+    for n in range(3):
+        await _pushed(tmp_path, f"team/app{n}", "v1", n, recorded=False)
+    real = maintenance._export_record
+    written: list[str] = []
+
+    def killed_after_two(
+        conn: sqlite3.Connection, record: object, repo: str, durable: bool = True
+    ) -> None:
+        if len(written) == 2:
+            raise KeyboardInterrupt  # as a SIGKILL would stop it: nothing after runs
+        written.append(repo)
+        real(conn, record, repo, durable)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maintenance, "_export_record", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        maintenance.backfill_records(tmp_path)
+    assert not (tmp_path / "records").exists()  # nothing half done is taken as done
+    resumed: list[str] = []
+
+    def counted(conn: sqlite3.Connection, record: object, repo: str, durable: bool = True) -> None:
+        resumed.append(repo)
+        real(conn, record, repo, durable)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maintenance, "_export_record", counted)
+    assert maintenance.backfill_records(tmp_path) == 3
+    assert resumed == ["team/app2"]  # the two written before the kill are kept
+    assert maintenance.check(tmp_path) == []
