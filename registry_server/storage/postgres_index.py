@@ -200,6 +200,25 @@ def _unavailable() -> Iterator[None]:
         raise BackendUnavailable("metadata database", str(exc)) from exc
 
 
+def pool_dsn(dsn: str) -> str:
+    """``dsn`` with what the DSN does not set itself: a connect timeout (libpq waits for
+    an unreachable server forever otherwise), and keepalives and a user timeout, so that
+    a query on a connection whose server is cut off without a reset (a node lost, a
+    partition) fails within about 30 s rather than the kernel's 15 minutes of
+    retransmissions, and the replica answers 503 and recovers."""
+    given = conninfo_to_dict(dsn)
+    wanted = {
+        "connect_timeout": 30,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30_000,
+    }
+    extra = {key: value for key, value in wanted.items() if key not in given}
+    return make_conninfo(dsn, **extra) if extra else dsn
+
+
 class PostgresIndex(SqlIndex):
     dialect = DIALECT
 
@@ -210,9 +229,7 @@ class PostgresIndex(SqlIndex):
         runs, or through ``connect``); ``open`` then starts the connection pool."""
         super().__init__(region, peers)
         self._pool_size = pool_size
-        if "connect_timeout" not in conninfo_to_dict(dsn):
-            # libpq waits for an unreachable server forever unless told otherwise.
-            dsn = make_conninfo(dsn, connect_timeout=30)
+        dsn = pool_dsn(dsn)
         self._dsn = dsn
         with psycopg.connect(dsn, autocommit=True) as conn:
             migrate(conn)
@@ -240,6 +257,9 @@ class PostgresIndex(SqlIndex):
             kwargs={"autocommit": True},
             open=False,
             name="berth-index",
+            # A connection the server lost while it sat in the pool (a failover, a
+            # restart) is found before a request gets it, not by the request's error.
+            check=AsyncConnectionPool.check_connection,
         )
         await pool.open(wait=True, timeout=30)
         self._pool = pool

@@ -299,3 +299,18 @@ def test_a_migration_waiting_for_a_table_lets_go_and_tries_again(postgres_dsn: s
         postgres_index.migrate(migrating, lock_timeout=0.2, attempts=2)
         versions = migrating.execute("SELECT max(version) FROM schema_version").fetchone()
         assert versions == (postgres_schema.LATEST,)
+
+
+def test_pooled_connections_notice_a_server_cut_off_without_a_reset() -> None:
+    """Without keepalives or a user timeout, a query on a connection whose server was
+    lost without a reset hung for the kernel's retransmissions, about 15 minutes (found
+    by review). What the DSN sets itself stands."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    from registry_server.storage.postgres_index import pool_dsn
+
+    given = conninfo_to_dict(pool_dsn("postgresql://berth@db/berth"))
+    assert given["keepalives"] == "1" and given["tcp_user_timeout"] == "30000"
+    assert given["connect_timeout"] == "30"
+    own = conninfo_to_dict(pool_dsn("host=db dbname=berth keepalives_idle=60 connect_timeout=5"))
+    assert own["keepalives_idle"] == "60" and own["connect_timeout"] == "5"
