@@ -200,6 +200,29 @@ def _unavailable() -> Iterator[None]:
         raise BackendUnavailable("metadata database", str(exc)) from exc
 
 
+def guard_pool_size(pool_size: int) -> int:
+    """Connections for writes under a blob's lock, beside ``pool_size`` for the rest."""
+    return max(2, pool_size // 2)
+
+
+async def _lock_blobs(conn: psycopg.AsyncConnection[Any], blob: str | None) -> None:
+    """For the session: the lock of one blob (and a share of "all blobs"), or with no
+    blob named, the lock of all blobs."""
+    if blob is None:
+        await conn.execute("SELECT pg_advisory_lock(%s)", (_ALL_BLOBS_KEY,))
+        return
+    await conn.execute("SELECT pg_advisory_lock_shared(%s)", (_ALL_BLOBS_KEY,))
+    await conn.execute("SELECT pg_advisory_lock(%s)", (_blob_key(blob),))
+
+
+async def _unlock_blobs(conn: psycopg.AsyncConnection[Any], blob: str | None) -> None:
+    if blob is None:
+        await conn.execute("SELECT pg_advisory_unlock(%s)", (_ALL_BLOBS_KEY,))
+        return
+    await conn.execute("SELECT pg_advisory_unlock(%s)", (_blob_key(blob),))
+    await conn.execute("SELECT pg_advisory_unlock_shared(%s)", (_ALL_BLOBS_KEY,))
+
+
 def pool_dsn(dsn: str) -> str:
     """``dsn`` with what the DSN does not set itself: a connect timeout (libpq waits for
     an unreachable server forever otherwise), and keepalives and a user timeout, so that
@@ -237,6 +260,10 @@ class PostgresIndex(SqlIndex):
                 self.instance_id = _run_blocking(conn, _identity())
                 _run_blocking(conn, changelog.register(self.peers))
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        # Writes that hold a blob's lock across a storage operation (a publish that
+        # copies a layer of gigabytes on S3): connections of their own, so that they
+        # never take every connection from the requests, nor /readyz's ping.
+        self._guards: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
 
     @classmethod
     async def connect(
@@ -262,12 +289,23 @@ class PostgresIndex(SqlIndex):
             check=AsyncConnectionPool.check_connection,
         )
         await pool.open(wait=True, timeout=30)
-        self._pool = pool
+        guards: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+            self._dsn,
+            min_size=0,
+            max_size=guard_pool_size(self._pool_size),
+            kwargs={"autocommit": True},
+            open=False,
+            name="berth-index-guards",
+            check=AsyncConnectionPool.check_connection,
+        )
+        await guards.open(wait=False)
+        self._pool, self._guards = pool, guards
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        for pool in (self._pool, self._guards):
+            if pool is not None:
+                await pool.close()
+        self._pool = self._guards = None
 
     def _connections(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
         if self._pool is None:
@@ -300,34 +338,48 @@ class PostgresIndex(SqlIndex):
         after: Callable[[T], Awaitable[None]] | None,
         blob: str | None,
     ) -> T:
-        guarded = before is not None or after is not None
+        if before is not None or after is not None:
+            return await self._guarded_write(tx, before, after, blob)
         attempt = 0
         while True:
             try:
                 async with self._connections().connection() as conn, conn.transaction():
-                    if guarded:
-                        await self._lock_blobs(conn, blob)
-                        if before is not None:
-                            await before()
-                    result = await _run(conn, tx())
-                    if after is not None:
-                        await after(result)
-                return result
+                    return await _run(conn, tx())
             except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
                 attempt += 1
-                if guarded or attempt > _RETRIES:
+                if attempt > _RETRIES:
                     raise
                 await asyncio.sleep(random.uniform(0, 0.01 * attempt))
 
-    @staticmethod
-    async def _lock_blobs(conn: psycopg.AsyncConnection[Any], blob: str | None) -> None:
-        """Until the transaction ends: the lock of one blob (and a share of "all blobs"),
-        or with no blob named, the lock of all blobs."""
-        if blob is None:
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ALL_BLOBS_KEY,))
-            return
-        await conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (_ALL_BLOBS_KEY,))
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_blob_key(blob),))
+    async def _guarded_write(
+        self,
+        tx: Callable[[], Tx[T]],
+        before: Callable[[], Awaitable[None]] | None,
+        after: Callable[[T], Awaitable[None]] | None,
+        blob: str | None,
+    ) -> T:
+        """``before`` (a storage operation), the write and ``after`` under the blob's
+        lock (or all blobs'), taken for the session rather than a transaction: the
+        storage operation runs outside any transaction, so a server's
+        idle_in_transaction_session_timeout cannot end a long copy. On any failure the
+        connection is closed, which releases the locks (never back to the pool with
+        them)."""
+        if self._guards is None:
+            raise RuntimeError("PostgresIndex used before open()")
+        async with self._guards.connection() as conn:
+            try:
+                await _lock_blobs(conn, blob)
+                if before is not None:
+                    await before()
+                async with conn.transaction():
+                    result = await _run(conn, tx())
+                    if after is not None:
+                        await after(result)
+            except BaseException:
+                await conn.close()
+                raise
+            await _unlock_blobs(conn, blob)
+            return result
 
     async def _number(self) -> None:
         await self._write(changelog.number)

@@ -314,3 +314,44 @@ def test_pooled_connections_notice_a_server_cut_off_without_a_reset() -> None:
     assert given["connect_timeout"] == "30"
     own = conninfo_to_dict(pool_dsn("host=db dbname=berth keepalives_idle=60 connect_timeout=5"))
     assert own["keepalives_idle"] == "60" and own["connect_timeout"] == "5"
+
+
+async def test_a_long_publish_holds_neither_a_request_connection_nor_a_transaction(
+    postgres_dsn: str,
+) -> None:
+    """The publish of a large layer (an S3 copy of minutes) held a pooled connection in
+    an open transaction: a burst of them took every connection from the requests and
+    /readyz, and a server's idle_in_transaction_session_timeout ended the copy (found by
+    review). A publish that fails lets go of the blob's lock."""
+    index = await PostgresIndex.connect(postgres_dsn, "eu", [], pool_size=1)
+    copying, copied = asyncio.Event(), asyncio.Event()
+    blob = digest(7, "b")
+
+    async def slow_publish() -> None:
+        copying.set()
+        await copied.wait()
+
+    async def failing_publish() -> None:
+        raise OSError("the store is gone")
+
+    try:
+        with pytest.raises(OSError):
+            await index.link_blob("r", blob, 3, failing_publish)
+        linking = asyncio.create_task(index.link_blob("r", blob, 3, slow_publish))
+        await copying.wait()
+        # The request pool's only connection is free: reads and writes go on.
+        async with asyncio.timeout(5):
+            await index.ping()
+            await index.link_blob("r", digest(8, "b"), 3)
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE state = 'idle in transaction' AND datname = current_database()"
+            )
+            assert (await cur.fetchone()) == (0,)
+        copied.set()
+        await linking
+        assert await index.blob_size("r", blob) == 3
+    finally:
+        copied.set()
+        await index.close()
