@@ -15,11 +15,13 @@ long as that session lives:
   to compete again. Only for those milliseconds can it run beside a new holder, and
   everything elected tolerates that (deliveries are at least once, GC works under the
   index's per-blob locks).
-- The network is cut, or the holder's node is lost (no FIN): the holder's round trip
-  fails or times out within ``check_seconds + timeout_seconds`` and it gives up; the
-  server finds the dead connection only through the TCP keepalives set on the session
-  (idle 10 s, then 3 probes 2 s apart) or ``tcp_user_timeout`` (15 s), later than
-  that, so two holders do not overlap.
+- The network is cut, or the holder's node is lost (no FIN): no statement confirms the
+  session for ``check_seconds + timeout_seconds`` and the holder gives up, by its own
+  clock (a watchdog: a query that timed out can take psycopg another 10 s to cancel and
+  abandon on a silent network), and closes the session; the server finds the dead
+  connection only through the TCP keepalives set on the session (idle 10 s, then 3
+  probes 2 s apart) or ``tcp_user_timeout`` (15 s), later than that, so two holders do
+  not overlap.
 
 Lock keys are the two-``int4`` form ``(NAMESPACE, hash(task))``, a key space PostgreSQL
 keeps apart from the single-``bigint`` keys the index takes (migrations, all blobs,
@@ -126,14 +128,18 @@ class PostgresElection(Election):
         self._runner: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one statement (or the idle wait) at a time
         self._waiting = 0  # statements waiting for the connection
+        self._confirmed = 0.0  # when a statement last proved the session (loop time)
+        self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self._runner is None:
             self._runner = asyncio.create_task(self._run())
+            self._watchdog = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
-        await cancel_and_wait([runner])
+        watchdog, self._watchdog = self._watchdog, None
+        await cancel_and_wait([runner, watchdog])
         await self._drop()
         for slot in self._slots.values():  # given up on purpose: nothing to log
             if slot.term is not None:
@@ -223,6 +229,19 @@ class PostgresElection(Election):
                 # Reconnect soon, but do not hammer a server that is down.
                 await asyncio.sleep(min(self.check_seconds * 2**failures, 30.0))
 
+    async def _watch(self) -> None:
+        """End the terms when no statement has proved the session for a round and a
+        timeout, whatever the statement in flight is doing (see the module docstring),
+        and close the session: its locks must not be taken again on top of themselves."""
+        limit = self.check_seconds + self.timeout_seconds
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(0.5, self.check_seconds))
+            held = any(slot.term is not None for slot in self._slots.values())
+            if held and loop.time() - self._confirmed > limit:
+                self._lose_all(f"no statement confirmed the session for {limit:g} s")
+                await self._drop()
+
     async def _idle(self) -> None:
         """Wait for the next round (``check_seconds``, or sooner when kicked), reading
         the session meanwhile: when the server ends it, the server's goodbye arrives at
@@ -297,7 +316,9 @@ class PostgresElection(Election):
                 cursor = await conn.execute(sql, params)
                 return await cursor.fetchall() if rows else []
 
-            return await asyncio.wait_for(run(), self.timeout_seconds)
+            result = await asyncio.wait_for(run(), self.timeout_seconds)
+            self._confirmed = asyncio.get_running_loop().time()
+            return result
         finally:
             self._lock.release()
 

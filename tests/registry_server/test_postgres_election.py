@@ -151,3 +151,35 @@ async def test_a_change_logged_by_another_replica_wakes_the_listener(postgres_ds
     finally:
         await listener.stop()
         await index.close()
+
+
+async def test_a_holder_whose_statement_hangs_gives_up_by_its_own_clock(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a silent network psycopg took another 10 s to cancel and abandon a statement
+    that timed out: the holder gave up at about 16 s, when the server's keepalives had
+    already freed its lock for another replica, not at check + timeout (found by
+    review). A watchdog ends the terms and closes the session by then."""
+    election = PostgresElection(postgres_dsn, "r0", check_seconds=0.2, timeout_seconds=0.5)
+    await election.start()
+    try:
+        term = await asyncio.wait_for(election.acquire("gc"), 10)
+        real = PostgresElection._query
+
+        async def stuck(self: PostgresElection, *args: object, **kwargs: object) -> object:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # a cancel that goes unanswered
+                try:
+                    await asyncio.sleep(deadline - time.monotonic())
+                except asyncio.CancelledError:
+                    continue
+            raise TimeoutError("abandoned")
+
+        monkeypatch.setattr(PostgresElection, "_query", stuck)
+        started_at = time.monotonic()
+        await asyncio.wait_for(term.lost.wait(), 4)
+        assert time.monotonic() - started_at < 0.2 + 0.5 + 1.0
+        assert election._conn is None  # closed: the server frees its locks
+        monkeypatch.setattr(PostgresElection, "_query", real)
+    finally:
+        await election.stop()
