@@ -2,8 +2,12 @@
 (shared by every SQL metadata index; no I/O here).
 
 A local change is recorded in the same transaction as the change itself. Each consumer
-(a peer, a webhook endpoint) has a cursor: the last ``seq`` it has; entries every
-configured consumer has are trimmed. ``seq`` must grow in the order entries become
+(a peer, a webhook endpoint) has a cursor: the last ``seq`` it has, and when a replica
+that has it configured last registered or moved it (``seen``). Entries every consumer
+has are trimmed: those configured here, and those another replica configured within
+the last day (with several replicas, a rolling update that adds an endpoint must not
+have the old replicas trim what the new one has not sent yet; one removed everywhere
+stops holding the log after a day). ``seq`` must grow in the order entries become
 visible, so that a consumer paging past ``seq`` never misses one committed later with a
 lower number: SQLite's single writer gives that for free (AUTOINCREMENT in commit
 order); PostgreSQL's concurrent writers record entries without a ``seq`` and
@@ -37,14 +41,19 @@ def record(
         )
 
 
+# How long a consumer another replica configured keeps holding the log here.
+CONFIGURED_ELSEWHERE_SECONDS = 24 * 3600.0
+
+
 def register(consumers: Sequence[str]) -> Tx[None]:
     """Give new consumers a cursor at the end of the log (anti-entropy backfills what came
     before; a webhook endpoint starts with what happens from now on)."""
+    now = time.time()
     for consumer in consumers:
         yield Query(
-            "INSERT INTO peer_cursors(peer, seq) SELECT ?, COALESCE(MAX(seq), 0) FROM changes"
-            " WHERE true ON CONFLICT (peer) DO NOTHING",
-            (consumer,),
+            "INSERT INTO peer_cursors(peer, seq, seen) SELECT ?, COALESCE(MAX(seq), 0), ?"
+            " FROM changes WHERE true ON CONFLICT (peer) DO UPDATE SET seen = excluded.seen",
+            (consumer, now),
         )
 
 
@@ -59,14 +68,19 @@ def pending(consumer: str, limit: int) -> Tx[list[Change]]:
 
 
 def ack(consumers: Sequence[str], consumer: str, seq: int) -> Tx[None]:
-    yield Query("UPDATE peer_cursors SET seq = ? WHERE peer = ? AND seq < ?", (seq, consumer, seq))
+    now = time.time()
+    yield Query(
+        "UPDATE peer_cursors SET seq = ?, seen = ? WHERE peer = ? AND seq < ?",
+        (seq, now, consumer, seq),
+    )
     if not consumers:
         return
-    # Entries every configured consumer has are no longer needed.
+    # Entries every consumer has are no longer needed: those configured here, and those
+    # another replica configured lately.
     yield Query(
         "DELETE FROM changes WHERE seq <= (SELECT MIN(seq) FROM peer_cursors"
-        f" WHERE peer IN ({in_marks(len(consumers))}))",
-        tuple(consumers),
+        f" WHERE peer IN ({in_marks(len(consumers))}) OR seen > ?)",
+        (*consumers, now - CONFIGURED_ELSEWHERE_SECONDS),
     )
 
 

@@ -289,6 +289,13 @@ CREATE TABLE referrer_tombstones (
 CREATE INDEX referrer_tombstones_deleted ON referrer_tombstones (deleted);
 """
 
+# When a replica that has a consumer configured last registered or moved its cursor: the
+# log is trimmed past the consumers of every replica's configuration, not only its own
+# (changelog.ack).
+_V10 = """
+ALTER TABLE peer_cursors ADD COLUMN seen DOUBLE PRECISION NOT NULL DEFAULT 0;
+"""
+
 # (version, SQL): applied in order, each once.
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _V1),
@@ -300,6 +307,7 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
     (7, _V7),
     (8, _V8),
     (9, _V9),
+    (10, _V10),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -151,6 +151,8 @@ _ADDED_COLUMNS = (
     # A referrer's clock version when it was first stored (NULL: stored before it was
     # kept; its ``created`` stands in): what a delete of it by digest is compared with.
     ("manifests", "stored_version", "INTEGER"),
+    # When a replica that has the consumer configured last registered or moved its cursor.
+    ("peer_cursors", "seen", "REAL NOT NULL DEFAULT 0"),
 )
 
 

@@ -12,6 +12,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from registry_server.protocol import errors
@@ -848,3 +849,36 @@ async def test_a_tag_push_of_a_referrer_older_than_its_delete_is_overtaken(
     )
     assert [m.digest for m in await index.referrers("r", D1)] == [D2]
     assert await index.resolve_tag("r", "sig") == D2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_consumer_another_replica_configures_holds_the_log(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A rolling update adds an endpoint: the replica still on the old configuration
+    trimmed the log past what the new endpoint had not been sent (found by review). A
+    consumer nobody has configured for a day no longer holds it."""
+    new = await open_index(backend, request, tmp_path, "eu", ["ci", "audit"])
+    old = await open_index(backend, request, tmp_path, "eu", ["ci"])
+    try:
+        await old.put_manifest("r", manifest(D1), ["a"])
+        await old.put_manifest("r", manifest(D2), ["b"])
+        pending = await old.pending_changes("ci", 10)
+        await old.ack_change("ci", pending[-1].seq)  # the old replica delivers to ci
+        assert [c.tag for c in await new.pending_changes("audit", 10)] == ["a", "b"]
+        if backend == "sqlite":
+            conn = sqlite3.connect(tmp_path / "index.db")
+            conn.execute("UPDATE peer_cursors SET seen = 0 WHERE peer = 'audit'")
+            conn.commit()
+            conn.close()
+        else:
+            dsn = request.getfixturevalue("postgres_dsn")
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("UPDATE peer_cursors SET seen = 0 WHERE peer = 'audit'")
+        await old.put_manifest("r", manifest(D3), ["c"])
+        pending = await old.pending_changes("ci", 10)
+        await old.ack_change("ci", pending[-1].seq)
+        assert await new.pending_changes("audit", 10) == []  # removed everywhere a day ago
+    finally:
+        await old.close()
+        await new.close()
