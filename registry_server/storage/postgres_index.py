@@ -23,8 +23,9 @@ Concurrency (many writers in many processes, ``READ COMMITTED``):
   one repository's tags are ever compared), so versions strictly grow in commit order
   per repository with no global hot row.
 - **Blobs and GC.** Publishing a blob file and linking it, and forgetting a blob and
-  removing its file, run under a transaction-scoped advisory lock on the digest (plus a
-  shared lock on "all blobs", which ``locked`` takes exclusively). A manifest push locks
+  removing its file, run under a session advisory lock on the digest (plus a shared
+  lock on "all blobs", which ``locked`` takes exclusively), on connections of their own
+  and with the storage operation outside any transaction (``_guarded_write``). A manifest push locks
   the rows of the blobs it needs ``FOR SHARE``; collection locks the blob's row ``FOR
   UPDATE`` and only then, in a later statement, checks that no manifest references it:
   either the push waits and finds the blob gone (``MANIFEST_BLOB_UNKNOWN``), or the
@@ -50,6 +51,7 @@ import logging
 import random
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -201,8 +203,13 @@ def _unavailable() -> Iterator[None]:
 
 
 def guard_pool_size(pool_size: int) -> int:
-    """Connections for writes under a blob's lock, beside ``pool_size`` for the rest."""
-    return max(2, pool_size // 2)
+    """Connections for writes under a blob's lock, beside ``pool_size`` for the rest
+    (mostly idle: they wait on a storage operation)."""
+    return pool_size
+
+
+_GUARD_WAIT_SECONDS = 600.0
+_CHECK_AFTER_SECONDS = 5.0
 
 
 async def _lock_blobs(conn: psycopg.AsyncConnection[Any], blob: str | None) -> None:
@@ -264,6 +271,26 @@ class PostgresIndex(SqlIndex):
         # copies a layer of gigabytes on S3): connections of their own, so that they
         # never take every connection from the requests, nor /readyz's ping.
         self._guards: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        # When each pooled connection was last given back, to skip checking one in use
+        # moments ago (the check is a round trip before every index call otherwise).
+        self._returned: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def _given_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self._returned[conn] = time.monotonic()
+
+    async def _unlocked_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        # Whatever path gave it back, it holds no blob lock for the next user.
+        await conn.execute("SELECT pg_advisory_unlock_all()")
+        await self._given_back(conn)
+
+    async def _check(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """A connection the server lost while it sat in the pool (a failover, a
+        restart) is found before a request gets it, not by the request's error; one
+        given back in the last seconds is taken as it is."""
+        if time.monotonic() - self._returned.get(conn, float("-inf")) > _CHECK_AFTER_SECONDS:
+            await AsyncConnectionPool.check_connection(conn)
 
     @classmethod
     async def connect(
@@ -284,9 +311,8 @@ class PostgresIndex(SqlIndex):
             kwargs={"autocommit": True},
             open=False,
             name="berth-index",
-            # A connection the server lost while it sat in the pool (a failover, a
-            # restart) is found before a request gets it, not by the request's error.
-            check=AsyncConnectionPool.check_connection,
+            check=self._check,
+            reset=self._given_back,
         )
         await pool.open(wait=True, timeout=30)
         guards: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
@@ -296,7 +322,10 @@ class PostgresIndex(SqlIndex):
             kwargs={"autocommit": True},
             open=False,
             name="berth-index-guards",
-            check=AsyncConnectionPool.check_connection,
+            check=self._check,
+            reset=self._unlocked_back,
+            # A publish waits its turn for a connection, not 30 s and then a 503.
+            timeout=_GUARD_WAIT_SECONDS,
         )
         await guards.open(wait=False)
         self._pool, self._guards = pool, guards
@@ -375,10 +404,10 @@ class PostgresIndex(SqlIndex):
                     result = await _run(conn, tx())
                     if after is not None:
                         await after(result)
+                await _unlock_blobs(conn, blob)
             except BaseException:
                 await conn.close()
                 raise
-            await _unlock_blobs(conn, blob)
             return result
 
     async def _number(self) -> None:

@@ -355,3 +355,34 @@ async def test_a_long_publish_holds_neither_a_request_connection_nor_a_transacti
     finally:
         copied.set()
         await index.close()
+
+
+async def test_a_write_cancelled_while_letting_go_of_a_blob_leaves_no_lock_behind(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled in its unlock (an election term lost mid-collection), a guarded write
+    gave its connection back to the pool still holding the blob's lock: every other
+    session wanting that blob waited (found by review)."""
+    first = await PostgresIndex.connect(postgres_dsn, "eu", [], pool_size=1)
+    second = await PostgresIndex.connect(postgres_dsn, "eu", [], pool_size=1)
+    blob = digest(9, "b")
+    real = postgres_index._unlock_blobs
+
+    async def cancelled(conn: Any, name: str | None) -> None:
+        raise asyncio.CancelledError
+
+    try:
+        monkeypatch.setattr(postgres_index, "_unlock_blobs", cancelled)
+        with pytest.raises(asyncio.CancelledError):
+            await first.link_blob("r", blob, 3, publish=_nothing)
+        monkeypatch.setattr(postgres_index, "_unlock_blobs", real)
+        async with asyncio.timeout(5):  # the lock went with the closed connection
+            await second.link_blob("s", blob, 3, publish=_nothing)
+            await first.link_blob("t", blob, 3, publish=_nothing)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def _nothing() -> None:
+    return None
