@@ -139,7 +139,9 @@ def _record_problems(
     return found
 
 
-def repair_records(root: Path, cached: Callable[[str], bool] = lambda _repo: False) -> list[str]:
+def repair_records(
+    root: Path, cached: Callable[[str], bool] = lambda _repo: False, force: bool = False
+) -> list[str]:
     """Write again, from the index, the tag record of every repository whose record
     disagrees with it or that has none (server stopped: a file is replaced whole, and a
     server appending meanwhile would lose its line). Returns the repositories.
@@ -148,18 +150,20 @@ def repair_records(root: Path, cached: Callable[[str], bool] = lambda _repo: Fal
     ahead of the index (a tag at a later version, a repository the index does not know,
     a version past the index's clock) says the index is the older one (lost and made
     anew, restored from an old backup), and writing the records from it would destroy
-    what a rebuild needs: refused."""
+    what a rebuild needs: refused, unless ``force`` (a delete the record missed more
+    than ``tombstone_ttl_seconds`` ago, whose tombstone the index no longer keeps)."""
     target = root / INDEX
     if not _readable(root):
         raise ValueError(f"{target} is damaged: rebuild it from the records instead")
     with _closed_out(target) as conn:
         record = TagRecord(root)
         behind = [repo for repo in _record_problems(conn, record, cached) if repo]
-        ahead = _records_ahead(conn, record, behind)
+        ahead = [] if force else _records_ahead(conn, record, behind)
         if ahead:
             raise ValueError(
                 f"the tag records are ahead of {target} ({'; '.join(ahead[:5])}): the index"
-                " is older than they are; rebuild it from the records instead"
+                " is older than they are; rebuild it from the records instead (or, if"
+                " the index is right, --force)"
             )
         for repo in behind:
             _export_record(conn, record, repo)
@@ -183,8 +187,12 @@ def _records_ahead(conn: sqlite3.Connection, record: TagRecord, repos: list[str]
             for name, _, version, _ in conn.execute(index_tags.TAG_STATES, (known[0], known[0]))
         }
         for tag in record.replay(repo).tags.values():
-            if tag.version > clock or tag.version > states.get(tag.name, tag.version):
+            seen = states.get(tag.name)
+            if tag.version > clock or (seen is not None and tag.version > seen):
                 found.append(f"{repo}:{tag.name}: recorded at a version the index has not seen")
+            elif seen is None and tag.digest is not None:
+                # Neither the tag nor its delete: pushed after the index was copied.
+                found.append(f"{repo}:{tag.name}: recorded, and unknown to the index")
     return found
 
 
@@ -605,6 +613,11 @@ def main(argv: list[str]) -> int:
         help="check: write again from the index the tag records that disagree with it"
         " or are missing (server stopped)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="check --repair: even records the index has not seen (docs/operations.md)",
+    )
     args = parser.parse_args(argv)
     try:
         cfg = config_mod.load(args.config)
@@ -627,7 +640,7 @@ def main(argv: list[str]) -> int:
     if args.command == "check":
         if args.repair:
             try:
-                repaired = repair_records(root, cached)
+                repaired = repair_records(root, cached, args.force)
             except (ServerRunning, ValueError) as exc:
                 print(f"berth-registry: {exc}", file=sys.stderr)
                 return 1

@@ -367,3 +367,26 @@ async def test_the_backfill_at_start_goes_on_from_where_a_kill_stopped_it(
     assert maintenance.backfill_records(tmp_path) == 3
     assert resumed == ["team/app2"]  # the two written before the kill are kept
     assert maintenance.check(tmp_path) == []
+
+
+async def test_repair_refuses_tags_the_index_never_saw_after_it_took_a_push(
+    tmp_path: Path,
+) -> None:
+    """Restored from last night and given one push, the index's clock passes every
+    recorded version: only the clock was asked, and the repair removed the tags pushed
+    after the backup from the record (found by review)."""
+    await _pushed(tmp_path, "team/app", "v1", 1)
+    older = tmp_path / "older.db"
+    shutil.copyfile(tmp_path / "index.db", older)
+    await _pushed(tmp_path, "team/app", "v2", 2)
+    os.replace(older, tmp_path / "index.db")  # last night's index
+    await _pushed(tmp_path, "team/app", "v3", 3)  # one push since: the clock is past v2's
+    with pytest.raises(ValueError, match="unknown to the index"):
+        maintenance.repair_records(tmp_path)
+    # --force takes the index's word (a record wrong in a way it cannot tell).
+    forced = tmp_path.with_name(tmp_path.name + "-forced")
+    shutil.copytree(tmp_path, forced)
+    assert maintenance.repair_records(forced, force=True) == ["team/app"]
+    assert maintenance.check(forced) == []
+    # Without it, the record still has v2 for a rebuild.
+    assert maintenance.rebuild(tmp_path)["tags"] == 3
