@@ -16,12 +16,12 @@ long as that session lives:
   everything elected tolerates that (deliveries are at least once, GC works under the
   index's per-blob locks).
 - The network is cut, or the holder's node is lost (no FIN): no statement confirms the
-  session for ``check_seconds + timeout_seconds`` and the holder gives up, by its own
-  clock (a watchdog: a query that timed out can take psycopg another 10 s to cancel and
-  abandon on a silent network), and closes the session; the server finds the dead
-  connection only through the TCP keepalives set on the session (idle 10 s, then 3
-  probes 2 s apart) or ``tcp_user_timeout`` (15 s), later than that, so two holders do
-  not overlap.
+  session for ``check_seconds + 2 * timeout_seconds`` (11 s; room for two slow
+  statements in a row) and the holder gives up, by its own clock (a watchdog: a query
+  that timed out can take psycopg another 10 s to cancel and abandon on a silent
+  network), and closes the session; the server finds the dead connection only through
+  the TCP keepalives set on the session (idle 10 s, then 3 probes 2 s apart) or
+  ``tcp_user_timeout`` (15 s), later than that, so two holders do not overlap.
 
 Lock keys are the two-``int4`` form ``(NAMESPACE, hash(task))``, a key space PostgreSQL
 keeps apart from the single-``bigint`` keys the index takes (migrations, all blobs,
@@ -233,7 +233,7 @@ class PostgresElection(Election):
         """End the terms when no statement has proved the session for a round and a
         timeout, whatever the statement in flight is doing (see the module docstring),
         and close the session: its locks must not be taken again on top of themselves."""
-        limit = self.check_seconds + self.timeout_seconds
+        limit = self.check_seconds + 2 * self.timeout_seconds
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(0.5, self.check_seconds))
@@ -317,6 +317,9 @@ class PostgresElection(Election):
                 return await cursor.fetchall() if rows else []
 
             result = await asyncio.wait_for(run(), self.timeout_seconds)
+            if self._conn is not conn:
+                # The watchdog closed the session meanwhile: nothing won on it stands.
+                raise psycopg.OperationalError("the election's session was closed")
             self._confirmed = asyncio.get_running_loop().time()
             return result
         finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -178,8 +179,35 @@ async def test_a_holder_whose_statement_hangs_gives_up_by_its_own_clock(
         monkeypatch.setattr(PostgresElection, "_query", stuck)
         started_at = time.monotonic()
         await asyncio.wait_for(term.lost.wait(), 4)
-        assert time.monotonic() - started_at < 0.2 + 0.5 + 1.0
+        assert time.monotonic() - started_at < 0.2 + 2 * 0.5 + 1.0
         assert election._conn is None  # closed: the server frees its locks
         monkeypatch.setattr(PostgresElection, "_query", real)
+    finally:
+        await election.stop()
+
+
+async def test_nothing_won_on_a_session_the_watchdog_closed_stands(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog could close the session between a round's answer and the round
+    granting the terms it won: terms stood on a closed session, with no lock behind
+    them, and the task could be held twice (found by review)."""
+    election = PostgresElection(postgres_dsn, "r0", check_seconds=0.2, timeout_seconds=3)
+    await election.start()
+    try:
+        await asyncio.wait_for(election.acquire("gc"), 10)
+        conn = election._conn
+        assert conn is not None
+        answer = conn.execute
+
+        async def answered_then_closed(*args: Any, **kwargs: Any) -> Any:
+            cursor = await answer(*args, **kwargs)
+            election._conn = None  # what the watchdog's _drop does meanwhile
+            return cursor
+
+        monkeypatch.setattr(conn, "execute", answered_then_closed)
+        with pytest.raises(psycopg.OperationalError):
+            await election._query("SELECT 1", ())
+        await conn.close()
     finally:
         await election.stop()
