@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 import shutil
 import sqlite3
 import time
@@ -56,10 +57,17 @@ def _full(exc: BaseException) -> bool:
     )
 
 
-def _nearly_full(directory: Path) -> bool:
-    """Whether the backup volume itself is what ran out (not the registry's own, where
-    the backup's marker is written): under 1% or 64 MiB free."""
-    usage = shutil.disk_usage(directory)
+def _backup_volume(exc: BaseException, directory: Path) -> bool:
+    """Whether the backup volume is what ran out (not the registry's own, where the
+    backup's marker is written): the error names a file in it (a quota that statfs
+    does not show), or it has under 1% or 64 MiB free."""
+    named = getattr(exc, "filename", None)
+    if isinstance(named, (str, os.PathLike)) and Path(named).is_relative_to(directory):
+        return True
+    try:
+        usage = shutil.disk_usage(directory)
+    except OSError:
+        return False
     return usage.free < max(64 << 20, usage.total // 100)
 
 
@@ -103,7 +111,7 @@ def run_once(root: Path, settings: BackupConfig, now: float | None = None) -> di
             stats = maintenance.backup(root, target, previous[-1] if previous else None)
         except BaseException as exc:
             # Looked at before the failed snapshot is removed, which frees what it wrote.
-            full = _full(exc) and _nearly_full(directory)
+            full = _full(exc) and _backup_volume(exc, directory)
             shutil.rmtree(target, ignore_errors=True)
             if not full or len(previous) <= 1:
                 raise

@@ -49,7 +49,8 @@ def register(consumers: Sequence[str]) -> Tx[None]:
     """Give new consumers a cursor at the end of the log (anti-entropy backfills what came
     before; a webhook endpoint starts with what happens from now on)."""
     now = time.time()
-    for consumer in consumers:
+    # In one order everywhere: replicas starting together lock the rows alike.
+    for consumer in sorted(set(consumers)):
         yield Query(
             "INSERT INTO peer_cursors(peer, seq, seen) SELECT ?, COALESCE(MAX(seq), 0), ?"
             " FROM changes WHERE true ON CONFLICT (peer) DO UPDATE SET seen = excluded.seen",

@@ -191,7 +191,7 @@ def test_a_scheduled_backup_that_fails_is_removed_and_a_full_volume_makes_room(
         scheduled_backup.run_once(root, settings, now=4 * 3600.0)
     assert len(scheduled_backup.complete(backups)) == 3
     attempts.clear()
-    monkeypatch.setattr(scheduled_backup, "_nearly_full", lambda _directory: True)
+    monkeypatch.setattr(scheduled_backup, "_backup_volume", lambda _exc, _directory: True)
     scheduled_backup.run_once(root, settings, now=4 * 3600.0)
     assert attempts == [3, 2]  # the oldest went to make room, then it was tried again
     assert [p.name for p in sorted(backups.iterdir())] == [
@@ -390,3 +390,11 @@ async def test_repair_refuses_tags_the_index_never_saw_after_it_took_a_push(
     assert maintenance.check(forced) == []
     # Without it, the record still has v2 for a rebuild.
     assert maintenance.rebuild(tmp_path)["tags"] == 3
+
+
+def test_a_quota_on_the_backup_volume_counts_as_it_being_full(tmp_path: Path) -> None:
+    """statfs does not show a user quota or an NFS one: the error's file says where."""
+    quota = OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "snap" / "index.db"))
+    assert scheduled_backup._backup_volume(quota, tmp_path)
+    elsewhere = OSError(errno.ENOSPC, "No space left on device", "/elsewhere/marker")
+    assert not scheduled_backup._backup_volume(elsewhere, tmp_path)  # this volume has room
