@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -44,8 +45,10 @@ from registry_server.storage.blobstore import (
     BACKUP_REFRESH_SECONDS,
     blob_path,
 )
+from registry_server.storage.driver import StorageFull
 from registry_server.storage.index import NewManifest
 from registry_server.storage.records import RECORDS_DIR, RecordedManifest, TagRecord
+from registry_server.storage.space import is_full_error
 from registry_server.storage.sqlite_index import DIALECT, SqliteIndex
 from registry_server.storage.sqltx import run_sync
 
@@ -539,56 +542,80 @@ def _announced(root: Path) -> Iterator[None]:
 
 def backup(root: Path, dest: Path, previous: Path | None = None) -> dict[str, float]:
     """An online backup of ``root`` into ``dest`` (incremental for blobs already there;
-    blobs of ``previous``, an older complete snapshot, are hard-linked, not copied)."""
+    blobs of ``previous``, an older complete snapshot, are hard-linked, not copied).
+    Raises BackupVolumeFull when what it writes there does not fit."""
     start = time.monotonic()
+    with _announced(root):  # its marker is the registry volume's: not wrapped below
+        try:
+            return _back_up(root, dest, previous, start)
+        except BaseException as exc:
+            if is_full(exc):
+                raise BackupVolumeFull(errno.ENOSPC, f"{dest}: {exc}") from exc
+            raise
+
+
+class BackupVolumeFull(OSError):
+    """The backup's destination ran out of space (or quota)."""
+
+
+def is_full(exc: BaseException) -> bool:
+    """A failure for want of space, however it was told: an errno (a copy's own may name
+    the source file, or none), SQLite's words, the tag record's StorageFull."""
+    return (
+        is_full_error(exc)
+        or isinstance(exc, StorageFull)
+        or (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc))
+    )
+
+
+def _back_up(root: Path, dest: Path, previous: Path | None, start: float) -> dict[str, float]:
     dest.mkdir(parents=True, exist_ok=True)
-    with _announced(root):
-        partial = dest / f"{INDEX}.partial"
-        partial.unlink(missing_ok=True)
-        source = sqlite3.connect(root / INDEX)
-        target = sqlite3.connect(partial)
-        try:
-            source.backup(target)  # one step: a consistent snapshot of the whole index
-        finally:
-            target.close()
-            source.close()
-        snapshot = time.monotonic() - start
-        conn = sqlite3.connect(partial)
-        try:
-            recorded = conn.execute("SELECT digest, size FROM blobs").fetchall()
-            # A log of its own: restored, the changes made after it get event ids that
-            # the receivers have not seen for changes made here after the snapshot.
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'instance'", (uuid.uuid4().hex,))
-            conn.commit()
-        finally:
-            conn.close()
-        copied = linked = missing = 0
-        for digest, size in recorded:
-            source_file, target_file = _blob_file(root, digest), _blob_file(dest, digest)
-            if target_file.is_file() and target_file.stat().st_size == size:
-                continue
-            if source_file.is_file():
-                old = _blob_file(previous, digest) if previous is not None else None
-                if _link_or_copy(source_file, target_file, old, size):
-                    copied += 1
-                else:
-                    linked += 1
-            else:  # recorded without bytes: what `check` reports of the registry itself
-                missing += 1
-        # A destination used before keeps its complete backup until this one is: the
-        # blobs added do not change it, and its records are replaced after its index.
-        staged = TagRecord(dest)
-        staged.dir = dest / f"{RECORDS_DIR}.partial"
-        _export_records(partial, staged)
-        os.sync()  # one flush for every copied file, before the index names them
-        os.replace(partial, dest / INDEX)
-        replaced = dest / f"{RECORDS_DIR}.replaced"
-        shutil.rmtree(replaced, ignore_errors=True)
-        if (dest / RECORDS_DIR).exists():
-            os.replace(dest / RECORDS_DIR, replaced)
-        os.replace(staged.dir, dest / RECORDS_DIR)
-        _sync_directory(dest)
-        shutil.rmtree(replaced, ignore_errors=True)
+    partial = dest / f"{INDEX}.partial"
+    partial.unlink(missing_ok=True)
+    source = sqlite3.connect(root / INDEX)
+    target = sqlite3.connect(partial)
+    try:
+        source.backup(target)  # one step: a consistent snapshot of the whole index
+    finally:
+        target.close()
+        source.close()
+    snapshot = time.monotonic() - start
+    conn = sqlite3.connect(partial)
+    try:
+        recorded = conn.execute("SELECT digest, size FROM blobs").fetchall()
+        # A log of its own: restored, the changes made after it get event ids that
+        # the receivers have not seen for changes made here after the snapshot.
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'instance'", (uuid.uuid4().hex,))
+        conn.commit()
+    finally:
+        conn.close()
+    copied = linked = missing = 0
+    for digest, size in recorded:
+        source_file, target_file = _blob_file(root, digest), _blob_file(dest, digest)
+        if target_file.is_file() and target_file.stat().st_size == size:
+            continue
+        if source_file.is_file():
+            old = _blob_file(previous, digest) if previous is not None else None
+            if _link_or_copy(source_file, target_file, old, size):
+                copied += 1
+            else:
+                linked += 1
+        else:  # recorded without bytes: what `check` reports of the registry itself
+            missing += 1
+    # A destination used before keeps its complete backup until this one is: the
+    # blobs added do not change it, and its records are replaced after its index.
+    staged = TagRecord(dest)
+    staged.dir = dest / f"{RECORDS_DIR}.partial"
+    _export_records(partial, staged)
+    os.sync()  # one flush for every copied file, before the index names them
+    os.replace(partial, dest / INDEX)
+    replaced = dest / f"{RECORDS_DIR}.replaced"
+    shutil.rmtree(replaced, ignore_errors=True)
+    if (dest / RECORDS_DIR).exists():
+        os.replace(dest / RECORDS_DIR, replaced)
+    os.replace(staged.dir, dest / RECORDS_DIR)
+    _sync_directory(dest)
+    shutil.rmtree(replaced, ignore_errors=True)
     return {
         "blobs": len(recorded),
         "copied": copied,
@@ -637,6 +664,8 @@ def main(argv: list[str]) -> int:
     def cached(repo: str) -> bool:
         return repo.startswith(prefixes)
 
+    if args.force and not args.repair:
+        parser.error("--force goes with check --repair")
     if args.command == "check":
         if args.repair:
             try:

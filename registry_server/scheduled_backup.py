@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-import os
 import shutil
-import sqlite3
 import time
 from pathlib import Path
 
@@ -25,8 +23,6 @@ from prometheus_client import Gauge
 
 from registry_server import maintenance
 from registry_server.config import BackupConfig
-from registry_server.storage.driver import StorageFull
-from registry_server.storage.space import is_full_error
 
 log = logging.getLogger("registry_server.backup")
 
@@ -45,30 +41,6 @@ def complete(directory: Path) -> list[Path]:
         return []
     found = [p for p in directory.iterdir() if p.is_dir() and (p / maintenance.INDEX).is_file()]
     return sorted(found, key=lambda p: p.name)
-
-
-def _full(exc: BaseException) -> bool:
-    """A failure for want of space, however it was told (the index snapshot's SQLite
-    says so in words; the tag record raises StorageFull)."""
-    return (
-        is_full_error(exc)
-        or isinstance(exc, StorageFull)
-        or (isinstance(exc, sqlite3.OperationalError) and "full" in str(exc))
-    )
-
-
-def _backup_volume(exc: BaseException, directory: Path) -> bool:
-    """Whether the backup volume is what ran out (not the registry's own, where the
-    backup's marker is written): the error names a file in it (a quota that statfs
-    does not show), or it has under 1% or 64 MiB free."""
-    named = getattr(exc, "filename", None)
-    if isinstance(named, (str, os.PathLike)) and Path(named).is_relative_to(directory):
-        return True
-    try:
-        usage = shutil.disk_usage(directory)
-    except OSError:
-        return False
-    return usage.free < max(64 << 20, usage.total // 100)
 
 
 def remove(snapshot: Path) -> None:
@@ -98,9 +70,10 @@ def run_once(root: Path, settings: BackupConfig, now: float | None = None) -> di
     """One snapshot now, linked to the newest complete one, then pruning. Blocking.
 
     A snapshot that fails is removed at once (each retry copied the same new blobs into
-    a directory of its own). One that fails for want of space first makes room: the
-    oldest complete snapshot goes (down to one kept) and it is tried again; a full
-    backup volume otherwise never freed anything, as pruning follows a success."""
+    a directory of its own). One whose writes do not fit on the backup volume first
+    makes room: the oldest complete snapshot goes (down to one kept) and it is tried
+    again; a full backup volume otherwise never freed anything, as pruning follows a
+    success."""
     directory = settings.dir
     directory.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.fromtimestamp(now or time.time(), datetime.UTC)
@@ -110,8 +83,7 @@ def run_once(root: Path, settings: BackupConfig, now: float | None = None) -> di
         try:
             stats = maintenance.backup(root, target, previous[-1] if previous else None)
         except BaseException as exc:
-            # Looked at before the failed snapshot is removed, which frees what it wrote.
-            full = _full(exc) and _backup_volume(exc, directory)
+            full = isinstance(exc, maintenance.BackupVolumeFull)
             shutil.rmtree(target, ignore_errors=True)
             if not full or len(previous) <= 1:
                 raise

@@ -49,10 +49,11 @@ import functools
 import hashlib
 import logging
 import random
+import select
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -208,8 +209,16 @@ def guard_pool_size(pool_size: int) -> int:
     return pool_size
 
 
-_GUARD_WAIT_SECONDS = 600.0
 _CHECK_AFTER_SECONDS = 5.0
+
+
+def _readable(conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the idle connection's socket has something to read (or is closed)."""
+    try:
+        ready, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (OSError, ValueError, psycopg.OperationalError):
+        return True
+    return bool(ready)
 
 
 async def _lock_blobs(conn: psycopg.AsyncConnection[Any], blob: str | None) -> None:
@@ -271,25 +280,38 @@ class PostgresIndex(SqlIndex):
         # copies a layer of gigabytes on S3): connections of their own, so that they
         # never take every connection from the requests, nor /readyz's ping.
         self._guards: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
-        # When each pooled connection was last given back, to skip checking one in use
-        # moments ago (the check is a round trip before every index call otherwise).
+        # A publish queues here for a guard connection, however long the storage
+        # operations before it take; the pool's own wait is for the database.
+        self._guard_turns = asyncio.Semaphore(guard_pool_size(pool_size))
+        # When each pooled connection was last given back, to skip the check's round
+        # trip for one in use moments ago (before every index call otherwise).
         self._returned: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
             weakref.WeakKeyDictionary()
         )
 
-    async def _given_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        self._returned[conn] = time.monotonic()
+    @contextlib.asynccontextmanager
+    async def _connection(
+        self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with pool.connection() as conn:
+            try:
+                yield conn
+            finally:
+                self._returned[conn] = time.monotonic()
 
-    async def _unlocked_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    @staticmethod
+    async def _unlocked_back(conn: psycopg.AsyncConnection[Any]) -> None:
         # Whatever path gave it back, it holds no blob lock for the next user.
         await conn.execute("SELECT pg_advisory_unlock_all()")
-        await self._given_back(conn)
 
     async def _check(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """A connection the server lost while it sat in the pool (a failover, a
-        restart) is found before a request gets it, not by the request's error; one
-        given back in the last seconds is taken as it is."""
-        if time.monotonic() - self._returned.get(conn, float("-inf")) > _CHECK_AFTER_SECONDS:
+        restart) is found before a request gets it, not by the request's error. One
+        given back in the last seconds is asked of its socket only: an idle connection
+        has nothing to read, and the server's goodbye or a closed socket makes it
+        readable (then the round trip decides)."""
+        recent = time.monotonic() - self._returned.get(conn, float("-inf"))
+        if recent > _CHECK_AFTER_SECONDS or _readable(conn):
             await AsyncConnectionPool.check_connection(conn)
 
     @classmethod
@@ -312,7 +334,6 @@ class PostgresIndex(SqlIndex):
             open=False,
             name="berth-index",
             check=self._check,
-            reset=self._given_back,
         )
         await pool.open(wait=True, timeout=30)
         guards: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
@@ -324,8 +345,6 @@ class PostgresIndex(SqlIndex):
             name="berth-index-guards",
             check=self._check,
             reset=self._unlocked_back,
-            # A publish waits its turn for a connection, not 30 s and then a 503.
-            timeout=_GUARD_WAIT_SECONDS,
         )
         await guards.open(wait=False)
         self._pool, self._guards = pool, guards
@@ -346,7 +365,7 @@ class PostgresIndex(SqlIndex):
 
     async def _read(self, tx: Tx[T]) -> T:
         with _unavailable():
-            async with self._connections().connection() as conn:
+            async with self._connection(self._connections()) as conn:
                 return await _run(conn, tx)
 
     async def _write(
@@ -372,7 +391,7 @@ class PostgresIndex(SqlIndex):
         attempt = 0
         while True:
             try:
-                async with self._connections().connection() as conn, conn.transaction():
+                async with self._connection(self._connections()) as conn, conn.transaction():
                     return await _run(conn, tx())
             except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
                 attempt += 1
@@ -395,7 +414,7 @@ class PostgresIndex(SqlIndex):
         them)."""
         if self._guards is None:
             raise RuntimeError("PostgresIndex used before open()")
-        async with self._guards.connection() as conn:
+        async with self._guard_turns, self._connection(self._guards) as conn:
             try:
                 await _lock_blobs(conn, blob)
                 if before is not None:

@@ -181,17 +181,21 @@ def test_a_scheduled_backup_that_fails_is_removed_and_a_full_volume_makes_room(
         if len(attempts) == 1:
             (dest / "half-written").parent.mkdir(parents=True, exist_ok=True)
             (dest / "half-written").write_text("x")
-            # As the index snapshot says it: SQLite's words, not an OSError.
-            raise sqlite3.OperationalError("database or disk is full")
+            raise maintenance.BackupVolumeFull("database or disk is full")
         return real(root, dest, previous)
 
-    # Full, but not the backup volume (the registry's own, say): no snapshot goes.
-    monkeypatch.setattr(maintenance, "backup", full_once)
-    with pytest.raises(sqlite3.OperationalError):
+    # Full, but not the backup volume (the registry's, where the marker goes): no
+    # snapshot is removed for it.
+    def marker_full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(maintenance, "_mark", marker_full)
+    with pytest.raises(OSError) as raised:
         scheduled_backup.run_once(root, settings, now=4 * 3600.0)
+    assert not isinstance(raised.value, maintenance.BackupVolumeFull)
     assert len(scheduled_backup.complete(backups)) == 3
-    attempts.clear()
-    monkeypatch.setattr(scheduled_backup, "_backup_volume", lambda _exc, _directory: True)
+    monkeypatch.undo()
+    monkeypatch.setattr(maintenance, "backup", full_once)
     scheduled_backup.run_once(root, settings, now=4 * 3600.0)
     assert attempts == [3, 2]  # the oldest went to make room, then it was tried again
     assert [p.name for p in sorted(backups.iterdir())] == [
@@ -392,9 +396,32 @@ async def test_repair_refuses_tags_the_index_never_saw_after_it_took_a_push(
     assert maintenance.rebuild(tmp_path)["tags"] == 3
 
 
-def test_a_quota_on_the_backup_volume_counts_as_it_being_full(tmp_path: Path) -> None:
-    """statfs does not show a user quota or an NFS one: the error's file says where."""
-    quota = OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "snap" / "index.db"))
-    assert scheduled_backup._backup_volume(quota, tmp_path)
-    elsewhere = OSError(errno.ENOSPC, "No space left on device", "/elsewhere/marker")
-    assert not scheduled_backup._backup_volume(elsewhere, tmp_path)  # this volume has room
+def test_a_copy_that_does_not_fit_is_the_backup_volumes_whatever_file_it_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blob copy's ENOSPC names the source (in the registry), a quota's fallback copy
+    none, the index snapshot's SQLite only says so in words: each was taken for some
+    other volume's, and no room was made (found by review)."""
+    root, dest = tmp_path / "root", tmp_path / "dest"
+    root.mkdir()
+    _registry(root)
+    (dest / "blobs").mkdir(parents=True)
+    for failure in (
+        OSError(errno.ENOSPC, "No space left on device", str(root / "blobs" / "x")),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+    ):
+
+        def failing(*_args: object, error: OSError = failure) -> bool:
+            raise error
+
+        monkeypatch.setattr(maintenance, "_link_or_copy", failing)
+        with pytest.raises(maintenance.BackupVolumeFull):
+            maintenance.backup(root, dest)
+    monkeypatch.undo()
+
+    def snapshot_full(*_args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(maintenance, "_export_records", snapshot_full)
+    with pytest.raises(maintenance.BackupVolumeFull):
+        maintenance.backup(root, dest)
