@@ -49,11 +49,9 @@ import functools
 import hashlib
 import logging
 import random
-import select
 import time
 import uuid
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -209,18 +207,6 @@ def guard_pool_size(pool_size: int) -> int:
     return pool_size
 
 
-_CHECK_AFTER_SECONDS = 5.0
-
-
-def _readable(conn: psycopg.AsyncConnection[Any]) -> bool:
-    """Whether the idle connection's socket has something to read (or is closed)."""
-    try:
-        ready, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    except (OSError, ValueError, psycopg.OperationalError):
-        return True
-    return bool(ready)
-
-
 async def _lock_blobs(conn: psycopg.AsyncConnection[Any], blob: str | None) -> None:
     """For the session: the lock of one blob (and a share of "all blobs"), or with no
     blob named, the lock of all blobs."""
@@ -283,36 +269,11 @@ class PostgresIndex(SqlIndex):
         # A publish queues here for a guard connection, however long the storage
         # operations before it take; the pool's own wait is for the database.
         self._guard_turns = asyncio.Semaphore(guard_pool_size(pool_size))
-        # When each pooled connection was last given back, to skip the check's round
-        # trip for one in use moments ago (before every index call otherwise).
-        self._returned: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    @contextlib.asynccontextmanager
-    async def _connection(
-        self, pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]
-    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        async with pool.connection() as conn:
-            try:
-                yield conn
-            finally:
-                self._returned[conn] = time.monotonic()
 
     @staticmethod
     async def _unlocked_back(conn: psycopg.AsyncConnection[Any]) -> None:
         # Whatever path gave it back, it holds no blob lock for the next user.
         await conn.execute("SELECT pg_advisory_unlock_all()")
-
-    async def _check(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """A connection the server lost while it sat in the pool (a failover, a
-        restart) is found before a request gets it, not by the request's error. One
-        given back in the last seconds is asked of its socket only: an idle connection
-        has nothing to read, and the server's goodbye or a closed socket makes it
-        readable (then the round trip decides)."""
-        recent = time.monotonic() - self._returned.get(conn, float("-inf"))
-        if recent > _CHECK_AFTER_SECONDS or _readable(conn):
-            await AsyncConnectionPool.check_connection(conn)
 
     @classmethod
     async def connect(
@@ -333,7 +294,6 @@ class PostgresIndex(SqlIndex):
             kwargs={"autocommit": True},
             open=False,
             name="berth-index",
-            check=self._check,
         )
         await pool.open(wait=True, timeout=30)
         guards: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
@@ -343,7 +303,9 @@ class PostgresIndex(SqlIndex):
             kwargs={"autocommit": True},
             open=False,
             name="berth-index-guards",
-            check=self._check,
+            # Few and seldom used, so often stale after an outage or a failover: each
+            # checked when taken (a round trip per publish, against a blob's upload).
+            check=AsyncConnectionPool.check_connection,
             reset=self._unlocked_back,
         )
         await guards.open(wait=False)
@@ -365,7 +327,7 @@ class PostgresIndex(SqlIndex):
 
     async def _read(self, tx: Tx[T]) -> T:
         with _unavailable():
-            async with self._connection(self._connections()) as conn:
+            async with self._connections().connection() as conn:
                 return await _run(conn, tx)
 
     async def _write(
@@ -391,7 +353,7 @@ class PostgresIndex(SqlIndex):
         attempt = 0
         while True:
             try:
-                async with self._connection(self._connections()) as conn, conn.transaction():
+                async with self._connections().connection() as conn, conn.transaction():
                     return await _run(conn, tx())
             except (pg_errors.SerializationFailure, pg_errors.DeadlockDetected):
                 attempt += 1
@@ -414,7 +376,7 @@ class PostgresIndex(SqlIndex):
         them)."""
         if self._guards is None:
             raise RuntimeError("PostgresIndex used before open()")
-        async with self._guard_turns, self._connection(self._guards) as conn:
+        async with self._guard_turns, self._guards.connection() as conn:
             try:
                 await _lock_blobs(conn, blob)
                 if before is not None:
