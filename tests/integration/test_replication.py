@@ -157,47 +157,6 @@ def test_push_in_one_region_is_pullable_everywhere(mesh: Mesh, tmp_path: Path) -
     assert all(p["delivered"] >= 1 and p["last_error"] is None for p in status(eu)["peers"])
 
 
-def test_multi_arch_index_and_referrers_replicate(mesh: Mesh, tmp_path: Path) -> None:
-    eu, us, ap = (mesh.regions[r] for r in ("eu", "us", "ap"))
-    index_digest = make_oci_index_layout(
-        tmp_path / "multi", platforms=("linux/amd64", "linux/arm64")
-    )
-    skopeo_push(tmp_path / "multi", "v1", eu, "team-a/multi:v1", all_images=True)
-    everywhere([us, ap], "team-a/multi", "v1", index_digest)
-    children = json.loads(
-        requests.get(
-            f"{us.url}/v2/team-a/multi/manifests/v1", headers={"Accept": MANIFEST_ACCEPT}, timeout=5
-        ).content
-    )["manifests"]
-    for child in children:
-        assert manifest_digest(ap, "team-a/multi", child["digest"]) == child["digest"]
-    # A signature attached with oras replicates with its subject.
-    sig = tmp_path / "sig.txt"
-    sig.write_text("signed")
-    subprocess.run(
-        [
-            str(require_tool("oras")),
-            "attach",
-            "--plain-http",
-            "--artifact-type",
-            "application/vnd.example.signature",
-            f"{eu.host}/team-a/multi:v1",
-            f"{sig.name}:text/plain",
-        ],
-        cwd=tmp_path,
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-
-    def referrers(region: RegistryProcess) -> list[dict[str, Any]]:
-        r = requests.get(f"{region.url}/v2/team-a/multi/referrers/{index_digest}", timeout=5)
-        return list(r.json().get("manifests", []))
-
-    eventually(lambda: len(referrers(us)) == 1 and len(referrers(ap)) == 1, 30, "referrers")
-    assert referrers(ap)[0]["artifactType"] == "application/vnd.example.signature"
-
-
 def _attach_signature(tmp_path: Path, registry: RegistryProcess, ref: str) -> None:
     sig = tmp_path / "sig.txt"
     sig.write_text("signed")
@@ -216,6 +175,31 @@ def _attach_signature(tmp_path: Path, registry: RegistryProcess, ref: str) -> No
         capture_output=True,
         timeout=60,
     )
+
+
+def test_multi_arch_index_and_referrers_replicate(mesh: Mesh, tmp_path: Path) -> None:
+    eu, us, ap = (mesh.regions[r] for r in ("eu", "us", "ap"))
+    index_digest = make_oci_index_layout(
+        tmp_path / "multi", platforms=("linux/amd64", "linux/arm64")
+    )
+    skopeo_push(tmp_path / "multi", "v1", eu, "team-a/multi:v1", all_images=True)
+    everywhere([us, ap], "team-a/multi", "v1", index_digest)
+    children = json.loads(
+        requests.get(
+            f"{us.url}/v2/team-a/multi/manifests/v1", headers={"Accept": MANIFEST_ACCEPT}, timeout=5
+        ).content
+    )["manifests"]
+    for child in children:
+        assert manifest_digest(ap, "team-a/multi", child["digest"]) == child["digest"]
+    # A signature attached with oras replicates with its subject.
+    _attach_signature(tmp_path, eu, "team-a/multi:v1")
+
+    def referrers(region: RegistryProcess) -> list[dict[str, Any]]:
+        r = requests.get(f"{region.url}/v2/team-a/multi/referrers/{index_digest}", timeout=5)
+        return list(r.json().get("manifests", []))
+
+    eventually(lambda: len(referrers(us)) == 1 and len(referrers(ap)) == 1, 30, "referrers")
+    assert referrers(ap)[0]["artifactType"] == "application/vnd.example.signature"
 
 
 def _referrers(region: RegistryProcess, repo: str, subject: str) -> list[str]:

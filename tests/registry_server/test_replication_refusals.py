@@ -39,6 +39,26 @@ from registry_server.storage.sqlite_index import SqliteIndex
 from tests.registry_server.test_manifest_deletes import _image
 
 
+def _replicator(
+    tmp_path: Path,
+    index: Any,
+    kind: str = "berth",
+    client: Any = None,
+    name: str = "us",
+    **settings: Any,
+) -> tuple[Replicator, _Peer]:
+    """A replicator of region eu with one peer at an address nothing answers, and its
+    state for that peer (``client`` stands for the peer's client, where one is used)."""
+    peer_config = PeerConfig(name=name, url="http://127.0.0.1:9", kind=kind)
+    replicator = Replicator(
+        ReplicationConfig(region="eu", peers=(peer_config,), **settings),
+        index,
+        BlobStore(FilesystemDriver(tmp_path)),
+    )
+    status = replicator_module.PeerStatus(name, "x", kind)
+    return replicator, _Peer(peer_config, client, status, asyncio.Semaphore(1))
+
+
 async def _attempts_until_done(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -46,16 +66,8 @@ async def _attempts_until_done(
     succeed_after: int | None,
     takes_others: bool = True,
 ) -> tuple[bool, int]:
-    peer_config = PeerConfig(name="us", url="http://127.0.0.1:9")
     index = SqliteIndex(tmp_path / "index.db", "eu", ["us"])
-    replicator = Replicator(
-        ReplicationConfig(region="eu", peers=(peer_config,)),
-        index,
-        BlobStore(FilesystemDriver(tmp_path)),
-    )
-    peer = _Peer(
-        peer_config, None, replicator_module.PeerStatus("us", "x", "berth"), asyncio.Semaphore(1)
-    )  # type: ignore[arg-type]
+    replicator, peer = _replicator(tmp_path, index)
     attempts = 0
 
     async def deliver(_peer: Any, _change: Change) -> None:
@@ -235,15 +247,7 @@ async def test_a_backlog_is_counted_once_a_second_not_for_every_batch(
     """Counting reads the whole queue: for every batch of 64 it cost N²/64 rows to catch
     up N changes (found by review)."""
     backlog = _Backlog(64 * 50)
-    peer_config = PeerConfig(name="us", url="http://127.0.0.1:9")
-    replicator = Replicator(
-        ReplicationConfig(region="eu", peers=(peer_config,)),
-        backlog,  # type: ignore[arg-type]
-        BlobStore(FilesystemDriver(tmp_path)),
-    )
-    peer = _Peer(
-        peer_config, None, replicator_module.PeerStatus("us", "x", "berth"), asyncio.Semaphore(1)
-    )  # type: ignore[arg-type]
+    replicator, peer = _replicator(tmp_path, backlog)
 
     async def deliver(_peer: Any, _change: Change) -> bool:
         return True
@@ -267,16 +271,8 @@ async def test_failing_anti_entropy_rounds_back_off(
 ) -> None:
     """A round that keeps failing is tried again soon, then less and less often, up to
     the interval (it was every 5 s with a traceback each time)."""
-    peer_config = PeerConfig(name="us", url="http://127.0.0.1:9")
     index = SqliteIndex(tmp_path / "index.db", "eu", ["us"])
-    replicator = Replicator(
-        ReplicationConfig(region="eu", peers=(peer_config,), anti_entropy_interval_seconds=60),
-        index,
-        BlobStore(FilesystemDriver(tmp_path)),
-    )
-    peer = _Peer(
-        peer_config, None, replicator_module.PeerStatus("us", "x", "berth"), asyncio.Semaphore(1)
-    )  # type: ignore[arg-type]
+    replicator, peer = _replicator(tmp_path, index, anti_entropy_interval_seconds=60)
     waits: list[float] = []
 
     async def failing(_peer: Any) -> int:
@@ -328,16 +324,8 @@ async def test_anti_entropy_passes_over_a_failing_repository_and_resumes_where_i
     round that failed started again from the first repository: the ones after it were
     never compared (found by review). A failure of the peer as a whole still ends the
     round, and the next goes on from there."""
-    peer_config = PeerConfig(name="us", url="http://127.0.0.1:9", kind="oci")
     index = SqliteIndex(tmp_path / "index.db", "eu", ["us"])
-    replicator = Replicator(
-        ReplicationConfig(region="eu", peers=(peer_config,)),
-        index,
-        BlobStore(FilesystemDriver(tmp_path)),
-    )
-    peer = _Peer(
-        peer_config, None, replicator_module.PeerStatus("us", "x", "oci"), asyncio.Semaphore(1)
-    )  # type: ignore[arg-type]
+    replicator, peer = _replicator(tmp_path, index, kind="oci")
     names = [f"r{i}" for i in range(6)]
     for name in names:
         await index.link_blob(name, "sha256:" + "a" * 64, 1)
@@ -381,13 +369,7 @@ async def test_an_oci_peer_is_asked_about_tags_written_since_its_last_check(
 ) -> None:
     """A plain registry has no state to compare but by a HEAD per tag: every tag of
     every repository was asked about every round (a minute), 10,000 tags a HEAD each."""
-    peer_config = PeerConfig(name="dr", url="http://127.0.0.1:9", kind="oci")
     index = SqliteIndex(tmp_path / "index.db", "eu", ["dr"])
-    replicator = Replicator(
-        ReplicationConfig(region="eu", peers=(peer_config,)),
-        index,
-        BlobStore(FilesystemDriver(tmp_path)),
-    )
     asked: list[str] = []
     held: dict[str, str] = {}
 
@@ -396,9 +378,7 @@ async def test_an_oci_peer_is_asked_about_tags_written_since_its_last_check(
             asked.append(reference)
             return held.get(reference)
 
-    peer = _Peer(
-        peer_config, Peer(), replicator_module.PeerStatus("dr", "x", "oci"), asyncio.Semaphore(1)
-    )  # type: ignore[arg-type]
+    replicator, peer = _replicator(tmp_path, index, kind="oci", client=Peer(), name="dr")
     sent: list[str] = []
 
     async def deliver(_peer: Any, change: Change) -> bool:
