@@ -23,6 +23,7 @@ from aiohttp import web
 from tests.support.clients import (
     Registry,
     blob_file,
+    cached_blob,
     canonical_json,
     crane,
     skopeo,
@@ -88,9 +89,7 @@ def test_skopeo_pulls_through_distribution_and_from_cache_when_it_is_gone(
     manifest = read_json_blob(layout, digest)
     for layer in manifest["layers"]:
         # Stored locally, byte for byte.
-        assert blob_file(berth.root, layer["digest"]).read_bytes() == read_blob(
-            layout, layer["digest"]
-        )
+        assert cached_blob(berth.root, layer["digest"]) == read_blob(layout, layer["digest"])
 
     dist.kill()
     # The tag is revalidated on every pull (TTL 0): the upstream is gone, the cache answers.
@@ -140,7 +139,7 @@ def test_twenty_concurrent_pulls_of_an_uncached_blob_fetch_it_once(
     assert results == [digest.split(":")[1]] * 20
     fetches = upstream_blob_gets(dist, "big/blob", digest)
     assert len(fetches) == 1, fetches
-    assert blob_file(berth.root, digest).stat().st_size == len(data)
+    assert len(cached_blob(berth.root, digest)) == len(data)
 
 
 Connect = Callable[[], http.client.HTTPConnection]

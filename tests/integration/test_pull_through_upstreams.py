@@ -40,8 +40,8 @@ from tests.support.clients import (
     MANIFEST_ACCEPT,
     Registry,
     assert_error,
-    blob_file,
     blob_files,
+    cached_blob,
     skopeo,
 )
 from tests.support.control_plane import CertificateAuthority
@@ -262,7 +262,7 @@ def test_basic_auth_upstream_distribution_with_htpasswd(
     # The right password: the whole image, stored byte for byte.
     assert pull(berth.host, "good/team/app:v1", tmp_path / "pulled") == digest
     for layer in layers:
-        assert blob_file(berth.root, layer).read_bytes() == read_blob(layout, layer)
+        assert cached_blob(berth.root, layer) == read_blob(layout, layer)
 
 
 def test_tls_upstream_with_a_private_ca(
@@ -305,7 +305,7 @@ def test_tls_upstream_with_a_private_ca(
 
     # With the CA: the same upstream, the whole image.
     assert pull(berth.host, "trusted/team/app:v1", tmp_path / "pulled") == digest
-    assert blob_file(berth.root, layer).read_bytes() == read_blob(layout, layer)
+    assert cached_blob(berth.root, layer) == read_blob(layout, layer)
     # Verification off (tls_verify: false): the same upstream, no CA needed.
     assert api.manifest("unverified/team/app", "v1").header("Docker-Content-Digest") == digest
     assert "Traceback" not in berth.log_tail(500)

@@ -455,6 +455,15 @@ def blob_file(root: Path, digest: str) -> Path:
     return root / "blobs" / algorithm / hex_digest[:2] / hex_digest / "data"
 
 
+def cached_blob(root: Path, digest: str, timeout: float = 10.0) -> bytes:
+    """The bytes a pull through the cache stored for ``digest``. The fill commits its
+    file after it has streamed the last byte to the client, so a client can be done
+    a moment before the file is in place: waited for, not assumed."""
+    path = blob_file(root, digest)
+    wait_for(path.is_file, timeout=timeout)
+    return path.read_bytes()
+
+
 def blob_tree_problems(root: Path) -> list[str]:
     """Files under `<root>/blobs` that are not `<alg>/<xx>/<hex>/data` holding that digest."""
     problems = []
